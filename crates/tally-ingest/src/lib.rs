@@ -1,0 +1,581 @@
+//! Ingest: turns an HTTP body (one JSON object, a JSON array of objects, or
+//! NDJSON) into validated events in the binary batch form of `tally-types`,
+//! split by log partition, plus a list of rejections with their reasons.
+//!
+//! API boundary: the rules here are the `Events` table of `shared/API.md`.
+//! Every rejection message starts with the field it is about (`timestamp: ...`).
+//! A rejected event never affects its neighbours.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use tally_types::time::{self, MAX_TS, Millis};
+use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_tenant};
+
+/// Largest number of properties per event.
+pub const MAX_PROPS: usize = 256;
+/// Longest raw text kept for a rejected event in the DLQ.
+pub const MAX_RAW_KEPT: usize = 8192;
+
+/// How the body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `application/json` (or unknown): one object or an array; NDJSON is
+    /// recognised too when the body is several objects on several lines.
+    Json,
+    /// `application/x-ndjson`: one object per line.
+    Ndjson,
+}
+
+impl Format {
+    pub fn from_content_type(ct: Option<&str>) -> Format {
+        match ct.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
+            Some(c) if c.contains("ndjson") || c.contains("jsonl") || c.contains("json-seq") => {
+                Format::Ndjson
+            }
+            _ => Format::Json,
+        }
+    }
+}
+
+/// Who the events belong to.
+#[derive(Debug, Clone, Copy)]
+pub enum Tenancy<'a> {
+    /// Open mode: the event's `tenant` field, else `default`.
+    Open,
+    /// Keyed mode: the key's tenant; an event naming another tenant is rejected.
+    Keyed(&'a str),
+}
+
+/// The whole body was refused; nothing from it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("body is empty: send one JSON object, a JSON array of objects, or NDJSON")]
+    Empty,
+    #[error("body is not JSON or NDJSON: {0}")]
+    NotJson(String),
+    #[error("body must be a JSON object, an array of objects, or NDJSON; got {0}")]
+    WrongShape(&'static str),
+}
+
+/// One rejected event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// Position in the batch (line number − 1 for NDJSON).
+    pub index: usize,
+    /// `field: reason`.
+    pub error: String,
+    /// Tenant the rejection is filed under.
+    pub tenant: String,
+    /// The rejected text (cut at [`MAX_RAW_KEPT`] bytes).
+    pub raw: String,
+    /// Whether `raw` is a complete JSON object (shown as `event` in the DLQ).
+    pub is_object: bool,
+}
+
+/// The accepted events of a body, one encoded batch per partition that got any.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub partitions: Vec<(u32, BatchWriter)>,
+    pub accepted: usize,
+    pub rejected: Vec<Rejection>,
+}
+
+/// Parser with reusable scratch space.
+pub struct Parser {
+    partitions: u32,
+    props: Vec<(Cow<'static, str>, &'static RawValue)>,
+}
+
+
+impl fmt::Debug for Parser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Parser").field("partitions", &self.partitions).finish()
+    }
+}
+
+/// Parses `body` with a fresh parser (see [`Parser::parse`]).
+pub fn parse_body(
+    body: &[u8],
+    format: Format,
+    tenancy: Tenancy<'_>,
+    partitions: u32,
+) -> Result<Parsed, BodyError> {
+    Parser::new(partitions).parse(body, format, tenancy)
+}
+
+fn first_non_ws(b: &[u8]) -> Option<u8> {
+    b.iter().copied().find(|c| !c.is_ascii_whitespace())
+}
+
+fn clip_raw(s: &str) -> String {
+    if s.len() <= MAX_RAW_KEPT {
+        return s.to_string();
+    }
+    let mut end = MAX_RAW_KEPT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+impl Parser {
+    pub fn new(partitions: u32) -> Self {
+        Parser { partitions: partitions.max(1), props: Vec::new() }
+    }
+
+    pub fn parse(
+        &mut self,
+        body: &[u8],
+        format: Format,
+        tenancy: Tenancy<'_>,
+    ) -> Result<Parsed, BodyError> {
+        let Some(first) = first_non_ws(body) else {
+            return Err(BodyError::Empty);
+        };
+        let mut out = Parsed::default();
+        let mut slots: Vec<Option<BatchWriter>> = (0..self.partitions).map(|_| None).collect();
+        let size_hint = body.len() / self.partitions as usize + 64;
+        let mut sink = Sink { slots: &mut slots, size_hint, out: &mut out, parts: self.partitions };
+        match (format, first) {
+            (Format::Json, b'[') => {
+                let items: Vec<&RawValue> = serde_json::from_slice(body)
+                    .map_err(|e| BodyError::NotJson(e.to_string()))?;
+                for (i, raw) in items.into_iter().enumerate() {
+                    self.one(i, raw.get(), tenancy, &mut sink);
+                }
+            }
+            (Format::Json, b'{') => match serde_json::from_slice::<&RawValue>(body) {
+                Ok(raw) => self.one(0, raw.get(), tenancy, &mut sink),
+                Err(e) => {
+                    // Several objects on several lines without the NDJSON content type.
+                    if !self.ndjson(body, tenancy, &mut sink) {
+                        return Err(BodyError::NotJson(e.to_string()));
+                    }
+                }
+            },
+            (Format::Json, _) => {
+                return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                    Ok(_) => Err(BodyError::WrongShape(json_kind(first))),
+                    Err(e) => Err(BodyError::NotJson(e.to_string())),
+                };
+            }
+            (Format::Ndjson, _) => {
+                if !self.ndjson(body, tenancy, &mut sink) {
+                    let e = serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "no line holds a JSON value".into());
+                    return Err(BodyError::NotJson(e));
+                }
+            }
+        }
+        out.partitions =
+            slots.into_iter().enumerate().filter_map(|(p, w)| Some((p as u32, w?))).collect();
+        Ok(out)
+    }
+
+    /// NDJSON: each line independently. Returns false when no line is JSON at all.
+    fn ndjson(&mut self, body: &[u8], tenancy: Tenancy<'_>, sink: &mut Sink<'_>) -> bool {
+        let mut any_json = false;
+        for (i, line) in body.split(|&c| c == b'\n').enumerate() {
+            if first_non_ws(line).is_none() {
+                continue;
+            }
+            match std::str::from_utf8(line) {
+                Err(_) => sink.reject(i, "json: line is not valid UTF-8".into(), None, tenancy, ""),
+                Ok(text) => match serde_json::from_str::<&RawValue>(text.trim()) {
+                    Ok(raw) => {
+                        any_json = true;
+                        self.one(i, raw.get(), tenancy, sink);
+                    }
+                    Err(e) => sink.reject(i, format!("json: {e}"), None, tenancy, text.trim()),
+                },
+            }
+        }
+        any_json
+    }
+
+    fn one(&mut self, index: usize, raw: &str, tenancy: Tenancy<'_>, sink: &mut Sink<'_>) {
+        if !raw.starts_with('{') {
+            let msg = format!("event: must be a JSON object, got {}", json_kind(raw.as_bytes()[0]));
+            sink.reject(index, msg, None, tenancy, raw);
+            return;
+        }
+        // Reuse one allocation for the property pairs of every event.
+        let mut props = recycle(std::mem::take(&mut self.props));
+        match validate(raw, tenancy, &mut props) {
+            Ok(ev) => sink.accept(&ev, &props),
+            Err((msg, tenant)) => sink.reject(index, msg, tenant.as_deref(), tenancy, raw),
+        }
+        self.props = recycle(props);
+    }
+}
+
+/// Empties a vector and hands its allocation to a vector of another lifetime
+/// (in-place collect of an empty iterator keeps the buffer).
+fn recycle<'a, 'b>(mut v: Vec<(Cow<'a, str>, &'a RawValue)>) -> Vec<(Cow<'b, str>, &'b RawValue)> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("the vector was just cleared")).collect()
+}
+
+fn json_kind(first: u8) -> &'static str {
+    match first {
+        b'{' => "an object",
+        b'[' => "an array",
+        b'"' => "a string",
+        b't' | b'f' => "a boolean",
+        b'n' => "null",
+        _ => "a number",
+    }
+}
+
+struct Sink<'s> {
+    slots: &'s mut Vec<Option<BatchWriter>>,
+    size_hint: usize,
+    out: &'s mut Parsed,
+    parts: u32,
+}
+
+impl Sink<'_> {
+    fn accept(&mut self, ev: &Valid<'_>, props: &[(Cow<'_, str>, &RawValue)]) {
+        let p = partition_of(&ev.tenant, ev.session_id.as_deref(), ev.user_id.as_deref(), &ev.event_id, self.parts);
+        let w = self.slots[p as usize].get_or_insert_with(|| BatchWriter::with_capacity(self.size_hint));
+        let at = w.begin_event(
+            &ev.tenant,
+            &ev.event_id,
+            &ev.event_type,
+            ev.ts,
+            ev.user_id.as_deref(),
+            ev.session_id.as_deref(),
+        );
+        let mut scratch = String::new();
+        for (k, v) in props {
+            w.prop(k, prop_value(v.get(), &mut scratch));
+        }
+        w.finish_event(at, props.len() as u16);
+        self.out.accepted += 1;
+    }
+
+    fn reject(
+        &mut self,
+        index: usize,
+        error: String,
+        event_tenant: Option<&str>,
+        tenancy: Tenancy<'_>,
+        raw: &str,
+    ) {
+        let tenant = match tenancy {
+            Tenancy::Keyed(t) => t.to_string(),
+            Tenancy::Open => event_tenant.filter(|t| valid_tenant(t)).unwrap_or(DEFAULT_TENANT).to_string(),
+        };
+        let is_object = raw.starts_with('{') && serde_json::from_str::<&RawValue>(raw).is_ok();
+        self.out.rejected.push(Rejection { index, error, tenant, raw: clip_raw(raw), is_object });
+    }
+}
+
+/// Classifies a raw property value. Strings with escapes are decoded into `scratch`.
+fn prop_value<'a>(raw: &'a str, scratch: &'a mut String) -> PropValue<'a> {
+    match raw.as_bytes().first() {
+        None | Some(b'n') => PropValue::Null,
+        Some(b't') => PropValue::Bool(true),
+        Some(b'f') => PropValue::Bool(false),
+        Some(b'"') => match serde_json::from_str::<&str>(raw) {
+            Ok(s) => PropValue::Str(s),
+            Err(_) => {
+                scratch.clear();
+                scratch.push_str(&serde_json::from_str::<String>(raw).unwrap_or_default());
+                PropValue::Str(scratch)
+            }
+        },
+        Some(b'{' | b'[') => PropValue::Json(raw),
+        Some(_) => {
+            if !raw.contains(['.', 'e', 'E']) {
+                if let Ok(i) = raw.parse::<i64>() {
+                    return PropValue::Int(i);
+                }
+            }
+            match raw.parse::<f64>() {
+                Ok(f) if f.is_finite() => PropValue::Float(f),
+                _ => PropValue::Null,
+            }
+        }
+    }
+}
+
+/// A validated event (fields borrowed from the raw text where possible).
+struct Valid<'a> {
+    tenant: Cow<'a, str>,
+    event_id: Cow<'a, str>,
+    event_type: Cow<'a, str>,
+    ts: Millis,
+    user_id: Option<Cow<'a, str>>,
+    session_id: Option<Cow<'a, str>>,
+}
+
+/// Top-level fields of one event object, each as raw JSON.
+#[derive(Default)]
+struct Fields<'a> {
+    event_id: Option<&'a RawValue>,
+    event_type: Option<&'a RawValue>,
+    timestamp: Option<&'a RawValue>,
+    user_id: Option<&'a RawValue>,
+    session_id: Option<&'a RawValue>,
+    tenant: Option<&'a RawValue>,
+    properties: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut f = Fields::default();
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    let v: &'de RawValue = m.next_value()?;
+                    match &*k {
+                        "event_id" => f.event_id = Some(v),
+                        "event_type" => f.event_type = Some(v),
+                        "timestamp" => f.timestamp = Some(v),
+                        "user_id" => f.user_id = Some(v),
+                        "session_id" => f.session_id = Some(v),
+                        "tenant" => f.tenant = Some(v),
+                        "properties" => f.properties = Some(v),
+                        _ => {}
+                    }
+                }
+                Ok(f)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Property pairs of the `properties` object.
+struct PropPairs<'a, 'v>(&'v mut Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> de::DeserializeSeed<'de> for PropPairs<'de, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        struct V<'de, 'v>(&'v mut Vec<(Cow<'de, str>, &'de RawValue)>);
+        impl<'de> Visitor<'de> for V<'de, '_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    let v: &'de RawValue = m.next_value()?;
+                    if let Some(slot) = self.0.iter_mut().find(|(key, _)| *key == k) {
+                        slot.1 = v; // a repeated key: the last value wins
+                    } else {
+                        self.0.push((k, v));
+                    }
+                }
+                Ok(())
+            }
+        }
+        d.deserialize_map(V(self.0))
+    }
+}
+
+fn as_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let s = raw.get();
+    if !s.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(s) {
+        Ok(b) => Some(Cow::Borrowed(b)),
+        Err(_) => serde_json::from_str::<String>(s).ok().map(Cow::Owned),
+    }
+}
+
+fn char_len_ok(s: &str, min: usize, max: usize) -> bool {
+    // Byte length bounds character length from above and (×4) from below.
+    let n = if s.len() <= max { s.chars().count() } else { s.chars().take(max + 1).count() };
+    (min..=max).contains(&n)
+}
+
+fn valid_event_type(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
+}
+
+fn parse_timestamp(raw: &RawValue) -> Result<Millis, String> {
+    const MSG: &str = "timestamp: not RFC 3339 or epoch ms";
+    let s = raw.get();
+    match s.as_bytes()[0] {
+        b'"' => {
+            let Some(text) = as_string(raw) else { return Err(MSG.into()) };
+            let t = text.trim();
+            if !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit()) {
+                return match t.parse::<i64>() {
+                    Ok(v) if v <= MAX_TS => Ok(v),
+                    _ => Err(format!("timestamp: {t} is out of range (epoch ms up to year 9999)")),
+                };
+            }
+            time::parse_rfc3339(t).map_err(|e| match e {
+                time::TimeError::Syntax => format!("{MSG}: got {}", shorten(s)),
+                other => format!("{MSG}: {other}: got {}", shorten(s)),
+            })
+        }
+        b'-' | b'0'..=b'9' => {
+            let v = if s.contains(['.', 'e', 'E']) {
+                match s.parse::<f64>() {
+                    Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
+                    _ => return Err(format!("{MSG}: epoch ms must be an integer, got {s}")),
+                }
+            } else {
+                s.parse::<i64>().map_err(|_| format!("{MSG}: got {s}"))?
+            };
+            if !(0..=MAX_TS).contains(&v) {
+                return Err(format!("timestamp: {v} is out of range (epoch ms from 1970 to year 9999)"));
+            }
+            Ok(v)
+        }
+        b'n' => Err("timestamp: required".into()),
+        _ => Err(format!("{MSG}: got {}", shorten(s))),
+    }
+}
+
+fn shorten(s: &str) -> String {
+    if s.len() <= 64 {
+        return s.to_string();
+    }
+    let mut end = 61;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+fn opt_id<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Option<Cow<'a, str>>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    let Some(s) = as_string(raw) else {
+        return Err(format!("{field}: must be a string of at most 128 characters"));
+    };
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if !char_len_ok(&s, 1, 128) {
+        return Err(format!("{field}: longer than 128 characters"));
+    }
+    Ok(Some(s))
+}
+
+/// Validates one event object. On error returns the message and, when it
+/// could be read, the tenant the event named (to file the rejection under).
+fn validate<'a>(
+    raw: &'a str,
+    tenancy: Tenancy<'_>,
+    props: &mut Vec<(Cow<'a, str>, &'a RawValue)>,
+) -> Result<Valid<'a>, (String, Option<String>)> {
+    let f: Fields<'a> = serde_json::from_str(raw).map_err(|e| (format!("json: {e}"), None))?;
+    let named_tenant = match f.tenant {
+        None => None,
+        Some(r) if r.get() == "null" => None,
+        Some(r) => match as_string(r) {
+            Some(t) => Some(t),
+            None => return Err(("tenant: must be a string".into(), None)),
+        },
+    };
+    let err = |m: String| (m, named_tenant.as_ref().map(|t| t.to_string()));
+    let tenant: Cow<'a, str> = match (tenancy, &named_tenant) {
+        (Tenancy::Open, None) => Cow::Borrowed(DEFAULT_TENANT),
+        (Tenancy::Open, Some(t)) => {
+            if !valid_tenant(t) {
+                return Err(err(format!(
+                    "tenant: {:?} is not 1–64 characters of [A-Za-z0-9_.-]",
+                    shorten(t)
+                )));
+            }
+            t.clone()
+        }
+        (Tenancy::Keyed(k), Some(t)) if t != k => {
+            return Err(err(format!(
+                "tenant: event names tenant {:?} but the API key belongs to {k:?}; drop the field or use that tenant's key",
+                shorten(t)
+            )));
+        }
+        (Tenancy::Keyed(k), _) => Cow::Owned(k.to_string()),
+    };
+    let event_id = match f.event_id {
+        None => return Err(err("event_id: required".into())),
+        Some(r) if r.get() == "null" => return Err(err("event_id: required".into())),
+        Some(r) => match as_string(r) {
+            Some(s) if char_len_ok(&s, 1, 128) => s,
+            Some(s) if s.is_empty() => return Err(err("event_id: must not be empty".into())),
+            Some(_) => return Err(err("event_id: longer than 128 characters".into())),
+            None => {
+                return Err(err(format!(
+                    "event_id: must be a string of 1–128 characters, got {}",
+                    shorten(r.get())
+                )));
+            }
+        },
+    };
+    let event_type = match f.event_type {
+        None => return Err(err("event_type: required".into())),
+        Some(r) if r.get() == "null" => return Err(err("event_type: required".into())),
+        Some(r) => match as_string(r) {
+            Some(s) if valid_event_type(&s) => s,
+            Some(s) => {
+                return Err(err(format!(
+                    "event_type: {:?} is not 1–64 characters of [A-Za-z0-9_.:-]",
+                    shorten(&s)
+                )));
+            }
+            None => {
+                return Err(err(format!("event_type: must be a string, got {}", shorten(r.get()))));
+            }
+        },
+    };
+    let ts = match f.timestamp {
+        None => return Err(err("timestamp: required".into())),
+        Some(r) => parse_timestamp(r).map_err(&err)?,
+    };
+    let user_id = opt_id(f.user_id, "user_id").map_err(&err)?;
+    let session_id = opt_id(f.session_id, "session_id").map_err(&err)?;
+    if let Some(p) = f.properties {
+        match p.get().as_bytes()[0] {
+            b'n' => {}
+            b'{' => {
+                let mut de = serde_json::Deserializer::from_str(p.get());
+                de::DeserializeSeed::deserialize(PropPairs(props), &mut de)
+                    .map_err(|e| err(format!("properties: {e}")))?;
+                if props.len() > MAX_PROPS {
+                    return Err(err(format!(
+                        "properties: {} keys, at most {MAX_PROPS} are allowed",
+                        props.len()
+                    )));
+                }
+                if let Some((k, _)) = props.iter().find(|(k, _)| k.is_empty() || k.len() > 256) {
+                    return Err(err(format!(
+                        "properties: key {:?} must be 1–256 bytes",
+                        shorten(k)
+                    )));
+                }
+            }
+            _ => {
+                return Err(err(format!(
+                    "properties: must be a JSON object, got {}",
+                    json_kind(p.get().as_bytes()[0])
+                )));
+            }
+        }
+    }
+    Ok(Valid { tenant, event_id, event_type, ts, user_id, session_id })
+}
+
+#[cfg(test)]
+mod tests;

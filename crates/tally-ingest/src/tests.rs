@@ -1,0 +1,138 @@
+use super::*;
+use proptest::prelude::*;
+use tally_types::BatchReader;
+
+fn events(p: &Parsed) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, w) in &p.partitions {
+        let bytes = w.clone().finish();
+        for e in BatchReader::new(&bytes).unwrap() {
+            out.push(e.unwrap().to_json());
+        }
+    }
+    out
+}
+
+#[test]
+fn single_object_array_and_ndjson() {
+    let one = br#"{"event_id":"a","event_type":"click","timestamp":"2026-11-01T12:00:00Z"}"#;
+    let p = parse_body(one, Format::Json, Tenancy::Open, 4).unwrap();
+    assert_eq!((p.accepted, p.rejected.len()), (1, 0));
+
+    let arr = br#"[{"event_id":"a","event_type":"click","timestamp":1788264000000},
+                   {"event_id":"b","event_type":"view","timestamp":"2026-11-01T12:00:00.250Z","user_id":"u1",
+                    "properties":{"page":"/x","duration_ms":120,"revenue":9.99,"ok":true,"nested":{"a":[1,2]},"n":null}}]"#;
+    let p = parse_body(arr, Format::Json, Tenancy::Open, 4).unwrap();
+    assert_eq!((p.accepted, p.rejected.len()), (2, 0));
+    let evs = events(&p);
+    assert!(evs.iter().any(|e| e.contains(r#""duration_ms":120"#) && e.contains(r#""nested":{"a":[1,2]}"#)));
+
+    let nd = b"{\"event_id\":\"a\",\"event_type\":\"x\",\"timestamp\":1}\n\nnot json\n{\"event_id\":\"b\",\"event_type\":\"x\",\"timestamp\":2}\n";
+    let p = parse_body(nd, Format::Ndjson, Tenancy::Open, 4).unwrap();
+    assert_eq!(p.accepted, 2);
+    assert_eq!(p.rejected.len(), 1);
+    assert_eq!(p.rejected[0].index, 2);
+    assert!(p.rejected[0].error.starts_with("json: "), "{}", p.rejected[0].error);
+    // NDJSON without the content type is recognised.
+    let p = parse_body(nd, Format::Json, Tenancy::Open, 4).unwrap();
+    assert_eq!(p.accepted, 2);
+}
+
+#[test]
+fn rejections_name_the_field() {
+    let arr = br#"[
+      {"event_type":"click","timestamp":1},
+      {"event_id":"","event_type":"click","timestamp":1},
+      {"event_id":"a","event_type":"bad type!","timestamp":1},
+      {"event_id":"a","event_type":"x","timestamp":"yesterday"},
+      {"event_id":"a","event_type":"x","timestamp":"2026-11-01T12:00:00"},
+      {"event_id":"a","event_type":"x","timestamp":-5},
+      {"event_id":"a","event_type":"x","timestamp":1,"properties":[1]},
+      {"event_id":"a","event_type":"x","timestamp":1,"user_id":7},
+      "just a string",
+      {"event_id":"ok","event_type":"x","timestamp":1},
+      {"event_id":"a","event_type":"x","timestamp":1,"tenant":"../etc"},
+      {"event_id":"a","event_type":"x","timestamp":1.5}
+    ]"#;
+    let p = parse_body(arr, Format::Json, Tenancy::Open, 2).unwrap();
+    assert_eq!(p.accepted, 1);
+    let errs: Vec<(usize, &str)> = p.rejected.iter().map(|r| (r.index, r.error.as_str())).collect();
+    let prefixes = [
+        (0, "event_id:"),
+        (1, "event_id:"),
+        (2, "event_type:"),
+        (3, "timestamp: not RFC 3339 or epoch ms"),
+        (4, "timestamp: not RFC 3339 or epoch ms"),
+        (5, "timestamp:"),
+        (6, "properties:"),
+        (7, "user_id:"),
+        (8, "event:"),
+        (10, "tenant:"),
+        (11, "timestamp:"),
+    ];
+    assert_eq!(errs.len(), prefixes.len(), "{errs:?}");
+    for ((i, e), (pi, pp)) in errs.iter().zip(prefixes) {
+        assert_eq!(*i, pi);
+        assert!(e.starts_with(pp), "index {i}: {e}");
+    }
+    assert!(p.rejected[0].is_object);
+    assert!(!p.rejected[8].is_object);
+}
+
+#[test]
+fn keyed_mode_forbids_other_tenants() {
+    let arr = br#"[{"event_id":"a","event_type":"x","timestamp":1,"tenant":"acme"},
+                   {"event_id":"b","event_type":"x","timestamp":1,"tenant":"evil"},
+                   {"event_id":"c","event_type":"x","timestamp":1}]"#;
+    let p = parse_body(arr, Format::Json, Tenancy::Keyed("acme"), 2).unwrap();
+    assert_eq!(p.accepted, 2);
+    assert_eq!(p.rejected.len(), 1);
+    assert_eq!(p.rejected[0].tenant, "acme");
+    assert!(events(&p).iter().all(|e| e.contains(r#""tenant":"acme""#)));
+}
+
+#[test]
+fn whole_body_errors() {
+    assert_eq!(parse_body(b"  ", Format::Json, Tenancy::Open, 1).unwrap_err(), BodyError::Empty);
+    assert!(matches!(parse_body(b"hello", Format::Json, Tenancy::Open, 1), Err(BodyError::NotJson(_))));
+    assert!(matches!(parse_body(b"[1,2", Format::Json, Tenancy::Open, 1), Err(BodyError::NotJson(_))));
+    assert!(matches!(parse_body(b"42", Format::Json, Tenancy::Open, 1), Err(BodyError::WrongShape(_))));
+    assert!(matches!(parse_body(b"garbage\nmore", Format::Ndjson, Tenancy::Open, 1), Err(BodyError::NotJson(_))));
+    let p = parse_body(b"[]", Format::Json, Tenancy::Open, 1).unwrap();
+    assert_eq!((p.accepted, p.rejected.len()), (0, 0));
+}
+
+#[test]
+fn escaped_strings_are_decoded() {
+    let one = br#"{"event_id":"a\"b","event_type":"x","timestamp":1,"user_id":"\u00e9","properties":{"k\n":"v\\"}}"#;
+    let p = parse_body(one, Format::Json, Tenancy::Open, 1).unwrap();
+    let bytes = p.partitions[0].1.clone().finish();
+    let e = BatchReader::new(&bytes).unwrap().next().unwrap().unwrap();
+    assert_eq!(e.event_id, "a\"b");
+    assert_eq!(e.user_id, Some("é"));
+    assert_eq!(e.props().next().unwrap(), ("k\n", PropValue::Str("v\\")));
+}
+
+proptest! {
+    // Arbitrary bytes never panic the parser, and accepted + rejected never
+    // exceeds the number of items the body could hold.
+    #[test]
+    fn never_panics(body in proptest::collection::vec(any::<u8>(), 0..400)) {
+        for f in [Format::Json, Format::Ndjson] {
+            if let Ok(p) = parse_body(&body, f, Tenancy::Open, 3) {
+                prop_assert!(p.accepted + p.rejected.len() <= body.len());
+            }
+        }
+    }
+
+    #[test]
+    fn valid_events_roundtrip(id in "[a-z0-9]{1,20}", ty in "[a-z_]{1,10}", ts in 0i64..4_000_000_000_000, v in any::<i32>()) {
+        let body = format!(r#"{{"event_id":"{id}","event_type":"{ty}","timestamp":{ts},"properties":{{"v":{v}}}}}"#);
+        let p = parse_body(body.as_bytes(), Format::Json, Tenancy::Open, 5).unwrap();
+        prop_assert_eq!(p.accepted, 1);
+        let bytes = p.partitions[0].1.clone().finish();
+        let e = BatchReader::new(&bytes).unwrap().next().unwrap().unwrap();
+        prop_assert_eq!(e.ts, ts);
+        prop_assert_eq!(e.props().next().unwrap().1, PropValue::Int(v as i64));
+    }
+}

@@ -1,0 +1,60 @@
+//! Shared vocabulary of Tally: event time, the binary batch codec, partition
+//! keys and stable hashes. Every other crate depends on this one; it depends
+//! on no other Tally crate.
+
+pub mod codec;
+pub mod time;
+
+pub use codec::{BatchReader, BatchWriter, CodecError, EventView, PropValue};
+pub use time::{Clock, Millis};
+
+/// Default tenant in open mode.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Stable 64-bit hash (xxh3, fixed seed): identical across processes and
+/// versions, so it may be persisted (dedupe state, sketches, partitioning).
+#[inline]
+pub fn stable_hash(parts: &[&[u8]]) -> u64 {
+    if parts.len() == 1 {
+        return xxhash_rust::xxh3::xxh3_64(parts[0]);
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in parts {
+        h.update(&(p.len() as u32).to_le_bytes());
+        h.update(p);
+    }
+    h.digest()
+}
+
+/// The dedupe key of an event: (tenant, event_id).
+#[inline]
+pub fn dedupe_key(tenant: &str, event_id: &str) -> u64 {
+    stable_hash(&[tenant.as_bytes(), event_id.as_bytes()])
+}
+
+/// The partition of an event: by tenant + session, else user, else event id,
+/// so that one session (or user) stays in order within one partition.
+#[inline]
+pub fn partition_of(
+    tenant: &str,
+    session_id: Option<&str>,
+    user_id: Option<&str>,
+    event_id: &str,
+    partitions: u32,
+) -> u32 {
+    let (kind, key): (&[u8], &str) = match (session_id, user_id) {
+        (Some(s), _) => (b"s", s),
+        (None, Some(u)) => (b"u", u),
+        (None, None) => (b"e", event_id),
+    };
+    (stable_hash(&[tenant.as_bytes(), kind, key.as_bytes()]) % partitions.max(1) as u64) as u32
+}
+
+/// Checks a tenant name: 1–64 chars of `[A-Za-z0-9_.-]`, not starting with `.`
+/// (tenant names become directory names in the archive).
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && !t.starts_with('.')
+        && t.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
