@@ -1,0 +1,7 @@
+//! Storage of aggregates: mergeable sketches and the minute rollup store with
+//! the metrics query (the dashboard hot path).
+
+pub mod rollup;
+pub mod sketch;
+
+pub use rollup::{Agg, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError, RollupStore, Series, Value};

@@ -1,0 +1,442 @@
+//! Minute rollups per (tenant, event_type) and the metrics query over them.
+//!
+//! The store holds one [`Agg`] per tenant, UTC minute and event type; coarser
+//! granularities (5m, 1h, 1d) are answered by merging minutes, so every
+//! granularity sees the same events. Open windows are included as they are.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tally_types::time::{DAY_MS, HOUR_MS, MINUTE_MS, Millis, align_down};
+use tally_types::{EventView, stable_hash};
+
+use crate::sketch::{DdSketch, ExactSum, Hll};
+
+/// Aggregates of one numeric property.
+#[derive(Clone, Debug, Default)]
+pub struct NumAgg {
+    pub count: u64,
+    pub sum: ExactSum,
+    pub min: f64,
+    pub max: f64,
+    pub sketch: DdSketch,
+}
+
+impl NumAgg {
+    #[inline]
+    pub fn add(&mut self, v: f64) {
+        if self.count == 0 {
+            self.min = v;
+            self.max = v;
+        } else {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        self.count += 1;
+        self.sum.add(v);
+        self.sketch.insert(v);
+    }
+
+    pub fn merge(&mut self, o: &NumAgg) {
+        if o.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            self.min = o.min;
+            self.max = o.max;
+        } else {
+            self.min = self.min.min(o.min);
+            self.max = self.max.max(o.max);
+        }
+        self.count += o.count;
+        self.sum.merge(&o.sum);
+        self.sketch.merge(&o.sketch);
+    }
+}
+
+/// Everything kept for one (tenant, minute, event type).
+#[derive(Clone, Debug, Default)]
+pub struct Agg {
+    pub count: u64,
+    pub users: Hll,
+    pub sessions: Hll,
+    /// Numeric properties, in first-seen order (few per event type).
+    pub props: Vec<(Box<str>, NumAgg)>,
+}
+
+impl Agg {
+    #[inline]
+    pub fn add(&mut self, e: &EventView<'_>) {
+        self.count += 1;
+        if let Some(u) = e.user_id {
+            self.users.insert(stable_hash(&[u.as_bytes()]));
+        }
+        if let Some(s) = e.session_id {
+            self.sessions.insert(stable_hash(&[s.as_bytes()]));
+        }
+        for (k, v) in e.props() {
+            let Some(x) = v.as_f64() else { continue };
+            match self.props.iter_mut().find(|(name, _)| &**name == k) {
+                Some((_, n)) => n.add(x),
+                None => {
+                    let mut n = NumAgg::default();
+                    n.add(x);
+                    self.props.push((k.into(), n));
+                }
+            }
+        }
+    }
+
+    pub fn merge(&mut self, o: &Agg) {
+        self.count += o.count;
+        self.users.merge(&o.users);
+        self.sessions.merge(&o.sessions);
+        for (k, n) in &o.props {
+            match self.props.iter_mut().find(|(name, _)| name == k) {
+                Some((_, m)) => m.merge(n),
+                None => self.props.push((k.clone(), n.clone())),
+            }
+        }
+    }
+
+    pub fn prop(&self, name: &str) -> Option<&NumAgg> {
+        self.props.iter().find(|(k, _)| &**k == name).map(|(_, n)| n)
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.users.heap_bytes()
+            + self.sessions.heap_bytes()
+            + self.props.iter().map(|(k, n)| k.len() + 64 + n.sketch.heap_bytes()).sum::<usize>()
+    }
+}
+
+/// The aggregates of one minute, per event type.
+#[derive(Clone, Debug, Default)]
+pub struct MinuteBucket {
+    pub types: Vec<(Box<str>, Agg)>,
+}
+
+impl MinuteBucket {
+    #[inline]
+    pub fn agg_mut(&mut self, event_type: &str) -> &mut Agg {
+        let i = match self.types.iter().position(|(t, _)| &**t == event_type) {
+            Some(i) => i,
+            None => {
+                self.types.push((event_type.into(), Agg::default()));
+                self.types.len() - 1
+            }
+        };
+        &mut self.types[i].1
+    }
+}
+
+/// Minute rollups for every tenant.
+#[derive(Clone, Debug, Default)]
+pub struct RollupStore {
+    tenants: HashMap<Box<str>, BTreeMap<Millis, MinuteBucket>>,
+}
+
+/// A metric of the metrics API.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Metric {
+    Count,
+    UniqueUsers,
+    UniqueSessions,
+    Sum(String),
+    Avg(String),
+    Min(String),
+    Max(String),
+    /// Quantile in (0, 1) of a property.
+    Quantile(f64, String),
+}
+
+impl Metric {
+    pub fn parse(s: &str) -> Result<Metric, QueryError> {
+        let bad = || QueryError::BadParam {
+            param: "metric",
+            message: format!(
+                "unknown metric {s:?}: use count, unique_users, unique_sessions, \
+                 sum:<property>, avg:<property>, min:<property>, max:<property>, \
+                 p50:<property>, p90:<property>, p95:<property> or p99:<property>"
+            ),
+        };
+        Ok(match s {
+            "count" => Metric::Count,
+            "unique_users" => Metric::UniqueUsers,
+            "unique_sessions" => Metric::UniqueSessions,
+            _ => {
+                let (f, prop) = s.split_once(':').ok_or_else(bad)?;
+                if prop.is_empty() {
+                    return Err(QueryError::BadParam {
+                        param: "metric",
+                        message: format!("{s:?} names no property: write it as {f}:<property>"),
+                    });
+                }
+                let prop = prop.to_string();
+                match f {
+                    "sum" => Metric::Sum(prop),
+                    "avg" => Metric::Avg(prop),
+                    "min" => Metric::Min(prop),
+                    "max" => Metric::Max(prop),
+                    "p50" => Metric::Quantile(0.50, prop),
+                    "p90" => Metric::Quantile(0.90, prop),
+                    "p95" => Metric::Quantile(0.95, prop),
+                    "p99" => Metric::Quantile(0.99, prop),
+                    _ => return Err(bad()),
+                }
+            }
+        })
+    }
+}
+
+/// Bucket width of a metrics query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    M1,
+    M5,
+    H1,
+    D1,
+}
+
+impl Granularity {
+    pub fn parse(s: &str) -> Result<Granularity, QueryError> {
+        Ok(match s {
+            "1m" => Granularity::M1,
+            "5m" => Granularity::M5,
+            "1h" => Granularity::H1,
+            "1d" => Granularity::D1,
+            _ => {
+                return Err(QueryError::BadParam {
+                    param: "granularity",
+                    message: format!("unknown granularity {s:?}: use 1m, 5m, 1h or 1d"),
+                });
+            }
+        })
+    }
+
+    pub fn ms(self) -> Millis {
+        match self {
+            Granularity::M1 => MINUTE_MS,
+            Granularity::M5 => 5 * MINUTE_MS,
+            Granularity::H1 => HOUR_MS,
+            Granularity::D1 => DAY_MS,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::M1 => "1m",
+            Granularity::M5 => "5m",
+            Granularity::H1 => "1h",
+            Granularity::D1 => "1d",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricQuery {
+    pub tenant: String,
+    pub metric: Metric,
+    pub start: Millis,
+    pub end: Millis,
+    pub granularity: Granularity,
+    /// Empty: all event types.
+    pub event_types: Vec<String>,
+    pub group_by_event_type: bool,
+}
+
+/// A point value: integers stay integers on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    /// `Some(event_type)` when grouped by event type.
+    pub event_type: Option<String>,
+    pub points: Vec<(Millis, Value)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("{param}: {message}")]
+    BadParam { param: &'static str, message: String },
+}
+
+/// Most buckets one query may return per series.
+pub const MAX_BUCKETS: i64 = 100_000;
+
+/// Accumulates one bucket of one series.
+enum Acc {
+    Count(u64),
+    Distinct { events: u64, hll: Hll },
+    Num { events: u64, agg: NumAgg },
+}
+
+impl RollupStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The aggregates of the event's (tenant, minute, type), created if needed.
+    #[inline]
+    pub fn agg_mut(&mut self, tenant: &str, minute: Millis, event_type: &str) -> &mut Agg {
+        if !self.tenants.contains_key(tenant) {
+            self.tenants.insert(tenant.into(), BTreeMap::new());
+        }
+        let Some(t) = self.tenants.get_mut(tenant) else { unreachable!("inserted above") };
+        t.entry(minute).or_default().agg_mut(event_type)
+    }
+
+    /// Adds one event to its minute.
+    #[inline]
+    pub fn add(&mut self, e: &EventView<'_>) {
+        self.agg_mut(e.tenant, align_down(e.ts, MINUTE_MS), e.event_type).add(e);
+    }
+
+    pub fn minute(&self, tenant: &str, minute: Millis) -> Option<&MinuteBucket> {
+        self.tenants.get(tenant)?.get(&minute)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.tenants.keys().map(|k| &**k)
+    }
+
+    /// Number of (tenant, minute) buckets held.
+    pub fn bucket_count(&self) -> usize {
+        self.tenants.values().map(|t| t.len()).sum()
+    }
+
+    /// Drops minutes before `cutoff` (retention of minute rollups).
+    pub fn drop_before(&mut self, cutoff: Millis) -> usize {
+        let mut dropped = 0;
+        for t in self.tenants.values_mut() {
+            let keep = t.split_off(&cutoff);
+            dropped += t.len();
+            *t = keep;
+        }
+        dropped
+    }
+
+    pub fn query(&self, q: &MetricQuery) -> Result<Vec<Series>, QueryError> {
+        if q.end <= q.start {
+            return Err(QueryError::BadParam {
+                param: "end",
+                message: "must be after start".into(),
+            });
+        }
+        let g = q.granularity.ms();
+        let first = align_down(q.start, g);
+        let buckets = (q.end - first + g - 1) / g;
+        if buckets > MAX_BUCKETS {
+            return Err(QueryError::BadParam {
+                param: "granularity",
+                message: format!(
+                    "the range holds {buckets} buckets of {} (at most {MAX_BUCKETS}); use a coarser granularity or a shorter range",
+                    q.granularity.as_str()
+                ),
+            });
+        }
+        let mut series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>> = BTreeMap::new();
+        let Some(minutes) = self.tenants.get(q.tenant.as_str()) else {
+            return Ok(finish(q, series));
+        };
+        for (&minute, bucket) in minutes.range(first..q.end) {
+            let b = align_down(minute, g);
+            for (ty, agg) in &bucket.types {
+                if !q.event_types.is_empty() && !q.event_types.iter().any(|t| t == &**ty) {
+                    continue;
+                }
+                let key = q.group_by_event_type.then_some(&**ty);
+                let acc = series.entry(key).or_default();
+                let acc = acc.entry(b).or_insert_with(|| match &q.metric {
+                    Metric::Count => Acc::Count(0),
+                    Metric::UniqueUsers | Metric::UniqueSessions => {
+                        Acc::Distinct { events: 0, hll: Hll::default() }
+                    }
+                    _ => Acc::Num { events: 0, agg: NumAgg::default() },
+                });
+                match (acc, &q.metric) {
+                    (Acc::Count(c), _) => *c += agg.count,
+                    (Acc::Distinct { events, hll }, Metric::UniqueUsers) => {
+                        *events += agg.count;
+                        hll.merge(&agg.users);
+                    }
+                    (Acc::Distinct { events, hll }, _) => {
+                        *events += agg.count;
+                        hll.merge(&agg.sessions);
+                    }
+                    (
+                        Acc::Num { events, agg: n },
+                        Metric::Sum(p) | Metric::Avg(p) | Metric::Min(p) | Metric::Max(p) | Metric::Quantile(_, p),
+                    ) => {
+                        *events += agg.count;
+                        if let Some(x) = agg.prop(p) {
+                            if matches!(q.metric, Metric::Quantile(..)) {
+                                n.merge(x);
+                            } else {
+                                // Only exact statistics are needed: skip the sketch merge.
+                                merge_exact(n, x);
+                            }
+                        }
+                    }
+                    (Acc::Num { .. }, _) => {}
+                }
+            }
+        }
+        Ok(finish(q, series))
+    }
+}
+
+fn merge_exact(n: &mut NumAgg, o: &NumAgg) {
+    if o.count == 0 {
+        return;
+    }
+    if n.count == 0 {
+        n.min = o.min;
+        n.max = o.max;
+    } else {
+        n.min = n.min.min(o.min);
+        n.max = n.max.max(o.max);
+    }
+    n.count += o.count;
+    n.sum.merge(&o.sum);
+}
+
+fn finish(q: &MetricQuery, series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>>) -> Vec<Series> {
+    let mut out: Vec<Series> = series
+        .into_iter()
+        .map(|(key, buckets)| Series {
+            event_type: key.map(str::to_string),
+            points: buckets
+                .into_iter()
+                .filter_map(|(b, acc)| Some((b, value(&q.metric, acc)?)))
+                .collect(),
+        })
+        .filter(|s| !s.points.is_empty() || s.event_type.is_none())
+        .collect();
+    if out.is_empty() && !q.group_by_event_type {
+        out.push(Series { event_type: None, points: Vec::new() });
+    }
+    out
+}
+
+fn value(metric: &Metric, acc: Acc) -> Option<Value> {
+    match acc {
+        Acc::Count(0) => None,
+        Acc::Count(c) => Some(Value::Int(c)),
+        Acc::Distinct { events: 0, .. } => None,
+        Acc::Distinct { hll, .. } => Some(Value::Int(hll.estimate())),
+        Acc::Num { events: 0, .. } => None,
+        Acc::Num { agg, .. } => match metric {
+            Metric::Sum(_) => Some(Value::Float(agg.sum.value())),
+            _ if agg.count == 0 => None,
+            Metric::Avg(_) => Some(Value::Float(agg.sum.value() / agg.count as f64)),
+            Metric::Min(_) => Some(Value::Float(agg.min)),
+            Metric::Max(_) => Some(Value::Float(agg.max)),
+            Metric::Quantile(q, _) => agg.sketch.quantile(*q).map(Value::Float),
+            _ => None,
+        },
+    }
+}
