@@ -1,1 +1,567 @@
-fn main() {}
+//! `tally`: the one binary. `serve` runs the server, `demo` runs it with sample
+//! traffic, `gen` generates events, `bench` measures a server under load.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tally_cli::generator::{GenConfig, Generator};
+use tally_cli::load::{LoadStats, client, post_batch};
+use tally_server::{Config, Server};
+use tally_types::Clock;
+use tally_types::time::parse_time_param;
+
+#[derive(Parser)]
+#[command(name = "tally", version, about = "Real-time analytics in one binary: ingest, event-time rollups, metrics API")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Run a server on embedded defaults with sample traffic, and print URLs to try.
+    Demo(DemoArgs),
+    /// Generate realistic events to a file or straight to a server.
+    Gen(GenArgs),
+    /// Drive a server for a fixed time and report throughput, latency, freshness and memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "TALLY_LISTEN")]
+    listen: Option<String>,
+    /// Directory for the log and state [default: ./tally-data].
+    #[arg(long, env = "TALLY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML config file (see tally.example.toml).
+    #[arg(long, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    #[arg(long, default_value = "tally-demo-data")]
+    data_dir: PathBuf,
+    /// Sample events per second.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+}
+
+#[derive(Args, Clone)]
+struct GenArgs {
+    /// Number of events (lines) to generate.
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write NDJSON to this file ("-" for stdout).
+    #[arg(long, conflicts_with = "url")]
+    out: Option<PathBuf>,
+    /// Send to this server (base URL, e.g. http://127.0.0.1:7070).
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Event time of the first event (RFC 3339 or epoch ms); default: follow the wall clock.
+    #[arg(long)]
+    start: Option<String>,
+    /// Events per second of event time (with --start).
+    #[arg(long, default_value_t = 100.0)]
+    events_per_sec: f64,
+    #[arg(long, default_value_t = 1)]
+    tenants: u32,
+    #[arg(long, default_value_t = 1000)]
+    users: u32,
+    #[arg(long, default_value_t = 0.05)]
+    disorder: f64,
+    #[arg(long, default_value_t = 0.01)]
+    late: f64,
+    #[arg(long, default_value_t = 0.02)]
+    duplicate: f64,
+    #[arg(long, default_value_t = 0.01)]
+    malformed: f64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Seconds of sustained load.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 2000)]
+    batch: usize,
+    /// Cap on the offered load in events/s (0 = as fast as the server goes).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Benchmark a running server instead of starting one.
+    #[arg(long)]
+    target: Option<String>,
+    /// Config file for the started server.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::Serve(a) => serve(a).await,
+            Cmd::Demo(a) => demo(a).await,
+            Cmd::Gen(a) => gen_cmd(a).await,
+            Cmd::Bench(a) => bench(a).await,
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let mut cfg = Config::load(a.config.as_deref()).context("loading configuration")?;
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = a.data_dir {
+        cfg.data_dir = d;
+    }
+    let server = Server::start(cfg.clone(), Clock::system())
+        .await
+        .with_context(|| format!("starting server on {} with data dir {}", cfg.listen, cfg.data_dir.display()))?;
+    tracing::info!(addr = %server.addr, data_dir = %cfg.data_dir.display(), "tally is serving");
+    let stop = server.stop_handle();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests and flushing");
+        let _ = stop.send(true);
+    });
+    server.wait().await.context("server stopped with an error")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn demo(a: DemoArgs) -> Result<()> {
+    let cfg = Config { listen: a.listen.clone(), data_dir: a.data_dir.clone(), ..Config::default() };
+    let server = Server::start(cfg, Clock::system()).await.context("starting the demo server")?;
+    let base = format!("http://{}", server.addr);
+    println!("Tally demo is running at {base} (data in {})", a.data_dir.display());
+    println!("  dashboard:  {base}/");
+    println!("  metrics:    {base}/api/v1/metrics?metric=count&granularity=1m&group_by=event_type");
+    println!("  p95:        {base}/api/v1/metrics?metric=p95:duration_ms&granularity=5m");
+    println!("  dead letters: {base}/api/v1/dlq?kind=malformed");
+    println!("  prometheus: {base}/metrics");
+    println!("  send your own: curl -XPOST {base}/api/v1/events -d '{{\"event_id\":\"1\",\"event_type\":\"click\",\"timestamp\":\"{}\"}}'",
+        tally_types::time::format_rfc3339(Clock::system().now_ms()));
+    println!("Sending ~{} sample events/s. Ctrl-C stops.", a.rate);
+    let url = format!("{base}/api/v1/events");
+    let rate = a.rate.max(1);
+    let traffic = tokio::spawn(async move {
+        let mut g = Generator::new(GenConfig { seed: 42, late: 0.002, malformed: 0.002, ..GenConfig::default() });
+        let client = client();
+        let stats = LoadStats::default();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let n = (rate / 4).max(1);
+            let mut body = String::new();
+            for _ in 0..n {
+                body.push_str(&g.next_line().0);
+                body.push('\n');
+            }
+            if let Err(e) = post_batch(&client, &url, body.into(), &stats).await {
+                tracing::warn!(error = %e, "demo traffic");
+            }
+        }
+    });
+    shutdown_signal().await;
+    traffic.abort();
+    server.stop().await.context("stopping the demo server")?;
+    Ok(())
+}
+
+fn gen_config(a: &GenArgs) -> Result<GenConfig> {
+    let start_ms = match &a.start {
+        None => None,
+        Some(s) => Some(parse_time_param(s).map_err(|e| anyhow::anyhow!("--start {s:?}: {e}; use RFC 3339 or epoch ms"))?),
+    };
+    Ok(GenConfig {
+        seed: a.seed,
+        tenants: a.tenants,
+        users: a.users.max(1),
+        start_ms,
+        events_per_sec: a.events_per_sec,
+        disorder: a.disorder,
+        late: a.late,
+        duplicate: a.duplicate,
+        malformed: a.malformed,
+    })
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+async fn gen_cmd(a: GenArgs) -> Result<()> {
+    let cfg = gen_config(&a)?;
+    let mut g = Generator::new(cfg);
+    if let Some(out) = &a.out {
+        let mut w: Box<dyn Write> = if out.as_os_str() == "-" {
+            Box::new(std::io::BufWriter::new(std::io::stdout()))
+        } else {
+            Box::new(std::io::BufWriter::new(
+                std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+            ))
+        };
+        let pb = progress(a.events, "generating");
+        for i in 0..a.events {
+            writeln!(w, "{}", g.next_line().0)?;
+            if i % 10_000 == 0 {
+                pb.set_position(i);
+            }
+        }
+        w.flush()?;
+        pb.finish();
+        return Ok(());
+    }
+    let Some(base) = a.url.clone() else { bail!("give --out FILE or --url http://HOST:PORT") };
+    let url = format!("{}/api/v1/events", base.trim_end_matches('/'));
+    let stats = Arc::new(LoadStats::default());
+    let pb = progress(a.events, "sending");
+    let (tx, rx) = async_channel(a.connections * 2);
+    let mut tasks = Vec::new();
+    for _ in 0..a.connections.max(1) {
+        let rx = rx.clone();
+        let (url, stats, pb) = (url.clone(), stats.clone(), pb.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            while let Ok((body, n)) = rx.recv().await {
+                post_batch(&c, &url, body, &stats).await?;
+                pb.inc(n);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    drop(rx);
+    let mut left = a.events;
+    while left > 0 {
+        let n = left.min(a.batch.max(1) as u64);
+        let mut body = String::with_capacity(n as usize * 300);
+        for _ in 0..n {
+            body.push_str(&g.next_line().0);
+            body.push('\n');
+        }
+        left -= n;
+        if tx.send((bytes::Bytes::from(body), n)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    for t in tasks {
+        t.await??;
+    }
+    pb.finish();
+    println!(
+        "sent {} events in {} requests: {} accepted, {} rejected, {} retries",
+        a.events,
+        stats.batches.load(Relaxed),
+        stats.accepted.load(Relaxed),
+        stats.rejected.load(Relaxed),
+        stats.retries.load(Relaxed)
+    );
+    Ok(())
+}
+
+/// A small multi-consumer channel over tokio's mpsc.
+fn async_channel<T: Send + 'static>(cap: usize) -> (tokio::sync::mpsc::Sender<T>, SharedRx<T>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(cap.max(1));
+    (tx, SharedRx(Arc::new(tokio::sync::Mutex::new(rx))))
+}
+
+struct SharedRx<T>(Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<T>>>);
+
+impl<T> Clone for SharedRx<T> {
+    fn clone(&self) -> Self {
+        SharedRx(self.0.clone())
+    }
+}
+
+impl<T> SharedRx<T> {
+    async fn recv(&self) -> Result<T, ()> {
+        self.0.lock().await.recv().await.ok_or(())
+    }
+}
+
+/// A batch body with fixed-width id and timestamp fields patched per send.
+struct Template {
+    body: Vec<u8>,
+    id_at: Vec<usize>,
+    ts_at: Vec<usize>,
+}
+
+const ID_W: usize = 16;
+
+fn template(seed: u64, n: usize) -> Template {
+    let mut g = Generator::new(GenConfig {
+        seed,
+        disorder: 0.0,
+        late: 0.0,
+        duplicate: 0.0,
+        malformed: 0.0,
+        users: 100_000,
+        ..GenConfig::default()
+    });
+    let mut body = Vec::with_capacity(n * 300);
+    let (mut id_at, mut ts_at) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (line, _) = g.next_line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let rest = line
+            .split_once(",\"tenant\"")
+            .map(|(_, r)| format!(",\"tenant\"{r}"))
+            .unwrap_or_else(|| "}".into());
+        let ty = v["event_type"].as_str().unwrap_or("click");
+        let prefix = b"{\"event_id\":\"";
+        body.extend_from_slice(prefix);
+        id_at.push(body.len());
+        body.extend_from_slice(&[b'0'; ID_W]);
+        body.extend_from_slice(format!("\",\"event_type\":\"{ty}\",\"timestamp\":").as_bytes());
+        ts_at.push(body.len());
+        body.extend_from_slice(b"0000000000000");
+        body.extend_from_slice(rest.as_bytes());
+        body.push(b'\n');
+    }
+    Template { body, id_at, ts_at }
+}
+
+fn patch(t: &Template, conn: usize, counter: &mut u64, now_ms: i64) -> bytes::Bytes {
+    let mut b = t.body.clone();
+    let ts = format!("{:013}", now_ms);
+    for (&i, &j) in t.id_at.iter().zip(&t.ts_at) {
+        *counter += 1;
+        let id = format!("{:02}{:014}", conn % 100, *counter);
+        b[i..i + ID_W].copy_from_slice(id.as_bytes());
+        b[j..j + 13].copy_from_slice(ts.as_bytes());
+    }
+    bytes::Bytes::from(b)
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+async fn bench(a: BenchArgs) -> Result<()> {
+    let mut child = None;
+    let _tmp;
+    let base = match &a.target {
+        Some(t) => t.trim_end_matches('/').to_string(),
+        None => {
+            let tmp = tempfile::tempdir().context("creating a temporary data dir")?;
+            let port = free_port()?;
+            let exe = std::env::current_exe().context("finding the tally binary")?;
+            let mut cmd = std::process::Command::new(exe);
+            cmd.arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(tmp.path())
+                .env("RUST_LOG", "warn");
+            if let Some(c) = &a.config {
+                cmd.arg("--config").arg(c);
+            }
+            child = Some(cmd.spawn().context("starting the server")?);
+            _tmp = tmp;
+            format!("http://127.0.0.1:{port}")
+        }
+    };
+    let c = client();
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = c.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        if Instant::now() > ready_by {
+            bail!("server at {base} not ready after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("tally bench: {} s, {} connections, {} events/request, server {base}", a.duration, a.connections, a.batch);
+    let templates: Vec<Arc<Template>> = (0..8).map(|i| Arc::new(template(1000 + i, a.batch))).collect();
+    let url = format!("{base}/api/v1/events");
+    let stats = Arc::new(LoadStats::default());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(a.duration);
+    let per_conn_rate = if a.rate > 0 { a.rate as f64 / a.connections.max(1) as f64 } else { 0.0 };
+    let mut senders = Vec::new();
+    for conn in 0..a.connections.max(1) {
+        let (url, stats, templates) = (url.clone(), stats.clone(), templates.clone());
+        senders.push(tokio::spawn(async move {
+            let c = client();
+            let mut h = Histogram::<u64>::new(3)?;
+            let mut counter = 0u64;
+            let mut i = conn;
+            let t0 = Instant::now();
+            let mut sent = 0u64;
+            while Instant::now() < deadline {
+                let t = &templates[i % templates.len()];
+                i += 1;
+                let body = patch(t, conn, &mut counter, Clock::system().now_ms());
+                let n = t.id_at.len() as u64;
+                let s = Instant::now();
+                post_batch(&c, &url, body, &stats).await?;
+                h.record(s.elapsed().as_micros() as u64)?;
+                sent += n;
+                if per_conn_rate > 0.0 {
+                    let due = Duration::from_secs_f64(sent as f64 / per_conn_rate);
+                    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    // Metrics queries under load.
+    let q_url = format!("{base}/api/v1/metrics?metric=count&granularity=1m&group_by=event_type");
+    let querier = tokio::spawn(async move {
+        let c = client();
+        let mut h = Histogram::<u64>::new(3)?;
+        while Instant::now() < deadline {
+            let s = Instant::now();
+            let r = c.get(&q_url).send().await?;
+            r.bytes().await?;
+            h.record(s.elapsed().as_micros() as u64)?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(h)
+    });
+    // Freshness: ack of a probe event → visible in the metrics API.
+    let probe_base = base.clone();
+    let prober = tokio::spawn(async move {
+        let c = client();
+        let mut h = Histogram::<u64>::new(3)?;
+        let stats = LoadStats::default();
+        let mut n = 0u64;
+        let t_start = Clock::system().now_ms();
+        while Instant::now() < deadline {
+            n += 1;
+            let now = Clock::system().now_ms();
+            let body = format!("{{\"event_id\":\"probe-{t_start}-{n}\",\"event_type\":\"bench_probe\",\"timestamp\":{now}}}\n");
+            post_batch(&c, &format!("{probe_base}/api/v1/events"), body.into(), &stats).await?;
+            let acked = Instant::now();
+            let q = format!(
+                "{probe_base}/api/v1/metrics?metric=count&granularity=1d&event_type=bench_probe&start={}&end={}",
+                t_start - 86_400_000,
+                now + 86_400_000
+            );
+            loop {
+                let v: serde_json::Value = serde_json::from_str(&c.get(&q).send().await?.text().await?)?;
+                let seen: u64 = v["series"][0]["points"]
+                    .as_array()
+                    .map(|ps| ps.iter().filter_map(|p| p[1].as_u64()).sum())
+                    .unwrap_or(0);
+                if seen >= n {
+                    break;
+                }
+                if acked.elapsed() > Duration::from_secs(10) {
+                    bail!("probe {n} not visible 10 s after its ack");
+                }
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            h.record(acked.elapsed().as_micros() as u64)?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(h)
+    });
+    let pb = ProgressBar::new(a.duration);
+    pb.set_style(ProgressStyle::with_template("load [{elapsed_precise}] {wide_bar} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let el = started.elapsed().as_secs_f64();
+        pb.set_position(el as u64);
+        pb.set_message(format!("{:.0} events/s", stats.accepted.load(Relaxed) as f64 / el));
+    }
+    let mut ack = Histogram::<u64>::new(3)?;
+    for s in senders {
+        ack.add(s.await??)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let queries = querier.await??;
+    let fresh = prober.await??;
+    let accepted = stats.accepted.load(Relaxed);
+    println!("events accepted     {accepted} in {elapsed:.1} s");
+    println!("sustained ingest    {:.0} events/s (durable ack; {} requests, {} retries after 429/503)", accepted as f64 / elapsed, stats.batches.load(Relaxed), stats.retries.load(Relaxed));
+    println!("ack latency         p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms (per {}-event request)", ms(&ack, 0.5), ms(&ack, 0.99), ack.max() as f64 / 1000.0, a.batch);
+    println!("freshness           p50 {:.2} ms  p99 {:.2} ms  ({} probes, ack → visible in metrics API)", ms(&fresh, 0.5), ms(&fresh, 0.99), fresh.len());
+    println!("metrics query       p50 {:.2} ms  p99 {:.2} ms  ({} queries under load)", ms(&queries, 0.5), ms(&queries, 0.99), queries.len());
+    if let Some(ch) = &mut child {
+        if let Some(kib) = peak_rss_kib(ch.id()) {
+            println!("server peak RSS     {:.1} MiB", kib as f64 / 1024.0);
+        }
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::kill(ch.id() as i32, libc::SIGTERM) };
+        let _ = ch.wait();
+    }
+    Ok(())
+}

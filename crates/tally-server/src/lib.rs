@@ -1,0 +1,83 @@
+//! The Tally server: configuration, the running pipeline (log writer and
+//! processor threads) and the HTTP API.
+
+pub mod config;
+pub mod http;
+pub mod pipeline;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use config::Config;
+use pipeline::{Pipeline, PipelineError, Shared};
+use tally_types::Clock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("cannot listen on {addr}: {source} (is another server running there? pick another with --listen)")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A started server: its address and a handle to stop it.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl Server {
+    /// Recovers state from the data dir, binds `cfg.listen` and serves until stopped.
+    pub async fn start(cfg: Config, clock: Clock) -> Result<Server, ServerError> {
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: cfg.listen.clone(), source })?;
+        let addr = listener.local_addr().map_err(ServerError::Serve)?;
+        let cfg2 = cfg.clone();
+        let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(&cfg2, clock))
+            .await
+            .map_err(|e| ServerError::Serve(std::io::Error::other(e)))??;
+        let shared = pipeline.shared.clone();
+        let state = http::AppState {
+            shared: shared.clone(),
+            tx: pipeline.tx.clone(),
+            partitions: cfg.log.partitions,
+            max_body: cfg.ingest.max_body_bytes,
+            max_inflight: cfg.ingest.max_inflight_bytes,
+        };
+        let app = http::router(state);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await;
+            // In-flight requests are finished; now drain the writer and processor.
+            tokio::task::spawn_blocking(move || pipeline.shutdown()).await.ok();
+            r.map_err(ServerError::Serve)
+        });
+        Ok(Server { addr, shared, stop, task })
+    }
+
+    /// Stops accepting connections, finishes in-flight requests, flushes the log.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.shared.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        self.task.await.map_err(|e| ServerError::Serve(std::io::Error::other(e)))?
+    }
+
+    /// Serves until the task ends on its own (it does not unless stopped).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task.await.map_err(|e| ServerError::Serve(std::io::Error::other(e)))?
+    }
+
+    pub fn stop_handle(&self) -> tokio::sync::watch::Sender<bool> {
+        self.stop.clone()
+    }
+}

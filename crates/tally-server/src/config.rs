@@ -1,0 +1,200 @@
+//! Configuration: one serde struct, read from built-in defaults, then a TOML
+//! file, then `TALLY__SECTION__KEY=value` environment variables (plus the
+//! `--listen`/`--data-dir` flags and `TALLY_LISTEN`/`TALLY_DATA_DIR`).
+//! `tally.example.toml` at the repository root documents every key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tally_types::time::{Millis, parse_duration_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config: {key} = {value:?}: {fix}")]
+    Invalid { key: &'static str, value: String, fix: &'static str },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Where the log, DLQ and state live.
+    pub data_dir: PathBuf,
+    pub ingest: IngestConfig,
+    pub log: LogSection,
+    pub stream: StreamSection,
+    pub dlq: DlqSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct IngestConfig {
+    /// Largest request body accepted (bytes); larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Bytes of accepted-but-not-yet-durable batches allowed in memory;
+    /// past this, ingest answers 503 with Retry-After.
+    pub max_inflight_bytes: usize,
+    /// Requests waiting for the log writer; past this, 503.
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct LogSection {
+    pub partitions: u32,
+    pub segment_bytes: u64,
+    /// Age after which closed segments are deleted, e.g. "7d" ("0s" keeps all).
+    pub retention: String,
+    /// Per-partition size limit in bytes (0 = none).
+    pub retention_bytes: u64,
+    /// fsync before acknowledging. Only benchmarks of the CPU path turn it off.
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct StreamSection {
+    /// Bounded out-of-orderness of the watermark.
+    pub watermark_bound: String,
+    /// A partition silent this long stops holding the watermark back.
+    pub idle_timeout: String,
+    /// How long after a window closes events still update it.
+    pub allowed_lateness: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DlqSection {
+    /// Entries kept per tenant and kind for `GET /api/v1/dlq`.
+    pub capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7070".into(),
+            data_dir: PathBuf::from("tally-data"),
+            ingest: IngestConfig::default(),
+            log: LogSection::default(),
+            stream: StreamSection::default(),
+            dlq: DlqSection::default(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig { max_body_bytes: 16 << 20, max_inflight_bytes: 512 << 20, queue_depth: 4096 }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            partitions: 4,
+            segment_bytes: 128 << 20,
+            retention: "7d".into(),
+            retention_bytes: 0,
+            fsync: true,
+        }
+    }
+}
+
+impl Default for StreamSection {
+    fn default() -> Self {
+        StreamSection {
+            watermark_bound: "5s".into(),
+            idle_timeout: "30s".into(),
+            allowed_lateness: "5m".into(),
+        }
+    }
+}
+
+impl Default for DlqSection {
+    fn default() -> Self {
+        DlqSection { capacity: 10_000 }
+    }
+}
+
+fn duration(key: &'static str, v: &str) -> Result<Millis, ConfigError> {
+    parse_duration_ms(v).ok_or_else(|| ConfigError::Invalid {
+        key,
+        value: v.into(),
+        fix: "write a duration like 250ms, 5s, 2m, 1h or 7d",
+    })
+}
+
+/// Durations and limits of a validated config.
+#[derive(Debug, Clone, Copy)]
+pub struct Durations {
+    pub retention_ms: Millis,
+    pub watermark_bound_ms: Millis,
+    pub idle_timeout_ms: Millis,
+    pub allowed_lateness_ms: Millis,
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `TALLY__SECTION__KEY` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in std::env::vars() {
+            let Some(path) = k.strip_prefix("TALLY__") else { continue };
+            let keys: Vec<String> =
+                path.split("__").map(|s| s.to_ascii_lowercase().replace('_', "-")).collect();
+            let value = format!("x = {v}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("x"))
+                .unwrap_or(toml::Value::String(v.clone()));
+            let mut t = &mut table;
+            for seg in &keys[..keys.len() - 1] {
+                let entry = t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+                let Some(next) = entry.as_table_mut() else {
+                    return Err(ConfigError::Parse(format!("{k}: {seg} is not a section")));
+                };
+                t = next;
+            }
+            t.insert(keys[keys.len() - 1].clone(), value);
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        cfg.durations()?;
+        Ok(cfg)
+    }
+
+    pub fn durations(&self) -> Result<Durations, ConfigError> {
+        if self.log.partitions == 0 || self.log.partitions > 1024 {
+            return Err(ConfigError::Invalid {
+                key: "log.partitions",
+                value: self.log.partitions.to_string(),
+                fix: "use 1 to 1024",
+            });
+        }
+        if self.ingest.max_body_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                key: "ingest.max-body-bytes",
+                value: "0".into(),
+                fix: "use a positive size in bytes, e.g. 16777216",
+            });
+        }
+        Ok(Durations {
+            retention_ms: duration("log.retention", &self.log.retention)?,
+            watermark_bound_ms: duration("stream.watermark-bound", &self.stream.watermark_bound)?,
+            idle_timeout_ms: duration("stream.idle-timeout", &self.stream.idle_timeout)?,
+            allowed_lateness_ms: duration("stream.allowed-lateness", &self.stream.allowed_lateness)?,
+        })
+    }
+}

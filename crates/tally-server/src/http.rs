@@ -1,0 +1,326 @@
+//! HTTP API (`shared/API.md`). Errors map to status codes in one place:
+//! [`ApiError`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value as Json, json};
+use tally_ingest::{BodyError, Format, Parser, Tenancy};
+use tally_store::{Granularity, Metric, MetricQuery, Value};
+use tally_stream::{DlqBody, DlqEntry, DlqKind};
+use tally_types::time::{HOUR_MS, format_rfc3339, parse_time_param};
+use tally_types::{DEFAULT_TENANT, valid_tenant};
+use tokio::sync::oneshot;
+
+use crate::pipeline::{Shared, WriteReq, entry_to_json};
+use crate::telemetry::Snapshot;
+
+/// State of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub shared: Arc<Shared>,
+    pub tx: tokio::sync::mpsc::Sender<WriteReq>,
+    pub partitions: u32,
+    pub max_body: usize,
+    pub max_inflight: usize,
+}
+
+/// Every error the API returns, with its status.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    TooLarge(String),
+    /// Overload: retry after this many seconds.
+    Unavailable(String, u32),
+    NotFound(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, msg, retry) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m, None),
+            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m, None),
+            ApiError::Unavailable(m, r) => (StatusCode::SERVICE_UNAVAILABLE, m, Some(r)),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m, None),
+        };
+        let mut resp = (status, axum::Json(json!({ "error": msg }))).into_response();
+        if let Some(r) = retry {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(r));
+        }
+        resp
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .route("/api/v1/events", post(ingest))
+        .route("/api/v1/metrics", get(metrics))
+        .route("/api/v1/dlq", get(dlq))
+        .fallback(|| async { ApiError::NotFound("no such endpoint; see shared/API.md".into()) })
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.shared.ready.load(Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        ApiError::Unavailable("not ready: recovering or shutting down".into(), 1).into_response()
+    }
+}
+
+fn snapshot(s: &AppState) -> Snapshot {
+    let v = s.shared.processor.lock().clone();
+    let dlq = s.shared.dlq.lock();
+    Snapshot {
+        now_ms: s.shared.clock.now_ms(),
+        watermark_ms: v.watermark,
+        max_event_ms: v.max_event_ms,
+        counted: v.totals.counted,
+        duplicates: v.totals.duplicates,
+        late: v.totals.late,
+        corrections: v.totals.corrections,
+        dlq_malformed_total: dlq.total(DlqKind::Malformed),
+        dlq_late_total: dlq.total(DlqKind::Late),
+        dlq_malformed_held: dlq.held(DlqKind::Malformed),
+        dlq_late_held: dlq.held(DlqKind::Late),
+        rollup_buckets: s.shared.store.read().bucket_count(),
+        dedupe_entries: v.dedupe_len,
+        log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
+        ready: s.shared.ready.load(Relaxed),
+    }
+}
+
+async fn prometheus(State(s): State<AppState>) -> Response {
+    let text = s.shared.telemetry.render(&snapshot(&s));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn ingest(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let tel = &s.shared.telemetry;
+    tel.requests.fetch_add(1, Relaxed);
+    if !s.shared.ready.load(Relaxed) {
+        return Err(ApiError::Unavailable("not ready: recovering or shutting down; retry".into(), 1));
+    }
+    let too_large = || {
+        ApiError::TooLarge(format!(
+            "body is larger than the {}-byte limit (ingest.max-body-bytes); split the batch",
+            s.max_body
+        ))
+    };
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+        if len > s.max_body {
+            return Err(too_large());
+        }
+    }
+    let body: Bytes = axum::body::to_bytes(body, s.max_body).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|src| src.is::<http_body_util::LengthLimitError>()) {
+            too_large()
+        } else {
+            ApiError::BadRequest(format!("cannot read body: {e}"))
+        }
+    })?;
+    tel.bytes_ingested.fetch_add(body.len() as u64, Relaxed);
+    // Bounded memory: refuse while too many bytes wait to become durable.
+    let inflight = tel.inflight_bytes.fetch_add(body.len() as i64, Relaxed);
+    let release = |n: usize| tel.inflight_bytes.fetch_sub(n as i64, Relaxed);
+    if inflight as usize + body.len() > s.max_inflight {
+        release(body.len());
+        tel.requests_overloaded.fetch_add(1, Relaxed);
+        return Err(ApiError::Unavailable("overloaded: too much data waiting for the disk; retry".into(), 1));
+    }
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let parsed = Parser::new(s.partitions).parse(&body, Format::from_content_type(ct), Tenancy::Open);
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            release(body.len());
+            return Err(match e {
+                BodyError::Empty | BodyError::NotJson(_) | BodyError::WrongShape(_) => {
+                    ApiError::BadRequest(e.to_string())
+                }
+            });
+        }
+    };
+    let now = s.shared.clock.now_ms();
+    let errors: Vec<Json> =
+        parsed.rejected.iter().map(|r| json!({ "index": r.index, "error": r.error })).collect();
+    let malformed: Vec<DlqEntry> = parsed
+        .rejected
+        .into_iter()
+        .map(|r| DlqEntry {
+            kind: DlqKind::Malformed,
+            tenant: r.tenant,
+            reason: r.error,
+            received_at: now,
+            body: if r.is_object { DlqBody::Event(r.raw) } else { DlqBody::Raw(r.raw) },
+        })
+        .collect();
+    let accepted = parsed.accepted;
+    let rejected = malformed.len();
+    let parts: Vec<(u32, Vec<u8>)> = parsed.partitions.into_iter().map(|(p, w)| (p, w.finish())).collect();
+    if !parts.is_empty() || !malformed.is_empty() {
+        let (done, wait) = oneshot::channel();
+        let req = WriteReq { parts, malformed, bytes: body.len(), done };
+        if s.tx.try_send(req).is_err() {
+            release(body.len());
+            tel.requests_overloaded.fetch_add(1, Relaxed);
+            tel.events_dropped_overload.fetch_add((accepted + rejected) as u64, Relaxed);
+            return Err(ApiError::Unavailable("overloaded: the log writer queue is full; retry".into(), 1));
+        }
+        match wait.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tel.events_dropped_overload.fetch_add((accepted + rejected) as u64, Relaxed);
+                return Err(ApiError::Unavailable(
+                    format!("storage error, nothing from this request was acknowledged: {e}; retry"),
+                    5,
+                ));
+            }
+            Err(_) => {
+                return Err(ApiError::Unavailable("shutting down; retry".into(), 1));
+            }
+        }
+    } else {
+        release(body.len());
+    }
+    tel.events_accepted.fetch_add(accepted as u64, Relaxed);
+    tel.events_rejected.fetch_add(rejected as u64, Relaxed);
+    tel.ack_latency.observe_us(started.elapsed().as_micros() as u64);
+    Ok(axum::Json(json!({ "accepted": accepted, "rejected": rejected, "errors": errors })).into_response())
+}
+
+/// Query-string pairs, percent-decoded, repeated keys kept.
+fn query_pairs(q: &Option<String>) -> Vec<(String, String)> {
+    q.as_deref()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn tenant_param(pairs: &[(String, String)]) -> Result<String, ApiError> {
+    let t = one(pairs, "tenant").unwrap_or(DEFAULT_TENANT);
+    if !valid_tenant(t) {
+        return Err(ApiError::BadRequest(format!("tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]")));
+    }
+    Ok(t.to_string())
+}
+
+fn time_param(pairs: &[(String, String)], key: &'static str) -> Result<Option<i64>, ApiError> {
+    match one(pairs, key) {
+        None | Some("") => Ok(None),
+        Some(v) => parse_time_param(v).map(Some).map_err(|e| {
+            ApiError::BadRequest(format!("{key}: {v:?} is {e}; use RFC 3339 (2026-11-01T12:00:00Z) or epoch ms"))
+        }),
+    }
+}
+
+fn number(v: Value) -> Json {
+    match v {
+        Value::Int(i) => json!(i),
+        Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => json!(f as i64),
+        Value::Float(f) => json!(f),
+    }
+}
+
+async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let pairs = query_pairs(&q);
+    let metric_s = one(&pairs, "metric").ok_or_else(|| {
+        ApiError::BadRequest("metric: required, e.g. metric=count or metric=p99:duration_ms".into())
+    })?;
+    let metric = Metric::parse(metric_s).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let granularity = Granularity::parse(one(&pairs, "granularity").unwrap_or("1m"))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let now = s.shared.clock.now_ms();
+    let end = time_param(&pairs, "end")?.unwrap_or(now + 1);
+    let start = time_param(&pairs, "start")?.unwrap_or(end - HOUR_MS);
+    let event_types: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "event_type")
+        .flat_map(|(_, v)| v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from))
+        .collect();
+    let group_by = match one(&pairs, "group_by") {
+        None | Some("") => false,
+        Some("event_type") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!("group_by: {other:?} is not supported; use group_by=event_type")));
+        }
+    };
+    let query = MetricQuery {
+        tenant: tenant_param(&pairs)?,
+        metric,
+        start,
+        end,
+        granularity,
+        event_types,
+        group_by_event_type: group_by,
+    };
+    let series = s.shared.store.read().query(&query).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let series: Vec<Json> = series
+        .into_iter()
+        .map(|ser| {
+            let labels = match ser.event_type {
+                Some(t) => json!({ "event_type": t }),
+                None => json!({}),
+            };
+            let points: Vec<Json> =
+                ser.points.into_iter().map(|(t, v)| json!([format_rfc3339(t), number(v)])).collect();
+            json!({ "labels": labels, "points": points })
+        })
+        .collect();
+    let body = json!({ "metric": metric_s, "granularity": granularity.as_str(), "series": series });
+    s.shared.telemetry.query_latency.observe_us(started.elapsed().as_micros() as u64);
+    Ok(axum::Json(body).into_response())
+}
+
+async fn dlq(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&q);
+    let kind_s = one(&pairs, "kind").unwrap_or("malformed");
+    let kind = DlqKind::parse(kind_s)
+        .ok_or_else(|| ApiError::BadRequest(format!("kind: {kind_s:?} is not malformed or late")))?;
+    let limit = match one(&pairs, "limit") {
+        None => 100,
+        Some(l) => l.parse::<usize>().map_err(|_| {
+            ApiError::BadRequest(format!("limit: {l:?} is not a non-negative integer"))
+        })?,
+    }
+    .min(10_000);
+    let tenant = tenant_param(&pairs)?;
+    let entries = s.shared.dlq.lock().list(&tenant, kind, limit);
+    let entries: Vec<Json> = entries.iter().map(entry_to_json).collect();
+    Ok(axum::Json(json!({ "entries": entries })).into_response())
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}
+
+/// Waits until the processor has applied everything acknowledged so far
+/// (tests and benchmarks use it to measure freshness).
+pub async fn wait_applied(shared: &Shared, counted_at_least: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if shared.processor.lock().totals.counted >= counted_at_least {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

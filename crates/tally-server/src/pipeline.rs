@@ -1,0 +1,407 @@
+//! The running pipeline: one log-writer thread (group commit) and one
+//! processor thread, fed by the HTTP handlers.
+//!
+//! ```text
+//! handlers ──WriteReq (bounded)──▶ writer: append all, fsync once, stamp lsn
+//!                                    ├──▶ ack each request (oneshot)
+//!                                    └──▶ processor (bounded): apply in lsn order
+//! ```
+//!
+//! Architecture invariant: a request is acknowledged only after the fsync that
+//! covers its records returned; the processor only ever sees durable records,
+//! in lsn order, both live and when replaying the log on start.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+
+use parking_lot::{Mutex, RwLock};
+use tally_log::{Log, LogConfig, MergedReader};
+use tally_store::RollupStore;
+use tally_stream::{Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StreamConfig};
+use tally_types::Clock;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::telemetry::Telemetry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Log(#[from] tally_log::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// One ingest request's worth of work for the writer.
+pub struct WriteReq {
+    /// Encoded batches per partition.
+    pub parts: Vec<(u32, Vec<u8>)>,
+    pub malformed: Vec<DlqEntry>,
+    pub bytes: usize,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+struct Committed {
+    partition: u32,
+    offset: u64,
+    lsn: u64,
+    append_ms: i64,
+    payload: Vec<u8>,
+}
+
+/// Shared state the HTTP layer reads.
+pub struct Shared {
+    pub store: Arc<RwLock<RollupStore>>,
+    pub dlq: Arc<Mutex<Dlq>>,
+    pub telemetry: Arc<Telemetry>,
+    pub processor: Arc<Mutex<ProcessorView>>,
+    pub ready: AtomicBool,
+    pub clock: Clock,
+    pub log_bytes: AtomicI64,
+}
+
+/// What the processor publishes after each record.
+#[derive(Debug, Default, Clone)]
+pub struct ProcessorView {
+    pub watermark: Option<i64>,
+    pub max_event_ms: Option<i64>,
+    pub totals: tally_stream::Totals,
+    pub dedupe_len: usize,
+}
+
+pub struct Pipeline {
+    pub shared: Arc<Shared>,
+    pub tx: mpsc::Sender<WriteReq>,
+    writer: Option<JoinHandle<()>>,
+    processor: Option<JoinHandle<()>>,
+}
+
+/// The malformed-DLQ file: NDJSON, one entry per line, rotated at 64 MiB.
+struct DlqFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+const DLQ_ROTATE_BYTES: u64 = 64 << 20;
+
+impl DlqFile {
+    fn open(dir: &Path) -> Result<Self, PipelineError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| PipelineError::Io { what: "create", path: dir.into(), source })?;
+        let path = dir.join("malformed.ndjson");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| PipelineError::Io { what: "open", path: path.clone(), source })?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(DlqFile { path, file, len })
+    }
+
+    fn load(dir: &Path, dlq: &mut Dlq) {
+        for name in ["malformed.ndjson.old", "malformed.ndjson"] {
+            let Ok(f) = File::open(dir.join(name)) else { continue };
+            for line in BufReader::new(f).lines().map_while(Result::ok) {
+                if let Some(e) = entry_from_json(&line) {
+                    dlq.push(e);
+                }
+            }
+        }
+    }
+
+    fn append(&mut self, entries: &[DlqEntry]) -> std::io::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::new();
+        for e in entries {
+            buf.push_str(&entry_to_json(e).to_string());
+            buf.push('\n');
+        }
+        self.file.write_all(buf.as_bytes())?;
+        self.file.sync_data()?;
+        self.len += buf.len() as u64;
+        if self.len > DLQ_ROTATE_BYTES {
+            let old = self.path.with_extension("ndjson.old");
+            std::fs::rename(&self.path, old)?;
+            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.len = 0;
+        }
+        Ok(())
+    }
+}
+
+/// The JSON form of a DLQ entry (API shape plus `tenant`).
+pub fn entry_to_json(e: &DlqEntry) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("kind".into(), e.kind.as_str().into());
+    m.insert("tenant".into(), e.tenant.clone().into());
+    m.insert("reason".into(), e.reason.clone().into());
+    m.insert("received_at".into(), tally_types::time::format_rfc3339(e.received_at).into());
+    match &e.body {
+        DlqBody::Event(j) => {
+            let v = serde_json::from_str(j).unwrap_or_else(|_| serde_json::Value::String(j.clone()));
+            m.insert("event".into(), v);
+        }
+        DlqBody::Raw(r) => {
+            m.insert("raw".into(), r.clone().into());
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
+fn entry_from_json(line: &str) -> Option<DlqEntry> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let kind = DlqKind::parse(v.get("kind")?.as_str()?)?;
+    let received_at =
+        tally_types::time::parse_rfc3339(v.get("received_at")?.as_str()?).ok()?;
+    let body = match (v.get("event"), v.get("raw")) {
+        (Some(ev), _) => DlqBody::Event(ev.to_string()),
+        (None, Some(r)) => DlqBody::Raw(r.as_str()?.to_string()),
+        _ => return None,
+    };
+    Some(DlqEntry {
+        kind,
+        tenant: v.get("tenant")?.as_str()?.to_string(),
+        reason: v.get("reason")?.as_str()?.to_string(),
+        received_at,
+        body,
+    })
+}
+
+impl Pipeline {
+    /// Opens the log, replays it into fresh state, and starts the threads.
+    pub fn start(cfg: &Config, clock: Clock) -> Result<Pipeline, PipelineError> {
+        let d = cfg.durations()?;
+        let mut log_cfg = LogConfig::new(cfg.data_dir.join("log"), cfg.log.partitions);
+        log_cfg.segment_bytes = cfg.log.segment_bytes;
+        log_cfg.retention_ms = d.retention_ms;
+        log_cfg.retention_bytes = cfg.log.retention_bytes;
+        log_cfg.fsync = cfg.log.fsync;
+        let (log, report) = Log::open(log_cfg)?;
+        let stream_cfg = StreamConfig {
+            partitions: cfg.log.partitions,
+            watermark_bound_ms: d.watermark_bound_ms,
+            idle_timeout_ms: d.idle_timeout_ms,
+            allowed_lateness_ms: d.allowed_lateness_ms,
+        };
+        let store = Arc::new(RwLock::new(RollupStore::new()));
+        let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
+        let dlq_dir = cfg.data_dir.join("dlq");
+        let dlq_file = DlqFile::open(&dlq_dir)?;
+        DlqFile::load(&dlq_dir, &mut dlq.lock());
+        let telemetry = Arc::new(Telemetry::default());
+        let mut processor = Processor::new(stream_cfg, store.clone(), dlq.clone());
+
+        // Recovery: replay the whole log in lsn order.
+        let started = std::time::Instant::now();
+        let from = vec![0u64; cfg.log.partitions as usize];
+        let mut replayed = 0u64;
+        let mut max_event_ms = None;
+        let mut reader = MergedReader::open(&cfg.data_dir.join("log"), &from, &report.end_offsets)?;
+        for rec in reader.by_ref() {
+            let r = RecordRef {
+                partition: rec.partition,
+                offset: rec.offset,
+                lsn: rec.lsn,
+                append_ms: rec.append_ms,
+                payload: &rec.payload,
+            };
+            match processor.apply(r) {
+                Ok(_) => replayed += 1,
+                Err(e) => tracing::error!(error = %e, "replay: skipping undecodable record"),
+            }
+            max_event_ms = max_event_ms.max(Some(rec.append_ms));
+        }
+        for e in &reader.errors {
+            tracing::error!(error = %e, "replay: corrupt log data skipped");
+        }
+        if replayed > 0 {
+            tracing::info!(
+                records = replayed,
+                events = processor.totals().counted,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "replayed the log"
+            );
+        }
+        let view = Arc::new(Mutex::new(ProcessorView {
+            watermark: processor.watermark(),
+            max_event_ms: None,
+            totals: processor.totals(),
+            dedupe_len: processor.dedupe_len(),
+        }));
+        let shared = Arc::new(Shared {
+            store,
+            dlq,
+            telemetry,
+            processor: view,
+            ready: AtomicBool::new(false),
+            clock,
+            log_bytes: AtomicI64::new(log.sizes().iter().sum::<u64>() as i64),
+        });
+        let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
+        let (ptx, prx) = std::sync::mpsc::sync_channel::<Committed>(1024);
+        let sh = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("tally-log-writer".into())
+            .spawn(move || writer_loop(log, report.next_lsn, rx, ptx, dlq_file, sh))
+            .map_err(PipelineError::Thread)?;
+        let sh = shared.clone();
+        let proc_thread = std::thread::Builder::new()
+            .name("tally-processor".into())
+            .spawn(move || processor_loop(processor, prx, sh))
+            .map_err(PipelineError::Thread)?;
+        shared.ready.store(true, Relaxed);
+        Ok(Pipeline { shared, tx, writer: Some(writer), processor: Some(proc_thread) })
+    }
+
+    /// Stops accepting writes, lets the writer and processor drain, joins them.
+    pub fn shutdown(mut self) {
+        self.shared.ready.store(false, Relaxed);
+        let (tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if let Some(p) = self.processor.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+/// Most bytes gathered into one group commit.
+const GROUP_BYTES: usize = 64 << 20;
+
+fn writer_loop(
+    mut log: Log,
+    mut next_lsn: u64,
+    mut rx: mpsc::Receiver<WriteReq>,
+    ptx: std::sync::mpsc::SyncSender<Committed>,
+    mut dlq_file: DlqFile,
+    shared: Arc<Shared>,
+) {
+    let tel = &shared.telemetry;
+    let mut last_retention = 0i64;
+    let mut group: Vec<WriteReq> = Vec::new();
+    let mut committed: Vec<Committed> = Vec::new();
+    let mut malformed: Vec<DlqEntry> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.bytes;
+        group.push(first);
+        while bytes < GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.bytes;
+                    group.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let now = shared.clock.now_ms();
+        let lsn_before = next_lsn;
+        let mut result: Result<(), String> = Ok(());
+        'append: for req in &mut group {
+            for (p, payload) in req.parts.drain(..) {
+                match log.append(p, next_lsn, now, &payload) {
+                    Ok(offset) => {
+                        committed.push(Committed { partition: p, offset, lsn: next_lsn, append_ms: now, payload });
+                        next_lsn += 1;
+                    }
+                    Err(e) => {
+                        result = Err(e.to_string());
+                        break 'append;
+                    }
+                }
+            }
+            malformed.append(&mut req.malformed);
+        }
+        if result.is_ok() {
+            result = log.sync().map_err(|e| e.to_string());
+        }
+        if result.is_ok() {
+            result = dlq_file.append(&malformed).map_err(|e| format!("malformed DLQ file: {e}"));
+        }
+        tel.log_syncs.fetch_add(1, Relaxed);
+        match &result {
+            Ok(()) => {
+                if !malformed.is_empty() {
+                    let mut dlq = shared.dlq.lock();
+                    for e in malformed.drain(..) {
+                        dlq.push(e);
+                    }
+                }
+                for c in committed.drain(..) {
+                    if ptx.send(c).is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                tel.log_errors.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "log write failed; failing the requests of this commit");
+                log.discard_pending();
+                // Records already written by a segment roll are not acknowledged
+                // and will be replayed on restart; clients retry and dedupe covers it.
+                next_lsn = next_lsn.max(lsn_before);
+                committed.clear();
+                malformed.clear();
+            }
+        }
+        for req in group.drain(..) {
+            tel.inflight_bytes.fetch_sub(req.bytes as i64, Relaxed);
+            let _ = req.done.send(result.clone());
+        }
+        if now - last_retention > 60_000 {
+            last_retention = now;
+            match log.enforce_retention(now) {
+                Ok(r) if r.segments_deleted > 0 => {
+                    tracing::info!(segments = r.segments_deleted, bytes = r.bytes_deleted, "log retention")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "log retention failed"),
+            }
+        }
+        shared.log_bytes.store(log.sizes().iter().sum::<u64>() as i64, Relaxed);
+    }
+    if let Err(e) = log.sync() {
+        tracing::error!(error = %e, "final log sync failed");
+    }
+}
+
+fn processor_loop(mut p: Processor, rx: std::sync::mpsc::Receiver<Committed>, shared: Arc<Shared>) {
+    let tel = &shared.telemetry;
+    let mut max_event: Option<i64> = None;
+    while let Ok(c) = rx.recv() {
+        let r = RecordRef {
+            partition: c.partition,
+            offset: c.offset,
+            lsn: c.lsn,
+            append_ms: c.append_ms,
+            payload: &c.payload,
+        };
+        if let Err(e) = p.apply(r) {
+            tracing::error!(error = %e, "processor: skipping undecodable record");
+        }
+        let now = shared.clock.now_ms();
+        tel.processing_lag_ms.store(now - c.append_ms, Relaxed);
+        tel.last_applied_append_ms.store(c.append_ms, Relaxed);
+        tel.last_applied_at_ms.store(now, Relaxed);
+        if let Some(w) = p.watermark() {
+            max_event = max_event.max(Some(w));
+        }
+        let mut v = shared.processor.lock();
+        v.watermark = p.watermark();
+        v.max_event_ms = max_event;
+        v.totals = p.totals();
+        v.dedupe_len = p.dedupe_len();
+    }
+}
