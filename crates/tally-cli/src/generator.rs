@@ -52,9 +52,23 @@ impl Default for GenConfig {
     }
 }
 
-const TYPES: &[(&str, u32)] =
-    &[("page_view", 60), ("click", 25), ("add_to_cart", 8), ("purchase", 4), ("error", 3)];
-const PAGES: &[&str] = &["/", "/pricing", "/docs", "/blog", "/signup", "/checkout", "/product/42", "/search"];
+const TYPES: &[(&str, u32)] = &[
+    ("page_view", 60),
+    ("click", 25),
+    ("add_to_cart", 8),
+    ("purchase", 4),
+    ("error", 3),
+];
+const PAGES: &[&str] = &[
+    "/",
+    "/pricing",
+    "/docs",
+    "/blog",
+    "/signup",
+    "/checkout",
+    "/product/42",
+    "/search",
+];
 const COUNTRIES: &[&str] = &["US", "DE", "FR", "IN", "BR", "JP", "GB", "NG"];
 const DEVICES: &[&str] = &["desktop", "mobile", "tablet"];
 
@@ -69,9 +83,17 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(cfg: GenConfig) -> Self {
-        let clock: Box<dyn Fn() -> Millis + Send> = Box::new(|| tally_types::Clock::system().now_ms());
+        let clock: Box<dyn Fn() -> Millis + Send> =
+            Box::new(|| tally_types::Clock::system().now_ms());
         let t = cfg.start_ms.unwrap_or_else(&clock);
-        Generator { rng: StdRng::seed_from_u64(cfg.seed), cfg, t, seq: 0, recent: VecDeque::new(), clock }
+        Generator {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            t,
+            seq: 0,
+            recent: VecDeque::new(),
+            clock,
+        }
     }
 
     fn pick<'a>(&mut self, xs: &'a [&'a str]) -> &'a str {
@@ -96,7 +118,10 @@ impl Generator {
             let i = self.rng.random_range(0..self.recent.len());
             return (self.recent[i].clone(), Kind::Duplicate);
         } else if r < c.malformed + c.duplicate + c.late {
-            (Kind::Late, self.t - self.rng.random_range(20 * MINUTE_MS..40 * MINUTE_MS))
+            (
+                Kind::Late,
+                self.t - self.rng.random_range(20 * MINUTE_MS..40 * MINUTE_MS),
+            )
         } else if r < c.malformed + c.duplicate + c.late + c.disorder {
             (Kind::Disordered, self.t - self.rng.random_range(1..4_000))
         } else {
@@ -134,7 +159,8 @@ impl Generator {
         let country = self.pick(COUNTRIES);
         let device = self.pick(DEVICES);
         let z: f64 = self.rng.random_range(0.0..1.0);
-        let duration = (20.0 * (1.0 + 60.0 * z * z * z)).round() as i64 + self.rng.random_range(0..20);
+        let duration =
+            (20.0 * (1.0 + 60.0 * z * z * z)).round() as i64 + self.rng.random_range(0..20);
         let mut props = format!(
             r#"{{"page":"{page}","duration_ms":{duration},"country":"{country}","device":"{device}""#
         );
@@ -144,8 +170,16 @@ impl Generator {
         }
         props.push('}');
         // Mix the two timestamp forms the API accepts.
-        let ts_json = if self.seq % 2 == 0 { format!("\"{}\"", format_rfc3339(ts)) } else { ts.to_string() };
-        let sess = if self.seq % 10 == 0 { String::new() } else { format!(r#","session_id":"{session}""#) };
+        let ts_json = if self.seq.is_multiple_of(2) {
+            format!("\"{}\"", format_rfc3339(ts))
+        } else {
+            ts.to_string()
+        };
+        let sess = if self.seq.is_multiple_of(10) {
+            String::new()
+        } else {
+            format!(r#","session_id":"{session}""#)
+        };
         format!(
             r#"{{"event_id":"ev-{}-{}","event_type":"{ty}","timestamp":{ts_json},"tenant":"{tenant}","user_id":"u_{user}"{sess},"properties":{props}}}"#,
             self.cfg.seed, self.seq
@@ -160,8 +194,12 @@ impl Generator {
             0 => format!(r#"{{"event_type":"click","timestamp":{ts}}}"#),
             1 => format!(r#"{{"event_id":"{id}","event_type":"click","timestamp":"not a time"}}"#),
             2 => format!(r#"{{"event_id":"{id}","event_type":"has spaces!","timestamp":{ts}}}"#),
-            3 => format!(r#"{{"event_id":"{id}","event_type":"click","timestamp":{ts},"properties":"oops"}}"#),
-            4 => format!(r#"{{"event_id":"{id}","event_type":"click","timestamp":{ts},"user_id":12"#),
+            3 => format!(
+                r#"{{"event_id":"{id}","event_type":"click","timestamp":{ts},"properties":"oops"}}"#
+            ),
+            4 => {
+                format!(r#"{{"event_id":"{id}","event_type":"click","timestamp":{ts},"user_id":12"#)
+            }
             _ => "[1,2,3]".to_string(),
         }
     }

@@ -43,7 +43,8 @@ pub async fn post_batch(
         match r {
             Ok(resp) if resp.status().is_success() => {
                 let text = resp.text().await.context("reading ingest answer")?;
-                let v: serde_json::Value = serde_json::from_str(&text).context("ingest answer is not JSON")?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).context("ingest answer is not JSON")?;
                 let a = v["accepted"].as_u64().unwrap_or(0);
                 let rj = v["rejected"].as_u64().unwrap_or(0);
                 stats.batches.fetch_add(1, Relaxed);

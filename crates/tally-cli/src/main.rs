@@ -18,7 +18,11 @@ use tally_types::Clock;
 use tally_types::time::parse_time_param;
 
 #[derive(Parser)]
-#[command(name = "tally", version, about = "Real-time analytics in one binary: ingest, event-time rollups, metrics API")]
+#[command(
+    name = "tally",
+    version,
+    about = "Real-time analytics in one binary: ingest, event-time rollups, metrics API"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -128,7 +132,10 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
     rt.block_on(async {
         match cli.cmd {
             Cmd::Serve(a) => serve(a).await,
@@ -143,13 +150,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -169,7 +177,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
     }
     let server = Server::start(cfg.clone(), Clock::system())
         .await
-        .with_context(|| format!("starting server on {} with data dir {}", cfg.listen, cfg.data_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "starting server on {} with data dir {}",
+                cfg.listen,
+                cfg.data_dir.display()
+            )
+        })?;
     tracing::info!(addr = %server.addr, data_dir = %cfg.data_dir.display(), "tally is serving");
     let stop = server.stop_handle();
     tokio::spawn(async move {
@@ -177,28 +191,47 @@ async fn serve(a: ServeArgs) -> Result<()> {
         tracing::info!("shutting down: finishing in-flight requests and flushing");
         let _ = stop.send(true);
     });
-    server.wait().await.context("server stopped with an error")?;
+    server
+        .wait()
+        .await
+        .context("server stopped with an error")?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
 
 async fn demo(a: DemoArgs) -> Result<()> {
-    let cfg = Config { listen: a.listen.clone(), data_dir: a.data_dir.clone(), ..Config::default() };
-    let server = Server::start(cfg, Clock::system()).await.context("starting the demo server")?;
+    let cfg = Config {
+        listen: a.listen.clone(),
+        data_dir: a.data_dir.clone(),
+        ..Config::default()
+    };
+    let server = Server::start(cfg, Clock::system())
+        .await
+        .context("starting the demo server")?;
     let base = format!("http://{}", server.addr);
-    println!("Tally demo is running at {base} (data in {})", a.data_dir.display());
+    println!(
+        "Tally demo is running at {base} (data in {})",
+        a.data_dir.display()
+    );
     println!("  dashboard:  {base}/");
     println!("  metrics:    {base}/api/v1/metrics?metric=count&granularity=1m&group_by=event_type");
     println!("  p95:        {base}/api/v1/metrics?metric=p95:duration_ms&granularity=5m");
     println!("  dead letters: {base}/api/v1/dlq?kind=malformed");
     println!("  prometheus: {base}/metrics");
-    println!("  send your own: curl -XPOST {base}/api/v1/events -d '{{\"event_id\":\"1\",\"event_type\":\"click\",\"timestamp\":\"{}\"}}'",
-        tally_types::time::format_rfc3339(Clock::system().now_ms()));
+    println!(
+        "  send your own: curl -XPOST {base}/api/v1/events -d '{{\"event_id\":\"1\",\"event_type\":\"click\",\"timestamp\":\"{}\"}}'",
+        tally_types::time::format_rfc3339(Clock::system().now_ms())
+    );
     println!("Sending ~{} sample events/s. Ctrl-C stops.", a.rate);
     let url = format!("{base}/api/v1/events");
     let rate = a.rate.max(1);
     let traffic = tokio::spawn(async move {
-        let mut g = Generator::new(GenConfig { seed: 42, late: 0.002, malformed: 0.002, ..GenConfig::default() });
+        let mut g = Generator::new(GenConfig {
+            seed: 42,
+            late: 0.002,
+            malformed: 0.002,
+            ..GenConfig::default()
+        });
         let client = client();
         let stats = LoadStats::default();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -224,7 +257,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
 fn gen_config(a: &GenArgs) -> Result<GenConfig> {
     let start_ms = match &a.start {
         None => None,
-        Some(s) => Some(parse_time_param(s).map_err(|e| anyhow::anyhow!("--start {s:?}: {e}; use RFC 3339 or epoch ms"))?),
+        Some(s) => Some(
+            parse_time_param(s)
+                .map_err(|e| anyhow::anyhow!("--start {s:?}: {e}; use RFC 3339 or epoch ms"))?,
+        ),
     };
     Ok(GenConfig {
         seed: a.seed,
@@ -258,7 +294,8 @@ async fn gen_cmd(a: GenArgs) -> Result<()> {
             Box::new(std::io::BufWriter::new(std::io::stdout()))
         } else {
             Box::new(std::io::BufWriter::new(
-                std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+                std::fs::File::create(out)
+                    .with_context(|| format!("creating {}", out.display()))?,
             ))
         };
         let pb = progress(a.events, "generating");
@@ -272,7 +309,9 @@ async fn gen_cmd(a: GenArgs) -> Result<()> {
         pb.finish();
         return Ok(());
     }
-    let Some(base) = a.url.clone() else { bail!("give --out FILE or --url http://HOST:PORT") };
+    let Some(base) = a.url.clone() else {
+        bail!("give --out FILE or --url http://HOST:PORT")
+    };
     let url = format!("{}/api/v1/events", base.trim_end_matches('/'));
     let stats = Arc::new(LoadStats::default());
     let pb = progress(a.events, "sending");
@@ -401,7 +440,12 @@ fn free_port() -> Result<u16> {
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -435,23 +479,32 @@ async fn bench(a: BenchArgs) -> Result<()> {
     let c = client();
     let ready_by = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(r) = c.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                break;
-            }
+        if let Ok(r) = c.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            break;
         }
         if Instant::now() > ready_by {
             bail!("server at {base} not ready after 30 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("tally bench: {} s, {} connections, {} events/request, server {base}", a.duration, a.connections, a.batch);
-    let templates: Vec<Arc<Template>> = (0..8).map(|i| Arc::new(template(1000 + i, a.batch))).collect();
+    println!(
+        "tally bench: {} s, {} connections, {} events/request, server {base}",
+        a.duration, a.connections, a.batch
+    );
+    let templates: Vec<Arc<Template>> = (0..8)
+        .map(|i| Arc::new(template(1000 + i, a.batch)))
+        .collect();
     let url = format!("{base}/api/v1/events");
     let stats = Arc::new(LoadStats::default());
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.duration);
-    let per_conn_rate = if a.rate > 0 { a.rate as f64 / a.connections.max(1) as f64 } else { 0.0 };
+    let per_conn_rate = if a.rate > 0 {
+        a.rate as f64 / a.connections.max(1) as f64
+    } else {
+        0.0
+    };
     let mut senders = Vec::new();
     for conn in 0..a.connections.max(1) {
         let (url, stats, templates) = (url.clone(), stats.clone(), templates.clone());
@@ -506,8 +559,16 @@ async fn bench(a: BenchArgs) -> Result<()> {
         while Instant::now() < deadline {
             n += 1;
             let now = Clock::system().now_ms();
-            let body = format!("{{\"event_id\":\"probe-{t_start}-{n}\",\"event_type\":\"bench_probe\",\"timestamp\":{now}}}\n");
-            post_batch(&c, &format!("{probe_base}/api/v1/events"), body.into(), &stats).await?;
+            let body = format!(
+                "{{\"event_id\":\"probe-{t_start}-{n}\",\"event_type\":\"bench_probe\",\"timestamp\":{now}}}\n"
+            );
+            post_batch(
+                &c,
+                &format!("{probe_base}/api/v1/events"),
+                body.into(),
+                &stats,
+            )
+            .await?;
             let acked = Instant::now();
             let q = format!(
                 "{probe_base}/api/v1/metrics?metric=count&granularity=1d&event_type=bench_probe&start={}&end={}",
@@ -515,7 +576,8 @@ async fn bench(a: BenchArgs) -> Result<()> {
                 now + 86_400_000
             );
             loop {
-                let v: serde_json::Value = serde_json::from_str(&c.get(&q).send().await?.text().await?)?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&c.get(&q).send().await?.text().await?)?;
                 let seen: u64 = v["series"][0]["points"]
                     .as_array()
                     .map(|ps| ps.iter().filter_map(|p| p[1].as_u64()).sum())
@@ -534,12 +596,18 @@ async fn bench(a: BenchArgs) -> Result<()> {
         anyhow::Ok(h)
     });
     let pb = ProgressBar::new(a.duration);
-    pb.set_style(ProgressStyle::with_template("load [{elapsed_precise}] {wide_bar} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.set_style(
+        ProgressStyle::with_template("load [{elapsed_precise}] {wide_bar} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let el = started.elapsed().as_secs_f64();
         pb.set_position(el as u64);
-        pb.set_message(format!("{:.0} events/s", stats.accepted.load(Relaxed) as f64 / el));
+        pb.set_message(format!(
+            "{:.0} events/s",
+            stats.accepted.load(Relaxed) as f64 / el
+        ));
     }
     let mut ack = Histogram::<u64>::new(3)?;
     for s in senders {
@@ -551,10 +619,31 @@ async fn bench(a: BenchArgs) -> Result<()> {
     let fresh = prober.await??;
     let accepted = stats.accepted.load(Relaxed);
     println!("events accepted     {accepted} in {elapsed:.1} s");
-    println!("sustained ingest    {:.0} events/s (durable ack; {} requests, {} retries after 429/503)", accepted as f64 / elapsed, stats.batches.load(Relaxed), stats.retries.load(Relaxed));
-    println!("ack latency         p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms (per {}-event request)", ms(&ack, 0.5), ms(&ack, 0.99), ack.max() as f64 / 1000.0, a.batch);
-    println!("freshness           p50 {:.2} ms  p99 {:.2} ms  ({} probes, ack → visible in metrics API)", ms(&fresh, 0.5), ms(&fresh, 0.99), fresh.len());
-    println!("metrics query       p50 {:.2} ms  p99 {:.2} ms  ({} queries under load)", ms(&queries, 0.5), ms(&queries, 0.99), queries.len());
+    println!(
+        "sustained ingest    {:.0} events/s (durable ack; {} requests, {} retries after 429/503)",
+        accepted as f64 / elapsed,
+        stats.batches.load(Relaxed),
+        stats.retries.load(Relaxed)
+    );
+    println!(
+        "ack latency         p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms (per {}-event request)",
+        ms(&ack, 0.5),
+        ms(&ack, 0.99),
+        ack.max() as f64 / 1000.0,
+        a.batch
+    );
+    println!(
+        "freshness           p50 {:.2} ms  p99 {:.2} ms  ({} probes, ack → visible in metrics API)",
+        ms(&fresh, 0.5),
+        ms(&fresh, 0.99),
+        fresh.len()
+    );
+    println!(
+        "metrics query       p50 {:.2} ms  p99 {:.2} ms  ({} queries under load)",
+        ms(&queries, 0.5),
+        ms(&queries, 0.99),
+        queries.len()
+    );
     if let Some(ch) = &mut child {
         if let Some(kib) = peak_rss_kib(ch.id()) {
             println!("server peak RSS     {:.1} MiB", kib as f64 / 1024.0);

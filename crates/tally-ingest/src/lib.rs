@@ -32,7 +32,13 @@ pub enum Format {
 
 impl Format {
     pub fn from_content_type(ct: Option<&str>) -> Format {
-        match ct.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
+        match ct.map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        }) {
             Some(c) if c.contains("ndjson") || c.contains("jsonl") || c.contains("json-seq") => {
                 Format::Ndjson
             }
@@ -90,10 +96,11 @@ pub struct Parser {
     props: Vec<(Cow<'static, str>, &'static RawValue)>,
 }
 
-
 impl fmt::Debug for Parser {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Parser").field("partitions", &self.partitions).finish()
+        f.debug_struct("Parser")
+            .field("partitions", &self.partitions)
+            .finish()
     }
 }
 
@@ -124,7 +131,10 @@ fn clip_raw(s: &str) -> String {
 
 impl Parser {
     pub fn new(partitions: u32) -> Self {
-        Parser { partitions: partitions.max(1), props: Vec::new() }
+        Parser {
+            partitions: partitions.max(1),
+            props: Vec::new(),
+        }
     }
 
     pub fn parse(
@@ -139,11 +149,16 @@ impl Parser {
         let mut out = Parsed::default();
         let mut slots: Vec<Option<BatchWriter>> = (0..self.partitions).map(|_| None).collect();
         let size_hint = body.len() / self.partitions as usize + 64;
-        let mut sink = Sink { slots: &mut slots, size_hint, out: &mut out, parts: self.partitions };
+        let mut sink = Sink {
+            slots: &mut slots,
+            size_hint,
+            out: &mut out,
+            parts: self.partitions,
+        };
         match (format, first) {
             (Format::Json, b'[') => {
-                let items: Vec<&RawValue> = serde_json::from_slice(body)
-                    .map_err(|e| BodyError::NotJson(e.to_string()))?;
+                let items: Vec<&RawValue> =
+                    serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
                 for (i, raw) in items.into_iter().enumerate() {
                     self.one(i, raw.get(), tenancy, &mut sink);
                 }
@@ -173,8 +188,11 @@ impl Parser {
                 }
             }
         }
-        out.partitions =
-            slots.into_iter().enumerate().filter_map(|(p, w)| Some((p as u32, w?))).collect();
+        out.partitions = slots
+            .into_iter()
+            .enumerate()
+            .filter_map(|(p, w)| Some((p as u32, w?)))
+            .collect();
         Ok(out)
     }
 
@@ -201,7 +219,10 @@ impl Parser {
 
     fn one(&mut self, index: usize, raw: &str, tenancy: Tenancy<'_>, sink: &mut Sink<'_>) {
         if !raw.starts_with('{') {
-            let msg = format!("event: must be a JSON object, got {}", json_kind(raw.as_bytes()[0]));
+            let msg = format!(
+                "event: must be a JSON object, got {}",
+                json_kind(raw.as_bytes()[0])
+            );
             sink.reject(index, msg, None, tenancy, raw);
             return;
         }
@@ -219,7 +240,9 @@ impl Parser {
 /// (in-place collect of an empty iterator keeps the buffer).
 fn recycle<'a, 'b>(mut v: Vec<(Cow<'a, str>, &'a RawValue)>) -> Vec<(Cow<'b, str>, &'b RawValue)> {
     v.clear();
-    v.into_iter().map(|_| unreachable!("the vector was just cleared")).collect()
+    v.into_iter()
+        .map(|_| unreachable!("the vector was just cleared"))
+        .collect()
 }
 
 fn json_kind(first: u8) -> &'static str {
@@ -242,8 +265,15 @@ struct Sink<'s> {
 
 impl Sink<'_> {
     fn accept(&mut self, ev: &Valid<'_>, props: &[(Cow<'_, str>, &RawValue)]) {
-        let p = partition_of(&ev.tenant, ev.session_id.as_deref(), ev.user_id.as_deref(), &ev.event_id, self.parts);
-        let w = self.slots[p as usize].get_or_insert_with(|| BatchWriter::with_capacity(self.size_hint));
+        let p = partition_of(
+            &ev.tenant,
+            ev.session_id.as_deref(),
+            ev.user_id.as_deref(),
+            &ev.event_id,
+            self.parts,
+        );
+        let w = self.slots[p as usize]
+            .get_or_insert_with(|| BatchWriter::with_capacity(self.size_hint));
         let at = w.begin_event(
             &ev.tenant,
             &ev.event_id,
@@ -270,10 +300,19 @@ impl Sink<'_> {
     ) {
         let tenant = match tenancy {
             Tenancy::Keyed(t) => t.to_string(),
-            Tenancy::Open => event_tenant.filter(|t| valid_tenant(t)).unwrap_or(DEFAULT_TENANT).to_string(),
+            Tenancy::Open => event_tenant
+                .filter(|t| valid_tenant(t))
+                .unwrap_or(DEFAULT_TENANT)
+                .to_string(),
         };
         let is_object = raw.starts_with('{') && serde_json::from_str::<&RawValue>(raw).is_ok();
-        self.out.rejected.push(Rejection { index, error, tenant, raw: clip_raw(raw), is_object });
+        self.out.rejected.push(Rejection {
+            index,
+            error,
+            tenant,
+            raw: clip_raw(raw),
+            is_object,
+        });
     }
 }
 
@@ -293,10 +332,10 @@ fn prop_value<'a>(raw: &'a str, scratch: &'a mut String) -> PropValue<'a> {
         },
         Some(b'{' | b'[') => PropValue::Json(raw),
         Some(_) => {
-            if !raw.contains(['.', 'e', 'E']) {
-                if let Ok(i) = raw.parse::<i64>() {
-                    return PropValue::Int(i);
-                }
+            if !raw.contains(['.', 'e', 'E'])
+                && let Ok(i) = raw.parse::<i64>()
+            {
+                return PropValue::Int(i);
             }
             match raw.parse::<f64>() {
                 Ok(f) if f.is_finite() => PropValue::Float(f),
@@ -399,13 +438,18 @@ fn as_string(raw: &RawValue) -> Option<Cow<'_, str>> {
 
 fn char_len_ok(s: &str, min: usize, max: usize) -> bool {
     // Byte length bounds character length from above and (×4) from below.
-    let n = if s.len() <= max { s.chars().count() } else { s.chars().take(max + 1).count() };
+    let n = if s.len() <= max {
+        s.chars().count()
+    } else {
+        s.chars().take(max + 1).count()
+    };
     (min..=max).contains(&n)
 }
 
 fn valid_event_type(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
 }
 
 fn parse_timestamp(raw: &RawValue) -> Result<Millis, String> {
@@ -413,12 +457,16 @@ fn parse_timestamp(raw: &RawValue) -> Result<Millis, String> {
     let s = raw.get();
     match s.as_bytes()[0] {
         b'"' => {
-            let Some(text) = as_string(raw) else { return Err(MSG.into()) };
+            let Some(text) = as_string(raw) else {
+                return Err(MSG.into());
+            };
             let t = text.trim();
             if !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit()) {
                 return match t.parse::<i64>() {
                     Ok(v) if v <= MAX_TS => Ok(v),
-                    _ => Err(format!("timestamp: {t} is out of range (epoch ms up to year 9999)")),
+                    _ => Err(format!(
+                        "timestamp: {t} is out of range (epoch ms up to year 9999)"
+                    )),
                 };
             }
             time::parse_rfc3339(t).map_err(|e| match e {
@@ -436,7 +484,9 @@ fn parse_timestamp(raw: &RawValue) -> Result<Millis, String> {
                 s.parse::<i64>().map_err(|_| format!("{MSG}: got {s}"))?
             };
             if !(0..=MAX_TS).contains(&v) {
-                return Err(format!("timestamp: {v} is out of range (epoch ms from 1970 to year 9999)"));
+                return Err(format!(
+                    "timestamp: {v} is out of range (epoch ms from 1970 to year 9999)"
+                ));
             }
             Ok(v)
         }
@@ -462,7 +512,9 @@ fn opt_id<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Option<Cow<'a, s
         return Ok(None);
     }
     let Some(s) = as_string(raw) else {
-        return Err(format!("{field}: must be a string of at most 128 characters"));
+        return Err(format!(
+            "{field}: must be a string of at most 128 characters"
+        ));
     };
     if s.is_empty() {
         return Ok(None);
@@ -536,7 +588,10 @@ fn validate<'a>(
                 )));
             }
             None => {
-                return Err(err(format!("event_type: must be a string, got {}", shorten(r.get()))));
+                return Err(err(format!(
+                    "event_type: must be a string, got {}",
+                    shorten(r.get())
+                )));
             }
         },
     };
@@ -574,7 +629,14 @@ fn validate<'a>(
             }
         }
     }
-    Ok(Valid { tenant, event_id, event_type, ts, user_id, session_id })
+    Ok(Valid {
+        tenant,
+        event_id,
+        event_type,
+        ts,
+        user_id,
+        session_id,
+    })
 }
 
 #[cfg(test)]

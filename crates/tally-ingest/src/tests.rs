@@ -25,14 +25,21 @@ fn single_object_array_and_ndjson() {
     let p = parse_body(arr, Format::Json, Tenancy::Open, 4).unwrap();
     assert_eq!((p.accepted, p.rejected.len()), (2, 0));
     let evs = events(&p);
-    assert!(evs.iter().any(|e| e.contains(r#""duration_ms":120"#) && e.contains(r#""nested":{"a":[1,2]}"#)));
+    assert!(
+        evs.iter()
+            .any(|e| e.contains(r#""duration_ms":120"#) && e.contains(r#""nested":{"a":[1,2]}"#))
+    );
 
     let nd = b"{\"event_id\":\"a\",\"event_type\":\"x\",\"timestamp\":1}\n\nnot json\n{\"event_id\":\"b\",\"event_type\":\"x\",\"timestamp\":2}\n";
     let p = parse_body(nd, Format::Ndjson, Tenancy::Open, 4).unwrap();
     assert_eq!(p.accepted, 2);
     assert_eq!(p.rejected.len(), 1);
     assert_eq!(p.rejected[0].index, 2);
-    assert!(p.rejected[0].error.starts_with("json: "), "{}", p.rejected[0].error);
+    assert!(
+        p.rejected[0].error.starts_with("json: "),
+        "{}",
+        p.rejected[0].error
+    );
     // NDJSON without the content type is recognised.
     let p = parse_body(nd, Format::Json, Tenancy::Open, 4).unwrap();
     assert_eq!(p.accepted, 2);
@@ -56,7 +63,11 @@ fn rejections_name_the_field() {
     ]"#;
     let p = parse_body(arr, Format::Json, Tenancy::Open, 2).unwrap();
     assert_eq!(p.accepted, 1);
-    let errs: Vec<(usize, &str)> = p.rejected.iter().map(|r| (r.index, r.error.as_str())).collect();
+    let errs: Vec<(usize, &str)> = p
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.error.as_str()))
+        .collect();
     let prefixes = [
         (0, "event_id:"),
         (1, "event_id:"),
@@ -93,11 +104,26 @@ fn keyed_mode_forbids_other_tenants() {
 
 #[test]
 fn whole_body_errors() {
-    assert_eq!(parse_body(b"  ", Format::Json, Tenancy::Open, 1).unwrap_err(), BodyError::Empty);
-    assert!(matches!(parse_body(b"hello", Format::Json, Tenancy::Open, 1), Err(BodyError::NotJson(_))));
-    assert!(matches!(parse_body(b"[1,2", Format::Json, Tenancy::Open, 1), Err(BodyError::NotJson(_))));
-    assert!(matches!(parse_body(b"42", Format::Json, Tenancy::Open, 1), Err(BodyError::WrongShape(_))));
-    assert!(matches!(parse_body(b"garbage\nmore", Format::Ndjson, Tenancy::Open, 1), Err(BodyError::NotJson(_))));
+    assert_eq!(
+        parse_body(b"  ", Format::Json, Tenancy::Open, 1).unwrap_err(),
+        BodyError::Empty
+    );
+    assert!(matches!(
+        parse_body(b"hello", Format::Json, Tenancy::Open, 1),
+        Err(BodyError::NotJson(_))
+    ));
+    assert!(matches!(
+        parse_body(b"[1,2", Format::Json, Tenancy::Open, 1),
+        Err(BodyError::NotJson(_))
+    ));
+    assert!(matches!(
+        parse_body(b"42", Format::Json, Tenancy::Open, 1),
+        Err(BodyError::WrongShape(_))
+    ));
+    assert!(matches!(
+        parse_body(b"garbage\nmore", Format::Ndjson, Tenancy::Open, 1),
+        Err(BodyError::NotJson(_))
+    ));
     let p = parse_body(b"[]", Format::Json, Tenancy::Open, 1).unwrap();
     assert_eq!((p.accepted, p.rejected.len()), (0, 0));
 }

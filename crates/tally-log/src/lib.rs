@@ -40,7 +40,11 @@ pub enum Error {
     #[error("log I/O error on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("corrupt record in partition {partition} at offset {offset}: {what}")]
-    Corrupt { partition: u32, offset: u64, what: &'static str },
+    Corrupt {
+        partition: u32,
+        offset: u64,
+        what: &'static str,
+    },
     #[error("record of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     TooLarge(usize),
     #[error("no such partition {0}")]
@@ -50,7 +54,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Settings of the embedded log.
@@ -148,8 +155,14 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(base) = name.strip_suffix(".seg").and_then(|b| b.parse::<u64>().ok()) {
-            segs.push(Segment { base, path: entry.path() });
+        if let Some(base) = name
+            .strip_suffix(".seg")
+            .and_then(|b| b.parse::<u64>().ok())
+        {
+            segs.push(Segment {
+                base,
+                path: entry.path(),
+            });
         }
     }
     segs.sort_by_key(|s| s.base);
@@ -157,7 +170,9 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// Decodes the record header at the start of `buf`: (payload len, crc, lsn, append_ms).
@@ -242,7 +257,10 @@ impl Log {
             let active = match segs.pop() {
                 Some(s) => s,
                 None => {
-                    let s = Segment { base: 0, path: segment_path(&dir, 0) };
+                    let s = Segment {
+                        base: 0,
+                        path: segment_path(&dir, 0),
+                    };
                     File::create(&s.path).map_err(io_err(&s.path))?;
                     sync_dir(&dir)?;
                     s
@@ -296,18 +314,28 @@ impl Log {
     }
 
     /// Buffers one record; returns its offset. Durable only after [`Log::sync`].
-    pub fn append(&mut self, partition: u32, lsn: u64, append_ms: i64, payload: &[u8]) -> Result<u64> {
+    pub fn append(
+        &mut self,
+        partition: u32,
+        lsn: u64,
+        append_ms: i64,
+        payload: &[u8],
+    ) -> Result<u64> {
         if payload.len() > MAX_PAYLOAD {
             return Err(Error::TooLarge(payload.len()));
         }
         let seg_bytes = self.cfg.segment_bytes;
-        let p = self.parts.get_mut(partition as usize).ok_or(Error::NoPartition(partition))?;
+        let p = self
+            .parts
+            .get_mut(partition as usize)
+            .ok_or(Error::NoPartition(partition))?;
         if p.active_len > 0 && p.active_len + (HEADER_LEN + payload.len()) as u64 > seg_bytes {
             Self::roll(p, self.cfg.fsync)?;
         }
         let offset = p.end_offset();
         let crc = checksum(lsn, append_ms, payload);
-        p.pending.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        p.pending
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
         p.pending.extend_from_slice(&crc.to_le_bytes());
         p.pending.extend_from_slice(&lsn.to_le_bytes());
         p.pending.extend_from_slice(&append_ms.to_le_bytes());
@@ -327,7 +355,10 @@ impl Log {
                 let _ = p.file.seek(SeekFrom::End(0));
                 p.active_len = durable;
                 p.pending.clear();
-                return Err(Error::Io { path: p.active.path.clone(), source: e });
+                return Err(Error::Io {
+                    path: p.active.path.clone(),
+                    source: e,
+                });
             }
             p.pending.clear();
         }
@@ -412,8 +443,7 @@ impl Log {
     pub fn enforce_retention(&mut self, now_ms: i64) -> Result<RetentionReport> {
         let mut report = RetentionReport::default();
         for p in &mut self.parts {
-            loop {
-                let Some(oldest) = p.closed.first() else { break };
+            while let Some(oldest) = p.closed.first() {
                 let next_base = p.closed.get(1).map_or(p.active.base, |s| s.base);
                 let seg_len = next_base - oldest.base;
                 let total = p.end_offset() - oldest.base;
@@ -457,19 +487,33 @@ impl PartitionReader {
     /// (an earlier offset than the oldest segment starts at the oldest).
     pub fn open(dir: &Path, partition: u32, from: u64, end: u64) -> Result<Self> {
         let pdir = dir.join(format!("p{partition:03}"));
-        let segments = if pdir.exists() { list_segments(&pdir)? } else { Vec::new() };
+        let segments = if pdir.exists() {
+            list_segments(&pdir)?
+        } else {
+            Vec::new()
+        };
         let seg_idx = segments.iter().rposition(|s| s.base <= from).unwrap_or(0);
         let pos = segments.get(seg_idx).map_or(from, |s| s.base.max(from));
-        let mut r = PartitionReader { partition, segments, seg_idx, reader: None, pos, end };
+        let mut r = PartitionReader {
+            partition,
+            segments,
+            seg_idx,
+            reader: None,
+            pos,
+            end,
+        };
         r.open_current()?;
         Ok(r)
     }
 
     fn open_current(&mut self) -> Result<()> {
         self.reader = None;
-        let Some(seg) = self.segments.get(self.seg_idx) else { return Ok(()) };
+        let Some(seg) = self.segments.get(self.seg_idx) else {
+            return Ok(());
+        };
         let mut f = File::open(&seg.path).map_err(io_err(&seg.path))?;
-        f.seek(SeekFrom::Start(self.pos - seg.base)).map_err(io_err(&seg.path))?;
+        f.seek(SeekFrom::Start(self.pos - seg.base))
+            .map_err(io_err(&seg.path))?;
         self.reader = Some(BufReader::with_capacity(1 << 20, f));
         Ok(())
     }
@@ -515,7 +559,11 @@ impl PartitionReader {
             }
             let offset = self.pos;
             let corrupt = |r: &mut Self, what| {
-                let e = Error::Corrupt { partition: r.partition, offset, what };
+                let e = Error::Corrupt {
+                    partition: r.partition,
+                    offset,
+                    what,
+                };
                 if let Err(e2) = r.next_segment() {
                     tracing::warn!(error = %e2, "log reader: cannot open next segment");
                 }
@@ -538,7 +586,13 @@ impl PartitionReader {
                 return corrupt(self, "checksum mismatch");
             }
             self.pos += (HEADER_LEN + len) as u64;
-            return Some(Ok(Record { partition: self.partition, offset, lsn, append_ms, payload }));
+            return Some(Ok(Record {
+                partition: self.partition,
+                offset,
+                lsn,
+                append_ms,
+                payload,
+            }));
         }
     }
 }
@@ -559,7 +613,11 @@ impl MergedReader {
             readers.push(PartitionReader::open(dir, p as u32, f, e)?);
         }
         let heads = readers.iter().map(|_| None).collect();
-        let mut m = MergedReader { readers, heads, errors: Vec::new() };
+        let mut m = MergedReader {
+            readers,
+            heads,
+            errors: Vec::new(),
+        };
         for i in 0..m.readers.len() {
             m.fill(i);
         }

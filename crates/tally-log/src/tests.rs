@@ -14,7 +14,13 @@ fn append_sync_reopen_read_in_lsn_order() {
     let (mut log, rep) = Log::open(cfg.clone()).unwrap();
     assert_eq!(rep.next_lsn, 0);
     for lsn in 0..30u64 {
-        log.append((lsn * 7 % 3) as u32, lsn, 1000 + lsn as i64, format!("r{lsn}").as_bytes()).unwrap();
+        log.append(
+            (lsn * 7 % 3) as u32,
+            lsn,
+            1000 + lsn as i64,
+            format!("r{lsn}").as_bytes(),
+        )
+        .unwrap();
         if lsn % 4 == 0 {
             log.sync().unwrap();
         }
@@ -25,7 +31,10 @@ fn append_sync_reopen_read_in_lsn_order() {
     assert_eq!(rep.next_lsn, 30);
     assert!(rep.truncated.is_empty());
     let recs = read_all(tmp.path(), 3);
-    assert_eq!(recs.iter().map(|r| r.lsn).collect::<Vec<_>>(), (0..30).collect::<Vec<_>>());
+    assert_eq!(
+        recs.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+        (0..30).collect::<Vec<_>>()
+    );
     assert_eq!(recs[5].payload, b"r5");
     assert_eq!(recs[5].append_ms, 1005);
 }
@@ -98,7 +107,14 @@ fn bit_flip_in_closed_segment_is_reported_not_fatal() {
     let mut m = MergedReader::open(tmp.path(), &[0], &[u64::MAX]).unwrap();
     let recs: Vec<Record> = m.by_ref().collect();
     assert!(recs.len() < 10 && !recs.is_empty());
-    assert!(matches!(m.errors[0], Error::Corrupt { partition: 0, offset: 0, .. }));
+    assert!(matches!(
+        m.errors[0],
+        Error::Corrupt {
+            partition: 0,
+            offset: 0,
+            ..
+        }
+    ));
 }
 
 proptest! {

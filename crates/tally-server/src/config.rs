@@ -11,11 +11,18 @@ use tally_types::time::{Millis, parse_duration_ms};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config: {0}")]
     Parse(String),
     #[error("config: {key} = {value:?}: {fix}")]
-    Invalid { key: &'static str, value: String, fix: &'static str },
+    Invalid {
+        key: &'static str,
+        value: String,
+        fix: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,7 +96,11 @@ impl Default for Config {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_body_bytes: 16 << 20, max_inflight_bytes: 512 << 20, queue_depth: 4096 }
+        IngestConfig {
+            max_body_bytes: 16 << 20,
+            max_inflight_bytes: 512 << 20,
+            queue_depth: 4096,
+        }
     }
 }
 
@@ -143,16 +154,23 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
-                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?
             }
             None => toml::Table::new(),
         };
         for (k, v) in std::env::vars() {
-            let Some(path) = k.strip_prefix("TALLY__") else { continue };
-            let keys: Vec<String> =
-                path.split("__").map(|s| s.to_ascii_lowercase().replace('_', "-")).collect();
+            let Some(path) = k.strip_prefix("TALLY__") else {
+                continue;
+            };
+            let keys: Vec<String> = path
+                .split("__")
+                .map(|s| s.to_ascii_lowercase().replace('_', "-"))
+                .collect();
             let value = format!("x = {v}")
                 .parse::<toml::Table>()
                 .ok()
@@ -160,7 +178,9 @@ impl Config {
                 .unwrap_or(toml::Value::String(v.clone()));
             let mut t = &mut table;
             for seg in &keys[..keys.len() - 1] {
-                let entry = t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+                let entry = t
+                    .entry(seg.clone())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
                 let Some(next) = entry.as_table_mut() else {
                     return Err(ConfigError::Parse(format!("{k}: {seg} is not a section")));
                 };
@@ -194,7 +214,10 @@ impl Config {
             retention_ms: duration("log.retention", &self.log.retention)?,
             watermark_bound_ms: duration("stream.watermark-bound", &self.stream.watermark_bound)?,
             idle_timeout_ms: duration("stream.idle-timeout", &self.stream.idle_timeout)?,
-            allowed_lateness_ms: duration("stream.allowed-lateness", &self.stream.allowed_lateness)?,
+            allowed_lateness_ms: duration(
+                "stream.allowed-lateness",
+                &self.stream.allowed_lateness,
+            )?,
         })
     }
 }

@@ -52,7 +52,8 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (status, axum::Json(json!({ "error": msg }))).into_response();
         if let Some(r) = retry {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(r));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(r));
         }
         resp
     }
@@ -106,12 +107,19 @@ async fn prometheus(State(s): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn ingest(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn ingest(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let tel = &s.shared.telemetry;
     tel.requests.fetch_add(1, Relaxed);
     if !s.shared.ready.load(Relaxed) {
-        return Err(ApiError::Unavailable("not ready: recovering or shutting down; retry".into(), 1));
+        return Err(ApiError::Unavailable(
+            "not ready: recovering or shutting down; retry".into(),
+            1,
+        ));
     }
     let too_large = || {
         ApiError::TooLarge(format!(
@@ -119,13 +127,17 @@ async fn ingest(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Re
             s.max_body
         ))
     };
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
-        if len > s.max_body {
-            return Err(too_large());
-        }
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && len > s.max_body
+    {
+        return Err(too_large());
     }
     let body: Bytes = axum::body::to_bytes(body, s.max_body).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|src| src.is::<http_body_util::LengthLimitError>()) {
+        if std::error::Error::source(&e)
+            .is_some_and(|src| src.is::<http_body_util::LengthLimitError>())
+        {
             too_large()
         } else {
             ApiError::BadRequest(format!("cannot read body: {e}"))
@@ -138,10 +150,16 @@ async fn ingest(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Re
     if inflight as usize + body.len() > s.max_inflight {
         release(body.len());
         tel.requests_overloaded.fetch_add(1, Relaxed);
-        return Err(ApiError::Unavailable("overloaded: too much data waiting for the disk; retry".into(), 1));
+        return Err(ApiError::Unavailable(
+            "overloaded: too much data waiting for the disk; retry".into(),
+            1,
+        ));
     }
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let parsed = Parser::new(s.partitions).parse(&body, Format::from_content_type(ct), Tenancy::Open);
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let parsed =
+        Parser::new(s.partitions).parse(&body, Format::from_content_type(ct), Tenancy::Open);
     let parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
@@ -154,8 +172,11 @@ async fn ingest(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Re
         }
     };
     let now = s.shared.clock.now_ms();
-    let errors: Vec<Json> =
-        parsed.rejected.iter().map(|r| json!({ "index": r.index, "error": r.error })).collect();
+    let errors: Vec<Json> = parsed
+        .rejected
+        .iter()
+        .map(|r| json!({ "index": r.index, "error": r.error }))
+        .collect();
     let malformed: Vec<DlqEntry> = parsed
         .rejected
         .into_iter()
@@ -164,27 +185,47 @@ async fn ingest(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Re
             tenant: r.tenant,
             reason: r.error,
             received_at: now,
-            body: if r.is_object { DlqBody::Event(r.raw) } else { DlqBody::Raw(r.raw) },
+            body: if r.is_object {
+                DlqBody::Event(r.raw)
+            } else {
+                DlqBody::Raw(r.raw)
+            },
         })
         .collect();
     let accepted = parsed.accepted;
     let rejected = malformed.len();
-    let parts: Vec<(u32, Vec<u8>)> = parsed.partitions.into_iter().map(|(p, w)| (p, w.finish())).collect();
+    let parts: Vec<(u32, Vec<u8>)> = parsed
+        .partitions
+        .into_iter()
+        .map(|(p, w)| (p, w.finish()))
+        .collect();
     if !parts.is_empty() || !malformed.is_empty() {
         let (done, wait) = oneshot::channel();
-        let req = WriteReq { parts, malformed, bytes: body.len(), done };
+        let req = WriteReq {
+            parts,
+            malformed,
+            bytes: body.len(),
+            done,
+        };
         if s.tx.try_send(req).is_err() {
             release(body.len());
             tel.requests_overloaded.fetch_add(1, Relaxed);
-            tel.events_dropped_overload.fetch_add((accepted + rejected) as u64, Relaxed);
-            return Err(ApiError::Unavailable("overloaded: the log writer queue is full; retry".into(), 1));
+            tel.events_dropped_overload
+                .fetch_add((accepted + rejected) as u64, Relaxed);
+            return Err(ApiError::Unavailable(
+                "overloaded: the log writer queue is full; retry".into(),
+                1,
+            ));
         }
         match wait.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tel.events_dropped_overload.fetch_add((accepted + rejected) as u64, Relaxed);
+                tel.events_dropped_overload
+                    .fetch_add((accepted + rejected) as u64, Relaxed);
                 return Err(ApiError::Unavailable(
-                    format!("storage error, nothing from this request was acknowledged: {e}; retry"),
+                    format!(
+                        "storage error, nothing from this request was acknowledged: {e}; retry"
+                    ),
                     5,
                 ));
             }
@@ -197,8 +238,12 @@ async fn ingest(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Re
     }
     tel.events_accepted.fetch_add(accepted as u64, Relaxed);
     tel.events_rejected.fetch_add(rejected as u64, Relaxed);
-    tel.ack_latency.observe_us(started.elapsed().as_micros() as u64);
-    Ok(axum::Json(json!({ "accepted": accepted, "rejected": rejected, "errors": errors })).into_response())
+    tel.ack_latency
+        .observe_us(started.elapsed().as_micros() as u64);
+    Ok(
+        axum::Json(json!({ "accepted": accepted, "rejected": rejected, "errors": errors }))
+            .into_response(),
+    )
 }
 
 /// Query-string pairs, percent-decoded, repeated keys kept.
@@ -209,13 +254,19 @@ fn query_pairs(q: &Option<String>) -> Vec<(String, String)> {
 }
 
 fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 fn tenant_param(pairs: &[(String, String)]) -> Result<String, ApiError> {
     let t = one(pairs, "tenant").unwrap_or(DEFAULT_TENANT);
     if !valid_tenant(t) {
-        return Err(ApiError::BadRequest(format!("tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]")));
+        return Err(ApiError::BadRequest(format!(
+            "tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]"
+        )));
     }
     Ok(t.to_string())
 }
@@ -224,7 +275,9 @@ fn time_param(pairs: &[(String, String)], key: &'static str) -> Result<Option<i6
     match one(pairs, key) {
         None | Some("") => Ok(None),
         Some(v) => parse_time_param(v).map(Some).map_err(|e| {
-            ApiError::BadRequest(format!("{key}: {v:?} is {e}; use RFC 3339 (2026-11-01T12:00:00Z) or epoch ms"))
+            ApiError::BadRequest(format!(
+                "{key}: {v:?} is {e}; use RFC 3339 (2026-11-01T12:00:00Z) or epoch ms"
+            ))
         }),
     }
 }
@@ -252,13 +305,20 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
     let event_types: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| k == "event_type")
-        .flat_map(|(_, v)| v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from))
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+        })
         .collect();
     let group_by = match one(&pairs, "group_by") {
         None | Some("") => false,
         Some("event_type") => true,
         Some(other) => {
-            return Err(ApiError::BadRequest(format!("group_by: {other:?} is not supported; use group_by=event_type")));
+            return Err(ApiError::BadRequest(format!(
+                "group_by: {other:?} is not supported; use group_by=event_type"
+            )));
         }
     };
     let query = MetricQuery {
@@ -270,7 +330,12 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
         event_types,
         group_by_event_type: group_by,
     };
-    let series = s.shared.store.read().query(&query).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let series = s
+        .shared
+        .store
+        .read()
+        .query(&query)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let series: Vec<Json> = series
         .into_iter()
         .map(|ser| {
@@ -278,21 +343,28 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
                 Some(t) => json!({ "event_type": t }),
                 None => json!({}),
             };
-            let points: Vec<Json> =
-                ser.points.into_iter().map(|(t, v)| json!([format_rfc3339(t), number(v)])).collect();
+            let points: Vec<Json> = ser
+                .points
+                .into_iter()
+                .map(|(t, v)| json!([format_rfc3339(t), number(v)]))
+                .collect();
             json!({ "labels": labels, "points": points })
         })
         .collect();
     let body = json!({ "metric": metric_s, "granularity": granularity.as_str(), "series": series });
-    s.shared.telemetry.query_latency.observe_us(started.elapsed().as_micros() as u64);
+    s.shared
+        .telemetry
+        .query_latency
+        .observe_us(started.elapsed().as_micros() as u64);
     Ok(axum::Json(body).into_response())
 }
 
 async fn dlq(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
     let kind_s = one(&pairs, "kind").unwrap_or("malformed");
-    let kind = DlqKind::parse(kind_s)
-        .ok_or_else(|| ApiError::BadRequest(format!("kind: {kind_s:?} is not malformed or late")))?;
+    let kind = DlqKind::parse(kind_s).ok_or_else(|| {
+        ApiError::BadRequest(format!("kind: {kind_s:?} is not malformed or late"))
+    })?;
     let limit = match one(&pairs, "limit") {
         None => 100,
         Some(l) => l.parse::<usize>().map_err(|_| {

@@ -17,8 +17,13 @@ use tally_types::Clock;
 pub enum ServerError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
-    #[error("cannot listen on {addr}: {source} (is another server running there? pick another with --listen)")]
-    Bind { addr: String, source: std::io::Error },
+    #[error(
+        "cannot listen on {addr}: {source} (is another server running there? pick another with --listen)"
+    )]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -36,7 +41,10 @@ impl Server {
     pub async fn start(cfg: Config, clock: Clock) -> Result<Server, ServerError> {
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
-            .map_err(|source| ServerError::Bind { addr: cfg.listen.clone(), source })?;
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen.clone(),
+                source,
+            })?;
         let addr = listener.local_addr().map_err(ServerError::Serve)?;
         let cfg2 = cfg.clone();
         let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(&cfg2, clock))
@@ -59,22 +67,35 @@ impl Server {
                 })
                 .await;
             // In-flight requests are finished; now drain the writer and processor.
-            tokio::task::spawn_blocking(move || pipeline.shutdown()).await.ok();
+            tokio::task::spawn_blocking(move || pipeline.shutdown())
+                .await
+                .ok();
             r.map_err(ServerError::Serve)
         });
-        Ok(Server { addr, shared, stop, task })
+        Ok(Server {
+            addr,
+            shared,
+            stop,
+            task,
+        })
     }
 
     /// Stops accepting connections, finishes in-flight requests, flushes the log.
     pub async fn stop(self) -> Result<(), ServerError> {
-        self.shared.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = self.stop.send(true);
-        self.task.await.map_err(|e| ServerError::Serve(std::io::Error::other(e)))?
+        self.task
+            .await
+            .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?
     }
 
     /// Serves until the task ends on its own (it does not unless stopped).
     pub async fn wait(self) -> Result<(), ServerError> {
-        self.task.await.map_err(|e| ServerError::Serve(std::io::Error::other(e)))?
+        self.task
+            .await
+            .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?
     }
 
     pub fn stop_handle(&self) -> tokio::sync::watch::Sender<bool> {

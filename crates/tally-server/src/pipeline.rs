@@ -35,7 +35,11 @@ pub enum PipelineError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
 }
@@ -95,21 +99,30 @@ const DLQ_ROTATE_BYTES: u64 = 64 << 20;
 
 impl DlqFile {
     fn open(dir: &Path) -> Result<Self, PipelineError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| PipelineError::Io { what: "create", path: dir.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| PipelineError::Io {
+            what: "create",
+            path: dir.into(),
+            source,
+        })?;
         let path = dir.join("malformed.ndjson");
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| PipelineError::Io { what: "open", path: path.clone(), source })?;
+            .map_err(|source| PipelineError::Io {
+                what: "open",
+                path: path.clone(),
+                source,
+            })?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(DlqFile { path, file, len })
     }
 
     fn load(dir: &Path, dlq: &mut Dlq) {
         for name in ["malformed.ndjson.old", "malformed.ndjson"] {
-            let Ok(f) = File::open(dir.join(name)) else { continue };
+            let Ok(f) = File::open(dir.join(name)) else {
+                continue;
+            };
             for line in BufReader::new(f).lines().map_while(Result::ok) {
                 if let Some(e) = entry_from_json(&line) {
                     dlq.push(e);
@@ -133,7 +146,10 @@ impl DlqFile {
         if self.len > DLQ_ROTATE_BYTES {
             let old = self.path.with_extension("ndjson.old");
             std::fs::rename(&self.path, old)?;
-            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
             self.len = 0;
         }
         Ok(())
@@ -146,10 +162,14 @@ pub fn entry_to_json(e: &DlqEntry) -> serde_json::Value {
     m.insert("kind".into(), e.kind.as_str().into());
     m.insert("tenant".into(), e.tenant.clone().into());
     m.insert("reason".into(), e.reason.clone().into());
-    m.insert("received_at".into(), tally_types::time::format_rfc3339(e.received_at).into());
+    m.insert(
+        "received_at".into(),
+        tally_types::time::format_rfc3339(e.received_at).into(),
+    );
     match &e.body {
         DlqBody::Event(j) => {
-            let v = serde_json::from_str(j).unwrap_or_else(|_| serde_json::Value::String(j.clone()));
+            let v =
+                serde_json::from_str(j).unwrap_or_else(|_| serde_json::Value::String(j.clone()));
             m.insert("event".into(), v);
         }
         DlqBody::Raw(r) => {
@@ -162,8 +182,7 @@ pub fn entry_to_json(e: &DlqEntry) -> serde_json::Value {
 fn entry_from_json(line: &str) -> Option<DlqEntry> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let kind = DlqKind::parse(v.get("kind")?.as_str()?)?;
-    let received_at =
-        tally_types::time::parse_rfc3339(v.get("received_at")?.as_str()?).ok()?;
+    let received_at = tally_types::time::parse_rfc3339(v.get("received_at")?.as_str()?).ok()?;
     let body = match (v.get("event"), v.get("raw")) {
         (Some(ev), _) => DlqBody::Event(ev.to_string()),
         (None, Some(r)) => DlqBody::Raw(r.as_str()?.to_string()),
@@ -261,7 +280,12 @@ impl Pipeline {
             .spawn(move || processor_loop(processor, prx, sh))
             .map_err(PipelineError::Thread)?;
         shared.ready.store(true, Relaxed);
-        Ok(Pipeline { shared, tx, writer: Some(writer), processor: Some(proc_thread) })
+        Ok(Pipeline {
+            shared,
+            tx,
+            writer: Some(writer),
+            processor: Some(proc_thread),
+        })
     }
 
     /// Stops accepting writes, lets the writer and processor drain, joins them.
@@ -313,7 +337,13 @@ fn writer_loop(
             for (p, payload) in req.parts.drain(..) {
                 match log.append(p, next_lsn, now, &payload) {
                     Ok(offset) => {
-                        committed.push(Committed { partition: p, offset, lsn: next_lsn, append_ms: now, payload });
+                        committed.push(Committed {
+                            partition: p,
+                            offset,
+                            lsn: next_lsn,
+                            append_ms: now,
+                            payload,
+                        });
                         next_lsn += 1;
                     }
                     Err(e) => {
@@ -328,7 +358,9 @@ fn writer_loop(
             result = log.sync().map_err(|e| e.to_string());
         }
         if result.is_ok() {
-            result = dlq_file.append(&malformed).map_err(|e| format!("malformed DLQ file: {e}"));
+            result = dlq_file
+                .append(&malformed)
+                .map_err(|e| format!("malformed DLQ file: {e}"));
         }
         tel.log_syncs.fetch_add(1, Relaxed);
         match &result {
@@ -364,13 +396,19 @@ fn writer_loop(
             last_retention = now;
             match log.enforce_retention(now) {
                 Ok(r) if r.segments_deleted > 0 => {
-                    tracing::info!(segments = r.segments_deleted, bytes = r.bytes_deleted, "log retention")
+                    tracing::info!(
+                        segments = r.segments_deleted,
+                        bytes = r.bytes_deleted,
+                        "log retention"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "log retention failed"),
             }
         }
-        shared.log_bytes.store(log.sizes().iter().sum::<u64>() as i64, Relaxed);
+        shared
+            .log_bytes
+            .store(log.sizes().iter().sum::<u64>() as i64, Relaxed);
     }
     if let Err(e) = log.sync() {
         tracing::error!(error = %e, "final log sync failed");

@@ -13,8 +13,9 @@ pub struct Histogram {
     sum_us: AtomicU64,
 }
 
-const LATENCY_BOUNDS: &[f64] =
-    &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 impl Histogram {
     fn latency() -> Self {
@@ -114,7 +115,10 @@ pub struct Snapshot {
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
@@ -124,41 +128,172 @@ fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
 impl Telemetry {
     pub fn render(&self, s: &Snapshot) -> String {
         let mut o = String::with_capacity(4096);
-        counter(&mut o, "tally_ingest_requests_total", "Ingest requests received.", self.requests.load(Relaxed));
-        counter(&mut o, "tally_events_accepted_total", "Events accepted and durable.", self.events_accepted.load(Relaxed));
-        counter(&mut o, "tally_events_rejected_total", "Events rejected as malformed (sent to the malformed DLQ).", self.events_rejected.load(Relaxed));
-        counter(&mut o, "tally_events_late_total", "Events too late for their window (sent to the late DLQ).", s.late);
-        counter(&mut o, "tally_events_duplicate_total", "Events dropped as duplicates of an event_id.", s.duplicates);
-        counter(&mut o, "tally_events_counted_total", "Events applied to rollups.", s.counted);
-        counter(&mut o, "tally_events_corrections_total", "Events that updated an already closed window within allowed lateness.", s.corrections);
-        counter(&mut o, "tally_events_dropped_total", "Events refused with their whole request (overload); the client must retry.", self.events_dropped_overload.load(Relaxed));
-        counter(&mut o, "tally_ingest_overloaded_total", "Requests answered 503 because of backpressure.", self.requests_overloaded.load(Relaxed));
-        counter(&mut o, "tally_ingest_bytes_total", "Request body bytes received.", self.bytes_ingested.load(Relaxed));
-        counter(&mut o, "tally_log_syncs_total", "Group commits (fsync rounds) of the log.", self.log_syncs.load(Relaxed));
-        counter(&mut o, "tally_log_errors_total", "Log write or fsync failures.", self.log_errors.load(Relaxed));
-        self.ack_latency.render(&mut o, "tally_ingest_ack_latency_seconds", "Time from request received to acknowledgement (durable).");
-        self.query_latency.render(&mut o, "tally_query_latency_seconds", "Metrics API query latency.");
+        counter(
+            &mut o,
+            "tally_ingest_requests_total",
+            "Ingest requests received.",
+            self.requests.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_events_accepted_total",
+            "Events accepted and durable.",
+            self.events_accepted.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_events_rejected_total",
+            "Events rejected as malformed (sent to the malformed DLQ).",
+            self.events_rejected.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_events_late_total",
+            "Events too late for their window (sent to the late DLQ).",
+            s.late,
+        );
+        counter(
+            &mut o,
+            "tally_events_duplicate_total",
+            "Events dropped as duplicates of an event_id.",
+            s.duplicates,
+        );
+        counter(
+            &mut o,
+            "tally_events_counted_total",
+            "Events applied to rollups.",
+            s.counted,
+        );
+        counter(
+            &mut o,
+            "tally_events_corrections_total",
+            "Events that updated an already closed window within allowed lateness.",
+            s.corrections,
+        );
+        counter(
+            &mut o,
+            "tally_events_dropped_total",
+            "Events refused with their whole request (overload); the client must retry.",
+            self.events_dropped_overload.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_ingest_overloaded_total",
+            "Requests answered 503 because of backpressure.",
+            self.requests_overloaded.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_ingest_bytes_total",
+            "Request body bytes received.",
+            self.bytes_ingested.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_log_syncs_total",
+            "Group commits (fsync rounds) of the log.",
+            self.log_syncs.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_log_errors_total",
+            "Log write or fsync failures.",
+            self.log_errors.load(Relaxed),
+        );
+        self.ack_latency.render(
+            &mut o,
+            "tally_ingest_ack_latency_seconds",
+            "Time from request received to acknowledgement (durable).",
+        );
+        self.query_latency.render(
+            &mut o,
+            "tally_query_latency_seconds",
+            "Metrics API query latency.",
+        );
         let lag = self.processing_lag_ms.load(Relaxed);
-        gauge(&mut o, "tally_processing_lag_seconds", "Time from log append to rollup update, last record.", lag as f64 / 1e3);
+        gauge(
+            &mut o,
+            "tally_processing_lag_seconds",
+            "Time from log append to rollup update, last record.",
+            lag as f64 / 1e3,
+        );
         if let Some(w) = s.watermark_ms {
-            gauge(&mut o, "tally_watermark_timestamp_seconds", "Event-time watermark.", w as f64 / 1e3);
-            gauge(&mut o, "tally_watermark_lag_seconds", "Wall clock minus watermark.", (s.now_ms - w) as f64 / 1e3);
+            gauge(
+                &mut o,
+                "tally_watermark_timestamp_seconds",
+                "Event-time watermark.",
+                w as f64 / 1e3,
+            );
+            gauge(
+                &mut o,
+                "tally_watermark_lag_seconds",
+                "Wall clock minus watermark.",
+                (s.now_ms - w) as f64 / 1e3,
+            );
         }
         let applied_at = self.last_applied_at_ms.load(Relaxed);
         if applied_at > 0 {
-            gauge(&mut o, "tally_freshness_seconds", "Age of the newest data visible in rollups (wall clock minus its append time).", (s.now_ms - self.last_applied_append_ms.load(Relaxed)) as f64 / 1e3);
+            gauge(
+                &mut o,
+                "tally_freshness_seconds",
+                "Age of the newest data visible in rollups (wall clock minus its append time).",
+                (s.now_ms - self.last_applied_append_ms.load(Relaxed)) as f64 / 1e3,
+            );
         }
-        let _ = writeln!(o, "# HELP tally_dlq_entries_total Entries ever written to a dead-letter queue.\n# TYPE tally_dlq_entries_total counter");
-        let _ = writeln!(o, "tally_dlq_entries_total{{kind=\"malformed\"}} {}", s.dlq_malformed_total);
-        let _ = writeln!(o, "tally_dlq_entries_total{{kind=\"late\"}} {}", s.dlq_late_total);
-        let _ = writeln!(o, "# HELP tally_dlq_size Entries held in a dead-letter queue.\n# TYPE tally_dlq_size gauge");
-        let _ = writeln!(o, "tally_dlq_size{{kind=\"malformed\"}} {}", s.dlq_malformed_held);
+        let _ = writeln!(
+            o,
+            "# HELP tally_dlq_entries_total Entries ever written to a dead-letter queue.\n# TYPE tally_dlq_entries_total counter"
+        );
+        let _ = writeln!(
+            o,
+            "tally_dlq_entries_total{{kind=\"malformed\"}} {}",
+            s.dlq_malformed_total
+        );
+        let _ = writeln!(
+            o,
+            "tally_dlq_entries_total{{kind=\"late\"}} {}",
+            s.dlq_late_total
+        );
+        let _ = writeln!(
+            o,
+            "# HELP tally_dlq_size Entries held in a dead-letter queue.\n# TYPE tally_dlq_size gauge"
+        );
+        let _ = writeln!(
+            o,
+            "tally_dlq_size{{kind=\"malformed\"}} {}",
+            s.dlq_malformed_held
+        );
         let _ = writeln!(o, "tally_dlq_size{{kind=\"late\"}} {}", s.dlq_late_held);
-        gauge(&mut o, "tally_rollup_buckets", "Tenant-minute rollup buckets held in memory.", s.rollup_buckets as f64);
-        gauge(&mut o, "tally_dedupe_entries", "Event ids remembered for dedupe.", s.dedupe_entries as f64);
-        gauge(&mut o, "tally_log_bytes", "Bytes in the embedded log.", s.log_bytes as f64);
-        gauge(&mut o, "tally_ingest_inflight_bytes", "Accepted bytes waiting to become durable.", self.inflight_bytes.load(Relaxed) as f64);
-        gauge(&mut o, "tally_ready", "1 when the server accepts events.", if s.ready { 1.0 } else { 0.0 });
+        gauge(
+            &mut o,
+            "tally_rollup_buckets",
+            "Tenant-minute rollup buckets held in memory.",
+            s.rollup_buckets as f64,
+        );
+        gauge(
+            &mut o,
+            "tally_dedupe_entries",
+            "Event ids remembered for dedupe.",
+            s.dedupe_entries as f64,
+        );
+        gauge(
+            &mut o,
+            "tally_log_bytes",
+            "Bytes in the embedded log.",
+            s.log_bytes as f64,
+        );
+        gauge(
+            &mut o,
+            "tally_ingest_inflight_bytes",
+            "Accepted bytes waiting to become durable.",
+            self.inflight_bytes.load(Relaxed) as f64,
+        );
+        gauge(
+            &mut o,
+            "tally_ready",
+            "1 when the server accepts events.",
+            if s.ready { 1.0 } else { 0.0 },
+        );
         o
     }
 }

@@ -4,4 +4,7 @@
 pub mod rollup;
 pub mod sketch;
 
-pub use rollup::{Agg, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError, RollupStore, Series, Value};
+pub use rollup::{
+    Agg, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError, RollupStore, Series,
+    Value,
+};

@@ -99,13 +99,20 @@ impl Agg {
     }
 
     pub fn prop(&self, name: &str) -> Option<&NumAgg> {
-        self.props.iter().find(|(k, _)| &**k == name).map(|(_, n)| n)
+        self.props
+            .iter()
+            .find(|(k, _)| &**k == name)
+            .map(|(_, n)| n)
     }
 
     pub fn heap_bytes(&self) -> usize {
         self.users.heap_bytes()
             + self.sessions.heap_bytes()
-            + self.props.iter().map(|(k, n)| k.len() + 64 + n.sketch.heap_bytes()).sum::<usize>()
+            + self
+                .props
+                .iter()
+                .map(|(k, n)| k.len() + 64 + n.sketch.heap_bytes())
+                .sum::<usize>()
     }
 }
 
@@ -261,7 +268,10 @@ pub struct Series {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueryError {
     #[error("{param}: {message}")]
-    BadParam { param: &'static str, message: String },
+    BadParam {
+        param: &'static str,
+        message: String,
+    },
 }
 
 /// Most buckets one query may return per series.
@@ -285,14 +295,17 @@ impl RollupStore {
         if !self.tenants.contains_key(tenant) {
             self.tenants.insert(tenant.into(), BTreeMap::new());
         }
-        let Some(t) = self.tenants.get_mut(tenant) else { unreachable!("inserted above") };
+        let Some(t) = self.tenants.get_mut(tenant) else {
+            unreachable!("inserted above")
+        };
         t.entry(minute).or_default().agg_mut(event_type)
     }
 
     /// Adds one event to its minute.
     #[inline]
     pub fn add(&mut self, e: &EventView<'_>) {
-        self.agg_mut(e.tenant, align_down(e.ts, MINUTE_MS), e.event_type).add(e);
+        self.agg_mut(e.tenant, align_down(e.ts, MINUTE_MS), e.event_type)
+            .add(e);
     }
 
     pub fn minute(&self, tenant: &str, minute: Millis) -> Option<&MinuteBucket> {
@@ -352,10 +365,14 @@ impl RollupStore {
                 let acc = series.entry(key).or_default();
                 let acc = acc.entry(b).or_insert_with(|| match &q.metric {
                     Metric::Count => Acc::Count(0),
-                    Metric::UniqueUsers | Metric::UniqueSessions => {
-                        Acc::Distinct { events: 0, hll: Hll::default() }
-                    }
-                    _ => Acc::Num { events: 0, agg: NumAgg::default() },
+                    Metric::UniqueUsers | Metric::UniqueSessions => Acc::Distinct {
+                        events: 0,
+                        hll: Hll::default(),
+                    },
+                    _ => Acc::Num {
+                        events: 0,
+                        agg: NumAgg::default(),
+                    },
                 });
                 match (acc, &q.metric) {
                     (Acc::Count(c), _) => *c += agg.count,
@@ -369,7 +386,11 @@ impl RollupStore {
                     }
                     (
                         Acc::Num { events, agg: n },
-                        Metric::Sum(p) | Metric::Avg(p) | Metric::Min(p) | Metric::Max(p) | Metric::Quantile(_, p),
+                        Metric::Sum(p)
+                        | Metric::Avg(p)
+                        | Metric::Min(p)
+                        | Metric::Max(p)
+                        | Metric::Quantile(_, p),
                     ) => {
                         *events += agg.count;
                         if let Some(x) = agg.prop(p) {
@@ -417,7 +438,10 @@ fn finish(q: &MetricQuery, series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>>
         .filter(|s| !s.points.is_empty() || s.event_type.is_none())
         .collect();
     if out.is_empty() && !q.group_by_event_type {
-        out.push(Series { event_type: None, points: Vec::new() });
+        out.push(Series {
+            event_type: None,
+            points: Vec::new(),
+        });
     }
     out
 }

@@ -126,7 +126,11 @@ impl Hll {
 fn dense_insert(r: &mut [u8], h: u64) {
     let idx = (h >> Q) as usize;
     let w = h << P;
-    let rank = if w == 0 { Q + 1 } else { (w.leading_zeros() + 1).min(Q + 1) } as u8;
+    let rank = if w == 0 {
+        Q + 1
+    } else {
+        (w.leading_zeros() + 1).min(Q + 1)
+    } as u8;
     if r[idx] < rank {
         r[idx] = rank;
     }
@@ -395,7 +399,9 @@ mod tests {
     #[test]
     fn hll_is_exact_when_small_and_within_2_percent_when_large() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &n in &[0usize, 1, 100, 4096, 4097, 10_000, 30_000, 100_000, 1_000_000] {
+        for &n in &[
+            0usize, 1, 100, 4096, 4097, 10_000, 30_000, 100_000, 1_000_000,
+        ] {
             let mut h = Hll::default();
             for _ in 0..n {
                 h.insert(rng.random());
@@ -432,14 +438,20 @@ mod tests {
         let pos = q * (sorted.len() - 1) as f64;
         let lo = pos.floor() as usize;
         let frac = pos - lo as f64;
-        if lo + 1 < sorted.len() { sorted[lo] + (sorted[lo + 1] - sorted[lo]) * frac } else { sorted[lo] }
+        if lo + 1 < sorted.len() {
+            sorted[lo] + (sorted[lo + 1] - sorted[lo]) * frac
+        } else {
+            sorted[lo]
+        }
     }
 
     #[test]
     fn ddsketch_within_one_percent() {
         let mut rng = StdRng::seed_from_u64(3);
         for n in [1usize, 2, 3, 10, 101, 5000] {
-            let mut vals: Vec<f64> = (0..n).map(|_| rng.random_range(-50.0f64..100_000.0).abs() + 1.0).collect();
+            let mut vals: Vec<f64> = (0..n)
+                .map(|_| rng.random_range(-50.0f64..100_000.0).abs() + 1.0)
+                .collect();
             let mut s = DdSketch::default();
             for &v in &vals {
                 s.insert(v);
@@ -448,7 +460,10 @@ mod tests {
             for q in [0.0, 0.5, 0.9, 0.95, 0.99, 1.0] {
                 let want = exact_quantile(&vals, q);
                 let got = s.quantile(q).unwrap();
-                assert!((got - want).abs() <= want.abs() * DD_ALPHA + 1e-9, "n={n} q={q} got={got} want={want}");
+                assert!(
+                    (got - want).abs() <= want.abs() * DD_ALPHA + 1e-9,
+                    "n={n} q={q} got={got} want={want}"
+                );
             }
         }
     }

@@ -57,7 +57,11 @@ pub struct Dlq {
 impl Dlq {
     /// `capacity`: entries kept per (tenant, kind).
     pub fn new(capacity: usize) -> Self {
-        Dlq { capacity: capacity.max(1), rings: HashMap::new(), totals: HashMap::new() }
+        Dlq {
+            capacity: capacity.max(1),
+            rings: HashMap::new(),
+            totals: HashMap::new(),
+        }
     }
 
     pub fn push(&mut self, e: DlqEntry) {
@@ -73,7 +77,11 @@ impl Dlq {
     pub fn list(&self, tenant: &str, kind: DlqKind, limit: usize) -> Vec<DlqEntry> {
         match self.rings.get(&(tenant.to_string(), kind)) {
             None => Vec::new(),
-            Some(r) => r.iter().skip(r.len().saturating_sub(limit)).cloned().collect(),
+            Some(r) => r
+                .iter()
+                .skip(r.len().saturating_sub(limit))
+                .cloned()
+                .collect(),
         }
     }
 
@@ -84,6 +92,10 @@ impl Dlq {
 
     /// Entries currently held of a kind.
     pub fn held(&self, kind: DlqKind) -> usize {
-        self.rings.iter().filter(|((_, k), _)| *k == kind).map(|(_, r)| r.len()).sum()
+        self.rings
+            .iter()
+            .filter(|((_, k), _)| *k == kind)
+            .map(|(_, r)| r.len())
+            .sum()
     }
 }

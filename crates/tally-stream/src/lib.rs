@@ -64,7 +64,11 @@ impl Default for StreamConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("record lsn {lsn} in partition {partition}: {source}")]
-    Codec { partition: u32, lsn: u64, source: CodecError },
+    Codec {
+        partition: u32,
+        lsn: u64,
+        source: CodecError,
+    },
     #[error("record names partition {0}, but the processor has {1}")]
     Partition(u32, u32),
 }
@@ -177,7 +181,11 @@ impl Processor {
         if p >= self.parts.len() {
             return Err(Error::Partition(rec.partition, self.parts.len() as u32));
         }
-        let codec = |source| Error::Codec { partition: rec.partition, lsn: rec.lsn, source };
+        let codec = |source| Error::Codec {
+            partition: rec.partition,
+            lsn: rec.lsn,
+            source,
+        };
         let reader = BatchReader::new(rec.payload).map_err(codec)?;
         self.parts[p].last_append_ms = self.parts[p].last_append_ms.max(rec.append_ms);
         let others = self.others_min(p, rec.append_ms);
@@ -197,11 +205,11 @@ impl Processor {
             let minute = align_down(ev.ts, MINUTE_MS);
             let key = dedupe_key(ev.tenant, ev.event_id);
             // An entry counts while the window of the original can still change.
-            if let Some(&orig) = self.dedupe.get(&key) {
-                if wm.is_none_or(|w| orig + MINUTE_MS + lateness > w) {
-                    out.duplicates += 1;
-                    continue;
-                }
+            if let Some(&orig) = self.dedupe.get(&key)
+                && wm.is_none_or(|w| orig + MINUTE_MS + lateness > w)
+            {
+                out.duplicates += 1;
+                continue;
             }
             if let Some(w) = wm {
                 if minute + MINUTE_MS + lateness <= w {
@@ -266,7 +274,8 @@ impl Processor {
         self.swept_to = horizon;
         // Keep entries whose window end + lateness is still above the watermark.
         let lateness = self.cfg.allowed_lateness_ms;
-        self.dedupe.retain(|_, &mut minute| minute + MINUTE_MS + lateness > w);
+        self.dedupe
+            .retain(|_, &mut minute| minute + MINUTE_MS + lateness > w);
     }
 }
 

@@ -25,15 +25,29 @@ impl Harness {
     fn new(partitions: u32) -> Self {
         let store = Arc::new(RwLock::new(RollupStore::new()));
         let dlq = Arc::new(Mutex::new(Dlq::new(1000)));
-        let cfg = StreamConfig { partitions, ..StreamConfig::default() };
-        Harness { p: Processor::new(cfg, store.clone(), dlq.clone()), store, dlq, lsn: 0 }
+        let cfg = StreamConfig {
+            partitions,
+            ..StreamConfig::default()
+        };
+        Harness {
+            p: Processor::new(cfg, store.clone(), dlq.clone()),
+            store,
+            dlq,
+            lsn: 0,
+        }
     }
 
     fn feed(&mut self, partition: u32, append_ms: Millis, events: &[(&str, Millis)]) -> Applied {
         let payload = batch(events);
         self.lsn += 1;
         self.p
-            .apply(RecordRef { partition, offset: self.lsn * 100, lsn: self.lsn, append_ms, payload: &payload })
+            .apply(RecordRef {
+                partition,
+                offset: self.lsn * 100,
+                lsn: self.lsn,
+                append_ms,
+                payload: &payload,
+            })
             .unwrap()
     }
 
@@ -78,7 +92,11 @@ fn lateness_updates_closed_windows_then_dead_letters() {
     assert_eq!(h.count(T0), 1);
     let late = h.dlq.lock().list("default", DlqKind::Late, 10);
     assert_eq!(late.len(), 1);
-    assert!(late[0].reason.contains("2026-11-01T12:00:00Z"), "{}", late[0].reason);
+    assert!(
+        late[0].reason.contains("2026-11-01T12:00:00Z"),
+        "{}",
+        late[0].reason
+    );
     assert!(matches!(&late[0].body, DlqBody::Event(j) if j.contains("\"late\"")));
 }
 
@@ -99,10 +117,16 @@ fn slowest_partition_holds_watermark_until_idle() {
 
 #[test]
 fn replay_is_deterministic() {
-    let inputs: Vec<(u32, Millis, Vec<(String, Millis)>)> = (0..50)
+    type Input = (u32, Millis, Vec<(String, Millis)>);
+    let inputs: Vec<Input> = (0..50)
         .map(|i| {
             let evs = (0..20)
-                .map(|j| (format!("e{}", (i * 7 + j * 13) % 300), T0 + ((i * 37 + j * 11) % 900) as Millis * 1000))
+                .map(|j| {
+                    (
+                        format!("e{}", (i * 7 + j * 13) % 300),
+                        T0 + ((i * 37 + j * 11) % 900) as Millis * 1000,
+                    )
+                })
                 .collect();
             ((i % 3) as u32, i as Millis * 500, evs)
         })
@@ -114,7 +138,11 @@ fn replay_is_deterministic() {
             h.feed(*p, *t, &evs);
         }
         let counts: Vec<u64> = (0..16).map(|m| h.count(T0 + m * MINUTE_MS)).collect();
-        (counts, h.p.totals(), h.dlq.lock().list("default", DlqKind::Late, 1000))
+        (
+            counts,
+            h.p.totals(),
+            h.dlq.lock().list("default", DlqKind::Late, 1000),
+        )
     };
     assert_eq!(run(), run());
 }
@@ -136,9 +164,8 @@ proptest! {
             let items: Vec<(String, Millis)> = group.iter().map(|(id, s, _)| (format!("id{id}"), T0 + s * 1000)).collect();
             lsn_time += 1;
             for (id, ts) in &items {
-                if let Some(orig) = seen.get(id) {
-                    if wm.is_none_or(|w| orig + MINUTE_MS + 300_000 > w) { continue; }
-                }
+                if let Some(orig) = seen.get(id)
+                    && wm.is_none_or(|w| orig + MINUTE_MS + 300_000 > w) { continue; }
                 let minute = align_down(*ts, MINUTE_MS);
                 if wm.is_some_and(|w| minute + MINUTE_MS + 300_000 <= w) { late += 1; continue; }
                 seen.insert(id.clone(), minute);

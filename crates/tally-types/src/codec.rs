@@ -65,7 +65,10 @@ pub struct EventView<'a> {
 
 impl<'a> EventView<'a> {
     pub fn props(&self) -> PropIter<'a> {
-        PropIter { buf: self.props, left: self.n_props }
+        PropIter {
+            buf: self.props,
+            left: self.n_props,
+        }
     }
 
     pub fn n_props(&self) -> usize {
@@ -172,7 +175,10 @@ impl<'a> Iterator for PropIter<'a> {
         }
         self.left -= 1;
         // The reader validated every property when it produced the event view.
-        let mut c = Cursor { buf: self.buf, pos: 0 };
+        let mut c = Cursor {
+            buf: self.buf,
+            pos: 0,
+        };
         let item = c.prop().ok()?;
         self.buf = &self.buf[c.pos..];
         Some(item)
@@ -302,7 +308,16 @@ impl<'a> BatchReader<'a> {
             c.prop()?;
         }
         let props = &c.buf[start..c.pos];
-        Ok(EventView { tenant, event_id, event_type, ts, user_id, session_id, props, n_props })
+        Ok(EventView {
+            tenant,
+            event_id,
+            event_type,
+            ts,
+            user_id,
+            session_id,
+            props,
+            n_props,
+        })
     }
 }
 
@@ -343,7 +358,10 @@ fn clip(s: &str, max: usize) -> &str {
 
 impl BatchWriter {
     pub fn new() -> Self {
-        BatchWriter { buf: vec![0; 4], n: 0 }
+        BatchWriter {
+            buf: vec![0; 4],
+            n: 0,
+        }
     }
 
     pub fn with_capacity(bytes: usize) -> Self {
@@ -380,10 +398,12 @@ impl BatchWriter {
             self.buf.extend_from_slice(&[0; 4]);
         }
         let tenant = clip(tenant, u16::MAX as usize);
-        self.buf.extend_from_slice(&(tenant.len() as u16).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(tenant.len() as u16).to_le_bytes());
         self.buf.extend_from_slice(tenant.as_bytes());
         let event_id = clip(event_id, 0xFFFE);
-        self.buf.extend_from_slice(&(event_id.len() as u16).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(event_id.len() as u16).to_le_bytes());
         self.buf.extend_from_slice(event_id.as_bytes());
         let event_type = clip(event_type, 255);
         self.buf.push(event_type.len() as u8);
@@ -406,7 +426,8 @@ impl BatchWriter {
 
     pub fn prop(&mut self, key: &str, v: PropValue<'_>) {
         let key = clip(key, u16::MAX as usize);
-        self.buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(key.len() as u16).to_le_bytes());
         self.buf.extend_from_slice(key.as_bytes());
         match v {
             PropValue::Null => self.buf.push(0),
@@ -421,7 +442,8 @@ impl BatchWriter {
                 self.buf.extend_from_slice(&f.to_bits().to_le_bytes());
             }
             PropValue::Str(s) | PropValue::Json(s) => {
-                self.buf.push(if matches!(v, PropValue::Str(_)) { 5 } else { 6 });
+                self.buf
+                    .push(if matches!(v, PropValue::Str(_)) { 5 } else { 6 });
                 let s = clip(s, u32::MAX as usize);
                 self.buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
                 self.buf.extend_from_slice(s.as_bytes());
@@ -442,7 +464,14 @@ impl BatchWriter {
 
     /// Copies one already-encoded event.
     pub fn push_view(&mut self, e: &EventView<'_>) {
-        let at = self.begin_event(e.tenant, e.event_id, e.event_type, e.ts, e.user_id, e.session_id);
+        let at = self.begin_event(
+            e.tenant,
+            e.event_id,
+            e.event_type,
+            e.ts,
+            e.user_id,
+            e.session_id,
+        );
         self.buf.extend_from_slice(e.props);
         self.finish_event(at, e.n_props);
     }
@@ -474,7 +503,10 @@ mod tests {
         let at = w.begin_event("t1", "e2", "view", 43, None, Some("s"));
         w.finish_event(at, 0);
         let bytes = w.finish();
-        let evs: Vec<_> = BatchReader::new(&bytes).unwrap().collect::<Result<_, _>>().unwrap();
+        let evs: Vec<_> = BatchReader::new(&bytes)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(evs.len(), 2);
         assert_eq!(evs[0].event_id, "e1");
         assert_eq!(evs[0].user_id, Some("u1"));

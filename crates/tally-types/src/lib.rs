@@ -56,5 +56,6 @@ pub fn valid_tenant(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 64
         && !t.starts_with('.')
-        && t.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && t.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }

@@ -75,7 +75,11 @@ fn digits(b: &[u8], at: usize, n: usize) -> Result<u32, TimeError> {
 pub fn parse_rfc3339(s: &str) -> Result<Millis, TimeError> {
     let b = s.as_bytes();
     if b.len() < 20 {
-        return Err(if b.len() == 19 { TimeError::NoOffset } else { TimeError::Syntax });
+        return Err(if b.len() == 19 {
+            TimeError::NoOffset
+        } else {
+            TimeError::Syntax
+        });
     }
     let year = digits(b, 0, 4)? as i64;
     if b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
@@ -158,7 +162,11 @@ pub fn parse_time_param(s: &str) -> Result<Millis, TimeError> {
     let s = s.trim();
     if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) {
         let v: Millis = s.parse().map_err(|_| TimeError::Range)?;
-        return if v <= MAX_TS { Ok(v) } else { Err(TimeError::Range) };
+        return if v <= MAX_TS {
+            Ok(v)
+        } else {
+            Err(TimeError::Range)
+        };
     }
     parse_rfc3339(s)
 }
@@ -181,7 +189,9 @@ impl Clock {
     }
 
     pub fn manual(start: Millis) -> Self {
-        Clock { manual: Some(Arc::new(AtomicI64::new(start))) }
+        Clock {
+            manual: Some(Arc::new(AtomicI64::new(start))),
+        }
     }
 
     pub fn now_ms(&self) -> Millis {
@@ -237,18 +247,33 @@ mod tests {
     fn parses_examples() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(0));
         assert_eq!(parse_rfc3339("2026-11-01T12:03:00Z"), Ok(1_793_534_580_000));
-        assert_eq!(parse_rfc3339("2026-11-01T12:03:00.5Z"), Ok(1_793_534_580_500));
-        assert_eq!(parse_rfc3339("2026-11-01T13:03:00.123456+01:00"), Ok(1_793_534_580_123));
-        assert_eq!(parse_rfc3339("2026-11-01T12:03:00"), Err(TimeError::NoOffset));
+        assert_eq!(
+            parse_rfc3339("2026-11-01T12:03:00.5Z"),
+            Ok(1_793_534_580_500)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-01T13:03:00.123456+01:00"),
+            Ok(1_793_534_580_123)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-01T12:03:00"),
+            Err(TimeError::NoOffset)
+        );
         assert_eq!(parse_rfc3339("2026-02-30T12:03:00Z"), Err(TimeError::Range));
         assert_eq!(parse_rfc3339("yesterday"), Err(TimeError::Syntax));
-        assert_eq!(parse_rfc3339("2026-11-01T12:03:00ZZ"), Err(TimeError::Syntax));
+        assert_eq!(
+            parse_rfc3339("2026-11-01T12:03:00ZZ"),
+            Err(TimeError::Syntax)
+        );
     }
 
     #[test]
     fn formats_examples() {
         assert_eq!(format_rfc3339(1_793_534_580_000), "2026-11-01T12:03:00Z");
-        assert_eq!(format_rfc3339(1_793_534_580_007), "2026-11-01T12:03:00.007Z");
+        assert_eq!(
+            format_rfc3339(1_793_534_580_007),
+            "2026-11-01T12:03:00.007Z"
+        );
     }
 
     #[test]

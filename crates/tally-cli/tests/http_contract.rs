@@ -1,0 +1,152 @@
+//! The HTTP contract of `shared/API.md` for ingest, metrics, DLQ and operations,
+//! against the real server on a free port.
+
+use serde_json::{Value, json};
+use tally_server::{Config, Server};
+use tally_types::Clock;
+
+async fn start(max_body: usize) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.path().into(),
+        ..Config::default()
+    };
+    cfg.ingest.max_body_bytes = max_body;
+    (Server::start(cfg, Clock::system()).await.unwrap(), dir)
+}
+
+async fn post(
+    c: &reqwest::Client,
+    url: &str,
+    ct: &str,
+    body: String,
+) -> (u16, Value, Option<String>) {
+    let r = c
+        .post(url)
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        retry,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_forms_errors_and_limits() {
+    let (server, _dir) = start(4096).await;
+    let base = format!("http://{}", server.addr);
+    let url = format!("{base}/api/v1/events");
+    let c = reqwest::Client::new();
+
+    let one = json!({"event_id": "1", "event_type": "click", "timestamp": "2026-11-01T12:00:00Z"});
+    let (s, v, _) = post(&c, &url, "application/json", one.to_string()).await;
+    assert_eq!(
+        (s, v["accepted"].clone(), v["rejected"].clone()),
+        (200, json!(1), json!(0))
+    );
+
+    let arr = json!([
+        {"event_id": "2", "event_type": "click", "timestamp": 1793534400000i64},
+        {"event_id": "3", "event_type": "click", "timestamp": "2026-13-01T00:00:00Z"},
+        {"event_id": "4", "event_type": "view", "timestamp": "2026-11-01T12:00:01Z", "properties": {"a": {"b": 1}}}
+    ]);
+    let (s, v, _) = post(&c, &url, "application/json", arr.to_string()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["accepted"], 2);
+    assert_eq!(v["errors"][0]["index"], 1);
+    assert!(
+        v["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("timestamp:")
+    );
+
+    let nd = "{\"event_id\":\"5\",\"event_type\":\"x\",\"timestamp\":1}\n{oops\n";
+    let (s, v, _) = post(&c, &url, "application/x-ndjson", nd.into()).await;
+    assert_eq!(
+        (s, v["accepted"].clone(), v["errors"][0]["index"].clone()),
+        (200, json!(1), json!(1))
+    );
+
+    let (s, v, _) = post(&c, &url, "application/json", "this is not json".into()).await;
+    assert_eq!(s, 400);
+    assert!(v["error"].is_string());
+
+    let big = format!("[{}]", vec![one.to_string(); 100].join(","));
+    let (s, v, _) = post(&c, &url, "application/json", big).await;
+    assert_eq!(s, 413);
+    assert!(v["error"].as_str().unwrap().contains("limit"));
+
+    // Metrics parameter errors name the parameter.
+    for (q, param) in [
+        ("metric=nope", "metric"),
+        ("metric=count&granularity=7m", "granularity"),
+        ("metric=count&start=yesterday", "start"),
+        ("metric=count&group_by=user", "group_by"),
+    ] {
+        let r = c
+            .get(format!("{base}/api/v1/metrics?{q}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{q}");
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert!(v["error"].as_str().unwrap().starts_with(param), "{q}: {v}");
+    }
+    // No group_by and no data: one series with empty labels.
+    let r = c
+        .get(format!(
+            "{base}/api/v1/metrics?metric=count&start=2020-01-01T00:00:00Z&end=2020-01-01T01:00:00Z"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["series"], json!([{"labels": {}, "points": []}]));
+    // event_type may repeat.
+    tally_server::http::wait_applied(&server.shared, 3, std::time::Duration::from_secs(5)).await;
+    let r = c
+        .get(format!("{base}/api/v1/metrics?metric=count&start=2026-11-01T12:00:00Z&end=2026-11-01T13:00:00Z&event_type=click&event_type=view&granularity=1h"))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(
+        v["series"][0]["points"],
+        json!([["2026-11-01T12:00:00Z", 3]])
+    );
+
+    let r = c
+        .get(format!("{base}/api/v1/dlq?kind=malformed"))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().any(|e| e["raw"] == "{oops"));
+    assert!(entries.iter().any(|e| e["event"]["event_id"] == "3"));
+    let r = c
+        .get(format!("{base}/api/v1/dlq?kind=other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    for path in ["/healthz", "/readyz", "/", "/metrics"] {
+        let r = c.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    server.stop().await.unwrap();
+}
