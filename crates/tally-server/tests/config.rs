@@ -21,9 +21,16 @@ fn unknown_keys_and_bad_durations_are_refused_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.toml");
     std::fs::write(&p, "[log]\npartitons = 3\n").unwrap();
-    let e = tally_server::Config::load(Some(&p)).unwrap_err().to_string();
+    let e = tally_server::Config::load(Some(&p))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("partitons"), "{e}");
     std::fs::write(&p, "[stream]\nallowed-lateness = \"soon\"\n").unwrap();
-    let e = tally_server::Config::load(Some(&p)).unwrap_err().to_string();
-    assert!(e.contains("stream.allowed-lateness") && e.contains("soon"), "{e}");
+    let e = tally_server::Config::load(Some(&p))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("stream.allowed-lateness") && e.contains("soon"),
+        "{e}"
+    );
 }
