@@ -37,6 +37,12 @@ impl NumAgg {
     }
 
     pub fn merge(&mut self, o: &NumAgg) {
+        self.merge_exact(o);
+        self.sketch.merge(&o.sketch);
+    }
+
+    /// Merges count, sum, min and max only (queries that need no quantile).
+    pub fn merge_exact(&mut self, o: &NumAgg) {
         if o.count == 0 {
             return;
         }
@@ -49,7 +55,6 @@ impl NumAgg {
         }
         self.count += o.count;
         self.sum.merge(&o.sum);
-        self.sketch.merge(&o.sketch);
     }
 }
 
@@ -398,7 +403,7 @@ impl RollupStore {
                                 n.merge(x);
                             } else {
                                 // Only exact statistics are needed: skip the sketch merge.
-                                merge_exact(n, x);
+                                n.merge_exact(x);
                             }
                         }
                     }
@@ -408,21 +413,6 @@ impl RollupStore {
         }
         Ok(finish(q, series))
     }
-}
-
-fn merge_exact(n: &mut NumAgg, o: &NumAgg) {
-    if o.count == 0 {
-        return;
-    }
-    if n.count == 0 {
-        n.min = o.min;
-        n.max = o.max;
-    } else {
-        n.min = n.min.min(o.min);
-        n.max = n.max.max(o.max);
-    }
-    n.count += o.count;
-    n.sum.merge(&o.sum);
 }
 
 fn finish(q: &MetricQuery, series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>>) -> Vec<Series> {
