@@ -1,6 +1,5 @@
 //! Sending NDJSON batches to a server over HTTP with N concurrent connections.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -75,6 +74,3 @@ pub async fn post_batch(
         }
     }
 }
-
-/// Shared handle for concurrent senders.
-pub type Stats = Arc<LoadStats>;

@@ -12,6 +12,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use tally_types::codec::clip;
 use tally_types::time::{self, MAX_TS, Millis};
 use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_tenant};
 
@@ -119,14 +120,7 @@ fn first_non_ws(b: &[u8]) -> Option<u8> {
 }
 
 fn clip_raw(s: &str) -> String {
-    if s.len() <= MAX_RAW_KEPT {
-        return s.to_string();
-    }
-    let mut end = MAX_RAW_KEPT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
+    clip(s, MAX_RAW_KEPT).to_string()
 }
 
 impl Parser {
@@ -499,11 +493,7 @@ fn shorten(s: &str) -> String {
     if s.len() <= 64 {
         return s.to_string();
     }
-    let mut end = 61;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
+    format!("{}...", clip(s, 61))
 }
 
 fn opt_id<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Option<Cow<'a, str>>, String> {

@@ -86,7 +86,6 @@ fn snapshot(s: &AppState) -> Snapshot {
     Snapshot {
         now_ms: s.shared.clock.now_ms(),
         watermark_ms: v.watermark,
-        max_event_ms: v.max_event_ms,
         counted: v.totals.counted,
         duplicates: v.totals.duplicates,
         late: v.totals.late,

@@ -76,7 +76,6 @@ pub struct Shared {
 #[derive(Debug, Default, Clone)]
 pub struct ProcessorView {
     pub watermark: Option<i64>,
-    pub max_event_ms: Option<i64>,
     pub totals: tally_stream::Totals,
     pub dedupe_len: usize,
 }
@@ -225,7 +224,6 @@ impl Pipeline {
         let started = std::time::Instant::now();
         let from = vec![0u64; cfg.log.partitions as usize];
         let mut replayed = 0u64;
-        let mut max_event_ms = None;
         let mut reader = MergedReader::open(&cfg.data_dir.join("log"), &from, &report.end_offsets)?;
         for rec in reader.by_ref() {
             let r = RecordRef {
@@ -239,7 +237,6 @@ impl Pipeline {
                 Ok(_) => replayed += 1,
                 Err(e) => tracing::error!(error = %e, "replay: skipping undecodable record"),
             }
-            max_event_ms = max_event_ms.max(Some(rec.append_ms));
         }
         for e in &reader.errors {
             tracing::error!(error = %e, "replay: corrupt log data skipped");
@@ -254,7 +251,6 @@ impl Pipeline {
         }
         let view = Arc::new(Mutex::new(ProcessorView {
             watermark: processor.watermark(),
-            max_event_ms: None,
             totals: processor.totals(),
             dedupe_len: processor.dedupe_len(),
         }));
@@ -331,7 +327,6 @@ fn writer_loop(
             }
         }
         let now = shared.clock.now_ms();
-        let lsn_before = next_lsn;
         let mut result: Result<(), String> = Ok(());
         'append: for req in &mut group {
             for (p, payload) in req.parts.drain(..) {
@@ -383,7 +378,7 @@ fn writer_loop(
                 log.discard_pending();
                 // Records already written by a segment roll are not acknowledged
                 // and will be replayed on restart; clients retry and dedupe covers it.
-                next_lsn = next_lsn.max(lsn_before);
+                // Their lsns stay used: lsns only need to be increasing.
                 committed.clear();
                 malformed.clear();
             }
@@ -417,7 +412,6 @@ fn writer_loop(
 
 fn processor_loop(mut p: Processor, rx: std::sync::mpsc::Receiver<Committed>, shared: Arc<Shared>) {
     let tel = &shared.telemetry;
-    let mut max_event: Option<i64> = None;
     while let Ok(c) = rx.recv() {
         let r = RecordRef {
             partition: c.partition,
@@ -433,12 +427,8 @@ fn processor_loop(mut p: Processor, rx: std::sync::mpsc::Receiver<Committed>, sh
         tel.processing_lag_ms.store(now - c.append_ms, Relaxed);
         tel.last_applied_append_ms.store(c.append_ms, Relaxed);
         tel.last_applied_at_ms.store(now, Relaxed);
-        if let Some(w) = p.watermark() {
-            max_event = max_event.max(Some(w));
-        }
         let mut v = shared.processor.lock();
         v.watermark = p.watermark();
-        v.max_event_ms = max_event;
         v.totals = p.totals();
         v.dedupe_len = p.dedupe_len();
     }

@@ -99,7 +99,6 @@ impl Default for Telemetry {
 pub struct Snapshot {
     pub now_ms: i64,
     pub watermark_ms: Option<i64>,
-    pub max_event_ms: Option<i64>,
     pub counted: u64,
     pub duplicates: u64,
     pub late: u64,

@@ -345,7 +345,8 @@ pub struct BatchWriter {
     n: u32,
 }
 
-fn clip(s: &str, max: usize) -> &str {
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
