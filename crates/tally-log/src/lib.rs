@@ -131,6 +131,9 @@ struct Partition {
     active_len: u64,
     pending: Vec<u8>,
     dirty: bool,
+    /// A failed write may have left bytes past `active_len - pending`: cut
+    /// them before writing again.
+    repair: bool,
 }
 
 impl Partition {
@@ -299,6 +302,7 @@ impl Log {
                 active_len: valid,
                 pending: Vec::new(),
                 dirty: false,
+                repair: false,
             });
         }
         report.next_lsn = next_lsn;
@@ -324,14 +328,10 @@ impl Log {
         if payload.len() > MAX_PAYLOAD {
             return Err(Error::TooLarge(payload.len()));
         }
-        let seg_bytes = self.cfg.segment_bytes;
         let p = self
             .parts
             .get_mut(partition as usize)
             .ok_or(Error::NoPartition(partition))?;
-        if p.active_len > 0 && p.active_len + (HEADER_LEN + payload.len()) as u64 > seg_bytes {
-            Self::roll(p, self.cfg.fsync)?;
-        }
         let offset = p.end_offset();
         let crc = checksum(lsn, append_ms, payload);
         p.pending
@@ -345,31 +345,18 @@ impl Log {
         Ok(offset)
     }
 
-    fn flush_pending(p: &mut Partition) -> Result<()> {
-        if !p.pending.is_empty() {
-            let r = p.file.write_all(&p.pending);
-            if let Err(e) = r {
-                // Leave no half-written record behind: cut back to the last durable length.
-                let durable = p.active_len - p.pending.len() as u64;
-                let _ = p.file.set_len(durable);
-                let _ = p.file.seek(SeekFrom::End(0));
-                p.active_len = durable;
-                p.pending.clear();
-                return Err(Error::Io {
-                    path: p.active.path.clone(),
-                    source: e,
-                });
-            }
-            p.pending.clear();
-        }
+    /// Cuts the active segment back to its durable length after a failed
+    /// write, so no record that was not acknowledged stays in the file.
+    fn repair(p: &mut Partition) -> io::Result<()> {
+        let durable = p.active_len;
+        p.file.set_len(durable)?;
+        p.file.sync_all()?;
+        p.file.seek(SeekFrom::Start(durable))?;
+        p.repair = false;
         Ok(())
     }
 
     fn roll(p: &mut Partition, fsync: bool) -> Result<()> {
-        Self::flush_pending(p)?;
-        if fsync {
-            p.file.sync_data().map_err(io_err(&p.active.path))?;
-        }
         let base = p.end_offset();
         let path = segment_path(&p.dir, base);
         let file = OpenOptions::new()
@@ -390,31 +377,65 @@ impl Log {
     }
 
     /// Writes all buffered records and makes them durable (one fsync per
-    /// partition touched since the last sync). On error the buffered records
-    /// of the failing partition are dropped and its file cut back, so the
-    /// caller must fail every request whose records were buffered.
+    /// partition touched since the last sync).
+    ///
+    /// All or nothing: if writing or syncing any partition fails, every
+    /// partition touched is cut back to its length before this call, so the
+    /// caller fails every request whose records were buffered and no record
+    /// of those requests survives a restart. A partition whose cut itself
+    /// failed is cut again before its next write.
     pub fn sync(&mut self) -> Result<()> {
+        let fsync = self.cfg.fsync;
         let mut first_err = None;
-        for p in &mut self.parts {
-            if !p.dirty {
-                continue;
-            }
-            p.dirty = false;
-            let r = Self::flush_pending(p).and_then(|()| {
-                if self.cfg.fsync {
-                    p.file.sync_data().map_err(io_err(&p.active.path))
-                } else {
-                    Ok(())
+        for p in self.parts.iter_mut().filter(|p| p.dirty) {
+            let durable = p.active_len - p.pending.len() as u64;
+            let r = (|| -> io::Result<()> {
+                if p.repair {
+                    let pending = std::mem::take(&mut p.pending);
+                    p.active_len = durable;
+                    let r = Self::repair(p);
+                    p.active_len = durable + pending.len() as u64;
+                    p.pending = pending;
+                    r?;
                 }
-            });
+                p.file.write_all(&p.pending)?;
+                if fsync {
+                    p.file.sync_data()?;
+                }
+                Ok(())
+            })();
             if let Err(e) = r {
-                first_err.get_or_insert(e);
+                first_err = Some(Error::Io {
+                    path: p.active.path.clone(),
+                    source: e,
+                });
+                break;
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = first_err {
+            for p in self.parts.iter_mut().filter(|p| p.dirty) {
+                p.active_len -= p.pending.len() as u64;
+                p.pending.clear();
+                p.dirty = false;
+                p.repair = true;
+                if let Err(e2) = Self::repair(p) {
+                    tracing::error!(partition = p.id, error = %e2, "log: cannot cut back a failed write yet; will retry before the next write");
+                }
+            }
+            return Err(e);
         }
+        let seg_bytes = self.cfg.segment_bytes;
+        for p in self.parts.iter_mut().filter(|p| p.dirty) {
+            p.pending.clear();
+            p.dirty = false;
+            if p.active_len >= seg_bytes
+                && let Err(e) = Self::roll(p, fsync)
+            {
+                // Harmless: the active segment simply grows; retried next sync.
+                tracing::warn!(partition = p.id, error = %e, "log: cannot start a new segment");
+            }
+        }
+        Ok(())
     }
 
     /// Discards records buffered since the last sync (the requests that

@@ -72,6 +72,9 @@ pub struct StreamSection {
     pub idle_timeout: String,
     /// How long after a window closes events still update it.
     pub allowed_lateness: String,
+    /// How often the processor state is checkpointed ("0s": never; recovery
+    /// then replays the whole log).
+    pub checkpoint_interval: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +125,7 @@ impl Default for StreamSection {
             watermark_bound: "5s".into(),
             idle_timeout: "30s".into(),
             allowed_lateness: "5m".into(),
+            checkpoint_interval: "1s".into(),
         }
     }
 }
@@ -147,6 +151,7 @@ pub struct Durations {
     pub watermark_bound_ms: Millis,
     pub idle_timeout_ms: Millis,
     pub allowed_lateness_ms: Millis,
+    pub checkpoint_interval_ms: Millis,
 }
 
 impl Config {
@@ -217,6 +222,10 @@ impl Config {
             allowed_lateness_ms: duration(
                 "stream.allowed-lateness",
                 &self.stream.allowed_lateness,
+            )?,
+            checkpoint_interval_ms: duration(
+                "stream.checkpoint-interval",
+                &self.stream.checkpoint_interval,
             )?,
         })
     }

@@ -68,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/events", post(ingest))
         .route("/api/v1/metrics", get(metrics))
         .route("/api/v1/dlq", get(dlq))
+        .route("/api/v1/dlq/replay", post(dlq_replay))
+        .route("/api/v1/status", get(status))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see shared/API.md".into()) })
         .with_state(state)
 }
@@ -90,6 +92,7 @@ fn snapshot(s: &AppState) -> Snapshot {
         duplicates: v.totals.duplicates,
         late: v.totals.late,
         corrections: v.totals.corrections,
+        replayed: v.totals.replayed,
         dlq_malformed_total: dlq.total(DlqKind::Malformed),
         dlq_late_total: dlq.total(DlqKind::Late),
         dlq_malformed_held: dlq.held(DlqKind::Malformed),
@@ -189,6 +192,8 @@ async fn ingest(
             } else {
                 DlqBody::Raw(r.raw)
             },
+            key: 0,
+            replayed: false,
         })
         .collect();
     let accepted = parsed.accepted;
@@ -217,7 +222,7 @@ async fn ingest(
             ));
         }
         match wait.await {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tel.events_dropped_overload
                     .fetch_add((accepted + rejected) as u64, Relaxed);
@@ -375,6 +380,140 @@ async fn dlq(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Respons
     let entries = s.shared.dlq.lock().list(&tenant, kind, limit);
     let entries: Vec<Json> = entries.iter().map(entry_to_json).collect();
     Ok(axum::Json(json!({ "entries": entries })).into_response())
+}
+
+/// `POST /api/v1/dlq/replay?kind=late[&tenant=X]`: applies the late events
+/// waiting in the DLQ to their windows as corrections. The events go through
+/// the log as one correction record, so the corrections are durable, survive
+/// crashes and replays, and apply once: the processor skips an event already
+/// counted or already corrected. Without `tenant`, every tenant's entries.
+async fn dlq_replay(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&q);
+    match one(&pairs, "kind").unwrap_or("late") {
+        "late" => {}
+        "malformed" => {
+            return Err(ApiError::BadRequest(
+                "kind: malformed events cannot be replayed as they are; fix them and send them again to /api/v1/events".into(),
+            ));
+        }
+        k => {
+            return Err(ApiError::BadRequest(format!(
+                "kind: {k:?} is not late (the only kind that can be replayed)"
+            )));
+        }
+    }
+    let tenant = match one(&pairs, "tenant") {
+        None | Some("") => None,
+        Some(_) => Some(tenant_param(&pairs)?),
+    };
+    if !s.shared.ready.load(Relaxed) {
+        return Err(ApiError::Unavailable(
+            "not ready: recovering or shutting down; retry".into(),
+            1,
+        ));
+    }
+    let pending = s.shared.dlq.lock().pending_late(tenant.as_deref());
+    let mut ndjson = String::new();
+    for e in &pending {
+        if let DlqBody::Event(j) = &e.body {
+            ndjson.push_str(j);
+            ndjson.push('\n');
+        }
+    }
+    let mut applied = 0u64;
+    let mut skipped = 0u64;
+    if !ndjson.is_empty() {
+        let parsed = Parser::new(1)
+            .parse(ndjson.as_bytes(), Format::Ndjson, Tenancy::Open)
+            .map_err(|e| ApiError::BadRequest(format!("late DLQ entries do not parse: {e}")))?;
+        skipped += parsed.rejected.len() as u64;
+        let parts: Vec<(u32, Vec<u8>)> = parsed
+            .partitions
+            .into_iter()
+            .map(|(p, w)| (p, w.finish_correction()))
+            .collect();
+        let (done, wait) = oneshot::channel();
+        let req = WriteReq {
+            parts,
+            malformed: Vec::new(),
+            bytes: ndjson.len(),
+            done,
+        };
+        s.shared
+            .telemetry
+            .inflight_bytes
+            .fetch_add(ndjson.len() as i64, Relaxed);
+        if s.tx.send(req).await.is_err() {
+            return Err(ApiError::Unavailable("shutting down; retry".into(), 1));
+        }
+        let lsn = match wait.await {
+            Ok(Ok(Some(lsn))) => lsn,
+            Ok(Ok(None)) => {
+                return Err(ApiError::Unavailable(
+                    "nothing was written; retry".into(),
+                    1,
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(ApiError::Unavailable(
+                    format!("storage error, no correction was applied: {e}; retry"),
+                    5,
+                ));
+            }
+            Err(_) => return Err(ApiError::Unavailable("shutting down; retry".into(), 1)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let result = loop {
+            if let Some(a) = s.shared.corrections.lock().remove(&lsn) {
+                break a;
+            }
+            if Instant::now() > deadline {
+                return Err(ApiError::Unavailable(
+                    "the corrections are durable but not applied yet; they will be: query again shortly".into(),
+                    1,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        applied = result.replayed;
+        skipped += result.duplicates;
+    }
+    Ok(axum::Json(json!({
+        "kind": "late",
+        "applied": applied,
+        "skipped": skipped,
+        "tenant": tenant,
+    }))
+    .into_response())
+}
+
+/// `GET /api/v1/status`: where the pipeline stands (an addition to API.md).
+async fn status(State(s): State<AppState>) -> Response {
+    let v = s.shared.processor.lock().clone();
+    let tel = &s.shared.telemetry;
+    let committed = s.shared.committed_lsn.load(Relaxed);
+    let applied = v.totals.last_lsn.map_or(0, |l| l + 1);
+    axum::Json(json!({
+        "ready": s.shared.ready.load(Relaxed),
+        "watermark": v.watermark.map(format_rfc3339),
+        "log": {"committed_lsn": committed, "applied_lsn": applied, "behind_records": committed.saturating_sub(applied)},
+        "events": {
+            "counted": v.totals.counted,
+            "duplicates": v.totals.duplicates,
+            "late": v.totals.late,
+            "corrections": v.totals.corrections,
+            "replayed": v.totals.replayed,
+        },
+        "checkpoints": {
+            "written": tel.checkpoints.load(Relaxed),
+            "errors": tel.checkpoint_errors.load(Relaxed),
+        },
+        "recovery_ms": tel.recovery_ms.load(Relaxed),
+    }))
+    .into_response()
 }
 
 async fn index() -> Html<&'static str> {

@@ -11,17 +11,21 @@
 //! covers its records returned; the processor only ever sees durable records,
 //! in lsn order, both live and when replaying the log on start.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use tally_log::{Log, LogConfig, MergedReader};
 use tally_store::RollupStore;
-use tally_stream::{Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StreamConfig};
+use tally_stream::{
+    Applied, Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StateStore, StreamConfig,
+};
 use tally_types::Clock;
 use tokio::sync::{mpsc, oneshot};
 
@@ -42,6 +46,8 @@ pub enum PipelineError {
     },
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    State(#[from] tally_stream::StateError),
 }
 
 /// One ingest request's worth of work for the writer.
@@ -50,7 +56,8 @@ pub struct WriteReq {
     pub parts: Vec<(u32, Vec<u8>)>,
     pub malformed: Vec<DlqEntry>,
     pub bytes: usize,
-    pub done: oneshot::Sender<Result<(), String>>,
+    /// Answered after the fsync: the last lsn assigned to this request's records.
+    pub done: oneshot::Sender<Result<Option<u64>, String>>,
 }
 
 struct Committed {
@@ -70,6 +77,11 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub clock: Clock,
     pub log_bytes: AtomicI64,
+    /// One past the last lsn the writer made durable.
+    pub committed_lsn: AtomicU64,
+    /// Results of correction records, by lsn, until their request reads them.
+    pub corrections: Mutex<HashMap<u64, Applied>>,
+    pub partitions: u32,
 }
 
 /// What the processor publishes after each record.
@@ -175,6 +187,9 @@ pub fn entry_to_json(e: &DlqEntry) -> serde_json::Value {
             m.insert("raw".into(), r.clone().into());
         }
     }
+    if e.kind == DlqKind::Late {
+        m.insert("replayed".into(), e.replayed.into());
+    }
     serde_json::Value::Object(m)
 }
 
@@ -193,25 +208,24 @@ fn entry_from_json(line: &str) -> Option<DlqEntry> {
         reason: v.get("reason")?.as_str()?.to_string(),
         received_at,
         body,
+        key: 0,
+        replayed: false,
     })
 }
 
 impl Pipeline {
-    /// Opens the log, replays it into fresh state, and starts the threads.
+    /// Opens the log, recovers state (newest checkpoint, then the log from
+    /// its offsets), and starts the threads.
     pub fn start(cfg: &Config, clock: Clock) -> Result<Pipeline, PipelineError> {
         let d = cfg.durations()?;
+        let started = Instant::now();
         let mut log_cfg = LogConfig::new(cfg.data_dir.join("log"), cfg.log.partitions);
         log_cfg.segment_bytes = cfg.log.segment_bytes;
         log_cfg.retention_ms = d.retention_ms;
         log_cfg.retention_bytes = cfg.log.retention_bytes;
         log_cfg.fsync = cfg.log.fsync;
         let (log, report) = Log::open(log_cfg)?;
-        let stream_cfg = StreamConfig {
-            partitions: cfg.log.partitions,
-            watermark_bound_ms: d.watermark_bound_ms,
-            idle_timeout_ms: d.idle_timeout_ms,
-            allowed_lateness_ms: d.allowed_lateness_ms,
-        };
+        let stream_cfg = stream_config(cfg)?;
         let store = Arc::new(RwLock::new(RollupStore::new()));
         let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
         let dlq_dir = cfg.data_dir.join("dlq");
@@ -219,36 +233,47 @@ impl Pipeline {
         DlqFile::load(&dlq_dir, &mut dlq.lock());
         let telemetry = Arc::new(Telemetry::default());
         let mut processor = Processor::new(stream_cfg, store.clone(), dlq.clone());
+        let checkpoints = d.checkpoint_interval_ms > 0;
+        processor.set_journaling(checkpoints);
 
-        // Recovery: replay the whole log in lsn order.
-        let started = std::time::Instant::now();
-        let from = vec![0u64; cfg.log.partitions as usize];
-        let mut replayed = 0u64;
-        let mut reader = MergedReader::open(&cfg.data_dir.join("log"), &from, &report.end_offsets)?;
-        for rec in reader.by_ref() {
-            let r = RecordRef {
-                partition: rec.partition,
-                offset: rec.offset,
-                lsn: rec.lsn,
-                append_ms: rec.append_ms,
-                payload: &rec.payload,
-            };
-            match processor.apply(r) {
-                Ok(_) => replayed += 1,
-                Err(e) => tracing::error!(error = %e, "replay: skipping undecodable record"),
-            }
-        }
-        for e in &reader.errors {
-            tracing::error!(error = %e, "replay: corrupt log data skipped");
-        }
-        if replayed > 0 {
+        // Recovery: the newest valid checkpoint, then the log from its offsets.
+        let (mut state, rec) = StateStore::open(&cfg.data_dir.join("state"), &mut processor)?;
+        if let Some(seq) = rec.checkpoint {
             tracing::info!(
-                records = replayed,
-                events = processor.totals().counted,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "replayed the log"
+                checkpoint = seq,
+                sealed_buckets = rec.sealed_buckets,
+                open_buckets = rec.open_buckets,
+                dedupe_entries = rec.dedupe_entries,
+                late_entries = rec.late_entries,
+                elapsed_ms = rec.elapsed_ms,
+                "loaded checkpoint"
             );
         }
+        let replay = replay_log(
+            &cfg.data_dir.join("log"),
+            &mut processor,
+            &report.end_offsets,
+            checkpoints.then_some(&mut state),
+            |_| {},
+        )?;
+        telemetry
+            .log_corrupt_records
+            .store(replay.corrupt.len() as u64, Relaxed);
+        if replay.records > 0 || rec.checkpoint.is_some() {
+            tracing::info!(
+                records = replay.records,
+                events = processor.totals().counted,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "recovered"
+            );
+        }
+        if checkpoints && processor.dirty() {
+            state.checkpoint(&mut processor)?;
+        }
+        telemetry
+            .recovery_ms
+            .store(started.elapsed().as_millis() as u64, Relaxed);
+        telemetry.recovery_records.store(replay.records, Relaxed);
         let view = Arc::new(Mutex::new(ProcessorView {
             watermark: processor.watermark(),
             totals: processor.totals(),
@@ -262,6 +287,9 @@ impl Pipeline {
             ready: AtomicBool::new(false),
             clock,
             log_bytes: AtomicI64::new(log.sizes().iter().sum::<u64>() as i64),
+            committed_lsn: AtomicU64::new(report.next_lsn),
+            corrections: Mutex::new(HashMap::new()),
+            partitions: cfg.log.partitions,
         });
         let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
         let (ptx, prx) = std::sync::mpsc::sync_channel::<Committed>(1024);
@@ -271,9 +299,10 @@ impl Pipeline {
             .spawn(move || writer_loop(log, report.next_lsn, rx, ptx, dlq_file, sh))
             .map_err(PipelineError::Thread)?;
         let sh = shared.clone();
+        let interval = checkpoints.then(|| Duration::from_millis(d.checkpoint_interval_ms as u64));
         let proc_thread = std::thread::Builder::new()
             .name("tally-processor".into())
-            .spawn(move || processor_loop(processor, prx, sh))
+            .spawn(move || processor_loop(processor, prx, sh, state, interval))
             .map_err(PipelineError::Thread)?;
         shared.ready.store(true, Relaxed);
         Ok(Pipeline {
@@ -327,8 +356,10 @@ fn writer_loop(
             }
         }
         let now = shared.clock.now_ms();
-        let mut result: Result<(), String> = Ok(());
+        let mut result: Result<Option<u64>, String> = Ok(None);
+        let mut last_lsn: Vec<Option<u64>> = Vec::with_capacity(group.len());
         'append: for req in &mut group {
+            let mut mine = None;
             for (p, payload) in req.parts.drain(..) {
                 match log.append(p, next_lsn, now, &payload) {
                     Ok(offset) => {
@@ -339,6 +370,7 @@ fn writer_loop(
                             append_ms: now,
                             payload,
                         });
+                        mine = Some(next_lsn);
                         next_lsn += 1;
                     }
                     Err(e) => {
@@ -347,19 +379,23 @@ fn writer_loop(
                     }
                 }
             }
+            last_lsn.push(mine);
             malformed.append(&mut req.malformed);
         }
-        if result.is_ok() {
-            result = log.sync().map_err(|e| e.to_string());
+        if result.is_ok()
+            && let Err(e) = log.sync()
+        {
+            result = Err(e.to_string());
         }
-        if result.is_ok() {
-            result = dlq_file
-                .append(&malformed)
-                .map_err(|e| format!("malformed DLQ file: {e}"));
+        if result.is_ok()
+            && let Err(e) = dlq_file.append(&malformed)
+        {
+            result = Err(format!("malformed DLQ file: {e}"));
         }
         tel.log_syncs.fetch_add(1, Relaxed);
         match &result {
-            Ok(()) => {
+            Ok(_) => {
+                shared.committed_lsn.store(next_lsn, Relaxed);
                 if !malformed.is_empty() {
                     let mut dlq = shared.dlq.lock();
                     for e in malformed.drain(..) {
@@ -383,9 +419,13 @@ fn writer_loop(
                 malformed.clear();
             }
         }
-        for req in group.drain(..) {
+        for (i, req) in group.drain(..).enumerate() {
             tel.inflight_bytes.fetch_sub(req.bytes as i64, Relaxed);
-            let _ = req.done.send(result.clone());
+            let r = match &result {
+                Ok(_) => Ok(last_lsn.get(i).copied().flatten()),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = req.done.send(r);
         }
         if now - last_retention > 60_000 {
             last_retention = now;
@@ -410,26 +450,148 @@ fn writer_loop(
     }
 }
 
-fn processor_loop(mut p: Processor, rx: std::sync::mpsc::Receiver<Committed>, shared: Arc<Shared>) {
+fn processor_loop(
+    mut p: Processor,
+    rx: std::sync::mpsc::Receiver<Committed>,
+    shared: Arc<Shared>,
+    mut state: StateStore,
+    interval: Option<Duration>,
+) {
     let tel = &shared.telemetry;
-    while let Ok(c) = rx.recv() {
+    let mut next_ckpt = interval.map(|i| Instant::now() + i);
+    loop {
+        let wait = next_ckpt.map_or(Duration::from_secs(3600), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(c) => {
+                let r = RecordRef {
+                    partition: c.partition,
+                    offset: c.offset,
+                    lsn: c.lsn,
+                    append_ms: c.append_ms,
+                    payload: &c.payload,
+                };
+                match p.apply(r) {
+                    Ok(a) if a.correction_record => {
+                        shared.corrections.lock().insert(c.lsn, a);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "processor: skipping undecodable record"),
+                }
+                let now = shared.clock.now_ms();
+                tel.processing_lag_ms.store(now - c.append_ms, Relaxed);
+                tel.last_applied_append_ms.store(c.append_ms, Relaxed);
+                tel.last_applied_at_ms.store(now, Relaxed);
+                let mut v = shared.processor.lock();
+                v.watermark = p.watermark();
+                v.totals = p.totals();
+                v.dedupe_len = p.dedupe_len();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if let (Some(t), Some(i)) = (next_ckpt, interval)
+            && Instant::now() >= t
+        {
+            checkpoint(&mut p, &mut state, &shared);
+            next_ckpt = Some(Instant::now() + i);
+        }
+    }
+    if interval.is_some() {
+        checkpoint(&mut p, &mut state, &shared);
+    }
+}
+
+fn checkpoint(p: &mut Processor, state: &mut StateStore, shared: &Shared) {
+    if !p.dirty() {
+        return;
+    }
+    let tel = &shared.telemetry;
+    match state.checkpoint(p) {
+        Ok(r) => {
+            tel.checkpoints.fetch_add(1, Relaxed);
+            tel.checkpoint_bytes.fetch_add(r.bytes, Relaxed);
+            tel.checkpoint_duration.observe_us(r.elapsed_us);
+            tel.last_checkpoint_ms.store(shared.clock.now_ms(), Relaxed);
+            tracing::debug!(
+                seq = r.seq,
+                bytes = r.bytes,
+                us = r.elapsed_us,
+                "checkpoint"
+            );
+        }
+        Err(e) => {
+            tel.checkpoint_errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "checkpoint failed; state stays in memory and is retried");
+        }
+    }
+}
+
+/// The stream settings of a config.
+pub fn stream_config(cfg: &Config) -> Result<StreamConfig, PipelineError> {
+    let d = cfg.durations()?;
+    Ok(StreamConfig {
+        partitions: cfg.log.partitions,
+        watermark_bound_ms: d.watermark_bound_ms,
+        idle_timeout_ms: d.idle_timeout_ms,
+        allowed_lateness_ms: d.allowed_lateness_ms,
+    })
+}
+
+/// What a log replay did.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub records: u64,
+    pub bytes: u64,
+    /// Corrupt data found (checksum, truncation), with partition and offset.
+    pub corrupt: Vec<String>,
+}
+
+/// Payload bytes replayed between two checkpoints during a long replay.
+const REPLAY_CHECKPOINT_BYTES: u64 = 256 << 20;
+
+/// Applies the log from `p.offsets()` up to `end` in lsn order. With a state
+/// store, checkpoints every few hundred MiB so a long replay keeps little in
+/// memory. `progress` sees the payload bytes applied so far.
+pub fn replay_log(
+    log_dir: &Path,
+    p: &mut Processor,
+    end: &[u64],
+    mut state: Option<&mut StateStore>,
+    mut progress: impl FnMut(u64),
+) -> Result<ReplayReport, PipelineError> {
+    let from = p.offsets().to_vec();
+    let mut out = ReplayReport::default();
+    let mut since_ckpt = 0u64;
+    let mut reader = MergedReader::open(log_dir, &from, end)?;
+    for rec in reader.by_ref() {
         let r = RecordRef {
-            partition: c.partition,
-            offset: c.offset,
-            lsn: c.lsn,
-            append_ms: c.append_ms,
-            payload: &c.payload,
+            partition: rec.partition,
+            offset: rec.offset,
+            lsn: rec.lsn,
+            append_ms: rec.append_ms,
+            payload: &rec.payload,
         };
         if let Err(e) = p.apply(r) {
-            tracing::error!(error = %e, "processor: skipping undecodable record");
+            tracing::error!(error = %e, "replay: skipping undecodable record");
+            out.corrupt.push(e.to_string());
         }
-        let now = shared.clock.now_ms();
-        tel.processing_lag_ms.store(now - c.append_ms, Relaxed);
-        tel.last_applied_append_ms.store(c.append_ms, Relaxed);
-        tel.last_applied_at_ms.store(now, Relaxed);
-        let mut v = shared.processor.lock();
-        v.watermark = p.watermark();
-        v.totals = p.totals();
-        v.dedupe_len = p.dedupe_len();
+        out.records += 1;
+        let n = (rec.payload.len() + tally_log::HEADER_LEN) as u64;
+        out.bytes += n;
+        since_ckpt += n;
+        progress(out.bytes);
+        if since_ckpt > REPLAY_CHECKPOINT_BYTES
+            && let Some(s) = state.as_deref_mut()
+        {
+            since_ckpt = 0;
+            s.checkpoint(p)?;
+        }
     }
+    for e in &reader.errors {
+        tracing::error!(error = %e, "replay: corrupt log data skipped");
+        out.corrupt.push(e.to_string());
+    }
+    Ok(out)
 }

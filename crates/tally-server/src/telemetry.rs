@@ -71,6 +71,17 @@ pub struct Telemetry {
     /// Processing lag of the last record: applied − appended (ms).
     pub processing_lag_ms: AtomicI64,
     pub inflight_bytes: AtomicI64,
+    pub checkpoints: AtomicU64,
+    pub checkpoint_errors: AtomicU64,
+    pub checkpoint_duration: Histogram,
+    pub checkpoint_bytes: AtomicU64,
+    /// Wall time of the last checkpoint written (ms; 0 = none yet).
+    pub last_checkpoint_ms: AtomicI64,
+    /// How long the last start spent recovering (checkpoint load + log replay).
+    pub recovery_ms: AtomicU64,
+    pub recovery_records: AtomicU64,
+    /// Corrupt log data found (and skipped) while replaying.
+    pub log_corrupt_records: AtomicU64,
 }
 
 impl Default for Telemetry {
@@ -90,6 +101,14 @@ impl Default for Telemetry {
             last_applied_at_ms: AtomicI64::new(0),
             processing_lag_ms: AtomicI64::new(0),
             inflight_bytes: AtomicI64::new(0),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_errors: AtomicU64::new(0),
+            checkpoint_duration: Histogram::latency(),
+            checkpoint_bytes: AtomicU64::new(0),
+            last_checkpoint_ms: AtomicI64::new(0),
+            recovery_ms: AtomicU64::new(0),
+            recovery_records: AtomicU64::new(0),
+            log_corrupt_records: AtomicU64::new(0),
         }
     }
 }
@@ -103,6 +122,7 @@ pub struct Snapshot {
     pub duplicates: u64,
     pub late: u64,
     pub corrections: u64,
+    pub replayed: u64,
     pub dlq_malformed_total: u64,
     pub dlq_late_total: u64,
     pub dlq_malformed_held: usize,
@@ -196,7 +216,7 @@ impl Telemetry {
         counter(
             &mut o,
             "tally_log_errors_total",
-            "Log write or fsync failures.",
+            "Log write or fsync failures (the requests of that commit got 503, nothing of them kept).",
             self.log_errors.load(Relaxed),
         );
         self.ack_latency.render(
@@ -286,6 +306,62 @@ impl Telemetry {
             "tally_ingest_inflight_bytes",
             "Accepted bytes waiting to become durable.",
             self.inflight_bytes.load(Relaxed) as f64,
+        );
+        counter(
+            &mut o,
+            "tally_events_replayed_total",
+            "Late events applied from the DLQ as corrections.",
+            s.replayed,
+        );
+        counter(
+            &mut o,
+            "tally_log_corrupt_records_total",
+            "Corrupt log records found by checksum on replay (skipped, reported).",
+            self.log_corrupt_records.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_checkpoints_total",
+            "Checkpoints written.",
+            self.checkpoints.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_checkpoint_errors_total",
+            "Checkpoint attempts that failed (retried at the next interval).",
+            self.checkpoint_errors.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_checkpoint_bytes_total",
+            "Bytes written by checkpoints (state journals and checkpoint files).",
+            self.checkpoint_bytes.load(Relaxed),
+        );
+        self.checkpoint_duration.render(
+            &mut o,
+            "tally_checkpoint_duration_seconds",
+            "Time to write one checkpoint.",
+        );
+        let last = self.last_checkpoint_ms.load(Relaxed);
+        if last > 0 {
+            gauge(
+                &mut o,
+                "tally_checkpoint_age_seconds",
+                "Time since the last checkpoint.",
+                (s.now_ms - last).max(0) as f64 / 1000.0,
+            );
+        }
+        gauge(
+            &mut o,
+            "tally_recovery_seconds",
+            "Time the last start spent loading the checkpoint and replaying the log.",
+            self.recovery_ms.load(Relaxed) as f64 / 1000.0,
+        );
+        gauge(
+            &mut o,
+            "tally_recovery_records",
+            "Log records replayed at the last start.",
+            self.recovery_records.load(Relaxed) as f64,
         );
         gauge(
             &mut o,

@@ -6,13 +6,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use tally_types::bin::{Dec, DecodeError, Enc};
 use tally_types::time::{DAY_MS, HOUR_MS, MINUTE_MS, Millis, align_down};
 use tally_types::{EventView, stable_hash};
 
 use crate::sketch::{DdSketch, ExactSum, Hll};
 
 /// Aggregates of one numeric property.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct NumAgg {
     pub count: u64,
     pub sum: ExactSum,
@@ -59,7 +60,7 @@ impl NumAgg {
 }
 
 /// Everything kept for one (tenant, minute, event type).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Agg {
     pub count: u64,
     pub users: Hll,
@@ -122,7 +123,7 @@ impl Agg {
 }
 
 /// The aggregates of one minute, per event type.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MinuteBucket {
     pub types: Vec<(Box<str>, Agg)>,
 }
@@ -141,8 +142,79 @@ impl MinuteBucket {
     }
 }
 
+impl NumAgg {
+    pub fn encode(&self, e: &mut Enc) {
+        e.u64(self.count);
+        self.sum.encode(e);
+        e.f64(self.min);
+        e.f64(self.max);
+        self.sketch.encode(e);
+    }
+
+    pub fn decode(d: &mut Dec<'_>) -> Result<NumAgg, DecodeError> {
+        Ok(NumAgg {
+            count: d.u64()?,
+            sum: ExactSum::decode(d)?,
+            min: d.f64()?,
+            max: d.f64()?,
+            sketch: DdSketch::decode(d)?,
+        })
+    }
+}
+
+impl Agg {
+    pub fn encode(&self, e: &mut Enc) {
+        e.u64(self.count);
+        self.users.encode(e);
+        self.sessions.encode(e);
+        e.u32(self.props.len() as u32);
+        for (k, n) in &self.props {
+            e.str(k);
+            n.encode(e);
+        }
+    }
+
+    pub fn decode(d: &mut Dec<'_>) -> Result<Agg, DecodeError> {
+        let count = d.u64()?;
+        let users = Hll::decode(d)?;
+        let sessions = Hll::decode(d)?;
+        let n = d.count(4)?;
+        let mut props = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k: Box<str> = d.str()?.into();
+            props.push((k, NumAgg::decode(d)?));
+        }
+        Ok(Agg {
+            count,
+            users,
+            sessions,
+            props,
+        })
+    }
+}
+
+impl MinuteBucket {
+    pub fn encode(&self, e: &mut Enc) {
+        e.u32(self.types.len() as u32);
+        for (t, a) in &self.types {
+            e.str(t);
+            a.encode(e);
+        }
+    }
+
+    pub fn decode(d: &mut Dec<'_>) -> Result<MinuteBucket, DecodeError> {
+        let n = d.count(4)?;
+        let mut types = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t: Box<str> = d.str()?.into();
+            types.push((t, Agg::decode(d)?));
+        }
+        Ok(MinuteBucket { types })
+    }
+}
+
 /// Minute rollups for every tenant.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RollupStore {
     tenants: HashMap<Box<str>, BTreeMap<Millis, MinuteBucket>>,
 }
@@ -319,6 +391,32 @@ impl RollupStore {
 
     pub fn tenants(&self) -> impl Iterator<Item = &str> {
         self.tenants.keys().map(|k| &**k)
+    }
+
+    /// Replaces (or inserts) one minute of a tenant (recovery, sealed rollups).
+    pub fn set_minute(&mut self, tenant: &str, minute: Millis, bucket: MinuteBucket) {
+        if !self.tenants.contains_key(tenant) {
+            self.tenants.insert(tenant.into(), BTreeMap::new());
+        }
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.insert(minute, bucket);
+        }
+    }
+
+    /// Every (tenant, minute, bucket) with `from <= minute < to`.
+    pub fn minutes_in(
+        &self,
+        from: Millis,
+        to: Millis,
+    ) -> impl Iterator<Item = (&str, Millis, &MinuteBucket)> {
+        self.tenants.iter().flat_map(move |(t, m)| {
+            let range = if from < to {
+                m.range(from..to)
+            } else {
+                m.range(0..0)
+            };
+            range.map(move |(&minute, b)| (&**t, minute, b))
+        })
     }
 
     /// Number of (tenant, minute) buckets held.

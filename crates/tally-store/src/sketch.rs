@@ -10,6 +10,8 @@
 
 use std::hash::{BuildHasherDefault, Hasher};
 
+use tally_types::bin::{Dec, DecodeError, Enc};
+
 /// A hasher for keys that are already uniformly distributed 64-bit hashes.
 #[derive(Default, Clone, Copy)]
 pub struct IdentityHasher(u64);
@@ -37,7 +39,7 @@ const Q: u32 = 64 - P;
 pub const SPARSE_MAX: usize = 4096;
 
 /// HyperLogLog over 64-bit hashes, exact while small.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hll {
     Sparse(HashSet64),
     Dense(Box<[u8]>),
@@ -191,7 +193,7 @@ pub const DD_ALPHA: f64 = 0.01;
 const DD_MAX_BINS: usize = 4096;
 
 /// Dense bins over a contiguous range of keys.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct Bins {
     offset: i32,
     counts: Vec<u64>,
@@ -240,7 +242,7 @@ impl Bins {
 }
 
 /// DDSketch with relative accuracy [`DD_ALPHA`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DdSketch {
     pos: Bins,
     neg: Bins,
@@ -363,7 +365,7 @@ impl DdSketch {
 
 /// A sum with Neumaier compensation: the result is the correctly rounded sum
 /// for all practical inputs, independent of the order values arrive in.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ExactSum {
     sum: f64,
     comp: f64,
@@ -388,6 +390,113 @@ impl ExactSum {
 
     pub fn value(&self) -> f64 {
         self.sum + self.comp
+    }
+}
+
+// Persisted form (checkpoints, sealed rollups). Every field is written
+// exactly, so a decoded sketch behaves bit for bit like the original.
+
+impl Hll {
+    pub fn encode(&self, e: &mut Enc) {
+        match self {
+            Hll::Sparse(s) => {
+                e.u8(0);
+                e.u32(s.len() as u32);
+                for &h in s.iter() {
+                    e.u64(h);
+                }
+            }
+            Hll::Dense(r) => {
+                e.u8(1);
+                e.bytes(r);
+            }
+        }
+    }
+
+    pub fn decode(d: &mut Dec<'_>) -> Result<Hll, DecodeError> {
+        match d.u8()? {
+            0 => {
+                let n = d.count(8)?;
+                if n > SPARSE_MAX {
+                    return d.err("sparse HLL larger than its limit");
+                }
+                let mut s = HashSet64::with_capacity_and_hasher(n, Default::default());
+                for _ in 0..n {
+                    s.insert(d.u64()?);
+                }
+                Ok(Hll::Sparse(s))
+            }
+            1 => {
+                let r = d.bytes()?;
+                if r.len() != M {
+                    return d.err("HLL register count");
+                }
+                Ok(Hll::Dense(r.into()))
+            }
+            _ => d.err("HLL tag"),
+        }
+    }
+}
+
+impl Bins {
+    fn encode(&self, e: &mut Enc) {
+        e.i64(self.offset as i64);
+        e.u32(self.counts.len() as u32);
+        for &c in &self.counts {
+            e.u64(c);
+        }
+    }
+
+    fn decode(d: &mut Dec<'_>) -> Result<Bins, DecodeError> {
+        let offset = d.i64()?;
+        let n = d.count(8)?;
+        if n > DD_MAX_BINS || i32::try_from(offset).is_err() {
+            return d.err("DDSketch bins out of range");
+        }
+        let mut counts = Vec::with_capacity(n);
+        for _ in 0..n {
+            counts.push(d.u64()?);
+        }
+        Ok(Bins {
+            offset: offset as i32,
+            counts,
+        })
+    }
+}
+
+impl DdSketch {
+    pub fn encode(&self, e: &mut Enc) {
+        self.pos.encode(e);
+        self.neg.encode(e);
+        e.u64(self.zeros);
+        e.u64(self.count);
+        e.f64(self.min);
+        e.f64(self.max);
+    }
+
+    pub fn decode(d: &mut Dec<'_>) -> Result<DdSketch, DecodeError> {
+        Ok(DdSketch {
+            pos: Bins::decode(d)?,
+            neg: Bins::decode(d)?,
+            zeros: d.u64()?,
+            count: d.u64()?,
+            min: d.f64()?,
+            max: d.f64()?,
+        })
+    }
+}
+
+impl ExactSum {
+    pub fn encode(&self, e: &mut Enc) {
+        e.f64(self.sum);
+        e.f64(self.comp);
+    }
+
+    pub fn decode(d: &mut Dec<'_>) -> Result<ExactSum, DecodeError> {
+        Ok(ExactSum {
+            sum: d.f64()?,
+            comp: d.f64()?,
+        })
     }
 }
 

@@ -44,6 +44,10 @@ pub struct DlqEntry {
     pub reason: String,
     pub received_at: Millis,
     pub body: DlqBody,
+    /// Dedupe key of the event (late entries; 0 for malformed ones).
+    pub key: u64,
+    /// A late entry already applied as a correction (`POST /dlq/replay`).
+    pub replayed: bool,
 }
 
 /// Bounded per-tenant dead-letter rings.
@@ -66,6 +70,12 @@ impl Dlq {
 
     pub fn push(&mut self, e: DlqEntry) {
         *self.totals.entry(e.kind).or_default() += 1;
+        self.push_held(e);
+    }
+
+    /// Adds an entry without counting it (reloading persisted entries whose
+    /// totals are restored separately).
+    pub fn push_held(&mut self, e: DlqEntry) {
         let ring = self.rings.entry((e.tenant.clone(), e.kind)).or_default();
         if ring.len() == self.capacity {
             ring.pop_front();
@@ -85,9 +95,43 @@ impl Dlq {
         }
     }
 
+    /// Marks the late entries of `key` as applied.
+    pub fn mark_replayed(&mut self, tenant: &str, key: u64) {
+        if let Some(r) = self.rings.get_mut(&(tenant.to_string(), DlqKind::Late)) {
+            for e in r.iter_mut().filter(|e| e.key == key) {
+                e.replayed = true;
+            }
+        }
+    }
+
+    /// Late entries not applied yet, of one tenant or of all, oldest first.
+    pub fn pending_late(&self, tenant: Option<&str>) -> Vec<DlqEntry> {
+        let mut out: Vec<DlqEntry> = self
+            .rings
+            .iter()
+            .filter(|((t, k), _)| *k == DlqKind::Late && tenant.is_none_or(|x| x == t))
+            .flat_map(|(_, r)| r.iter().filter(|e| !e.replayed).cloned())
+            .collect();
+        out.sort_by_key(|e| e.received_at);
+        out
+    }
+
     /// Entries ever pushed of a kind.
     pub fn total(&self, kind: DlqKind) -> u64 {
         self.totals.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Restores the all-time total of a kind (recovery).
+    pub fn set_total(&mut self, kind: DlqKind, n: u64) {
+        self.totals.insert(kind, n);
+    }
+
+    /// Every entry held of a kind, ring by ring, oldest first within a ring.
+    pub fn held_entries(&self, kind: DlqKind) -> impl Iterator<Item = &DlqEntry> {
+        self.rings
+            .iter()
+            .filter(move |((_, k), _)| *k == kind)
+            .flat_map(|(_, r)| r.iter())
     }
 
     /// Entries currently held of a kind.

@@ -25,18 +25,27 @@
 //! and *final* afterwards: an event for a final window goes to the late DLQ.
 
 pub mod dlq;
+pub mod state;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use tally_store::RollupStore;
-use tally_store::sketch::IdentityHasher;
+use tally_store::sketch::{HashSet64, IdentityHasher};
 use tally_types::time::{MINUTE_MS, Millis, align_down, format_rfc3339};
-use tally_types::{BatchReader, CodecError, dedupe_key};
+use tally_types::{BatchReader, CodecError, EventView, dedupe_key};
 
 pub use dlq::{Dlq, DlqBody, DlqEntry, DlqKind};
+pub use state::{CheckpointReport, RecoveryReport, StateError, StateStore};
 
 type DedupeMap = hashbrown::HashMap<u64, Millis, std::hash::BuildHasherDefault<IdentityHasher>>;
+
+/// Dedupe values are the minute of the event's window (a multiple of 60 000,
+/// so even); a value with this bit set marks an event that went to the late
+/// DLQ, remembered (from the watermark's minute at arrival) so that a retried
+/// late event is a duplicate, not a second DLQ entry.
+const LATE_MARK: Millis = 1;
 
 /// Event-time settings.
 #[derive(Debug, Clone)]
@@ -85,7 +94,7 @@ pub struct RecordRef<'a> {
     pub payload: &'a [u8],
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct PartState {
     max_ts: Option<Millis>,
     last_append_ms: Millis,
@@ -99,6 +108,10 @@ pub struct Applied {
     pub late: u64,
     /// Events that updated a window already closed (within allowed lateness).
     pub corrections: u64,
+    /// Late events re-applied from the DLQ (a correction record).
+    pub replayed: u64,
+    /// Whether the record was a correction record.
+    pub correction_record: bool,
 }
 
 /// Running totals, for `/metrics`.
@@ -109,7 +122,21 @@ pub struct Totals {
     pub duplicates: u64,
     pub late: u64,
     pub corrections: u64,
+    pub replayed: u64,
     pub last_lsn: Option<u64>,
+}
+
+/// What changed since the last checkpoint (written out incrementally).
+#[derive(Debug, Default)]
+struct Journal {
+    /// Dedupe entries inserted, in order.
+    dedupe: Vec<(u64, Millis)>,
+    /// Late DLQ entries produced, in order.
+    late: Vec<DlqEntry>,
+    /// Final minutes changed by corrections: they are sealed again.
+    reseal: BTreeSet<(Box<str>, Millis)>,
+    /// Anything at all applied since the last checkpoint.
+    dirty: bool,
 }
 
 /// The processor: owns watermark and dedupe state, writes rollups and late entries.
@@ -119,12 +146,19 @@ pub struct Processor {
     dedupe: DedupeMap,
     /// Dedupe entries of minutes before this are evicted on the next sweep.
     swept_to: Millis,
+    /// Dedupe keys of late events applied from the DLQ (each applies once).
+    corrected: HashSet64,
+    /// Minutes before this are final and written to the sealed rollup file.
+    sealed_to: Millis,
     store: Arc<RwLock<RollupStore>>,
     dlq: Arc<Mutex<Dlq>>,
     totals: Totals,
     /// Next offset to read per partition (one past the last applied record).
     offsets: Vec<u64>,
     watermark: Option<Millis>,
+    journal: Journal,
+    /// Whether changes are journaled for checkpoints (off when checkpoints are).
+    journaling: bool,
 }
 
 impl Processor {
@@ -135,11 +169,15 @@ impl Processor {
             parts: vec![PartState::default(); n],
             dedupe: DedupeMap::default(),
             swept_to: Millis::MIN,
+            corrected: HashSet64::default(),
+            sealed_to: Millis::MIN,
             store,
             dlq,
             totals: Totals::default(),
             offsets: vec![0; n],
             watermark: None,
+            journal: Journal::default(),
+            journaling: true,
         }
     }
 
@@ -162,6 +200,39 @@ impl Processor {
 
     pub fn dedupe_len(&self) -> usize {
         self.dedupe.len()
+    }
+
+    pub fn store(&self) -> &Arc<RwLock<RollupStore>> {
+        &self.store
+    }
+
+    /// Turns journaling for checkpoints on or off (off: nothing is kept for
+    /// a checkpoint that will never be written).
+    pub fn set_journaling(&mut self, on: bool) {
+        self.journaling = on;
+        if !on {
+            self.journal = Journal::default();
+        }
+    }
+
+    /// Whether anything was applied since the last checkpoint.
+    pub fn dirty(&self) -> bool {
+        self.journal.dirty
+    }
+
+    /// Minutes before this boundary can no longer change through the stream
+    /// (only through DLQ corrections).
+    pub fn final_before(&self) -> Millis {
+        match self.watermark {
+            None => Millis::MIN,
+            Some(w) => align_down(w - self.cfg.allowed_lateness_ms, MINUTE_MS),
+        }
+    }
+
+    /// Whether a dedupe value still blocks its key at watermark `wm`.
+    #[inline]
+    fn live(&self, value: Millis, wm: Option<Millis>) -> bool {
+        wm.is_none_or(|w| (value & !LATE_MARK) + MINUTE_MS + self.cfg.allowed_lateness_ms > w)
     }
 
     /// Minimum over active partitions other than `skip` of their watermark.
@@ -187,8 +258,32 @@ impl Processor {
             source,
         };
         let reader = BatchReader::new(rec.payload).map_err(codec)?;
-        self.parts[p].last_append_ms = self.parts[p].last_append_ms.max(rec.append_ms);
-        let others = self.others_min(p, rec.append_ms);
+        let out = if reader.is_correction() {
+            self.apply_correction(reader).map_err(codec)?
+        } else {
+            self.apply_events(p, rec.append_ms, reader).map_err(codec)?
+        };
+        self.offsets[p] = self.offsets[p].max(rec.offset + 1);
+        self.totals.records += 1;
+        self.totals.counted += out.counted;
+        self.totals.duplicates += out.duplicates;
+        self.totals.late += out.late;
+        self.totals.corrections += out.corrections;
+        self.totals.replayed += out.replayed;
+        self.totals.last_lsn = Some(rec.lsn);
+        self.journal.dirty = true;
+        self.sweep_dedupe();
+        Ok(out)
+    }
+
+    fn apply_events(
+        &mut self,
+        p: usize,
+        append_ms: Millis,
+        reader: BatchReader<'_>,
+    ) -> Result<Applied, CodecError> {
+        self.parts[p].last_append_ms = self.parts[p].last_append_ms.max(append_ms);
+        let others = self.others_min(p, append_ms);
         let bound = self.cfg.watermark_bound_ms;
         let lateness = self.cfg.allowed_lateness_ms;
         let mut out = Applied::default();
@@ -201,12 +296,12 @@ impl Processor {
             wm = Some(wm.map_or(overall, |w| w.max(overall)));
         }
         for ev in reader {
-            let ev = ev.map_err(codec)?;
+            let ev = ev?;
             let minute = align_down(ev.ts, MINUTE_MS);
             let key = dedupe_key(ev.tenant, ev.event_id);
             // An entry counts while the window of the original can still change.
-            if let Some(&orig) = self.dedupe.get(&key)
-                && wm.is_none_or(|w| orig + MINUTE_MS + lateness > w)
+            if self.dedupe.get(&key).is_some_and(|&v| self.live(v, wm))
+                || self.corrected.contains(&key)
             {
                 out.duplicates += 1;
                 continue;
@@ -214,18 +309,12 @@ impl Processor {
             if let Some(w) = wm {
                 if minute + MINUTE_MS + lateness <= w {
                     out.late += 1;
-                    late_entries.push(DlqEntry {
-                        kind: DlqKind::Late,
-                        tenant: ev.tenant.into(),
-                        reason: format!(
-                            "window {} closed for good: the watermark is {}, more than the allowed lateness ({}) past the window's end",
-                            format_rfc3339(minute),
-                            format_rfc3339(w),
-                            human_ms(lateness)
-                        ),
-                        received_at: rec.append_ms,
-                        body: DlqBody::Event(ev.to_json()),
-                    });
+                    let mark = align_down(w, MINUTE_MS) | LATE_MARK;
+                    self.dedupe.insert(key, mark);
+                    if self.journaling {
+                        self.journal.dedupe.push((key, mark));
+                    }
+                    late_entries.push(late_entry(&ev, key, minute, w, lateness, append_ms));
                     continue;
                 }
                 if minute + MINUTE_MS <= w {
@@ -233,6 +322,9 @@ impl Processor {
                 }
             }
             self.dedupe.insert(key, minute);
+            if self.journaling {
+                self.journal.dedupe.push((key, minute));
+            }
             store.add(&ev);
             out.counted += 1;
             // Advance this partition's watermark, then the overall one.
@@ -248,18 +340,54 @@ impl Processor {
         self.watermark = wm;
         if !late_entries.is_empty() {
             let mut dlq = self.dlq.lock();
-            for e in late_entries {
-                dlq.push(e);
+            for e in &late_entries {
+                dlq.push(e.clone());
+            }
+            if self.journaling {
+                self.journal.late.extend(late_entries);
             }
         }
-        self.offsets[p] = self.offsets[p].max(rec.offset + 1);
-        self.totals.records += 1;
-        self.totals.counted += out.counted;
-        self.totals.duplicates += out.duplicates;
-        self.totals.late += out.late;
-        self.totals.corrections += out.corrections;
-        self.totals.last_lsn = Some(rec.lsn);
-        self.sweep_dedupe();
+        Ok(out)
+    }
+
+    /// A correction record: late events from the DLQ, applied to their
+    /// windows whatever the watermark, each (tenant, event_id) at most once
+    /// and never on top of an event already counted.
+    fn apply_correction(&mut self, reader: BatchReader<'_>) -> Result<Applied, CodecError> {
+        let mut out = Applied {
+            correction_record: true,
+            ..Applied::default()
+        };
+        let wm = self.watermark;
+        let mut store = self.store.write();
+        let mut applied_keys = Vec::new();
+        for ev in reader {
+            let ev = ev?;
+            let key = dedupe_key(ev.tenant, ev.event_id);
+            let counted = self
+                .dedupe
+                .get(&key)
+                .is_some_and(|&v| v & LATE_MARK == 0 && self.live(v, wm));
+            if counted || self.corrected.contains(&key) {
+                out.duplicates += 1;
+                applied_keys.push((ev.tenant.to_string(), key));
+                continue;
+            }
+            let minute = align_down(ev.ts, MINUTE_MS);
+            store.add(&ev);
+            self.corrected.insert(key);
+            if minute < self.sealed_to && self.journaling {
+                self.journal.reseal.insert((ev.tenant.into(), minute));
+            }
+            applied_keys.push((ev.tenant.to_string(), key));
+            out.counted += 1;
+            out.replayed += 1;
+        }
+        drop(store);
+        let mut dlq = self.dlq.lock();
+        for (tenant, key) in applied_keys {
+            dlq.mark_replayed(&tenant, key);
+        }
         Ok(out)
     }
 
@@ -275,7 +403,36 @@ impl Processor {
         // Keep entries whose window end + lateness is still above the watermark.
         let lateness = self.cfg.allowed_lateness_ms;
         self.dedupe
-            .retain(|_, &mut minute| minute + MINUTE_MS + lateness > w);
+            .retain(|_, &mut v| (v & !LATE_MARK) + MINUTE_MS + lateness > w);
+    }
+
+    /// Whether `key` was applied from the DLQ already.
+    pub fn is_corrected(&self, key: u64) -> bool {
+        self.corrected.contains(&key)
+    }
+}
+
+fn late_entry(
+    ev: &EventView<'_>,
+    key: u64,
+    minute: Millis,
+    w: Millis,
+    lateness: Millis,
+    append_ms: Millis,
+) -> DlqEntry {
+    DlqEntry {
+        kind: DlqKind::Late,
+        tenant: ev.tenant.into(),
+        reason: format!(
+            "window {} closed for good: the watermark is {}, more than the allowed lateness ({}) past the window's end",
+            format_rfc3339(minute),
+            format_rfc3339(w),
+            human_ms(lateness)
+        ),
+        received_at: append_ms,
+        body: DlqBody::Event(ev.to_json()),
+        key,
+        replayed: false,
     }
 }
 

@@ -154,6 +154,7 @@ proptest! {
     fn counts_match_model(evs in proptest::collection::vec((0u32..40, 0i64..1200, 0u32..2), 1..300), chunk in 1usize..20) {
         let mut h = Harness::new(2);
         let mut seen: std::collections::HashMap<String, Millis> = Default::default();
+        let mut late_seen: std::collections::HashMap<String, Millis> = Default::default();
         let mut max_ts: [Option<Millis>; 2] = [None, None];
         let mut wm: Option<Millis> = None;
         let mut model: std::collections::BTreeMap<Millis, u64> = Default::default();
@@ -166,8 +167,15 @@ proptest! {
             for (id, ts) in &items {
                 if let Some(orig) = seen.get(id)
                     && wm.is_none_or(|w| orig + MINUTE_MS + 300_000 > w) { continue; }
+                // A late event is remembered from the watermark's minute at arrival.
+                if let Some(at) = late_seen.get(id)
+                    && wm.is_none_or(|w| at + MINUTE_MS + 300_000 > w) { continue; }
                 let minute = align_down(*ts, MINUTE_MS);
-                if wm.is_some_and(|w| minute + MINUTE_MS + 300_000 <= w) { late += 1; continue; }
+                if let Some(w) = wm && minute + MINUTE_MS + 300_000 <= w {
+                    late += 1;
+                    late_seen.insert(id.clone(), align_down(w, MINUTE_MS));
+                    continue;
+                }
                 seen.insert(id.clone(), minute);
                 *model.entry(minute).or_default() += 1;
                 let m = &mut max_ts[part as usize];

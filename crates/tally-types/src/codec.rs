@@ -7,7 +7,8 @@
 //! Layout of an encoded batch (all integers little-endian):
 //!
 //! ```text
-//! batch  := n_events:u32 event*
+//! batch  := head:u32 event*     head: bit 31 = correction batch (late events
+//!                               re-applied from the DLQ), bits 0..31 = n_events
 //! event  := tenant:str16 event_id:str16 event_type:str8 ts:i64
 //!           user_id:opt16 session_id:opt16 n_props:u16 prop*
 //! prop   := key:str16 tag:u8 value
@@ -274,13 +275,26 @@ impl<'a> Cursor<'a> {
 pub struct BatchReader<'a> {
     cur: Cursor<'a>,
     left: u32,
+    correction: bool,
 }
+
+/// Bit of the batch head that marks a correction batch.
+const CORRECTION_BIT: u32 = 1 << 31;
 
 impl<'a> BatchReader<'a> {
     pub fn new(buf: &'a [u8]) -> Result<Self, CodecError> {
         let mut cur = Cursor { buf, pos: 0 };
-        let left = cur.u32()?;
-        Ok(BatchReader { cur, left })
+        let head = cur.u32()?;
+        Ok(BatchReader {
+            cur,
+            left: head & !CORRECTION_BIT,
+            correction: head & CORRECTION_BIT != 0,
+        })
+    }
+
+    /// Whether this batch holds late events re-applied as corrections.
+    pub fn is_correction(&self) -> bool {
+        self.correction
     }
 
     pub fn len(&self) -> usize {
@@ -477,11 +491,21 @@ impl BatchWriter {
         self.finish_event(at, e.n_props);
     }
 
-    pub fn finish(mut self) -> Vec<u8> {
+    pub fn finish(self) -> Vec<u8> {
+        self.finish_with(0)
+    }
+
+    /// Finishes a correction batch (see [`BatchReader::is_correction`]).
+    pub fn finish_correction(self) -> Vec<u8> {
+        self.finish_with(CORRECTION_BIT)
+    }
+
+    fn finish_with(mut self, flags: u32) -> Vec<u8> {
         if self.buf.len() < 4 {
             self.buf.resize(4, 0);
         }
-        self.buf[0..4].copy_from_slice(&self.n.to_le_bytes());
+        let head = (self.n & !CORRECTION_BIT) | flags;
+        self.buf[0..4].copy_from_slice(&head.to_le_bytes());
         self.buf
     }
 }

@@ -2,6 +2,7 @@
 //! keys and stable hashes. Every other crate depends on this one; it depends
 //! on no other Tally crate.
 
+pub mod bin;
 pub mod codec;
 pub mod time;
 

@@ -1,0 +1,294 @@
+//! Golden tests of checkpoints: the same records processed without a break,
+//! crashed and recovered from a checkpoint at any point, and with a corrupt
+//! newest checkpoint, end in identical state (rollups bit for bit, totals,
+//! dead letters).
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use proptest::prelude::*;
+use tally_store::RollupStore;
+use tally_types::BatchWriter;
+use tally_types::time::{MINUTE_MS, Millis};
+
+use super::StateStore;
+use crate::{Dlq, DlqKind, Processor, RecordRef, StreamConfig, Totals};
+
+const T0: Millis = 1_793_534_400_000;
+
+/// One log record: partition, offset, lsn, append time, payload.
+type Rec = (u32, u64, u64, Millis, Vec<u8>);
+
+/// A deterministic messy stream: 3 partitions, duplicates, disorder, late
+/// events, numeric properties, and two correction records.
+fn records(seed: u64, n: usize) -> Vec<Rec> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut rnd = |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m.max(1)
+    };
+    let mut out = Vec::new();
+    let mut offsets = [0u64; 3];
+    let mut t = T0;
+    let mut late_ids: Vec<(String, Millis)> = Vec::new();
+    let mut recent: Vec<(String, Millis)> = Vec::new();
+    for lsn in 0..n as u64 {
+        let part = rnd(3) as u32;
+        let mut w = BatchWriter::new();
+        let correction = lsn > 0 && lsn % 97 == 0 && !late_ids.is_empty();
+        if correction {
+            for (id, ts) in late_ids.drain(..) {
+                let at = w.begin_event("acme", &id, "click", ts, Some("u1"), None);
+                w.prop("ms", tally_types::PropValue::Int(7));
+                w.finish_event(at, 1);
+            }
+        } else {
+            for _ in 0..1 + rnd(8) {
+                t += rnd(4000) as Millis;
+                let (id, ts) = match rnd(20) {
+                    0 => {
+                        // Far too late: goes to the DLQ.
+                        let ts = t - 30 * MINUTE_MS;
+                        let id = format!("late{}", rnd(1_000_000));
+                        late_ids.push((id.clone(), ts));
+                        (id, ts)
+                    }
+                    1 | 2 if !recent.is_empty() => {
+                        // A retry: an exact copy of a recent event.
+                        let i = rnd(recent.len() as u64) as usize;
+                        recent[i].clone()
+                    }
+                    3 | 4 => (format!("d{lsn}_{}", rnd(1000)), t - rnd(4000) as Millis),
+                    // Closed window, within the allowed lateness: a correction.
+                    5 => (format!("c{lsn}_{}", rnd(1000)), t - 2 * MINUTE_MS),
+                    _ => (format!("e{}_{}", lsn, rnd(1 << 30)), t),
+                };
+                recent.push((id.clone(), ts));
+                if recent.len() > 50 {
+                    recent.remove(0);
+                }
+                let tenant = if id.len() % 4 == 0 { "globex" } else { "acme" };
+                let ty = ["page_view", "click", "error"][rnd(3) as usize];
+                let user = format!("u{}", rnd(50));
+                let at = w.begin_event(tenant, &id, ty, ts, Some(&user), Some("s1"));
+                w.prop(
+                    "ms",
+                    tally_types::PropValue::Float(rnd(10_000) as f64 / 7.0),
+                );
+                w.finish_event(at, 1);
+            }
+        }
+        let payload = if correction {
+            w.finish_correction()
+        } else {
+            w.finish()
+        };
+        let off = offsets[part as usize];
+        offsets[part as usize] += payload.len() as u64 + 24;
+        out.push((part, off, lsn, lsn as Millis * 100, payload));
+    }
+    out
+}
+
+struct Run {
+    p: Processor,
+    store: Arc<RwLock<RollupStore>>,
+    dlq: Arc<Mutex<Dlq>>,
+}
+
+fn fresh() -> Run {
+    let store = Arc::new(RwLock::new(RollupStore::new()));
+    let dlq = Arc::new(Mutex::new(Dlq::new(10_000)));
+    let cfg = StreamConfig {
+        partitions: 3,
+        ..StreamConfig::default()
+    };
+    Run {
+        p: Processor::new(cfg, store.clone(), dlq.clone()),
+        store,
+        dlq,
+    }
+}
+
+fn apply(p: &mut Processor, r: &Rec) {
+    p.apply(RecordRef {
+        partition: r.0,
+        offset: r.1,
+        lsn: r.2,
+        append_ms: r.3,
+        payload: &r.4,
+    })
+    .unwrap();
+}
+
+/// Applies every record the processor's offsets do not cover (the log replay).
+fn replay_tail(p: &mut Processor, recs: &[Rec]) {
+    let from = p.offsets().to_vec();
+    for r in recs.iter().filter(|r| r.1 >= from[r.0 as usize]) {
+        apply(p, r);
+    }
+}
+
+type Outcome = (RollupStore, Totals, Vec<String>, usize);
+
+fn outcome(run: &Run) -> Outcome {
+    let dlq = run.dlq.lock();
+    let mut late: Vec<String> = ["acme", "globex"]
+        .iter()
+        .flat_map(|t| dlq.list(t, DlqKind::Late, 100_000))
+        .map(|e| format!("{}|{}|{:?}|{}", e.tenant, e.reason, e.body, e.replayed))
+        .collect();
+    late.sort();
+    (
+        run.store.read().clone(),
+        run.p.totals(),
+        late,
+        run.p.dedupe_len(),
+    )
+}
+
+fn uninterrupted(recs: &[Rec]) -> Outcome {
+    let mut r = fresh();
+    for rec in recs {
+        apply(&mut r.p, rec);
+    }
+    outcome(&r)
+}
+
+/// Runs to `crash_at` with a checkpoint every `every` records, drops all
+/// memory, recovers from the state dir and replays the tail.
+fn crashed(recs: &[Rec], crash_at: usize, every: usize, compact: u64) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = fresh();
+    let (mut st, rep) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    assert_eq!(rep.checkpoint, None);
+    st.set_compact_bytes(compact);
+    for (i, rec) in recs[..crash_at].iter().enumerate() {
+        apply(&mut r.p, rec);
+        if (i + 1) % every == 0 {
+            st.checkpoint(&mut r.p).unwrap();
+        }
+    }
+    drop((r, st));
+    let mut r = fresh();
+    let (_st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    replay_tail(&mut r.p, recs);
+    outcome(&r)
+}
+
+#[test]
+fn the_stream_is_messy_enough() {
+    let recs = records(1, 400);
+    let (store, totals, late, _) = uninterrupted(&recs);
+    assert!(totals.duplicates > 20, "{totals:?}");
+    assert!(totals.late > 20, "{totals:?}");
+    assert!(totals.replayed > 10, "{totals:?}");
+    assert!(totals.corrections > 20, "{totals:?}");
+    assert!(late.iter().any(|l| l.ends_with("|true")));
+    assert!(store.bucket_count() > 10);
+}
+
+#[test]
+fn crash_and_recover_equals_uninterrupted_at_many_points() {
+    let recs = records(2, 400);
+    let want = uninterrupted(&recs);
+    for crash_at in [0, 1, 5, 50, 97, 98, 150, 233, 399, 400] {
+        for every in [1, 7, 64] {
+            let got = crashed(&recs, crash_at, every, 64 << 20);
+            assert!(
+                got.0 == want.0,
+                "rollups differ: crash at {crash_at}, every {every}"
+            );
+            assert_eq!(got.1, want.1, "totals: crash at {crash_at}, every {every}");
+            assert_eq!(
+                got.2, want.2,
+                "late DLQ: crash at {crash_at}, every {every}"
+            );
+            assert_eq!(got.3, want.3, "dedupe: crash at {crash_at}, every {every}");
+        }
+    }
+}
+
+#[test]
+fn compacted_journals_recover_the_same_state() {
+    let recs = records(3, 300);
+    let want = uninterrupted(&recs);
+    for crash_at in [100, 211, 300] {
+        let got = crashed(&recs, crash_at, 3, 256);
+        assert!(got.0 == want.0, "rollups differ at {crash_at}");
+        assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+    }
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
+    let recs = records(4, 300);
+    let want = uninterrupted(&recs);
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = fresh();
+    let (mut st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    for (i, rec) in recs[..200].iter().enumerate() {
+        apply(&mut r.p, rec);
+        if i % 50 == 49 {
+            st.checkpoint(&mut r.p).unwrap();
+        }
+    }
+    drop((r, st));
+    let newest = super::ckpt_path(dir.path(), 4);
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&newest, bytes).unwrap();
+    let mut r = fresh();
+    let (_st, rep) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    assert_eq!(rep.checkpoint, Some(3));
+    assert_eq!(rep.skipped.len(), 1, "{:?}", rep.skipped);
+    replay_tail(&mut r.p, &recs);
+    let got = outcome(&r);
+    assert!(got.0 == want.0);
+    assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+}
+
+#[test]
+fn a_damaged_journal_is_an_error_that_names_the_fix() {
+    let recs = records(5, 100);
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = fresh();
+    let (mut st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    for rec in &recs {
+        apply(&mut r.p, rec);
+    }
+    st.checkpoint(&mut r.p).unwrap();
+    drop((r, st));
+    let dedupe = dir.path().join("dedupe-000000.bin");
+    let len = std::fs::metadata(&dedupe).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dedupe)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut r = fresh();
+    let err = StateStore::open(dir.path(), &mut r.p).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("dedupe-000000.bin") && msg.contains("tally replay --from 0"),
+        "{msg}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    #[test]
+    fn recovery_is_exact_for_any_crash_point(seed in 0u64..1000, crash_frac in 0.0f64..1.0, every in 1usize..40) {
+        let recs = records(seed, 150);
+        let want = uninterrupted(&recs);
+        let got = crashed(&recs, (crash_frac * 150.0) as usize, every, 4096);
+        prop_assert!(got.0 == want.0);
+        prop_assert_eq!(got.1, want.1);
+        prop_assert_eq!(got.2, want.2);
+        prop_assert_eq!(got.3, want.3);
+    }
+}
