@@ -38,6 +38,29 @@ enum Cmd {
     Gen(GenArgs),
     /// Drive a server for a fixed time and report throughput, latency, freshness and memory.
     Bench(BenchArgs),
+    /// Reprocess the log into a fresh state (after changing stream settings,
+    /// or to rebuild a damaged state dir). Run it while the server is stopped.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Directory of the log and state [default: ./tally-data].
+    #[arg(long, env = "TALLY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML config file (stream settings to replay under).
+    #[arg(long, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where to start: a log sequence number (e.g. 0, the whole log) or a time
+    /// (RFC 3339, e.g. 2026-11-01T12:00:00Z: records appended from then on).
+    #[arg(long, default_value = "0")]
+    from: String,
+    /// Compare the rebuilt state with the current one and report differences.
+    #[arg(long)]
+    verify: bool,
+    /// Build and report, but keep the current state.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -142,6 +165,7 @@ fn main() -> Result<()> {
             Cmd::Demo(a) => demo(a).await,
             Cmd::Gen(a) => gen_cmd(a).await,
             Cmd::Bench(a) => bench(a).await,
+            Cmd::Replay(a) => replay(a).await,
         }
     })
 }
@@ -273,6 +297,101 @@ fn gen_config(a: &GenArgs) -> Result<GenConfig> {
         duplicate: a.duplicate,
         malformed: a.malformed,
     })
+}
+
+async fn replay(a: ReplayArgs) -> Result<()> {
+    use tally_server::pipeline::{ReplayFrom, rebuild_state};
+    let mut cfg = Config::load(a.config.as_deref()).context("loading configuration")?;
+    if let Some(d) = a.data_dir {
+        cfg.data_dir = d;
+    }
+    let from = if !a.from.is_empty() && a.from.bytes().all(|b| b.is_ascii_digit()) {
+        ReplayFrom::Lsn(
+            a.from
+                .parse()
+                .context("--from: sequence number too large")?,
+        )
+    } else {
+        match tally_types::time::parse_rfc3339(&a.from) {
+            Ok(t) => ReplayFrom::Time(t),
+            Err(e) => bail!(
+                "--from {:?}: {e}; use a log sequence number (0 = the whole log) or an RFC 3339 time",
+                a.from
+            ),
+        }
+    };
+    if !cfg.data_dir.join("log").exists() {
+        bail!(
+            "{} has no log (no {}/log directory); point --data-dir at a tally data dir",
+            cfg.data_dir.display(),
+            cfg.data_dir.display()
+        );
+    }
+    let (verify, dry_run) = (a.verify, a.dry_run);
+    let cfg2 = cfg.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "replay [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let r = rebuild_state(&cfg2, from, verify, dry_run, |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        });
+        pb.finish_and_clear();
+        r
+    })
+    .await
+    .context("replay task")?
+    .with_context(|| format!("replaying the log of {}", cfg.data_dir.display()))?;
+    let secs = r.elapsed_ms.max(1) as f64 / 1000.0;
+    println!(
+        "replayed {} records ({} skipped before the start), {:.1} MiB in {secs:.2} s ({:.0} events/s)",
+        r.replay.records,
+        r.replay.skipped,
+        r.replay.bytes as f64 / 1048576.0,
+        (r.totals.counted + r.totals.duplicates + r.totals.late) as f64 / secs
+    );
+    println!(
+        "events: counted {}  duplicates {}  late {}  corrections {}  replayed from DLQ {}",
+        r.totals.counted,
+        r.totals.duplicates,
+        r.totals.late,
+        r.totals.corrections,
+        r.totals.replayed
+    );
+    println!(
+        "state: {} tenant-minute buckets, watermark {}",
+        r.buckets,
+        r.watermark
+            .map(tally_types::time::format_rfc3339)
+            .unwrap_or_else(|| "none".into())
+    );
+    for c in &r.replay.corrupt {
+        println!("corrupt log data skipped: {c}");
+    }
+    if let (Some(d), Some(t)) = (r.differing_buckets, r.totals_match) {
+        if d == 0 && t {
+            println!("verify: identical to the current state (every bucket and every total)");
+        } else {
+            println!("verify: {d} buckets differ from the current state; totals match: {t}");
+        }
+    }
+    match (&r.previous_state, dry_run) {
+        (_, true) => println!("dry run: the current state was kept"),
+        (Some(p), _) => println!(
+            "the rebuilt state is now in use; the previous one is kept at {}",
+            p.display()
+        ),
+        (None, _) => println!("the rebuilt state is now in use"),
+    }
+    if r.differing_buckets.is_some_and(|d| d > 0) || r.totals_match == Some(false) {
+        std::process::exit(3);
+    }
+    Ok(())
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {

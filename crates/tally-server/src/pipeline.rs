@@ -48,6 +48,10 @@ pub enum PipelineError {
     Thread(std::io::Error),
     #[error(transparent)]
     State(#[from] tally_stream::StateError),
+    #[error(
+        "another tally process is using this data dir ({0} is locked); stop it first or pick another --data-dir"
+    )]
+    Locked(PathBuf),
 }
 
 /// One ingest request's worth of work for the writer.
@@ -97,6 +101,7 @@ pub struct Pipeline {
     pub tx: mpsc::Sender<WriteReq>,
     writer: Option<JoinHandle<()>>,
     processor: Option<JoinHandle<()>>,
+    _lock: DataDirLock,
 }
 
 /// The malformed-DLQ file: NDJSON, one entry per line, rotated at 64 MiB.
@@ -219,6 +224,7 @@ impl Pipeline {
     pub fn start(cfg: &Config, clock: Clock) -> Result<Pipeline, PipelineError> {
         let d = cfg.durations()?;
         let started = Instant::now();
+        let lock = DataDirLock::acquire(&cfg.data_dir)?;
         let mut log_cfg = LogConfig::new(cfg.data_dir.join("log"), cfg.log.partitions);
         log_cfg.segment_bytes = cfg.log.segment_bytes;
         log_cfg.retention_ms = d.retention_ms;
@@ -310,6 +316,7 @@ impl Pipeline {
             tx,
             writer: Some(writer),
             processor: Some(proc_thread),
+            _lock: lock,
         })
     }
 
@@ -468,6 +475,7 @@ fn processor_loop(
                 let r = RecordRef {
                     partition: c.partition,
                     offset: c.offset,
+                    next_offset: c.offset + (tally_log::HEADER_LEN + c.payload.len()) as u64,
                     lsn: c.lsn,
                     append_ms: c.append_ms,
                     payload: &c.payload,
@@ -543,6 +551,8 @@ pub fn stream_config(cfg: &Config) -> Result<StreamConfig, PipelineError> {
 #[derive(Debug, Default)]
 pub struct ReplayReport {
     pub records: u64,
+    /// Records before the replay's start, passed over.
+    pub skipped: u64,
     pub bytes: u64,
     /// Corrupt data found (checksum, truncation), with partition and offset.
     pub corrupt: Vec<String>,
@@ -558,17 +568,53 @@ pub fn replay_log(
     log_dir: &Path,
     p: &mut Processor,
     end: &[u64],
+    state: Option<&mut StateStore>,
+    progress: impl FnMut(u64),
+) -> Result<ReplayReport, PipelineError> {
+    replay_log_from(log_dir, p, end, state, ReplayFrom::Lsn(0), progress)
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// Records with this log-wide sequence number or later.
+    Lsn(u64),
+    /// Records appended at or after this time (epoch ms).
+    Time(i64),
+}
+
+/// [`replay_log`] that skips (without applying) the records before `from`.
+pub fn replay_log_from(
+    log_dir: &Path,
+    p: &mut Processor,
+    end: &[u64],
     mut state: Option<&mut StateStore>,
+    from: ReplayFrom,
     mut progress: impl FnMut(u64),
 ) -> Result<ReplayReport, PipelineError> {
-    let from = p.offsets().to_vec();
+    let start = p.offsets().to_vec();
     let mut out = ReplayReport::default();
     let mut since_ckpt = 0u64;
-    let mut reader = MergedReader::open(log_dir, &from, end)?;
+    let mut reader = MergedReader::open(log_dir, &start, end)?;
     for rec in reader.by_ref() {
+        let before = match from {
+            ReplayFrom::Lsn(l) => rec.lsn < l,
+            ReplayFrom::Time(t) => rec.append_ms < t,
+        };
+        if before {
+            p.skip(
+                rec.partition,
+                rec.offset + (tally_log::HEADER_LEN + rec.payload.len()) as u64,
+            );
+            out.skipped += 1;
+            out.bytes += (rec.payload.len() + tally_log::HEADER_LEN) as u64;
+            progress(out.bytes);
+            continue;
+        }
         let r = RecordRef {
             partition: rec.partition,
             offset: rec.offset,
+            next_offset: rec.offset + (tally_log::HEADER_LEN + rec.payload.len()) as u64,
             lsn: rec.lsn,
             append_ms: rec.append_ms,
             payload: &rec.payload,
@@ -593,5 +639,158 @@ pub fn replay_log(
         tracing::error!(error = %e, "replay: corrupt log data skipped");
         out.corrupt.push(e.to_string());
     }
+    Ok(out)
+}
+
+/// Holds `<data-dir>/LOCK` so two processes never share a data dir.
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &Path) -> Result<DataDirLock, PipelineError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| PipelineError::Io {
+            what: "create",
+            path: data_dir.into(),
+            source,
+        })?;
+        let path = data_dir.join("LOCK");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| PipelineError::Io {
+                what: "open",
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(DataDirLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(PipelineError::Locked(path)),
+            Err(std::fs::TryLockError::Error(source)) => Err(PipelineError::Io {
+                what: "lock",
+                path,
+                source,
+            }),
+        }
+    }
+}
+
+/// What [`rebuild_state`] did.
+#[derive(Debug, Default)]
+pub struct RebuildReport {
+    pub replay: ReplayReport,
+    pub totals: tally_stream::Totals,
+    pub watermark: Option<i64>,
+    pub buckets: usize,
+    /// With `verify`: buckets (tenant, minute) that differ from the current
+    /// state, and whether the totals match. `None` without `verify`.
+    pub differing_buckets: Option<usize>,
+    pub totals_match: Option<bool>,
+    /// Where the state that was replaced now is (unless a dry run).
+    pub previous_state: Option<PathBuf>,
+    pub elapsed_ms: u64,
+}
+
+/// `tally replay`: reprocesses the log into a fresh state under the current
+/// settings; optionally compares it with the current state; then (unless
+/// `dry_run`) makes it the state the next start recovers from. The old
+/// state directory is kept beside it as `state.old-<ms>`.
+pub fn rebuild_state(
+    cfg: &Config,
+    from: ReplayFrom,
+    verify: bool,
+    dry_run: bool,
+    progress: impl FnMut(u64, u64),
+) -> Result<RebuildReport, PipelineError> {
+    let started = Instant::now();
+    let _lock = DataDirLock::acquire(&cfg.data_dir)?;
+    let d = cfg.durations()?;
+    let mut log_cfg = LogConfig::new(cfg.data_dir.join("log"), cfg.log.partitions);
+    log_cfg.segment_bytes = cfg.log.segment_bytes;
+    log_cfg.retention_ms = d.retention_ms;
+    let (log, report) = Log::open(log_cfg)?;
+    let total: u64 = log.sizes().iter().sum();
+    drop(log);
+    let new_dir = cfg.data_dir.join("state.replay");
+    if new_dir.exists() {
+        std::fs::remove_dir_all(&new_dir).map_err(|source| PipelineError::Io {
+            what: "remove",
+            path: new_dir.clone(),
+            source,
+        })?;
+    }
+    let fresh = || {
+        let store = Arc::new(RwLock::new(RollupStore::new()));
+        let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
+        stream_config(cfg).map(|sc| Processor::new(sc, store, dlq))
+    };
+    let mut p = fresh()?;
+    let (mut state, _) = StateStore::open(&new_dir, &mut p)?;
+    let mut progress = progress;
+    let replay = replay_log_from(
+        &cfg.data_dir.join("log"),
+        &mut p,
+        &report.end_offsets,
+        Some(&mut state),
+        from,
+        |b| progress(b, total),
+    )?;
+    state.checkpoint(&mut p)?;
+    let mut out = RebuildReport {
+        totals: p.totals(),
+        watermark: p.watermark(),
+        buckets: p.store().read().bucket_count(),
+        ..RebuildReport::default()
+    };
+    let old_dir = cfg.data_dir.join("state");
+    if verify {
+        let mut cur = fresh()?;
+        let (_s, _) = StateStore::open(&old_dir, &mut cur)?;
+        replay_log(
+            &cfg.data_dir.join("log"),
+            &mut cur,
+            &report.end_offsets,
+            None,
+            |_| {},
+        )?;
+        let a = p.store().read();
+        let b = cur.store().read();
+        let mut differing = 0;
+        let keys: std::collections::BTreeSet<(String, i64)> = a
+            .minutes_in(i64::MIN, i64::MAX)
+            .chain(b.minutes_in(i64::MIN, i64::MAX))
+            .map(|(t, m, _)| (t.to_string(), m))
+            .collect();
+        for (t, m) in keys {
+            if a.minute(&t, m) != b.minute(&t, m) {
+                differing += 1;
+            }
+        }
+        out.differing_buckets = Some(differing);
+        out.totals_match = Some(p.totals() == cur.totals());
+    }
+    drop(state);
+    if !dry_run {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let aside = cfg.data_dir.join(format!("state.old-{stamp}"));
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PipelineError::Io { what, path, source }
+        };
+        if old_dir.exists() {
+            std::fs::rename(&old_dir, &aside).map_err(io("rename", &old_dir))?;
+            out.previous_state = Some(aside);
+        }
+        std::fs::rename(&new_dir, &old_dir).map_err(io("rename", &new_dir))?;
+        File::open(&cfg.data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &cfg.data_dir))?;
+    }
+    out.replay = replay;
+    out.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(out)
 }

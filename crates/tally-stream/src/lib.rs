@@ -89,6 +89,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct RecordRef<'a> {
     pub partition: u32,
     pub offset: u64,
+    /// Offset of the record after this one in its partition (where a
+    /// replay resumes once this record is applied).
+    pub next_offset: u64,
     pub lsn: u64,
     pub append_ms: Millis,
     pub payload: &'a [u8],
@@ -153,7 +156,7 @@ pub struct Processor {
     store: Arc<RwLock<RollupStore>>,
     dlq: Arc<Mutex<Dlq>>,
     totals: Totals,
-    /// Next offset to read per partition (one past the last applied record).
+    /// Next offset to read per partition (the record after the last applied one).
     offsets: Vec<u64>,
     watermark: Option<Millis>,
     journal: Journal,
@@ -263,7 +266,7 @@ impl Processor {
         } else {
             self.apply_events(p, rec.append_ms, reader).map_err(codec)?
         };
-        self.offsets[p] = self.offsets[p].max(rec.offset + 1);
+        self.offsets[p] = self.offsets[p].max(rec.next_offset);
         self.totals.records += 1;
         self.totals.counted += out.counted;
         self.totals.duplicates += out.duplicates;
@@ -404,6 +407,14 @@ impl Processor {
         let lateness = self.cfg.allowed_lateness_ms;
         self.dedupe
             .retain(|_, &mut v| (v & !LATE_MARK) + MINUTE_MS + lateness > w);
+    }
+
+    /// Moves past a record without applying it (a replay that starts later
+    /// than the beginning of the log).
+    pub fn skip(&mut self, partition: u32, next_offset: u64) {
+        if let Some(o) = self.offsets.get_mut(partition as usize) {
+            *o = (*o).max(next_offset);
+        }
     }
 
     /// Whether `key` was applied from the DLQ already.

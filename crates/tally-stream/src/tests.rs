@@ -44,6 +44,7 @@ impl Harness {
             .apply(RecordRef {
                 partition,
                 offset: self.lsn * 100,
+                next_offset: self.lsn * 100 + 100,
                 lsn: self.lsn,
                 append_ms,
                 payload: &payload,

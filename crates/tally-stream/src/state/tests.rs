@@ -116,6 +116,7 @@ fn apply(p: &mut Processor, r: &Rec) {
     p.apply(RecordRef {
         partition: r.0,
         offset: r.1,
+        next_offset: r.1 + r.4.len() as u64 + 24,
         lsn: r.2,
         append_ms: r.3,
         payload: &r.4,
@@ -126,6 +127,19 @@ fn apply(p: &mut Processor, r: &Rec) {
 /// Applies every record the processor's offsets do not cover (the log replay).
 fn replay_tail(p: &mut Processor, recs: &[Rec]) {
     let from = p.offsets().to_vec();
+    // A resume offset is a record boundary: a record's start or the partition's end.
+    for (part, &o) in from.iter().enumerate() {
+        let mut bounds = vec![0];
+        bounds.extend(
+            recs.iter()
+                .filter(|r| r.0 as usize == part)
+                .map(|r| r.1 + r.4.len() as u64 + 24),
+        );
+        assert!(
+            bounds.contains(&o),
+            "partition {part}: resume offset {o} is mid-record"
+        );
+    }
     for r in recs.iter().filter(|r| r.1 >= from[r.0 as usize]) {
         apply(p, r);
     }
