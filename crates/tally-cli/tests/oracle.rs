@@ -4,31 +4,17 @@
 //! server is restarted on the same data dir (state rebuilt from the log) and
 //! must answer identically.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use common::{Expected, T0, expected, fetch, fmt_bucket, get};
 use serde_json::Value;
 use tally_cli::generator::{GenConfig, Generator, Kind};
 use tally_server::{Config, Server};
 use tally_types::Clock;
-use tally_types::time::{MINUTE_MS, parse_rfc3339};
-
-const T0: i64 = 1_793_534_400_000; // 2026-11-01T12:00:00Z
-
-#[derive(Default)]
-struct Bucket {
-    count: u64,
-    users: HashSet<String>,
-    sessions: HashSet<String>,
-    props: HashMap<String, Vec<f64>>,
-}
-
-fn ts_of(v: &Value) -> i64 {
-    match &v["timestamp"] {
-        Value::String(s) => parse_rfc3339(s).expect("generator writes valid times"),
-        n => n.as_i64().expect("epoch ms"),
-    }
-}
+use tally_types::time::MINUTE_MS;
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     let pos = q * (sorted.len() - 1) as f64;
@@ -52,44 +38,6 @@ async fn start(dir: &std::path::Path) -> Server {
         .expect("server starts")
 }
 
-async fn get(c: &reqwest::Client, url: String) -> Value {
-    let r = c.get(&url).send().await.expect("request");
-    assert!(r.status().is_success(), "{url}: {}", r.status());
-    serde_json::from_str(&r.text().await.unwrap()).unwrap()
-}
-
-/// All points of a grouped metric as (event_type, bucket) → value.
-async fn fetch(
-    c: &reqwest::Client,
-    base: &str,
-    tenant: &str,
-    metric: &str,
-    gran: &str,
-) -> BTreeMap<(String, String), f64> {
-    let url = format!(
-        "{base}/api/v1/metrics?metric={metric}&start={}&end={}&granularity={gran}&group_by=event_type&tenant={tenant}",
-        T0 - 3 * 3_600_000,
-        T0 + 6 * 3_600_000
-    );
-    let v = get(c, url).await;
-    assert_eq!(v["metric"], metric);
-    let mut out = BTreeMap::new();
-    for s in v["series"].as_array().unwrap() {
-        let ty = s["labels"]["event_type"].as_str().unwrap().to_string();
-        for p in s["points"].as_array().unwrap() {
-            out.insert(
-                (ty.clone(), p[0].as_str().unwrap().to_string()),
-                p[1].as_f64().unwrap(),
-            );
-        }
-    }
-    out
-}
-
-fn fmt_bucket(t: i64) -> String {
-    tally_types::time::format_rfc3339(t)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollups_match_an_independent_computation() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,54 +59,12 @@ async fn rollups_match_an_independent_computation() {
     let lines: Vec<(String, Kind)> = (0..12_000).map(|_| g.next_line()).collect();
 
     // Independent computation.
-    let mut seen: HashSet<(String, String)> = HashSet::new();
-    let mut late_ids: HashSet<(String, String)> = HashSet::new();
-    let mut buckets: BTreeMap<(String, i64, String), Bucket> = BTreeMap::new();
-    let mut expect_late: HashMap<String, u64> = HashMap::new();
-    let mut expect_rejected = 0u64;
-    for (line, kind) in &lines {
-        if *kind == Kind::Malformed {
-            expect_rejected += 1;
-            continue;
-        }
-        let v: Value = serde_json::from_str(line).unwrap();
-        let tenant = v["tenant"].as_str().unwrap().to_string();
-        let id = (tenant.clone(), v["event_id"].as_str().unwrap().to_string());
-        // A copy of a late event is a duplicate: the server remembers late
-        // events so a retried batch does not fill the DLQ twice.
-        if late_ids.contains(&id) {
-            continue;
-        }
-        if *kind == Kind::Late {
-            late_ids.insert(id);
-            *expect_late.entry(tenant).or_default() += 1;
-            continue;
-        }
-        if !seen.insert(id) {
-            continue;
-        }
-        let minute = ts_of(&v).div_euclid(MINUTE_MS) * MINUTE_MS;
-        let b = buckets
-            .entry((
-                tenant,
-                minute,
-                v["event_type"].as_str().unwrap().to_string(),
-            ))
-            .or_default();
-        b.count += 1;
-        if let Some(u) = v["user_id"].as_str() {
-            b.users.insert(u.to_string());
-        }
-        if let Some(s) = v["session_id"].as_str() {
-            b.sessions.insert(s.to_string());
-        }
-        for (k, val) in v["properties"].as_object().unwrap() {
-            if let Some(x) = val.as_f64() {
-                b.props.entry(k.clone()).or_default().push(x);
-            }
-        }
-    }
-    let expect_counted: u64 = buckets.values().map(|b| b.count).sum();
+    let Expected {
+        buckets,
+        late: expect_late,
+        rejected: expect_rejected,
+        counted: expect_counted,
+    } = expected(&lines);
     // The input really holds every kind of mess.
     for k in [
         Kind::Late,

@@ -1,0 +1,132 @@
+//! Shared by the integration tests: the independent computation of what the
+//! server must answer for generated input, and fetching metrics over HTTP.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde_json::Value;
+use tally_cli::generator::Kind;
+use tally_types::time::{MINUTE_MS, parse_rfc3339};
+
+pub const T0: i64 = 1_793_534_400_000; // 2026-11-01T12:00:00Z
+
+#[derive(Default)]
+pub struct Bucket {
+    pub count: u64,
+    pub users: HashSet<String>,
+    pub sessions: HashSet<String>,
+    pub props: HashMap<String, Vec<f64>>,
+}
+
+/// What the server must hold after all `lines` were accepted once or more.
+pub struct Expected {
+    /// (tenant, minute, event_type) → bucket.
+    pub buckets: BTreeMap<(String, i64, String), Bucket>,
+    /// Distinct late events per tenant.
+    pub late: HashMap<String, u64>,
+    pub rejected: u64,
+    pub counted: u64,
+}
+
+pub fn ts_of(v: &Value) -> i64 {
+    match &v["timestamp"] {
+        Value::String(s) => parse_rfc3339(s).expect("generator writes valid times"),
+        n => n.as_i64().expect("epoch ms"),
+    }
+}
+
+/// The independent computation: dedupe by (tenant, event_id), late events
+/// out (a copy of a late event is a duplicate: the server remembers late
+/// events so a retried batch does not fill the DLQ twice), malformed out.
+pub fn expected(lines: &[(String, Kind)]) -> Expected {
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut late_ids: HashSet<(String, String)> = HashSet::new();
+    let mut buckets: BTreeMap<(String, i64, String), Bucket> = BTreeMap::new();
+    let mut late: HashMap<String, u64> = HashMap::new();
+    let mut rejected = 0u64;
+    for (line, kind) in lines {
+        if *kind == Kind::Malformed {
+            rejected += 1;
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        let tenant = v["tenant"].as_str().unwrap().to_string();
+        let id = (tenant.clone(), v["event_id"].as_str().unwrap().to_string());
+        if late_ids.contains(&id) {
+            continue;
+        }
+        if *kind == Kind::Late {
+            late_ids.insert(id);
+            *late.entry(tenant).or_default() += 1;
+            continue;
+        }
+        if !seen.insert(id) {
+            continue;
+        }
+        let minute = ts_of(&v).div_euclid(MINUTE_MS) * MINUTE_MS;
+        let b = buckets
+            .entry((
+                tenant,
+                minute,
+                v["event_type"].as_str().unwrap().to_string(),
+            ))
+            .or_default();
+        b.count += 1;
+        if let Some(u) = v["user_id"].as_str() {
+            b.users.insert(u.to_string());
+        }
+        if let Some(s) = v["session_id"].as_str() {
+            b.sessions.insert(s.to_string());
+        }
+        for (k, val) in v["properties"].as_object().unwrap() {
+            if let Some(x) = val.as_f64() {
+                b.props.entry(k.clone()).or_default().push(x);
+            }
+        }
+    }
+    let counted = buckets.values().map(|b| b.count).sum();
+    Expected {
+        buckets,
+        late,
+        rejected,
+        counted,
+    }
+}
+
+pub async fn get(c: &reqwest::Client, url: String) -> Value {
+    let r = c.get(&url).send().await.expect("request");
+    assert!(r.status().is_success(), "{url}: {}", r.status());
+    serde_json::from_str(&r.text().await.unwrap()).unwrap()
+}
+
+/// All points of a grouped metric as (event_type, bucket) → value.
+pub async fn fetch(
+    c: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    metric: &str,
+    gran: &str,
+) -> BTreeMap<(String, String), f64> {
+    let url = format!(
+        "{base}/api/v1/metrics?metric={metric}&start={}&end={}&granularity={gran}&group_by=event_type&tenant={tenant}",
+        T0 - 3 * 3_600_000,
+        T0 + 6 * 3_600_000
+    );
+    let v = get(c, url).await;
+    assert_eq!(v["metric"], metric);
+    let mut out = BTreeMap::new();
+    for s in v["series"].as_array().unwrap() {
+        let ty = s["labels"]["event_type"].as_str().unwrap().to_string();
+        for p in s["points"].as_array().unwrap() {
+            out.insert(
+                (ty.clone(), p[0].as_str().unwrap().to_string()),
+                p[1].as_f64().unwrap(),
+            );
+        }
+    }
+    out
+}
+
+pub fn fmt_bucket(t: i64) -> String {
+    tally_types::time::format_rfc3339(t)
+}
