@@ -191,7 +191,26 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// A write past the file-size limit (RLIMIT_FSIZE) raises SIGXFSZ, which
+/// kills the process by default. Handle it, so the write fails with EFBIG
+/// and ingest answers 503 like for any other storage error.
+fn ignore_sigxfsz() {
+    #[cfg(unix)]
+    if let Ok(mut s) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ))
+    {
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                tracing::warn!(
+                    "file size limit reached (SIGXFSZ); the write fails and is answered 503"
+                );
+            }
+        });
+    }
+}
+
 async fn serve(a: ServeArgs) -> Result<()> {
+    ignore_sigxfsz();
     let mut cfg = Config::load(a.config.as_deref()).context("loading configuration")?;
     if let Some(l) = a.listen {
         cfg.listen = l;
