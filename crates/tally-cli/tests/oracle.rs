@@ -1,8 +1,8 @@
 //! Oracle test: generated input with duplicates, disorder, late and malformed
 //! events goes through the real server over HTTP; every minute bucket of every
 //! metric is compared with an independent computation done here. Then the
-//! server is restarted on the same data dir (state rebuilt from the log) and
-//! must answer identically.
+//! server is restarted on the same data dir (state recovered from its last
+//! checkpoint and the log after it) and must answer identically.
 
 mod common;
 
@@ -255,7 +255,7 @@ async fn rollups_match_an_independent_computation() {
     assert!(prom.contains(&format!("tally_events_rejected_total {expect_rejected}")));
     assert!(prom.contains("tally_ingest_ack_latency_seconds_bucket"));
 
-    // Restart on the same data dir: state is rebuilt from the log, identically.
+    // Restart on the same data dir: state recovered from the checkpoint, identically.
     server.stop().await.unwrap();
     let server = start(dir.path()).await;
     assert_eq!(
