@@ -135,7 +135,7 @@ async fn send_all(
                     Err(_) => return requeue(i),
                 }
                 // Pace the feed so that kills land in the middle of it.
-                tokio::time::sleep(Duration::from_millis(8)).await;
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
         }));
     }
@@ -159,7 +159,9 @@ async fn run_seed(seed: u64, kills: u64) {
         duplicate: 0.05,
         malformed: 0.02,
     });
-    let lines: Vec<(String, Kind)> = (0..6000).map(|_| g.next_line()).collect();
+    // Enough input that kills keep landing mid-stream, however many there are.
+    let n_lines = (kills as usize * 400).max(6000);
+    let lines: Vec<(String, Kind)> = (0..n_lines).map(|_| g.next_line()).collect();
     let want = expected(&lines);
     let batches: Arc<Vec<String>> = Arc::new(
         lines

@@ -33,7 +33,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -148,6 +148,8 @@ impl Journal {
             file.sync_all().map_err(io_err(&path))?;
             data.truncate(len as usize);
         }
+        // Appends continue at `len`, not where reading stopped.
+        file.seek(SeekFrom::Start(len)).map_err(io_err(&path))?;
         Ok((
             Journal {
                 dir: dir.to_path_buf(),
@@ -183,7 +185,7 @@ impl Journal {
         let _ = self.file.sync_data();
         self.len = len;
         // Appends go to the end; O_APPEND is not used, so move the cursor.
-        let _ = std::io::Seek::seek(&mut self.file, std::io::SeekFrom::Start(len));
+        let _ = self.file.seek(SeekFrom::Start(len));
     }
 
     /// Deletes the files of this journal whose generation is not in `keep`.

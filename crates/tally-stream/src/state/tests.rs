@@ -265,6 +265,43 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
     assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
 }
 
+/// A kill after the journals of a checkpoint were appended but before its
+/// file was renamed into place: recovery cuts the journals back, and the
+/// appends after that recovery must land right after the cut.
+#[test]
+fn a_crash_between_journal_append_and_rename_recovers_twice() {
+    let recs = records(6, 300);
+    let want = uninterrupted(&recs);
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = fresh();
+    let (mut st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    for (i, rec) in recs[..120].iter().enumerate() {
+        apply(&mut r.p, rec);
+        if i % 20 == 19 {
+            st.checkpoint(&mut r.p).unwrap();
+        }
+    }
+    let last = st.seq();
+    drop((r, st));
+    // The newest checkpoint never made it: its journal appends are orphans.
+    std::fs::remove_file(super::ckpt_path(dir.path(), last)).unwrap();
+    let mut r = fresh();
+    let (mut st, rep) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    assert_eq!(rep.checkpoint, Some(last - 1));
+    let from = r.p.offsets().to_vec();
+    for rec in recs[..200].iter().filter(|x| x.1 >= from[x.0 as usize]) {
+        apply(&mut r.p, rec);
+    }
+    st.checkpoint(&mut r.p).unwrap();
+    drop((r, st));
+    let mut r = fresh();
+    let (_st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    replay_tail(&mut r.p, &recs);
+    let got = outcome(&r);
+    assert!(got.0 == want.0);
+    assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+}
+
 #[test]
 fn a_damaged_journal_is_an_error_that_names_the_fix() {
     let recs = records(5, 100);
