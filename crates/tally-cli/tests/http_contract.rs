@@ -144,6 +144,40 @@ async fn ingest_forms_errors_and_limits() {
         .unwrap();
     assert_eq!(r.status(), 400);
 
+    for kind in ["malformed", "other"] {
+        let r = c
+            .post(format!("{base}/api/v1/dlq/replay?kind={kind}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "replay kind={kind}");
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert!(v["error"].as_str().unwrap().starts_with("kind:"), "{v}");
+    }
+    let status = || async {
+        let r = c.get(format!("{base}/api/v1/status")).send().await.unwrap();
+        serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()
+    };
+    let before = status().await;
+    let late = before["events"]["late"].as_u64().unwrap();
+    for want in [late, 0] {
+        let r = c
+            .post(format!("{base}/api/v1/dlq/replay?kind=late"))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(v["applied"], want, "{v}");
+    }
+    let v = status().await;
+    assert_eq!(v["ready"], true);
+    assert_eq!(
+        v["events"]["counted"].as_u64().unwrap(),
+        before["events"]["counted"].as_u64().unwrap() + late,
+        "{v}"
+    );
+    assert_eq!(v["log"]["behind_records"], 0, "{v}");
+
     for path in ["/healthz", "/readyz", "/", "/metrics"] {
         let r = c.get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
