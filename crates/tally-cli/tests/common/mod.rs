@@ -28,6 +28,17 @@ pub struct Expected {
     pub counted: u64,
 }
 
+/// An on-time event at `T0`, sent alone before the concurrent feed starts.
+/// Until the server has seen one event there is no watermark, and an event
+/// is never late without one; with concurrent requests the first record
+/// applied could otherwise open with a "late" line and count it.
+pub fn warmup() -> (String, Kind) {
+    let line = format!(
+        r#"{{"event_id":"warmup","event_type":"page_view","timestamp":{T0},"tenant":"tenant0","user_id":"warmup","session_id":"warmup","properties":{{"duration_ms":1}}}}"#
+    );
+    (line, Kind::Normal)
+}
+
 pub fn ts_of(v: &Value) -> i64 {
     match &v["timestamp"] {
         Value::String(s) => parse_rfc3339(s).expect("generator writes valid times"),
