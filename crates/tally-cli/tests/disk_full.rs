@@ -99,6 +99,8 @@ async fn full_disk_answers_503_keeps_nothing_of_failed_requests_and_recovers() {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
+    // Unmounted on every exit path, a failing assertion included.
+    let _unmount = mounted.then(|| Unmount(mnt.clone()));
     let fault = if mounted {
         Fault::Tmpfs(mnt.clone())
     } else {
@@ -244,8 +246,13 @@ async fn full_disk_answers_503_keeps_nothing_of_failed_requests_and_recovers() {
     check(base).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    if mounted {
-        let _ = Command::new("umount").arg(&mnt).status();
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
