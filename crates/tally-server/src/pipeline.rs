@@ -24,7 +24,8 @@ use parking_lot::{Mutex, RwLock};
 use tally_log::{Log, LogConfig, MergedReader};
 use tally_store::RollupStore;
 use tally_stream::{
-    Applied, Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StateStore, StreamConfig,
+    Applied, CheckpointJob, Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StateStore,
+    StreamConfig,
 };
 use tally_types::Clock;
 use tokio::sync::{mpsc, oneshot};
@@ -461,10 +462,32 @@ fn processor_loop(
     mut p: Processor,
     rx: std::sync::mpsc::Receiver<Committed>,
     shared: Arc<Shared>,
-    mut state: StateStore,
+    state: StateStore,
     interval: Option<Duration>,
 ) {
     let tel = &shared.telemetry;
+    // Checkpoints are prepared here (a snapshot, cheap) and written by a
+    // helper thread while this one keeps applying records; one in flight.
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(StateStore, CheckpointJob)>(1);
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Written>(1);
+    let writer = std::thread::Builder::new()
+        .name("tally-checkpoint".into())
+        .spawn(move || {
+            for (mut st, job) in job_rx {
+                let r = st.write(&job);
+                if done_tx.send((st, job, r)).is_err() {
+                    return;
+                }
+            }
+        });
+    let writer = match writer {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the checkpoint thread; checkpoints are written inline");
+            None
+        }
+    };
+    let mut home = Some(state);
     let mut next_ckpt = interval.map(|i| Instant::now() + i);
     loop {
         let wait = next_ckpt.map_or(Duration::from_secs(3600), |t| {
@@ -499,24 +522,64 @@ fn processor_loop(
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        if let Ok(done) = done_rx.try_recv() {
+            home = Some(finish_checkpoint(&mut p, done, &shared));
+        }
         if let (Some(t), Some(i)) = (next_ckpt, interval)
             && Instant::now() >= t
+            && p.dirty()
+            && let Some(st) = home.take()
         {
-            checkpoint(&mut p, &mut state, &shared);
             next_ckpt = Some(Instant::now() + i);
+            let job = st.prepare(&mut p);
+            if writer.is_some() {
+                if let Err(std::sync::mpsc::SendError((st, job))) = job_tx.send((st, job)) {
+                    home = Some(write_inline(&mut p, st, job, &shared));
+                }
+            } else {
+                home = Some(write_inline(&mut p, st, job, &shared));
+            }
         }
     }
-    if interval.is_some() {
-        checkpoint(&mut p, &mut state, &shared);
+    // Shutdown: let the write in flight finish, then a last checkpoint.
+    if home.is_none()
+        && let Ok(done) = done_rx.recv()
+    {
+        home = Some(finish_checkpoint(&mut p, done, &shared));
+    }
+    drop(job_tx);
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    if let (Some(st), Some(_)) = (home, interval)
+        && p.dirty()
+    {
+        let job = st.prepare(&mut p);
+        write_inline(&mut p, st, job, &shared);
     }
 }
 
-fn checkpoint(p: &mut Processor, state: &mut StateStore, shared: &Shared) {
-    if !p.dirty() {
-        return;
-    }
+type Written = (
+    StateStore,
+    CheckpointJob,
+    Result<tally_stream::CheckpointReport, tally_stream::StateError>,
+);
+
+fn write_inline(
+    p: &mut Processor,
+    mut st: StateStore,
+    job: CheckpointJob,
+    shared: &Shared,
+) -> StateStore {
+    let r = st.write(&job);
+    finish_checkpoint(p, (st, job, r), shared)
+}
+
+/// Records a checkpoint's outcome; on failure gives the processor its
+/// journal back so the next checkpoint writes it.
+fn finish_checkpoint(p: &mut Processor, (st, job, r): Written, shared: &Shared) -> StateStore {
     let tel = &shared.telemetry;
-    match state.checkpoint(p) {
+    match r {
         Ok(r) => {
             tel.checkpoints.fetch_add(1, Relaxed);
             tel.checkpoint_bytes.fetch_add(r.bytes, Relaxed);
@@ -532,8 +595,10 @@ fn checkpoint(p: &mut Processor, state: &mut StateStore, shared: &Shared) {
         Err(e) => {
             tel.checkpoint_errors.fetch_add(1, Relaxed);
             tracing::error!(error = %e, "checkpoint failed; state stays in memory and is retried");
+            job.restore(p);
         }
     }
+    st
 }
 
 /// The stream settings of a config.

@@ -37,7 +37,7 @@ use tally_types::time::{MINUTE_MS, Millis, align_down, format_rfc3339};
 use tally_types::{BatchReader, CodecError, EventView, dedupe_key};
 
 pub use dlq::{Dlq, DlqBody, DlqEntry, DlqKind};
-pub use state::{CheckpointReport, RecoveryReport, StateError, StateStore};
+pub use state::{CheckpointJob, CheckpointReport, RecoveryReport, StateError, StateStore};
 
 type DedupeMap = hashbrown::HashMap<u64, Millis, std::hash::BuildHasherDefault<IdentityHasher>>;
 

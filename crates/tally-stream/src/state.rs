@@ -244,6 +244,52 @@ pub struct CheckpointReport {
     pub elapsed_us: u64,
 }
 
+/// A checkpoint prepared on the processor thread, to be written by
+/// [`StateStore::write`] (possibly on another thread).
+pub struct CheckpointJob {
+    seq: u64,
+    prev_sealed_to: Millis,
+    seal_to: Millis,
+    sealed_buf: Vec<u8>,
+    sealed_buckets: usize,
+    open: Enc,
+    open_buckets: usize,
+    /// The processor's journal, taken; given back by `restore` on failure.
+    dedupe: Vec<(u64, Millis)>,
+    /// Every live dedupe entry, when the journal is rewritten.
+    dedupe_all: Option<Vec<(u64, Millis)>>,
+    late: Vec<DlqEntry>,
+    /// Every held late entry, when the journal is rewritten.
+    late_all: Option<Vec<DlqEntry>>,
+    reseal: BTreeSet<(Box<str>, Millis)>,
+    offsets: Vec<u64>,
+    parts: Vec<PartState>,
+    watermark: Option<Millis>,
+    swept_to: Millis,
+    totals: Totals,
+    corrected: Vec<u64>,
+}
+
+impl CheckpointJob {
+    /// After a failed write: gives `p` back what this job took, ahead of
+    /// what `p` journaled since, so the next checkpoint writes it all.
+    pub fn restore(self, p: &mut Processor) {
+        let mut dedupe = self.dedupe;
+        dedupe.append(&mut p.journal.dedupe);
+        p.journal.dedupe = dedupe;
+        let mut late = self.late;
+        late.append(&mut p.journal.late);
+        p.journal.late = late;
+        p.journal.reseal.extend(self.reseal);
+        p.sealed_to = p.sealed_to.min(self.prev_sealed_to);
+        p.journal.dirty = true;
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
 /// The checkpoint directory of one processor.
 pub struct StateStore {
     dir: PathBuf,
@@ -601,86 +647,128 @@ impl StateStore {
         self.seq
     }
 
-    /// Writes a checkpoint of `p`. On error nothing changed and `p` keeps
-    /// what it would have written; the next call retries.
+    /// Writes a checkpoint of `p` (prepare and write on this thread). On
+    /// error nothing changed on disk and `p` keeps what it would have
+    /// written; the next call retries.
     pub fn checkpoint(&mut self, p: &mut Processor) -> Result<CheckpointReport, StateError> {
-        let started = Instant::now();
-        let mut report = CheckpointReport {
-            seq: self.seq + 1,
-            ..CheckpointReport::default()
-        };
-        let seal_to = p.final_before().max(p.sealed_to);
+        let job = self.prepare(p);
+        match self.write(&job) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                job.restore(p);
+                Err(e)
+            }
+        }
+    }
 
-        // 1. Encode: minutes that became final, minutes changed by corrections,
-        //    and the open minutes that go into the checkpoint itself.
-        let mut sealed_buf = Vec::new();
-        let mut open = Enc::new();
+    /// The part of a checkpoint that needs the processor: takes its journal
+    /// and snapshots its state and open minutes. Cheap next to [`write`],
+    /// which can then run on another thread while `p` keeps applying
+    /// records. If the write fails, [`CheckpointJob::restore`] gives the
+    /// journal back.
+    ///
+    /// [`write`]: StateStore::write
+    pub fn prepare(&self, p: &mut Processor) -> CheckpointJob {
+        let seal_to = p.final_before().max(p.sealed_to);
+        let mut job = CheckpointJob {
+            seq: self.seq + 1,
+            prev_sealed_to: p.sealed_to,
+            seal_to,
+            sealed_buf: Vec::new(),
+            sealed_buckets: 0,
+            open: Enc::new(),
+            open_buckets: 0,
+            dedupe: std::mem::take(&mut p.journal.dedupe),
+            dedupe_all: None,
+            late: std::mem::take(&mut p.journal.late),
+            late_all: None,
+            reseal: std::mem::take(&mut p.journal.reseal),
+            offsets: p.offsets.clone(),
+            parts: p.parts.clone(),
+            watermark: p.watermark,
+            swept_to: p.swept_to,
+            totals: p.totals,
+            corrected: p.corrected.iter().copied().collect(),
+        };
         {
             let store = p.store.read();
             for (t, m, b) in store.minutes_in(p.sealed_to, seal_to) {
-                encode_sealed(&mut sealed_buf, t, m, b);
-                report.sealed_buckets += 1;
+                encode_sealed(&mut job.sealed_buf, t, m, b);
+                job.sealed_buckets += 1;
             }
-            for (t, m) in &p.journal.reseal {
+            for (t, m) in &job.reseal {
                 if *m < p.sealed_to
                     && let Some(b) = store.minute(t, *m)
                 {
-                    encode_sealed(&mut sealed_buf, t, *m, b);
-                    report.sealed_buckets += 1;
+                    encode_sealed(&mut job.sealed_buf, t, *m, b);
+                    job.sealed_buckets += 1;
                 }
             }
             for (t, m, b) in store.minutes_in(seal_to, Millis::MAX) {
-                open.str(t);
-                open.i64(m);
-                b.encode(&mut open);
-                report.open_buckets += 1;
+                job.open.str(t);
+                job.open.i64(m);
+                b.encode(&mut job.open);
+                job.open_buckets += 1;
             }
         }
-
-        // Dedupe: append what is new, or rewrite the live set when most is dead.
-        let new_dedupe = p.journal.dedupe.len() as u64;
+        // Journals past the size limit and mostly dead are rewritten whole.
         let live = p.dedupe.len() as u64;
-        let rewrite_dedupe = self.dedupe.len > self.compact_bytes
-            && (self.dedupe_written + new_dedupe) > 4 * live.max(1);
-        let mut dedupe_buf = Vec::new();
-        if rewrite_dedupe {
-            let all: Vec<(u64, Millis)> = p.dedupe.iter().map(|(&k, &v)| (k, v)).collect();
-            encode_dedupe(&mut dedupe_buf, &all);
-            report.dedupe_entries = all.len();
-        } else {
-            encode_dedupe(&mut dedupe_buf, &p.journal.dedupe);
-            report.dedupe_entries = p.journal.dedupe.len();
+        if self.dedupe.len > self.compact_bytes
+            && (self.dedupe_written + job.dedupe.len() as u64) > 4 * live.max(1)
+        {
+            job.dedupe_all = Some(p.dedupe.iter().map(|(&k, &v)| (k, v)).collect());
         }
-        // Late DLQ: append what is new, or rewrite what the rings hold.
-        let mut late_buf = Vec::new();
-        let rewrite_late = self.late.len > self.compact_bytes;
-        if rewrite_late {
+        if self.late.len > self.compact_bytes {
             let dlq = p.dlq.lock();
-            for e in dlq.held_entries(DlqKind::Late) {
-                encode_late(&mut late_buf, e);
-                report.late_entries += 1;
+            job.late_all = Some(dlq.held_entries(DlqKind::Late).cloned().collect());
+        }
+        p.sealed_to = seal_to;
+        p.journal.dirty = false;
+        job
+    }
+
+    /// Writes a prepared checkpoint: journals first (fsynced), then the
+    /// checkpoint file (temp, fsync, rename, fsync the directory). On error
+    /// every journal is cut back and nothing changed.
+    pub fn write(&mut self, job: &CheckpointJob) -> Result<CheckpointReport, StateError> {
+        let started = Instant::now();
+        let mut report = CheckpointReport {
+            seq: job.seq,
+            sealed_buckets: job.sealed_buckets,
+            open_buckets: job.open_buckets,
+            ..CheckpointReport::default()
+        };
+        let mut dedupe_buf = Vec::new();
+        match &job.dedupe_all {
+            Some(all) => {
+                encode_dedupe(&mut dedupe_buf, all);
+                report.dedupe_entries = all.len();
             }
-        } else {
-            for e in &p.journal.late {
-                encode_late(&mut late_buf, e);
-                report.late_entries += 1;
+            None => {
+                encode_dedupe(&mut dedupe_buf, &job.dedupe);
+                report.dedupe_entries = job.dedupe.len();
             }
+        }
+        let mut late_buf = Vec::new();
+        for e in job.late_all.as_ref().unwrap_or(&job.late) {
+            encode_late(&mut late_buf, e);
+            report.late_entries += 1;
         }
 
-        // 2. Write the journals (new generations where rewritten).
+        // 1. The journals (new generations where rewritten).
         let before = [self.sealed.len, self.dedupe.len, self.late.len];
         let mut new_dedupe_j = None;
         let mut new_late_j = None;
         let result = (|| -> Result<(), StateError> {
-            self.sealed.append(&sealed_buf)?;
-            if rewrite_dedupe {
+            self.sealed.append(&job.sealed_buf)?;
+            if job.dedupe_all.is_some() {
                 let mut j = Journal::create(&self.dir, "dedupe", self.dedupe.gen_ + 1)?;
                 j.append(&dedupe_buf)?;
                 new_dedupe_j = Some(j);
             } else {
                 self.dedupe.append(&dedupe_buf)?;
             }
-            if rewrite_late {
+            if job.late_all.is_some() {
                 let mut j = Journal::create(&self.dir, "late", self.late.gen_ + 1)?;
                 j.append(&late_buf)?;
                 new_late_j = Some(j);
@@ -700,10 +788,9 @@ impl StateStore {
         }
         let dedupe_ref = new_dedupe_j.as_ref().unwrap_or(&self.dedupe);
         let late_ref = new_late_j.as_ref().unwrap_or(&self.late);
-        let dedupe_written = if rewrite_dedupe {
-            live
-        } else {
-            self.dedupe_written + new_dedupe
+        let dedupe_written = match &job.dedupe_all {
+            Some(all) => all.len() as u64,
+            None => self.dedupe_written + job.dedupe.len() as u64,
         };
         let journals = [
             JournalRef {
@@ -720,36 +807,36 @@ impl StateStore {
             },
         ];
 
-        // 3. The checkpoint itself: temp file, fsync, rename, fsync the directory.
+        // 2. The checkpoint itself.
         let mut e = Enc::new();
-        e.u64(report.seq);
-        e.u32(p.offsets.len() as u32);
-        for &o in &p.offsets {
+        e.u64(job.seq);
+        e.u32(job.offsets.len() as u32);
+        for &o in &job.offsets {
             e.u64(o);
         }
-        for s in &p.parts {
+        for s in &job.parts {
             e.opt_i64(s.max_ts);
             e.i64(s.last_append_ms);
         }
-        e.opt_i64(p.watermark);
-        e.i64(p.swept_to);
-        e.i64(seal_to);
-        encode_totals(&mut e, &p.totals);
+        e.opt_i64(job.watermark);
+        e.i64(job.swept_to);
+        e.i64(job.seal_to);
+        encode_totals(&mut e, &job.totals);
         for j in &journals {
             e.u64(j.gen_);
             e.u64(j.len);
         }
         e.u64(dedupe_written);
-        e.u32(p.corrected.len() as u32);
-        for &k in p.corrected.iter() {
+        e.u32(job.corrected.len() as u32);
+        for &k in &job.corrected {
             e.u64(k);
         }
-        e.u32(report.open_buckets as u32);
-        e.buf.extend_from_slice(&open.buf);
+        e.u32(job.open_buckets as u32);
+        e.buf.extend_from_slice(&job.open.buf);
         let mut file_bytes = MAGIC.to_vec();
         frame(&mut file_bytes, &e.buf);
-        let tmp = self.dir.join(format!("checkpoint-{:020}.tmp", report.seq));
-        let path = ckpt_path(&self.dir, report.seq);
+        let tmp = self.dir.join(format!("checkpoint-{:020}.tmp", job.seq));
+        let path = ckpt_path(&self.dir, job.seq);
         let write = (|| -> Result<(), StateError> {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&file_bytes).map_err(io_err(&tmp))?;
@@ -765,7 +852,7 @@ impl StateStore {
             return Err(e);
         }
 
-        // 4. Committed: switch generations, clear the processor's journal, clean up.
+        // 3. Committed: switch generations, clean up.
         let prev_gens = [self.sealed.gen_, self.dedupe.gen_, self.late.gen_];
         if let Some(j) = new_dedupe_j {
             self.dedupe = j;
@@ -775,14 +862,9 @@ impl StateStore {
         }
         self.dedupe_written = dedupe_written;
         self.prev = prev_gens;
-        self.seq = report.seq;
-        p.sealed_to = seal_to;
-        p.journal.dedupe.clear();
-        p.journal.late.clear();
-        p.journal.reseal = BTreeSet::new();
-        p.journal.dirty = false;
+        self.seq = job.seq;
         report.bytes =
-            (sealed_buf.len() + dedupe_buf.len() + late_buf.len() + file_bytes.len()) as u64;
+            (job.sealed_buf.len() + dedupe_buf.len() + late_buf.len() + file_bytes.len()) as u64;
         self.cleanup();
         report.elapsed_us = started.elapsed().as_micros() as u64;
         Ok(report)

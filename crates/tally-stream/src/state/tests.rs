@@ -302,6 +302,47 @@ fn a_crash_between_journal_append_and_rename_recovers_twice() {
     assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
 }
 
+/// A checkpoint prepared while records keep arriving (as when it is written
+/// on another thread) whose write fails: `restore` gives the journal back in
+/// order, and the next checkpoint carries everything.
+#[test]
+fn a_failed_background_write_loses_nothing() {
+    let recs = records(7, 300);
+    let want = uninterrupted(&recs);
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = fresh();
+    let (mut st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    let mut failing = None;
+    let mut succeeding = None;
+    for (i, rec) in recs[..240].iter().enumerate() {
+        apply(&mut r.p, rec);
+        match i % 30 {
+            // Prepared; records keep arriving; then the write fails.
+            29 => failing = Some(st.prepare(&mut r.p)),
+            4 => {
+                if let Some(j) = failing.take() {
+                    j.restore(&mut r.p);
+                }
+            }
+            // Prepared; records keep arriving; then the write succeeds.
+            14 => succeeding = Some(st.prepare(&mut r.p)),
+            19 => {
+                if let Some(j) = succeeding.take() {
+                    st.write(&j).unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+    drop((r, st));
+    let mut r = fresh();
+    let (_st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    replay_tail(&mut r.p, &recs);
+    let got = outcome(&r);
+    assert!(got.0 == want.0);
+    assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+}
+
 #[test]
 fn a_damaged_journal_is_an_error_that_names_the_fix() {
     let recs = records(5, 100);
