@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{T0, expected, get};
+use common::{T0, expected, free_port, get};
 use tally_cli::generator::{GenConfig, Generator, Kind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tally");
@@ -22,14 +22,6 @@ enum Fault {
     Tmpfs(PathBuf),
     /// The server's RLIMIT_FSIZE is lowered (no mount permission).
     Rlimit,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn(data: &Path, port: u16, log: &Path) -> Child {

@@ -55,6 +55,11 @@ pub enum PipelineError {
     Locked(PathBuf),
 }
 
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError {
+    let path = path.to_path_buf();
+    move |source| PipelineError::Io { what, path, source }
+}
+
 /// One ingest request's worth of work for the writer.
 pub struct WriteReq {
     /// Encoded batches per partition.
@@ -116,21 +121,13 @@ const DLQ_ROTATE_BYTES: u64 = 64 << 20;
 
 impl DlqFile {
     fn open(dir: &Path) -> Result<Self, PipelineError> {
-        std::fs::create_dir_all(dir).map_err(|source| PipelineError::Io {
-            what: "create",
-            path: dir.into(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         let path = dir.join("malformed.ndjson");
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| PipelineError::Io {
-                what: "open",
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io_err("open", &path))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(DlqFile { path, file, len })
     }
@@ -714,22 +711,14 @@ pub struct DataDirLock {
 
 impl DataDirLock {
     pub fn acquire(data_dir: &Path) -> Result<DataDirLock, PipelineError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| PipelineError::Io {
-            what: "create",
-            path: data_dir.into(),
-            source,
-        })?;
+        std::fs::create_dir_all(data_dir).map_err(io_err("create", data_dir))?;
         let path = data_dir.join("LOCK");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|source| PipelineError::Io {
-                what: "open",
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io_err("open", &path))?;
         match file.try_lock() {
             Ok(()) => Ok(DataDirLock { _file: file }),
             Err(std::fs::TryLockError::WouldBlock) => Err(PipelineError::Locked(path)),
@@ -780,11 +769,7 @@ pub fn rebuild_state(
     drop(log);
     let new_dir = cfg.data_dir.join("state.replay");
     if new_dir.exists() {
-        std::fs::remove_dir_all(&new_dir).map_err(|source| PipelineError::Io {
-            what: "remove",
-            path: new_dir.clone(),
-            source,
-        })?;
+        std::fs::remove_dir_all(&new_dir).map_err(io_err("remove", &new_dir))?;
     }
     let fresh = || {
         let store = Arc::new(RwLock::new(RollupStore::new()));
@@ -842,18 +827,14 @@ pub fn rebuild_state(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let aside = cfg.data_dir.join(format!("state.old-{stamp}"));
-        let io = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| PipelineError::Io { what, path, source }
-        };
         if old_dir.exists() {
-            std::fs::rename(&old_dir, &aside).map_err(io("rename", &old_dir))?;
+            std::fs::rename(&old_dir, &aside).map_err(io_err("rename", &old_dir))?;
             out.previous_state = Some(aside);
         }
-        std::fs::rename(&new_dir, &old_dir).map_err(io("rename", &new_dir))?;
+        std::fs::rename(&new_dir, &old_dir).map_err(io_err("rename", &new_dir))?;
         File::open(&cfg.data_dir)
             .and_then(|d| d.sync_all())
-            .map_err(io("sync", &cfg.data_dir))?;
+            .map_err(io_err("sync", &cfg.data_dir))?;
     }
     out.replay = replay;
     out.elapsed_ms = started.elapsed().as_millis() as u64;

@@ -39,6 +39,14 @@ pub fn warmup() -> (String, Kind) {
     (line, Kind::Normal)
 }
 
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn ts_of(v: &Value) -> i64 {
     match &v["timestamp"] {
         Value::String(s) => parse_rfc3339(s).expect("generator writes valid times"),
