@@ -197,14 +197,7 @@ async fn full_disk_answers_503_keeps_nothing_of_failed_requests_and_recovers() {
         async move {
             let status = get(&c, format!("{base}/api/v1/status")).await;
             assert_eq!(status["events"]["counted"], want_counted, "{status}");
-            let prom = c
-                .get(format!("{base}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let prom = common::prom(&c, &base).await;
             assert!(prom.contains("tally_log_corrupt_records_total 0"), "{prom}");
             prom
         }

@@ -250,14 +250,7 @@ async fn rollups_match_an_independent_computation() {
     };
     check(base.clone()).await;
 
-    let prom = c
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let prom = common::prom(&c, &base).await;
     assert!(
         prom.contains(&format!("tally_events_counted_total {expect_counted}")),
         "{prom}"

@@ -97,6 +97,13 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+impl Record {
+    /// Offset of the record after this one in its partition.
+    pub fn next_offset(&self) -> u64 {
+        self.offset + (HEADER_LEN + self.payload.len()) as u64
+    }
+}
+
 /// What opening the log found.
 #[derive(Debug, Clone, Default)]
 pub struct OpenReport {

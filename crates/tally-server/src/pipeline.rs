@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use tally_log::{Log, LogConfig, MergedReader};
+use tally_log::{Log, LogConfig, MergedReader, Record};
 use tally_store::RollupStore;
 use tally_stream::{
     Applied, CheckpointJob, Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StateStore,
@@ -70,12 +70,16 @@ pub struct WriteReq {
     pub done: oneshot::Sender<Result<Option<u64>, String>>,
 }
 
-struct Committed {
-    partition: u32,
-    offset: u64,
-    lsn: u64,
-    append_ms: i64,
-    payload: Vec<u8>,
+/// A committed log record as the processor sees it.
+fn record_ref(rec: &Record) -> RecordRef<'_> {
+    RecordRef {
+        partition: rec.partition,
+        offset: rec.offset,
+        next_offset: rec.next_offset(),
+        lsn: rec.lsn,
+        append_ms: rec.append_ms,
+        payload: &rec.payload,
+    }
 }
 
 /// Shared state the HTTP layer reads.
@@ -296,7 +300,7 @@ impl Pipeline {
             partitions: cfg.log.partitions,
         });
         let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
-        let (ptx, prx) = std::sync::mpsc::sync_channel::<Committed>(1024);
+        let (ptx, prx) = std::sync::mpsc::sync_channel::<Record>(1024);
         let sh = shared.clone();
         let writer = std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -339,14 +343,14 @@ fn writer_loop(
     mut log: Log,
     mut next_lsn: u64,
     mut rx: mpsc::Receiver<WriteReq>,
-    ptx: std::sync::mpsc::SyncSender<Committed>,
+    ptx: std::sync::mpsc::SyncSender<Record>,
     mut dlq_file: DlqFile,
     shared: Arc<Shared>,
 ) {
     let tel = &shared.telemetry;
     let mut last_retention = 0i64;
     let mut group: Vec<WriteReq> = Vec::new();
-    let mut committed: Vec<Committed> = Vec::new();
+    let mut committed: Vec<Record> = Vec::new();
     let mut malformed: Vec<DlqEntry> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.bytes;
@@ -368,7 +372,7 @@ fn writer_loop(
             for (p, payload) in req.parts.drain(..) {
                 match log.append(p, next_lsn, now, &payload) {
                     Ok(offset) => {
-                        committed.push(Committed {
+                        committed.push(Record {
                             partition: p,
                             offset,
                             lsn: next_lsn,
@@ -457,7 +461,7 @@ fn writer_loop(
 
 fn processor_loop(
     mut p: Processor,
-    rx: std::sync::mpsc::Receiver<Committed>,
+    rx: std::sync::mpsc::Receiver<Record>,
     shared: Arc<Shared>,
     state: StateStore,
     interval: Option<Duration>,
@@ -492,15 +496,7 @@ fn processor_loop(
         });
         match rx.recv_timeout(wait) {
             Ok(c) => {
-                let r = RecordRef {
-                    partition: c.partition,
-                    offset: c.offset,
-                    next_offset: c.offset + (tally_log::HEADER_LEN + c.payload.len()) as u64,
-                    lsn: c.lsn,
-                    append_ms: c.append_ms,
-                    payload: &c.payload,
-                };
-                match p.apply(r) {
+                match p.apply(record_ref(&c)) {
                     Ok(a) if a.correction_record => {
                         shared.corrections.lock().insert(c.lsn, a);
                     }
@@ -664,29 +660,18 @@ pub fn replay_log_from(
             ReplayFrom::Time(t) => rec.append_ms < t,
         };
         if before {
-            p.skip(
-                rec.partition,
-                rec.offset + (tally_log::HEADER_LEN + rec.payload.len()) as u64,
-            );
+            p.skip(rec.partition, rec.next_offset());
             out.skipped += 1;
-            out.bytes += (rec.payload.len() + tally_log::HEADER_LEN) as u64;
+            out.bytes += rec.next_offset() - rec.offset;
             progress(out.bytes);
             continue;
         }
-        let r = RecordRef {
-            partition: rec.partition,
-            offset: rec.offset,
-            next_offset: rec.offset + (tally_log::HEADER_LEN + rec.payload.len()) as u64,
-            lsn: rec.lsn,
-            append_ms: rec.append_ms,
-            payload: &rec.payload,
-        };
-        if let Err(e) = p.apply(r) {
+        if let Err(e) = p.apply(record_ref(&rec)) {
             tracing::error!(error = %e, "replay: skipping undecodable record");
             out.corrupt.push(e.to_string());
         }
         out.records += 1;
-        let n = (rec.payload.len() + tally_log::HEADER_LEN) as u64;
+        let n = rec.next_offset() - rec.offset;
         out.bytes += n;
         since_ckpt += n;
         progress(out.bytes);

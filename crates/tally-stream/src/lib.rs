@@ -416,11 +416,6 @@ impl Processor {
             *o = (*o).max(next_offset);
         }
     }
-
-    /// Whether `key` was applied from the DLQ already.
-    pub fn is_corrected(&self, key: u64) -> bool {
-        self.corrected.contains(&key)
-    }
 }
 
 fn late_entry(

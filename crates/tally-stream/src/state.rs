@@ -284,10 +284,6 @@ impl CheckpointJob {
         p.sealed_to = p.sealed_to.min(self.prev_sealed_to);
         p.journal.dirty = true;
     }
-
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
 }
 
 /// The checkpoint directory of one processor.
@@ -636,10 +632,6 @@ impl StateStore {
     /// Sets the size past which journals are compacted (tests use tiny values).
     pub fn set_compact_bytes(&mut self, bytes: u64) {
         self.compact_bytes = bytes;
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Sequence number of the last checkpoint written or loaded.

@@ -52,11 +52,6 @@ impl Enc {
         self.buf.extend_from_slice(&v.to_bits().to_le_bytes());
     }
 
-    #[inline]
-    pub fn bool(&mut self, v: bool) {
-        self.buf.push(v as u8);
-    }
-
     pub fn opt_i64(&mut self, v: Option<i64>) {
         match v {
             None => self.u8(0),
@@ -138,14 +133,6 @@ impl<'a> Dec<'a> {
     #[inline]
     pub fn f64(&mut self) -> Result<f64, DecodeError> {
         Ok(f64::from_bits(self.u64()?))
-    }
-
-    pub fn bool(&mut self) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => self.err("bad bool"),
-        }
     }
 
     pub fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {

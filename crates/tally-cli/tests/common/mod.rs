@@ -118,6 +118,17 @@ pub async fn get(c: &reqwest::Client, url: String) -> Value {
     serde_json::from_str(&r.text().await.unwrap()).unwrap()
 }
 
+/// The Prometheus text of `/metrics`.
+pub async fn prom(c: &reqwest::Client, base: &str) -> String {
+    c.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// All points of a grouped metric as (event_type, bucket) → value.
 pub async fn fetch(
     c: &reqwest::Client,

@@ -186,10 +186,23 @@ fn crashed(recs: &[Rec], crash_at: usize, every: usize, compact: u64) -> Outcome
         }
     }
     drop((r, st));
+    recover(dir.path(), recs).0
+}
+
+/// A fresh process recovering from `dir`: the checkpoint, then the log tail.
+fn recover(dir: &std::path::Path, recs: &[Rec]) -> (Outcome, super::RecoveryReport) {
     let mut r = fresh();
-    let (_st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    let (_st, rep) = StateStore::open(dir, &mut r.p).unwrap();
     replay_tail(&mut r.p, recs);
-    outcome(&r)
+    (outcome(&r), rep)
+}
+
+/// Same rollups (every sketch, bit for bit), totals, late DLQ and dedupe size.
+fn assert_same(got: &Outcome, want: &Outcome, ctx: &str) {
+    assert!(got.0 == want.0, "rollups differ: {ctx}");
+    assert_eq!(got.1, want.1, "totals: {ctx}");
+    assert_eq!(got.2, want.2, "late DLQ: {ctx}");
+    assert_eq!(got.3, want.3, "dedupe: {ctx}");
 }
 
 #[test]
@@ -211,16 +224,7 @@ fn crash_and_recover_equals_uninterrupted_at_many_points() {
     for crash_at in [0, 1, 5, 50, 97, 98, 150, 233, 399, 400] {
         for every in [1, 7, 64] {
             let got = crashed(&recs, crash_at, every, 64 << 20);
-            assert!(
-                got.0 == want.0,
-                "rollups differ: crash at {crash_at}, every {every}"
-            );
-            assert_eq!(got.1, want.1, "totals: crash at {crash_at}, every {every}");
-            assert_eq!(
-                got.2, want.2,
-                "late DLQ: crash at {crash_at}, every {every}"
-            );
-            assert_eq!(got.3, want.3, "dedupe: crash at {crash_at}, every {every}");
+            assert_same(&got, &want, &format!("crash at {crash_at}, every {every}"));
         }
     }
 }
@@ -231,8 +235,7 @@ fn compacted_journals_recover_the_same_state() {
     let want = uninterrupted(&recs);
     for crash_at in [100, 211, 300] {
         let got = crashed(&recs, crash_at, 3, 256);
-        assert!(got.0 == want.0, "rollups differ at {crash_at}");
-        assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+        assert_same(&got, &want, &format!("crash at {crash_at}"));
     }
 }
 
@@ -255,14 +258,10 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&newest, bytes).unwrap();
-    let mut r = fresh();
-    let (_st, rep) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    let (got, rep) = recover(dir.path(), &recs);
     assert_eq!(rep.checkpoint, Some(3));
     assert_eq!(rep.skipped.len(), 1, "{:?}", rep.skipped);
-    replay_tail(&mut r.p, &recs);
-    let got = outcome(&r);
-    assert!(got.0 == want.0);
-    assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+    assert_same(&got, &want, "fallback to checkpoint 3");
 }
 
 /// A kill after the journals of a checkpoint were appended but before its
@@ -294,12 +293,7 @@ fn a_crash_between_journal_append_and_rename_recovers_twice() {
     }
     st.checkpoint(&mut r.p).unwrap();
     drop((r, st));
-    let mut r = fresh();
-    let (_st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
-    replay_tail(&mut r.p, &recs);
-    let got = outcome(&r);
-    assert!(got.0 == want.0);
-    assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+    assert_same(&recover(dir.path(), &recs).0, &want, "second recovery");
 }
 
 /// A checkpoint prepared while records keep arriving (as when it is written
@@ -335,12 +329,7 @@ fn a_failed_background_write_loses_nothing() {
         }
     }
     drop((r, st));
-    let mut r = fresh();
-    let (_st, _) = StateStore::open(dir.path(), &mut r.p).unwrap();
-    replay_tail(&mut r.p, &recs);
-    let got = outcome(&r);
-    assert!(got.0 == want.0);
-    assert_eq!((got.1, &got.2, got.3), (want.1, &want.2, want.3));
+    assert_same(&recover(dir.path(), &recs).0, &want, "after a failed write");
 }
 
 #[test]
