@@ -36,6 +36,8 @@ pub struct Config {
     pub log: LogSection,
     pub stream: StreamSection,
     pub dlq: DlqSection,
+    pub archive: ArchiveSection,
+    pub query: QuerySection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +86,78 @@ pub struct DlqSection {
     pub capacity: usize,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ArchiveSection {
+    /// Keep raw events (the `events` table, the Parquet archive, sessions).
+    pub enabled: bool,
+    /// Hot rows are sealed into Parquet at least this often.
+    pub seal_interval: String,
+    /// ... or once this many rows are hot.
+    pub seal_rows: usize,
+    /// Past this many hot rows (a seal that cannot keep up, e.g. object
+    /// storage down), ingest slows down instead of memory growing.
+    pub max_hot_rows: usize,
+    pub row_group_rows: usize,
+    pub zstd_level: i32,
+    /// Archive files older than this (by event hour) are deleted ("0s": kept).
+    pub retention: String,
+    /// An S3-compatible bucket instead of `<data-dir>/archive`.
+    pub s3: Option<S3Section>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct S3Section {
+    pub bucket: String,
+    pub prefix: String,
+    /// For S3-compatible servers, e.g. "http://127.0.0.1:9000".
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub allow_http: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct QuerySection {
+    /// Longest a SQL or sessions query may run.
+    pub timeout: String,
+    /// Memory one query may use, bytes.
+    pub memory_limit: usize,
+    /// Most rows in one answer (the answer says "truncated" past it).
+    pub max_rows: usize,
+    /// Cached SQL answers (0: no cache).
+    pub cache_entries: usize,
+}
+
+impl Default for ArchiveSection {
+    fn default() -> Self {
+        ArchiveSection {
+            enabled: true,
+            seal_interval: "1m".into(),
+            seal_rows: 1_000_000,
+            max_hot_rows: 8_000_000,
+            row_group_rows: 128 * 1024,
+            zstd_level: 1,
+            retention: "365d".into(),
+            s3: None,
+        }
+    }
+}
+
+impl Default for QuerySection {
+    fn default() -> Self {
+        QuerySection {
+            timeout: "30s".into(),
+            memory_limit: 1 << 30,
+            max_rows: 100_000,
+            cache_entries: 256,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -93,6 +167,8 @@ impl Default for Config {
             log: LogSection::default(),
             stream: StreamSection::default(),
             dlq: DlqSection::default(),
+            archive: ArchiveSection::default(),
+            query: QuerySection::default(),
         }
     }
 }
@@ -152,6 +228,9 @@ pub struct Durations {
     pub idle_timeout_ms: Millis,
     pub allowed_lateness_ms: Millis,
     pub checkpoint_interval_ms: Millis,
+    pub seal_interval_ms: Millis,
+    pub archive_retention_ms: Millis,
+    pub query_timeout_ms: Millis,
 }
 
 impl Config {
@@ -227,6 +306,10 @@ impl Config {
                 "stream.checkpoint-interval",
                 &self.stream.checkpoint_interval,
             )?,
+            seal_interval_ms: duration("archive.seal-interval", &self.archive.seal_interval)?
+                .max(1),
+            archive_retention_ms: duration("archive.retention", &self.archive.retention)?,
+            query_timeout_ms: duration("query.timeout", &self.query.timeout)?.max(1),
         })
     }
 }

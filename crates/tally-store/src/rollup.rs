@@ -419,6 +419,26 @@ impl RollupStore {
         })
     }
 
+    /// One tenant's minutes in `[from, to)`.
+    pub fn tenant_minutes(
+        &self,
+        tenant: &str,
+        from: Millis,
+        to: Millis,
+    ) -> impl Iterator<Item = (Millis, &MinuteBucket)> {
+        self.tenants
+            .get(tenant)
+            .into_iter()
+            .flat_map(move |m| {
+                let range = if from < to {
+                    m.range(from..to)
+                } else {
+                    m.range(0..0)
+                };
+                range.map(|(&minute, b)| (minute, b))
+            })
+    }
+
     /// Number of (tenant, minute) buckets held.
     pub fn bucket_count(&self) -> usize {
         self.tenants.values().map(|t| t.len()).sum()

@@ -27,7 +27,7 @@
 pub mod dlq;
 pub mod state;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -162,6 +162,15 @@ pub struct Processor {
     journal: Journal,
     /// Whether changes are journaled for checkpoints (off when checkpoints are).
     journaling: bool,
+    /// Whether the raw store is fed: then the dropped (duplicate) events of
+    /// each record are kept for it.
+    capture: bool,
+    /// Dropped event ranges of the last applied record.
+    last_drops: Vec<(u32, u32)>,
+    /// Dropped ranges of records the raw store has not sealed yet, by lsn
+    /// (only records with drops), checkpointed so that recovery can rebuild
+    /// the raw store's hot rows exactly.
+    raw_drops: VecDeque<(u64, Vec<(u32, u32)>)>,
 }
 
 impl Processor {
@@ -181,6 +190,9 @@ impl Processor {
             watermark: None,
             journal: Journal::default(),
             journaling: true,
+            capture: false,
+            last_drops: Vec::new(),
+            raw_drops: VecDeque::new(),
         }
     }
 
@@ -215,6 +227,38 @@ impl Processor {
         self.journaling = on;
         if !on {
             self.journal = Journal::default();
+        }
+    }
+
+    /// Keeps the dropped events of each record for a raw store.
+    pub fn set_capture(&mut self, on: bool) {
+        self.capture = on;
+        if !on {
+            self.raw_drops.clear();
+        }
+    }
+
+    /// Dropped (duplicate) events of the last applied record as sorted
+    /// `(start, len)` index ranges; everything else in it was kept.
+    pub fn last_drops(&self) -> &[(u32, u32)] {
+        &self.last_drops
+    }
+
+    /// The dropped ranges recorded for an already applied record (recovery
+    /// feeding the raw store the records before the checkpoint).
+    pub fn drops_of(&self, lsn: u64) -> &[(u32, u32)] {
+        let i = self.raw_drops.partition_point(|(l, _)| *l < lsn);
+        match self.raw_drops.get(i) {
+            Some((l, d)) if *l == lsn => d,
+            _ => &[],
+        }
+    }
+
+    /// The raw store sealed every record before `next_lsn`: their drops are
+    /// no longer needed.
+    pub fn raw_sealed(&mut self, next_lsn: u64) {
+        while self.raw_drops.front().is_some_and(|(l, _)| *l < next_lsn) {
+            self.raw_drops.pop_front();
         }
     }
 
@@ -261,6 +305,7 @@ impl Processor {
             source,
         };
         let reader = BatchReader::new(rec.payload).map_err(codec)?;
+        self.last_drops.clear();
         let out = if reader.is_correction() {
             self.apply_correction(reader).map_err(codec)?
         } else {
@@ -275,6 +320,9 @@ impl Processor {
         self.totals.replayed += out.replayed;
         self.totals.last_lsn = Some(rec.lsn);
         self.journal.dirty = true;
+        if self.capture && !self.last_drops.is_empty() && !out.correction_record {
+            self.raw_drops.push_back((rec.lsn, self.last_drops.clone()));
+        }
         self.sweep_dedupe();
         Ok(out)
     }
@@ -298,7 +346,7 @@ impl Processor {
             let overall = others.map_or(mine, |o| o.min(mine));
             wm = Some(wm.map_or(overall, |w| w.max(overall)));
         }
-        for ev in reader {
+        for (i, ev) in reader.enumerate() {
             let ev = ev?;
             let minute = align_down(ev.ts, MINUTE_MS);
             let key = dedupe_key(ev.tenant, ev.event_id);
@@ -307,6 +355,9 @@ impl Processor {
                 || self.corrected.contains(&key)
             {
                 out.duplicates += 1;
+                if self.capture {
+                    push_drop(&mut self.last_drops, i as u32);
+                }
                 continue;
             }
             if let Some(w) = wm {
@@ -415,6 +466,14 @@ impl Processor {
         if let Some(o) = self.offsets.get_mut(partition as usize) {
             *o = (*o).max(next_offset);
         }
+    }
+}
+
+/// Adds event `i` to sorted `(start, len)` ranges (indexes only grow).
+fn push_drop(ranges: &mut Vec<(u32, u32)>, i: u32) {
+    match ranges.last_mut() {
+        Some((s, l)) if *s + *l == i => *l += 1,
+        _ => ranges.push((i, 1)),
     }
 }
 

@@ -5,7 +5,7 @@
 //! # Files (`<data-dir>/state/`)
 //!
 //! ```text
-//! checkpoint-<seq:020>.ckpt  "TALLYCK1" frame(checkpoint)      newest two kept
+//! checkpoint-<seq:020>.ckpt  "TALLYCK2" frame(checkpoint)      newest two kept
 //! sealed-<gen:06>.bin        frame(tenant, minute, bucket)*    final minutes
 //! dedupe-<gen:06>.bin        frame((key, minute)*)*            dedupe journal
 //! late-<gen:06>.bin          frame(late DLQ entry)*            late DLQ journal
@@ -31,7 +31,7 @@
 //! - A journal is rewritten (compacted) into a new generation; the files of a
 //!   generation are deleted only when no kept checkpoint names it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -43,7 +43,9 @@ use tally_types::bin::{Dec, DecodeError, Enc, frame, unframe};
 
 use crate::{DlqBody, DlqEntry, DlqKind, LATE_MARK, PartState, Processor, Totals};
 
-const MAGIC: &[u8; 8] = b"TALLYCK1";
+/// Version 2 added the raw store's dropped ranges; a version-1 checkpoint
+/// is ignored (the state is rebuilt from the log).
+const MAGIC: &[u8; 8] = b"TALLYCK2";
 /// A journal is compacted into a new generation past this many bytes when
 /// most of it is dead.
 const COMPACT_BYTES: u64 = 64 << 20;
@@ -268,6 +270,7 @@ pub struct CheckpointJob {
     swept_to: Millis,
     totals: Totals,
     corrected: Vec<u64>,
+    raw_drops: Vec<(u64, Vec<(u32, u32)>)>,
 }
 
 impl CheckpointJob {
@@ -336,6 +339,7 @@ struct Checkpoint {
     dedupe_written: u64,
     corrected: Vec<u64>,
     open: Vec<(String, Millis, MinuteBucket)>,
+    raw_drops: VecDeque<(u64, Vec<(u32, u32)>)>,
 }
 
 fn encode_totals(e: &mut Enc, t: &Totals) {
@@ -415,6 +419,17 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         let m = d.i64()?;
         open.push((t, m, MinuteBucket::decode(&mut d)?));
     }
+    let nd = d.count(12)?;
+    let mut raw_drops = VecDeque::with_capacity(nd);
+    for _ in 0..nd {
+        let lsn = d.u64()?;
+        let nr = d.count(8)?;
+        let mut ranges = Vec::with_capacity(nr);
+        for _ in 0..nr {
+            ranges.push((d.u32()?, d.u32()?));
+        }
+        raw_drops.push_back((lsn, ranges));
+    }
     if !d.is_empty() {
         return d.err("trailing bytes");
     }
@@ -430,6 +445,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         dedupe_written,
         corrected,
         open,
+        raw_drops,
     })
 }
 
@@ -558,6 +574,7 @@ impl StateStore {
         p.sealed_to = c.sealed_to;
         p.totals = c.totals;
         p.corrected = c.corrected.into_iter().collect();
+        p.raw_drops = c.raw_drops;
 
         // Rollups: sealed minutes (the last copy of a minute wins), then open ones.
         {
@@ -681,6 +698,7 @@ impl StateStore {
             swept_to: p.swept_to,
             totals: p.totals,
             corrected: p.corrected.iter().copied().collect(),
+            raw_drops: p.raw_drops.iter().cloned().collect(),
         };
         {
             let store = p.store.read();
@@ -825,6 +843,15 @@ impl StateStore {
         }
         e.u32(job.open_buckets as u32);
         e.buf.extend_from_slice(&job.open.buf);
+        e.u32(job.raw_drops.len() as u32);
+        for (lsn, ranges) in &job.raw_drops {
+            e.u64(*lsn);
+            e.u32(ranges.len() as u32);
+            for &(s, l) in ranges {
+                e.u32(s);
+                e.u32(l);
+            }
+        }
         let mut file_bytes = MAGIC.to_vec();
         frame(&mut file_bytes, &e.buf);
         let tmp = self.dir.join(format!("checkpoint-{:020}.tmp", job.seq));

@@ -79,24 +79,29 @@ impl<'a> EventView<'a> {
     /// The properties as a JSON object text (the raw-store and DLQ form).
     pub fn props_json(&self) -> String {
         let mut out = String::with_capacity(self.props.len() + 16);
+        self.write_props_json(&mut out);
+        out
+    }
+
+    /// Appends the properties as a JSON object text to `out`.
+    pub fn write_props_json(&self, out: &mut String) {
         out.push('{');
         for (i, (k, v)) in self.props().enumerate() {
             if i > 0 {
                 out.push(',');
             }
-            push_json_str(&mut out, k);
+            push_json_str(out, k);
             out.push(':');
             match v {
                 PropValue::Null => out.push_str("null"),
                 PropValue::Bool(b) => out.push_str(if b { "true" } else { "false" }),
                 PropValue::Int(i) => out.push_str(&i.to_string()),
-                PropValue::Float(f) => push_f64(&mut out, f),
-                PropValue::Str(s) => push_json_str(&mut out, s),
+                PropValue::Float(f) => push_f64(out, f),
+                PropValue::Str(s) => push_json_str(out, s),
                 PropValue::Json(j) => out.push_str(j),
             }
         }
         out.push('}');
-        out
     }
 
     /// The whole event as a JSON object text.

@@ -1,0 +1,680 @@
+//! Appending kept events to hot Arrow batches, and sealing them into
+//! Parquet files (on a helper thread, one seal at a time).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    ArrayRef, StringArray, StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
+};
+use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use tally_types::time::HOUR_MS;
+use tally_types::{BatchReader, Millis};
+
+use crate::manifest::{Entry, Manifest};
+use crate::schema::{col, events_schema, hive_dir};
+use crate::{Archive, ArchiveFile, Error, Hot, HotBatch, RawShared, RawStats, Result};
+
+/// Raw store settings.
+#[derive(Debug, Clone)]
+pub struct RawConfig {
+    /// Hot rows are sealed at least this often (ms).
+    pub seal_interval_ms: u64,
+    /// ... or once this many rows are hot.
+    pub seal_rows: usize,
+    /// Appends block (backpressure) while this many rows are hot and a
+    /// seal is running.
+    pub max_hot_rows: usize,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    pub zstd_level: i32,
+    pub partitions: usize,
+    /// `<data-dir>/state/archive.manifest`.
+    pub manifest_path: PathBuf,
+}
+
+impl RawConfig {
+    pub fn new(manifest_path: PathBuf, partitions: usize) -> RawConfig {
+        RawConfig {
+            seal_interval_ms: 60_000,
+            seal_rows: 1_000_000,
+            max_hot_rows: 8_000_000,
+            row_group_rows: 128 * 1024,
+            zstd_level: 1,
+            partitions,
+            manifest_path,
+        }
+    }
+}
+
+/// Column builders of one tenant.
+struct Builders {
+    event_id: StringBuilder,
+    event_type: StringBuilder,
+    user_id: StringBuilder,
+    session_id: StringBuilder,
+    ts: TimestampMillisecondBuilder,
+    properties: StringBuilder,
+    received_at: TimestampMillisecondBuilder,
+    min_ts: Millis,
+    max_ts: Millis,
+    rows: usize,
+}
+
+impl Builders {
+    fn new() -> Builders {
+        Builders {
+            event_id: StringBuilder::new(),
+            event_type: StringBuilder::new(),
+            user_id: StringBuilder::new(),
+            session_id: StringBuilder::new(),
+            ts: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            properties: StringBuilder::new(),
+            received_at: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            min_ts: Millis::MAX,
+            max_ts: Millis::MIN,
+            rows: 0,
+        }
+    }
+
+    fn finish(&mut self, tenant: &str) -> Result<HotBatch> {
+        let n = self.rows;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.event_id.finish()),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(tenant, n))),
+            Arc::new(self.event_type.finish()),
+            Arc::new(self.user_id.finish()),
+            Arc::new(self.session_id.finish()),
+            Arc::new(self.ts.finish()),
+            Arc::new(self.properties.finish()),
+            Arc::new(self.received_at.finish()),
+        ];
+        let batch = RecordBatch::try_new(events_schema(), cols)?;
+        let hb = HotBatch {
+            seq: 0,
+            batch,
+            min_ts: self.min_ts,
+            max_ts: self.max_ts,
+        };
+        self.min_ts = Millis::MAX;
+        self.max_ts = Millis::MIN;
+        self.rows = 0;
+        Ok(hb)
+    }
+}
+
+/// What one seal wrote.
+#[derive(Debug, Clone, Default)]
+pub struct SealReport {
+    pub rows: u64,
+    pub files: usize,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+    pub next_lsn: u64,
+}
+
+enum Job {
+    Seal(SealJob),
+    /// Delete archive files whose hour ended at or before `cutoff`.
+    Retain {
+        cutoff: Millis,
+        done: Option<SyncSender<Result<(u64, u64)>>>,
+    },
+}
+
+struct SealJob {
+    /// Per tenant, the batches to seal.
+    tenants: Vec<(Arc<str>, Vec<RecordBatch>)>,
+    /// Hot batches up to this seq are removed once the files are committed.
+    through_seq: u64,
+    next_lsn: u64,
+    offsets: Vec<u64>,
+    done: Option<SyncSender<Result<SealReport>>>,
+}
+
+/// The single writer of the raw store (lives on the raw thread).
+pub struct RawWriter {
+    shared: Arc<RawShared>,
+    cfg: RawConfig,
+    builders: HashMap<Arc<str>, Builders>,
+    building_rows: usize,
+    next_seq: u64,
+    /// Log position after every record appended (or passed over) so far.
+    offsets: Vec<u64>,
+    next_lsn: u64,
+    last_seal: Instant,
+    seal_tx: Option<SyncSender<Job>>,
+    in_flight: Arc<Mutex<bool>>,
+    seal_thread: Option<JoinHandle<()>>,
+    props_buf: String,
+}
+
+impl RawWriter {
+    /// Opens the manifest, deletes archive files it does not name (left by a
+    /// crash between a Parquet write and its manifest entry), and starts the
+    /// seal thread. The caller feeds the log from [`RawWriter::offsets`].
+    ///
+    /// A new archive (no manifest yet) starts at `genesis` = (next lsn,
+    /// per-partition offsets): a data dir whose processor state predates
+    /// the archive cannot tell older records from their duplicates any more.
+    pub fn open(
+        archive: Archive,
+        cfg: RawConfig,
+        genesis: (u64, &[u64]),
+    ) -> Result<(RawWriter, Arc<RawShared>)> {
+        let manifest = Manifest::open(&cfg.manifest_path, cfg.partitions, genesis)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Io {
+                path: "seal runtime".into(),
+                source,
+            })?;
+        // Orphans: Parquet objects the manifest does not name, left by a
+        // crash between a file write and its manifest entry. Without a
+        // manifest nothing is deleted: the files are someone else's.
+        let listed = rt.block_on(archive.list())?;
+        let untracked: Vec<&String> = listed
+            .iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.ends_with(".parquet") || p.ends_with(".tmp"))
+            .filter(|p| !manifest.state.files.contains_key(*p))
+            .collect();
+        if manifest.existed {
+            for path in &untracked {
+                rt.block_on(archive.delete(path))?;
+            }
+            if !untracked.is_empty() {
+                tracing::warn!(orphans = untracked.len(), archive = %archive.describe, "deleted archive files no manifest entry names (left by a crash)");
+            }
+        } else if !untracked.is_empty() {
+            tracing::warn!(
+                files = untracked.len(),
+                archive = %archive.describe,
+                manifest = %cfg.manifest_path.display(),
+                "the archive holds Parquet files but there is no manifest: they are not queried and not deleted; move them away if they are not wanted"
+            );
+        }
+        let files: Vec<Arc<ArchiveFile>> = manifest.state.files.values().cloned().collect();
+        let shared = Arc::new(RawShared {
+            archive: archive.clone(),
+            hot: RwLock::new(Hot::default()),
+            files: RwLock::new(files),
+            sealed_lsn: manifest.state.next_lsn.into(),
+            version: 0.into(),
+            stats: RawStats::default(),
+        });
+        let (seal_tx, seal_rx) = sync_channel::<Job>(1);
+        let in_flight = Arc::new(Mutex::new(false));
+        let sh = shared.clone();
+        let flight = in_flight.clone();
+        let c = cfg.clone();
+        let offsets = manifest.state.offsets.clone();
+        let next_lsn = manifest.state.next_lsn;
+        let seal_thread = std::thread::Builder::new()
+            .name("tally-seal".into())
+            .spawn(move || seal_loop(rt, manifest, seal_rx, sh, flight, c))
+            .map_err(|source| Error::Io {
+                path: "seal thread".into(),
+                source,
+            })?;
+        Ok((
+            RawWriter {
+                shared: shared.clone(),
+                cfg,
+                builders: HashMap::new(),
+                building_rows: 0,
+                next_seq: 1,
+                offsets,
+                next_lsn,
+                last_seal: Instant::now(),
+                seal_tx: Some(seal_tx),
+                in_flight,
+                seal_thread: Some(seal_thread),
+                props_buf: String::new(),
+            },
+            shared,
+        ))
+    }
+
+    pub fn shared(&self) -> &Arc<RawShared> {
+        &self.shared
+    }
+
+    /// Where the raw store continues in each partition.
+    pub fn offsets(&self) -> &[u64] {
+        &self.offsets
+    }
+
+    /// Whether the record at `offset` of `partition` is still to be appended.
+    pub fn wants(&self, partition: u32, offset: u64) -> bool {
+        self.offsets
+            .get(partition as usize)
+            .is_some_and(|&o| offset >= o)
+    }
+
+    /// Appends the kept events of one record: every event except those in
+    /// `dropped` (sorted, non-overlapping `(start, len)` index ranges).
+    /// Correction records (late events re-applied from the DLQ) add nothing:
+    /// those events were kept when they first arrived.
+    pub fn append(
+        &mut self,
+        partition: u32,
+        next_offset: u64,
+        lsn: u64,
+        append_ms: Millis,
+        payload: &[u8],
+        dropped: &[(u32, u32)],
+    ) -> Result<()> {
+        let reader = BatchReader::new(payload).map_err(|e| Error::Record {
+            lsn,
+            what: e.to_string(),
+        })?;
+        if !reader.is_correction() {
+            let mut drops = dropped.iter().peekable();
+            for (i, ev) in reader.enumerate() {
+                let ev = ev.map_err(|e| Error::Record {
+                    lsn,
+                    what: e.to_string(),
+                })?;
+                let i = i as u32;
+                while drops.peek().is_some_and(|&&(s, l)| s + l <= i) {
+                    drops.next();
+                }
+                if drops.peek().is_some_and(|&&(s, _)| s <= i) {
+                    continue;
+                }
+                let b = match self.builders.get_mut(ev.tenant) {
+                    Some(b) => b,
+                    None => self
+                        .builders
+                        .entry(Arc::from(ev.tenant))
+                        .or_insert_with(Builders::new),
+                };
+                b.event_id.append_value(ev.event_id);
+                b.event_type.append_value(ev.event_type);
+                b.user_id.append_option(ev.user_id);
+                b.session_id.append_option(ev.session_id);
+                b.ts.append_value(ev.ts);
+                self.props_buf.clear();
+                ev.write_props_json(&mut self.props_buf);
+                b.properties.append_value(&self.props_buf);
+                b.received_at.append_value(append_ms);
+                b.min_ts = b.min_ts.min(ev.ts);
+                b.max_ts = b.max_ts.max(ev.ts);
+                b.rows += 1;
+                self.building_rows += 1;
+            }
+        }
+        if let Some(o) = self.offsets.get_mut(partition as usize) {
+            *o = (*o).max(next_offset);
+        }
+        self.next_lsn = self.next_lsn.max(lsn + 1);
+        if self.building_rows >= 8192 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Moves built rows into the hot batches queries read.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.building_rows == 0 {
+            return Ok(());
+        }
+        let mut done = Vec::new();
+        for (t, b) in self.builders.iter_mut().filter(|(_, b)| b.rows > 0) {
+            let mut hb = b.finish(t)?;
+            hb.seq = self.next_seq;
+            self.next_seq += 1;
+            done.push((t.clone(), hb));
+        }
+        self.shared
+            .stats
+            .rows_appended
+            .fetch_add(self.building_rows as u64, Relaxed);
+        self.building_rows = 0;
+        {
+            let mut hot = self.shared.hot.write();
+            for (t, hb) in done {
+                hot.rows += hb.batch.num_rows();
+                hot.bytes += hb.batch.get_array_memory_size();
+                hot.tenants.entry(t).or_default().push(hb);
+            }
+            // Many tiny batches (one per small request) are merged, so a
+            // scan does not pay per batch.
+            for v in hot.tenants.values_mut() {
+                if v.len() > 256 {
+                    coalesce(v)?;
+                }
+            }
+        }
+        self.shared.bump_version();
+        Ok(())
+    }
+
+    /// Rows hot (in memory, not yet in archive files).
+    pub fn hot_rows(&self) -> usize {
+        self.shared.hot.read().rows + self.building_rows
+    }
+
+    /// Starts a seal if one is due (interval or rows) and none is running.
+    /// Blocks while too many rows are hot (backpressure).
+    pub fn maybe_seal(&mut self) -> Result<()> {
+        let hot = self.hot_rows();
+        let due = hot > 0
+            && (hot >= self.cfg.seal_rows
+                || self.last_seal.elapsed() >= Duration::from_millis(self.cfg.seal_interval_ms));
+        if due && !*self.in_flight.lock() {
+            self.start_seal(None)?;
+        }
+        while self.hot_rows() > self.cfg.max_hot_rows && *self.in_flight.lock() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    fn start_seal(&mut self, done: Option<SyncSender<Result<SealReport>>>) -> Result<()> {
+        self.flush()?;
+        self.last_seal = Instant::now();
+        let hot = self.shared.hot.read();
+        let through_seq = self.next_seq - 1;
+        let tenants: Vec<(Arc<str>, Vec<RecordBatch>)> = hot
+            .tenants
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(t, v)| (t.clone(), v.iter().map(|b| b.batch.clone()).collect()))
+            .collect();
+        drop(hot);
+        let job = SealJob {
+            tenants,
+            through_seq,
+            next_lsn: self.next_lsn,
+            offsets: self.offsets.clone(),
+            done,
+        };
+        *self.in_flight.lock() = true;
+        if let Some(tx) = &self.seal_tx
+            && tx.send(Job::Seal(job)).is_ok()
+        {
+            return Ok(());
+        }
+        *self.in_flight.lock() = false;
+        Err(Error::Config("the seal thread is gone".into()))
+    }
+
+    /// Seals everything now and waits for it (shutdown, tests).
+    pub fn seal_now(&mut self) -> Result<SealReport> {
+        while *self.in_flight.lock() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (tx, rx) = sync_channel(1);
+        self.start_seal(Some(tx))?;
+        rx.recv()
+            .map_err(|_| Error::Config("the seal thread is gone".into()))?
+    }
+
+    /// Deletes archive files whose hour ended at or before `cutoff` (on
+    /// the seal thread, after the seal in flight). Returns (files, rows).
+    pub fn retain(&mut self, cutoff: Millis) -> Result<(u64, u64)> {
+        let (tx, rx) = sync_channel(1);
+        match &self.seal_tx {
+            Some(t) if t.send(Job::Retain { cutoff, done: Some(tx) }).is_ok() => {}
+            _ => return Err(Error::Config("the seal thread is gone".into())),
+        }
+        rx.recv()
+            .map_err(|_| Error::Config("the seal thread is gone".into()))?
+    }
+
+    /// Seals what is hot and stops the seal thread.
+    pub fn close(mut self) -> Result<SealReport> {
+        let r = self.seal_now();
+        self.seal_tx = None;
+        if let Some(t) = self.seal_thread.take() {
+            let _ = t.join();
+        }
+        r
+    }
+}
+
+impl Drop for RawWriter {
+    fn drop(&mut self) {
+        self.seal_tx = None;
+        if let Some(t) = self.seal_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Merges a tenant's hot batches into one.
+fn coalesce(v: &mut Vec<HotBatch>) -> Result<()> {
+    let batches: Vec<RecordBatch> = v.iter().map(|b| b.batch.clone()).collect();
+    let merged = concat_batches(&events_schema(), &batches)?;
+    let hb = HotBatch {
+        seq: v.last().map_or(0, |b| b.seq),
+        batch: merged,
+        min_ts: v.iter().map(|b| b.min_ts).min().unwrap_or(Millis::MAX),
+        max_ts: v.iter().map(|b| b.max_ts).max().unwrap_or(Millis::MIN),
+    };
+    *v = vec![hb];
+    Ok(())
+}
+
+fn seal_loop(
+    rt: tokio::runtime::Runtime,
+    mut manifest: Manifest,
+    rx: Receiver<Job>,
+    shared: Arc<RawShared>,
+    in_flight: Arc<Mutex<bool>>,
+    cfg: RawConfig,
+) {
+    let mut attempt = 0u64;
+    for job in rx {
+        let mut job = match job {
+            Job::Seal(j) => j,
+            Job::Retain { cutoff, done } => {
+                let r = rt.block_on(retain(&shared, &mut manifest, cutoff));
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "archive retention failed; retried on the next round");
+                }
+                if let Some(d) = done {
+                    let _ = d.send(r);
+                }
+                continue;
+            }
+        };
+        attempt += 1;
+        let started = Instant::now();
+        let r = rt.block_on(seal(&shared.archive, &mut manifest, &job, &cfg, attempt));
+        let r = r.map(|(files, rows, bytes)| {
+            commit(&shared, files, job.through_seq, job.next_lsn);
+            let ms = started.elapsed().as_millis() as u64;
+            let st = &shared.stats;
+            st.seals.fetch_add(1, Relaxed);
+            st.rows_sealed.fetch_add(rows, Relaxed);
+            st.bytes_written.fetch_add(bytes, Relaxed);
+            st.seal_us_total
+                .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+            tracing::debug!(rows, bytes, ms, next_lsn = job.next_lsn, "sealed raw events");
+            SealReport {
+                rows,
+                files: 0,
+                bytes,
+                elapsed_ms: ms,
+                next_lsn: job.next_lsn,
+            }
+        });
+        if let Err(e) = &r {
+            shared.stats.seal_errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "sealing raw events failed; they stay in memory and the seal is retried");
+        }
+        *in_flight.lock() = false;
+        if let Some(done) = job.done.take() {
+            let _ = done.send(r);
+        }
+    }
+}
+
+/// Archive retention: the manifest forgets the files first (so a crash
+/// leaves orphans, deleted on the next start, never dangling entries), then
+/// queries stop seeing them, then they are deleted.
+async fn retain(shared: &RawShared, manifest: &mut Manifest, cutoff: Millis) -> Result<(u64, u64)> {
+    let old: Vec<Arc<ArchiveFile>> = shared
+        .files
+        .read()
+        .iter()
+        .filter(|f| f.hour() + HOUR_MS <= cutoff)
+        .cloned()
+        .collect();
+    if old.is_empty() {
+        return Ok((0, 0));
+    }
+    let paths: Vec<String> = old.iter().map(|f| f.path.clone()).collect();
+    manifest.append(Entry::Replace {
+        remove: &paths,
+        add: &[],
+    })?;
+    shared.files.write().retain(|f| f.hour() + HOUR_MS > cutoff);
+    shared.bump_version();
+    let rows: u64 = old.iter().map(|f| f.rows).sum();
+    for p in &paths {
+        if let Err(e) = shared.archive.delete(p).await {
+            tracing::warn!(path = %p, error = %e, "archive retention: could not delete a file (deleted on the next start)");
+        }
+    }
+    shared.stats.files_deleted.fetch_add(old.len() as u64, Relaxed);
+    shared.stats.rows_deleted.fetch_add(rows, Relaxed);
+    tracing::info!(files = old.len(), rows, cutoff = %tally_types::time::format_rfc3339(cutoff), "archive retention deleted files");
+    Ok((old.len() as u64, rows))
+}
+
+/// Makes a seal visible: files in, sealed hot batches out, in that order
+/// and under both locks (see [`RawShared::snapshot`]).
+fn commit(shared: &RawShared, files: Vec<ArchiveFile>, through_seq: u64, next_lsn: u64) {
+    let mut fl = shared.files.write();
+    let mut hot = shared.hot.write();
+    shared.stats.files_written.fetch_add(files.len() as u64, Relaxed);
+    fl.extend(files.into_iter().map(Arc::new));
+    let mut rows = 0;
+    let mut bytes = 0;
+    for v in hot.tenants.values_mut() {
+        v.retain(|b| b.seq > through_seq);
+        for b in v.iter() {
+            rows += b.batch.num_rows();
+            bytes += b.batch.get_array_memory_size();
+        }
+    }
+    hot.tenants.retain(|_, v| !v.is_empty());
+    hot.rows = rows;
+    hot.bytes = bytes;
+    shared.sealed_lsn.store(next_lsn, Relaxed);
+    drop(hot);
+    drop(fl);
+    shared.bump_version();
+}
+
+/// Writes the job's rows as Parquet (one file per tenant and hour, sorted
+/// by time) and appends the manifest entry. Returns (files, rows, bytes).
+async fn seal(
+    archive: &Archive,
+    manifest: &mut Manifest,
+    job: &SealJob,
+    cfg: &RawConfig,
+    attempt: u64,
+) -> Result<(Vec<ArchiveFile>, u64, u64)> {
+    let mut written: Vec<ArchiveFile> = Vec::new();
+    let mut rows_total = 0u64;
+    let mut bytes_total = 0u64;
+    let result: Result<()> = async {
+        for (tenant, batches) in &job.tenants {
+            let all = concat_batches(&events_schema(), batches)?;
+            if all.num_rows() == 0 {
+                continue;
+            }
+            let idx = sort_to_indices(all.column(col::TS), None, None)?;
+            let sorted = take_record_batch(&all, &idx)?;
+            let ts = sorted
+                .column(col::TS)
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .ok_or_else(|| Error::Config("ts column type".into()))?;
+            let mut start = 0;
+            let n = sorted.num_rows();
+            while start < n {
+                let hour = tally_types::time::align_down(ts.value(start), HOUR_MS);
+                // Sorted: find the first row of the next hour.
+                let (mut lo, mut hi) = (start, n);
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    if ts.value(mid) < hour + HOUR_MS {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                let end = lo;
+                let part = sorted.slice(start, end - start);
+                let bytes = to_parquet(&part, cfg)?;
+                let path = format!(
+                    "{}/part-{:020}-{attempt:04}.parquet",
+                    hive_dir(tenant, hour),
+                    job.next_lsn
+                );
+                let len = bytes.len() as u64;
+                written.push(ArchiveFile {
+                    path: path.clone(),
+                    tenant: tenant.clone(),
+                    min_ts: ts.value(start),
+                    max_ts: ts.value(end - 1),
+                    rows: (end - start) as u64,
+                    bytes: len,
+                });
+                archive.put(&path, bytes).await?;
+                rows_total += (end - start) as u64;
+                bytes_total += len;
+                start = end;
+            }
+        }
+        manifest.append(Entry::Seal {
+            next_lsn: job.next_lsn,
+            offsets: &job.offsets,
+            add: &written,
+        })
+    }
+    .await;
+    if let Err(e) = result {
+        for f in &written {
+            let _ = archive.delete(&f.path).await;
+        }
+        return Err(e);
+    }
+    Ok((written, rows_total, bytes_total))
+}
+
+/// One sorted slice as a Parquet file: zstd, row groups of
+/// `cfg.row_group_rows`, page statistics so time and tenant filters prune.
+pub(crate) fn to_parquet(batch: &RecordBatch, cfg: &RawConfig) -> Result<Bytes> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(cfg.zstd_level).unwrap_or_default(),
+        ))
+        .set_max_row_group_row_count(Some(cfg.row_group_rows))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_created_by("tally".into())
+        .build();
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 4);
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))?;
+    w.write(batch)?;
+    w.close()?;
+    Ok(Bytes::from(buf))
+}

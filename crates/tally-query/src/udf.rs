@@ -1,0 +1,314 @@
+//! `json_get_str`, `json_get_int`, `json_get_float`: read one value out of
+//! a JSON text column (`properties`), following a path of keys:
+//! `json_get_float(properties, 'duration_ms')`,
+//! `json_get_str(properties, 'utm', 'source')`.
+//!
+//! The object is scanned, not built: keys that do not match are skipped
+//! without allocating, so a lookup costs about one pass over the text.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Float64Builder, Int64Builder, StringBuilder};
+use arrow::datatypes::DataType;
+use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
+};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Want {
+    Str,
+    Int,
+    Float,
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct JsonGet {
+    name: &'static str,
+    want: Want,
+    signature: Signature,
+}
+
+/// The three functions, ready to register.
+pub fn json_udfs() -> Vec<ScalarUDF> {
+    [
+        ("json_get_str", Want::Str),
+        ("json_get_int", Want::Int),
+        ("json_get_float", Want::Float),
+    ]
+    .into_iter()
+    .map(|(name, want)| {
+        // (json, key), (json, key, key), … up to a depth of 4.
+        let sigs = (1..=4)
+            .map(|n| {
+                let mut v = vec![DataType::Utf8];
+                v.extend(std::iter::repeat_n(DataType::Utf8, n));
+                TypeSignature::Exact(v)
+            })
+            .collect();
+        ScalarUDF::new_from_impl(JsonGet {
+            name,
+            want,
+            signature: Signature::one_of(sigs, Volatility::Immutable),
+        })
+    })
+    .collect()
+}
+
+impl ScalarUDFImpl for JsonGet {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        if !(2..=5).contains(&arg_types.len()) {
+            return plan_err!(
+                "{}(json, key[, key…]) takes a JSON text and 1 to 4 keys, got {} arguments",
+                self.name,
+                arg_types.len()
+            );
+        }
+        Ok(vec![DataType::Utf8; arg_types.len()])
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(match self.want {
+            Want::Str => DataType::Utf8,
+            Want::Int => DataType::Int64,
+            Want::Float => DataType::Float64,
+        })
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        let mut keys = Vec::with_capacity(args.args.len() - 1);
+        for a in &args.args[1..] {
+            match a {
+                ColumnarValue::Scalar(ScalarValue::Utf8(Some(k))) => keys.push(k.clone()),
+                ColumnarValue::Scalar(ScalarValue::Utf8(None)) => {
+                    return Ok(ColumnarValue::Scalar(null_of(self.want)));
+                }
+                _ => {
+                    return exec_err!(
+                        "{}: keys must be constant strings, as in {}(properties, 'duration_ms')",
+                        self.name,
+                        self.name
+                    );
+                }
+            }
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let json: ArrayRef = match &args.args[0] {
+            ColumnarValue::Array(a) => a.clone(),
+            ColumnarValue::Scalar(s) => s.to_array_of_size(1)?,
+        };
+        let scalar_input = matches!(&args.args[0], ColumnarValue::Scalar(_));
+        let strings = json
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Execution(format!(
+                    "{}: the first argument must be JSON text",
+                    self.name
+                ))
+            })?;
+        let rows = if scalar_input { 1 } else { n.min(strings.len()) };
+        let out: ArrayRef = match self.want {
+            Want::Str => {
+                let mut b = StringBuilder::with_capacity(rows, rows * 8);
+                for i in 0..rows {
+                    match (!strings.is_null(i))
+                        .then(|| lookup(strings.value(i), &keys))
+                        .flatten()
+                    {
+                        Some(Found::Str(s)) => b.append_value(s),
+                        Some(Found::Int(v)) => b.append_value(v.to_string()),
+                        Some(Found::Float(v)) => b.append_value(v.to_string()),
+                        Some(Found::Bool(v)) => b.append_value(if v { "true" } else { "false" }),
+                        Some(Found::Raw(r)) => b.append_value(r),
+                        Some(Found::Null) | None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            Want::Int => {
+                let mut b = Int64Builder::with_capacity(rows);
+                for i in 0..rows {
+                    let v = (!strings.is_null(i))
+                        .then(|| lookup(strings.value(i), &keys))
+                        .flatten();
+                    b.append_option(match v {
+                        Some(Found::Int(v)) => Some(v),
+                        Some(Found::Float(f)) if f.fract() == 0.0 && f.abs() < 9.0e18 => {
+                            Some(f as i64)
+                        }
+                        Some(Found::Str(s)) => s.trim().parse().ok(),
+                        Some(Found::Bool(v)) => Some(v as i64),
+                        _ => None,
+                    });
+                }
+                Arc::new(b.finish())
+            }
+            Want::Float => {
+                let mut b = Float64Builder::with_capacity(rows);
+                for i in 0..rows {
+                    let v = (!strings.is_null(i))
+                        .then(|| lookup(strings.value(i), &keys))
+                        .flatten();
+                    b.append_option(match v {
+                        Some(Found::Int(v)) => Some(v as f64),
+                        Some(Found::Float(f)) => Some(f),
+                        Some(Found::Str(s)) => s.trim().parse().ok(),
+                        _ => None,
+                    });
+                }
+                Arc::new(b.finish())
+            }
+        };
+        if scalar_input {
+            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?))
+        } else {
+            Ok(ColumnarValue::Array(out))
+        }
+    }
+}
+
+fn null_of(w: Want) -> ScalarValue {
+    match w {
+        Want::Str => ScalarValue::Utf8(None),
+        Want::Int => ScalarValue::Int64(None),
+        Want::Float => ScalarValue::Float64(None),
+    }
+}
+
+/// A value found at a path.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Found<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(std::borrow::Cow<'a, str>),
+    /// An object or array, as JSON text.
+    Raw(&'a str),
+}
+
+/// The value at `path` in the JSON object `text` (None: missing or not JSON).
+pub(crate) fn lookup<'a>(text: &'a str, path: &[&str]) -> Option<Found<'a>> {
+    let mut cur = text;
+    for (i, key) in path.iter().enumerate() {
+        let mut de = serde_json::Deserializer::from_str(cur);
+        let raw: &'a serde_json::value::RawValue = FindKey { key }.deserialize(&mut de).ok()??;
+        let last = i + 1 == path.len();
+        if !last {
+            cur = raw.get();
+            continue;
+        }
+        return Some(scalar(raw.get()));
+    }
+    None
+}
+
+fn scalar(raw: &str) -> Found<'_> {
+    let t = raw.trim();
+    match t.as_bytes().first() {
+        Some(b'"') => match serde_json::from_str::<std::borrow::Cow<'_, str>>(t) {
+            Ok(s) => Found::Str(s),
+            Err(_) => Found::Null,
+        },
+        Some(b'{') | Some(b'[') => Found::Raw(t),
+        Some(b'n') => Found::Null,
+        Some(b't') => Found::Bool(true),
+        Some(b'f') => Found::Bool(false),
+        Some(_) => match t.parse::<i64>() {
+            Ok(v) => Found::Int(v),
+            Err(_) => t.parse::<f64>().map_or(Found::Null, Found::Float),
+        },
+        None => Found::Null,
+    }
+}
+
+/// Walks an object's entries, skipping values until `key` matches.
+struct FindKey<'k> {
+    key: &'k str,
+}
+
+impl<'de> DeserializeSeed<'de> for FindKey<'_> {
+    type Value = Option<&'de serde_json::value::RawValue>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FindKey<'_> {
+    type Value = Option<&'de serde_json::value::RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if found.is_none() && k == self.key {
+                found = Some(map.next_value::<&'de serde_json::value::RawValue>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    // Anything but an object has no keys.
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+        while s.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups() {
+        let j = r#"{"a": 1, "b": "x\"y", "c": {"d": 2.5, "e": [1,2]}, "f": null, "g": true, "big": 12345678901}"#;
+        assert_eq!(lookup(j, &["a"]), Some(Found::Int(1)));
+        assert_eq!(lookup(j, &["b"]), Some(Found::Str("x\"y".into())));
+        assert_eq!(lookup(j, &["c", "d"]), Some(Found::Float(2.5)));
+        assert_eq!(lookup(j, &["c", "e"]), Some(Found::Raw("[1,2]")));
+        assert_eq!(lookup(j, &["f"]), Some(Found::Null));
+        assert_eq!(lookup(j, &["g"]), Some(Found::Bool(true)));
+        assert_eq!(lookup(j, &["big"]), Some(Found::Int(12345678901)));
+        assert_eq!(lookup(j, &["zz"]), None);
+        assert_eq!(lookup(j, &["a", "x"]), None);
+        assert_eq!(lookup("not json", &["a"]), None);
+        assert_eq!(lookup("[1,2]", &["a"]), None);
+        assert_eq!(lookup("{}", &["a"]), None);
+    }
+}
