@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::{Error, Result};
 
@@ -77,7 +77,9 @@ impl Archive {
                     b = b.with_region(&c.region);
                 }
                 if !c.endpoint.is_empty() {
-                    b = b.with_endpoint(&c.endpoint).with_virtual_hosted_style_request(false);
+                    b = b
+                        .with_endpoint(&c.endpoint)
+                        .with_virtual_hosted_style_request(false);
                 }
                 if !c.access_key_id.is_empty() {
                     b = b

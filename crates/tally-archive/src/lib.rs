@@ -147,7 +147,12 @@ impl RawShared {
 
     /// Tenants that have hot rows or archive files.
     pub fn tenants(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.files.read().iter().map(|f| f.tenant.to_string()).collect();
+        let mut out: Vec<String> = self
+            .files
+            .read()
+            .iter()
+            .map(|f| f.tenant.to_string())
+            .collect();
         out.extend(self.hot.read().tenants.keys().map(|t| t.to_string()));
         out.sort();
         out.dedup();
@@ -162,7 +167,10 @@ impl RawShared {
 /// What one query reads.
 /// The sealed log position `(next lsn, per-partition offsets)` a manifest
 /// records, without opening the archive (`None`: no manifest yet).
-pub fn sealed_position(manifest: &std::path::Path, partitions: usize) -> Result<Option<(u64, Vec<u64>)>> {
+pub fn sealed_position(
+    manifest: &std::path::Path,
+    partitions: usize,
+) -> Result<Option<(u64, Vec<u64>)>> {
     manifest::Manifest::read_position(manifest, partitions)
 }
 

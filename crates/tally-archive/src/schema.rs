@@ -33,7 +33,10 @@ pub(crate) mod col {
 
 /// `tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>` for the hour holding `ts`.
 pub fn hive_dir(tenant: &str, ts: Millis) -> String {
-    let s = format_rfc3339(tally_types::time::align_down(ts, tally_types::time::HOUR_MS));
+    let s = format_rfc3339(tally_types::time::align_down(
+        ts,
+        tally_types::time::HOUR_MS,
+    ));
     // "2026-11-01T12:00:00Z"
     format!("tenant={tenant}/date={}/hour={}", &s[..10], &s[11..13])
 }

@@ -22,7 +22,12 @@ fn batch(events: &[(&str, &str, Millis)]) -> Vec<u8> {
 
 fn open(dir: &std::path::Path) -> (RawWriter, Arc<RawShared>) {
     let archive = Archive::open(&ArchiveTarget::Local(dir.join("archive"))).unwrap();
-    RawWriter::open(archive, RawConfig::new(dir.join("raw/manifest"), 2), (0, &[0, 0])).unwrap()
+    RawWriter::open(
+        archive,
+        RawConfig::new(dir.join("raw/manifest"), 2),
+        (0, &[0, 0]),
+    )
+    .unwrap()
 }
 
 /// Every row of the local archive, read with the parquet crate directly:
@@ -112,7 +117,10 @@ fn drops_are_skipped_and_seals_are_hive_partitioned_and_sorted() {
         .unwrap();
         r.flat_map(|b| {
             let b = b.unwrap();
-            let ts = b.column(5).as_primitive::<TimestampMillisecondType>().clone();
+            let ts = b
+                .column(5)
+                .as_primitive::<TimestampMillisecondType>()
+                .clone();
             ts.values().to_vec()
         })
         .collect()
@@ -125,7 +133,9 @@ fn drops_are_skipped_and_seals_are_hive_partitioned_and_sorted() {
 
     // Reopen: the manifest names the files and the position; an orphan
     // (a file no entry names, as after a crash mid-seal) is deleted.
-    let orphan = dir.path().join("archive/tenant=a/date=2026-11-01/hour=12/part-x.parquet");
+    let orphan = dir
+        .path()
+        .join("archive/tenant=a/date=2026-11-01/hour=12/part-x.parquet");
     std::fs::write(&orphan, b"junk").unwrap();
     let (w, shared) = open(dir.path());
     assert!(!orphan.exists());
@@ -144,7 +154,8 @@ fn correction_records_add_nothing() {
     let mut bw = BatchWriter::new();
     let at = bw.begin_event("a", "late1", "click", T0, None, None);
     bw.finish_event(at, 0);
-    w.append(0, 10, 0, T0, &bw.finish_correction(), &[]).unwrap();
+    w.append(0, 10, 0, T0, &bw.finish_correction(), &[])
+        .unwrap();
     w.flush().unwrap();
     assert_eq!(shared.hot.read().rows, 0);
     assert_eq!(w.offsets(), &[10, 0]);
@@ -154,9 +165,11 @@ fn correction_records_add_nothing() {
 fn manifest_survives_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, _) = open(dir.path());
-    w.append(0, 10, 0, T0, &batch(&[("a", "x", T0)]), &[]).unwrap();
+    w.append(0, 10, 0, T0, &batch(&[("a", "x", T0)]), &[])
+        .unwrap();
     w.seal_now().unwrap();
-    w.append(0, 20, 1, T0, &batch(&[("a", "y", T0 + 1)]), &[]).unwrap();
+    w.append(0, 20, 1, T0, &batch(&[("a", "y", T0 + 1)]), &[])
+        .unwrap();
     w.close().unwrap();
     let m = dir.path().join("raw/manifest");
     let len = std::fs::metadata(&m).unwrap().len();
@@ -175,7 +188,9 @@ fn manifest_survives_a_torn_tail() {
 #[test]
 fn a_new_archive_starts_at_its_genesis_and_leaves_foreign_files_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let foreign = dir.path().join("archive/tenant=a/date=2026-11-01/hour=12/old.parquet");
+    let foreign = dir
+        .path()
+        .join("archive/tenant=a/date=2026-11-01/hour=12/old.parquet");
     std::fs::create_dir_all(foreign.parent().unwrap()).unwrap();
     std::fs::write(&foreign, b"not ours").unwrap();
     let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
@@ -197,7 +212,11 @@ fn retention_deletes_whole_hours_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, shared) = open(dir.path());
     let h = 3_600_000;
-    let p = batch(&[("a", "old", T0), ("a", "new", T0 + h), ("b", "old-b", T0 + 10)]);
+    let p = batch(&[
+        ("a", "old", T0),
+        ("a", "new", T0 + h),
+        ("b", "old-b", T0 + 10),
+    ]);
     w.append(0, 10, 0, T0, &p, &[]).unwrap();
     w.seal_now().unwrap();
     assert_eq!(shared.files.read().len(), 3);

@@ -92,7 +92,9 @@ impl Builders {
         let n = self.rows;
         let cols: Vec<ArrayRef> = vec![
             Arc::new(self.event_id.finish()),
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(tenant, n))),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                tenant, n,
+            ))),
             Arc::new(self.event_type.finish()),
             Arc::new(self.user_id.finish()),
             Arc::new(self.session_id.finish()),
@@ -429,7 +431,12 @@ impl RawWriter {
     pub fn retain(&mut self, cutoff: Millis) -> Result<(u64, u64)> {
         let (tx, rx) = sync_channel(1);
         match &self.seal_tx {
-            Some(t) if t.send(Job::Retain { cutoff, done: Some(tx) }).is_ok() => {}
+            Some(t)
+                if t.send(Job::Retain {
+                    cutoff,
+                    done: Some(tx),
+                })
+                .is_ok() => {}
             _ => return Err(Error::Config("the seal thread is gone".into())),
         }
         rx.recv()
@@ -505,7 +512,13 @@ fn seal_loop(
             st.bytes_written.fetch_add(bytes, Relaxed);
             st.seal_us_total
                 .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-            tracing::debug!(rows, bytes, ms, next_lsn = job.next_lsn, "sealed raw events");
+            tracing::debug!(
+                rows,
+                bytes,
+                ms,
+                next_lsn = job.next_lsn,
+                "sealed raw events"
+            );
             SealReport {
                 rows,
                 files: 0,
@@ -552,7 +565,10 @@ async fn retain(shared: &RawShared, manifest: &mut Manifest, cutoff: Millis) -> 
             tracing::warn!(path = %p, error = %e, "archive retention: could not delete a file (deleted on the next start)");
         }
     }
-    shared.stats.files_deleted.fetch_add(old.len() as u64, Relaxed);
+    shared
+        .stats
+        .files_deleted
+        .fetch_add(old.len() as u64, Relaxed);
     shared.stats.rows_deleted.fetch_add(rows, Relaxed);
     tracing::info!(files = old.len(), rows, cutoff = %tally_types::time::format_rfc3339(cutoff), "archive retention deleted files");
     Ok((old.len() as u64, rows))
@@ -563,7 +579,10 @@ async fn retain(shared: &RawShared, manifest: &mut Manifest, cutoff: Millis) -> 
 fn commit(shared: &RawShared, files: Vec<ArchiveFile>, through_seq: u64, next_lsn: u64) {
     let mut fl = shared.files.write();
     let mut hot = shared.hot.write();
-    shared.stats.files_written.fetch_add(files.len() as u64, Relaxed);
+    shared
+        .stats
+        .files_written
+        .fetch_add(files.len() as u64, Relaxed);
     fl.extend(files.into_iter().map(Arc::new));
     let mut rows = 0;
     let mut bytes = 0;

@@ -66,6 +66,7 @@ async fn rollups_match_an_independent_computation() {
         late: expect_late,
         rejected: expect_rejected,
         counted: expect_counted,
+        ..
     } = expected(&lines);
     // The input really holds every kind of mess.
     for k in [

@@ -2,8 +2,10 @@
 //! `{"columns": [...], "rows": [[...]]}`), CSV, NDJSON, Arrow IPC stream.
 
 use arrow::array::{Array, ArrayRef, AsArray};
-use arrow::datatypes::{DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type,
-    Int64Type, TimeUnit, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, TimeUnit,
+    UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde_json::Value;
 use tally_types::time::format_rfc3339;
@@ -25,7 +27,12 @@ impl Format {
     pub fn from_accept(accept: Option<&str>) -> Format {
         let Some(a) = accept else { return Format::Json };
         for part in a.split(',') {
-            let mime = part.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let mime = part
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             match mime.as_str() {
                 "application/json" => return Format::Json,
                 "text/csv" => return Format::Csv,
@@ -72,11 +79,8 @@ pub fn encode(r: &QueryResult, f: Format) -> Result<Vec<u8>, arrow::error::Arrow
             let names: Vec<&String> = r.schema.fields().iter().map(|f| f.name()).collect();
             let mut out = Vec::new();
             for row in rows(r) {
-                let obj: serde_json::Map<String, Value> = names
-                    .iter()
-                    .map(|n| (*n).clone())
-                    .zip(row)
-                    .collect();
+                let obj: serde_json::Map<String, Value> =
+                    names.iter().map(|n| (*n).clone()).zip(row).collect();
                 serde_json::to_writer(&mut out, &obj).unwrap_or_default();
                 out.push(b'\n');
             }
@@ -84,7 +88,12 @@ pub fn encode(r: &QueryResult, f: Format) -> Result<Vec<u8>, arrow::error::Arrow
         }
         Format::Csv => {
             let mut out = Vec::new();
-            let names: Vec<String> = r.schema.fields().iter().map(|f| csv_cell(f.name())).collect();
+            let names: Vec<String> = r
+                .schema
+                .fields()
+                .iter()
+                .map(|f| csv_cell(f.name()))
+                .collect();
             out.extend_from_slice(names.join(",").as_bytes());
             out.push(b'\n');
             for row in rows(r) {
@@ -147,7 +156,13 @@ pub fn column_values(a: &ArrayRef) -> Vec<Value> {
         ($t:ty, $conv:expr) => {{
             let p = a.as_primitive::<$t>();
             (0..n)
-                .map(|i| if p.is_null(i) { Value::Null } else { $conv(p.value(i)) })
+                .map(|i| {
+                    if p.is_null(i) {
+                        Value::Null
+                    } else {
+                        $conv(p.value(i))
+                    }
+                })
                 .collect()
         }};
     }
@@ -165,26 +180,41 @@ pub fn column_values(a: &ArrayRef) -> Vec<Value> {
         DataType::Boolean => {
             let b = a.as_boolean();
             (0..n)
-                .map(|i| if b.is_null(i) { Value::Null } else { Value::Bool(b.value(i)) })
+                .map(|i| {
+                    if b.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::Bool(b.value(i))
+                    }
+                })
                 .collect()
         }
         DataType::Utf8 => {
             let s = a.as_string::<i32>();
             (0..n)
-                .map(|i| if s.is_null(i) { Value::Null } else { Value::from(s.value(i)) })
+                .map(|i| {
+                    if s.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::from(s.value(i))
+                    }
+                })
                 .collect()
         }
         DataType::LargeUtf8 => {
             let s = a.as_string::<i64>();
             (0..n)
-                .map(|i| if s.is_null(i) { Value::Null } else { Value::from(s.value(i)) })
+                .map(|i| {
+                    if s.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::from(s.value(i))
+                    }
+                })
                 .collect()
         }
         DataType::Timestamp(_, _) => {
-            let ms = arrow::compute::cast(
-                a,
-                &DataType::Timestamp(TimeUnit::Millisecond, None),
-            );
+            let ms = arrow::compute::cast(a, &DataType::Timestamp(TimeUnit::Millisecond, None));
             match ms {
                 Ok(ms) => {
                     let p = ms.as_primitive::<arrow::datatypes::TimestampMillisecondType>();

@@ -113,12 +113,15 @@ pub struct QueryResult {
 /// seals); cached results are only served while it stands still.
 pub type VersionFn = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// (tenant, SQL text).
+type CacheKey = (String, String);
+
 pub struct QueryEngine {
     raw: Arc<RawShared>,
     store: Arc<RwLock<RollupStore>>,
     cfg: QueryConfig,
     version: VersionFn,
-    cache: Mutex<HashMap<(String, String), (u64, Arc<QueryResult>)>>,
+    cache: Mutex<HashMap<CacheKey, (u64, Arc<QueryResult>)>>,
 }
 
 impl QueryEngine {

@@ -75,7 +75,7 @@ impl TableProvider for EventsTable {
             let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n.min(snap.files.len())];
             // Spread files over the groups by size, largest first.
             let mut files = snap.files.clone();
-            files.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+            files.sort_by_key(|f| std::cmp::Reverse(f.bytes));
             let mut sizes = vec![0u64; groups.len()];
             for f in files {
                 let i = (0..sizes.len()).min_by_key(|&i| sizes[i]).unwrap_or(0);
@@ -96,7 +96,8 @@ impl TableProvider for EventsTable {
             for (i, b) in snap.batches.into_iter().enumerate() {
                 parts[i % len].push(b);
             }
-            let mem = MemorySourceConfig::try_new_exec(&parts, schema.clone(), projection.cloned())?;
+            let mem =
+                MemorySourceConfig::try_new_exec(&parts, schema.clone(), projection.cloned())?;
             plans.push(mem);
         }
         Ok(match plans.len() {
@@ -257,9 +258,9 @@ fn rename_col(e: &Expr, from: &str, to: &str) -> Expr {
     e.clone()
         .transform(|x| {
             Ok(match x {
-                Expr::Column(c) if c.name == from => {
-                    Transformed::yes(Expr::Column(datafusion::common::Column::new_unqualified(to)))
-                }
+                Expr::Column(c) if c.name == from => Transformed::yes(Expr::Column(
+                    datafusion::common::Column::new_unqualified(to),
+                )),
                 other => Transformed::no(other),
             })
         })
@@ -332,4 +333,5 @@ impl RollupsTable {
 }
 
 /// Bucket steps of the rollup tables.
-pub(crate) const ROLLUP_TABLES: [(&str, Millis); 2] = [("rollups_1m", MINUTE_MS), ("rollups_1h", HOUR_MS)];
+pub(crate) const ROLLUP_TABLES: [(&str, Millis); 2] =
+    [("rollups_1m", MINUTE_MS), ("rollups_1h", HOUR_MS)];

@@ -43,7 +43,12 @@ impl QueryEngine {
         let limit = self.cfg.memory_limit;
         let df_err = |e| QueryError::from_df(e, limit);
         let ctx = self.context(&q.tenant)?;
-        let ts = |v: Millis| lit(ScalarValue::TimestampMillisecond(Some(v), Some("UTC".into())));
+        let ts = |v: Millis| {
+            lit(ScalarValue::TimestampMillisecond(
+                Some(v),
+                Some("UTC".into()),
+            ))
+        };
         let mut df = ctx
             .table("events")
             .await
@@ -51,7 +56,9 @@ impl QueryEngine {
             .filter(col("ts").gt_eq(ts(q.start)).and(col("ts").lt(ts(q.end))))
             .map_err(df_err)?;
         if let Some(u) = &q.user_id {
-            df = df.filter(col("user_id").eq(lit(u.as_str()))).map_err(df_err)?;
+            df = df
+                .filter(col("user_id").eq(lit(u.as_str())))
+                .map_err(df_err)?;
         }
         let df = df
             .select(vec![col("user_id"), col("session_id"), col("ts")])
@@ -139,7 +146,8 @@ mod tests {
     fn gaps_split_sessions() {
         let m = 60_000;
         let s = sessionise(Some("u"), &[0, 10 * m, 39 * m, 69 * m, 70 * m], 30 * m);
-        let spans: Vec<(Millis, Millis, u64)> = s.iter().map(|s| (s.start, s.end, s.events)).collect();
+        let spans: Vec<(Millis, Millis, u64)> =
+            s.iter().map(|s| (s.start, s.end, s.events)).collect();
         // 39m → 69m is exactly the gap: a new session.
         assert_eq!(spans, vec![(0, 39 * m, 3), (69 * m, 70 * m, 2)]);
         assert_eq!(s[0].session_id, "u:0");

@@ -119,7 +119,11 @@ impl ScalarUDFImpl for JsonGet {
                     self.name
                 ))
             })?;
-        let rows = if scalar_input { 1 } else { n.min(strings.len()) };
+        let rows = if scalar_input {
+            1
+        } else {
+            n.min(strings.len())
+        };
         let out: ArrayRef = match self.want {
             Want::Str => {
                 let mut b = StringBuilder::with_capacity(rows, rows * 8);

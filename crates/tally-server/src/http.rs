@@ -30,6 +30,8 @@ pub struct AppState {
     pub partitions: u32,
     pub max_body: usize,
     pub max_inflight: usize,
+    /// SQL and sessions (None when the raw store is off).
+    pub query: Option<Arc<tally_query::QueryEngine>>,
 }
 
 /// Every error the API returns, with its status.
@@ -40,6 +42,8 @@ pub enum ApiError {
     /// Overload: retry after this many seconds.
     Unavailable(String, u32),
     NotFound(String),
+    /// Any other status.
+    Status(StatusCode, String),
 }
 
 impl IntoResponse for ApiError {
@@ -49,6 +53,7 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m, None),
             ApiError::Unavailable(m, r) => (StatusCode::SERVICE_UNAVAILABLE, m, Some(r)),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m, None),
+            ApiError::Status(c, m) => (c, m, None),
         };
         let mut resp = (status, axum::Json(json!({ "error": msg }))).into_response();
         if let Some(r) = retry {
@@ -70,6 +75,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/dlq", get(dlq))
         .route("/api/v1/dlq/replay", post(dlq_replay))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/query", post(sql_query))
+        .route("/api/v1/sessions", get(sessions))
         .fallback(|| async { ApiError::NotFound("no such endpoint; see shared/API.md".into()) })
         .with_state(state)
 }
@@ -105,7 +112,10 @@ fn snapshot(s: &AppState) -> Snapshot {
 }
 
 async fn prometheus(State(s): State<AppState>) -> Response {
-    let text = s.shared.telemetry.render(&snapshot(&s));
+    let mut text = s.shared.telemetry.render(&snapshot(&s));
+    if let Some(raw) = &s.shared.raw {
+        crate::telemetry::render_raw(&mut text, raw);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -514,6 +524,134 @@ async fn status(State(s): State<AppState>) -> Response {
         "recovery_ms": tel.recovery_ms.load(Relaxed),
     }))
     .into_response()
+}
+
+fn engine(s: &AppState) -> Result<&Arc<tally_query::QueryEngine>, ApiError> {
+    s.query.as_ref().ok_or_else(|| {
+        ApiError::Status(
+            StatusCode::NOT_IMPLEMENTED,
+            "raw events are not kept (archive.enabled = false), so SQL and sessions are off; enable the archive".into(),
+        )
+    })
+}
+
+fn query_error(e: tally_query::QueryError) -> ApiError {
+    use tally_query::QueryError as Q;
+    let status = match &e {
+        Q::Sql(_) | Q::BadRequest(_) => StatusCode::BAD_REQUEST,
+        Q::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        Q::Memory { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        Q::Exec(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::Status(status, e.to_string())
+}
+
+/// `POST /api/v1/query` with `{"sql": "SELECT …"}`.
+async fn sql_query(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let engine = engine(&s)?;
+    let pairs = query_pairs(&q);
+    let req: Json = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body: not JSON ({e}); send {{\"sql\": \"SELECT …\"}}"
+        ))
+    })?;
+    let sql = req.get("sql").and_then(Json::as_str).ok_or_else(|| {
+        ApiError::BadRequest("sql: missing or not a string; send {\"sql\": \"SELECT …\"}".into())
+    })?;
+    // The tenant comes from ?tenant= (or the body's "tenant"), never from the SQL.
+    let mut tenant = tenant_param(&pairs)?;
+    if one(&pairs, "tenant").is_none()
+        && let Some(t) = req.get("tenant").and_then(Json::as_str)
+    {
+        if !valid_tenant(t) {
+            return Err(ApiError::BadRequest(format!(
+                "tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]"
+            )));
+        }
+        tenant = t.to_string();
+    }
+    let format = tally_query::format::Format::from_accept(
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+    );
+    let r = engine.sql(&tenant, sql).await;
+    s.shared
+        .telemetry
+        .sql_latency
+        .observe_us(started.elapsed().as_micros() as u64);
+    let r = r.map_err(query_error)?;
+    let bytes = tally_query::format::encode(&r, format)
+        .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(header::CONTENT_TYPE, format.content_type())],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/sessions?user_id=U&start=T&end=T[&tenant=X][&gap=30m][&limit=N]`.
+async fn sessions(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let engine = engine(&s)?;
+    let pairs = query_pairs(&q);
+    let tenant = tenant_param(&pairs)?;
+    let now = s.shared.clock.now_ms();
+    let end = time_param(&pairs, "end")?.unwrap_or(now + HOUR_MS);
+    let start = time_param(&pairs, "start")?.unwrap_or(end - 24 * HOUR_MS);
+    if start >= end {
+        return Err(ApiError::BadRequest(format!(
+            "start ({}) must be before end ({})",
+            format_rfc3339(start),
+            format_rfc3339(end)
+        )));
+    }
+    let gap_ms = match one(&pairs, "gap") {
+        None | Some("") => 30 * 60_000,
+        Some(g) => tally_types::time::parse_duration_ms(g)
+            .filter(|&g| g > 0)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("gap: {g:?} is not a duration; use e.g. 30m"))
+            })?,
+    };
+    let limit = match one(&pairs, "limit") {
+        None | Some("") => 1000,
+        Some(l) => l.parse::<usize>().ok().filter(|&l| l > 0).ok_or_else(|| {
+            ApiError::BadRequest(format!("limit: {l:?} is not a positive integer"))
+        })?,
+    };
+    let user_id = one(&pairs, "user_id")
+        .filter(|u| !u.is_empty())
+        .map(str::to_string);
+    let rows = engine
+        .sessions(&tally_query::SessionsQuery {
+            tenant,
+            user_id,
+            start,
+            end,
+            gap_ms,
+            limit,
+        })
+        .await
+        .map_err(query_error)?;
+    let sessions: Vec<Json> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "session_id": r.session_id,
+                "user_id": r.user_id,
+                "start": format_rfc3339(r.start),
+                "end": format_rfc3339(r.end),
+                "events": r.events,
+                "duration_ms": r.end - r.start,
+                "derived": r.derived,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "sessions": sessions })).into_response())
 }
 
 async fn index() -> Html<&'static str> {

@@ -46,6 +46,7 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr().map_err(ServerError::Serve)?;
+        let d = cfg.durations().map_err(PipelineError::from)?;
         let cfg2 = cfg.clone();
         let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(&cfg2, clock))
             .await
@@ -57,6 +58,27 @@ impl Server {
             partitions: cfg.log.partitions,
             max_body: cfg.ingest.max_body_bytes,
             max_inflight: cfg.ingest.max_inflight_bytes,
+            query: shared.raw.as_ref().map(|raw| {
+                let sh = shared.clone();
+                let r = raw.clone();
+                let version: tally_query::VersionFn = Arc::new(move || {
+                    sh.applied
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .wrapping_add(r.version.load(std::sync::atomic::Ordering::Relaxed) << 40)
+                });
+                Arc::new(tally_query::QueryEngine::new(
+                    raw.clone(),
+                    shared.store.clone(),
+                    tally_query::QueryConfig {
+                        timeout_ms: d.query_timeout_ms as u64,
+                        memory_limit: cfg.query.memory_limit.max(16 << 20),
+                        max_rows: cfg.query.max_rows.max(1),
+                        cache_entries: cfg.query.cache_entries,
+                        ..tally_query::QueryConfig::default()
+                    },
+                    version,
+                ))
+            }),
         };
         let app = http::router(state);
         let (stop, mut stopped) = tokio::sync::watch::channel(false);

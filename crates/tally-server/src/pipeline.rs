@@ -53,6 +53,8 @@ pub enum PipelineError {
         "another tally process is using this data dir ({0} is locked); stop it first or pick another --data-dir"
     )]
     Locked(PathBuf),
+    #[error("raw event store: {0}")]
+    Archive(#[from] tally_archive::Error),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError {
@@ -69,6 +71,10 @@ pub struct WriteReq {
     /// Answered after the fsync: the last lsn assigned to this request's records.
     pub done: oneshot::Sender<Result<Option<u64>, String>>,
 }
+
+/// A record for the raw store, with the ranges of its events the processor
+/// dropped as duplicates.
+type RawItem = (Record, Vec<(u32, u32)>);
 
 /// A committed log record as the processor sees it.
 fn record_ref(rec: &Record) -> RecordRef<'_> {
@@ -96,6 +102,10 @@ pub struct Shared {
     /// Results of correction records, by lsn, until their request reads them.
     pub corrections: Mutex<HashMap<u64, Applied>>,
     pub partitions: u32,
+    /// The raw event store (None when `archive.enabled = false`).
+    pub raw: Option<Arc<tally_archive::RawShared>>,
+    /// Records applied by the processor (query caches key on it).
+    pub applied: AtomicU64,
 }
 
 /// What the processor publishes after each record.
@@ -111,7 +121,37 @@ pub struct Pipeline {
     pub tx: mpsc::Sender<WriteReq>,
     writer: Option<JoinHandle<()>>,
     processor: Option<JoinHandle<()>>,
+    raw_thread: Option<JoinHandle<()>>,
     _lock: DataDirLock,
+}
+
+/// The raw store's settings and manifest location for a config.
+pub fn raw_setup(
+    cfg: &Config,
+) -> Result<(tally_archive::ArchiveTarget, tally_archive::RawConfig), PipelineError> {
+    let d = cfg.durations()?;
+    let target = match &cfg.archive.s3 {
+        Some(s) => tally_archive::ArchiveTarget::S3(tally_archive::S3Config {
+            bucket: s.bucket.clone(),
+            prefix: s.prefix.clone(),
+            endpoint: s.endpoint.clone(),
+            region: s.region.clone(),
+            access_key_id: s.access_key_id.clone(),
+            secret_access_key: s.secret_access_key.clone(),
+            allow_http: s.allow_http,
+        }),
+        None => tally_archive::ArchiveTarget::Local(cfg.data_dir.join("archive")),
+    };
+    let mut rc = tally_archive::RawConfig::new(
+        cfg.data_dir.join("raw").join("manifest"),
+        cfg.log.partitions as usize,
+    );
+    rc.seal_interval_ms = d.seal_interval_ms as u64;
+    rc.seal_rows = cfg.archive.seal_rows.max(1);
+    rc.max_hot_rows = cfg.archive.max_hot_rows.max(rc.seal_rows);
+    rc.row_group_rows = cfg.archive.row_group_rows.max(1024);
+    rc.zstd_level = cfg.archive.zstd_level;
+    Ok((target, rc))
 }
 
 /// The malformed-DLQ file: NDJSON, one entry per line, rotated at 64 MiB.
@@ -243,6 +283,7 @@ impl Pipeline {
         let mut processor = Processor::new(stream_cfg, store.clone(), dlq.clone());
         let checkpoints = d.checkpoint_interval_ms > 0;
         processor.set_journaling(checkpoints);
+        processor.set_capture(cfg.archive.enabled);
 
         // Recovery: the newest valid checkpoint, then the log from its offsets.
         let (mut state, rec) = StateStore::open(&cfg.data_dir.join("state"), &mut processor)?;
@@ -257,11 +298,24 @@ impl Pipeline {
                 "loaded checkpoint"
             );
         }
-        let replay = replay_log(
+        // The raw store: a new archive starts where the processor state is.
+        let mut raw = None;
+        if cfg.archive.enabled {
+            let (target, rc) = raw_setup(cfg)?;
+            let archive = tally_archive::Archive::open(&target)?;
+            let genesis = processor.totals().last_lsn.map_or(0, |l| l + 1);
+            let (w, _) =
+                tally_archive::RawWriter::open(archive, rc, (genesis, processor.offsets()))?;
+            processor.raw_sealed(w.shared().sealed_lsn.load(Relaxed));
+            raw = Some(w);
+        }
+        let replay = replay_log_from(
             &cfg.data_dir.join("log"),
             &mut processor,
             &report.end_offsets,
             checkpoints.then_some(&mut state),
+            ReplayFrom::Lsn(0),
+            raw.as_mut(),
             |_| {},
         )?;
         telemetry
@@ -298,6 +352,8 @@ impl Pipeline {
             committed_lsn: AtomicU64::new(report.next_lsn),
             corrections: Mutex::new(HashMap::new()),
             partitions: cfg.log.partitions,
+            raw: raw.as_ref().map(|w| w.shared().clone()),
+            applied: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
         let (ptx, prx) = std::sync::mpsc::sync_channel::<Record>(1024);
@@ -306,11 +362,25 @@ impl Pipeline {
             .name("tally-log-writer".into())
             .spawn(move || writer_loop(log, report.next_lsn, rx, ptx, dlq_file, sh))
             .map_err(PipelineError::Thread)?;
+        let mut raw_tx = None;
+        let mut raw_thread = None;
+        if let Some(w) = raw {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<RawItem>(1024);
+            let sh = shared.clone();
+            let retention = d.archive_retention_ms;
+            raw_thread = Some(
+                std::thread::Builder::new()
+                    .name("tally-raw".into())
+                    .spawn(move || raw_loop(w, rx, sh, retention))
+                    .map_err(PipelineError::Thread)?,
+            );
+            raw_tx = Some(tx);
+        }
         let sh = shared.clone();
         let interval = checkpoints.then(|| Duration::from_millis(d.checkpoint_interval_ms as u64));
         let proc_thread = std::thread::Builder::new()
             .name("tally-processor".into())
-            .spawn(move || processor_loop(processor, prx, sh, state, interval))
+            .spawn(move || processor_loop(processor, prx, sh, state, interval, raw_tx))
             .map_err(PipelineError::Thread)?;
         shared.ready.store(true, Relaxed);
         Ok(Pipeline {
@@ -318,6 +388,7 @@ impl Pipeline {
             tx,
             writer: Some(writer),
             processor: Some(proc_thread),
+            raw_thread,
             _lock: lock,
         })
     }
@@ -332,6 +403,11 @@ impl Pipeline {
         }
         if let Some(p) = self.processor.take() {
             let _ = p.join();
+        }
+        // The processor is gone, so the raw channel is closed: the raw
+        // thread seals what is hot and ends.
+        if let Some(r) = self.raw_thread.take() {
+            let _ = r.join();
         }
     }
 }
@@ -465,6 +541,7 @@ fn processor_loop(
     shared: Arc<Shared>,
     state: StateStore,
     interval: Option<Duration>,
+    raw_tx: Option<std::sync::mpsc::SyncSender<RawItem>>,
 ) {
     let tel = &shared.telemetry;
     // Checkpoints are prepared here (a snapshot, cheap) and written by a
@@ -507,6 +584,18 @@ fn processor_loop(
                 tel.processing_lag_ms.store(now - c.append_ms, Relaxed);
                 tel.last_applied_append_ms.store(c.append_ms, Relaxed);
                 tel.last_applied_at_ms.store(now, Relaxed);
+                shared.applied.fetch_add(1, Relaxed);
+                if let Some(tx) = &raw_tx {
+                    let drops = p.last_drops().to_vec();
+                    if tx.send((c, drops)).is_err() {
+                        tracing::error!(
+                            "the raw store thread is gone; raw events are no longer kept"
+                        );
+                    }
+                    if let Some(r) = &shared.raw {
+                        p.raw_sealed(r.sealed_lsn.load(Relaxed));
+                    }
+                }
                 let mut v = shared.processor.lock();
                 v.watermark = p.watermark();
                 v.totals = p.totals();
@@ -609,6 +698,8 @@ pub fn stream_config(cfg: &Config) -> Result<StreamConfig, PipelineError> {
 #[derive(Debug, Default)]
 pub struct ReplayReport {
     pub records: u64,
+    /// Records fed to the raw store.
+    pub raw_records: u64,
     /// Records before the replay's start, passed over.
     pub skipped: u64,
     pub bytes: u64,
@@ -629,7 +720,7 @@ pub fn replay_log(
     state: Option<&mut StateStore>,
     progress: impl FnMut(u64),
 ) -> Result<ReplayReport, PipelineError> {
-    replay_log_from(log_dir, p, end, state, ReplayFrom::Lsn(0), progress)
+    replay_log_from(log_dir, p, end, state, ReplayFrom::Lsn(0), None, progress)
 }
 
 /// Where a replay starts.
@@ -641,20 +732,42 @@ pub enum ReplayFrom {
     Time(i64),
 }
 
-/// [`replay_log`] that skips (without applying) the records before `from`.
+/// [`replay_log`] that skips (without applying) the records before `from`,
+/// and feeds a raw store: from its own position, which may lie before the
+/// processor's (records the processor already applied then go to the raw
+/// store alone, with the dropped ranges the checkpoint kept for them).
 pub fn replay_log_from(
     log_dir: &Path,
     p: &mut Processor,
     end: &[u64],
     mut state: Option<&mut StateStore>,
     from: ReplayFrom,
+    mut raw: Option<&mut tally_archive::RawWriter>,
     mut progress: impl FnMut(u64),
 ) -> Result<ReplayReport, PipelineError> {
-    let start = p.offsets().to_vec();
+    let mut start = p.offsets().to_vec();
+    if let Some(r) = raw.as_deref() {
+        for (s, &o) in start.iter_mut().zip(r.offsets()) {
+            *s = (*s).min(o);
+        }
+    }
     let mut out = ReplayReport::default();
     let mut since_ckpt = 0u64;
     let mut reader = MergedReader::open(log_dir, &start, end)?;
     for rec in reader.by_ref() {
+        let applied = p
+            .offsets()
+            .get(rec.partition as usize)
+            .is_some_and(|&o| rec.offset < o);
+        if applied {
+            if let Some(r) = raw.as_deref_mut()
+                && r.wants(rec.partition, rec.offset)
+            {
+                raw_append(r, &rec, p.drops_of(rec.lsn));
+                out.raw_records += 1;
+            }
+            continue;
+        }
         let before = match from {
             ReplayFrom::Lsn(l) => rec.lsn < l,
             ReplayFrom::Time(t) => rec.append_ms < t,
@@ -669,6 +782,12 @@ pub fn replay_log_from(
         if let Err(e) = p.apply(record_ref(&rec)) {
             tracing::error!(error = %e, "replay: skipping undecodable record");
             out.corrupt.push(e.to_string());
+        }
+        if let Some(r) = raw.as_deref_mut()
+            && r.wants(rec.partition, rec.offset)
+        {
+            raw_append(r, &rec, p.last_drops());
+            out.raw_records += 1;
         }
         out.records += 1;
         let n = rec.next_offset() - rec.offset;
@@ -687,6 +806,82 @@ pub fn replay_log_from(
         out.corrupt.push(e.to_string());
     }
     Ok(out)
+}
+
+fn raw_append(r: &mut tally_archive::RawWriter, rec: &Record, drops: &[(u32, u32)]) {
+    let res = r
+        .append(
+            rec.partition,
+            rec.next_offset(),
+            rec.lsn,
+            rec.append_ms,
+            &rec.payload,
+            drops,
+        )
+        .and_then(|_| r.maybe_seal());
+    if let Err(e) = res {
+        tracing::error!(error = %e, lsn = rec.lsn, "raw store: record not kept");
+    }
+}
+
+/// The raw store's thread: appends records as the processor applied them,
+/// makes them visible when it catches up, seals on time or size, and
+/// enforces archive retention; at the end (shutdown) seals what is hot.
+fn raw_loop(
+    mut w: tally_archive::RawWriter,
+    rx: std::sync::mpsc::Receiver<RawItem>,
+    shared: Arc<Shared>,
+    retention_ms: i64,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut last_retention = Instant::now() - Duration::from_secs(3600);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((rec, drops)) => {
+                raw_append(&mut w, &rec, &drops);
+                // Caught up: make what was appended visible to queries.
+                let mut n = 0;
+                while n < 256 {
+                    match rx.try_recv() {
+                        Ok((rec, drops)) => {
+                            raw_append(&mut w, &rec, &drops);
+                            n += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if n < 256
+                    && let Err(e) = w.flush()
+                {
+                    tracing::error!(error = %e, "raw store flush failed");
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = w.flush().and_then(|_| w.maybe_seal()) {
+                    tracing::error!(error = %e, "raw store seal failed");
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if retention_ms > 0 && last_retention.elapsed() > Duration::from_secs(60) {
+            last_retention = Instant::now();
+            let cutoff = shared.clock.now_ms() - retention_ms;
+            if let Err(e) = w.retain(cutoff) {
+                tracing::error!(error = %e, "archive retention failed");
+            }
+        }
+    }
+    match w.close() {
+        Ok(r) if r.rows > 0 => tracing::info!(
+            rows = r.rows,
+            bytes = r.bytes,
+            "sealed hot raw events at shutdown"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "final raw seal failed; the events are rebuilt from the log on the next start")
+        }
+    }
 }
 
 /// Holds `<data-dir>/LOCK` so two processes never share a data dir.
@@ -764,14 +959,24 @@ pub fn rebuild_state(
     let mut p = fresh()?;
     let (mut state, _) = StateStore::open(&new_dir, &mut p)?;
     let mut progress = progress;
+    // Keep the dropped ranges the raw store has not sealed yet, so the
+    // rebuilt checkpoint can still rebuild its hot rows.
+    p.set_capture(cfg.archive.enabled);
     let replay = replay_log_from(
         &cfg.data_dir.join("log"),
         &mut p,
         &report.end_offsets,
         Some(&mut state),
         from,
+        None,
         |b| progress(b, total),
     )?;
+    if let Ok((_, rc)) = raw_setup(cfg)
+        && let Ok(Some((next_lsn, _))) =
+            tally_archive::sealed_position(&rc.manifest_path, cfg.log.partitions as usize)
+    {
+        p.raw_sealed(next_lsn);
+    }
     state.checkpoint(&mut p)?;
     let mut out = RebuildReport {
         totals: p.totals(),

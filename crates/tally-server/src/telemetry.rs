@@ -62,6 +62,7 @@ pub struct Telemetry {
     pub bytes_ingested: AtomicU64,
     pub ack_latency: Histogram,
     pub query_latency: Histogram,
+    pub sql_latency: Histogram,
     pub log_syncs: AtomicU64,
     pub log_errors: AtomicU64,
     /// Append time of the last record the processor applied (ms).
@@ -95,6 +96,7 @@ impl Default for Telemetry {
             bytes_ingested: AtomicU64::new(0),
             ack_latency: Histogram::latency(),
             query_latency: Histogram::latency(),
+            sql_latency: Histogram::latency(),
             log_syncs: AtomicU64::new(0),
             log_errors: AtomicU64::new(0),
             last_applied_append_ms: AtomicI64::new(0),
@@ -228,6 +230,11 @@ impl Telemetry {
             &mut o,
             "tally_query_latency_seconds",
             "Metrics API query latency.",
+        );
+        self.sql_latency.render(
+            &mut o,
+            "tally_sql_latency_seconds",
+            "SQL query latency (POST /api/v1/query), errors included.",
         );
         let lag = self.processing_lag_ms.load(Relaxed);
         gauge(
@@ -371,4 +378,105 @@ impl Telemetry {
         );
         o
     }
+}
+
+/// The raw store's series.
+pub fn render_raw(o: &mut String, raw: &tally_archive::RawShared) {
+    let st = &raw.stats;
+    let (hot_rows, hot_bytes) = {
+        let h = raw.hot.read();
+        (h.rows, h.bytes)
+    };
+    let (files, archive_bytes, archive_rows) = {
+        let f = raw.files.read();
+        (
+            f.len(),
+            f.iter().map(|x| x.bytes).sum::<u64>(),
+            f.iter().map(|x| x.rows).sum::<u64>(),
+        )
+    };
+    gauge(
+        o,
+        "tally_raw_hot_rows",
+        "Raw events in memory, not yet sealed into Parquet.",
+        hot_rows as f64,
+    );
+    gauge(
+        o,
+        "tally_raw_hot_bytes",
+        "Memory held by hot raw events.",
+        hot_bytes as f64,
+    );
+    gauge(
+        o,
+        "tally_archive_files",
+        "Live Parquet files in the archive.",
+        files as f64,
+    );
+    gauge(
+        o,
+        "tally_archive_bytes",
+        "Bytes of live Parquet files in the archive.",
+        archive_bytes as f64,
+    );
+    gauge(
+        o,
+        "tally_archive_rows",
+        "Rows in live Parquet files in the archive.",
+        archive_rows as f64,
+    );
+    counter(
+        o,
+        "tally_raw_rows_appended_total",
+        "Raw events appended to the hot store.",
+        st.rows_appended.load(Relaxed),
+    );
+    counter(
+        o,
+        "tally_archive_rows_sealed_total",
+        "Raw events sealed into Parquet.",
+        st.rows_sealed.load(Relaxed),
+    );
+    counter(
+        o,
+        "tally_archive_files_written_total",
+        "Parquet files written by seals.",
+        st.files_written.load(Relaxed),
+    );
+    counter(
+        o,
+        "tally_archive_bytes_written_total",
+        "Parquet bytes written by seals.",
+        st.bytes_written.load(Relaxed),
+    );
+    counter(
+        o,
+        "tally_archive_seals_total",
+        "Seals of hot raw events.",
+        st.seals.load(Relaxed),
+    );
+    counter(
+        o,
+        "tally_archive_seal_errors_total",
+        "Failed seals (the rows stay hot and the seal is retried).",
+        st.seal_errors.load(Relaxed),
+    );
+    gauge(
+        o,
+        "tally_archive_seal_seconds_total",
+        "Time spent sealing.",
+        st.seal_us_total.load(Relaxed) as f64 / 1e6,
+    );
+    counter(
+        o,
+        "tally_archive_files_deleted_total",
+        "Archive files deleted by retention.",
+        st.files_deleted.load(Relaxed),
+    );
+    counter(
+        o,
+        "tally_archive_rows_deleted_total",
+        "Archive rows deleted by retention.",
+        st.rows_deleted.load(Relaxed),
+    );
 }

@@ -426,17 +426,14 @@ impl RollupStore {
         from: Millis,
         to: Millis,
     ) -> impl Iterator<Item = (Millis, &MinuteBucket)> {
-        self.tenants
-            .get(tenant)
-            .into_iter()
-            .flat_map(move |m| {
-                let range = if from < to {
-                    m.range(from..to)
-                } else {
-                    m.range(0..0)
-                };
-                range.map(|(&minute, b)| (minute, b))
-            })
+        self.tenants.get(tenant).into_iter().flat_map(move |m| {
+            let range = if from < to {
+                m.range(from..to)
+            } else {
+                m.range(0..0)
+            };
+            range.map(|(&minute, b)| (minute, b))
+        })
     }
 
     /// Number of (tenant, minute) buckets held.

@@ -26,6 +26,9 @@ pub struct Expected {
     pub late: HashMap<String, u64>,
     pub rejected: u64,
     pub counted: u64,
+    /// Every event the raw store must hold, in input order: the first copy
+    /// of each (tenant, event_id), late ones included.
+    pub kept: Vec<Value>,
 }
 
 /// An on-time event at `T0`, sent alone before the concurrent feed starts.
@@ -63,6 +66,7 @@ pub fn expected(lines: &[(String, Kind)]) -> Expected {
     let mut buckets: BTreeMap<(String, i64, String), Bucket> = BTreeMap::new();
     let mut late: HashMap<String, u64> = HashMap::new();
     let mut rejected = 0u64;
+    let mut kept = Vec::new();
     for (line, kind) in lines {
         if *kind == Kind::Malformed {
             rejected += 1;
@@ -77,11 +81,13 @@ pub fn expected(lines: &[(String, Kind)]) -> Expected {
         if *kind == Kind::Late {
             late_ids.insert(id);
             *late.entry(tenant).or_default() += 1;
+            kept.push(v);
             continue;
         }
         if !seen.insert(id) {
             continue;
         }
+        kept.push(v.clone());
         let minute = ts_of(&v).div_euclid(MINUTE_MS) * MINUTE_MS;
         let b = buckets
             .entry((
@@ -109,6 +115,7 @@ pub fn expected(lines: &[(String, Kind)]) -> Expected {
         late,
         rejected,
         counted,
+        kept,
     }
 }
 
