@@ -428,6 +428,8 @@ async fn sql_sessions_and_archive_match_an_independent_computation() {
         "archive rows differ from the kept events"
     );
 
+    duckdb_reads_the_archive(&archive, &exp.kept);
+
     let server = start(dir.path()).await;
     let base = format!("http://{}", server.addr);
     let metrics = common::prom(&c, &base).await;
@@ -506,6 +508,56 @@ fn oracle_sessions(kept: &[&Value], user: &str) -> Vec<(String, String, String, 
     out.into_iter()
         .map(|(s, id, e, n)| (id, format_rfc3339(s), format_rfc3339(e), n))
         .collect()
+}
+
+/// DuckDB (Python package, installed by `.ci/run`) reads the Hive-partitioned
+/// archive directly and finds the same rows per tenant and type, with the
+/// `hour=` partition matching every row's time.
+fn duckdb_reads_the_archive(archive: &std::path::Path, kept: &[Value]) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/duckdb_read_archive.py"
+    );
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(archive)
+        .output()
+        .expect("python3 runs (installed by .ci/run)");
+    assert!(
+        out.status.success(),
+        "DuckDB could not read the archive (pip install duckdb):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut want: BTreeMap<(String, String), (u64, i64)> = BTreeMap::new();
+    for v in kept {
+        let e = want
+            .entry((
+                v["tenant"].as_str().unwrap().to_string(),
+                v["event_type"].as_str().unwrap().to_string(),
+            ))
+            .or_default();
+        e.0 += 1;
+        e.1 += v["properties"]["duration_ms"].as_i64().unwrap();
+    }
+    let got: BTreeMap<(String, String), (u64, i64)> = got
+        .iter()
+        .map(|r| {
+            assert_eq!(r["n"], r["ids"], "DuckDB sees a row twice: {r}");
+            assert_eq!(
+                r["hours_match"], true,
+                "rows outside their hour= partition: {r}"
+            );
+            (
+                (
+                    r["tenant"].as_str().unwrap().to_string(),
+                    r["event_type"].as_str().unwrap().to_string(),
+                ),
+                (r["n"].as_u64().unwrap(), r["duration"].as_i64().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "DuckDB's view of the archive");
 }
 
 fn parquet_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
