@@ -183,31 +183,13 @@ impl RawWriter {
                 path: "seal runtime".into(),
                 source,
             })?;
-        // Orphans: Parquet objects the manifest does not name, left by a
-        // crash between a file write and its manifest entry. Without a
-        // manifest nothing is deleted: the files are someone else's.
-        let listed = rt.block_on(archive.list())?;
-        let untracked: Vec<&String> = listed
-            .iter()
-            .map(|(p, _)| p)
-            .filter(|p| p.ends_with(".parquet") || p.ends_with(".tmp"))
-            .filter(|p| !manifest.state.files.contains_key(*p))
-            .collect();
-        if manifest.existed {
-            for path in &untracked {
-                rt.block_on(archive.delete(path))?;
-            }
-            if !untracked.is_empty() {
-                tracing::warn!(orphans = untracked.len(), archive = %archive.describe, "deleted archive files no manifest entry names (left by a crash)");
-            }
-        } else if !untracked.is_empty() {
-            tracing::warn!(
-                files = untracked.len(),
-                archive = %archive.describe,
-                manifest = %cfg.manifest_path.display(),
-                "the archive holds Parquet files but there is no manifest: they are not queried and not deleted; move them away if they are not wanted"
-            );
-        }
+        // Startup I/O runs on a thread of its own: `open` may be called from
+        // inside an async runtime, where blocking on another one panics.
+        std::thread::scope(|sc| {
+            sc.spawn(|| remove_orphans(&rt, &archive, &manifest, &cfg))
+                .join()
+                .unwrap_or_else(|_| Err(Error::Config("orphan cleanup panicked".into())))
+        })?;
         let files: Vec<Arc<ArchiveFile>> = manifest.state.files.values().cloned().collect();
         let shared = Arc::new(RawShared {
             archive: archive.clone(),
@@ -461,6 +443,40 @@ impl Drop for RawWriter {
             let _ = t.join();
         }
     }
+}
+
+/// Deletes Parquet objects the manifest does not name, left by a crash
+/// between a file write and its manifest entry. Without a manifest nothing
+/// is deleted: the files are someone else's.
+fn remove_orphans(
+    rt: &tokio::runtime::Runtime,
+    archive: &Archive,
+    manifest: &Manifest,
+    cfg: &RawConfig,
+) -> Result<()> {
+    let listed = rt.block_on(archive.list())?;
+    let untracked: Vec<&String> = listed
+        .iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.ends_with(".parquet") || p.ends_with(".tmp"))
+        .filter(|p| !manifest.state.files.contains_key(*p))
+        .collect();
+    if manifest.existed {
+        for path in &untracked {
+            rt.block_on(archive.delete(path))?;
+        }
+        if !untracked.is_empty() {
+            tracing::warn!(orphans = untracked.len(), archive = %archive.describe, "deleted archive files no manifest entry names (left by a crash)");
+        }
+    } else if !untracked.is_empty() {
+        tracing::warn!(
+            files = untracked.len(),
+            archive = %archive.describe,
+            manifest = %cfg.manifest_path.display(),
+            "the archive holds Parquet files but there is no manifest: they are not queried and not deleted; move them away if they are not wanted"
+        );
+    }
+    Ok(())
 }
 
 /// Merges a tenant's hot batches into one.

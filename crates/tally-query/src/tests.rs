@@ -1,1 +1,192 @@
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use tally_archive::{Archive, ArchiveTarget, RawConfig, RawWriter};
+use tally_types::BatchWriter;
+use tally_types::codec::PropValue;
+
+use super::*;
+
+const T0: i64 = 1_793_534_400_000; // 2026-11-01T12:00:00Z
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    writer: RawWriter,
+    engine: QueryEngine,
+    version: Arc<AtomicU64>,
+}
+
+fn fixture(cfg: QueryConfig, n: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
+    let (mut writer, raw) = RawWriter::open(
+        archive,
+        RawConfig::new(dir.path().join("raw/manifest"), 1),
+        (0, &[0]),
+    )
+    .unwrap();
+    let mut w = BatchWriter::new();
+    for i in 0..n {
+        let tenant = if i % 2 == 0 { "a" } else { "b" };
+        let at = w.begin_event(
+            tenant,
+            &format!("e{i}"),
+            "click",
+            T0 + i as i64 * 1000,
+            Some(&format!("u{}", i % 7)),
+            None,
+        );
+        w.prop("ms", PropValue::Int(i as i64));
+        w.finish_event(at, 1);
+    }
+    writer.append(0, 1, 0, T0, &w.finish(), &[]).unwrap();
+    writer.flush().unwrap();
+    let version = Arc::new(AtomicU64::new(0));
+    let v = version.clone();
+    let engine = QueryEngine::new(
+        raw,
+        Arc::new(RwLock::new(RollupStore::new())),
+        cfg,
+        Arc::new(move || v.load(Relaxed)),
+    );
+    Fixture {
+        _dir: dir,
+        writer,
+        engine,
+        version,
+    }
+}
+
+fn ints(r: &QueryResult) -> Vec<Vec<serde_json::Value>> {
+    format::rows(r)
+}
+
+#[tokio::test]
+async fn a_tenant_sees_its_rows_only_hot_or_sealed() {
+    let mut f = fixture(QueryConfig::default(), 100);
+    let q = "SELECT count(*), min(event_id), sum(json_get_int(properties, 'ms')) FROM events";
+    let a = f.engine.sql("a", q).await.unwrap();
+    assert_eq!(
+        ints(&a),
+        vec![vec![
+            serde_json::json!(50),
+            serde_json::json!("e0"),
+            serde_json::json!(2450)
+        ]]
+    );
+    let b = f.engine.sql("b", q).await.unwrap();
+    assert_eq!(ints(&b)[0][0], serde_json::json!(50));
+    let nobody = f.engine.sql("c", q).await.unwrap();
+    assert_eq!(ints(&nobody)[0][0], serde_json::json!(0));
+    // The same after sealing into Parquet.
+    f.writer.seal_now().unwrap();
+    f.version.fetch_add(1, Relaxed);
+    let a2 = f.engine.sql("a", q).await.unwrap();
+    assert!(!a2.cached);
+    assert_eq!(ints(&a2), ints(&a));
+    // Time filters: only rows in range, whichever side of the seal.
+    let r = f
+        .engine
+        .sql(
+            "a",
+            "SELECT count(*) FROM events WHERE ts >= '2026-11-01T12:00:10Z' AND ts < '2026-11-01T12:00:20Z'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(ints(&r)[0][0], serde_json::json!(5));
+}
+
+#[tokio::test]
+async fn cached_answers_last_until_data_changes() {
+    let f = fixture(QueryConfig::default(), 10);
+    let q = "SELECT count(*) FROM events";
+    assert!(!f.engine.sql("a", q).await.unwrap().cached);
+    assert!(f.engine.sql("a", q).await.unwrap().cached);
+    // Another tenant, another entry.
+    assert!(!f.engine.sql("b", q).await.unwrap().cached);
+    f.version.fetch_add(1, Relaxed);
+    assert!(!f.engine.sql("a", q).await.unwrap().cached);
+}
+
+#[tokio::test]
+async fn limits_answer_with_errors_that_name_the_setting() {
+    let f = fixture(
+        QueryConfig {
+            memory_limit: 64 << 10,
+            cache_entries: 0,
+            ..QueryConfig::default()
+        },
+        20_000,
+    );
+    let e = f
+        .engine
+        .sql(
+            "a",
+            "SELECT array_agg(properties) FROM events GROUP BY user_id",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueryError::Memory { .. }), "{e}");
+    assert!(e.to_string().contains("query.memory-limit"), "{e}");
+
+    let f = fixture(
+        QueryConfig {
+            timeout_ms: 1,
+            cache_entries: 0,
+            ..QueryConfig::default()
+        },
+        20_000,
+    );
+    let e = f
+        .engine
+        .sql(
+            "a",
+            "SELECT count(*) FROM events x, events y, events z WHERE x.ts < y.ts AND y.ts < z.ts",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueryError::Timeout(1)), "{e}");
+    assert!(e.to_string().contains("query.timeout"));
+}
+
+#[tokio::test]
+async fn max_rows_truncates_and_says_so() {
+    let f = fixture(
+        QueryConfig {
+            max_rows: 7,
+            ..QueryConfig::default()
+        },
+        100,
+    );
+    let r = f
+        .engine
+        .sql("a", "SELECT event_id FROM events")
+        .await
+        .unwrap();
+    assert_eq!(r.rows, 7);
+    assert!(r.truncated);
+    let body: serde_json::Value =
+        serde_json::from_slice(&format::encode(&r, format::Format::Json).unwrap()).unwrap();
+    assert_eq!(body["truncated"], true);
+    assert_eq!(body["rows"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn time_bounds_read_ts_filters() {
+    use datafusion::prelude::{col, lit};
+    let ts = |v: i64| {
+        lit(datafusion::scalar::ScalarValue::TimestampMillisecond(
+            Some(v),
+            None,
+        ))
+    };
+    let (f, t) = provider::time_bounds(&[
+        col("ts").gt_eq(ts(10)).and(col("ts").lt(ts(20))),
+        col("event_type").eq(lit("x")),
+    ]);
+    assert_eq!((f, t), (10, 20));
+    let (f, t) = provider::time_bounds(&[ts(5).lt_eq(col("ts")), col("ts").lt_eq(ts(9))]);
+    assert_eq!((f, t), (5, 10));
+    // OR is not understood: everything.
+    let (f, t) = provider::time_bounds(&[col("ts").lt(ts(3)).or(col("ts").gt(ts(50)))]);
+    assert_eq!((f, t), (i64::MIN, i64::MAX));
+}
