@@ -262,6 +262,13 @@ async fn demo(a: DemoArgs) -> Result<()> {
     println!("  dead letters: {base}/api/v1/dlq?kind=malformed");
     println!("  prometheus: {base}/metrics");
     println!(
+        "  SQL:        curl -XPOST {base}/api/v1/query -d '{{\"sql\": \"SELECT event_type, count(*) FROM events GROUP BY 1\"}}'"
+    );
+    println!(
+        "  archive:    {} (Parquet, sealed every minute)",
+        a.data_dir.join("archive").display()
+    );
+    println!(
         "  send your own: curl -XPOST {base}/api/v1/events -d '{{\"event_id\":\"1\",\"event_type\":\"click\",\"timestamp\":\"{}\"}}'",
         tally_types::time::format_rfc3339(Clock::system().now_ms())
     );
