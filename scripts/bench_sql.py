@@ -10,7 +10,7 @@ minimum are printed, plus whether the three answers agree.
     python3 scripts/bench_sql.py --url http://127.0.0.1:7070 \
         --archive /tmp/tally-bench/archive --tenant tenant0 --runs 7
 
-Needs `pip install duckdb chdb`.
+Needs `pip install duckdb chdb pytz`.
 """
 import argparse
 import json

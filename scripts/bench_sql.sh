@@ -6,7 +6,7 @@
 #   3. restart with the result cache off, then scripts/bench_sql.py times the
 #      same four queries on Tally (HTTP), DuckDB and chDB (both reading the
 #      Parquet files Tally wrote).
-# Needs: cargo build --release -p tally-cli; pip install duckdb chdb.
+# Needs: cargo build --release -p tally-cli; pip install duckdb chdb pytz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${EVENTS:-10000000}"

@@ -27,7 +27,7 @@
 mod archive;
 mod manifest;
 mod schema;
-mod writer;
+pub(crate) mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,6 +81,9 @@ pub struct Hot {
     pub tenants: HashMap<Arc<str>, Vec<HotBatch>>,
     pub rows: usize,
     pub bytes: usize,
+    /// Batches up to this seq belong to the seal in flight: they are never
+    /// merged with newer ones (the seal removes them by seq when it lands).
+    pub sealing_through: u64,
 }
 
 /// Counters for `/metrics`.

@@ -337,9 +337,10 @@ impl RawWriter {
             }
             // Many tiny batches (one per small request) are merged, so a
             // scan does not pay per batch.
+            let pinned = hot.sealing_through;
             for v in hot.tenants.values_mut() {
-                if v.len() > 256 {
-                    coalesce(v)?;
+                if v.iter().filter(|b| b.seq > pinned).count() > 256 {
+                    coalesce(v, pinned)?;
                 }
             }
         }
@@ -371,8 +372,9 @@ impl RawWriter {
     fn start_seal(&mut self, done: Option<SyncSender<Result<SealReport>>>) -> Result<()> {
         self.flush()?;
         self.last_seal = Instant::now();
-        let hot = self.shared.hot.read();
         let through_seq = self.next_seq - 1;
+        self.shared.hot.write().sealing_through = through_seq;
+        let hot = self.shared.hot.read();
         let tenants: Vec<(Arc<str>, Vec<RecordBatch>)> = hot
             .tenants
             .iter()
@@ -479,17 +481,22 @@ fn remove_orphans(
     Ok(())
 }
 
-/// Merges a tenant's hot batches into one.
-fn coalesce(v: &mut Vec<HotBatch>) -> Result<()> {
-    let batches: Vec<RecordBatch> = v.iter().map(|b| b.batch.clone()).collect();
-    let merged = concat_batches(&events_schema(), &batches)?;
-    let hb = HotBatch {
-        seq: v.last().map_or(0, |b| b.seq),
-        batch: merged,
-        min_ts: v.iter().map(|b| b.min_ts).min().unwrap_or(Millis::MAX),
-        max_ts: v.iter().map(|b| b.max_ts).max().unwrap_or(Millis::MIN),
-    };
-    *v = vec![hb];
+/// Merges a tenant's hot batches newer than `pinned` into one. Batches a
+/// seal in flight holds (seq ≤ `pinned`) stay as they are: merged into a
+/// newer batch they would survive the seal's removal and be sealed twice.
+pub(crate) fn coalesce(v: &mut Vec<HotBatch>, pinned: u64) -> Result<()> {
+    let (keep, merge): (Vec<HotBatch>, Vec<HotBatch>) = v.drain(..).partition(|b| b.seq <= pinned);
+    *v = keep;
+    if merge.is_empty() {
+        return Ok(());
+    }
+    let batches: Vec<RecordBatch> = merge.iter().map(|b| b.batch.clone()).collect();
+    v.push(HotBatch {
+        seq: merge.last().map_or(0, |b| b.seq),
+        batch: concat_batches(&events_schema(), &batches)?,
+        min_ts: merge.iter().map(|b| b.min_ts).min().unwrap_or(Millis::MAX),
+        max_ts: merge.iter().map(|b| b.max_ts).max().unwrap_or(Millis::MIN),
+    });
     Ok(())
 }
 
