@@ -108,11 +108,6 @@ impl Archive {
         self.store.clone()
     }
 
-    /// The local root, for a local archive.
-    pub fn local_root(&self) -> Option<&Path> {
-        self.local.as_deref()
-    }
-
     /// Writes one object whole. Locally: temp file, fsync, rename, fsync the
     /// directory, so a file the manifest names survives a power cut.
     pub async fn put(&self, path: &str, data: Bytes) -> Result<()> {
@@ -128,10 +123,6 @@ impl Archive {
         }
         self.store.put(&ObjPath::from(path), data.into()).await?;
         Ok(())
-    }
-
-    pub async fn get(&self, path: &str) -> Result<Bytes> {
-        Ok(self.store.get(&ObjPath::from(path)).await?.bytes().await?)
     }
 
     pub async fn delete(&self, path: &str) -> Result<()> {

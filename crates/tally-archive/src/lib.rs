@@ -96,7 +96,6 @@ pub struct RawStats {
     pub seals: AtomicU64,
     pub seal_errors: AtomicU64,
     pub seal_us_total: AtomicU64,
-    pub files_compacted: AtomicU64,
     pub files_deleted: AtomicU64,
     pub rows_deleted: AtomicU64,
 }
@@ -146,20 +145,6 @@ impl RawShared {
             })
             .unwrap_or_default();
         Snapshot { files, batches }
-    }
-
-    /// Tenants that have hot rows or archive files.
-    pub fn tenants(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .files
-            .read()
-            .iter()
-            .map(|f| f.tenant.to_string())
-            .collect();
-        out.extend(self.hot.read().tenants.keys().map(|t| t.to_string()));
-        out.sort();
-        out.dedup();
-        out
     }
 
     pub fn bump_version(&self) {

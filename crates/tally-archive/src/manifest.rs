@@ -147,6 +147,32 @@ fn apply(state: &mut ManifestState, payload: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// The state `data` describes (its valid frames) and how many bytes are valid.
+fn replay(path: &Path, data: &[u8], partitions: usize) -> Result<(ManifestState, usize)> {
+    let (frames, valid) = unframe(data);
+    let mut state = ManifestState {
+        offsets: vec![0; partitions],
+        ..ManifestState::default()
+    };
+    for f in frames {
+        apply(&mut state, f).map_err(|e| Error::Manifest {
+            path: path.display().to_string(),
+            what: e.to_string(),
+        })?;
+    }
+    Ok((state, valid))
+}
+
+/// `next_lsn:u64 n:u32 offset:u64*n files` (the body of Seal and Snapshot).
+fn enc_position(e: &mut Enc, next_lsn: u64, offsets: &[u64], files: &[ArchiveFile]) {
+    e.u64(next_lsn);
+    e.u32(offsets.len() as u32);
+    for &o in offsets {
+        e.u64(o);
+    }
+    enc_files(e, files);
+}
+
 impl Manifest {
     /// Opens (or creates) a manifest. A new one starts at `genesis` (the
     /// log position from which records are to be archived).
@@ -164,17 +190,7 @@ impl Manifest {
             .map_err(io(path))?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io(path))?;
-        let (frames, valid) = unframe(&data);
-        let mut state = ManifestState {
-            offsets: vec![0; partitions],
-            ..ManifestState::default()
-        };
-        for f in frames {
-            apply(&mut state, f).map_err(|e| Error::Manifest {
-                path: path.display().to_string(),
-                what: e.to_string(),
-            })?;
-        }
+        let (state, valid) = replay(path, &data, partitions)?;
         if state.offsets.len() != partitions {
             return Err(Error::Manifest {
                 path: path.display().to_string(),
@@ -222,16 +238,7 @@ impl Manifest {
             return Ok(None);
         }
         let data = std::fs::read(path).map_err(io(path))?;
-        let mut state = ManifestState {
-            offsets: vec![0; partitions],
-            ..ManifestState::default()
-        };
-        for f in unframe(&data).0 {
-            apply(&mut state, f).map_err(|e| Error::Manifest {
-                path: path.display().to_string(),
-                what: e.to_string(),
-            })?;
-        }
+        let (state, _) = replay(path, &data, partitions)?;
         Ok(Some((state.next_lsn, state.offsets)))
     }
 
@@ -245,12 +252,7 @@ impl Manifest {
                 add,
             } => {
                 e.u8(1);
-                e.u64(next_lsn);
-                e.u32(offsets.len() as u32);
-                for &o in offsets {
-                    e.u64(o);
-                }
-                enc_files(&mut e, add);
+                enc_position(&mut e, next_lsn, offsets, add);
             }
             Entry::Replace { remove, add } => {
                 e.u8(2);
@@ -292,13 +294,8 @@ impl Manifest {
     fn rewrite(&mut self) -> Result<()> {
         let mut e = Enc::new();
         e.u8(3);
-        e.u64(self.state.next_lsn);
-        e.u32(self.state.offsets.len() as u32);
-        for &o in &self.state.offsets {
-            e.u64(o);
-        }
         let files: Vec<ArchiveFile> = self.state.files.values().map(|f| (**f).clone()).collect();
-        enc_files(&mut e, &files);
+        enc_position(&mut e, self.state.next_lsn, &self.state.offsets, &files);
         let mut buf = Vec::new();
         frame(&mut buf, &e.buf);
         let tmp = self.path.with_extension("tmp");

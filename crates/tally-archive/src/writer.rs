@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use arrow::array::{
 use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -157,7 +158,7 @@ pub struct RawWriter {
     next_lsn: u64,
     last_seal: Instant,
     seal_tx: Option<SyncSender<Job>>,
-    in_flight: Arc<Mutex<bool>>,
+    in_flight: Arc<AtomicBool>,
     seal_thread: Option<JoinHandle<()>>,
     props_buf: String,
 }
@@ -200,7 +201,7 @@ impl RawWriter {
             stats: RawStats::default(),
         });
         let (seal_tx, seal_rx) = sync_channel::<Job>(1);
-        let in_flight = Arc::new(Mutex::new(false));
+        let in_flight = Arc::new(AtomicBool::new(false));
         let sh = shared.clone();
         let flight = in_flight.clone();
         let c = cfg.clone();
@@ -360,10 +361,10 @@ impl RawWriter {
         let due = hot > 0
             && (hot >= self.cfg.seal_rows
                 || self.last_seal.elapsed() >= Duration::from_millis(self.cfg.seal_interval_ms));
-        if due && !*self.in_flight.lock() {
+        if due && !self.in_flight.load(SeqCst) {
             self.start_seal(None)?;
         }
-        while self.hot_rows() > self.cfg.max_hot_rows && *self.in_flight.lock() {
+        while self.hot_rows() > self.cfg.max_hot_rows && self.in_flight.load(SeqCst) {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
@@ -373,8 +374,8 @@ impl RawWriter {
         self.flush()?;
         self.last_seal = Instant::now();
         let through_seq = self.next_seq - 1;
-        self.shared.hot.write().sealing_through = through_seq;
-        let hot = self.shared.hot.read();
+        let mut hot = self.shared.hot.write();
+        hot.sealing_through = through_seq;
         let tenants: Vec<(Arc<str>, Vec<RecordBatch>)> = hot
             .tenants
             .iter()
@@ -389,19 +390,19 @@ impl RawWriter {
             offsets: self.offsets.clone(),
             done,
         };
-        *self.in_flight.lock() = true;
+        self.in_flight.store(true, SeqCst);
         if let Some(tx) = &self.seal_tx
             && tx.send(Job::Seal(job)).is_ok()
         {
             return Ok(());
         }
-        *self.in_flight.lock() = false;
+        self.in_flight.store(false, SeqCst);
         Err(Error::Config("the seal thread is gone".into()))
     }
 
     /// Seals everything now and waits for it (shutdown, tests).
     pub fn seal_now(&mut self) -> Result<SealReport> {
-        while *self.in_flight.lock() {
+        while self.in_flight.load(SeqCst) {
             std::thread::sleep(Duration::from_millis(2));
         }
         let (tx, rx) = sync_channel(1);
@@ -505,7 +506,7 @@ fn seal_loop(
     mut manifest: Manifest,
     rx: Receiver<Job>,
     shared: Arc<RawShared>,
-    in_flight: Arc<Mutex<bool>>,
+    in_flight: Arc<AtomicBool>,
     cfg: RawConfig,
 ) {
     let mut attempt = 0u64;
@@ -526,7 +527,10 @@ fn seal_loop(
         attempt += 1;
         let started = Instant::now();
         let r = rt.block_on(seal(&shared.archive, &mut manifest, &job, &cfg, attempt));
-        let r = r.map(|(files, rows, bytes)| {
+        let r = r.map(|files| {
+            let rows: u64 = files.iter().map(|f| f.rows).sum();
+            let bytes: u64 = files.iter().map(|f| f.bytes).sum();
+            let n_files = files.len();
             commit(&shared, files, job.through_seq, job.next_lsn);
             let ms = started.elapsed().as_millis() as u64;
             let st = &shared.stats;
@@ -544,7 +548,7 @@ fn seal_loop(
             );
             SealReport {
                 rows,
-                files: 0,
+                files: n_files,
                 bytes,
                 elapsed_ms: ms,
                 next_lsn: job.next_lsn,
@@ -554,7 +558,7 @@ fn seal_loop(
             shared.stats.seal_errors.fetch_add(1, Relaxed);
             tracing::error!(error = %e, "sealing raw events failed; they stay in memory and the seal is retried");
         }
-        *in_flight.lock() = false;
+        in_flight.store(false, SeqCst);
         if let Some(done) = job.done.take() {
             let _ = done.send(r);
         }
@@ -626,17 +630,15 @@ fn commit(shared: &RawShared, files: Vec<ArchiveFile>, through_seq: u64, next_ls
 }
 
 /// Writes the job's rows as Parquet (one file per tenant and hour, sorted
-/// by time) and appends the manifest entry. Returns (files, rows, bytes).
+/// by time) and appends the manifest entry. Returns the files written.
 async fn seal(
     archive: &Archive,
     manifest: &mut Manifest,
     job: &SealJob,
     cfg: &RawConfig,
     attempt: u64,
-) -> Result<(Vec<ArchiveFile>, u64, u64)> {
+) -> Result<Vec<ArchiveFile>> {
     let mut written: Vec<ArchiveFile> = Vec::new();
-    let mut rows_total = 0u64;
-    let mut bytes_total = 0u64;
     let result: Result<()> = async {
         for (tenant, batches) in &job.tenants {
             let all = concat_batches(&events_schema(), batches)?;
@@ -682,8 +684,6 @@ async fn seal(
                     bytes: len,
                 });
                 archive.put(&path, bytes).await?;
-                rows_total += (end - start) as u64;
-                bytes_total += len;
                 start = end;
             }
         }
@@ -700,7 +700,7 @@ async fn seal(
         }
         return Err(e);
     }
-    Ok((written, rows_total, bytes_total))
+    Ok(written)
 }
 
 /// One sorted slice as a Parquet file: zstd, row groups of

@@ -246,14 +246,14 @@ async fn run_seed(seed: u64, kills: u64) {
         want_ids.sort();
         let mut got_ids: Vec<String> = Vec::new();
         for _ in 0..100 {
-            let r = c
-                .post(format!("{base}/api/v1/query?tenant={tenant}"))
-                .body(r#"{"sql": "SELECT event_id FROM events ORDER BY event_id"}"#)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            let (status, v) = common::post_sql(
+                &c,
+                &base,
+                tenant,
+                "SELECT event_id FROM events ORDER BY event_id",
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
             got_ids = v["rows"]
                 .as_array()
                 .unwrap()

@@ -12,8 +12,7 @@ use std::time::Duration;
 use common::{Expected, T0, expected, fetch, fmt_bucket, get};
 use serde_json::Value;
 use tally_cli::generator::{GenConfig, Generator, Kind};
-use tally_server::{Config, Server};
-use tally_types::Clock;
+use tally_server::Server;
 use tally_types::time::MINUTE_MS;
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -28,14 +27,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 async fn start(dir: &std::path::Path) -> Server {
-    let cfg = Config {
-        listen: "127.0.0.1:0".into(),
-        data_dir: dir.to_path_buf(),
-        ..Config::default()
-    };
-    Server::start(cfg, Clock::system())
-        .await
-        .expect("server starts")
+    common::start_server(dir, |_| {}).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,11 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{T0, expected, free_port};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tally_cli::generator::{GenConfig, Generator, Kind};
+use tally_server::Server;
 use tally_server::config::S3Section;
-use tally_server::{Config, Server};
-use tally_types::Clock;
 
 struct Moto(Child);
 
@@ -55,38 +54,31 @@ async fn start_moto(c: &reqwest::Client) -> (Moto, String) {
 }
 
 async fn start(dir: &std::path::Path, endpoint: &str) -> Server {
-    let mut cfg = Config {
-        listen: "127.0.0.1:0".into(),
-        data_dir: dir.to_path_buf(),
-        ..Config::default()
-    };
-    cfg.archive.seal_interval = "1h".into();
-    cfg.archive.s3 = Some(S3Section {
-        bucket: "tally-test".into(),
-        prefix: "lake/events".into(),
-        endpoint: endpoint.into(),
-        region: "us-east-1".into(),
-        access_key_id: "testing".into(),
-        secret_access_key: "testing".into(),
-        allow_http: true,
-    });
-    Server::start(cfg, Clock::system())
-        .await
-        .expect("server starts")
+    common::start_server(dir, |cfg| {
+        cfg.archive.seal_interval = "1h".into();
+        cfg.archive.s3 = Some(S3Section {
+            bucket: "tally-test".into(),
+            prefix: "lake/events".into(),
+            endpoint: endpoint.into(),
+            region: "us-east-1".into(),
+            access_key_id: "testing".into(),
+            secret_access_key: "testing".into(),
+            allow_http: true,
+        });
+    })
+    .await
 }
 
 async fn count_by_type(c: &reqwest::Client, base: &str, tenant: &str) -> Value {
-    let r = c
-        .post(format!("{base}/api/v1/query?tenant={tenant}"))
-        .body(
-            json!({"sql": "SELECT event_type, count(*) AS n, count(DISTINCT event_id) AS ids FROM events GROUP BY 1 ORDER BY 1"})
-                .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()["rows"].clone()
+    let (status, v) = common::post_sql(
+        c,
+        base,
+        tenant,
+        "SELECT event_type, count(*) AS n, count(DISTINCT event_id) AS ids FROM events GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["rows"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

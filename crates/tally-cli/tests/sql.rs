@@ -23,41 +23,20 @@ use common::{T0, expected, ts_of};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Value, json};
 use tally_cli::generator::{GenConfig, Generator, Kind};
-use tally_server::{Config, Server};
-use tally_types::Clock;
+use tally_server::Server;
 use tally_types::time::{MINUTE_MS, format_rfc3339};
 
 async fn start(dir: &std::path::Path) -> Server {
-    let mut cfg = Config {
-        listen: "127.0.0.1:0".into(),
-        data_dir: dir.to_path_buf(),
-        ..Config::default()
-    };
-    // No timed seals during the test: hot first, then the shutdown seal.
-    cfg.archive.seal_interval = "1h".into();
-    cfg.archive.row_group_rows = 1024;
-    Server::start(cfg, Clock::system())
-        .await
-        .expect("server starts")
-}
-
-async fn sql(c: &reqwest::Client, base: &str, tenant: &str, q: &str) -> (u16, Value) {
-    let r = c
-        .post(format!("{base}/api/v1/query?tenant={tenant}"))
-        .body(json!({ "sql": q }).to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
-    )
+    common::start_server(dir, |cfg| {
+        // No timed seals during the test: hot first, then the shutdown seal.
+        cfg.archive.seal_interval = "1h".into();
+        cfg.archive.row_group_rows = 1024;
+    })
+    .await
 }
 
 async fn rows(c: &reqwest::Client, base: &str, tenant: &str, q: &str) -> Vec<Vec<Value>> {
-    let (status, v) = sql(c, base, tenant, q).await;
+    let (status, v) = common::post_sql(c, base, tenant, q).await;
     assert_eq!(status, 200, "{q}: {v}");
     v["rows"]
         .as_array()
@@ -237,7 +216,7 @@ async fn sql_sessions_and_archive_match_an_independent_computation() {
         "SET datafusion.execution.target_partitions = 1".to_string(),
         "SELEKT 1".to_string(),
     ] {
-        let (status, v) = sql(&c, &base, "tenant0", &q).await;
+        let (status, v) = common::post_sql(&c, &base, "tenant0", &q).await;
         assert_eq!(status, 400, "{q}: {v}");
         assert!(
             v["error"].as_str().is_some_and(|e| !e.is_empty()),

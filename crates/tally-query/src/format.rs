@@ -201,17 +201,11 @@ pub fn column_values(a: &ArrayRef) -> Vec<Value> {
                 })
                 .collect()
         }
-        DataType::LargeUtf8 => {
-            let s = a.as_string::<i64>();
-            (0..n)
-                .map(|i| {
-                    if s.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::from(s.value(i))
-                    }
-                })
-                .collect()
+        DataType::LargeUtf8 | DataType::Utf8View => {
+            match arrow::compute::cast(a, &DataType::Utf8) {
+                Ok(s) => column_values(&s),
+                Err(_) => display(a),
+            }
         }
         DataType::Timestamp(_, _) => {
             let ms = arrow::compute::cast(a, &DataType::Timestamp(TimeUnit::Millisecond, None));

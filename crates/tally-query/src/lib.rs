@@ -62,15 +62,10 @@ impl QueryError {
             DataFusionError::SQL(..)
             | DataFusionError::Plan(..)
             | DataFusionError::SchemaError(..)
-            | DataFusionError::NotImplemented(..) => QueryError::Sql(clean(root.to_string())),
-            _ => QueryError::Exec(clean(e.to_string())),
+            | DataFusionError::NotImplemented(..) => QueryError::Sql(root.to_string()),
+            _ => QueryError::Exec(e.to_string()),
         }
     }
-}
-
-/// DataFusion prefixes messages with the error kind ("Error during planning: …").
-fn clean(s: String) -> String {
-    s.trim().to_string()
 }
 
 /// Limits and tuning.

@@ -65,7 +65,7 @@ impl TableProvider for EventsTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let (from, to) = time_bounds(filters);
+        let (from, to) = time_bounds(filters, "ts");
         let snap = self.raw.snapshot(&self.tenant, from, to);
         let schema = events_schema();
         let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
@@ -114,22 +114,22 @@ impl TableProvider for EventsTable {
     }
 }
 
-/// The `[from, to)` event-time range the filters allow (conservative: any
-/// filter not understood allows everything).
-pub(crate) fn time_bounds(filters: &[Expr]) -> (Millis, Millis) {
+/// The `[from, to)` range of timestamp column `column` the filters allow
+/// (conservative: any filter not understood allows everything).
+pub(crate) fn time_bounds(filters: &[Expr], column: &str) -> (Millis, Millis) {
     let mut from = Millis::MIN;
     let mut to = Millis::MAX;
     for f in filters {
-        collect_bounds(f, &mut from, &mut to);
+        collect_bounds(f, column, &mut from, &mut to);
     }
     (from, to)
 }
 
-fn collect_bounds(e: &Expr, from: &mut Millis, to: &mut Millis) {
+fn collect_bounds(e: &Expr, column: &str, from: &mut Millis, to: &mut Millis) {
     match e {
         Expr::BinaryExpr(b) if b.op == Operator::And => {
-            collect_bounds(&b.left, from, to);
-            collect_bounds(&b.right, from, to);
+            collect_bounds(&b.left, column, from, to);
+            collect_bounds(&b.right, column, from, to);
         }
         Expr::BinaryExpr(b) => {
             let (col, lit, op) = match (&*b.left, &*b.right) {
@@ -140,7 +140,7 @@ fn collect_bounds(e: &Expr, from: &mut Millis, to: &mut Millis) {
                 },
                 _ => return,
             };
-            if col.name != "ts" {
+            if col.name != column {
                 return;
             }
             let Some(v) = literal_ms(lit) else { return };
@@ -157,7 +157,7 @@ fn collect_bounds(e: &Expr, from: &mut Millis, to: &mut Millis) {
         }
         Expr::Between(b) if !b.negated => {
             if let Expr::Column(c) = &*b.expr
-                && c.name == "ts"
+                && c.name == column
                 && let (Some(lo), Some(hi)) = (literal_ms(&b.low), literal_ms(&b.high))
             {
                 *from = (*from).max(lo);
@@ -235,12 +235,7 @@ impl TableProvider for RollupsTable {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        // Bucket bounds use the same filter reading as `ts` on events.
-        let renamed: Vec<Expr> = filters
-            .iter()
-            .map(|f| rename_col(f, "bucket", "ts"))
-            .collect();
-        let (from, to) = time_bounds(&renamed);
+        let (from, to) = time_bounds(filters, "bucket");
         let from = if from == Millis::MIN {
             from
         } else {
@@ -251,21 +246,6 @@ impl TableProvider for RollupsTable {
         MemorySourceConfig::try_new_exec(&[vec![batch]], schema, projection.cloned())
             .map(|e| e as Arc<dyn ExecutionPlan>)
     }
-}
-
-fn rename_col(e: &Expr, from: &str, to: &str) -> Expr {
-    use datafusion::common::tree_node::{Transformed, TreeNode};
-    e.clone()
-        .transform(|x| {
-            Ok(match x {
-                Expr::Column(c) if c.name == from => Transformed::yes(Expr::Column(
-                    datafusion::common::Column::new_unqualified(to),
-                )),
-                other => Transformed::no(other),
-            })
-        })
-        .map(|t| t.data)
-        .unwrap_or_else(|_| e.clone())
 }
 
 impl RollupsTable {

@@ -40,8 +40,8 @@ pub struct SessionRow {
 impl QueryEngine {
     /// Sessions with events in `[start, end)`, ordered by start time.
     pub async fn sessions(&self, q: &SessionsQuery) -> Result<Vec<SessionRow>, QueryError> {
-        let limit = self.cfg.memory_limit;
-        let df_err = |e| QueryError::from_df(e, limit);
+        let memory_limit = self.cfg.memory_limit;
+        let df_err = |e| QueryError::from_df(e, memory_limit);
         let ctx = self.context(&q.tenant)?;
         let ts = |v: Millis| {
             lit(ScalarValue::TimestampMillisecond(

@@ -179,14 +179,24 @@ fn time_bounds_read_ts_filters() {
             None,
         ))
     };
-    let (f, t) = provider::time_bounds(&[
-        col("ts").gt_eq(ts(10)).and(col("ts").lt(ts(20))),
-        col("event_type").eq(lit("x")),
-    ]);
+    let (f, t) = provider::time_bounds(
+        &[
+            col("ts").gt_eq(ts(10)).and(col("ts").lt(ts(20))),
+            col("event_type").eq(lit("x")),
+        ],
+        "ts",
+    );
     assert_eq!((f, t), (10, 20));
-    let (f, t) = provider::time_bounds(&[ts(5).lt_eq(col("ts")), col("ts").lt_eq(ts(9))]);
+    let (f, t) = provider::time_bounds(&[ts(5).lt_eq(col("ts")), col("ts").lt_eq(ts(9))], "ts");
     assert_eq!((f, t), (5, 10));
     // OR is not understood: everything.
-    let (f, t) = provider::time_bounds(&[col("ts").lt(ts(3)).or(col("ts").gt(ts(50)))]);
+    let (f, t) = provider::time_bounds(&[col("ts").lt(ts(3)).or(col("ts").gt(ts(50)))], "ts");
     assert_eq!((f, t), (i64::MIN, i64::MAX));
+    // Another column's bounds are not the asked one's.
+    let (f, t) = provider::time_bounds(&[col("bucket").gt_eq(ts(60))], "ts");
+    assert_eq!((f, t), (i64::MIN, i64::MAX));
+    assert_eq!(
+        provider::time_bounds(&[col("bucket").gt_eq(ts(60))], "bucket"),
+        (60, i64::MAX)
+    );
 }

@@ -13,8 +13,7 @@ use arrow::array::{Array, ArrayRef, Float64Builder, Int64Builder, StringBuilder}
 use arrow::datatypes::DataType;
 use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
-    Volatility,
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
@@ -41,18 +40,12 @@ pub fn json_udfs() -> Vec<ScalarUDF> {
     ]
     .into_iter()
     .map(|(name, want)| {
-        // (json, key), (json, key, key), … up to a depth of 4.
-        let sigs = (1..=4)
-            .map(|n| {
-                let mut v = vec![DataType::Utf8];
-                v.extend(std::iter::repeat_n(DataType::Utf8, n));
-                TypeSignature::Exact(v)
-            })
-            .collect();
+        // (json, key[, key…]): arguments are checked and coerced to text
+        // by `coerce_types`.
         ScalarUDF::new_from_impl(JsonGet {
             name,
             want,
-            signature: Signature::one_of(sigs, Volatility::Immutable),
+            signature: Signature::user_defined(Volatility::Immutable),
         })
     })
     .collect()

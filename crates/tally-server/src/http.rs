@@ -276,7 +276,10 @@ fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 fn tenant_param(pairs: &[(String, String)]) -> Result<String, ApiError> {
-    let t = one(pairs, "tenant").unwrap_or(DEFAULT_TENANT);
+    check_tenant(one(pairs, "tenant").unwrap_or(DEFAULT_TENANT))
+}
+
+fn check_tenant(t: &str) -> Result<String, ApiError> {
     if !valid_tenant(t) {
         return Err(ApiError::BadRequest(format!(
             "tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]"
@@ -565,17 +568,13 @@ async fn sql_query(
         ApiError::BadRequest("sql: missing or not a string; send {\"sql\": \"SELECT …\"}".into())
     })?;
     // The tenant comes from ?tenant= (or the body's "tenant"), never from the SQL.
-    let mut tenant = tenant_param(&pairs)?;
-    if one(&pairs, "tenant").is_none()
-        && let Some(t) = req.get("tenant").and_then(Json::as_str)
-    {
-        if !valid_tenant(t) {
-            return Err(ApiError::BadRequest(format!(
-                "tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]"
-            )));
-        }
-        tenant = t.to_string();
-    }
+    let tenant = match (
+        one(&pairs, "tenant"),
+        req.get("tenant").and_then(Json::as_str),
+    ) {
+        (None, Some(t)) => check_tenant(t)?,
+        _ => tenant_param(&pairs)?,
+    };
     let format = tally_query::format::Format::from_accept(
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
     );

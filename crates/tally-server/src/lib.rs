@@ -62,9 +62,9 @@ impl Server {
                 let sh = shared.clone();
                 let r = raw.clone();
                 let version: tally_query::VersionFn = Arc::new(move || {
-                    sh.applied
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        .wrapping_add(r.version.load(std::sync::atomic::Ordering::Relaxed) << 40)
+                    // Both only grow: their sum changes whenever either does.
+                    sh.applied.load(std::sync::atomic::Ordering::Relaxed)
+                        + r.version.load(std::sync::atomic::Ordering::Relaxed)
                 });
                 Arc::new(tally_query::QueryEngine::new(
                     raw.clone(),

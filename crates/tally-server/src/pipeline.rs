@@ -759,35 +759,36 @@ pub fn replay_log_from(
             .offsets()
             .get(rec.partition as usize)
             .is_some_and(|&o| rec.offset < o);
-        if applied {
-            if let Some(r) = raw.as_deref_mut()
-                && r.wants(rec.partition, rec.offset)
-            {
-                raw_append(r, &rec, p.drops_of(rec.lsn));
-                out.raw_records += 1;
+        if !applied {
+            let before = match from {
+                ReplayFrom::Lsn(l) => rec.lsn < l,
+                ReplayFrom::Time(t) => rec.append_ms < t,
+            };
+            if before {
+                p.skip(rec.partition, rec.next_offset());
+                out.skipped += 1;
+                out.bytes += rec.next_offset() - rec.offset;
+                progress(out.bytes);
+                continue;
             }
-            continue;
-        }
-        let before = match from {
-            ReplayFrom::Lsn(l) => rec.lsn < l,
-            ReplayFrom::Time(t) => rec.append_ms < t,
-        };
-        if before {
-            p.skip(rec.partition, rec.next_offset());
-            out.skipped += 1;
-            out.bytes += rec.next_offset() - rec.offset;
-            progress(out.bytes);
-            continue;
-        }
-        if let Err(e) = p.apply(record_ref(&rec)) {
-            tracing::error!(error = %e, "replay: skipping undecodable record");
-            out.corrupt.push(e.to_string());
+            if let Err(e) = p.apply(record_ref(&rec)) {
+                tracing::error!(error = %e, "replay: skipping undecodable record");
+                out.corrupt.push(e.to_string());
+            }
         }
         if let Some(r) = raw.as_deref_mut()
             && r.wants(rec.partition, rec.offset)
         {
-            raw_append(r, &rec, p.last_drops());
+            let drops = if applied {
+                p.drops_of(rec.lsn)
+            } else {
+                p.last_drops()
+            };
+            raw_append(r, &rec, drops);
             out.raw_records += 1;
+        }
+        if applied {
+            continue;
         }
         out.records += 1;
         let n = rec.next_offset() - rec.offset;

@@ -167,3 +167,33 @@ pub async fn fetch(
 pub fn fmt_bucket(t: i64) -> String {
     tally_types::time::format_rfc3339(t)
 }
+
+/// A server on a free port over `dir`, with the defaults changed by `tweak`.
+pub async fn start_server(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut tally_server::Config),
+) -> tally_server::Server {
+    let mut cfg = tally_server::Config {
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        ..tally_server::Config::default()
+    };
+    tweak(&mut cfg);
+    tally_server::Server::start(cfg, tally_types::Clock::system())
+        .await
+        .expect("server starts")
+}
+
+/// `POST /api/v1/query?tenant=` with `{"sql": q}`: (status, body).
+pub async fn post_sql(c: &reqwest::Client, base: &str, tenant: &str, q: &str) -> (u16, Value) {
+    let r = c
+        .post(format!("{base}/api/v1/query?tenant={tenant}"))
+        .body(serde_json::json!({ "sql": q }).to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, v)
+}
