@@ -1,0 +1,213 @@
+//! Notification bodies (Tally, PagerDuty Events v2, Slack) and the webhook
+//! delivery loop: outbox → POST with a timeout → done, or retried with
+//! exponential backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{Value as Json, json};
+use tally_types::time::format_rfc3339;
+use tally_types::{Clock, Millis};
+
+use crate::engine::{Engine, Outcome};
+use crate::rule::{Detector, Format, Rule, Target};
+
+/// One notification of a rule, before it is shaped for a target.
+#[derive(Debug, Clone)]
+pub struct Note<'a> {
+    pub status: &'a str,
+    pub value: Option<f64>,
+    pub bucket_start: Millis,
+    pub bucket_end: Millis,
+    pub at: Millis,
+    pub episode_start: Millis,
+    pub dedupe_key: String,
+}
+
+fn num(v: Option<f64>) -> Json {
+    match v {
+        Some(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => json!(x as i64),
+        Some(x) => json!(x),
+        None => Json::Null,
+    }
+}
+
+/// The body a target receives.
+pub fn payload(rule: &Rule, target: &Target, n: &Note<'_>) -> Json {
+    let body = json!({
+        "rule": rule.name,
+        "rule_id": rule.id,
+        "tenant": rule.tenant,
+        "status": n.status,
+        "value": num(n.value),
+        "metric": rule.metric,
+        "event_type": rule.event_type,
+        "granularity": rule.granularity,
+        "detector": rule.detector,
+        "bucket_start": format_rfc3339(n.bucket_start),
+        "bucket_end": format_rfc3339(n.bucket_end),
+        "episode_start": format_rfc3339(n.episode_start),
+        "at": format_rfc3339(n.at),
+        "dedupe_key": n.dedupe_key,
+    });
+    match target.format {
+        Format::Tally => body,
+        Format::Pagerduty => json!({
+            "routing_key": target.routing_key.clone().unwrap_or_default(),
+            "event_action": if n.status == "firing" { "trigger" } else { "resolve" },
+            // One key per episode: PagerDuty pairs the resolve with its trigger.
+            "dedup_key": format!("{}:{}", rule.id, n.episode_start),
+            "payload": {
+                "summary": summary(rule, n),
+                "source": format!("tally/{}", rule.tenant),
+                "severity": target.severity.clone().unwrap_or_else(|| "error".into()),
+                "timestamp": format_rfc3339(n.at),
+                "component": rule.metric,
+                "group": rule.tenant,
+                "class": rule.detector.kind(),
+                "custom_details": body,
+            },
+            "client": "Tally",
+        }),
+        Format::Slack => json!({ "text": summary(rule, n) }),
+    }
+}
+
+/// One line a person reads: what, how much, against what, when.
+pub fn summary(rule: &Rule, n: &Note<'_>) -> String {
+    let what = if rule.event_type.is_empty() {
+        rule.metric.clone()
+    } else {
+        format!("{} of {}", rule.metric, rule.event_type.join(", "))
+    };
+    let value = match n.value {
+        Some(v) => num(Some(v)).to_string(),
+        None => "no data".into(),
+    };
+    let test = match &rule.detector {
+        Detector::Threshold { op, value } => format!("{} {}", op.as_str(), num(Some(*value))),
+        Detector::Zscore { window, z, .. } => format!("{z}σ from the last {window} buckets"),
+        Detector::Ewma { alpha, k, .. } => format!("{k}σ from the EWMA (α={alpha})"),
+    };
+    let icon = if n.status == "firing" { "🔴" } else { "✅" };
+    format!(
+        "{icon} [{}] {} {}: {what} = {value} ({test}) for {}–{} (tenant {})",
+        n.status.to_uppercase(),
+        rule.name,
+        if n.status == "firing" {
+            "is firing"
+        } else {
+            "resolved"
+        },
+        format_rfc3339(n.bucket_start),
+        format_rfc3339(n.bucket_end),
+        rule.tenant,
+    )
+}
+
+/// Delivery settings.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub timeout: Duration,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            timeout: Duration::from_secs(5),
+            concurrency: 16,
+        }
+    }
+}
+
+/// Called with the time from bucket close to the receiver's 2xx.
+pub type LatencyFn = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// Sends what the outbox holds until `stop` turns true; wakes on `wake` or
+/// every 50 ms (retries come due on the clock).
+pub async fn run(
+    engine: Arc<Mutex<Engine>>,
+    clock: Clock,
+    cfg: DeliveryConfig,
+    wake: Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    on_latency: LatencyFn,
+) {
+    let client = match reqwest::Client::builder()
+        .timeout(cfg.timeout)
+        .connect_timeout(cfg.timeout)
+        .user_agent(concat!("tally/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the webhook client; alerts are not delivered");
+            return;
+        }
+    };
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    loop {
+        let free = cfg
+            .concurrency
+            .saturating_sub(in_flight.load(std::sync::atomic::Ordering::Relaxed));
+        let due = if free > 0 {
+            engine.lock().take_due(clock.now_ms(), free)
+        } else {
+            Vec::new()
+        };
+        for d in due {
+            in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (client, engine, clock, on_latency, in_flight, wake) = (
+                client.clone(),
+                engine.clone(),
+                clock.clone(),
+                on_latency.clone(),
+                in_flight.clone(),
+                wake.clone(),
+            );
+            tokio::spawn(async move {
+                let r = client
+                    .post(&d.url)
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", &d.dedupe_key)
+                    .header("x-tally-dedupe-key", &d.dedupe_key)
+                    .body(d.body.clone())
+                    .send()
+                    .await;
+                let outcome = match r {
+                    Ok(resp) if resp.status().is_success() => {
+                        if let Some(c) = d.closed {
+                            on_latency(c.elapsed());
+                        }
+                        Outcome::Delivered
+                    }
+                    Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status())),
+                    Err(e) if e.is_timeout() => Outcome::Failed("timed out".into()),
+                    Err(e) => Outcome::Failed(error_chain(&e)),
+                };
+                engine.lock().finish(d.id, outcome, clock.now_ms());
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                wake.notify_one();
+            });
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}

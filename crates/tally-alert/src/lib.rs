@@ -1,0 +1,26 @@
+//! Alerts: rules over the metrics of the rollup store, evaluated when
+//! buckets close (pushed by the processor, carried on by the wall clock when
+//! data stops), with `for` / `resolve_after` hysteresis, silences, and
+//! webhook deliveries that survive restarts and retry with backoff.
+//!
+//! ```text
+//! processor ──watermark crossed a minute──▶ Engine::advance ──▶ outbox (persisted)
+//!                                              │ reads the same numbers      │
+//!                                              ▼ as GET /api/v1/metrics      ▼
+//!                                         RollupStore::query          deliver::run ──POST──▶ webhook
+//! ```
+
+pub mod deliver;
+pub mod engine;
+pub mod progress;
+pub mod rule;
+
+pub use deliver::{DeliveryConfig, LatencyFn};
+pub use engine::{
+    AlertError, Delivery, Engine, EngineConfig, HistoryEntry, Outcome, RuleState, State, Stats,
+};
+pub use progress::Progress;
+pub use rule::{Detector, Direction, Format, Op, Rule, RuleError, Target};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,595 @@
+//! Alert rules: what a user posts, checked field by field, and the stored form.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json, json};
+use tally_store::{Granularity, Metric};
+use tally_types::Millis;
+use tally_types::time::{format_rfc3339, parse_duration_ms, parse_time_param};
+
+/// A rule the API refused, naming the field, the value and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RuleError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> RuleError {
+    RuleError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Comparison of a threshold detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = ">=")]
+    Ge,
+    #[serde(rename = "<")]
+    Lt,
+    #[serde(rename = "<=")]
+    Le,
+}
+
+impl Op {
+    pub fn holds(self, x: f64, v: f64) -> bool {
+        match self {
+            Op::Gt => x > v,
+            Op::Ge => x >= v,
+            Op::Lt => x < v,
+            Op::Le => x <= v,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Gt => ">",
+            Op::Ge => ">=",
+            Op::Lt => "<",
+            Op::Le => "<=",
+        }
+    }
+}
+
+/// Which side of the expected value an anomaly detector watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    Both,
+    Up,
+    Down,
+}
+
+impl Direction {
+    /// Whether a deviation `d` (value − expected) of `score` deviations counts.
+    pub fn anomalous(self, d: f64, score: f64, limit: f64) -> bool {
+        let side = match self {
+            Direction::Both => true,
+            Direction::Up => d > 0.0,
+            Direction::Down => d < 0.0,
+        };
+        side && score > limit
+    }
+}
+
+/// How a rule judges one bucket's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Detector {
+    Threshold {
+        op: Op,
+        value: f64,
+    },
+    /// `|x − mean| / stddev > z` over the last `window` buckets.
+    Zscore {
+        window: u32,
+        z: f64,
+        #[serde(default)]
+        direction: Direction,
+    },
+    /// `|x − ewma| > k · ew-stddev`, after `window` buckets of warm-up.
+    Ewma {
+        alpha: f64,
+        k: f64,
+        window: u32,
+        #[serde(default)]
+        direction: Direction,
+    },
+}
+
+impl Detector {
+    /// Buckets of history needed before the detector can fire.
+    pub fn warmup(&self) -> u32 {
+        match self {
+            Detector::Threshold { .. } => 0,
+            Detector::Zscore { window, .. } | Detector::Ewma { window, .. } => *window,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Detector::Threshold { .. } => "threshold",
+            Detector::Zscore { .. } => "zscore",
+            Detector::Ewma { .. } => "ewma",
+        }
+    }
+}
+
+/// The body shape a webhook target receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The body of API.md.
+    #[default]
+    Tally,
+    /// PagerDuty Events API v2 (`routing_key`, `event_action`, `dedup_key`, `payload`).
+    Pagerduty,
+    /// Slack-style incoming webhook (`text`).
+    Slack,
+}
+
+/// Where notifications of a rule go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub webhook: String,
+    #[serde(default)]
+    pub format: Format,
+    /// PagerDuty integration key (required with `format = "pagerduty"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_key: Option<String>,
+    /// PagerDuty severity: critical, error (default), warning or info.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+}
+
+/// A stored rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub metric: String,
+    pub event_type: Vec<String>,
+    pub granularity: String,
+    pub detector: Detector,
+    pub for_ms: Millis,
+    pub resolve_after_ms: Millis,
+    pub notify: Vec<Target>,
+    pub silenced_until: Option<Millis>,
+    pub created_at: Millis,
+}
+
+impl Rule {
+    /// Bucket width in ms.
+    pub fn step(&self) -> Millis {
+        Granularity::parse(&self.granularity).map_or(60_000, |g| g.ms())
+    }
+
+    pub fn metric(&self) -> Metric {
+        Metric::parse(&self.metric).unwrap_or(Metric::Count)
+    }
+
+    /// Whether a bucket without events counts as 0 (count, distinct, sum) or
+    /// has no value at all (avg, min, max, quantiles).
+    pub fn zero_when_empty(&self) -> bool {
+        matches!(
+            self.metric(),
+            Metric::Count | Metric::UniqueUsers | Metric::UniqueSessions | Metric::Sum(_)
+        )
+    }
+
+    /// Consecutive true buckets needed to fire (at least one).
+    pub fn fire_after(&self) -> u32 {
+        buckets(self.for_ms, self.step())
+    }
+
+    /// Consecutive false buckets needed to resolve (at least one).
+    pub fn resolve_after(&self) -> u32 {
+        buckets(self.resolve_after_ms, self.step())
+    }
+
+    pub fn silenced(&self, now: Millis) -> bool {
+        self.silenced_until.is_some_and(|u| now < u)
+    }
+
+    /// The rule as the API shows it (durations as text, times RFC 3339).
+    pub fn to_json(&self) -> Json {
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "tenant": self.tenant,
+            "metric": self.metric,
+            "event_type": self.event_type,
+            "granularity": self.granularity,
+            "detector": self.detector,
+            "for": human(self.for_ms),
+            "resolve_after": human(self.resolve_after_ms),
+            "notify": self.notify,
+            "silenced_until": self.silenced_until.map(format_rfc3339),
+            "created_at": format_rfc3339(self.created_at),
+        })
+    }
+
+    /// Whether two rules judge and notify the same way (an update that
+    /// changes none of this keeps the rule's state).
+    pub fn same_definition(&self, o: &Rule) -> bool {
+        self.metric == o.metric
+            && self.event_type == o.event_type
+            && self.granularity == o.granularity
+            && self.detector == o.detector
+            && self.for_ms == o.for_ms
+            && self.resolve_after_ms == o.resolve_after_ms
+    }
+}
+
+fn buckets(ms: Millis, step: Millis) -> u32 {
+    (((ms + step - 1) / step).max(1)).min(u32::MAX as i64) as u32
+}
+
+/// `120000` → `"2m"`; exact units only.
+pub fn human(ms: Millis) -> String {
+    for (unit, n) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms != 0 && ms % n == 0 {
+            return format!("{}{unit}", ms / n);
+        }
+    }
+    if ms == 0 {
+        "0s".into()
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "name",
+    "metric",
+    "event_type",
+    "granularity",
+    "detector",
+    "for",
+    "resolve_after",
+    "notify",
+    "tenant",
+    "silenced_until",
+];
+
+/// Checks a posted rule and builds it (id, tenant and creation time come
+/// from the caller). Every error names the field.
+pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<Rule, RuleError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| err("body", "must be a JSON object describing one rule"))?;
+    for k in obj.keys() {
+        if !FIELDS.contains(&k.as_str()) {
+            return Err(err(
+                k.as_str(),
+                format!("unknown field; a rule has {}", FIELDS.join(", ")),
+            ));
+        }
+    }
+    let name = string(obj, "name")?.ok_or_else(|| err("name", "required, e.g. \"error-spike\""))?;
+    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
+        return Err(err(
+            "name",
+            format!("{name:?}: 1 to 128 printable characters"),
+        ));
+    }
+    let metric = string(obj, "metric")?.unwrap_or_else(|| "count".into());
+    Metric::parse(&metric).map_err(|e| err("metric", e.to_string()))?;
+    let event_type = match obj.get("event_type") {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::String(s)) => vec![s.clone()],
+        Some(Json::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        err(
+                            format!("event_type[{i}]"),
+                            format!("{v}: must be a non-empty string"),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => {
+            return Err(err(
+                "event_type",
+                format!("{v}: must be a string or an array of strings"),
+            ));
+        }
+    };
+    let granularity = string(obj, "granularity")?.unwrap_or_else(|| "1m".into());
+    let g = Granularity::parse(&granularity).map_err(|e| err("granularity", e.to_string()))?;
+    let detector = parse_detector(obj.get("detector").ok_or_else(|| {
+        err(
+            "detector",
+            "required, e.g. {\"kind\": \"threshold\", \"op\": \">\", \"value\": 100}",
+        )
+    })?)?;
+    let for_ms = duration(obj, "for")?.unwrap_or(0);
+    let resolve_after_ms = duration(obj, "resolve_after")?.unwrap_or(g.ms());
+    let notify = match obj.get("notify") {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, t)| parse_target(t, &format!("notify[{i}]")))
+            .collect::<Result<_, _>>()?,
+        Some(v) => {
+            return Err(err(
+                "notify",
+                format!(
+                    "{v}: must be an array of targets, e.g. [{{\"webhook\": \"http://127.0.0.1:9000/hook\"}}]"
+                ),
+            ));
+        }
+    };
+    let silenced_until = match obj.get("silenced_until") {
+        None | Some(Json::Null) => None,
+        Some(v) => Some(time_value(v, "silenced_until")?),
+    };
+    Ok(Rule {
+        id,
+        name,
+        tenant: tenant.to_string(),
+        metric,
+        event_type,
+        granularity: g.as_str().to_string(),
+        detector,
+        for_ms,
+        resolve_after_ms,
+        notify,
+        silenced_until,
+        created_at: now,
+    })
+}
+
+/// An RFC 3339 string or epoch ms.
+pub fn time_value(v: &Json, field: &str) -> Result<Millis, RuleError> {
+    match v {
+        Json::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| err(field, format!("{n}: not an epoch-ms integer"))),
+        Json::String(s) => parse_time_param(s)
+            .map_err(|e| err(field, format!("{s:?}: {e}; use RFC 3339 or epoch ms"))),
+        other => Err(err(
+            field,
+            format!("{other}: use an RFC 3339 string or epoch ms"),
+        )),
+    }
+}
+
+fn string(obj: &Map<String, Json>, key: &str) -> Result<Option<String>, RuleError> {
+    match obj.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(err(key, format!("{v}: must be a string"))),
+    }
+}
+
+fn duration(obj: &Map<String, Json>, key: &str) -> Result<Option<Millis>, RuleError> {
+    match obj.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => parse_duration_ms(s)
+            .filter(|&ms| ms >= 0)
+            .map(Some)
+            .ok_or_else(|| {
+                err(
+                    key,
+                    format!("{s:?}: not a duration; write it like \"90s\", \"2m\" or \"1h\""),
+                )
+            }),
+        Some(Json::Number(n)) => n
+            .as_u64()
+            .map(|s| Some((s as i64).saturating_mul(1000)))
+            .ok_or_else(|| err(key, format!("{n}: a number here is whole seconds, >= 0"))),
+        Some(v) => Err(err(key, format!("{v}: write a duration like \"2m\""))),
+    }
+}
+
+fn number(d: &Map<String, Json>, key: &str) -> Result<Option<f64>, RuleError> {
+    let field = format!("detector.{key}");
+    match d.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Number(n)) => n
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .map(Some)
+            .ok_or_else(|| err(field, format!("{n}: not a finite number"))),
+        Some(v) => Err(err(field, format!("{v}: must be a number"))),
+    }
+}
+
+fn parse_detector(v: &Json) -> Result<Detector, RuleError> {
+    let d = v.as_object().ok_or_else(|| {
+        err(
+            "detector",
+            format!("{v}: must be an object with a \"kind\""),
+        )
+    })?;
+    let kind = d
+        .get("kind")
+        .and_then(Json::as_str)
+        .ok_or_else(|| err("detector.kind", "required: threshold, zscore or ewma"))?;
+    let allowed: &[&str] = match kind {
+        "threshold" => &["kind", "op", "value"],
+        "zscore" => &["kind", "window", "z", "direction"],
+        "ewma" => &["kind", "alpha", "k", "window", "direction"],
+        other => {
+            return Err(err(
+                "detector.kind",
+                format!("{other:?} is not a detector; use threshold, zscore or ewma"),
+            ));
+        }
+    };
+    for k in d.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(err(
+                format!("detector.{k}"),
+                format!("unknown for {kind}; it takes {}", allowed[1..].join(", ")),
+            ));
+        }
+    }
+    let direction = || -> Result<Direction, RuleError> {
+        match d.get("direction") {
+            None | Some(Json::Null) => Ok(Direction::Both),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                err(
+                    "detector.direction",
+                    format!("{v}: use \"both\", \"up\" or \"down\""),
+                )
+            }),
+        }
+    };
+    let window = |default: Option<u32>| -> Result<u32, RuleError> {
+        match d.get("window") {
+            None | Some(Json::Null) => default.ok_or_else(|| {
+                err(
+                    "detector.window",
+                    "required: how many past buckets, e.g. 30",
+                )
+            }),
+            Some(v) => v
+                .as_u64()
+                .filter(|&w| (2..=10_000).contains(&w))
+                .map(|w| w as u32)
+                .ok_or_else(|| {
+                    err(
+                        "detector.window",
+                        format!("{v}: a whole number of buckets from 2 to 10000"),
+                    )
+                }),
+        }
+    };
+    Ok(match kind {
+        "threshold" => {
+            let op = match d.get("op") {
+                Some(v) => serde_json::from_value::<Op>(v.clone())
+                    .map_err(|_| err("detector.op", format!("{v}: use one of >, >=, <, <=")))?,
+                None => return Err(err("detector.op", "required: one of >, >=, <, <=")),
+            };
+            let value = number(d, "value")?
+                .ok_or_else(|| err("detector.value", "required: the number to compare with"))?;
+            Detector::Threshold { op, value }
+        }
+        "zscore" => {
+            let z = number(d, "z")?.ok_or_else(|| {
+                err(
+                    "detector.z",
+                    "required: how many standard deviations, e.g. 3",
+                )
+            })?;
+            if z <= 0.0 {
+                return Err(err("detector.z", format!("{z}: must be > 0")));
+            }
+            Detector::Zscore {
+                window: window(None)?,
+                z,
+                direction: direction()?,
+            }
+        }
+        _ => {
+            let alpha = number(d, "alpha")?.ok_or_else(|| {
+                err(
+                    "detector.alpha",
+                    "required: the smoothing factor in (0, 1], e.g. 0.3",
+                )
+            })?;
+            if !(alpha > 0.0 && alpha <= 1.0) {
+                return Err(err("detector.alpha", format!("{alpha}: must be in (0, 1]")));
+            }
+            let k = number(d, "k")?.ok_or_else(|| {
+                err(
+                    "detector.k",
+                    "required: how many smoothed deviations, e.g. 3",
+                )
+            })?;
+            if k <= 0.0 {
+                return Err(err("detector.k", format!("{k}: must be > 0")));
+            }
+            // Default warm-up: about the detector's memory (2/alpha buckets).
+            let default = ((2.0 / alpha).ceil() as u32).clamp(2, 10_000);
+            Detector::Ewma {
+                alpha,
+                k,
+                window: window(Some(default))?,
+                direction: direction()?,
+            }
+        }
+    })
+}
+
+fn parse_target(v: &Json, field: &str) -> Result<Target, RuleError> {
+    let o = v.as_object().ok_or_else(|| {
+        err(
+            field,
+            format!("{v}: must be an object like {{\"webhook\": \"http://…\"}}"),
+        )
+    })?;
+    for k in o.keys() {
+        if !["webhook", "format", "routing_key", "severity"].contains(&k.as_str()) {
+            return Err(err(
+                format!("{field}.{k}"),
+                "unknown; a target has webhook, format, routing_key, severity",
+            ));
+        }
+    }
+    let url = o
+        .get("webhook")
+        .and_then(Json::as_str)
+        .ok_or_else(|| err(format!("{field}.webhook"), "required: the URL to POST to"))?;
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| err(format!("{field}.webhook"), format!("{url:?}: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(err(
+            format!("{field}.webhook"),
+            format!("{url:?}: must be an http:// or https:// URL with a host"),
+        ));
+    }
+    let format = match o.get("format") {
+        None | Some(Json::Null) => Format::Tally,
+        Some(f) => serde_json::from_value(f.clone()).map_err(|_| {
+            err(
+                format!("{field}.format"),
+                format!("{f}: use \"tally\", \"pagerduty\" or \"slack\""),
+            )
+        })?,
+    };
+    let routing_key = o
+        .get("routing_key")
+        .and_then(Json::as_str)
+        .map(String::from);
+    if format == Format::Pagerduty && routing_key.as_deref().is_none_or(str::is_empty) {
+        return Err(err(
+            format!("{field}.routing_key"),
+            "required with format \"pagerduty\": the integration key of the service",
+        ));
+    }
+    let severity = o.get("severity").and_then(Json::as_str).map(String::from);
+    if let Some(s) = &severity
+        && !["critical", "error", "warning", "info"].contains(&s.as_str())
+    {
+        return Err(err(
+            format!("{field}.severity"),
+            format!("{s:?}: use critical, error, warning or info"),
+        ));
+    }
+    Ok(Target {
+        webhook: url.to_string(),
+        format,
+        routing_key,
+        severity,
+    })
+}

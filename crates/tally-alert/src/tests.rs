@@ -1,0 +1,655 @@
+//! Engine tests with injected time: a series is a map from bucket to value,
+//! buckets are closed one at a time, and every test asserts the exact
+//! notifications the receiver would get.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value as Json, json};
+use tally_types::Millis;
+
+use crate::engine::{Engine, EngineConfig, Outcome, State};
+use crate::progress::Progress;
+use crate::rule::Rule;
+
+/// 2026-11-01T12:00:00Z.
+const T0: Millis = 1_793_534_400_000;
+const M: Millis = 60_000;
+
+struct Series(BTreeMap<Millis, f64>);
+
+impl Series {
+    fn of(vals: &[Option<f64>]) -> Series {
+        Series(
+            vals.iter()
+                .enumerate()
+                .filter_map(|(i, v)| Some((T0 + i as i64 * M, (*v)?)))
+                .collect(),
+        )
+    }
+
+    fn values(&self) -> impl Fn(&Rule, Millis, Millis) -> Vec<(Millis, f64)> + '_ {
+        |_, from, to| self.0.range(from..to).map(|(&b, &v)| (b, v)).collect()
+    }
+}
+
+fn rule(detector: Json, extra: Json) -> Json {
+    let mut r = json!({
+        "name": "r1", "metric": "count", "event_type": ["error"], "granularity": "1m",
+        "detector": detector,
+        "notify": [{"webhook": "http://127.0.0.1:9/hook"}],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        r[k] = v.clone();
+    }
+    r
+}
+
+fn engine_with(body: Json) -> (Engine, String) {
+    let mut e = Engine::open(None, EngineConfig::default()).unwrap();
+    let (r, created) = e.upsert(&body, "acme", T0).unwrap();
+    assert!(created);
+    (e, r.id)
+}
+
+/// What the receiver gets: (status, value, bucket index, episode index).
+type Got = (String, Json, i64, i64);
+
+fn drain(e: &mut Engine) -> Vec<Got> {
+    let mut out = Vec::new();
+    for d in e.take_due(i64::MAX, usize::MAX) {
+        let b: Json = serde_json::from_str(&d.body).unwrap();
+        let idx =
+            |k: &str| (tally_types::time::parse_rfc3339(b[k].as_str().unwrap()).unwrap() - T0) / M;
+        assert_eq!(b["dedupe_key"], json!(d.dedupe_key));
+        out.push((
+            b["status"].as_str().unwrap().to_string(),
+            b["value"].clone(),
+            idx("bucket_start"),
+            idx("episode_start"),
+        ));
+        e.finish(d.id, Outcome::Delivered, 0);
+    }
+    out
+}
+
+/// Registers the rule at T0, then closes buckets 0..n one by one.
+fn run(e: &mut Engine, s: &Series, n: i64) -> Vec<Got> {
+    e.advance(T0, T0, None, &s.values());
+    let mut got = Vec::new();
+    for i in 0..n {
+        e.advance(T0 + (i + 1) * M, T0 + (i + 1) * M, None, &s.values());
+        got.extend(drain(e));
+    }
+    got
+}
+
+fn got(status: &str, v: Json, b: i64, ep: i64) -> Got {
+    (status.into(), v, b, ep)
+}
+
+#[test]
+fn threshold_spike_fires_once_and_resolves() {
+    let (mut e, _) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 100}),
+        json!({}),
+    ));
+    let s = Series::of(&[Some(10.0), Some(131.0), Some(150.0), Some(20.0), Some(5.0)]);
+    assert_eq!(
+        run(&mut e, &s, 5),
+        vec![
+            got("firing", json!(131), 1, 1),
+            got("resolved", json!(20), 3, 1)
+        ]
+    );
+}
+
+#[test]
+fn flapping_series_sends_one_firing_and_one_resolved() {
+    let (mut e, id) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 100}),
+        json!({"for": "2m", "resolve_after": "3m"}),
+    ));
+    let v = |x: f64| Some(x);
+    let s = Series::of(&[
+        v(50.),
+        v(150.),
+        v(50.),
+        v(150.),
+        v(150.),
+        v(50.),
+        v(150.),
+        v(50.),
+        v(50.),
+        v(150.),
+        v(50.),
+        v(50.),
+        v(50.),
+        v(50.),
+    ]);
+    assert_eq!(
+        run(&mut e, &s, 14),
+        vec![
+            got("firing", json!(150), 4, 3),
+            got("resolved", json!(50), 12, 3)
+        ]
+    );
+    // The history has every transition, pending ones included.
+    let h: Vec<(String, String)> = e
+        .history("acme", Some(&id), 100)
+        .iter()
+        .rev()
+        .filter(|h| h.kind == "state")
+        .map(|h| (h.from.clone().unwrap(), h.to.clone()))
+        .collect();
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        h,
+        pairs(&[
+            ("ok", "pending"),
+            ("pending", "ok"),
+            ("ok", "pending"),
+            ("pending", "firing"),
+            ("firing", "resolved")
+        ])
+    );
+}
+
+#[test]
+fn absence_of_data_fires_count_below_one() {
+    let (mut e, _) = engine_with(rule(
+        json!({"kind": "threshold", "op": "<", "value": 1}),
+        json!({}),
+    ));
+    let s = Series::of(&[Some(5.0), Some(4.0), None, None, Some(3.0)]);
+    assert_eq!(
+        run(&mut e, &s, 5),
+        vec![
+            got("firing", json!(0), 2, 2),
+            got("resolved", json!(3), 4, 2)
+        ]
+    );
+}
+
+#[test]
+fn zscore_needs_its_window_then_fires_on_a_spike() {
+    let (mut e, _) = engine_with(rule(
+        json!({"kind": "zscore", "window": 5, "z": 3}),
+        json!({}),
+    ));
+    // Empty buckets before the series starts are not history; the spike at
+    // index 4 comes before the window is full and must not fire.
+    let v = |x: f64| Some(x);
+    let s = Series::of(&[
+        None,
+        None,
+        v(10.),
+        v(11.),
+        v(90.),
+        v(9.),
+        v(10.),
+        v(11.),
+        v(10.),
+        v(10.),
+        v(60.),
+        v(10.),
+    ]);
+    let g = run(&mut e, &s, 12);
+    // Checked against an independent computation of the sample z-score.
+    let expect = {
+        let vals = [10., 11., 90., 9., 10., 11., 10., 10., 60., 10.];
+        let mut out = Vec::new();
+        let mut firing = false;
+        for i in 5..vals.len() {
+            let w = &vals[i - 5..i];
+            let mean = w.iter().sum::<f64>() / 5.0;
+            let sd = (w.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 4.0).sqrt();
+            let anomalous = (vals[i] - mean).abs() / sd > 3.0;
+            if anomalous && !firing {
+                out.push(got(
+                    "firing",
+                    json!(vals[i] as i64),
+                    i as i64 + 2,
+                    i as i64 + 2,
+                ));
+                firing = true;
+            } else if !anomalous && firing {
+                out.push(got(
+                    "resolved",
+                    json!(vals[i] as i64),
+                    i as i64 + 2,
+                    out.last().unwrap().3,
+                ));
+                firing = false;
+            }
+        }
+        out
+    };
+    assert_eq!(g, expect);
+    // And a plain series that the window learnt does fire on a clear spike.
+    let (mut e, _) = engine_with(rule(
+        json!({"kind": "zscore", "window": 5, "z": 3}),
+        json!({}),
+    ));
+    let s = Series::of(&[
+        v(10.),
+        v(11.),
+        v(9.),
+        v(10.),
+        v(11.),
+        v(10.),
+        v(45.),
+        v(10.),
+    ]);
+    assert_eq!(
+        run(&mut e, &s, 8),
+        vec![
+            got("firing", json!(45), 6, 6),
+            got("resolved", json!(10), 7, 6)
+        ]
+    );
+}
+
+#[test]
+fn ewma_tracks_a_drift_and_fires_on_a_jump() {
+    let (mut e, _) = engine_with(rule(
+        json!({"kind": "ewma", "alpha": 0.3, "k": 4, "window": 6, "direction": "up"}),
+        json!({"resolve_after": "2m"}),
+    ));
+    // A slow upward drift stays inside the band; a jump fires; a drop does
+    // not (direction up); two normal buckets resolve.
+    let vals: Vec<Option<f64>> = [
+        100., 102., 101., 104., 103., 106., 105., 108., 180., 107., 50., 109.,
+    ]
+    .iter()
+    .map(|&x| Some(x))
+    .collect();
+    let s = Series::of(&vals);
+    assert_eq!(
+        run(&mut e, &s, 12),
+        vec![
+            got("firing", json!(180), 8, 8),
+            got("resolved", json!(50), 10, 8)
+        ]
+    );
+}
+
+#[test]
+fn a_new_rule_learns_its_window_from_the_store() {
+    // Ten buckets of history exist before the rule is created at T0 + 10m.
+    let mut vals: Vec<Option<f64>> = (0..10).map(|i| Some(100.0 + (i % 3) as f64)).collect();
+    vals.push(Some(400.0));
+    let s = Series::of(&vals);
+    let mut e = Engine::open(None, EngineConfig::default()).unwrap();
+    e.upsert(
+        &rule(json!({"kind": "zscore", "window": 10, "z": 3}), json!({})),
+        "acme",
+        T0,
+    )
+    .unwrap();
+    e.advance(T0 + 10 * M, T0, None, &s.values());
+    assert!(drain(&mut e).is_empty());
+    e.advance(T0 + 11 * M, T0, None, &s.values());
+    assert_eq!(drain(&mut e), vec![got("firing", json!(400), 10, 10)]);
+}
+
+#[test]
+fn restart_in_the_middle_of_an_episode_sends_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alerts.json");
+    let body = rule(
+        json!({"kind": "threshold", "op": ">=", "value": 100}),
+        json!({"resolve_after": "2m"}),
+    );
+    let s = Series::of(&[
+        Some(1.),
+        Some(100.),
+        Some(120.),
+        Some(1.),
+        Some(130.),
+        Some(1.),
+        Some(1.),
+        Some(1.),
+    ]);
+    let mut e = Engine::open(Some(path.clone()), EngineConfig::default()).unwrap();
+    e.upsert(&body, "acme", T0).unwrap();
+    e.advance(T0, T0, None, &s.values());
+    let mut all = Vec::new();
+    for i in 0..4 {
+        e.advance(T0 + (i + 1) * M, T0, None, &s.values());
+        all.extend(drain(&mut e));
+    }
+    // Bucket 4 is evaluated (still firing) just before the restart.
+    e.advance(T0 + 5 * M, T0, None, &s.values());
+    e.persist().unwrap();
+    drop(e);
+    let mut e = Engine::open(Some(path.clone()), EngineConfig::default()).unwrap();
+    assert_eq!(e.rules(Some("acme")).next().unwrap().1.state, State::Firing);
+    // The same watermark again (recovery) evaluates nothing twice.
+    e.advance(T0 + 5 * M, T0, None, &s.values());
+    for i in 5..8 {
+        e.advance(T0 + (i + 1) * M, T0, None, &s.values());
+        all.extend(drain(&mut e));
+    }
+    assert_eq!(
+        all,
+        vec![
+            got("firing", json!(100), 1, 1),
+            got("resolved", json!(1), 6, 1)
+        ]
+    );
+}
+
+#[test]
+fn silence_holds_notifications_until_it_ends() {
+    let (mut e, id) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 10}),
+        json!({}),
+    ));
+    e.silence("acme", &id, Some(T0 + 3 * M)).unwrap();
+    let s = Series::of(&[
+        Some(50.),
+        Some(50.),
+        Some(50.),
+        Some(50.),
+        Some(1.),
+        Some(50.),
+        Some(1.),
+    ]);
+    e.advance(T0, T0, None, &s.values());
+    let mut all = Vec::new();
+    for i in 0..7 {
+        // Wall time runs with event time here.
+        e.advance(T0 + (i + 1) * M, T0 + (i + 1) * M, None, &s.values());
+        all.extend(drain(&mut e));
+    }
+    // The episode began under the silence (bucket 0); its firing goes out
+    // when the silence ends at T0+3m, its resolved after it. The episode at
+    // bucket 5 began unsilenced.
+    assert_eq!(
+        all,
+        vec![
+            got("firing", json!(50), 2, 0),
+            got("resolved", json!(1), 4, 0),
+            got("firing", json!(50), 5, 5),
+            got("resolved", json!(1), 6, 5),
+        ]
+    );
+    // An episode wholly inside a silence is never sent.
+    let (mut e, id) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 10}),
+        json!({}),
+    ));
+    e.silence("acme", &id, Some(T0 + 60 * M)).unwrap();
+    assert!(run(&mut e, &Series::of(&[Some(50.), Some(1.)]), 2).is_empty());
+}
+
+#[test]
+fn failed_deliveries_back_off_then_give_up() {
+    let cfg = EngineConfig {
+        max_attempts: 3,
+        backoff_ms: 1000,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::open(None, cfg).unwrap();
+    e.upsert(
+        &rule(
+            json!({"kind": "threshold", "op": ">", "value": 1}),
+            json!({}),
+        ),
+        "acme",
+        T0,
+    )
+    .unwrap();
+    let s = Series::of(&[Some(5.)]);
+    e.advance(T0, T0, None, &s.values());
+    e.advance(T0 + M, T0, None, &s.values());
+    let d = e.take_due(T0, 10);
+    assert_eq!(d.len(), 1);
+    let key = d[0].dedupe_key.clone();
+    assert!(
+        e.take_due(T0, 10).is_empty(),
+        "in flight is not handed out twice"
+    );
+    e.finish(d[0].id, Outcome::Failed("HTTP 500".into()), T0);
+    assert!(e.take_due(T0 + 999, 10).is_empty());
+    let d = e.take_due(T0 + 1000, 10);
+    assert_eq!(d[0].dedupe_key, key, "the key is stable across retries");
+    e.finish(d[0].id, Outcome::Failed("timed out".into()), T0 + 1000);
+    assert!(
+        e.take_due(T0 + 2999, 10).is_empty(),
+        "second backoff doubles"
+    );
+    let d = e.take_due(T0 + 3000, 10);
+    e.finish(d[0].id, Outcome::Failed("HTTP 503".into()), T0 + 3000);
+    assert_eq!(e.outbox_len(), 0);
+    assert_eq!(e.stats.gave_up, 1);
+    let h: Vec<String> = e
+        .history("acme", None, 10)
+        .iter()
+        .filter(|h| h.kind == "delivery")
+        .map(|h| h.to.clone())
+        .collect();
+    assert_eq!(h, vec!["failed", "retrying", "retrying"]);
+}
+
+#[test]
+fn invalid_rules_name_the_field() {
+    let mut e = Engine::open(None, EngineConfig::default()).unwrap();
+    let cases = [
+        (
+            json!({"metric": "count", "detector": {"kind": "threshold", "op": ">", "value": 1}}),
+            "name",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": "=>", "value": 1}),
+                json!({}),
+            ),
+            "detector.op",
+        ),
+        (
+            rule(json!({"kind": "threshold", "op": ">"}), json!({})),
+            "detector.value",
+        ),
+        (rule(json!({"kind": "median"}), json!({})), "detector.kind"),
+        (
+            rule(json!({"kind": "zscore", "z": 3}), json!({})),
+            "detector.window",
+        ),
+        (
+            rule(json!({"kind": "ewma", "alpha": 1.5, "k": 3}), json!({})),
+            "detector.alpha",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"metric": "p42:x"}),
+            ),
+            "metric",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"granularity": "2m"}),
+            ),
+            "granularity",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"for": "soon"}),
+            ),
+            "for",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"notify": [{"webhook": "ftp://x/"}]}),
+            ),
+            "notify[0].webhook",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"notify": [{"webhook": "http://x/", "format": "pagerduty"}]}),
+            ),
+            "notify[0].routing_key",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"thresh": 3}),
+            ),
+            "thresh",
+        ),
+        (
+            rule(
+                json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"event_type": [""]}),
+            ),
+            "event_type[0]",
+        ),
+    ];
+    for (body, field) in cases {
+        match e.upsert(&body, "acme", T0) {
+            Err(crate::AlertError::Rule(r)) => assert_eq!(r.field, field, "{body}: {r}"),
+            other => panic!(
+                "{body}: expected an error on {field}, got {:?}",
+                other.map(|r| r.0.id)
+            ),
+        }
+    }
+}
+
+#[test]
+fn posting_the_same_name_updates_the_rule() {
+    let (mut e, id) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 1}),
+        json!({}),
+    ));
+    let (r, created) = e
+        .upsert(
+            &rule(
+                json!({"kind": "threshold", "op": ">", "value": 9}),
+                json!({}),
+            ),
+            "acme",
+            T0 + 1,
+        )
+        .unwrap();
+    assert!(!created);
+    assert_eq!(r.id, id);
+    assert_eq!(e.rules(Some("acme")).count(), 1);
+    // Another tenant's rule of the same name is its own.
+    let (r2, created) = e
+        .upsert(
+            &rule(
+                json!({"kind": "threshold", "op": ">", "value": 9}),
+                json!({}),
+            ),
+            "other",
+            T0,
+        )
+        .unwrap();
+    assert!(created && r2.id != id);
+    assert!(
+        e.delete("acme", &r2.id).is_err(),
+        "a tenant cannot delete another's rule"
+    );
+}
+
+#[test]
+fn payload_shapes() {
+    let body = rule(
+        json!({"kind": "threshold", "op": ">", "value": 100}),
+        json!({"notify": [
+            {"webhook": "http://127.0.0.1:9/a"},
+            {"webhook": "http://127.0.0.1:9/b", "format": "pagerduty", "routing_key": "R0UT1NG"},
+            {"webhook": "http://127.0.0.1:9/c", "format": "slack"}
+        ]}),
+    );
+    let (mut e, id) = engine_with(body);
+    let s = Series::of(&[Some(131.)]);
+    e.advance(T0, T0, None, &s.values());
+    e.advance(T0 + M, T0 + M + 250, None, &s.values());
+    let d = e.take_due(i64::MAX, 10);
+    assert_eq!(d.len(), 3);
+    let b: Vec<Json> = d
+        .iter()
+        .map(|d| serde_json::from_str(&d.body).unwrap())
+        .collect();
+    assert_eq!(
+        b[0],
+        json!({"rule": "r1", "rule_id": id, "tenant": "acme", "status": "firing", "value": 131,
+               "metric": "count", "event_type": ["error"], "granularity": "1m",
+               "detector": {"kind": "threshold", "op": ">", "value": 100.0},
+               "bucket_start": "2026-11-01T12:00:00Z", "bucket_end": "2026-11-01T12:01:00Z",
+               "episode_start": "2026-11-01T12:00:00Z", "at": "2026-11-01T12:01:00.250Z",
+               "dedupe_key": format!("{id}:{T0}:firing")})
+    );
+    assert_eq!(b[1]["event_action"], "trigger");
+    assert_eq!(b[1]["routing_key"], "R0UT1NG");
+    assert_eq!(b[1]["dedup_key"], json!(format!("{id}:{T0}")));
+    assert_eq!(b[1]["payload"]["severity"], "error");
+    assert!(b[1]["payload"]["summary"].as_str().unwrap().contains("r1"));
+    assert!(b[2]["text"].as_str().unwrap().contains("FIRING"));
+}
+
+#[test]
+fn wall_clock_carries_a_live_stream_forward_but_not_a_backfill() {
+    let mut p = Progress::new(2000, 600_000);
+    assert_eq!(p.closed_through(T0), None);
+    // Live: the watermark is 5 s behind the wall clock, then stops.
+    p.observe(Some(T0 - 5000), T0);
+    assert_eq!(p.closed_through(T0 + 1000), Some(T0 - 5000));
+    assert_eq!(p.closed_through(T0 + 62_000), Some(T0 + 55_000));
+    // Never goes back.
+    p.observe(Some(T0 - 1000), T0 + 63_000);
+    assert_eq!(p.closed_through(T0 + 63_000), Some(T0 + 55_000));
+    // A backfill a day behind: only its watermark counts.
+    let mut p = Progress::new(2000, 600_000);
+    p.observe(Some(T0 - 86_400_000), T0);
+    assert_eq!(p.closed_through(T0 + 3_600_000), Some(T0 - 86_400_000));
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// However a threshold series flaps, notifications alternate
+        /// firing/resolved starting with firing, every firing comes after
+        /// `for` true buckets in a row and every resolved after
+        /// `resolve_after` false ones, and every dedupe key is distinct.
+        #[test]
+        fn episodes_alternate(vals in proptest::collection::vec(0u8..3, 1..80), f in 1i64..4, r in 1i64..4) {
+            let body = rule(json!({"kind": "threshold", "op": ">", "value": 1}),
+                json!({"for": format!("{f}m"), "resolve_after": format!("{r}m")}));
+            let (mut e, _) = engine_with(body);
+            let s = Series::of(&vals.iter().map(|&v| Some(v as f64)).collect::<Vec<_>>());
+            let mut keys = std::collections::HashSet::new();
+            e.advance(T0, T0, None, &s.values());
+            let mut expect_firing = true;
+            for i in 0..vals.len() as i64 {
+                e.advance(T0 + (i + 1) * M, T0, None, &s.values());
+                for d in e.take_due(i64::MAX, usize::MAX) {
+                    prop_assert!(keys.insert(d.dedupe_key.clone()));
+                    let want = if expect_firing { "firing" } else { "resolved" };
+                    prop_assert_eq!(d.status.as_str(), want);
+                    let run = if expect_firing { f } else { r };
+                    let i = i as usize;
+                    prop_assert!(i + 1 >= run as usize);
+                    for j in i + 1 - run as usize..=i {
+                        prop_assert_eq!(vals[j] > 1, expect_firing);
+                    }
+                    expect_firing = !expect_firing;
+                    e.finish(d.id, Outcome::Delivered, 0);
+                }
+            }
+        }
+    }
+}
