@@ -85,6 +85,9 @@ pub struct RuleState {
     /// starts with its first value, not with the empty buckets before it.
     #[serde(default)]
     pub seen: bool,
+    /// Event time closed when the rule was created (None: no data then).
+    #[serde(default)]
+    pub start: Option<Millis>,
 }
 
 /// One line of `GET /api/v1/alerts/history`.
@@ -251,9 +254,16 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// Reads a bucket range of a rule's metric: `(bucket start, value)` for the
-/// buckets that have data, exactly as the metrics API would answer.
-pub type ValuesFn<'a> = &'a dyn Fn(&Rule, Millis, Millis) -> Vec<(Millis, f64)>;
+/// Where rules read their numbers (the rollup store in the server).
+pub trait Source {
+    /// A bucket range of a rule's metric: `(bucket start, value)` for the
+    /// buckets that have data, exactly as the metrics API would answer.
+    fn values(&self, rule: &Rule, from: Millis, to: Millis) -> Vec<(Millis, f64)>;
+    /// The first minute with data of a tenant.
+    fn first_minute(&self, tenant: &str) -> Option<Millis>;
+}
+
+type ValuesFn<'a> = &'a dyn Source;
 
 pub struct Engine {
     cfg: EngineConfig,
@@ -350,12 +360,21 @@ impl Engine {
     /// Creates a rule, or replaces the tenant's rule of the same name (its
     /// id stays; its state stays unless the definition changed). Returns the
     /// rule and whether it is new.
+    ///
+    /// `closed_through` is how far event time has closed now: the rule
+    /// judges the buckets that close after it (None: no data yet, so every
+    /// bucket from the tenant's first data on).
     pub fn upsert(
         &mut self,
         body: &Json,
         tenant: &str,
         now: Millis,
+        closed_through: Option<Millis>,
     ) -> Result<(Rule, bool), AlertError> {
+        let fresh = RuleState {
+            start: closed_through,
+            ..RuleState::default()
+        };
         let existing = self
             .rules
             .values()
@@ -380,10 +399,10 @@ impl Engine {
         if let Some((_, created_at)) = existing {
             rule.created_at = created_at;
             if !self.rules[&id].same_definition(&rule) {
-                self.states.insert(id.clone(), RuleState::default());
+                self.states.insert(id.clone(), fresh);
             }
         } else {
-            self.states.insert(id.clone(), RuleState::default());
+            self.states.insert(id.clone(), fresh);
         }
         self.rules.insert(id, rule.clone());
         self.changed();
@@ -498,20 +517,28 @@ impl Engine {
         let mut next = match st.next_bucket {
             Some(n) => n,
             None => {
-                // A new rule starts at the open bucket; an anomaly detector
-                // first learns its window from the buckets before it.
+                // A new rule starts at the bucket that was open when it was
+                // created (or, created before any data, at the tenant's
+                // first data); an anomaly detector first learns its window
+                // from the buckets before that.
+                let start = match st.start {
+                    Some(ct) => align_down(ct, g),
+                    None => values
+                        .first_minute(&rule.tenant)
+                        .map_or(through, |f| align_down(f, g)),
+                };
                 let warm = rule.detector.warmup() as i64;
                 if warm > 0 {
-                    let from = through - warm * g;
-                    for (_, v) in dense(&rule, from, through, values) {
+                    let from = start - warm * g;
+                    for (_, v) in dense(&rule, from, start, values) {
                         if let Some(x) = fill(&rule, &mut st, v) {
                             learn(&rule.detector, &mut st, x);
                         }
                     }
                 }
-                st.next_bucket = Some(through);
+                st.next_bucket = Some(start);
                 self.dirty = true;
-                through
+                start
             }
         };
         if through > next {
@@ -751,6 +778,7 @@ static DEFAULT_STATE: RuleState = RuleState {
     last_value: None,
     last_bucket: None,
     seen: false,
+    start: None,
 };
 
 fn delivery_entry(d: &Delivery, now: Millis, to: &str, detail: Option<String>) -> HistoryEntry {
@@ -792,7 +820,7 @@ fn dense(
     if to <= from {
         return Vec::new();
     }
-    let got: BTreeMap<Millis, f64> = values(rule, from, to).into_iter().collect();
+    let got: BTreeMap<Millis, f64> = values.values(rule, from, to).into_iter().collect();
     (0..(to - from) / g)
         .map(|i| {
             let b = from + i * g;

@@ -17,7 +17,8 @@ pub mod rule;
 
 pub use deliver::{DeliveryConfig, LatencyFn};
 pub use engine::{
-    AlertError, Delivery, Engine, EngineConfig, HistoryEntry, Outcome, RuleState, State, Stats,
+    AlertError, Delivery, Engine, EngineConfig, HistoryEntry, Outcome, RuleState, Source, State,
+    Stats,
 };
 pub use progress::Progress;
 pub use rule::{Detector, Direction, Format, Op, Rule, RuleError, Target};

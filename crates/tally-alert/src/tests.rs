@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value as Json, json};
 use tally_types::Millis;
 
-use crate::engine::{Engine, EngineConfig, Outcome, State};
+use crate::engine::{Engine, EngineConfig, Outcome, Source, State};
 use crate::progress::Progress;
 use crate::rule::Rule;
 
@@ -26,9 +26,15 @@ impl Series {
                 .collect(),
         )
     }
+}
 
-    fn values(&self) -> impl Fn(&Rule, Millis, Millis) -> Vec<(Millis, f64)> + '_ {
-        |_, from, to| self.0.range(from..to).map(|(&b, &v)| (b, v)).collect()
+impl Source for Series {
+    fn values(&self, _: &Rule, from: Millis, to: Millis) -> Vec<(Millis, f64)> {
+        self.0.range(from..to).map(|(&b, &v)| (b, v)).collect()
+    }
+
+    fn first_minute(&self, _: &str) -> Option<Millis> {
+        self.0.keys().next().copied()
     }
 }
 
@@ -46,7 +52,7 @@ fn rule(detector: Json, extra: Json) -> Json {
 
 fn engine_with(body: Json) -> (Engine, String) {
     let mut e = Engine::open(None, EngineConfig::default()).unwrap();
-    let (r, created) = e.upsert(&body, "acme", T0).unwrap();
+    let (r, created) = e.upsert(&body, "acme", T0, Some(T0)).unwrap();
     assert!(created);
     (e, r.id)
 }
@@ -74,10 +80,10 @@ fn drain(e: &mut Engine) -> Vec<Got> {
 
 /// Registers the rule at T0, then closes buckets 0..n one by one.
 fn run(e: &mut Engine, s: &Series, n: i64) -> Vec<Got> {
-    e.advance(T0, T0, None, &s.values());
+    e.advance(T0, T0, None, s);
     let mut got = Vec::new();
     for i in 0..n {
-        e.advance(T0 + (i + 1) * M, T0 + (i + 1) * M, None, &s.values());
+        e.advance(T0 + (i + 1) * M, T0 + (i + 1) * M, None, s);
         got.extend(drain(e));
     }
     got
@@ -288,12 +294,42 @@ fn a_new_rule_learns_its_window_from_the_store() {
         &rule(json!({"kind": "zscore", "window": 10, "z": 3}), json!({})),
         "acme",
         T0,
+        Some(T0 + 10 * M),
     )
     .unwrap();
-    e.advance(T0 + 10 * M, T0, None, &s.values());
+    e.advance(T0 + 10 * M, T0, None, &s);
     assert!(drain(&mut e).is_empty());
-    e.advance(T0 + 11 * M, T0, None, &s.values());
+    e.advance(T0 + 11 * M, T0, None, &s);
     assert_eq!(drain(&mut e), vec![got("firing", json!(400), 10, 10)]);
+}
+
+#[test]
+fn a_rule_created_before_any_data_judges_from_the_first_data() {
+    // Data arrives in one go after the rule exists: the watermark jumps
+    // straight past the spike, which must still be judged.
+    let v = |x: f64| Some(x);
+    let mut vals = vec![None; 3];
+    vals.extend([v(2.), v(10.), v(1.)]);
+    let s = Series::of(&vals);
+    let mut e = Engine::open(None, EngineConfig::default()).unwrap();
+    e.upsert(
+        &rule(
+            json!({"kind": "threshold", "op": ">", "value": 5}),
+            json!({}),
+        ),
+        "acme",
+        T0,
+        None,
+    )
+    .unwrap();
+    e.advance(T0 + 6 * M, T0, None, &s);
+    assert_eq!(
+        drain(&mut e),
+        vec![
+            got("firing", json!(10), 4, 4),
+            got("resolved", json!(1), 5, 4)
+        ]
+    );
 }
 
 #[test]
@@ -315,23 +351,23 @@ fn restart_in_the_middle_of_an_episode_sends_nothing_twice() {
         Some(1.),
     ]);
     let mut e = Engine::open(Some(path.clone()), EngineConfig::default()).unwrap();
-    e.upsert(&body, "acme", T0).unwrap();
-    e.advance(T0, T0, None, &s.values());
+    e.upsert(&body, "acme", T0, Some(T0)).unwrap();
+    e.advance(T0, T0, None, &s);
     let mut all = Vec::new();
     for i in 0..4 {
-        e.advance(T0 + (i + 1) * M, T0, None, &s.values());
+        e.advance(T0 + (i + 1) * M, T0, None, &s);
         all.extend(drain(&mut e));
     }
     // Bucket 4 is evaluated (still firing) just before the restart.
-    e.advance(T0 + 5 * M, T0, None, &s.values());
+    e.advance(T0 + 5 * M, T0, None, &s);
     e.persist().unwrap();
     drop(e);
     let mut e = Engine::open(Some(path.clone()), EngineConfig::default()).unwrap();
     assert_eq!(e.rules(Some("acme")).next().unwrap().1.state, State::Firing);
     // The same watermark again (recovery) evaluates nothing twice.
-    e.advance(T0 + 5 * M, T0, None, &s.values());
+    e.advance(T0 + 5 * M, T0, None, &s);
     for i in 5..8 {
-        e.advance(T0 + (i + 1) * M, T0, None, &s.values());
+        e.advance(T0 + (i + 1) * M, T0, None, &s);
         all.extend(drain(&mut e));
     }
     assert_eq!(
@@ -359,11 +395,11 @@ fn silence_holds_notifications_until_it_ends() {
         Some(50.),
         Some(1.),
     ]);
-    e.advance(T0, T0, None, &s.values());
+    e.advance(T0, T0, None, &s);
     let mut all = Vec::new();
     for i in 0..7 {
         // Wall time runs with event time here.
-        e.advance(T0 + (i + 1) * M, T0 + (i + 1) * M, None, &s.values());
+        e.advance(T0 + (i + 1) * M, T0 + (i + 1) * M, None, &s);
         all.extend(drain(&mut e));
     }
     // The episode began under the silence (bucket 0); its firing goes out
@@ -402,11 +438,12 @@ fn failed_deliveries_back_off_then_give_up() {
         ),
         "acme",
         T0,
+        Some(T0),
     )
     .unwrap();
     let s = Series::of(&[Some(5.)]);
-    e.advance(T0, T0, None, &s.values());
-    e.advance(T0 + M, T0, None, &s.values());
+    e.advance(T0, T0, None, &s);
+    e.advance(T0 + M, T0, None, &s);
     let d = e.take_due(T0, 10);
     assert_eq!(d.len(), 1);
     let key = d[0].dedupe_key.clone();
@@ -515,7 +552,7 @@ fn invalid_rules_name_the_field() {
         ),
     ];
     for (body, field) in cases {
-        match e.upsert(&body, "acme", T0) {
+        match e.upsert(&body, "acme", T0, Some(T0)) {
             Err(crate::AlertError::Rule(r)) => assert_eq!(r.field, field, "{body}: {r}"),
             other => panic!(
                 "{body}: expected an error on {field}, got {:?}",
@@ -539,6 +576,7 @@ fn posting_the_same_name_updates_the_rule() {
             ),
             "acme",
             T0 + 1,
+            Some(T0),
         )
         .unwrap();
     assert!(!created);
@@ -553,6 +591,7 @@ fn posting_the_same_name_updates_the_rule() {
             ),
             "other",
             T0,
+            Some(T0),
         )
         .unwrap();
     assert!(created && r2.id != id);
@@ -574,8 +613,8 @@ fn payload_shapes() {
     );
     let (mut e, id) = engine_with(body);
     let s = Series::of(&[Some(131.)]);
-    e.advance(T0, T0, None, &s.values());
-    e.advance(T0 + M, T0 + M + 250, None, &s.values());
+    e.advance(T0, T0, None, &s);
+    e.advance(T0 + M, T0 + M + 250, None, &s);
     let d = e.take_due(i64::MAX, 10);
     assert_eq!(d.len(), 3);
     let b: Vec<Json> = d
@@ -632,10 +671,10 @@ mod props {
             let (mut e, _) = engine_with(body);
             let s = Series::of(&vals.iter().map(|&v| Some(v as f64)).collect::<Vec<_>>());
             let mut keys = std::collections::HashSet::new();
-            e.advance(T0, T0, None, &s.values());
+            e.advance(T0, T0, None, &s);
             let mut expect_firing = true;
             for i in 0..vals.len() as i64 {
-                e.advance(T0 + (i + 1) * M, T0, None, &s.values());
+                e.advance(T0 + (i + 1) * M, T0, None, &s);
                 for d in e.take_due(i64::MAX, usize::MAX) {
                     prop_assert!(keys.insert(d.dedupe_key.clone()));
                     let want = if expect_firing { "firing" } else { "resolved" };

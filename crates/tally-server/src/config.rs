@@ -38,6 +38,7 @@ pub struct Config {
     pub dlq: DlqSection,
     pub archive: ArchiveSection,
     pub query: QuerySection,
+    pub alerts: AlertsSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +133,43 @@ pub struct QuerySection {
     pub cache_entries: usize,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct AlertsSection {
+    /// Longest a webhook call may take before it counts as failed.
+    pub webhook_timeout: String,
+    /// Attempts per notification before it is given up.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `max-backoff`.
+    pub backoff: String,
+    pub max_backoff: String,
+    /// Most notifications waiting for delivery (the oldest go first past it).
+    pub max_queue: usize,
+    /// State changes and delivery outcomes kept for `/api/v1/alerts/history`.
+    pub history: usize,
+    /// After a live stream stops, wall-clock time carries event time forward
+    /// (so `count < 1` fires) once this long has passed without progress.
+    pub wall_clock_grace: String,
+    /// Event time further behind the wall clock than this is a backfill and
+    /// is never carried forward by the wall clock.
+    pub live_horizon: String,
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        AlertsSection {
+            webhook_timeout: "5s".into(),
+            max_attempts: 10,
+            backoff: "500ms".into(),
+            max_backoff: "1m".into(),
+            max_queue: 10_000,
+            history: 1000,
+            wall_clock_grace: "2s".into(),
+            live_horizon: "10m".into(),
+        }
+    }
+}
+
 impl Default for ArchiveSection {
     fn default() -> Self {
         ArchiveSection {
@@ -169,6 +207,7 @@ impl Default for Config {
             dlq: DlqSection::default(),
             archive: ArchiveSection::default(),
             query: QuerySection::default(),
+            alerts: AlertsSection::default(),
         }
     }
 }
@@ -231,6 +270,11 @@ pub struct Durations {
     pub seal_interval_ms: Millis,
     pub archive_retention_ms: Millis,
     pub query_timeout_ms: Millis,
+    pub webhook_timeout_ms: Millis,
+    pub alert_backoff_ms: Millis,
+    pub alert_max_backoff_ms: Millis,
+    pub alert_grace_ms: Millis,
+    pub alert_live_horizon_ms: Millis,
 }
 
 impl Config {
@@ -310,6 +354,12 @@ impl Config {
                 .max(1),
             archive_retention_ms: duration("archive.retention", &self.archive.retention)?,
             query_timeout_ms: duration("query.timeout", &self.query.timeout)?.max(1),
+            webhook_timeout_ms: duration("alerts.webhook-timeout", &self.alerts.webhook_timeout)?
+                .max(1),
+            alert_backoff_ms: duration("alerts.backoff", &self.alerts.backoff)?.max(1),
+            alert_max_backoff_ms: duration("alerts.max-backoff", &self.alerts.max_backoff)?.max(1),
+            alert_grace_ms: duration("alerts.wall-clock-grace", &self.alerts.wall_clock_grace)?,
+            alert_live_horizon_ms: duration("alerts.live-horizon", &self.alerts.live_horizon)?,
         })
     }
 }

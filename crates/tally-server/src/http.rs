@@ -77,6 +77,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/query", post(sql_query))
         .route("/api/v1/sessions", get(sessions))
+        .route(
+            "/api/v1/alerts",
+            get(crate::http_alerts::list).post(crate::http_alerts::create),
+        )
+        .route("/api/v1/alerts/history", get(crate::http_alerts::history))
+        .route(
+            "/api/v1/alerts/{id}",
+            get(crate::http_alerts::get_one).delete(crate::http_alerts::delete),
+        )
+        .route(
+            "/api/v1/alerts/{id}/silence",
+            post(crate::http_alerts::silence).delete(crate::http_alerts::unsilence),
+        )
         .fallback(|| async { ApiError::NotFound("no such endpoint; see shared/API.md".into()) })
         .with_state(state)
 }
@@ -116,6 +129,7 @@ async fn prometheus(State(s): State<AppState>) -> Response {
     if let Some(raw) = &s.shared.raw {
         crate::telemetry::render_raw(&mut text, raw);
     }
+    crate::telemetry::render_alerts(&mut text, &s.shared.alerts.lock());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -261,13 +275,13 @@ async fn ingest(
 }
 
 /// Query-string pairs, percent-decoded, repeated keys kept.
-fn query_pairs(q: &Option<String>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(q: &Option<String>) -> Vec<(String, String)> {
     q.as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
 
-fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(crate) fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     pairs
         .iter()
         .rev()
@@ -275,11 +289,11 @@ fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn tenant_param(pairs: &[(String, String)]) -> Result<String, ApiError> {
+pub(crate) fn tenant_param(pairs: &[(String, String)]) -> Result<String, ApiError> {
     check_tenant(one(pairs, "tenant").unwrap_or(DEFAULT_TENANT))
 }
 
-fn check_tenant(t: &str) -> Result<String, ApiError> {
+pub(crate) fn check_tenant(t: &str) -> Result<String, ApiError> {
     if !valid_tenant(t) {
         return Err(ApiError::BadRequest(format!(
             "tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]"

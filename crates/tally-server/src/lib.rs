@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod http;
+mod http_alerts;
 pub mod pipeline;
 pub mod telemetry;
 
@@ -82,6 +83,20 @@ impl Server {
         };
         let app = http::router(state);
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let tel = shared.telemetry.clone();
+        tokio::spawn(tally_alert::deliver::run(
+            shared.alerts.clone(),
+            shared.clock.clone(),
+            tally_alert::DeliveryConfig {
+                timeout: std::time::Duration::from_millis(d.webhook_timeout_ms as u64),
+                ..tally_alert::DeliveryConfig::default()
+            },
+            shared.alert_wake.clone(),
+            stopped.clone(),
+            Arc::new(move |d: std::time::Duration| {
+                tel.alert_latency.observe_us(d.as_micros() as u64)
+            }),
+        ));
         let task = tokio::spawn(async move {
             let r = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

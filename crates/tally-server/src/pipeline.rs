@@ -55,6 +55,8 @@ pub enum PipelineError {
     Locked(PathBuf),
     #[error("raw event store: {0}")]
     Archive(#[from] tally_archive::Error),
+    #[error("alerts: {0}")]
+    Alerts(#[from] tally_alert::AlertError),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError {
@@ -106,6 +108,12 @@ pub struct Shared {
     pub raw: Option<Arc<tally_archive::RawShared>>,
     /// Records applied by the processor (query caches key on it).
     pub applied: AtomicU64,
+    /// Alert rules, their states, history and outbox.
+    pub alerts: Arc<Mutex<tally_alert::Engine>>,
+    /// Wakes the webhook delivery task when notifications are queued.
+    pub alert_wake: Arc<tokio::sync::Notify>,
+    /// Event time up to which alert buckets are closed (i64::MIN: none yet).
+    pub alert_closed: AtomicI64,
 }
 
 /// What the processor publishes after each record.
@@ -122,6 +130,7 @@ pub struct Pipeline {
     writer: Option<JoinHandle<()>>,
     processor: Option<JoinHandle<()>>,
     raw_thread: Option<JoinHandle<()>>,
+    alert_thread: Option<JoinHandle<()>>,
     _lock: DataDirLock,
 }
 
@@ -336,6 +345,18 @@ impl Pipeline {
             .recovery_ms
             .store(started.elapsed().as_millis() as u64, Relaxed);
         telemetry.recovery_records.store(replay.records, Relaxed);
+        let alerts = tally_alert::Engine::open(
+            Some(cfg.data_dir.join("alerts").join("alerts.json")),
+            tally_alert::EngineConfig {
+                max_queue: cfg.alerts.max_queue.max(1),
+                max_attempts: cfg.alerts.max_attempts.max(1),
+                backoff_ms: d.alert_backoff_ms,
+                max_backoff_ms: d.alert_max_backoff_ms,
+                history: cfg.alerts.history.max(1),
+                ..tally_alert::EngineConfig::default()
+            },
+        )?;
+        let recovered_wm = processor.watermark();
         let view = Arc::new(Mutex::new(ProcessorView {
             watermark: processor.watermark(),
             totals: processor.totals(),
@@ -354,6 +375,9 @@ impl Pipeline {
             partitions: cfg.log.partitions,
             raw: raw.as_ref().map(|w| w.shared().clone()),
             applied: AtomicU64::new(0),
+            alerts: Arc::new(Mutex::new(alerts)),
+            alert_wake: Arc::new(tokio::sync::Notify::new()),
+            alert_closed: AtomicI64::new(recovered_wm.unwrap_or(i64::MIN)),
         });
         let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
         let (ptx, prx) = std::sync::mpsc::sync_channel::<Record>(1024);
@@ -376,11 +400,18 @@ impl Pipeline {
             );
             raw_tx = Some(tx);
         }
+        let (alert_tx, alert_rx) = std::sync::mpsc::sync_channel::<AlertPush>(64);
+        let sh = shared.clone();
+        let progress = tally_alert::Progress::new(d.alert_grace_ms, d.alert_live_horizon_ms);
+        let alert_thread = std::thread::Builder::new()
+            .name("tally-alert".into())
+            .spawn(move || alert_loop(alert_rx, sh, progress))
+            .map_err(PipelineError::Thread)?;
         let sh = shared.clone();
         let interval = checkpoints.then(|| Duration::from_millis(d.checkpoint_interval_ms as u64));
         let proc_thread = std::thread::Builder::new()
             .name("tally-processor".into())
-            .spawn(move || processor_loop(processor, prx, sh, state, interval, raw_tx))
+            .spawn(move || processor_loop(processor, prx, sh, state, interval, raw_tx, alert_tx))
             .map_err(PipelineError::Thread)?;
         shared.ready.store(true, Relaxed);
         Ok(Pipeline {
@@ -389,6 +420,7 @@ impl Pipeline {
             writer: Some(writer),
             processor: Some(proc_thread),
             raw_thread,
+            alert_thread: Some(alert_thread),
             _lock: lock,
         })
     }
@@ -408,6 +440,11 @@ impl Pipeline {
         // thread seals what is hot and ends.
         if let Some(r) = self.raw_thread.take() {
             let _ = r.join();
+        }
+        // The alert thread saw the processor's channel close: it evaluated
+        // what closed and persisted its state.
+        if let Some(a) = self.alert_thread.take() {
+            let _ = a.join();
         }
     }
 }
@@ -542,8 +579,10 @@ fn processor_loop(
     state: StateStore,
     interval: Option<Duration>,
     raw_tx: Option<std::sync::mpsc::SyncSender<RawItem>>,
+    alert_tx: std::sync::mpsc::SyncSender<AlertPush>,
 ) {
     let tel = &shared.telemetry;
+    let mut alert_minute = i64::MIN;
     // Checkpoints are prepared here (a snapshot, cheap) and written by a
     // helper thread while this one keeps applying records; one in flight.
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(StateStore, CheckpointJob)>(1);
@@ -596,10 +635,21 @@ fn processor_loop(
                         p.raw_sealed(r.sealed_lsn.load(Relaxed));
                     }
                 }
-                let mut v = shared.processor.lock();
-                v.watermark = p.watermark();
-                v.totals = p.totals();
-                v.dedupe_len = p.dedupe_len();
+                {
+                    let mut v = shared.processor.lock();
+                    v.watermark = p.watermark();
+                    v.totals = p.totals();
+                    v.dedupe_len = p.dedupe_len();
+                }
+                // A watermark that crossed a minute closed buckets: push the
+                // alert evaluation (the alert thread never polls the store).
+                if let Some(wm) = p.watermark() {
+                    let m = tally_types::time::align_down(wm, tally_types::time::MINUTE_MS);
+                    if m > alert_minute {
+                        alert_minute = m;
+                        let _ = alert_tx.try_send((wm, Instant::now()));
+                    }
+                }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -638,6 +688,94 @@ fn processor_loop(
     {
         let job = st.prepare(&mut p);
         write_inline(&mut p, st, job, &shared);
+    }
+}
+
+/// A watermark that crossed a minute, and when.
+type AlertPush = (i64, Instant);
+
+/// Evaluates alert rules when the processor pushes a watermark that closed
+/// buckets, and every 250 ms for wall-clock progress (a stream that stops);
+/// persists the engine before its notifications go out.
+fn alert_loop(
+    rx: std::sync::mpsc::Receiver<AlertPush>,
+    shared: Arc<Shared>,
+    mut progress: tally_alert::Progress,
+) {
+    let source = StoreSource(&shared.store);
+    let mut last_persist = Instant::now();
+    let mut open = true;
+    while open {
+        let mut closed = None;
+        match rx.recv_timeout(Duration::from_millis(250)) {
+            Ok((_, at)) => closed = Some(at),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => open = false,
+        }
+        while let Ok((_, at)) = rx.try_recv() {
+            closed = closed.or(Some(at));
+        }
+        let now = shared.clock.now_ms();
+        let wm = shared.processor.lock().watermark;
+        progress.observe(wm, now);
+        let mut engine = shared.alerts.lock();
+        let mut queued = 0;
+        if let Some(through) = progress.closed_through(now) {
+            shared.alert_closed.store(through, Relaxed);
+            queued = engine.advance(
+                through,
+                now,
+                Some(closed.unwrap_or_else(Instant::now)),
+                &source,
+            );
+        }
+        if queued > 0 || last_persist.elapsed() >= Duration::from_secs(1) || !open {
+            last_persist = Instant::now();
+            if let Err(e) = engine.persist() {
+                tracing::error!(error = %e, "cannot persist alert state; retrying");
+            }
+        }
+        drop(engine);
+        if queued > 0 {
+            shared.alert_wake.notify_one();
+        }
+    }
+}
+
+/// Alert rules read the rollup store.
+struct StoreSource<'a>(&'a RwLock<RollupStore>);
+
+impl tally_alert::Source for StoreSource<'_> {
+    /// A rule's metric over `[from, to)`: the very query `GET /api/v1/metrics` runs.
+    fn values(&self, r: &tally_alert::Rule, from: i64, to: i64) -> Vec<(i64, f64)> {
+        let Ok(granularity) = tally_store::Granularity::parse(&r.granularity) else {
+            return Vec::new();
+        };
+        let q = tally_store::MetricQuery {
+            tenant: r.tenant.clone(),
+            metric: r.metric(),
+            start: from,
+            end: to,
+            granularity,
+            event_types: r.event_type.clone(),
+            group_by_event_type: false,
+        };
+        let series = self.0.read().query(&q).unwrap_or_default();
+        series
+            .into_iter()
+            .flat_map(|s| s.points)
+            .map(|(b, v)| {
+                let x = match v {
+                    tally_store::Value::Int(i) => i as f64,
+                    tally_store::Value::Float(f) => f,
+                };
+                (b, x)
+            })
+            .collect()
+    }
+
+    fn first_minute(&self, tenant: &str) -> Option<i64> {
+        self.0.read().span(tenant).map(|(first, _)| first)
     }
 }
 

@@ -63,6 +63,8 @@ pub struct Telemetry {
     pub ack_latency: Histogram,
     pub query_latency: Histogram,
     pub sql_latency: Histogram,
+    /// Bucket close (watermark passed it) → webhook answered 2xx.
+    pub alert_latency: Histogram,
     pub log_syncs: AtomicU64,
     pub log_errors: AtomicU64,
     /// Append time of the last record the processor applied (ms).
@@ -97,6 +99,7 @@ impl Default for Telemetry {
             ack_latency: Histogram::latency(),
             query_latency: Histogram::latency(),
             sql_latency: Histogram::latency(),
+            alert_latency: Histogram::latency(),
             log_syncs: AtomicU64::new(0),
             log_errors: AtomicU64::new(0),
             last_applied_append_ms: AtomicI64::new(0),
@@ -235,6 +238,11 @@ impl Telemetry {
             &mut o,
             "tally_sql_latency_seconds",
             "SQL query latency (POST /api/v1/query), errors included.",
+        );
+        self.alert_latency.render(
+            &mut o,
+            "tally_alert_latency_seconds",
+            "Alert latency: bucket closed (watermark passed it) to webhook answered 2xx.",
         );
         let lag = self.processing_lag_ms.load(Relaxed);
         gauge(
@@ -478,5 +486,58 @@ pub fn render_raw(o: &mut String, raw: &tally_archive::RawShared) {
         "tally_archive_rows_deleted_total",
         "Archive rows deleted by retention.",
         st.rows_deleted.load(Relaxed),
+    );
+}
+
+/// The alert engine's series.
+pub fn render_alerts(o: &mut String, e: &tally_alert::Engine) {
+    let st = &e.stats;
+    gauge(
+        o,
+        "tally_alert_rules",
+        "Alert rules defined.",
+        e.rules(None).count() as f64,
+    );
+    gauge(
+        o,
+        "tally_alert_firing",
+        "Alert rules firing now.",
+        e.firing() as f64,
+    );
+    gauge(
+        o,
+        "tally_alert_outbox",
+        "Notifications waiting for delivery (or a retry).",
+        e.outbox_len() as f64,
+    );
+    counter(
+        o,
+        "tally_alert_evaluations_total",
+        "Closed buckets evaluated by alert rules.",
+        st.evaluations,
+    );
+    counter(
+        o,
+        "tally_alert_notifications_total",
+        "Firing and resolved notifications queued (one per rule and change).",
+        st.notifications,
+    );
+    let _ = writeln!(
+        o,
+        "# HELP tally_alert_deliveries_total Webhook calls by outcome: delivered, failed (an attempt; it is retried), gave_up (after alerts.max-attempts), dropped (outbox full).\n# TYPE tally_alert_deliveries_total counter"
+    );
+    for (k, v) in [
+        ("delivered", st.delivered),
+        ("failed", st.delivery_failures),
+        ("gave_up", st.gave_up),
+        ("dropped", st.dropped),
+    ] {
+        let _ = writeln!(o, "tally_alert_deliveries_total{{result=\"{k}\"}} {v}");
+    }
+    counter(
+        o,
+        "tally_alert_persist_errors_total",
+        "Failed writes of the alert state file.",
+        st.persist_errors,
     );
 }

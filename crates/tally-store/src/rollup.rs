@@ -436,6 +436,12 @@ impl RollupStore {
         })
     }
 
+    /// The first and last minute a tenant has data in.
+    pub fn span(&self, tenant: &str) -> Option<(Millis, Millis)> {
+        let m = self.tenants.get(tenant)?;
+        Some((*m.keys().next()?, *m.keys().next_back()?))
+    }
+
     /// Number of (tenant, minute) buckets held.
     pub fn bucket_count(&self) -> usize {
         self.tenants.values().map(|t| t.len()).sum()

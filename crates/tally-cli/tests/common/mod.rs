@@ -197,3 +197,55 @@ pub async fn post_sql(c: &reqwest::Client, base: &str, tenant: &str, q: &str) ->
     let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     (status, v)
 }
+
+/// A webhook receiver on a free port that records every call (the answer it
+/// gave included) and fails the first `fail_first` calls with a 500.
+pub struct Hook {
+    pub url: String,
+    pub calls: std::sync::Arc<parking_lot::Mutex<Vec<(u16, Value)>>>,
+}
+
+impl Hook {
+    pub async fn start(fail_first: usize) -> Hook {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls: std::sync::Arc<parking_lot::Mutex<Vec<(u16, Value)>>> = Default::default();
+        let failed = std::sync::Arc::new(AtomicUsize::new(0));
+        let rec = calls.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let rec = rec.clone();
+                let failed = failed.clone();
+                async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let code = if failed.fetch_add(1, Ordering::SeqCst) < fail_first {
+                        500
+                    } else {
+                        200
+                    };
+                    rec.lock().push((code, v));
+                    axum::http::StatusCode::from_u16(code).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Hook { url, calls }
+    }
+
+    /// Waits until `n` calls were answered 2xx (or the timeout), then
+    /// returns every call.
+    pub async fn wait_ok(&self, n: usize, timeout: std::time::Duration) -> Vec<(u16, Value)> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let calls = self.calls.lock().clone();
+            if calls.iter().filter(|c| c.0 == 200).count() >= n
+                || std::time::Instant::now() > deadline
+            {
+                return calls;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}

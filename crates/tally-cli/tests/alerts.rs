@@ -1,0 +1,224 @@
+//! Alerts against the real server: a rule over HTTP, events that make it
+//! fire and resolve, a webhook receiver that fails the first call, and a
+//! restart in the middle of the episode. Event times are fixed in the past,
+//! so only the watermark closes buckets (the wall clock never carries a
+//! backfill forward) and the notifications are exact.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Hook, T0, free_port, get, prom, start_server};
+use serde_json::{Value, json};
+
+fn ev(id: &str, ty: &str, ts: i64) -> Value {
+    json!({"event_id": id, "event_type": ty, "timestamp": ts, "user_id": "u1", "tenant": "acme"})
+}
+
+async fn send(c: &reqwest::Client, base: &str, events: Vec<Value>) {
+    let body: String = events.iter().map(|e| format!("{e}\n")).collect();
+    let r = c
+        .post(format!("{base}/api/v1/events"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+fn tweak(cfg: &mut tally_server::Config) {
+    cfg.alerts.backoff = "100ms".into();
+    cfg.stream.watermark_bound = "5s".into();
+}
+
+const M: i64 = 60_000;
+
+async fn answer(r: reqwest::Response) -> (u16, Value) {
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spike_fires_once_retries_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Hook::start(1).await;
+    let port = free_port();
+    let server = start_server(dir.path(), |cfg| {
+        tweak(cfg);
+        cfg.listen = format!("127.0.0.1:{port}");
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+
+    // Invalid rules name the field.
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(
+            json!({"name": "x", "detector": {"kind": "threshold", "op": "!=", "value": 1}})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (code, v) = answer(r).await;
+    assert_eq!(code, 400);
+    assert_eq!(v["field"], "detector.op", "{v}");
+
+    let rule = json!({"name": "error-spike", "metric": "count", "event_type": ["error"],
+        "granularity": "1m", "detector": {"kind": "threshold", "op": ">", "value": 5},
+        "for": "1m", "resolve_after": "1m", "notify": [{"webhook": hook.url}]});
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(rule.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (code, created) = answer(r).await;
+    assert_eq!(code, 201);
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["state"], "ok");
+    assert_eq!(created["for"], "1m");
+
+    // Minute 0: 2 errors (quiet). Minute 1: 10 errors (spike). An info
+    // event at 12:02:30 moves the watermark to 12:02:25: buckets 0 and 1 close.
+    let mut evs: Vec<Value> = (0..2)
+        .map(|i| ev(&format!("a{i}"), "error", T0 + 1000 * i))
+        .collect();
+    evs.extend((0..10).map(|i| ev(&format!("b{i}"), "error", T0 + M + 1000 * i)));
+    // A duplicate of a spike event is not counted twice.
+    evs.push(ev("b3", "error", T0 + M + 3000));
+    evs.push(ev("i1", "info", T0 + 2 * M + 30_000));
+    send(&c, &base, evs).await;
+
+    let calls = hook.wait_ok(1, Duration::from_secs(20)).await;
+    assert_eq!(calls.len(), 2, "one failed call, one retry: {calls:?}");
+    assert_eq!(calls[0].0, 500);
+    assert_eq!(
+        calls[0].1, calls[1].1,
+        "the retry carries the same body and dedupe_key"
+    );
+    let firing = &calls[1].1;
+    assert_eq!(firing["status"], "firing");
+    assert_eq!(firing["value"], 10);
+    assert_eq!(firing["rule"], "error-spike");
+    assert_eq!(firing["rule_id"], json!(id));
+    assert_eq!(firing["tenant"], "acme");
+    assert_eq!(firing["bucket_start"], "2026-11-01T12:01:00Z");
+    assert_eq!(firing["bucket_end"], "2026-11-01T12:02:00Z");
+    assert_eq!(
+        firing["detector"],
+        json!({"kind": "threshold", "op": ">", "value": 5.0})
+    );
+
+    // The list shows the rule firing; the history has the transition and
+    // the failed attempt; /metrics counts both and the latency.
+    let list: Value = get(&c, format!("{base}/api/v1/alerts?tenant=acme")).await;
+    assert_eq!(list["alerts"][0]["state"], "firing", "{list}");
+    assert_eq!(list["alerts"][0]["value"], 10.0);
+    let other: Value = get(&c, format!("{base}/api/v1/alerts?tenant=other")).await;
+    assert_eq!(other["alerts"], json!([]), "rules are per tenant");
+    let hist: Value = get(&c, format!("{base}/api/v1/alerts/history?tenant=acme")).await;
+    let kinds: Vec<(String, String)> = hist["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|h| {
+            (
+                h["kind"].as_str().unwrap().into(),
+                h["to"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("state", "firing"),
+        ("delivery", "retrying"),
+        ("delivery", "delivered"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(kinds, want, "{hist}");
+    let text = prom(&c, &base).await;
+    assert!(
+        text.contains("tally_alert_deliveries_total{result=\"failed\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("tally_alert_deliveries_total{result=\"delivered\"} 1"));
+    assert!(text.contains("tally_alert_firing 1"));
+    assert!(text.contains("tally_alert_latency_seconds_count 1"));
+
+    // Restart in the middle of the episode: nothing is sent again.
+    server.stop().await.unwrap();
+    let server = start_server(dir.path(), |cfg| {
+        tweak(cfg);
+        cfg.listen = format!("127.0.0.1:{port}");
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        hook.calls.lock().len(),
+        2,
+        "no notification after the restart"
+    );
+    let one: Value = get(&c, format!("{base}/api/v1/alerts/{id}?tenant=acme")).await;
+    assert_eq!(one["state"], "firing", "state survives the restart: {one}");
+
+    // Minute 2: one error; the watermark passes 12:04: bucket 2 resolves.
+    send(
+        &c,
+        &base,
+        vec![
+            ev("c1", "error", T0 + 2 * M + 40_000),
+            ev("i2", "info", T0 + 4 * M + 30_000),
+        ],
+    )
+    .await;
+    let calls = hook.wait_ok(2, Duration::from_secs(20)).await;
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    let resolved = &calls[2].1;
+    assert_eq!(resolved["status"], "resolved");
+    assert_eq!(resolved["value"], 1);
+    assert_eq!(resolved["bucket_start"], "2026-11-01T12:02:00Z");
+    assert_ne!(resolved["dedupe_key"], firing["dedupe_key"]);
+    // The rule sees the same number the metrics API answers for that bucket.
+    let m: Value = get(&c, format!(
+            "{base}/api/v1/metrics?tenant=acme&metric=count&event_type=error&granularity=1m&start={}&end={}",
+            T0 + M,
+            T0 + 3 * M
+        )).await;
+    assert_eq!(
+        m["series"][0]["points"],
+        json!([["2026-11-01T12:01:00Z", 10], ["2026-11-01T12:02:00Z", 1]])
+    );
+    // Silences and deletes are per tenant too.
+    let r = c
+        .post(format!("{base}/api/v1/alerts/{id}/silence?tenant=acme"))
+        .body(json!({"for": "1h"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let (code, v) = answer(r).await;
+    assert_eq!((code, &v["silenced"]), (200, &json!(true)), "{v}");
+    let r = c
+        .delete(format!("{base}/api/v1/alerts/{id}?tenant=other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .delete(format!("{base}/api/v1/alerts/{id}?tenant=acme"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = get(&c, format!("{base}/api/v1/alerts?tenant=acme")).await;
+    assert_eq!(list["alerts"], json!([]));
+    server.stop().await.unwrap();
+}

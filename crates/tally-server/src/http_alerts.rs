@@ -1,0 +1,228 @@
+//! `/api/v1/alerts`: rules, their states, silences and history (the Alerts
+//! section of API.md). Every call is scoped to one tenant.
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value as Json, json};
+use tally_alert::{AlertError, Rule, RuleState};
+use tally_types::time::format_rfc3339;
+
+use crate::http::{ApiError, AppState, check_tenant, one, query_pairs, tenant_param};
+
+/// A rule with where it stands.
+pub(crate) fn view(r: &Rule, st: &RuleState, now: i64) -> Json {
+    let mut v = r.to_json();
+    let o = v.as_object_mut().expect("rule is an object");
+    o.insert("state".into(), json!(st.state.as_str()));
+    o.insert("since".into(), json!(st.since.map(format_rfc3339)));
+    o.insert("value".into(), json!(st.last_value));
+    o.insert(
+        "last_bucket".into(),
+        json!(st.last_bucket.map(format_rfc3339)),
+    );
+    o.insert(
+        "episode_start".into(),
+        json!(st.episode_start.map(format_rfc3339)),
+    );
+    o.insert("silenced".into(), json!(r.silenced(now)));
+    v
+}
+
+fn alert_error(e: AlertError) -> Response {
+    match e {
+        AlertError::Rule(r) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({ "error": r.to_string(), "field": r.field })),
+        )
+            .into_response(),
+        AlertError::NotFound(id) => {
+            ApiError::NotFound(format!("no alert rule {id:?} in this tenant")).into_response()
+        }
+        other => {
+            ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()).into_response()
+        }
+    }
+}
+
+fn json_body(body: &Bytes) -> Result<Json, ApiError> {
+    if body.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("body: not valid JSON: {e}")))
+}
+
+/// The tenant from `?tenant=` or the body's `tenant`; they must agree.
+fn tenant_of(pairs: &[(String, String)], body: &Json) -> Result<String, ApiError> {
+    match (one(pairs, "tenant"), body.get("tenant")) {
+        (_, None | Some(Json::Null)) => tenant_param(pairs),
+        (q, Some(Json::String(b))) => {
+            if let Some(q) = q
+                && q != b
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "tenant: the query says {q:?} and the body {b:?}; name one"
+                )));
+            }
+            check_tenant(b)
+        }
+        (_, Some(v)) => Err(ApiError::BadRequest(format!(
+            "tenant: {v} must be a string"
+        ))),
+    }
+}
+
+fn persist(s: &AppState, e: &mut tally_alert::Engine) -> Result<(), Response> {
+    e.persist().map_err(alert_error)?;
+    s.shared.alert_wake.notify_one();
+    Ok(())
+}
+
+/// `POST /api/v1/alerts`: creates a rule (201), or updates the tenant's rule
+/// of the same name (200).
+pub(crate) async fn create(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let pairs = query_pairs(&q);
+    let body = json_body(&body).map_err(IntoResponse::into_response)?;
+    let tenant = tenant_of(&pairs, &body).map_err(IntoResponse::into_response)?;
+    let now = s.shared.clock.now_ms();
+    let closed = s
+        .shared
+        .alert_closed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let closed = (closed != i64::MIN).then_some(closed);
+    let mut e = s.shared.alerts.lock();
+    let (rule, created) = e.upsert(&body, &tenant, now, closed).map_err(alert_error)?;
+    persist(&s, &mut e)?;
+    let (r, st) = e.rule(&rule.id).expect("just stored");
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, axum::Json(view(r, st, now))).into_response())
+}
+
+/// `GET /api/v1/alerts`: the tenant's rules with their states.
+pub(crate) async fn list(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let tenant = tenant_param(&query_pairs(&q))?;
+    let now = s.shared.clock.now_ms();
+    let e = s.shared.alerts.lock();
+    let alerts: Vec<Json> = e
+        .rules(Some(&tenant))
+        .map(|(r, st)| view(r, st, now))
+        .collect();
+    Ok(axum::Json(json!({ "alerts": alerts })).into_response())
+}
+
+pub(crate) async fn get_one(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Response> {
+    let tenant = tenant_param(&query_pairs(&q)).map_err(IntoResponse::into_response)?;
+    let e = s.shared.alerts.lock();
+    match e.rule(&id) {
+        Some((r, st)) if r.tenant == tenant => {
+            Ok(axum::Json(view(r, st, s.shared.clock.now_ms())).into_response())
+        }
+        _ => Err(alert_error(AlertError::NotFound(id))),
+    }
+}
+
+/// `DELETE /api/v1/alerts/{id}`.
+pub(crate) async fn delete(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Response> {
+    let tenant = tenant_param(&query_pairs(&q)).map_err(IntoResponse::into_response)?;
+    let mut e = s.shared.alerts.lock();
+    let r = e.delete(&tenant, &id).map_err(alert_error)?;
+    persist(&s, &mut e)?;
+    Ok(axum::Json(json!({ "deleted": r.id, "name": r.name })).into_response())
+}
+
+/// `POST /api/v1/alerts/{id}/silence` with `{"until": T}` or `{"for": "1h"}`:
+/// no notifications until then (the rule keeps evaluating; an episode still
+/// firing when the silence ends is notified then).
+pub(crate) async fn silence(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let pairs = query_pairs(&q);
+    let body = json_body(&body).map_err(IntoResponse::into_response)?;
+    let tenant = tenant_param(&pairs).map_err(IntoResponse::into_response)?;
+    let now = s.shared.clock.now_ms();
+    let bad = |m: String| ApiError::BadRequest(m).into_response();
+    let until = match (body.get("until"), body.get("for")) {
+        (Some(u), None) => {
+            tally_alert::rule::time_value(u, "until").map_err(|e| bad(e.to_string()))?
+        }
+        (None, Some(Json::String(d))) => {
+            now + tally_types::time::parse_duration_ms(d).ok_or_else(|| {
+                bad(format!(
+                    "for: {d:?} is not a duration like \"30m\" or \"2h\""
+                ))
+            })?
+        }
+        _ => {
+            return Err(bad(
+                "body: give {\"until\": \"2026-11-01T13:00:00Z\"} or {\"for\": \"1h\"}".into(),
+            ));
+        }
+    };
+    let mut e = s.shared.alerts.lock();
+    let r = e.silence(&tenant, &id, Some(until)).map_err(alert_error)?;
+    persist(&s, &mut e)?;
+    let (r, st) = e.rule(&r.id).expect("just silenced");
+    Ok(axum::Json(view(r, st, now)).into_response())
+}
+
+/// `DELETE /api/v1/alerts/{id}/silence`: lifts a silence.
+pub(crate) async fn unsilence(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Response> {
+    let tenant = tenant_param(&query_pairs(&q)).map_err(IntoResponse::into_response)?;
+    let now = s.shared.clock.now_ms();
+    let mut e = s.shared.alerts.lock();
+    let r = e.silence(&tenant, &id, None).map_err(alert_error)?;
+    persist(&s, &mut e)?;
+    let (r, st) = e.rule(&r.id).expect("just changed");
+    Ok(axum::Json(view(r, st, now)).into_response())
+}
+
+/// `GET /api/v1/alerts/history[?rule_id=][&limit=]`: state changes and
+/// delivery outcomes, newest first.
+pub(crate) async fn history(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&q);
+    let tenant = tenant_param(&pairs)?;
+    let limit = match one(&pairs, "limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| ApiError::BadRequest(format!("limit: {l:?} is not a whole number")))?,
+    };
+    let e = s.shared.alerts.lock();
+    let h: Vec<Json> = e
+        .history(&tenant, one(&pairs, "rule_id"), limit)
+        .into_iter()
+        .map(|h| h.to_json())
+        .collect();
+    Ok(axum::Json(json!({ "history": h })).into_response())
+}
