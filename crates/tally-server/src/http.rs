@@ -81,6 +81,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/alerts",
             get(crate::http_alerts::list).post(crate::http_alerts::create),
         )
+        .route("/api/v1/live", get(crate::live::live))
         .route("/api/v1/alerts/history", get(crate::http_alerts::history))
         .route(
             "/api/v1/alerts/{id}",

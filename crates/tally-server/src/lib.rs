@@ -4,6 +4,7 @@
 pub mod config;
 pub mod http;
 mod http_alerts;
+mod live;
 pub mod pipeline;
 pub mod telemetry;
 
