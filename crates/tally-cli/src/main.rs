@@ -144,6 +144,9 @@ struct BenchArgs {
     /// Config file for the started server.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Alert notifications to time after the load (0 skips the alert phase).
+    #[arg(long, default_value_t = 40)]
+    alert_samples: u32,
 }
 
 fn main() -> Result<()> {
@@ -272,6 +275,26 @@ async fn demo(a: DemoArgs) -> Result<()> {
         "  send your own: curl -XPOST {base}/api/v1/events -d '{{\"event_id\":\"1\",\"event_type\":\"click\",\"timestamp\":\"{}\"}}'",
         tally_types::time::format_rfc3339(Clock::system().now_ms())
     );
+    // Two example alert rules (updated in place on the next start): they
+    // show on the dashboard; add "notify" targets to get webhooks.
+    let c = client();
+    for rule in [
+        serde_json::json!({"name": "error-anomaly", "metric": "count", "event_type": ["error"],
+            "detector": {"kind": "zscore", "window": 10, "z": 4}, "for": "1m", "resolve_after": "2m"}),
+        serde_json::json!({"name": "traffic-stopped", "metric": "count", "event_type": ["page_view"],
+            "detector": {"kind": "threshold", "op": "<", "value": 1}, "for": "1m"}),
+    ] {
+        let r = c
+            .post(format!("{base}/api/v1/alerts"))
+            .body(rule.to_string())
+            .send()
+            .await
+            .context("creating the demo alert rules")?;
+        if !r.status().is_success() {
+            bail!("demo alert rule refused: {}", r.text().await.unwrap_or_default());
+        }
+    }
+    println!("  alerts:     {base}/api/v1/alerts (two example rules; POST your own)");
     println!("Sending ~{} sample events/s. Ctrl-C stops.", a.rate);
     let url = format!("{base}/api/v1/events");
     let rate = a.rate.max(1);
@@ -789,6 +812,21 @@ async fn bench(a: BenchArgs) -> Result<()> {
         ms(&queries, 0.99),
         queries.len()
     );
+    if a.alert_samples > 0 {
+        let (client_h, server_mean) = alert_phase(&c, &base, a.alert_samples).await?;
+        println!(
+            "alert latency       p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} notifications, ack of the event closing a bucket → webhook received; after the load)",
+            ms(&client_h, 0.5),
+            ms(&client_h, 0.99),
+            client_h.max() as f64 / 1000.0,
+            client_h.len()
+        );
+        if let Some(m) = server_mean {
+            println!(
+                "alert latency (srv) mean {m:.2} ms (tally_alert_latency_seconds: watermark passed the bucket → webhook 2xx)"
+            );
+        }
+    }
     if let Some(ch) = &mut child {
         if let Some(kib) = peak_rss_kib(ch.id()) {
             println!("server peak RSS     {:.1} MiB", kib as f64 / 1024.0);
@@ -798,4 +836,107 @@ async fn bench(a: BenchArgs) -> Result<()> {
         let _ = ch.wait();
     }
     Ok(())
+}
+
+/// Times alert notifications end to end: a threshold rule on its own tenant,
+/// a webhook receiver in this process, and event time stepped one minute per
+/// sample (in the future, after the load, so the load's windows are not
+/// disturbed): each step fills a bucket (over or under the threshold, so the
+/// rule alternates firing / resolved), then sends one event per partition
+/// that moves the watermark past it, and waits for the webhook.
+async fn alert_phase(
+    c: &reqwest::Client,
+    base: &str,
+    samples: u32,
+) -> Result<(Histogram<u64>, Option<f64>)> {
+    use tally_types::time::{MINUTE_MS, align_down};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Instant::now());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the bench webhook receiver")?;
+    let hook = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let tenant = "bench-alerts";
+    let rule = serde_json::json!({"name": "bench-latency", "metric": "count",
+        "event_type": ["bench_alert"], "detector": {"kind": "threshold", "op": ">", "value": 5},
+        "resolve_after": "1m", "notify": [{"webhook": hook}]});
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant={tenant}"))
+        .body(rule.to_string())
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!(
+            "creating the bench alert rule: {} {}",
+            r.status(),
+            r.text().await?
+        );
+    }
+    let run = Clock::system().now_ms();
+    let t0 = align_down(run, MINUTE_MS) + 120 * MINUTE_MS;
+    let stats = LoadStats::default();
+    let url = format!("{base}/api/v1/events");
+    let mut h = Histogram::<u64>::new(3)?;
+    let pb = ProgressBar::new(samples as u64);
+    pb.set_style(
+        ProgressStyle::with_template("alerts [{elapsed_precise}] {wide_bar} {pos}/{len}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    for k in 0..samples as i64 {
+        let n = if k % 2 == 0 { 10 } else { 1 };
+        let mut body = String::new();
+        for i in 0..n {
+            body.push_str(&format!(
+                "{{\"event_id\":\"ba-{run}-{k}-{i}\",\"event_type\":\"bench_alert\",\"tenant\":\"{tenant}\",\"user_id\":\"a{i}\",\"timestamp\":{}}}\n",
+                t0 + k * MINUTE_MS + 40_000
+            ));
+        }
+        post_batch(c, &url, body.into(), &stats).await?;
+        // One tick per user key so that every partition's watermark moves.
+        let mut tick = String::new();
+        for u in 0..64 {
+            tick.push_str(&format!(
+                "{{\"event_id\":\"bt-{run}-{k}-{u}\",\"event_type\":\"bench_tick\",\"tenant\":\"{tenant}\",\"user_id\":\"t{u}\",\"timestamp\":{}}}\n",
+                t0 + (k + 1) * MINUTE_MS + 30_000
+            ));
+        }
+        post_batch(c, &url, tick.into(), &stats).await?;
+        let acked = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(at)) => h.record(at.saturating_duration_since(acked).as_micros() as u64)?,
+            _ => bail!(
+                "no alert notification 10 s after closing bucket {k} (watermark bound over 29 s?)"
+            ),
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let text = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let val = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    let mean = match (
+        val("tally_alert_latency_seconds_sum "),
+        val("tally_alert_latency_seconds_count "),
+    ) {
+        (Some(s), Some(n)) if n > 0.0 => Some(s / n * 1000.0),
+        _ => None,
+    };
+    Ok((h, mean))
 }
