@@ -682,8 +682,8 @@ mod props {
                     let run = if expect_firing { f } else { r };
                     let i = i as usize;
                     prop_assert!(i + 1 >= run as usize);
-                    for j in i + 1 - run as usize..=i {
-                        prop_assert_eq!(vals[j] > 1, expect_firing);
+                    for v in &vals[i + 1 - run as usize..=i] {
+                        prop_assert_eq!(*v > 1, expect_firing);
                     }
                     expect_firing = !expect_firing;
                     e.finish(d.id, Outcome::Delivered, 0);

@@ -291,7 +291,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
             .await
             .context("creating the demo alert rules")?;
         if !r.status().is_success() {
-            bail!("demo alert rule refused: {}", r.text().await.unwrap_or_default());
+            bail!(
+                "demo alert rule refused: {}",
+                r.text().await.unwrap_or_default()
+            );
         }
     }
     println!("  alerts:     {base}/api/v1/alerts (two example rules; POST your own)");

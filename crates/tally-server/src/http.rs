@@ -44,6 +44,8 @@ pub enum ApiError {
     NotFound(String),
     /// Any other status.
     Status(StatusCode, String),
+    /// 400 naming the offending field (`{"error", "field"}`).
+    Field(String, String),
 }
 
 impl IntoResponse for ApiError {
@@ -54,6 +56,13 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(m, r) => (StatusCode::SERVICE_UNAVAILABLE, m, Some(r)),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m, None),
             ApiError::Status(c, m) => (c, m, None),
+            ApiError::Field(field, m) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(json!({ "error": m, "field": field })),
+                )
+                    .into_response();
+            }
         };
         let mut resp = (status, axum::Json(json!({ "error": msg }))).into_response();
         if let Some(r) = retry {

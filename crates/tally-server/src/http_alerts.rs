@@ -30,18 +30,14 @@ pub(crate) fn view(r: &Rule, st: &RuleState, now: i64) -> Json {
     v
 }
 
-fn alert_error(e: AlertError) -> Response {
-    match e {
-        AlertError::Rule(r) => (
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({ "error": r.to_string(), "field": r.field })),
-        )
-            .into_response(),
-        AlertError::NotFound(id) => {
-            ApiError::NotFound(format!("no alert rule {id:?} in this tenant")).into_response()
-        }
-        other => {
-            ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()).into_response()
+impl From<AlertError> for ApiError {
+    fn from(e: AlertError) -> ApiError {
+        match e {
+            AlertError::Rule(r) => ApiError::Field(r.field.clone(), r.to_string()),
+            AlertError::NotFound(id) => {
+                ApiError::NotFound(format!("no alert rule {id:?} in this tenant"))
+            }
+            other => ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
 }
@@ -74,8 +70,8 @@ fn tenant_of(pairs: &[(String, String)], body: &Json) -> Result<String, ApiError
     }
 }
 
-fn persist(s: &AppState, e: &mut tally_alert::Engine) -> Result<(), Response> {
-    e.persist().map_err(alert_error)?;
+fn persist(s: &AppState, e: &mut tally_alert::Engine) -> Result<(), ApiError> {
+    e.persist()?;
     s.shared.alert_wake.notify_one();
     Ok(())
 }
@@ -86,10 +82,10 @@ pub(crate) async fn create(
     State(s): State<AppState>,
     RawQuery(q): RawQuery,
     body: Bytes,
-) -> Result<Response, Response> {
+) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
-    let body = json_body(&body).map_err(IntoResponse::into_response)?;
-    let tenant = tenant_of(&pairs, &body).map_err(IntoResponse::into_response)?;
+    let body = json_body(&body)?;
+    let tenant = tenant_of(&pairs, &body)?;
     let now = s.shared.clock.now_ms();
     let closed = s
         .shared
@@ -97,7 +93,7 @@ pub(crate) async fn create(
         .load(std::sync::atomic::Ordering::Relaxed);
     let closed = (closed != i64::MIN).then_some(closed);
     let mut e = s.shared.alerts.lock();
-    let (rule, created) = e.upsert(&body, &tenant, now, closed).map_err(alert_error)?;
+    let (rule, created) = e.upsert(&body, &tenant, now, closed)?;
     persist(&s, &mut e)?;
     let (r, st) = e.rule(&rule.id).expect("just stored");
     let code = if created {
@@ -127,14 +123,14 @@ pub(crate) async fn get_one(
     State(s): State<AppState>,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Response, Response> {
-    let tenant = tenant_param(&query_pairs(&q)).map_err(IntoResponse::into_response)?;
+) -> Result<Response, ApiError> {
+    let tenant = tenant_param(&query_pairs(&q))?;
     let e = s.shared.alerts.lock();
     match e.rule(&id) {
         Some((r, st)) if r.tenant == tenant => {
             Ok(axum::Json(view(r, st, s.shared.clock.now_ms())).into_response())
         }
-        _ => Err(alert_error(AlertError::NotFound(id))),
+        _ => Err(AlertError::NotFound(id).into()),
     }
 }
 
@@ -143,10 +139,10 @@ pub(crate) async fn delete(
     State(s): State<AppState>,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Response, Response> {
-    let tenant = tenant_param(&query_pairs(&q)).map_err(IntoResponse::into_response)?;
+) -> Result<Response, ApiError> {
+    let tenant = tenant_param(&query_pairs(&q))?;
     let mut e = s.shared.alerts.lock();
-    let r = e.delete(&tenant, &id).map_err(alert_error)?;
+    let r = e.delete(&tenant, &id)?;
     persist(&s, &mut e)?;
     Ok(axum::Json(json!({ "deleted": r.id, "name": r.name })).into_response())
 }
@@ -159,12 +155,12 @@ pub(crate) async fn silence(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
     body: Bytes,
-) -> Result<Response, Response> {
+) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
-    let body = json_body(&body).map_err(IntoResponse::into_response)?;
-    let tenant = tenant_param(&pairs).map_err(IntoResponse::into_response)?;
+    let body = json_body(&body)?;
+    let tenant = tenant_param(&pairs)?;
     let now = s.shared.clock.now_ms();
-    let bad = |m: String| ApiError::BadRequest(m).into_response();
+    let bad = ApiError::BadRequest;
     let until = match (body.get("until"), body.get("for")) {
         (Some(u), None) => {
             tally_alert::rule::time_value(u, "until").map_err(|e| bad(e.to_string()))?
@@ -183,7 +179,7 @@ pub(crate) async fn silence(
         }
     };
     let mut e = s.shared.alerts.lock();
-    let r = e.silence(&tenant, &id, Some(until)).map_err(alert_error)?;
+    let r = e.silence(&tenant, &id, Some(until))?;
     persist(&s, &mut e)?;
     let (r, st) = e.rule(&r.id).expect("just silenced");
     Ok(axum::Json(view(r, st, now)).into_response())
@@ -194,11 +190,11 @@ pub(crate) async fn unsilence(
     State(s): State<AppState>,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Response, Response> {
-    let tenant = tenant_param(&query_pairs(&q)).map_err(IntoResponse::into_response)?;
+) -> Result<Response, ApiError> {
+    let tenant = tenant_param(&query_pairs(&q))?;
     let now = s.shared.clock.now_ms();
     let mut e = s.shared.alerts.lock();
-    let r = e.silence(&tenant, &id, None).map_err(alert_error)?;
+    let r = e.silence(&tenant, &id, None)?;
     persist(&s, &mut e)?;
     let (r, st) = e.rule(&r.id).expect("just changed");
     Ok(axum::Json(view(r, st, now)).into_response())
