@@ -16,15 +16,7 @@ fn ev(id: &str, ty: &str, ts: i64) -> Value {
 }
 
 async fn send(c: &reqwest::Client, base: &str, events: Vec<Value>) {
-    let body: String = events.iter().map(|e| format!("{e}\n")).collect();
-    let r = c
-        .post(format!("{base}/api/v1/events"))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    common::post_ndjson(c, base, common::ndjson(&events)).await;
 }
 
 fn tweak(cfg: &mut tally_server::Config) {

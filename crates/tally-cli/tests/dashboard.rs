@@ -221,15 +221,7 @@ fn traffic() -> Vec<(&'static str, i64, usize)> {
 }
 
 async fn post(c: &reqwest::Client, base: &str, lines: &[Value]) {
-    let body: String = lines.iter().map(|e| format!("{e}\n")).collect();
-    let r = c
-        .post(format!("{base}/api/v1/events"))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    common::post_ndjson(c, base, common::ndjson(lines)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -112,14 +112,7 @@ async fn archive_on_s3_compatible_storage() {
     let exp = expected(&lines);
     for ch in lines.chunks(500) {
         let body: String = ch.iter().map(|(l, _)| format!("{l}\n")).collect();
-        let r = c
-            .post(format!("{base}/api/v1/events"))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        common::post_ndjson(&c, &base, body).await;
     }
     let want0 = exp.kept.iter().filter(|v| v["tenant"] == "tenant0").count() as u64;
     let mut hot = Value::Null;

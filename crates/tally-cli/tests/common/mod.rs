@@ -249,3 +249,20 @@ impl Hook {
         }
     }
 }
+
+/// `POST /api/v1/events` of an NDJSON body; the answer must be 200.
+pub async fn post_ndjson(c: &reqwest::Client, base: &str, body: String) {
+    let r = c
+        .post(format!("{base}/api/v1/events"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// NDJSON of JSON values, one per line.
+pub fn ndjson(events: &[Value]) -> String {
+    events.iter().map(|e| format!("{e}\n")).collect()
+}
