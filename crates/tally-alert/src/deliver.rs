@@ -27,8 +27,7 @@ pub struct Note<'a> {
 
 fn num(v: Option<f64>) -> Json {
     match v {
-        Some(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => json!(x as i64),
-        Some(x) => json!(x),
+        Some(x) => tally_types::integral(x).map_or_else(|| json!(x), |i| json!(i)),
         None => Json::Null,
     }
 }
@@ -148,24 +147,16 @@ pub async fn run(
             return;
         }
     };
-    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
-        let free = cfg
-            .concurrency
-            .saturating_sub(in_flight.load(std::sync::atomic::Ordering::Relaxed));
-        let due = if free > 0 {
-            engine.lock().take_due(clock.now_ms(), free)
-        } else {
-            Vec::new()
-        };
-        for d in due {
-            in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (client, engine, clock, on_latency, in_flight, wake) = (
+        // The engine counts what is in flight: it hands out no more than
+        // `concurrency` at a time.
+        let due = engine.lock().take_due(clock.now_ms(), cfg.concurrency);
+        for mut d in due {
+            let (client, engine, clock, on_latency, wake) = (
                 client.clone(),
                 engine.clone(),
                 clock.clone(),
                 on_latency.clone(),
-                in_flight.clone(),
                 wake.clone(),
             );
             tokio::spawn(async move {
@@ -174,7 +165,7 @@ pub async fn run(
                     .header("content-type", "application/json")
                     .header("idempotency-key", &d.dedupe_key)
                     .header("x-tally-dedupe-key", &d.dedupe_key)
-                    .body(d.body.clone())
+                    .body(std::mem::take(&mut d.body))
                     .send()
                     .await;
                 let outcome = match r {
@@ -189,7 +180,6 @@ pub async fn run(
                     Err(e) => Outcome::Failed(error_chain(&e)),
                 };
                 engine.lock().finish(d.id, outcome, clock.now_ms());
-                in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 wake.notify_one();
             });
         }

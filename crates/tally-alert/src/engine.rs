@@ -507,11 +507,19 @@ impl Engine {
         closed: Option<Instant>,
         values: ValuesFn<'_>,
     ) -> usize {
-        let Some(rule) = self.rules.get(id).cloned() else {
+        let Some(rule) = self.rules.get(id) else {
             return 0;
         };
         let g = rule.step();
         let through = align_down(closed_through, g);
+        // Most calls (every tick between bucket closes) have nothing to do.
+        if let Some(st) = self.states.get(id)
+            && st.next_bucket.is_some_and(|n| n >= through)
+            && !(st.state == State::Firing && !st.notified && !rule.silenced(now))
+        {
+            return 0;
+        }
+        let rule = rule.clone();
         let mut st = self.states.remove(id).unwrap_or_default();
         let mut queued = 0;
         let mut next = match st.next_bucket {
@@ -714,11 +722,14 @@ impl Engine {
         rule.notify.len()
     }
 
-    /// Deliveries due at `now`, marked in flight (at most `max`).
-    pub fn take_due(&mut self, now: Millis, max: usize) -> Vec<Delivery> {
+    /// Deliveries due at `now`, marked in flight, so that at most
+    /// `max_in_flight` are in flight in all.
+    pub fn take_due(&mut self, now: Millis, max_in_flight: usize) -> Vec<Delivery> {
+        let busy = self.outbox.iter().filter(|d| d.in_flight).count();
+        let free = max_in_flight.saturating_sub(busy);
         let mut out = Vec::new();
         for d in self.outbox.iter_mut() {
-            if out.len() >= max {
+            if out.len() >= free {
                 break;
             }
             if !d.in_flight && d.next_at <= now {

@@ -97,23 +97,10 @@ async fn sql_sessions_and_archive_match_an_independent_computation() {
 
     // Feed in order (one connection): the oracle's notion of "first copy"
     // is the input order.
-    let r = c
-        .post(format!("{base}/api/v1/events"))
-        .body(lines[0].0.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    common::post_ndjson(&c, &base, lines[0].0.clone()).await;
     for ch in lines[1..].chunks(500) {
         let body: String = ch.iter().map(|(l, _)| format!("{l}\n")).collect();
-        let r = c
-            .post(format!("{base}/api/v1/events"))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        common::post_ndjson(&c, &base, body).await;
     }
     // Wait until the raw store shows every kept event.
     let total = exp.kept.len() as i64;

@@ -470,9 +470,9 @@ fn parse_timestamp(raw: &RawValue) -> Result<Millis, String> {
         }
         b'-' | b'0'..=b'9' => {
             let v = if s.contains(['.', 'e', 'E']) {
-                match s.parse::<f64>() {
-                    Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
-                    _ => return Err(format!("{MSG}: epoch ms must be an integer, got {s}")),
+                match s.parse::<f64>().ok().and_then(tally_types::integral) {
+                    Some(i) => i,
+                    None => return Err(format!("{MSG}: epoch ms must be an integer, got {s}")),
                 }
             } else {
                 s.parse::<i64>().map_err(|_| format!("{MSG}: got {s}"))?

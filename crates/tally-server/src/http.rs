@@ -112,7 +112,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-fn snapshot(s: &AppState) -> Snapshot {
+pub(crate) fn snapshot(s: &AppState) -> Snapshot {
     let v = s.shared.processor.lock().clone();
     let dlq = s.shared.dlq.lock();
     Snapshot {
@@ -131,6 +131,8 @@ fn snapshot(s: &AppState) -> Snapshot {
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
         ready: s.shared.ready.load(Relaxed),
+        committed_lsn: s.shared.committed_lsn.load(Relaxed),
+        applied_lsn: v.totals.last_lsn.map_or(0, |l| l + 1),
     }
 }
 
@@ -303,6 +305,21 @@ pub(crate) fn tenant_param(pairs: &[(String, String)]) -> Result<String, ApiErro
     check_tenant(one(pairs, "tenant").unwrap_or(DEFAULT_TENANT))
 }
 
+/// The tenant of a request with a JSON body: `?tenant=` or the body's
+/// `tenant` (they must agree), default `"default"`.
+pub(crate) fn tenant_of(pairs: &[(String, String)], body: &Json) -> Result<String, ApiError> {
+    match (one(pairs, "tenant"), body.get("tenant")) {
+        (_, None | Some(Json::Null)) => tenant_param(pairs),
+        (Some(q), Some(Json::String(b))) if q != b => Err(ApiError::BadRequest(format!(
+            "tenant: the query says {q:?} and the body {b:?}; name one"
+        ))),
+        (_, Some(Json::String(b))) => check_tenant(b),
+        (_, Some(v)) => Err(ApiError::BadRequest(format!(
+            "tenant: {v} must be a string"
+        ))),
+    }
+}
+
 pub(crate) fn check_tenant(t: &str) -> Result<String, ApiError> {
     if !valid_tenant(t) {
         return Err(ApiError::BadRequest(format!(
@@ -326,8 +343,7 @@ fn time_param(pairs: &[(String, String)], key: &'static str) -> Result<Option<i6
 fn number(v: Value) -> Json {
     match v {
         Value::Int(i) => json!(i),
-        Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => json!(f as i64),
-        Value::Float(f) => json!(f),
+        Value::Float(f) => tally_types::integral(f).map_or_else(|| json!(f), |i| json!(i)),
     }
 }
 
@@ -529,20 +545,18 @@ async fn dlq_replay(
 
 /// `GET /api/v1/status`: where the pipeline stands (an addition to API.md).
 async fn status(State(s): State<AppState>) -> Response {
-    let v = s.shared.processor.lock().clone();
+    let v = snapshot(&s);
     let tel = &s.shared.telemetry;
-    let committed = s.shared.committed_lsn.load(Relaxed);
-    let applied = v.totals.last_lsn.map_or(0, |l| l + 1);
     axum::Json(json!({
-        "ready": s.shared.ready.load(Relaxed),
-        "watermark": v.watermark.map(format_rfc3339),
-        "log": {"committed_lsn": committed, "applied_lsn": applied, "behind_records": committed.saturating_sub(applied)},
+        "ready": v.ready,
+        "watermark": v.watermark_ms.map(format_rfc3339),
+        "log": {"committed_lsn": v.committed_lsn, "applied_lsn": v.applied_lsn, "behind_records": v.behind_records()},
         "events": {
-            "counted": v.totals.counted,
-            "duplicates": v.totals.duplicates,
-            "late": v.totals.late,
-            "corrections": v.totals.corrections,
-            "replayed": v.totals.replayed,
+            "counted": v.counted,
+            "duplicates": v.duplicates,
+            "late": v.late,
+            "corrections": v.corrections,
+            "replayed": v.replayed,
         },
         "checkpoints": {
             "written": tel.checkpoints.load(Relaxed),
@@ -592,13 +606,7 @@ async fn sql_query(
         ApiError::BadRequest("sql: missing or not a string; send {\"sql\": \"SELECT …\"}".into())
     })?;
     // The tenant comes from ?tenant= (or the body's "tenant"), never from the SQL.
-    let tenant = match (
-        one(&pairs, "tenant"),
-        req.get("tenant").and_then(Json::as_str),
-    ) {
-        (None, Some(t)) => check_tenant(t)?,
-        _ => tenant_param(&pairs)?,
-    };
+    let tenant = tenant_of(&pairs, &req)?;
     let format = tally_query::format::Format::from_accept(
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
     );

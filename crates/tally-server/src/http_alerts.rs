@@ -9,7 +9,7 @@ use serde_json::{Value as Json, json};
 use tally_alert::{AlertError, Rule, RuleState};
 use tally_types::time::format_rfc3339;
 
-use crate::http::{ApiError, AppState, check_tenant, one, query_pairs, tenant_param};
+use crate::http::{ApiError, AppState, one, query_pairs, tenant_of, tenant_param};
 
 /// A rule with where it stands.
 pub(crate) fn view(r: &Rule, st: &RuleState, now: i64) -> Json {
@@ -48,26 +48,6 @@ fn json_body(body: &Bytes) -> Result<Json, ApiError> {
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("body: not valid JSON: {e}")))
-}
-
-/// The tenant from `?tenant=` or the body's `tenant`; they must agree.
-fn tenant_of(pairs: &[(String, String)], body: &Json) -> Result<String, ApiError> {
-    match (one(pairs, "tenant"), body.get("tenant")) {
-        (_, None | Some(Json::Null)) => tenant_param(pairs),
-        (q, Some(Json::String(b))) => {
-            if let Some(q) = q
-                && q != b
-            {
-                return Err(ApiError::BadRequest(format!(
-                    "tenant: the query says {q:?} and the body {b:?}; name one"
-                )));
-            }
-            check_tenant(b)
-        }
-        (_, Some(v)) => Err(ApiError::BadRequest(format!(
-            "tenant: {v} must be a string"
-        ))),
-    }
 }
 
 fn persist(s: &AppState, e: &mut tally_alert::Engine) -> Result<(), ApiError> {

@@ -14,7 +14,6 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value as Json, json};
-use tally_stream::DlqKind;
 use tally_types::time::{MINUTE_MS, format_rfc3339};
 
 use crate::http::{ApiError, AppState, query_pairs, tenant_param};
@@ -80,7 +79,8 @@ struct Rate {
 fn status_msg(s: &AppState, rate: &mut Rate) -> Json {
     let sh = &s.shared;
     let tel = &sh.telemetry;
-    let now = sh.clock.now_ms();
+    let v = crate::http::snapshot(s);
+    let now = v.now_ms;
     let accepted = tel.events_accepted.load(Relaxed);
     let dt = rate.at.elapsed().as_secs_f64();
     if dt >= 0.5 {
@@ -88,15 +88,6 @@ fn status_msg(s: &AppState, rate: &mut Rate) -> Json {
         rate.at = Instant::now();
         rate.accepted = accepted;
     }
-    let v = sh.processor.lock().clone();
-    let (dlq_m, dlq_l) = {
-        let d = sh.dlq.lock();
-        (d.total(DlqKind::Malformed), d.total(DlqKind::Late))
-    };
-    let applied_at = tel.last_applied_at_ms.load(Relaxed);
-    let freshness = (applied_at > 0).then(|| now - tel.last_applied_append_ms.load(Relaxed));
-    let committed = sh.committed_lsn.load(Relaxed);
-    let applied = v.totals.last_lsn.map_or(0, |l| l + 1);
     let tenants: Vec<String> = sh.store.read().tenants().map(String::from).collect();
     let (rules, firing) = {
         let e = sh.alerts.lock();
@@ -108,18 +99,18 @@ fn status_msg(s: &AppState, rate: &mut Rate) -> Json {
         "ingest_rate": rate.rate.round(),
         "accepted": accepted,
         "rejected": tel.events_rejected.load(Relaxed),
-        "counted": v.totals.counted,
-        "duplicates": v.totals.duplicates,
-        "late": v.totals.late,
+        "counted": v.counted,
+        "duplicates": v.duplicates,
+        "late": v.late,
         "processing_lag_ms": tel.processing_lag_ms.load(Relaxed),
-        "behind_records": committed.saturating_sub(applied),
-        "watermark": v.watermark.map(format_rfc3339),
-        "watermark_lag_ms": v.watermark.map(|w| now - w),
-        "freshness_ms": freshness,
-        "dlq": {"malformed": dlq_m, "late": dlq_l},
+        "behind_records": v.behind_records(),
+        "watermark": v.watermark_ms.map(format_rfc3339),
+        "watermark_lag_ms": v.watermark_ms.map(|w| now - w),
+        "freshness_ms": tel.freshness_ms(now),
+        "dlq": {"malformed": v.dlq_malformed_total, "late": v.dlq_late_total},
         "alerts": {"rules": rules, "firing": firing},
         "tenants": tenants,
-        "ready": sh.ready.load(Relaxed),
+        "ready": v.ready,
     })
 }
 

@@ -136,6 +136,16 @@ pub struct Snapshot {
     pub dedupe_entries: usize,
     pub log_bytes: u64,
     pub ready: bool,
+    /// One past the last lsn made durable / applied by the processor.
+    pub committed_lsn: u64,
+    pub applied_lsn: u64,
+}
+
+impl Snapshot {
+    /// Log records committed but not yet applied by the processor.
+    pub fn behind_records(&self) -> u64 {
+        self.committed_lsn.saturating_sub(self.applied_lsn)
+    }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
@@ -150,6 +160,13 @@ fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
 }
 
 impl Telemetry {
+    /// Age of the newest data visible in rollups at wall time `now` (None
+    /// before the processor applied anything).
+    pub fn freshness_ms(&self, now: i64) -> Option<i64> {
+        (self.last_applied_at_ms.load(Relaxed) > 0)
+            .then(|| now - self.last_applied_append_ms.load(Relaxed))
+    }
+
     pub fn render(&self, s: &Snapshot) -> String {
         let mut o = String::with_capacity(4096);
         counter(
@@ -265,13 +282,12 @@ impl Telemetry {
                 (s.now_ms - w) as f64 / 1e3,
             );
         }
-        let applied_at = self.last_applied_at_ms.load(Relaxed);
-        if applied_at > 0 {
+        if let Some(f) = self.freshness_ms(s.now_ms) {
             gauge(
                 &mut o,
                 "tally_freshness_seconds",
                 "Age of the newest data visible in rollups (wall clock minus its append time).",
-                (s.now_ms - self.last_applied_append_ms.load(Relaxed)) as f64 / 1e3,
+                f as f64 / 1e3,
             );
         }
         let _ = writeln!(

@@ -9,6 +9,13 @@ pub mod time;
 pub use codec::{BatchReader, BatchWriter, CodecError, EventView, PropValue};
 pub use time::{Clock, Millis};
 
+/// The integer a float holds exactly (whole, within ±9e15), if any: such
+/// values are written as JSON integers and accepted where integers are due.
+#[inline]
+pub fn integral(x: f64) -> Option<i64> {
+    (x.fract() == 0.0 && x.abs() < 9.0e15).then_some(x as i64)
+}
+
 /// Default tenant in open mode.
 pub const DEFAULT_TENANT: &str = "default";
 
