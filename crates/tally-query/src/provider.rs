@@ -254,7 +254,7 @@ impl RollupsTable {
         let mut buckets: std::collections::BTreeMap<(Millis, String), Agg> = Default::default();
         {
             let store = self.store.read();
-            for (m, b) in store.tenant_minutes(&self.tenant, from, to) {
+            for (m, b) in store.tenant_buckets(&self.tenant, from, to, self.step) {
                 let bucket = align_down(m, self.step);
                 for (t, agg) in &b.types {
                     match buckets.get_mut(&(bucket, t.to_string())) {

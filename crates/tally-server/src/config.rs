@@ -39,6 +39,30 @@ pub struct Config {
     pub archive: ArchiveSection,
     pub query: QuerySection,
     pub alerts: AlertsSection,
+    pub retention: RetentionSection,
+}
+
+/// Rollup retention and downsampling; the log's and the archive's own
+/// retention are `log.retention` and `archive.retention`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct RetentionSection {
+    /// Minute rollups older than this are folded into hour rollups ("0s": never).
+    pub minute_rollups: String,
+    /// Rollups (hours, and minutes not yet folded) older than this are deleted ("0s": kept).
+    pub hour_rollups: String,
+    /// How often the retention passes (log, archive, rollups) run.
+    pub interval: String,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        RetentionSection {
+            minute_rollups: "90d".into(),
+            hour_rollups: "365d".into(),
+            interval: "1m".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,7 +82,8 @@ pub struct IngestConfig {
 pub struct LogSection {
     pub partitions: u32,
     pub segment_bytes: u64,
-    /// Age after which closed segments are deleted, e.g. "7d" ("0s" keeps all).
+    /// Age after which closed segments are deleted, e.g. "30d" ("0s" keeps
+    /// all): the log is the raw hot tier, replayable as it was ingested.
     pub retention: String,
     /// Per-partition size limit in bytes (0 = none).
     pub retention_bytes: u64,
@@ -131,6 +156,8 @@ pub struct QuerySection {
     pub max_rows: usize,
     /// Cached SQL answers (0: no cache).
     pub cache_entries: usize,
+    /// Cached metrics API answers (0: no cache).
+    pub metrics_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +219,7 @@ impl Default for QuerySection {
             memory_limit: 1 << 30,
             max_rows: 100_000,
             cache_entries: 256,
+            metrics_cache_entries: 4096,
         }
     }
 }
@@ -208,6 +236,7 @@ impl Default for Config {
             archive: ArchiveSection::default(),
             query: QuerySection::default(),
             alerts: AlertsSection::default(),
+            retention: RetentionSection::default(),
         }
     }
 }
@@ -227,7 +256,7 @@ impl Default for LogSection {
         LogSection {
             partitions: 4,
             segment_bytes: 128 << 20,
-            retention: "7d".into(),
+            retention: "30d".into(),
             retention_bytes: 0,
             fsync: true,
         }
@@ -275,6 +304,9 @@ pub struct Durations {
     pub alert_max_backoff_ms: Millis,
     pub alert_grace_ms: Millis,
     pub alert_live_horizon_ms: Millis,
+    pub minute_rollups_ms: Millis,
+    pub hour_rollups_ms: Millis,
+    pub retention_interval_ms: Millis,
 }
 
 impl Config {
@@ -338,7 +370,20 @@ impl Config {
                 fix: "use a positive size in bytes, e.g. 16777216",
             });
         }
+        let minute_rollups_ms =
+            duration("retention.minute-rollups", &self.retention.minute_rollups)?;
+        let hour_rollups_ms = duration("retention.hour-rollups", &self.retention.hour_rollups)?;
+        if hour_rollups_ms > 0 && minute_rollups_ms > 0 && hour_rollups_ms < minute_rollups_ms {
+            return Err(ConfigError::Invalid {
+                key: "retention.hour-rollups",
+                value: self.retention.hour_rollups.clone(),
+                fix: "hour rollups are what minute rollups become: keep them at least as long as retention.minute-rollups (or \"0s\" to keep them forever)",
+            });
+        }
         Ok(Durations {
+            minute_rollups_ms,
+            hour_rollups_ms,
+            retention_interval_ms: duration("retention.interval", &self.retention.interval)?.max(1),
             retention_ms: duration("log.retention", &self.log.retention)?,
             watermark_bound_ms: duration("stream.watermark-bound", &self.stream.watermark_bound)?,
             idle_timeout_ms: duration("stream.idle-timeout", &self.stream.idle_timeout)?,

@@ -30,6 +30,8 @@ pub struct AppState {
     pub partitions: u32,
     pub max_body: usize,
     pub max_inflight: usize,
+    /// Metrics API answers (JSON bodies), valid while the data under them stands.
+    pub metrics_cache: Arc<parking_lot::Mutex<tally_store::MetricsCache<Bytes>>>,
     /// SQL and sessions (None when the raw store is off).
     pub query: Option<Arc<tally_query::QueryEngine>>,
 }
@@ -387,12 +389,28 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
         event_types,
         group_by_event_type: group_by,
     };
-    let series = s
-        .shared
-        .store
-        .read()
+    let tel = &s.shared.telemetry;
+    let key = format!(
+        "{}\0{metric_s}\0{}\0{start}\0{end}\0{}\0{group_by}",
+        query.tenant,
+        granularity.as_str(),
+        query.event_types.join("\0")
+    );
+    let store = s.shared.store.read();
+    if let Some(body) = s.metrics_cache.lock().get(&key, &store) {
+        drop(store);
+        tel.metrics_cache_hits.fetch_add(1, Relaxed);
+        tel.query_latency
+            .observe_us(started.elapsed().as_micros() as u64);
+        return Ok(json_bytes(body, "hit"));
+    }
+    let version = store.version();
+    let downsampled_to = store.downsampled_to();
+    let series = store
         .query(&query)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    drop(store);
+    tel.metrics_cache_misses.fetch_add(1, Relaxed);
     let series: Vec<Json> = series
         .into_iter()
         .map(|ser| {
@@ -408,12 +426,38 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
             json!({ "labels": labels, "points": points })
         })
         .collect();
-    let body = json!({ "metric": metric_s, "granularity": granularity.as_str(), "series": series });
-    s.shared
-        .telemetry
-        .query_latency
+    let mut body =
+        json!({ "metric": metric_s, "granularity": granularity.as_str(), "series": series });
+    if granularity.ms() < HOUR_MS && start < downsampled_to {
+        // Minutes before the horizon were folded into hours: say so rather
+        // than answer as if those minutes had no events.
+        body["downsampled_before"] = json!(format_rfc3339(downsampled_to));
+    }
+    let body = Bytes::from(body.to_string());
+    s.metrics_cache
+        .lock()
+        .put(key, &query.tenant, end, version, body.clone());
+    tel.query_latency
         .observe_us(started.elapsed().as_micros() as u64);
-    Ok(axum::Json(body).into_response())
+    Ok(json_bytes(body, "miss"))
+}
+
+/// A JSON body already serialized, with the cache outcome in `X-Tally-Cache`.
+fn json_bytes(body: Bytes, cache: &'static str) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::HeaderName::from_static("x-tally-cache"),
+                HeaderValue::from_static(cache),
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn dlq(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
@@ -563,8 +607,42 @@ async fn status(State(s): State<AppState>) -> Response {
             "errors": tel.checkpoint_errors.load(Relaxed),
         },
         "recovery_ms": tel.recovery_ms.load(Relaxed),
+        "retention": retention_status(&s),
     }))
     .into_response()
+}
+
+/// Where each tier's data starts and what retention deleted so far.
+fn retention_status(s: &AppState) -> Json {
+    let tel = &s.shared.telemetry;
+    let d = &s.shared.durations;
+    let horizon = |t: i64| (t > i64::MIN).then(|| format_rfc3339(t));
+    let raw = s.shared.raw.as_ref();
+    json!({
+        "log": {"retention": human_ms(d.retention_ms), "segments_deleted": tel.log_segments_deleted.load(Relaxed), "bytes_deleted": tel.log_bytes_deleted.load(Relaxed)},
+        "archive": {
+            "retention": human_ms(d.archive_retention_ms),
+            "files_deleted": raw.map(|r| r.stats.files_deleted.load(Relaxed)),
+            "rows_deleted": raw.map(|r| r.stats.rows_deleted.load(Relaxed)),
+        },
+        "rollups": {
+            "minute_retention": human_ms(d.minute_rollups_ms),
+            "hour_retention": human_ms(d.hour_rollups_ms),
+            "minutes_from": horizon(tel.rollup_minutes_from_ms.load(Relaxed)),
+            "hours_from": horizon(tel.rollup_hours_from_ms.load(Relaxed)),
+            "minutes_downsampled": tel.rollup_minutes_downsampled.load(Relaxed),
+            "buckets_deleted": tel.rollup_buckets_deleted.load(Relaxed),
+        },
+    })
+}
+
+/// A retention as config text ("0s" = kept forever).
+fn human_ms(ms: i64) -> String {
+    if ms == 0 {
+        "forever".into()
+    } else {
+        tally_stream::human_ms(ms)
+    }
 }
 
 fn engine(s: &AppState) -> Result<&Arc<tally_query::QueryEngine>, ApiError> {

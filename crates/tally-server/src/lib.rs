@@ -60,6 +60,9 @@ impl Server {
             partitions: cfg.log.partitions,
             max_body: cfg.ingest.max_body_bytes,
             max_inflight: cfg.ingest.max_inflight_bytes,
+            metrics_cache: Arc::new(parking_lot::Mutex::new(tally_store::MetricsCache::new(
+                cfg.query.metrics_cache_entries,
+            ))),
             query: shared.raw.as_ref().map(|raw| {
                 let sh = shared.clone();
                 let r = raw.clone();

@@ -28,9 +28,10 @@ use tally_stream::{
     StreamConfig,
 };
 use tally_types::Clock;
+use tally_types::time::format_rfc3339;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Config;
+use crate::config::{Config, Durations};
 use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,8 @@ pub struct Shared {
     pub alert_wake: Arc<tokio::sync::Notify>,
     /// Event time up to which alert buckets are closed (i64::MIN: none yet).
     pub alert_closed: AtomicI64,
+    /// The validated durations of the config.
+    pub durations: Durations,
 }
 
 /// What the processor publishes after each record.
@@ -378,7 +381,15 @@ impl Pipeline {
             alerts: Arc::new(Mutex::new(alerts)),
             alert_wake: Arc::new(tokio::sync::Notify::new()),
             alert_closed: AtomicI64::new(recovered_wm.unwrap_or(i64::MIN)),
+            durations: d,
         });
+        {
+            let st = shared.store.read();
+            let tel = &shared.telemetry;
+            tel.rollup_minutes_from_ms
+                .store(st.downsampled_to(), Relaxed);
+            tel.rollup_hours_from_ms.store(st.hours_from(), Relaxed);
+        }
         let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
         let (ptx, prx) = std::sync::mpsc::sync_channel::<Record>(1024);
         let sh = shared.clone();
@@ -391,11 +402,10 @@ impl Pipeline {
         if let Some(w) = raw {
             let (tx, rx) = std::sync::mpsc::sync_channel::<RawItem>(1024);
             let sh = shared.clone();
-            let retention = d.archive_retention_ms;
             raw_thread = Some(
                 std::thread::Builder::new()
                     .name("tally-raw".into())
-                    .spawn(move || raw_loop(w, rx, sh, retention))
+                    .spawn(move || raw_loop(w, rx, sh))
                     .map_err(PipelineError::Thread)?,
             );
             raw_tx = Some(tx);
@@ -549,14 +559,17 @@ fn writer_loop(
             };
             let _ = req.done.send(r);
         }
-        if now - last_retention > 60_000 {
+        if now - last_retention >= shared.durations.retention_interval_ms {
             last_retention = now;
             match log.enforce_retention(now) {
                 Ok(r) if r.segments_deleted > 0 => {
+                    tel.log_segments_deleted
+                        .fetch_add(r.segments_deleted as u64, Relaxed);
+                    tel.log_bytes_deleted.fetch_add(r.bytes_deleted, Relaxed);
                     tracing::info!(
                         segments = r.segments_deleted,
                         bytes = r.bytes_deleted,
-                        "log retention"
+                        "log retention deleted segments"
                     )
                 }
                 Ok(_) => {}
@@ -606,10 +619,12 @@ fn processor_loop(
     };
     let mut home = Some(state);
     let mut next_ckpt = interval.map(|i| Instant::now() + i);
+    let retention_every = Duration::from_millis(shared.durations.retention_interval_ms as u64);
+    let mut next_retention = Instant::now() + retention_every;
     loop {
-        let wait = next_ckpt.map_or(Duration::from_secs(3600), |t| {
-            t.saturating_duration_since(Instant::now())
-        });
+        let wait = next_ckpt
+            .map_or(next_retention, |t| t.min(next_retention))
+            .saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(c) => {
                 match p.apply(record_ref(&c)) {
@@ -657,6 +672,10 @@ fn processor_loop(
         if let Ok(done) = done_rx.try_recv() {
             home = Some(finish_checkpoint(&mut p, done, &shared));
         }
+        if Instant::now() >= next_retention {
+            next_retention = Instant::now() + retention_every;
+            rollup_retention(&mut p, &shared);
+        }
         if let (Some(t), Some(i)) = (next_ckpt, interval)
             && Instant::now() >= t
             && p.dirty()
@@ -689,6 +708,38 @@ fn processor_loop(
         let job = st.prepare(&mut p);
         write_inline(&mut p, st, job, &shared);
     }
+}
+
+/// One rollup retention pass (downsampling, then deletion), reported.
+fn rollup_retention(p: &mut Processor, shared: &Shared) {
+    let d = &shared.durations;
+    if d.minute_rollups_ms == 0 && d.hour_rollups_ms == 0 {
+        return;
+    }
+    let r = p.enforce_rollup_retention(
+        shared.clock.now_ms(),
+        d.minute_rollups_ms,
+        d.hour_rollups_ms,
+    );
+    let tel = &shared.telemetry;
+    tel.rollup_minutes_from_ms.store(r.downsampled_to, Relaxed);
+    tel.rollup_hours_from_ms.store(r.hours_from, Relaxed);
+    if r.minutes_folded + r.buckets_dropped == 0 {
+        return;
+    }
+    tel.rollup_minutes_downsampled
+        .fetch_add(r.minutes_folded as u64, Relaxed);
+    tel.rollup_buckets_deleted
+        .fetch_add(r.buckets_dropped as u64, Relaxed);
+    let horizon = |t: i64| (t > i64::MIN).then(|| format_rfc3339(t));
+    tracing::info!(
+        minutes_folded = r.minutes_folded,
+        hours_written = r.hours_written,
+        buckets_deleted = r.buckets_dropped,
+        minutes_from = ?horizon(r.downsampled_to),
+        hours_from = ?horizon(r.hours_from),
+        "rollup retention"
+    );
 }
 
 /// A watermark that crossed a minute, and when.
@@ -970,10 +1021,11 @@ fn raw_loop(
     mut w: tally_archive::RawWriter,
     rx: std::sync::mpsc::Receiver<RawItem>,
     shared: Arc<Shared>,
-    retention_ms: i64,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
-    let mut last_retention = Instant::now() - Duration::from_secs(3600);
+    let retention_ms = shared.durations.archive_retention_ms;
+    let every = Duration::from_millis(shared.durations.retention_interval_ms as u64);
+    let mut last_retention = Instant::now() - every;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok((rec, drops)) => {
@@ -1002,7 +1054,7 @@ fn raw_loop(
             }
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        if retention_ms > 0 && last_retention.elapsed() > Duration::from_secs(60) {
+        if retention_ms > 0 && last_retention.elapsed() >= every {
             last_retention = Instant::now();
             let cutoff = shared.clock.now_ms() - retention_ms;
             if let Err(e) = w.retain(cutoff) {

@@ -62,6 +62,9 @@ pub struct Telemetry {
     pub bytes_ingested: AtomicU64,
     pub ack_latency: Histogram,
     pub query_latency: Histogram,
+    /// Metrics API answers served from / missing the cache.
+    pub metrics_cache_hits: AtomicU64,
+    pub metrics_cache_misses: AtomicU64,
     pub sql_latency: Histogram,
     /// Bucket close (watermark passed it) → webhook answered 2xx.
     pub alert_latency: Histogram,
@@ -85,6 +88,16 @@ pub struct Telemetry {
     pub recovery_records: AtomicU64,
     /// Corrupt log data found (and skipped) while replaying.
     pub log_corrupt_records: AtomicU64,
+    /// Log segments (and their bytes) deleted by retention.
+    pub log_segments_deleted: AtomicU64,
+    pub log_bytes_deleted: AtomicU64,
+    /// Minute rollups folded into hours, and rollup buckets deleted.
+    pub rollup_minutes_downsampled: AtomicU64,
+    pub rollup_buckets_deleted: AtomicU64,
+    /// Minute rollups start here (earlier ones are hours; i64::MIN: all kept).
+    pub rollup_minutes_from_ms: AtomicI64,
+    /// Hour rollups start here (earlier ones were deleted; i64::MIN: all kept).
+    pub rollup_hours_from_ms: AtomicI64,
 }
 
 impl Default for Telemetry {
@@ -98,6 +111,8 @@ impl Default for Telemetry {
             bytes_ingested: AtomicU64::new(0),
             ack_latency: Histogram::latency(),
             query_latency: Histogram::latency(),
+            metrics_cache_hits: AtomicU64::new(0),
+            metrics_cache_misses: AtomicU64::new(0),
             sql_latency: Histogram::latency(),
             alert_latency: Histogram::latency(),
             log_syncs: AtomicU64::new(0),
@@ -114,6 +129,12 @@ impl Default for Telemetry {
             recovery_ms: AtomicU64::new(0),
             recovery_records: AtomicU64::new(0),
             log_corrupt_records: AtomicU64::new(0),
+            log_segments_deleted: AtomicU64::new(0),
+            log_bytes_deleted: AtomicU64::new(0),
+            rollup_minutes_downsampled: AtomicU64::new(0),
+            rollup_buckets_deleted: AtomicU64::new(0),
+            rollup_minutes_from_ms: AtomicI64::new(i64::MIN),
+            rollup_hours_from_ms: AtomicI64::new(i64::MIN),
         }
     }
 }
@@ -349,6 +370,42 @@ impl Telemetry {
             "tally_log_corrupt_records_total",
             "Corrupt log records found by checksum on replay (skipped, reported).",
             self.log_corrupt_records.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_metrics_cache_hits_total",
+            "Metrics API answers served from the cache (nothing under them changed).",
+            self.metrics_cache_hits.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_metrics_cache_misses_total",
+            "Metrics API answers computed (not cached, or data under them changed).",
+            self.metrics_cache_misses.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_log_segments_deleted_total",
+            "Log segments deleted by retention (log.retention, log.retention-bytes).",
+            self.log_segments_deleted.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_log_bytes_deleted_total",
+            "Log bytes deleted by retention.",
+            self.log_bytes_deleted.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_rollup_minutes_downsampled_total",
+            "Minute rollup buckets folded into hour buckets (retention.minute-rollups).",
+            self.rollup_minutes_downsampled.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_rollup_buckets_deleted_total",
+            "Rollup buckets deleted by retention (retention.hour-rollups).",
+            self.rollup_buckets_deleted.load(Relaxed),
         );
         counter(
             &mut o,

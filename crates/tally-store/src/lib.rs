@@ -1,10 +1,12 @@
 //! Storage of aggregates: mergeable sketches and the minute rollup store with
 //! the metrics query (the dashboard hot path).
 
+pub mod cache;
 pub mod rollup;
 pub mod sketch;
 
+pub use cache::MetricsCache;
 pub use rollup::{
-    Agg, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError, RollupStore, Series,
-    Value,
+    Agg, Downsampled, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError,
+    RollupStore, Series, Value,
 };

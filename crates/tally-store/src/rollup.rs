@@ -3,8 +3,17 @@
 //! The store holds one [`Agg`] per tenant, UTC minute and event type; coarser
 //! granularities (5m, 1h, 1d) are answered by merging minutes, so every
 //! granularity sees the same events. Open windows are included as they are.
+//!
+//! # Downsampling
+//!
+//! Minutes older than the minute retention are folded into hour buckets
+//! ([`RollupStore::downsample`]). One horizon splits the two tiers: every
+//! minute held is at or after [`RollupStore::downsampled_to`], every hour
+//! held is before it, so no event is counted in both. Queries at 1h and 1d
+//! read both tiers; 1m and 5m queries read minutes only (an hour cannot be
+//! split). Hours before [`RollupStore::hours_from`] have been dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use tally_types::bin::{Dec, DecodeError, Enc};
 use tally_types::time::{DAY_MS, HOUR_MS, MINUTE_MS, Millis, align_down};
@@ -213,10 +222,87 @@ impl MinuteBucket {
     }
 }
 
-/// Minute rollups for every tenant.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Rollups of one tenant: minutes, and the hours older minutes were folded into.
+#[derive(Clone, Debug, Default)]
+struct TenantRollups {
+    minutes: BTreeMap<Millis, MinuteBucket>,
+    hours: BTreeMap<Millis, MinuteBucket>,
+    changes: Changes,
+}
+
+/// Which buckets of a tenant changed at which store version (for caches).
+#[derive(Clone, Debug)]
+struct Changes {
+    /// Earliest minute touched since the last [`RollupStore::commit`]
+    /// (`Millis::MAX`: none).
+    pending: Millis,
+    /// `(version, earliest minute touched)` per commit, oldest first.
+    log: VecDeque<(u64, Millis)>,
+    /// Versions before this fell out of `log`: nothing is known of them.
+    floor: u64,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes {
+            pending: Millis::MAX,
+            log: VecDeque::new(),
+            floor: 0,
+        }
+    }
+}
+
+/// Commits remembered per tenant for [`RollupStore::changed_since`].
+pub(crate) const CHANGE_LOG: usize = 512;
+
+/// Minute (and downsampled hour) rollups for every tenant.
+#[derive(Clone, Debug)]
 pub struct RollupStore {
-    tenants: HashMap<Box<str>, BTreeMap<Millis, MinuteBucket>>,
+    tenants: HashMap<Box<str>, TenantRollups>,
+    /// Minutes before this (an hour boundary) live in hour buckets.
+    downsampled_to: Millis,
+    /// Hours before this were dropped by retention.
+    hours_from: Millis,
+    /// Bumped by every [`RollupStore::commit`] that follows a change.
+    version: u64,
+    /// Tenants touched since the last commit.
+    dirty: Vec<Box<str>>,
+}
+
+/// Two stores are equal when they hold the same buckets and horizons
+/// (change tracking for caches is not content).
+impl PartialEq for RollupStore {
+    fn eq(&self, o: &Self) -> bool {
+        self.downsampled_to == o.downsampled_to
+            && self.hours_from == o.hours_from
+            && self.tenants.len() == o.tenants.len()
+            && self.tenants.iter().all(|(k, t)| {
+                o.tenants
+                    .get(k)
+                    .is_some_and(|u| t.minutes == u.minutes && t.hours == u.hours)
+            })
+    }
+}
+
+impl Default for RollupStore {
+    fn default() -> Self {
+        RollupStore {
+            tenants: HashMap::new(),
+            downsampled_to: Millis::MIN,
+            hours_from: Millis::MIN,
+            version: 0,
+            dirty: Vec::new(),
+        }
+    }
+}
+
+/// What one [`RollupStore::downsample`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Downsampled {
+    /// Minute buckets (tenant, minute) folded into hours.
+    pub minutes_folded: usize,
+    /// Hour buckets written (created or grown) by the fold.
+    pub hours: Vec<(Box<str>, Millis)>,
 }
 
 /// A metric of the metrics API.
@@ -366,19 +452,86 @@ impl RollupStore {
         Self::default()
     }
 
-    /// The aggregates of the event's (tenant, minute, type), created if needed.
-    #[inline]
-    pub fn agg_mut(&mut self, tenant: &str, minute: Millis, event_type: &str) -> &mut Agg {
+    /// A tenant's rollups, created if needed, marked as changed from
+    /// `minute` on (until the next [`commit`](RollupStore::commit)).
+    fn tenant_mut(&mut self, tenant: &str, minute: Millis) -> &mut TenantRollups {
         if !self.tenants.contains_key(tenant) {
-            self.tenants.insert(tenant.into(), BTreeMap::new());
+            self.tenants.insert(tenant.into(), TenantRollups::default());
         }
         let Some(t) = self.tenants.get_mut(tenant) else {
             unreachable!("inserted above")
         };
-        t.entry(minute).or_default().agg_mut(event_type)
+        if t.changes.pending == Millis::MAX {
+            self.dirty.push(tenant.into());
+        }
+        t.changes.pending = t.changes.pending.min(minute);
+        t
     }
 
-    /// Adds one event to its minute.
+    /// Closes a batch of changes (the processor calls it after each record):
+    /// the touched tenants get a new version, remembered with the earliest
+    /// minute touched.
+    pub fn commit(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        self.version += 1;
+        for name in std::mem::take(&mut self.dirty) {
+            if let Some(t) = self.tenants.get_mut(&name) {
+                let c = &mut t.changes;
+                c.log.push_back((self.version, c.pending));
+                c.pending = Millis::MAX;
+                if c.log.len() > CHANGE_LOG
+                    && let Some((v, _)) = c.log.pop_front()
+                {
+                    c.floor = v;
+                }
+            }
+        }
+    }
+
+    /// The store's version: what a cache entry computed now is stamped with.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The earliest minute of `tenant` changed after version `v` (`None`:
+    /// nothing changed; `Some(Millis::MIN)`: unknown, assume everything).
+    /// A cached answer for `[start, end)` is still exact when this is
+    /// `None` or at or after `end`.
+    pub fn changed_since(&self, tenant: &str, v: u64) -> Option<Millis> {
+        let Some(t) = self.tenants.get(tenant) else {
+            return None;
+        };
+        let c = &t.changes;
+        if v < c.floor {
+            return Some(Millis::MIN);
+        }
+        let mut min = (c.pending != Millis::MAX).then_some(c.pending);
+        for &(ver, m) in c.log.iter().rev() {
+            if ver <= v {
+                break;
+            }
+            min = Some(min.map_or(m, |x| x.min(m)));
+        }
+        min
+    }
+
+    /// The aggregates of the event's (tenant, minute, type), created if
+    /// needed; a minute already downsampled lands in its hour.
+    #[inline]
+    pub fn agg_mut(&mut self, tenant: &str, minute: Millis, event_type: &str) -> &mut Agg {
+        let folded = minute < self.downsampled_to;
+        let t = self.tenant_mut(tenant, minute);
+        let bucket = if folded {
+            t.hours.entry(align_down(minute, HOUR_MS)).or_default()
+        } else {
+            t.minutes.entry(minute).or_default()
+        };
+        bucket.agg_mut(event_type)
+    }
+
+    /// Adds one event to its minute (or, once downsampled, its hour).
     #[inline]
     pub fn add(&mut self, e: &EventView<'_>) {
         self.agg_mut(e.tenant, align_down(e.ts, MINUTE_MS), e.event_type)
@@ -386,7 +539,12 @@ impl RollupStore {
     }
 
     pub fn minute(&self, tenant: &str, minute: Millis) -> Option<&MinuteBucket> {
-        self.tenants.get(tenant)?.get(&minute)
+        self.tenants.get(tenant)?.minutes.get(&minute)
+    }
+
+    /// One downsampled hour of a tenant.
+    pub fn hour(&self, tenant: &str, hour: Millis) -> Option<&MinuteBucket> {
+        self.tenants.get(tenant)?.hours.get(&hour)
     }
 
     pub fn tenants(&self) -> impl Iterator<Item = &str> {
@@ -395,12 +553,142 @@ impl RollupStore {
 
     /// Replaces (or inserts) one minute of a tenant (recovery, sealed rollups).
     pub fn set_minute(&mut self, tenant: &str, minute: Millis, bucket: MinuteBucket) {
-        if !self.tenants.contains_key(tenant) {
-            self.tenants.insert(tenant.into(), BTreeMap::new());
+        self.tenant_mut(tenant, minute)
+            .minutes
+            .insert(minute, bucket);
+    }
+
+    /// Replaces (or inserts) one downsampled hour of a tenant (recovery).
+    pub fn set_hour(&mut self, tenant: &str, hour: Millis, bucket: MinuteBucket) {
+        self.tenant_mut(tenant, hour).hours.insert(hour, bucket);
+    }
+
+    /// Minutes before this boundary have been folded into hours.
+    pub fn downsampled_to(&self) -> Millis {
+        self.downsampled_to
+    }
+
+    /// Hours before this boundary have been dropped.
+    pub fn hours_from(&self) -> Millis {
+        self.hours_from
+    }
+
+    /// Sets both horizons (recovery: the checkpoint names them).
+    pub fn set_horizons(&mut self, downsampled_to: Millis, hours_from: Millis) {
+        self.downsampled_to = downsampled_to;
+        self.hours_from = hours_from;
+    }
+
+    /// Folds every minute before `cutoff` (rounded down to an hour) into
+    /// its hour bucket. A cutoff at or before the current horizon does
+    /// nothing.
+    pub fn downsample(&mut self, cutoff: Millis) -> Downsampled {
+        let cutoff = align_down(cutoff, HOUR_MS);
+        let mut out = Downsampled::default();
+        if cutoff <= self.downsampled_to {
+            return out;
         }
-        if let Some(t) = self.tenants.get_mut(tenant) {
-            t.insert(minute, bucket);
+        self.downsampled_to = cutoff;
+        for (name, t) in &mut self.tenants {
+            if t.minutes
+                .first_key_value()
+                .is_none_or(|(&m, _)| m >= cutoff)
+            {
+                continue;
+            }
+            if t.changes.pending == Millis::MAX {
+                self.dirty.push(name.clone());
+            }
+            t.changes.pending = Millis::MIN;
+            let keep = t.minutes.split_off(&cutoff);
+            let old = std::mem::replace(&mut t.minutes, keep);
+            let mut last = None;
+            for (m, bucket) in old {
+                out.minutes_folded += 1;
+                let h = align_down(m, HOUR_MS);
+                let hb = t.hours.entry(h).or_default();
+                for (ty, agg) in &bucket.types {
+                    hb.agg_mut(ty).merge(agg);
+                }
+                if last != Some(h) {
+                    last = Some(h);
+                    out.hours.push((name.clone(), h));
+                }
+            }
         }
+        out
+    }
+
+    /// Drops hour buckets (and any minute) before `cutoff`, rounded down to
+    /// an hour; answers how many buckets went.
+    pub fn drop_hours_before(&mut self, cutoff: Millis) -> usize {
+        let cutoff = align_down(cutoff, HOUR_MS);
+        if cutoff <= self.hours_from {
+            return 0;
+        }
+        self.hours_from = cutoff;
+        let mut dropped = 0;
+        for (name, t) in &mut self.tenants {
+            let keep = t.hours.split_off(&cutoff);
+            let n = t.hours.len();
+            t.hours = keep;
+            let keep = t.minutes.split_off(&cutoff);
+            let n = n + t.minutes.len();
+            t.minutes = keep;
+            if n > 0 {
+                dropped += n;
+                if t.changes.pending == Millis::MAX {
+                    self.dirty.push(name.clone());
+                }
+                t.changes.pending = Millis::MIN;
+            }
+        }
+        self.downsampled_to = self.downsampled_to.max(cutoff);
+        dropped
+    }
+
+    /// Every (tenant, hour, bucket) of the downsampled tier.
+    pub fn hours_in(
+        &self,
+        from: Millis,
+        to: Millis,
+    ) -> impl Iterator<Item = (&str, Millis, &MinuteBucket)> {
+        self.tenants.iter().flat_map(move |(t, r)| {
+            let range = if from < to {
+                r.hours.range(from..to)
+            } else {
+                r.hours.range(0..0)
+            };
+            range.map(move |(&h, b)| (&**t, h, b))
+        })
+    }
+
+    /// One tenant's buckets in `[from, to)` merged per `step` (a multiple of
+    /// a minute that divides or is divided by an hour): minutes, plus the
+    /// downsampled hours when `step` is an hour or more.
+    pub fn tenant_buckets(
+        &self,
+        tenant: &str,
+        from: Millis,
+        to: Millis,
+        step: Millis,
+    ) -> impl Iterator<Item = (Millis, &MinuteBucket)> {
+        let hours = if step >= HOUR_MS {
+            Some(self.tenants.get(tenant).into_iter().flat_map(move |r| {
+                let range = if from < to {
+                    r.hours.range(align_down(from, HOUR_MS)..to)
+                } else {
+                    r.hours.range(0..0)
+                };
+                range.map(|(&h, b)| (h, b))
+            }))
+        } else {
+            None
+        };
+        hours
+            .into_iter()
+            .flatten()
+            .chain(self.tenant_minutes(tenant, from, to))
     }
 
     /// Every (tenant, minute, bucket) with `from <= minute < to`.
@@ -409,11 +697,11 @@ impl RollupStore {
         from: Millis,
         to: Millis,
     ) -> impl Iterator<Item = (&str, Millis, &MinuteBucket)> {
-        self.tenants.iter().flat_map(move |(t, m)| {
+        self.tenants.iter().flat_map(move |(t, r)| {
             let range = if from < to {
-                m.range(from..to)
+                r.minutes.range(from..to)
             } else {
-                m.range(0..0)
+                r.minutes.range(0..0)
             };
             range.map(move |(&minute, b)| (&**t, minute, b))
         })
@@ -426,36 +714,28 @@ impl RollupStore {
         from: Millis,
         to: Millis,
     ) -> impl Iterator<Item = (Millis, &MinuteBucket)> {
-        self.tenants.get(tenant).into_iter().flat_map(move |m| {
+        self.tenants.get(tenant).into_iter().flat_map(move |r| {
             let range = if from < to {
-                m.range(from..to)
+                r.minutes.range(from..to)
             } else {
-                m.range(0..0)
+                r.minutes.range(0..0)
             };
             range.map(|(&minute, b)| (minute, b))
         })
     }
 
-    /// The first and last minute a tenant has data in.
+    /// The first and last minute a tenant has minute data in.
     pub fn span(&self, tenant: &str) -> Option<(Millis, Millis)> {
-        let m = self.tenants.get(tenant)?;
+        let m = &self.tenants.get(tenant)?.minutes;
         Some((*m.keys().next()?, *m.keys().next_back()?))
     }
 
-    /// Number of (tenant, minute) buckets held.
+    /// Number of (tenant, minute) and (tenant, hour) buckets held.
     pub fn bucket_count(&self) -> usize {
-        self.tenants.values().map(|t| t.len()).sum()
-    }
-
-    /// Drops minutes before `cutoff` (retention of minute rollups).
-    pub fn drop_before(&mut self, cutoff: Millis) -> usize {
-        let mut dropped = 0;
-        for t in self.tenants.values_mut() {
-            let keep = t.split_off(&cutoff);
-            dropped += t.len();
-            *t = keep;
-        }
-        dropped
+        self.tenants
+            .values()
+            .map(|t| t.minutes.len() + t.hours.len())
+            .sum()
     }
 
     pub fn query(&self, q: &MetricQuery) -> Result<Vec<Series>, QueryError> {
@@ -478,10 +758,7 @@ impl RollupStore {
             });
         }
         let mut series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>> = BTreeMap::new();
-        let Some(minutes) = self.tenants.get(q.tenant.as_str()) else {
-            return Ok(finish(q, series));
-        };
-        for (&minute, bucket) in minutes.range(first..q.end) {
+        for (minute, bucket) in self.tenant_buckets(&q.tenant, first, q.end, g) {
             let b = align_down(minute, g);
             for (ty, agg) in &bucket.types {
                 if !q.event_types.is_empty() && !q.event_types.iter().any(|t| t == &**ty) {

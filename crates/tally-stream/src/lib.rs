@@ -33,7 +33,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use tally_store::RollupStore;
 use tally_store::sketch::{HashSet64, IdentityHasher};
-use tally_types::time::{MINUTE_MS, Millis, align_down, format_rfc3339};
+use tally_types::time::{HOUR_MS, MINUTE_MS, Millis, align_down, format_rfc3339};
 use tally_types::{BatchReader, CodecError, EventView, dedupe_key};
 
 pub use dlq::{Dlq, DlqBody, DlqEntry, DlqKind};
@@ -117,6 +117,19 @@ pub struct Applied {
     pub correction_record: bool,
 }
 
+/// What one rollup retention pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RollupRetention {
+    /// Minute buckets folded into hours.
+    pub minutes_folded: usize,
+    /// Hour buckets created or grown by the fold.
+    pub hours_written: usize,
+    /// Buckets (hours, and minutes past the hour retention) deleted.
+    pub buckets_dropped: usize,
+    pub downsampled_to: Millis,
+    pub hours_from: Millis,
+}
+
 /// Running totals, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -138,6 +151,8 @@ struct Journal {
     late: Vec<DlqEntry>,
     /// Final minutes changed by corrections: they are sealed again.
     reseal: BTreeSet<(Box<str>, Millis)>,
+    /// Downsampled hours written by retention or changed by corrections.
+    rehour: BTreeSet<(Box<str>, Millis)>,
     /// Anything at all applied since the last checkpoint.
     dirty: bool,
 }
@@ -390,6 +405,7 @@ impl Processor {
                 wm = Some(wm.map_or(overall, |w| w.max(overall)));
             }
         }
+        store.commit();
         drop(store);
         self.watermark = wm;
         if !late_entries.is_empty() {
@@ -430,13 +446,19 @@ impl Processor {
             let minute = align_down(ev.ts, MINUTE_MS);
             store.add(&ev);
             self.corrected.insert(key);
-            if minute < self.sealed_to && self.journaling {
+            if minute < store.downsampled_to() {
+                if self.journaling {
+                    let hour = align_down(minute, HOUR_MS);
+                    self.journal.rehour.insert((ev.tenant.into(), hour));
+                }
+            } else if minute < self.sealed_to && self.journaling {
                 self.journal.reseal.insert((ev.tenant.into(), minute));
             }
             applied_keys.push((ev.tenant.to_string(), key));
             out.counted += 1;
             out.replayed += 1;
         }
+        store.commit();
         drop(store);
         let mut dlq = self.dlq.lock();
         for (tenant, key) in applied_keys {
@@ -458,6 +480,45 @@ impl Processor {
         let lateness = self.cfg.allowed_lateness_ms;
         self.dedupe
             .retain(|_, &mut v| (v & !LATE_MARK) + MINUTE_MS + lateness > w);
+    }
+
+    /// Rollup retention at wall-clock time `now`: final minutes older than
+    /// `minutes_ms` are folded into hour buckets, and buckets older than
+    /// `hours_ms` are dropped (0 keeps a tier forever). Only final minutes
+    /// are touched, so an open or still-mutable window never is.
+    /// The next checkpoint writes the hours and the new horizons.
+    pub fn enforce_rollup_retention(
+        &mut self,
+        now: Millis,
+        minutes_ms: Millis,
+        hours_ms: Millis,
+    ) -> RollupRetention {
+        let mut out = RollupRetention::default();
+        let fin = self.final_before().max(self.sealed_to);
+        if fin == Millis::MIN {
+            return out;
+        }
+        // Only final minutes (the stream can no longer change them).
+        let sealed = align_down(fin, HOUR_MS);
+        let mut store = self.store.write();
+        if minutes_ms > 0 {
+            let d = store.downsample(now.saturating_sub(minutes_ms).min(sealed));
+            out.minutes_folded = d.minutes_folded;
+            out.hours_written = d.hours.len();
+            if self.journaling {
+                self.journal.rehour.extend(d.hours);
+            }
+        }
+        if hours_ms > 0 {
+            out.buckets_dropped = store.drop_hours_before(now.saturating_sub(hours_ms).min(sealed));
+        }
+        store.commit();
+        out.downsampled_to = store.downsampled_to();
+        out.hours_from = store.hours_from();
+        if out.minutes_folded + out.buckets_dropped > 0 {
+            self.journal.dirty = true;
+        }
+        out
     }
 
     /// Moves past a record without applying it (a replay that starts later

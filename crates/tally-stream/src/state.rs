@@ -5,8 +5,8 @@
 //! # Files (`<data-dir>/state/`)
 //!
 //! ```text
-//! checkpoint-<seq:020>.ckpt  "TALLYCK2" frame(checkpoint)      newest two kept
-//! sealed-<gen:06>.bin        frame(tenant, minute, bucket)*    final minutes
+//! checkpoint-<seq:020>.ckpt  "TALLYCK3" frame(checkpoint)      newest two kept
+//! sealed-<gen:06>.bin        frame(kind, tenant, time, bucket)* final minutes, hours
 //! dedupe-<gen:06>.bin        frame((key, minute)*)*            dedupe journal
 //! late-<gen:06>.bin          frame(late DLQ entry)*            late DLQ journal
 //! ```
@@ -16,9 +16,21 @@
 //! generation and the length of each. Recovery cuts every journal back to the
 //! length its checkpoint names, so anything written after that checkpoint
 //! (which the log replay will write again) is dropped: the sinks are
-//! idempotent by position. Sealed buckets are keyed by (tenant, minute) and
-//! the last one wins, so re-sealing a minute changed by a correction is an
-//! append, not a rewrite.
+//! idempotent by position. Sealed buckets are keyed by (kind, tenant, time)
+//! and the last one wins, so re-sealing a minute changed by a correction is
+//! an append, not a rewrite.
+//!
+//! # Downsampling in the sealed journal
+//!
+//! Kind 0 is a minute, kind 1 a downsampled hour. Rollup retention folds old
+//! minutes into hours and appends the hours; the checkpoint names the two
+//! horizons (minutes before `downsampled_to` were folded, hours before
+//! `hours_from` dropped), and recovery skips frames behind them. The journal
+//! is rewritten into a new generation holding only live buckets once it has
+//! doubled since its last rewrite (and passed the compaction size), so its
+//! size stays within twice what it holds. A version-2 checkpoint (frames
+//! without a kind) is read as minutes and its journal rewritten at the next
+//! checkpoint.
 //!
 //! # Invariants
 //!
@@ -43,9 +55,14 @@ use tally_types::bin::{Dec, DecodeError, Enc, frame, unframe};
 
 use crate::{DlqBody, DlqEntry, DlqKind, LATE_MARK, PartState, Processor, Totals};
 
-/// Version 2 added the raw store's dropped ranges; a version-1 checkpoint
-/// is ignored (the state is rebuilt from the log).
-const MAGIC: &[u8; 8] = b"TALLYCK2";
+/// Version 2 added the raw store's dropped ranges; version 3 the rollup
+/// horizons and kinds in the sealed journal. A version-1 checkpoint is
+/// ignored (the state is rebuilt from the log); version 2 is read.
+const MAGIC: &[u8; 8] = b"TALLYCK3";
+const MAGIC_V2: &[u8; 8] = b"TALLYCK2";
+/// Sealed journal frame kinds.
+const KIND_MINUTE: u8 = 0;
+const KIND_HOUR: u8 = 1;
 /// A journal is compacted into a new generation past this many bytes when
 /// most of it is dead.
 const COMPACT_BYTES: u64 = 64 << 20;
@@ -244,6 +261,8 @@ pub struct CheckpointReport {
     pub late_entries: usize,
     pub bytes: u64,
     pub elapsed_us: u64,
+    /// Whether the sealed journal was rewritten into a new generation.
+    pub sealed_rewritten: bool,
 }
 
 /// A checkpoint prepared on the processor thread, to be written by
@@ -254,6 +273,10 @@ pub struct CheckpointJob {
     seal_to: Millis,
     sealed_buf: Vec<u8>,
     sealed_buckets: usize,
+    /// `sealed_buf` holds every sealed bucket: it starts a new generation.
+    sealed_rewrite: bool,
+    downsampled_to: Millis,
+    hours_from: Millis,
     open: Enc,
     open_buckets: usize,
     /// The processor's journal, taken; given back by `restore` on failure.
@@ -264,6 +287,7 @@ pub struct CheckpointJob {
     /// Every held late entry, when the journal is rewritten.
     late_all: Option<Vec<DlqEntry>>,
     reseal: BTreeSet<(Box<str>, Millis)>,
+    rehour: BTreeSet<(Box<str>, Millis)>,
     offsets: Vec<u64>,
     parts: Vec<PartState>,
     watermark: Option<Millis>,
@@ -284,6 +308,7 @@ impl CheckpointJob {
         late.append(&mut p.journal.late);
         p.journal.late = late;
         p.journal.reseal.extend(self.reseal);
+        p.journal.rehour.extend(self.rehour);
         p.sealed_to = p.sealed_to.min(self.prev_sealed_to);
         p.journal.dirty = true;
     }
@@ -302,6 +327,11 @@ pub struct StateStore {
     prev: [u64; 3],
     /// Journals past this size are considered for compaction.
     compact_bytes: u64,
+    /// Size of the sealed journal's generation when it was last written
+    /// whole (it is rewritten once it has doubled).
+    sealed_base: u64,
+    /// The sealed journal holds version-2 frames: rewrite it next time.
+    sealed_legacy: bool,
 }
 
 fn ckpt_path(dir: &Path, seq: u64) -> PathBuf {
@@ -340,6 +370,11 @@ struct Checkpoint {
     corrected: Vec<u64>,
     open: Vec<(String, Millis, MinuteBucket)>,
     raw_drops: VecDeque<(u64, Vec<(u32, u32)>)>,
+    /// Version 2: sealed frames carry no kind and there are no horizons.
+    legacy: bool,
+    downsampled_to: Millis,
+    hours_from: Millis,
+    sealed_base: u64,
 }
 
 fn encode_totals(e: &mut Enc, t: &Totals) {
@@ -369,7 +404,8 @@ fn decode_totals(d: &mut Dec<'_>) -> Result<Totals, DecodeError> {
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+    let legacy = bytes.len() >= MAGIC.len() && &bytes[..MAGIC.len()] == MAGIC_V2;
+    if bytes.len() < MAGIC.len() || (&bytes[..MAGIC.len()] != MAGIC && !legacy) {
         return Err(DecodeError {
             at: 0,
             what: "not a checkpoint (magic)",
@@ -430,6 +466,11 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         }
         raw_drops.push_back((lsn, ranges));
     }
+    let (downsampled_to, hours_from, sealed_base) = if legacy {
+        (Millis::MIN, Millis::MIN, 0)
+    } else {
+        (d.i64()?, d.i64()?, d.u64()?)
+    };
     if !d.is_empty() {
         return d.err("trailing bytes");
     }
@@ -446,13 +487,18 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         corrected,
         open,
         raw_drops,
+        legacy,
+        downsampled_to,
+        hours_from,
+        sealed_base,
     })
 }
 
-fn encode_sealed(out: &mut Vec<u8>, tenant: &str, minute: Millis, b: &MinuteBucket) {
+fn encode_sealed(out: &mut Vec<u8>, kind: u8, tenant: &str, time: Millis, b: &MinuteBucket) {
     let mut e = Enc::new();
+    e.u8(kind);
     e.str(tenant);
-    e.i64(minute);
+    e.i64(time);
     b.encode(&mut e);
     frame(out, &e.buf);
 }
@@ -552,6 +598,8 @@ impl StateStore {
                 dedupe_written: 0,
                 prev: [0; 3],
                 compact_bytes: COMPACT_BYTES,
+                sealed_base: 0,
+                sealed_legacy: false,
             };
             store.cleanup();
             report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -576,21 +624,44 @@ impl StateStore {
         p.corrected = c.corrected.into_iter().collect();
         p.raw_drops = c.raw_drops;
 
-        // Rollups: sealed minutes (the last copy of a minute wins), then open ones.
+        // Rollups: sealed minutes and hours (the last copy of a bucket wins;
+        // buckets behind the horizons were folded or dropped), then open ones.
         {
             let mut store = p.store.write();
+            let sealed_path = Journal::path(dir, "sealed", js.gen_);
+            let err = |source| StateError::Decode {
+                path: sealed_path.clone(),
+                source,
+            };
             for payload in unframe(&sealed_data).0 {
                 let mut d = Dec::new(payload);
-                let t = d.str().map_err(decode_err("sealed", js.gen_))?;
-                let m = d.i64().map_err(decode_err("sealed", js.gen_))?;
-                let b = MinuteBucket::decode(&mut d).map_err(decode_err("sealed", js.gen_))?;
-                store.set_minute(t, m, b);
+                let kind = if c.legacy {
+                    KIND_MINUTE
+                } else {
+                    d.u8().map_err(err)?
+                };
+                let t = d.str().map_err(err)?;
+                let time = d.i64().map_err(err)?;
+                let b = MinuteBucket::decode(&mut d).map_err(err)?;
+                match kind {
+                    KIND_MINUTE if time >= c.downsampled_to => store.set_minute(t, time, b),
+                    KIND_HOUR if time >= c.hours_from => store.set_hour(t, time, b),
+                    KIND_MINUTE | KIND_HOUR => continue,
+                    _ => {
+                        return Err(err(DecodeError {
+                            at: 0,
+                            what: "sealed bucket kind",
+                        }));
+                    }
+                }
                 report.sealed_buckets += 1;
             }
+            store.set_horizons(c.downsampled_to, c.hours_from);
             report.open_buckets = c.open.len();
             for (t, m, b) in c.open {
                 store.set_minute(&t, m, b);
             }
+            store.commit();
         }
 
         // Dedupe: entries that still block their key at the checkpoint's watermark.
@@ -640,6 +711,8 @@ impl StateStore {
             dedupe_written: c.dedupe_written,
             prev: [js.gen_, jd.gen_, jl.gen_],
             compact_bytes: COMPACT_BYTES,
+            sealed_base: c.sealed_base,
+            sealed_legacy: c.legacy,
         };
         store.cleanup();
         report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -679,12 +752,17 @@ impl StateStore {
     /// [`write`]: StateStore::write
     pub fn prepare(&self, p: &mut Processor) -> CheckpointJob {
         let seal_to = p.final_before().max(p.sealed_to);
+        let sealed_rewrite =
+            self.sealed_legacy || self.sealed.len > self.compact_bytes.max(2 * self.sealed_base);
         let mut job = CheckpointJob {
             seq: self.seq + 1,
             prev_sealed_to: p.sealed_to,
             seal_to,
             sealed_buf: Vec::new(),
             sealed_buckets: 0,
+            sealed_rewrite,
+            downsampled_to: Millis::MIN,
+            hours_from: Millis::MIN,
             open: Enc::new(),
             open_buckets: 0,
             dedupe: std::mem::take(&mut p.journal.dedupe),
@@ -692,6 +770,7 @@ impl StateStore {
             late: std::mem::take(&mut p.journal.late),
             late_all: None,
             reseal: std::mem::take(&mut p.journal.reseal),
+            rehour: std::mem::take(&mut p.journal.rehour),
             offsets: p.offsets.clone(),
             parts: p.parts.clone(),
             watermark: p.watermark,
@@ -702,16 +781,36 @@ impl StateStore {
         };
         {
             let store = p.store.read();
-            for (t, m, b) in store.minutes_in(p.sealed_to, seal_to) {
-                encode_sealed(&mut job.sealed_buf, t, m, b);
-                job.sealed_buckets += 1;
-            }
-            for (t, m) in &job.reseal {
-                if *m < p.sealed_to
-                    && let Some(b) = store.minute(t, *m)
-                {
-                    encode_sealed(&mut job.sealed_buf, t, *m, b);
+            job.downsampled_to = store.downsampled_to();
+            job.hours_from = store.hours_from();
+            if sealed_rewrite {
+                // Every live sealed bucket, into a new generation.
+                for (t, h, b) in store.hours_in(Millis::MIN, Millis::MAX) {
+                    encode_sealed(&mut job.sealed_buf, KIND_HOUR, t, h, b);
                     job.sealed_buckets += 1;
+                }
+                for (t, m, b) in store.minutes_in(Millis::MIN, seal_to) {
+                    encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, m, b);
+                    job.sealed_buckets += 1;
+                }
+            } else {
+                for (t, m, b) in store.minutes_in(p.sealed_to, seal_to) {
+                    encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, m, b);
+                    job.sealed_buckets += 1;
+                }
+                for (t, m) in &job.reseal {
+                    if *m < p.sealed_to
+                        && let Some(b) = store.minute(t, *m)
+                    {
+                        encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, *m, b);
+                        job.sealed_buckets += 1;
+                    }
+                }
+                for (t, h) in &job.rehour {
+                    if let Some(b) = store.hour(t, *h) {
+                        encode_sealed(&mut job.sealed_buf, KIND_HOUR, t, *h, b);
+                        job.sealed_buckets += 1;
+                    }
                 }
             }
             for (t, m, b) in store.minutes_in(seal_to, Millis::MAX) {
@@ -746,6 +845,7 @@ impl StateStore {
             seq: job.seq,
             sealed_buckets: job.sealed_buckets,
             open_buckets: job.open_buckets,
+            sealed_rewritten: job.sealed_rewrite,
             ..CheckpointReport::default()
         };
         let mut dedupe_buf = Vec::new();
@@ -767,10 +867,17 @@ impl StateStore {
 
         // 1. The journals (new generations where rewritten).
         let before = [self.sealed.len, self.dedupe.len, self.late.len];
+        let mut new_sealed_j = None;
         let mut new_dedupe_j = None;
         let mut new_late_j = None;
         let result = (|| -> Result<(), StateError> {
-            self.sealed.append(&job.sealed_buf)?;
+            if job.sealed_rewrite {
+                let mut j = Journal::create(&self.dir, "sealed", self.sealed.gen_ + 1)?;
+                j.append(&job.sealed_buf)?;
+                new_sealed_j = Some(j);
+            } else {
+                self.sealed.append(&job.sealed_buf)?;
+            }
             if job.dedupe_all.is_some() {
                 let mut j = Journal::create(&self.dir, "dedupe", self.dedupe.gen_ + 1)?;
                 j.append(&dedupe_buf)?;
@@ -785,7 +892,7 @@ impl StateStore {
             } else {
                 self.late.append(&late_buf)?;
             }
-            if new_dedupe_j.is_some() || new_late_j.is_some() {
+            if new_sealed_j.is_some() || new_dedupe_j.is_some() || new_late_j.is_some() {
                 sync_dir(&self.dir)?;
             }
             Ok(())
@@ -796,16 +903,22 @@ impl StateStore {
             self.late.rollback(before[2]);
             return Err(e);
         }
+        let sealed_ref = new_sealed_j.as_ref().unwrap_or(&self.sealed);
         let dedupe_ref = new_dedupe_j.as_ref().unwrap_or(&self.dedupe);
         let late_ref = new_late_j.as_ref().unwrap_or(&self.late);
         let dedupe_written = match &job.dedupe_all {
             Some(all) => all.len() as u64,
             None => self.dedupe_written + job.dedupe.len() as u64,
         };
+        let sealed_base = if job.sealed_rewrite {
+            sealed_ref.len
+        } else {
+            self.sealed_base
+        };
         let journals = [
             JournalRef {
-                gen_: self.sealed.gen_,
-                len: self.sealed.len,
+                gen_: sealed_ref.gen_,
+                len: sealed_ref.len,
             },
             JournalRef {
                 gen_: dedupe_ref.gen_,
@@ -852,6 +965,9 @@ impl StateStore {
                 e.u32(l);
             }
         }
+        e.i64(job.downsampled_to);
+        e.i64(job.hours_from);
+        e.u64(sealed_base);
         let mut file_bytes = MAGIC.to_vec();
         frame(&mut file_bytes, &e.buf);
         let tmp = self.dir.join(format!("checkpoint-{:020}.tmp", job.seq));
@@ -873,6 +989,11 @@ impl StateStore {
 
         // 3. Committed: switch generations, clean up.
         let prev_gens = [self.sealed.gen_, self.dedupe.gen_, self.late.gen_];
+        if let Some(j) = new_sealed_j {
+            self.sealed = j;
+            self.sealed_base = sealed_base;
+            self.sealed_legacy = false;
+        }
         if let Some(j) = new_dedupe_j {
             self.dedupe = j;
         }
