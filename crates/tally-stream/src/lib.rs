@@ -562,9 +562,11 @@ fn late_entry(
     }
 }
 
-/// `300000` → `5m`, `5000` → `5s`.
+/// `86400000` → `1d`, `300000` → `5m`, `5000` → `5s`.
 pub fn human_ms(ms: Millis) -> String {
-    if ms % 3_600_000 == 0 && ms > 0 {
+    if ms % 86_400_000 == 0 && ms > 0 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms % 3_600_000 == 0 && ms > 0 {
         format!("{}h", ms / 3_600_000)
     } else if ms % MINUTE_MS == 0 && ms > 0 {
         format!("{}m", ms / MINUTE_MS)

@@ -171,9 +171,10 @@ pub fn parse_time_param(s: &str) -> Result<Millis, TimeError> {
     parse_rfc3339(s)
 }
 
-/// Floor `t` to a multiple of `step` (UTC-aligned since the epoch is).
+/// Floor `t` to a multiple of `step` (UTC-aligned since the epoch is);
+/// saturates at `Millis::MIN` for the open lower bound of a range.
 pub fn align_down(t: Millis, step: Millis) -> Millis {
-    t.div_euclid(step) * step
+    t.div_euclid(step).saturating_mul(step)
 }
 
 /// The one source of wall-clock time. Production uses [`Clock::system`]; tests

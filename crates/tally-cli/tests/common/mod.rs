@@ -173,13 +173,22 @@ pub async fn start_server(
     dir: &std::path::Path,
     tweak: impl FnOnce(&mut tally_server::Config),
 ) -> tally_server::Server {
+    start_server_at(dir, tally_types::Clock::system(), tweak).await
+}
+
+/// [`start_server`] with an injected clock.
+pub async fn start_server_at(
+    dir: &std::path::Path,
+    clock: tally_types::Clock,
+    tweak: impl FnOnce(&mut tally_server::Config),
+) -> tally_server::Server {
     let mut cfg = tally_server::Config {
         listen: "127.0.0.1:0".into(),
         data_dir: dir.to_path_buf(),
         ..tally_server::Config::default()
     };
     tweak(&mut cfg);
-    tally_server::Server::start(cfg, tally_types::Clock::system())
+    tally_server::Server::start(cfg, clock)
         .await
         .expect("server starts")
 }
