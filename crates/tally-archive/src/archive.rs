@@ -125,6 +125,11 @@ impl Archive {
         Ok(())
     }
 
+    /// Reads one object whole.
+    pub async fn get(&self, path: &str) -> Result<Bytes> {
+        Ok(self.store.get(&ObjPath::from(path)).await?.bytes().await?)
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         match self.store.delete(&ObjPath::from(path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -40,7 +40,7 @@ use tally_types::Millis;
 pub use archive::{Archive, ArchiveTarget, S3Config};
 pub use manifest::ArchiveFile;
 pub use schema::{events_schema, hive_dir};
-pub use writer::{RawConfig, RawWriter, SealReport};
+pub use writer::{CompactReport, RawConfig, RawWriter, SealReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,6 +98,8 @@ pub struct RawStats {
     pub seal_us_total: AtomicU64,
     pub files_deleted: AtomicU64,
     pub rows_deleted: AtomicU64,
+    /// Small files merged away by compaction.
+    pub files_compacted: AtomicU64,
 }
 
 /// What queries read: hot batches and the live archive files.

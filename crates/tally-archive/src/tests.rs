@@ -292,3 +292,82 @@ fn many_small_flushes_during_seals_archive_every_row_once() {
     assert_eq!(ids.len(), n as usize);
     assert_eq!(rows.len(), n as usize, "a row was sealed twice");
 }
+
+/// Several seals into one hour leave small files; compaction merges each
+/// (tenant, hour) into one time-sorted file with exactly the same rows,
+/// the manifest agrees after a restart, and the replaced files go after
+/// their grace period.
+#[test]
+fn compaction_merges_small_files_and_keeps_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
+    let mut cfg = RawConfig::new(dir.path().join("raw/manifest"), 1);
+    cfg.compact_files = 3;
+    cfg.compact_grace_ms = 0;
+    let (mut w, shared) = RawWriter::open(archive.clone(), cfg.clone(), (0, &[0])).unwrap();
+    let h = 3_600_000;
+    let mut lsn = 0u64;
+    let mut seal = |w: &mut RawWriter, events: &[(&str, &str, Millis)]| {
+        lsn += 1;
+        w.append(0, lsn * 10, lsn, T0, &batch(events), &[]).unwrap();
+        w.seal_now().unwrap();
+    };
+    // Tenant a: hour 12 gets two seals, then hour 13 one (so 12 is over).
+    // Tenant b: hour 12 gets three seals (enough files while still open).
+    seal(&mut w, &[("a", "a1", T0 + 50), ("b", "b1", T0 + 7)]);
+    seal(&mut w, &[("a", "a2", T0 + 10), ("b", "b2", T0 + 3)]);
+    seal(&mut w, &[("b", "b3", T0 + 5)]);
+    let before = read_archive(&dir.path().join("archive"));
+    let ids = |rows: &[(String, String, Millis)]| {
+        let mut v: Vec<(String, Millis)> = rows.iter().map(|r| (r.1.clone(), r.2)).collect();
+        v.sort();
+        v
+    };
+    // Hour 12 of a has two files but is not over yet: only b is merged.
+    let r = w.compact_now().unwrap();
+    assert_eq!((r.files_in, r.files_out, r.rows), (3, 1, 3));
+    seal(&mut w, &[("a", "a3", T0 + h + 1)]);
+    let r = w.compact_now().unwrap();
+    assert_eq!((r.files_in, r.files_out, r.rows), (2, 1, 2));
+    // Nothing left to merge.
+    assert_eq!(w.compact_now().unwrap().files_in, 0);
+    let after = read_archive(&dir.path().join("archive"));
+    let mut want = ids(&before);
+    want.push(("a3".into(), T0 + h + 1));
+    want.sort();
+    assert_eq!(ids(&after), want);
+    let files: std::collections::BTreeSet<String> = after.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(files.len(), 3, "one file per (tenant, hour): {files:?}");
+    // Each merged file is sorted by time.
+    for f in &files {
+        let ts: Vec<Millis> = {
+            let r = ParquetRecordBatchReaderBuilder::try_new(
+                File::open(dir.path().join("archive").join(f)).unwrap(),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+            r.flat_map(|b| {
+                let b = b.unwrap();
+                b.column(5)
+                    .as_primitive::<TimestampMillisecondType>()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+        };
+        assert!(ts.windows(2).all(|p| p[0] <= p[1]), "{f}: {ts:?}");
+    }
+    let live: std::collections::BTreeSet<String> =
+        shared.files.read().iter().map(|f| f.path.clone()).collect();
+    assert_eq!(live, files);
+    assert_eq!(shared.stats.files_compacted.load(Relaxed), 5);
+    w.close().unwrap();
+    // The manifest names exactly the merged files after a restart.
+    let (_, shared) = RawWriter::open(archive, cfg, (0, &[0])).unwrap();
+    let reopened: std::collections::BTreeSet<String> =
+        shared.files.read().iter().map(|f| f.path.clone()).collect();
+    assert_eq!(reopened, files);
+    let rows: u64 = shared.files.read().iter().map(|f| f.rows).sum();
+    assert_eq!(rows, 6);
+}

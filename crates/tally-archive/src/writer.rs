@@ -1,7 +1,7 @@
 //! Appending kept events to hot Arrow batches, and sealing them into
 //! Parquet files (on a helper thread, one seal at a time).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -43,6 +43,14 @@ pub struct RawConfig {
     pub partitions: usize,
     /// `<data-dir>/state/archive.manifest`.
     pub manifest_path: PathBuf,
+    /// Compaction merges the files of one (tenant, hour) once there are
+    /// this many of them, or two once the hour is over; files with more
+    /// rows than `compact_rows` are left alone.
+    pub compact_files: usize,
+    pub compact_rows: u64,
+    /// Files replaced by compaction are deleted this long after (queries
+    /// that started before may still be reading them).
+    pub compact_grace_ms: u64,
 }
 
 impl RawConfig {
@@ -55,8 +63,22 @@ impl RawConfig {
             zstd_level: 1,
             partitions,
             manifest_path,
+            compact_files: 8,
+            compact_rows: 4_000_000,
+            compact_grace_ms: 60_000,
         }
     }
+}
+
+/// What one compaction round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Files merged away, and the files written in their place.
+    pub files_in: usize,
+    pub files_out: usize,
+    pub rows: u64,
+    /// Replaced files deleted in this round (after their grace period).
+    pub deleted: usize,
 }
 
 /// Column builders of one tenant.
@@ -133,6 +155,10 @@ enum Job {
     Retain {
         cutoff: Millis,
         done: Option<SyncSender<Result<(u64, u64)>>>,
+    },
+    /// Merge small files of one (tenant, hour) into one.
+    Compact {
+        done: Option<SyncSender<Result<CompactReport>>>,
     },
 }
 
@@ -428,6 +454,25 @@ impl RawWriter {
             .map_err(|_| Error::Config("the seal thread is gone".into()))?
     }
 
+    /// Starts a compaction round on the seal thread unless a job is
+    /// already waiting (it never blocks the caller).
+    pub fn compact_soon(&mut self) {
+        if let Some(t) = &self.seal_tx {
+            let _ = t.try_send(Job::Compact { done: None });
+        }
+    }
+
+    /// Runs a compaction round and waits for it (tests, tools).
+    pub fn compact_now(&mut self) -> Result<CompactReport> {
+        let (tx, rx) = sync_channel(1);
+        match &self.seal_tx {
+            Some(t) if t.send(Job::Compact { done: Some(tx) }).is_ok() => {}
+            _ => return Err(Error::Config("the seal thread is gone".into())),
+        }
+        rx.recv()
+            .map_err(|_| Error::Config("the seal thread is gone".into()))?
+    }
+
     /// Seals what is hot and stops the seal thread.
     pub fn close(mut self) -> Result<SealReport> {
         let r = self.seal_now();
@@ -510,9 +555,37 @@ fn seal_loop(
     cfg: RawConfig,
 ) {
     let mut attempt = 0u64;
+    // Files compaction replaced, deleted once their grace period is over.
+    let mut graveyard: Vec<(Instant, Vec<String>)> = Vec::new();
     for job in rx {
         let mut job = match job {
             Job::Seal(j) => j,
+            Job::Compact { done } => {
+                attempt += 1;
+                let r = rt.block_on(compact(
+                    &shared,
+                    &mut manifest,
+                    &cfg,
+                    attempt,
+                    &mut graveyard,
+                ));
+                match &r {
+                    Ok(c) if c.files_in > 0 => tracing::info!(
+                        files_in = c.files_in,
+                        files_out = c.files_out,
+                        rows = c.rows,
+                        "archive compaction merged small files"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "archive compaction failed; retried on the next round")
+                    }
+                }
+                if let Some(d) = done {
+                    let _ = d.send(r);
+                }
+                continue;
+            }
             Job::Retain { cutoff, done } => {
                 let r = rt.block_on(retain(&shared, &mut manifest, cutoff));
                 if let Err(e) = &r {
@@ -599,6 +672,133 @@ async fn retain(shared: &RawShared, manifest: &mut Manifest, cutoff: Millis) -> 
     shared.stats.rows_deleted.fetch_add(rows, Relaxed);
     tracing::info!(files = old.len(), rows, cutoff = %tally_types::time::format_rfc3339(cutoff), "archive retention deleted files");
     Ok((old.len() as u64, rows))
+}
+
+/// One compaction round: first deletes files replaced by earlier rounds
+/// whose grace period is over, then merges, per (tenant, hour), small files
+/// into one sorted file. Crash-safe like a seal: the new file is written
+/// first (an orphan if the manifest entry never lands), then one Replace
+/// entry swaps the files, then queries see the swap, and the old files go
+/// only after the grace period (or as orphans on the next start).
+async fn compact(
+    shared: &RawShared,
+    manifest: &mut Manifest,
+    cfg: &RawConfig,
+    attempt: u64,
+    graveyard: &mut Vec<(Instant, Vec<String>)>,
+) -> Result<CompactReport> {
+    let mut report = CompactReport::default();
+    let grace = Duration::from_millis(cfg.compact_grace_ms);
+    let mut i = 0;
+    while i < graveyard.len() {
+        if graveyard[i].0.elapsed() >= grace {
+            for p in graveyard.swap_remove(i).1 {
+                if let Err(e) = shared.archive.delete(&p).await {
+                    tracing::warn!(path = %p, error = %e, "archive compaction: could not delete a replaced file (deleted on the next start)");
+                }
+                report.deleted += 1;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    // Groups of small files per (tenant, hour); an hour is over once the
+    // tenant has files from a later hour.
+    let files: Vec<Arc<ArchiveFile>> = shared.files.read().clone();
+    let mut groups: BTreeMap<(Arc<str>, Millis), Vec<Arc<ArchiveFile>>> = BTreeMap::new();
+    let mut newest: HashMap<Arc<str>, Millis> = HashMap::new();
+    for f in &files {
+        let h = newest.entry(f.tenant.clone()).or_insert(Millis::MIN);
+        *h = (*h).max(f.hour());
+        if f.rows < cfg.compact_rows {
+            groups
+                .entry((f.tenant.clone(), f.hour()))
+                .or_default()
+                .push(f.clone());
+        }
+    }
+    for ((tenant, hour), mut group) in groups {
+        let over = newest.get(&tenant).is_some_and(|&n| n > hour);
+        let enough = group.len() >= cfg.compact_files.max(2) || (over && group.len() >= 2);
+        if !enough {
+            continue;
+        }
+        // Oldest first (paths carry the seal's lsn), up to the row limit.
+        group.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut rows = 0;
+        group.retain(|f| {
+            rows += f.rows;
+            rows <= cfg.compact_rows
+        });
+        if group.len() < 2 {
+            continue;
+        }
+        let mut batches = Vec::new();
+        for f in &group {
+            let bytes = shared.archive.get(&f.path).await?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+                    .build()?;
+            for b in reader {
+                batches.push(b?);
+            }
+        }
+        let all = concat_batches(&events_schema(), &batches)?;
+        let idx = sort_to_indices(all.column(col::TS), None, None)?;
+        let sorted = take_record_batch(&all, &idx)?;
+        let bytes = to_parquet(&sorted, cfg)?;
+        let last = group.iter().map(|f| f.path.as_str()).max().unwrap_or("");
+        let stem = last
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_prefix("part-"))
+            .and_then(|n| n.get(..20))
+            .unwrap_or("00000000000000000000");
+        let path = format!(
+            "{}/part-{stem}-c{attempt:04}.parquet",
+            hive_dir(&tenant, hour)
+        );
+        let merged = ArchiveFile {
+            path: path.clone(),
+            tenant: tenant.clone(),
+            min_ts: group.iter().map(|f| f.min_ts).min().unwrap_or(hour),
+            max_ts: group.iter().map(|f| f.max_ts).max().unwrap_or(hour),
+            rows: sorted.num_rows() as u64,
+            bytes: bytes.len() as u64,
+        };
+        shared.archive.put(&path, bytes).await?;
+        let removed: Vec<String> = group.iter().map(|f| f.path.clone()).collect();
+        if let Err(e) = manifest.append(Entry::Replace {
+            remove: &removed,
+            add: std::slice::from_ref(&merged),
+        }) {
+            let _ = shared.archive.delete(&path).await;
+            return Err(e);
+        }
+        {
+            let mut fl = shared.files.write();
+            fl.retain(|f| !removed.contains(&f.path));
+            fl.push(Arc::new(merged));
+        }
+        shared.bump_version();
+        report.files_in += removed.len();
+        report.files_out += 1;
+        report.rows += sorted.num_rows() as u64;
+        let st = &shared.stats;
+        st.files_compacted.fetch_add(removed.len() as u64, Relaxed);
+        graveyard.push((Instant::now(), removed));
+    }
+    if grace.is_zero() {
+        for (_, paths) in graveyard.drain(..) {
+            for p in paths {
+                if let Err(e) = shared.archive.delete(&p).await {
+                    tracing::warn!(path = %p, error = %e, "archive compaction: could not delete a replaced file (deleted on the next start)");
+                }
+                report.deleted += 1;
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// Makes a seal visible: files in, sealed hot batches out, in that order

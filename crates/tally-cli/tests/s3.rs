@@ -54,7 +54,16 @@ async fn start_moto(c: &reqwest::Client) -> (Moto, String) {
 }
 
 async fn start(dir: &std::path::Path, endpoint: &str) -> Server {
+    start_with(dir, endpoint, |_| {}).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    endpoint: &str,
+    tweak: impl FnOnce(&mut tally_server::Config),
+) -> Server {
     common::start_server(dir, |cfg| {
+        tweak(cfg);
         cfg.archive.seal_interval = "1h".into();
         cfg.archive.s3 = Some(S3Section {
             bucket: "tally-test".into(),
@@ -67,6 +76,24 @@ async fn start(dir: &std::path::Path, endpoint: &str) -> Server {
         });
     })
     .await
+}
+
+async fn list_keys(c: &reqwest::Client, endpoint: &str) -> Vec<String> {
+    let listing = c
+        .get(format!(
+            "{endpoint}/tally-test?list-type=2&prefix=lake/events/"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    listing
+        .split("<Key>")
+        .skip(1)
+        .map(|s| s.split("</Key>").next().unwrap().to_string())
+        .collect()
 }
 
 async fn count_by_type(c: &reqwest::Client, base: &str, tenant: &str) -> Value {
@@ -143,22 +170,8 @@ async fn archive_on_s3_compatible_storage() {
         !dir.path().join("archive").exists(),
         "nothing is archived locally when [archive.s3] is set"
     );
-    let listing = c
-        .get(format!(
-            "{endpoint}/tally-test?list-type=2&prefix=lake/events/"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let keys: Vec<&str> = listing
-        .split("<Key>")
-        .skip(1)
-        .map(|s| s.split("</Key>").next().unwrap())
-        .collect();
-    assert!(!keys.is_empty(), "{listing}");
+    let keys = list_keys(&c, &endpoint).await;
+    assert!(!keys.is_empty());
     for k in &keys {
         let parts: Vec<&str> = k.split('/').collect();
         assert_eq!(parts.len(), 6, "{k}");
@@ -183,5 +196,69 @@ async fn archive_on_s3_compatible_storage() {
     let prom = common::prom(&c, &base).await;
     assert!(prom.contains("tally_raw_hot_rows 0"));
     assert!(!prom.contains("tally_archive_files 0\n"));
+
+    // More of the same hour, sealed at shutdown: a second file per
+    // (tenant, hour) in the bucket.
+    let more: Vec<(String, Kind)> = (0..1000).map(|_| g.next_line()).collect();
+    for ch in more.chunks(500) {
+        let body: String = ch.iter().map(|(l, _)| format!("{l}\n")).collect();
+        common::post_ndjson(&c, &base, body).await;
+    }
+    server.stop().await.unwrap();
+    let all: Vec<(String, Kind)> = lines.iter().chain(&more).cloned().collect();
+    let want_all = expected(&all)
+        .kept
+        .iter()
+        .filter(|v| v["tenant"] == "tenant0")
+        .count() as u64;
+    let split = list_keys(&c, &endpoint).await;
+    assert!(split.len() > keys.len(), "{split:?}");
+
+    // Compaction (every 200 ms, two files are enough) merges each
+    // (tenant, hour) into one object through the bucket, and deletes the
+    // replaced ones after the grace period (2 × the query timeout).
+    let server = start_with(dir.path(), &endpoint, |cfg| {
+        cfg.retention.interval = "200ms".into();
+        cfg.archive.compact_files = 2;
+        cfg.query.timeout = "1s".into();
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let mut merged = Vec::new();
+    for _ in 0..150 {
+        merged = list_keys(&c, &endpoint).await;
+        if merged.len() == keys.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hours = |ks: &[String]| -> std::collections::BTreeSet<String> {
+        ks.iter()
+            .map(|k| k.rsplit_once('/').unwrap().0.to_string())
+            .collect()
+    };
+    assert_eq!(
+        merged.len(),
+        hours(&merged).len(),
+        "one object per (tenant, hour): {merged:?}"
+    );
+    assert_eq!(hours(&merged), hours(&split));
+    let rows = count_by_type(&c, &base, "tenant0").await;
+    let n: u64 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r[1], r[2], "no row twice");
+            r[1].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(n, want_all);
+    let st = common::get(&c, format!("{base}/api/v1/status")).await;
+    // Each merged group of k files: k compacted, one written.
+    let compacted = st["retention"]["archive"]["files_compacted"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(compacted > split.len() - merged.len(), "{st}");
     server.stop().await.unwrap();
 }

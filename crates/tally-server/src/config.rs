@@ -128,6 +128,11 @@ pub struct ArchiveSection {
     pub zstd_level: i32,
     /// Archive files older than this (by event hour) are deleted ("0s": kept).
     pub retention: String,
+    /// The files of one (tenant, hour) are merged once there are this many
+    /// (or two, once the hour is over).
+    pub compact_files: usize,
+    /// Files with more rows than this are not merged further.
+    pub compact_rows: u64,
     /// An S3-compatible bucket instead of `<data-dir>/archive`.
     pub s3: Option<S3Section>,
 }
@@ -207,6 +212,8 @@ impl Default for ArchiveSection {
             row_group_rows: 128 * 1024,
             zstd_level: 1,
             retention: "365d".into(),
+            compact_files: 8,
+            compact_rows: 4_000_000,
             s3: None,
         }
     }

@@ -624,6 +624,7 @@ fn retention_status(s: &AppState) -> Json {
             "retention": human_ms(d.archive_retention_ms),
             "files_deleted": raw.map(|r| r.stats.files_deleted.load(Relaxed)),
             "rows_deleted": raw.map(|r| r.stats.rows_deleted.load(Relaxed)),
+            "files_compacted": raw.map(|r| r.stats.files_compacted.load(Relaxed)),
         },
         "rollups": {
             "minute_retention": human_ms(d.minute_rollups_ms),

@@ -163,6 +163,10 @@ pub fn raw_setup(
     rc.max_hot_rows = cfg.archive.max_hot_rows.max(rc.seal_rows);
     rc.row_group_rows = cfg.archive.row_group_rows.max(1024);
     rc.zstd_level = cfg.archive.zstd_level;
+    rc.compact_files = cfg.archive.compact_files.max(2);
+    rc.compact_rows = cfg.archive.compact_rows.max(1);
+    // Replaced files outlive the longest query that may still read them.
+    rc.compact_grace_ms = (d.query_timeout_ms as u64).max(1000) * 2;
     Ok((target, rc))
 }
 
@@ -1054,12 +1058,16 @@ fn raw_loop(
             }
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        if retention_ms > 0 && last_retention.elapsed() >= every {
+        if last_retention.elapsed() >= every {
             last_retention = Instant::now();
-            let cutoff = shared.clock.now_ms() - retention_ms;
-            if let Err(e) = w.retain(cutoff) {
-                tracing::error!(error = %e, "archive retention failed");
+            if retention_ms > 0 {
+                let cutoff = shared.clock.now_ms() - retention_ms;
+                if let Err(e) = w.retain(cutoff) {
+                    tracing::error!(error = %e, "archive retention failed");
+                }
             }
+            // Merging small files runs on the seal thread; never waits.
+            w.compact_soon();
         }
     }
     match w.close() {

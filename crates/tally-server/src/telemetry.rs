@@ -550,6 +550,12 @@ pub fn render_raw(o: &mut String, raw: &tally_archive::RawShared) {
     );
     counter(
         o,
+        "tally_archive_files_compacted_total",
+        "Small archive files merged into larger ones by compaction.",
+        st.files_compacted.load(Relaxed),
+    );
+    counter(
+        o,
         "tally_archive_files_deleted_total",
         "Archive files deleted by retention.",
         st.files_deleted.load(Relaxed),
