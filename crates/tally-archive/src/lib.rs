@@ -109,6 +109,9 @@ pub struct RawShared {
     pub files: RwLock<Vec<Arc<ArchiveFile>>>,
     /// One past the last lsn whose kept events are all in archive files.
     pub sealed_lsn: AtomicU64,
+    /// Per partition, where the log continues after the sealed records
+    /// (what recovery of the raw store replays from).
+    pub sealed_offsets: parking_lot::Mutex<Vec<u64>>,
     /// Bumped whenever data visible to queries changes (for result caches).
     pub version: AtomicU64,
     pub stats: RawStats,

@@ -223,6 +223,7 @@ impl RawWriter {
             hot: RwLock::new(Hot::default()),
             files: RwLock::new(files),
             sealed_lsn: manifest.state.next_lsn.into(),
+            sealed_offsets: parking_lot::Mutex::new(manifest.state.offsets.clone()),
             version: 0.into(),
             stats: RawStats::default(),
         });
@@ -604,7 +605,7 @@ fn seal_loop(
             let rows: u64 = files.iter().map(|f| f.rows).sum();
             let bytes: u64 = files.iter().map(|f| f.bytes).sum();
             let n_files = files.len();
-            commit(&shared, files, job.through_seq, job.next_lsn);
+            commit(&shared, files, &job);
             let ms = started.elapsed().as_millis() as u64;
             let st = &shared.stats;
             st.seals.fetch_add(1, Relaxed);
@@ -803,7 +804,8 @@ async fn compact(
 
 /// Makes a seal visible: files in, sealed hot batches out, in that order
 /// and under both locks (see [`RawShared::snapshot`]).
-fn commit(shared: &RawShared, files: Vec<ArchiveFile>, through_seq: u64, next_lsn: u64) {
+fn commit(shared: &RawShared, files: Vec<ArchiveFile>, job: &SealJob) {
+    let (through_seq, next_lsn) = (job.through_seq, job.next_lsn);
     let mut fl = shared.files.write();
     let mut hot = shared.hot.write();
     shared
@@ -824,6 +826,7 @@ fn commit(shared: &RawShared, files: Vec<ArchiveFile>, through_seq: u64, next_ls
     hot.rows = rows;
     hot.bytes = bytes;
     shared.sealed_lsn.store(next_lsn, Relaxed);
+    *shared.sealed_offsets.lock() = job.offsets.clone();
     drop(hot);
     drop(fl);
     shared.bump_version();

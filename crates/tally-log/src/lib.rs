@@ -24,7 +24,9 @@
 //!   is cut off, so appends always follow a valid record.
 //! - A corrupt record inside an older segment is reported by the reader with
 //!   its partition and offset; the reader skips the rest of that segment.
-//! - Retention deletes whole segments only, never the active one.
+//! - Retention deletes whole segments only, never the active one, and never
+//!   one holding records recovery would still replay (the caller passes the
+//!   oldest offset per partition it needs).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
@@ -120,6 +122,9 @@ pub struct OpenReport {
 pub struct RetentionReport {
     pub segments_deleted: usize,
     pub bytes_deleted: u64,
+    /// Partitions where a segment past the limits was kept because
+    /// recovery still needs it.
+    pub segments_kept: usize,
 }
 
 struct Segment {
@@ -467,12 +472,21 @@ impl Log {
             .collect()
     }
 
-    /// Deletes closed segments past the age or size limits.
-    pub fn enforce_retention(&mut self, now_ms: i64) -> Result<RetentionReport> {
+    /// Deletes closed segments past the age or size limits, but never one
+    /// holding a record at or after `keep_from[partition]` (where recovery
+    /// would have to replay from: records not yet covered by a checkpoint
+    /// or not yet sealed into the archive). An empty `keep_from` keeps
+    /// nothing back.
+    pub fn enforce_retention(&mut self, now_ms: i64, keep_from: &[u64]) -> Result<RetentionReport> {
         let mut report = RetentionReport::default();
         for p in &mut self.parts {
+            let keep = keep_from.get(p.id as usize).copied().unwrap_or(u64::MAX);
             while let Some(oldest) = p.closed.first() {
                 let next_base = p.closed.get(1).map_or(p.active.base, |s| s.base);
+                if next_base > keep {
+                    report.segments_kept += 1;
+                    break;
+                }
                 let seg_len = next_base - oldest.base;
                 let total = p.end_offset() - oldest.base;
                 let too_big = self.cfg.retention_bytes > 0 && total > self.cfg.retention_bytes;

@@ -52,7 +52,20 @@ fn segments_roll_and_retention_by_size_deletes_oldest() {
     }
     let before = read_all(tmp.path(), 1).len();
     assert_eq!(before, 40);
-    let rep = log.enforce_retention(0).unwrap();
+    // Recovery still needs partition 0 from offset 0: nothing goes.
+    let rep = log.enforce_retention(0, &[0]).unwrap();
+    assert_eq!((rep.segments_deleted, rep.segments_kept), (0, 1));
+    assert_eq!(read_all(tmp.path(), 1).len(), 40);
+    // From record 20 on: only segments wholly before it may go.
+    let keep = read_all(tmp.path(), 1)[20].offset;
+    let rep = log.enforce_retention(0, &[keep]).unwrap();
+    assert!(
+        rep.segments_deleted > 0 && rep.segments_kept == 1,
+        "{rep:?}"
+    );
+    let left = read_all(tmp.path(), 1);
+    assert!(left.len() >= 20 && left.first().unwrap().offset <= keep);
+    let rep = log.enforce_retention(0, &[]).unwrap();
     assert!(rep.segments_deleted > 0);
     assert!(log.sizes()[0] <= 500 + 200);
     let after = read_all(tmp.path(), 1);

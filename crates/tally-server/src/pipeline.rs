@@ -117,6 +117,8 @@ pub struct Shared {
     pub alert_closed: AtomicI64,
     /// The validated durations of the config.
     pub durations: Durations,
+    /// Log offsets the last checkpoint covers (None: checkpoints are off).
+    pub ckpt_offsets: Mutex<Option<Vec<u64>>>,
 }
 
 /// What the processor publishes after each record.
@@ -386,6 +388,7 @@ impl Pipeline {
             alert_wake: Arc::new(tokio::sync::Notify::new()),
             alert_closed: AtomicI64::new(recovered_wm.unwrap_or(i64::MIN)),
             durations: d,
+            ckpt_offsets: Mutex::new(checkpoints.then(|| processor.offsets().to_vec())),
         });
         {
             let st = shared.store.read();
@@ -565,7 +568,7 @@ fn writer_loop(
         }
         if now - last_retention >= shared.durations.retention_interval_ms {
             last_retention = now;
-            match log.enforce_retention(now) {
+            match log.enforce_retention(now, &log_keep(&shared)) {
                 Ok(r) if r.segments_deleted > 0 => {
                     tel.log_segments_deleted
                         .fetch_add(r.segments_deleted as u64, Relaxed);
@@ -587,6 +590,24 @@ fn writer_loop(
     if let Err(e) = log.sync() {
         tracing::error!(error = %e, "final log sync failed");
     }
+}
+
+/// Per partition, the first log offset recovery may still replay from: the
+/// older of the last checkpoint's and the raw store's sealed position.
+/// Log retention never deletes a segment holding a record at or past it.
+fn log_keep(shared: &Shared) -> Vec<u64> {
+    let mut keep = shared.ckpt_offsets.lock().clone().unwrap_or_default();
+    if let Some(raw) = &shared.raw {
+        let sealed = raw.sealed_offsets.lock();
+        if keep.is_empty() {
+            keep = sealed.clone();
+        } else {
+            for (k, s) in keep.iter_mut().zip(sealed.iter()) {
+                *k = (*k).min(*s);
+            }
+        }
+    }
+    keep
 }
 
 fn processor_loop(
@@ -856,6 +877,7 @@ fn finish_checkpoint(p: &mut Processor, (st, job, r): Written, shared: &Shared) 
     let tel = &shared.telemetry;
     match r {
         Ok(r) => {
+            *shared.ckpt_offsets.lock() = Some(job.offsets().to_vec());
             tel.checkpoints.fetch_add(1, Relaxed);
             tel.checkpoint_bytes.fetch_add(r.bytes, Relaxed);
             tel.checkpoint_duration.observe_us(r.elapsed_us);

@@ -298,6 +298,11 @@ pub struct CheckpointJob {
 }
 
 impl CheckpointJob {
+    /// The log offsets this checkpoint covers: recovery replays from them.
+    pub fn offsets(&self) -> &[u64] {
+        &self.offsets
+    }
+
     /// After a failed write: gives `p` back what this job took, ahead of
     /// what `p` journaled since, so the next checkpoint writes it all.
     pub fn restore(self, p: &mut Processor) {
