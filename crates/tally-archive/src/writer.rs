@@ -690,19 +690,7 @@ async fn compact(
 ) -> Result<CompactReport> {
     let mut report = CompactReport::default();
     let grace = Duration::from_millis(cfg.compact_grace_ms);
-    let mut i = 0;
-    while i < graveyard.len() {
-        if graveyard[i].0.elapsed() >= grace {
-            for p in graveyard.swap_remove(i).1 {
-                if let Err(e) = shared.archive.delete(&p).await {
-                    tracing::warn!(path = %p, error = %e, "archive compaction: could not delete a replaced file (deleted on the next start)");
-                }
-                report.deleted += 1;
-            }
-        } else {
-            i += 1;
-        }
-    }
+    report.deleted += bury(shared, graveyard, grace).await;
     // Groups of small files per (tenant, hour); an hour is over once the
     // tenant has files from a later hour.
     let files: Vec<Arc<ArchiveFile>> = shared.files.read().clone();
@@ -789,17 +777,28 @@ async fn compact(
         st.files_compacted.fetch_add(removed.len() as u64, Relaxed);
         graveyard.push((Instant::now(), removed));
     }
-    if grace.is_zero() {
-        for (_, paths) in graveyard.drain(..) {
-            for p in paths {
-                if let Err(e) = shared.archive.delete(&p).await {
-                    tracing::warn!(path = %p, error = %e, "archive compaction: could not delete a replaced file (deleted on the next start)");
-                }
-                report.deleted += 1;
-            }
-        }
-    }
+    report.deleted += bury(shared, graveyard, grace).await;
     Ok(report)
+}
+
+/// Deletes the replaced files whose grace period is over; answers how many.
+async fn bury(
+    shared: &RawShared,
+    graveyard: &mut Vec<(Instant, Vec<String>)>,
+    grace: Duration,
+) -> usize {
+    let (due, wait): (Vec<_>, Vec<_>) = graveyard
+        .drain(..)
+        .partition(|(at, _)| at.elapsed() >= grace);
+    *graveyard = wait;
+    let mut n = 0;
+    for p in due.into_iter().flat_map(|(_, paths)| paths) {
+        if let Err(e) = shared.archive.delete(&p).await {
+            tracing::warn!(path = %p, error = %e, "archive compaction: could not delete a replaced file (deleted on the next start)");
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Makes a seal visible: files in, sealed hot batches out, in that order

@@ -252,6 +252,16 @@ impl Default for Changes {
     }
 }
 
+impl Changes {
+    /// Notes a change from `minute` on; true if it is the tenant's first
+    /// since the last commit (the tenant then joins the dirty list).
+    fn touch(&mut self, minute: Millis) -> bool {
+        let first = self.pending == Millis::MAX;
+        self.pending = self.pending.min(minute);
+        first
+    }
+}
+
 /// Commits remembered per tenant for [`RollupStore::changed_since`].
 pub(crate) const CHANGE_LOG: usize = 512;
 
@@ -461,10 +471,9 @@ impl RollupStore {
         let Some(t) = self.tenants.get_mut(tenant) else {
             unreachable!("inserted above")
         };
-        if t.changes.pending == Millis::MAX {
+        if t.changes.touch(minute) {
             self.dirty.push(tenant.into());
         }
-        t.changes.pending = t.changes.pending.min(minute);
         t
     }
 
@@ -500,10 +509,7 @@ impl RollupStore {
     /// A cached answer for `[start, end)` is still exact when this is
     /// `None` or at or after `end`.
     pub fn changed_since(&self, tenant: &str, v: u64) -> Option<Millis> {
-        let Some(t) = self.tenants.get(tenant) else {
-            return None;
-        };
-        let c = &t.changes;
+        let c = &self.tenants.get(tenant)?.changes;
         if v < c.floor {
             return Some(Millis::MIN);
         }
@@ -596,10 +602,9 @@ impl RollupStore {
             {
                 continue;
             }
-            if t.changes.pending == Millis::MAX {
+            if t.changes.touch(Millis::MIN) {
                 self.dirty.push(name.clone());
             }
-            t.changes.pending = Millis::MIN;
             let keep = t.minutes.split_off(&cutoff);
             let old = std::mem::replace(&mut t.minutes, keep);
             let mut last = None;
@@ -637,10 +642,9 @@ impl RollupStore {
             t.minutes = keep;
             if n > 0 {
                 dropped += n;
-                if t.changes.pending == Millis::MAX {
+                if t.changes.touch(Millis::MIN) {
                     self.dirty.push(name.clone());
                 }
-                t.changes.pending = Millis::MIN;
             }
         }
         self.downsampled_to = self.downsampled_to.max(cutoff);
