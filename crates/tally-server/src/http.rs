@@ -359,8 +359,11 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
     let granularity = Granularity::parse(one(&pairs, "granularity").unwrap_or("1m"))
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let now = s.shared.clock.now_ms();
-    let end = time_param(&pairs, "end")?.unwrap_or(now + 1);
+    let end_param = time_param(&pairs, "end")?;
+    let end = end_param.unwrap_or(now + 1);
     let start = time_param(&pairs, "start")?.unwrap_or(end - HOUR_MS);
+    // "Until now" is a new range on every call: not worth a cache entry.
+    let cache = end_param.is_some().then_some(&*s.metrics_cache);
     let event_types: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| k == "event_type")
@@ -397,7 +400,7 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
         query.event_types.join("\0")
     );
     let store = s.shared.store.read();
-    if let Some(body) = s.metrics_cache.lock().get(&key, &store) {
+    if let Some(body) = cache.and_then(|c| c.lock().get(&key, &store)) {
         drop(store);
         tel.metrics_cache_hits.fetch_add(1, Relaxed);
         tel.query_latency
@@ -434,9 +437,9 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
         body["downsampled_before"] = json!(format_rfc3339(downsampled_to));
     }
     let body = Bytes::from(body.to_string());
-    s.metrics_cache
-        .lock()
-        .put(key, &query.tenant, end, version, body.clone());
+    if let Some(c) = cache {
+        c.lock().put(key, &query.tenant, end, version, body.clone());
+    }
     tel.query_latency
         .observe_us(started.elapsed().as_micros() as u64);
     Ok(json_bytes(body, "miss"))
