@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{T0, fmt_bucket, get, post_ndjson, prom};
+use common::{T0, fmt_bucket, get, points, post_ndjson, prom};
 use serde_json::{Value, json};
 use tally_types::Clock;
 
@@ -57,20 +57,6 @@ async fn metrics(c: &reqwest::Client, base: &str, gran: &str) -> (Value, String)
         serde_json::from_str(&r.text().await.unwrap()).unwrap(),
         cache,
     )
-}
-
-fn points(v: &Value) -> BTreeMap<(String, String), f64> {
-    let mut out = BTreeMap::new();
-    for s in v["series"].as_array().unwrap() {
-        let ty = s["labels"]["event_type"].as_str().unwrap().to_string();
-        for p in s["points"].as_array().unwrap() {
-            out.insert(
-                (ty.clone(), p[0].as_str().unwrap().to_string()),
-                p[1].as_f64().unwrap(),
-            );
-        }
-    }
-    out
 }
 
 /// Waits until `/api/v1/status` shows the rollup horizons.

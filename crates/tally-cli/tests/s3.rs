@@ -96,6 +96,15 @@ async fn list_keys(c: &reqwest::Client, endpoint: &str) -> Vec<String> {
         .collect()
 }
 
+/// Rows counted by a `count_by_type` answer.
+fn total(rows: &Value) -> u64 {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[1].as_u64().unwrap())
+        .sum()
+}
+
 async fn count_by_type(c: &reqwest::Client, base: &str, tenant: &str) -> Value {
     let (status, v) = common::post_sql(
         c,
@@ -145,24 +154,12 @@ async fn archive_on_s3_compatible_storage() {
     let mut hot = Value::Null;
     for _ in 0..100 {
         hot = count_by_type(&c, &base, "tenant0").await;
-        let n: u64 = hot
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r[1].as_u64().unwrap())
-            .sum();
-        if n == want0 {
+        if total(&hot) == want0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let n: u64 = hot
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r[1].as_u64().unwrap())
-        .sum();
-    assert_eq!(n, want0);
+    assert_eq!(total(&hot), want0);
 
     // Shutdown seals into the bucket.
     server.stop().await.unwrap();
@@ -244,16 +241,10 @@ async fn archive_on_s3_compatible_storage() {
     );
     assert_eq!(hours(&merged), hours(&split));
     let rows = count_by_type(&c, &base, "tenant0").await;
-    let n: u64 = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            assert_eq!(r[1], r[2], "no row twice");
-            r[1].as_u64().unwrap()
-        })
-        .sum();
-    assert_eq!(n, want_all);
+    for r in rows.as_array().unwrap() {
+        assert_eq!(r[1], r[2], "no row twice");
+    }
+    assert_eq!(total(&rows), want_all);
     let st = common::get(&c, format!("{base}/api/v1/status")).await;
     // Each merged group of k files: k compacted, one written.
     let compacted = st["retention"]["archive"]["files_compacted"]

@@ -657,14 +657,9 @@ impl RollupStore {
         from: Millis,
         to: Millis,
     ) -> impl Iterator<Item = (&str, Millis, &MinuteBucket)> {
-        self.tenants.iter().flat_map(move |(t, r)| {
-            let range = if from < to {
-                r.hours.range(from..to)
-            } else {
-                r.hours.range(0..0)
-            };
-            range.map(move |(&h, b)| (&**t, h, b))
-        })
+        self.tenants
+            .iter()
+            .flat_map(move |(t, r)| span(&r.hours, from, to).map(move |(&h, b)| (&**t, h, b)))
     }
 
     /// One tenant's buckets in `[from, to)` merged per `step` (a multiple of
@@ -679,12 +674,7 @@ impl RollupStore {
     ) -> impl Iterator<Item = (Millis, &MinuteBucket)> {
         let hours = if step >= HOUR_MS {
             Some(self.tenants.get(tenant).into_iter().flat_map(move |r| {
-                let range = if from < to {
-                    r.hours.range(align_down(from, HOUR_MS)..to)
-                } else {
-                    r.hours.range(0..0)
-                };
-                range.map(|(&h, b)| (h, b))
+                span(&r.hours, align_down(from, HOUR_MS), to).map(|(&h, b)| (h, b))
             }))
         } else {
             None
@@ -702,12 +692,7 @@ impl RollupStore {
         to: Millis,
     ) -> impl Iterator<Item = (&str, Millis, &MinuteBucket)> {
         self.tenants.iter().flat_map(move |(t, r)| {
-            let range = if from < to {
-                r.minutes.range(from..to)
-            } else {
-                r.minutes.range(0..0)
-            };
-            range.map(move |(&minute, b)| (&**t, minute, b))
+            span(&r.minutes, from, to).map(move |(&minute, b)| (&**t, minute, b))
         })
     }
 
@@ -718,14 +703,10 @@ impl RollupStore {
         from: Millis,
         to: Millis,
     ) -> impl Iterator<Item = (Millis, &MinuteBucket)> {
-        self.tenants.get(tenant).into_iter().flat_map(move |r| {
-            let range = if from < to {
-                r.minutes.range(from..to)
-            } else {
-                r.minutes.range(0..0)
-            };
-            range.map(|(&minute, b)| (minute, b))
-        })
+        self.tenants
+            .get(tenant)
+            .into_iter()
+            .flat_map(move |r| span(&r.minutes, from, to).map(|(&minute, b)| (minute, b)))
     }
 
     /// The first and last minute a tenant has minute data in.
@@ -814,6 +795,19 @@ impl RollupStore {
             }
         }
         Ok(finish(q, series))
+    }
+}
+
+/// The buckets of `m` in `[from, to)` (none when the range is empty).
+fn span(
+    m: &BTreeMap<Millis, MinuteBucket>,
+    from: Millis,
+    to: Millis,
+) -> std::collections::btree_map::Range<'_, Millis, MinuteBucket> {
+    if from < to {
+        m.range(from..to)
+    } else {
+        m.range(0..0)
     }
 }
 

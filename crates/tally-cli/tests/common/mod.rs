@@ -151,6 +151,11 @@ pub async fn fetch(
     );
     let v = get(c, url).await;
     assert_eq!(v["metric"], metric);
+    points(&v)
+}
+
+/// The points of a metrics answer grouped by event type: (event_type, bucket) → value.
+pub fn points(v: &Value) -> BTreeMap<(String, String), f64> {
     let mut out = BTreeMap::new();
     for s in v["series"].as_array().unwrap() {
         let ty = s["labels"]["event_type"].as_str().unwrap().to_string();
