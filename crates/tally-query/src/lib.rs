@@ -251,6 +251,55 @@ impl QueryEngine {
         }
         Ok(result)
     }
+
+    /// When each of `ids` was first received, from the tenant's kept raw
+    /// events with event time in `[from, to]`: event id → earliest
+    /// `received_at` (ids the raw store does not hold are absent).
+    pub async fn first_received(
+        &self,
+        tenant: &str,
+        ids: &[&str],
+        from: tally_types::Millis,
+        to: tally_types::Millis,
+    ) -> Result<HashMap<String, tally_types::Millis>, QueryError> {
+        use arrow::array::{Array, Int64Array, StringArray};
+        use arrow::compute::cast;
+        use arrow::datatypes::DataType;
+        let mut out = HashMap::new();
+        let bound = tally_types::time::format_rfc3339;
+        for chunk in ids.chunks(1000) {
+            let list: Vec<String> = chunk
+                .iter()
+                .map(|id| format!("'{}'", id.replace('\'', "''")))
+                .collect();
+            let sql = format!(
+                "SELECT CAST(event_id AS VARCHAR) AS id, CAST(min(received_at) AS BIGINT) AS first \
+                 FROM events WHERE ts >= '{}' AND ts <= '{}' AND event_id IN ({}) GROUP BY 1",
+                bound(from),
+                bound(to),
+                list.join(",")
+            );
+            let r = self.sql(tenant, &sql).await?;
+            for b in &r.batches {
+                let ids = cast(b.column(0), &DataType::Utf8)
+                    .map_err(|e| QueryError::Exec(e.to_string()))?;
+                let first = cast(b.column(1), &DataType::Int64)
+                    .map_err(|e| QueryError::Exec(e.to_string()))?;
+                let (Some(ids), Some(first)) = (
+                    ids.as_any().downcast_ref::<StringArray>(),
+                    first.as_any().downcast_ref::<Int64Array>(),
+                ) else {
+                    continue;
+                };
+                for i in 0..b.num_rows() {
+                    if !ids.is_null(i) && !first.is_null(i) {
+                        out.insert(ids.value(i).to_string(), first.value(i));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

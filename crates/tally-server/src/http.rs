@@ -516,6 +516,10 @@ async fn dlq_replay(
         ));
     }
     let pending = s.shared.dlq.lock().pending_late(tenant.as_deref());
+    let (pending, counted_before) = match &s.query {
+        Some(engine) => received_before(engine, pending).await?,
+        None => (pending, 0),
+    };
     let mut ndjson = String::new();
     for e in &pending {
         if let DlqBody::Event(j) = &e.body {
@@ -524,7 +528,7 @@ async fn dlq_replay(
         }
     }
     let mut applied = 0u64;
-    let mut skipped = 0u64;
+    let mut skipped = counted_before;
     if !ndjson.is_empty() {
         let parsed = Parser::new(1)
             .parse(ndjson.as_bytes(), Format::Ndjson, Tenancy::Open)
@@ -585,9 +589,67 @@ async fn dlq_replay(
         "kind": "late",
         "applied": applied,
         "skipped": skipped,
+        "already_counted": counted_before,
         "tenant": tenant,
     }))
     .into_response())
+}
+
+/// Splits off the late entries whose event the raw store holds an earlier
+/// copy of. Such an event was counted on time long ago (its dedupe entry
+/// has since expired, so the re-sent copy was judged late), or the earlier
+/// copy is itself a late entry that is replayed instead: replaying this one
+/// would count the event twice. Answers the rest and how many were split off.
+async fn received_before(
+    engine: &tally_query::QueryEngine,
+    pending: Vec<DlqEntry>,
+) -> Result<(Vec<DlqEntry>, u64), ApiError> {
+    // Per tenant: (event id, event time) of each entry.
+    let mut wanted: std::collections::BTreeMap<&str, Vec<(String, i64)>> = Default::default();
+    let mut of_entry = Vec::with_capacity(pending.len());
+    for e in &pending {
+        let id_ts = match &e.body {
+            DlqBody::Event(j) => serde_json::from_str::<Json>(j).ok().and_then(|v| {
+                let id = v["event_id"].as_str()?.to_string();
+                let ts = match &v["timestamp"] {
+                    Json::String(t) => parse_time_param(t).ok()?,
+                    n => n.as_i64()?,
+                };
+                Some((id, ts))
+            }),
+            DlqBody::Raw(_) => None,
+        };
+        if let Some(x) = &id_ts {
+            wanted.entry(&e.tenant).or_default().push(x.clone());
+        }
+        of_entry.push(id_ts);
+    }
+    let mut first: std::collections::HashMap<(&str, String), i64> = Default::default();
+    for (tenant, events) in &wanted {
+        let from = events.iter().map(|x| x.1).min().unwrap_or(0);
+        let to = events.iter().map(|x| x.1).max().unwrap_or(0);
+        let ids: Vec<&str> = events.iter().map(|x| x.0.as_str()).collect();
+        let seen = engine
+            .first_received(tenant, &ids, from, to)
+            .await
+            .map_err(query_error)?;
+        first.extend(seen.into_iter().map(|(id, at)| ((*tenant, id), at)));
+    }
+    let mut keep = Vec::with_capacity(pending.len());
+    let mut dropped = 0;
+    for (e, id_ts) in pending.iter().zip(of_entry) {
+        let earlier = id_ts.is_some_and(|(id, _)| {
+            first
+                .get(&(e.tenant.as_str(), id))
+                .is_some_and(|&at| at < e.received_at)
+        });
+        if earlier {
+            dropped += 1;
+        } else {
+            keep.push(e.clone());
+        }
+    }
+    Ok((keep, dropped))
 }
 
 /// `GET /api/v1/status`: where the pipeline stands (an addition to API.md).
