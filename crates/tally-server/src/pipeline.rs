@@ -703,17 +703,24 @@ fn processor_loop(
         }
         if let (Some(t), Some(i)) = (next_ckpt, interval)
             && Instant::now() >= t
-            && p.dirty()
-            && let Some(st) = home.take()
         {
-            next_ckpt = Some(Instant::now() + i);
-            let job = st.prepare(&mut p);
-            if writer.is_some() {
-                if let Err(std::sync::mpsc::SendError((st, job))) = job_tx.send((st, job)) {
+            // Always move the deadline: one left in the past makes the
+            // receive above time out at once, and the thread spins.
+            if !p.dirty() {
+                next_ckpt = Some(Instant::now() + i);
+            } else if let Some(st) = home.take() {
+                next_ckpt = Some(Instant::now() + i);
+                let job = st.prepare(&mut p);
+                if writer.is_some() {
+                    if let Err(std::sync::mpsc::SendError((st, job))) = job_tx.send((st, job)) {
+                        home = Some(write_inline(&mut p, st, job, &shared));
+                    }
+                } else {
                     home = Some(write_inline(&mut p, st, job, &shared));
                 }
             } else {
-                home = Some(write_inline(&mut p, st, job, &shared));
+                // The previous checkpoint is still being written.
+                next_ckpt = Some(Instant::now() + Duration::from_millis(5).min(i));
             }
         }
     }
