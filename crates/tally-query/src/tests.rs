@@ -200,3 +200,46 @@ fn time_bounds_read_ts_filters() {
         (60, i64::MAX)
     );
 }
+
+/// The UTC fast path of `date_trunc` answers exactly what DataFusion's own
+/// function does, for every fixed granularity, before and after 1970, with
+/// nulls, and the other granularities still go through DataFusion's.
+#[tokio::test]
+async fn utc_date_trunc_matches_datafusion() {
+    use arrow::array::{Array, TimestampMillisecondArray};
+    use datafusion::datasource::MemTable;
+    let mut values: Vec<Option<i64>> = vec![None, Some(0), Some(-1), Some(-86_400_001)];
+    let mut x: i64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..2000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        values.push(Some(x.rem_euclid(4_000_000_000_000) - 1_000_000_000_000));
+    }
+    let mut batches = Vec::new();
+    for tz in [Some("UTC"), Some("+00:00"), None] {
+        let a = TimestampMillisecondArray::from(values.clone()).with_timezone_opt(tz);
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("ts", a.data_type().clone(), true),
+        ]));
+        batches.push((
+            schema.clone(),
+            RecordBatch::try_new(schema, vec![Arc::new(a)]).unwrap(),
+        ));
+    }
+    for (schema, batch) in batches {
+        let plain = SessionContext::new();
+        let fast = SessionContext::new();
+        fast.register_udf(udf::UtcDateTrunc::udf());
+        for ctx in [&plain, &fast] {
+            let t = MemTable::try_new(schema.clone(), vec![vec![batch.clone()]]).unwrap();
+            ctx.register_table("t", Arc::new(t)).unwrap();
+        }
+        for g in ["second", "minute", "hour", "day", "week", "month", "year"] {
+            let sql = format!("SELECT date_trunc('{g}', ts) AS d FROM t");
+            let a = plain.sql(&sql).await.unwrap().collect().await.unwrap();
+            let b = fast.sql(&sql).await.unwrap().collect().await.unwrap();
+            assert_eq!(a, b, "{g} on {:?}", schema.field(0).data_type());
+        }
+    }
+}

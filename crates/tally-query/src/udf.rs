@@ -309,3 +309,96 @@ mod tests {
         assert_eq!(lookup("{}", &["a"]), None);
     }
 }
+
+/// `date_trunc` with a fast path for UTC timestamps: DataFusion truncates a
+/// timestamp that carries a time zone (ours are all `UTC`) to an hour or a
+/// day through chrono-tz, one value at a time; in UTC an hour and a day are
+/// fixed lengths, so this is a floor on the integer. Every other case
+/// (months, weeks, other zones, time types, scalars) goes to DataFusion's
+/// own function, which this one wraps and otherwise copies.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct UtcDateTrunc {
+    inner: Arc<ScalarUDF>,
+}
+
+impl UtcDateTrunc {
+    pub(crate) fn udf() -> ScalarUDF {
+        ScalarUDF::new_from_impl(UtcDateTrunc {
+            inner: datafusion::functions::datetime::date_trunc(),
+        })
+    }
+}
+
+/// Milliseconds in one unit of a fixed-length granularity.
+fn fixed_step_ms(granularity: &str) -> Option<i64> {
+    Some(match granularity.to_ascii_lowercase().as_str() {
+        "second" => 1_000,
+        "minute" => 60_000,
+        "hour" => 3_600_000,
+        "day" => 86_400_000,
+        _ => return None,
+    })
+}
+
+fn is_utc(tz: &Option<Arc<str>>) -> bool {
+    tz.as_deref()
+        .is_none_or(|z| matches!(z, "UTC" | "utc" | "+00:00" | "Z" | "Etc/UTC"))
+}
+
+impl ScalarUDFImpl for UtcDateTrunc {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<arrow::datatypes::FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn output_ordering(
+        &self,
+        inputs: &[datafusion::logical_expr::sort_properties::ExprProperties],
+    ) -> Result<datafusion::logical_expr::sort_properties::SortProperties> {
+        self.inner.output_ordering(inputs)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        use arrow::array::AsArray;
+        use arrow::datatypes::{TimeUnit, TimestampMillisecondType};
+        let step = match &args.args[0] {
+            ColumnarValue::Scalar(ScalarValue::Utf8(Some(g)) | ScalarValue::Utf8View(Some(g))) => {
+                fixed_step_ms(g)
+            }
+            _ => None,
+        };
+        if let (Some(step), ColumnarValue::Array(a)) = (step, &args.args[1])
+            && let DataType::Timestamp(TimeUnit::Millisecond, tz) = a.data_type()
+            && is_utc(tz)
+        {
+            let out = a
+                .as_primitive::<TimestampMillisecondType>()
+                .unary::<_, TimestampMillisecondType>(|v| v.saturating_sub(v.rem_euclid(step)))
+                .with_timezone_opt(tz.clone());
+            return Ok(ColumnarValue::Array(Arc::new(out)));
+        }
+        self.inner.invoke_with_args(args)
+    }
+}
