@@ -3,10 +3,10 @@
 //! `json_get_float(properties, 'duration_ms')`,
 //! `json_get_str(properties, 'utm', 'source')`.
 //!
-//! The object is scanned, not built: keys that do not match are skipped
-//! without allocating, so a lookup costs about one pass over the text.
+//! The object is scanned byte by byte, not parsed: keys that do not match
+//! and their values are skipped without decoding or allocating, the scan
+//! stops at the key, and a string without escapes is returned as a slice.
 
-use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, Float64Builder, Int64Builder, StringBuilder};
@@ -15,7 +15,6 @@ use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Want {
@@ -200,26 +199,26 @@ pub(crate) enum Found<'a> {
 /// The value at `path` in the JSON object `text` (None: missing or not JSON).
 pub(crate) fn lookup<'a>(text: &'a str, path: &[&str]) -> Option<Found<'a>> {
     let mut cur = text;
-    for (i, key) in path.iter().enumerate() {
-        let mut de = serde_json::Deserializer::from_str(cur);
-        let raw: &'a serde_json::value::RawValue = FindKey { key }.deserialize(&mut de).ok()??;
-        let last = i + 1 == path.len();
-        if !last {
-            cur = raw.get();
-            continue;
-        }
-        return Some(scalar(raw.get()));
+    for key in path {
+        cur = find_key(cur, key)?;
     }
-    None
+    (!path.is_empty()).then(|| scalar(cur))
 }
 
 fn scalar(raw: &str) -> Found<'_> {
     let t = raw.trim();
     match t.as_bytes().first() {
-        Some(b'"') => match serde_json::from_str::<std::borrow::Cow<'_, str>>(t) {
-            Ok(s) => Found::Str(s),
-            Err(_) => Found::Null,
-        },
+        Some(b'"') => {
+            let inner = &t[1..t.len().saturating_sub(1).max(1)];
+            if t.len() >= 2 && !inner.contains('\\') {
+                Found::Str(std::borrow::Cow::Borrowed(inner))
+            } else {
+                match serde_json::from_str::<String>(t) {
+                    Ok(s) => Found::Str(std::borrow::Cow::Owned(s)),
+                    Err(_) => Found::Null,
+                }
+            }
+        }
         Some(b'{') | Some(b'[') => Found::Raw(t),
         Some(b'n') => Found::Null,
         Some(b't') => Found::Bool(true),
@@ -232,59 +231,105 @@ fn scalar(raw: &str) -> Found<'_> {
     }
 }
 
-/// Walks an object's entries, skipping values until `key` matches.
-struct FindKey<'k> {
-    key: &'k str,
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
 }
 
-impl<'de> DeserializeSeed<'de> for FindKey<'_> {
-    type Value = Option<&'de serde_json::value::RawValue>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FindKey<'_> {
-    type Value = Option<&'de serde_json::value::RawValue>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found = None;
-        while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if found.is_none() && k == self.key {
-                found = Some(map.next_value::<&'de serde_json::value::RawValue>()?);
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
+/// `b[i]` is the opening quote of a string: the index after its closing one.
+fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        let j = i + memchr::memchr2(b'"', b'\\', &b[i..])?;
+        if b[j] == b'"' {
+            return Some(j + 1);
         }
-        Ok(found)
+        i = j + 2;
+        if i > b.len() {
+            return None;
+        }
     }
+}
 
-    // Anything but an object has no keys.
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
-        while s.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
+/// `b[i]` starts a value: the index after it.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < b.len() {
+                match b[j] {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            None
+        }
+        _ => {
+            let mut j = i;
+            while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
+                j += 1;
+            }
+            (j > i).then_some(j)
+        }
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
+}
+
+/// The raw text of the value of `key` in the JSON object `text` (the first
+/// one if the key repeats), found by scanning bytes: keys that do not match
+/// and their values are skipped without decoding or allocating (a key with
+/// escapes is decoded to compare). None if `text` is not an object or has
+/// no such key.
+fn find_key<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let b = text.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return None;
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let k_end = skip_string(b, i)?;
+        let raw_key = &text[i + 1..k_end - 1];
+        let matches = if raw_key.contains('\\') {
+            serde_json::from_str::<String>(&text[i..k_end]).is_ok_and(|k| k == key)
+        } else {
+            raw_key == key
+        };
+        i = skip_ws(b, k_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let v_start = skip_ws(b, i + 1);
+        let v_end = skip_value(b, v_start)?;
+        if matches {
+            return Some(&text[v_start..v_end]);
+        }
+        i = skip_ws(b, v_end);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            _ => return None,
+        }
     }
 }
 
@@ -307,6 +352,88 @@ mod tests {
         assert_eq!(lookup("not json", &["a"]), None);
         assert_eq!(lookup("[1,2]", &["a"]), None);
         assert_eq!(lookup("{}", &["a"]), None);
+        assert_eq!(
+            lookup(r#" { "k\u0065y" : "v\n" , "z":1}"#, &["key"]),
+            Some(Found::Str("v\n".into()))
+        );
+        assert_eq!(
+            lookup(r#"{"a": {"b": [1, {"c": "}"}]}, "d": 4}"#, &["d"]),
+            Some(Found::Int(4))
+        );
+        assert_eq!(lookup(r#"{"a": 1, "a": 2}"#, &["a"]), Some(Found::Int(1)));
+    }
+
+    /// The scanner against serde_json's full parse, on random objects with
+    /// nesting, escapes and every value kind.
+    #[test]
+    fn scanner_agrees_with_a_full_parse() {
+        use serde_json::{Map, Value, json};
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        fn text(r: &mut dyn FnMut(u64) -> u64) -> String {
+            let parts = ["a", "b\"q", "c\\d", "é", "\n", "}", "{", "[", ",", ":", " "];
+            (0..r(4))
+                .map(|_| parts[r(parts.len() as u64) as usize])
+                .collect()
+        }
+        fn value(r: &mut dyn FnMut(u64) -> u64, depth: u32) -> Value {
+            match r(if depth > 2 { 6 } else { 8 }) {
+                0 => Value::Null,
+                1 => json!(r(2) == 0),
+                2 => json!(r(1000) as i64 - 500),
+                3 => json!((r(100000) as f64) / 7.0),
+                4 | 5 => json!(text(r)),
+                6 => Value::Array((0..r(3)).map(|_| value(r, depth + 1)).collect()),
+                _ => {
+                    let mut m = Map::new();
+                    for i in 0..r(4) {
+                        m.insert(format!("{}{i}", text(r)), value(r, depth + 1));
+                    }
+                    Value::Object(m)
+                }
+            }
+        }
+        for _ in 0..3000 {
+            let mut m = Map::new();
+            for i in 0..rnd(6) {
+                m.insert(format!("{}{i}", text(&mut rnd)), value(&mut rnd, 0));
+            }
+            let v = Value::Object(m.clone());
+            let s = if rnd(2) == 0 {
+                v.to_string()
+            } else {
+                serde_json::to_string_pretty(&v).unwrap()
+            };
+            for (k, want) in &m {
+                let got = lookup(&s, &[k]);
+                let want = match want {
+                    Value::Null => Found::Null,
+                    Value::Bool(b) => Found::Bool(*b),
+                    Value::Number(n) => match n.as_i64() {
+                        Some(i) => Found::Int(i),
+                        None => Found::Float(n.as_f64().unwrap()),
+                    },
+                    Value::String(t) => Found::Str(t.clone().into()),
+                    Value::Array(_) | Value::Object(_) => {
+                        let Some(Found::Raw(r)) = got else {
+                            panic!("{s} {k}: {got:?}")
+                        };
+                        // Both through one parser (serde_json's float parse
+                        // is not exact without `float_roundtrip`).
+                        let parse = |t: &str| serde_json::from_str::<Value>(t).unwrap();
+                        assert_eq!(parse(r), parse(&want.to_string()), "{s} {k}");
+                        continue;
+                    }
+                };
+                assert_eq!(got, Some(want), "{s} key {k:?}");
+            }
+            assert_eq!(lookup(&s, &["absent key"]), None, "{s}");
+        }
     }
 }
 
