@@ -125,6 +125,29 @@ impl Archive {
         Ok(())
     }
 
+    /// Copies one object to a second name (locally a hard link, then the
+    /// directory is fsynced; on S3 a server-side copy).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<()> {
+        if let Some(root) = &self.local {
+            let (a, b) = (root.join(from), root.join(to));
+            let io = |p: &Path| {
+                let p = p.display().to_string();
+                move |source| Error::Io { path: p, source }
+            };
+            let _ = std::fs::remove_file(&b);
+            std::fs::hard_link(&a, &b).map_err(io(&b))?;
+            let dir = b.parent().unwrap_or(root);
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+            return Ok(());
+        }
+        self.store
+            .copy(&ObjPath::from(from), &ObjPath::from(to))
+            .await?;
+        Ok(())
+    }
+
     /// Reads one object whole.
     pub async fn get(&self, path: &str) -> Result<Bytes> {
         Ok(self.store.get(&ObjPath::from(path)).await?.bytes().await?)

@@ -371,3 +371,60 @@ fn compaction_merges_small_files_and_keeps_every_row_once() {
     let rows: u64 = shared.files.read().iter().map(|f| f.rows).sum();
     assert_eq!(rows, 6);
 }
+
+/// Within the grace period a reader globbing `*.parquet` sees the replaced
+/// files only (the merged one is still `.merging`), never both; a restart
+/// inside the grace period finishes the swap.
+#[test]
+fn a_directory_reader_never_sees_merged_rows_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
+    let mut cfg = RawConfig::new(dir.path().join("raw/manifest"), 1);
+    cfg.compact_files = 2;
+    cfg.compact_grace_ms = 3_600_000;
+    let (mut w, shared) = RawWriter::open(archive.clone(), cfg.clone(), (0, &[0])).unwrap();
+    for lsn in 1..=3u64 {
+        let id = format!("e{lsn}");
+        w.append(
+            0,
+            lsn * 10,
+            lsn,
+            T0,
+            &batch(&[("a", &id, T0 + lsn as i64)]),
+            &[],
+        )
+        .unwrap();
+        w.seal_now().unwrap();
+    }
+    let root = dir.path().join("archive");
+    let before = read_archive(&root);
+    assert_eq!(before.len(), 3);
+    let r = w.compact_now().unwrap();
+    assert_eq!((r.files_in, r.files_out, r.deleted), (3, 1, 0));
+    // The directory: the three old files, the same rows, nothing twice.
+    assert_eq!(read_archive(&root), before);
+    // Tally's own list: the merged file only.
+    let live: Vec<String> = shared.files.read().iter().map(|f| f.path.clone()).collect();
+    assert_eq!(live.len(), 1);
+    assert!(live[0].ends_with(".merging"), "{live:?}");
+    w.close().unwrap();
+    let (_w, shared) = RawWriter::open(archive, cfg, (0, &[0])).unwrap();
+    let live: Vec<String> = shared.files.read().iter().map(|f| f.path.clone()).collect();
+    assert_eq!(live.len(), 1);
+    assert!(live[0].ends_with(".parquet"), "{live:?}");
+    let after = read_archive(&root);
+    let ids = |v: &[(String, String, Millis)]| v.iter().map(|r| r.1.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&after), ids(&before));
+    assert!(after.iter().all(|r| r.0 == live[0]));
+    let merging = std::fs::read_dir(root.join("tenant=a/date=2026-11-01/hour=12"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".merging")
+        })
+        .count();
+    assert_eq!(merging, 0);
+}

@@ -202,7 +202,7 @@ impl RawWriter {
         cfg: RawConfig,
         genesis: (u64, &[u64]),
     ) -> Result<(RawWriter, Arc<RawShared>)> {
-        let manifest = Manifest::open(&cfg.manifest_path, cfg.partitions, genesis)?;
+        let mut manifest = Manifest::open(&cfg.manifest_path, cfg.partitions, genesis)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -213,9 +213,12 @@ impl RawWriter {
         // Startup I/O runs on a thread of its own: `open` may be called from
         // inside an async runtime, where blocking on another one panics.
         std::thread::scope(|sc| {
-            sc.spawn(|| remove_orphans(&rt, &archive, &manifest, &cfg))
-                .join()
-                .unwrap_or_else(|_| Err(Error::Config("orphan cleanup panicked".into())))
+            sc.spawn(|| {
+                promote_at_start(&rt, &archive, &mut manifest)?;
+                remove_orphans(&rt, &archive, &manifest, &cfg)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(Error::Config("orphan cleanup panicked".into())))
         })?;
         let files: Vec<Arc<ArchiveFile>> = manifest.state.files.values().cloned().collect();
         let shared = Arc::new(RawShared {
@@ -507,7 +510,7 @@ fn remove_orphans(
     let untracked: Vec<&String> = listed
         .iter()
         .map(|(p, _)| p)
-        .filter(|p| p.ends_with(".parquet") || p.ends_with(".tmp"))
+        .filter(|p| p.ends_with(".parquet") || p.ends_with(".tmp") || p.ends_with(MERGING))
         .filter(|p| !manifest.state.files.contains_key(*p))
         .collect();
     if manifest.existed {
@@ -557,7 +560,7 @@ fn seal_loop(
 ) {
     let mut attempt = 0u64;
     // Files compaction replaced, deleted once their grace period is over.
-    let mut graveyard: Vec<(Instant, Vec<String>)> = Vec::new();
+    let mut graveyard: Vec<Buried> = Vec::new();
     for job in rx {
         let mut job = match job {
             Job::Seal(j) => j,
@@ -686,11 +689,11 @@ async fn compact(
     manifest: &mut Manifest,
     cfg: &RawConfig,
     attempt: u64,
-    graveyard: &mut Vec<(Instant, Vec<String>)>,
+    graveyard: &mut Vec<Buried>,
 ) -> Result<CompactReport> {
     let mut report = CompactReport::default();
     let grace = Duration::from_millis(cfg.compact_grace_ms);
-    report.deleted += bury(shared, graveyard, grace).await;
+    report.deleted += bury(shared, manifest, graveyard, grace).await?;
     // Groups of small files per (tenant, hour); an hour is over once the
     // tenant has files from a later hour.
     let files: Vec<Arc<ArchiveFile>> = shared.files.read().clone();
@@ -743,8 +746,10 @@ async fn compact(
             .and_then(|n| n.strip_prefix("part-"))
             .and_then(|n| n.get(..20))
             .unwrap_or("00000000000000000000");
+        // Named `.merging` (not `*.parquet`) until the replaced files go,
+        // so a reader globbing the directory never sees both.
         let path = format!(
-            "{}/part-{stem}-c{attempt:04}.parquet",
+            "{}/part-{stem}-c{attempt:04}{MERGING}",
             hive_dir(&tenant, hour)
         );
         let merged = ArchiveFile {
@@ -775,30 +780,123 @@ async fn compact(
         report.rows += sorted.num_rows() as u64;
         let st = &shared.stats;
         st.files_compacted.fetch_add(removed.len() as u64, Relaxed);
-        graveyard.push((Instant::now(), removed));
+        graveyard.push(Buried {
+            at: Instant::now(),
+            old: removed,
+            merging: Some(path),
+        });
     }
-    report.deleted += bury(shared, graveyard, grace).await;
+    report.deleted += bury(shared, manifest, graveyard, grace).await?;
     Ok(report)
 }
 
-/// Deletes the replaced files whose grace period is over; answers how many.
+/// A merged file still named `.merging` at start (stopped within its grace
+/// period): no query is running, so it gets its `.parquet` name now; the
+/// files it replaced are orphans and go with them.
+fn promote_at_start(
+    rt: &tokio::runtime::Runtime,
+    archive: &Archive,
+    manifest: &mut Manifest,
+) -> Result<()> {
+    let merging: Vec<Arc<ArchiveFile>> = manifest
+        .state
+        .files
+        .values()
+        .filter(|f| f.path.ends_with(MERGING))
+        .cloned()
+        .collect();
+    for f in merging {
+        let fin = format!("{}.parquet", f.path.trim_end_matches(MERGING));
+        rt.block_on(archive.copy(&f.path, &fin))?;
+        let renamed = ArchiveFile {
+            path: fin,
+            ..(*f).clone()
+        };
+        manifest.append(Entry::Replace {
+            remove: std::slice::from_ref(&f.path),
+            add: std::slice::from_ref(&renamed),
+        })?;
+    }
+    Ok(())
+}
+
+/// Suffix of a merged file while the files it replaces still exist.
+const MERGING: &str = ".merging";
+
+/// Files compaction replaced, waiting out their grace period (queries that
+/// started before the swap may still read them).
+pub(crate) struct Buried {
+    at: Instant,
+    old: Vec<String>,
+    /// The merged file, still under its `.merging` name.
+    merging: Option<String>,
+}
+
+/// Gives a merged file its `.parquet` name: a copy under the final name,
+/// one Replace entry, the swap in the live list. Answers the final path.
+async fn promote(shared: &RawShared, manifest: &mut Manifest, merging: &str) -> Result<String> {
+    let fin = format!("{}.parquet", merging.trim_end_matches(MERGING));
+    let Some(file) = shared
+        .files
+        .read()
+        .iter()
+        .find(|f| f.path == merging)
+        .cloned()
+    else {
+        return Ok(fin);
+    };
+    shared.archive.copy(merging, &fin).await?;
+    let renamed = ArchiveFile {
+        path: fin.clone(),
+        ..(*file).clone()
+    };
+    manifest.append(Entry::Replace {
+        remove: &[merging.to_string()],
+        add: std::slice::from_ref(&renamed),
+    })?;
+    {
+        let mut fl = shared.files.write();
+        fl.retain(|f| f.path != merging);
+        fl.push(Arc::new(renamed));
+    }
+    shared.bump_version();
+    Ok(fin)
+}
+
+/// For each compaction whose grace period is over: the merged file gets its
+/// `.parquet` name, then the replaced files are deleted (a reader globbing
+/// the directory sees both for that moment only), and the `.merging` name
+/// waits out a grace period of its own. Answers how many files went.
 async fn bury(
     shared: &RawShared,
-    graveyard: &mut Vec<(Instant, Vec<String>)>,
+    manifest: &mut Manifest,
+    graveyard: &mut Vec<Buried>,
     grace: Duration,
-) -> usize {
-    let (due, wait): (Vec<_>, Vec<_>) = graveyard
-        .drain(..)
-        .partition(|(at, _)| at.elapsed() >= grace);
-    *graveyard = wait;
+) -> Result<usize> {
     let mut n = 0;
-    for p in due.into_iter().flat_map(|(_, paths)| paths) {
-        if let Err(e) = shared.archive.delete(&p).await {
-            tracing::warn!(path = %p, error = %e, "archive compaction: could not delete a replaced file (deleted on the next start)");
+    while let Some(i) = graveyard.iter().position(|b| b.at.elapsed() >= grace) {
+        let b = graveyard.swap_remove(i);
+        if let Some(m) = &b.merging
+            && let Err(e) = promote(shared, manifest, m).await
+        {
+            graveyard.push(b);
+            return Err(e);
         }
-        n += 1;
+        for p in &b.old {
+            if let Err(e) = shared.archive.delete(p).await {
+                tracing::warn!(path = %p, error = %e, "archive compaction: could not delete a replaced file (deleted on the next start)");
+            }
+            n += 1;
+        }
+        if let Some(m) = b.merging {
+            graveyard.push(Buried {
+                at: Instant::now(),
+                old: vec![m],
+                merging: None,
+            });
+        }
     }
-    n
+    Ok(n)
 }
 
 /// Makes a seal visible: files in, sealed hot batches out, in that order

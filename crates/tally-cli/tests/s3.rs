@@ -212,8 +212,9 @@ async fn archive_on_s3_compatible_storage() {
     assert!(split.len() > keys.len(), "{split:?}");
 
     // Compaction (every 200 ms, two files are enough) merges each
-    // (tenant, hour) into one object through the bucket, and deletes the
-    // replaced ones after the grace period (2 × the query timeout).
+    // (tenant, hour) into one object through the bucket (`.merging` until
+    // the grace period of 2 × the query timeout is over, then `.parquet`),
+    // and deletes the replaced ones.
     let server = start_with(dir.path(), &endpoint, |cfg| {
         cfg.retention.interval = "200ms".into();
         cfg.archive.compact_files = 2;
@@ -224,7 +225,7 @@ async fn archive_on_s3_compatible_storage() {
     let mut merged = Vec::new();
     for _ in 0..150 {
         merged = list_keys(&c, &endpoint).await;
-        if merged.len() == keys.len() {
+        if merged.len() == keys.len() && merged.iter().all(|k| k.ends_with(".parquet")) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
