@@ -130,17 +130,9 @@ impl Archive {
     pub async fn copy(&self, from: &str, to: &str) -> Result<()> {
         if let Some(root) = &self.local {
             let (a, b) = (root.join(from), root.join(to));
-            let io = |p: &Path| {
-                let p = p.display().to_string();
-                move |source| Error::Io { path: p, source }
-            };
             let _ = std::fs::remove_file(&b);
             std::fs::hard_link(&a, &b).map_err(io(&b))?;
-            let dir = b.parent().unwrap_or(root);
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(dir))?;
-            return Ok(());
+            return sync_dir(b.parent().unwrap_or(root));
         }
         self.store
             .copy(&ObjPath::from(from), &ObjPath::from(to))
@@ -170,12 +162,20 @@ impl Archive {
     }
 }
 
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = p.display().to_string();
+    move |source| Error::Io { path, source }
+}
+
+/// Makes the entries of `dir` (a rename, a link) survive a power cut.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
 fn put_local(root: &Path, rel: &str, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| Error::Io { path: p, source }
-    };
     let path = root.join(rel);
     let dir = path.parent().unwrap_or(root).to_path_buf();
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -187,8 +187,5 @@ fn put_local(root: &Path, rel: &str, data: &[u8]) -> Result<()> {
     f.write_all(data).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(&dir))?;
-    Ok(())
+    sync_dir(&dir)
 }

@@ -30,6 +30,21 @@ fn open(dir: &std::path::Path) -> (RawWriter, Arc<RawShared>) {
     .unwrap()
 }
 
+/// A one-partition raw store in `dir` with compaction settings, and its
+/// archive and config (to reopen it).
+fn open_compacting(
+    dir: &std::path::Path,
+    files: usize,
+    grace_ms: u64,
+) -> (RawWriter, Arc<RawShared>, Archive, RawConfig) {
+    let archive = Archive::open(&ArchiveTarget::Local(dir.join("archive"))).unwrap();
+    let mut cfg = RawConfig::new(dir.join("raw/manifest"), 1);
+    cfg.compact_files = files;
+    cfg.compact_grace_ms = grace_ms;
+    let (w, shared) = RawWriter::open(archive.clone(), cfg.clone(), (0, &[0])).unwrap();
+    (w, shared, archive, cfg)
+}
+
 /// Every row of the local archive, read with the parquet crate directly:
 /// (path, event_id, ts).
 fn read_archive(root: &std::path::Path) -> Vec<(String, String, Millis)> {
@@ -300,11 +315,7 @@ fn many_small_flushes_during_seals_archive_every_row_once() {
 #[test]
 fn compaction_merges_small_files_and_keeps_every_row_once() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
-    let mut cfg = RawConfig::new(dir.path().join("raw/manifest"), 1);
-    cfg.compact_files = 3;
-    cfg.compact_grace_ms = 0;
-    let (mut w, shared) = RawWriter::open(archive.clone(), cfg.clone(), (0, &[0])).unwrap();
+    let (mut w, shared, archive, cfg) = open_compacting(dir.path(), 3, 0);
     let h = 3_600_000;
     let mut lsn = 0u64;
     let mut seal = |w: &mut RawWriter, events: &[(&str, &str, Millis)]| {
@@ -378,11 +389,7 @@ fn compaction_merges_small_files_and_keeps_every_row_once() {
 #[test]
 fn a_directory_reader_never_sees_merged_rows_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
-    let mut cfg = RawConfig::new(dir.path().join("raw/manifest"), 1);
-    cfg.compact_files = 2;
-    cfg.compact_grace_ms = 3_600_000;
-    let (mut w, shared) = RawWriter::open(archive.clone(), cfg.clone(), (0, &[0])).unwrap();
+    let (mut w, shared, archive, cfg) = open_compacting(dir.path(), 2, 3_600_000);
     for lsn in 1..=3u64 {
         let id = format!("e{lsn}");
         w.append(

@@ -806,18 +806,28 @@ fn promote_at_start(
         .cloned()
         .collect();
     for f in merging {
-        let fin = format!("{}.parquet", f.path.trim_end_matches(MERGING));
-        rt.block_on(archive.copy(&f.path, &fin))?;
-        let renamed = ArchiveFile {
-            path: fin,
-            ..(*f).clone()
-        };
-        manifest.append(Entry::Replace {
-            remove: std::slice::from_ref(&f.path),
-            add: std::slice::from_ref(&renamed),
-        })?;
+        rt.block_on(rename_merged(archive, manifest, &f))?;
     }
     Ok(())
+}
+
+/// A `.merging` file under its `.parquet` name: a copy (a hard link
+/// locally), then one Replace entry. Answers the renamed file.
+async fn rename_merged(
+    archive: &Archive,
+    manifest: &mut Manifest,
+    file: &ArchiveFile,
+) -> Result<ArchiveFile> {
+    let renamed = ArchiveFile {
+        path: format!("{}.parquet", file.path.trim_end_matches(MERGING)),
+        ..file.clone()
+    };
+    archive.copy(&file.path, &renamed.path).await?;
+    manifest.append(Entry::Replace {
+        remove: std::slice::from_ref(&file.path),
+        add: std::slice::from_ref(&renamed),
+    })?;
+    Ok(renamed)
 }
 
 /// Suffix of a merged file while the files it replaces still exist.
@@ -832,10 +842,9 @@ pub(crate) struct Buried {
     merging: Option<String>,
 }
 
-/// Gives a merged file its `.parquet` name: a copy under the final name,
-/// one Replace entry, the swap in the live list. Answers the final path.
-async fn promote(shared: &RawShared, manifest: &mut Manifest, merging: &str) -> Result<String> {
-    let fin = format!("{}.parquet", merging.trim_end_matches(MERGING));
+/// Gives a live merged file its `.parquet` name ([`rename_merged`]) and
+/// swaps it in the list queries read.
+async fn promote(shared: &RawShared, manifest: &mut Manifest, merging: &str) -> Result<()> {
     let Some(file) = shared
         .files
         .read()
@@ -843,24 +852,16 @@ async fn promote(shared: &RawShared, manifest: &mut Manifest, merging: &str) -> 
         .find(|f| f.path == merging)
         .cloned()
     else {
-        return Ok(fin);
+        return Ok(());
     };
-    shared.archive.copy(merging, &fin).await?;
-    let renamed = ArchiveFile {
-        path: fin.clone(),
-        ..(*file).clone()
-    };
-    manifest.append(Entry::Replace {
-        remove: &[merging.to_string()],
-        add: std::slice::from_ref(&renamed),
-    })?;
+    let renamed = rename_merged(&shared.archive, manifest, &file).await?;
     {
         let mut fl = shared.files.write();
         fl.retain(|f| f.path != merging);
         fl.push(Arc::new(renamed));
     }
     shared.bump_version();
-    Ok(fin)
+    Ok(())
 }
 
 /// For each compaction whose grace period is over: the merged file gets its

@@ -483,10 +483,6 @@ impl Log {
             let keep = keep_from.get(p.id as usize).copied().unwrap_or(u64::MAX);
             while let Some(oldest) = p.closed.first() {
                 let next_base = p.closed.get(1).map_or(p.active.base, |s| s.base);
-                if next_base > keep {
-                    report.segments_kept += 1;
-                    break;
-                }
                 let seg_len = next_base - oldest.base;
                 let total = p.end_offset() - oldest.base;
                 let too_big = self.cfg.retention_bytes > 0 && total > self.cfg.retention_bytes;
@@ -500,6 +496,10 @@ impl Log {
                     ms < now_ms - self.cfg.retention_ms
                 };
                 if !(too_big || too_old) {
+                    break;
+                }
+                if next_base > keep {
+                    report.segments_kept += 1;
                     break;
                 }
                 fs::remove_file(&oldest.path).map_err(io_err(&oldest.path))?;

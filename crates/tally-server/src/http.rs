@@ -604,9 +604,10 @@ async fn received_before(
     engine: &tally_query::QueryEngine,
     pending: Vec<DlqEntry>,
 ) -> Result<(Vec<DlqEntry>, u64), ApiError> {
-    // Per tenant: (event id, event time) of each entry.
-    let mut wanted: std::collections::BTreeMap<&str, Vec<(String, i64)>> = Default::default();
-    let mut of_entry = Vec::with_capacity(pending.len());
+    use std::collections::{BTreeMap, HashMap};
+    // Per tenant: (event id, event time) of each entry; per entry its id.
+    let mut wanted: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    let mut ids = Vec::with_capacity(pending.len());
     for e in &pending {
         let id_ts = match &e.body {
             DlqBody::Event(j) => serde_json::from_str::<Json>(j).ok().and_then(|v| {
@@ -619,34 +620,36 @@ async fn received_before(
             }),
             DlqBody::Raw(_) => None,
         };
-        if let Some(x) = &id_ts {
-            wanted.entry(&e.tenant).or_default().push(x.clone());
+        ids.push(id_ts.as_ref().map(|(id, _)| id.clone()));
+        if let Some(x) = id_ts {
+            wanted.entry(e.tenant.clone()).or_default().push(x);
         }
-        of_entry.push(id_ts);
     }
-    let mut first: std::collections::HashMap<(&str, String), i64> = Default::default();
+    // Per tenant: event id → first received.
+    let mut first: HashMap<String, HashMap<String, i64>> = HashMap::new();
     for (tenant, events) in &wanted {
         let from = events.iter().map(|x| x.1).min().unwrap_or(0);
         let to = events.iter().map(|x| x.1).max().unwrap_or(0);
-        let ids: Vec<&str> = events.iter().map(|x| x.0.as_str()).collect();
+        let list: Vec<&str> = events.iter().map(|x| x.0.as_str()).collect();
         let seen = engine
-            .first_received(tenant, &ids, from, to)
+            .first_received(tenant, &list, from, to)
             .await
             .map_err(query_error)?;
-        first.extend(seen.into_iter().map(|(id, at)| ((*tenant, id), at)));
+        first.insert(tenant.clone(), seen);
     }
     let mut keep = Vec::with_capacity(pending.len());
     let mut dropped = 0;
-    for (e, id_ts) in pending.iter().zip(of_entry) {
-        let earlier = id_ts.is_some_and(|(id, _)| {
+    for (e, id) in pending.into_iter().zip(ids) {
+        let earlier = id.is_some_and(|id| {
             first
-                .get(&(e.tenant.as_str(), id))
+                .get(&e.tenant)
+                .and_then(|m| m.get(&id))
                 .is_some_and(|&at| at < e.received_at)
         });
         if earlier {
             dropped += 1;
         } else {
-            keep.push(e.clone());
+            keep.push(e);
         }
     }
     Ok((keep, dropped))

@@ -579,6 +579,10 @@ fn writer_loop(
                         "log retention deleted segments"
                     )
                 }
+                Ok(r) if r.segments_kept > 0 => tracing::debug!(
+                    partitions = r.segments_kept,
+                    "log retention: segments past the limits kept until checkpointed and sealed"
+                ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "log retention failed"),
             }
