@@ -157,7 +157,6 @@ impl RawShared {
     }
 }
 
-/// What one query reads.
 /// The sealed log position `(next lsn, per-partition offsets)` a manifest
 /// records, without opening the archive (`None`: no manifest yet).
 pub fn sealed_position(
@@ -167,6 +166,7 @@ pub fn sealed_position(
     manifest::Manifest::read_position(manifest, partitions)
 }
 
+/// What one query reads.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub files: Vec<Arc<ArchiveFile>>,

@@ -1,6 +1,6 @@
 use std::fs::File;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::TimestampMillisecondType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_types::BatchWriter;
@@ -434,4 +434,110 @@ fn a_directory_reader_never_sees_merged_rows_twice() {
         })
         .count();
     assert_eq!(merging, 0);
+}
+
+/// Many flushed batches with times in random order over three hours: every
+/// file holds one hour, sorted by time, cut into row groups of the
+/// configured size, and every column of every row reads back as written
+/// (properties with escapes and non-ASCII text included).
+#[test]
+fn seals_gather_rows_from_many_batches_sorted_into_row_groups() {
+    // Times in random order (rows gathered a row group at a time) and in
+    // arrival order (rows written as slices of their batches).
+    seal_and_check(false);
+    seal_and_check(true);
+}
+
+fn seal_and_check(in_order: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
+    let mut cfg = RawConfig::new(dir.path().join("raw/manifest"), 1);
+    cfg.row_group_rows = 7;
+    let (mut w, _shared) = RawWriter::open(archive, cfg, (0, &[0])).unwrap();
+    let mut x: u64 = 42;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    let mut want: Vec<(String, Millis, Option<String>, String)> = Vec::new();
+    let mut offset = 0;
+    for rec in 0..40u64 {
+        let mut bw = BatchWriter::new();
+        let n = if in_order { 100 } else { 1 + next() % 9 };
+        for j in 0..n {
+            let id = format!("r{rec}-{j}");
+            let ts = if in_order {
+                T0 + (rec * 100 + j) as Millis * 1000
+            } else {
+                T0 + (next() % (3 * 3_600_000)) as Millis
+            };
+            let user = (next() % 3 != 0).then(|| format!("u{}", next() % 5));
+            let text = [
+                "plain",
+                "quote \" back \\ slash",
+                "tab\there\nnl",
+                "é€😀",
+                "\u{1}",
+            ][(next() % 5) as usize];
+            let at = bw.begin_event("t", &id, "click", ts, user.as_deref(), None);
+            bw.prop("s", PropValue::Str(text));
+            bw.prop("n", PropValue::Int(-(next() as i64)));
+            bw.prop("f", PropValue::Float(0.25));
+            bw.prop("j", PropValue::Json("{\"a\":[1,2]}"));
+            bw.finish_event(at, 4);
+            want.push((id, ts, user, serde_json::Value::from(text).to_string()));
+        }
+        let payload = bw.finish();
+        offset += payload.len() as u64;
+        w.append(0, offset, rec, T0, &payload, &[]).unwrap();
+        if rec % 3 == 0 {
+            w.flush().unwrap();
+        }
+    }
+    w.seal_now().unwrap();
+    let mut got = Vec::new();
+    let mut stack = vec![dir.path().join("archive")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let b = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap()).unwrap();
+            let rows = b.metadata().file_metadata().num_rows() as usize;
+            assert_eq!(b.metadata().num_row_groups(), rows.div_ceil(7), "{p:?}");
+            let mut last = Millis::MIN;
+            let mut hour = None;
+            for batch in b.build().unwrap() {
+                let batch = batch.unwrap();
+                let ids = batch.column(0).as_string::<i32>();
+                let users = batch.column(3).as_string::<i32>();
+                let ts = batch.column(5).as_primitive::<TimestampMillisecondType>();
+                let props = batch.column(6).as_string::<i32>();
+                for i in 0..batch.num_rows() {
+                    let t = ts.value(i);
+                    assert!(t >= last, "sorted by time in {p:?}");
+                    last = t;
+                    let h = t - t.rem_euclid(3_600_000);
+                    assert_eq!(*hour.get_or_insert(h), h, "one hour per file");
+                    let v: serde_json::Value = serde_json::from_str(props.value(i)).unwrap();
+                    assert!(v["n"].as_i64().is_some_and(|n| n <= 0));
+                    assert_eq!(v["f"], 0.25);
+                    assert_eq!(v["j"], serde_json::json!({"a": [1, 2]}));
+                    got.push((
+                        ids.value(i).to_string(),
+                        t,
+                        users.is_valid(i).then(|| users.value(i).to_string()),
+                        v["s"].to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
 }

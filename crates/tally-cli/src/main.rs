@@ -619,6 +619,124 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (user + system) used so far by each thread name of a process,
+/// from `/proc/<pid>/task/*/stat` (empty where there is no /proc).
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    #[allow(unsafe_code)]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // "tid (name) state ...": the name may hold spaces, so cut at the parens.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
+        *out.entry(stat[open + 1..close].to_string()).or_insert(0.0) +=
+            (ticks(11) + ticks(12)) as f64 / hz;
+    }
+    out
+}
+
+/// Prints where the server's CPU went during the load, per thread name.
+fn print_server_cpu(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+    secs: f64,
+    events: u64,
+) {
+    let mut used: Vec<(&String, f64)> = after
+        .iter()
+        .map(|(k, v)| (k, v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    let total: f64 = used.iter().map(|(_, v)| v).sum();
+    if total <= 0.0 {
+        return;
+    }
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let parts: Vec<String> = used
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{} {:.0}%",
+                k.trim_start_matches("tally-"),
+                100.0 * v / total
+            )
+        })
+        .collect();
+    println!(
+        "server CPU          {:.2} cores, {:.0} ns per event: {}",
+        total / secs,
+        total * 1e9 / events.max(1) as f64,
+        parts.join("  ")
+    );
+}
+
+/// What the raw store cost per row, once it has caught up with the load:
+/// CPU of its `tally-raw` thread (Arrow rows) per row appended and of its
+/// `tally-seal` thread (Parquet) per row sealed. Rows still hot at the end
+/// are sealed at shutdown, outside the figures.
+async fn print_raw_store_cpu(
+    c: &reqwest::Client,
+    base: &str,
+    pid: u32,
+    before: &std::collections::BTreeMap<String, f64>,
+) -> Result<()> {
+    let metric = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let used = |cpu: &std::collections::BTreeMap<String, f64>, k: &str| {
+        cpu.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0)
+    };
+    // Settled: no row appended or sealed and no CPU used by either thread
+    // for half a second.
+    let mut last = None;
+    let settle_by = Instant::now() + Duration::from_secs(20);
+    let (appended, sealed, raw, seal) = loop {
+        let text = c
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let cpu = thread_cpu(pid);
+        let now = (
+            metric(&text, "tally_raw_rows_appended_total"),
+            metric(&text, "tally_archive_rows_sealed_total"),
+            used(&cpu, "tally-raw"),
+            used(&cpu, "tally-seal"),
+        );
+        if last == Some(now) || Instant::now() > settle_by {
+            break now;
+        }
+        last = Some(now);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if appended > 0.0 {
+        println!(
+            "raw store CPU       {:.0} ns per row appended (tally-raw, {appended:.0} rows), {:.0} ns per row sealed (tally-seal, {sealed:.0} rows)",
+            raw * 1e9 / appended,
+            seal * 1e9 / sealed.max(1.0),
+        );
+    }
+    Ok(())
+}
+
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -669,6 +787,8 @@ async fn bench(a: BenchArgs) -> Result<()> {
         .collect();
     let url = format!("{base}/api/v1/events");
     let stats = Arc::new(LoadStats::default());
+    let server_pid = child.as_ref().map(|c: &std::process::Child| c.id());
+    let cpu_before = server_pid.map(thread_cpu).unwrap_or_default();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.duration);
     let per_conn_rate = if a.rate > 0 {
@@ -785,6 +905,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
         ack.add(s.await??)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = server_pid.map(thread_cpu).unwrap_or_default();
     pb.finish_and_clear();
     let queries = querier.await??;
     let fresh = prober.await??;
@@ -796,6 +917,10 @@ async fn bench(a: BenchArgs) -> Result<()> {
         stats.batches.load(Relaxed),
         stats.retries.load(Relaxed)
     );
+    print_server_cpu(&cpu_before, &cpu_after, elapsed, accepted);
+    if let Some(pid) = server_pid {
+        print_raw_store_cpu(&c, &base, pid, &cpu_before).await?;
+    }
     println!(
         "ack latency         p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms (per {}-event request)",
         ms(&ack, 0.5),

@@ -51,6 +51,17 @@ impl PropValue<'_> {
     }
 }
 
+/// [`PropValue`] with its texts as bytes (before the UTF-8 check).
+#[derive(Clone, Copy)]
+enum RawValue<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a [u8]),
+    Json(&'a [u8]),
+}
+
 /// A decoded event borrowing from the batch bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct EventView<'a> {
@@ -78,30 +89,18 @@ impl<'a> EventView<'a> {
 
     /// The properties as a JSON object text (the raw-store and DLQ form).
     pub fn props_json(&self) -> String {
-        let mut out = String::with_capacity(self.props.len() + 16);
+        let mut out = Vec::with_capacity(self.props.len() + 16);
         self.write_props_json(&mut out);
-        out
+        // Escapes are ASCII; only a corrupt record has texts that are not
+        // UTF-8, and they are replaced rather than failing the caller.
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
-    /// Appends the properties as a JSON object text to `out`.
-    pub fn write_props_json(&self, out: &mut String) {
-        out.push('{');
-        for (i, (k, v)) in self.props().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_json_str(out, k);
-            out.push(':');
-            match v {
-                PropValue::Null => out.push_str("null"),
-                PropValue::Bool(b) => out.push_str(if b { "true" } else { "false" }),
-                PropValue::Int(i) => out.push_str(&i.to_string()),
-                PropValue::Float(f) => push_f64(out, f),
-                PropValue::Str(s) => push_json_str(out, s),
-                PropValue::Json(j) => out.push_str(j),
-            }
-        }
-        out.push('}');
+    /// Appends the properties as a JSON object text to `out` (see
+    /// [`RawEventView::write_props_json`]).
+    pub fn write_props_json(&self, out: &mut Vec<u8>) {
+        props_json(self.props, self.n_props, out);
     }
 
     /// The whole event as a JSON object text.
@@ -130,33 +129,151 @@ impl<'a> EventView<'a> {
     }
 }
 
-fn push_f64(out: &mut String, f: f64) {
-    if f.is_finite() {
-        let s = f.to_string();
-        out.push_str(&s);
-        if !s.contains(['.', 'e', 'E']) {
-            out.push_str(".0");
-        }
-    } else {
-        out.push_str("null");
+/// An event as [`BatchReader::next_raw`] reads it: texts as bytes, lengths
+/// checked, UTF-8 not yet.
+#[derive(Debug, Clone, Copy)]
+pub struct RawEventView<'a> {
+    pub tenant: &'a [u8],
+    pub event_id: &'a [u8],
+    pub event_type: &'a [u8],
+    pub ts: Millis,
+    pub user_id: Option<&'a [u8]>,
+    pub session_id: Option<&'a [u8]>,
+    props: &'a [u8],
+    n_props: u16,
+}
+
+impl RawEventView<'_> {
+    /// Appends the properties as a JSON object text to `out`. Texts are
+    /// copied as the batch holds them, without a UTF-8 check: callers that
+    /// need `str` check the result once (one check per column or event
+    /// instead of one per key and value).
+    pub fn write_props_json(&self, out: &mut Vec<u8>) {
+        props_json(self.props, self.n_props, out);
     }
 }
 
-/// Appends `s` as a JSON string literal.
-pub fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+fn props_json(props: &[u8], n_props: u16, out: &mut Vec<u8>) {
+    // The text is about as long as the binary form: one reservation.
+    out.reserve(props.len() + 8 * n_props as usize + 2);
+    out.push(b'{');
+    let mut c = Cursor { buf: props, pos: 0 };
+    for i in 0..n_props {
+        let Ok((k, v)) = c.prop_raw() else { break };
+        if i > 0 {
+            out.push(b',');
+        }
+        push_json_bytes(out, k);
+        out.push(b':');
+        match v {
+            RawValue::Null => out.extend_from_slice(b"null"),
+            RawValue::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+            RawValue::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+            RawValue::Float(f) => push_f64(out, f),
+            RawValue::Str(s) => push_json_bytes(out, s),
+            RawValue::Json(j) => out.extend_from_slice(j),
         }
     }
+    out.push(b'}');
+}
+
+fn push_f64(out: &mut Vec<u8>, f: f64) {
+    if f.is_finite() {
+        let s = f.to_string();
+        out.extend_from_slice(s.as_bytes());
+        if !s.contains(['.', 'e', 'E']) {
+            out.extend_from_slice(b".0");
+        }
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// The bytes a JSON string literal cannot hold as they are.
+#[inline]
+fn needs_escape(b: u8) -> bool {
+    b == b'"' || b == b'\\' || b < 0x20
+}
+
+/// The escape sequence for a byte [`needs_escape`] names (all ASCII).
+fn escape(b: u8, buf: &mut [u8; 6]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    match b {
+        b'"' => b"\\\"",
+        b'\\' => b"\\\\",
+        b'\n' => b"\\n",
+        b'\r' => b"\\r",
+        b'\t' => b"\\t",
+        _ => {
+            *buf = [
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 15) as usize],
+            ];
+            &buf[..]
+        }
+    }
+}
+
+/// Appends `s` as a JSON string literal: runs without escapes are copied
+/// whole.
+pub fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
+    let mut from = 0;
+    let mut buf = [0u8; 6];
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        if needs_escape(b) {
+            // `i` is a char boundary: every byte that needs an escape is ASCII.
+            out.push_str(&s[from..i]);
+            out.extend(escape(b, &mut buf).iter().map(|&c| c as char));
+            from = i + 1;
+        }
+    }
+    out.push_str(&s[from..]);
+    out.push('"');
+}
+
+/// [`push_json_str`] over UTF-8 bytes. Texts without anything to escape
+/// (nearly all) are found 8 bytes at a time and copied whole.
+pub fn push_json_bytes(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    if !any_escape(s) {
+        out.extend_from_slice(s);
+    } else {
+        let mut from = 0;
+        let mut buf = [0u8; 6];
+        for (i, &b) in s.iter().enumerate() {
+            if needs_escape(b) {
+                out.extend_from_slice(&s[from..i]);
+                out.extend_from_slice(escape(b, &mut buf));
+                from = i + 1;
+            }
+        }
+        out.extend_from_slice(&s[from..]);
+    }
+    out.push(b'"');
+}
+
+/// Whether any byte of `s` [`needs_escape`], a word at a time: a byte
+/// below 0x20, or equal to `"` or `\\` (classic has-zero-byte tricks).
+#[inline]
+fn any_escape(s: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut words = s.chunks_exact(8);
+    for w in words.by_ref() {
+        let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        // Bytes < 0x20: (x - 0x20) borrows into bit 7 where x's bit 7 is 0.
+        let low = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        if low | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64)) != 0 {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| needs_escape(b))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -180,7 +297,8 @@ impl<'a> Iterator for PropIter<'a> {
             return None;
         }
         self.left -= 1;
-        // The reader validated every property when it produced the event view.
+        // The reader checked the lengths and tags when it produced the view;
+        // a text that is not UTF-8 (a corrupt record) ends the iteration.
         let mut c = Cursor {
             buf: self.buf,
             pos: 0,
@@ -197,11 +315,12 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    #[cold]
     fn err<T>(&self, what: &'static str) -> Result<T, CodecError> {
         Err(CodecError { at: self.pos, what })
     }
 
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
         if self.buf.len() - self.pos < n {
             return self.err("truncated");
@@ -211,24 +330,24 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
 
-    #[inline]
+    #[inline(always)]
     fn u8(&mut self) -> Result<u8, CodecError> {
         Ok(self.take(1)?[0])
     }
 
-    #[inline]
+    #[inline(always)]
     fn u16(&mut self) -> Result<u16, CodecError> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
 
-    #[inline]
+    #[inline(always)]
     fn u32(&mut self) -> Result<u32, CodecError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    #[inline]
+    #[inline(always)]
     fn i64(&mut self) -> Result<i64, CodecError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
@@ -237,38 +356,51 @@ impl<'a> Cursor<'a> {
     }
 
     #[inline]
-    fn str(&mut self, len: usize) -> Result<&'a str, CodecError> {
-        let b = self.take(len)?;
-        match std::str::from_utf8(b) {
-            Ok(s) => Ok(s),
-            Err(_) => self.err("invalid UTF-8"),
-        }
-    }
-
-    #[inline]
-    fn opt16(&mut self) -> Result<Option<&'a str>, CodecError> {
+    fn opt16_raw(&mut self) -> Result<Option<&'a [u8]>, CodecError> {
         match self.u16()? {
             0xFFFF => Ok(None),
-            n => self.str(n as usize).map(Some),
+            n => self.take(n as usize).map(Some),
         }
     }
 
     fn prop(&mut self) -> Result<(&'a str, PropValue<'a>), CodecError> {
+        let at = self.pos;
+        let (k, v) = self.prop_raw()?;
+        let utf8 = |b: &'a [u8]| {
+            std::str::from_utf8(b).map_err(|_| CodecError {
+                at,
+                what: "invalid UTF-8",
+            })
+        };
+        let v = match v {
+            RawValue::Null => PropValue::Null,
+            RawValue::Bool(b) => PropValue::Bool(b),
+            RawValue::Int(i) => PropValue::Int(i),
+            RawValue::Float(f) => PropValue::Float(f),
+            RawValue::Str(s) => PropValue::Str(utf8(s)?),
+            RawValue::Json(j) => PropValue::Json(utf8(j)?),
+        };
+        Ok((utf8(k)?, v))
+    }
+
+    /// One property with its texts as bytes, not checked as UTF-8.
+    #[inline]
+    fn prop_raw(&mut self) -> Result<(&'a [u8], RawValue<'a>), CodecError> {
         let kl = self.u16()? as usize;
-        let k = self.str(kl)?;
+        let k = self.take(kl)?;
         let v = match self.u8()? {
-            0 => PropValue::Null,
-            1 => PropValue::Bool(false),
-            2 => PropValue::Bool(true),
-            3 => PropValue::Int(self.i64()?),
-            4 => PropValue::Float(f64::from_bits(self.i64()? as u64)),
+            0 => RawValue::Null,
+            1 => RawValue::Bool(false),
+            2 => RawValue::Bool(true),
+            3 => RawValue::Int(self.i64()?),
+            4 => RawValue::Float(f64::from_bits(self.i64()? as u64)),
             5 => {
                 let n = self.u32()? as usize;
-                PropValue::Str(self.str(n)?)
+                RawValue::Str(self.take(n)?)
             }
             6 => {
                 let n = self.u32()? as usize;
-                PropValue::Json(self.str(n)?)
+                RawValue::Json(self.take(n)?)
             }
             _ => return self.err("unknown property tag"),
         };
@@ -310,33 +442,70 @@ impl<'a> BatchReader<'a> {
         self.left == 0
     }
 
-    fn read_event(&mut self) -> Result<EventView<'a>, CodecError> {
+    fn read_raw(&mut self) -> Result<RawEventView<'a>, CodecError> {
         let c = &mut self.cur;
         let tl = c.u16()? as usize;
-        let tenant = c.str(tl)?;
+        let tenant = c.take(tl)?;
         let il = c.u16()? as usize;
-        let event_id = c.str(il)?;
+        let event_id = c.take(il)?;
         let tyl = c.u8()? as usize;
-        let event_type = c.str(tyl)?;
+        let event_type = c.take(tyl)?;
         let ts = c.i64()?;
-        let user_id = c.opt16()?;
-        let session_id = c.opt16()?;
+        let user_id = c.opt16_raw()?;
+        let session_id = c.opt16_raw()?;
         let n_props = c.u16()?;
         let start = c.pos;
+        // Lengths and tags are checked here; property texts are checked as
+        // UTF-8 when they are read as `str` (`props()`), not twice.
         for _ in 0..n_props {
-            c.prop()?;
+            c.prop_raw()?;
         }
-        let props = &c.buf[start..c.pos];
-        Ok(EventView {
+        Ok(RawEventView {
             tenant,
             event_id,
             event_type,
             ts,
             user_id,
             session_id,
-            props,
+            props: &c.buf[start..c.pos],
             n_props,
         })
+    }
+
+    fn read_event(&mut self) -> Result<EventView<'a>, CodecError> {
+        let at = self.cur.pos;
+        let r = self.read_raw()?;
+        let utf8 = |b: &'a [u8]| {
+            std::str::from_utf8(b).map_err(|_| CodecError {
+                at,
+                what: "invalid UTF-8",
+            })
+        };
+        Ok(EventView {
+            tenant: utf8(r.tenant)?,
+            event_id: utf8(r.event_id)?,
+            event_type: utf8(r.event_type)?,
+            ts: r.ts,
+            user_id: r.user_id.map(utf8).transpose()?,
+            session_id: r.session_id.map(utf8).transpose()?,
+            props: r.props,
+            n_props: r.n_props,
+        })
+    }
+
+    /// The next event with its texts as bytes, not checked as UTF-8: for
+    /// callers that check whole columns at once (the raw store). Lengths
+    /// are checked as in [`Iterator::next`].
+    pub fn next_raw(&mut self) -> Option<Result<RawEventView<'a>, CodecError>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let r = self.read_raw();
+        if r.is_err() {
+            self.left = 0;
+        }
+        Some(r)
     }
 }
 
@@ -550,6 +719,47 @@ mod tests {
         );
         assert_eq!(evs[1].session_id, Some("s"));
         assert_eq!(evs[1].n_props(), 0);
+
+        // The raw reading gives the same bytes and the same JSON.
+        let mut r = BatchReader::new(&bytes).unwrap();
+        for ev in &evs {
+            let raw = r.next_raw().unwrap().unwrap();
+            assert_eq!(raw.tenant, ev.tenant.as_bytes());
+            assert_eq!(raw.event_id, ev.event_id.as_bytes());
+            assert_eq!(raw.event_type, ev.event_type.as_bytes());
+            assert_eq!(raw.ts, ev.ts);
+            assert_eq!(raw.user_id, ev.user_id.map(str::as_bytes));
+            assert_eq!(raw.session_id, ev.session_id.map(str::as_bytes));
+            let mut json = Vec::new();
+            raw.write_props_json(&mut json);
+            assert_eq!(json, ev.props_json().into_bytes());
+        }
+        assert!(r.next_raw().is_none());
+    }
+
+    #[test]
+    fn raw_reading_checks_lengths_but_not_utf8() {
+        let mut w = BatchWriter::new();
+        let at = w.begin_event("t", "e\u{e9}", "x", 1, None, None);
+        w.prop("k", PropValue::Str("v\u{e9}"));
+        w.finish_event(at, 1);
+        let mut bytes = w.finish();
+        // Cut the two-byte "é" of the event id in half: no longer UTF-8.
+        let pos = bytes.windows(2).position(|p| p == [0xC3, 0xA9]).unwrap();
+        bytes[pos + 1] = b'!';
+        let raw = BatchReader::new(&bytes)
+            .unwrap()
+            .next_raw()
+            .unwrap()
+            .unwrap();
+        assert_eq!(raw.event_id, b"e\xC3!");
+        assert!(BatchReader::new(&bytes).unwrap().next().unwrap().is_err());
+        for cut in 0..bytes.len() {
+            let Ok(mut r) = BatchReader::new(&bytes[..cut]) else {
+                continue;
+            };
+            assert!(matches!(r.next_raw(), Some(Err(_))), "cut at {cut}");
+        }
     }
 
     #[test]
@@ -562,6 +772,41 @@ mod tests {
         for cut in 0..bytes.len() {
             let r = BatchReader::new(&bytes[..cut]).map(|r| r.collect::<Result<Vec<_>, _>>());
             assert!(matches!(r, Err(_) | Ok(Err(_))), "cut at {cut}");
+        }
+    }
+
+    /// The escaping as it was first written: char by char.
+    fn reference_escape(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    proptest::proptest! {
+        /// The word-at-a-time escape check and both escapers agree with the
+        /// char-by-char reference, on texts full of quotes, backslashes,
+        /// control characters and multi-byte characters.
+        #[test]
+        fn escaping_matches_the_reference(s in "[a-z\"\\\\\\x00-\\x1f\\x7f é€😀]{0,40}") {
+            let want = reference_escape(&s);
+            let mut bytes = Vec::new();
+            push_json_bytes(&mut bytes, s.as_bytes());
+            proptest::prop_assert_eq!(String::from_utf8(bytes).unwrap(), want.clone());
+            let mut text = String::new();
+            push_json_str(&mut text, &s);
+            proptest::prop_assert_eq!(text, want);
+            proptest::prop_assert_eq!(any_escape(s.as_bytes()), s.bytes().any(needs_escape));
         }
     }
 }

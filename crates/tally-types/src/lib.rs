@@ -6,7 +6,7 @@ pub mod bin;
 pub mod codec;
 pub mod time;
 
-pub use codec::{BatchReader, BatchWriter, CodecError, EventView, PropValue};
+pub use codec::{BatchReader, BatchWriter, CodecError, EventView, PropValue, RawEventView};
 pub use time::{Clock, Millis};
 
 /// The integer a float holds exactly (whole, within ±9e15), if any: such
