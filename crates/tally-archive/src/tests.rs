@@ -541,3 +541,56 @@ fn seal_and_check(in_order: bool) {
     want.sort();
     assert_eq!(got, want);
 }
+
+/// A record whose texts are not UTF-8 (damaged past its log checksum) does
+/// not fail the batch it is built into: its texts are kept with replacement
+/// characters and the other rows are untouched.
+#[test]
+fn text_that_is_not_utf8_is_kept_with_replacement_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, shared) = open(dir.path());
+    let mut bw = BatchWriter::new();
+    let at = bw.begin_event("a", "bad\u{e9}", "click", T0, Some("u\u{e9}"), None);
+    bw.prop("k\u{e9}", PropValue::Str("v"));
+    bw.finish_event(at, 1);
+    let mut bad = bw.finish();
+    // Every "é" (C3 A9) loses its second byte.
+    for i in 0..bad.len() - 1 {
+        if bad[i..i + 2] == [0xC3, 0xA9] {
+            bad[i + 1] = b'!';
+        }
+    }
+    w.append(0, 10, 0, T0, &batch(&[("a", "good", T0 + 1)]), &[])
+        .unwrap();
+    w.append(1, 10, 1, T0, &bad, &[]).unwrap();
+    w.flush().unwrap();
+    let snap = shared.snapshot("a", Millis::MIN, Millis::MAX);
+    let rows: Vec<(String, String, String)> = snap
+        .batches
+        .iter()
+        .flat_map(|b| {
+            let ids = b.column(0).as_string::<i32>().clone();
+            let users = b.column(3).as_string::<i32>().clone();
+            let props = b.column(6).as_string::<i32>().clone();
+            (0..b.num_rows()).map(move |i| {
+                (
+                    ids.value(i).to_string(),
+                    users.value(i).to_string(),
+                    props.value(i).to_string(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("good".into(), "u1".into(), r#"{"n":7}"#.into()),
+            (
+                "bad\u{fffd}!".into(),
+                "u\u{fffd}!".into(),
+                "{\"k\u{fffd}!\":\"v\"}".into()
+            ),
+        ]
+    );
+    assert_eq!(w.seal_now().unwrap().rows, 2);
+}
