@@ -695,11 +695,7 @@ async fn print_raw_store_cpu(
     pid: u32,
     before: &std::collections::BTreeMap<String, f64>,
 ) -> Result<()> {
-    let metric = |text: &str, name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let metric = |text: &str, name: &str| metric_value(text, name).unwrap_or(0.0);
     let used = |cpu: &std::collections::BTreeMap<String, f64>, k: &str| {
         cpu.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0)
     };
@@ -708,12 +704,7 @@ async fn print_raw_store_cpu(
     let mut last = None;
     let settle_by = Instant::now() + Duration::from_secs(20);
     let (appended, sealed, raw, seal) = loop {
-        let text = c
-            .get(format!("{base}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = scrape(c, base).await?;
         let cpu = thread_cpu(pid);
         let now = (
             metric(&text, "tally_raw_rows_appended_total"),
@@ -735,6 +726,21 @@ async fn print_raw_store_cpu(
         );
     }
     Ok(())
+}
+
+/// The `/metrics` page of a server.
+async fn scrape(c: &reqwest::Client, base: &str) -> Result<String> {
+    Ok(c.get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
+/// The value of the unlabelled metric `name` on a `/metrics` page.
+fn metric_value(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -1049,19 +1055,10 @@ async fn alert_phase(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let text = c
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let val = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-    };
+    let text = scrape(c, base).await?;
     let mean = match (
-        val("tally_alert_latency_seconds_sum "),
-        val("tally_alert_latency_seconds_count "),
+        metric_value(&text, "tally_alert_latency_seconds_sum"),
+        metric_value(&text, "tally_alert_latency_seconds_count"),
     ) {
         (Some(s), Some(n)) if n > 0.0 => Some(s / n * 1000.0),
         _ => None,

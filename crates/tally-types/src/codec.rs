@@ -497,11 +497,20 @@ impl<'a> BatchReader<'a> {
     /// callers that check whole columns at once (the raw store). Lengths
     /// are checked as in [`Iterator::next`].
     pub fn next_raw(&mut self) -> Option<Result<RawEventView<'a>, CodecError>> {
+        self.step(Self::read_raw)
+    }
+
+    /// One event read by `read`; after an error the batch ends.
+    #[inline]
+    fn step<T>(
+        &mut self,
+        read: impl FnOnce(&mut Self) -> Result<T, CodecError>,
+    ) -> Option<Result<T, CodecError>> {
         if self.left == 0 {
             return None;
         }
         self.left -= 1;
-        let r = self.read_raw();
+        let r = read(self);
         if r.is_err() {
             self.left = 0;
         }
@@ -513,15 +522,7 @@ impl<'a> Iterator for BatchReader<'a> {
     type Item = Result<EventView<'a>, CodecError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let r = self.read_event();
-        if r.is_err() {
-            self.left = 0;
-        }
-        Some(r)
+        self.step(Self::read_event)
     }
 }
 
@@ -737,13 +738,18 @@ mod tests {
         assert!(r.next_raw().is_none());
     }
 
-    #[test]
-    fn raw_reading_checks_lengths_but_not_utf8() {
+    /// A batch of one event with one string property.
+    fn one_event(id: &str, v: &str) -> Vec<u8> {
         let mut w = BatchWriter::new();
-        let at = w.begin_event("t", "e\u{e9}", "x", 1, None, None);
-        w.prop("k", PropValue::Str("v\u{e9}"));
+        let at = w.begin_event("t", id, "x", 1, None, None);
+        w.prop("k", PropValue::Str(v));
         w.finish_event(at, 1);
-        let mut bytes = w.finish();
+        w.finish()
+    }
+
+    #[test]
+    fn raw_reading_checks_utf8_later() {
+        let mut bytes = one_event("e\u{e9}", "v\u{e9}");
         // Cut the two-byte "é" of the event id in half: no longer UTF-8.
         let pos = bytes.windows(2).position(|p| p == [0xC3, 0xA9]).unwrap();
         bytes[pos + 1] = b'!';
@@ -754,24 +760,18 @@ mod tests {
             .unwrap();
         assert_eq!(raw.event_id, b"e\xC3!");
         assert!(BatchReader::new(&bytes).unwrap().next().unwrap().is_err());
-        for cut in 0..bytes.len() {
-            let Ok(mut r) = BatchReader::new(&bytes[..cut]) else {
-                continue;
-            };
-            assert!(matches!(r.next_raw(), Some(Err(_))), "cut at {cut}");
-        }
     }
 
     #[test]
     fn corrupt_input_is_an_error_not_a_panic() {
-        let mut w = BatchWriter::new();
-        let at = w.begin_event("t", "e", "x", 1, None, None);
-        w.prop("k", PropValue::Str("v"));
-        w.finish_event(at, 1);
-        let bytes = w.finish();
+        let bytes = one_event("e", "v");
         for cut in 0..bytes.len() {
             let r = BatchReader::new(&bytes[..cut]).map(|r| r.collect::<Result<Vec<_>, _>>());
             assert!(matches!(r, Err(_) | Ok(Err(_))), "cut at {cut}");
+            // The raw reading checks every length too.
+            if let Ok(mut r) = BatchReader::new(&bytes[..cut]) {
+                assert!(matches!(r.next_raw(), Some(Err(_))), "raw, cut at {cut}");
+            }
         }
     }
 
