@@ -338,25 +338,22 @@ impl RawWriter {
         payload: &[u8],
         dropped: &[(u32, u32)],
     ) -> Result<()> {
-        let reader = BatchReader::new(payload).map_err(|e| Error::Record {
+        let mut reader = BatchReader::new(payload).map_err(|e| Error::Record {
             lsn,
             what: e.to_string(),
         })?;
         if !reader.is_correction() {
             let mut drops = dropped.iter().peekable();
-            let mut reader = reader;
-            let mut i = 0u32;
-            while let Some(ev) = reader.next_raw() {
+            for (i, ev) in std::iter::from_fn(|| reader.next_raw()).enumerate() {
                 let ev = ev.map_err(|e| Error::Record {
                     lsn,
                     what: e.to_string(),
                 })?;
-                let at = i;
-                i += 1;
-                while drops.peek().is_some_and(|&&(s, l)| s + l <= at) {
+                let i = i as u32;
+                while drops.peek().is_some_and(|&&(s, l)| s + l <= i) {
                     drops.next();
                 }
-                if drops.peek().is_some_and(|&&(s, _)| s <= at) {
+                if drops.peek().is_some_and(|&&(s, _)| s <= i) {
                     continue;
                 }
                 let (_, b) = match self.builders.get_mut(ev.tenant) {
@@ -426,7 +423,7 @@ impl RawWriter {
             // scan does not pay per batch.
             let pinned = hot.sealing_through;
             for v in hot.tenants.values_mut() {
-                if v.iter().filter(|b| b.seq > pinned).count() > 256 {
+                if v.iter().filter(|b| mergeable(b, pinned)).count() > 256 {
                     coalesce(v, pinned)?;
                 }
             }
@@ -592,14 +589,18 @@ fn remove_orphans(
 /// each time more small batches arrive.
 const COALESCED_ROWS: usize = 64 * 1024;
 
+/// Whether [`coalesce`] merges `b`: small, and newer than `pinned`.
+fn mergeable(b: &HotBatch, pinned: u64) -> bool {
+    b.seq > pinned && b.batch.num_rows() < COALESCED_ROWS
+}
+
 /// Merges a tenant's small hot batches newer than `pinned` into one.
 /// Batches a seal in flight holds (seq ≤ `pinned`) stay as they are: merged
 /// into a newer batch they would survive the seal's removal and be sealed
 /// twice.
 pub(crate) fn coalesce(v: &mut Vec<HotBatch>, pinned: u64) -> Result<()> {
-    let (keep, merge): (Vec<HotBatch>, Vec<HotBatch>) = v
-        .drain(..)
-        .partition(|b| b.seq <= pinned || b.batch.num_rows() >= COALESCED_ROWS);
+    let (merge, keep): (Vec<HotBatch>, Vec<HotBatch>) =
+        v.drain(..).partition(|b| mergeable(b, pinned));
     *v = keep;
     if merge.is_empty() {
         return Ok(());

@@ -619,9 +619,12 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// CPU seconds (user + system) used so far by each thread name of a process,
-/// from `/proc/<pid>/task/*/stat` (empty where there is no /proc).
-fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
+/// CPU seconds (user + system) per thread name of a process.
+type ThreadCpu = std::collections::BTreeMap<String, f64>;
+
+/// CPU used so far by each thread name of a process, from
+/// `/proc/<pid>/task/*/stat` (empty where there is no /proc).
+fn thread_cpu(pid: u32) -> ThreadCpu {
     #[allow(unsafe_code)]
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut out = std::collections::BTreeMap::new();
@@ -650,16 +653,19 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
     out
 }
 
-/// Prints where the server's CPU went during the load, per thread name.
-fn print_server_cpu(
-    before: &std::collections::BTreeMap<String, f64>,
-    after: &std::collections::BTreeMap<String, f64>,
-    secs: f64,
-    events: u64,
-) {
-    let mut used: Vec<(&String, f64)> = after
+/// CPU each thread name used between two readings of [`thread_cpu`].
+fn cpu_since(before: &ThreadCpu, after: &ThreadCpu) -> ThreadCpu {
+    after
         .iter()
-        .map(|(k, v)| (k, v - before.get(k).copied().unwrap_or(0.0)))
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .collect()
+}
+
+/// Prints where the server's CPU went during the load, per thread name.
+fn print_server_cpu(used: &ThreadCpu, secs: f64, events: u64) {
+    let mut used: Vec<(&String, f64)> = used
+        .iter()
+        .map(|(k, &v)| (k, v))
         .filter(|(_, v)| *v > 0.0)
         .collect();
     let total: f64 = used.iter().map(|(_, v)| v).sum();
@@ -693,24 +699,22 @@ async fn print_raw_store_cpu(
     c: &reqwest::Client,
     base: &str,
     pid: u32,
-    before: &std::collections::BTreeMap<String, f64>,
+    before: &ThreadCpu,
 ) -> Result<()> {
     let metric = |text: &str, name: &str| metric_value(text, name).unwrap_or(0.0);
-    let used = |cpu: &std::collections::BTreeMap<String, f64>, k: &str| {
-        cpu.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0)
-    };
     // Settled: no row appended or sealed and no CPU used by either thread
     // for half a second.
     let mut last = None;
     let settle_by = Instant::now() + Duration::from_secs(20);
     let (appended, sealed, raw, seal) = loop {
         let text = scrape(c, base).await?;
-        let cpu = thread_cpu(pid);
+        let used = cpu_since(before, &thread_cpu(pid));
+        let thread = |k: &str| used.get(k).copied().unwrap_or(0.0);
         let now = (
             metric(&text, "tally_raw_rows_appended_total"),
             metric(&text, "tally_archive_rows_sealed_total"),
-            used(&cpu, "tally-raw"),
-            used(&cpu, "tally-seal"),
+            thread("tally-raw"),
+            thread("tally-seal"),
         );
         if last == Some(now) || Instant::now() > settle_by {
             break now;
@@ -923,7 +927,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
         stats.batches.load(Relaxed),
         stats.retries.load(Relaxed)
     );
-    print_server_cpu(&cpu_before, &cpu_after, elapsed, accepted);
+    print_server_cpu(&cpu_since(&cpu_before, &cpu_after), elapsed, accepted);
     if let Some(pid) = server_pid {
         print_raw_store_cpu(&c, &base, pid, &cpu_before).await?;
     }

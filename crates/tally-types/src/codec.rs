@@ -90,17 +90,11 @@ impl<'a> EventView<'a> {
     /// The properties as a JSON object text (the raw-store and DLQ form).
     pub fn props_json(&self) -> String {
         let mut out = Vec::with_capacity(self.props.len() + 16);
-        self.write_props_json(&mut out);
+        props_json(self.props, self.n_props, &mut out);
         // Escapes are ASCII; only a corrupt record has texts that are not
         // UTF-8, and they are replaced rather than failing the caller.
         String::from_utf8(out)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-    }
-
-    /// Appends the properties as a JSON object text to `out` (see
-    /// [`RawEventView::write_props_json`]).
-    pub fn write_props_json(&self, out: &mut Vec<u8>) {
-        props_json(self.props, self.n_props, out);
     }
 
     /// The whole event as a JSON object text.
@@ -196,64 +190,62 @@ fn needs_escape(b: u8) -> bool {
 }
 
 /// The escape sequence for a byte [`needs_escape`] names (all ASCII).
-fn escape(b: u8, buf: &mut [u8; 6]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+fn escape(b: u8) -> std::borrow::Cow<'static, str> {
     match b {
-        b'"' => b"\\\"",
-        b'\\' => b"\\\\",
-        b'\n' => b"\\n",
-        b'\r' => b"\\r",
-        b'\t' => b"\\t",
-        _ => {
-            *buf = [
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 15) as usize],
-            ];
-            &buf[..]
-        }
+        b'"' => "\\\"".into(),
+        b'\\' => "\\\\".into(),
+        b'\n' => "\\n".into(),
+        b'\r' => "\\r".into(),
+        b'\t' => "\\t".into(),
+        _ => format!("\\u{b:04x}").into(),
     }
 }
 
-/// Appends `s` as a JSON string literal: runs without escapes are copied
-/// whole.
-pub fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
+/// A piece of a text written as a JSON string literal.
+enum Piece<'e> {
+    /// Bytes of the text that need no escape (whole characters).
+    Plain(std::ops::Range<usize>),
+    Escape(&'e str),
+}
+
+/// Splits `s` into [`Piece`]s for `f`. Texts without anything to escape
+/// (nearly all) are found 8 bytes at a time and passed as one piece.
+/// Every byte that needs an escape is ASCII, so each plain range starts and
+/// ends on a character boundary.
+#[inline]
+fn escape_pieces(s: &[u8], mut f: impl FnMut(Piece<'_>)) {
+    if !any_escape(s) {
+        f(Piece::Plain(0..s.len()));
+        return;
+    }
     let mut from = 0;
-    let mut buf = [0u8; 6];
-    for (i, &b) in s.as_bytes().iter().enumerate() {
+    for (i, &b) in s.iter().enumerate() {
         if needs_escape(b) {
-            // `i` is a char boundary: every byte that needs an escape is ASCII.
-            out.push_str(&s[from..i]);
-            out.extend(escape(b, &mut buf).iter().map(|&c| c as char));
+            f(Piece::Plain(from..i));
+            f(Piece::Escape(&escape(b)));
             from = i + 1;
         }
     }
-    out.push_str(&s[from..]);
+    f(Piece::Plain(from..s.len()));
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    escape_pieces(s.as_bytes(), |p| match p {
+        Piece::Plain(r) => out.push_str(&s[r]),
+        Piece::Escape(e) => out.push_str(e),
+    });
     out.push('"');
 }
 
-/// [`push_json_str`] over UTF-8 bytes. Texts without anything to escape
-/// (nearly all) are found 8 bytes at a time and copied whole.
+/// [`push_json_str`] over UTF-8 bytes.
 pub fn push_json_bytes(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
-    if !any_escape(s) {
-        out.extend_from_slice(s);
-    } else {
-        let mut from = 0;
-        let mut buf = [0u8; 6];
-        for (i, &b) in s.iter().enumerate() {
-            if needs_escape(b) {
-                out.extend_from_slice(&s[from..i]);
-                out.extend_from_slice(escape(b, &mut buf));
-                from = i + 1;
-            }
-        }
-        out.extend_from_slice(&s[from..]);
-    }
+    escape_pieces(s, |p| match p {
+        Piece::Plain(r) => out.extend_from_slice(&s[r]),
+        Piece::Escape(e) => out.extend_from_slice(e.as_bytes()),
+    });
     out.push(b'"');
 }
 
@@ -307,6 +299,14 @@ impl<'a> Iterator for PropIter<'a> {
         self.buf = &self.buf[c.pos..];
         Some(item)
     }
+}
+
+/// `b` as text; not UTF-8 is a [`CodecError`] at `at` (the item's start).
+fn utf8_at(b: &[u8], at: usize) -> Result<&str, CodecError> {
+    std::str::from_utf8(b).map_err(|_| CodecError {
+        at,
+        what: "invalid UTF-8",
+    })
 }
 
 struct Cursor<'a> {
@@ -366,12 +366,7 @@ impl<'a> Cursor<'a> {
     fn prop(&mut self) -> Result<(&'a str, PropValue<'a>), CodecError> {
         let at = self.pos;
         let (k, v) = self.prop_raw()?;
-        let utf8 = |b: &'a [u8]| {
-            std::str::from_utf8(b).map_err(|_| CodecError {
-                at,
-                what: "invalid UTF-8",
-            })
-        };
+        let utf8 = |b| utf8_at(b, at);
         let v = match v {
             RawValue::Null => PropValue::Null,
             RawValue::Bool(b) => PropValue::Bool(b),
@@ -475,12 +470,7 @@ impl<'a> BatchReader<'a> {
     fn read_event(&mut self) -> Result<EventView<'a>, CodecError> {
         let at = self.cur.pos;
         let r = self.read_raw()?;
-        let utf8 = |b: &'a [u8]| {
-            std::str::from_utf8(b).map_err(|_| CodecError {
-                at,
-                what: "invalid UTF-8",
-            })
-        };
+        let utf8 = |b| utf8_at(b, at);
         Ok(EventView {
             tenant: utf8(r.tenant)?,
             event_id: utf8(r.event_id)?,
