@@ -383,6 +383,96 @@ fn compaction_merges_small_files_and_keeps_every_row_once() {
     assert_eq!(rows, 6);
 }
 
+/// Files of large row groups are merged by copying their column chunks:
+/// the merged file holds the same rows, one row group per sealed one (each
+/// sorted by time, with statistics that match it and a page index), the
+/// same column types, and about the bytes of its inputs.
+#[test]
+fn compaction_splices_large_row_groups_without_reencoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, shared, _archive, _cfg) = open_compacting(dir.path(), 3, 0);
+    let per_seal = crate::writer::SPLICE_ROWS as usize + 3000;
+    let mut x: u64 = 7;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    let mut want = Vec::new();
+    for s in 0..3u64 {
+        let mut bw = BatchWriter::new();
+        for j in 0..per_seal {
+            let id = format!("e{s}-{j}");
+            // Seals overlap in time (late rows), all within hour 12.
+            let ts = T0 + (s as Millis * 1_000_000) + (next() % 1_500_000) as Millis;
+            let at = bw.begin_event("a", &id, "click", ts, Some("u1"), None);
+            bw.prop("n", PropValue::Int(j as i64));
+            bw.finish_event(at, 1);
+            want.push((id, ts));
+        }
+        w.append(0, s + 1, s, T0, &bw.finish(), &[]).unwrap();
+        w.seal_now().unwrap();
+    }
+    let inputs: u64 = shared.files.read().iter().map(|f| f.bytes).sum();
+    let r = w.compact_now().unwrap();
+    assert_eq!(
+        (r.files_in, r.files_out, r.rows),
+        (3, 1, 3 * per_seal as u64)
+    );
+    let files = shared.files.read().clone();
+    assert_eq!(files.len(), 1);
+    let f = &files[0];
+    assert!(
+        f.bytes <= inputs && f.bytes + 4096 >= inputs,
+        "merged {} bytes from {inputs}",
+        f.bytes
+    );
+    let path = dir.path().join("archive").join(&f.path);
+    let b = ParquetRecordBatchReaderBuilder::try_new_with_options(
+        File::open(&path).unwrap(),
+        parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+            .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required),
+    )
+    .unwrap();
+    assert_eq!(b.schema().as_ref(), crate::schema::events_schema().as_ref());
+    let meta = b.metadata().clone();
+    assert_eq!(meta.num_row_groups(), 3);
+    assert!(meta.column_index().is_some() && meta.offset_index().is_some());
+    let mut got = Vec::new();
+    let mut rg_rows = meta.row_groups().iter().map(|g| g.num_rows() as usize);
+    let mut left = rg_rows.next().unwrap();
+    let mut group_ts: Vec<Millis> = Vec::new();
+    let mut groups: Vec<Vec<Millis>> = Vec::new();
+    for batch in b.build().unwrap() {
+        let batch = batch.unwrap();
+        let ids = batch.column(0).as_string::<i32>();
+        let ts = batch.column(5).as_primitive::<TimestampMillisecondType>();
+        for i in 0..batch.num_rows() {
+            got.push((ids.value(i).to_string(), ts.value(i)));
+            group_ts.push(ts.value(i));
+            left -= 1;
+            if left == 0 {
+                groups.push(std::mem::take(&mut group_ts));
+                left = rg_rows.next().unwrap_or(usize::MAX);
+            }
+        }
+    }
+    for (g, ts) in groups.iter().enumerate() {
+        assert!(ts.windows(2).all(|p| p[0] <= p[1]), "row group {g} sorted");
+        let st = meta.row_group(g).column(5).statistics().unwrap();
+        let parquet::file::statistics::Statistics::Int64(st) = st else {
+            panic!("ts statistics type");
+        };
+        assert_eq!(st.min_opt(), ts.first());
+        assert_eq!(st.max_opt(), ts.last());
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    w.close().unwrap();
+}
+
 /// Within the grace period a reader globbing `*.parquet` sees the replaced
 /// files only (the merged one is still `.merging`), never both; a restart
 /// inside the grace period finishes the swap.

@@ -20,7 +20,11 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::bloom_filter::Sbbf;
+use parquet::column::writer::ColumnCloseResult;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::ColumnPath;
 use tally_types::time::HOUR_MS;
 use tally_types::{BatchReader, Millis};
@@ -225,6 +229,8 @@ pub struct RawWriter {
     building_rows: usize,
     /// A tenant's properties text reached [`FLUSH_PROPS_BYTES`].
     props_full: bool,
+    /// The properties of the event being appended, as JSON text.
+    json: Vec<u8>,
     next_seq: u64,
     /// Log position after every record appended (or passed over) so far.
     offsets: Vec<u64>,
@@ -297,6 +303,7 @@ impl RawWriter {
                 builders: hashbrown::HashMap::new(),
                 building_rows: 0,
                 props_full: false,
+                json: Vec::with_capacity(1024),
                 next_seq: 1,
                 offsets,
                 next_lsn,
@@ -344,12 +351,14 @@ impl RawWriter {
         })?;
         if !reader.is_correction() {
             let mut drops = dropped.iter().peekable();
-            for (i, ev) in std::iter::from_fn(|| reader.next_raw()).enumerate() {
+            let mut next = 0u32;
+            while let Some(ev) = reader.next_raw_json(&mut self.json) {
                 let ev = ev.map_err(|e| Error::Record {
                     lsn,
                     what: e.to_string(),
                 })?;
-                let i = i as u32;
+                let i = next;
+                next += 1;
                 while drops.peek().is_some_and(|&&(s, l)| s + l <= i) {
                     drops.next();
                 }
@@ -371,7 +380,7 @@ impl RawWriter {
                 b.user_id.append_option(ev.user_id);
                 b.session_id.append_option(ev.session_id);
                 b.ts.push(ev.ts);
-                ev.write_props_json(&mut b.props);
+                b.props.extend_from_slice(&self.json);
                 b.props_offsets.push(b.props.len() as i32);
                 b.received_at.push(append_ms);
                 b.min_ts = b.min_ts.min(ev.ts);
@@ -745,7 +754,7 @@ async fn retain(shared: &RawShared, manifest: &mut Manifest, cutoff: Millis) -> 
 
 /// One compaction round: first deletes files replaced by earlier rounds
 /// whose grace period is over, then merges, per (tenant, hour), small files
-/// into one sorted file. Crash-safe like a seal: the new file is written
+/// into one file ([`merge_files`]). Crash-safe like a seal: the new file is written
 /// first (an orphan if the manifest entry never lands), then one Replace
 /// entry swaps the files, then queries see the swap, and the old files go
 /// only after the grace period (or as orphans on the next start).
@@ -790,21 +799,17 @@ async fn compact(
         if group.len() < 2 {
             continue;
         }
-        let mut batches = Vec::new();
+        let mut inputs = Vec::with_capacity(group.len());
         for f in &group {
             let bytes = shared.archive.get(&f.path).await?;
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
-                    .build()?;
-            for b in reader {
-                batches.push(b?);
-            }
+            let meta = ParquetMetaDataReader::new()
+                .with_page_index_policy(PageIndexPolicy::Optional)
+                .parse_and_finish(&bytes)?;
+            inputs.push((bytes, meta));
         }
-        // All in one hour: one part.
-        let Some(part) = sorted_parts(&batches, cfg)?.into_iter().next() else {
+        let Some((merged_rows, bytes)) = merge_files(&inputs, cfg)? else {
             continue;
         };
-        let bytes = part.bytes;
         let last = group.iter().map(|f| f.path.as_str()).max().unwrap_or("");
         let stem = last
             .rsplit('/')
@@ -823,7 +828,7 @@ async fn compact(
             tenant: tenant.clone(),
             min_ts: group.iter().map(|f| f.min_ts).min().unwrap_or(hour),
             max_ts: group.iter().map(|f| f.max_ts).max().unwrap_or(hour),
-            rows: part.rows,
+            rows: merged_rows,
             bytes: bytes.len() as u64,
         };
         shared.archive.put(&path, bytes).await?;
@@ -843,7 +848,7 @@ async fn compact(
         shared.bump_version();
         report.files_in += removed.len();
         report.files_out += 1;
-        report.rows += part.rows;
+        report.rows += merged_rows;
         let st = &shared.stats;
         st.files_compacted.fetch_add(removed.len() as u64, Relaxed);
         graveyard.push(Buried {
@@ -854,6 +859,87 @@ async fn compact(
     }
     report.deleted += bury(shared, manifest, graveyard, grace).await?;
     Ok(report)
+}
+
+/// Row groups of the files to merge averaging at least this many rows are
+/// copied into the merged file as they are encoded; smaller ones are
+/// decoded, sorted and encoded again.
+pub(crate) const SPLICE_ROWS: u64 = 16 * 1024;
+
+/// The files of one (tenant, hour) as one Parquet file. Files of large row
+/// groups (a busy tenant's seals) are spliced: their column chunks are
+/// copied byte for byte, row group after row group in seal order, so
+/// merging costs I/O and no re-encoding; each row group stays sorted by
+/// time and keeps its statistics, so time filters prune as before. Files
+/// of small row groups (a quiet tenant's) are decoded and written again as
+/// one sorted file: cheap, since they are small, and a file of many tiny
+/// row groups would cost every scan.
+/// Answers the rows and the file.
+fn merge_files(
+    inputs: &[(Bytes, ParquetMetaData)],
+    cfg: &RawConfig,
+) -> Result<Option<(u64, Bytes)>> {
+    let Some((_, first)) = inputs.first() else {
+        return Ok(None);
+    };
+    let fm = first.file_metadata();
+    let groups: usize = inputs.iter().map(|(_, m)| m.num_row_groups()).sum();
+    let rows: u64 = inputs
+        .iter()
+        .map(|(_, m)| m.file_metadata().num_rows().max(0) as u64)
+        .sum();
+    let same_schema = inputs
+        .iter()
+        .all(|(_, m)| m.file_metadata().schema_descr() == fm.schema_descr());
+    if groups == 0 || rows / (groups as u64) < SPLICE_ROWS || !same_schema {
+        let mut batches = Vec::new();
+        for (bytes, _) in inputs {
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                bytes.clone(),
+            )?
+            .build()?;
+            for b in reader {
+                batches.push(b?);
+            }
+        }
+        // All in one hour: one part.
+        return Ok(sorted_parts(&batches, cfg)?
+            .into_iter()
+            .next()
+            .map(|p| (p.rows, p.bytes)));
+    }
+    let mut buf = Vec::new();
+    let mut w = SerializedFileWriter::new(
+        &mut buf,
+        fm.schema_descr().root_schema_ptr(),
+        Arc::new(writer_props(cfg)),
+    )?;
+    // The Arrow schema (time zones) readers take the column types from.
+    for kv in fm.key_value_metadata().into_iter().flatten() {
+        w.append_key_value_metadata(kv.clone());
+    }
+    for (bytes, meta) in inputs {
+        let (cols, offs) = (meta.column_index(), meta.offset_index());
+        for (g, rg) in meta.row_groups().iter().enumerate() {
+            let mut out = w.next_row_group()?;
+            for (c, column) in rg.columns().iter().enumerate() {
+                out.append_column(
+                    bytes,
+                    ColumnCloseResult {
+                        bytes_written: column.compressed_size() as u64,
+                        rows_written: rg.num_rows() as u64,
+                        metadata: column.clone(),
+                        bloom_filter: Sbbf::read_from_column_chunk(column, bytes).ok().flatten(),
+                        column_index: cols.and_then(|i| i.get(g)?.get(c).cloned()),
+                        offset_index: offs.and_then(|i| i.get(g)?.get(c).cloned()),
+                    },
+                )?;
+            }
+            out.close()?;
+        }
+    }
+    w.close()?;
+    Ok(Some((rows, Bytes::from(buf))))
 }
 
 /// A merged file still named `.merging` at start (stopped within its grace
@@ -1145,8 +1231,14 @@ fn writer_props(cfg: &RawConfig) -> WriterProperties {
     for c in ["event_id", "user_id", "session_id", "properties"] {
         b = b.set_column_statistics_enabled(ColumnPath::from(c), EnabledStatistics::None);
     }
-    for c in ["event_id", "session_id", "properties"] {
+    for c in ["event_id", "session_id", "properties", "ts", "received_at"] {
         b = b.set_column_dictionary_enabled(ColumnPath::from(c), false);
+    }
+    for c in ["ts", "received_at"] {
+        b = b.set_column_encoding(
+            ColumnPath::from(c),
+            parquet::basic::Encoding::DELTA_BINARY_PACKED,
+        );
     }
     b.build()
 }

@@ -137,26 +137,19 @@ pub struct RawEventView<'a> {
     n_props: u16,
 }
 
-impl RawEventView<'_> {
-    /// Appends the properties as a JSON object text to `out`. Texts are
-    /// copied as the batch holds them, without a UTF-8 check: callers that
-    /// need `str` check the result once (one check per column or event
-    /// instead of one per key and value).
-    pub fn write_props_json(&self, out: &mut Vec<u8>) {
-        props_json(self.props, self.n_props, out);
-    }
-}
-
-fn props_json(props: &[u8], n_props: u16, out: &mut Vec<u8>) {
-    // The text is about as long as the binary form: one reservation.
-    out.reserve(props.len() + 8 * n_props as usize + 2);
+/// Writes the properties `c` holds as a JSON object text to `out`, checking
+/// lengths and tags as it goes (one pass over the bytes, for readers that
+/// want the text anyway). Texts are copied as the batch holds them, without
+/// a UTF-8 check: callers that need `str` check the result once. On an
+/// error `out` holds part of the object.
+#[inline]
+fn write_props_json(c: &mut Cursor<'_>, n_props: u16, out: &mut Vec<u8>) -> Result<(), CodecError> {
     out.push(b'{');
-    let mut c = Cursor { buf: props, pos: 0 };
     for i in 0..n_props {
-        let Ok((k, v)) = c.prop_raw() else { break };
         if i > 0 {
             out.push(b',');
         }
+        let (k, v) = c.prop_raw()?;
         push_json_bytes(out, k);
         out.push(b':');
         match v {
@@ -169,13 +162,27 @@ fn props_json(props: &[u8], n_props: u16, out: &mut Vec<u8>) {
         }
     }
     out.push(b'}');
+    Ok(())
+}
+
+/// [`write_props_json`] over properties a reader already checked.
+fn props_json(props: &[u8], n_props: u16, out: &mut Vec<u8>) {
+    // The text is about as long as the binary form: one reservation.
+    out.reserve(props.len() + 8 * n_props as usize + 2);
+    let mut c = Cursor { buf: props, pos: 0 };
+    if write_props_json(&mut c, n_props, out).is_err() {
+        // Unreachable for checked properties; keep the text an object.
+        out.push(b'}');
+    }
 }
 
 fn push_f64(out: &mut Vec<u8>, f: f64) {
+    use std::io::Write as _;
     if f.is_finite() {
-        let s = f.to_string();
-        out.extend_from_slice(s.as_bytes());
-        if !s.contains(['.', 'e', 'E']) {
+        let from = out.len();
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{f}");
+        if !out[from..].iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
             out.extend_from_slice(b".0");
         }
     } else {
@@ -185,7 +192,7 @@ fn push_f64(out: &mut Vec<u8>, f: f64) {
 
 /// The bytes a JSON string literal cannot hold as they are.
 #[inline]
-fn needs_escape(b: u8) -> bool {
+const fn needs_escape(b: u8) -> bool {
     b == b'"' || b == b'\\' || b < 0x20
 }
 
@@ -240,7 +247,19 @@ pub fn push_json_str(out: &mut String, s: &str) {
 }
 
 /// [`push_json_str`] over UTF-8 bytes.
+#[inline]
 pub fn push_json_bytes(out: &mut Vec<u8>, s: &[u8]) {
+    if any_escape(s) {
+        return push_escaped_bytes(out, s);
+    }
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s);
+    out.push(b'"');
+}
+
+#[cold]
+fn push_escaped_bytes(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
     escape_pieces(s, |p| match p {
         Piece::Plain(r) => out.extend_from_slice(&s[r]),
@@ -253,20 +272,41 @@ pub fn push_json_bytes(out: &mut Vec<u8>, s: &[u8]) {
 /// below 0x20, or equal to `"` or `\\` (classic has-zero-byte tricks).
 #[inline]
 fn any_escape(s: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
     let mut words = s.chunks_exact(8);
     for w in words.by_ref() {
-        let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-        // Bytes < 0x20: (x - 0x20) borrows into bit 7 where x's bit 7 is 0.
-        let low = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
-        if low | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64)) != 0 {
+        if word_escapes(u64::from_le_bytes([
+            w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+        ])) {
             return true;
         }
     }
-    words.remainder().iter().any(|&b| needs_escape(b))
+    words.remainder().iter().any(|&b| ESCAPED[b as usize])
 }
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// Whether any byte of the word `x` [`needs_escape`] (classic
+/// has-zero-byte tricks; exact as a yes/no answer).
+#[inline(always)]
+fn word_escapes(x: u64) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    // Bytes < 0x20: (x - 0x20) borrows into bit 7 where x's bit 7 is 0.
+    let low = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    low | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64)) != 0
+}
+
+/// [`needs_escape`] as a table, for the bytes [`any_escape`] checks one
+/// at a time.
+static ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = needs_escape(b as u8);
+        b += 1;
+    }
+    t
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("corrupt event batch at byte {at}: {what}")]
@@ -379,7 +419,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// One property with its texts as bytes, not checked as UTF-8.
-    #[inline]
+    #[inline(always)]
     fn prop_raw(&mut self) -> Result<(&'a [u8], RawValue<'a>), CodecError> {
         let kl = self.u16()? as usize;
         let k = self.take(kl)?;
@@ -437,7 +477,26 @@ impl<'a> BatchReader<'a> {
         self.left == 0
     }
 
+    /// [`BatchReader::next_raw`] that also writes the event's properties
+    /// as a JSON object text to `json` (cleared first), in the same pass
+    /// that checks them.
+    pub fn next_raw_json(
+        &mut self,
+        json: &mut Vec<u8>,
+    ) -> Option<Result<RawEventView<'a>, CodecError>> {
+        json.clear();
+        self.step(|r| r.read_raw_with(Some(json)))
+    }
+
     fn read_raw(&mut self) -> Result<RawEventView<'a>, CodecError> {
+        self.read_raw_with(None)
+    }
+
+    #[inline(always)]
+    fn read_raw_with(
+        &mut self,
+        json: Option<&mut Vec<u8>>,
+    ) -> Result<RawEventView<'a>, CodecError> {
         let c = &mut self.cur;
         let tl = c.u16()? as usize;
         let tenant = c.take(tl)?;
@@ -452,8 +511,13 @@ impl<'a> BatchReader<'a> {
         let start = c.pos;
         // Lengths and tags are checked here; property texts are checked as
         // UTF-8 when they are read as `str` (`props()`), not twice.
-        for _ in 0..n_props {
-            c.prop_raw()?;
+        match json {
+            Some(out) => write_props_json(c, n_props, out)?,
+            None => {
+                for _ in 0..n_props {
+                    c.prop_raw()?;
+                }
+            }
         }
         Ok(RawEventView {
             tenant,
@@ -714,15 +778,14 @@ mod tests {
         // The raw reading gives the same bytes and the same JSON.
         let mut r = BatchReader::new(&bytes).unwrap();
         for ev in &evs {
-            let raw = r.next_raw().unwrap().unwrap();
+            let mut json = vec![b'x'; 3];
+            let raw = r.next_raw_json(&mut json).unwrap().unwrap();
             assert_eq!(raw.tenant, ev.tenant.as_bytes());
             assert_eq!(raw.event_id, ev.event_id.as_bytes());
             assert_eq!(raw.event_type, ev.event_type.as_bytes());
             assert_eq!(raw.ts, ev.ts);
             assert_eq!(raw.user_id, ev.user_id.map(str::as_bytes));
             assert_eq!(raw.session_id, ev.session_id.map(str::as_bytes));
-            let mut json = Vec::new();
-            raw.write_props_json(&mut json);
             assert_eq!(json, ev.props_json().into_bytes());
         }
         assert!(r.next_raw().is_none());
@@ -762,6 +825,17 @@ mod tests {
             if let Ok(mut r) = BatchReader::new(&bytes[..cut]) {
                 assert!(matches!(r.next_raw(), Some(Err(_))), "raw, cut at {cut}");
             }
+            if let Ok(mut r) = BatchReader::new(&bytes[..cut]) {
+                let mut json = Vec::new();
+                assert!(
+                    matches!(r.next_raw_json(&mut json), Some(Err(_))),
+                    "json, cut at {cut}"
+                );
+                assert!(
+                    r.next_raw_json(&mut json).is_none(),
+                    "the batch ends after an error"
+                );
+            }
         }
     }
 
@@ -781,6 +855,37 @@ mod tests {
         }
         out.push('"');
         out
+    }
+
+    /// Floats keep a decimal point or exponent (they read back as floats),
+    /// and what JSON cannot hold is null.
+    #[test]
+    fn floats_stay_floats_in_json() {
+        let mut w = BatchWriter::new();
+        let at = w.begin_event("t", "e", "x", 1, None, None);
+        for (k, f) in [
+            ("a", 3.0),
+            ("b", -0.5),
+            ("c", 1e300),
+            ("d", f64::NAN),
+            ("e", 2.5e-8),
+        ] {
+            w.prop(k, PropValue::Float(f));
+        }
+        w.finish_event(at, 5);
+        let bytes = w.finish();
+        let mut json = Vec::new();
+        BatchReader::new(&bytes)
+            .unwrap()
+            .next_raw_json(&mut json)
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(json).unwrap();
+        let want = format!(
+            r#"{{"a":3.0,"b":-0.5,"c":{}.0,"d":null,"e":{}}}"#,
+            1e300, 2.5e-8
+        );
+        assert_eq!(text, want);
     }
 
     proptest::proptest! {
