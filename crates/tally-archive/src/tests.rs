@@ -45,6 +45,17 @@ fn open_compacting(
     (w, shared, archive, cfg)
 }
 
+/// A deterministic pseudo-random sequence (a 64-bit LCG's high bits).
+fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    }
+}
+
 /// Every row of the local archive, read with the parquet crate directly:
 /// (path, event_id, ts).
 fn read_archive(root: &std::path::Path) -> Vec<(String, String, Millis)> {
@@ -392,13 +403,7 @@ fn compaction_splices_large_row_groups_without_reencoding() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, shared, _archive, _cfg) = open_compacting(dir.path(), 3, 0);
     let per_seal = crate::writer::SPLICE_ROWS as usize + 3000;
-    let mut x: u64 = 7;
-    let mut next = move || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        x >> 33
-    };
+    let mut next = lcg(7);
     let mut want = Vec::new();
     for s in 0..3u64 {
         let mut bw = BatchWriter::new();
@@ -544,13 +549,7 @@ fn seal_and_check(in_order: bool) {
     let mut cfg = RawConfig::new(dir.path().join("raw/manifest"), 1);
     cfg.row_group_rows = 7;
     let (mut w, _shared) = RawWriter::open(archive, cfg, (0, &[0])).unwrap();
-    let mut x: u64 = 42;
-    let mut next = move || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        x >> 33
-    };
+    let mut next = lcg(42);
     let mut want: Vec<(String, Millis, Option<String>, String)> = Vec::new();
     let mut offset = 0;
     for rec in 0..40u64 {
@@ -563,7 +562,7 @@ fn seal_and_check(in_order: bool) {
             } else {
                 T0 + (next() % (3 * 3_600_000)) as Millis
             };
-            let user = (next() % 3 != 0).then(|| format!("u{}", next() % 5));
+            let user = (!next().is_multiple_of(3)).then(|| format!("u{}", next() % 5));
             let text = [
                 "plain",
                 "quote \" back \\ slash",

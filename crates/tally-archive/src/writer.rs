@@ -873,8 +873,7 @@ pub(crate) const SPLICE_ROWS: u64 = 16 * 1024;
 /// time and keeps its statistics, so time filters prune as before. Files
 /// of small row groups (a quiet tenant's) are decoded and written again as
 /// one sorted file: cheap, since they are small, and a file of many tiny
-/// row groups would cost every scan.
-/// Answers the rows and the file.
+/// row groups would cost every scan. Answers the rows and the file.
 fn merge_files(
     inputs: &[(Bytes, ParquetMetaData)],
     cfg: &RawConfig,

@@ -1051,10 +1051,6 @@ fn raw_append(r: &mut tally_archive::RawWriter, rec: &Record, drops: &[(u32, u32
     }
 }
 
-/// Rows the raw store appended are visible to SQL within this much of
-/// the thread catching up with the processor.
-const RAW_FLUSH_EVERY: Duration = Duration::from_millis(20);
-
 /// The raw store's thread: appends records as the processor applied them,
 /// makes them visible when it catches up, seals on time or size, and
 /// enforces archive retention; at the end (shutdown) seals what is hot.
@@ -1067,29 +1063,11 @@ fn raw_loop(
     let retention_ms = shared.durations.archive_retention_ms;
     let every = Duration::from_millis(shared.durations.retention_interval_ms as u64);
     let mut last_retention = Instant::now() - every;
-    // Appended rows become visible to queries once the thread has caught
-    // up, at most every RAW_FLUSH_EVERY: under a steady load that makes a
-    // few large hot batches rather than one small batch per record (each
-    // batch costs a merge later and a query-cache invalidation now).
-    let mut last_flush = Instant::now();
-    let mut unflushed = true;
-    let flush = |w: &mut tally_archive::RawWriter, last: &mut Instant, unflushed: &mut bool| {
-        if let Err(e) = w.flush() {
-            tracing::error!(error = %e, "raw store flush failed");
-        }
-        *last = Instant::now();
-        *unflushed = false;
-    };
     loop {
-        let wait = if unflushed {
-            RAW_FLUSH_EVERY.saturating_sub(last_flush.elapsed())
-        } else {
-            Duration::from_millis(100)
-        };
-        match rx.recv_timeout(wait) {
+        match rx.recv_timeout(Duration::from_millis(100)) {
             Ok((rec, drops)) => {
                 raw_append(&mut w, &rec, &drops);
-                unflushed = true;
+                // Caught up: make what was appended visible to queries.
                 let mut n = 0;
                 while n < 256 {
                     match rx.try_recv() {
@@ -1100,15 +1078,14 @@ fn raw_loop(
                         Err(_) => break,
                     }
                 }
-                if n < 256 && last_flush.elapsed() >= RAW_FLUSH_EVERY {
-                    flush(&mut w, &mut last_flush, &mut unflushed);
+                if n < 256
+                    && let Err(e) = w.flush()
+                {
+                    tracing::error!(error = %e, "raw store flush failed");
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
-                // Also publishes rows appended before this loop started
-                // (recovery from the log at start).
-                flush(&mut w, &mut last_flush, &mut unflushed);
-                if let Err(e) = w.maybe_seal() {
+                if let Err(e) = w.flush().and_then(|_| w.maybe_seal()) {
                     tracing::error!(error = %e, "raw store seal failed");
                 }
             }

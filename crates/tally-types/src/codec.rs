@@ -192,19 +192,26 @@ fn push_f64(out: &mut Vec<u8>, f: f64) {
 
 /// The bytes a JSON string literal cannot hold as they are.
 #[inline]
-const fn needs_escape(b: u8) -> bool {
+fn needs_escape(b: u8) -> bool {
     b == b'"' || b == b'\\' || b < 0x20
 }
 
-/// The escape sequence for a byte [`needs_escape`] names (all ASCII).
-fn escape(b: u8) -> std::borrow::Cow<'static, str> {
+/// The escape sequence for a byte [`needs_escape`] names (all ASCII;
+/// `\u00XX` is written into `buf`).
+fn escape(b: u8, buf: &mut [u8; 6]) -> &str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     match b {
-        b'"' => "\\\"".into(),
-        b'\\' => "\\\\".into(),
-        b'\n' => "\\n".into(),
-        b'\r' => "\\r".into(),
-        b'\t' => "\\t".into(),
-        _ => format!("\\u{b:04x}").into(),
+        b'"' => "\\\"",
+        b'\\' => "\\\\",
+        b'\n' => "\\n",
+        b'\r' => "\\r",
+        b'\t' => "\\t",
+        _ => {
+            *buf = *b"\\u00__";
+            buf[4] = HEX[(b >> 4) as usize];
+            buf[5] = HEX[(b & 15) as usize];
+            std::str::from_utf8(buf).unwrap_or("\\ufffd")
+        }
     }
 }
 
@@ -226,10 +233,11 @@ fn escape_pieces(s: &[u8], mut f: impl FnMut(Piece<'_>)) {
         return;
     }
     let mut from = 0;
+    let mut buf = [0u8; 6];
     for (i, &b) in s.iter().enumerate() {
         if needs_escape(b) {
             f(Piece::Plain(from..i));
-            f(Piece::Escape(&escape(b)));
+            f(Piece::Escape(escape(b, &mut buf)));
             from = i + 1;
         }
     }
@@ -280,7 +288,7 @@ fn any_escape(s: &[u8]) -> bool {
             return true;
         }
     }
-    words.remainder().iter().any(|&b| ESCAPED[b as usize])
+    words.remainder().iter().any(|&b| needs_escape(b))
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -295,18 +303,6 @@ fn word_escapes(x: u64) -> bool {
     let low = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
     low | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64)) != 0
 }
-
-/// [`needs_escape`] as a table, for the bytes [`any_escape`] checks one
-/// at a time.
-static ESCAPED: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        t[b] = needs_escape(b as u8);
-        b += 1;
-    }
-    t
-};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("corrupt event batch at byte {at}: {what}")]
