@@ -40,7 +40,7 @@ use tally_types::Millis;
 pub use archive::{Archive, ArchiveTarget, S3Config};
 pub use manifest::ArchiveFile;
 pub use schema::{events_schema, hive_dir};
-pub use writer::{CompactReport, RawConfig, RawWriter, SealReport};
+pub use writer::{CompactReport, PUBLISH_INTERVAL, RawConfig, RawWriter, SealReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -112,6 +112,12 @@ pub struct RawShared {
     /// Per partition, where the log continues after the sealed records
     /// (what recovery of the raw store replays from).
     pub sealed_offsets: parking_lot::Mutex<Vec<u64>>,
+    /// One past the last lsn whose kept events queries see (hot batches or
+    /// files). The raw thread publishes at most every
+    /// [`PUBLISH_INTERVAL`] while records keep coming; a reader that
+    /// must see every record up to some lsn waits for this
+    /// ([`RawShared::wait_published`]).
+    pub published_lsn: AtomicU64,
     /// Bumped whenever data visible to queries changes (for result caches).
     pub version: AtomicU64,
     pub stats: RawStats,
@@ -150,6 +156,23 @@ impl RawShared {
             })
             .unwrap_or_default();
         Snapshot { files, batches }
+    }
+
+    /// Waits (polling) until queries see every record before `lsn`.
+    /// Answers false if that did not happen within `timeout`.
+    pub async fn wait_published(&self, lsn: u64, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self
+            .published_lsn
+            .load(std::sync::atomic::Ordering::Acquire)
+            < lsn
+        {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        true
     }
 
     pub fn bump_version(&self) {

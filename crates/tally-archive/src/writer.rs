@@ -181,9 +181,14 @@ fn utf8(b: BinaryArray, column: &str) -> ArrayRef {
     }
 }
 
-/// Builders are published at this many rows (or sooner, when the raw
-/// thread has caught up) ...
+/// Builders are published at this many rows, or once the raw thread has
+/// caught up and [`PUBLISH_INTERVAL`] has passed since the last publish ...
 const FLUSH_ROWS: usize = 8192;
+/// ... so under a steady load rows become visible within this time of
+/// being appended, in a few large batches rather than one per record (a
+/// publish per record cost more than building the rows, and its small
+/// batches were copied again to be merged).
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
 /// ... or once their properties text reaches this size (offsets are i32).
 const FLUSH_PROPS_BYTES: usize = 64 << 20;
 
@@ -236,6 +241,7 @@ pub struct RawWriter {
     offsets: Vec<u64>,
     next_lsn: u64,
     last_seal: Instant,
+    last_publish: Instant,
     seal_tx: Option<SyncSender<Job>>,
     in_flight: Arc<AtomicBool>,
     seal_thread: Option<JoinHandle<()>>,
@@ -278,6 +284,7 @@ impl RawWriter {
             hot: RwLock::new(Hot::default()),
             files: RwLock::new(files),
             sealed_lsn: manifest.state.next_lsn.into(),
+            published_lsn: manifest.state.next_lsn.into(),
             sealed_offsets: parking_lot::Mutex::new(manifest.state.offsets.clone()),
             version: 0.into(),
             stats: RawStats::default(),
@@ -308,6 +315,7 @@ impl RawWriter {
                 offsets,
                 next_lsn,
                 last_seal: Instant::now(),
+                last_publish: Instant::now(),
                 seal_tx: Some(seal_tx),
                 in_flight,
                 seal_thread: Some(seal_thread),
@@ -340,6 +348,25 @@ impl RawWriter {
         &mut self,
         partition: u32,
         next_offset: u64,
+        lsn: u64,
+        append_ms: Millis,
+        payload: &[u8],
+        dropped: &[(u32, u32)],
+    ) -> Result<()> {
+        let kept = self.append_kept(lsn, append_ms, payload, dropped);
+        // Passed over even when it cannot be read: the position moves on.
+        if let Some(o) = self.offsets.get_mut(partition as usize) {
+            *o = (*o).max(next_offset);
+        }
+        self.next_lsn = self.next_lsn.max(lsn + 1);
+        if self.building_rows >= FLUSH_ROWS || self.props_full {
+            self.flush()?;
+        }
+        kept
+    }
+
+    fn append_kept(
+        &mut self,
         lsn: u64,
         append_ms: Millis,
         payload: &[u8],
@@ -391,19 +418,24 @@ impl RawWriter {
                 }
             }
         }
-        if let Some(o) = self.offsets.get_mut(partition as usize) {
-            *o = (*o).max(next_offset);
-        }
-        self.next_lsn = self.next_lsn.max(lsn + 1);
-        if self.building_rows >= FLUSH_ROWS || self.props_full {
-            self.flush()?;
-        }
         Ok(())
+    }
+
+    /// How long until built rows are due to be published ([`Self::flush`]):
+    /// `None` when everything appended is visible.
+    pub fn publish_wait(&self) -> Option<Duration> {
+        let behind = self.shared.published_lsn.load(Relaxed) < self.next_lsn;
+        (self.building_rows > 0 || behind)
+            .then(|| PUBLISH_INTERVAL.saturating_sub(self.last_publish.elapsed()))
     }
 
     /// Moves built rows into the hot batches queries read.
     pub fn flush(&mut self) -> Result<()> {
+        self.last_publish = Instant::now();
         if self.building_rows == 0 {
+            self.shared
+                .published_lsn
+                .fetch_max(self.next_lsn, std::sync::atomic::Ordering::Release);
             return Ok(());
         }
         // Tenants silent since the last flush give their buffers back.
@@ -437,6 +469,9 @@ impl RawWriter {
                 }
             }
         }
+        self.shared
+            .published_lsn
+            .fetch_max(self.next_lsn, std::sync::atomic::Ordering::Release);
         self.shared.bump_version();
         Ok(())
     }
@@ -1215,11 +1250,28 @@ fn sorted_runs(keys: &[(Millis, u32, u32)]) -> Vec<(usize, usize, usize)> {
 /// filters prune: `ts` and `received_at` (rows are sorted by time),
 /// `tenant`, `event_type`. Min/max of ids and JSON text prune nothing on
 /// time-sorted rows and cost a comparison per value, so `event_id`,
-/// `user_id`, `session_id` and `properties` have none. Event ids, session
-/// ids and JSON text are (nearly) unique per row: no dictionary either.
-/// User ids keep theirs: without it the seal is ~4% cheaper and the file a
-/// little smaller, but `count(DISTINCT user_id)` ran ~10% slower.
+/// `user_id`, `session_id` and `properties` have none.
+///
+/// Encodings are chosen for what zstd then has to chew (measured with
+/// `examples/seal_cost` under callgrind; zstd is over half of a seal):
+/// - `event_id`, `user_id`: `DELTA_BYTE_ARRAY` (prefix + suffix). Ids
+///   written close in time share long prefixes (counters, ULIDs, `u_…`),
+///   so zstd sees a few bytes a row instead of the whole id; random UUIDs
+///   cost about what `PLAIN` does. No dictionary on user ids: interning
+///   100k distinct ids cost more than zstd on the suffixes.
+/// - `properties`: `DELTA_LENGTH_BYTE_ARRAY`, the JSON texts back to back
+///   with their lengths apart, so zstd's matches run across rows.
+/// - `tenant`: one value per file; `PLAIN` costs zstd almost nothing on a
+///   repeated value, while a dictionary interned it row by row.
+/// - `event_type`: dictionary (few values, and they group well).
+/// - `ts`, `received_at`: `DELTA_BINARY_PACKED`, a byte or two per sorted
+///   value.
+///
+/// DuckDB, chDB (ClickHouse) and DataFusion read all of these
+/// (`tally-cli/tests/sql.rs` reads the archive with DuckDB;
+/// `scripts/bench_sql.sh` with DuckDB and chDB).
 fn writer_props(cfg: &RawConfig) -> WriterProperties {
+    use parquet::basic::Encoding;
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(cfg.zstd_level).unwrap_or_default(),
@@ -1230,14 +1282,18 @@ fn writer_props(cfg: &RawConfig) -> WriterProperties {
     for c in ["event_id", "user_id", "session_id", "properties"] {
         b = b.set_column_statistics_enabled(ColumnPath::from(c), EnabledStatistics::None);
     }
-    for c in ["event_id", "session_id", "properties", "ts", "received_at"] {
-        b = b.set_column_dictionary_enabled(ColumnPath::from(c), false);
-    }
-    for c in ["ts", "received_at"] {
-        b = b.set_column_encoding(
-            ColumnPath::from(c),
-            parquet::basic::Encoding::DELTA_BINARY_PACKED,
-        );
+    for (c, e) in [
+        ("event_id", Encoding::DELTA_BYTE_ARRAY),
+        ("user_id", Encoding::DELTA_BYTE_ARRAY),
+        ("tenant", Encoding::PLAIN),
+        ("session_id", Encoding::PLAIN),
+        ("properties", Encoding::DELTA_LENGTH_BYTE_ARRAY),
+        ("ts", Encoding::DELTA_BINARY_PACKED),
+        ("received_at", Encoding::DELTA_BINARY_PACKED),
+    ] {
+        b = b
+            .set_column_dictionary_enabled(ColumnPath::from(c), false)
+            .set_column_encoding(ColumnPath::from(c), e);
     }
     b.build()
 }

@@ -516,6 +516,24 @@ async fn dlq_replay(
         ));
     }
     let pending = s.shared.dlq.lock().pending_late(tenant.as_deref());
+    // The check below asks the raw store for earlier copies: it must see
+    // every record the processor applied so far (the raw thread publishes
+    // what it appended at most every few ms).
+    if let Some(raw) = &s.shared.raw {
+        let applied = s
+            .shared
+            .processor
+            .lock()
+            .totals
+            .last_lsn
+            .map_or(0, |l| l + 1);
+        if !raw.wait_published(applied, Duration::from_secs(10)).await {
+            return Err(ApiError::Unavailable(
+                "the raw event store is behind the processor, so earlier copies of late events cannot be checked yet; nothing was replayed: retry".into(),
+                1,
+            ));
+        }
+    }
     let (pending, counted_before) = match &s.query {
         Some(engine) => received_before(engine, pending).await?,
         None => (pending, 0),

@@ -1064,10 +1064,11 @@ fn raw_loop(
     let every = Duration::from_millis(shared.durations.retention_interval_ms as u64);
     let mut last_retention = Instant::now() - every;
     loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        // Appended rows wait at most PUBLISH_INTERVAL to become visible.
+        let wait = w.publish_wait().unwrap_or(Duration::from_millis(100));
+        match rx.recv_timeout(wait) {
             Ok((rec, drops)) => {
                 raw_append(&mut w, &rec, &drops);
-                // Caught up: make what was appended visible to queries.
                 let mut n = 0;
                 while n < 256 {
                     match rx.try_recv() {
@@ -1078,7 +1079,9 @@ fn raw_loop(
                         Err(_) => break,
                     }
                 }
+                // Caught up and due: make what was appended visible.
                 if n < 256
+                    && w.publish_wait().is_some_and(|d| d.is_zero())
                     && let Err(e) = w.flush()
                 {
                     tracing::error!(error = %e, "raw store flush failed");
