@@ -1,4 +1,5 @@
 use std::fs::File;
+use std::sync::atomic::Ordering::SeqCst;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::TimestampMillisecondType;
@@ -185,6 +186,38 @@ fn correction_records_add_nothing() {
     w.flush().unwrap();
     assert_eq!(shared.hot.read().rows, 0);
     assert_eq!(w.offsets(), &[10, 0]);
+}
+
+/// What readers may rely on: `published_lsn` moves only when rows are
+/// visible, past records that kept nothing (all duplicates, corrections)
+/// and past records that cannot be read at all.
+#[test]
+fn published_lsn_follows_what_queries_see() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, shared) = open(dir.path());
+    assert_eq!(shared.published_lsn.load(SeqCst), 0);
+    assert_eq!(w.publish_wait(), None);
+    w.append(0, 10, 0, T0, &batch(&[("a", "e1", T0)]), &[])
+        .unwrap();
+    // Appended, not visible yet: a reader waiting for lsn 1 must wait.
+    assert_eq!(shared.published_lsn.load(SeqCst), 0);
+    assert!(w.publish_wait().is_some_and(|d| d <= PUBLISH_INTERVAL));
+    w.flush().unwrap();
+    assert_eq!(shared.published_lsn.load(SeqCst), 1);
+    assert_eq!(shared.hot.read().rows, 1);
+    assert_eq!(w.publish_wait(), None);
+    // Every event dropped as a duplicate: nothing to show, the lsn moves.
+    w.append(1, 20, 1, T0, &batch(&[("a", "e1", T0)]), &[(0, 1)])
+        .unwrap();
+    assert!(w.publish_wait().is_some());
+    w.flush().unwrap();
+    assert_eq!(shared.published_lsn.load(SeqCst), 2);
+    // An unreadable record is an error, and still passed over.
+    assert!(w.append(0, 30, 2, T0, &[1, 2], &[]).is_err());
+    assert_eq!(w.offsets(), &[30, 20]);
+    w.flush().unwrap();
+    assert_eq!(shared.published_lsn.load(SeqCst), 3);
+    assert_eq!(shared.hot.read().rows, 1);
 }
 
 #[test]

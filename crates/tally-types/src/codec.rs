@@ -150,14 +150,14 @@ fn write_props_json(c: &mut Cursor<'_>, n_props: u16, out: &mut Vec<u8>) -> Resu
             out.push(b',');
         }
         let (k, v) = c.prop_raw()?;
-        push_json_bytes(out, k);
+        push_json_in(out, c.buf, k);
         out.push(b':');
         match v {
             RawValue::Null => out.extend_from_slice(b"null"),
             RawValue::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
             RawValue::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
             RawValue::Float(f) => push_f64(out, f),
-            RawValue::Str(s) => push_json_bytes(out, s),
+            RawValue::Str(s) => push_json_in(out, c.buf, s),
             RawValue::Json(j) => out.extend_from_slice(j),
         }
     }
@@ -257,13 +257,66 @@ pub fn push_json_str(out: &mut String, s: &str) {
 /// [`push_json_str`] over UTF-8 bytes.
 #[inline]
 pub fn push_json_bytes(out: &mut Vec<u8>, s: &[u8]) {
-    if any_escape(s) {
+    push_json_in(out, s, s)
+}
+
+/// [`push_json_bytes`] for `s`, a part of `buf` (a batch's bytes): short
+/// texts are checked and copied as whole 8- and 16-byte words read from
+/// `buf`, past the end of `s` where `buf` goes on (the extra bytes are
+/// masked out of the check and cut off the output), instead of a byte
+/// loop and a `memcpy` call per text. A `s` that is not inside `buf` is
+/// read from `s` alone.
+#[inline(always)]
+fn push_json_in(out: &mut Vec<u8>, buf: &[u8], s: &[u8]) {
+    let at = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    let inside = at
+        .checked_add(s.len())
+        .and_then(|end| buf.get(at..end))
+        .is_some_and(|b| b.as_ptr() == s.as_ptr());
+    let buf = if inside { &buf[at..] } else { s };
+    let n = s.len();
+    if any_escape_prefix(buf, n) {
         return push_escaped_bytes(out, s);
     }
-    out.reserve(s.len() + 2);
+    out.reserve(n + 18);
     out.push(b'"');
-    out.extend_from_slice(s);
+    match buf.get(..16) {
+        Some(w) if n <= 16 => {
+            let len = out.len();
+            let w: &[u8; 16] = w.try_into().unwrap_or(&[0; 16]);
+            out.extend_from_slice(w);
+            out.truncate(len + n);
+        }
+        _ => out.extend_from_slice(s),
+    }
     out.push(b'"');
+}
+
+/// Whether any of the first `n` bytes of `buf` [`needs_escape`]; the
+/// bytes after them are read where `buf` has them and masked out.
+#[inline(always)]
+fn any_escape_prefix(buf: &[u8], n: usize) -> bool {
+    let mut at = 0;
+    while at + 8 <= n {
+        if word_mask(word(&buf[at..at + 8])) != 0 {
+            return true;
+        }
+        at += 8;
+    }
+    if at == n {
+        return false;
+    }
+    match buf.get(at..at + 8) {
+        // The kept bytes are the low ones (little-endian); a borrow in the
+        // mask only runs upwards, so masking the others off is exact.
+        Some(w) => word_mask(word(w)) & ((1u64 << (8 * (n - at))) - 1) != 0,
+        None => buf[at..n].iter().any(|&b| needs_escape(b)),
+    }
+}
+
+#[inline(always)]
+fn word(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
 }
 
 #[cold]
@@ -280,28 +333,21 @@ fn push_escaped_bytes(out: &mut Vec<u8>, s: &[u8]) {
 /// below 0x20, or equal to `"` or `\\` (classic has-zero-byte tricks).
 #[inline]
 fn any_escape(s: &[u8]) -> bool {
-    let mut words = s.chunks_exact(8);
-    for w in words.by_ref() {
-        if word_escapes(u64::from_le_bytes([
-            w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-        ])) {
-            return true;
-        }
-    }
-    words.remainder().iter().any(|&b| needs_escape(b))
+    any_escape_prefix(s, s.len())
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 
-/// Whether any byte of the word `x` [`needs_escape`] (classic
-/// has-zero-byte tricks; exact as a yes/no answer).
+/// Bit 7 of each byte of the word `x` that [`needs_escape`] (classic
+/// has-zero-byte tricks). Exact as a yes/no answer; a byte above one that
+/// needs escaping may be marked too (a borrow), never one below it.
 #[inline(always)]
-fn word_escapes(x: u64) -> bool {
+fn word_mask(x: u64) -> u64 {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     // Bytes < 0x20: (x - 0x20) borrows into bit 7 where x's bit 7 is 0.
     let low = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
-    low | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64)) != 0
+    low | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -898,6 +944,24 @@ mod tests {
             push_json_str(&mut text, &s);
             proptest::prop_assert_eq!(text, want);
             proptest::prop_assert_eq!(any_escape(s.as_bytes()), s.bytes().any(needs_escape));
+        }
+
+        /// Texts inside a longer buffer (as in a batch) are checked and
+        /// copied with words that read past their end: whatever follows
+        /// (quotes, control bytes, nothing) changes nothing.
+        #[test]
+        fn escaping_inside_a_buffer_ignores_what_follows(
+            s in "[a-z\"\\\\\\x00-\\x1f é€]{0,40}",
+            before in proptest::collection::vec(proptest::num::u8::ANY, 0..9),
+            after in proptest::collection::vec(proptest::sample::select(vec![0u8, b'"', b'\\', b'a', 0x1f, 0xff]), 0..20),
+        ) {
+            let want = reference_escape(&s);
+            let buf: Vec<u8> = before.iter().chain(s.as_bytes()).chain(&after).copied().collect();
+            let inner = &buf[before.len()..before.len() + s.len()];
+            let mut out = b"x".to_vec();
+            push_json_in(&mut out, &buf, inner);
+            proptest::prop_assert_eq!(String::from_utf8(out[1..].to_vec()).unwrap(), want);
+            proptest::prop_assert_eq!(any_escape_prefix(&buf[before.len()..], s.len()), s.bytes().any(needs_escape));
         }
     }
 }
