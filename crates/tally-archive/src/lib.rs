@@ -31,7 +31,10 @@ pub(crate) mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed},
+};
 
 use arrow::record_batch::RecordBatch;
 use parking_lot::RwLock;
@@ -162,11 +165,7 @@ impl RawShared {
     /// Answers false if that did not happen within `timeout`.
     pub async fn wait_published(&self, lsn: u64, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
-        while self
-            .published_lsn
-            .load(std::sync::atomic::Ordering::Acquire)
-            < lsn
-        {
+        while self.published_lsn.load(Acquire) < lsn {
             if std::time::Instant::now() >= deadline {
                 return false;
             }

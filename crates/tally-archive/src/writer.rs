@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -429,15 +429,18 @@ impl RawWriter {
             .then(|| PUBLISH_INTERVAL.saturating_sub(self.last_publish.elapsed()))
     }
 
-    /// Moves built rows into the hot batches queries read.
+    /// Moves built rows into the hot batches queries read; then queries
+    /// see every record appended so far (`published_lsn`).
     pub fn flush(&mut self) -> Result<()> {
         self.last_publish = Instant::now();
-        if self.building_rows == 0 {
-            self.shared
-                .published_lsn
-                .fetch_max(self.next_lsn, std::sync::atomic::Ordering::Release);
-            return Ok(());
+        if self.building_rows > 0 {
+            self.publish_built()?;
         }
+        self.shared.published_lsn.fetch_max(self.next_lsn, Release);
+        Ok(())
+    }
+
+    fn publish_built(&mut self) -> Result<()> {
         // Tenants silent since the last flush give their buffers back.
         self.builders.retain(|_, (_, b)| b.rows() > 0);
         let mut done = Vec::new();
@@ -469,9 +472,6 @@ impl RawWriter {
                 }
             }
         }
-        self.shared
-            .published_lsn
-            .fetch_max(self.next_lsn, std::sync::atomic::Ordering::Release);
         self.shared.bump_version();
         Ok(())
     }

@@ -134,7 +134,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
         ready: s.shared.ready.load(Relaxed),
         committed_lsn: s.shared.committed_lsn.load(Relaxed),
-        applied_lsn: v.totals.last_lsn.map_or(0, |l| l + 1),
+        applied_lsn: v.totals.applied_lsn(),
     }
 }
 
@@ -516,27 +516,21 @@ async fn dlq_replay(
         ));
     }
     let pending = s.shared.dlq.lock().pending_late(tenant.as_deref());
-    // The check below asks the raw store for earlier copies: it must see
-    // every record the processor applied so far (the raw thread publishes
-    // what it appended at most every few ms).
-    if let Some(raw) = &s.shared.raw {
-        let applied = s
-            .shared
-            .processor
-            .lock()
-            .totals
-            .last_lsn
-            .map_or(0, |l| l + 1);
-        if !raw.wait_published(applied, Duration::from_secs(10)).await {
-            return Err(ApiError::Unavailable(
-                "the raw event store is behind the processor, so earlier copies of late events cannot be checked yet; nothing was replayed: retry".into(),
-                1,
-            ));
+    let (pending, counted_before) = match (&s.query, &s.shared.raw) {
+        (Some(engine), Some(raw)) if !pending.is_empty() => {
+            // The check asks the raw store for earlier copies: it must see
+            // every record the processor applied so far (the raw thread
+            // publishes what it appended at most every few ms).
+            let applied = s.shared.processor.lock().totals.applied_lsn();
+            if !raw.wait_published(applied, Duration::from_secs(10)).await {
+                return Err(ApiError::Unavailable(
+                    "the raw event store is behind the processor, so earlier copies of late events cannot be checked yet; nothing was replayed: retry".into(),
+                    1,
+                ));
+            }
+            received_before(engine, pending).await?
         }
-    }
-    let (pending, counted_before) = match &s.query {
-        Some(engine) => received_before(engine, pending).await?,
-        None => (pending, 0),
+        _ => (pending, 0),
     };
     let mut ndjson = String::new();
     for e in &pending {

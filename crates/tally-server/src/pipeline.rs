@@ -321,7 +321,7 @@ impl Pipeline {
         if cfg.archive.enabled {
             let (target, rc) = raw_setup(cfg)?;
             let archive = tally_archive::Archive::open(&target)?;
-            let genesis = processor.totals().last_lsn.map_or(0, |l| l + 1);
+            let genesis = processor.totals().applied_lsn();
             let (w, _) =
                 tally_archive::RawWriter::open(archive, rc, (genesis, processor.offsets()))?;
             processor.raw_sealed(w.shared().sealed_lsn.load(Relaxed));

@@ -142,6 +142,13 @@ pub struct Totals {
     pub last_lsn: Option<u64>,
 }
 
+impl Totals {
+    /// The lsn after the last record applied (0 before any).
+    pub fn applied_lsn(&self) -> u64 {
+        self.last_lsn.map_or(0, |l| l + 1)
+    }
+}
+
 /// What changed since the last checkpoint (written out incrementally).
 #[derive(Debug, Default)]
 struct Journal {

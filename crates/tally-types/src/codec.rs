@@ -58,8 +58,24 @@ enum RawValue<'a> {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(&'a [u8]),
+    Str(Text<'a>),
     Json(&'a [u8]),
+}
+
+/// A text of a batch, with the batch bytes that follow it: readers that
+/// copy short texts a word at a time may read past its end
+/// ([`push_json_in`]).
+#[derive(Clone, Copy)]
+struct Text<'a> {
+    /// The batch from the text's first byte on.
+    tail: &'a [u8],
+    len: usize,
+}
+
+impl<'a> Text<'a> {
+    fn bytes(self) -> &'a [u8] {
+        &self.tail[..self.len]
+    }
 }
 
 /// A decoded event borrowing from the batch bytes.
@@ -150,14 +166,14 @@ fn write_props_json(c: &mut Cursor<'_>, n_props: u16, out: &mut Vec<u8>) -> Resu
             out.push(b',');
         }
         let (k, v) = c.prop_raw()?;
-        push_json_in(out, c.buf, k);
+        push_json_in(out, k);
         out.push(b':');
         match v {
             RawValue::Null => out.extend_from_slice(b"null"),
             RawValue::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
             RawValue::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
             RawValue::Float(f) => push_f64(out, f),
-            RawValue::Str(s) => push_json_in(out, c.buf, s),
+            RawValue::Str(s) => push_json_in(out, s),
             RawValue::Json(j) => out.extend_from_slice(j),
         }
     }
@@ -257,26 +273,25 @@ pub fn push_json_str(out: &mut String, s: &str) {
 /// [`push_json_str`] over UTF-8 bytes.
 #[inline]
 pub fn push_json_bytes(out: &mut Vec<u8>, s: &[u8]) {
-    push_json_in(out, s, s)
+    push_json_in(
+        out,
+        Text {
+            tail: s,
+            len: s.len(),
+        },
+    )
 }
 
-/// [`push_json_bytes`] for `s`, a part of `buf` (a batch's bytes): short
-/// texts are checked and copied as whole 8- and 16-byte words read from
-/// `buf`, past the end of `s` where `buf` goes on (the extra bytes are
-/// masked out of the check and cut off the output), instead of a byte
-/// loop and a `memcpy` call per text. A `s` that is not inside `buf` is
-/// read from `s` alone.
+/// [`push_json_bytes`] for a text of a batch: short texts are checked and
+/// copied as whole 8- and 16-byte words read from the batch, past the
+/// text's end where the batch goes on (the extra bytes are masked out of
+/// the check and cut off the output), instead of a byte loop and a
+/// `memcpy` call per text.
 #[inline(always)]
-fn push_json_in(out: &mut Vec<u8>, buf: &[u8], s: &[u8]) {
-    let at = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-    let inside = at
-        .checked_add(s.len())
-        .and_then(|end| buf.get(at..end))
-        .is_some_and(|b| b.as_ptr() == s.as_ptr());
-    let buf = if inside { &buf[at..] } else { s };
-    let n = s.len();
+fn push_json_in(out: &mut Vec<u8>, t: Text<'_>) {
+    let (buf, n) = (t.tail, t.len);
     if any_escape_prefix(buf, n) {
-        return push_escaped_bytes(out, s);
+        return push_escaped_bytes(out, t.bytes());
     }
     out.reserve(n + 18);
     out.push(b'"');
@@ -287,7 +302,7 @@ fn push_json_in(out: &mut Vec<u8>, buf: &[u8], s: &[u8]) {
             out.extend_from_slice(w);
             out.truncate(len + n);
         }
-        _ => out.extend_from_slice(s),
+        _ => out.extend_from_slice(t.bytes()),
     }
     out.push(b'"');
 }
@@ -412,6 +427,14 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
 
+    /// `n` bytes as a [`Text`] (with the bytes after them).
+    #[inline(always)]
+    fn text(&mut self, n: usize) -> Result<Text<'a>, CodecError> {
+        let tail = &self.buf[self.pos..];
+        self.take(n)?;
+        Ok(Text { tail, len: n })
+    }
+
     #[inline(always)]
     fn u8(&mut self) -> Result<u8, CodecError> {
         Ok(self.take(1)?[0])
@@ -454,17 +477,17 @@ impl<'a> Cursor<'a> {
             RawValue::Bool(b) => PropValue::Bool(b),
             RawValue::Int(i) => PropValue::Int(i),
             RawValue::Float(f) => PropValue::Float(f),
-            RawValue::Str(s) => PropValue::Str(utf8(s)?),
+            RawValue::Str(s) => PropValue::Str(utf8(s.bytes())?),
             RawValue::Json(j) => PropValue::Json(utf8(j)?),
         };
-        Ok((utf8(k)?, v))
+        Ok((utf8(k.bytes())?, v))
     }
 
     /// One property with its texts as bytes, not checked as UTF-8.
     #[inline(always)]
-    fn prop_raw(&mut self) -> Result<(&'a [u8], RawValue<'a>), CodecError> {
+    fn prop_raw(&mut self) -> Result<(Text<'a>, RawValue<'a>), CodecError> {
         let kl = self.u16()? as usize;
-        let k = self.take(kl)?;
+        let k = self.text(kl)?;
         let v = match self.u8()? {
             0 => RawValue::Null,
             1 => RawValue::Bool(false),
@@ -473,7 +496,7 @@ impl<'a> Cursor<'a> {
             4 => RawValue::Float(f64::from_bits(self.i64()? as u64)),
             5 => {
                 let n = self.u32()? as usize;
-                RawValue::Str(self.take(n)?)
+                RawValue::Str(self.text(n)?)
             }
             6 => {
                 let n = self.u32()? as usize;
@@ -957,9 +980,9 @@ mod tests {
         ) {
             let want = reference_escape(&s);
             let buf: Vec<u8> = before.iter().chain(s.as_bytes()).chain(&after).copied().collect();
-            let inner = &buf[before.len()..before.len() + s.len()];
+            let inner = Text { tail: &buf[before.len()..], len: s.len() };
             let mut out = b"x".to_vec();
-            push_json_in(&mut out, &buf, inner);
+            push_json_in(&mut out, inner);
             proptest::prop_assert_eq!(String::from_utf8(out[1..].to_vec()).unwrap(), want);
             proptest::prop_assert_eq!(any_escape_prefix(&buf[before.len()..], s.len()), s.bytes().any(needs_escape));
         }
