@@ -89,6 +89,8 @@ pub struct Parsed {
     pub partitions: Vec<(u32, BatchWriter)>,
     pub accepted: usize,
     pub rejected: Vec<Rejection>,
+    /// Accepted events per tenant, in order of first appearance (quotas).
+    pub tenants: Vec<(String, usize)>,
 }
 
 /// Parser with reusable scratch space.
@@ -282,6 +284,14 @@ impl Sink<'_> {
         }
         w.finish_event(at, props.len() as u16);
         self.out.accepted += 1;
+        // Batches mostly hold one tenant: compare with the last one first.
+        match self.out.tenants.last_mut() {
+            Some((t, n)) if *t == *ev.tenant => *n += 1,
+            _ => match self.out.tenants.iter_mut().find(|(t, _)| *t == *ev.tenant) {
+                Some((_, n)) => *n += 1,
+                None => self.out.tenants.push((ev.tenant.to_string(), 1)),
+            },
+        }
     }
 
     fn reject(

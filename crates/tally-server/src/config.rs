@@ -23,6 +23,8 @@ pub enum ConfigError {
         value: String,
         fix: &'static str,
     },
+    #[error("config: auth.keys[{index}] {msg}")]
+    Key { index: usize, msg: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +42,78 @@ pub struct Config {
     pub query: QuerySection,
     pub alerts: AlertsSection,
     pub retention: RetentionSection,
+    pub auth: AuthSection,
+    pub quotas: QuotasSection,
+}
+
+/// API keys. With none configured the server runs in open mode (the
+/// tenant is the event's `tenant` field or `?tenant=`); with any, every API
+/// request needs `Authorization: Bearer <key>` and the key names the tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct AuthSection {
+    pub keys: Vec<KeySection>,
+    /// `GET /metrics` (Prometheus) without a key even in keyed mode; when
+    /// false it needs a key with the `admin` scope.
+    pub public_metrics: bool,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            keys: Vec::new(),
+            public_metrics: true,
+        }
+    }
+}
+
+/// One API key: the key itself or its SHA-256 (hex), its tenant and scopes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct KeySection {
+    /// The secret as clients send it.
+    pub key: String,
+    /// Or its SHA-256 in hex (`tally keys new` prints both), so the config
+    /// file need not hold the secret.
+    pub key_sha256: String,
+    pub tenant: String,
+    /// `ingest`, `read`, `admin` (admin allows everything).
+    pub scopes: Vec<String>,
+    /// Shown in logs instead of the key.
+    pub name: String,
+}
+
+/// Per-tenant ingest quotas (token buckets). A request over its tenant's
+/// quota is answered `429` + `Retry-After` and nothing from it is stored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct QuotasSection {
+    /// Every tenant's sustained events per second unless it has its own
+    /// limit below (0: no limit).
+    pub events_per_second: u64,
+    /// Events allowed at once above the sustained rate (0: one second's worth).
+    pub burst_events: u64,
+    /// Limits of named tenants: `[quotas.tenants.acme]`.
+    pub tenants: std::collections::BTreeMap<String, QuotaSection>,
+}
+
+impl QuotasSection {
+    /// The limit that applies to `tenant`.
+    pub fn of(&self, tenant: &str) -> QuotaSection {
+        self.tenants.get(tenant).copied().unwrap_or(QuotaSection {
+            events_per_second: self.events_per_second,
+            burst_events: self.burst_events,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct QuotaSection {
+    /// Sustained events per second (0: no limit).
+    pub events_per_second: u64,
+    /// Events allowed at once above the sustained rate (0: one second's worth).
+    pub burst_events: u64,
 }
 
 /// Rollup retention and downsampling; the log's and the archive's own
@@ -244,6 +318,8 @@ impl Default for Config {
             query: QuerySection::default(),
             alerts: AlertsSection::default(),
             retention: RetentionSection::default(),
+            auth: AuthSection::default(),
+            quotas: QuotasSection::default(),
         }
     }
 }
@@ -359,6 +435,7 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         cfg.durations()?;
+        crate::auth::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
     }
 

@@ -16,9 +16,9 @@ use tally_ingest::{BodyError, Format, Parser, Tenancy};
 use tally_store::{Granularity, Metric, MetricQuery, Value};
 use tally_stream::{DlqBody, DlqEntry, DlqKind};
 use tally_types::time::{HOUR_MS, format_rfc3339, parse_time_param};
-use tally_types::{DEFAULT_TENANT, valid_tenant};
 use tokio::sync::oneshot;
 
+use crate::auth::Caller;
 use crate::pipeline::{Shared, WriteReq, entry_to_json};
 use crate::telemetry::Snapshot;
 
@@ -34,6 +34,10 @@ pub struct AppState {
     pub metrics_cache: Arc<parking_lot::Mutex<tally_store::MetricsCache<Bytes>>>,
     /// SQL and sessions (None when the raw store is off).
     pub query: Option<Arc<tally_query::QueryEngine>>,
+    /// API keys (none: open mode).
+    pub keys: Arc<crate::auth::Keys>,
+    /// Per-tenant ingest quotas.
+    pub quotas: Arc<crate::quota::Quotas>,
 }
 
 /// Every error the API returns, with its status.
@@ -43,6 +47,8 @@ pub enum ApiError {
     TooLarge(String),
     /// Overload: retry after this many seconds.
     Unavailable(String, u32),
+    /// Over a quota (429): retry after this many seconds.
+    TooMany(String, u32),
     NotFound(String),
     /// Any other status.
     Status(StatusCode, String),
@@ -56,6 +62,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m, None),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m, None),
             ApiError::Unavailable(m, r) => (StatusCode::SERVICE_UNAVAILABLE, m, Some(r)),
+            ApiError::TooMany(m, r) => (StatusCode::TOO_MANY_REQUESTS, m, Some(r)),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m, None),
             ApiError::Status(c, m) => (c, m, None),
             ApiError::Field(field, m) => {
@@ -76,6 +83,7 @@ impl IntoResponse for ApiError {
 }
 
 pub fn router(state: AppState) -> Router {
+    let keys = state.keys.clone();
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -104,6 +112,10 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("no such endpoint; see shared/API.md".into()) })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            keys,
+            crate::auth::layer,
+        ))
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -149,6 +161,7 @@ async fn prometheus(State(s): State<AppState>) -> Response {
 
 async fn ingest(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -199,7 +212,7 @@ async fn ingest(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let parsed =
-        Parser::new(s.partitions).parse(&body, Format::from_content_type(ct), Tenancy::Open);
+        Parser::new(s.partitions).parse(&body, Format::from_content_type(ct), caller.tenancy());
     let parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
@@ -211,6 +224,21 @@ async fn ingest(
             });
         }
     };
+    if s.quotas.enabled()
+        && let Err(q) = s.quotas.take(&parsed.tenants)
+    {
+        release(body.len());
+        tel.requests_over_quota.fetch_add(1, Relaxed);
+        tel.events_dropped_overload
+            .fetch_add((parsed.accepted + parsed.rejected.len()) as u64, Relaxed);
+        return Err(ApiError::TooMany(
+            format!(
+                "tenant {:?} is over its ingest quota of {} events/s (quotas.events-per-second); nothing from this request was stored: retry after the Retry-After seconds or send smaller batches",
+                q.tenant, q.limit
+            ),
+            q.retry_after_s,
+        ));
+    }
     let now = s.shared.clock.now_ms();
     let errors: Vec<Json> = parsed
         .rejected
@@ -303,34 +331,6 @@ pub(crate) fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a st
         .map(|(_, v)| v.as_str())
 }
 
-pub(crate) fn tenant_param(pairs: &[(String, String)]) -> Result<String, ApiError> {
-    check_tenant(one(pairs, "tenant").unwrap_or(DEFAULT_TENANT))
-}
-
-/// The tenant of a request with a JSON body: `?tenant=` or the body's
-/// `tenant` (they must agree), default `"default"`.
-pub(crate) fn tenant_of(pairs: &[(String, String)], body: &Json) -> Result<String, ApiError> {
-    match (one(pairs, "tenant"), body.get("tenant")) {
-        (_, None | Some(Json::Null)) => tenant_param(pairs),
-        (Some(q), Some(Json::String(b))) if q != b => Err(ApiError::BadRequest(format!(
-            "tenant: the query says {q:?} and the body {b:?}; name one"
-        ))),
-        (_, Some(Json::String(b))) => check_tenant(b),
-        (_, Some(v)) => Err(ApiError::BadRequest(format!(
-            "tenant: {v} must be a string"
-        ))),
-    }
-}
-
-pub(crate) fn check_tenant(t: &str) -> Result<String, ApiError> {
-    if !valid_tenant(t) {
-        return Err(ApiError::BadRequest(format!(
-            "tenant: {t:?} is not 1–64 characters of [A-Za-z0-9_.-]"
-        )));
-    }
-    Ok(t.to_string())
-}
-
 fn time_param(pairs: &[(String, String)], key: &'static str) -> Result<Option<i64>, ApiError> {
     match one(pairs, key) {
         None | Some("") => Ok(None),
@@ -349,7 +349,11 @@ fn number(v: Value) -> Json {
     }
 }
 
-async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn metrics(
+    State(s): State<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let pairs = query_pairs(&q);
     let metric_s = one(&pairs, "metric").ok_or_else(|| {
@@ -384,7 +388,7 @@ async fn metrics(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Res
         }
     };
     let query = MetricQuery {
-        tenant: tenant_param(&pairs)?,
+        tenant: caller.tenant(&pairs)?,
         metric,
         start,
         end,
@@ -463,7 +467,11 @@ fn json_bytes(body: Bytes, cache: &'static str) -> Response {
         .into_response()
 }
 
-async fn dlq(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn dlq(
+    State(s): State<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
     let kind_s = one(&pairs, "kind").unwrap_or("malformed");
     let kind = DlqKind::parse(kind_s).ok_or_else(|| {
@@ -476,7 +484,7 @@ async fn dlq(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Respons
         })?,
     }
     .min(10_000);
-    let tenant = tenant_param(&pairs)?;
+    let tenant = caller.tenant(&pairs)?;
     let entries = s.shared.dlq.lock().list(&tenant, kind, limit);
     let entries: Vec<Json> = entries.iter().map(entry_to_json).collect();
     Ok(axum::Json(json!({ "entries": entries })).into_response())
@@ -489,6 +497,7 @@ async fn dlq(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Respons
 /// counted or already corrected. Without `tenant`, every tenant's entries.
 async fn dlq_replay(
     State(s): State<AppState>,
+    caller: Caller,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
@@ -505,10 +514,7 @@ async fn dlq_replay(
             )));
         }
     }
-    let tenant = match one(&pairs, "tenant") {
-        None | Some("") => None,
-        Some(_) => Some(tenant_param(&pairs)?),
-    };
+    let tenant = caller.tenant_or_all(&pairs)?;
     if !s.shared.ready.load(Relaxed) {
         return Err(ApiError::Unavailable(
             "not ready: recovering or shutting down; retry".into(),
@@ -535,8 +541,7 @@ async fn dlq_replay(
     let mut ndjson = String::new();
     for e in &pending {
         if let DlqBody::Event(j) = &e.body {
-            ndjson.push_str(j);
-            ndjson.push('\n');
+            push_with_tenant(&mut ndjson, j, &e.tenant);
         }
     }
     let mut applied = 0u64;
@@ -605,6 +610,28 @@ async fn dlq_replay(
         "tenant": tenant,
     }))
     .into_response())
+}
+
+/// Appends a late event as an NDJSON line that names its tenant: an event
+/// sent with an API key usually has no `tenant` field, and the replay parses
+/// every tenant's entries in one batch.
+fn push_with_tenant(out: &mut String, event: &str, tenant: &str) {
+    let names_one = serde_json::from_str::<Json>(event)
+        .ok()
+        .is_some_and(|v| v.get("tenant").is_some_and(|t| !t.is_null()));
+    let body = event.trim_start();
+    match body.strip_prefix('{') {
+        Some(rest) if !names_one => {
+            out.push_str("{\"tenant\":");
+            out.push_str(&Json::from(tenant).to_string());
+            if !rest.trim_start().starts_with('}') {
+                out.push(',');
+            }
+            out.push_str(rest);
+        }
+        _ => out.push_str(event),
+    }
+    out.push('\n');
 }
 
 /// Splits off the late entries whose event the raw store holds an earlier
@@ -749,6 +776,7 @@ fn query_error(e: tally_query::QueryError) -> ApiError {
 /// `POST /api/v1/query` with `{"sql": "SELECT …"}`.
 async fn sql_query(
     State(s): State<AppState>,
+    caller: Caller,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Bytes,
@@ -765,7 +793,7 @@ async fn sql_query(
         ApiError::BadRequest("sql: missing or not a string; send {\"sql\": \"SELECT …\"}".into())
     })?;
     // The tenant comes from ?tenant= (or the body's "tenant"), never from the SQL.
-    let tenant = tenant_of(&pairs, &req)?;
+    let tenant = caller.tenant_of(&pairs, &req)?;
     let format = tally_query::format::Format::from_accept(
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
     );
@@ -785,10 +813,14 @@ async fn sql_query(
 }
 
 /// `GET /api/v1/sessions?user_id=U&start=T&end=T[&tenant=X][&gap=30m][&limit=N]`.
-async fn sessions(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn sessions(
+    State(s): State<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     let engine = engine(&s)?;
     let pairs = query_pairs(&q);
-    let tenant = tenant_param(&pairs)?;
+    let tenant = caller.tenant(&pairs)?;
     let now = s.shared.clock.now_ms();
     let end = time_param(&pairs, "end")?.unwrap_or(now + HOUR_MS);
     let start = time_param(&pairs, "start")?.unwrap_or(end - 24 * HOUR_MS);

@@ -9,7 +9,8 @@ use serde_json::{Value as Json, json};
 use tally_alert::{AlertError, Rule, RuleState};
 use tally_types::time::format_rfc3339;
 
-use crate::http::{ApiError, AppState, one, query_pairs, tenant_of, tenant_param};
+use crate::auth::Caller;
+use crate::http::{ApiError, AppState, one, query_pairs};
 
 /// A rule with where it stands.
 pub(crate) fn view(r: &Rule, st: &RuleState, now: i64) -> Json {
@@ -60,12 +61,13 @@ fn persist(s: &AppState, e: &mut tally_alert::Engine) -> Result<(), ApiError> {
 /// of the same name (200).
 pub(crate) async fn create(
     State(s): State<AppState>,
+    caller: Caller,
     RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
     let body = json_body(&body)?;
-    let tenant = tenant_of(&pairs, &body)?;
+    let tenant = caller.tenant_of(&pairs, &body)?;
     let now = s.shared.clock.now_ms();
     let closed = s
         .shared
@@ -87,9 +89,10 @@ pub(crate) async fn create(
 /// `GET /api/v1/alerts`: the tenant's rules with their states.
 pub(crate) async fn list(
     State(s): State<AppState>,
+    caller: Caller,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant_param(&query_pairs(&q))?;
+    let tenant = caller.tenant(&query_pairs(&q))?;
     let now = s.shared.clock.now_ms();
     let e = s.shared.alerts.lock();
     let alerts: Vec<Json> = e
@@ -101,10 +104,11 @@ pub(crate) async fn list(
 
 pub(crate) async fn get_one(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant_param(&query_pairs(&q))?;
+    let tenant = caller.tenant(&query_pairs(&q))?;
     let e = s.shared.alerts.lock();
     match e.rule(&id) {
         Some((r, st)) if r.tenant == tenant => {
@@ -117,10 +121,11 @@ pub(crate) async fn get_one(
 /// `DELETE /api/v1/alerts/{id}`.
 pub(crate) async fn delete(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant_param(&query_pairs(&q))?;
+    let tenant = caller.tenant(&query_pairs(&q))?;
     let mut e = s.shared.alerts.lock();
     let r = e.delete(&tenant, &id)?;
     persist(&s, &mut e)?;
@@ -132,13 +137,14 @@ pub(crate) async fn delete(
 /// firing when the silence ends is notified then).
 pub(crate) async fn silence(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
     let body = json_body(&body)?;
-    let tenant = tenant_param(&pairs)?;
+    let tenant = caller.tenant(&pairs)?;
     let now = s.shared.clock.now_ms();
     let bad = ApiError::BadRequest;
     let until = match (body.get("until"), body.get("for")) {
@@ -168,10 +174,11 @@ pub(crate) async fn silence(
 /// `DELETE /api/v1/alerts/{id}/silence`: lifts a silence.
 pub(crate) async fn unsilence(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant_param(&query_pairs(&q))?;
+    let tenant = caller.tenant(&query_pairs(&q))?;
     let now = s.shared.clock.now_ms();
     let mut e = s.shared.alerts.lock();
     let r = e.silence(&tenant, &id, None)?;
@@ -184,10 +191,11 @@ pub(crate) async fn unsilence(
 /// delivery outcomes, newest first.
 pub(crate) async fn history(
     State(s): State<AppState>,
+    caller: Caller,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
-    let tenant = tenant_param(&pairs)?;
+    let tenant = caller.tenant(&pairs)?;
     let limit = match one(&pairs, "limit") {
         None => 100,
         Some(l) => l

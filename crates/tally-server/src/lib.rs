@@ -1,11 +1,13 @@
 //! The Tally server: configuration, the running pipeline (log writer and
 //! processor threads) and the HTTP API.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 mod http_alerts;
 mod live;
 pub mod pipeline;
+pub mod quota;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -54,7 +56,16 @@ impl Server {
             .await
             .map_err(|e| ServerError::Serve(std::io::Error::other(e)))??;
         let shared = pipeline.shared.clone();
+        let keys = auth::Keys::from_config(&cfg.auth).map_err(PipelineError::from)?;
+        if keys.keyed() {
+            tracing::info!(
+                keys = cfg.auth.keys.len(),
+                "keyed mode: every API request needs an API key"
+            );
+        }
         let state = http::AppState {
+            keys: Arc::new(keys),
+            quotas: Arc::new(quota::Quotas::new(cfg.quotas.clone(), shared.clock.clone())),
             shared: shared.clone(),
             tx: pipeline.tx.clone(),
             partitions: cfg.log.partitions,

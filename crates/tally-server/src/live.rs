@@ -16,19 +16,21 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value as Json, json};
 use tally_types::time::{MINUTE_MS, format_rfc3339};
 
-use crate::http::{ApiError, AppState, query_pairs, tenant_param};
+use crate::auth::Caller;
+use crate::http::{ApiError, AppState, query_pairs};
 
 /// Minutes of history the live charts show.
 const WINDOW_MINUTES: i64 = 60;
 
 pub(crate) async fn live(
     State(s): State<AppState>,
+    caller: Caller,
     RawQuery(q): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant_param(&query_pairs(&q))?;
+    let tenant = caller.tenant(&query_pairs(&q))?;
     Ok(ws
-        .on_upgrade(move |socket| feed(s, tenant, socket))
+        .on_upgrade(move |socket| feed(s, caller, tenant, socket))
         .into_response())
 }
 
@@ -76,7 +78,9 @@ struct Rate {
     rate: f64,
 }
 
-fn status_msg(s: &AppState, rate: &mut Rate) -> Json {
+/// Pipeline status; with a key, the tenant list and alert counts are the
+/// key's tenant's only.
+fn status_msg(s: &AppState, caller: &Caller, rate: &mut Rate) -> Json {
     let sh = &s.shared;
     let tel = &sh.telemetry;
     let v = crate::http::snapshot(s);
@@ -88,10 +92,24 @@ fn status_msg(s: &AppState, rate: &mut Rate) -> Json {
         rate.at = Instant::now();
         rate.accepted = accepted;
     }
-    let tenants: Vec<String> = sh.store.read().tenants().map(String::from).collect();
+    let only = caller.key_tenant();
+    let tenants: Vec<String> = sh
+        .store
+        .read()
+        .tenants()
+        .filter(|t| only.is_none_or(|o| o == *t))
+        .map(String::from)
+        .collect();
     let (rules, firing) = {
         let e = sh.alerts.lock();
-        (e.rules(None).count(), e.firing())
+        let firing = match only {
+            None => e.firing(),
+            Some(_) => e
+                .rules(only)
+                .filter(|(_, st)| st.state == tally_alert::State::Firing)
+                .count(),
+        };
+        (e.rules(only).count(), firing)
     };
     json!({
         "type": "status",
@@ -139,7 +157,7 @@ async fn send(socket: &mut WebSocket, v: &Json) -> bool {
         .is_ok()
 }
 
-async fn feed(s: AppState, mut tenant: String, mut socket: WebSocket) {
+async fn feed(s: AppState, caller: Caller, mut tenant: String, mut socket: WebSocket) {
     let mut rate = Rate {
         at: Instant::now(),
         accepted: s.shared.telemetry.events_accepted.load(Relaxed),
@@ -180,7 +198,7 @@ async fn feed(s: AppState, mut tenant: String, mut socket: WebSocket) {
                 }
                 if last_status.elapsed() >= Duration::from_secs(1) {
                     last_status = Instant::now();
-                    let msg = status_msg(&s, &mut rate);
+                    let msg = status_msg(&s, &caller, &mut rate);
                     if !send(&mut socket, &msg).await {
                         return;
                     }
@@ -201,6 +219,13 @@ async fn feed(s: AppState, mut tenant: String, mut socket: WebSocket) {
                             && let Some(t) = v.get("tenant").and_then(Json::as_str)
                             && tally_types::valid_tenant(t)
                         {
+                            if caller.key_tenant().is_some_and(|k| k != t) {
+                                let msg = json!({"type": "error", "error": format!("tenant: this API key cannot reach tenant {t:?}")});
+                                if !send(&mut socket, &msg).await {
+                                    return;
+                                }
+                                continue;
+                            }
                             tenant = t.to_string();
                             full = true;
                             seen_alerts = 0;

@@ -59,6 +59,8 @@ pub struct Telemetry {
     /// Events refused whole with their request (overload, 413, 400).
     pub events_dropped_overload: AtomicU64,
     pub requests_overloaded: AtomicU64,
+    /// Requests answered 429: a tenant over its ingest quota.
+    pub requests_over_quota: AtomicU64,
     pub bytes_ingested: AtomicU64,
     pub ack_latency: Histogram,
     pub query_latency: Histogram,
@@ -108,6 +110,7 @@ impl Default for Telemetry {
             events_rejected: AtomicU64::new(0),
             events_dropped_overload: AtomicU64::new(0),
             requests_overloaded: AtomicU64::new(0),
+            requests_over_quota: AtomicU64::new(0),
             bytes_ingested: AtomicU64::new(0),
             ack_latency: Histogram::latency(),
             query_latency: Histogram::latency(),
@@ -243,6 +246,12 @@ impl Telemetry {
             "tally_ingest_overloaded_total",
             "Requests answered 503 because of backpressure.",
             self.requests_overloaded.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_ingest_over_quota_total",
+            "Requests answered 429 because a tenant was over its ingest quota.",
+            self.requests_over_quota.load(Relaxed),
         );
         counter(
             &mut o,

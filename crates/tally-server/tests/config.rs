@@ -34,3 +34,53 @@ fn unknown_keys_and_bad_durations_are_refused_with_the_key() {
         "{e}"
     );
 }
+
+#[test]
+fn api_keys_load_from_toml_and_bad_ones_name_the_key_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.toml");
+    let digest = tally_server::auth::to_hex(&tally_server::auth::digest("s3cret-acme-read"));
+    std::fs::write(
+        &p,
+        format!(
+            "[auth]\nkeys = [\n  {{ key = \"s3cret-acme-ingest\", tenant = \"acme\", scopes = [\"ingest\"] }},\n  {{ key-sha256 = \"{digest}\", tenant = \"acme\", scopes = [\"read\"], name = \"grafana\" }},\n]\n\n[quotas]\nevents-per-second = 5000\n[quotas.tenants.acme]\nevents-per-second = 50000\nburst-events = 100000\n"
+        ),
+    )
+    .unwrap();
+    let cfg = tally_server::Config::load(Some(&p)).expect("keys parse");
+    assert_eq!(cfg.auth.keys.len(), 2);
+    assert!(tally_server::auth::Keys::from_config(&cfg.auth).unwrap().keyed());
+    assert_eq!(cfg.quotas.of("acme").events_per_second, 50_000);
+    assert_eq!(cfg.quotas.of("other").events_per_second, 5000);
+
+    for (text, wants) in [
+        (
+            "[auth]\nkeys = [{ key = \"k\", tenant = \"acme\", scopes = [\"write\"] }]\n",
+            &["auth.keys[0]", "\"write\"", "ingest"][..],
+        ),
+        (
+            "[auth]\nkeys = [{ key = \"k\", tenant = \"a b\", scopes = [\"read\"] }]\n",
+            &["auth.keys[0]", "tenant", "\"a b\""][..],
+        ),
+        (
+            "[auth]\nkeys = [{ tenant = \"acme\", scopes = [\"read\"] }]\n",
+            &["auth.keys[0]", "tally keys new"][..],
+        ),
+        (
+            "[auth]\nkeys = [{ key = \"k\", tenant = \"a\", scopes = [\"read\"] }, { key = \"k\", tenant = \"b\", scopes = [\"read\"] }]\n",
+            &["auth.keys[1]", "distinct"][..],
+        ),
+        (
+            "[auth]\nkeys = [{ key-sha256 = \"abc\", tenant = \"a\", scopes = [\"read\"] }]\n",
+            &["auth.keys[0]", "64 hex"][..],
+        ),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let e = tally_server::Config::load(Some(&p))
+            .unwrap_err()
+            .to_string();
+        for w in wants {
+            assert!(e.contains(w), "{text} → {e} (wanted {w})");
+        }
+    }
+}
