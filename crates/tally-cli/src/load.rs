@@ -14,8 +14,24 @@ pub struct LoadStats {
     pub retries: AtomicU64,
 }
 
+static API_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The API key every later [`client`] sends (`--api-key` / `TALLY_API_KEY`,
+/// for a server in keyed mode).
+pub fn set_api_key(key: String) {
+    let _ = API_KEY.set(key);
+}
+
 pub fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(v) = API_KEY
+        .get()
+        .and_then(|k| reqwest::header::HeaderValue::from_str(&format!("Bearer {k}")).ok())
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(64)
         .timeout(Duration::from_secs(60))
         .build()

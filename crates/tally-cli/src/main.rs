@@ -41,6 +41,29 @@ enum Cmd {
     /// Reprocess the log into a fresh state (after changing stream settings,
     /// or to rebuild a damaged state dir). Run it while the server is stopped.
     Replay(ReplayArgs),
+    /// API keys for keyed mode.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Make a new random key and print it with the [auth] entry to add to
+    /// the config (its SHA-256 only, so the file never holds the secret).
+    New(NewKeyArgs),
+}
+
+#[derive(Args)]
+struct NewKeyArgs {
+    /// Tenant the key belongs to.
+    #[arg(long)]
+    tenant: String,
+    /// Comma-separated scopes: ingest, read, admin.
+    #[arg(long, default_value = "ingest,read")]
+    scopes: String,
+    /// A name shown in logs instead of the key.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -123,6 +146,9 @@ struct GenArgs {
     duplicate: f64,
     #[arg(long, default_value_t = 0.01)]
     malformed: f64,
+    /// API key for a server in keyed mode (needs the ingest scope).
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -147,6 +173,10 @@ struct BenchArgs {
     /// Alert notifications to time after the load (0 skips the alert phase).
     #[arg(long, default_value_t = 40)]
     alert_samples: u32,
+    /// API key for a --target in keyed mode (ingest and read; admin for
+    /// the alert phase).
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -166,11 +196,65 @@ fn main() -> Result<()> {
         match cli.cmd {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Demo(a) => demo(a).await,
-            Cmd::Gen(a) => gen_cmd(a).await,
-            Cmd::Bench(a) => bench(a).await,
+            Cmd::Gen(a) => {
+                if let Some(k) = a.api_key.clone() {
+                    tally_cli::load::set_api_key(k);
+                }
+                gen_cmd(a).await
+            }
+            Cmd::Bench(a) => {
+                if let Some(k) = a.api_key.clone() {
+                    tally_cli::load::set_api_key(k);
+                }
+                bench(a).await
+            }
             Cmd::Replay(a) => replay(a).await,
+            Cmd::Keys(KeysCmd::New(a)) => new_key(a),
         }
     })
+}
+
+/// `tally keys new`: a random key and its config entry.
+fn new_key(a: NewKeyArgs) -> Result<()> {
+    use rand::RngCore;
+    let scopes: Vec<String> = a
+        .scopes
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = format!("tally_{}", tally_server::auth::to_hex(&bytes));
+    let entry = tally_server::config::KeySection {
+        key_sha256: tally_server::auth::to_hex(&tally_server::auth::digest(&secret)),
+        tenant: a.tenant.clone(),
+        scopes: scopes.clone(),
+        name: a.name.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    // The same checks the server makes on start.
+    tally_server::auth::Keys::from_config(&tally_server::config::AuthSection {
+        keys: vec![entry.clone()],
+        ..Default::default()
+    })
+    .context("--tenant / --scopes")?;
+    let scopes_toml: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
+    let name = a
+        .name
+        .map(|n| format!(", name = {n:?}"))
+        .unwrap_or_default();
+    println!("key (give it to the client; it is not stored anywhere):\n  {secret}\n");
+    println!("add to the [auth] section of the config:\n");
+    println!("[auth]");
+    println!(
+        "keys = [\n  {{ key-sha256 = \"{}\", tenant = {:?}, scopes = [{}]{name} }},\n]",
+        entry.key_sha256,
+        a.tenant,
+        scopes_toml.join(", ")
+    );
+    println!("\nclients send it as: Authorization: Bearer {secret}");
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -375,3 +375,70 @@ async fn dashboard_shows_counts_and_updates_live() {
     drop(browser);
     server.stop().await.unwrap();
 }
+
+/// Keyed mode: the page opened with `?key=` keeps the key out of the
+/// address bar, finds the key's tenant from the live feed (no `?tenant=`),
+/// shows that tenant's counts and never lists another tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_in_keyed_mode_shows_the_keys_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), |cfg| {
+        cfg.auth.keys = ["acme", "globex"]
+            .iter()
+            .map(|t| tally_server::config::KeySection {
+                key: format!("{t}-key-0123456789"),
+                tenant: t.to_string(),
+                scopes: vec!["ingest".into(), "read".into()],
+                ..Default::default()
+            })
+            .collect();
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+    for (tenant, n) in [("acme", 12), ("globex", 30)] {
+        let lines: Vec<Value> = (0..n)
+            .map(|i| json!({"event_id": format!("{tenant}-{i}"), "event_type": "page_view", "timestamp": T0 + i * 1000}))
+            .collect();
+        let r = c
+            .post(format!("{base}/api/v1/events"))
+            .bearer_auth(format!("{tenant}-key-0123456789"))
+            .body(common::ndjson(&lines))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let browser = Browser::launch();
+    let mut page = Page::open(&browser).await;
+    page.call(
+        "Page.navigate",
+        json!({"url": format!("{base}/?key=acme-key-0123456789")}),
+    )
+    .await;
+    let totals = "JSON.stringify([...document.querySelectorAll('[data-event-type]')].map(c => [c.dataset.eventType, Number(c.querySelector('.total').dataset.total)]))";
+    page.wait_for(totals, &json!(r#"[["page_view",12]]"#)).await;
+    page.wait_for(
+        "document.getElementById('conn').textContent",
+        &json!("live"),
+    )
+    .await;
+    page.wait_for(
+        "[...document.querySelectorAll('#tenant option')].map(o => o.textContent).join()",
+        &json!("acme"),
+    )
+    .await;
+    assert_eq!(page.eval("location.search").await, json!(""));
+    // The explorer's metrics call carries the key too.
+    page.eval("document.getElementById('x-gran').value = '1m'; document.getElementById('x-range').value = '3600000'; document.getElementById('x-run').click(); 0").await;
+    page.wait_for(
+        "/^count per 1m: \\d+ buckets, min \\d+, max \\d+$/.test(document.getElementById('x-summary').textContent)",
+        &json!(true),
+    )
+    .await;
+    let errors = page.js_errors();
+    assert!(errors.is_empty(), "JavaScript errors: {errors:?}");
+    drop(page);
+    drop(browser);
+    server.stop().await.unwrap();
+}

@@ -49,7 +49,11 @@ fn api_keys_load_from_toml_and_bad_ones_name_the_key_and_the_fix() {
     .unwrap();
     let cfg = tally_server::Config::load(Some(&p)).expect("keys parse");
     assert_eq!(cfg.auth.keys.len(), 2);
-    assert!(tally_server::auth::Keys::from_config(&cfg.auth).unwrap().keyed());
+    assert!(
+        tally_server::auth::Keys::from_config(&cfg.auth)
+            .unwrap()
+            .keyed()
+    );
     assert_eq!(cfg.quotas.of("acme").events_per_second, 50_000);
     assert_eq!(cfg.quotas.of("other").events_per_second, 5000);
 
