@@ -220,6 +220,20 @@ fn traffic() -> Vec<(&'static str, i64, usize)> {
     out
 }
 
+/// Each chart's event type with the total it shows, as JSON text.
+const TOTALS: &str = "JSON.stringify([...document.querySelectorAll('[data-event-type]')].map(c => [c.dataset.eventType, Number(c.querySelector('.total').dataset.total)]))";
+
+/// Runs the metric explorer on counts per minute over the last hour and
+/// waits for its summary of the metrics API's answer.
+async fn explore_counts(page: &mut Page) {
+    page.eval("document.getElementById('x-gran').value = '1m'; document.getElementById('x-range').value = '3600000'; document.getElementById('x-run').click(); 0").await;
+    page.wait_for(
+        "/^count per 1m: \\d+ buckets, min \\d+, max \\d+$/.test(document.getElementById('x-summary').textContent)",
+        &json!(true),
+    )
+    .await;
+}
+
 async fn post(c: &reqwest::Client, base: &str, lines: &[Value]) {
     common::post_ndjson(c, base, common::ndjson(lines)).await;
 }
@@ -273,7 +287,7 @@ async fn dashboard_shows_counts_and_updates_live() {
     )
     .await;
 
-    let totals = "JSON.stringify([...document.querySelectorAll('[data-event-type]')].map(c => [c.dataset.eventType, Number(c.querySelector('.total').dataset.total)]))";
+    let totals = TOTALS;
     let want = |e: &std::collections::BTreeMap<&str, u64>| {
         json!(
             serde_json::to_string(&e.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>())
@@ -346,12 +360,7 @@ async fn dashboard_shows_counts_and_updates_live() {
     );
 
     // The metric explorer draws an answer of the metrics API.
-    page.eval("document.getElementById('x-gran').value = '1m'; document.getElementById('x-range').value = '3600000'; document.getElementById('x-run').click(); 0").await;
-    page.wait_for(
-        "/^count per 1m: \\d+ buckets, min \\d+, max \\d+$/.test(document.getElementById('x-summary').textContent)",
-        &json!(true),
-    )
-    .await;
+    explore_counts(&mut page).await;
 
     assert_eq!(page.eval("window.__tally.errors").await, json!([]));
     let errors = page.js_errors();
@@ -416,7 +425,7 @@ async fn dashboard_in_keyed_mode_shows_the_keys_tenant() {
         json!({"url": format!("{base}/?key=acme-key-0123456789")}),
     )
     .await;
-    let totals = "JSON.stringify([...document.querySelectorAll('[data-event-type]')].map(c => [c.dataset.eventType, Number(c.querySelector('.total').dataset.total)]))";
+    let totals = TOTALS;
     page.wait_for(totals, &json!(r#"[["page_view",12]]"#)).await;
     page.wait_for(
         "document.getElementById('conn').textContent",
@@ -430,12 +439,7 @@ async fn dashboard_in_keyed_mode_shows_the_keys_tenant() {
     .await;
     assert_eq!(page.eval("location.search").await, json!(""));
     // The explorer's metrics call carries the key too.
-    page.eval("document.getElementById('x-gran').value = '1m'; document.getElementById('x-range').value = '3600000'; document.getElementById('x-run').click(); 0").await;
-    page.wait_for(
-        "/^count per 1m: \\d+ buckets, min \\d+, max \\d+$/.test(document.getElementById('x-summary').textContent)",
-        &json!(true),
-    )
-    .await;
+    explore_counts(&mut page).await;
     let errors = page.js_errors();
     assert!(errors.is_empty(), "JavaScript errors: {errors:?}");
     drop(page);

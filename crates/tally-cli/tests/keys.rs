@@ -172,6 +172,39 @@ async fn keys_scope_every_route_to_one_tenant() {
     for open in ["/healthz", "/readyz", "/", "/metrics"] {
         assert_eq!(api.get(open, None).await.0, 200, "{open}");
     }
+    // A browser page elsewhere (a web app sending events) may call the API:
+    // the preflight needs no key, the answer names the origin.
+    let r = api
+        .c
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/v1/events", api.base),
+        )
+        .header("origin", "https://shop.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let allowed = r.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let r = api
+        .c
+        .post(format!("{}/api/v1/events", api.base))
+        .header("origin", "https://shop.example")
+        .body(batch.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "CORS lets the page ask, not skip the key");
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
     assert_eq!(api.get("/api/v1/status", Some(read)).await.0, 403);
     assert_eq!(api.get("/api/v1/status", Some(admin)).await.0, 200);
     // The live feed takes the key as ?access_token= (browsers cannot set
@@ -395,6 +428,7 @@ async fn a_tenant_over_its_quota_gets_429_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let clock = tally_types::Clock::manual(T0);
     let server = common::start_server_at(dir.path(), clock.clone(), |cfg| {
+        cfg.auth.cors_origins = vec!["https://shop.example".into()];
         cfg.quotas.events_per_second = 100;
         cfg.quotas.tenants.insert(
             "big".into(),
@@ -435,6 +469,26 @@ async fn a_tenant_over_its_quota_gets_429_and_nothing_is_stored() {
         .await;
     assert_eq!(s, 429, "{v}");
     assert_eq!(h["retry-after"], "1");
+    // Only the configured origin gets CORS headers.
+    for (origin, allowed) in [
+        ("https://shop.example", true),
+        ("https://evil.example", false),
+    ] {
+        let r = api
+            .c
+            .get(format!("{}/healthz", api.base))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers()
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap().to_string()),
+            allowed.then(|| origin.to_string()),
+            "{origin}"
+        );
+    }
     assert!(v["error"].as_str().unwrap().contains("\"small\""), "{v}");
     // Another tenant has its own bucket (and here its own limit); a batch
     // mixing the two is refused whole while one of them is over.

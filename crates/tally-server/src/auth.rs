@@ -15,6 +15,9 @@
 //! `admin` for changes (alert rules, silences, DLQ replay), `/api/v1/status`
 //! and — unless `auth.public-metrics` — `/metrics`. `admin` allows
 //! everything. `/`, `/healthz` and `/readyz` need no key.
+//!
+//! The same layer answers CORS preflights for `auth.cors-origins` (default
+//! any origin), so a web app's pages can send events with their key.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,6 +83,7 @@ struct Key {
 pub struct Keys {
     by_digest: HashMap<[u8; 32], Key>,
     public_metrics: bool,
+    cors_origins: Vec<String>,
 }
 
 /// SHA-256 of a key's secret.
@@ -177,12 +181,66 @@ impl Keys {
         Ok(Keys {
             by_digest,
             public_metrics: a.public_metrics,
+            cors_origins: a.cors_origins.clone(),
         })
     }
 
     pub fn keyed(&self) -> bool {
         !self.by_digest.is_empty()
     }
+
+    /// The `Access-Control-Allow-Origin` for a request from `origin`, if
+    /// that origin may call the API.
+    fn cors_allow(&self, origin: &str) -> Option<HeaderValue> {
+        if self.cors_origins.iter().any(|o| o == "*") {
+            Some(HeaderValue::from_static("*"))
+        } else if self.cors_origins.iter().any(|o| o == origin) {
+            HeaderValue::from_str(origin).ok()
+        } else {
+            None
+        }
+    }
+}
+
+/// Browser pages of allowed origins may call the API (web apps sending
+/// events, dashboards elsewhere): a preflight `OPTIONS` is answered here,
+/// before any key is asked for, and every answer names the origin. Keys
+/// travel in headers, never cookies, so no credentials mode is offered.
+fn cors(keys: &Keys, req: &Request) -> (Option<HeaderValue>, Option<Response>) {
+    let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    else {
+        return (None, None);
+    };
+    let Some(allow) = keys.cors_allow(origin) else {
+        return (None, None);
+    };
+    let preflight = *req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if !preflight {
+        return (Some(allow), None);
+    }
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type, x-api-key, accept"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    (None, Some(r))
 }
 
 /// Who is asking: anyone (open mode) or the holder of a key.
@@ -337,15 +395,33 @@ fn presented(req: &Request) -> Result<Option<String>, String> {
     Ok(None)
 }
 
-/// The layer in front of every route: establishes the [`Caller`] and
-/// refuses a missing key (401), an unknown key (401) or a key without the
-/// route's scope (403).
-pub(crate) async fn layer(State(keys): State<Arc<Keys>>, mut req: Request, next: Next) -> Response {
+/// The layer in front of every route: answers CORS preflights, establishes
+/// the [`Caller`] and refuses a missing key (401), an unknown key (401) or a
+/// key without the route's scope (403).
+pub(crate) async fn layer(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Response {
+    let (allow, preflight) = cors(&keys, &req);
+    if let Some(r) = preflight {
+        return r;
+    }
+    let mut resp = authorize(&keys, req, next).await;
+    if let Some(allow) = allow {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("retry-after, x-tally-cache"),
+        );
+        h.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+    resp
+}
+
+async fn authorize(keys: &Keys, mut req: Request, next: Next) -> Response {
     if !keys.keyed() {
         req.extensions_mut().insert(Caller::Open);
         return next.run(req).await;
     }
-    let need = required(&keys, req.method(), req.uri().path());
+    let need = required(keys, req.method(), req.uri().path());
     let secret = match presented(&req) {
         Ok(s) => s,
         Err(msg) => return refuse(StatusCode::UNAUTHORIZED, msg),

@@ -56,6 +56,9 @@ pub struct AuthSection {
     /// `GET /metrics` (Prometheus) without a key even in keyed mode; when
     /// false it needs a key with the `admin` scope.
     pub public_metrics: bool,
+    /// Browser origins allowed to call the API from their pages (CORS), e.g.
+    /// `["https://shop.example"]`; `["*"]` any; empty: none.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for AuthSection {
@@ -63,6 +66,7 @@ impl Default for AuthSection {
         AuthSection {
             keys: Vec::new(),
             public_metrics: true,
+            cors_origins: vec!["*".into()],
         }
     }
 }
