@@ -529,7 +529,7 @@ fn opt_id<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Option<Cow<'a, s
 /// could be read, the tenant the event named (to file the rejection under).
 fn validate<'a>(
     raw: &'a str,
-    tenancy: Tenancy<'_>,
+    tenancy: Tenancy<'a>,
     props: &mut Vec<(Cow<'a, str>, &'a RawValue)>,
 ) -> Result<Valid<'a>, (String, Option<String>)> {
     let f: Fields<'a> = serde_json::from_str(raw).map_err(|e| (format!("json: {e}"), None))?;
@@ -559,7 +559,7 @@ fn validate<'a>(
                 shorten(t)
             )));
         }
-        (Tenancy::Keyed(k), _) => Cow::Owned(k.to_string()),
+        (Tenancy::Keyed(k), _) => Cow::Borrowed(k),
     };
     let event_id = match f.event_id {
         None => return Err(err("event_id: required".into())),
