@@ -150,6 +150,10 @@ impl Page {
         }
     }
 
+    async fn goto(&mut self, url: &str) {
+        self.call("Page.navigate", json!({ "url": url })).await;
+    }
+
     /// Evaluates a JS expression and returns its JSON value.
     async fn eval(&mut self, expr: &str) -> Value {
         let r = self
@@ -281,20 +285,15 @@ async fn dashboard_shows_counts_and_updates_live() {
     }
     let browser = Browser::launch();
     let mut page = Page::open(&browser).await;
-    page.call(
-        "Page.navigate",
-        json!({"url": format!("{base}/?tenant=shop")}),
-    )
-    .await;
+    page.goto(&format!("{base}/?tenant=shop")).await;
 
-    let totals = TOTALS;
     let want = |e: &std::collections::BTreeMap<&str, u64>| {
         json!(
             serde_json::to_string(&e.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>())
                 .unwrap()
         )
     };
-    page.wait_for(totals, &want(&expect)).await;
+    page.wait_for(TOTALS, &want(&expect)).await;
     // Status and alerts arrived over the same socket.
     page.wait_for(
         "document.getElementById('conn').textContent",
@@ -342,7 +341,7 @@ async fn dashboard_shows_counts_and_updates_live() {
     post(&c, &base, &more).await;
     *expect.get_mut("click").unwrap() += 7;
     expect.insert("purchase", 1);
-    page.wait_for(totals, &want(&expect)).await;
+    page.wait_for(TOTALS, &want(&expect)).await;
     assert_eq!(
         page.eval("window.__marker").await,
         json!(42),
@@ -420,13 +419,8 @@ async fn dashboard_in_keyed_mode_shows_the_keys_tenant() {
     }
     let browser = Browser::launch();
     let mut page = Page::open(&browser).await;
-    page.call(
-        "Page.navigate",
-        json!({"url": format!("{base}/?key=acme-key-0123456789")}),
-    )
-    .await;
-    let totals = TOTALS;
-    page.wait_for(totals, &json!(r#"[["page_view",12]]"#)).await;
+    page.goto(&format!("{base}/?key=acme-key-0123456789")).await;
+    page.wait_for(TOTALS, &json!(r#"[["page_view",12]]"#)).await;
     page.wait_for(
         "document.getElementById('conn').textContent",
         &json!("live"),
