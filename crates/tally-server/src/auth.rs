@@ -33,7 +33,7 @@ use tally_ingest::Tenancy;
 use tally_types::{DEFAULT_TENANT, valid_tenant};
 
 use crate::config::{AuthSection, ConfigError};
-use crate::http::{ApiError, one};
+use crate::http::{ApiError, one, query_pairs};
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,11 +385,7 @@ fn presented(req: &Request) -> Result<Option<String>, String> {
         return Ok(v.to_str().ok().map(|s| s.trim().to_string()));
     }
     if req.uri().path() == "/api/v1/live" {
-        let pairs: Vec<(String, String)> = req
-            .uri()
-            .query()
-            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-            .unwrap_or_default();
+        let pairs = query_pairs(&req.uri().query().map(str::to_string));
         return Ok(one(&pairs, "access_token").map(str::to_string));
     }
     Ok(None)
