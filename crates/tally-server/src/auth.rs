@@ -44,13 +44,10 @@ pub enum Scope {
 }
 
 impl Scope {
+    const ALL: [Scope; 3] = [Scope::Ingest, Scope::Read, Scope::Admin];
+
     pub fn parse(s: &str) -> Option<Scope> {
-        match s {
-            "ingest" => Some(Scope::Ingest),
-            "read" => Some(Scope::Read),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        }
+        Scope::ALL.into_iter().find(|x| x.as_str() == s)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -72,7 +69,7 @@ impl Scope {
 
 /// A configured key, found by the SHA-256 of its secret.
 #[derive(Debug, Clone)]
-struct Key {
+pub struct Key {
     tenant: Arc<str>,
     scopes: u8,
     name: Arc<str>,
@@ -247,11 +244,7 @@ fn cors(keys: &Keys, req: &Request) -> (Option<HeaderValue>, Option<Response>) {
 #[derive(Debug, Clone)]
 pub enum Caller {
     Open,
-    Key {
-        tenant: Arc<str>,
-        scopes: u8,
-        name: Arc<str>,
-    },
+    Key(Key),
 }
 
 impl Caller {
@@ -259,7 +252,7 @@ impl Caller {
     pub fn tenancy(&self) -> Tenancy<'_> {
         match self {
             Caller::Open => Tenancy::Open,
-            Caller::Key { tenant, .. } => Tenancy::Keyed(tenant),
+            Caller::Key(k) => Tenancy::Keyed(&k.tenant),
         }
     }
 
@@ -267,17 +260,18 @@ impl Caller {
     pub fn key_tenant(&self) -> Option<&str> {
         match self {
             Caller::Open => None,
-            Caller::Key { tenant, .. } => Some(tenant),
+            Caller::Key(k) => Some(&k.tenant),
         }
     }
 
     /// A tenant the request names, checked against the key.
     fn check(&self, named: &str) -> Result<String, ApiError> {
         match self {
-            Caller::Key { tenant, .. } if **tenant != *named => Err(ApiError::Status(
+            Caller::Key(k) if *k.tenant != *named => Err(ApiError::Status(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "tenant: this API key belongs to tenant {tenant:?} and cannot reach {named:?}; drop ?tenant= or use that tenant's key"
+                    "tenant: this API key belongs to tenant {:?} and cannot reach {named:?}; drop ?tenant= or use that tenant's key",
+                    k.tenant
                 ),
             )),
             _ => check_tenant(named),
@@ -368,9 +362,9 @@ fn refuse(status: StatusCode, msg: String) -> Response {
     r
 }
 
-/// The secret a request presents: `Authorization: Bearer`, `X-Api-Key`, or
-/// (the live WebSocket only) `?access_token=`.
-fn presented(req: &Request) -> Result<Option<String>, String> {
+/// The digest of the secret a request presents: `Authorization: Bearer`,
+/// `X-Api-Key`, or (the live WebSocket only) `?access_token=`.
+fn presented(req: &Request) -> Result<Option<[u8; 32]>, String> {
     if let Some(v) = req.headers().get(header::AUTHORIZATION) {
         let v = v
             .to_str()
@@ -379,14 +373,14 @@ fn presented(req: &Request) -> Result<Option<String>, String> {
         if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
             return Err("Authorization: expected \"Bearer <key>\"".to_string());
         }
-        return Ok(Some(rest.trim().to_string()));
+        return Ok(Some(digest(rest.trim())));
     }
     if let Some(v) = req.headers().get("x-api-key") {
-        return Ok(v.to_str().ok().map(|s| s.trim().to_string()));
+        return Ok(v.to_str().ok().map(|s| digest(s.trim())));
     }
     if req.uri().path() == "/api/v1/live" {
         let pairs = query_pairs(&req.uri().query().map(str::to_string));
-        return Ok(one(&pairs, "access_token").map(str::to_string));
+        return Ok(one(&pairs, "access_token").map(digest));
     }
     Ok(None)
 }
@@ -418,16 +412,12 @@ async fn authorize(keys: &Keys, mut req: Request, next: Next) -> Response {
         return next.run(req).await;
     }
     let need = required(keys, req.method(), req.uri().path());
-    let secret = match presented(&req) {
-        Ok(s) => s,
+    let presented = match presented(&req) {
+        Ok(d) => d,
         Err(msg) => return refuse(StatusCode::UNAUTHORIZED, msg),
     };
-    let caller = match secret.map(|s| keys.by_digest.get(&digest(&s))) {
-        Some(Some(k)) => Caller::Key {
-            tenant: k.tenant.clone(),
-            scopes: k.scopes,
-            name: k.name.clone(),
-        },
+    let caller = match presented.map(|d| keys.by_digest.get(&d)) {
+        Some(Some(k)) => Caller::Key(k.clone()),
         Some(None) => {
             return refuse(
                 StatusCode::UNAUTHORIZED,
@@ -442,10 +432,10 @@ async fn authorize(keys: &Keys, mut req: Request, next: Next) -> Response {
             );
         }
     };
-    if let (Some(need), Caller::Key { scopes, name, .. }) = (need, &caller) {
-        let allowed = scopes & (need.bit() | Scope::Admin.bit()) != 0;
+    if let (Some(need), Caller::Key(k)) = (need, &caller) {
+        let allowed = k.scopes & (need.bit() | Scope::Admin.bit()) != 0;
         if !allowed {
-            tracing::debug!(key = %name, path = %req.uri().path(), "scope refused");
+            tracing::debug!(key = %k.name, path = %req.uri().path(), "scope refused");
             return refuse(
                 StatusCode::FORBIDDEN,
                 format!(

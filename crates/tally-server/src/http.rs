@@ -540,8 +540,12 @@ async fn dlq_replay(
     };
     let mut ndjson = String::new();
     for e in &pending {
+        // Late entries are rendered from the batch form and name their
+        // tenant (`EventView::to_json`), so open-mode parsing files each
+        // under its own, keyed or not.
         if let DlqBody::Event(j) = &e.body {
-            push_with_tenant(&mut ndjson, j, &e.tenant);
+            ndjson.push_str(j);
+            ndjson.push('\n');
         }
     }
     let mut applied = 0u64;
@@ -610,28 +614,6 @@ async fn dlq_replay(
         "tenant": tenant,
     }))
     .into_response())
-}
-
-/// Appends a late event as an NDJSON line that names its tenant: an event
-/// sent with an API key usually has no `tenant` field, and the replay parses
-/// every tenant's entries in one batch.
-fn push_with_tenant(out: &mut String, event: &str, tenant: &str) {
-    let names_one = serde_json::from_str::<Json>(event)
-        .ok()
-        .is_some_and(|v| v.get("tenant").is_some_and(|t| !t.is_null()));
-    let body = event.trim_start();
-    match body.strip_prefix('{') {
-        Some(rest) if !names_one => {
-            out.push_str("{\"tenant\":");
-            out.push_str(&Json::from(tenant).to_string());
-            if !rest.trim_start().starts_with('}') {
-                out.push(',');
-            }
-            out.push_str(rest);
-        }
-        _ => out.push_str(event),
-    }
-    out.push('\n');
 }
 
 /// Splits off the late entries whose event the raw store holds an earlier

@@ -102,13 +102,10 @@ fn status_msg(s: &AppState, caller: &Caller, rate: &mut Rate) -> Json {
         .collect();
     let (rules, firing) = {
         let e = sh.alerts.lock();
-        let firing = match only {
-            None => e.firing(),
-            Some(_) => e
-                .rules(only)
-                .filter(|(_, st)| st.state == tally_alert::State::Firing)
-                .count(),
-        };
+        let firing = e
+            .rules(only)
+            .filter(|(_, st)| st.state == tally_alert::State::Firing)
+            .count();
         (e.rules(only).count(), firing)
     };
     json!({
