@@ -1,7 +1,7 @@
 //! What the raw store costs per event: appending decoded log records to the
 //! hot Arrow batches, then sealing them into Parquet.
 //!
-//! `cargo run --release -p tally-archive --example seal_cost -- [rows] [tenants] [records per flush] [disorder ms]`
+//! `cargo run --release -p tally-archive --example seal_cost -- [rows] [tenants] [records per flush] [disorder ms] [text|binary]`
 //!
 //! Records hold 500 events (a 2000-event request over 4 partitions); the
 //! raw thread publishes whenever it has caught up, which under a steady
@@ -39,6 +39,10 @@ fn main() {
     let per_flush: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1).max(1);
     // Event times up to this far behind arrival order (0: in order).
     let disorder: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
+    // How the log holds the properties: "text" (the client's compact JSON,
+    // as ingest keeps it) or "binary" (value by value, as for JSON with
+    // whitespace or escapes).
+    let text_form = args.next().is_none_or(|a| a != "binary");
     let t0: i64 = 1_793_534_400_000; // 2026-11-01T12:00:00Z
     // A cheap deterministic mix (xorshift), so runs are comparable.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -61,20 +65,23 @@ fn main() {
             let session = format!("s_{}_{}", (r >> 8) % 100_000, ts / 1_800_000);
             let ty = TYPES[(r >> 20) as usize % TYPES.len()];
             let at = w.begin_event(&tenant, &id, ty, ts, Some(&user), Some(&session));
-            w.prop(
-                "page",
-                PropValue::Str(PAGES[(r >> 24) as usize % PAGES.len()]),
-            );
-            w.prop("duration_ms", PropValue::Int(((r >> 32) % 3000) as i64));
-            w.prop(
-                "country",
-                PropValue::Str(COUNTRIES[(r >> 40) as usize % COUNTRIES.len()]),
-            );
-            w.prop(
-                "device",
-                PropValue::Str(DEVICES[(r >> 48) as usize % DEVICES.len()]),
-            );
-            w.finish_event(at, 4);
+            let page = PAGES[(r >> 24) as usize % PAGES.len()];
+            let duration = ((r >> 32) % 3000) as i64;
+            let country = COUNTRIES[(r >> 40) as usize % COUNTRIES.len()];
+            let device = DEVICES[(r >> 48) as usize % DEVICES.len()];
+            if text_form {
+                // What ingest keeps for a client that sends compact JSON.
+                let text = format!(
+                    r#"{{"page":"{page}","duration_ms":{duration},"country":"{country}","device":"{device}"}}"#
+                );
+                w.finish_event_json(at, 4, &text);
+            } else {
+                w.prop("page", PropValue::Str(page));
+                w.prop("duration_ms", PropValue::Int(duration));
+                w.prop("country", PropValue::Str(country));
+                w.prop("device", PropValue::Str(device));
+                w.finish_event(at, 4);
+            }
             n += 1;
         }
         records.push(w.finish());

@@ -278,11 +278,20 @@ impl Sink<'_> {
             ev.user_id.as_deref(),
             ev.session_id.as_deref(),
         );
-        let mut scratch = String::new();
-        for (k, v) in props {
-            w.prop(k, prop_value(v.get(), &mut scratch));
+        // The client's own text when it reads back as these properties (the
+        // raw store then copies it instead of rendering it); else the
+        // properties one by one.
+        let as_text = ev
+            .props_text
+            .filter(|t| text_form_ok(t, props))
+            .is_some_and(|t| w.finish_event_json(at, props.len() as u16, t));
+        if !as_text {
+            let mut scratch = String::new();
+            for (k, v) in props {
+                w.prop(k, prop_value(v.get(), &mut scratch));
+            }
+            w.finish_event(at, props.len() as u16);
         }
-        w.finish_event(at, props.len() as u16);
         self.out.accepted += 1;
         // Batches mostly hold one tenant: compare with the last one first.
         match self.out.tenants.last_mut() {
@@ -320,6 +329,34 @@ impl Sink<'_> {
     }
 }
 
+/// Whether `text`, the `properties` object as the client sent it, can be
+/// kept as it is ([`BatchWriter::finish_event_json`]): it reads back as
+/// `props` exactly. Its length tells most of it: a compact object of these
+/// pairs is `{"k":v,...}` with each key's raw text two quotes longer than
+/// the key, so whitespace between tokens, an escaped key or a repeated key
+/// (the last value wins in `props`) makes the text longer. Strings with
+/// escapes and numbers no f64 holds are ruled out one by one.
+fn text_form_ok(text: &str, props: &[(Cow<'_, str>, &RawValue)]) -> bool {
+    if props.is_empty() {
+        return false;
+    }
+    let mut len = props.len() + 1;
+    for (k, v) in props {
+        let raw = v.get();
+        let ok = match raw.as_bytes().first() {
+            Some(b'"') => !raw.as_bytes().contains(&b'\\'),
+            Some(b'{' | b'[' | b't' | b'f' | b'n') => true,
+            Some(_) => !matches!(tally_types::codec::number_value(raw), PropValue::Null),
+            None => false,
+        };
+        if !ok {
+            return false;
+        }
+        len += k.len() + 3 + raw.len();
+    }
+    len == text.len()
+}
+
 /// Classifies a raw property value. Strings with escapes are decoded into `scratch`.
 fn prop_value<'a>(raw: &'a str, scratch: &'a mut String) -> PropValue<'a> {
     match raw.as_bytes().first() {
@@ -335,17 +372,7 @@ fn prop_value<'a>(raw: &'a str, scratch: &'a mut String) -> PropValue<'a> {
             }
         },
         Some(b'{' | b'[') => PropValue::Json(raw),
-        Some(_) => {
-            if !raw.contains(['.', 'e', 'E'])
-                && let Ok(i) = raw.parse::<i64>()
-            {
-                return PropValue::Int(i);
-            }
-            match raw.parse::<f64>() {
-                Ok(f) if f.is_finite() => PropValue::Float(f),
-                _ => PropValue::Null,
-            }
-        }
+        Some(_) => tally_types::codec::number_value(raw),
     }
 }
 
@@ -357,6 +384,8 @@ struct Valid<'a> {
     ts: Millis,
     user_id: Option<Cow<'a, str>>,
     session_id: Option<Cow<'a, str>>,
+    /// The `properties` object's text, when there is one.
+    props_text: Option<&'a str>,
 }
 
 /// Top-level fields of one event object, each as raw JSON.
@@ -381,7 +410,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
                 let mut f = Fields::default();
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(k)) = m.next_key::<Key<'de>>()? {
                     let v: &'de RawValue = m.next_value()?;
                     match &*k {
                         "event_id" => f.event_id = Some(v),
@@ -414,7 +443,7 @@ impl<'de> de::DeserializeSeed<'de> for PropPairs<'de, '_> {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(k)) = m.next_key::<Key<'de>>()? {
                     let v: &'de RawValue = m.next_value()?;
                     if let Some(slot) = self.0.iter_mut().find(|(key, _)| *key == k) {
                         slot.1 = v; // a repeated key: the last value wins
@@ -426,6 +455,32 @@ impl<'de> de::DeserializeSeed<'de> for PropPairs<'de, '_> {
             }
         }
         d.deserialize_map(V(self.0))
+    }
+}
+
+/// A key of a JSON object, borrowed from the body unless it has escapes
+/// (serde's own `Cow<str>` always allocates).
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -601,6 +656,7 @@ fn validate<'a>(
     };
     let user_id = opt_id(f.user_id, "user_id").map_err(&err)?;
     let session_id = opt_id(f.session_id, "session_id").map_err(&err)?;
+    let mut props_text = None;
     if let Some(p) = f.properties {
         match p.get().as_bytes()[0] {
             b'n' => {}
@@ -620,6 +676,7 @@ fn validate<'a>(
                         shorten(k)
                     )));
                 }
+                props_text = Some(p.get());
             }
             _ => {
                 return Err(err(format!(
@@ -636,6 +693,7 @@ fn validate<'a>(
         ts,
         user_id,
         session_id,
+        props_text,
     })
 }
 

@@ -162,3 +162,99 @@ proptest! {
         prop_assert_eq!(e.props().next().unwrap().1, PropValue::Int(v as i64));
     }
 }
+
+/// The properties of the one event `body` holds: as the reader gives them
+/// (one entry per key, values as JSON) and as the raw store's JSON text.
+fn read_props(body: &str) -> (serde_json::Map<String, serde_json::Value>, usize, String) {
+    let p = parse_body(body.as_bytes(), Format::Json, Tenancy::Open, 1).unwrap();
+    assert_eq!((p.accepted, p.rejected.len()), (1, 0), "{body}");
+    let bytes = p.partitions[0].1.clone().finish();
+    let e = BatchReader::new(&bytes).unwrap().next().unwrap().unwrap();
+    let mut m = serde_json::Map::new();
+    let mut n = 0;
+    for (k, v) in e.props() {
+        let v = match v {
+            PropValue::Null => serde_json::Value::Null,
+            PropValue::Bool(b) => b.into(),
+            PropValue::Int(i) => i.into(),
+            PropValue::Float(f) => f.into(),
+            PropValue::Str(s) => s.into(),
+            PropValue::Json(j) => serde_json::from_str(j).unwrap(),
+        };
+        assert!(m.insert(k.to_string(), v).is_none(), "key {k:?} read twice");
+        n += 1;
+    }
+    assert_eq!(n, e.n_props());
+    (m, n, e.props_json())
+}
+
+fn body_with(props: &str) -> String {
+    format!(r#"{{"event_id":"a","event_type":"x","timestamp":1,"properties":{props}}}"#)
+}
+
+#[test]
+fn compact_properties_are_kept_as_sent_and_read_the_same() {
+    // Compact, no escapes: the client's text is kept byte for byte.
+    let text = r#"{"f":1.50,"z":-0,"big":12345678901234567890,"s":"é €","j":{"a":[1,"}"]},"b":false,"n":null}"#;
+    let (m, n, json) = read_props(&body_with(text));
+    assert_eq!(json, text);
+    assert_eq!(n, 7);
+    assert_eq!(m["f"], serde_json::json!(1.5));
+    assert_eq!(m["z"], serde_json::json!(0));
+    assert_eq!(m["big"], serde_json::json!(12345678901234567890f64));
+    assert_eq!(m["s"], "é €");
+    assert_eq!(m["j"], serde_json::json!({"a": [1, "}"]}));
+    // Anything else is read value by value and rendered compact.
+    for (sent, rendered) in [
+        (r#"{"f": 1.50, "s": "x"}"#, r#"{"f":1.5,"s":"x"}"#),
+        (r#"{"s":"a\nb\u00e9"}"#, r#"{"s":"a\nbé"}"#),
+        (r#"{"k\u0041":1}"#, r#"{"kA":1}"#),
+        (r#"{"a":1,"a":2}"#, r#"{"a":2}"#),
+        (r#"{"x":1e400}"#, r#"{"x":null}"#),
+    ] {
+        let (_, _, json) = read_props(&body_with(sent));
+        assert_eq!(json, rendered, "{sent}");
+    }
+}
+
+/// A property value and its JSON text.
+fn prop_value_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|i| i.to_string()),
+        // Few digits: serde_json (the oracle) reads these exactly.
+        (any::<i32>(), 0u8..100, -3i8..4).prop_map(|(i, d, e)| format!("{i}.{d:02}e{e}")),
+        "[a-zé\"\\\\\n /€]{0,8}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+        Just("true".to_string()),
+        Just("false".to_string()),
+        Just("null".to_string()),
+        Just(r#"{"a": [1, "]}\""]}"#.to_string()),
+    ]
+}
+
+proptest! {
+    /// Whatever form ingest keeps the properties in (the client's text or
+    /// value by value), the reader and the raw store's JSON text give what
+    /// serde_json reads from the body: one value per key, the last one for
+    /// repeated keys.
+    #[test]
+    fn properties_read_back_as_sent(
+        pairs in proptest::collection::vec(("[a-c]{1,2}|k\\\\n|é", prop_value_text()), 1..6),
+        spaced in any::<bool>(),
+    ) {
+        let (sep, colon) = if spaced { (", ", ": ") } else { (",", ":") };
+        let text = format!(
+            "{{{}}}",
+            pairs
+                .iter()
+                .map(|(k, v)| format!("\"{k}\"{colon}{v}"))
+                .collect::<Vec<_>>()
+                .join(sep)
+        );
+        let want: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let (got, n, json) = read_props(&body_with(&text));
+        prop_assert_eq!(n, want.len());
+        prop_assert_eq!(&got, &want);
+        let rendered: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&json).unwrap();
+        prop_assert_eq!(&rendered, &want);
+    }
+}

@@ -10,7 +10,14 @@
 //! batch  := head:u32 event*     head: bit 31 = correction batch (late events
 //!                               re-applied from the DLQ), bits 0..31 = n_events
 //! event  := tenant:str16 event_id:str16 event_type:str8 ts:i64
-//!           user_id:opt16 session_id:opt16 n_props:u16 prop*
+//!           user_id:opt16 session_id:opt16 n_props:u16 (prop* | text)
+//!                               bit 15 of n_props: the properties are kept
+//!                               as `text`; bits 0..15 = how many there are
+//! text   := str32               the properties object as JSON text, compact
+//!                               (nothing between tokens), keys and string
+//!                               values without escapes: the client's own
+//!                               text, which ingest checked (see
+//!                               [`BatchWriter::finish_event_json`])
 //! prop   := key:str16 tag:u8 value
 //! value  := ()            tag 0 null | tag 1 false | tag 2 true
 //!         | i64           tag 3 integer
@@ -26,6 +33,9 @@
 //! a panic or an out-of-bounds read.
 
 use crate::time::Millis;
+
+/// Bit of `n_props` that marks properties kept as JSON text.
+const TEXT_FORM: u16 = 1 << 15;
 
 /// A property value as kept in the batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -87,24 +97,34 @@ pub struct EventView<'a> {
     pub ts: Millis,
     pub user_id: Option<&'a str>,
     pub session_id: Option<&'a str>,
+    /// The properties in binary form, or their JSON text ([`TEXT_FORM`]).
     props: &'a [u8],
     n_props: u16,
+    /// The JSON text of the properties in text form, checked as UTF-8.
+    text: Option<&'a str>,
 }
 
 impl<'a> EventView<'a> {
     pub fn props(&self) -> PropIter<'a> {
+        let left = self.n_props & !TEXT_FORM;
         PropIter {
-            buf: self.props,
-            left: self.n_props,
+            form: match self.text {
+                Some(s) => Form::Text { s, pos: 0 },
+                None => Form::Binary { buf: self.props },
+            },
+            left,
         }
     }
 
     pub fn n_props(&self) -> usize {
-        self.n_props as usize
+        (self.n_props & !TEXT_FORM) as usize
     }
 
     /// The properties as a JSON object text (the raw-store and DLQ form).
     pub fn props_json(&self) -> String {
+        if let Some(s) = self.text {
+            return s.to_owned();
+        }
         let mut out = Vec::with_capacity(self.props.len() + 16);
         props_json(self.props, self.n_props, &mut out);
         // Escapes are ASCII; only a corrupt record has texts that are not
@@ -374,8 +394,20 @@ pub struct CodecError {
 
 /// Iterates over the properties of one event.
 pub struct PropIter<'a> {
-    buf: &'a [u8],
+    form: Form<'a>,
     left: u16,
+}
+
+enum Form<'a> {
+    Binary {
+        buf: &'a [u8],
+    },
+    /// `s` is the object's text, `pos` where the next pair's separator
+    /// (`{` or `,`) is.
+    Text {
+        s: &'a str,
+        pos: usize,
+    },
 }
 
 impl<'a> Iterator for PropIter<'a> {
@@ -386,15 +418,111 @@ impl<'a> Iterator for PropIter<'a> {
             return None;
         }
         self.left -= 1;
-        // The reader checked the lengths and tags when it produced the view;
-        // a text that is not UTF-8 (a corrupt record) ends the iteration.
-        let mut c = Cursor {
-            buf: self.buf,
-            pos: 0,
+        let item = match &mut self.form {
+            // The reader checked the lengths and tags when it produced the
+            // view; a text that is not UTF-8 (a corrupt record) ends the
+            // iteration.
+            Form::Binary { buf } => {
+                let mut c = Cursor { buf, pos: 0 };
+                let item = c.prop().ok();
+                *buf = &buf[c.pos.min(buf.len())..];
+                item
+            }
+            // Text that is not what ingest wrote (a corrupt record) ends
+            // the iteration too.
+            Form::Text { s, pos } => text_prop(s, pos),
         };
-        let item = c.prop().ok()?;
-        self.buf = &self.buf[c.pos..];
-        Some(item)
+        if item.is_none() {
+            self.left = 0;
+        }
+        item
+    }
+}
+
+/// The pair of a properties text at `*pos` (its `{` or `,`), moving `*pos`
+/// past it. The text is compact and its keys and strings hold no escapes
+/// ([`BatchWriter::finish_event_json`]); anything else is `None`.
+fn text_prop<'a>(s: &'a str, pos: &mut usize) -> Option<(&'a str, PropValue<'a>)> {
+    let b = s.as_bytes();
+    let at = *pos;
+    if !matches!(b.get(at)?, b'{' | b',') || *b.get(at + 1)? != b'"' {
+        return None;
+    }
+    let k0 = at + 2;
+    let k1 = k0 + b.get(k0..)?.iter().position(|&c| c == b'"')?;
+    if *b.get(k1 + 1)? != b':' {
+        return None;
+    }
+    let key = s.get(k0..k1)?;
+    let v0 = k1 + 2;
+    let (v, end) = match *b.get(v0)? {
+        b'"' => {
+            let v1 = v0 + 1 + b.get(v0 + 1..)?.iter().position(|&c| c == b'"')?;
+            (PropValue::Str(s.get(v0 + 1..v1)?), v1 + 1)
+        }
+        b't' => (PropValue::Bool(true), v0 + 4),
+        b'f' => (PropValue::Bool(false), v0 + 5),
+        b'n' => (PropValue::Null, v0 + 4),
+        b'{' | b'[' => {
+            let end = skip_nested(b, v0)?;
+            (PropValue::Json(s.get(v0..end)?), end)
+        }
+        _ => {
+            let n = b
+                .get(v0..)?
+                .iter()
+                .position(|&c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))?;
+            (number_value(s.get(v0..v0 + n)?), v0 + n)
+        }
+    };
+    if !matches!(b.get(end)?, b',' | b'}') {
+        return None;
+    }
+    *pos = end;
+    Some((key, v))
+}
+
+/// The end of the object or array that starts at `b[at]`.
+fn skip_nested(b: &[u8], at: usize) -> Option<usize> {
+    let (mut depth, mut in_str, mut i) = (0usize, false, at);
+    while let Some(&c) = b.get(i) {
+        if in_str {
+            match c {
+                b'\\' => i += 1,
+                b'"' => in_str = false,
+                _ => {}
+            }
+        } else {
+            match c {
+                b'"' => in_str = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A JSON number's text as a property value: an integer when it has no
+/// fraction or exponent and fits in an i64, else a float; a number no f64
+/// holds is null. Ingest and the text form of properties both read numbers
+/// this way, so the two forms give the same values.
+pub fn number_value(raw: &str) -> PropValue<'_> {
+    if !raw.contains(['.', 'e', 'E'])
+        && let Ok(i) = raw.parse::<i64>()
+    {
+        return PropValue::Int(i);
+    }
+    match raw.parse::<f64>() {
+        Ok(f) if f.is_finite() => PropValue::Float(f),
+        _ => PropValue::Null,
     }
 }
 
@@ -573,17 +701,27 @@ impl<'a> BatchReader<'a> {
         let user_id = c.opt16_raw()?;
         let session_id = c.opt16_raw()?;
         let n_props = c.u16()?;
-        let start = c.pos;
-        // Lengths and tags are checked here; property texts are checked as
-        // UTF-8 when they are read as `str` (`props()`), not twice.
-        match json {
-            Some(out) => write_props_json(c, n_props, out)?,
-            None => {
-                for _ in 0..n_props {
-                    c.prop_raw()?;
+        let props = if n_props & TEXT_FORM != 0 {
+            let n = c.u32()? as usize;
+            let text = c.take(n)?;
+            if let Some(out) = json {
+                out.extend_from_slice(text);
+            }
+            text
+        } else {
+            let start = c.pos;
+            // Lengths and tags are checked here; property texts are checked
+            // as UTF-8 when they are read as `str` (`props()`), not twice.
+            match json {
+                Some(out) => write_props_json(c, n_props, out)?,
+                None => {
+                    for _ in 0..n_props {
+                        c.prop_raw()?;
+                    }
                 }
             }
-        }
+            &c.buf[start..c.pos]
+        };
         Ok(RawEventView {
             tenant,
             event_id,
@@ -591,7 +729,7 @@ impl<'a> BatchReader<'a> {
             ts,
             user_id,
             session_id,
-            props: &c.buf[start..c.pos],
+            props,
             n_props,
         })
     }
@@ -609,6 +747,11 @@ impl<'a> BatchReader<'a> {
             session_id: r.session_id.map(utf8).transpose()?,
             props: r.props,
             n_props: r.n_props,
+            text: if r.n_props & TEXT_FORM != 0 {
+                Some(utf8(r.props)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -766,6 +909,26 @@ impl BatchWriter {
         self.n += 1;
     }
 
+    /// Ends the event started at `at` with its `n_props` properties given
+    /// as `text`, the JSON text of the object as the client sent it, instead
+    /// of [`BatchWriter::prop`]s: the raw store then copies the text instead
+    /// of rendering it. The caller checks that `text` is compact (nothing
+    /// between tokens), that its keys and string values hold no escapes,
+    /// that its numbers are ones an f64 holds and that it has no repeated
+    /// keys; reading it back then gives what the binary form would.
+    /// Returns false (nothing written) when `n_props` or `text` is too long
+    /// for the form; write the properties one by one then.
+    pub fn finish_event_json(&mut self, at: usize, n_props: u16, text: &str) -> bool {
+        if n_props >= TEXT_FORM || at + 2 != self.buf.len() || u32::try_from(text.len()).is_err() {
+            return false;
+        }
+        self.buf
+            .extend_from_slice(&(text.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(text.as_bytes());
+        self.finish_event(at, n_props | TEXT_FORM);
+        true
+    }
+
     /// Drops everything written since `len` bytes (used to undo a half-written event).
     pub fn truncate_to(&mut self, len: usize) {
         self.buf.truncate(len);
@@ -781,6 +944,11 @@ impl BatchWriter {
             e.user_id,
             e.session_id,
         );
+        if e.text.is_some() {
+            // Read from a u32 length, so it fits one.
+            self.buf
+                .extend_from_slice(&(e.props.len() as u32).to_le_bytes());
+        }
         self.buf.extend_from_slice(e.props);
         self.finish_event(at, e.n_props);
     }
@@ -854,6 +1022,72 @@ mod tests {
             assert_eq!(json, ev.props_json().into_bytes());
         }
         assert!(r.next_raw().is_none());
+    }
+
+    /// Properties kept as JSON text read like the same properties written
+    /// one by one, and are copied as they are.
+    #[test]
+    fn text_form_reads_like_the_binary_form() {
+        let text = r#"{"n":-3,"f":1.5,"s":"hé€","j":{"a":[1,"]\"}"]},"b":true,"z":null}"#;
+        let mut w = BatchWriter::new();
+        let at = w.begin_event("t1", "e1", "click", 42, Some("u1"), None);
+        w.prop("n", PropValue::Int(-3));
+        w.prop("f", PropValue::Float(1.5));
+        w.prop("s", PropValue::Str("hé€"));
+        w.prop("j", PropValue::Json(r#"{"a":[1,"]\"}"]}"#));
+        w.prop("b", PropValue::Bool(true));
+        w.prop("z", PropValue::Null);
+        w.finish_event(at, 6);
+        let at = w.begin_event("t1", "e2", "click", 42, Some("u1"), None);
+        assert!(w.finish_event_json(at, 6, text));
+        let at = w.begin_event("t1", "e3", "view", 43, None, Some("s"));
+        w.finish_event(at, 0);
+        let bytes = w.finish();
+        let evs: Vec<_> = BatchReader::new(&bytes)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        fn props<'a>(e: &EventView<'a>) -> Vec<(&'a str, PropValue<'a>)> {
+            e.props().collect()
+        }
+        assert_eq!(props(&evs[1]).len(), 6);
+        assert_eq!(props(&evs[0]), props(&evs[1]));
+        assert_eq!(evs[1].n_props(), 6);
+        assert_eq!(evs[0].props_json(), text);
+        assert_eq!(evs[1].props_json(), text);
+        assert_eq!(evs[2].event_type, "view", "the event after it is read");
+        let mut r = BatchReader::new(&bytes).unwrap();
+        let mut json = Vec::new();
+        for ev in &evs {
+            r.next_raw_json(&mut json).unwrap().unwrap();
+            assert_eq!(json, ev.props_json().into_bytes());
+        }
+        // Copied event by event, both forms stay as they were.
+        let mut w = BatchWriter::new();
+        for e in &evs {
+            w.push_view(e);
+        }
+        let copy = w.finish();
+        assert_eq!(copy, bytes);
+    }
+
+    #[test]
+    fn corrupt_text_form_is_an_error_not_a_panic() {
+        let mut w = BatchWriter::new();
+        let at = w.begin_event("t", "e", "x", 1, None, None);
+        assert!(w.finish_event_json(at, 2, r#"{"a":1,"b":"x"}"#));
+        let bytes = w.finish();
+        for cut in 0..bytes.len() {
+            let r = BatchReader::new(&bytes[..cut]).map(|r| r.collect::<Result<Vec<_>, _>>());
+            assert!(matches!(r, Err(_) | Ok(Err(_))), "cut at {cut}");
+        }
+        // A count larger than the text holds ends with the text.
+        let mut w = BatchWriter::new();
+        let at = w.begin_event("t", "e", "x", 1, None, None);
+        assert!(w.finish_event_json(at, 9, r#"{"a":1,"b":"x"}"#));
+        let bytes = w.finish();
+        let e = BatchReader::new(&bytes).unwrap().next().unwrap().unwrap();
+        assert_eq!(e.props().count(), 2);
     }
 
     /// A batch of one event with one string property.
@@ -967,6 +1201,22 @@ mod tests {
             push_json_str(&mut text, &s);
             proptest::prop_assert_eq!(text, want);
             proptest::prop_assert_eq!(any_escape(s.as_bytes()), s.bytes().any(needs_escape));
+        }
+
+        /// Whatever text a damaged record holds in text form, reading its
+        /// properties never panics and never gives more than it names.
+        #[test]
+        fn any_text_form_reads_without_panic(
+            text in "[{}\\[\\],:\"\\\\a-c0-9.eE+tfnul é-]{0,40}",
+            n in 0u16..8,
+        ) {
+            let mut w = BatchWriter::new();
+            let at = w.begin_event("t", "e", "x", 1, None, None);
+            proptest::prop_assert!(w.finish_event_json(at, n, &text));
+            let bytes = w.finish();
+            let e = BatchReader::new(&bytes).unwrap().next().unwrap().unwrap();
+            proptest::prop_assert!(e.props().count() <= n as usize);
+            proptest::prop_assert_eq!(e.props_json(), text);
         }
 
         /// Texts inside a longer buffer (as in a batch) are checked and
