@@ -482,8 +482,9 @@ fn text_prop<'a>(s: &'a str, pos: &mut usize) -> Option<(&'a str, PropValue<'a>)
     Some((key, v))
 }
 
-/// The end of the object or array that starts at `b[at]`.
-fn skip_nested(b: &[u8], at: usize) -> Option<usize> {
+/// The index after the JSON object or array that starts at `b[at]` (None
+/// when it does not end within `b`).
+pub fn skip_nested(b: &[u8], at: usize) -> Option<usize> {
     let (mut depth, mut in_str, mut i) = (0usize, false, at);
     while let Some(&c) = b.get(i) {
         if in_str {
@@ -976,6 +977,13 @@ impl BatchWriter {
 mod tests {
     use super::*;
 
+    fn read_all(bytes: &[u8]) -> Vec<EventView<'_>> {
+        BatchReader::new(bytes)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
     #[test]
     fn roundtrip() {
         let mut w = BatchWriter::new();
@@ -990,10 +998,7 @@ mod tests {
         let at = w.begin_event("t1", "e2", "view", 43, None, Some("s"));
         w.finish_event(at, 0);
         let bytes = w.finish();
-        let evs: Vec<_> = BatchReader::new(&bytes)
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let evs = read_all(&bytes);
         assert_eq!(evs.len(), 2);
         assert_eq!(evs[0].event_id, "e1");
         assert_eq!(evs[0].user_id, Some("u1"));
@@ -1043,10 +1048,7 @@ mod tests {
         let at = w.begin_event("t1", "e3", "view", 43, None, Some("s"));
         w.finish_event(at, 0);
         let bytes = w.finish();
-        let evs: Vec<_> = BatchReader::new(&bytes)
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let evs = read_all(&bytes);
         fn props<'a>(e: &EventView<'a>) -> Vec<(&'a str, PropValue<'a>)> {
             e.props().collect()
         }
