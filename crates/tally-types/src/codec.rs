@@ -425,7 +425,7 @@ impl<'a> Iterator for PropIter<'a> {
             Form::Binary { buf } => {
                 let mut c = Cursor { buf, pos: 0 };
                 let item = c.prop().ok();
-                *buf = &buf[c.pos.min(buf.len())..];
+                *buf = &buf[c.pos..];
                 item
             }
             // Text that is not what ingest wrote (a corrupt record) ends
