@@ -504,6 +504,13 @@ fn compaction_splices_large_row_groups_without_reencoding() {
         };
         assert_eq!(st.min_opt(), ts.first());
         assert_eq!(st.max_opt(), ts.last());
+        // Tenant filters prune on the row group's tenant range too.
+        let st = meta.row_group(g).column(1).statistics().unwrap();
+        let parquet::file::statistics::Statistics::ByteArray(st) = st else {
+            panic!("tenant statistics type");
+        };
+        assert_eq!(st.min_bytes_opt(), Some(&b"a"[..]));
+        assert_eq!(st.max_bytes_opt(), Some(&b"a"[..]));
     }
     got.sort();
     want.sort();

@@ -379,7 +379,8 @@ impl RawWriter {
         if !reader.is_correction() {
             let mut drops = dropped.iter().peekable();
             let mut next = 0u32;
-            while let Some(ev) = reader.next_raw_json(&mut self.json) {
+            let mut cur: Option<(&[u8], &mut Builders)> = None;
+            while let Some(ev) = reader.next_raw_rendered(&mut self.json) {
                 let ev = ev.map_err(|e| Error::Record {
                     lsn,
                     what: e.to_string(),
@@ -392,22 +393,31 @@ impl RawWriter {
                 if drops.peek().is_some_and(|&&(s, _)| s <= i) {
                     continue;
                 }
-                let (_, b) = match self.builders.get_mut(ev.tenant) {
-                    Some(b) => b,
-                    None => self
-                        .builders
-                        .entry(Box::from(ev.tenant))
-                        .or_insert_with(|| {
-                            let name = String::from_utf8_lossy(ev.tenant);
-                            (Arc::from(name.as_ref()), Builders::with_capacity(0, None))
-                        }),
+                // Records nearly always hold one tenant: the builders of
+                // the event before are reused without hashing the name.
+                let b = match cur.take() {
+                    Some((t, b)) if t == ev.tenant => b,
+                    _ => match self.builders.get_mut(ev.tenant) {
+                        Some((_, b)) => b,
+                        None => {
+                            &mut self
+                                .builders
+                                .entry(Box::from(ev.tenant))
+                                .or_insert_with(|| {
+                                    let name = String::from_utf8_lossy(ev.tenant);
+                                    (Arc::from(name.as_ref()), Builders::with_capacity(0, None))
+                                })
+                                .1
+                        }
+                    },
                 };
                 b.event_id.append_value(ev.event_id);
                 b.event_type.append_value(ev.event_type);
                 b.user_id.append_option(ev.user_id);
                 b.session_id.append_option(ev.session_id);
                 b.ts.push(ev.ts);
-                b.props.extend_from_slice(&self.json);
+                b.props
+                    .extend_from_slice(ev.props_text().unwrap_or(&self.json));
                 b.props_offsets.push(b.props.len() as i32);
                 b.received_at.push(append_ms);
                 b.min_ts = b.min_ts.min(ev.ts);
@@ -416,6 +426,7 @@ impl RawWriter {
                 if b.props.len() >= FLUSH_PROPS_BYTES {
                     self.props_full = true;
                 }
+                cur = Some((ev.tenant, b));
             }
         }
         Ok(())
@@ -1247,10 +1258,11 @@ fn sorted_runs(keys: &[(Millis, u32, u32)]) -> Vec<(usize, usize, usize)> {
 }
 
 /// zstd, row groups of `cfg.row_group_rows`, page statistics where
-/// filters prune: `ts` and `received_at` (rows are sorted by time),
-/// `tenant`, `event_type`. Min/max of ids and JSON text prune nothing on
-/// time-sorted rows and cost a comparison per value, so `event_id`,
-/// `user_id`, `session_id` and `properties` have none.
+/// filters prune: `ts` and `received_at` (rows are sorted by time) and
+/// `tenant`. Min/max of ids, event types and JSON text prune nothing on
+/// time-sorted rows (a page of a few thousand rows holds nearly every
+/// event type) and cost a comparison per value, so `event_id`,
+/// `event_type`, `user_id`, `session_id` and `properties` have none.
 ///
 /// Encodings are chosen for what zstd then has to chew (measured with
 /// `examples/seal_cost` under callgrind; zstd is over half of a seal):
@@ -1279,7 +1291,13 @@ fn writer_props(cfg: &RawConfig) -> WriterProperties {
         .set_max_row_group_row_count(Some(cfg.row_group_rows))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_created_by("tally".into());
-    for c in ["event_id", "user_id", "session_id", "properties"] {
+    for c in [
+        "event_id",
+        "event_type",
+        "user_id",
+        "session_id",
+        "properties",
+    ] {
         b = b.set_column_statistics_enabled(ColumnPath::from(c), EnabledStatistics::None);
     }
     for (c, e) in [

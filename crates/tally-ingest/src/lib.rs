@@ -150,6 +150,7 @@ impl Parser {
             size_hint,
             out: &mut out,
             parts: self.partitions,
+            compact: String::new(),
         };
         match (format, first) {
             (Format::Json, b'[') => {
@@ -257,6 +258,8 @@ struct Sink<'s> {
     size_hint: usize,
     out: &'s mut Parsed,
     parts: u32,
+    /// Scratch for [`compact_text`].
+    compact: String,
 }
 
 impl Sink<'_> {
@@ -281,10 +284,14 @@ impl Sink<'_> {
         // The client's own text when it reads back as these properties (the
         // raw store then copies it instead of rendering it); else the
         // properties one by one.
-        let as_text = ev
-            .props_text
-            .filter(|t| text_form_ok(t, props))
-            .is_some_and(|t| w.finish_event_json(at, props.len() as u16, t));
+        let n = props.len() as u16;
+        let as_text = match ev.props_text {
+            Some(t) if text_form_ok(t, props) => w.finish_event_json(at, n, t),
+            Some(_) if !props.is_empty() && compact_text(props, &mut self.compact) => {
+                w.finish_event_json(at, n, &self.compact)
+            }
+            _ => false,
+        };
         if !as_text {
             let mut scratch = String::new();
             for (k, v) in props {
@@ -343,18 +350,50 @@ fn text_form_ok(text: &str, props: &[(Cow<'_, str>, &RawValue)]) -> bool {
     let mut len = props.len() + 1;
     for (k, v) in props {
         let raw = v.get();
-        let ok = match raw.as_bytes().first() {
-            Some(b'"') => !raw.as_bytes().contains(&b'\\'),
-            Some(b'{' | b'[' | b't' | b'f' | b'n') => true,
-            Some(_) => !matches!(tally_types::codec::number_value(raw), PropValue::Null),
-            None => false,
-        };
-        if !ok {
+        if !value_text_ok(raw) {
             return false;
         }
         len += k.len() + 3 + raw.len();
     }
     len == text.len()
+}
+
+/// Whether a property value, as the client wrote it, can stand in a text
+/// form object: strings without escapes, numbers an f64 holds, anything
+/// else (booleans, null, nested JSON kept as text).
+fn value_text_ok(raw: &str) -> bool {
+    match raw.as_bytes().first() {
+        Some(b'"') => !raw.as_bytes().contains(&b'\\'),
+        Some(b'{' | b'[' | b't' | b'f' | b'n') => true,
+        Some(_) => !matches!(tally_types::codec::number_value(raw), PropValue::Null),
+        None => false,
+    }
+}
+
+/// `props` written to `out` as a compact object (`{"k":v,...}`, each value
+/// as the client wrote it): the text form of a `properties` object sent
+/// with whitespace between its tokens (`json.dumps` by default) or with a
+/// repeated key, which then costs the raw store a copy instead of a render.
+/// False when a key had escapes or a value rules the form out
+/// ([`value_text_ok`]).
+fn compact_text(props: &[(Cow<'_, str>, &RawValue)], out: &mut String) -> bool {
+    out.clear();
+    out.push('{');
+    for (i, (k, v)) in props.iter().enumerate() {
+        // A key is borrowed from the body exactly when it has no escapes.
+        if matches!(k, Cow::Owned(_)) || !value_text_ok(v.get()) {
+            return false;
+        }
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(k);
+        out.push_str("\":");
+        out.push_str(v.get());
+    }
+    out.push('}');
+    true
 }
 
 /// Classifies a raw property value. Strings with escapes are decoded into `scratch`.

@@ -204,13 +204,23 @@ fn compact_properties_are_kept_as_sent_and_read_the_same() {
     assert_eq!(m["big"], serde_json::json!(12345678901234567890f64));
     assert_eq!(m["s"], "é €");
     assert_eq!(m["j"], serde_json::json!({"a": [1, "}"]}));
-    // Anything else is read value by value and rendered compact.
+    // Whitespace between tokens or a repeated key: kept as text too, made
+    // compact (values as sent, so `1.50` stays `1.50`; nested JSON as sent).
+    // Escapes and numbers no f64 holds: read value by value and rendered.
     for (sent, rendered) in [
-        (r#"{"f": 1.50, "s": "x"}"#, r#"{"f":1.5,"s":"x"}"#),
-        (r#"{"s":"a\nb\u00e9"}"#, r#"{"s":"a\nbé"}"#),
-        (r#"{"k\u0041":1}"#, r#"{"kA":1}"#),
+        (r#"{"f": 1.50, "s": "x"}"#, r#"{"f":1.50,"s":"x"}"#),
+        (
+            "{ \"j\" : {\"a\": [1, 2]},\n\t\"n\": null }",
+            r#"{"j":{"a": [1, 2]},"n":null}"#,
+        ),
         (r#"{"a":1,"a":2}"#, r#"{"a":2}"#),
+        (r#"{"a": 1, "b": true, "a": 2}"#, r#"{"a":2,"b":true}"#),
+        (r#"{"s":"a\nb\u00e9"}"#, r#"{"s":"a\nbé"}"#),
+        (r#"{"s": "a\nb"}"#, r#"{"s":"a\nb"}"#),
+        (r#"{"k\u0041":1}"#, r#"{"kA":1}"#),
+        (r#"{"k\u0041": 1.50}"#, r#"{"kA":1.5}"#),
         (r#"{"x":1e400}"#, r#"{"x":null}"#),
+        (r#"{"x": 1e400}"#, r#"{"x":null}"#),
     ] {
         let (_, _, json) = read_props(&body_with(sent));
         assert_eq!(json, rendered, "{sent}");

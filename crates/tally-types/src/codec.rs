@@ -173,6 +173,14 @@ pub struct RawEventView<'a> {
     n_props: u16,
 }
 
+impl<'a> RawEventView<'a> {
+    /// The properties as the client's JSON object text, when the batch
+    /// holds them in that form.
+    pub fn props_text(&self) -> Option<&'a [u8]> {
+        (self.n_props & TEXT_FORM != 0).then_some(self.props)
+    }
+}
+
 /// Writes the properties `c` holds as a JSON object text to `out`, checking
 /// lengths and tags as it goes (one pass over the bytes, for readers that
 /// want the text anyway). Texts are copied as the batch holds them, without
@@ -679,17 +687,30 @@ impl<'a> BatchReader<'a> {
         json: &mut Vec<u8>,
     ) -> Option<Result<RawEventView<'a>, CodecError>> {
         json.clear();
-        self.step(|r| r.read_raw_with(Some(json)))
+        self.step(|r| r.read_raw_with(Some(json), true))
+    }
+
+    /// [`BatchReader::next_raw_json`] for callers that copy the text once
+    /// anyway: an event whose properties the batch holds as the client's
+    /// JSON text leaves `json` empty and gives the text by
+    /// [`RawEventView::props_text`]; only the binary form is rendered.
+    pub fn next_raw_rendered(
+        &mut self,
+        json: &mut Vec<u8>,
+    ) -> Option<Result<RawEventView<'a>, CodecError>> {
+        json.clear();
+        self.step(|r| r.read_raw_with(Some(json), false))
     }
 
     fn read_raw(&mut self) -> Result<RawEventView<'a>, CodecError> {
-        self.read_raw_with(None)
+        self.read_raw_with(None, false)
     }
 
     #[inline(always)]
     fn read_raw_with(
         &mut self,
         json: Option<&mut Vec<u8>>,
+        copy_text: bool,
     ) -> Result<RawEventView<'a>, CodecError> {
         let c = &mut self.cur;
         let tl = c.u16()? as usize;
@@ -705,7 +726,9 @@ impl<'a> BatchReader<'a> {
         let props = if n_props & TEXT_FORM != 0 {
             let n = c.u32()? as usize;
             let text = c.take(n)?;
-            if let Some(out) = json {
+            if let Some(out) = json
+                && copy_text
+            {
                 out.extend_from_slice(text);
             }
             text
@@ -1063,6 +1086,14 @@ mod tests {
         for ev in &evs {
             r.next_raw_json(&mut json).unwrap().unwrap();
             assert_eq!(json, ev.props_json().into_bytes());
+        }
+        // Rendered only where the batch holds no text: the same JSON.
+        let mut r = BatchReader::new(&bytes).unwrap();
+        for ev in &evs {
+            let raw = r.next_raw_rendered(&mut json).unwrap().unwrap();
+            assert_eq!(raw.props_text().is_some(), json.is_empty());
+            let got = raw.props_text().unwrap_or(&json);
+            assert_eq!(got, ev.props_json().as_bytes());
         }
         // Copied event by event, both forms stay as they were.
         let mut w = BatchWriter::new();
