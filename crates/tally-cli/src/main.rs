@@ -745,8 +745,10 @@ fn cpu_since(before: &ThreadCpu, after: &ThreadCpu) -> ThreadCpu {
         .collect()
 }
 
-/// Prints where the server's CPU went during the load, per thread name.
-fn print_server_cpu(used: &ThreadCpu, secs: f64, events: u64) {
+/// Prints where the server's CPU went during the load, per thread name;
+/// returns the CPU per event in ns of every thread but the raw store's
+/// (`tally-raw`, `tally-seal`).
+fn print_server_cpu(used: &ThreadCpu, secs: f64, events: u64) -> Option<f64> {
     let mut used: Vec<(&String, f64)> = used
         .iter()
         .map(|(k, &v)| (k, v))
@@ -754,7 +756,7 @@ fn print_server_cpu(used: &ThreadCpu, secs: f64, events: u64) {
         .collect();
     let total: f64 = used.iter().map(|(_, v)| v).sum();
     if total <= 0.0 {
-        return;
+        return None;
     }
     used.sort_by(|a, b| b.1.total_cmp(&a.1));
     let parts: Vec<String> = used
@@ -767,23 +769,33 @@ fn print_server_cpu(used: &ThreadCpu, secs: f64, events: u64) {
             )
         })
         .collect();
+    let per_event = total * 1e9 / events.max(1) as f64;
     println!(
-        "server CPU          {:.2} cores, {:.0} ns per event: {}",
+        "server CPU          {:.2} cores, {per_event:.0} ns per event: {}",
         total / secs,
-        total * 1e9 / events.max(1) as f64,
         parts.join("  ")
     );
+    let archive: f64 = used
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "tally-raw" | "tally-seal"))
+        .map(|(_, v)| v)
+        .sum();
+    Some((total - archive) * 1e9 / events.max(1) as f64)
 }
 
 /// What the raw store cost per row, once it has caught up with the load:
 /// CPU of its `tally-raw` thread (Arrow rows) per row appended and of its
 /// `tally-seal` thread (Parquet) per row sealed. Rows still hot at the end
-/// are sealed at shutdown, outside the figures.
+/// are sealed at shutdown, outside the figures. With the CPU per event of
+/// the rest of the server (`server_ns`), also the raw store's share of
+/// the CPU an event costs in all: on a machine ingest keeps busy, the
+/// throughput that keeping and archiving every event takes.
 async fn print_raw_store_cpu(
     c: &reqwest::Client,
     base: &str,
     pid: u32,
     before: &ThreadCpu,
+    server_ns: Option<f64>,
 ) -> Result<()> {
     let metric = |text: &str, name: &str| metric_value(text, name).unwrap_or(0.0);
     // Settled: no row appended or sealed and no CPU used by either thread
@@ -812,6 +824,13 @@ async fn print_raw_store_cpu(
             raw * 1e9 / appended,
             seal * 1e9 / sealed.max(1.0),
         );
+        if let Some(server) = server_ns.filter(|&n| n > 0.0 && sealed > 0.0) {
+            let archive = (raw / appended + seal / sealed) * 1e9;
+            println!(
+                "raw store share     {:.1}% of the CPU per event ({archive:.0} ns; the rest of the server {server:.0} ns)",
+                100.0 * archive / (archive + server)
+            );
+        }
     }
     Ok(())
 }
@@ -1011,9 +1030,9 @@ async fn bench(a: BenchArgs) -> Result<()> {
         stats.batches.load(Relaxed),
         stats.retries.load(Relaxed)
     );
-    print_server_cpu(&cpu_since(&cpu_before, &cpu_after), elapsed, accepted);
+    let server_ns = print_server_cpu(&cpu_since(&cpu_before, &cpu_after), elapsed, accepted);
     if let Some(pid) = server_pid {
-        print_raw_store_cpu(&c, &base, pid, &cpu_before).await?;
+        print_raw_store_cpu(&c, &base, pid, &cpu_before, server_ns).await?;
     }
     println!(
         "ack latency         p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms (per {}-event request)",

@@ -686,8 +686,7 @@ impl<'a> BatchReader<'a> {
         &mut self,
         json: &mut Vec<u8>,
     ) -> Option<Result<RawEventView<'a>, CodecError>> {
-        json.clear();
-        self.step(|r| r.read_raw_with(Some(json), true))
+        self.next_rendering(json, true)
     }
 
     /// [`BatchReader::next_raw_json`] for callers that copy the text once
@@ -698,8 +697,16 @@ impl<'a> BatchReader<'a> {
         &mut self,
         json: &mut Vec<u8>,
     ) -> Option<Result<RawEventView<'a>, CodecError>> {
+        self.next_rendering(json, false)
+    }
+
+    fn next_rendering(
+        &mut self,
+        json: &mut Vec<u8>,
+        copy_text: bool,
+    ) -> Option<Result<RawEventView<'a>, CodecError>> {
         json.clear();
-        self.step(|r| r.read_raw_with(Some(json), false))
+        self.step(|r| r.read_raw_with(Some(json), copy_text))
     }
 
     fn read_raw(&mut self) -> Result<RawEventView<'a>, CodecError> {
