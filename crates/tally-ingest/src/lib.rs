@@ -281,13 +281,14 @@ impl Sink<'_> {
             ev.user_id.as_deref(),
             ev.session_id.as_deref(),
         );
-        // The client's own text when it reads back as these properties (the
-        // raw store then copies it instead of rendering it); else the
-        // properties one by one.
+        // As JSON text when it reads back as these properties (the raw
+        // store then copies it instead of rendering it): the client's own,
+        // or a compact one rebuilt from the pairs; else one by one.
         let n = props.len() as u16;
-        let as_text = match ev.props_text {
-            Some(t) if text_form_ok(t, props) => w.finish_event_json(at, n, t),
-            Some(_) if !props.is_empty() && compact_text(props, &mut self.compact) => {
+        let as_text = match ev.props_text.map(|t| (t, text_form(t, props))) {
+            Some((t, TextForm::AsSent)) => w.finish_event_json(at, n, t),
+            Some((_, TextForm::Compact)) => {
+                compact_text(props, &mut self.compact);
                 w.finish_event_json(at, n, &self.compact)
             }
             _ => false,
@@ -336,26 +337,43 @@ impl Sink<'_> {
     }
 }
 
-/// Whether `text`, the `properties` object as the client sent it, can be
-/// kept as it is ([`BatchWriter::finish_event_json`]): it reads back as
-/// `props` exactly. Its length tells most of it: a compact object of these
-/// pairs is `{"k":v,...}` with each key's raw text two quotes longer than
-/// the key, so whitespace between tokens, an escaped key or a repeated key
-/// (the last value wins in `props`) makes the text longer. Strings with
-/// escapes and numbers no f64 holds are ruled out one by one.
-fn text_form_ok(text: &str, props: &[(Cow<'_, str>, &RawValue)]) -> bool {
+/// How the `properties` object a client sent is kept
+/// ([`BatchWriter::finish_event_json`]), so that it reads back as `props`.
+enum TextForm {
+    /// Its text as it is: compact (`{"k":v,...}`), no escaped keys, no
+    /// repeated key.
+    AsSent,
+    /// A compact text rebuilt from `props` ([`compact_text`]): the object
+    /// had whitespace between its tokens (`json.dumps` by default) or a
+    /// repeated key (the last value wins in `props`).
+    Compact,
+    /// Value by value: no properties, an escaped key, or a value
+    /// [`value_text_ok`] rules out.
+    No,
+}
+
+/// Which [`TextForm`] `text`, the `properties` object as the client sent
+/// it, takes. Its length tells most of it: a compact object of these pairs
+/// is `{"k":v,...}` with each key's raw text two quotes longer than the key,
+/// so whitespace between tokens, an escaped key or a repeated key makes the
+/// text longer; a key with escapes is one serde had to decode (owned).
+fn text_form(text: &str, props: &[(Cow<'_, str>, &RawValue)]) -> TextForm {
     if props.is_empty() {
-        return false;
+        return TextForm::No;
     }
     let mut len = props.len() + 1;
     for (k, v) in props {
         let raw = v.get();
-        if !value_text_ok(raw) {
-            return false;
+        if matches!(k, Cow::Owned(_)) || !value_text_ok(raw) {
+            return TextForm::No;
         }
         len += k.len() + 3 + raw.len();
     }
-    len == text.len()
+    if len == text.len() {
+        TextForm::AsSent
+    } else {
+        TextForm::Compact
+    }
 }
 
 /// Whether a property value, as the client wrote it, can stand in a text
@@ -371,19 +389,11 @@ fn value_text_ok(raw: &str) -> bool {
 }
 
 /// `props` written to `out` as a compact object (`{"k":v,...}`, each value
-/// as the client wrote it): the text form of a `properties` object sent
-/// with whitespace between its tokens (`json.dumps` by default) or with a
-/// repeated key, which then costs the raw store a copy instead of a render.
-/// False when a key had escapes or a value rules the form out
-/// ([`value_text_ok`]).
-fn compact_text(props: &[(Cow<'_, str>, &RawValue)], out: &mut String) -> bool {
+/// as the client wrote it), for [`TextForm::Compact`].
+fn compact_text(props: &[(Cow<'_, str>, &RawValue)], out: &mut String) {
     out.clear();
     out.push('{');
     for (i, (k, v)) in props.iter().enumerate() {
-        // A key is borrowed from the body exactly when it has no escapes.
-        if matches!(k, Cow::Owned(_)) || !value_text_ok(v.get()) {
-            return false;
-        }
         if i > 0 {
             out.push(',');
         }
@@ -393,7 +403,6 @@ fn compact_text(props: &[(Cow<'_, str>, &RawValue)], out: &mut String) -> bool {
         out.push_str(v.get());
     }
     out.push('}');
-    true
 }
 
 /// Classifies a raw property value. Strings with escapes are decoded into `scratch`.

@@ -679,45 +679,26 @@ impl<'a> BatchReader<'a> {
         self.left == 0
     }
 
-    /// [`BatchReader::next_raw`] that also writes the event's properties
-    /// as a JSON object text to `json` (cleared first), in the same pass
-    /// that checks them.
-    pub fn next_raw_json(
-        &mut self,
-        json: &mut Vec<u8>,
-    ) -> Option<Result<RawEventView<'a>, CodecError>> {
-        self.next_rendering(json, true)
-    }
-
-    /// [`BatchReader::next_raw_json`] for callers that copy the text once
-    /// anyway: an event whose properties the batch holds as the client's
-    /// JSON text leaves `json` empty and gives the text by
-    /// [`RawEventView::props_text`]; only the binary form is rendered.
+    /// [`BatchReader::next_raw`] that also gives the event's properties as
+    /// a JSON object text: the client's own text, when the batch holds it,
+    /// by [`RawEventView::props_text`] (`json` is left empty); else written
+    /// to `json` (cleared first) in the same pass that checks them.
     pub fn next_raw_rendered(
         &mut self,
         json: &mut Vec<u8>,
     ) -> Option<Result<RawEventView<'a>, CodecError>> {
-        self.next_rendering(json, false)
-    }
-
-    fn next_rendering(
-        &mut self,
-        json: &mut Vec<u8>,
-        copy_text: bool,
-    ) -> Option<Result<RawEventView<'a>, CodecError>> {
         json.clear();
-        self.step(|r| r.read_raw_with(Some(json), copy_text))
+        self.step(|r| r.read_raw_with(Some(json)))
     }
 
     fn read_raw(&mut self) -> Result<RawEventView<'a>, CodecError> {
-        self.read_raw_with(None, false)
+        self.read_raw_with(None)
     }
 
     #[inline(always)]
     fn read_raw_with(
         &mut self,
         json: Option<&mut Vec<u8>>,
-        copy_text: bool,
     ) -> Result<RawEventView<'a>, CodecError> {
         let c = &mut self.cur;
         let tl = c.u16()? as usize;
@@ -732,13 +713,7 @@ impl<'a> BatchReader<'a> {
         let n_props = c.u16()?;
         let props = if n_props & TEXT_FORM != 0 {
             let n = c.u32()? as usize;
-            let text = c.take(n)?;
-            if let Some(out) = json
-                && copy_text
-            {
-                out.extend_from_slice(text);
-            }
-            text
+            c.take(n)?
         } else {
             let start = c.pos;
             // Lengths and tags are checked here; property texts are checked
@@ -1047,13 +1022,14 @@ mod tests {
         let mut r = BatchReader::new(&bytes).unwrap();
         for ev in &evs {
             let mut json = vec![b'x'; 3];
-            let raw = r.next_raw_json(&mut json).unwrap().unwrap();
+            let raw = r.next_raw_rendered(&mut json).unwrap().unwrap();
             assert_eq!(raw.tenant, ev.tenant.as_bytes());
             assert_eq!(raw.event_id, ev.event_id.as_bytes());
             assert_eq!(raw.event_type, ev.event_type.as_bytes());
             assert_eq!(raw.ts, ev.ts);
             assert_eq!(raw.user_id, ev.user_id.map(str::as_bytes));
             assert_eq!(raw.session_id, ev.session_id.map(str::as_bytes));
+            assert_eq!(raw.props_text(), None);
             assert_eq!(json, ev.props_json().into_bytes());
         }
         assert!(r.next_raw().is_none());
@@ -1090,12 +1066,7 @@ mod tests {
         assert_eq!(evs[2].event_type, "view", "the event after it is read");
         let mut r = BatchReader::new(&bytes).unwrap();
         let mut json = Vec::new();
-        for ev in &evs {
-            r.next_raw_json(&mut json).unwrap().unwrap();
-            assert_eq!(json, ev.props_json().into_bytes());
-        }
         // Rendered only where the batch holds no text: the same JSON.
-        let mut r = BatchReader::new(&bytes).unwrap();
         for ev in &evs {
             let raw = r.next_raw_rendered(&mut json).unwrap().unwrap();
             assert_eq!(raw.props_text().is_some(), json.is_empty());
@@ -1167,11 +1138,11 @@ mod tests {
             if let Ok(mut r) = BatchReader::new(&bytes[..cut]) {
                 let mut json = Vec::new();
                 assert!(
-                    matches!(r.next_raw_json(&mut json), Some(Err(_))),
+                    matches!(r.next_raw_rendered(&mut json), Some(Err(_))),
                     "json, cut at {cut}"
                 );
                 assert!(
-                    r.next_raw_json(&mut json).is_none(),
+                    r.next_raw_rendered(&mut json).is_none(),
                     "the batch ends after an error"
                 );
             }
@@ -1216,7 +1187,7 @@ mod tests {
         let mut json = Vec::new();
         BatchReader::new(&bytes)
             .unwrap()
-            .next_raw_json(&mut json)
+            .next_raw_rendered(&mut json)
             .unwrap()
             .unwrap();
         let text = String::from_utf8(json).unwrap();
