@@ -154,10 +154,30 @@ impl Parser {
         };
         match (format, first) {
             (Format::Json, b'[') => {
-                let items: Vec<&RawValue> =
-                    serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
-                for (i, raw) in items.into_iter().enumerate() {
-                    self.one(i, raw.get(), tenancy, &mut sink);
+                let mut holes = Vec::new();
+                let mut de = serde_json::Deserializer::from_slice(body);
+                de::DeserializeSeed::deserialize(
+                    Elements {
+                        tenancy,
+                        sink: &mut sink,
+                        props: &mut self.props,
+                        holes: &mut holes,
+                    },
+                    &mut de,
+                )
+                .and_then(|_| de.end())
+                .map_err(|e| BodyError::NotJson(e.to_string()))?;
+                if !holes.is_empty() {
+                    // The texts of the rejected elements, for the DLQ.
+                    let items: Vec<&RawValue> = serde_json::from_slice(body)
+                        .map_err(|e| BodyError::NotJson(e.to_string()))?;
+                    for h in holes {
+                        let r = &mut sink.out.rejected[h];
+                        if let Some(raw) = items.get(r.index) {
+                            r.raw = clip_raw(raw.get());
+                            r.is_object = raw.get().starts_with('{');
+                        }
+                    }
                 }
             }
             (Format::Json, b'{') => match serde_json::from_slice::<&RawValue>(body) {
@@ -456,25 +476,132 @@ impl<'de> Deserialize<'de> for Fields<'de> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("an event object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut f = Fields::default();
-                while let Some(Key(k)) = m.next_key::<Key<'de>>()? {
-                    let v: &'de RawValue = m.next_value()?;
-                    match &*k {
-                        "event_id" => f.event_id = Some(v),
-                        "event_type" => f.event_type = Some(v),
-                        "timestamp" => f.timestamp = Some(v),
-                        "user_id" => f.user_id = Some(v),
-                        "session_id" => f.session_id = Some(v),
-                        "tenant" => f.tenant = Some(v),
-                        "properties" => f.properties = Some(v),
-                        _ => {}
-                    }
-                }
-                Ok(f)
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
+                Fields::from_map(m)
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+impl<'de> Fields<'de> {
+    fn from_map<A: MapAccess<'de>>(mut m: A) -> Result<Self, A::Error> {
+        let mut f = Fields::default();
+        while let Some(Key(k)) = m.next_key::<Key<'de>>()? {
+            let v: &'de RawValue = m.next_value()?;
+            match &*k {
+                "event_id" => f.event_id = Some(v),
+                "event_type" => f.event_type = Some(v),
+                "timestamp" => f.timestamp = Some(v),
+                "user_id" => f.user_id = Some(v),
+                "session_id" => f.session_id = Some(v),
+                "tenant" => f.tenant = Some(v),
+                "properties" => f.properties = Some(v),
+                _ => {}
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// One element of a JSON array body: an event object's fields, or what
+/// else it is (for the rejection).
+enum Element<'de> {
+    Object(Fields<'de>),
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Element<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Element<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
+                Fields::from_map(m).map(Element::Object)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+                while s.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Element::Other("an array"))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Element::Other("a string"))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Element::Other("a boolean"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Element::Other("null"))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The elements of a JSON array body, each validated and accepted or
+/// rejected as it is read: one pass over the body. A rejection's text is
+/// left empty and its position in `Parsed::rejected` noted in `holes`; the
+/// caller fills them in (rare: only a batch with rejections pays a second
+/// pass).
+struct Elements<'a, 's> {
+    tenancy: Tenancy<'a>,
+    sink: &'a mut Sink<'s>,
+    /// The allocation for the property pairs of every event.
+    props: &'a mut Vec<(Cow<'static, str>, &'static RawValue)>,
+    holes: &'a mut Vec<usize>,
+}
+
+impl<'de> de::DeserializeSeed<'de> for Elements<'_, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Elements<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of events")
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        let mut index = 0;
+        while let Some(el) = s.next_element::<Element<'de>>()? {
+            let rejected = match el {
+                Element::Object(f) => {
+                    let mut props = recycle(std::mem::take(self.props));
+                    let r = match validate_fields(f, self.tenancy, &mut props) {
+                        Ok(ev) => {
+                            self.sink.accept(&ev, &props);
+                            None
+                        }
+                        Err((msg, tenant)) => Some((msg, tenant)),
+                    };
+                    *self.props = recycle(props);
+                    r
+                }
+                Element::Other(kind) => {
+                    Some((format!("event: must be a JSON object, got {kind}"), None))
+                }
+            };
+            if let Some((msg, tenant)) = rejected {
+                self.holes.push(self.sink.out.rejected.len());
+                self.sink
+                    .reject(index, msg, tenant.as_deref(), self.tenancy, "");
+            }
+            index += 1;
+        }
+        Ok(())
     }
 }
 
@@ -636,6 +763,15 @@ fn validate<'a>(
     props: &mut Vec<(Cow<'a, str>, &'a RawValue)>,
 ) -> Result<Valid<'a>, (String, Option<String>)> {
     let f: Fields<'a> = serde_json::from_str(raw).map_err(|e| (format!("json: {e}"), None))?;
+    validate_fields(f, tenancy, props)
+}
+
+/// [`validate`] of the fields of an event object, read already.
+fn validate_fields<'a>(
+    f: Fields<'a>,
+    tenancy: Tenancy<'a>,
+    props: &mut Vec<(Cow<'a, str>, &'a RawValue)>,
+) -> Result<Valid<'a>, (String, Option<String>)> {
     let named_tenant = match f.tenant {
         None => None,
         Some(r) if r.get() == "null" => None,

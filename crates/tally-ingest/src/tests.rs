@@ -90,6 +90,84 @@ fn rejections_name_the_field() {
     assert!(!p.rejected[8].is_object);
 }
 
+/// An array body is read in one pass; it accepts and rejects exactly what
+/// the same events sent as NDJSON (read line by line) do, with the same
+/// indexes, reasons, tenants and rejected texts.
+#[test]
+fn array_body_reads_like_the_same_lines_as_ndjson() {
+    let elements = [
+        r#"{"event_id":"a","event_type":"x","timestamp":1,"properties":{"k": 1}}"#,
+        r#"{"event_id":"","event_type":"x","timestamp":1,"tenant":"t2"}"#,
+        r#"42"#,
+        r#"{"event_id":"b","event_type":"x","timestamp":2,"tenant":"t2","extra":[1,{"z":null}]}"#,
+        r#""a string""#,
+        r#"[1, {"event_id":"c"}]"#,
+        r#"null"#,
+        r#"true"#,
+        r#"-1.5e3"#,
+        r#"{"event_id":"d","event_type":"x","timestamp":"yesterday","properties":{"s":"é\n"}}"#,
+        r#"{ "event_id" : "e" , "event_type" : "y" , "timestamp" : 3 }"#,
+    ];
+    let array = format!("[{}]", elements.join(",\n  "));
+    let lines = elements.join("\n");
+    let a = parse_body(array.as_bytes(), Format::Json, Tenancy::Open, 2).unwrap();
+    let n = parse_body(lines.as_bytes(), Format::Ndjson, Tenancy::Open, 2).unwrap();
+    assert_eq!(a.accepted, 3);
+    assert_eq!(a.accepted, n.accepted);
+    assert_eq!(a.tenants, n.tenants);
+    let view = |p: &Parsed| {
+        p.rejected
+            .iter()
+            .map(|r| {
+                (
+                    r.index,
+                    r.error.clone(),
+                    r.tenant.clone(),
+                    r.raw.clone(),
+                    r.is_object,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(view(&a), view(&n));
+    let got: Vec<(usize, &str, bool)> = a
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.raw.as_str(), r.is_object))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, elements[1], true),
+            (2, "42", false),
+            (4, r#""a string""#, false),
+            (5, elements[5], false),
+            (6, "null", false),
+            (7, "true", false),
+            (8, "-1.5e3", false),
+            (9, elements[9], true),
+        ]
+    );
+    assert_eq!(
+        a.rejected[1].error,
+        "event: must be a JSON object, got a number"
+    );
+    assert_eq!(
+        a.rejected[3].error,
+        "event: must be a JSON object, got an array"
+    );
+    assert_eq!(a.rejected[0].tenant, "t2");
+    let sorted = |p: &Parsed| {
+        let mut v = events(p);
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(&a), sorted(&n));
+    // A syntax error anywhere in the array stores nothing.
+    let broken = format!("[{},{{\"event_id\":]", elements[0]);
+    assert!(parse_body(broken.as_bytes(), Format::Json, Tenancy::Open, 2).is_err());
+}
+
 #[test]
 fn keyed_mode_forbids_other_tenants() {
     let arr = br#"[{"event_id":"a","event_type":"x","timestamp":1,"tenant":"acme"},
