@@ -154,31 +154,17 @@ impl Parser {
         };
         match (format, first) {
             (Format::Json, b'[') => {
-                let mut holes = Vec::new();
                 let mut de = serde_json::Deserializer::from_slice(body);
                 de::DeserializeSeed::deserialize(
                     Elements {
                         tenancy,
                         sink: &mut sink,
                         props: &mut self.props,
-                        holes: &mut holes,
                     },
                     &mut de,
                 )
                 .and_then(|_| de.end())
                 .map_err(|e| BodyError::NotJson(e.to_string()))?;
-                if !holes.is_empty() {
-                    // The texts of the rejected elements, for the DLQ.
-                    let items: Vec<&RawValue> = serde_json::from_slice(body)
-                        .map_err(|e| BodyError::NotJson(e.to_string()))?;
-                    for h in holes {
-                        let r = &mut sink.out.rejected[h];
-                        if let Some(raw) = items.get(r.index) {
-                            r.raw = clip_raw(raw.get());
-                            r.is_object = raw.get().starts_with('{');
-                        }
-                    }
-                }
             }
             (Format::Json, b'{') => match serde_json::from_slice::<&RawValue>(body) {
                 Ok(raw) => self.one(0, raw.get(), tenancy, &mut sink),
@@ -477,15 +463,23 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                 f.write_str("an event object")
             }
             fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
-                Fields::from_map(m)
+                Fields::from_map(m, None)
             }
         }
         d.deserialize_map(V)
     }
 }
 
+/// Every top-level pair of an event object, in order (for its text in the
+/// DLQ when it is rejected).
+type Pairs<'de> = Vec<(Cow<'de, str>, &'de RawValue)>;
+
 impl<'de> Fields<'de> {
-    fn from_map<A: MapAccess<'de>>(mut m: A) -> Result<Self, A::Error> {
+    /// The fields of an object; with `pairs`, every pair also goes there.
+    fn from_map<A: MapAccess<'de>>(
+        mut m: A,
+        mut pairs: Option<&mut Pairs<'de>>,
+    ) -> Result<Self, A::Error> {
         let mut f = Fields::default();
         while let Some(Key(k)) = m.next_key::<Key<'de>>()? {
             let v: &'de RawValue = m.next_value()?;
@@ -499,67 +493,84 @@ impl<'de> Fields<'de> {
                 "properties" => f.properties = Some(v),
                 _ => {}
             }
+            if let Some(p) = pairs.as_deref_mut() {
+                p.push((k, v));
+            }
         }
         Ok(f)
     }
 }
 
-/// One element of a JSON array body: an event object's fields, or what
-/// else it is (for the rejection).
+/// One element of a JSON array body: an event object's fields (its pairs
+/// in the [`ElementSeed`]'s list), or what else it is and its text (for
+/// the rejection).
 enum Element<'de> {
     Object(Fields<'de>),
-    Other(&'static str),
+    Other(&'static str, String),
 }
 
-impl<'de> Deserialize<'de> for Element<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Element<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON value")
+/// Reads one [`Element`], the pairs of an object into `.0`.
+struct ElementSeed<'v, 'de>(&'v mut Pairs<'de>);
+
+impl<'de> de::DeserializeSeed<'de> for ElementSeed<'_, 'de> {
+    type Value = Element<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ElementSeed<'_, 'de> {
+    type Value = Element<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
+        self.0.clear();
+        Fields::from_map(m, Some(self.0)).map(Element::Object)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+        let mut text = String::from("[");
+        while let Some(v) = s.next_element::<&RawValue>()? {
+            if text.len() > 1 {
+                text.push(',');
             }
-            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
-                Fields::from_map(m).map(Element::Object)
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
-                while s.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(Element::Other("an array"))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Element::Other("a string"))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Element::Other("a boolean"))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(Element::Other("null"))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Element::Other("a number"))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Element::Other("a number"))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Element::Other("a number"))
-            }
+            text.push_str(v.get());
         }
-        d.deserialize_any(V)
+        text.push(']');
+        Ok(Element::Other("an array", text))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let mut text = String::new();
+        tally_types::codec::push_json_str(&mut text, v);
+        Ok(Element::Other("a string", text))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Element::Other("a boolean", v.to_string()))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Element::Other("null", "null".into()))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Element::Other("a number", v.to_string()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Element::Other("a number", v.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        let text = serde_json::to_string(&v).unwrap_or_else(|_| "null".into());
+        Ok(Element::Other("a number", text))
     }
 }
 
 /// The elements of a JSON array body, each validated and accepted or
-/// rejected as it is read: one pass over the body. A rejection's text is
-/// left empty and its position in `Parsed::rejected` noted in `holes`; the
-/// caller fills them in (rare: only a batch with rejections pays a second
-/// pass).
+/// rejected as it is read: one pass over the body. A rejected object's
+/// text for the DLQ is written back from its pairs (the same object, with
+/// no whitespace between its tokens).
 struct Elements<'a, 's> {
     tenancy: Tenancy<'a>,
     sink: &'a mut Sink<'s>,
     /// The allocation for the property pairs of every event.
     props: &'a mut Vec<(Cow<'static, str>, &'static RawValue)>,
-    holes: &'a mut Vec<usize>,
 }
 
 impl<'de> de::DeserializeSeed<'de> for Elements<'_, '_> {
@@ -575,29 +586,35 @@ impl<'de> Visitor<'de> for Elements<'_, '_> {
         f.write_str("an array of events")
     }
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        let mut pairs: Pairs<'de> = Vec::new();
         let mut index = 0;
-        while let Some(el) = s.next_element::<Element<'de>>()? {
-            let rejected = match el {
+        while let Some(el) = s.next_element_seed(ElementSeed(&mut pairs))? {
+            match el {
                 Element::Object(f) => {
                     let mut props = recycle(std::mem::take(self.props));
-                    let r = match validate_fields(f, self.tenancy, &mut props) {
-                        Ok(ev) => {
-                            self.sink.accept(&ev, &props);
-                            None
+                    match validate_fields(f, self.tenancy, &mut props) {
+                        Ok(ev) => self.sink.accept(&ev, &props),
+                        Err((msg, tenant)) => {
+                            let mut text = String::from("{");
+                            for (i, (k, v)) in pairs.iter().enumerate() {
+                                if i > 0 {
+                                    text.push(',');
+                                }
+                                tally_types::codec::push_json_str(&mut text, k);
+                                text.push(':');
+                                text.push_str(v.get());
+                            }
+                            text.push('}');
+                            self.sink
+                                .reject(index, msg, tenant.as_deref(), self.tenancy, &text);
                         }
-                        Err((msg, tenant)) => Some((msg, tenant)),
-                    };
+                    }
                     *self.props = recycle(props);
-                    r
                 }
-                Element::Other(kind) => {
-                    Some((format!("event: must be a JSON object, got {kind}"), None))
+                Element::Other(kind, text) => {
+                    let msg = format!("event: must be a JSON object, got {kind}");
+                    self.sink.reject(index, msg, None, self.tenancy, &text);
                 }
-            };
-            if let Some((msg, tenant)) = rejected {
-                self.holes.push(self.sink.out.rejected.len());
-                self.sink
-                    .reject(index, msg, tenant.as_deref(), self.tenancy, "");
             }
             index += 1;
         }
