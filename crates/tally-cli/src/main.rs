@@ -745,9 +745,12 @@ fn cpu_since(before: &ThreadCpu, after: &ThreadCpu) -> ThreadCpu {
         .collect()
 }
 
+/// The raw store's threads: Arrow rows, then Parquet.
+const RAW_STORE_THREADS: [&str; 2] = ["tally-raw", "tally-seal"];
+
 /// Prints where the server's CPU went during the load, per thread name;
 /// returns the CPU per event in ns of every thread but the raw store's
-/// (`tally-raw`, `tally-seal`).
+/// ([`RAW_STORE_THREADS`]).
 fn print_server_cpu(used: &ThreadCpu, secs: f64, events: u64) -> Option<f64> {
     let mut used: Vec<(&String, f64)> = used
         .iter()
@@ -769,18 +772,19 @@ fn print_server_cpu(used: &ThreadCpu, secs: f64, events: u64) -> Option<f64> {
             )
         })
         .collect();
-    let per_event = total * 1e9 / events.max(1) as f64;
+    let per_event = |cpu: f64| cpu * 1e9 / events.max(1) as f64;
     println!(
-        "server CPU          {:.2} cores, {per_event:.0} ns per event: {}",
+        "server CPU          {:.2} cores, {:.0} ns per event: {}",
         total / secs,
+        per_event(total),
         parts.join("  ")
     );
-    let archive: f64 = used
+    let raw_store: f64 = used
         .iter()
-        .filter(|(k, _)| matches!(k.as_str(), "tally-raw" | "tally-seal"))
+        .filter(|(k, _)| RAW_STORE_THREADS.contains(&k.as_str()))
         .map(|(_, v)| v)
         .sum();
-    Some((total - archive) * 1e9 / events.max(1) as f64)
+    Some(per_event(total - raw_store))
 }
 
 /// What the raw store cost per row, once it has caught up with the load:
@@ -809,8 +813,8 @@ async fn print_raw_store_cpu(
         let now = (
             metric(&text, "tally_raw_rows_appended_total"),
             metric(&text, "tally_archive_rows_sealed_total"),
-            thread("tally-raw"),
-            thread("tally-seal"),
+            thread(RAW_STORE_THREADS[0]),
+            thread(RAW_STORE_THREADS[1]),
         );
         if last == Some(now) || Instant::now() > settle_by {
             break now;

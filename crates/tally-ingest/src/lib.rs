@@ -222,10 +222,7 @@ impl Parser {
 
     fn one(&mut self, index: usize, raw: &str, tenancy: Tenancy<'_>, sink: &mut Sink<'_>) {
         if !raw.starts_with('{') {
-            let msg = format!(
-                "event: must be a JSON object, got {}",
-                json_kind(raw.as_bytes()[0])
-            );
+            let msg = not_an_object(json_kind(raw.as_bytes()[0]));
             sink.reject(index, msg, None, tenancy, raw);
             return;
         }
@@ -394,21 +391,27 @@ fn value_text_ok(raw: &str) -> bool {
     }
 }
 
-/// `props` written to `out` as a compact object (`{"k":v,...}`, each value
-/// as the client wrote it), for [`TextForm::Compact`].
-fn compact_text(props: &[(Cow<'_, str>, &RawValue)], out: &mut String) {
+/// `pairs` written to `out` (cleared first) as a compact object
+/// (`{"k":v,...}`, each value as the client wrote it, keys escaped where
+/// they need it): the text of [`TextForm::Compact`], and of a rejected
+/// array element for the DLQ.
+fn compact_text(pairs: &[(Cow<'_, str>, &RawValue)], out: &mut String) {
     out.clear();
     out.push('{');
-    for (i, (k, v)) in props.iter().enumerate() {
+    for (i, (k, v)) in pairs.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push('"');
-        out.push_str(k);
-        out.push_str("\":");
+        tally_types::codec::push_json_str(out, k);
+        out.push(':');
         out.push_str(v.get());
     }
     out.push('}');
+}
+
+/// The rejection of an event that is not a JSON object.
+fn not_an_object(kind: &str) -> String {
+    format!("event: must be a JSON object, got {kind}")
 }
 
 /// Classifies a raw property value. Strings with escapes are decoded into `scratch`.
@@ -595,16 +598,8 @@ impl<'de> Visitor<'de> for Elements<'_, '_> {
                     match validate_fields(f, self.tenancy, &mut props) {
                         Ok(ev) => self.sink.accept(&ev, &props),
                         Err((msg, tenant)) => {
-                            let mut text = String::from("{");
-                            for (i, (k, v)) in pairs.iter().enumerate() {
-                                if i > 0 {
-                                    text.push(',');
-                                }
-                                tally_types::codec::push_json_str(&mut text, k);
-                                text.push(':');
-                                text.push_str(v.get());
-                            }
-                            text.push('}');
+                            let mut text = String::new();
+                            compact_text(&pairs, &mut text);
                             self.sink
                                 .reject(index, msg, tenant.as_deref(), self.tenancy, &text);
                         }
@@ -612,8 +607,8 @@ impl<'de> Visitor<'de> for Elements<'_, '_> {
                     *self.props = recycle(props);
                 }
                 Element::Other(kind, text) => {
-                    let msg = format!("event: must be a JSON object, got {kind}");
-                    self.sink.reject(index, msg, None, self.tenancy, &text);
+                    self.sink
+                        .reject(index, not_an_object(kind), None, self.tenancy, &text);
                 }
             }
             index += 1;
