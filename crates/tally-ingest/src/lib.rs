@@ -402,7 +402,15 @@ fn compact_text(pairs: &[(Cow<'_, str>, &RawValue)], out: &mut String) {
         if i > 0 {
             out.push(',');
         }
-        tally_types::codec::push_json_str(out, k);
+        match k {
+            // Borrowed from the body: a key with nothing to escape.
+            Cow::Borrowed(k) => {
+                out.push('"');
+                out.push_str(k);
+                out.push('"');
+            }
+            Cow::Owned(k) => tally_types::codec::push_json_str(out, k),
+        }
         out.push(':');
         out.push_str(v.get());
     }
