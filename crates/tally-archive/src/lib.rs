@@ -25,6 +25,7 @@
 //! for records it had already applied.
 
 mod archive;
+mod encode;
 mod manifest;
 mod schema;
 pub(crate) mod writer;

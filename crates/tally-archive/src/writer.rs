@@ -18,7 +18,6 @@ use arrow::datatypes::TimestampMillisecondType;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use parking_lot::RwLock;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::bloom_filter::Sbbf;
 use parquet::column::writer::ColumnCloseResult;
@@ -29,6 +28,7 @@ use parquet::schema::types::ColumnPath;
 use tally_types::time::HOUR_MS;
 use tally_types::{BatchReader, Millis};
 
+use crate::encode::FileEncoder;
 use crate::manifest::{Entry, Manifest};
 use crate::schema::{col, events_schema, hive_dir};
 use crate::{Archive, ArchiveFile, Error, Hot, HotBatch, RawShared, RawStats, Result};
@@ -1210,8 +1210,7 @@ pub(crate) fn sorted_parts(batches: &[RecordBatch], cfg: &RawConfig) -> Result<V
     while start < keys.len() {
         let hour = tally_types::time::align_down(keys[start].0, HOUR_MS);
         let end = start + keys[start..].partition_point(|k| k.0 < hour + HOUR_MS);
-        let mut buf = Vec::new();
-        let mut w = ArrowWriter::try_new(&mut buf, events_schema(), Some(writer_props(cfg)))?;
+        let mut w = FileEncoder::new(writer_props(cfg), cfg.zstd_level, cfg.row_group_rows)?;
         let hour_keys = &keys[start..end];
         let runs = sorted_runs(hour_keys);
         if hour_keys.len() >= MIN_RUN_ROWS * runs.len() {
@@ -1227,7 +1226,7 @@ pub(crate) fn sorted_parts(batches: &[RecordBatch], cfg: &RawConfig) -> Result<V
                 w.write(&interleave_record_batch(&refs, &idx)?)?;
             }
         }
-        w.close()?;
+        let buf = w.finish()?;
         parts.push(Part {
             hour,
             min_ts: keys[start].0,
