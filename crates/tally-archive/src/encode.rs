@@ -107,6 +107,8 @@ struct Scratch {
     bytes: Vec<u8>,
     ints: Vec<i64>,
     ints2: Vec<i64>,
+    /// `(start, len)` in their batch's value bytes.
+    suffixes: Vec<(usize, usize)>,
     idx: Vec<u32>,
 }
 
@@ -289,61 +291,53 @@ impl FileEncoder {
                     }
                 }
                 Kind::Plain | Kind::PrefixDelta | Kind::LengthDelta => {
-                    let mut lo: Option<&[u8]> = None;
-                    let mut hi: Option<&[u8]> = None;
-                    let strs: Vec<&StringArray> =
-                        page.iter().map(|p| p.batch.column(c).as_string::<i32>()).collect();
-                    let values = page.iter().zip(&strs).flat_map(|(p, a)| {
-                        (p.start..p.start + p.len)
-                            .filter(|&i| a.is_valid(i))
-                            .map(|i| a.value(i).as_bytes())
-                    });
-                    let values = values.inspect(|v| {
-                        if stats {
-                            if lo.is_none_or(|l| *v < l) {
-                                lo = Some(v);
-                            }
-                            if hi.is_none_or(|h| *v > h) {
-                                hi = Some(v);
-                            }
-                        }
-                    });
+                    let texts: Vec<Texts<'_>> = page.iter().map(|p| Texts::of(p, c)).collect();
                     match kind {
                         Kind::Plain => {
-                            for v in values {
-                                s.page.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                                s.page.extend_from_slice(v);
+                            for t in &texts {
+                                t.for_each(|d, start, len| {
+                                    s.page.extend_from_slice(&(len as u32).to_le_bytes());
+                                    push_text(&mut s.page, d, start, len);
+                                });
                             }
                         }
-                        Kind::PrefixDelta => {
-                            prefix_delta(&mut s.page, values, &mut s.ints, &mut s.ints2, &mut s.bytes)
-                        }
+                        Kind::PrefixDelta => prefix_delta(&texts, s),
                         _ => {
                             s.ints.clear();
-                            s.bytes.clear();
-                            let no_nulls = strs.iter().all(|a| a.null_count() == 0);
-                            if no_nulls && !stats {
-                                // Values back to back already: lengths from
-                                // the offsets, bytes copied per batch.
-                                for (p, a) in page.iter().zip(&strs) {
-                                    let o = &a.value_offsets()[p.start..=p.start + p.len];
-                                    s.ints.extend(o.windows(2).map(|w| (w[1] - w[0]) as i64));
-                                    s.bytes.extend_from_slice(
-                                        &a.value_data()[o[0] as usize..o[p.len] as usize],
-                                    );
-                                }
-                            } else {
-                                for v in values {
-                                    s.ints.push(v.len() as i64);
-                                    s.bytes.extend_from_slice(v);
-                                }
+                            for t in &texts {
+                                t.for_each(|_, _, len| s.ints.push(len as i64));
                             }
                             delta_pack(&mut s.page, &s.ints, true);
-                            s.page.extend_from_slice(&s.bytes);
+                            for t in &texts {
+                                if t.nulls {
+                                    t.for_each(|d, start, len| {
+                                        push_text(&mut s.page, d, start, len)
+                                    });
+                                } else {
+                                    // Values back to back already.
+                                    let (o, d) = (t.offsets, t.data);
+                                    s.page.extend_from_slice(
+                                        &d[o[0] as usize..o[o.len() - 1] as usize],
+                                    );
+                                }
+                            }
                         }
                     }
-                    if let (Some(l), Some(h)) = (lo, hi) {
-                        bounds = Some((l.to_vec(), h.to_vec()));
+                    if stats {
+                        let mut lo: Option<&[u8]> = None;
+                        let mut hi: Option<&[u8]> = None;
+                        for t in &texts {
+                            t.for_each(|d, start, len| {
+                                let v = &d[start..start + len];
+                                if lo.is_none_or(|l| v < l) {
+                                    lo = Some(v);
+                                }
+                                if hi.is_none_or(|h| v > h) {
+                                    hi = Some(v);
+                                }
+                            });
+                        }
+                        bounds = lo.zip(hi).map(|(l, h)| (l.to_vec(), h.to_vec()));
                     }
                 }
             }
@@ -629,88 +623,174 @@ pub(crate) fn delta_pack(out: &mut Vec<u8>, vals: &[i64], int32: bool) {
     put_uleb(out, BLOCK as u64);
     put_uleb(out, MINIBLOCKS as u64);
     put_uleb(out, vals.len() as u64);
-    put_uleb(out, zigzag(vals.first().copied().unwrap_or(0)));
-    let delta = |a: i64, b: i64| -> i64 {
-        if int32 {
-            (b as i32).wrapping_sub(a as i32) as i64
-        } else {
-            b.wrapping_sub(a)
-        }
+    let Some((&first, rest)) = vals.split_first() else {
+        put_uleb(out, 0);
+        return;
     };
+    put_uleb(out, zigzag(first));
     let mut deltas = [0i64; BLOCK];
     let mut packed = [0u64; BLOCK];
-    let mut i = 1;
-    while i < vals.len() {
-        let n = (vals.len() - i).min(BLOCK);
+    let mut prev = first;
+    for block in rest.chunks(BLOCK) {
         let mut min = i64::MAX;
-        for k in 0..n {
-            let d = delta(vals[i + k - 1], vals[i + k]);
-            deltas[k] = d;
-            min = min.min(d);
+        for (d, &v) in deltas.iter_mut().zip(block) {
+            *d = if int32 {
+                (v as i32).wrapping_sub(prev as i32) as i64
+            } else {
+                v.wrapping_sub(prev)
+            };
+            min = min.min(*d);
+            prev = v;
         }
         put_uleb(out, zigzag(min));
-        let mut widths = [0u32; MINIBLOCKS];
-        for k in 0..n {
-            packed[k] = if int32 {
-                (deltas[k] as i32).wrapping_sub(min as i32) as u32 as u64
+        let n = block.len();
+        for (p, &d) in packed.iter_mut().zip(&deltas[..n]) {
+            *p = if int32 {
+                (d as i32).wrapping_sub(min as i32) as u32 as u64
             } else {
-                deltas[k].wrapping_sub(min) as u64
+                d.wrapping_sub(min) as u64
             };
         }
         packed[n..].fill(0);
         let used = n.div_ceil(MINI);
-        for (m, w) in widths.iter_mut().enumerate().take(used) {
-            *w = bit_width(packed[m * MINI..(m + 1) * MINI].iter().fold(0, |a, &v| a | v));
+        let mut widths = [0u8; MINIBLOCKS];
+        for (w, mini) in widths.iter_mut().zip(packed.chunks_exact(MINI)).take(used) {
+            *w = bit_width(mini.iter().fold(0, |a, &v| a | v)) as u8;
         }
-        out.extend(widths.iter().map(|&w| w as u8));
-        for (m, &w) in widths.iter().enumerate().take(used) {
-            pack(out, packed[m * MINI..(m + 1) * MINI].iter().copied(), w);
+        out.extend_from_slice(&widths);
+        for (&w, mini) in widths.iter().zip(packed.chunks_exact(MINI)).take(used) {
+            pack_mini(out, mini, w as u32);
         }
-        i += n;
     }
 }
 
-/// Texts as `DELTA_BYTE_ARRAY`: the length each shares with the text
-/// before (the first with none), then the rest as `DELTA_LENGTH_BYTE_ARRAY`.
-fn prefix_delta<'v>(
-    out: &mut Vec<u8>,
-    values: impl Iterator<Item = &'v [u8]>,
-    prefixes: &mut Vec<i64>,
-    suffixes: &mut Vec<i64>,
-    bytes: &mut Vec<u8>,
-) {
-    prefixes.clear();
-    suffixes.clear();
-    bytes.clear();
-    let mut prev: &[u8] = &[];
-    for v in values {
-        let p = common_prefix(prev, v);
-        prefixes.push(p as i64);
-        suffixes.push((v.len() - p) as i64);
-        bytes.extend_from_slice(&v[p..]);
-        prev = v;
+/// 32 values at `width` bits each, least significant bit first.
+#[inline]
+fn pack_mini(out: &mut Vec<u8>, vals: &[u64], width: u32) {
+    if width == 0 {
+        return;
     }
-    delta_pack(out, prefixes, true);
-    delta_pack(out, suffixes, true);
-    out.extend_from_slice(bytes);
+    let mut acc = 0u64;
+    let mut n = 0u32;
+    for &v in vals {
+        acc |= v << n;
+        n += width;
+        if n >= 64 {
+            out.extend_from_slice(&acc.to_le_bytes());
+            n -= 64;
+            // The bits of `v` that did not fit.
+            acc = if n == 0 { 0 } else { v >> (width - n) };
+        }
+    }
+    // 32 * width bits: whole bytes.
+    out.extend_from_slice(&acc.to_le_bytes()[..(n / 8) as usize]);
 }
 
-/// Length of the common prefix of `a` and `b`, 8 bytes at a time.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    let n = a.len().min(b.len());
+/// The texts of one page segment: its offsets (one more than rows) and
+/// value bytes, and whether any row is null.
+struct Texts<'a> {
+    array: &'a StringArray,
+    offsets: &'a [i32],
+    data: &'a [u8],
+    start: usize,
+    nulls: bool,
+}
+
+impl<'a> Texts<'a> {
+    fn of(p: &'a Seg, c: usize) -> Texts<'a> {
+        let array = p.batch.column(c).as_string::<i32>();
+        Texts {
+            array,
+            offsets: &array.value_offsets()[p.start..=p.start + p.len],
+            data: array.value_data(),
+            start: p.start,
+            nulls: array.null_count() > 0,
+        }
+    }
+
+    /// Calls `f(data, start, len)` for each non-null value in row order.
+    #[inline(always)]
+    fn for_each(&self, mut f: impl FnMut(&'a [u8], usize, usize)) {
+        let d = self.data;
+        for (i, w) in self.offsets.windows(2).enumerate() {
+            if self.nulls && self.array.is_null(self.start + i) {
+                continue;
+            }
+            f(d, w[0] as usize, (w[1] - w[0]) as usize);
+        }
+    }
+}
+
+/// Appends `data[start..start + len]`. Short texts (ids, a few bytes of
+/// suffix) are copied as a fixed 16 bytes and cut back, which compiles to
+/// two moves instead of a call to `memcpy`.
+#[inline(always)]
+pub(crate) fn push_text(out: &mut Vec<u8>, data: &[u8], start: usize, len: usize) {
+    if len <= 16 && start + 16 <= data.len() {
+        let at = out.len();
+        out.extend_from_slice(&data[start..start + 16]);
+        out.truncate(at + len);
+    } else {
+        out.extend_from_slice(&data[start..start + len]);
+    }
+}
+
+/// Texts as `DELTA_BYTE_ARRAY` into `s.page`: the length each shares with
+/// the text before (the first with none), then the rest as
+/// `DELTA_LENGTH_BYTE_ARRAY`.
+fn prefix_delta(texts: &[Texts<'_>], s: &mut Scratch) {
+    s.ints.clear();
+    s.ints2.clear();
+    s.suffixes.clear();
+    // The text before: its buffer, start and length.
+    let mut prev: (&[u8], usize, usize) = (&[], 0, 0);
+    for t in texts {
+        t.for_each(|d, start, len| {
+            let p = common_prefix(prev.0, prev.1, d, start, len.min(prev.2));
+            s.ints.push(p as i64);
+            s.ints2.push((len - p) as i64);
+            s.suffixes.push((start + p, len - p));
+            prev = (d, start, len);
+        });
+    }
+    delta_pack(&mut s.page, &s.ints, true);
+    delta_pack(&mut s.page, &s.ints2, true);
+    let mut k = 0;
+    for t in texts {
+        let n = t.offsets.len() - 1;
+        let valid = if t.nulls {
+            n - t.array.slice(t.start, n).null_count()
+        } else {
+            n
+        };
+        for &(start, len) in &s.suffixes[k..k + valid] {
+            push_text(&mut s.page, t.data, start, len);
+        }
+        k += valid;
+    }
+}
+
+/// Length of the common prefix of `a[ai..ai + n]` and `b[bi..bi + n]`,
+/// compared 8 bytes at a time: reading on past `n` inside the buffers
+/// where they allow, so short texts (ids) take one or two compares.
+fn common_prefix(a: &[u8], ai: usize, b: &[u8], bi: usize, n: usize) -> usize {
     let mut i = 0;
-    while i + 8 <= n {
-        let x = u64::from_le_bytes(a[i..i + 8].try_into().unwrap_or_default())
-            ^ u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        if x != 0 {
-            return i + (x.trailing_zeros() / 8) as usize;
+    while i < n {
+        let (x, y) = (ai + i, bi + i);
+        let (Some(p), Some(q)) = (a.get(x..x + 8), b.get(y..y + 8)) else {
+            while i < n && a[ai + i] == b[bi + i] {
+                i += 1;
+            }
+            return i;
+        };
+        let d = u64::from_le_bytes(p.try_into().unwrap_or_default())
+            ^ u64::from_le_bytes(q.try_into().unwrap_or_default());
+        if d != 0 {
+            return (i + (d.trailing_zeros() / 8) as usize).min(n);
         }
         i += 8;
     }
-    while i < n && a[i] == b[i] {
-        i += 1;
-    }
-    i
+    n
 }
 
 /// The column index's boundary order: pages ascending (or descending) by
@@ -917,6 +997,22 @@ mod tests {
         ) {
             let batches: Vec<RecordBatch> = batches.iter().map(|r| to_batch(r)).collect();
             roundtrip(&batches, row_group_rows, cut);
+        }
+
+        /// The 8-bytes-at-a-time prefix is the longest common prefix, also
+        /// where the texts sit at the end of their buffers.
+        #[test]
+        fn common_prefix_is_the_longest(
+            a in proptest::collection::vec(0u8..3, 0..40),
+            b in proptest::collection::vec(0u8..3, 0..40),
+            ai in 0usize..40,
+            bi in 0usize..40,
+            n in 0usize..40,
+        ) {
+            let (ai, bi) = (ai.min(a.len()), bi.min(b.len()));
+            let n = n.min(a.len() - ai).min(b.len() - bi);
+            let want = a[ai..ai + n].iter().zip(&b[bi..bi + n]).take_while(|(x, y)| x == y).count();
+            prop_assert_eq!(common_prefix(&a, ai, &b, bi, n), want);
         }
     }
 

@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
-use arrow::array::{ArrayRef, BinaryArray, BinaryBuilder, StringArray, TimestampMillisecondArray};
+use arrow::array::{ArrayRef, BinaryArray, StringArray, TimestampMillisecondArray};
+use arrow::array::builder::NullBufferBuilder;
 use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow::compute::{concat_batches, interleave_record_batch};
 use arrow::datatypes::TimestampMillisecondType;
@@ -28,7 +29,7 @@ use parquet::schema::types::ColumnPath;
 use tally_types::time::HOUR_MS;
 use tally_types::{BatchReader, Millis};
 
-use crate::encode::FileEncoder;
+use crate::encode::{FileEncoder, push_text};
 use crate::manifest::{Entry, Manifest};
 use crate::schema::{col, events_schema, hive_dir};
 use crate::{Archive, ArchiveFile, Error, Hot, HotBatch, RawShared, RawStats, Result};
@@ -91,10 +92,10 @@ pub struct CompactReport {
 /// holds them and checked as UTF-8 once per column when the batch is
 /// finished (one pass over a long buffer instead of a check per value).
 struct Builders {
-    event_id: BinaryBuilder,
-    event_type: BinaryBuilder,
-    user_id: BinaryBuilder,
-    session_id: BinaryBuilder,
+    event_id: TextBuilder,
+    event_type: TextBuilder,
+    user_id: TextBuilder,
+    session_id: TextBuilder,
     ts: Vec<Millis>,
     /// The properties as JSON text, written straight from the batch bytes.
     props: Vec<u8>,
@@ -108,8 +109,8 @@ impl Builders {
     /// Builders sized for `rows` rows like `like` (the batch a tenant
     /// finished last), so a steady stream does not regrow them each time.
     fn with_capacity(rows: usize, like: Option<&Builders>) -> Builders {
-        let text = |b: Option<&BinaryBuilder>| {
-            BinaryBuilder::with_capacity(rows, b.map_or(0, |b| b.values_slice().len()))
+        let text = |b: Option<&TextBuilder>| {
+            TextBuilder::with_capacity(rows, b.map_or(0, |b| b.data.len()))
         };
         let mut props_offsets = Vec::with_capacity(rows + 1);
         props_offsets.push(0);
@@ -144,13 +145,13 @@ impl Builders {
             None,
         )?;
         let cols: Vec<ArrayRef> = vec![
-            utf8(b.event_id.finish(), "event_id"),
+            utf8(b.event_id.finish()?, "event_id"),
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
                 tenant, n,
             ))),
-            utf8(b.event_type.finish(), "event_type"),
-            utf8(b.user_id.finish(), "user_id"),
-            utf8(b.session_id.finish(), "session_id"),
+            utf8(b.event_type.finish()?, "event_type"),
+            utf8(b.user_id.finish()?, "user_id"),
+            utf8(b.session_id.finish()?, "session_id"),
             Arc::new(ts(std::mem::take(&mut b.ts))),
             utf8(props, "properties"),
             Arc::new(ts(std::mem::take(&mut b.received_at))),
@@ -162,6 +163,65 @@ impl Builders {
             max_ts: b.max_ts,
         })
     }
+}
+
+/// A text column being built: value bytes, offsets, validity (kept as a
+/// count until a row is null). Cheaper per value than arrow's
+/// `BinaryBuilder`: a short text is copied from its record as a fixed 16
+/// bytes (see [`push_text`]).
+struct TextBuilder {
+    data: Vec<u8>,
+    offsets: Vec<i32>,
+    nulls: NullBufferBuilder,
+}
+
+impl TextBuilder {
+    fn with_capacity(rows: usize, bytes: usize) -> TextBuilder {
+        let mut offsets = Vec::with_capacity(rows + 1);
+        offsets.push(0);
+        TextBuilder {
+            data: Vec::with_capacity(bytes),
+            offsets,
+            nulls: NullBufferBuilder::new(rows),
+        }
+    }
+
+    /// Appends `v`, a slice of `record` (the log record being read).
+    #[inline(always)]
+    fn push(&mut self, v: &[u8], record: &[u8]) {
+        match offset_in(record, v) {
+            Some(at) => push_text(&mut self.data, record, at, v.len()),
+            None => self.data.extend_from_slice(v),
+        }
+        self.offsets.push(self.data.len() as i32);
+        self.nulls.append_non_null();
+    }
+
+    #[inline(always)]
+    fn push_opt(&mut self, v: Option<&[u8]>, record: &[u8]) {
+        match v {
+            Some(v) => self.push(v, record),
+            None => {
+                self.offsets.push(self.data.len() as i32);
+                self.nulls.append_null();
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<BinaryArray> {
+        Ok(BinaryArray::try_new(
+            OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut self.offsets))),
+            Buffer::from_vec(std::mem::take(&mut self.data)),
+            self.nulls.finish(),
+        )?)
+    }
+}
+
+/// Where `v` starts in `buf`, when it is a slice of it.
+#[inline(always)]
+fn offset_in(buf: &[u8], v: &[u8]) -> Option<usize> {
+    let at = (v.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+    (at.checked_add(v.len())? <= buf.len()).then_some(at)
 }
 
 /// A text column as UTF-8, checked in one pass. Only a damaged record
@@ -411,10 +471,10 @@ impl RawWriter {
                         }
                     },
                 };
-                b.event_id.append_value(ev.event_id);
-                b.event_type.append_value(ev.event_type);
-                b.user_id.append_option(ev.user_id);
-                b.session_id.append_option(ev.session_id);
+                b.event_id.push(ev.event_id, payload);
+                b.event_type.push(ev.event_type, payload);
+                b.user_id.push_opt(ev.user_id, payload);
+                b.session_id.push_opt(ev.session_id, payload);
                 b.ts.push(ev.ts);
                 b.props
                     .extend_from_slice(ev.props_text().unwrap_or(&self.json));
