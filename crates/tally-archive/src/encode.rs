@@ -9,14 +9,30 @@
 //! row groups, footer, page index (`SerializedRowGroupWriter::append_column`,
 //! the same splice compaction uses) and the Arrow schema in the footer.
 //!
-//! Encodings (see `writer_props` for why each):
-//! - `event_id`, `user_id`: `DELTA_BYTE_ARRAY`;
-//! - `tenant`, `event_type`: dictionary (`RLE_DICTIONARY`); a page of one
-//!   value (a tenant always) is a single RLE run, nothing per row; more than
-//!   [`DICT_MAX_VALUES`] values or [`DICT_MAX_BYTES`] bytes fall back to
-//!   `PLAIN` for the row group;
-//! - `session_id`: `PLAIN`; `properties`: `DELTA_LENGTH_BYTE_ARRAY`;
-//! - `ts`, `received_at`: `DELTA_BINARY_PACKED`.
+//! Encodings, chosen for what zstd (over half of a seal) then has to chew,
+//! measured with `examples/seal_cost` under callgrind:
+//! - `event_id`, `user_id`: `DELTA_BYTE_ARRAY` (prefix + suffix). Ids
+//!   written close in time share long prefixes (counters, ULIDs, `u_…`),
+//!   so zstd sees a few bytes a row; random UUIDs cost about what `PLAIN`
+//!   does. No dictionary on user ids: interning 100k distinct ids cost more
+//!   than zstd on the suffixes.
+//! - `tenant`, `event_type`: dictionary (`RLE_DICTIONARY`). A page of one
+//!   value (a tenant, always: a file holds one) is a single RLE run,
+//!   nothing per row. Past [`DICT_MAX_VALUES`] values or [`DICT_MAX_BYTES`]
+//!   bytes a row group falls back to `PLAIN`.
+//! - `session_id`: `DELTA_LENGTH_BYTE_ARRAY`: the lengths (a byte or so a
+//!   row packed) instead of `PLAIN`'s 4 bytes before each value, which zstd
+//!   would have to chew (session ids seldom share a prefix with the row
+//!   before, so `DELTA_BYTE_ARRAY` costs more than it saves).
+//! - `properties`: `DELTA_LENGTH_BYTE_ARRAY`: the JSON texts back to back
+//!   (the hot buffer, copied whole) with their lengths apart, so zstd's
+//!   matches run across rows.
+//! - `ts`, `received_at`: `DELTA_BINARY_PACKED`, a byte or two per sorted
+//!   value.
+//!
+//! DuckDB, chDB (ClickHouse) and DataFusion read all of these
+//! (`tally-cli/tests/sql.rs` reads the archive with DuckDB;
+//! `scripts/bench_sql.sh` with DuckDB and chDB).
 //!
 //! Data pages are format v1 (definition levels RLE, with their length in
 //! front), zstd-compressed page by page. Statistics (column chunk min/max
@@ -70,7 +86,7 @@ const KINDS: [Kind; 8] = [
     Kind::Dict,        // tenant
     Kind::Dict,        // event_type
     Kind::PrefixDelta, // user_id
-    Kind::Plain,       // session_id
+    Kind::LengthDelta, // session_id
     Kind::Int,         // ts
     Kind::LengthDelta, // properties
     Kind::Int,         // received_at
@@ -116,8 +132,8 @@ impl FileEncoder {
     /// `props` gives the file-level settings (created-by, key-value
     /// metadata); pages are encoded as the module doc says.
     pub(crate) fn new(props: WriterProperties, level: i32, row_group_rows: usize) -> Result<Self> {
-        let (file, _) =
-            ArrowWriter::try_new(Vec::new(), events_schema(), Some(props))?.into_serialized_writer()?;
+        let (file, _) = ArrowWriter::try_new(Vec::new(), events_schema(), Some(props))?
+            .into_serialized_writer()?;
         let columns = file.schema_descr().columns().to_vec();
         let zstd = zstd::bulk::Compressor::new(level).map_err(ParquetError::from)?;
         Ok(FileEncoder {
@@ -261,7 +277,8 @@ impl FileEncoder {
                     s.ints.clear();
                     for p in &page {
                         let a = p.batch.column(c).as_primitive::<TimestampMillisecondType>();
-                        s.ints.extend_from_slice(&a.values()[p.start..p.start + p.len]);
+                        s.ints
+                            .extend_from_slice(&a.values()[p.start..p.start + p.len]);
                     }
                     delta_pack(&mut s.page, &s.ints, false);
                     if stats && !s.ints.is_empty() {
@@ -376,7 +393,6 @@ impl FileEncoder {
             }
         }
         pages.close()?;
-        drop(pages);
         let buf = Bytes::from(sink.into_inner()?);
 
         let mut encodings = vec![data_encoding];
@@ -387,7 +403,9 @@ impl FileEncoder {
             encodings.push(Encoding::PLAIN);
         }
         let mut meta = ColumnChunkMetaData::builder(descr.clone())
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(self.level).unwrap_or_default()))
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(self.level).unwrap_or_default(),
+            ))
             .set_encodings_mask(EncodingMask::new_from_encodings(encodings.iter()))
             .set_num_values(rows as i64)
             .set_total_compressed_size(buf.len() as i64)
@@ -437,7 +455,9 @@ fn compress(z: &mut zstd::bulk::Compressor<'static>, data: &[u8]) -> Result<Byte
 fn valid_count(p: &Seg, c: usize) -> usize {
     let a = p.batch.column(c);
     match a.nulls() {
-        Some(n) if a.null_count() > 0 => n.slice(p.start, p.len).len() - n.slice(p.start, p.len).null_count(),
+        Some(n) if a.null_count() > 0 => {
+            n.slice(p.start, p.len).len() - n.slice(p.start, p.len).null_count()
+        }
         _ => p.len,
     }
 }
@@ -503,7 +523,9 @@ impl Cursor {
                 let o = &a.value_offsets()[start..=start + take];
                 let budget = (PAGE_BYTES - bytes) as i64;
                 // Rows whose bytes fit the budget (offsets are sorted).
-                let fit = o.partition_point(|&x| (x - o[0]) as i64 <= budget).saturating_sub(1);
+                let fit = o
+                    .partition_point(|&x| (x - o[0]) as i64 <= budget)
+                    .saturating_sub(1);
                 take = fit.max(usize::from(rows == 0)).min(take);
                 if take == 0 {
                     break;
@@ -571,7 +593,13 @@ fn hybrid(out: &mut Vec<u8>, idx: &[u32], width: u32) {
     let groups = idx.len().div_ceil(8);
     put_uleb(out, ((groups as u64) << 1) | 1);
     let pad = groups * 8 - idx.len();
-    pack(out, idx.iter().map(|&i| i as u64).chain(std::iter::repeat_n(0, pad)), width);
+    pack(
+        out,
+        idx.iter()
+            .map(|&i| i as u64)
+            .chain(std::iter::repeat_n(0, pad)),
+        width,
+    );
 }
 
 /// Packs `vals` (a multiple of 8 of them) at `width` bits each, least
@@ -798,15 +826,24 @@ fn common_prefix(a: &[u8], ai: usize, b: &[u8], bi: usize, n: usize) -> usize {
 fn boundary_order(bounds: &[(Vec<u8>, Vec<u8>)], signed: bool) -> BoundaryOrder {
     let key = |b: &Vec<u8>| -> (i64, Vec<u8>) {
         if signed {
-            (i64::from_le_bytes(b.as_slice().try_into().unwrap_or_default()), Vec::new())
+            (
+                i64::from_le_bytes(b.as_slice().try_into().unwrap_or_default()),
+                Vec::new(),
+            )
         } else {
             (0, b.clone())
         }
     };
     let keys: Vec<_> = bounds.iter().map(|(lo, hi)| (key(lo), key(hi))).collect();
-    if keys.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1) {
+    if keys
+        .windows(2)
+        .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1)
+    {
         BoundaryOrder::ASCENDING
-    } else if keys.windows(2).all(|w| w[0].0 >= w[1].0 && w[0].1 >= w[1].1) {
+    } else if keys
+        .windows(2)
+        .all(|w| w[0].0 >= w[1].0 && w[0].1 >= w[1].1)
+    {
         BoundaryOrder::DESCENDING
     } else {
         BoundaryOrder::UNORDERED
@@ -898,12 +935,12 @@ mod tests {
             let n = rg.num_rows() as usize;
             assert!(n <= row_group_rows);
             let rows = want.slice(first, n);
-            for c in 0..KINDS.len() {
+            for (c, &stats) in STATS.iter().enumerate() {
                 let col = rg.column(c);
                 let locs = &meta.offset_index().unwrap()[g][c].page_locations;
                 assert_eq!(locs[0].first_row_index, 0);
                 let index = &meta.column_index().unwrap()[g][c];
-                if !STATS[c] {
+                if !stats {
                     assert!(col.statistics().is_none(), "column {c}");
                     assert!(matches!(index, ColumnIndexMetaData::NONE), "column {c}");
                     continue;
@@ -912,7 +949,10 @@ mod tests {
                 assert_eq!(st.null_count_opt(), Some(0));
                 for (p, loc) in locs.iter().enumerate() {
                     let end = locs.get(p + 1).map_or(n, |l| l.first_row_index as usize);
-                    let page = rows.slice(loc.first_row_index as usize, end - loc.first_row_index as usize);
+                    let page = rows.slice(
+                        loc.first_row_index as usize,
+                        end - loc.first_row_index as usize,
+                    );
                     match index {
                         ColumnIndexMetaData::INT64(ix) => {
                             let v = page.column(c).as_primitive::<TimestampMillisecondType>();
@@ -971,16 +1011,18 @@ mod tests {
                 0i64..3,
             ),
         )
-            .prop_map(|((event_id, tenant, event_type), (user_id, session_id), (ts, props, r))| Row {
-                event_id,
-                tenant,
-                event_type,
-                user_id,
-                session_id,
-                received_at: ts.wrapping_add(r),
-                ts,
-                props,
-            })
+            .prop_map(
+                |((event_id, tenant, event_type), (user_id, session_id), (ts, props, r))| Row {
+                    event_id,
+                    tenant,
+                    event_type,
+                    user_id,
+                    session_id,
+                    received_at: ts.wrapping_add(r),
+                    ts,
+                    props,
+                },
+            )
     }
 
     proptest! {
@@ -1038,7 +1080,7 @@ mod tests {
             r.props = "x".repeat(PAGE_BYTES + 3);
         }
         let b = to_batch(&rows);
-        roundtrip(&[b.clone()], n, n);
+        roundtrip(std::slice::from_ref(&b), n, n);
         roundtrip(&[b.slice(0, 5000), b.slice(5000, n - 5000)], 9000, 777);
 
         let file = {
@@ -1055,22 +1097,49 @@ mod tests {
         let pages = |c: usize| meta.offset_index().unwrap()[0][c].page_locations.len();
         assert!(pages(5) >= n.div_ceil(PAGE_ROWS), "ts pages by rows");
         assert!(pages(6) > pages(5), "properties pages also cut by bytes");
-        assert!(rg.column(2).dictionary_page_offset().is_none(), "event_type fell back");
-        assert!(rg.column(1).dictionary_page_offset().is_some(), "tenant has a dictionary");
-        assert!(matches!(&meta.column_index().unwrap()[0][5], ColumnIndexMetaData::INT64(_)));
+        assert!(
+            rg.column(2).dictionary_page_offset().is_none(),
+            "event_type fell back"
+        );
+        assert!(
+            rg.column(1).dictionary_page_offset().is_some(),
+            "tenant has a dictionary"
+        );
+        assert!(matches!(
+            &meta.column_index().unwrap()[0][5],
+            ColumnIndexMetaData::INT64(_)
+        ));
     }
 
     #[test]
     fn boundary_order_follows_page_bounds() {
         let i = |lo: i64, hi: i64| (lo.to_le_bytes().to_vec(), hi.to_le_bytes().to_vec());
         let t = |lo: &str, hi: &str| (lo.as_bytes().to_vec(), hi.as_bytes().to_vec());
-        assert_eq!(boundary_order(&[i(-5, 1), i(1, 1), i(2, 9)], true), BoundaryOrder::ASCENDING);
-        assert_eq!(boundary_order(&[i(2, 9), i(-5, 1)], true), BoundaryOrder::DESCENDING);
-        assert_eq!(boundary_order(&[i(0, 9), i(1, 5)], true), BoundaryOrder::UNORDERED);
+        assert_eq!(
+            boundary_order(&[i(-5, 1), i(1, 1), i(2, 9)], true),
+            BoundaryOrder::ASCENDING
+        );
+        assert_eq!(
+            boundary_order(&[i(2, 9), i(-5, 1)], true),
+            BoundaryOrder::DESCENDING
+        );
+        assert_eq!(
+            boundary_order(&[i(0, 9), i(1, 5)], true),
+            BoundaryOrder::UNORDERED
+        );
         // Signed, not byte order: -1 is below 0.
-        assert_eq!(boundary_order(&[i(-1, -1), i(0, 0)], true), BoundaryOrder::ASCENDING);
-        assert_eq!(boundary_order(&[t("a", "b"), t("b", "c")], false), BoundaryOrder::ASCENDING);
-        assert_eq!(boundary_order(&[t("b", "b"), t("a", "c")], false), BoundaryOrder::UNORDERED);
+        assert_eq!(
+            boundary_order(&[i(-1, -1), i(0, 0)], true),
+            BoundaryOrder::ASCENDING
+        );
+        assert_eq!(
+            boundary_order(&[t("a", "b"), t("b", "c")], false),
+            BoundaryOrder::ASCENDING
+        );
+        assert_eq!(
+            boundary_order(&[t("b", "b"), t("a", "c")], false),
+            BoundaryOrder::UNORDERED
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
-use arrow::array::{ArrayRef, BinaryArray, StringArray, TimestampMillisecondArray};
 use arrow::array::builder::NullBufferBuilder;
+use arrow::array::{ArrayRef, BinaryArray, StringArray, TimestampMillisecondArray};
 use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow::compute::{concat_batches, interleave_record_batch};
 use arrow::datatypes::TimestampMillisecondType;
@@ -23,9 +23,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::bloom_filter::Sbbf;
 use parquet::column::writer::ColumnCloseResult;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
-use parquet::schema::types::ColumnPath;
 use tally_types::time::HOUR_MS;
 use tally_types::{BatchReader, Millis};
 
@@ -1316,61 +1315,16 @@ fn sorted_runs(keys: &[(Millis, u32, u32)]) -> Vec<(usize, usize, usize)> {
     runs
 }
 
-/// zstd, row groups of `cfg.row_group_rows`, page statistics where
-/// filters prune: `ts` and `received_at` (rows are sorted by time) and
-/// `tenant`. Min/max of ids, event types and JSON text prune nothing on
-/// time-sorted rows (a page of a few thousand rows holds nearly every
-/// event type) and cost a comparison per value, so `event_id`,
-/// `event_type`, `user_id`, `session_id` and `properties` have none.
-///
-/// Encodings are chosen for what zstd then has to chew (measured with
-/// `examples/seal_cost` under callgrind; zstd is over half of a seal):
-/// - `event_id`, `user_id`: `DELTA_BYTE_ARRAY` (prefix + suffix). Ids
-///   written close in time share long prefixes (counters, ULIDs, `u_…`),
-///   so zstd sees a few bytes a row instead of the whole id; random UUIDs
-///   cost about what `PLAIN` does. No dictionary on user ids: interning
-///   100k distinct ids cost more than zstd on the suffixes.
-/// - `properties`: `DELTA_LENGTH_BYTE_ARRAY`, the JSON texts back to back
-///   with their lengths apart, so zstd's matches run across rows.
-/// - `tenant`: one value per file; `PLAIN` costs zstd almost nothing on a
-///   repeated value, while a dictionary interned it row by row.
-/// - `event_type`: dictionary (few values, and they group well).
-/// - `ts`, `received_at`: `DELTA_BINARY_PACKED`, a byte or two per sorted
-///   value.
-///
-/// DuckDB, chDB (ClickHouse) and DataFusion read all of these
-/// (`tally-cli/tests/sql.rs` reads the archive with DuckDB;
-/// `scripts/bench_sql.sh` with DuckDB and chDB).
+/// File-level settings of the archive's files: created-by and the codec
+/// named in the footer. Pages themselves are encoded by
+/// [`FileEncoder`] (see `encode.rs` for the encodings and statistics);
+/// compaction's splice copies them as they are.
 fn writer_props(cfg: &RawConfig) -> WriterProperties {
-    use parquet::basic::Encoding;
-    let mut b = WriterProperties::builder()
+    WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(cfg.zstd_level).unwrap_or_default(),
         ))
         .set_max_row_group_row_count(Some(cfg.row_group_rows))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_created_by("tally".into());
-    for c in [
-        "event_id",
-        "event_type",
-        "user_id",
-        "session_id",
-        "properties",
-    ] {
-        b = b.set_column_statistics_enabled(ColumnPath::from(c), EnabledStatistics::None);
-    }
-    for (c, e) in [
-        ("event_id", Encoding::DELTA_BYTE_ARRAY),
-        ("user_id", Encoding::DELTA_BYTE_ARRAY),
-        ("tenant", Encoding::PLAIN),
-        ("session_id", Encoding::PLAIN),
-        ("properties", Encoding::DELTA_LENGTH_BYTE_ARRAY),
-        ("ts", Encoding::DELTA_BINARY_PACKED),
-        ("received_at", Encoding::DELTA_BINARY_PACKED),
-    ] {
-        b = b
-            .set_column_dictionary_enabled(ColumnPath::from(c), false)
-            .set_column_encoding(ColumnPath::from(c), e);
-    }
-    b.build()
+        .set_created_by("tally".into())
+        .build()
 }
