@@ -120,7 +120,8 @@ pub(crate) struct FileEncoder {
 #[derive(Default)]
 struct Scratch {
     page: Vec<u8>,
-    bytes: Vec<u8>,
+    /// A page's definition levels, 8 a byte.
+    level_bits: Vec<u8>,
     ints: Vec<i64>,
     ints2: Vec<i64>,
     /// `(start, len)` in their batch's value bytes.
@@ -257,9 +258,6 @@ impl FileEncoder {
 
         let mut col_index = stats.then(|| ColumnIndexBuilder::new(descr.physical_type()));
         let mut offsets = OffsetIndexBuilder::new();
-        let mut chunk_min: Option<Vec<u8>> = None;
-        let mut chunk_max: Option<Vec<u8>> = None;
-        let (mut int_min, mut int_max) = (i64::MAX, i64::MIN);
         let mut page_bounds: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut data_offset = None;
         let mut next_idx = 0usize;
@@ -267,8 +265,9 @@ impl FileEncoder {
         while let Some(page) = cursor.next_page(segs, c, kind) {
             s.page.clear();
             let page_rows: usize = page.iter().map(|p| p.len).sum();
+            let valid: usize = page.iter().map(|p| valid_count(p, c)).sum();
             if nullable {
-                def_levels(&page, c, &mut s.page, &mut s.bytes);
+                def_levels(&page, c, valid, &mut s.page, &mut s.level_bits);
             }
             // Page min/max for statistics, as the column index holds them.
             let mut bounds: Option<(Vec<u8>, Vec<u8>)> = None;
@@ -286,15 +285,12 @@ impl FileEncoder {
                             .ints
                             .iter()
                             .fold((i64::MAX, i64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-                        int_min = int_min.min(lo);
-                        int_max = int_max.max(hi);
                         bounds = Some((lo.to_le_bytes().to_vec(), hi.to_le_bytes().to_vec()));
                     }
                 }
                 Kind::Dict => {
-                    let n: usize = page.iter().map(|p| valid_count(p, c)).sum();
-                    let idx = &s.idx[next_idx..next_idx + n];
-                    next_idx += n;
+                    let idx = &s.idx[next_idx..next_idx + valid];
+                    next_idx += valid;
                     let width = bit_width(dict.len().saturating_sub(1) as u64).max(1);
                     s.page.push(width as u8);
                     hybrid(&mut s.page, idx, width);
@@ -374,22 +370,14 @@ impl FileEncoder {
             offsets.append_offset_and_size(spec.offset as i64, spec.compressed_size as i32);
             offsets.append_row_count(page_rows as i64);
             if let Some(ci) = col_index.as_mut() {
-                let nulls = page_rows - page.iter().map(|p| valid_count(p, c)).sum::<usize>();
-                match &bounds {
+                let nulls = page_rows - valid;
+                match bounds {
                     Some((lo, hi)) => {
-                        if kind != Kind::Int {
-                            if chunk_min.as_ref().is_none_or(|m| lo < m) {
-                                chunk_min = Some(lo.clone());
-                            }
-                            if chunk_max.as_ref().is_none_or(|m| hi > m) {
-                                chunk_max = Some(hi.clone());
-                            }
-                        }
                         ci.append(false, lo.clone(), hi.clone(), nulls as i64);
+                        page_bounds.push((lo, hi));
                     }
                     None => ci.append(true, Vec::new(), Vec::new(), nulls as i64),
                 }
-                page_bounds.push(bounds.unwrap_or_default());
             }
         }
         pages.close()?;
@@ -415,24 +403,25 @@ impl FileEncoder {
         let mut column_index = None;
         if let Some(mut ci) = col_index {
             let nulls = rows as u64 - segs.iter().map(|p| valid_count(p, c) as u64).sum::<u64>();
-            let chunk_stats = match kind {
-                Kind::Int => (int_min <= int_max).then(|| {
-                    Statistics::int64(Some(int_min), Some(int_max), None, Some(nulls), false)
-                }),
-                _ => chunk_min.zip(chunk_max).map(|(lo, hi)| {
-                    Statistics::byte_array(
-                        Some(ByteArray::from(lo)),
-                        Some(ByteArray::from(hi)),
-                        None,
-                        Some(nulls),
-                        false,
-                    )
-                }),
-            };
+            // The chunk's min/max: the least page min and greatest page max
+            // (pages of nulls only have none).
+            let int = kind == Kind::Int;
+            let lo = page_bounds.iter().map(|b| bound_key(&b.0, int)).min();
+            let hi = page_bounds.iter().map(|b| bound_key(&b.1, int)).max();
+            let chunk_stats = lo.zip(hi).map(|((lo_i, lo), (hi_i, hi))| match kind {
+                Kind::Int => Statistics::int64(Some(lo_i), Some(hi_i), None, Some(nulls), false),
+                _ => Statistics::byte_array(
+                    Some(ByteArray::from(lo.to_vec())),
+                    Some(ByteArray::from(hi.to_vec())),
+                    None,
+                    Some(nulls),
+                    false,
+                ),
+            });
             if let Some(st) = chunk_stats {
                 meta = meta.set_statistics(st);
             }
-            ci.set_boundary_order(boundary_order(&page_bounds, kind == Kind::Int));
+            ci.set_boundary_order(boundary_order(&page_bounds, int));
             column_index = Some(ci.build()?);
         }
         let close = ColumnCloseResult {
@@ -453,11 +442,8 @@ fn compress(z: &mut zstd::bulk::Compressor<'static>, data: &[u8]) -> Result<Byte
 
 /// Non-null values of rows `p` in column `c`.
 fn valid_count(p: &Seg, c: usize) -> usize {
-    let a = p.batch.column(c);
-    match a.nulls() {
-        Some(n) if a.null_count() > 0 => {
-            n.slice(p.start, p.len).len() - n.slice(p.start, p.len).null_count()
-        }
+    match p.batch.column(c).nulls() {
+        Some(n) if n.null_count() > 0 => p.len - n.slice(p.start, p.len).null_count(),
         _ => p.len,
     }
 }
@@ -550,11 +536,10 @@ impl Cursor {
 
 /// Definition levels of a page (v1: their byte length, then the
 /// RLE/bit-packed hybrid at bit width 1).
-fn def_levels(page: &[Seg], c: usize, out: &mut Vec<u8>, bits: &mut Vec<u8>) {
+fn def_levels(page: &[Seg], c: usize, valid: usize, out: &mut Vec<u8>, bits: &mut Vec<u8>) {
     let rows: usize = page.iter().map(|p| p.len).sum();
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
-    let valid: usize = page.iter().map(|p| valid_count(p, c)).sum();
     if valid == rows {
         put_uleb(out, (rows as u64) << 1);
         out.push(1);
@@ -602,25 +587,27 @@ fn hybrid(out: &mut Vec<u8>, idx: &[u32], width: u32) {
     );
 }
 
-/// Packs `vals` (a multiple of 8 of them) at `width` bits each, least
-/// significant bit first.
+/// Packs `vals` at `width` bits each, least significant bit first. Their
+/// bits fill whole bytes: 8 values (a hybrid run's group) or 32 (a
+/// miniblock).
 #[inline]
 fn pack(out: &mut Vec<u8>, vals: impl Iterator<Item = u64>, width: u32) {
     if width == 0 {
         return;
     }
-    let mut acc: u128 = 0;
+    let mut acc = 0u64;
     let mut n = 0u32;
     for v in vals {
-        acc |= (v as u128) << n;
+        acc |= v << n;
         n += width;
         if n >= 64 {
-            out.extend_from_slice(&(acc as u64).to_le_bytes());
-            acc >>= 64;
+            out.extend_from_slice(&acc.to_le_bytes());
             n -= 64;
+            // The bits of `v` that did not fit.
+            acc = if n == 0 { 0 } else { v >> (width - n) };
         }
     }
-    out.extend_from_slice(&(acc as u64).to_le_bytes()[..(n / 8) as usize]);
+    out.extend_from_slice(&acc.to_le_bytes()[..(n / 8) as usize]);
 }
 
 /// Bits needed for `v`.
@@ -687,31 +674,9 @@ pub(crate) fn delta_pack(out: &mut Vec<u8>, vals: &[i64], int32: bool) {
         }
         out.extend_from_slice(&widths);
         for (&w, mini) in widths.iter().zip(packed.chunks_exact(MINI)).take(used) {
-            pack_mini(out, mini, w as u32);
+            pack(out, mini.iter().copied(), w as u32);
         }
     }
-}
-
-/// 32 values at `width` bits each, least significant bit first.
-#[inline]
-fn pack_mini(out: &mut Vec<u8>, vals: &[u64], width: u32) {
-    if width == 0 {
-        return;
-    }
-    let mut acc = 0u64;
-    let mut n = 0u32;
-    for &v in vals {
-        acc |= v << n;
-        n += width;
-        if n >= 64 {
-            out.extend_from_slice(&acc.to_le_bytes());
-            n -= 64;
-            // The bits of `v` that did not fit.
-            acc = if n == 0 { 0 } else { v >> (width - n) };
-        }
-    }
-    // 32 * width bits: whole bytes.
-    out.extend_from_slice(&acc.to_le_bytes()[..(n / 8) as usize]);
 }
 
 /// The texts of one page segment: its offsets (one more than rows) and
@@ -722,6 +687,8 @@ struct Texts<'a> {
     data: &'a [u8],
     start: usize,
     nulls: bool,
+    /// Non-null values.
+    valid: usize,
 }
 
 impl<'a> Texts<'a> {
@@ -733,6 +700,7 @@ impl<'a> Texts<'a> {
             data: array.value_data(),
             start: p.start,
             nulls: array.null_count() > 0,
+            valid: valid_count(p, c),
         }
     }
 
@@ -785,16 +753,10 @@ fn prefix_delta(texts: &[Texts<'_>], s: &mut Scratch) {
     delta_pack(&mut s.page, &s.ints2, true);
     let mut k = 0;
     for t in texts {
-        let n = t.offsets.len() - 1;
-        let valid = if t.nulls {
-            n - t.array.slice(t.start, n).null_count()
-        } else {
-            n
-        };
-        for &(start, len) in &s.suffixes[k..k + valid] {
+        for &(start, len) in &s.suffixes[k..k + t.valid] {
             push_text(&mut s.page, t.data, start, len);
         }
-        k += valid;
+        k += t.valid;
     }
 }
 
@@ -821,20 +783,22 @@ fn common_prefix(a: &[u8], ai: usize, b: &[u8], bi: usize, n: usize) -> usize {
     n
 }
 
+/// A page bound as it orders: little-endian i64 (`int`) or bytes.
+fn bound_key(b: &[u8], int: bool) -> (i64, &[u8]) {
+    if int {
+        (i64::from_le_bytes(b.try_into().unwrap_or_default()), &[])
+    } else {
+        (0, b)
+    }
+}
+
 /// The column index's boundary order: pages ascending (or descending) by
-/// both min and max, else unordered. `signed`: bounds are little-endian i64.
-fn boundary_order(bounds: &[(Vec<u8>, Vec<u8>)], signed: bool) -> BoundaryOrder {
-    let key = |b: &Vec<u8>| -> (i64, Vec<u8>) {
-        if signed {
-            (
-                i64::from_le_bytes(b.as_slice().try_into().unwrap_or_default()),
-                Vec::new(),
-            )
-        } else {
-            (0, b.clone())
-        }
-    };
-    let keys: Vec<_> = bounds.iter().map(|(lo, hi)| (key(lo), key(hi))).collect();
+/// both min and max, else unordered. `int`: bounds are little-endian i64.
+fn boundary_order(bounds: &[(Vec<u8>, Vec<u8>)], int: bool) -> BoundaryOrder {
+    let keys: Vec<_> = bounds
+        .iter()
+        .map(|(lo, hi)| (bound_key(lo, int), bound_key(hi, int)))
+        .collect();
     if keys
         .windows(2)
         .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1)

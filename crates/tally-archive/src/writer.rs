@@ -97,8 +97,7 @@ struct Builders {
     session_id: TextBuilder,
     ts: Vec<Millis>,
     /// The properties as JSON text, written straight from the batch bytes.
-    props: Vec<u8>,
-    props_offsets: Vec<i32>,
+    props: TextBuilder,
     received_at: Vec<Millis>,
     min_ts: Millis,
     max_ts: Millis,
@@ -111,16 +110,13 @@ impl Builders {
         let text = |b: Option<&TextBuilder>| {
             TextBuilder::with_capacity(rows, b.map_or(0, |b| b.data.len()))
         };
-        let mut props_offsets = Vec::with_capacity(rows + 1);
-        props_offsets.push(0);
         Builders {
             event_id: text(like.map(|l| &l.event_id)),
             event_type: text(like.map(|l| &l.event_type)),
             user_id: text(like.map(|l| &l.user_id)),
             session_id: text(like.map(|l| &l.session_id)),
             ts: Vec::with_capacity(rows),
-            props: Vec::with_capacity(like.map_or(0, |l| l.props.len())),
-            props_offsets,
+            props: text(like.map(|l| &l.props)),
             received_at: Vec::with_capacity(rows),
             min_ts: Millis::MAX,
             max_ts: Millis::MIN,
@@ -136,13 +132,8 @@ impl Builders {
     fn finish(&mut self, tenant: &str) -> Result<HotBatch> {
         let n = self.rows();
         let fresh = Builders::with_capacity(n, Some(self));
-        let mut b = std::mem::replace(self, fresh);
+        let b = std::mem::replace(self, fresh);
         let ts = |v: Vec<Millis>| TimestampMillisecondArray::from(v).with_timezone("UTC");
-        let props = BinaryArray::try_new(
-            OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut b.props_offsets))),
-            Buffer::from_vec(std::mem::take(&mut b.props)),
-            None,
-        )?;
         let cols: Vec<ArrayRef> = vec![
             utf8(b.event_id.finish()?, "event_id"),
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
@@ -151,9 +142,9 @@ impl Builders {
             utf8(b.event_type.finish()?, "event_type"),
             utf8(b.user_id.finish()?, "user_id"),
             utf8(b.session_id.finish()?, "session_id"),
-            Arc::new(ts(std::mem::take(&mut b.ts))),
-            utf8(props, "properties"),
-            Arc::new(ts(std::mem::take(&mut b.received_at))),
+            Arc::new(ts(b.ts)),
+            utf8(b.props.finish()?, "properties"),
+            Arc::new(ts(b.received_at)),
         ];
         Ok(HotBatch {
             seq: 0,
@@ -207,10 +198,10 @@ impl TextBuilder {
         }
     }
 
-    fn finish(&mut self) -> Result<BinaryArray> {
+    fn finish(mut self) -> Result<BinaryArray> {
         Ok(BinaryArray::try_new(
-            OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut self.offsets))),
-            Buffer::from_vec(std::mem::take(&mut self.data)),
+            OffsetBuffer::new(ScalarBuffer::from(self.offsets)),
+            Buffer::from_vec(self.data),
             self.nulls.finish(),
         )?)
     }
@@ -475,14 +466,12 @@ impl RawWriter {
                 b.user_id.push_opt(ev.user_id, payload);
                 b.session_id.push_opt(ev.session_id, payload);
                 b.ts.push(ev.ts);
-                b.props
-                    .extend_from_slice(ev.props_text().unwrap_or(&self.json));
-                b.props_offsets.push(b.props.len() as i32);
+                b.props.push(ev.props_text().unwrap_or(&self.json), payload);
                 b.received_at.push(append_ms);
                 b.min_ts = b.min_ts.min(ev.ts);
                 b.max_ts = b.max_ts.max(ev.ts);
                 self.building_rows += 1;
-                if b.props.len() >= FLUSH_PROPS_BYTES {
+                if b.props.data.len() >= FLUSH_PROPS_BYTES {
                     self.props_full = true;
                 }
                 cur = Some((ev.tenant, b));
