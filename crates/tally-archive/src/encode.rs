@@ -450,41 +450,124 @@ fn valid_count(p: &Seg, c: usize) -> usize {
 
 /// Interns the texts of column `c` over `segs` into `dict`, each non-null
 /// value's index into `idx`; false when the dictionary grows past its limits.
+///
+/// Short texts (tenants and event types nearly always are) go through a
+/// small direct-mapped cache keyed by [`ShortKey`]: a hit is two word loads
+/// and a compare, no hash of the bytes and no `memcmp` call.
 fn intern<'a>(segs: &'a [Seg], c: usize, dict: &mut Vec<&'a [u8]>, idx: &mut Vec<u32>) -> bool {
     let mut map: hashbrown::HashMap<&'a [u8], u32> = hashbrown::HashMap::new();
     let mut bytes = 0usize;
-    // The value before, to skip the hash for repeats (a tenant, always).
-    let mut last: Option<(&[u8], u32)> = None;
+    let mut cache = [(ShortKey::NONE, 0u32); 64];
+    let mut lookup = |v: &'a [u8]| -> Option<u32> {
+        if let Some(&k) = map.get(v) {
+            return Some(k);
+        }
+        let k = dict.len() as u32;
+        bytes += v.len() + 4;
+        if dict.len() >= DICT_MAX_VALUES || bytes > DICT_MAX_BYTES {
+            return None;
+        }
+        dict.push(v);
+        map.insert(v, k);
+        Some(k)
+    };
     for p in segs {
         let a = p.batch.column(c).as_string::<i32>();
+        let (offsets, data) = (a.value_offsets(), a.value_data());
+        let nulls = a.nulls().filter(|n| n.null_count() > 0);
         for i in p.start..p.start + p.len {
-            if a.is_null(i) {
+            if nulls.is_some_and(|n| n.is_null(i)) {
                 continue;
             }
-            let v = a.value(i).as_bytes();
-            let k = match last {
-                Some((l, k)) if l == v => k,
-                _ => match map.get(v) {
-                    Some(&k) => k,
-                    None => {
-                        let k = dict.len() as u32;
-                        bytes += v.len() + 4;
-                        if dict.len() >= DICT_MAX_VALUES || bytes > DICT_MAX_BYTES {
-                            dict.clear();
-                            idx.clear();
-                            return false;
+            let v = &data[offsets[i] as usize..offsets[i + 1] as usize];
+            let k = match ShortKey::of(v) {
+                Some(key) => {
+                    let slot = &mut cache[key.slot()];
+                    if slot.0 == key {
+                        Some(slot.1)
+                    } else {
+                        let k = lookup(v);
+                        if let Some(k) = k {
+                            *slot = (key, k);
                         }
-                        dict.push(v);
-                        map.insert(v, k);
                         k
                     }
-                },
+                }
+                None => lookup(v),
             };
-            last = Some((v, k));
-            idx.push(k);
+            match k {
+                Some(k) => idx.push(k),
+                None => {
+                    dict.clear();
+                    idx.clear();
+                    return false;
+                }
+            }
         }
     }
     true
+}
+
+/// A text of at most 16 bytes, held exactly in two words: its first and
+/// last 8 bytes (4 and 4 below 8 bytes, single bytes below 4), overlapping
+/// when shorter than 16, and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ShortKey {
+    head: u64,
+    tail: u64,
+    len: u32,
+}
+
+impl ShortKey {
+    /// No text has this key (lengths stop at 16).
+    const NONE: ShortKey = ShortKey {
+        head: 0,
+        tail: 0,
+        len: u32::MAX,
+    };
+
+    #[inline(always)]
+    pub(crate) fn of(v: &[u8]) -> Option<ShortKey> {
+        let n = v.len();
+        let word = |at: usize, w: usize| -> u64 {
+            let mut b = [0u8; 8];
+            b[..w].copy_from_slice(&v[at..at + w]);
+            u64::from_le_bytes(b)
+        };
+        let (head, tail) = match n {
+            0 => (0, 0),
+            1..=3 => (
+                u64::from(v[0]) | u64::from(v[n / 2]) << 8,
+                u64::from(v[n - 1]),
+            ),
+            4..=7 => (word(0, 4), word(n - 4, 4)),
+            8..=16 => (word(0, 8), word(n - 8, 8)),
+            _ => return None,
+        };
+        Some(ShortKey {
+            head,
+            tail,
+            len: n as u32,
+        })
+    }
+
+    /// A slot of a 64-entry cache.
+    #[inline(always)]
+    fn slot(&self) -> usize {
+        let h = (self.head ^ self.tail.rotate_left(29) ^ u64::from(self.len))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> 58) as usize
+    }
+}
+
+/// `a == b` for texts, without a `memcmp` call when they are short (a
+/// tenant compared with the one of the event before).
+#[inline(always)]
+pub(crate) fn same_text(a: &[u8], b: &[u8]) -> bool {
+    match (ShortKey::of(a), ShortKey::of(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 /// Pages of one column: runs of rows no longer than [`PAGE_ROWS`], whose
@@ -1019,6 +1102,43 @@ mod tests {
             let n = n.min(a.len() - ai).min(b.len() - bi);
             let want = a[ai..ai + n].iter().zip(&b[bi..bi + n]).take_while(|(x, y)| x == y).count();
             prop_assert_eq!(common_prefix(&a, ai, &b, bi, n), want);
+        }
+
+        /// Texts of up to 16 bytes are told apart by their [`ShortKey`]
+        /// exactly (over a small alphabet, so near misses are common), and
+        /// the dictionary built through the key cache is the one a plain
+        /// map builds.
+        #[test]
+        fn short_keys_tell_texts_apart(
+            texts in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..20), 1..60),
+        ) {
+            for a in &texts {
+                for b in &texts {
+                    prop_assert_eq!(same_text(a, b), a == b);
+                    if let (Some(x), Some(y)) = (ShortKey::of(a), ShortKey::of(b)) {
+                        prop_assert_eq!(x == y, a == b);
+                    }
+                }
+            }
+            let strs: Vec<String> = texts
+                .iter()
+                .map(|t| t.iter().map(|&c| char::from(b'a' + c)).collect())
+                .collect();
+            let array = StringArray::from(strs.clone());
+            let batch = RecordBatch::try_from_iter([("t", Arc::new(array) as ArrayRef)]).unwrap();
+            let segs = [Seg { batch, start: 0, len: strs.len() }];
+            let (mut dict, mut idx) = (Vec::new(), Vec::new());
+            prop_assert!(intern(&segs, 0, &mut dict, &mut idx));
+            let mut want: Vec<&str> = Vec::new();
+            for (i, s) in strs.iter().enumerate() {
+                let k = want.iter().position(|w| w == s).unwrap_or_else(|| {
+                    want.push(s);
+                    want.len() - 1
+                });
+                prop_assert_eq!(idx[i] as usize, k);
+            }
+            let got: Vec<&[u8]> = want.iter().map(|w| w.as_bytes()).collect();
+            prop_assert_eq!(dict, got);
         }
     }
 

@@ -28,7 +28,7 @@ use parquet::file::writer::SerializedFileWriter;
 use tally_types::time::HOUR_MS;
 use tally_types::{BatchReader, Millis};
 
-use crate::encode::{FileEncoder, push_text};
+use crate::encode::{FileEncoder, push_text, same_text};
 use crate::manifest::{Entry, Manifest};
 use crate::schema::{col, events_schema, hive_dir};
 use crate::{Archive, ArchiveFile, Error, Hot, HotBatch, RawShared, RawStats, Result};
@@ -446,7 +446,7 @@ impl RawWriter {
                 // Records nearly always hold one tenant: the builders of
                 // the event before are reused without hashing the name.
                 let b = match cur.take() {
-                    Some((t, b)) if t == ev.tenant => b,
+                    Some((t, b)) if same_text(t, ev.tenant) => b,
                     _ => match self.builders.get_mut(ev.tenant) {
                         Some((_, b)) => b,
                         None => {
