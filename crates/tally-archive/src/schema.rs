@@ -28,6 +28,7 @@ pub fn events_schema() -> SchemaRef {
 
 /// Column positions in [`events_schema`].
 pub(crate) mod col {
+    pub(crate) const TENANT: usize = 1;
     pub(crate) const TS: usize = 5;
 }
 

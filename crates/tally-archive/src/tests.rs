@@ -723,3 +723,89 @@ fn text_that_is_not_utf8_is_kept_with_replacement_characters() {
     );
     assert_eq!(w.seal_now().unwrap().rows, 2);
 }
+
+#[test]
+fn tenant_columns_are_slices_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, shared) = open(dir.path());
+    // Batches of varying size for one tenant (and a few rows of another),
+    // each published on its own.
+    let mut lsn = 0;
+    for n in [3usize, 700, 40, 1500, 1] {
+        let ids: Vec<String> = (0..n).map(|i| format!("e{lsn}-{i}")).collect();
+        let mut evs: Vec<(&str, &str, Millis)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ("acme", id.as_str(), T0 + i as Millis))
+            .collect();
+        evs.push(("zeta", "z", T0));
+        w.append(0, lsn + 1, lsn, T0, &batch(&evs), &[]).unwrap();
+        w.flush().unwrap();
+        lsn += 1;
+    }
+    let hot = shared.hot.read();
+    let mut bytes = 0;
+    for (tenant, v) in &hot.tenants {
+        for hb in v {
+            let t = hb.batch.column(1).as_string::<i32>();
+            assert_eq!(t.len(), hb.batch.num_rows());
+            assert!(t.iter().all(|v| v == Some(&**tenant)), "{tenant}");
+            bytes += super::writer::batch_memory(&hb.batch);
+        }
+    }
+    assert_eq!(hot.bytes, bytes);
+    // A batch of 3 rows does not count the 512 names its slice is cut from.
+    let small = &hot.tenants["acme"][0].batch;
+    assert_eq!(small.num_rows(), 3);
+    assert!(
+        super::writer::batch_memory(small) + 512 * 4 < small.get_array_memory_size(),
+        "{} vs {}",
+        super::writer::batch_memory(small),
+        small.get_array_memory_size()
+    );
+    drop(hot);
+    assert_eq!(w.seal_now().unwrap().rows, 2244 + 5);
+    let rows = read_archive(&dir.path().join("archive"));
+    assert_eq!(rows.len(), 2249);
+    assert_eq!(
+        rows.iter()
+            .filter(|(p, _, _)| p.starts_with("tenant=acme/"))
+            .count(),
+        2244
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// `time_order` is a stable sort by time, in both of its ways: a
+    /// counting sort over narrow spans, a merge sort over wide ones
+    /// (extreme timestamps included).
+    #[test]
+    fn time_order_is_a_stable_sort(
+        batches in proptest::collection::vec(
+            proptest::collection::vec(
+                proptest::prop_oneof![
+                    4 => 0i64..50,
+                    1 => 0i64..200_000,
+                    1 => proptest::prelude::any::<i64>(),
+                ],
+                0..40,
+            ),
+            0..6,
+        ),
+        base in proptest::prelude::any::<i32>(),
+    ) {
+        let batches: Vec<Vec<Millis>> = batches
+            .into_iter()
+            .map(|b| b.into_iter().map(|v| v.saturating_add(i64::from(base))).collect())
+            .collect();
+        let ts: Vec<&[Millis]> = batches.iter().map(|b| b.as_slice()).collect();
+        let mut want: Vec<(Millis, u32, u32)> = Vec::new();
+        for (b, t) in batches.iter().enumerate() {
+            want.extend(t.iter().enumerate().map(|(r, &v)| (v, b as u32, r as u32)));
+        }
+        want.sort_by_key(|k| k.0);
+        proptest::prop_assert_eq!(super::writer::time_order(&ts), want);
+    }
+}

@@ -10,8 +10,8 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use arrow::array::AsArray;
 use arrow::array::builder::NullBufferBuilder;
+use arrow::array::{Array, AsArray};
 use arrow::array::{ArrayRef, BinaryArray, StringArray, TimestampMillisecondArray};
 use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow::compute::{concat_batches, interleave_record_batch};
@@ -101,14 +101,20 @@ struct Builders {
     received_at: Vec<Millis>,
     min_ts: Millis,
     max_ts: Millis,
+    /// The tenant's name repeated (at least as many rows as the last
+    /// batch): a batch's tenant column is a slice of it, not built anew.
+    tenant_col: Option<StringArray>,
 }
 
 impl Builders {
-    /// Builders sized for `rows` rows like `like` (the batch a tenant
-    /// finished last), so a steady stream does not regrow them each time.
-    fn with_capacity(rows: usize, like: Option<&Builders>) -> Builders {
+    /// Builders sized like `like` (the batch a tenant finished last) with
+    /// room to spare, so a steady stream whose batches vary a little does
+    /// not regrow (and copy) them. Room not written is never touched.
+    fn with_capacity(like: Option<&Builders>) -> Builders {
+        let roomy = |n: usize| n + n / 4;
+        let rows = roomy(like.map_or(0, Builders::rows));
         let text = |b: Option<&TextBuilder>| {
-            TextBuilder::with_capacity(rows, b.map_or(0, |b| b.data.len()))
+            TextBuilder::with_capacity(rows, roomy(b.map_or(0, |b| b.data.len())))
         };
         Builders {
             event_id: text(like.map(|l| &l.event_id)),
@@ -120,7 +126,23 @@ impl Builders {
             received_at: Vec::with_capacity(rows),
             min_ts: Millis::MAX,
             max_ts: Millis::MIN,
+            tenant_col: None,
         }
+    }
+
+    /// `n` rows of `tenant`: a slice of the repeated name kept for the
+    /// next batches (rebuilt, twice as long, when `n` outgrows it).
+    fn tenant_column(&mut self, tenant: &str, n: usize) -> ArrayRef {
+        let col = match &self.tenant_col {
+            Some(c) if c.len() >= n => c,
+            _ => self
+                .tenant_col
+                .insert(StringArray::from_iter_values(std::iter::repeat_n(
+                    tenant,
+                    n.max(512).next_power_of_two(),
+                ))),
+        };
+        Arc::new(col.slice(0, n))
     }
 
     fn rows(&self) -> usize {
@@ -131,14 +153,13 @@ impl Builders {
     /// sized like this batch.
     fn finish(&mut self, tenant: &str) -> Result<HotBatch> {
         let n = self.rows();
-        let fresh = Builders::with_capacity(n, Some(self));
+        let mut fresh = Builders::with_capacity(Some(self));
+        fresh.tenant_col = self.tenant_col.take();
         let b = std::mem::replace(self, fresh);
         let ts = |v: Vec<Millis>| TimestampMillisecondArray::from(v).with_timezone("UTC");
         let cols: Vec<ArrayRef> = vec![
             utf8(b.event_id.finish()?, "event_id"),
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                tenant, n,
-            ))),
+            self.tenant_column(tenant, n),
             utf8(b.event_type.finish()?, "event_type"),
             utf8(b.user_id.finish()?, "user_id"),
             utf8(b.session_id.finish()?, "session_id"),
@@ -455,7 +476,7 @@ impl RawWriter {
                                 .entry(Box::from(ev.tenant))
                                 .or_insert_with(|| {
                                     let name = String::from_utf8_lossy(ev.tenant);
-                                    (Arc::from(name.as_ref()), Builders::with_capacity(0, None))
+                                    (Arc::from(name.as_ref()), Builders::with_capacity(None))
                                 })
                                 .1
                         }
@@ -519,7 +540,7 @@ impl RawWriter {
             let mut hot = self.shared.hot.write();
             for (t, hb) in done {
                 hot.rows += hb.batch.num_rows();
-                hot.bytes += hb.batch.get_array_memory_size();
+                hot.bytes += batch_memory(&hb.batch);
                 hot.tenants.entry(t).or_default().push(hb);
             }
             // Many tiny batches (one per small request) are merged, so a
@@ -685,6 +706,14 @@ fn remove_orphans(
         );
     }
     Ok(())
+}
+
+/// Memory `b` holds for itself: its tenant column is a slice of a longer
+/// array shared with the tenant's other batches, so only the slice counts.
+pub(crate) fn batch_memory(b: &RecordBatch) -> usize {
+    let tenant = b.column(col::TENANT);
+    let slice = tenant.to_data().get_slice_memory_size().unwrap_or(0);
+    b.get_array_memory_size() - tenant.get_array_memory_size() + slice
 }
 
 /// Hot batches of at least this many rows are left as they are by
@@ -1162,7 +1191,7 @@ fn commit(shared: &RawShared, files: Vec<ArchiveFile>, job: &SealJob) {
         v.retain(|b| b.seq > through_seq);
         for b in v.iter() {
             rows += b.batch.num_rows();
-            bytes += b.batch.get_array_memory_size();
+            bytes += batch_memory(&b.batch);
         }
     }
     hot.tenants.retain(|_, v| !v.is_empty());
@@ -1230,27 +1259,21 @@ pub(crate) struct Part {
 }
 
 /// The rows of `batches` sorted by `ts` and cut at hour boundaries, one
-/// Parquet file per hour. Only the timestamps are sorted (a stable sort,
-/// which is linear on rows that arrived in order); the rows then go to the
+/// Parquet file per hour. Only the timestamps are sorted ([`time_order`],
+/// stable: rows of one millisecond keep their arrival order); the rows then go to the
 /// Parquet writer as slices of their batches where they arrived in order
 /// (long runs), otherwise gathered from the batches a row group at a time:
 /// never concatenated and then reordered whole.
 pub(crate) fn sorted_parts(batches: &[RecordBatch], cfg: &RawConfig) -> Result<Vec<Part>> {
-    let mut keys: Vec<(Millis, u32, u32)> =
-        Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
-    for (bi, b) in batches.iter().enumerate() {
-        let ts = b
+    let mut ts: Vec<&[Millis]> = Vec::with_capacity(batches.len());
+    for b in batches {
+        let a = b
             .column(col::TS)
             .as_primitive_opt::<TimestampMillisecondType>()
             .ok_or_else(|| Error::Config("ts column type".into()))?;
-        keys.extend(
-            ts.values()
-                .iter()
-                .enumerate()
-                .map(|(ri, &t)| (t, bi as u32, ri as u32)),
-        );
+        ts.push(a.values());
     }
-    keys.sort_by_key(|k| k.0);
+    let keys = time_order(&ts);
     let refs: Vec<&RecordBatch> = batches.iter().collect();
     let mut parts = Vec::new();
     let mut idx: Vec<(usize, usize)> = Vec::new();
@@ -1285,6 +1308,56 @@ pub(crate) fn sorted_parts(batches: &[RecordBatch], cfg: &RawConfig) -> Result<V
         start = end;
     }
     Ok(parts)
+}
+
+/// A counting sort needs a counter per millisecond between the least and
+/// the greatest timestamp: used while there are at most this many per row.
+const COUNTING_SPAN_PER_ROW: usize = 2;
+
+/// `(ts, batch, row)` of every row, sorted by `ts`; rows of equal `ts` in
+/// batch, then row order (a stable sort).
+///
+/// A seal's rows span minutes of event time at millisecond resolution, so
+/// nearly always there are fewer milliseconds than rows: then a counting
+/// sort (two linear passes, no comparisons), else a merge sort.
+pub(crate) fn time_order(ts: &[&[Millis]]) -> Vec<(Millis, u32, u32)> {
+    let n: usize = ts.iter().map(|t| t.len()).sum();
+    let (lo, hi) = ts
+        .iter()
+        .flat_map(|t| t.iter())
+        .fold((Millis::MAX, Millis::MIN), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let mut keys: Vec<(Millis, u32, u32)> = Vec::with_capacity(n);
+    let span = (i128::from(hi) - i128::from(lo) + 1).max(0) as u128;
+    let counting =
+        n > 0 && n < u32::MAX as usize && span <= (COUNTING_SPAN_PER_ROW * n).max(1 << 16) as u128;
+    if !counting {
+        for (b, t) in ts.iter().enumerate() {
+            keys.extend(t.iter().enumerate().map(|(r, &v)| (v, b as u32, r as u32)));
+        }
+        keys.sort_by_key(|k| k.0);
+        return keys;
+    }
+    // next[d]: where the next row of millisecond `lo + d` goes.
+    let mut next = vec![0u32; span as usize + 1];
+    for t in ts {
+        for &v in t.iter() {
+            next[(v - lo) as usize + 1] += 1;
+        }
+    }
+    for d in 1..next.len() {
+        next[d] += next[d - 1];
+    }
+    keys.resize(n, (0, 0, 0));
+    for (b, t) in ts.iter().enumerate() {
+        for (r, &v) in t.iter().enumerate() {
+            let at = &mut next[(v - lo) as usize];
+            keys[*at as usize] = (v, b as u32, r as u32);
+            *at += 1;
+        }
+    }
+    keys
 }
 
 /// Sorted rows are written as slices of their batches when runs of
