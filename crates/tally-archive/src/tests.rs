@@ -809,3 +809,41 @@ proptest::proptest! {
         proptest::prop_assert_eq!(super::writer::time_order(&ts), want);
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// `checked_utf8` accepts exactly what arrow's own check accepts, with
+    /// the same texts: values cut inside a character (the buffer as a whole
+    /// UTF-8, an offset not on a boundary), bytes that are not UTF-8, nulls.
+    #[test]
+    fn checked_utf8_agrees_with_arrow(
+        text in "[a-zé€😀\\x00]{0,40}",
+        junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6),
+        cuts in proptest::collection::vec(0usize..60, 0..8),
+        nulls in proptest::collection::vec(proptest::prelude::any::<bool>(), 0..9),
+        with_junk in proptest::prelude::any::<bool>(),
+    ) {
+        let mut bytes = text.into_bytes();
+        if with_junk {
+            let at = cuts.first().map_or(0, |&c| c.min(bytes.len()));
+            bytes.splice(at..at, junk);
+        }
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+        cuts.push(0);
+        cuts.push(bytes.len());
+        cuts.sort_unstable();
+        let values: Vec<Option<&[u8]>> = cuts
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                let null = nulls.get(i).copied().unwrap_or(false) && w[0] == w[1];
+                (!null).then_some(&bytes[w[0]..w[1]])
+            })
+            .collect();
+        let b = arrow::array::BinaryArray::from(values);
+        let ours = super::writer::checked_utf8(&b);
+        let arrows = arrow::array::StringArray::try_from_binary(b.clone()).ok();
+        proptest::prop_assert_eq!(ours, arrows);
+    }
+}

@@ -235,14 +235,15 @@ fn offset_in(buf: &[u8], v: &[u8]) -> Option<usize> {
     (at.checked_add(v.len())? <= buf.len()).then_some(at)
 }
 
-/// A text column as UTF-8, checked in one pass. Only a damaged record
-/// (past its log checksum) can fail the check; its texts are then kept with
-/// replacement characters rather than failing the whole batch.
+/// A text column as UTF-8, checked in one pass ([`checked_utf8`]). Only a
+/// damaged record (past its log checksum) can fail the check; its texts are
+/// then kept with replacement characters rather than failing the whole batch.
 fn utf8(b: BinaryArray, column: &str) -> ArrayRef {
-    match StringArray::try_from_binary(b.clone()) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            tracing::warn!(column, error = %e, "raw store: text that is not UTF-8 kept with replacement characters");
+    match checked_utf8(&b) {
+        Some(s) => Arc::new(s),
+        None => {
+            let e = StringArray::try_from_binary(b.clone()).err();
+            tracing::warn!(column, error = ?e, "raw store: text that is not UTF-8 kept with replacement characters");
             Arc::new(
                 b.iter()
                     .map(|v| v.map(String::from_utf8_lossy))
@@ -250,6 +251,29 @@ fn utf8(b: BinaryArray, column: &str) -> ArrayRef {
             )
         }
     }
+}
+
+/// `b` as a `StringArray` when its texts are UTF-8: the check arrow's
+/// `StringArray::try_new` makes (the value buffer as a whole is UTF-8 and
+/// every offset falls on a character boundary), with `simdutf8`'s
+/// validator, which on these buffers is several times faster than
+/// `std::str::from_utf8` (arrow's; over a tenth of the raw thread's time).
+#[allow(unsafe_code)]
+pub(crate) fn checked_utf8(b: &BinaryArray) -> Option<StringArray> {
+    let text = simdutf8::basic::from_utf8(b.values()).ok()?;
+    if !b
+        .value_offsets()
+        .iter()
+        .all(|&o| text.is_char_boundary(o as usize))
+    {
+        return None;
+    }
+    let (offsets, values, nulls) = b.clone().into_parts();
+    // SAFETY: `values` is UTF-8 and every offset is a character boundary
+    // inside it (checked above); the offsets are monotonic and in bounds and
+    // `nulls` has their length (`BinaryArray` checked both when built). That
+    // is all `StringArray::new_unchecked` asks beyond `BinaryArray`.
+    Some(unsafe { StringArray::new_unchecked(offsets, values, nulls) })
 }
 
 /// Builders are published at this many rows, or once the raw thread has

@@ -1051,6 +1051,10 @@ fn raw_append(r: &mut tally_archive::RawWriter, rec: &Record, drops: &[(u32, u32
     }
 }
 
+/// The raw thread naps until its rows are due to be published when it
+/// found fewer queued records than this (of the channel's 1024).
+const RAW_NAP_RECORDS: usize = 64;
+
 /// The raw store's thread: appends records as the processor applied them,
 /// makes them visible when it catches up, seals on time or size, and
 /// enforces archive retention; at the end (shutdown) seals what is hot.
@@ -1080,11 +1084,21 @@ fn raw_loop(
                     }
                 }
                 // Caught up and due: make what was appended visible.
-                if n < 256
-                    && w.publish_wait().is_some_and(|d| d.is_zero())
-                    && let Err(e) = w.flush()
-                {
-                    tracing::error!(error = %e, "raw store flush failed");
+                if n < 256 {
+                    match w.publish_wait() {
+                        Some(d) if d.is_zero() => {
+                            if let Err(e) = w.flush() {
+                                tracing::error!(error = %e, "raw store flush failed");
+                            }
+                        }
+                        // Built rows are due later and records come seldom:
+                        // sleep until then and take what queued, instead of
+                        // a wake-up (a futex call on each side and a context
+                        // switch) for every record. Frequent records are
+                        // taken as they come: a nap would fill the channel.
+                        Some(d) if n < RAW_NAP_RECORDS => std::thread::sleep(d),
+                        _ => {}
+                    }
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
