@@ -730,8 +730,8 @@ fn tenant_columns_are_slices_counted_once() {
     let (mut w, shared) = open(dir.path());
     // Batches of varying size for one tenant (and a few rows of another),
     // each published on its own.
-    let mut lsn = 0;
-    for n in [3usize, 700, 40, 1500, 1] {
+    for (lsn, n) in [3usize, 700, 40, 1500, 1].into_iter().enumerate() {
+        let lsn = lsn as u64;
         let ids: Vec<String> = (0..n).map(|i| format!("e{lsn}-{i}")).collect();
         let mut evs: Vec<(&str, &str, Millis)> = ids
             .iter()
@@ -741,7 +741,6 @@ fn tenant_columns_are_slices_counted_once() {
         evs.push(("zeta", "z", T0));
         w.append(0, lsn + 1, lsn, T0, &batch(&evs), &[]).unwrap();
         w.flush().unwrap();
-        lsn += 1;
     }
     let hot = shared.hot.read();
     let mut bytes = 0;
