@@ -1354,8 +1354,7 @@ pub(crate) fn time_order(ts: &[&[Millis]]) -> Vec<(Millis, u32, u32)> {
         });
     let mut keys: Vec<(Millis, u32, u32)> = Vec::with_capacity(n);
     let span = (i128::from(hi) - i128::from(lo) + 1).max(0) as u128;
-    let counting =
-        n > 0 && n < u32::MAX as usize && span <= (COUNTING_SPAN_PER_ROW * n).max(1 << 16) as u128;
+    let counting = n > 0 && n < u32::MAX as usize && span <= (COUNTING_SPAN_PER_ROW * n) as u128;
     if !counting {
         for (b, t) in ts.iter().enumerate() {
             keys.extend(t.iter().enumerate().map(|(r, &v)| (v, b as u32, r as u32)));
