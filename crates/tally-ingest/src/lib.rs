@@ -8,11 +8,13 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use tally_types::codec::clip;
+use tally_types::schema::Schemas;
 use tally_types::time::{self, MAX_TS, Millis};
 use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_tenant};
 
@@ -97,6 +99,7 @@ pub struct Parsed {
 pub struct Parser {
     partitions: u32,
     props: Vec<(Cow<'static, str>, &'static RawValue)>,
+    schemas: Arc<Schemas>,
 }
 
 impl fmt::Debug for Parser {
@@ -127,9 +130,16 @@ fn clip_raw(s: &str) -> String {
 
 impl Parser {
     pub fn new(partitions: u32) -> Self {
+        Parser::with_schemas(partitions, Arc::default())
+    }
+
+    /// A parser that checks declared properties against their tenant's
+    /// schema (see [`tally_types::schema`]).
+    pub fn with_schemas(partitions: u32, schemas: Arc<Schemas>) -> Self {
         Parser {
             partitions: partitions.max(1),
             props: Vec::new(),
+            schemas,
         }
     }
 
@@ -145,12 +155,14 @@ impl Parser {
         let mut out = Parsed::default();
         let mut slots: Vec<Option<BatchWriter>> = (0..self.partitions).map(|_| None).collect();
         let size_hint = body.len() / self.partitions as usize + 64;
+        let schemas = self.schemas.clone();
         let mut sink = Sink {
             slots: &mut slots,
             size_hint,
             out: &mut out,
             parts: self.partitions,
             compact: String::new(),
+            schemas: &schemas,
         };
         match (format, first) {
             (Format::Json, b'[') => {
@@ -229,7 +241,11 @@ impl Parser {
         // Reuse one allocation for the property pairs of every event.
         let mut props = recycle(std::mem::take(&mut self.props));
         match validate(raw, tenancy, &mut props) {
-            Ok(ev) => sink.accept(&ev, &props),
+            Ok(ev) => {
+                if let Err(msg) = sink.accept(&ev, &props) {
+                    sink.reject(index, msg, Some(&ev.tenant), tenancy, raw);
+                }
+            }
             Err((msg, tenant)) => sink.reject(index, msg, tenant.as_deref(), tenancy, raw),
         }
         self.props = recycle(props);
@@ -263,10 +279,33 @@ struct Sink<'s> {
     parts: u32,
     /// Scratch for [`compact_text`].
     compact: String,
+    schemas: &'s Schemas,
 }
 
 impl Sink<'_> {
-    fn accept(&mut self, ev: &Valid<'_>, props: &[(Cow<'_, str>, &RawValue)]) {
+    /// Adds `ev` to its partition's batch, unless a property its tenant's
+    /// schema declares has another type (the error says which and why).
+    fn accept(
+        &mut self,
+        ev: &Valid<'_>,
+        props: &[(Cow<'_, str>, &RawValue)],
+    ) -> Result<(), String> {
+        if let Some(schema) = self.schemas.get(&*ev.tenant) {
+            for (k, v) in props {
+                if let Some(&t) = schema.get(&**k)
+                    && !t.admits(v.get())
+                {
+                    return Err(format!(
+                        "properties.{k}: expected {}, got {} (tenant {:?} declares {k} as {}; send {} or change the schema)",
+                        t.name(),
+                        shorten(v.get()),
+                        ev.tenant,
+                        t.name(),
+                        t.hint(),
+                    ));
+                }
+            }
+        }
         let p = partition_of(
             &ev.tenant,
             ev.session_id.as_deref(),
@@ -312,6 +351,7 @@ impl Sink<'_> {
                 None => self.out.tenants.push((ev.tenant.to_string(), 1)),
             },
         }
+        Ok(())
     }
 
     fn reject(
@@ -603,14 +643,18 @@ impl<'de> Visitor<'de> for Elements<'_, '_> {
             match el {
                 Element::Object(f) => {
                     let mut props = recycle(std::mem::take(self.props));
-                    match validate_fields(f, self.tenancy, &mut props) {
-                        Ok(ev) => self.sink.accept(&ev, &props),
-                        Err((msg, tenant)) => {
-                            let mut text = String::new();
-                            compact_text(&pairs, &mut text);
-                            self.sink
-                                .reject(index, msg, tenant.as_deref(), self.tenancy, &text);
-                        }
+                    let refused = match validate_fields(f, self.tenancy, &mut props) {
+                        Ok(ev) => match self.sink.accept(&ev, &props) {
+                            Ok(()) => None,
+                            Err(msg) => Some((msg, Some(ev.tenant.to_string()))),
+                        },
+                        Err(e) => Some(e),
+                    };
+                    if let Some((msg, tenant)) = refused {
+                        let mut text = String::new();
+                        compact_text(&pairs, &mut text);
+                        self.sink
+                            .reject(index, msg, tenant.as_deref(), self.tenancy, &text);
                     }
                     *self.props = recycle(props);
                 }

@@ -349,3 +349,114 @@ proptest! {
         prop_assert_eq!(&rendered, &want);
     }
 }
+
+#[test]
+fn declared_properties_are_checked_against_their_tenants_schema() {
+    use tally_types::schema::PropType;
+    let mut schemas = tally_types::schema::Schemas::new();
+    schemas.insert(
+        "acme".into(),
+        [
+            ("duration_ms".to_string(), PropType::Float),
+            ("page".to_string(), PropType::String),
+            ("qty".to_string(), PropType::Int),
+            ("ok".to_string(), PropType::Bool),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let schemas = Arc::new(schemas);
+    let ev = |tenant: &str, id: &str, props: &str| {
+        format!(
+            r#"{{"event_id":"{id}","event_type":"click","timestamp":1788264000000,"tenant":"{tenant}","properties":{props}}}"#
+        )
+    };
+    let lines = [
+        ev(
+            "acme",
+            "good",
+            r#"{"duration_ms":12,"page":"/x","qty":3,"ok":true,"extra":"anything"}"#,
+        ),
+        ev("acme", "nulls", r#"{"duration_ms":null,"page":null}"#),
+        ev("acme", "absent", r#"{"other":1}"#),
+        ev("acme", "bad-float", r#"{"duration_ms":"fast"}"#),
+        ev("acme", "bad-int", r#"{"qty":1.5}"#),
+        ev("acme", "bad-bool", r#"{"ok":"yes"}"#),
+        ev("acme", "bad-string", r#"{"page":7}"#),
+        // Another tenant declares nothing: anything goes.
+        ev("zeta", "free", r#"{"duration_ms":"fast"}"#),
+    ];
+    // The same events as NDJSON, as a JSON array and one by one: every path
+    // through the parser checks the schema.
+    let ndjson = lines.join("\n");
+    let array = format!("[{}]", lines.join(","));
+    for (body, format) in [
+        (ndjson.as_str(), Format::Ndjson),
+        (array.as_str(), Format::Json),
+    ] {
+        let p = Parser::with_schemas(2, schemas.clone())
+            .parse(body.as_bytes(), format, Tenancy::Open)
+            .unwrap();
+        assert_eq!(p.accepted, 4, "{format:?}");
+        let bad: Vec<(usize, &str, &str)> = p
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.tenant.as_str(), r.error.as_str()))
+            .collect();
+        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert_eq!(
+            bad[0],
+            (
+                3,
+                "acme",
+                "properties.duration_ms: expected float, got \"fast\" (tenant \"acme\" declares duration_ms as float; send a JSON number or change the schema)"
+            )
+        );
+        assert!(
+            bad[1]
+                .2
+                .starts_with("properties.qty: expected int, got 1.5"),
+            "{}",
+            bad[1].2
+        );
+        assert!(
+            bad[2]
+                .2
+                .starts_with("properties.ok: expected bool, got \"yes\""),
+            "{}",
+            bad[2].2
+        );
+        assert!(
+            bad[3]
+                .2
+                .starts_with("properties.page: expected string, got 7"),
+            "{}",
+            bad[3].2
+        );
+        assert!(
+            p.rejected
+                .iter()
+                .all(|r| r.is_object && r.raw.contains("\"event_id\""))
+        );
+        assert_eq!(
+            p.tenants,
+            vec![("acme".to_string(), 3), ("zeta".to_string(), 1)]
+        );
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let p = Parser::with_schemas(2, schemas.clone())
+            .parse(line.as_bytes(), Format::Json, Tenancy::Open)
+            .unwrap();
+        assert_eq!(p.accepted + p.rejected.len(), 1);
+        assert_eq!(p.accepted == 1, !(3..7).contains(&i), "{line}");
+    }
+    // Keyed: the tenant comes from the key.
+    let p = Parser::with_schemas(1, schemas)
+        .parse(
+            br#"{"event_id":"k","event_type":"click","timestamp":1788264000000,"properties":{"qty":"3"}}"#,
+            Format::Json,
+            Tenancy::Keyed("acme"),
+        )
+        .unwrap();
+    assert_eq!((p.accepted, p.rejected.len()), (0, 1));
+}

@@ -13,19 +13,23 @@ mod provider;
 mod sessions;
 mod udf;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::catalog::TableProvider;
+use datafusion::common::Column;
 use datafusion::error::DataFusionError;
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{Expr, ScalarUDF, lit};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use parking_lot::{Mutex, RwLock};
 use tally_archive::RawShared;
 use tally_store::RollupStore;
+use tally_types::schema::{PropType, Schemas};
 
 pub use sessions::{SessionRow, SessionsQuery};
 pub use udf::json_udfs;
@@ -68,6 +72,40 @@ impl QueryError {
     }
 }
 
+/// `events` with a typed column per property the tenant declares (after
+/// the fixed ones), read from `properties` by the `json_get_*` functions:
+/// a view over the tenant's scan, so filters on time still prune and the
+/// scan stays scoped to the tenant.
+fn typed_events(
+    ctx: &SessionContext,
+    base: Arc<dyn TableProvider>,
+    declared: &BTreeMap<String, PropType>,
+) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+    let udfs: HashMap<String, ScalarUDF> = json_udfs()
+        .into_iter()
+        .map(|f| (f.name().to_string(), f))
+        .collect();
+    let column = |name: &str| Expr::Column(Column::new_unqualified(name));
+    let mut exprs: Vec<Expr> = base
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| column(f.name()))
+        .collect();
+    for (name, t) in declared {
+        let get = |f: &str| udfs[f].call(vec![column("properties"), lit(name.as_str())]);
+        let e = match t {
+            PropType::String => get("json_get_str"),
+            PropType::Int => get("json_get_int"),
+            PropType::Float => get("json_get_float"),
+            // json_get_int reads true as 1 and false as 0.
+            PropType::Bool => get("json_get_int").not_eq(lit(0i64)),
+        };
+        exprs.push(e.alias(name));
+    }
+    Ok(ctx.read_table(base)?.select(exprs)?.into_view())
+}
+
 /// Limits and tuning.
 #[derive(Debug, Clone)]
 pub struct QueryConfig {
@@ -79,6 +117,8 @@ pub struct QueryConfig {
     pub target_partitions: usize,
     /// Entries in the result cache (0: off).
     pub cache_entries: usize,
+    /// Declared properties per tenant: typed columns of `events`.
+    pub schemas: Arc<Schemas>,
 }
 
 impl Default for QueryConfig {
@@ -89,6 +129,7 @@ impl Default for QueryConfig {
             max_rows: 100_000,
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             cache_entries: 256,
+            schemas: Arc::default(),
         }
     }
 }
@@ -153,14 +194,17 @@ impl QueryEngine {
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| QueryError::Exec(e.to_string()))?;
         ctx.register_object_store(&url, self.raw.archive.store());
         let df = |e: DataFusionError| QueryError::Exec(e.to_string());
-        ctx.register_table(
-            "events",
-            Arc::new(EventsTable {
-                raw: self.raw.clone(),
-                tenant: tenant.to_string(),
-            }),
-        )
-        .map_err(df)?;
+        let events: Arc<dyn TableProvider> = Arc::new(EventsTable {
+            raw: self.raw.clone(),
+            tenant: tenant.to_string(),
+        });
+        let events = match self.cfg.schemas.get(tenant) {
+            Some(declared) if !declared.is_empty() => {
+                typed_events(&ctx, events, declared).map_err(df)?
+            }
+            _ => events,
+        };
+        ctx.register_table("events", events).map_err(df)?;
         for (name, step) in ROLLUP_TABLES {
             ctx.register_table(
                 name,

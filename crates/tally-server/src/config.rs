@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tally_types::schema::Schemas;
 use tally_types::time::{Millis, parse_duration_ms};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum ConfigError {
     },
     #[error("config: auth.keys[{index}] {msg}")]
     Key { index: usize, msg: String },
+    #[error("config: {0}")]
+    Schema(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +47,12 @@ pub struct Config {
     pub retention: RetentionSection,
     pub auth: AuthSection,
     pub quotas: QuotasSection,
+    /// Declared properties per tenant, e.g. `[schemas.acme]` then
+    /// `duration_ms = "float"`, `page = "string"` (types: string, int,
+    /// float, bool). Ingest rejects an event whose declared property has
+    /// another type; undeclared properties are kept as sent; SQL shows each
+    /// declared property as a typed column of `events`.
+    pub schemas: Schemas,
 }
 
 /// API keys. With none configured the server runs in open mode (the
@@ -309,6 +318,19 @@ impl Default for QuerySection {
     }
 }
 
+/// The columns `events` has for every tenant (a declared property may not
+/// take one of these names).
+const EVENT_COLUMNS: [&str; 8] = [
+    "event_id",
+    "tenant",
+    "event_type",
+    "user_id",
+    "session_id",
+    "ts",
+    "properties",
+    "received_at",
+];
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -324,6 +346,7 @@ impl Default for Config {
             retention: RetentionSection::default(),
             auth: AuthSection::default(),
             quotas: QuotasSection::default(),
+            schemas: Schemas::new(),
         }
     }
 }
@@ -439,8 +462,34 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         cfg.durations()?;
+        cfg.check_schemas()?;
         crate::auth::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
+    }
+
+    /// Tenant names valid, property names usable as `events` columns.
+    pub fn check_schemas(&self) -> Result<(), ConfigError> {
+        for (tenant, props) in &self.schemas {
+            if !tally_types::valid_tenant(tenant) {
+                return Err(ConfigError::Schema(format!(
+                    "schemas.{tenant}: not a tenant name; use 1–64 characters of [A-Za-z0-9_.-]"
+                )));
+            }
+            for name in props.keys() {
+                if name.is_empty() || name.len() > 256 {
+                    return Err(ConfigError::Schema(format!(
+                        "schemas.{tenant}.{name:?}: a property name is 1–256 bytes"
+                    )));
+                }
+                if EVENT_COLUMNS.contains(&name.as_str()) {
+                    return Err(ConfigError::Schema(format!(
+                        "schemas.{tenant}.{name}: {name} is already a column of events; \
+                         read that property with json_get_*(properties, '{name}') instead of declaring it"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn durations(&self) -> Result<Durations, ConfigError> {

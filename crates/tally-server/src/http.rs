@@ -38,6 +38,8 @@ pub struct AppState {
     pub keys: Arc<crate::auth::Keys>,
     /// Per-tenant ingest quotas.
     pub quotas: Arc<crate::quota::Quotas>,
+    /// Declared properties per tenant, checked at ingest.
+    pub schemas: Arc<tally_types::schema::Schemas>,
 }
 
 /// Every error the API returns, with its status.
@@ -211,8 +213,11 @@ async fn ingest(
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let parsed =
-        Parser::new(s.partitions).parse(&body, Format::from_content_type(ct), caller.tenancy());
+    let parsed = Parser::with_schemas(s.partitions, s.schemas.clone()).parse(
+        &body,
+        Format::from_content_type(ct),
+        caller.tenancy(),
+    );
     let parsed = match parsed {
         Ok(p) => p,
         Err(e) => {

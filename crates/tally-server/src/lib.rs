@@ -63,8 +63,10 @@ impl Server {
                 "keyed mode: every API request needs an API key"
             );
         }
+        let schemas = Arc::new(cfg.schemas.clone());
         let state = http::AppState {
             keys: Arc::new(keys),
+            schemas: schemas.clone(),
             quotas: Arc::new(quota::Quotas::new(cfg.quotas.clone(), shared.clock.clone())),
             shared: shared.clone(),
             tx: pipeline.tx.clone(),
@@ -90,6 +92,7 @@ impl Server {
                         memory_limit: cfg.query.memory_limit.max(16 << 20),
                         max_rows: cfg.query.max_rows.max(1),
                         cache_entries: cfg.query.cache_entries,
+                        schemas: schemas.clone(),
                         ..tally_query::QueryConfig::default()
                     },
                     version,

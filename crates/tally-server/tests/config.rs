@@ -88,3 +88,40 @@ fn api_keys_load_from_toml_and_bad_ones_name_the_key_and_the_fix() {
         }
     }
 }
+
+#[test]
+fn tenant_schemas_load_from_toml_and_bad_ones_say_the_fix() {
+    use tally_types::schema::PropType;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tally.toml");
+    std::fs::write(
+        &p,
+        "[schemas.acme]\npage = \"string\"\nduration_ms = \"float\"\nqty = \"int\"\nok = \"bool\"\n",
+    )
+    .unwrap();
+    let cfg = tally_server::Config::load(Some(&p)).expect("schemas parse");
+    let acme = &cfg.schemas["acme"];
+    assert_eq!(acme["page"], PropType::String);
+    assert_eq!(acme["duration_ms"], PropType::Float);
+    assert_eq!(acme["qty"], PropType::Int);
+    assert_eq!(acme["ok"], PropType::Bool);
+    for (text, wants) in [
+        ("[schemas.acme]\npage = \"text\"\n", &["text", "string"][..]),
+        (
+            "[schemas.acme]\nts = \"int\"\n",
+            &["schemas.acme.ts", "already a column", "json_get_"][..],
+        ),
+        (
+            "[schemas.\"a b\"]\npage = \"string\"\n",
+            &["schemas.a b", "tenant name"][..],
+        ),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let e = tally_server::Config::load(Some(&p))
+            .expect_err(text)
+            .to_string();
+        for w in wants {
+            assert!(e.contains(w), "{text}: {e}");
+        }
+    }
+}

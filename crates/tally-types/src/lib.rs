@@ -4,6 +4,7 @@
 
 pub mod bin;
 pub mod codec;
+pub mod schema;
 pub mod time;
 
 pub use codec::{BatchReader, BatchWriter, CodecError, EventView, PropValue, RawEventView};
