@@ -14,7 +14,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::T0;
+use common::{T0, rows};
 use serde_json::{Value, json};
 use tally_types::schema::PropType;
 
@@ -37,12 +37,6 @@ async fn start(dir: &std::path::Path) -> tally_server::Server {
         cfg.schemas = schemas();
     })
     .await
-}
-
-async fn rows(c: &reqwest::Client, base: &str, tenant: &str, q: &str) -> Vec<Vec<Value>> {
-    let (status, v) = common::post_sql(c, base, tenant, q).await;
-    assert_eq!(status, 200, "{q}: {v}");
-    serde_json::from_value(v["rows"].clone()).unwrap()
 }
 
 /// Waits until `tenant` has `n` rows in `events`.

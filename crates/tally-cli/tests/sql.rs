@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 
 use arrow::array::AsArray;
-use common::{T0, expected, ts_of};
+use common::{T0, expected, rows, ts_of};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Value, json};
 use tally_cli::generator::{GenConfig, Generator, Kind};
@@ -33,17 +33,6 @@ async fn start(dir: &std::path::Path) -> Server {
         cfg.archive.row_group_rows = 1024;
     })
     .await
-}
-
-async fn rows(c: &reqwest::Client, base: &str, tenant: &str, q: &str) -> Vec<Vec<Value>> {
-    let (status, v) = common::post_sql(c, base, tenant, q).await;
-    assert_eq!(status, 200, "{q}: {v}");
-    v["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().clone())
-        .collect()
 }
 
 /// The answers compared before and after the restart.

@@ -212,6 +212,18 @@ pub async fn post_sql(c: &reqwest::Client, base: &str, tenant: &str, q: &str) ->
     (status, v)
 }
 
+/// The rows of a `200` SQL answer for `tenant` (any other status fails).
+pub async fn rows(c: &reqwest::Client, base: &str, tenant: &str, q: &str) -> Vec<Vec<Value>> {
+    let (status, v) = post_sql(c, base, tenant, q).await;
+    assert_eq!(status, 200, "{q}: {v}");
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().clone())
+        .collect()
+}
+
 /// A webhook receiver on a free port that records every call (the answer it
 /// gave included) and fails the first `fail_first` calls with a 500.
 pub struct Hook {
