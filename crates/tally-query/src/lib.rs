@@ -22,9 +22,10 @@ use arrow::record_batch::RecordBatch;
 use datafusion::catalog::TableProvider;
 use datafusion::common::Column;
 use datafusion::error::DataFusionError;
+use datafusion::execution::FunctionRegistry;
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::logical_expr::{Expr, ScalarUDF, lit};
+use datafusion::logical_expr::{Expr, lit};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use parking_lot::{Mutex, RwLock};
 use tally_archive::RawShared;
@@ -73,7 +74,8 @@ impl QueryError {
 }
 
 /// `events` with a typed column per property the tenant declares (after
-/// the fixed ones), read from `properties` by the `json_get_*` functions:
+/// the fixed ones), read from `properties` by the `json_get_*` functions
+/// `ctx` has registered:
 /// a view over the tenant's scan, so filters on time still prune and the
 /// scan stays scoped to the tenant.
 fn typed_events(
@@ -81,10 +83,6 @@ fn typed_events(
     base: Arc<dyn TableProvider>,
     declared: &BTreeMap<String, PropType>,
 ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
-    let udfs: HashMap<String, ScalarUDF> = json_udfs()
-        .into_iter()
-        .map(|f| (f.name().to_string(), f))
-        .collect();
     let column = |name: &str| Expr::Column(Column::new_unqualified(name));
     let mut exprs: Vec<Expr> = base
         .schema()
@@ -93,13 +91,17 @@ fn typed_events(
         .map(|f| column(f.name()))
         .collect();
     for (name, t) in declared {
-        let get = |f: &str| udfs[f].call(vec![column("properties"), lit(name.as_str())]);
+        let get = |f: &str| -> Result<Expr, DataFusionError> {
+            Ok(ctx
+                .udf(f)?
+                .call(vec![column("properties"), lit(name.as_str())]))
+        };
         let e = match t {
-            PropType::String => get("json_get_str"),
-            PropType::Int => get("json_get_int"),
-            PropType::Float => get("json_get_float"),
+            PropType::String => get("json_get_str")?,
+            PropType::Int => get("json_get_int")?,
+            PropType::Float => get("json_get_float")?,
             // json_get_int reads true as 1 and false as 0.
-            PropType::Bool => get("json_get_int").not_eq(lit(0i64)),
+            PropType::Bool => get("json_get_int")?.not_eq(lit(0i64)),
         };
         exprs.push(e.alias(name));
     }
@@ -194,6 +196,9 @@ impl QueryEngine {
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| QueryError::Exec(e.to_string()))?;
         ctx.register_object_store(&url, self.raw.archive.store());
         let df = |e: DataFusionError| QueryError::Exec(e.to_string());
+        for f in json_udfs() {
+            ctx.register_udf(f);
+        }
         let events: Arc<dyn TableProvider> = Arc::new(EventsTable {
             raw: self.raw.clone(),
             tenant: tenant.to_string(),
@@ -215,9 +220,6 @@ impl QueryEngine {
                 }),
             )
             .map_err(df)?;
-        }
-        for f in json_udfs() {
-            ctx.register_udf(f);
         }
         // Replaces DataFusion's date_trunc (same name): UTC hours and days
         // by integer floor instead of a time-zone lookup per row.

@@ -318,19 +318,6 @@ impl Default for QuerySection {
     }
 }
 
-/// The columns `events` has for every tenant (a declared property may not
-/// take one of these names).
-const EVENT_COLUMNS: [&str; 8] = [
-    "event_id",
-    "tenant",
-    "event_type",
-    "user_id",
-    "session_id",
-    "ts",
-    "properties",
-    "received_at",
-];
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -481,7 +468,8 @@ impl Config {
                         "schemas.{tenant}.{name:?}: a property name is 1–256 bytes"
                     )));
                 }
-                if EVENT_COLUMNS.contains(&name.as_str()) {
+                // The columns `events` has for every tenant.
+                if tally_archive::events_schema().field_with_name(name).is_ok() {
                     return Err(ConfigError::Schema(format!(
                         "schemas.{tenant}.{name}: {name} is already a column of events; \
                          read that property with json_get_*(properties, '{name}') instead of declaring it"
