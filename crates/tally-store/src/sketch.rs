@@ -363,33 +363,79 @@ impl DdSketch {
     }
 }
 
-/// A sum with Neumaier compensation: the result is the correctly rounded sum
-/// for all practical inputs, independent of the order values arrive in.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// An exact sum of floats: Shewchuk's non-overlapping partials (as Python's
+/// `math.fsum`). The partials always add up to the exact real sum of every
+/// value added, so [`ExactSum::value`] is that sum correctly rounded —
+/// whatever the order values arrive in or how sums are merged
+/// (`[1e16, 1.0, 1e-16]` gives `1.0000000000000002e16`, not `1e16`). A
+/// sum past the f64 range is ±infinity.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExactSum {
-    sum: f64,
-    comp: f64,
+    /// Non-overlapping, increasing in magnitude.
+    partials: Vec<f64>,
 }
 
 impl ExactSum {
     #[inline]
     pub fn add(&mut self, v: f64) {
-        let t = self.sum + v;
-        if self.sum.abs() >= v.abs() {
-            self.comp += (self.sum - t) + v;
-        } else {
-            self.comp += (v - t) + self.sum;
+        let mut x = v;
+        let mut i = 0;
+        for j in 0..self.partials.len() {
+            let mut y = self.partials[j];
+            if x.abs() < y.abs() {
+                std::mem::swap(&mut x, &mut y);
+            }
+            let hi = x + y;
+            let lo = y - (hi - x);
+            if lo != 0.0 {
+                self.partials[i] = lo;
+                i += 1;
+            }
+            x = hi;
         }
-        self.sum = t;
+        if !x.is_finite() {
+            // Overflow: the partials can no longer hold the sum.
+            self.partials.clear();
+            self.partials.push(x);
+            return;
+        }
+        self.partials.truncate(i);
+        self.partials.push(x);
     }
 
     pub fn merge(&mut self, o: &ExactSum) {
-        self.add(o.sum);
-        self.add(o.comp);
+        for &p in &o.partials {
+            self.add(p);
+        }
     }
 
+    /// The exact sum, correctly rounded (round half to even).
     pub fn value(&self) -> f64 {
-        self.sum + self.comp
+        let p = &self.partials;
+        let Some(&top) = p.last() else { return 0.0 };
+        let mut n = p.len() - 1;
+        let mut hi = top;
+        let mut lo = 0.0;
+        while n > 0 {
+            let x = hi;
+            let y = p[n - 1];
+            n -= 1;
+            hi = x + y;
+            let yr = hi - x;
+            lo = y - yr;
+            if lo != 0.0 {
+                break;
+            }
+        }
+        // Halfway cases: the rest of the partials decide the rounding.
+        if n > 0 && ((lo < 0.0 && p[n - 1] < 0.0) || (lo > 0.0 && p[n - 1] > 0.0)) {
+            let y = lo * 2.0;
+            let x = hi + y;
+            if y == x - hi {
+                hi = x;
+            }
+        }
+        hi
     }
 }
 
@@ -486,17 +532,36 @@ impl DdSketch {
     }
 }
 
+/// Marks the partials form of an [`ExactSum`]: a signalling NaN no
+/// arithmetic produces, so it never starts the older `(sum, compensation)`
+/// form, which is still read.
+const PARTIALS_TAG: u64 = 0x7ff4_7a11_e5a5_0001;
+
 impl ExactSum {
     pub fn encode(&self, e: &mut Enc) {
-        e.f64(self.sum);
-        e.f64(self.comp);
+        e.f64(f64::from_bits(PARTIALS_TAG));
+        e.u32(self.partials.len() as u32);
+        for &p in &self.partials {
+            e.f64(p);
+        }
     }
 
     pub fn decode(d: &mut Dec<'_>) -> Result<ExactSum, DecodeError> {
-        Ok(ExactSum {
-            sum: d.f64()?,
-            comp: d.f64()?,
-        })
+        let first = d.f64()?;
+        if first.to_bits() == PARTIALS_TAG {
+            let n = d.count(8)?;
+            let mut partials = Vec::with_capacity(n);
+            for _ in 0..n {
+                partials.push(d.f64()?);
+            }
+            return Ok(ExactSum { partials });
+        }
+        // The Neumaier form of format versions up to 3: (sum, compensation).
+        let comp = d.f64()?;
+        let mut s = ExactSum::default();
+        s.add(first);
+        s.add(comp);
+        Ok(s)
     }
 }
 
@@ -588,6 +653,64 @@ mod tests {
         assert_eq!(s.quantile(0.5), Some(0.0));
         let q25 = s.quantile(0.25).unwrap();
         assert!((q25 + 1.0).abs() < 0.011, "{q25}");
+    }
+
+    #[test]
+    fn exact_sum_is_exact() {
+        let sum = |vals: &[f64]| {
+            let mut s = ExactSum::default();
+            for &v in vals {
+                s.add(v);
+            }
+            s.value()
+        };
+        // Reference values from Python's math.fsum.
+        assert_eq!(sum(&[1e16, 1.0, 1e-16]), 1.0000000000000002e16);
+        assert_eq!(sum(&[0.1; 10]), 1.0);
+        assert_eq!(sum(&[1e100, 1.0, -1e100, 1e-100]), 1.0);
+        assert_eq!(sum(&[]), 0.0);
+        assert_eq!(sum(&[1e308, 1e308]), f64::INFINITY);
+        // Merged in any split, the same.
+        let vals = [1e16, 1.0, 1e-16, -3.5, 0.1, 7e-300, 2.0];
+        for cut in 0..vals.len() {
+            let (mut a, mut b) = (ExactSum::default(), ExactSum::default());
+            vals[..cut].iter().for_each(|&v| a.add(v));
+            vals[cut..].iter().for_each(|&v| b.add(v));
+            b.merge(&a);
+            assert_eq!(b.value(), sum(&vals), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn exact_sum_reads_the_older_encoding() {
+        let mut e = Enc::new();
+        e.f64(1e16);
+        e.f64(2.0);
+        let s = ExactSum::decode(&mut Dec::new(&e.buf)).unwrap();
+        assert_eq!(s.value(), 1e16 + 2.0);
+        let mut e = Enc::new();
+        s.encode(&mut e);
+        assert_eq!(ExactSum::decode(&mut Dec::new(&e.buf)).unwrap(), s);
+    }
+
+    proptest::proptest! {
+        /// Against exact rational arithmetic (i128 over a common scale):
+        /// integers times 2^-20, so every partial sum is representable.
+        #[test]
+        fn exact_sum_matches_exact_arithmetic(vals in proptest::collection::vec(-(1i64 << 50)..(1i64 << 50), 0..60)) {
+            let scale = (1u64 << 20) as f64;
+            let mut s = ExactSum::default();
+            let mut r = ExactSum::default();
+            for &v in &vals {
+                s.add(v as f64 / scale);
+            }
+            for &v in vals.iter().rev() {
+                r.add(v as f64 / scale);
+            }
+            let exact: i128 = vals.iter().map(|&v| v as i128).sum();
+            proptest::prop_assert_eq!(s.value(), exact as f64 / scale);
+            proptest::prop_assert_eq!(r.value(), s.value());
+        }
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! Dead-letter queues: malformed events (rejected at ingest) and late events
-//! (too late for their window). Kept per tenant in bounded rings, newest last;
-//! totals count every entry ever pushed, including those the ring dropped.
+//! (too late for their window). Kept per tenant, newest last; totals count
+//! every entry ever pushed.
+//!
+//! A malformed ring keeps the newest `capacity` entries. A late entry is an
+//! acknowledged event that still waits to be counted, so it is never
+//! dropped: past `capacity` only entries already replayed make room, and a
+//! tenant holding `capacity` unreplayed entries is *full*: ingest refuses
+//! its possibly late events (429) until a replay empties it.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -56,6 +62,8 @@ pub struct Dlq {
     capacity: usize,
     rings: HashMap<(String, DlqKind), VecDeque<DlqEntry>>,
     totals: HashMap<DlqKind, u64>,
+    /// Unreplayed late entries per tenant.
+    pending: HashMap<String, usize>,
 }
 
 impl Dlq {
@@ -65,6 +73,7 @@ impl Dlq {
             capacity: capacity.max(1),
             rings: HashMap::new(),
             totals: HashMap::new(),
+            pending: HashMap::new(),
         }
     }
 
@@ -76,11 +85,42 @@ impl Dlq {
     /// Adds an entry without counting it (reloading persisted entries whose
     /// totals are restored separately).
     pub fn push_held(&mut self, e: DlqEntry) {
+        if e.kind == DlqKind::Late && !e.replayed {
+            *self.pending.entry(e.tenant.clone()).or_default() += 1;
+        }
         let ring = self.rings.entry((e.tenant.clone(), e.kind)).or_default();
-        if ring.len() == self.capacity {
-            ring.pop_front();
+        if ring.len() >= self.capacity {
+            match e.kind {
+                DlqKind::Malformed => {
+                    ring.pop_front();
+                }
+                // Only an entry already counted through a replay makes room.
+                DlqKind::Late => {
+                    if let Some(i) = ring.iter().position(|x| x.replayed) {
+                        ring.remove(i);
+                    }
+                }
+            }
         }
         ring.push_back(e);
+    }
+
+    /// Unreplayed late entries of a tenant.
+    pub fn late_pending(&self, tenant: &str) -> usize {
+        self.pending.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Tenants whose late DLQ is full (`capacity` unreplayed entries).
+    pub fn late_full_tenants(&self) -> Vec<String> {
+        self.pending
+            .iter()
+            .filter(|&(_, &n)| n >= self.capacity)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// The newest `limit` entries of a tenant, oldest first.
@@ -98,8 +138,13 @@ impl Dlq {
     /// Marks the late entries of `key` as applied.
     pub fn mark_replayed(&mut self, tenant: &str, key: u64) {
         if let Some(r) = self.rings.get_mut(&(tenant.to_string(), DlqKind::Late)) {
-            for e in r.iter_mut().filter(|e| e.key == key) {
+            let mut newly = 0;
+            for e in r.iter_mut().filter(|e| e.key == key && !e.replayed) {
                 e.replayed = true;
+                newly += 1;
+            }
+            if let Some(n) = self.pending.get_mut(tenant) {
+                *n = n.saturating_sub(newly);
             }
         }
     }

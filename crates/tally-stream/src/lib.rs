@@ -9,13 +9,28 @@
 //! the writer stamped), never on the wall clock. Replaying the same stretch of
 //! the log therefore reproduces the same rollups and the same late DLQ.
 //!
-//! # Watermarks
+//! # Watermarks: one event clock per tenant
 //!
-//! Per partition: max event time seen − `watermark_bound`. Overall: the
-//! minimum over partitions that have data and are not idle; a partition whose
-//! last record was appended more than `idle_timeout` before the current one
-//! stops holding the watermark back. Within a record, events are taken in
-//! order, so the watermark can advance between two events of one batch.
+//! Every tenant has its own event clock ([`Clock`]), so one tenant's event
+//! time never judges another's events (a client stamping the year 2100, or a
+//! backfill of last week beside a live tenant). Per (tenant, partition): max
+//! event time seen − `watermark_bound`. A tenant's watermark: the minimum
+//! over its partitions that have data and are not idle; a partition whose
+//! last record of that tenant was appended more than `idle_timeout` before
+//! the current one stops holding it back. Within a record, events are taken
+//! in order, so the watermark can advance between two events of one batch.
+//! Dedupe entries, sealing and lateness are all judged by the event's own
+//! tenant's clock.
+//!
+//! # Backfills
+//!
+//! A record flagged as a backfill (`?backfill=true` on ingest: history of a
+//! tenant that is live at the same time) is judged by the tenant's second,
+//! *backfill* clock, which advances with the history as it is sent. Dedupe
+//! looks in both clocks (an event is counted once whichever way it came);
+//! both clocks of a tenant share one seal horizon, and a change to a minute
+//! already sealed is sealed again, so the live clock and the backfill never
+//! undo each other's work.
 //!
 //! # Windows
 //!
@@ -103,6 +118,118 @@ struct PartState {
     last_append_ms: Millis,
 }
 
+/// One tenant's event time: its watermark (per partition, idle partitions
+/// aside), how far its minutes are sealed, and its dedupe entries.
+#[derive(Debug, Clone)]
+struct Clock {
+    parts: Vec<PartState>,
+    watermark: Option<Millis>,
+    /// Minutes before this are final and written to the sealed journal.
+    sealed_to: Millis,
+    /// Dedupe entries of minutes before this are evicted on the next sweep.
+    swept_to: Millis,
+    dedupe: DedupeMap,
+    /// Dedupe entries inserted since the last checkpoint, in order.
+    journal: Vec<(u64, Millis)>,
+}
+
+impl Clock {
+    fn new(partitions: usize) -> Clock {
+        Clock {
+            parts: vec![PartState::default(); partitions],
+            watermark: None,
+            sealed_to: Millis::MIN,
+            swept_to: Millis::MIN,
+            dedupe: DedupeMap::default(),
+            journal: Vec::new(),
+        }
+    }
+
+    fn final_before(&self, lateness: Millis) -> Millis {
+        match self.watermark {
+            None => Millis::MIN,
+            Some(w) => align_down(w - lateness, MINUTE_MS),
+        }
+    }
+
+    /// Minimum over active partitions other than `skip` of their watermark.
+    fn others_min(&self, skip: usize, now: Millis, cfg: &StreamConfig) -> Option<Millis> {
+        self.parts
+            .iter()
+            .enumerate()
+            .filter(|&(i, p)| i != skip && now - p.last_append_ms <= cfg.idle_timeout_ms)
+            .filter_map(|(_, p)| p.max_ts)
+            .min()
+            .map(|m| m - cfg.watermark_bound_ms)
+    }
+
+    /// A record of this tenant appended at `append_ms` to partition `p`:
+    /// partitions that went idle since stop holding the watermark back.
+    /// Answers the minimum of the other partitions for [`Clock::advance`].
+    fn enter(&mut self, p: usize, append_ms: Millis, cfg: &StreamConfig) -> Option<Millis> {
+        self.parts[p].last_append_ms = self.parts[p].last_append_ms.max(append_ms);
+        let others = self.others_min(p, append_ms, cfg);
+        if let Some(mine) = self.parts[p].max_ts.map(|m| m - cfg.watermark_bound_ms) {
+            self.raise(others.map_or(mine, |o| o.min(mine)));
+        }
+        others
+    }
+
+    /// Log time moved to `now`: partitions of this tenant silent for longer
+    /// than the idle timeout stop holding its watermark back (all of them
+    /// silent: the tenant's latest event sets it), even while the tenant
+    /// sends nothing. Tells whether the watermark crossed a minute.
+    fn idle_refresh(&mut self, now: Millis, cfg: &StreamConfig) -> bool {
+        let was = self.watermark.map(|w| align_down(w, MINUTE_MS));
+        let active = self
+            .parts
+            .iter()
+            .filter(|p| now - p.last_append_ms <= cfg.idle_timeout_ms)
+            .filter_map(|p| p.max_ts)
+            .min();
+        let Some(m) = active.or_else(|| self.parts.iter().filter_map(|p| p.max_ts).max()) else {
+            return false;
+        };
+        self.raise(m - cfg.watermark_bound_ms);
+        self.watermark.map(|w| align_down(w, MINUTE_MS)) > was
+    }
+
+    /// A counted event at `ts` in partition `p`.
+    #[inline]
+    fn advance(&mut self, p: usize, ts: Millis, others: Option<Millis>, bound: Millis) {
+        let part = &mut self.parts[p];
+        if part.max_ts.is_none_or(|m| ts > m) {
+            part.max_ts = Some(ts);
+            let mine = ts - bound;
+            self.raise(others.map_or(mine, |o| o.min(mine)));
+        }
+    }
+
+    #[inline]
+    fn raise(&mut self, w: Millis) {
+        self.watermark = Some(self.watermark.map_or(w, |x| x.max(w)));
+    }
+
+    /// Forgets dedupe entries of windows that can no longer change: a
+    /// duplicate of such an event would be late and go to the DLQ anyway.
+    fn sweep(&mut self, lateness: Millis) {
+        let Some(w) = self.watermark else { return };
+        let horizon = align_down(w - lateness, MINUTE_MS) - MINUTE_MS;
+        if horizon <= self.swept_to {
+            return;
+        }
+        self.swept_to = horizon;
+        self.dedupe
+            .retain(|_, &mut v| (v & !LATE_MARK) + MINUTE_MS + lateness > w);
+    }
+}
+
+/// Whether a dedupe value still blocks its key at watermark `wm`.
+#[inline]
+fn live(value: Millis, wm: Option<Millis>, lateness: Millis) -> bool {
+    wm.is_none_or(|w| (value & !LATE_MARK) + MINUTE_MS + lateness > w)
+}
+
 /// What applying one record did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -115,6 +242,8 @@ pub struct Applied {
     pub replayed: u64,
     /// Whether the record was a correction record.
     pub correction_record: bool,
+    /// Whether some tenant's watermark crossed a minute (buckets closed).
+    pub closed_minute: bool,
 }
 
 /// What one rollup retention pass did.
@@ -152,8 +281,6 @@ impl Totals {
 /// What changed since the last checkpoint (written out incrementally).
 #[derive(Debug, Default)]
 struct Journal {
-    /// Dedupe entries inserted, in order.
-    dedupe: Vec<(u64, Millis)>,
     /// Late DLQ entries produced, in order.
     late: Vec<DlqEntry>,
     /// Final minutes changed by corrections: they are sealed again.
@@ -167,20 +294,27 @@ struct Journal {
 /// The processor: owns watermark and dedupe state, writes rollups and late entries.
 pub struct Processor {
     cfg: StreamConfig,
-    parts: Vec<PartState>,
-    dedupe: DedupeMap,
-    /// Dedupe entries of minutes before this are evicted on the next sweep.
-    swept_to: Millis,
+    /// Each tenant's event clock and dedupe entries.
+    clocks: hashbrown::HashMap<Box<str>, Clock>,
+    /// Each backfilling tenant's backfill clock.
+    backfills: hashbrown::HashMap<Box<str>, Clock>,
+    /// Dedupe entries recovered from a checkpoint older than per-tenant
+    /// clocks (no tenant recorded): checked for every tenant, swept by the
+    /// slowest clock.
+    legacy_dedupe: DedupeMap,
     /// Dedupe keys of late events applied from the DLQ (each applies once).
     corrected: HashSet64,
-    /// Minutes before this are final and written to the sealed rollup file.
-    sealed_to: Millis,
     store: Arc<RwLock<RollupStore>>,
     dlq: Arc<Mutex<Dlq>>,
     totals: Totals,
     /// Next offset to read per partition (the record after the last applied one).
     offsets: Vec<u64>,
+    /// The furthest tenant watermark (what `/metrics` shows as the watermark).
     watermark: Option<Millis>,
+    /// The latest append time of a record with events (log time; restored
+    /// from the clocks). Each new second of it refreshes every clock's idle
+    /// partitions.
+    log_ms: Millis,
     journal: Journal,
     /// Whether changes are journaled for checkpoints (off when checkpoints are).
     journaling: bool,
@@ -200,16 +334,16 @@ impl Processor {
         let n = cfg.partitions.max(1) as usize;
         Processor {
             cfg,
-            parts: vec![PartState::default(); n],
-            dedupe: DedupeMap::default(),
-            swept_to: Millis::MIN,
+            clocks: hashbrown::HashMap::new(),
+            backfills: hashbrown::HashMap::new(),
+            legacy_dedupe: DedupeMap::default(),
             corrected: HashSet64::default(),
-            sealed_to: Millis::MIN,
             store,
             dlq,
             totals: Totals::default(),
             offsets: vec![0; n],
             watermark: None,
+            log_ms: Millis::MIN,
             journal: Journal::default(),
             journaling: true,
             capture: false,
@@ -222,9 +356,24 @@ impl Processor {
         &self.cfg
     }
 
-    /// The overall watermark after the last applied event.
+    /// The furthest tenant watermark after the last applied event.
     pub fn watermark(&self) -> Option<Millis> {
         self.watermark
+    }
+
+    /// One tenant's watermark (its own event clock).
+    pub fn tenant_watermark(&self, tenant: &str) -> Option<Millis> {
+        self.clocks.get(tenant).and_then(|c| c.watermark)
+    }
+
+    /// Every tenant's watermark.
+    pub fn watermarks(&self) -> impl Iterator<Item = (&str, Option<Millis>)> {
+        self.clocks.iter().map(|(t, c)| (&**t, c.watermark))
+    }
+
+    /// A tenant's backfill watermark (None: no backfill sent).
+    pub fn backfill_watermark(&self, tenant: &str) -> Option<Millis> {
+        self.backfills.get(tenant).and_then(|c| c.watermark)
     }
 
     pub fn totals(&self) -> Totals {
@@ -236,7 +385,13 @@ impl Processor {
     }
 
     pub fn dedupe_len(&self) -> usize {
-        self.dedupe.len()
+        self.legacy_dedupe.len()
+            + self
+                .clocks
+                .values()
+                .chain(self.backfills.values())
+                .map(|c| c.dedupe.len())
+                .sum::<usize>()
     }
 
     pub fn store(&self) -> &Arc<RwLock<RollupStore>> {
@@ -249,6 +404,9 @@ impl Processor {
         self.journaling = on;
         if !on {
             self.journal = Journal::default();
+            for c in self.clocks.values_mut().chain(self.backfills.values_mut()) {
+                c.journal = Vec::new();
+            }
         }
     }
 
@@ -289,37 +447,19 @@ impl Processor {
         self.journal.dirty
     }
 
-    /// Minutes before this boundary can no longer change through the stream
-    /// (only through DLQ corrections).
-    pub fn final_before(&self) -> Millis {
-        match self.watermark {
-            None => Millis::MIN,
-            Some(w) => align_down(w - self.cfg.allowed_lateness_ms, MINUTE_MS),
-        }
-    }
-
-    /// Whether a dedupe value still blocks its key at watermark `wm`.
-    #[inline]
-    fn live(&self, value: Millis, wm: Option<Millis>) -> bool {
-        wm.is_none_or(|w| (value & !LATE_MARK) + MINUTE_MS + self.cfg.allowed_lateness_ms > w)
-    }
-
-    /// Minimum over active partitions other than `skip` of their watermark.
-    fn others_min(&self, skip: usize, now: Millis) -> Option<Millis> {
-        self.parts
-            .iter()
-            .enumerate()
-            .filter(|&(i, p)| i != skip && now - p.last_append_ms <= self.cfg.idle_timeout_ms)
-            .filter_map(|(_, p)| p.max_ts)
-            .min()
-            .map(|m| m - self.cfg.watermark_bound_ms)
+    /// Minutes of `tenant` before this boundary can no longer change
+    /// through the stream (only through DLQ corrections).
+    pub fn final_before(&self, tenant: &str) -> Millis {
+        self.clocks.get(tenant).map_or(Millis::MIN, |c| {
+            c.final_before(self.cfg.allowed_lateness_ms)
+        })
     }
 
     /// Applies one committed record (all its events, in order).
     pub fn apply(&mut self, rec: RecordRef<'_>) -> Result<Applied> {
         let p = rec.partition as usize;
-        if p >= self.parts.len() {
-            return Err(Error::Partition(rec.partition, self.parts.len() as u32));
+        if p >= self.offsets.len() {
+            return Err(Error::Partition(rec.partition, self.offsets.len() as u32));
         }
         let codec = |source| Error::Codec {
             partition: rec.partition,
@@ -331,7 +471,9 @@ impl Processor {
         let out = if reader.is_correction() {
             self.apply_correction(reader).map_err(codec)?
         } else {
-            self.apply_events(p, rec.append_ms, reader).map_err(codec)?
+            let backfill = reader.is_backfill();
+            self.apply_events(p, rec.append_ms, reader, backfill)
+                .map_err(codec)?
         };
         self.offsets[p] = self.offsets[p].max(rec.next_offset);
         self.totals.records += 1;
@@ -345,7 +487,6 @@ impl Processor {
         if self.capture && !self.last_drops.is_empty() && !out.correction_record {
             self.raw_drops.push_back((rec.lsn, self.last_drops.clone()));
         }
-        self.sweep_dedupe();
         Ok(out)
     }
 
@@ -354,67 +495,144 @@ impl Processor {
         p: usize,
         append_ms: Millis,
         reader: BatchReader<'_>,
+        backfill: bool,
     ) -> Result<Applied, CodecError> {
-        self.parts[p].last_append_ms = self.parts[p].last_append_ms.max(append_ms);
-        let others = self.others_min(p, append_ms);
-        let bound = self.cfg.watermark_bound_ms;
-        let lateness = self.cfg.allowed_lateness_ms;
         let mut out = Applied::default();
-        let mut store = self.store.write();
-        let mut late_entries = Vec::new();
-        // Partitions that went idle since the last record stop holding it back.
-        let mut wm = self.watermark;
-        if let Some(mine) = self.parts[p].max_ts.map(|m| m - bound) {
-            let overall = others.map_or(mine, |o| o.min(mine));
-            wm = Some(wm.map_or(overall, |w| w.max(overall)));
+        // A new second of log time: tenants that went quiet get their idle
+        // partitions released (deterministic: a function of the log).
+        if append_ms.div_euclid(1000) > self.log_ms.div_euclid(1000) {
+            let lateness = self.cfg.allowed_lateness_ms;
+            for c in self.clocks.values_mut() {
+                if c.idle_refresh(append_ms, &self.cfg) {
+                    out.closed_minute = true;
+                    c.sweep(lateness);
+                }
+            }
+            for c in self.backfills.values_mut() {
+                if c.idle_refresh(append_ms, &self.cfg) {
+                    c.sweep(lateness);
+                }
+            }
         }
+        self.log_ms = self.log_ms.max(append_ms);
+        let cfg = &self.cfg;
+        // A backfill is judged by the backfill clocks, and checks the live
+        // ones for duplicates; live events the other way round.
+        let (own, other) = if backfill {
+            (&mut self.backfills, &self.clocks)
+        } else {
+            (&mut self.clocks, &self.backfills)
+        };
+        let bound = cfg.watermark_bound_ms;
+        let lateness = cfg.allowed_lateness_ms;
+        let n_parts = self.offsets.len();
+        let journaling = self.journaling;
+        let capture = self.capture;
+        let mut store = self.store.write();
+        let downsampled_to = store.downsampled_to();
+        let hours_from = store.hours_from();
+        let mut late_entries = Vec::new();
+        // The clock of the tenant of the event before (a record nearly
+        // always holds one tenant), its other clock, the minimum of its
+        // other partitions, and its watermark's minute when the record
+        // entered it.
+        type Cur<'c, 't> = (
+            &'t str,
+            &'c mut Clock,
+            Option<&'c Clock>,
+            Option<Millis>,
+            Option<Millis>,
+        );
+        let mut cur: Option<Cur<'_, '_>> = None;
         for (i, ev) in reader.enumerate() {
             let ev = ev?;
+            if cur.as_ref().is_none_or(|(t, ..)| *t != ev.tenant) {
+                if let Some((_, c, _, _, was)) = cur.take() {
+                    out.closed_minute |= leave(c, was, lateness) && !backfill;
+                }
+                let c = own
+                    .entry_ref(ev.tenant)
+                    .or_insert_with(|| Clock::new(n_parts));
+                let was = c.watermark.map(|w| align_down(w, MINUTE_MS));
+                let others = c.enter(p, append_ms, cfg);
+                // Both clocks of a tenant seal together (the other one may
+                // have sealed further since this one was made).
+                let twin = other.get(ev.tenant);
+                if let Some(t) = twin {
+                    c.sealed_to = c.sealed_to.max(t.sealed_to);
+                }
+                cur = Some((ev.tenant, c, twin, others, was));
+            }
+            let Some((_, c, twin, others, _)) = cur.as_mut() else {
+                unreachable!("set above")
+            };
+            let wm = c.watermark;
             let minute = align_down(ev.ts, MINUTE_MS);
             let key = dedupe_key(ev.tenant, ev.event_id);
-            // An entry counts while the window of the original can still change.
-            if self.dedupe.get(&key).is_some_and(|&v| self.live(v, wm))
+            // An entry counts while the window of the original can still
+            // change (by the clock that holds it).
+            let seen = |m: &DedupeMap, wm| m.get(&key).is_some_and(|&v| live(v, wm, lateness));
+            if seen(&c.dedupe, wm)
+                || twin.is_some_and(|t| seen(&t.dedupe, t.watermark))
+                || (!self.legacy_dedupe.is_empty() && seen(&self.legacy_dedupe, wm))
                 || self.corrected.contains(&key)
             {
                 out.duplicates += 1;
-                if self.capture {
+                if capture {
                     push_drop(&mut self.last_drops, i as u32);
                 }
                 continue;
             }
-            if let Some(w) = wm {
-                if minute + MINUTE_MS + lateness <= w {
-                    out.late += 1;
-                    let mark = align_down(w, MINUTE_MS) | LATE_MARK;
-                    self.dedupe.insert(key, mark);
-                    if self.journaling {
-                        self.journal.dedupe.push((key, mark));
-                    }
-                    late_entries.push(late_entry(&ev, key, minute, w, lateness, append_ms));
-                    continue;
+            let too_late = wm.filter(|&w| minute + MINUTE_MS + lateness <= w);
+            // Past the rollup retention there is no bucket to count it in.
+            let expired = minute < hours_from;
+            if too_late.is_some() || expired {
+                out.late += 1;
+                let w = wm.unwrap_or(minute);
+                let mark = align_down(w.max(minute), MINUTE_MS) | LATE_MARK;
+                c.dedupe.insert(key, mark);
+                if journaling {
+                    c.journal.push((key, mark));
                 }
-                if minute + MINUTE_MS <= w {
-                    out.corrections += 1;
-                }
+                let reason = match too_late {
+                    Some(w) => late_reason(ev.tenant, backfill, minute, w, lateness),
+                    None => format!(
+                        "window {} is past the rollup retention (hours kept from {}): nothing counts it any more",
+                        format_rfc3339(minute),
+                        format_rfc3339(hours_from)
+                    ),
+                };
+                late_entries.push(late_entry(&ev, key, reason, append_ms));
+                continue;
             }
-            self.dedupe.insert(key, minute);
-            if self.journaling {
-                self.journal.dedupe.push((key, minute));
+            if wm.is_some_and(|w| minute + MINUTE_MS <= w) {
+                out.corrections += 1;
+            }
+            c.dedupe.insert(key, minute);
+            if journaling {
+                c.journal.push((key, minute));
+                // A minute already folded or sealed (a clock that starts
+                // behind what retention or an older checkpoint did) is
+                // written again at the next checkpoint.
+                if minute < downsampled_to {
+                    self.journal
+                        .rehour
+                        .insert((ev.tenant.into(), align_down(minute, HOUR_MS)));
+                } else if minute < c.sealed_to {
+                    self.journal.reseal.insert((ev.tenant.into(), minute));
+                }
             }
             store.add(&ev);
             out.counted += 1;
-            // Advance this partition's watermark, then the overall one.
-            let part = &mut self.parts[p];
-            if part.max_ts.is_none_or(|m| ev.ts > m) {
-                part.max_ts = Some(ev.ts);
-                let mine = ev.ts - bound;
-                let overall = others.map_or(mine, |o| o.min(mine));
-                wm = Some(wm.map_or(overall, |w| w.max(overall)));
-            }
+            c.advance(p, ev.ts, *others, bound);
+        }
+        if let Some((_, c, _, _, was)) = cur.take() {
+            out.closed_minute |= leave(c, was, lateness) && !backfill;
         }
         store.commit();
         drop(store);
-        self.watermark = wm;
+        let furthest = self.clocks.values().filter_map(|c| c.watermark).max();
+        self.watermark = self.watermark.max(furthest);
         if !late_entries.is_empty() {
             let mut dlq = self.dlq.lock();
             for e in &late_entries {
@@ -435,16 +653,28 @@ impl Processor {
             correction_record: true,
             ..Applied::default()
         };
-        let wm = self.watermark;
+        let lateness = self.cfg.allowed_lateness_ms;
         let mut store = self.store.write();
         let mut applied_keys = Vec::new();
         for ev in reader {
             let ev = ev?;
             let key = dedupe_key(ev.tenant, ev.event_id);
-            let counted = self
-                .dedupe
-                .get(&key)
-                .is_some_and(|&v| v & LATE_MARK == 0 && self.live(v, wm));
+            let clock = self.clocks.get(ev.tenant);
+            let twin = self.backfills.get(ev.tenant);
+            let wm = clock.and_then(|c| c.watermark);
+            let counted_in = |m: &DedupeMap, wm| {
+                m.get(&key)
+                    .is_some_and(|&v| v & LATE_MARK == 0 && live(v, wm, lateness))
+            };
+            let counted = clock.is_some_and(|c| counted_in(&c.dedupe, c.watermark))
+                || twin.is_some_and(|c| counted_in(&c.dedupe, c.watermark))
+                || counted_in(&self.legacy_dedupe, wm);
+            let sealed_to = clock
+                .into_iter()
+                .chain(twin)
+                .map(|c| c.sealed_to)
+                .max()
+                .unwrap_or(Millis::MIN);
             if counted || self.corrected.contains(&key) {
                 out.duplicates += 1;
                 applied_keys.push((ev.tenant.to_string(), key));
@@ -458,7 +688,7 @@ impl Processor {
                     let hour = align_down(minute, HOUR_MS);
                     self.journal.rehour.insert((ev.tenant.into(), hour));
                 }
-            } else if minute < self.sealed_to && self.journaling {
+            } else if minute < sealed_to && self.journaling {
                 self.journal.reseal.insert((ev.tenant.into(), minute));
             }
             applied_keys.push((ev.tenant.to_string(), key));
@@ -474,26 +704,15 @@ impl Processor {
         Ok(out)
     }
 
-    /// Forgets dedupe entries of windows that can no longer change: a
-    /// duplicate of such an event would be late and go to the DLQ anyway.
-    fn sweep_dedupe(&mut self) {
-        let Some(w) = self.watermark else { return };
-        let horizon = align_down(w - self.cfg.allowed_lateness_ms, MINUTE_MS) - MINUTE_MS;
-        if horizon <= self.swept_to {
-            return;
-        }
-        self.swept_to = horizon;
-        // Keep entries whose window end + lateness is still above the watermark.
-        let lateness = self.cfg.allowed_lateness_ms;
-        self.dedupe
-            .retain(|_, &mut v| (v & !LATE_MARK) + MINUTE_MS + lateness > w);
-    }
-
     /// Rollup retention at wall-clock time `now`: final minutes older than
     /// `minutes_ms` are folded into hour buckets, and buckets older than
-    /// `hours_ms` are dropped (0 keeps a tier forever). Only final minutes
-    /// are touched, so an open or still-mutable window never is.
-    /// The next checkpoint writes the hours and the new horizons.
+    /// `hours_ms` are dropped (0 keeps a tier forever). Final: before the
+    /// seal horizon of every tenant still sending; a tenant silent for
+    /// longer than the idle timeout (log time) does not hold the others
+    /// back, and an event
+    /// that lands in one of its folded minutes later is added to the hour,
+    /// which is written again (one before the hours kept goes to the late
+    /// DLQ). The next checkpoint writes the hours and the new horizons.
     pub fn enforce_rollup_retention(
         &mut self,
         now: Millis,
@@ -501,11 +720,33 @@ impl Processor {
         hours_ms: Millis,
     ) -> RollupRetention {
         let mut out = RollupRetention::default();
-        let fin = self.final_before().max(self.sealed_to);
-        if fin == Millis::MIN {
+        self.sweep_legacy_dedupe();
+        // Only final minutes of the tenants still sending (an append within
+        // the idle timeout of the newest, in log time); a tenant gone quiet
+        // holds nothing back, and an event that reaches one of its folded
+        // minutes later lands in the hour, written again.
+        let horizon = self.cfg.idle_timeout_ms;
+        let lateness = self.cfg.allowed_lateness_ms;
+        // Backfill clocks hold nothing back either: history lands in its
+        // hours as well as in its minutes.
+        let clocks = || self.clocks.values();
+        let last_append = |c: &Clock| {
+            c.parts
+                .iter()
+                .map(|p| p.last_append_ms)
+                .max()
+                .unwrap_or(Millis::MIN)
+        };
+        let Some(newest) = clocks().map(last_append).max() else {
             return out;
-        }
-        // Only final minutes (the stream can no longer change them).
+        };
+        let fin = clocks()
+            .filter(|c| c.watermark.is_some() && last_append(c).saturating_add(horizon) >= newest)
+            .map(|c| c.final_before(lateness).max(c.sealed_to))
+            .min();
+        let Some(fin) = fin.filter(|&f| f > Millis::MIN) else {
+            return out;
+        };
         let sealed = align_down(fin, HOUR_MS);
         let mut store = self.store.write();
         if minutes_ms > 0 {
@@ -528,6 +769,20 @@ impl Processor {
         out
     }
 
+    /// Legacy dedupe entries (no tenant recorded) go once the slowest
+    /// tenant's clock has passed them.
+    fn sweep_legacy_dedupe(&mut self) {
+        if self.legacy_dedupe.is_empty() {
+            return;
+        }
+        let Some(w) = self.clocks.values().map(|c| c.watermark).min().flatten() else {
+            return;
+        };
+        let lateness = self.cfg.allowed_lateness_ms;
+        self.legacy_dedupe
+            .retain(|_, &mut v| live(v, Some(w), lateness));
+    }
+
     /// Moves past a record without applying it (a replay that starts later
     /// than the beginning of the log).
     pub fn skip(&mut self, partition: u32, next_offset: u64) {
@@ -545,23 +800,39 @@ fn push_drop(ranges: &mut Vec<(u32, u32)>, i: u32) {
     }
 }
 
-fn late_entry(
-    ev: &EventView<'_>,
-    key: u64,
+/// Leaving a tenant's clock after a run of its events: sweeps its dedupe
+/// entries and tells whether its watermark crossed a minute.
+fn leave(c: &mut Clock, was: Option<Millis>, lateness: Millis) -> bool {
+    c.sweep(lateness);
+    c.watermark.map(|w| align_down(w, MINUTE_MS)) > was
+}
+
+fn late_reason(
+    tenant: &str,
+    backfill: bool,
     minute: Millis,
     w: Millis,
     lateness: Millis,
-    append_ms: Millis,
-) -> DlqEntry {
+) -> String {
+    let clock = if backfill {
+        "backfill watermark"
+    } else {
+        "watermark"
+    };
+    format!(
+        "window {} closed for good: tenant {tenant:?}'s {clock} is {}, more than the allowed lateness ({}) past the window's end; \
+         apply it to its window with POST /api/v1/dlq/replay?kind=late",
+        format_rfc3339(minute),
+        format_rfc3339(w),
+        human_ms(lateness)
+    )
+}
+
+fn late_entry(ev: &EventView<'_>, key: u64, reason: String, append_ms: Millis) -> DlqEntry {
     DlqEntry {
         kind: DlqKind::Late,
         tenant: ev.tenant.into(),
-        reason: format!(
-            "window {} closed for good: the watermark is {}, more than the allowed lateness ({}) past the window's end",
-            format_rfc3339(minute),
-            format_rfc3339(w),
-            human_ms(lateness)
-        ),
+        reason,
         received_at: append_ms,
         body: DlqBody::Event(ev.to_json()),
         key,
@@ -569,20 +840,7 @@ fn late_entry(
     }
 }
 
-/// `86400000` → `1d`, `300000` → `5m`, `5000` → `5s`.
-pub fn human_ms(ms: Millis) -> String {
-    if ms % 86_400_000 == 0 && ms > 0 {
-        format!("{}d", ms / 86_400_000)
-    } else if ms % 3_600_000 == 0 && ms > 0 {
-        format!("{}h", ms / 3_600_000)
-    } else if ms % MINUTE_MS == 0 && ms > 0 {
-        format!("{}m", ms / MINUTE_MS)
-    } else if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
+pub use tally_types::time::human_ms;
 
 #[cfg(test)]
 mod tests;

@@ -5,9 +5,9 @@
 //! # Files (`<data-dir>/state/`)
 //!
 //! ```text
-//! checkpoint-<seq:020>.ckpt  "TALLYCK3" frame(checkpoint)      newest two kept
+//! checkpoint-<seq:020>.ckpt  "TALLYCK4" frame(checkpoint)      newest two kept
 //! sealed-<gen:06>.bin        frame(kind, tenant, time, bucket)* final minutes, hours
-//! dedupe-<gen:06>.bin        frame((key, minute)*)*            dedupe journal
+//! dedupe-<gen:06>.bin        frame(tenant, (key, minute)*)*    dedupe journal
 //! late-<gen:06>.bin          frame(late DLQ entry)*            late DLQ journal
 //! ```
 //!
@@ -32,6 +32,17 @@
 //! without a kind) is read as minutes and its journal rewritten at the next
 //! checkpoint.
 //!
+//! # Event clocks per tenant (version 4)
+//!
+//! A checkpoint holds one clock per tenant (its partitions' max event and
+//! append times, watermark, sweep and seal horizons), and each dedupe frame
+//! names its tenant, so every tenant's dedupe entries are swept by its own
+//! watermark. A version-3 (or 2) checkpoint had one clock for all tenants:
+//! recovery gives that clock to each tenant with open minutes (the tenants
+//! that were live), the seal horizon to every tenant, and keeps the dedupe
+//! entries, which name no tenant, in a legacy set checked for all tenants;
+//! the next checkpoint rewrites the dedupe journal in the version-4 form.
+//!
 //! # Invariants
 //!
 //! - A checkpoint is written to a temporary file, fsynced, renamed into place
@@ -53,13 +64,21 @@ use tally_store::MinuteBucket;
 use tally_types::Millis;
 use tally_types::bin::{Dec, DecodeError, Enc, frame, unframe};
 
-use crate::{DlqBody, DlqEntry, DlqKind, LATE_MARK, PartState, Processor, Totals};
+use crate::{Clock, DedupeMap, DlqBody, DlqEntry, DlqKind, PartState, Processor, Totals, live};
 
 /// Version 2 added the raw store's dropped ranges; version 3 the rollup
-/// horizons and kinds in the sealed journal. A version-1 checkpoint is
-/// ignored (the state is rebuilt from the log); version 2 is read.
-const MAGIC: &[u8; 8] = b"TALLYCK3";
+/// horizons and kinds in the sealed journal; version 4 an event clock per
+/// tenant and tenant-named dedupe frames. A version-1 checkpoint is ignored
+/// (the state is rebuilt from the log); versions 2 and 3 are read.
+const MAGIC: &[u8; 8] = b"TALLYCK4";
+const MAGIC_V3: &[u8; 8] = b"TALLYCK3";
 const MAGIC_V2: &[u8; 8] = b"TALLYCK2";
+/// The tenant name legacy dedupe entries are written under (not a valid
+/// tenant name).
+const LEGACY_TENANT: &str = "";
+/// Dedupe frames of a backfill clock name its tenant after this byte (which
+/// no tenant name holds).
+const BACKFILL_PREFIX: char = '\u{1}';
 /// Sealed journal frame kinds.
 const KIND_MINUTE: u8 = 0;
 const KIND_HOUR: u8 = 1;
@@ -269,8 +288,9 @@ pub struct CheckpointReport {
 /// [`StateStore::write`] (possibly on another thread).
 pub struct CheckpointJob {
     seq: u64,
-    prev_sealed_to: Millis,
-    seal_to: Millis,
+    /// Each clock's seal horizon before this job (restored on failure;
+    /// true: a backfill clock).
+    prev_sealed: Vec<(bool, Box<str>, Millis)>,
     sealed_buf: Vec<u8>,
     sealed_buckets: usize,
     /// `sealed_buf` holds every sealed bucket: it starts a new generation.
@@ -279,22 +299,72 @@ pub struct CheckpointJob {
     hours_from: Millis,
     open: Enc,
     open_buckets: usize,
-    /// The processor's journal, taken; given back by `restore` on failure.
-    dedupe: Vec<(u64, Millis)>,
+    /// The processor's dedupe journal per tenant, taken; given back by
+    /// `restore` on failure.
+    dedupe: TenantEntries,
     /// Every live dedupe entry, when the journal is rewritten.
-    dedupe_all: Option<Vec<(u64, Millis)>>,
+    dedupe_all: Option<TenantEntries>,
     late: Vec<DlqEntry>,
     /// Every held late entry, when the journal is rewritten.
     late_all: Option<Vec<DlqEntry>>,
     reseal: BTreeSet<(Box<str>, Millis)>,
     rehour: BTreeSet<(Box<str>, Millis)>,
     offsets: Vec<u64>,
-    parts: Vec<PartState>,
-    watermark: Option<Millis>,
-    swept_to: Millis,
+    /// Every tenant's clock, with its new seal horizon.
+    clocks: Vec<ClockState>,
+    /// Every backfill clock.
+    backfills: Vec<ClockState>,
     totals: Totals,
     corrected: Vec<u64>,
     raw_drops: Vec<(u64, Vec<(u32, u32)>)>,
+}
+
+/// Dedupe entries per clock name (a backfill clock's after [`BACKFILL_PREFIX`]).
+type TenantEntries = Vec<(Box<str>, Vec<(u64, Millis)>)>;
+
+/// A tenant's clock as a checkpoint holds it.
+#[derive(Debug, Clone)]
+struct ClockState {
+    tenant: Box<str>,
+    parts: Vec<PartState>,
+    watermark: Option<Millis>,
+    swept_to: Millis,
+    sealed_to: Millis,
+}
+
+impl ClockState {
+    fn encode(&self, e: &mut Enc) {
+        e.str(&self.tenant);
+        for s in &self.parts {
+            e.opt_i64(s.max_ts);
+            e.i64(s.last_append_ms);
+        }
+        e.opt_i64(self.watermark);
+        e.i64(self.swept_to);
+        e.i64(self.sealed_to);
+    }
+
+    fn decode_parts(d: &mut Dec<'_>, n: usize) -> Result<Vec<PartState>, DecodeError> {
+        let mut parts = Vec::with_capacity(n);
+        for _ in 0..n {
+            parts.push(PartState {
+                max_ts: d.opt_i64()?,
+                last_append_ms: d.i64()?,
+            });
+        }
+        Ok(parts)
+    }
+
+    fn into_clock(self) -> Clock {
+        Clock {
+            parts: self.parts,
+            watermark: self.watermark,
+            sealed_to: self.sealed_to,
+            swept_to: self.swept_to,
+            dedupe: DedupeMap::default(),
+            journal: Vec::new(),
+        }
+    }
 }
 
 impl CheckpointJob {
@@ -306,15 +376,30 @@ impl CheckpointJob {
     /// After a failed write: gives `p` back what this job took, ahead of
     /// what `p` journaled since, so the next checkpoint writes it all.
     pub fn restore(self, p: &mut Processor) {
-        let mut dedupe = self.dedupe;
-        dedupe.append(&mut p.journal.dedupe);
-        p.journal.dedupe = dedupe;
+        let n = p.offsets.len();
+        for (t, mut entries) in self.dedupe {
+            let c = match t.strip_prefix(BACKFILL_PREFIX) {
+                Some(t) => p.backfills.entry_ref(t).or_insert_with(|| Clock::new(n)),
+                None => p.clocks.entry_ref(&*t).or_insert_with(|| Clock::new(n)),
+            };
+            entries.append(&mut c.journal);
+            c.journal = entries;
+        }
         let mut late = self.late;
         late.append(&mut p.journal.late);
         p.journal.late = late;
         p.journal.reseal.extend(self.reseal);
         p.journal.rehour.extend(self.rehour);
-        p.sealed_to = p.sealed_to.min(self.prev_sealed_to);
+        for (backfill, t, prev) in self.prev_sealed {
+            let map = if backfill {
+                &mut p.backfills
+            } else {
+                &mut p.clocks
+            };
+            if let Some(c) = map.get_mut(&*t) {
+                c.sealed_to = c.sealed_to.min(prev);
+            }
+        }
         p.journal.dirty = true;
     }
 }
@@ -337,6 +422,8 @@ pub struct StateStore {
     sealed_base: u64,
     /// The sealed journal holds version-2 frames: rewrite it next time.
     sealed_legacy: bool,
+    /// The dedupe journal holds frames without tenants: rewrite it next time.
+    dedupe_legacy: bool,
 }
 
 fn ckpt_path(dir: &Path, seq: u64) -> PathBuf {
@@ -364,19 +451,21 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<u64>, StateError> {
 /// The decoded body of a checkpoint file.
 struct Checkpoint {
     seq: u64,
+    /// 2, 3 or 4 (see [`MAGIC`]).
+    version: u8,
     offsets: Vec<u64>,
-    parts: Vec<PartState>,
-    watermark: Option<Millis>,
-    swept_to: Millis,
-    sealed_to: Millis,
+    /// Version 4: one clock per tenant.
+    clocks: Vec<ClockState>,
+    /// Version 4: backfill clocks.
+    backfills: Vec<ClockState>,
+    /// Versions 2 and 3: the one clock all tenants shared (tenant empty).
+    shared_clock: Option<ClockState>,
     totals: Totals,
     journals: [JournalRef; 3],
     dedupe_written: u64,
     corrected: Vec<u64>,
     open: Vec<(String, Millis, MinuteBucket)>,
     raw_drops: VecDeque<(u64, Vec<(u32, u32)>)>,
-    /// Version 2: sealed frames carry no kind and there are no horizons.
-    legacy: bool,
     downsampled_to: Millis,
     hours_from: Millis,
     sealed_base: u64,
@@ -409,13 +498,17 @@ fn decode_totals(d: &mut Dec<'_>) -> Result<Totals, DecodeError> {
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
-    let legacy = bytes.len() >= MAGIC.len() && &bytes[..MAGIC.len()] == MAGIC_V2;
-    if bytes.len() < MAGIC.len() || (&bytes[..MAGIC.len()] != MAGIC && !legacy) {
-        return Err(DecodeError {
-            at: 0,
-            what: "not a checkpoint (magic)",
-        });
-    }
+    let version = match bytes.get(..MAGIC.len()) {
+        Some(m) if m == MAGIC => 4,
+        Some(m) if m == MAGIC_V3 => 3,
+        Some(m) if m == MAGIC_V2 => 2,
+        _ => {
+            return Err(DecodeError {
+                at: 0,
+                what: "not a checkpoint (magic)",
+            });
+        }
+    };
     let body = &bytes[MAGIC.len()..];
     let (frames, valid) = unframe(body);
     if frames.len() != 1 || valid != body.len() {
@@ -431,16 +524,34 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     for _ in 0..n {
         offsets.push(d.u64()?);
     }
-    let mut parts = Vec::with_capacity(n);
-    for _ in 0..n {
-        parts.push(PartState {
-            max_ts: d.opt_i64()?,
-            last_append_ms: d.i64()?,
+    let mut clocks = Vec::new();
+    let mut backfills = Vec::new();
+    let mut shared_clock = None;
+    if version >= 4 {
+        for list in [&mut clocks, &mut backfills] {
+            let nt = d.count(4 + n * 9 + 17)?;
+            for _ in 0..nt {
+                let tenant = d.str()?.into();
+                let parts = ClockState::decode_parts(&mut d, n)?;
+                list.push(ClockState {
+                    tenant,
+                    parts,
+                    watermark: d.opt_i64()?,
+                    swept_to: d.i64()?,
+                    sealed_to: d.i64()?,
+                });
+            }
+        }
+    } else {
+        let parts = ClockState::decode_parts(&mut d, n)?;
+        shared_clock = Some(ClockState {
+            tenant: LEGACY_TENANT.into(),
+            parts,
+            watermark: d.opt_i64()?,
+            swept_to: d.i64()?,
+            sealed_to: d.i64()?,
         });
     }
-    let watermark = d.opt_i64()?;
-    let swept_to = d.i64()?;
-    let sealed_to = d.i64()?;
     let totals = decode_totals(&mut d)?;
     let mut journals = [JournalRef::default(); 3];
     for j in &mut journals {
@@ -471,7 +582,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         }
         raw_drops.push_back((lsn, ranges));
     }
-    let (downsampled_to, hours_from, sealed_base) = if legacy {
+    let (downsampled_to, hours_from, sealed_base) = if version == 2 {
         (Millis::MIN, Millis::MIN, 0)
     } else {
         (d.i64()?, d.i64()?, d.u64()?)
@@ -481,18 +592,17 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     }
     Ok(Checkpoint {
         seq,
+        version,
         offsets,
-        parts,
-        watermark,
-        swept_to,
-        sealed_to,
+        clocks,
+        backfills,
+        shared_clock,
         totals,
         journals,
         dedupe_written,
         corrected,
         open,
         raw_drops,
-        legacy,
         downsampled_to,
         hours_from,
         sealed_base,
@@ -549,10 +659,11 @@ fn decode_late(p: &[u8]) -> Result<DlqEntry, DecodeError> {
     })
 }
 
-fn encode_dedupe(out: &mut Vec<u8>, entries: &[(u64, Millis)]) {
+fn encode_dedupe(out: &mut Vec<u8>, tenant: &str, entries: &[(u64, Millis)]) {
     for chunk in entries.chunks(DEDUPE_FRAME) {
         let mut e = Enc::new();
-        e.buf.reserve(chunk.len() * 16);
+        e.buf.reserve(chunk.len() * 16 + tenant.len() + 4);
+        e.str(tenant);
         for &(k, v) in chunk {
             e.u64(k);
             e.i64(v);
@@ -605,6 +716,7 @@ impl StateStore {
                 compact_bytes: COMPACT_BYTES,
                 sealed_base: 0,
                 sealed_legacy: false,
+                dedupe_legacy: false,
             };
             store.cleanup();
             report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -620,11 +732,14 @@ impl StateStore {
         };
 
         // Processor scalars.
+        let n = c.offsets.len();
         p.offsets = c.offsets;
-        p.parts = c.parts;
-        p.watermark = c.watermark;
-        p.swept_to = c.swept_to;
-        p.sealed_to = c.sealed_to;
+        for cs in c.clocks {
+            p.clocks.insert(cs.tenant.clone(), cs.into_clock());
+        }
+        for cs in c.backfills {
+            p.backfills.insert(cs.tenant.clone(), cs.into_clock());
+        }
         p.totals = c.totals;
         p.corrected = c.corrected.into_iter().collect();
         p.raw_drops = c.raw_drops;
@@ -640,7 +755,7 @@ impl StateStore {
             };
             for payload in unframe(&sealed_data).0 {
                 let mut d = Dec::new(payload);
-                let kind = if c.legacy {
+                let kind = if c.version == 2 {
                     KIND_MINUTE
                 } else {
                     d.u8().map_err(err)?
@@ -663,37 +778,90 @@ impl StateStore {
             }
             store.set_horizons(c.downsampled_to, c.hours_from);
             report.open_buckets = c.open.len();
+            // A checkpoint of one shared clock: the tenants with open
+            // minutes were live and take it over; every tenant keeps the
+            // seal horizon.
+            if let Some(shared) = &c.shared_clock {
+                for (t, _, _) in &c.open {
+                    if !p.clocks.contains_key(t.as_str()) {
+                        let mut cs = shared.clone();
+                        cs.tenant = t.as_str().into();
+                        p.clocks.insert(cs.tenant.clone(), cs.into_clock());
+                    }
+                }
+                let quiet: Vec<Box<str>> = store
+                    .tenants()
+                    .filter(|t| !p.clocks.contains_key(*t))
+                    .map(Box::from)
+                    .collect();
+                for t in quiet {
+                    let mut clock = Clock::new(n);
+                    clock.sealed_to = shared.sealed_to;
+                    clock.swept_to = shared.swept_to;
+                    p.clocks.insert(t, clock);
+                }
+            }
             for (t, m, b) in c.open {
                 store.set_minute(&t, m, b);
             }
             store.commit();
         }
 
-        // Dedupe: entries that still block their key at the checkpoint's watermark.
+        // Dedupe: entries that still block their key at their tenant's
+        // watermark (the shared one for a version-3 journal).
         let lateness = p.cfg.allowed_lateness_ms;
+        let dedupe_path = || Journal::path(dir, "dedupe", jd.gen_);
+        let shared_wm = c.shared_clock.as_ref().and_then(|s| s.watermark);
         for payload in unframe(&dedupe_data).0 {
-            if payload.len() % 16 != 0 {
+            let mut d = Dec::new(payload);
+            let tenant = if c.version >= 4 {
+                d.str().map_err(|source| StateError::Decode {
+                    path: dedupe_path(),
+                    source,
+                })?
+            } else {
+                LEGACY_TENANT
+            };
+            let entries = &payload[payload.len() - d.remaining()..];
+            if entries.len() % 16 != 0 {
                 return Err(StateError::Decode {
-                    path: Journal::path(dir, "dedupe", jd.gen_),
+                    path: dedupe_path(),
                     source: DecodeError {
                         at: 0,
                         what: "dedupe frame length",
                     },
                 });
             }
-            for ch in payload.chunks_exact(16) {
+            let (map, wm) = if tenant == LEGACY_TENANT {
+                (&mut p.legacy_dedupe, shared_wm)
+            } else {
+                let clock = match tenant.strip_prefix(BACKFILL_PREFIX) {
+                    Some(t) => p.backfills.entry_ref(t).or_insert_with(|| Clock::new(n)),
+                    None => p.clocks.entry_ref(tenant).or_insert_with(|| Clock::new(n)),
+                };
+                let wm = clock.watermark;
+                (&mut clock.dedupe, wm)
+            };
+            for ch in entries.chunks_exact(16) {
                 let k = u64::from_le_bytes(ch[..8].try_into().expect("8 bytes"));
                 let v = i64::from_le_bytes(ch[8..].try_into().expect("8 bytes"));
-                if c.watermark
-                    .is_none_or(|w| (v & !LATE_MARK) + tally_types::time::MINUTE_MS + lateness > w)
-                {
-                    p.dedupe.insert(k, v);
+                if live(v, wm, lateness) {
+                    map.insert(k, v);
                 } else {
-                    p.dedupe.remove(&k);
+                    map.remove(&k);
                 }
             }
         }
-        report.dedupe_entries = p.dedupe.len();
+        report.dedupe_entries = p.dedupe_len();
+        p.log_ms = p
+            .clocks
+            .values()
+            .chain(p.backfills.values())
+            .flat_map(|c| c.parts.iter().map(|s| s.last_append_ms))
+            .max()
+            .unwrap_or(Millis::MIN);
+        let furthest = p.clocks.values().filter_map(|c| c.watermark).max();
+        p.watermark = furthest.max(shared_wm);
 
         // Late DLQ.
         {
@@ -717,7 +885,8 @@ impl StateStore {
             prev: [js.gen_, jd.gen_, jl.gen_],
             compact_bytes: COMPACT_BYTES,
             sealed_base: c.sealed_base,
-            sealed_legacy: c.legacy,
+            sealed_legacy: c.version == 2,
+            dedupe_legacy: c.version < 4,
         };
         store.cleanup();
         report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -756,13 +925,41 @@ impl StateStore {
     ///
     /// [`write`]: StateStore::write
     pub fn prepare(&self, p: &mut Processor) -> CheckpointJob {
-        let seal_to = p.final_before().max(p.sealed_to);
+        let lateness = p.cfg.allowed_lateness_ms;
+        // Each tenant seals up to its own final minute (the further of its
+        // live and backfill clocks: a change below it is sealed again).
+        let mut seal: hashbrown::HashMap<Box<str>, (Millis, Millis)> = hashbrown::HashMap::new();
+        for (t, c) in p.clocks.iter().chain(p.backfills.iter()) {
+            let e = seal.entry_ref(&**t).or_insert((Millis::MIN, Millis::MIN));
+            e.0 = e.0.max(c.sealed_to);
+            e.1 = e.1.max(c.final_before(lateness).max(c.sealed_to));
+        }
+        let snapshot = |map: &hashbrown::HashMap<Box<str>, Clock>| -> Vec<ClockState> {
+            map.iter()
+                .map(|(t, c)| ClockState {
+                    tenant: t.clone(),
+                    parts: c.parts.clone(),
+                    watermark: c.watermark,
+                    swept_to: c.swept_to,
+                    sealed_to: seal[&**t].1,
+                })
+                .collect()
+        };
+        let prev_sealed = p
+            .clocks
+            .iter()
+            .map(|(t, c)| (false, t.clone(), c.sealed_to))
+            .chain(
+                p.backfills
+                    .iter()
+                    .map(|(t, c)| (true, t.clone(), c.sealed_to)),
+            )
+            .collect();
         let sealed_rewrite =
             self.sealed_legacy || self.sealed.len > self.compact_bytes.max(2 * self.sealed_base);
         let mut job = CheckpointJob {
             seq: self.seq + 1,
-            prev_sealed_to: p.sealed_to,
-            seal_to,
+            prev_sealed,
             sealed_buf: Vec::new(),
             sealed_buckets: 0,
             sealed_rewrite,
@@ -770,16 +967,15 @@ impl StateStore {
             hours_from: Millis::MIN,
             open: Enc::new(),
             open_buckets: 0,
-            dedupe: std::mem::take(&mut p.journal.dedupe),
+            dedupe: Vec::new(),
             dedupe_all: None,
             late: std::mem::take(&mut p.journal.late),
             late_all: None,
             reseal: std::mem::take(&mut p.journal.reseal),
             rehour: std::mem::take(&mut p.journal.rehour),
             offsets: p.offsets.clone(),
-            parts: p.parts.clone(),
-            watermark: p.watermark,
-            swept_to: p.swept_to,
+            clocks: snapshot(&p.clocks),
+            backfills: snapshot(&p.backfills),
             totals: p.totals,
             corrected: p.corrected.iter().copied().collect(),
             raw_drops: p.raw_drops.iter().cloned().collect(),
@@ -788,23 +984,34 @@ impl StateStore {
             let store = p.store.read();
             job.downsampled_to = store.downsampled_to();
             job.hours_from = store.hours_from();
+            let tenants: Vec<&str> = store.tenants().collect();
+            for t in &tenants {
+                // A tenant without a clock has sealed nothing.
+                seal.entry_ref(*t).or_insert((Millis::MIN, Millis::MIN));
+            }
             if sealed_rewrite {
                 // Every live sealed bucket, into a new generation.
                 for (t, h, b) in store.hours_in(Millis::MIN, Millis::MAX) {
                     encode_sealed(&mut job.sealed_buf, KIND_HOUR, t, h, b);
                     job.sealed_buckets += 1;
                 }
-                for (t, m, b) in store.minutes_in(Millis::MIN, seal_to) {
-                    encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, m, b);
-                    job.sealed_buckets += 1;
+                for t in &tenants {
+                    for (m, b) in store.tenant_minutes(t, Millis::MIN, seal[*t].1) {
+                        encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, m, b);
+                        job.sealed_buckets += 1;
+                    }
                 }
             } else {
-                for (t, m, b) in store.minutes_in(p.sealed_to, seal_to) {
-                    encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, m, b);
-                    job.sealed_buckets += 1;
+                for t in &tenants {
+                    let (from, to) = seal[*t];
+                    for (m, b) in store.tenant_minutes(t, from, to) {
+                        encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, m, b);
+                        job.sealed_buckets += 1;
+                    }
                 }
                 for (t, m) in &job.reseal {
-                    if *m < p.sealed_to
+                    let prev = seal.get(&**t).map_or(Millis::MIN, |s| s.0);
+                    if *m < prev
                         && let Some(b) = store.minute(t, *m)
                     {
                         encode_sealed(&mut job.sealed_buf, KIND_MINUTE, t, *m, b);
@@ -818,25 +1025,71 @@ impl StateStore {
                     }
                 }
             }
-            for (t, m, b) in store.minutes_in(seal_to, Millis::MAX) {
-                job.open.str(t);
-                job.open.i64(m);
-                b.encode(&mut job.open);
-                job.open_buckets += 1;
+            for t in &tenants {
+                for (m, b) in store.tenant_minutes(t, seal[*t].1, Millis::MAX) {
+                    job.open.str(t);
+                    job.open.i64(m);
+                    b.encode(&mut job.open);
+                    job.open_buckets += 1;
+                }
             }
         }
-        // Journals past the size limit and mostly dead are rewritten whole.
-        let live = p.dedupe.len() as u64;
-        if self.dedupe.len > self.compact_bytes
-            && (self.dedupe_written + job.dedupe.len() as u64) > 4 * live.max(1)
+        let horizons: Vec<(Box<str>, Millis)> =
+            seal.into_iter().map(|(t, (_, to))| (t, to)).collect();
+        // The dedupe journal of each clock, taken.
+        let mut journaled = 0u64;
+        for (t, c) in &mut p.clocks {
+            if !c.journal.is_empty() {
+                journaled += c.journal.len() as u64;
+                job.dedupe.push((t.clone(), std::mem::take(&mut c.journal)));
+            }
+        }
+        for (t, c) in &mut p.backfills {
+            if !c.journal.is_empty() {
+                journaled += c.journal.len() as u64;
+                let name = format!("{BACKFILL_PREFIX}{t}").into();
+                job.dedupe.push((name, std::mem::take(&mut c.journal)));
+            }
+        }
+        // Journals past the size limit and mostly dead are rewritten whole
+        // (and one without tenants in its frames at once).
+        let live = p.dedupe_len() as u64;
+        if self.dedupe_legacy
+            || (self.dedupe.len > self.compact_bytes
+                && (self.dedupe_written + journaled) > 4 * live.max(1))
         {
-            job.dedupe_all = Some(p.dedupe.iter().map(|(&k, &v)| (k, v)).collect());
+            let entries = |c: &Clock| c.dedupe.iter().map(|(&k, &v)| (k, v)).collect();
+            let mut all: TenantEntries = p
+                .clocks
+                .iter()
+                .filter(|(_, c)| !c.dedupe.is_empty())
+                .map(|(t, c)| (t.clone(), entries(c)))
+                .collect();
+            all.extend(
+                p.backfills
+                    .iter()
+                    .filter(|(_, c)| !c.dedupe.is_empty())
+                    .map(|(t, c)| (format!("{BACKFILL_PREFIX}{t}").into(), entries(c))),
+            );
+            if !p.legacy_dedupe.is_empty() {
+                all.push((
+                    LEGACY_TENANT.into(),
+                    p.legacy_dedupe.iter().map(|(&k, &v)| (k, v)).collect(),
+                ));
+            }
+            job.dedupe_all = Some(all);
         }
         if self.late.len > self.compact_bytes {
             let dlq = p.dlq.lock();
             job.late_all = Some(dlq.held_entries(DlqKind::Late).cloned().collect());
         }
-        p.sealed_to = seal_to;
+        for (t, to) in horizons {
+            for map in [&mut p.clocks, &mut p.backfills] {
+                if let Some(c) = map.get_mut(&t) {
+                    c.sealed_to = to;
+                }
+            }
+        }
         p.journal.dirty = false;
         job
     }
@@ -854,15 +1107,9 @@ impl StateStore {
             ..CheckpointReport::default()
         };
         let mut dedupe_buf = Vec::new();
-        match &job.dedupe_all {
-            Some(all) => {
-                encode_dedupe(&mut dedupe_buf, all);
-                report.dedupe_entries = all.len();
-            }
-            None => {
-                encode_dedupe(&mut dedupe_buf, &job.dedupe);
-                report.dedupe_entries = job.dedupe.len();
-            }
+        for (t, entries) in job.dedupe_all.as_ref().unwrap_or(&job.dedupe) {
+            encode_dedupe(&mut dedupe_buf, t, entries);
+            report.dedupe_entries += entries.len();
         }
         let mut late_buf = Vec::new();
         for e in job.late_all.as_ref().unwrap_or(&job.late) {
@@ -911,9 +1158,10 @@ impl StateStore {
         let sealed_ref = new_sealed_j.as_ref().unwrap_or(&self.sealed);
         let dedupe_ref = new_dedupe_j.as_ref().unwrap_or(&self.dedupe);
         let late_ref = new_late_j.as_ref().unwrap_or(&self.late);
+        let count = |v: &TenantEntries| v.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
         let dedupe_written = match &job.dedupe_all {
-            Some(all) => all.len() as u64,
-            None => self.dedupe_written + job.dedupe.len() as u64,
+            Some(all) => count(all),
+            None => self.dedupe_written + count(&job.dedupe),
         };
         let sealed_base = if job.sealed_rewrite {
             sealed_ref.len
@@ -942,13 +1190,12 @@ impl StateStore {
         for &o in &job.offsets {
             e.u64(o);
         }
-        for s in &job.parts {
-            e.opt_i64(s.max_ts);
-            e.i64(s.last_append_ms);
+        for list in [&job.clocks, &job.backfills] {
+            e.u32(list.len() as u32);
+            for c in list {
+                c.encode(&mut e);
+            }
         }
-        e.opt_i64(job.watermark);
-        e.i64(job.swept_to);
-        e.i64(job.seal_to);
         encode_totals(&mut e, &job.totals);
         for j in &journals {
             e.u64(j.gen_);
@@ -1001,6 +1248,7 @@ impl StateStore {
         }
         if let Some(j) = new_dedupe_j {
             self.dedupe = j;
+            self.dedupe_legacy = false;
         }
         if let Some(j) = new_late_j {
             self.late = j;

@@ -193,3 +193,158 @@ proptest! {
         }
     }
 }
+
+fn tenant_batch(tenant: &str, events: &[(&str, Millis)], backfill: bool) -> Vec<u8> {
+    let mut w = BatchWriter::new();
+    for (id, ts) in events {
+        let at = w.begin_event(tenant, id, "click", *ts, Some("u"), None);
+        w.finish_event(at, 0);
+    }
+    if backfill {
+        w.finish_backfill()
+    } else {
+        w.finish()
+    }
+}
+
+impl Harness {
+    fn feed_tenant(
+        &mut self,
+        partition: u32,
+        append_ms: Millis,
+        tenant: &str,
+        events: &[(&str, Millis)],
+        backfill: bool,
+    ) -> Applied {
+        let payload = tenant_batch(tenant, events, backfill);
+        self.lsn += 1;
+        self.p
+            .apply(RecordRef {
+                partition,
+                offset: self.lsn * 100,
+                next_offset: self.lsn * 100 + 100,
+                lsn: self.lsn,
+                append_ms,
+                payload: &payload,
+            })
+            .unwrap()
+    }
+
+    fn tenant_count(&self, tenant: &str, from: Millis, to: Millis) -> i64 {
+        let q = MetricQuery {
+            tenant: tenant.into(),
+            metric: Metric::Count,
+            start: from,
+            end: to,
+            granularity: Granularity::D1,
+            event_types: vec![],
+            group_by_event_type: false,
+        };
+        self.store
+            .read()
+            .query(&q)
+            .unwrap()
+            .iter()
+            .flat_map(|s| &s.points)
+            .map(|(_, v)| match v {
+                Value::Int(c) => *c as i64,
+                Value::Float(f) => *f as i64,
+            })
+            .sum()
+    }
+}
+
+/// One tenant's events stamped in the year 2100 move its own watermark
+/// only: another tenant's events of today (same partition) all count.
+#[test]
+fn one_tenants_future_never_judges_another_tenants_events() {
+    let mut h = Harness::new(1);
+    const Y2100: Millis = 4_102_444_800_000;
+    let a = h.feed_tenant(0, 0, "evil", &[("f", Y2100)], false);
+    assert_eq!(a.counted, 1);
+    assert_eq!(h.p.tenant_watermark("evil"), Some(Y2100 - 5_000));
+    let a = h.feed_tenant(0, 10, "good", &[("g1", T0), ("g2", T0 + 1_000)], false);
+    assert_eq!((a.counted, a.late), (2, 0));
+    assert_eq!(h.p.tenant_watermark("good"), Some(T0 + 1_000 - 5_000));
+    assert_eq!(h.tenant_count("good", T0 - 86_400_000, T0 + 86_400_000), 2);
+    assert!(h.dlq.lock().list("good", DlqKind::Late, 10).is_empty());
+    // The furthest watermark is what the overall gauge shows.
+    assert_eq!(h.p.watermark(), Some(Y2100 - 5_000));
+}
+
+/// A new tenant's three hours of history, sent while another tenant is
+/// live in the same partitions, count whole; late entries name the tenant.
+#[test]
+fn a_new_tenants_backfill_beside_a_live_tenant_counts_whole() {
+    let mut h = Harness::new(2);
+    let live_now = T0 + 3 * 3_600_000;
+    let mut n = 0;
+    for step in 0..180 {
+        let t = T0 + step * MINUTE_MS;
+        let id_live = format!("l{step}");
+        h.feed_tenant(
+            (step % 2) as u32,
+            step * 100,
+            "live",
+            &[(&id_live, live_now + step * 1000)],
+            false,
+        );
+        let id = format!("b{step}");
+        let a = h.feed_tenant((step % 2) as u32, step * 100 + 1, "new", &[(&id, t)], false);
+        assert_eq!(a.late, 0, "step {step}");
+        n += 1;
+    }
+    assert_eq!(h.tenant_count("new", T0, T0 + 86_400_000), n);
+    // Far behind its own clock now: late, and the entry says whose clock judged it.
+    let a = h.feed_tenant(0, 20_000, "new", &[("old", T0)], false);
+    assert_eq!(a.late, 1);
+    let late = h.dlq.lock().list("new", DlqKind::Late, 10);
+    assert!(
+        late[0].reason.contains("tenant \"new\"'s watermark"),
+        "{}",
+        late[0].reason
+    );
+}
+
+/// History of a live tenant sent as a backfill is judged by its backfill
+/// clock: counted, deduplicated against the live stream both ways, and late
+/// only by the backfill's own progress.
+#[test]
+fn a_backfill_of_a_live_tenant_counts_once() {
+    let mut h = Harness::new(1);
+    let now = T0 + 5 * 3_600_000;
+    h.feed_tenant(0, 0, "acme", &[("live1", now), ("dup", now - 1000)], false);
+    // Live clock at now-5s: this history would be late on the live path.
+    let a = h.feed_tenant(0, 1, "acme", &[("h0", T0)], false);
+    assert_eq!(a.late, 1);
+    let a = h.feed_tenant(
+        0,
+        2,
+        "acme",
+        &[
+            ("h1", T0),
+            ("h2", T0 + MINUTE_MS),
+            ("h3", T0 + 2 * 3_600_000),
+            ("dup", now - 1000),
+        ],
+        true,
+    );
+    assert_eq!((a.counted, a.duplicates, a.late), (3, 1, 0));
+    // The backfill's own clock: an hour behind it is late for the backfill.
+    let a = h.feed_tenant(0, 3, "acme", &[("h4", T0 + 30 * MINUTE_MS)], true);
+    assert_eq!(a.late, 1);
+    let late = h.dlq.lock().list("acme", DlqKind::Late, 10);
+    assert!(
+        late.last().unwrap().reason.contains("backfill watermark"),
+        "{}",
+        late.last().unwrap().reason
+    );
+    // A backfilled event re-sent live is a duplicate too.
+    let a = h.feed_tenant(0, 4, "acme", &[("h3", T0 + 2 * 3_600_000)], false);
+    assert_eq!(a.counted, 0);
+    assert_eq!(
+        h.p.backfill_watermark("acme"),
+        Some(T0 + 2 * 3_600_000 - 5_000)
+    );
+    assert_eq!(h.tenant_count("acme", T0 - 86_400_000, T0 + 86_400_000), 5);
+}

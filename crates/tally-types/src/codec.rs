@@ -8,7 +8,9 @@
 //!
 //! ```text
 //! batch  := head:u32 event*     head: bit 31 = correction batch (late events
-//!                               re-applied from the DLQ), bits 0..31 = n_events
+//!                               re-applied from the DLQ), bit 30 = backfill
+//!                               batch (history, judged by its tenant's
+//!                               backfill clock), bits 0..30 = n_events
 //! event  := tenant:str16 event_id:str16 event_type:str8 ts:i64
 //!           user_id:opt16 session_id:opt16 n_props:u16 (prop* | text)
 //!                               bit 15 of n_props: the properties are kept
@@ -650,10 +652,14 @@ pub struct BatchReader<'a> {
     cur: Cursor<'a>,
     left: u32,
     correction: bool,
+    backfill: bool,
 }
 
 /// Bit of the batch head that marks a correction batch.
 const CORRECTION_BIT: u32 = 1 << 31;
+/// Bit of the batch head that marks a backfill batch.
+const BACKFILL_BIT: u32 = 1 << 30;
+const FLAG_BITS: u32 = CORRECTION_BIT | BACKFILL_BIT;
 
 impl<'a> BatchReader<'a> {
     pub fn new(buf: &'a [u8]) -> Result<Self, CodecError> {
@@ -661,9 +667,16 @@ impl<'a> BatchReader<'a> {
         let head = cur.u32()?;
         Ok(BatchReader {
             cur,
-            left: head & !CORRECTION_BIT,
+            left: head & !FLAG_BITS,
             correction: head & CORRECTION_BIT != 0,
+            backfill: head & BACKFILL_BIT != 0,
         })
+    }
+
+    /// Whether this batch is history sent as a backfill
+    /// (`POST /api/v1/events?backfill=true`).
+    pub fn is_backfill(&self) -> bool {
+        self.backfill
     }
 
     /// Whether this batch holds late events re-applied as corrections.
@@ -968,11 +981,16 @@ impl BatchWriter {
         self.finish_with(CORRECTION_BIT)
     }
 
+    /// Finishes a backfill batch (see [`BatchReader::is_backfill`]).
+    pub fn finish_backfill(self) -> Vec<u8> {
+        self.finish_with(BACKFILL_BIT)
+    }
+
     fn finish_with(mut self, flags: u32) -> Vec<u8> {
         if self.buf.len() < 4 {
             self.buf.resize(4, 0);
         }
-        let head = (self.n & !CORRECTION_BIT) | flags;
+        let head = (self.n & !FLAG_BITS) | flags;
         self.buf[0..4].copy_from_slice(&head.to_le_bytes());
         self.buf
     }

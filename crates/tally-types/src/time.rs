@@ -142,6 +142,37 @@ pub fn parse_rfc3339(s: &str) -> Result<Millis, TimeError> {
     Ok(t)
 }
 
+/// `86400000` → `1d`, `300000` → `5m`, `5000` → `5s`.
+pub fn human_ms(ms: Millis) -> String {
+    if ms % 86_400_000 == 0 && ms > 0 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % MINUTE_MS == 0 && ms > 0 {
+        format!("{}m", ms / MINUTE_MS)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// A duration rounded down to its largest whole unit: `2d`, `3h`, `12m`, `40s`.
+pub fn human_approx(ms: Millis) -> String {
+    let units = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+    ];
+    for (u, name) in units {
+        if ms.abs() >= u {
+            return format!("{}{name}", ms / u);
+        }
+    }
+    format!("{ms}ms")
+}
+
 /// Formats epoch ms as RFC 3339 UTC with `Z`, with milliseconds only when non-zero.
 pub fn format_rfc3339(t: Millis) -> String {
     let days = t.div_euclid(DAY_MS);
