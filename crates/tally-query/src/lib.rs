@@ -9,6 +9,7 @@
 //! runs under a memory pool of its own and a time limit.
 
 pub mod format;
+mod limits;
 mod provider;
 mod sessions;
 mod udf;
@@ -57,6 +58,21 @@ pub enum QueryError {
 }
 
 impl QueryError {
+    /// An error while planning the user's SQL (constant folding included):
+    /// the SQL's fault, a 400, unless it is the memory limit.
+    fn from_planner(e: DataFusionError, limit: usize) -> QueryError {
+        match QueryError::from_df(e, limit) {
+            QueryError::Exec(m) => QueryError::Sql(
+                m.trim_start_matches("query failed: ")
+                    .split("\nThis issue was likely caused by a bug")
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+            other => other,
+        }
+    }
+
     fn from_df(e: DataFusionError, limit: usize) -> QueryError {
         let root = e.find_root();
         match root {
@@ -64,10 +80,14 @@ impl QueryError {
                 limit_mib: (limit >> 20) as u64,
                 detail: detail.clone(),
             },
+            // The query's own fault (its SQL, or what it asks of the data:
+            // a cast that fails, a division by zero, a regex too big).
             DataFusionError::SQL(..)
             | DataFusionError::Plan(..)
             | DataFusionError::SchemaError(..)
-            | DataFusionError::NotImplemented(..) => QueryError::Sql(root.to_string()),
+            | DataFusionError::NotImplemented(..)
+            | DataFusionError::Execution(..)
+            | DataFusionError::ArrowError(..) => QueryError::Sql(root.to_string()),
             _ => QueryError::Exec(e.to_string()),
         }
     }
@@ -154,12 +174,41 @@ pub type VersionFn = Arc<dyn Fn() -> u64 + Send + Sync>;
 /// (tenant, SQL text).
 type CacheKey = (String, String);
 
+/// Bytes of answers the SQL result cache holds at most.
+const CACHE_BYTES: usize = 64 << 20;
+
+struct Cached {
+    result: Arc<QueryResult>,
+    bytes: usize,
+}
+
 pub struct QueryEngine {
     raw: Arc<RawShared>,
     store: Arc<RwLock<RollupStore>>,
     cfg: QueryConfig,
     version: VersionFn,
-    cache: Mutex<HashMap<CacheKey, (u64, Arc<QueryResult>)>>,
+    cache: Mutex<HashMap<CacheKey, (u64, Cached)>>,
+    /// SQL runs here, on threads of its own (`tally-sql`), so a heavy query
+    /// never holds up the HTTP workers that answer health checks, metrics
+    /// and ingest; a panic in a query ends that query only.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for QueryEngine {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Aborts a spawned query when the request waiting for it goes away.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl QueryEngine {
@@ -169,12 +218,22 @@ impl QueryEngine {
         cfg: QueryConfig,
         version: VersionFn,
     ) -> QueryEngine {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.target_partitions.max(1))
+            .thread_name("tally-sql")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot start the SQL threads; queries run on the HTTP workers");
+            })
+            .ok();
         QueryEngine {
             raw,
             store,
             cfg,
             version,
             cache: Mutex::new(HashMap::new()),
+            runtime,
         }
     }
 
@@ -224,11 +283,42 @@ impl QueryEngine {
         // Replaces DataFusion's date_trunc (same name): UTC hours and days
         // by integer floor instead of a time-zone lookup per row.
         ctx.register_udf(udf::UtcDateTrunc::udf());
+        limits::cap_functions(&ctx, (self.cfg.memory_limit / 2).max(1 << 20));
         Ok(ctx)
     }
 
-    /// Runs one read-only SQL statement for `tenant`.
-    pub async fn sql(&self, tenant: &str, sql: &str) -> Result<Arc<QueryResult>, QueryError> {
+    /// Runs one read-only SQL statement for `tenant`, on the SQL threads.
+    pub async fn sql(
+        self: &Arc<Self>,
+        tenant: &str,
+        sql: &str,
+    ) -> Result<Arc<QueryResult>, QueryError> {
+        let Some(rt) = &self.runtime else {
+            return self.sql_here(tenant, sql).await;
+        };
+        let me = self.clone();
+        let (tenant, sql) = (tenant.to_string(), sql.to_string());
+        let mut task = AbortOnDrop(rt.spawn(async move { me.sql_here(&tenant, &sql).await }));
+        match (&mut task.0).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                let what = e.into_panic();
+                let msg = what
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| what.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                tracing::error!(panic = msg, "a SQL query panicked; the server goes on");
+                Err(QueryError::Exec(format!(
+                    "the query failed inside the engine: {msg}"
+                )))
+            }
+            Err(_) => Err(QueryError::Exec("the query was cancelled".into())),
+        }
+    }
+
+    /// Runs one read-only SQL statement for `tenant` on the calling runtime.
+    async fn sql_here(&self, tenant: &str, sql: &str) -> Result<Arc<QueryResult>, QueryError> {
         if sql.trim().is_empty() {
             return Err(QueryError::BadRequest(
                 "sql is empty: send {\"sql\": \"SELECT …\"}".into(),
@@ -240,7 +330,7 @@ impl QueryEngine {
             && let Some((v, r)) = self.cache.lock().get(&key)
             && *v == version
         {
-            let mut hit = (**r).clone();
+            let mut hit = (*r.result).clone();
             hit.cached = true;
             return Ok(Arc::new(hit));
         }
@@ -255,7 +345,7 @@ impl QueryEngine {
             let df = ctx
                 .sql_with_options(sql, opts)
                 .await
-                .map_err(|e| QueryError::from_df(e, limit))?;
+                .map_err(|e| QueryError::from_planner(e, limit))?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             let mut stream = df
                 .execute_stream()
@@ -291,12 +381,30 @@ impl QueryEngine {
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
             cached: false,
         });
-        if self.cfg.cache_entries > 0 && (self.version)() == version {
+        let bytes: usize = result
+            .batches
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        // Only answers that fit a slice of the budget are kept; entries of
+        // an older data version can never be served again and go first.
+        if self.cfg.cache_entries > 0 && bytes <= CACHE_BYTES / 8 && (self.version)() == version {
             let mut c = self.cache.lock();
-            if c.len() >= self.cfg.cache_entries {
+            c.retain(|_, (v, _)| *v == version);
+            let held: usize = c.values().map(|(_, r)| r.bytes).sum();
+            if c.len() >= self.cfg.cache_entries || held + bytes > CACHE_BYTES {
                 c.clear();
             }
-            c.insert(key, (version, result.clone()));
+            c.insert(
+                key,
+                (
+                    version,
+                    Cached {
+                        result: result.clone(),
+                        bytes,
+                    },
+                ),
+            );
         }
         Ok(result)
     }
@@ -314,21 +422,42 @@ impl QueryEngine {
         use arrow::array::{Array, Int64Array, StringArray};
         use arrow::compute::cast;
         use arrow::datatypes::DataType;
+        use datafusion::functions_aggregate::expr_fn::min;
+        use datafusion::logical_expr::{cast as cast_expr, col};
         let mut out = HashMap::new();
-        let bound = tally_types::time::format_rfc3339;
+        let limit = self.cfg.memory_limit;
+        let df_err = |e| QueryError::from_df(e, limit);
+        let ts = |t: tally_types::Millis| {
+            lit(datafusion::common::ScalarValue::TimestampMillisecond(
+                Some(t),
+                Some("UTC".into()),
+            ))
+        };
         for chunk in ids.chunks(1000) {
-            let list: Vec<String> = chunk
-                .iter()
-                .map(|id| format!("'{}'", id.replace('\'', "''")))
-                .collect();
-            let sql = format!(
-                "SELECT CAST(event_id AS VARCHAR) AS id, CAST(min(received_at) AS BIGINT) AS first \
-                 FROM events WHERE ts >= '{}' AND ts <= '{}' AND event_id IN ({}) GROUP BY 1",
-                bound(from),
-                bound(to),
-                list.join(",")
-            );
-            let r = self.sql(tenant, &sql).await?;
+            // A filter built as expressions: the ids are values, never SQL text.
+            let ctx = self.context(tenant)?;
+            let run = async {
+                ctx.table("events")
+                    .await?
+                    .filter(col("ts").gt_eq(ts(from)).and(col("ts").lt_eq(ts(to))).and(
+                        col("event_id").in_list(chunk.iter().map(|id| lit(*id)).collect(), false),
+                    ))?
+                    .aggregate(
+                        vec![col("event_id")],
+                        vec![min(col("received_at")).alias("first")],
+                    )?
+                    .select(vec![
+                        cast_expr(col("event_id"), DataType::Utf8).alias("id"),
+                        cast_expr(col("first"), DataType::Int64).alias("first"),
+                    ])?
+                    .collect()
+                    .await
+            };
+            let batches = tokio::time::timeout(Duration::from_millis(self.cfg.timeout_ms), run)
+                .await
+                .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
+                .map_err(df_err)?;
+            let r = QueryResultBatches { batches };
             for b in &r.batches {
                 let ids = cast(b.column(0), &DataType::Utf8)
                     .map_err(|e| QueryError::Exec(e.to_string()))?;
@@ -349,6 +478,11 @@ impl QueryEngine {
         }
         Ok(out)
     }
+}
+
+/// Batches of an internal query.
+struct QueryResultBatches {
+    batches: Vec<RecordBatch>,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ const T0: i64 = 1_793_534_400_000; // 2026-11-01T12:00:00Z
 struct Fixture {
     _dir: tempfile::TempDir,
     writer: RawWriter,
-    engine: QueryEngine,
+    engine: Arc<QueryEngine>,
     version: Arc<AtomicU64>,
 }
 
@@ -42,12 +42,12 @@ fn fixture(cfg: QueryConfig, n: usize) -> Fixture {
     writer.flush().unwrap();
     let version = Arc::new(AtomicU64::new(0));
     let v = version.clone();
-    let engine = QueryEngine::new(
+    let engine = Arc::new(QueryEngine::new(
         raw,
         Arc::new(RwLock::new(RollupStore::new())),
         cfg,
         Arc::new(move || v.load(Relaxed)),
-    );
+    ));
     Fixture {
         _dir: dir,
         writer,
