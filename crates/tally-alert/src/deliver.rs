@@ -12,6 +12,7 @@ use tally_types::{Clock, Millis};
 
 use crate::engine::{Engine, Outcome};
 use crate::rule::{Detector, Format, Rule, Target};
+use crate::targets::{GuardedResolver, TargetPolicy};
 
 /// One notification of a rule, before it is shaped for a target.
 #[derive(Debug, Clone)]
@@ -111,6 +112,9 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Deliveries in flight at once.
     pub concurrency: usize,
+    /// Where webhooks may go; with `block_internal` failures are also
+    /// reported without detail (no port scan through the history).
+    pub targets: Arc<TargetPolicy>,
 }
 
 impl Default for DeliveryConfig {
@@ -118,6 +122,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             timeout: Duration::from_secs(5),
             concurrency: 16,
+            targets: Arc::default(),
         }
     }
 }
@@ -135,9 +140,15 @@ pub async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
     on_latency: LatencyFn,
 ) {
+    let guarded = cfg.targets.block_internal;
     let client = match reqwest::Client::builder()
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout)
+        // A redirect could lead anywhere the policy refuses.
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(GuardedResolver {
+            policy: cfg.targets.clone(),
+        }))
         .user_agent(concat!("tally/", env!("CARGO_PKG_VERSION")))
         .build()
     {
@@ -159,6 +170,18 @@ pub async fn run(
                 on_latency.clone(),
                 wake.clone(),
             );
+            // An address in the URL never reaches the resolver: checked here.
+            let refused = reqwest::Url::parse(&d.url).ok().and_then(|u| {
+                let ip = TargetPolicy::literal_ip(&u)?;
+                (!cfg.targets.ip_allowed(u.host_str().unwrap_or_default(), ip)).then_some(ip)
+            });
+            if let Some(ip) = refused {
+                let why = format!("{ip} is an internal address (alerts.allow-targets)");
+                engine
+                    .lock()
+                    .finish(d.id, Outcome::Failed(why), clock.now_ms());
+                continue;
+            }
             tokio::spawn(async move {
                 let r = client
                     .post(&d.url)
@@ -175,8 +198,14 @@ pub async fn run(
                         }
                         Outcome::Delivered
                     }
+                    Ok(resp) if guarded => {
+                        Outcome::Failed(format!("HTTP {}", resp.status().as_u16()))
+                    }
                     Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status())),
                     Err(e) if e.is_timeout() => Outcome::Failed("timed out".into()),
+                    Err(_) if guarded => {
+                        Outcome::Failed("could not deliver (connection failed or refused)".into())
+                    }
                     Err(e) => Outcome::Failed(error_chain(&e)),
                 };
                 engine.lock().finish(d.id, outcome, clock.now_ms());

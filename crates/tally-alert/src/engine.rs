@@ -193,6 +193,10 @@ pub struct EngineConfig {
     pub history: usize,
     /// Most buckets one rule evaluates in one call (a long backfill skips ahead).
     pub max_catchup: i64,
+    /// Rules one tenant may have.
+    pub max_rules_per_tenant: usize,
+    /// Where webhooks may go (checked when a rule is written).
+    pub targets: std::sync::Arc<crate::TargetPolicy>,
 }
 
 impl Default for EngineConfig {
@@ -204,6 +208,8 @@ impl Default for EngineConfig {
             max_backoff_ms: 60_000,
             history: 1000,
             max_catchup: 10_000,
+            max_rules_per_tenant: 100,
+            targets: std::sync::Arc::default(),
         }
     }
 }
@@ -395,7 +401,33 @@ impl Engine {
             }
         };
         let mut rule = crate::rule::parse_rule(body, tenant, id.clone(), now)?;
+        for (i, t) in rule.notify.iter().enumerate() {
+            let url = reqwest::Url::parse(&t.webhook).map_err(|e| crate::rule::RuleError {
+                field: format!("notify[{i}].webhook"),
+                message: e.to_string(),
+            })?;
+            self.cfg
+                .targets
+                .check_url(&url)
+                .map_err(|message| crate::rule::RuleError {
+                    field: format!("notify[{i}].webhook"),
+                    message,
+                })?;
+        }
         let created = existing.is_none();
+        if created
+            && self.rules.values().filter(|r| r.tenant == tenant).count()
+                >= self.cfg.max_rules_per_tenant
+        {
+            return Err(crate::rule::RuleError {
+                field: "name".into(),
+                message: format!(
+                    "tenant {tenant:?} has {} rules, the most it may have; delete one first",
+                    self.cfg.max_rules_per_tenant
+                ),
+            }
+            .into());
+        }
         if let Some((_, created_at)) = existing {
             rule.created_at = created_at;
             if !self.rules[&id].same_definition(&rule) {
@@ -491,10 +523,27 @@ impl Engine {
         closed: Option<Instant>,
         values: ValuesFn<'_>,
     ) -> usize {
-        let ids: Vec<String> = self.rules.keys().cloned().collect();
+        self.advance_tenants(&|_| Some(closed_through), now, closed, values)
+    }
+
+    /// As [`Engine::advance`], with each tenant's own event time: a rule
+    /// judges the buckets its tenant's clock closed (`None`: nothing yet),
+    /// never another tenant's.
+    pub fn advance_tenants(
+        &mut self,
+        closed_through: &dyn Fn(&str) -> Option<Millis>,
+        now: Millis,
+        closed: Option<Instant>,
+        values: ValuesFn<'_>,
+    ) -> usize {
+        let ids: Vec<(String, Millis)> = self
+            .rules
+            .iter()
+            .filter_map(|(id, r)| Some((id.clone(), closed_through(&r.tenant)?)))
+            .collect();
         let mut queued = 0;
-        for id in ids {
-            queued += self.advance_rule(&id, closed_through, now, closed, values);
+        for (id, through) in ids {
+            queued += self.advance_rule(&id, through, now, closed, values);
         }
         queued
     }

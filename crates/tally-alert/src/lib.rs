@@ -14,6 +14,7 @@ pub mod deliver;
 pub mod engine;
 pub mod progress;
 pub mod rule;
+pub mod targets;
 
 pub use deliver::{DeliveryConfig, LatencyFn};
 pub use engine::{
@@ -22,6 +23,7 @@ pub use engine::{
 };
 pub use progress::Progress;
 pub use rule::{Detector, Direction, Format, Op, Rule, RuleError, Target};
+pub use targets::{Allowed, TargetPolicy};
 
 #[cfg(test)]
 mod tests;

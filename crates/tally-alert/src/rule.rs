@@ -14,6 +14,11 @@ pub struct RuleError {
     pub message: String,
 }
 
+/// Notification targets of one rule at most.
+pub const MAX_TARGETS: usize = 10;
+/// Longest webhook URL.
+pub const MAX_URL: usize = 2048;
+
 fn err(field: impl Into<String>, message: impl Into<String>) -> RuleError {
     RuleError {
         field: field.into(),
@@ -322,6 +327,12 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
     let resolve_after_ms = duration(obj, "resolve_after")?.unwrap_or(g.ms());
     let notify = match obj.get("notify") {
         None | Some(Json::Null) => Vec::new(),
+        Some(Json::Array(a)) if a.len() > MAX_TARGETS => {
+            return Err(err(
+                "notify",
+                format!("{} targets; a rule has at most {MAX_TARGETS}", a.len()),
+            ));
+        }
         Some(Json::Array(a)) => a
             .iter()
             .enumerate()
@@ -550,8 +561,20 @@ fn parse_target(v: &Json, field: &str) -> Result<Target, RuleError> {
         .get("webhook")
         .and_then(Json::as_str)
         .ok_or_else(|| err(format!("{field}.webhook"), "required: the URL to POST to"))?;
+    if url.len() > MAX_URL {
+        return Err(err(
+            format!("{field}.webhook"),
+            format!("{} bytes; a webhook URL has at most {MAX_URL}", url.len()),
+        ));
+    }
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| err(format!("{field}.webhook"), format!("{url:?}: {e}")))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(err(
+            format!("{field}.webhook"),
+            "credentials in the URL (user:password@) are not accepted; put a token in the path or query",
+        ));
+    }
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(err(
             format!("{field}.webhook"),

@@ -97,6 +97,10 @@ struct ServeArgs {
     /// TOML config file (see tally.example.toml).
     #[arg(long, env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
+    /// Serve open mode (no API keys) on a non-loopback address anyway:
+    /// anyone who reaches it can read and change every tenant's data.
+    #[arg(long)]
+    insecure_open: bool,
 }
 
 #[derive(Args)]
@@ -305,6 +309,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     if let Some(d) = a.data_dir {
         cfg.data_dir = d;
     }
+    cfg.auth.insecure_open |= a.insecure_open;
     let server = Server::start(cfg.clone(), Clock::system())
         .await
         .with_context(|| {

@@ -20,6 +20,11 @@ use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_te
 
 /// Largest number of properties per event.
 pub const MAX_PROPS: usize = 256;
+/// Rejections of one body kept whole (message, raw text for the DLQ);
+/// past this they are only counted, so a body of junk lines costs no more
+/// memory than its size.
+pub const MAX_KEPT_REJECTIONS: usize = 1000;
+
 /// Longest raw text kept for a rejected event in the DLQ.
 pub const MAX_RAW_KEPT: usize = 8192;
 
@@ -55,6 +60,8 @@ impl Format {
 pub enum Tenancy<'a> {
     /// Open mode: the event's `tenant` field, else `default`.
     Open,
+    /// Open mode with `?tenant=`: the event's `tenant` field, else this one.
+    OpenAs(&'a str),
     /// Keyed mode: the key's tenant; an event naming another tenant is rejected.
     Keyed(&'a str),
 }
@@ -85,19 +92,33 @@ pub struct Rejection {
     pub is_object: bool,
 }
 
+/// Decides, per valid event `(tenant, event_type, timestamp)`, whether the
+/// server takes it now; `Some(reason)` refuses it (overload, a full late
+/// DLQ): the client may send it again later, it is not malformed.
+pub type Admission = Arc<dyn Fn(&str, &str, Millis) -> Option<String> + Send + Sync>;
+
 /// The accepted events of a body, one encoded batch per partition that got any.
 #[derive(Debug, Default)]
 pub struct Parsed {
     pub partitions: Vec<(u32, BatchWriter)>,
     pub accepted: usize,
     pub rejected: Vec<Rejection>,
+    /// Every rejected event, those past [`MAX_KEPT_REJECTIONS`] included.
+    pub rejected_total: usize,
+    /// Valid events the admission refused: (index, reason); retry them.
+    pub refused: Vec<(usize, String)>,
     /// Accepted events per tenant, in order of first appearance (quotas).
     pub tenants: Vec<(String, usize)>,
+    /// The earliest and latest event time of each tenant in `tenants`.
+    pub spans: Vec<(Millis, Millis)>,
 }
 
 /// Parser with reusable scratch space.
 pub struct Parser {
     partitions: u32,
+    /// `(now, skew)`: events stamped more than `skew` after `now` are rejected.
+    future: Option<(Millis, Millis)>,
+    admission: Option<Admission>,
     props: Vec<(Cow<'static, str>, &'static RawValue)>,
     schemas: Arc<Schemas>,
 }
@@ -138,9 +159,25 @@ impl Parser {
     pub fn with_schemas(partitions: u32, schemas: Arc<Schemas>) -> Self {
         Parser {
             partitions: partitions.max(1),
+            future: None,
+            admission: None,
             props: Vec::new(),
             schemas,
         }
+    }
+
+    /// Rejects events stamped more than `skew_ms` after the server's clock
+    /// `now` (`ingest.max-future-skew`): one client's wrong clock must not
+    /// carry its tenant's watermark into the future.
+    pub fn with_future_limit(mut self, now: Millis, skew_ms: Millis) -> Self {
+        self.future = Some((now, skew_ms));
+        self
+    }
+
+    /// Valid events are offered to `admission` before they are taken.
+    pub fn with_admission(mut self, admission: Option<Admission>) -> Self {
+        self.admission = admission;
+        self
     }
 
     pub fn parse(
@@ -163,6 +200,9 @@ impl Parser {
             parts: self.partitions,
             compact: String::new(),
             schemas: &schemas,
+            future: self.future,
+            admission: self.admission.clone(),
+            index: 0,
         };
         match (format, first) {
             (Format::Json, b'[') => {
@@ -242,6 +282,7 @@ impl Parser {
         let mut props = recycle(std::mem::take(&mut self.props));
         match validate(raw, tenancy, &mut props) {
             Ok(ev) => {
+                sink.index = index;
                 if let Err(msg) = sink.accept(&ev, &props) {
                     sink.reject(index, msg, Some(&ev.tenant), tenancy, raw);
                 }
@@ -280,6 +321,10 @@ struct Sink<'s> {
     /// Scratch for [`compact_text`].
     compact: String,
     schemas: &'s Schemas,
+    future: Option<(Millis, Millis)>,
+    admission: Option<Admission>,
+    /// Index of the event being accepted (for refusals).
+    index: usize,
 }
 
 impl Sink<'_> {
@@ -290,6 +335,17 @@ impl Sink<'_> {
         ev: &Valid<'_>,
         props: &[(Cow<'_, str>, &RawValue)],
     ) -> Result<(), String> {
+        if let Some((now, skew)) = self.future
+            && ev.ts > now.saturating_add(skew)
+        {
+            return Err(format!(
+                "timestamp: {} is {} ahead of the server's clock ({}); at most {} ahead is accepted (ingest.max-future-skew): fix the client's clock or raise the setting",
+                time::format_rfc3339(ev.ts),
+                time::human_approx(ev.ts - now),
+                time::format_rfc3339(now),
+                time::human_ms(skew),
+            ));
+        }
         if let Some(schema) = self.schemas.get(&*ev.tenant) {
             for (k, v) in props {
                 if let Some(&t) = schema.get(&**k)
@@ -305,6 +361,26 @@ impl Sink<'_> {
                     ));
                 }
             }
+        }
+        // A number no f64 holds would be counted as nothing: refuse it.
+        // Only an exponent or hundreds of digits can overflow.
+        for (k, v) in props {
+            let t = v.get();
+            if matches!(t.as_bytes()[0], b'-' | b'0'..=b'9')
+                && (t.contains(['e', 'E']) || t.len() > 300)
+                && !t.parse::<f64>().is_ok_and(f64::is_finite)
+            {
+                return Err(format!(
+                    "properties.{k}: {} does not fit a 64-bit float; send a smaller number, or a string",
+                    shorten(t)
+                ));
+            }
+        }
+        if let Some(admit) = &self.admission
+            && let Some(reason) = admit(&ev.tenant, &ev.event_type, ev.ts)
+        {
+            self.out.refused.push((self.index, reason));
+            return Ok(());
         }
         let p = partition_of(
             &ev.tenant,
@@ -344,13 +420,22 @@ impl Sink<'_> {
         }
         self.out.accepted += 1;
         // Batches mostly hold one tenant: compare with the last one first.
-        match self.out.tenants.last_mut() {
-            Some((t, n)) if *t == *ev.tenant => *n += 1,
-            _ => match self.out.tenants.iter_mut().find(|(t, _)| *t == *ev.tenant) {
-                Some((_, n)) => *n += 1,
-                None => self.out.tenants.push((ev.tenant.to_string(), 1)),
+        let last = self.out.tenants.len().wrapping_sub(1);
+        let i = match self.out.tenants.last() {
+            Some((t, _)) if *t == *ev.tenant => last,
+            _ => match self.out.tenants.iter().position(|(t, _)| *t == *ev.tenant) {
+                Some(i) => i,
+                None => {
+                    self.out.tenants.push((ev.tenant.to_string(), 0));
+                    self.out.spans.push((ev.ts, ev.ts));
+                    last.wrapping_add(1)
+                }
             },
-        }
+        };
+        self.out.tenants[i].1 += 1;
+        let span = &mut self.out.spans[i];
+        span.0 = span.0.min(ev.ts);
+        span.1 = span.1.max(ev.ts);
         Ok(())
     }
 
@@ -362,11 +447,18 @@ impl Sink<'_> {
         tenancy: Tenancy<'_>,
         raw: &str,
     ) {
+        self.out.rejected_total += 1;
+        if self.out.rejected.len() >= MAX_KEPT_REJECTIONS {
+            return;
+        }
         let tenant = match tenancy {
             Tenancy::Keyed(t) => t.to_string(),
-            Tenancy::Open => event_tenant
+            Tenancy::Open | Tenancy::OpenAs(_) => event_tenant
                 .filter(|t| valid_tenant(t))
-                .unwrap_or(DEFAULT_TENANT)
+                .unwrap_or(match tenancy {
+                    Tenancy::OpenAs(d) => d,
+                    _ => DEFAULT_TENANT,
+                })
                 .to_string(),
         };
         let is_object = raw.starts_with('{') && serde_json::from_str::<&RawValue>(raw).is_ok();
@@ -643,6 +735,7 @@ impl<'de> Visitor<'de> for Elements<'_, '_> {
             match el {
                 Element::Object(f) => {
                     let mut props = recycle(std::mem::take(self.props));
+                    self.sink.index = index;
                     let refused = match validate_fields(f, self.tenancy, &mut props) {
                         Ok(ev) => match self.sink.accept(&ev, &props) {
                             Ok(()) => None,
@@ -847,7 +940,8 @@ fn validate_fields<'a>(
     let err = |m: String| (m, named_tenant.as_ref().map(|t| t.to_string()));
     let tenant: Cow<'a, str> = match (tenancy, &named_tenant) {
         (Tenancy::Open, None) => Cow::Borrowed(DEFAULT_TENANT),
-        (Tenancy::Open, Some(t)) => {
+        (Tenancy::OpenAs(d), None) => Cow::Borrowed(d),
+        (Tenancy::Open | Tenancy::OpenAs(_), Some(t)) => {
             if !valid_tenant(t) {
                 return Err(err(format!(
                     "tenant: {:?} is not 1–64 characters of [A-Za-z0-9_.-]",

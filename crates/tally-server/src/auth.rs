@@ -16,8 +16,16 @@
 //! and — unless `auth.public-metrics` — `/metrics`. `admin` allows
 //! everything. `/`, `/healthz` and `/readyz` need no key.
 //!
-//! The same layer answers CORS preflights for `auth.cors-origins` (default
-//! any origin), so a web app's pages can send events with their key.
+//! Each route declares what it needs where it is registered
+//! ([`Routes::add`] takes an [`Access`]; there is no other way to add one):
+//! the outer layer only establishes who presents which key (401 for an
+//! unknown one), the route's own layer checks its [`Access`] (401/403) and
+//! only then hands the handler a [`Caller`]. A handler reached without that
+//! check has no `Caller` and refuses the request.
+//!
+//! CORS (`auth.cors-origins`, default none) is tower-http's `CorsLayer`
+//! around everything, so a web app's pages can send events with their key
+//! only where configured; the live WebSocket checks `Origin` itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -186,58 +194,164 @@ impl Keys {
         !self.by_digest.is_empty()
     }
 
-    /// The `Access-Control-Allow-Origin` for a request from `origin`, if
-    /// that origin may call the API.
-    fn cors_allow(&self, origin: &str) -> Option<HeaderValue> {
-        if self.cors_origins.iter().any(|o| o == "*") {
-            Some(HeaderValue::from_static("*"))
-        } else if self.cors_origins.iter().any(|o| o == origin) {
-            HeaderValue::from_str(origin).ok()
+    /// Origins allowed to call the API from a browser page.
+    pub fn cors_origins(&self) -> &[String] {
+        &self.cors_origins
+    }
+
+    /// The CORS layer for `auth.cors-origins` (None: no origin configured,
+    /// so no browser page elsewhere may call the API). Preflights are
+    /// answered by it, before any key is asked for; keys travel in headers,
+    /// never cookies, so no credentials mode is offered.
+    pub(crate) fn cors_layer(&self) -> Option<tower_http::cors::CorsLayer> {
+        use tower_http::cors::{AllowOrigin, CorsLayer};
+        if self.cors_origins.is_empty() {
+            return None;
+        }
+        let origins = if self.cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
         } else {
-            None
+            AllowOrigin::list(
+                self.cors_origins
+                    .iter()
+                    .filter_map(|o| HeaderValue::from_str(o).ok()),
+            )
+        };
+        Some(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::ACCEPT,
+                    header::HeaderName::from_static("x-api-key"),
+                ])
+                .expose_headers([
+                    header::RETRY_AFTER,
+                    header::HeaderName::from_static("x-tally-cache"),
+                ])
+                .max_age(std::time::Duration::from_secs(600)),
+        )
+    }
+
+    /// Whether a browser page of `origin` may open the live WebSocket of a
+    /// server reached as `host`: its own pages, and `auth.cors-origins`.
+    pub(crate) fn ws_origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
+        let same = host.is_some_and(|h| {
+            origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                .is_some_and(|o| o.eq_ignore_ascii_case(h))
+        });
+        same || self.cors_origins.iter().any(|o| o == "*" || o == origin)
+    }
+}
+
+/// What a route needs, declared with the route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No key (the dashboard page, health checks).
+    Public,
+    /// Prometheus: no key unless `auth.public-metrics = false` (then admin).
+    Metrics,
+    /// A key with this scope (or admin).
+    Needs(Scope),
+}
+
+/// Who presented which key, as the outer layer found it (None: no key).
+#[derive(Debug, Clone)]
+struct Presented(Option<Key>);
+
+/// A router whose every route names its [`Access`].
+pub(crate) struct Routes<S> {
+    router: axum::Router<S>,
+    keys: Arc<Keys>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    pub(crate) fn new(keys: Arc<Keys>) -> Self {
+        Routes {
+            router: axum::Router::new(),
+            keys,
+        }
+    }
+
+    /// Adds `route` at `path`, behind the check of `access`.
+    pub(crate) fn add(
+        mut self,
+        path: &str,
+        access: Access,
+        route: axum::routing::MethodRouter<S>,
+    ) -> Self {
+        let keys = self.keys.clone();
+        let route = route.route_layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let keys = keys.clone();
+                async move { check(&keys, access, req, next).await }
+            },
+        ));
+        self.router = self.router.route(path, route);
+        self
+    }
+
+    /// The router, with the outer layer (CORS, keys) around every route.
+    pub(crate) fn finish(self) -> axum::Router<S> {
+        let cors = self.keys.cors_layer();
+        let router = self
+            .router
+            .fallback(|| async {
+                ApiError::NotFound("no such endpoint; see the API reference".into())
+            })
+            .layer(axum::middleware::from_fn_with_state(self.keys, layer));
+        match cors {
+            Some(c) => router.layer(c),
+            None => router,
         }
     }
 }
 
-/// Browser pages of allowed origins may call the API (web apps sending
-/// events, dashboards elsewhere): a preflight `OPTIONS` is answered here,
-/// before any key is asked for, and every answer names the origin. Keys
-/// travel in headers, never cookies, so no credentials mode is offered.
-fn cors(keys: &Keys, req: &Request) -> (Option<HeaderValue>, Option<Response>) {
-    let Some(origin) = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-    else {
-        return (None, None);
+/// The route's own check: its [`Access`] against the key presented.
+async fn check(keys: &Keys, access: Access, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .extensions()
+        .get::<Presented>()
+        .cloned()
+        .and_then(|p| p.0);
+    let need = match access {
+        Access::Public => None,
+        Access::Metrics if keys.public_metrics => None,
+        Access::Metrics => Some(Scope::Admin),
+        Access::Needs(s) => Some(s),
     };
-    let Some(allow) = keys.cors_allow(origin) else {
-        return (None, None);
+    let caller = match (keys.keyed(), presented, need) {
+        (false, _, _) => Caller::Open,
+        (true, Some(k), Some(need)) => {
+            if k.scopes & (need.bit() | Scope::Admin.bit()) == 0 {
+                tracing::debug!(key = %k.name, path = %req.uri().path(), "scope refused");
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "this API key lacks the {:?} scope that {} {} needs",
+                        need.as_str(),
+                        req.method(),
+                        req.uri().path()
+                    ),
+                );
+            }
+            Caller::Key(k)
+        }
+        (true, Some(k), None) => Caller::Key(k),
+        (true, None, None) => Caller::Open,
+        (true, None, Some(_)) => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "missing API key: send Authorization: Bearer <key>".into(),
+            );
+        }
     };
-    let preflight = *req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if !preflight {
-        return (Some(allow), None);
-    }
-    let mut r = StatusCode::NO_CONTENT.into_response();
-    let h = r.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization, content-type, x-api-key, accept"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("600"),
-    );
-    h.insert(header::VARY, HeaderValue::from_static("origin"));
-    (None, Some(r))
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 /// Who is asking: anyone (open mode) or the holder of a key.
@@ -327,27 +441,16 @@ pub(crate) fn check_tenant(t: &str) -> Result<String, ApiError> {
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
-    /// The caller the auth layer established. A route outside that layer
-    /// would have none: refused rather than treated as open.
+    /// The caller the route's access check established. A handler
+    /// reached without one (a route registered without an [`Access`]) has
+    /// none: refused rather than treated as open.
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, ApiError> {
         parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
             ApiError::Status(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "request did not pass the auth layer".into(),
+                "this route declares no access; the request was refused".into(),
             )
         })
-    }
-}
-
-/// The scope a route needs; None: no key needed.
-fn required(keys: &Keys, method: &Method, path: &str) -> Option<Scope> {
-    match path {
-        "/" | "/healthz" | "/readyz" | "/favicon.ico" => None,
-        "/metrics" if keys.public_metrics => None,
-        "/metrics" | "/api/v1/status" | "/api/v1/dlq/replay" => Some(Scope::Admin),
-        "/api/v1/events" => Some(Scope::Ingest),
-        p if p.starts_with("/api/v1/alerts") && *method != Method::GET => Some(Scope::Admin),
-        _ => Some(Scope::Read),
     }
 }
 
@@ -385,68 +488,32 @@ fn presented(req: &Request) -> Result<Option<[u8; 32]>, String> {
     Ok(None)
 }
 
-/// The layer in front of every route: answers CORS preflights, establishes
-/// the [`Caller`] and refuses a missing key (401), an unknown key (401) or a
-/// key without the route's scope (403).
-pub(crate) async fn layer(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Response {
-    let (allow, preflight) = cors(&keys, &req);
-    if let Some(r) = preflight {
-        return r;
-    }
-    let mut resp = authorize(&keys, req, next).await;
-    if let Some(allow) = allow {
-        let h = resp.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-        h.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("retry-after, x-tally-cache"),
-        );
-        h.insert(header::VARY, HeaderValue::from_static("origin"));
-    }
-    resp
+/// The layer in front of every route: establishes which key a request
+/// presents and refuses a malformed or unknown one (401); each route's own
+/// check then applies its [`Access`].
+async fn layer(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Response {
+    authorize(&keys, req, next).await
 }
 
 async fn authorize(keys: &Keys, mut req: Request, next: Next) -> Response {
     if !keys.keyed() {
-        req.extensions_mut().insert(Caller::Open);
+        req.extensions_mut().insert(Presented(None));
         return next.run(req).await;
     }
-    let need = required(keys, req.method(), req.uri().path());
     let presented = match presented(&req) {
         Ok(d) => d,
         Err(msg) => return refuse(StatusCode::UNAUTHORIZED, msg),
     };
-    let caller = match presented.map(|d| keys.by_digest.get(&d)) {
-        Some(Some(k)) => Caller::Key(k.clone()),
+    let key = match presented.map(|d| keys.by_digest.get(&d)) {
+        Some(Some(k)) => Some(k.clone()),
         Some(None) => {
             return refuse(
                 StatusCode::UNAUTHORIZED,
                 "unknown API key; check the key or ask an admin for one".into(),
             );
         }
-        None if need.is_none() => Caller::Open,
-        None => {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "missing API key: send Authorization: Bearer <key>".into(),
-            );
-        }
+        None => None,
     };
-    if let (Some(need), Caller::Key(k)) = (need, &caller) {
-        let allowed = k.scopes & (need.bit() | Scope::Admin.bit()) != 0;
-        if !allowed {
-            tracing::debug!(key = %k.name, path = %req.uri().path(), "scope refused");
-            return refuse(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "this API key lacks the {:?} scope that {} {} needs",
-                    need.as_str(),
-                    req.method(),
-                    req.uri().path()
-                ),
-            );
-        }
-    }
-    req.extensions_mut().insert(caller);
+    req.extensions_mut().insert(Presented(key));
     next.run(req).await
 }

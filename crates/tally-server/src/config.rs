@@ -47,6 +47,7 @@ pub struct Config {
     pub retention: RetentionSection,
     pub auth: AuthSection,
     pub quotas: QuotasSection,
+    pub shedding: SheddingSection,
     /// Declared properties per tenant, e.g. `[schemas.acme]` then
     /// `duration_ms = "float"`, `page = "string"` (types: string, int,
     /// float, bool). Ingest rejects an event whose declared property has
@@ -66,8 +67,14 @@ pub struct AuthSection {
     /// false it needs a key with the `admin` scope.
     pub public_metrics: bool,
     /// Browser origins allowed to call the API from their pages (CORS), e.g.
-    /// `["https://shop.example"]`; `["*"]` any; empty: none.
+    /// `["https://shop.example"]`; `["*"]` any; empty (the default): none.
+    /// Also the origins whose pages may open the live WebSocket, besides
+    /// the server's own.
     pub cors_origins: Vec<String>,
+    /// Serve open mode (no keys) on an address other than loopback. Off:
+    /// such a server refuses to start, since anyone reaching it could read
+    /// and change every tenant's data (`tally serve --insecure-open`).
+    pub insecure_open: bool,
 }
 
 impl Default for AuthSection {
@@ -75,7 +82,8 @@ impl Default for AuthSection {
         AuthSection {
             keys: Vec::new(),
             public_metrics: true,
-            cors_origins: vec!["*".into()],
+            cors_origins: Vec::new(),
+            insecure_open: false,
         }
     }
 }
@@ -94,6 +102,16 @@ pub struct KeySection {
     pub scopes: Vec<String>,
     /// Shown in logs instead of the key.
     pub name: String,
+}
+
+/// Load shedding: under overload (more than half of
+/// `ingest.max-inflight-bytes` waiting for the disk, or the writer queue
+/// half full) events of these types are refused first (`429` for those
+/// events alone; the rest of the batch is taken).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct SheddingSection {
+    pub low_priority: Vec<String>,
 }
 
 /// Per-tenant ingest quotas (token buckets). A request over its tenant's
@@ -162,6 +180,9 @@ pub struct IngestConfig {
     pub max_inflight_bytes: usize,
     /// Requests waiting for the log writer; past this, 503.
     pub queue_depth: usize,
+    /// Events stamped further than this ahead of the server's clock are
+    /// rejected (their tenant's watermark must not run into the future).
+    pub max_future_skew: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,6 +293,12 @@ pub struct AlertsSection {
     /// Event time further behind the wall clock than this is a backfill and
     /// is never carried forward by the wall clock.
     pub live_horizon: String,
+    /// In keyed mode webhooks may not reach loopback, private or link-local
+    /// addresses; these hosts, addresses and networks (`10.0.0.0/8`) are
+    /// allowed anyway.
+    pub allow_targets: Vec<String>,
+    /// Alert rules one tenant may have.
+    pub max_rules_per_tenant: usize,
 }
 
 impl Default for AlertsSection {
@@ -285,6 +312,8 @@ impl Default for AlertsSection {
             history: 1000,
             wall_clock_grace: "2s".into(),
             live_horizon: "10m".into(),
+            allow_targets: Vec::new(),
+            max_rules_per_tenant: 100,
         }
     }
 }
@@ -333,6 +362,7 @@ impl Default for Config {
             retention: RetentionSection::default(),
             auth: AuthSection::default(),
             quotas: QuotasSection::default(),
+            shedding: SheddingSection::default(),
             schemas: Schemas::new(),
         }
     }
@@ -344,6 +374,7 @@ impl Default for IngestConfig {
             max_body_bytes: 16 << 20,
             max_inflight_bytes: 512 << 20,
             queue_depth: 4096,
+            max_future_skew: "10m".into(),
         }
     }
 }
@@ -377,6 +408,17 @@ impl Default for DlqSection {
     }
 }
 
+/// Whether the section at `path` is a map whose keys are names (tenants,
+/// properties), not field names.
+fn map_section(path: &[String]) -> bool {
+    match path {
+        [s] => s == "schemas",
+        [s, _] if s == "schemas" => true,
+        [q, t] => q == "quotas" && t == "tenants",
+        _ => false,
+    }
+}
+
 fn duration(key: &'static str, v: &str) -> Result<Millis, ConfigError> {
     parse_duration_ms(v).ok_or_else(|| ConfigError::Invalid {
         key,
@@ -392,6 +434,7 @@ pub struct Durations {
     pub watermark_bound_ms: Millis,
     pub idle_timeout_ms: Millis,
     pub allowed_lateness_ms: Millis,
+    pub max_future_skew_ms: Millis,
     pub checkpoint_interval_ms: Millis,
     pub seal_interval_ms: Millis,
     pub archive_retention_ms: Millis,
@@ -409,6 +452,14 @@ pub struct Durations {
 impl Config {
     /// Defaults, then the file (if any), then `TALLY__SECTION__KEY` variables.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with_env(file, std::env::vars())
+    }
+
+    /// [`Config::load`] with the environment given (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -420,14 +471,22 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        for (k, v) in std::env::vars() {
+        for (k, v) in env {
             let Some(path) = k.strip_prefix("TALLY__") else {
                 continue;
             };
-            let keys: Vec<String> = path
-                .split("__")
-                .map(|s| s.to_ascii_lowercase().replace('_', "-"))
-                .collect();
+            // Field names are kebab-case (`GROUP_ID` → `group-id`); keys of
+            // maps (tenants, property names) keep their underscores.
+            let mut keys: Vec<String> = Vec::new();
+            for seg in path.split("__") {
+                let lower = seg.to_ascii_lowercase();
+                let seg = if map_section(&keys) {
+                    lower
+                } else {
+                    lower.replace('_', "-")
+                };
+                keys.push(seg);
+            }
             let value = format!("x = {v}")
                 .parse::<toml::Table>()
                 .ok()
@@ -449,9 +508,31 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         cfg.durations()?;
+        cfg.target_policy()?;
         cfg.check_schemas()?;
         crate::auth::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
+    }
+
+    /// Where webhooks may go: internal addresses refused in keyed mode
+    /// (tenants are not trusted), except `alerts.allow-targets`.
+    pub fn target_policy(&self) -> Result<tally_alert::TargetPolicy, ConfigError> {
+        let allow = self
+            .alerts
+            .allow_targets
+            .iter()
+            .map(|a| {
+                tally_alert::Allowed::parse(a).map_err(|_| ConfigError::Invalid {
+                    key: "alerts.allow-targets",
+                    value: a.clone(),
+                    fix: "write a host name, an IP address or a network like 10.0.0.0/8",
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(tally_alert::TargetPolicy {
+            block_internal: !self.auth.keys.is_empty(),
+            allow,
+        })
     }
 
     /// Tenant names valid, property names usable as `events` columns.
@@ -516,6 +597,7 @@ impl Config {
                 "stream.allowed-lateness",
                 &self.stream.allowed_lateness,
             )?,
+            max_future_skew_ms: duration("ingest.max-future-skew", &self.ingest.max_future_skew)?,
             checkpoint_interval_ms: duration(
                 "stream.checkpoint-interval",
                 &self.stream.checkpoint_interval,

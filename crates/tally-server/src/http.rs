@@ -40,6 +40,10 @@ pub struct AppState {
     pub quotas: Arc<crate::quota::Quotas>,
     /// Declared properties per tenant, checked at ingest.
     pub schemas: Arc<tally_types::schema::Schemas>,
+    /// Event types refused first under overload.
+    pub low_priority: Arc<Vec<String>>,
+    /// Requests the log writer queue holds.
+    pub queue_depth: usize,
 }
 
 /// Every error the API returns, with its status.
@@ -85,39 +89,39 @@ impl IntoResponse for ApiError {
 }
 
 pub fn router(state: AppState) -> Router {
-    let keys = state.keys.clone();
-    Router::new()
-        .route("/", get(index))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(prometheus))
-        .route("/api/v1/events", post(ingest))
-        .route("/api/v1/metrics", get(metrics))
-        .route("/api/v1/dlq", get(dlq))
-        .route("/api/v1/dlq/replay", post(dlq_replay))
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/query", post(sql_query))
-        .route("/api/v1/sessions", get(sessions))
-        .route(
-            "/api/v1/alerts",
-            get(crate::http_alerts::list).post(crate::http_alerts::create),
-        )
-        .route("/api/v1/live", get(crate::live::live))
-        .route("/api/v1/alerts/history", get(crate::http_alerts::history))
-        .route(
+    use crate::auth::{Access, Routes, Scope};
+    use crate::http_alerts as alerts;
+    let read = Access::Needs(Scope::Read);
+    let admin = Access::Needs(Scope::Admin);
+    Routes::new(state.keys.clone())
+        .add("/", Access::Public, get(index))
+        .add("/healthz", Access::Public, get(|| async { "ok\n" }))
+        .add("/readyz", Access::Public, get(readyz))
+        .add("/metrics", Access::Metrics, get(prometheus))
+        .add("/api/v1/events", Access::Needs(Scope::Ingest), post(ingest))
+        .add("/api/v1/metrics", read, get(metrics))
+        .add("/api/v1/dlq", read, get(dlq))
+        .add("/api/v1/dlq/replay", admin, post(dlq_replay))
+        .add("/api/v1/status", admin, get(status))
+        .add("/api/v1/query", read, post(sql_query))
+        .add("/api/v1/sessions", read, get(sessions))
+        .add("/api/v1/alerts", read, get(alerts::list))
+        .add("/api/v1/alerts", admin, post(alerts::create))
+        .add("/api/v1/live", read, get(crate::live::live))
+        .add("/api/v1/alerts/history", read, get(alerts::history))
+        .add("/api/v1/alerts/{id}", read, get(alerts::get_one))
+        .add(
             "/api/v1/alerts/{id}",
-            get(crate::http_alerts::get_one).delete(crate::http_alerts::delete),
+            admin,
+            axum::routing::delete(alerts::delete),
         )
-        .route(
+        .add(
             "/api/v1/alerts/{id}/silence",
-            post(crate::http_alerts::silence).delete(crate::http_alerts::unsilence),
+            admin,
+            post(alerts::silence).delete(alerts::unsilence),
         )
-        .fallback(|| async { ApiError::NotFound("no such endpoint; see shared/API.md".into()) })
+        .finish()
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            keys,
-            crate::auth::layer,
-        ))
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -143,6 +147,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dlq_late_total: dlq.total(DlqKind::Late),
         dlq_malformed_held: dlq.held(DlqKind::Malformed),
         dlq_late_held: dlq.held(DlqKind::Late),
+        dlq_late_full_tenants: dlq.late_full_tenants().len(),
         rollup_buckets: s.shared.store.read().bucket_count(),
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
@@ -161,15 +166,114 @@ async fn prometheus(State(s): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
+/// What the server takes now, event by event: under overload not the
+/// low-priority types (`[shedding]`); while a tenant's late DLQ is full, not
+/// its events that may be too late to count (they would have nowhere to
+/// wait). None when nothing is refused (the common case: no closure).
+fn admission(s: &AppState, overloaded: bool, backfill: bool) -> Option<tally_ingest::Admission> {
+    let shed: Vec<String> = if overloaded {
+        s.low_priority.to_vec()
+    } else {
+        Vec::new()
+    };
+    let full = s.shared.dlq.lock().late_full_tenants();
+    if shed.is_empty() && full.is_empty() {
+        return None;
+    }
+    let d = s.shared.durations;
+    let capacity = s.shared.dlq.lock().capacity();
+    let max_ts: std::collections::HashMap<String, i64> = {
+        let m = s.shared.tenant_max_ts.lock();
+        full.iter()
+            .filter_map(|t| {
+                let key = if backfill {
+                    format!("{t}\u{1}backfill")
+                } else {
+                    t.clone()
+                };
+                Some((t.clone(), *m.get(&key)?))
+            })
+            .collect()
+    };
+    let tel = s.shared.telemetry.clone();
+    Some(Arc::new(move |tenant: &str, event_type: &str, ts: i64| {
+        if shed.iter().any(|t| t == event_type) {
+            tel.events_shed.fetch_add(1, Relaxed);
+            return Some(format!(
+                "shed: the server is overloaded and {event_type:?} is low priority (shedding.low-priority); retry later"
+            ));
+        }
+        let end = tally_types::time::align_down(ts, tally_types::time::MINUTE_MS)
+            + tally_types::time::MINUTE_MS;
+        let maybe_late = max_ts
+            .get(tenant)
+            .is_some_and(|&hi| end + d.allowed_lateness_ms <= hi - d.watermark_bound_ms);
+        if maybe_late {
+            tel.events_refused_late_full.fetch_add(1, Relaxed);
+            return Some(format!(
+                "late DLQ full: tenant {tenant:?} has {capacity} late events waiting (dlq.capacity) and this one may be too late to count; \
+                 apply them with POST /api/v1/dlq/replay?kind=late (or send history with ?backfill=true), then retry"
+            ));
+        }
+        None
+    }))
+}
+
+/// Errors listed in an ingest answer; the rest are counted in `errors_omitted`.
+const MAX_ERRORS_ANSWERED: usize = 100;
+
+/// Whether any accepted event could go to the late DLQ: a tenant's
+/// watermark is at most the latest event time sent to the log writer for it
+/// (every earlier request updated that before it was written) minus the
+/// bound, so events whose window ends, with the allowed lateness, after
+/// that cannot be late. Read after the acknowledgement.
+fn maybe_late(s: &AppState, spans: &[(String, i64, i64)]) -> bool {
+    let d = &s.shared.durations;
+    let max_ts = s.shared.tenant_max_ts.lock();
+    spans.iter().any(|(t, lo, _)| {
+        let first_end = tally_types::time::align_down(*lo, tally_types::time::MINUTE_MS)
+            + tally_types::time::MINUTE_MS;
+        max_ts
+            .get(t)
+            .is_some_and(|&hi| first_end + d.allowed_lateness_ms <= hi - d.watermark_bound_ms)
+    })
+}
+
+/// How many events of the records `first..=last` the processor sent to the
+/// late DLQ, once it applied them (None if that takes over 10 s).
+async fn late_of(s: &AppState, first: u64, last: u64) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.shared.processor.lock().totals.applied_lsn() <= last {
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut m = s.shared.late_by_lsn.lock();
+    Some((first..=last).filter_map(|l| m.remove(&l)).sum())
+}
+
 async fn ingest(
     State(s): State<AppState>,
     caller: Caller,
+    RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let tel = &s.shared.telemetry;
     tel.requests.fetch_add(1, Relaxed);
+    // `?tenant=` names the tenant of events without one (open mode); a key
+    // may only name its own (403 otherwise, as on every route).
+    let pairs = query_pairs(&q);
+    let default_tenant = match one(&pairs, "tenant") {
+        Some(t) if !t.is_empty() => Some(caller.tenant(&pairs)?),
+        _ => None,
+    };
+    let tenancy = match (&default_tenant, caller.tenancy()) {
+        (Some(t), Tenancy::Open) => Tenancy::OpenAs(t),
+        (_, tenancy) => tenancy,
+    };
     if !s.shared.ready.load(Relaxed) {
         return Err(ApiError::Unavailable(
             "not ready: recovering or shutting down; retry".into(),
@@ -213,12 +317,19 @@ async fn ingest(
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let parsed = Parser::with_schemas(s.partitions, s.schemas.clone()).parse(
-        &body,
-        Format::from_content_type(ct),
-        caller.tenancy(),
-    );
-    let parsed = match parsed {
+    let backfill = pairs
+        .iter()
+        .any(|(k, v)| k == "backfill" && matches!(v.as_str(), "true" | "1" | "yes"));
+    let overloaded =
+        inflight as usize + body.len() > s.max_inflight / 2 || s.tx.capacity() < s.queue_depth / 2;
+    let parsed = Parser::with_schemas(s.partitions, s.schemas.clone())
+        .with_future_limit(
+            s.shared.clock.now_ms(),
+            s.shared.durations.max_future_skew_ms,
+        )
+        .with_admission(admission(&s, overloaded, backfill))
+        .parse(&body, Format::from_content_type(ct), tenancy);
+    let mut parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
             release(body.len());
@@ -245,10 +356,28 @@ async fn ingest(
         ));
     }
     let now = s.shared.clock.now_ms();
+    // The first errors are answered (and the first rejections kept in the
+    // DLQ); past that they are only counted.
     let errors: Vec<Json> = parsed
         .rejected
         .iter()
+        .take(MAX_ERRORS_ANSWERED)
         .map(|r| json!({ "index": r.index, "error": r.error }))
+        .collect();
+    let rejected = parsed.rejected_total;
+    // History sent beside live traffic: judged by the tenant's backfill clock.
+    let spans: Vec<(String, i64, i64)> = parsed
+        .tenants
+        .iter()
+        .zip(&parsed.spans)
+        .map(|((t, _), &(lo, hi))| {
+            let clock = if backfill {
+                format!("{t}\u{1}backfill")
+            } else {
+                t.clone()
+            };
+            (clock, lo, hi)
+        })
         .collect();
     let malformed: Vec<DlqEntry> = parsed
         .rejected
@@ -268,13 +397,35 @@ async fn ingest(
         })
         .collect();
     let accepted = parsed.accepted;
-    let rejected = malformed.len();
+    let refused = std::mem::take(&mut parsed.refused);
     let parts: Vec<(u32, Vec<u8>)> = parsed
         .partitions
         .into_iter()
-        .map(|(p, w)| (p, w.finish()))
+        .map(|(p, w)| {
+            (
+                p,
+                if backfill {
+                    w.finish_backfill()
+                } else {
+                    w.finish()
+                },
+            )
+        })
         .collect();
+    let mut last_lsn = None;
+    let n_records = parts.len() as u64;
     if !parts.is_empty() || !malformed.is_empty() {
+        {
+            let mut m = s.shared.tenant_max_ts.lock();
+            for (t, _, hi) in &spans {
+                match m.get_mut(t) {
+                    Some(x) => *x = (*x).max(*hi),
+                    None => {
+                        m.insert(t.clone(), *hi);
+                    }
+                }
+            }
+        }
         let (done, wait) = oneshot::channel();
         let req = WriteReq {
             parts,
@@ -293,7 +444,7 @@ async fn ingest(
             ));
         }
         match wait.await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(lsn)) => last_lsn = lsn,
             Ok(Err(e)) => {
                 tel.events_dropped_overload
                     .fetch_add((accepted + rejected) as u64, Relaxed);
@@ -315,10 +466,38 @@ async fn ingest(
     tel.events_rejected.fetch_add(rejected as u64, Relaxed);
     tel.ack_latency
         .observe_us(started.elapsed().as_micros() as u64);
-    Ok(
-        axum::Json(json!({ "accepted": accepted, "rejected": rejected, "errors": errors }))
-            .into_response(),
-    )
+    let late = match last_lsn {
+        Some(last) if maybe_late(&s, &spans) => late_of(&s, last + 1 - n_records, last).await,
+        _ => Some(0),
+    };
+    let mut errors = errors;
+    for (index, reason) in refused
+        .iter()
+        .take(MAX_ERRORS_ANSWERED.saturating_sub(errors.len()))
+    {
+        errors.push(json!({ "index": index, "error": reason, "status": 429 }));
+    }
+    let mut answer = json!({ "accepted": accepted, "rejected": rejected, "errors": errors });
+    if !refused.is_empty() {
+        answer["refused"] = json!(refused.len());
+    }
+    match late {
+        Some(n) => answer["late"] = json!(n),
+        // Durable, not judged yet: say so rather than guess.
+        None => answer["late_pending"] = json!(true),
+    }
+    let listed = answer["errors"].as_array().map_or(0, Vec::len);
+    if rejected + refused.len() > listed {
+        answer["errors_omitted"] = json!(rejected + refused.len() - listed);
+    }
+    // Every valid event refused (retry later): the request as a whole is 429.
+    if accepted == 0 && rejected == 0 && !refused.is_empty() {
+        let mut r = (StatusCode::TOO_MANY_REQUESTS, axum::Json(answer)).into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(r);
+    }
+    Ok(axum::Json(answer).into_response())
 }
 
 /// Query-string pairs, percent-decoded, repeated keys kept.
@@ -682,12 +861,32 @@ async fn received_before(
 }
 
 /// `GET /api/v1/status`: where the pipeline stands (an addition to API.md).
-async fn status(State(s): State<AppState>) -> Response {
+async fn status(State(s): State<AppState>, caller: Caller) -> Response {
     let v = snapshot(&s);
     let tel = &s.shared.telemetry;
+    // Every tenant has its own event clock; a key sees its tenant's only.
+    let (watermark, watermarks) = {
+        let view = s.shared.processor.lock();
+        let mut all: Vec<(&String, &i64)> = view
+            .watermarks
+            .iter()
+            .filter(|(t, _)| caller.key_tenant().is_none_or(|k| k == t.as_str()))
+            .collect();
+        all.sort();
+        let map: serde_json::Map<String, Json> = all
+            .iter()
+            .map(|(t, w)| ((*t).clone(), Json::from(format_rfc3339(**w))))
+            .collect();
+        let mine = match caller.key_tenant() {
+            Some(k) => view.watermarks.get(k).copied(),
+            None => v.watermark_ms,
+        };
+        (mine, map)
+    };
     axum::Json(json!({
         "ready": v.ready,
-        "watermark": v.watermark_ms.map(format_rfc3339),
+        "watermark": watermark.map(format_rfc3339),
+        "watermarks": watermarks,
         "log": {"committed_lsn": v.committed_lsn, "applied_lsn": v.applied_lsn, "behind_records": v.behind_records()},
         "events": {
             "counted": v.counted,

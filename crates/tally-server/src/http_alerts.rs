@@ -69,11 +69,7 @@ pub(crate) async fn create(
     let body = json_body(&body)?;
     let tenant = caller.tenant_of(&pairs, &body)?;
     let now = s.shared.clock.now_ms();
-    let closed = s
-        .shared
-        .alert_closed
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let closed = (closed != i64::MIN).then_some(closed);
+    let closed = s.shared.alert_closed.lock().get(&*tenant).copied();
     let mut e = s.shared.alerts.lock();
     let (rule, created) = e.upsert(&body, &tenant, now, closed)?;
     persist(&s, &mut e)?;

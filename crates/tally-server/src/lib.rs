@@ -30,6 +30,10 @@ pub enum ServerError {
     },
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "refusing to serve open mode (no API keys) on {0}, which is not a loopback address: anyone who reaches it could read and change every tenant's data; configure [auth] keys, listen on 127.0.0.1, or pass --insecure-open (auth.insecure-open = true)"
+    )]
+    InsecureOpen(SocketAddr),
 }
 
 /// A started server: its address and a handle to stop it.
@@ -43,6 +47,7 @@ pub struct Server {
 impl Server {
     /// Recovers state from the data dir, binds `cfg.listen` and serves until stopped.
     pub async fn start(cfg: Config, clock: Clock) -> Result<Server, ServerError> {
+        let keys = auth::Keys::from_config(&cfg.auth).map_err(PipelineError::from)?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -50,13 +55,15 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr().map_err(ServerError::Serve)?;
+        if !keys.keyed() && !addr.ip().is_loopback() && !cfg.auth.insecure_open {
+            return Err(ServerError::InsecureOpen(addr));
+        }
         let d = cfg.durations().map_err(PipelineError::from)?;
         let cfg2 = cfg.clone();
         let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(&cfg2, clock))
             .await
             .map_err(|e| ServerError::Serve(std::io::Error::other(e)))??;
         let shared = pipeline.shared.clone();
-        let keys = auth::Keys::from_config(&cfg.auth).map_err(PipelineError::from)?;
         if keys.keyed() {
             tracing::info!(
                 keys = cfg.auth.keys.len(),
@@ -73,6 +80,8 @@ impl Server {
             partitions: cfg.log.partitions,
             max_body: cfg.ingest.max_body_bytes,
             max_inflight: cfg.ingest.max_inflight_bytes,
+            low_priority: Arc::new(cfg.shedding.low_priority.clone()),
+            queue_depth: cfg.ingest.queue_depth,
             metrics_cache: Arc::new(parking_lot::Mutex::new(tally_store::MetricsCache::new(
                 cfg.query.metrics_cache_entries,
             ))),
@@ -107,6 +116,7 @@ impl Server {
             shared.clock.clone(),
             tally_alert::DeliveryConfig {
                 timeout: std::time::Duration::from_millis(d.webhook_timeout_ms as u64),
+                targets: Arc::new(cfg.target_policy().map_err(PipelineError::from)?),
                 ..tally_alert::DeliveryConfig::default()
             },
             shared.alert_wake.clone(),

@@ -26,8 +26,25 @@ pub(crate) async fn live(
     State(s): State<AppState>,
     caller: Caller,
     RawQuery(q): RawQuery,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    // A page of another site must not read the feed through the user's
+    // browser: only the server's own pages and `auth.cors-origins`.
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        let host = headers
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok());
+        if !s.keys.ws_origin_allowed(origin, host) {
+            return Err(ApiError::Status(
+                axum::http::StatusCode::FORBIDDEN,
+                format!(
+                    "Origin {origin:?} may not open the live feed; add it to auth.cors-origins"
+                ),
+            ));
+        }
+    }
     let tenant = caller.tenant(&query_pairs(&q))?;
     Ok(ws
         .on_upgrade(move |socket| feed(s, caller, tenant, socket))

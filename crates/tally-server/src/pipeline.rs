@@ -104,6 +104,13 @@ pub struct Shared {
     pub committed_lsn: AtomicU64,
     /// Results of correction records, by lsn, until their request reads them.
     pub corrections: Mutex<HashMap<u64, Applied>>,
+    /// Late events of records that had any, by lsn, until their ingest
+    /// request reads them (pruned past [`LATE_BY_LSN_MAX`]).
+    pub late_by_lsn: Mutex<HashMap<u64, u64>>,
+    /// Per tenant, the latest event time of any request sent to the log
+    /// writer: no tenant watermark is past it minus the bound, so an ingest
+    /// answer knows when none of its events can be late without asking.
+    pub tenant_max_ts: Mutex<HashMap<String, i64>>,
     pub partitions: u32,
     /// The raw event store (None when `archive.enabled = false`).
     pub raw: Option<Arc<tally_archive::RawShared>>,
@@ -113,20 +120,40 @@ pub struct Shared {
     pub alerts: Arc<Mutex<tally_alert::Engine>>,
     /// Wakes the webhook delivery task when notifications are queued.
     pub alert_wake: Arc<tokio::sync::Notify>,
-    /// Event time up to which alert buckets are closed (i64::MIN: none yet).
-    pub alert_closed: AtomicI64,
+    /// Per tenant: event time up to which its alert buckets are closed.
+    pub alert_closed: Mutex<HashMap<String, i64>>,
     /// The validated durations of the config.
     pub durations: Durations,
     /// Log offsets the last checkpoint covers (None: checkpoints are off).
     pub ckpt_offsets: Mutex<Option<Vec<u64>>>,
 }
 
+/// Late counts kept for ingest answers before the oldest are pruned.
+pub const LATE_BY_LSN_MAX: usize = 65_536;
+
 /// What the processor publishes after each record.
 #[derive(Debug, Default, Clone)]
 pub struct ProcessorView {
+    /// The furthest tenant watermark.
     pub watermark: Option<i64>,
+    /// Each tenant's own watermark (its event clock).
+    pub watermarks: HashMap<String, i64>,
     pub totals: tally_stream::Totals,
     pub dedupe_len: usize,
+}
+
+impl ProcessorView {
+    fn copy_watermarks(&mut self, p: &Processor) {
+        for (t, w) in p.watermarks() {
+            let Some(w) = w else { continue };
+            match self.watermarks.get_mut(t) {
+                Some(x) => *x = w,
+                None => {
+                    self.watermarks.insert(t.to_string(), w);
+                }
+            }
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -362,15 +389,20 @@ impl Pipeline {
                 backoff_ms: d.alert_backoff_ms,
                 max_backoff_ms: d.alert_max_backoff_ms,
                 history: cfg.alerts.history.max(1),
+                max_rules_per_tenant: cfg.alerts.max_rules_per_tenant.max(1),
+                targets: Arc::new(cfg.target_policy()?),
                 ..tally_alert::EngineConfig::default()
             },
         )?;
-        let recovered_wm = processor.watermark();
-        let view = Arc::new(Mutex::new(ProcessorView {
+        let mut view = ProcessorView {
             watermark: processor.watermark(),
             totals: processor.totals(),
             dedupe_len: processor.dedupe_len(),
-        }));
+            ..ProcessorView::default()
+        };
+        view.copy_watermarks(&processor);
+        let recovered = view.watermarks.clone();
+        let view = Arc::new(Mutex::new(view));
         let shared = Arc::new(Shared {
             store,
             dlq,
@@ -381,12 +413,14 @@ impl Pipeline {
             log_bytes: AtomicI64::new(log.sizes().iter().sum::<u64>() as i64),
             committed_lsn: AtomicU64::new(report.next_lsn),
             corrections: Mutex::new(HashMap::new()),
+            late_by_lsn: Mutex::new(HashMap::new()),
+            tenant_max_ts: Mutex::new(HashMap::new()),
             partitions: cfg.log.partitions,
             raw: raw.as_ref().map(|w| w.shared().clone()),
             applied: AtomicU64::new(0),
             alerts: Arc::new(Mutex::new(alerts)),
             alert_wake: Arc::new(tokio::sync::Notify::new()),
-            alert_closed: AtomicI64::new(recovered_wm.unwrap_or(i64::MIN)),
+            alert_closed: Mutex::new(recovered),
             durations: d,
             ckpt_offsets: Mutex::new(checkpoints.then(|| processor.offsets().to_vec())),
         });
@@ -624,7 +658,7 @@ fn processor_loop(
     alert_tx: std::sync::mpsc::SyncSender<AlertPush>,
 ) {
     let tel = &shared.telemetry;
-    let mut alert_minute = i64::MIN;
+    let mut last_copy = Instant::now();
     // Checkpoints are prepared here (a snapshot, cheap) and written by a
     // helper thread while this one keeps applying records; one in flight.
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(StateStore, CheckpointJob)>(1);
@@ -656,13 +690,25 @@ fn processor_loop(
             .saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(c) => {
-                match p.apply(record_ref(&c)) {
-                    Ok(a) if a.correction_record => {
-                        shared.corrections.lock().insert(c.lsn, a);
+                let applied = match p.apply(record_ref(&c)) {
+                    Ok(a) => {
+                        if a.correction_record {
+                            shared.corrections.lock().insert(c.lsn, a);
+                        } else if a.late > 0 {
+                            let mut m = shared.late_by_lsn.lock();
+                            if m.len() >= LATE_BY_LSN_MAX {
+                                // Nobody waits for records this old.
+                                m.retain(|&l, _| l + LATE_BY_LSN_MAX as u64 / 2 > c.lsn);
+                            }
+                            m.insert(c.lsn, a.late);
+                        }
+                        Some(a)
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "processor: skipping undecodable record"),
-                }
+                    Err(e) => {
+                        tracing::error!(error = %e, "processor: skipping undecodable record");
+                        None
+                    }
+                };
                 let now = shared.clock.now_ms();
                 tel.processing_lag_ms.store(now - c.append_ms, Relaxed);
                 tel.last_applied_append_ms.store(c.append_ms, Relaxed);
@@ -679,20 +725,24 @@ fn processor_loop(
                         p.raw_sealed(r.sealed_lsn.load(Relaxed));
                     }
                 }
+                let closed_minute = applied.is_some_and(|a| a.closed_minute);
                 {
                     let mut v = shared.processor.lock();
                     v.watermark = p.watermark();
                     v.totals = p.totals();
                     v.dedupe_len = p.dedupe_len();
-                }
-                // A watermark that crossed a minute closed buckets: push the
-                // alert evaluation (the alert thread never polls the store).
-                if let Some(wm) = p.watermark() {
-                    let m = tally_types::time::align_down(wm, tally_types::time::MINUTE_MS);
-                    if m > alert_minute {
-                        alert_minute = m;
-                        let _ = alert_tx.try_send((wm, Instant::now()));
+                    // Tenant watermarks: at once when one crossed a minute,
+                    // else at most every 100 ms (status and alerts read them).
+                    if closed_minute || last_copy.elapsed() >= Duration::from_millis(100) {
+                        last_copy = Instant::now();
+                        v.copy_watermarks(&p);
                     }
+                }
+                // A tenant watermark that crossed a minute closed buckets:
+                // push the alert evaluation (the alert thread never polls
+                // the store).
+                if closed_minute {
+                    let _ = alert_tx.try_send((p.watermark().unwrap_or(i64::MIN), Instant::now()));
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -787,8 +837,9 @@ type AlertPush = (i64, Instant);
 fn alert_loop(
     rx: std::sync::mpsc::Receiver<AlertPush>,
     shared: Arc<Shared>,
-    mut progress: tally_alert::Progress,
+    template: tally_alert::Progress,
 ) {
+    let mut progress: HashMap<String, tally_alert::Progress> = HashMap::new();
     let source = StoreSource(&shared.store);
     let mut last_persist = Instant::now();
     let mut open = true;
@@ -803,19 +854,26 @@ fn alert_loop(
             closed = closed.or(Some(at));
         }
         let now = shared.clock.now_ms();
-        let wm = shared.processor.lock().watermark;
-        progress.observe(wm, now);
-        let mut engine = shared.alerts.lock();
-        let mut queued = 0;
-        if let Some(through) = progress.closed_through(now) {
-            shared.alert_closed.store(through, Relaxed);
-            queued = engine.advance(
-                through,
-                now,
-                Some(closed.unwrap_or_else(Instant::now)),
-                &source,
-            );
+        // Each tenant's event time closes its own buckets.
+        let wms = shared.processor.lock().watermarks.clone();
+        let mut through = HashMap::with_capacity(wms.len());
+        for (tenant, wm) in wms {
+            let p = progress
+                .entry(tenant.clone())
+                .or_insert_with(|| template.clone());
+            p.observe(Some(wm), now);
+            if let Some(t) = p.closed_through(now) {
+                through.insert(tenant, t);
+            }
         }
+        let mut engine = shared.alerts.lock();
+        let queued = engine.advance_tenants(
+            &|t| through.get(t).copied(),
+            now,
+            Some(closed.unwrap_or_else(Instant::now)),
+            &source,
+        );
+        *shared.alert_closed.lock() = through;
         if queued > 0 || last_persist.elapsed() >= Duration::from_secs(1) || !open {
             last_persist = Instant::now();
             if let Err(e) = engine.persist() {

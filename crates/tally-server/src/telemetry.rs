@@ -58,6 +58,10 @@ pub struct Telemetry {
     pub events_rejected: AtomicU64,
     /// Events refused whole with their request (overload, 413, 400).
     pub events_dropped_overload: AtomicU64,
+    /// Low-priority events refused under overload (`[shedding]`).
+    pub events_shed: AtomicU64,
+    /// Possibly late events refused while their tenant's late DLQ is full.
+    pub events_refused_late_full: AtomicU64,
     pub requests_overloaded: AtomicU64,
     /// Requests answered 429: a tenant over its ingest quota.
     pub requests_over_quota: AtomicU64,
@@ -109,6 +113,8 @@ impl Default for Telemetry {
             events_accepted: AtomicU64::new(0),
             events_rejected: AtomicU64::new(0),
             events_dropped_overload: AtomicU64::new(0),
+            events_shed: AtomicU64::new(0),
+            events_refused_late_full: AtomicU64::new(0),
             requests_overloaded: AtomicU64::new(0),
             requests_over_quota: AtomicU64::new(0),
             bytes_ingested: AtomicU64::new(0),
@@ -147,6 +153,7 @@ impl Default for Telemetry {
 pub struct Snapshot {
     pub now_ms: i64,
     pub watermark_ms: Option<i64>,
+    pub dlq_late_full_tenants: usize,
     pub counted: u64,
     pub duplicates: u64,
     pub late: u64,
@@ -240,6 +247,24 @@ impl Telemetry {
             "tally_events_dropped_total",
             "Events refused with their whole request (overload); the client must retry.",
             self.events_dropped_overload.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_events_shed_total",
+            "Low-priority events refused with 429 under overload (shedding.low-priority).",
+            self.events_shed.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tally_events_refused_late_dlq_full_total",
+            "Possibly late events refused with 429 while their tenant's late DLQ was full.",
+            self.events_refused_late_full.load(Relaxed),
+        );
+        gauge(
+            &mut o,
+            "tally_dlq_late_full_tenants",
+            "Tenants whose late DLQ holds dlq.capacity unreplayed events (their possibly late events are refused).",
+            s.dlq_late_full_tenants as f64,
         );
         counter(
             &mut o,

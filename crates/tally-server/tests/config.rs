@@ -125,3 +125,25 @@ fn tenant_schemas_load_from_toml_and_bad_ones_say_the_fix() {
         }
     }
 }
+
+/// Field names from the environment are kebab-case (`GROUP_ID` →
+/// `group-id`); names that are map keys (tenants, properties) keep their
+/// underscores.
+#[test]
+fn environment_keeps_tenant_and_property_names() {
+    let env = [
+        ("TALLY__SCHEMAS__ACME_CORP__DURATION_MS", "float"),
+        ("TALLY__QUOTAS__TENANTS__BIG_ONE__EVENTS_PER_SECOND", "7"),
+        ("TALLY__STREAM__ALLOWED_LATENESS", "10m"),
+        ("TALLY__INGEST__MAX_FUTURE_SKEW", "1h"),
+        ("TALLY__SHEDDING__LOW_PRIORITY", "[\"ping\"]"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let cfg = tally_server::Config::load_with_env(None, env).unwrap();
+    let acme = cfg.schemas.get("acme_corp").expect("tenant acme_corp");
+    assert!(acme.contains_key("duration_ms"), "{acme:?}");
+    assert_eq!(cfg.quotas.of("big_one").events_per_second, 7);
+    assert_eq!(cfg.stream.allowed_lateness, "10m");
+    assert_eq!(cfg.durations().unwrap().max_future_skew_ms, 3_600_000);
+    assert_eq!(cfg.shedding.low_priority, vec!["ping".to_string()]);
+}
