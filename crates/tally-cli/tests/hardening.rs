@@ -669,3 +669,42 @@ async fn webhooks_never_reach_internal_addresses_in_keyed_mode() {
     assert!(r.text().await.unwrap().contains("delete one first"));
     server.stop().await.unwrap();
 }
+
+/// Each tenant's malformed events go to its own file (one tenant's flood
+/// cannot rotate another's evidence away), an invalid UTF-8 line is kept
+/// (invalid bytes as U+FFFD), and both come back after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_evidence_is_kept_per_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path(), |_| {}).await;
+    let api = Api::of(&server);
+    let mut body = b"{\"tenant\":\"acme\",\"event_id\":\"x\"}\n".to_vec();
+    body.extend_from_slice(b"{\"tenant\":\"globex\",\"event_id\":\"caf\xe9\"}\n");
+    body.extend_from_slice(b"{\"tenant\":\"globex\",\"event_type\":\"t\"}\n");
+    let r = api
+        .c
+        .post(format!("{}/api/v1/events", api.base))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let files = dir.path().join("dlq/malformed");
+    assert!(files.join("acme.ndjson").exists());
+    assert!(files.join("globex.ndjson").exists());
+    let check = |api: Api| async move {
+        let (_, v) = api.get("/api/v1/dlq?kind=malformed&tenant=default").await;
+        let kept = v["entries"][0].to_string();
+        assert!(kept.contains("caf\u{fffd}"), "{v}");
+        let (_, v) = api.get("/api/v1/dlq?kind=malformed&tenant=globex").await;
+        assert_eq!(v["entries"].as_array().unwrap().len(), 1, "{v}");
+        let (_, v) = api.get("/api/v1/dlq?kind=malformed&tenant=acme").await;
+        assert_eq!(v["entries"].as_array().unwrap().len(), 1, "{v}");
+    };
+    check(Api::of(&server)).await;
+    server.stop().await.unwrap();
+    let server = common::start_server(dir.path(), |_| {}).await;
+    check(Api::of(&server)).await;
+    server.stop().await.unwrap();
+}

@@ -259,7 +259,15 @@ impl Parser {
                 continue;
             }
             match std::str::from_utf8(line) {
-                Err(_) => sink.reject(i, "json: line is not valid UTF-8".into(), None, tenancy, ""),
+                // Kept as evidence: invalid bytes become U+FFFD.
+                Err(_) => sink.reject(
+                    i,
+                    "json: line is not valid UTF-8 (invalid bytes shown as U+FFFD in the DLQ)"
+                        .into(),
+                    None,
+                    tenancy,
+                    &String::from_utf8_lossy(line),
+                ),
                 Ok(text) => match serde_json::from_str::<&RawValue>(text.trim()) {
                     Ok(raw) => {
                         any_json = true;

@@ -199,31 +199,47 @@ pub fn raw_setup(
     Ok((target, rc))
 }
 
-/// The malformed-DLQ file: NDJSON, one entry per line, rotated at 64 MiB.
+/// The malformed DLQ on disk: one NDJSON file per tenant
+/// (`dlq/malformed/<tenant>.ndjson`, one entry per line), each rotated at
+/// 64 MiB into `<tenant>.ndjson.old`, so one tenant's junk never erases
+/// another's evidence. (Before per-tenant files, `dlq/malformed.ndjson`
+/// held every tenant; it is still read.)
 struct DlqFile {
-    path: PathBuf,
-    file: File,
-    len: u64,
+    dir: PathBuf,
+    /// Open files by tenant, with their length (at most `MAX_OPEN`).
+    open: HashMap<String, (File, u64)>,
 }
 
 const DLQ_ROTATE_BYTES: u64 = 64 << 20;
+/// Tenant files kept open at once (the rest are opened when written).
+const MAX_OPEN: usize = 64;
 
 impl DlqFile {
     fn open(dir: &Path) -> Result<Self, PipelineError> {
-        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        let path = dir.join("malformed.ndjson");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(DlqFile { path, file, len })
+        let dir = dir.join("malformed");
+        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        Ok(DlqFile {
+            dir,
+            open: HashMap::new(),
+        })
     }
 
     fn load(dir: &Path, dlq: &mut Dlq) {
-        for name in ["malformed.ndjson.old", "malformed.ndjson"] {
-            let Ok(f) = File::open(dir.join(name)) else {
+        let mut files = vec![
+            dir.join("malformed.ndjson.old"),
+            dir.join("malformed.ndjson"),
+        ];
+        if let Ok(rd) = std::fs::read_dir(dir.join("malformed")) {
+            let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+            // Per tenant, the rotated file first.
+            names.sort_by_key(|p| {
+                let n = p.to_string_lossy().to_string();
+                (n.trim_end_matches(".old").to_string(), !n.ends_with(".old"))
+            });
+            files.extend(names);
+        }
+        for path in files {
+            let Ok(f) = File::open(&path) else {
                 continue;
             };
             for line in BufReader::new(f).lines().map_while(Result::ok) {
@@ -234,26 +250,49 @@ impl DlqFile {
         }
     }
 
+    fn file(&mut self, tenant: &str) -> std::io::Result<&mut (File, u64)> {
+        if !self.open.contains_key(tenant) {
+            if self.open.len() >= MAX_OPEN {
+                self.open.clear();
+            }
+            let path = self.dir.join(format!("{tenant}.ndjson"));
+            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            self.open.insert(tenant.to_string(), (file, len));
+        }
+        Ok(self.open.get_mut(tenant).expect("inserted above"))
+    }
+
     fn append(&mut self, entries: &[DlqEntry]) -> std::io::Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut buf = String::new();
+        let mut by_tenant: Vec<(&str, String)> = Vec::new();
         for e in entries {
-            buf.push_str(&entry_to_json(e).to_string());
-            buf.push('\n');
+            // Tenant names are checked at ingest ([A-Za-z0-9_.-]); anything
+            // else would not be a safe file name.
+            let tenant = if tally_types::valid_tenant(&e.tenant) {
+                e.tenant.as_str()
+            } else {
+                tally_types::DEFAULT_TENANT
+            };
+            let i = match by_tenant.iter().position(|(t, _)| *t == tenant) {
+                Some(i) => i,
+                None => {
+                    by_tenant.push((tenant, String::new()));
+                    by_tenant.len() - 1
+                }
+            };
+            by_tenant[i].1.push_str(&entry_to_json(e).to_string());
+            by_tenant[i].1.push('\n');
         }
-        self.file.write_all(buf.as_bytes())?;
-        self.file.sync_data()?;
-        self.len += buf.len() as u64;
-        if self.len > DLQ_ROTATE_BYTES {
-            let old = self.path.with_extension("ndjson.old");
-            std::fs::rename(&self.path, old)?;
-            self.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?;
-            self.len = 0;
+        for (tenant, buf) in by_tenant {
+            let (file, len) = self.file(tenant)?;
+            file.write_all(buf.as_bytes())?;
+            file.sync_data()?;
+            *len += buf.len() as u64;
+            if *len > DLQ_ROTATE_BYTES {
+                let path = self.dir.join(format!("{tenant}.ndjson"));
+                std::fs::rename(&path, path.with_extension("ndjson.old"))?;
+                self.open.remove(tenant);
+            }
         }
         Ok(())
     }
