@@ -28,9 +28,13 @@ impl Hasher for IdentityHasher {
     fn write_u64(&mut self, i: u64) {
         self.0 = i;
     }
+    fn write_u128(&mut self, i: u128) {
+        self.0 = i as u64;
+    }
 }
 
 pub type HashSet64 = hashbrown::HashSet<u64, BuildHasherDefault<IdentityHasher>>;
+pub type HashSet128 = hashbrown::HashSet<u128, BuildHasherDefault<IdentityHasher>>;
 
 const P: u32 = 15;
 const M: usize = 1 << P;

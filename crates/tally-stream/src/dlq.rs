@@ -51,7 +51,7 @@ pub struct DlqEntry {
     pub received_at: Millis,
     pub body: DlqBody,
     /// Dedupe key of the event (late entries; 0 for malformed ones).
-    pub key: u64,
+    pub key: u128,
     /// A late entry already applied as a correction (`POST /dlq/replay`).
     pub replayed: bool,
 }
@@ -136,7 +136,7 @@ impl Dlq {
     }
 
     /// Marks the late entries of `key` as applied.
-    pub fn mark_replayed(&mut self, tenant: &str, key: u64) {
+    pub fn mark_replayed(&mut self, tenant: &str, key: u128) {
         if let Some(r) = self.rings.get_mut(&(tenant.to_string(), DlqKind::Late)) {
             let mut newly = 0;
             for e in r.iter_mut().filter(|e| e.key == key && !e.replayed) {

@@ -47,14 +47,16 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use tally_store::RollupStore;
-use tally_store::sketch::{HashSet64, IdentityHasher};
+use tally_store::sketch::{HashSet64, HashSet128, IdentityHasher};
 use tally_types::time::{HOUR_MS, MINUTE_MS, Millis, align_down, format_rfc3339};
-use tally_types::{BatchReader, CodecError, EventView, dedupe_key};
+use tally_types::{BatchReader, CodecError, EventView, dedupe_key, dedupe_key64};
 
 pub use dlq::{Dlq, DlqBody, DlqEntry, DlqKind};
 pub use state::{CheckpointJob, CheckpointReport, RecoveryReport, StateError, StateStore};
 
-type DedupeMap = hashbrown::HashMap<u64, Millis, std::hash::BuildHasherDefault<IdentityHasher>>;
+type DedupeMap = hashbrown::HashMap<u128, Millis, std::hash::BuildHasherDefault<IdentityHasher>>;
+/// Dedupe entries of format 3 and before (64-bit keys).
+type DedupeMap64 = hashbrown::HashMap<u64, Millis, std::hash::BuildHasherDefault<IdentityHasher>>;
 
 /// Dedupe values are the minute of the event's window (a multiple of 60 000,
 /// so even); a value with this bit set marks an event that went to the late
@@ -130,7 +132,7 @@ struct Clock {
     swept_to: Millis,
     dedupe: DedupeMap,
     /// Dedupe entries inserted since the last checkpoint, in order.
-    journal: Vec<(u64, Millis)>,
+    journal: Vec<(u128, Millis)>,
 }
 
 impl Clock {
@@ -224,6 +226,36 @@ impl Clock {
     }
 }
 
+/// Dedupe state recovered from format 3 and before (64-bit keys).
+#[derive(Default)]
+struct Legacy {
+    dedupe: DedupeMap64,
+    corrected: HashSet64,
+}
+
+impl Legacy {
+    /// Whether a recovered entry (or applied correction) holds the event:
+    /// with `counted`, only one that was counted, not sent to the late
+    /// DLQ. Costs nothing once those are gone.
+    #[inline]
+    fn seen(
+        &self,
+        ev: &EventView<'_>,
+        wm: Option<Millis>,
+        lateness: Millis,
+        counted: bool,
+    ) -> bool {
+        if self.dedupe.is_empty() && self.corrected.is_empty() {
+            return false;
+        }
+        let key = dedupe_key64(ev.tenant, ev.event_id);
+        self.dedupe
+            .get(&key)
+            .is_some_and(|&v| (!counted || v & LATE_MARK == 0) && live(v, wm, lateness))
+            || self.corrected.contains(&key)
+    }
+}
+
 /// Whether a dedupe value still blocks its key at watermark `wm`.
 #[inline]
 fn live(value: Millis, wm: Option<Millis>, lateness: Millis) -> bool {
@@ -301,9 +333,9 @@ pub struct Processor {
     /// Dedupe entries recovered from a checkpoint older than per-tenant
     /// clocks (no tenant recorded): checked for every tenant, swept by the
     /// slowest clock.
-    legacy_dedupe: DedupeMap,
+    legacy: Legacy,
     /// Dedupe keys of late events applied from the DLQ (each applies once).
-    corrected: HashSet64,
+    corrected: HashSet128,
     store: Arc<RwLock<RollupStore>>,
     dlq: Arc<Mutex<Dlq>>,
     totals: Totals,
@@ -336,8 +368,8 @@ impl Processor {
             cfg,
             clocks: hashbrown::HashMap::new(),
             backfills: hashbrown::HashMap::new(),
-            legacy_dedupe: DedupeMap::default(),
-            corrected: HashSet64::default(),
+            legacy: Legacy::default(),
+            corrected: HashSet128::default(),
             store,
             dlq,
             totals: Totals::default(),
@@ -385,7 +417,7 @@ impl Processor {
     }
 
     pub fn dedupe_len(&self) -> usize {
-        self.legacy_dedupe.len()
+        self.legacy.dedupe.len()
             + self
                 .clocks
                 .values()
@@ -574,8 +606,8 @@ impl Processor {
             let seen = |m: &DedupeMap, wm| m.get(&key).is_some_and(|&v| live(v, wm, lateness));
             if seen(&c.dedupe, wm)
                 || twin.is_some_and(|t| seen(&t.dedupe, t.watermark))
-                || (!self.legacy_dedupe.is_empty() && seen(&self.legacy_dedupe, wm))
                 || self.corrected.contains(&key)
+                || self.legacy.seen(&ev, wm, lateness, false)
             {
                 out.duplicates += 1;
                 if capture {
@@ -668,7 +700,7 @@ impl Processor {
             };
             let counted = clock.is_some_and(|c| counted_in(&c.dedupe, c.watermark))
                 || twin.is_some_and(|c| counted_in(&c.dedupe, c.watermark))
-                || counted_in(&self.legacy_dedupe, wm);
+                || self.legacy.seen(&ev, wm, lateness, true);
             let sealed_to = clock
                 .into_iter()
                 .chain(twin)
@@ -772,14 +804,15 @@ impl Processor {
     /// Legacy dedupe entries (no tenant recorded) go once the slowest
     /// tenant's clock has passed them.
     fn sweep_legacy_dedupe(&mut self) {
-        if self.legacy_dedupe.is_empty() {
+        if self.legacy.dedupe.is_empty() {
             return;
         }
         let Some(w) = self.clocks.values().map(|c| c.watermark).min().flatten() else {
             return;
         };
         let lateness = self.cfg.allowed_lateness_ms;
-        self.legacy_dedupe
+        self.legacy
+            .dedupe
             .retain(|_, &mut v| live(v, Some(w), lateness));
     }
 
@@ -828,7 +861,7 @@ fn late_reason(
     )
 }
 
-fn late_entry(ev: &EventView<'_>, key: u64, reason: String, append_ms: Millis) -> DlqEntry {
+fn late_entry(ev: &EventView<'_>, key: u128, reason: String, append_ms: Millis) -> DlqEntry {
     DlqEntry {
         kind: DlqKind::Late,
         tenant: ev.tenant.into(),

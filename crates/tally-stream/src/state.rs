@@ -315,12 +315,13 @@ pub struct CheckpointJob {
     /// Every backfill clock.
     backfills: Vec<ClockState>,
     totals: Totals,
-    corrected: Vec<u64>,
+    corrected: Vec<u128>,
+    legacy_corrected: Vec<u64>,
     raw_drops: Vec<(u64, Vec<(u32, u32)>)>,
 }
 
 /// Dedupe entries per clock name (a backfill clock's after [`BACKFILL_PREFIX`]).
-type TenantEntries = Vec<(Box<str>, Vec<(u64, Millis)>)>;
+type TenantEntries = Vec<(Box<str>, Vec<(u128, Millis)>)>;
 
 /// A tenant's clock as a checkpoint holds it.
 #[derive(Debug, Clone)]
@@ -422,7 +423,8 @@ pub struct StateStore {
     sealed_base: u64,
     /// The sealed journal holds version-2 frames: rewrite it next time.
     sealed_legacy: bool,
-    /// The dedupe journal holds frames without tenants: rewrite it next time.
+    /// The dedupe and late journals are of format 3 (frames without
+    /// tenants, 64-bit keys): rewrite both next time.
     dedupe_legacy: bool,
 }
 
@@ -463,7 +465,9 @@ struct Checkpoint {
     totals: Totals,
     journals: [JournalRef; 3],
     dedupe_written: u64,
-    corrected: Vec<u64>,
+    corrected: Vec<u128>,
+    /// Format 3 and before: 64-bit keys.
+    legacy_corrected: Vec<u64>,
     open: Vec<(String, Millis, MinuteBucket)>,
     raw_drops: VecDeque<(u64, Vec<(u32, u32)>)>,
     downsampled_to: Millis,
@@ -559,10 +563,17 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         j.len = d.u64()?;
     }
     let dedupe_written = d.u64()?;
+    let mut corrected = Vec::new();
+    let mut legacy_corrected = Vec::new();
+    if version >= 4 {
+        let nc = d.count(16)?;
+        for _ in 0..nc {
+            corrected.push(d.u64()? as u128 | (d.u64()? as u128) << 64);
+        }
+    }
     let nc = d.count(8)?;
-    let mut corrected = Vec::with_capacity(nc);
     for _ in 0..nc {
-        corrected.push(d.u64()?);
+        legacy_corrected.push(d.u64()?);
     }
     let nb = d.count(12)?;
     let mut open = Vec::with_capacity(nb);
@@ -601,6 +612,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         journals,
         dedupe_written,
         corrected,
+        legacy_corrected,
         open,
         raw_drops,
         downsampled_to,
@@ -620,7 +632,8 @@ fn encode_sealed(out: &mut Vec<u8>, kind: u8, tenant: &str, time: Millis, b: &Mi
 
 fn encode_late(out: &mut Vec<u8>, x: &DlqEntry) {
     let mut e = Enc::new();
-    e.u64(x.key);
+    e.u64(x.key as u64);
+    e.u64((x.key >> 64) as u64);
     e.str(&x.tenant);
     e.str(&x.reason);
     e.i64(x.received_at);
@@ -637,9 +650,15 @@ fn encode_late(out: &mut Vec<u8>, x: &DlqEntry) {
     frame(out, &e.buf);
 }
 
-fn decode_late(p: &[u8]) -> Result<DlqEntry, DecodeError> {
+/// A late DLQ entry; before format 4 its key had 64 bits (returned beside
+/// it, the entry's own key recomputed from its event).
+fn decode_late(p: &[u8], version: u8) -> Result<(DlqEntry, Option<u64>), DecodeError> {
     let mut d = Dec::new(p);
-    let key = d.u64()?;
+    let (mut key, key64) = if version >= 4 {
+        (d.u64()? as u128 | (d.u64()? as u128) << 64, None)
+    } else {
+        (0, Some(d.u64()?))
+    };
     let tenant = d.str()?.to_string();
     let reason = d.str()?.to_string();
     let received_at = d.i64()?;
@@ -648,24 +667,36 @@ fn decode_late(p: &[u8]) -> Result<DlqEntry, DecodeError> {
         1 => DlqBody::Raw(d.str()?.to_string()),
         _ => return d.err("DLQ body tag"),
     };
-    Ok(DlqEntry {
-        kind: DlqKind::Late,
-        tenant,
-        reason,
-        received_at,
-        body,
-        key,
-        replayed: false,
-    })
+    if key64.is_some()
+        && let DlqBody::Event(j) = &body
+        && let Some(id) = serde_json::from_str::<serde_json::Value>(j)
+            .ok()
+            .and_then(|v| Some(v.get("event_id")?.as_str()?.to_string()))
+    {
+        key = tally_types::dedupe_key(&tenant, &id);
+    }
+    Ok((
+        DlqEntry {
+            kind: DlqKind::Late,
+            tenant,
+            reason,
+            received_at,
+            body,
+            key,
+            replayed: false,
+        },
+        key64,
+    ))
 }
 
-fn encode_dedupe(out: &mut Vec<u8>, tenant: &str, entries: &[(u64, Millis)]) {
+fn encode_dedupe(out: &mut Vec<u8>, tenant: &str, entries: &[(u128, Millis)]) {
     for chunk in entries.chunks(DEDUPE_FRAME) {
         let mut e = Enc::new();
-        e.buf.reserve(chunk.len() * 16 + tenant.len() + 4);
+        e.buf.reserve(chunk.len() * 24 + tenant.len() + 4);
         e.str(tenant);
         for &(k, v) in chunk {
-            e.u64(k);
+            e.u64(k as u64);
+            e.u64((k >> 64) as u64);
             e.i64(v);
         }
         frame(out, &e.buf);
@@ -742,6 +773,7 @@ impl StateStore {
         }
         p.totals = c.totals;
         p.corrected = c.corrected.into_iter().collect();
+        p.legacy.corrected = c.legacy_corrected.into_iter().collect();
         p.raw_drops = c.raw_drops;
 
         // Rollups: sealed minutes and hours (the last copy of a bucket wins;
@@ -823,7 +855,9 @@ impl StateStore {
                 LEGACY_TENANT
             };
             let entries = &payload[payload.len() - d.remaining()..];
-            if entries.len() % 16 != 0 {
+            // Format 4: (key: u128, value) entries; before: (key: u64, value).
+            let width = if c.version >= 4 { 24 } else { 16 };
+            if entries.len() % width != 0 {
                 return Err(StateError::Decode {
                     path: dedupe_path(),
                     source: DecodeError {
@@ -832,23 +866,31 @@ impl StateStore {
                     },
                 });
             }
-            let (map, wm) = if tenant == LEGACY_TENANT {
-                (&mut p.legacy_dedupe, shared_wm)
-            } else {
-                let clock = match tenant.strip_prefix(BACKFILL_PREFIX) {
-                    Some(t) => p.backfills.entry_ref(t).or_insert_with(|| Clock::new(n)),
-                    None => p.clocks.entry_ref(tenant).or_insert_with(|| Clock::new(n)),
-                };
-                let wm = clock.watermark;
-                (&mut clock.dedupe, wm)
+            let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            if tenant == LEGACY_TENANT {
+                // 64-bit keys of format 3 (zero-extended in format 4).
+                for ch in entries.chunks_exact(width) {
+                    let (k, v) = (word(&ch[..8]), word(&ch[width - 8..]) as i64);
+                    if live(v, shared_wm, lateness) {
+                        p.legacy.dedupe.insert(k, v);
+                    } else {
+                        p.legacy.dedupe.remove(&k);
+                    }
+                }
+                continue;
+            }
+            let clock = match tenant.strip_prefix(BACKFILL_PREFIX) {
+                Some(t) => p.backfills.entry_ref(t).or_insert_with(|| Clock::new(n)),
+                None => p.clocks.entry_ref(tenant).or_insert_with(|| Clock::new(n)),
             };
-            for ch in entries.chunks_exact(16) {
-                let k = u64::from_le_bytes(ch[..8].try_into().expect("8 bytes"));
-                let v = i64::from_le_bytes(ch[8..].try_into().expect("8 bytes"));
+            let wm = clock.watermark;
+            for ch in entries.chunks_exact(24) {
+                let k = word(&ch[..8]) as u128 | (word(&ch[8..16]) as u128) << 64;
+                let v = word(&ch[16..]) as i64;
                 if live(v, wm, lateness) {
-                    map.insert(k, v);
+                    clock.dedupe.insert(k, v);
                 } else {
-                    map.remove(&k);
+                    clock.dedupe.remove(&k);
                 }
             }
         }
@@ -867,8 +909,17 @@ impl StateStore {
         {
             let mut dlq = p.dlq.lock();
             for payload in unframe(&late_data).0 {
-                let mut e = decode_late(payload).map_err(decode_err("late", jl.gen_))?;
+                let (mut e, key64) =
+                    decode_late(payload, c.version).map_err(decode_err("late", jl.gen_))?;
                 e.replayed = p.corrected.contains(&e.key);
+                // Format 3: applied under its 64-bit key; remembered under
+                // its own from now on.
+                if key64.is_some_and(|k| p.legacy.corrected.contains(&k)) {
+                    e.replayed = true;
+                    if e.key != 0 {
+                        p.corrected.insert(e.key);
+                    }
+                }
                 dlq.push_held(e);
                 report.late_entries += 1;
             }
@@ -978,6 +1029,7 @@ impl StateStore {
             backfills: snapshot(&p.backfills),
             totals: p.totals,
             corrected: p.corrected.iter().copied().collect(),
+            legacy_corrected: p.legacy.corrected.iter().copied().collect(),
             raw_drops: p.raw_drops.iter().cloned().collect(),
         };
         {
@@ -1071,15 +1123,20 @@ impl StateStore {
                     .filter(|(_, c)| !c.dedupe.is_empty())
                     .map(|(t, c)| (format!("{BACKFILL_PREFIX}{t}").into(), entries(c))),
             );
-            if !p.legacy_dedupe.is_empty() {
+            if !p.legacy.dedupe.is_empty() {
                 all.push((
                     LEGACY_TENANT.into(),
-                    p.legacy_dedupe.iter().map(|(&k, &v)| (k, v)).collect(),
+                    p.legacy
+                        .dedupe
+                        .iter()
+                        .map(|(&k, &v)| (k as u128, v))
+                        .collect(),
                 ));
             }
             job.dedupe_all = Some(all);
         }
-        if self.late.len > self.compact_bytes {
+        // A journal of format 3 (64-bit keys) is rewritten whole at once.
+        if self.dedupe_legacy || self.late.len > self.compact_bytes {
             let dlq = p.dlq.lock();
             job.late_all = Some(dlq.held_entries(DlqKind::Late).cloned().collect());
         }
@@ -1204,6 +1261,11 @@ impl StateStore {
         e.u64(dedupe_written);
         e.u32(job.corrected.len() as u32);
         for &k in &job.corrected {
+            e.u64(k as u64);
+            e.u64((k >> 64) as u64);
+        }
+        e.u32(job.legacy_corrected.len() as u32);
+        for &k in &job.legacy_corrected {
             e.u64(k);
         }
         e.u32(job.open_buckets as u32);

@@ -642,6 +642,13 @@ fn a_version_3_state_dir_loads_and_upgrades() {
     assert_eq!(wm_acme, r.p.tenant_watermark("globex"));
     let dedupe = r.p.dedupe_len();
     assert!(dedupe > 0);
+    let replayed = |r: &Run| {
+        let dlq = r.dlq.lock();
+        let all: Vec<_> = dlq.held_entries(DlqKind::Late).collect();
+        (all.len(), all.iter().filter(|e| e.replayed).count())
+    };
+    let late = replayed(&r);
+    assert!(late.1 > 0, "{late:?}");
     // Upgrade: the next checkpoint is version 4 and holds the same state.
     st.checkpoint(&mut r.p).unwrap();
     let newest = super::ckpt_path(dir.path(), st.seq());
@@ -651,5 +658,6 @@ fn a_version_3_state_dir_loads_and_upgrades() {
     StateStore::open(dir.path(), &mut again.p).unwrap();
     assert_eq!(state_dump(&again), want);
     assert_eq!(again.p.dedupe_len(), dedupe);
+    assert_eq!(replayed(&again), late);
     assert_eq!(again.p.tenant_watermark("acme"), wm_acme);
 }
