@@ -84,6 +84,10 @@ struct ReplayArgs {
     /// Build and report, but keep the current state.
     #[arg(long)]
     dry_run: bool,
+    /// Use a state rebuilt from a later point than 0 without asking (it
+    /// holds only what was appended from then on).
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Args)]
@@ -467,6 +471,25 @@ async fn replay(a: ReplayArgs) -> Result<()> {
             cfg.data_dir.display(),
             cfg.data_dir.display()
         );
+    }
+    // From a later point the new state holds only what was appended since:
+    // everything before drops out of the rollups. Say so and ask.
+    let partial = !matches!(from, ReplayFrom::Lsn(0));
+    if partial && !a.dry_run && !a.yes {
+        let what = format!(
+            "the rebuilt state will hold only records appended from --from {}; everything before drops out of the rollups (the current state is kept as state.old-<ms>)",
+            a.from
+        );
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            bail!("{what}; pass --yes to go ahead, or --dry-run to look first");
+        }
+        eprint!("{what}. Go ahead? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("nothing changed");
+        }
     }
     let (verify, dry_run) = (a.verify, a.dry_run);
     let cfg2 = cfg.clone();

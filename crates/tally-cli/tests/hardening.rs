@@ -708,3 +708,80 @@ async fn malformed_evidence_is_kept_per_tenant() {
     check(Api::of(&server)).await;
     server.stop().await.unwrap();
 }
+
+/// Slow clients cannot hold the server: connections that never finish
+/// their headers are closed after `http.header-timeout` (so a request
+/// waiting behind the connection cap gets in), and a body that stalls is
+/// answered 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_cannot_hold_the_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path(), |cfg| {
+        cfg.http.max_connections = 3;
+        cfg.http.header_timeout = "500ms".into();
+        cfg.http.body_timeout = "500ms".into();
+    })
+    .await;
+    let api = Api::of(&server);
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // All three slots are taken: this one is served once they are cut.
+    assert!(api.healthy().await);
+    for mut s in slow {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the slow connection is closed")
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(
+        b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: 1000\r\n\r\n{\"event_id\":",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("a stalled body is answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    server.stop().await.unwrap();
+}
+
+/// `tally replay` from a later point than 0 shrinks the state to what was
+/// appended since: without `--yes` (and no terminal to ask) it refuses and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_replay_asks_before_it_shrinks_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path(), |_| {}).await;
+    let api = Api::of(&server);
+    api.events(&[ev("a", now_ms(), "acme")]).await;
+    server.stop().await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["replay", "--from", "1", "--data-dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--yes"), "{err}");
+    assert!(
+        !std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("state.old-")),
+        "nothing was swapped"
+    );
+}

@@ -48,6 +48,7 @@ pub struct Config {
     pub auth: AuthSection,
     pub quotas: QuotasSection,
     pub shedding: SheddingSection,
+    pub http: HttpSection,
     /// Declared properties per tenant, e.g. `[schemas.acme]` then
     /// `duration_ms = "float"`, `page = "string"` (types: string, int,
     /// float, bool). Ingest rejects an event whose declared property has
@@ -102,6 +103,32 @@ pub struct KeySection {
     pub scopes: Vec<String>,
     /// Shown in logs instead of the key.
     pub name: String,
+}
+
+/// Limits of the HTTP listener against slow and greedy clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct HttpSection {
+    /// Connections open at once; past it new ones wait in the backlog.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this (slowloris).
+    pub header_timeout: String,
+    /// A request's body must arrive within this (408 past it).
+    pub body_timeout: String,
+    /// A client that takes no byte of an answer for this long is
+    /// disconnected (unread answers do not pin memory).
+    pub write_timeout: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            max_connections: 1024,
+            header_timeout: "10s".into(),
+            body_timeout: "60s".into(),
+            write_timeout: "30s".into(),
+        }
+    }
 }
 
 /// Load shedding: under overload (more than half of
@@ -363,6 +390,7 @@ impl Default for Config {
             auth: AuthSection::default(),
             quotas: QuotasSection::default(),
             shedding: SheddingSection::default(),
+            http: HttpSection::default(),
             schemas: Schemas::new(),
         }
     }
@@ -435,6 +463,9 @@ pub struct Durations {
     pub idle_timeout_ms: Millis,
     pub allowed_lateness_ms: Millis,
     pub max_future_skew_ms: Millis,
+    pub http_header_timeout_ms: Millis,
+    pub http_body_timeout_ms: Millis,
+    pub http_write_timeout_ms: Millis,
     pub checkpoint_interval_ms: Millis,
     pub seal_interval_ms: Millis,
     pub archive_retention_ms: Millis,
@@ -598,6 +629,10 @@ impl Config {
                 &self.stream.allowed_lateness,
             )?,
             max_future_skew_ms: duration("ingest.max-future-skew", &self.ingest.max_future_skew)?,
+            http_header_timeout_ms: duration("http.header-timeout", &self.http.header_timeout)?
+                .max(1),
+            http_body_timeout_ms: duration("http.body-timeout", &self.http.body_timeout)?.max(1),
+            http_write_timeout_ms: duration("http.write-timeout", &self.http.write_timeout)?.max(1),
             checkpoint_interval_ms: duration(
                 "stream.checkpoint-interval",
                 &self.stream.checkpoint_interval,

@@ -219,6 +219,18 @@ fn admission(s: &AppState, overloaded: bool, backfill: bool) -> Option<tally_ing
     }))
 }
 
+/// Whether an error or one of its sources is a `T`.
+fn chain_has<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if x.is::<T>() {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
+}
+
 /// Errors listed in an ingest answer; the rest are counted in `errors_omitted`.
 const MAX_ERRORS_ANSWERED: usize = 100;
 
@@ -298,6 +310,11 @@ async fn ingest(
             .is_some_and(|src| src.is::<http_body_util::LengthLimitError>())
         {
             too_large()
+        } else if chain_has::<tower_http::timeout::TimeoutError>(&e) {
+            ApiError::Status(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive within http.body-timeout; send it faster or in smaller batches".into(),
+            )
         } else {
             ApiError::BadRequest(format!("cannot read body: {e}"))
         }

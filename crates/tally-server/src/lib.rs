@@ -8,6 +8,7 @@ mod http_alerts;
 mod live;
 pub mod pipeline;
 pub mod quota;
+mod serve;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -109,7 +110,7 @@ impl Server {
             }),
         };
         let app = http::router(state);
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let tel = shared.telemetry.clone();
         tokio::spawn(tally_alert::deliver::run(
             shared.alerts.clone(),
@@ -125,12 +126,17 @@ impl Server {
                 tel.alert_latency.observe_us(d.as_micros() as u64)
             }),
         ));
+        let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_millis(d.http_body_timeout_ms as u64),
+        ));
+        let limits = serve::Limits {
+            max_connections: cfg.http.max_connections.max(1),
+            header_timeout: std::time::Duration::from_millis(d.http_header_timeout_ms as u64),
+            write_timeout: std::time::Duration::from_millis(d.http_write_timeout_ms as u64),
+        };
+        let drain = std::time::Duration::from_millis(d.query_timeout_ms.max(1000) as u64 * 2);
         let task = tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await;
+            let r = serve::serve(listener, app, limits, stopped, drain).await;
             // In-flight requests are finished; now drain the writer and processor.
             tokio::task::spawn_blocking(move || pipeline.shutdown())
                 .await
