@@ -785,3 +785,57 @@ async fn a_partial_replay_asks_before_it_shrinks_the_state() {
         "nothing was swapped"
     );
 }
+
+/// A key's status shows its tenant's counts and clock, not the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_status_counts_only_its_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path(), |cfg| {
+        cfg.auth.keys = ["acme", "globex"]
+            .iter()
+            .map(|t| KeySection {
+                key: format!("{t}-admin"),
+                tenant: t.to_string(),
+                scopes: vec!["admin".into()],
+                ..KeySection::default()
+            })
+            .collect();
+    })
+    .await;
+    let api = Api::of(&server);
+    let now = now_ms();
+    for (t, n) in [("acme", 3), ("globex", 5)] {
+        let evs: Vec<Value> = (0..n)
+            .map(
+                |i| json!({"event_id": format!("{t}{i}"), "event_type": "x", "timestamp": now - i}),
+            )
+            .collect();
+        let key = format!("{t}-admin");
+        let (s, v) = api
+            .send("/api/v1/events", Some(&key), common::ndjson(&evs))
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    for (t, n) in [("acme", 3), ("globex", 5)] {
+        let mut counted = 0;
+        for _ in 0..200 {
+            let r = api
+                .c
+                .get(format!("{}/api/v1/status", api.base))
+                .bearer_auth(format!("{t}-admin"))
+                .send()
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            counted = v["events"]["counted"].as_u64().unwrap();
+            if counted == n {
+                assert_eq!(v["watermarks"].as_object().unwrap().len(), 1, "{v}");
+                assert!(v["events"].get("corrections").is_none());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(counted, n, "{t}");
+    }
+    server.stop().await.unwrap();
+}

@@ -900,18 +900,34 @@ async fn status(State(s): State<AppState>, caller: Caller) -> Response {
         };
         (mine, map)
     };
-    axum::Json(json!({
-        "ready": v.ready,
-        "watermark": watermark.map(format_rfc3339),
-        "watermarks": watermarks,
-        "log": {"committed_lsn": v.committed_lsn, "applied_lsn": v.applied_lsn, "behind_records": v.behind_records()},
-        "events": {
+    // A key sees its tenant's counts, never the server's (other tenants'
+    // volume is not its business).
+    let events = match caller.key_tenant() {
+        Some(k) => {
+            let c = s
+                .shared
+                .processor
+                .lock()
+                .tenant_counts
+                .get(k)
+                .copied()
+                .unwrap_or_default();
+            json!({"counted": c.counted, "duplicates": c.duplicates, "late": c.late})
+        }
+        None => json!({
             "counted": v.counted,
             "duplicates": v.duplicates,
             "late": v.late,
             "corrections": v.corrections,
             "replayed": v.replayed,
-        },
+        }),
+    };
+    axum::Json(json!({
+        "ready": v.ready,
+        "watermark": watermark.map(format_rfc3339),
+        "watermarks": watermarks,
+        "log": {"committed_lsn": v.committed_lsn, "applied_lsn": v.applied_lsn, "behind_records": v.behind_records()},
+        "events": events,
         "checkpoints": {
             "written": tel.checkpoints.load(Relaxed),
             "errors": tel.checkpoint_errors.load(Relaxed),

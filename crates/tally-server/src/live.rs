@@ -14,6 +14,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value as Json, json};
+use tally_stream::DlqKind;
 use tally_types::time::{MINUTE_MS, format_rfc3339};
 
 use crate::auth::Caller;
@@ -102,14 +103,47 @@ fn status_msg(s: &AppState, caller: &Caller, rate: &mut Rate) -> Json {
     let tel = &sh.telemetry;
     let v = crate::http::snapshot(s);
     let now = v.now_ms;
-    let accepted = tel.events_accepted.load(Relaxed);
+    let only = caller.key_tenant();
+    // A key sees its tenant's counts, clock and dead letters, never the
+    // server's (other tenants' volume is not its business).
+    let (accepted, rejected, counted, duplicates, late, watermark, dlq) = match only {
+        Some(t) => {
+            let view = sh.processor.lock();
+            let c = view.tenant_counts.get(t).copied().unwrap_or_default();
+            let wm = view.watermarks.get(t).copied();
+            drop(view);
+            let d = sh.dlq.lock();
+            let (m, l) = (
+                d.held_of(t, DlqKind::Malformed),
+                d.held_of(t, DlqKind::Late),
+            );
+            let accepted = c.counted + c.duplicates + c.late;
+            (
+                accepted,
+                m as u64,
+                c.counted,
+                c.duplicates,
+                c.late,
+                wm,
+                (m as u64, l as u64),
+            )
+        }
+        None => (
+            tel.events_accepted.load(Relaxed),
+            tel.events_rejected.load(Relaxed),
+            v.counted,
+            v.duplicates,
+            v.late,
+            v.watermark_ms,
+            (v.dlq_malformed_total, v.dlq_late_total),
+        ),
+    };
     let dt = rate.at.elapsed().as_secs_f64();
     if dt >= 0.5 {
         rate.rate = (accepted.saturating_sub(rate.accepted)) as f64 / dt;
         rate.at = Instant::now();
         rate.accepted = accepted;
     }
-    let only = caller.key_tenant();
     let tenants: Vec<String> = sh
         .store
         .read()
@@ -130,16 +164,16 @@ fn status_msg(s: &AppState, caller: &Caller, rate: &mut Rate) -> Json {
         "now": format_rfc3339(now),
         "ingest_rate": rate.rate.round(),
         "accepted": accepted,
-        "rejected": tel.events_rejected.load(Relaxed),
-        "counted": v.counted,
-        "duplicates": v.duplicates,
-        "late": v.late,
+        "rejected": rejected,
+        "counted": counted,
+        "duplicates": duplicates,
+        "late": late,
         "processing_lag_ms": tel.processing_lag_ms.load(Relaxed),
         "behind_records": v.behind_records(),
-        "watermark": v.watermark_ms.map(format_rfc3339),
-        "watermark_lag_ms": v.watermark_ms.map(|w| now - w),
+        "watermark": watermark.map(format_rfc3339),
+        "watermark_lag_ms": watermark.map(|w| now - w),
         "freshness_ms": tel.freshness_ms(now),
-        "dlq": {"malformed": v.dlq_malformed_total, "late": v.dlq_late_total},
+        "dlq": {"malformed": dlq.0, "late": dlq.1},
         "alerts": {"rules": rules, "firing": firing},
         "tenants": tenants,
         "ready": v.ready,

@@ -138,12 +138,23 @@ pub struct ProcessorView {
     pub watermark: Option<i64>,
     /// Each tenant's own watermark (its event clock).
     pub watermarks: HashMap<String, i64>,
+    /// Each tenant's share of the totals (what a key's caller is shown).
+    pub tenant_counts: HashMap<String, tally_stream::TenantCounts>,
     pub totals: tally_stream::Totals,
     pub dedupe_len: usize,
 }
 
 impl ProcessorView {
     fn copy_watermarks(&mut self, p: &Processor) {
+        for (t, _) in p.watermarks() {
+            let counts = p.tenant_counts(t);
+            match self.tenant_counts.get_mut(t) {
+                Some(x) => *x = counts,
+                None => {
+                    self.tenant_counts.insert(t.to_string(), counts);
+                }
+            }
+        }
         for (t, w) in p.watermarks() {
             let Some(w) = w else { continue };
             match self.watermarks.get_mut(t) {
@@ -698,6 +709,7 @@ fn processor_loop(
 ) {
     let tel = &shared.telemetry;
     let mut last_copy = Instant::now();
+    let mut view_stale = false;
     // Checkpoints are prepared here (a snapshot, cheap) and written by a
     // helper thread while this one keeps applying records; one in flight.
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(StateStore, CheckpointJob)>(1);
@@ -724,9 +736,13 @@ fn processor_loop(
     let retention_every = Duration::from_millis(shared.durations.retention_interval_ms as u64);
     let mut next_retention = Instant::now() + retention_every;
     loop {
-        let wait = next_ckpt
+        let mut wait = next_ckpt
             .map_or(next_retention, |t| t.min(next_retention))
             .saturating_duration_since(Instant::now());
+        if view_stale {
+            // Records were applied since the tenant view was copied.
+            wait = wait.min(Duration::from_millis(100).saturating_sub(last_copy.elapsed()));
+        }
         match rx.recv_timeout(wait) {
             Ok(c) => {
                 let applied = match p.apply(record_ref(&c)) {
@@ -775,6 +791,9 @@ fn processor_loop(
                     if closed_minute || last_copy.elapsed() >= Duration::from_millis(100) {
                         last_copy = Instant::now();
                         v.copy_watermarks(&p);
+                        view_stale = false;
+                    } else {
+                        view_stale = true;
                     }
                 }
                 // A tenant watermark that crossed a minute closed buckets:
@@ -784,7 +803,13 @@ fn processor_loop(
                     let _ = alert_tx.try_send((p.watermark().unwrap_or(i64::MIN), Instant::now()));
                 }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if view_stale && last_copy.elapsed() >= Duration::from_millis(100) {
+                    last_copy = Instant::now();
+                    shared.processor.lock().copy_watermarks(&p);
+                    view_stale = false;
+                }
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if let Ok(done) = done_rx.try_recv() {

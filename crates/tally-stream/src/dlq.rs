@@ -105,6 +105,13 @@ impl Dlq {
         ring.push_back(e);
     }
 
+    /// Entries of a tenant held of a kind.
+    pub fn held_of(&self, tenant: &str, kind: DlqKind) -> usize {
+        self.rings
+            .get(&(tenant.to_string(), kind))
+            .map_or(0, VecDeque::len)
+    }
+
     /// Unreplayed late entries of a tenant.
     pub fn late_pending(&self, tenant: &str) -> usize {
         self.pending.get(tenant).copied().unwrap_or(0)

@@ -133,6 +133,16 @@ struct Clock {
     dedupe: DedupeMap,
     /// Dedupe entries inserted since the last checkpoint, in order.
     journal: Vec<(u128, Millis)>,
+    /// Events of this clock counted, dropped as duplicates, sent late.
+    counts: TenantCounts,
+}
+
+/// One tenant's running totals (its share of [`Totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantCounts {
+    pub counted: u64,
+    pub duplicates: u64,
+    pub late: u64,
 }
 
 impl Clock {
@@ -144,6 +154,7 @@ impl Clock {
             swept_to: Millis::MIN,
             dedupe: DedupeMap::default(),
             journal: Vec::new(),
+            counts: TenantCounts::default(),
         }
     }
 
@@ -403,6 +414,20 @@ impl Processor {
         self.clocks.iter().map(|(t, c)| (&**t, c.watermark))
     }
 
+    /// A tenant's totals (live and backfill clocks together).
+    pub fn tenant_counts(&self, tenant: &str) -> TenantCounts {
+        let mut out = TenantCounts::default();
+        for c in [self.clocks.get(tenant), self.backfills.get(tenant)]
+            .into_iter()
+            .flatten()
+        {
+            out.counted += c.counts.counted;
+            out.duplicates += c.counts.duplicates;
+            out.late += c.counts.late;
+        }
+        out
+    }
+
     /// A tenant's backfill watermark (None: no backfill sent).
     pub fn backfill_watermark(&self, tenant: &str) -> Option<Millis> {
         self.backfills.get(tenant).and_then(|c| c.watermark)
@@ -610,6 +635,7 @@ impl Processor {
                 || self.legacy.seen(&ev, wm, lateness, false)
             {
                 out.duplicates += 1;
+                c.counts.duplicates += 1;
                 if capture {
                     push_drop(&mut self.last_drops, i as u32);
                 }
@@ -620,6 +646,7 @@ impl Processor {
             let expired = minute < hours_from;
             if too_late.is_some() || expired {
                 out.late += 1;
+                c.counts.late += 1;
                 let w = wm.unwrap_or(minute);
                 let mark = align_down(w.max(minute), MINUTE_MS) | LATE_MARK;
                 c.dedupe.insert(key, mark);
@@ -656,6 +683,7 @@ impl Processor {
             }
             store.add(&ev);
             out.counted += 1;
+            c.counts.counted += 1;
             c.advance(p, ev.ts, *others, bound);
         }
         if let Some((_, c, _, _, was)) = cur.take() {
@@ -726,6 +754,9 @@ impl Processor {
             applied_keys.push((ev.tenant.to_string(), key));
             out.counted += 1;
             out.replayed += 1;
+            if let Some(c) = self.clocks.get_mut(ev.tenant) {
+                c.counts.counted += 1;
+            }
         }
         store.commit();
         drop(store);

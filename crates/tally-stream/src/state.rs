@@ -331,6 +331,7 @@ struct ClockState {
     watermark: Option<Millis>,
     swept_to: Millis,
     sealed_to: Millis,
+    counts: crate::TenantCounts,
 }
 
 impl ClockState {
@@ -343,6 +344,9 @@ impl ClockState {
         e.opt_i64(self.watermark);
         e.i64(self.swept_to);
         e.i64(self.sealed_to);
+        e.u64(self.counts.counted);
+        e.u64(self.counts.duplicates);
+        e.u64(self.counts.late);
     }
 
     fn decode_parts(d: &mut Dec<'_>, n: usize) -> Result<Vec<PartState>, DecodeError> {
@@ -364,6 +368,7 @@ impl ClockState {
             swept_to: self.swept_to,
             dedupe: DedupeMap::default(),
             journal: Vec::new(),
+            counts: self.counts,
         }
     }
 }
@@ -533,7 +538,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     let mut shared_clock = None;
     if version >= 4 {
         for list in [&mut clocks, &mut backfills] {
-            let nt = d.count(4 + n * 9 + 17)?;
+            let nt = d.count(4 + n * 9 + 41)?;
             for _ in 0..nt {
                 let tenant = d.str()?.into();
                 let parts = ClockState::decode_parts(&mut d, n)?;
@@ -543,6 +548,11 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
                     watermark: d.opt_i64()?,
                     swept_to: d.i64()?,
                     sealed_to: d.i64()?,
+                    counts: crate::TenantCounts {
+                        counted: d.u64()?,
+                        duplicates: d.u64()?,
+                        late: d.u64()?,
+                    },
                 });
             }
         }
@@ -554,6 +564,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
             watermark: d.opt_i64()?,
             swept_to: d.i64()?,
             sealed_to: d.i64()?,
+            counts: crate::TenantCounts::default(),
         });
     }
     let totals = decode_totals(&mut d)?;
@@ -993,6 +1004,7 @@ impl StateStore {
                     watermark: c.watermark,
                     swept_to: c.swept_to,
                     sealed_to: seal[&**t].1,
+                    counts: c.counts,
                 })
                 .collect()
         };
