@@ -20,6 +20,35 @@ use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_te
 
 /// Largest number of properties per event.
 pub const MAX_PROPS: usize = 256;
+/// Deepest nesting of an event by default (the event object is level 1).
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+
+/// Levels of arrays and objects in a JSON value (its text, valid JSON).
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_str {
+            match b {
+                _ if esc => esc = false,
+                b'\\' => esc = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Rejections of one body kept whole (message, raw text for the DLQ);
 /// past this they are only counted, so a body of junk lines costs no more
 /// memory than its size.
@@ -119,6 +148,8 @@ pub struct Parser {
     /// `(now, skew)`: events stamped more than `skew` after `now` are rejected.
     future: Option<(Millis, Millis)>,
     admission: Option<Admission>,
+    /// Deepest nesting of an event's JSON (the event object is level 1).
+    max_depth: usize,
     props: Vec<(Cow<'static, str>, &'static RawValue)>,
     schemas: Arc<Schemas>,
 }
@@ -161,6 +192,7 @@ impl Parser {
             partitions: partitions.max(1),
             future: None,
             admission: None,
+            max_depth: DEFAULT_MAX_DEPTH,
             props: Vec::new(),
             schemas,
         }
@@ -171,6 +203,13 @@ impl Parser {
     /// carry its tenant's watermark into the future.
     pub fn with_future_limit(mut self, now: Millis, skew_ms: Millis) -> Self {
         self.future = Some((now, skew_ms));
+        self
+    }
+
+    /// Events nested deeper than `depth` levels (the event object is level
+    /// 1, its `properties` level 2) are rejected (`ingest.max-json-depth`).
+    pub fn with_max_depth(mut self, depth: usize) -> Self {
+        self.max_depth = depth.max(2);
         self
     }
 
@@ -202,6 +241,7 @@ impl Parser {
             schemas: &schemas,
             future: self.future,
             admission: self.admission.clone(),
+            max_depth: self.max_depth,
             index: 0,
         };
         match (format, first) {
@@ -331,6 +371,7 @@ struct Sink<'s> {
     schemas: &'s Schemas,
     future: Option<(Millis, Millis)>,
     admission: Option<Admission>,
+    max_depth: usize,
     /// Index of the event being accepted (for refusals).
     index: usize,
 }
@@ -371,9 +412,19 @@ impl Sink<'_> {
             }
         }
         // A number no f64 holds would be counted as nothing: refuse it.
-        // Only an exponent or hundreds of digits can overflow.
+        // Only an exponent or hundreds of digits can overflow. Nested
+        // values deeper than the limit are refused too.
         for (k, v) in props {
             let t = v.get();
+            if matches!(t.as_bytes()[0], b'{' | b'[') {
+                let d = 2 + json_depth(t);
+                if d > self.max_depth {
+                    return Err(format!(
+                        "properties.{k}: nested {d} levels deep (the event is level 1), at most {} (ingest.max-json-depth); flatten it",
+                        self.max_depth
+                    ));
+                }
+            }
             if matches!(t.as_bytes()[0], b'-' | b'0'..=b'9')
                 && (t.contains(['e', 'E']) || t.len() > 300)
                 && !t.parse::<f64>().is_ok_and(f64::is_finite)

@@ -487,3 +487,30 @@ fn numbers_past_f64_are_rejected() {
         1
     );
 }
+
+/// Nesting past the limit is rejected naming the property, the depth and
+/// the setting; at the limit it is kept.
+#[test]
+fn deep_nesting_is_rejected_at_the_limit() {
+    let nested = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+    let body = |levels: usize| {
+        format!(
+            r#"{{"event_id":"a","event_type":"t","timestamp":1793534400000,"properties":{{"deep":{},"s":"[[[[[[[[[["}}}}"#,
+            nested(levels)
+        )
+    };
+    let mut p = Parser::new(1).with_max_depth(10);
+    let ok = p
+        .parse(body(8).as_bytes(), Format::Json, Tenancy::Open)
+        .unwrap();
+    assert_eq!(ok.accepted, 1, "{:?}", ok.rejected);
+    let bad = p
+        .parse(body(9).as_bytes(), Format::Json, Tenancy::Open)
+        .unwrap();
+    assert_eq!(bad.accepted, 0);
+    let e = &bad.rejected[0].error;
+    assert!(
+        e.starts_with("properties.deep: nested 11 levels") && e.contains("ingest.max-json-depth"),
+        "{e}"
+    );
+}

@@ -210,6 +210,8 @@ pub struct IngestConfig {
     /// Events stamped further than this ahead of the server's clock are
     /// rejected (their tenant's watermark must not run into the future).
     pub max_future_skew: String,
+    /// Deepest nesting of an event (the event object is level 1).
+    pub max_json_depth: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -403,6 +405,7 @@ impl Default for IngestConfig {
             max_inflight_bytes: 512 << 20,
             queue_depth: 4096,
             max_future_skew: "10m".into(),
+            max_json_depth: 64,
         }
     }
 }

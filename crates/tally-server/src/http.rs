@@ -42,6 +42,8 @@ pub struct AppState {
     pub schemas: Arc<tally_types::schema::Schemas>,
     /// Event types refused first under overload.
     pub low_priority: Arc<Vec<String>>,
+    /// Deepest nesting of an event at ingest.
+    pub max_json_depth: usize,
     /// Requests the log writer queue holds.
     pub queue_depth: usize,
 }
@@ -345,6 +347,7 @@ async fn ingest(
             s.shared.durations.max_future_skew_ms,
         )
         .with_admission(admission(&s, overloaded, backfill))
+        .with_max_depth(s.max_json_depth)
         .parse(&body, Format::from_content_type(ct), tenancy);
     let mut parsed = match parsed {
         Ok(p) => p,
