@@ -162,6 +162,14 @@ async fn full_disk_answers_503_keeps_nothing_of_failed_requests_and_recovers() {
         }
     }
     assert!(refused >= 10, "the disk never filled: {refused} refusals");
+    // Not ready while the disk is full: a load balancer sends elsewhere.
+    let r = c.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("disk") && !body.contains(&*mnt.to_string_lossy()),
+        "{body}"
+    );
     let health = c.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(
         health.status(),
@@ -191,6 +199,7 @@ async fn full_disk_answers_503_keeps_nothing_of_failed_requests_and_recovers() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    ready(&c, &base).await;
     let check = |base: String| {
         let c = c.clone();
         let want_counted = want.counted;

@@ -44,6 +44,8 @@ pub struct AppState {
     pub low_priority: Arc<Vec<String>>,
     /// Deepest nesting of an event at ingest.
     pub max_json_depth: usize,
+    /// The data directory (`/readyz` probes it after a failed write).
+    pub data_dir: std::path::PathBuf,
     /// Requests the log writer queue holds.
     pub queue_depth: usize,
 }
@@ -127,11 +129,34 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.shared.ready.load(Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        ApiError::Unavailable("not ready: recovering or shutting down".into(), 1).into_response()
+    if !s.shared.ready.load(Relaxed) {
+        return ApiError::Unavailable("not ready: recovering or shutting down".into(), 1)
+            .into_response();
     }
+    if s.shared.storage_failing.load(Relaxed) {
+        // Nothing may come to retry a write: probe the disk here instead.
+        let dir = s.data_dir.clone();
+        let probe = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let path = dir.join(".readyz-probe");
+            let r = std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(&vec![0u8; 1 << 20]).and_then(|_| f.sync_all()));
+            let _ = std::fs::remove_file(&path);
+            r.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !probe {
+            return ApiError::Unavailable(
+                "not ready: the data disk is full or failing; ingest resumes when a write succeeds"
+                    .into(),
+                5,
+            )
+            .into_response();
+        }
+        s.shared.storage_failing.store(false, Relaxed);
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 pub(crate) fn snapshot(s: &AppState) -> Snapshot {
@@ -470,7 +495,7 @@ async fn ingest(
                     .fetch_add((accepted + rejected) as u64, Relaxed);
                 return Err(ApiError::Unavailable(
                     format!(
-                        "storage error, nothing from this request was acknowledged: {e}; retry"
+                        "storage error ({e}): nothing from this request was acknowledged; retry"
                     ),
                     5,
                 ));

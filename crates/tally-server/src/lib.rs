@@ -83,6 +83,7 @@ impl Server {
             max_inflight: cfg.ingest.max_inflight_bytes,
             low_priority: Arc::new(cfg.shedding.low_priority.clone()),
             max_json_depth: cfg.ingest.max_json_depth,
+            data_dir: cfg.data_dir.clone(),
             queue_depth: cfg.ingest.queue_depth,
             metrics_cache: Arc::new(parking_lot::Mutex::new(tally_store::MetricsCache::new(
                 cfg.query.metrics_cache_entries,

@@ -107,6 +107,9 @@ pub struct Shared {
     /// Late events of records that had any, by lsn, until their ingest
     /// request reads them (pruned past [`LATE_BY_LSN_MAX`]).
     pub late_by_lsn: Mutex<HashMap<u64, u64>>,
+    /// The last commit failed (disk full or failing): `/readyz` says not
+    /// ready until a write succeeds again.
+    pub storage_failing: AtomicBool,
     /// Per tenant, the latest event time of any request sent to the log
     /// writer: no tenant watermark is past it minus the bound, so an ingest
     /// answer knows when none of its events can be late without asking.
@@ -464,6 +467,7 @@ impl Pipeline {
             committed_lsn: AtomicU64::new(report.next_lsn),
             corrections: Mutex::new(HashMap::new()),
             late_by_lsn: Mutex::new(HashMap::new()),
+            storage_failing: AtomicBool::new(false),
             tenant_max_ts: Mutex::new(HashMap::new()),
             partitions: cfg.log.partitions,
             raw: raw.as_ref().map(|w| w.shared().clone()),
@@ -618,6 +622,7 @@ fn writer_loop(
         tel.log_syncs.fetch_add(1, Relaxed);
         match &result {
             Ok(_) => {
+                shared.storage_failing.store(false, Relaxed);
                 shared.committed_lsn.store(next_lsn, Relaxed);
                 if !malformed.is_empty() {
                     let mut dlq = shared.dlq.lock();
@@ -632,6 +637,7 @@ fn writer_loop(
                 }
             }
             Err(e) => {
+                shared.storage_failing.store(true, Relaxed);
                 tel.log_errors.fetch_add(1, Relaxed);
                 tracing::error!(error = %e, "log write failed; failing the requests of this commit");
                 log.discard_pending();
@@ -642,11 +648,19 @@ fn writer_loop(
                 malformed.clear();
             }
         }
+        // Clients are told what failed, not where (no paths in answers).
+        let public = result.as_ref().err().map(|e| {
+            if e.contains("No space left") || e.contains("os error 28") {
+                "the data disk is full".to_string()
+            } else {
+                "a write to the data disk failed (see the server log)".to_string()
+            }
+        });
         for (i, req) in group.drain(..).enumerate() {
             tel.inflight_bytes.fetch_sub(req.bytes as i64, Relaxed);
-            let r = match &result {
-                Ok(_) => Ok(last_lsn.get(i).copied().flatten()),
-                Err(e) => Err(e.clone()),
+            let r = match &public {
+                None => Ok(last_lsn.get(i).copied().flatten()),
+                Some(e) => Err(e.clone()),
             };
             let _ = req.done.send(r);
         }
