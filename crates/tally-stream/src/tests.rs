@@ -38,7 +38,10 @@ impl Harness {
     }
 
     fn feed(&mut self, partition: u32, append_ms: Millis, events: &[(&str, Millis)]) -> Applied {
-        let payload = batch(events);
+        self.feed_payload(partition, append_ms, &batch(events))
+    }
+
+    fn feed_payload(&mut self, partition: u32, append_ms: Millis, payload: &[u8]) -> Applied {
         self.lsn += 1;
         self.p
             .apply(RecordRef {
@@ -47,7 +50,7 @@ impl Harness {
                 next_offset: self.lsn * 100 + 100,
                 lsn: self.lsn,
                 append_ms,
-                payload: &payload,
+                payload,
             })
             .unwrap()
     }
@@ -216,18 +219,11 @@ impl Harness {
         events: &[(&str, Millis)],
         backfill: bool,
     ) -> Applied {
-        let payload = tenant_batch(tenant, events, backfill);
-        self.lsn += 1;
-        self.p
-            .apply(RecordRef {
-                partition,
-                offset: self.lsn * 100,
-                next_offset: self.lsn * 100 + 100,
-                lsn: self.lsn,
-                append_ms,
-                payload: &payload,
-            })
-            .unwrap()
+        self.feed_payload(
+            partition,
+            append_ms,
+            &tenant_batch(tenant, events, backfill),
+        )
     }
 
     fn tenant_count(&self, tenant: &str, from: Millis, to: Millis) -> i64 {
