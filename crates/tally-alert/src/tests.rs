@@ -692,3 +692,53 @@ mod props {
         }
     }
 }
+
+/// The alert state file as committed in `tests/fixtures/alerts-v1.json`
+/// (a z-score rule that learned a window, a silenced threshold rule, one
+/// pending delivery): today's code loads it with every rule, state and
+/// delivery. `TALLY_WRITE_ALERTS_FIXTURE=1` writes it again (only when the
+/// format changes, as a new file).
+#[test]
+fn the_committed_alert_state_file_loads() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/alerts-v1.json");
+    if std::env::var_os("TALLY_WRITE_ALERTS_FIXTURE").is_some() {
+        let _ = std::fs::remove_file(&fixture);
+        std::fs::create_dir_all(fixture.parent().unwrap()).unwrap();
+        let mut e = Engine::open(Some(fixture.clone()), EngineConfig::default()).unwrap();
+        let z = rule(
+            json!({"kind": "zscore", "window": 3, "z": 2.0}),
+            json!({"name": "z"}),
+        );
+        e.upsert(&z, "acme", T0, Some(T0)).unwrap();
+        let t = rule(
+            json!({"kind": "threshold", "op": ">", "value": 5}),
+            json!({"name": "t", "silenced_until": T0 + 3_600_000}),
+        );
+        e.upsert(&t, "globex", T0, Some(T0)).unwrap();
+        let src = Series::of(&[Some(1.0), Some(2.0), Some(1.0), Some(50.0)]);
+        e.advance(T0 + 4 * M, T0 + 4 * M, None, &src);
+        e.persist().unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alerts.json");
+    std::fs::copy(&fixture, &path).unwrap();
+    let mut e = Engine::open(Some(path), EngineConfig::default()).unwrap();
+    let pending = e.take_due(i64::MAX, 10);
+    assert_eq!(pending.len(), 1);
+    assert!(
+        pending[0].body.contains("\"firing\""),
+        "{}",
+        pending[0].body
+    );
+    let rules: Vec<_> = e.rules(None).collect();
+    assert_eq!(rules.len(), 2);
+    let (z, zs) = rules.iter().find(|(r, _)| r.name == "z").unwrap();
+    assert_eq!(z.tenant, "acme");
+    assert!(zs.next_bucket.is_some());
+    let (t, _) = rules.iter().find(|(r, _)| r.name == "t").unwrap();
+    assert_eq!(t.tenant, "globex");
+    assert!(t.silenced(T0 + 60_000));
+    assert_eq!(t.notify[0].webhook, "http://127.0.0.1:9/hook");
+}

@@ -228,3 +228,47 @@ proptest! {
         prop_assert_eq!(got, durable);
     }
 }
+
+/// The log segment format (version 1, documented at the top of lib.rs)
+/// as committed in `tests/fixtures/log-v1`: today's code opens it and
+/// reads every record, in lsn order, byte for byte. Set
+/// `TALLY_WRITE_LOG_FIXTURE=1` to write it again (only when the format
+/// changes, next to a new fixture directory, never over the old one).
+#[test]
+fn the_committed_log_segments_read_back() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v1");
+    let payload = |lsn: u64| format!("record {lsn}: {}", "é".repeat(lsn as usize % 5)).into_bytes();
+    if std::env::var_os("TALLY_WRITE_LOG_FIXTURE").is_some() {
+        let (mut log, _) = Log::open(LogConfig::new(&fixture, 2)).unwrap();
+        for lsn in 0..12u64 {
+            log.append(
+                (lsn % 2) as u32,
+                lsn,
+                1_793_534_400_000 + lsn as i64,
+                &payload(lsn),
+            )
+            .unwrap();
+        }
+        log.sync().unwrap();
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for p in ["p000", "p001"] {
+        std::fs::create_dir_all(tmp.path().join(p)).unwrap();
+        for e in std::fs::read_dir(fixture.join(p)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), tmp.path().join(p).join(e.file_name())).unwrap();
+        }
+    }
+    let (_log, rep) = Log::open(LogConfig::new(tmp.path(), 2)).unwrap();
+    assert_eq!(rep.next_lsn, 12);
+    assert!(rep.truncated.is_empty());
+    let recs = read_all(tmp.path(), 2);
+    assert_eq!(recs.len(), 12);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.lsn, i as u64);
+        assert_eq!(r.partition, (i % 2) as u32);
+        assert_eq!(r.append_ms, 1_793_534_400_000 + i as i64);
+        assert_eq!(r.payload, payload(i as u64));
+    }
+}
