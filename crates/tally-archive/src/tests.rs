@@ -846,3 +846,102 @@ proptest::proptest! {
         proptest::prop_assert_eq!(ours, arrows);
     }
 }
+
+/// The archive manifest as committed in `tests/fixtures/manifest-v1` (two
+/// seals, then a compaction replacing two files by one): today's code
+/// replays it into the live files and the sealed log position.
+/// `TALLY_WRITE_MANIFEST_FIXTURE=1` writes it again (only when the format
+/// changes, as a new file).
+#[test]
+fn the_committed_manifest_replays() {
+    use crate::manifest::{ArchiveFile, Entry, Manifest};
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/manifest-v1");
+    let file = |path: &str, tenant: &str, min_ts: i64, rows: u64| ArchiveFile {
+        path: path.to_string(),
+        tenant: tenant.into(),
+        min_ts,
+        max_ts: min_ts + 59_000,
+        rows,
+        bytes: rows * 40,
+    };
+    const H: i64 = 1_793_534_400_000;
+    if std::env::var_os("TALLY_WRITE_MANIFEST_FIXTURE").is_some() {
+        let _ = std::fs::remove_file(&fixture);
+        std::fs::create_dir_all(fixture.parent().unwrap()).unwrap();
+        let mut m = Manifest::open(&fixture, 2, (0, &[0, 0])).unwrap();
+        let a = file(
+            "tenant=acme/date=2026-11-01/hour=12/part-10-0.parquet",
+            "acme",
+            H,
+            10,
+        );
+        let g = file(
+            "tenant=globex/date=2026-11-01/hour=12/part-10-1.parquet",
+            "globex",
+            H,
+            3,
+        );
+        m.append(Entry::Seal {
+            next_lsn: 10,
+            offsets: &[400, 380],
+            add: &[a, g],
+        })
+        .unwrap();
+        let b = file(
+            "tenant=acme/date=2026-11-01/hour=12/part-20-0.parquet",
+            "acme",
+            H + 60_000,
+            7,
+        );
+        m.append(Entry::Seal {
+            next_lsn: 20,
+            offsets: &[800, 700],
+            add: &[b],
+        })
+        .unwrap();
+        let merged = file(
+            "tenant=acme/date=2026-11-01/hour=12/part-20-m.parquet",
+            "acme",
+            H,
+            17,
+        );
+        m.append(Entry::Replace {
+            remove: &[
+                "tenant=acme/date=2026-11-01/hour=12/part-10-0.parquet".into(),
+                "tenant=acme/date=2026-11-01/hour=12/part-20-0.parquet".into(),
+            ],
+            add: &[merged],
+        })
+        .unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("archive.manifest");
+    std::fs::copy(&fixture, &path).unwrap();
+    let m = Manifest::open(&path, 2, (0, &[0, 0])).unwrap();
+    assert!(m.existed);
+    assert_eq!(m.state.next_lsn, 20);
+    assert_eq!(m.state.offsets, vec![800, 700]);
+    let files: Vec<(&str, &str, u64)> = m
+        .state
+        .files
+        .values()
+        .map(|f| (f.path.as_str(), &*f.tenant, f.rows))
+        .collect();
+    assert_eq!(
+        files,
+        vec![
+            (
+                "tenant=acme/date=2026-11-01/hour=12/part-20-m.parquet",
+                "acme",
+                17
+            ),
+            (
+                "tenant=globex/date=2026-11-01/hour=12/part-10-1.parquet",
+                "globex",
+                3
+            ),
+        ]
+    );
+}
