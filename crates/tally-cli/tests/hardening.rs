@@ -89,6 +89,20 @@ impl Api {
             .map_or(0.0, |p| p.iter().map(|x| x[1].as_f64().unwrap()).sum())
     }
 
+    /// The count once the processor applied what was acknowledged (an
+    /// answer means durable; the rollups follow within milliseconds).
+    async fn count_settled(&self, tenant: &str, from: i64, to: i64, want: f64) -> f64 {
+        let mut got = 0.0;
+        for _ in 0..250 {
+            got = self.count(tenant, from, to).await;
+            if got == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        got
+    }
+
     async fn healthy(&self) -> bool {
         matches!(self.get("/healthz").await, (200, _))
     }
@@ -121,7 +135,10 @@ async fn a_tenant_in_the_year_2100_never_judges_another_tenants_events() {
         "{v}"
     );
     let from = now - 2 * HOUR;
-    assert_eq!(api.count("good", from, now + HOUR).await, 50.0);
+    assert_eq!(
+        api.count_settled("good", from, now + HOUR, 50.0).await,
+        50.0
+    );
     let (_, st) = api.get("/api/v1/status").await;
     assert_eq!(st["watermarks"]["evil"], format_rfc3339(y2100 - 5000));
     let good_wm = st["watermarks"]["good"].as_str().unwrap();
@@ -132,13 +149,19 @@ async fn a_tenant_in_the_year_2100_never_judges_another_tenants_events() {
 
     let server = common::start_server(dir.path(), tweak).await;
     let api = Api::of(&server);
-    assert_eq!(api.count("good", from, now + HOUR).await, 50.0);
+    assert_eq!(
+        api.count_settled("good", from, now + HOUR, 50.0).await,
+        50.0
+    );
     let more: Vec<Value> = (50..60)
         .map(|i| ev(&format!("g{i}"), now - i * 1000, "good"))
         .collect();
     let v = api.events(&more).await;
     assert_eq!(v["late"].as_u64(), Some(0), "{v}");
-    assert_eq!(api.count("good", from, now + HOUR).await, 60.0);
+    assert_eq!(
+        api.count_settled("good", from, now + HOUR, 60.0).await,
+        60.0
+    );
     server.stop().await.unwrap();
 }
 
@@ -253,7 +276,11 @@ async fn history_goes_in_beside_a_live_tenant() {
         assert_eq!(v["late"], 0, "step {step}: {v}");
     }
     let day = (now - 86_400_000, now + HOUR);
-    assert_eq!(api.count("newco", day.0, day.1).await, hist_n as f64);
+    assert_eq!(
+        api.count_settled("newco", day.0, day.1, hist_n as f64)
+            .await,
+        hist_n as f64
+    );
     // The live tenant's own history: late on the live path ...
     let v = api.events(&[ev("mine0", start, "live")]).await;
     assert_eq!(v["late"], 1, "{v}");
@@ -284,10 +311,8 @@ async fn history_goes_in_beside_a_live_tenant() {
     }
     let (_, sql) = api.get("/api/v1/status").await;
     assert!(sql["watermarks"]["live"].is_string());
-    assert_eq!(
-        api.count("live", day.0, day.1).await,
-        (live_n + 12 * 20) as f64
-    );
+    let want = (live_n + 12 * 20) as f64;
+    assert_eq!(api.count_settled("live", day.0, day.1, want).await, want);
     server.stop().await.unwrap();
 }
 
