@@ -1,4 +1,4 @@
-//! The HTTP contract of `shared/API.md` for ingest, metrics, DLQ and operations,
+//! The HTTP contract (README, *Using it*) for ingest, metrics, DLQ and operations,
 //! against the real server on a free port.
 
 use serde_json::{Value, json};

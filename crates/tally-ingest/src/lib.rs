@@ -2,7 +2,8 @@
 //! NDJSON) into validated events in the binary batch form of `tally-types`,
 //! split by log partition, plus a list of rejections with their reasons.
 //!
-//! API boundary: the rules here are the `Events` table of `shared/API.md`.
+//! API boundary: the rules here are the event fields of `POST /api/v1/events`
+//! (README, *Using it*).
 //! Every rejection message starts with the field it is about (`timestamp: ...`).
 //! A rejected event never affects its neighbours.
 

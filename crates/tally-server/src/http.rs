@@ -1,4 +1,4 @@
-//! HTTP API (`shared/API.md`). Errors map to status codes in one place:
+//! HTTP API (README, *Using it*). Errors map to status codes in one place:
 //! [`ApiError`].
 
 use std::sync::Arc;
@@ -203,12 +203,14 @@ fn admission(s: &AppState, overloaded: bool, backfill: bool) -> Option<tally_ing
     } else {
         Vec::new()
     };
-    let full = s.shared.dlq.lock().late_full_tenants();
+    let (full, capacity) = {
+        let dlq = s.shared.dlq.lock();
+        (dlq.late_full_tenants(), dlq.capacity())
+    };
     if shed.is_empty() && full.is_empty() {
         return None;
     }
     let d = s.shared.durations;
-    let capacity = s.shared.dlq.lock().capacity();
     let max_ts: std::collections::HashMap<String, i64> = {
         let m = s.shared.tenant_max_ts.lock();
         full.iter()
