@@ -457,8 +457,7 @@ impl QueryEngine {
                 .await
                 .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
                 .map_err(df_err)?;
-            let r = QueryResultBatches { batches };
-            for b in &r.batches {
+            for b in &batches {
                 let ids = cast(b.column(0), &DataType::Utf8)
                     .map_err(|e| QueryError::Exec(e.to_string()))?;
                 let first = cast(b.column(1), &DataType::Int64)
@@ -478,11 +477,6 @@ impl QueryEngine {
         }
         Ok(out)
     }
-}
-
-/// Batches of an internal query.
-struct QueryResultBatches {
-    batches: Vec<RecordBatch>,
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ pub struct ProcessorView {
 
 impl ProcessorView {
     fn copy_watermarks(&mut self, p: &Processor) {
-        for (t, _) in p.watermarks() {
+        for (t, w) in p.watermarks() {
             let counts = p.tenant_counts(t);
             match self.tenant_counts.get_mut(t) {
                 Some(x) => *x = counts,
@@ -157,8 +157,6 @@ impl ProcessorView {
                     self.tenant_counts.insert(t.to_string(), counts);
                 }
             }
-        }
-        for (t, w) in p.watermarks() {
             let Some(w) = w else { continue };
             match self.watermarks.get_mut(t) {
                 Some(x) => *x = w,
