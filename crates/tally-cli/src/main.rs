@@ -323,7 +323,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 cfg.data_dir.display()
             )
         })?;
-    tracing::info!(addr = %server.addr, data_dir = %cfg.data_dir.display(), "tally is serving");
+    let scheme = if cfg.tls.cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(url = %format!("{scheme}://{}", server.addr), data_dir = %cfg.data_dir.display(), "tally is serving");
     let stop = server.stop_handle();
     tokio::spawn(async move {
         shutdown_signal().await;

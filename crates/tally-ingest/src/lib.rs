@@ -19,6 +19,9 @@ use tally_types::schema::Schemas;
 use tally_types::time::{self, MAX_TS, Millis};
 use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_tenant};
 
+pub mod privacy;
+pub use privacy::Privacy;
+
 /// Largest number of properties per event.
 pub const MAX_PROPS: usize = 256;
 /// Deepest nesting of an event by default (the event object is level 1).
@@ -153,6 +156,7 @@ pub struct Parser {
     max_depth: usize,
     props: Vec<(Cow<'static, str>, &'static RawValue)>,
     schemas: Arc<Schemas>,
+    privacy: Option<Arc<Privacy>>,
 }
 
 impl fmt::Debug for Parser {
@@ -196,7 +200,15 @@ impl Parser {
             max_depth: DEFAULT_MAX_DEPTH,
             props: Vec::new(),
             schemas,
+            privacy: None,
         }
+    }
+
+    /// Personal data is redacted by `privacy`'s rules before an event is
+    /// encoded, and in rejected events before they are kept.
+    pub fn with_privacy(mut self, privacy: Option<Arc<Privacy>>) -> Self {
+        self.privacy = privacy;
+        self
     }
 
     /// Rejects events stamped more than `skew_ms` after the server's clock
@@ -244,6 +256,7 @@ impl Parser {
             admission: self.admission.clone(),
             max_depth: self.max_depth,
             index: 0,
+            privacy: self.privacy.clone(),
         };
         match (format, first) {
             (Format::Json, b'[') => {
@@ -375,6 +388,7 @@ struct Sink<'s> {
     max_depth: usize,
     /// Index of the event being accepted (for refusals).
     index: usize,
+    privacy: Option<Arc<Privacy>>,
 }
 
 impl Sink<'_> {
@@ -442,6 +456,43 @@ impl Sink<'_> {
             self.out.refused.push((self.index, reason));
             return Ok(());
         }
+        // Personal data out before anything is encoded.
+        let redacted_props: Vec<(Cow<'_, str>, Box<RawValue>)>;
+        let redacted_view: Vec<(Cow<'_, str>, &RawValue)>;
+        let redacted_ev: Valid<'_>;
+        let (ev, props) = match self
+            .privacy
+            .as_deref()
+            .and_then(|p| Some((p, p.rules(&ev.tenant)?)))
+        {
+            None => (ev, props),
+            Some((p, rules)) => {
+                redacted_props = redact_props(p, rules, props);
+                redacted_view = redacted_props
+                    .iter()
+                    .map(|(k, v)| (Cow::Borrowed(&**k), &**v))
+                    .collect();
+                let id = |v: &Option<Cow<'_, str>>,
+                          a: Option<privacy::Action>|
+                 -> Option<Cow<'static, str>> {
+                    let v = v.as_deref()?;
+                    match a {
+                        Some(a) => p.apply_str(a, v).map(Cow::Owned),
+                        None => Some(Cow::Owned(v.to_string())),
+                    }
+                };
+                redacted_ev = Valid {
+                    tenant: Cow::Borrowed(&ev.tenant),
+                    event_id: Cow::Borrowed(&ev.event_id),
+                    event_type: Cow::Borrowed(&ev.event_type),
+                    ts: ev.ts,
+                    user_id: id(&ev.user_id, rules.user_id()),
+                    session_id: id(&ev.session_id, rules.session_id()),
+                    props_text: None,
+                };
+                (&redacted_ev, &redacted_view[..])
+            }
+        };
         let p = partition_of(
             &ev.tenant,
             ev.session_id.as_deref(),
@@ -521,6 +572,15 @@ impl Sink<'_> {
                 })
                 .to_string(),
         };
+        let redacted;
+        let (error, raw) = match &self.privacy {
+            Some(p) => {
+                let (e, r) = p.redact_rejection(&tenant, error, raw);
+                redacted = r;
+                (e, redacted.as_str())
+            }
+            None => (error, raw),
+        };
         let is_object = raw.starts_with('{') && serde_json::from_str::<&RawValue>(raw).is_ok();
         self.out.rejected.push(Rejection {
             index,
@@ -530,6 +590,35 @@ impl Sink<'_> {
             is_object,
         });
     }
+}
+
+/// The property pairs after `rules`: dropped ones gone, hashed and masked
+/// ones replaced (also inside nested objects a rule reaches into).
+fn redact_props<'a>(
+    p: &Privacy,
+    rules: &privacy::Rules,
+    props: &[(Cow<'a, str>, &RawValue)],
+) -> Vec<(Cow<'a, str>, Box<RawValue>)> {
+    let json = |v: serde_json::Value| {
+        RawValue::from_string(v.to_string()).expect("a serialized value is valid JSON")
+    };
+    let mut out = Vec::with_capacity(props.len());
+    for (k, v) in props {
+        let parsed = || serde_json::from_str::<serde_json::Value>(v.get()).unwrap_or_default();
+        let kept = match rules.prop(k) {
+            Some(action) => match p.apply_value(action, &parsed()) {
+                Some(r) => json(r),
+                None => continue,
+            },
+            None if v.get().starts_with('{') => match p.nested(rules, k, &parsed()) {
+                Some(r) => json(r),
+                None => (*v).to_owned(),
+            },
+            None => (*v).to_owned(),
+        };
+        out.push((k.clone(), kept));
+    }
+    out
 }
 
 /// How the `properties` object a client sent is kept

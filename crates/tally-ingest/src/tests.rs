@@ -514,3 +514,67 @@ fn deep_nesting_is_rejected_at_the_limit() {
         "{e}"
     );
 }
+
+/// Redaction happens before encoding: the batch holds the hashed user,
+/// the masked address, no e-mail; rejected events of the tenant are kept
+/// redacted, in every body shape; other tenants are untouched.
+#[test]
+fn privacy_rules_apply_before_encoding() {
+    let p = Arc::new(
+        Privacy::new(
+            b"key",
+            [(
+                "acme".to_string(),
+                vec![
+                    ("user_id".to_string(), "hash".to_string()),
+                    ("properties.email".to_string(), "drop".to_string()),
+                    ("properties.ip".to_string(), "mask".to_string()),
+                    ("properties.ctx.phone".to_string(), "mask".to_string()),
+                ],
+            )],
+        )
+        .unwrap(),
+    );
+    let body = br#"[
+      {"event_id":"a","event_type":"x","timestamp":1,"tenant":"acme","user_id":"u-secret","properties":{"email":"e@secret.example","ip":"203.0.113.77","plan":"pro","ctx":{"phone":"+1 555 0100 999"}}},
+      {"event_id":"b","event_type":"x","timestamp":"never","tenant":"acme","user_id":"u-secret","properties":{"email":"e@secret.example"}},
+      {"event_id":"c","event_type":"x","timestamp":1,"tenant":"beta","user_id":"u-plain","properties":{"email":"e@plain.example"}}
+    ]"#;
+    for format in [Format::Json, Format::Ndjson] {
+        let text = match format {
+            Format::Json => body.to_vec(),
+            Format::Ndjson => {
+                let v: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
+                v.iter()
+                    .map(|e| format!("{e}\n"))
+                    .collect::<String>()
+                    .into_bytes()
+            }
+        };
+        let parsed = Parser::new(2)
+            .with_privacy(Some(p.clone()))
+            .parse(&text, format, Tenancy::Open)
+            .unwrap();
+        assert_eq!((parsed.accepted, parsed.rejected.len()), (2, 1));
+        let evs = events(&parsed).join("\n");
+        for secret in ["u-secret", "e@secret.example", "203.0.113.77", "0100 999"] {
+            assert!(!evs.contains(secret), "{secret} in {evs}");
+        }
+        assert!(evs.contains(&p.hash("u-secret")), "{evs}");
+        assert!(
+            evs.contains("203.0.113.0") && evs.contains("\"plan\":\"pro\""),
+            "{evs}"
+        );
+        assert!(
+            evs.contains("u-plain") && evs.contains("e@plain.example"),
+            "{evs}"
+        );
+        let r = &parsed.rejected[0];
+        assert!(
+            !r.raw.contains("u-secret") && !r.raw.contains("e@secret"),
+            "{}",
+            r.raw
+        );
+        assert!(r.error.starts_with("timestamp:"), "{}", r.error);
+    }
+}

@@ -49,6 +49,8 @@ pub struct Config {
     pub quotas: QuotasSection,
     pub shedding: SheddingSection,
     pub http: HttpSection,
+    pub tls: TlsSection,
+    pub privacy: PrivacySection,
     /// Declared properties per tenant, e.g. `[schemas.acme]` then
     /// `duration_ms = "float"`, `page = "string"` (types: string, int,
     /// float, bool). Ingest rejects an event whose declared property has
@@ -139,6 +141,136 @@ impl Default for HttpSection {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct SheddingSection {
     pub low_priority: Vec<String>,
+}
+
+/// HTTPS on the listener: with `cert` and `key` set (PEM files: the
+/// certificate chain, leaf first, and its private key) the listener speaks
+/// TLS only (HTTP/1.1 and HTTP/2 by ALPN).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct TlsSection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Personal data redacted at ingest, before anything is written:
+/// `[privacy.<tenant>]` (or `[privacy."*"]` for every tenant) maps a field
+/// (`user_id`, `session_id`, `"properties.<name>"`) to `"drop"`, `"hash"`
+/// (keyed HMAC-SHA256, stable, so distinct counts still work) or `"mask"`.
+/// `hash-key` is the HMAC key (also `TALLY__PRIVACY__HASH_KEY`); without
+/// one, a random key is made once and kept in `<data-dir>/privacy-hash-key`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct PrivacySection {
+    #[serde(rename = "hash-key")]
+    pub hash_key: String,
+    #[serde(flatten)]
+    pub tenants: std::collections::BTreeMap<String, toml::Value>,
+}
+
+/// One tenant's redaction rules: `(tenant, [(field, action)])`.
+pub type TenantRules = (String, Vec<(String, String)>);
+
+impl PrivacySection {
+    /// The rules as `(tenant, [(field, action)])`, nested tables
+    /// (`properties.email = "drop"` unquoted) read as dotted fields.
+    pub fn rules(&self) -> Result<Vec<TenantRules>, ConfigError> {
+        fn walk(
+            tenant: &str,
+            prefix: &str,
+            t: &toml::Table,
+            out: &mut Vec<(String, String)>,
+        ) -> Result<(), ConfigError> {
+            for (k, v) in t {
+                let field = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::String(a) => out.push((field, a.clone())),
+                    toml::Value::Table(inner) => walk(tenant, &field, inner, out)?,
+                    other => {
+                        return Err(ConfigError::Schema(format!(
+                            "privacy.{tenant}: {field} = {other} is not an action; write \"drop\", \"hash\" or \"mask\""
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        for (tenant, v) in &self.tenants {
+            let Some(t) = v.as_table() else {
+                return Err(ConfigError::Schema(format!(
+                    "privacy.{tenant} must be a table of field = action, e.g. [privacy.{tenant}] user_id = \"hash\" (the only other key of [privacy] is hash-key)"
+                )));
+            };
+            if tenant != "*" && !tally_types::valid_tenant(tenant) {
+                return Err(ConfigError::Schema(format!(
+                    "privacy.{tenant}: not a tenant name (1–64 characters of [A-Za-z0-9_.-]) nor \"*\""
+                )));
+            }
+            let mut fields = Vec::new();
+            walk(tenant, "", t, &mut fields)?;
+            out.push((tenant.clone(), fields));
+        }
+        Ok(out)
+    }
+
+    /// The redaction rules with their key, or `None` when there are none.
+    /// A missing key is made (32 random bytes) and kept in
+    /// `<data_dir>/privacy-hash-key`, so hashes stay stable across restarts.
+    pub fn build(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<Option<std::sync::Arc<tally_ingest::Privacy>>, ConfigError> {
+        let rules = self.rules()?;
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let check = tally_ingest::Privacy::new(b"", rules.clone())
+            .map_err(|e| ConfigError::Schema(e.to_string()))?;
+        let key: Vec<u8> = if !self.hash_key.is_empty() {
+            self.hash_key.as_bytes().to_vec()
+        } else if check.hashes() {
+            let path = data_dir.join("privacy-hash-key");
+            let io = |source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            };
+            match std::fs::read_to_string(&path) {
+                Ok(k) if !k.trim().is_empty() => k.trim().as_bytes().to_vec(),
+                Ok(_) | Err(_) => {
+                    std::fs::create_dir_all(data_dir).map_err(io)?;
+                    let bytes: [u8; 32] = rand::random();
+                    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    write_private(&path, hex.as_bytes()).map_err(io)?;
+                    tracing::warn!(
+                        "privacy: no [privacy] hash-key configured; made one and kept it in the data dir (privacy-hash-key). Keep the key apart from the data (set TALLY__PRIVACY__HASH_KEY) so the data alone cannot be matched against guessed values"
+                    );
+                    hex.into_bytes()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        tally_ingest::Privacy::new(&key, rules)
+            .map(|p| Some(std::sync::Arc::new(p)))
+            .map_err(|e| ConfigError::Schema(e.to_string()))
+    }
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Per-tenant ingest quotas (token buckets). A request over its tenant's
@@ -393,6 +525,8 @@ impl Default for Config {
             quotas: QuotasSection::default(),
             shedding: SheddingSection::default(),
             http: HttpSection::default(),
+            tls: TlsSection::default(),
+            privacy: PrivacySection::default(),
             schemas: Schemas::new(),
         }
     }
@@ -443,6 +577,7 @@ impl Default for DlqSection {
 /// properties), not field names.
 fn map_section(path: &[String]) -> bool {
     match path {
+        [p, ..] if p == "privacy" => true,
         [s] => s == "schemas",
         [s, _] if s == "schemas" => true,
         [q, t] => q == "quotas" && t == "tenants",
@@ -515,7 +650,11 @@ impl Config {
             for seg in path.split("__") {
                 let lower = seg.to_ascii_lowercase();
                 let seg = if map_section(&keys) {
-                    lower
+                    if keys.len() == 1 && keys[0] == "privacy" && lower == "hash_key" {
+                        "hash-key".to_string()
+                    } else {
+                        lower
+                    }
                 } else {
                     lower.replace('_', "-")
                 };
@@ -544,6 +683,7 @@ impl Config {
         cfg.durations()?;
         cfg.target_policy()?;
         cfg.check_schemas()?;
+        cfg.check_privacy()?;
         crate::auth::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
     }
@@ -567,6 +707,19 @@ impl Config {
             block_internal: !self.auth.keys.is_empty(),
             allow,
         })
+    }
+
+    /// Redaction rules that name known fields and actions; TLS with both
+    /// files or neither.
+    pub fn check_privacy(&self) -> Result<(), ConfigError> {
+        tally_ingest::Privacy::new(b"", self.privacy.rules()?)
+            .map_err(|e| ConfigError::Schema(e.to_string()))?;
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Schema(
+                "tls: set both cert and key (PEM files), or neither for plain HTTP".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Tenant names valid, property names usable as `events` columns.

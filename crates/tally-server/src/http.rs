@@ -40,6 +40,8 @@ pub struct AppState {
     pub quotas: Arc<crate::quota::Quotas>,
     /// Declared properties per tenant, checked at ingest.
     pub schemas: Arc<tally_types::schema::Schemas>,
+    /// Redaction of personal data at ingest (`[privacy.<tenant>]`).
+    pub privacy: Option<Arc<tally_ingest::Privacy>>,
     /// Event types refused first under overload.
     pub low_priority: Arc<Vec<String>>,
     /// Deepest nesting of an event at ingest.
@@ -375,6 +377,7 @@ async fn ingest(
         )
         .with_admission(admission(&s, overloaded, backfill))
         .with_max_depth(s.max_json_depth)
+        .with_privacy(s.privacy.clone())
         .parse(&body, Format::from_content_type(ct), tenancy);
     let mut parsed = match parsed {
         Ok(p) => p,

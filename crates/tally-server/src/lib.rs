@@ -35,6 +35,8 @@ pub enum ServerError {
         "refusing to serve open mode (no API keys) on {0}, which is not a loopback address: anyone who reaches it could read and change every tenant's data; configure [auth] keys, listen on 127.0.0.1, or pass --insecure-open (auth.insecure-open = true)"
     )]
     InsecureOpen(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] serve::TlsError),
 }
 
 /// A started server: its address and a handle to stop it.
@@ -49,6 +51,14 @@ impl Server {
     /// Recovers state from the data dir, binds `cfg.listen` and serves until stopped.
     pub async fn start(cfg: Config, clock: Clock) -> Result<Server, ServerError> {
         let keys = auth::Keys::from_config(&cfg.auth).map_err(PipelineError::from)?;
+        let tls = match (&cfg.tls.cert, &cfg.tls.key) {
+            (Some(cert), Some(key)) => Some(serve::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let privacy = cfg
+            .privacy
+            .build(&cfg.data_dir)
+            .map_err(PipelineError::from)?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -75,6 +85,7 @@ impl Server {
         let state = http::AppState {
             keys: Arc::new(keys),
             schemas: schemas.clone(),
+            privacy,
             quotas: Arc::new(quota::Quotas::new(cfg.quotas.clone(), shared.clock.clone())),
             shared: shared.clone(),
             tx: pipeline.tx.clone(),
@@ -138,7 +149,7 @@ impl Server {
         };
         let drain = std::time::Duration::from_millis(d.query_timeout_ms.max(1000) as u64 * 2);
         let task = tokio::spawn(async move {
-            let r = serve::serve(listener, app, limits, stopped, drain).await;
+            let r = serve::serve(listener, app, limits, tls, stopped, drain).await;
             // In-flight requests are finished; now drain the writer and processor.
             tokio::task::spawn_blocking(move || pipeline.shutdown())
                 .await

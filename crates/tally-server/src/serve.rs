@@ -5,6 +5,9 @@
 //! within `http.body-timeout` (408), and a client that stops reading an
 //! answer for `http.write-timeout` is disconnected, so unread answers do
 //! not pin memory. Graceful shutdown finishes requests in flight.
+//!
+//! With `[tls]` every connection is a TLS one (rustls; the handshake must
+//! finish within `http.header-timeout` too); plain HTTP is not answered.
 
 use std::future::Future;
 use std::io;
@@ -27,12 +30,82 @@ pub(crate) struct Limits {
     pub(crate) write_timeout: Duration,
 }
 
+/// Why the TLS setup failed: names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls.{which}: cannot read {path}: {reason}; point it at a PEM file")]
+    Read {
+        which: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("tls.cert: {path} holds no certificate (expected PEM blocks BEGIN CERTIFICATE)")]
+    NoCert { path: String },
+    #[error("tls: the certificate and key do not make a server config: {0}")]
+    Config(String),
+}
+
+/// A TLS acceptor from PEM files: the certificate chain (leaf first) and
+/// its private key (PKCS#8, PKCS#1 or SEC1).
+pub(crate) fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |which, path: &std::path::Path, e: &dyn std::fmt::Display| TlsError::Read {
+        which,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| read("cert", cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| read("cert", cert, &e))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert {
+            path: cert.display().to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| read("key", key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves one connection (plain or TLS) until it closes or shutdown.
+async fn serve_conn<S>(
+    stream: S,
+    app: axum::Router,
+    limits: Limits,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+    let svc = TowerToHyperService::new(app);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+    let _ = watcher.watch(conn).await;
+}
+
 /// Serves `app` on `listener` until `stop` turns true, then lets requests
 /// in flight finish (at most `drain` long).
 pub(crate) async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
 ) -> io::Result<()> {
@@ -56,17 +129,21 @@ pub(crate) async fn serve(
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
-        let svc = TowerToHyperService::new(app.clone());
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
-        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-        let conn = graceful.watch(conn);
+        let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            let _ = conn.await;
+            match tls {
+                None => serve_conn(stream, app, limits, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => serve_conn(tls, app, limits, watcher).await,
+                        // Plain HTTP, a scanner, a client that does not
+                        // trust the certificate: nothing to answer.
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out (http.header-timeout)"),
+                    }
+                }
+            }
             drop(permit);
         });
     }

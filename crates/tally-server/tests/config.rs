@@ -147,3 +147,68 @@ fn environment_keeps_tenant_and_property_names() {
     assert_eq!(cfg.durations().unwrap().max_future_skew_ms, 3_600_000);
     assert_eq!(cfg.shedding.low_priority, vec!["ping".to_string()]);
 }
+
+/// `[privacy]`: the key and the rules from TOML (quoted and unquoted dotted
+/// fields) and from the environment (tenant and field names verbatim);
+/// unknown fields and actions are refused naming the fix.
+#[test]
+fn privacy_rules_load_from_toml_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.toml");
+    std::fs::write(
+        &f,
+        "[privacy]\nhash-key = \"k1\"\n[privacy.\"*\"]\nuser_id = \"hash\"\n[privacy.acme]\n\"properties.email\" = \"drop\"\nproperties.ip = \"mask\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("TALLY__PRIVACY__HASH_KEY", "k2"),
+        ("TALLY__PRIVACY__ACME_CORP__SESSION_ID", "mask"),
+        ("TALLY__PRIVACY__ACME_CORP__PROPERTIES__PHONE_NO", "drop"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let cfg = tally_server::Config::load_with_env(Some(&f), env).unwrap();
+    assert_eq!(cfg.privacy.hash_key, "k2");
+    let mut rules = cfg.privacy.rules().unwrap();
+    rules.iter_mut().for_each(|(_, f)| f.sort());
+    rules.sort();
+    assert_eq!(
+        rules,
+        vec![
+            ("*".into(), vec![("user_id".into(), "hash".into())]),
+            (
+                "acme".into(),
+                vec![
+                    ("properties.email".into(), "drop".into()),
+                    ("properties.ip".into(), "mask".into())
+                ]
+            ),
+            (
+                "acme_corp".into(),
+                vec![
+                    ("properties.phone_no".into(), "drop".into()),
+                    ("session_id".into(), "mask".into())
+                ]
+            ),
+        ]
+    );
+    let p = cfg.privacy.build(dir.path()).unwrap().unwrap();
+    assert_eq!(p.hash("x").len(), 64);
+
+    for (text, want) in [
+        ("[privacy.acme]\nemail = \"drop\"\n", "properties.<name>"),
+        ("[privacy.acme]\nuser_id = \"encrypt\"\n", "\"mask\""),
+        ("[privacy]\nacme = \"hash\"\n", "must be a table"),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let e = tally_server::Config::load_with_env(Some(&f), Vec::new()).unwrap_err();
+        assert!(e.to_string().contains(want), "{text}: {e}");
+    }
+
+    // No key configured: one is made once and kept, so hashes are stable.
+    std::fs::write(&f, "[privacy.acme]\nuser_id = \"hash\"\n").unwrap();
+    let cfg = tally_server::Config::load_with_env(Some(&f), Vec::new()).unwrap();
+    let a = cfg.privacy.build(dir.path()).unwrap().unwrap().hash("u");
+    let b = cfg.privacy.build(dir.path()).unwrap().unwrap().hash("u");
+    assert_eq!(a, b);
+    assert!(dir.path().join("privacy-hash-key").exists());
+}
