@@ -342,6 +342,30 @@ mod tests {
         assert_eq!(lookup(r#"{"a": 1, "a": 2}"#, &["a"]), Some(Found::Int(1)));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+        /// Fuzzing: any text, and any text cut out of a real object, under
+        /// any path, gives a value or None — never a panic, never a slice
+        /// outside the text.
+        #[test]
+        fn the_scanner_never_panics(
+            junk in "\\PC{0,40}",
+            doc in "[{}\\[\\]\"\\\\:, a-c0-9é\\n-]{0,60}",
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            path in proptest::collection::vec("[a-c\"\\\\]{0,2}", 1..4),
+        ) {
+            let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+            let _ = lookup(&junk, &keys);
+            let _ = lookup(&doc, &keys);
+            let real = r#"{"a": {"b": "x\"y\\", "c": [1, {"a": 2}]}, "b\u0041": -1.5e3, "c": null}"#;
+            let at = cut.index(real.len() + 1);
+            if real.is_char_boundary(at) {
+                let _ = lookup(&real[..at], &keys);
+                let _ = lookup(&real[at..], &keys);
+            }
+        }
+    }
+
     /// The scanner against serde_json's full parse, on random objects with
     /// nesting, escapes and every value kind.
     #[test]
