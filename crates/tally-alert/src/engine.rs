@@ -1,5 +1,16 @@
 //! The alert engine: rules, their states, the history of changes and the
-//! outbox of webhook deliveries, persisted as one file.
+//! outbox of webhook deliveries, persisted as a snapshot (`alerts.json`)
+//! and a journal of changes beside it (`alerts.journal`).
+//!
+//! Each [`Engine::persist`] appends one CRC-framed JSON record holding only
+//! what changed since the last one (rules and states put or removed by id,
+//! history entries appended, deliveries put or removed by id), fsynced: a
+//! change costs its own size, not the whole state's. When the journal grows
+//! past the snapshot (and 256 KiB) the whole state is written as a new
+//! snapshot (temp file, fsync, rename) and a new journal started. Both
+//! carry a generation: a journal replays only over the snapshot of its
+//! generation, so a crash between the two renames never applies a change
+//! twice. A torn journal tail (a crash mid-append) is cut on open.
 //!
 //! Evaluation is driven from outside: [`Engine::advance`] is called with the
 //! event time up to which buckets are closed (the watermark, or the watermark
@@ -251,6 +262,53 @@ struct Persisted {
     history: VecDeque<HistoryEntry>,
     outbox: VecDeque<Delivery>,
     next_id: u64,
+    /// The generation of the journal that continues this snapshot.
+    #[serde(default)]
+    journal_gen: u64,
+}
+
+/// The first record of a journal: which snapshot it continues.
+#[derive(Serialize, Deserialize)]
+struct JournalHead {
+    generation: u64,
+}
+
+/// One journal record: what changed since the previous one.
+#[derive(Serialize, Deserialize, Default)]
+struct JournalRecord {
+    next_id: u64,
+    /// Put (`Some`) or removed (`None`), by rule id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    rules: BTreeMap<String, Option<Rule>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    states: BTreeMap<String, Option<RuleState>>,
+    /// Appended to the history (which then keeps its newest entries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    history: Vec<HistoryEntry>,
+    /// Deliveries put (new ones go last: ids only grow), by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outbox_put: Vec<Delivery>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outbox_del: Vec<u64>,
+}
+
+/// What changed since the last [`Engine::persist`].
+#[derive(Debug, Default)]
+struct Pending {
+    rules: std::collections::BTreeSet<String>,
+    states: std::collections::BTreeSet<String>,
+    /// Entries appended to the history (at most its length are kept).
+    history: usize,
+    outbox_put: std::collections::BTreeSet<u64>,
+    outbox_del: Vec<u64>,
+}
+
+/// The journal grows to at least this before it is folded into a snapshot.
+const MIN_JOURNAL_BYTES: u64 = 256 << 10;
+
+/// Where the journal of the snapshot at `path` lives.
+fn journal_path(path: &Path) -> PathBuf {
+    path.with_extension("journal")
 }
 
 /// What an outbox delivery came to.
@@ -281,6 +339,13 @@ pub struct Engine {
     next_id: u64,
     /// Changes not yet persisted.
     dirty: bool,
+    pending: Pending,
+    /// The open journal (appends), its generation and length, and the
+    /// snapshot's length.
+    journal: Option<std::fs::File>,
+    journal_gen: u64,
+    journal_len: u64,
+    snapshot_len: u64,
     /// Grows with every visible change (the live feed polls it).
     pub version: u64,
     pub stats: Stats,
@@ -290,9 +355,11 @@ impl Engine {
     /// Opens the engine persisted at `path` (None: in memory only).
     pub fn open(path: Option<PathBuf>, cfg: EngineConfig) -> Result<Engine, AlertError> {
         let mut p = Persisted::default();
+        let mut snapshot_len = 0;
         if let Some(path) = &path {
             match std::fs::read(path) {
                 Ok(bytes) => {
+                    snapshot_len = bytes.len() as u64;
                     p = serde_json::from_slice(&bytes).map_err(|source| AlertError::Corrupt {
                         path: path.clone(),
                         source,
@@ -307,7 +374,8 @@ impl Engine {
                 }
             }
         }
-        Ok(Engine {
+        let journal_gen = p.journal_gen;
+        let mut e = Engine {
             cfg,
             path,
             rules: p.rules.into_iter().map(|r| (r.id.clone(), r)).collect(),
@@ -316,46 +384,286 @@ impl Engine {
             outbox: p.outbox,
             next_id: p.next_id,
             dirty: false,
+            pending: Pending::default(),
+            journal: None,
+            journal_gen,
+            journal_len: 0,
+            snapshot_len,
             version: 1,
             stats: Stats::default(),
-        })
+        };
+        e.replay_journal()?;
+        // Nothing is in flight after a restart.
+        for d in e.outbox.iter_mut() {
+            d.in_flight = false;
+        }
+        Ok(e)
+    }
+
+    /// Applies the journal of the snapshot's generation (a journal of
+    /// another generation is a leftover of an interrupted fold: the
+    /// snapshot holds its changes already) and cuts a torn tail.
+    fn replay_journal(&mut self) -> Result<(), AlertError> {
+        let Some(path) = self.path.as_ref().map(|p| journal_path(p)) else {
+            return Ok(());
+        };
+        let io = |source| AlertError::Io {
+            path: path.clone(),
+            source,
+        };
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        let (frames, valid) = tally_types::bin::unframe(&data);
+        let corrupt = |source| AlertError::Corrupt {
+            path: path.clone(),
+            source,
+        };
+        let mut frames = frames.into_iter();
+        let head: Option<JournalHead> = match frames.next() {
+            Some(f) => Some(serde_json::from_slice(f).map_err(corrupt)?),
+            None => None,
+        };
+        if head.is_none_or(|h| h.generation != self.journal_gen) {
+            return Ok(());
+        }
+        for f in frames {
+            let r: JournalRecord = serde_json::from_slice(f).map_err(corrupt)?;
+            self.apply(r);
+        }
+        if valid < data.len() {
+            tracing::warn!(journal = %path.display(), valid, len = data.len(), "cutting a torn alert journal tail");
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        f.set_len(valid as u64).map_err(io)?;
+        drop(f);
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        self.journal = Some(f);
+        self.journal_len = valid as u64;
+        Ok(())
+    }
+
+    fn apply(&mut self, r: JournalRecord) {
+        self.next_id = self.next_id.max(r.next_id);
+        for (id, rule) in r.rules {
+            match rule {
+                Some(rule) => self.rules.insert(id, rule),
+                None => self.rules.remove(&id),
+            };
+        }
+        for (id, st) in r.states {
+            match st {
+                Some(st) => self.states.insert(id, st),
+                None => self.states.remove(&id),
+            };
+        }
+        for h in r.history {
+            self.push_history(h);
+        }
+        for d in r.outbox_put {
+            match self.outbox.iter_mut().find(|x| x.id == d.id) {
+                Some(x) => *x = d,
+                None => self.outbox.push_back(d),
+            }
+        }
+        for id in r.outbox_del {
+            self.outbox.retain(|d| d.id != id);
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }
 
-    /// Writes the engine to its file if anything changed (temp file, fsync,
-    /// rename: a crash leaves the old or the new file, never a torn one).
+    /// Makes every change so far durable: one journal record with what
+    /// changed (fsynced), or, once the journal has grown past the
+    /// snapshot, a new snapshot of everything and a new journal.
     pub fn persist(&mut self) -> Result<(), AlertError> {
         if !self.dirty {
             return Ok(());
         }
         let Some(path) = self.path.clone() else {
             self.dirty = false;
+            self.pending = Pending::default();
             return Ok(());
         };
+        let r = if self.journal_len >= self.snapshot_len.max(MIN_JOURNAL_BYTES) {
+            self.fold(&path)
+        } else {
+            self.append_journal(&path)
+        };
+        match r {
+            Ok(()) => {
+                self.dirty = false;
+                self.pending = Pending::default();
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.persist_errors += 1;
+                // The next call writes a snapshot, which holds everything
+                // whatever the journal got.
+                self.journal_len = u64::MAX;
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends the pending changes as one record.
+    fn append_journal(&mut self, path: &Path) -> Result<(), AlertError> {
+        let jpath = journal_path(path);
+        let io = |source| AlertError::Io {
+            path: jpath.clone(),
+            source,
+        };
+        let pending = std::mem::take(&mut self.pending);
+        let hist = pending.history.min(self.history.len());
+        let record = JournalRecord {
+            next_id: self.next_id,
+            rules: pending
+                .rules
+                .iter()
+                .map(|id| (id.clone(), self.rules.get(id).cloned()))
+                .collect(),
+            states: pending
+                .states
+                .iter()
+                .map(|id| (id.clone(), self.states.get(id).cloned()))
+                .collect(),
+            history: self
+                .history
+                .iter()
+                .skip(self.history.len() - hist)
+                .cloned()
+                .collect(),
+            outbox_put: self
+                .outbox
+                .iter()
+                .filter(|d| pending.outbox_put.contains(&d.id))
+                .cloned()
+                .collect(),
+            outbox_del: pending.outbox_del.clone(),
+        };
+        self.pending = pending;
+        let mut buf = Vec::new();
+        if self.journal.is_none() {
+            // A new journal: its head first, in a temp file renamed in
+            // place, so a journal is never without its generation.
+            let head = serde_json::to_vec(&JournalHead {
+                generation: self.journal_gen,
+            })
+            .map_err(|e| io(std::io::Error::other(e)))?;
+            let mut first = Vec::new();
+            tally_types::bin::frame(&mut first, &head);
+            write_atomic(&jpath, &first).map_err(io)?;
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&jpath)
+                .map_err(io)?;
+            self.journal = Some(f);
+            self.journal_len = first.len() as u64;
+        }
+        let body = serde_json::to_vec(&record).map_err(|e| io(std::io::Error::other(e)))?;
+        tally_types::bin::frame(&mut buf, &body);
+        let f = self.journal.as_mut().expect("opened above");
+        use std::io::Write;
+        f.write_all(&buf).map_err(io)?;
+        f.sync_data().map_err(io)?;
+        self.journal_len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Writes everything as a new snapshot (the next generation) and
+    /// starts its journal.
+    fn fold(&mut self, path: &Path) -> Result<(), AlertError> {
+        let next_gen = self.journal_gen + 1;
         let p = PersistedRef {
             rules: self.rules.values().collect(),
             states: &self.states,
             history: &self.history,
             outbox: &self.outbox,
             next_id: self.next_id,
+            journal_gen: next_gen,
         };
-        let bytes = serde_json::to_vec(&p).map_err(|e| AlertError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e),
+        let io = |source| AlertError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let bytes = serde_json::to_vec(&p).map_err(|e| io(std::io::Error::other(e)))?;
+        write_atomic(path, &bytes).map_err(io)?;
+        self.snapshot_len = bytes.len() as u64;
+        self.journal_gen = next_gen;
+        self.journal = None;
+        self.journal_len = 0;
+        // The new generation's (empty) journal; a crash before this leaves
+        // the old one, which the new snapshot's generation ignores.
+        let jpath = journal_path(path);
+        let head = serde_json::to_vec(&JournalHead {
+            generation: next_gen,
+        })
+        .map_err(|e| io(std::io::Error::other(e)))?;
+        let mut first = Vec::new();
+        tally_types::bin::frame(&mut first, &head);
+        write_atomic(&jpath, &first).map_err(|source| AlertError::Io {
+            path: jpath.clone(),
+            source,
         })?;
-        match write_atomic(&path, &bytes) {
-            Ok(()) => {
-                self.dirty = false;
-                Ok(())
-            }
-            Err(source) => {
-                self.stats.persist_errors += 1;
-                Err(AlertError::Io { path, source })
-            }
-        }
+        self.journal = Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&jpath)
+                .map_err(|source| AlertError::Io {
+                    path: jpath.clone(),
+                    source,
+                })?,
+        );
+        self.journal_len = first.len() as u64;
+        Ok(())
+    }
+
+    /// Writes everything as a new snapshot now, whatever the journal's size.
+    pub fn fold_now(&mut self) -> Result<(), AlertError> {
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        self.fold(&path)?;
+        self.dirty = false;
+        self.pending = Pending::default();
+        Ok(())
+    }
+
+    /// Everything persisted, as one JSON value (tests compare engines).
+    #[cfg(test)]
+    pub(crate) fn state_json(&self) -> Json {
+        let states: BTreeMap<&String, &RuleState> = self.states.iter().collect();
+        let outbox: Vec<Delivery> = self
+            .outbox
+            .iter()
+            .map(|d| Delivery {
+                in_flight: false,
+                closed: None,
+                ..d.clone()
+            })
+            .collect();
+        json!({
+            "rules": self.rules.values().collect::<Vec<_>>(),
+            "states": states,
+            "history": self.history,
+            "outbox": outbox,
+            "next_id": self.next_id,
+        })
+    }
+
+    /// The sizes of the snapshot and the journal (for tests and metrics).
+    pub fn persisted_bytes(&self) -> (u64, u64) {
+        (self.snapshot_len, self.journal_len)
     }
 
     fn changed(&mut self) {
@@ -436,6 +744,8 @@ impl Engine {
         } else {
             self.states.insert(id.clone(), fresh);
         }
+        self.pending.rules.insert(id.clone());
+        self.pending.states.insert(id.clone());
         self.rules.insert(id, rule.clone());
         self.changed();
         Ok((rule, created))
@@ -448,6 +758,8 @@ impl Engine {
         }
         let rule = self.rules.remove(id).expect("checked above");
         self.states.remove(id);
+        self.pending.rules.insert(id.to_string());
+        self.pending.states.insert(id.to_string());
         // Deliveries already queued still go out: the receiver should learn
         // how an episode it was told about ended.
         self.changed();
@@ -465,6 +777,7 @@ impl Engine {
             Some(r) if r.tenant == tenant => {
                 r.silenced_until = until;
                 let r = r.clone();
+                self.pending.rules.insert(r.id.clone());
                 self.changed();
                 Ok(r)
             }
@@ -506,6 +819,11 @@ impl Engine {
     }
 
     fn record(&mut self, h: HistoryEntry) {
+        self.push_history(h);
+        self.pending.history += 1;
+    }
+
+    fn push_history(&mut self, h: HistoryEntry) {
         if self.history.len() >= self.cfg.history.max(1) {
             self.history.pop_front();
         }
@@ -619,6 +937,7 @@ impl Engine {
             queued += self.notify(&rule, &st, "firing", v, b, now, closed);
             st.notified = true;
         }
+        self.pending.states.insert(id.to_string());
         self.states.insert(id.to_string(), st);
         queued
     }
@@ -741,6 +1060,7 @@ impl Engine {
             if self.outbox.len() >= self.cfg.max_queue.max(1)
                 && let Some(old) = self.outbox.pop_front()
             {
+                self.pending.outbox_del.push(old.id);
                 self.stats.dropped += 1;
                 tracing::warn!(rule = %old.rule, key = %old.dedupe_key, "alert outbox full; dropping the oldest delivery");
                 self.record(delivery_entry(
@@ -751,6 +1071,7 @@ impl Engine {
                 ));
             }
             self.next_id += 1;
+            self.pending.outbox_put.insert(self.next_id);
             self.outbox.push_back(Delivery {
                 id: self.next_id,
                 rule_id: rule.id.clone(),
@@ -797,6 +1118,7 @@ impl Engine {
         };
         match outcome {
             Outcome::Delivered => {
+                self.pending.outbox_del.push(id);
                 let d = self.outbox.remove(i).expect("position found");
                 self.stats.delivered += 1;
                 self.record(delivery_entry(&d, now, "delivered", None));
@@ -807,6 +1129,7 @@ impl Engine {
                 d.attempts += 1;
                 d.in_flight = false;
                 if d.attempts >= self.cfg.max_attempts {
+                    self.pending.outbox_del.push(id);
                     let d = self.outbox.remove(i).expect("position found");
                     self.stats.gave_up += 1;
                     tracing::error!(rule = %d.rule, url = %d.url, attempts = d.attempts, error = %e, "webhook delivery given up");
@@ -816,6 +1139,7 @@ impl Engine {
                         .min(self.cfg.max_backoff_ms.max(1));
                     d.next_at = now + backoff;
                     let d = d.clone();
+                    self.pending.outbox_put.insert(id);
                     tracing::warn!(rule = %d.rule, url = %d.url, attempt = d.attempts, retry_in_ms = backoff, error = %e, "webhook delivery failed; retrying");
                     self.record(delivery_entry(&d, now, "retrying", Some(e)));
                 }
@@ -867,6 +1191,7 @@ struct PersistedRef<'a> {
     history: &'a VecDeque<HistoryEntry>,
     outbox: &'a VecDeque<Delivery>,
     next_id: u64,
+    journal_gen: u64,
 }
 
 /// Every bucket of `[from, to)` with its value, None where it has no events.
