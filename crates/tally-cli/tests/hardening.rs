@@ -864,3 +864,56 @@ async fn a_keys_status_counts_only_its_tenant() {
     }
     server.stop().await.unwrap();
 }
+
+/// No answer shows where the server keeps its data: archive files deleted
+/// behind the server's back make SQL fail, and the error names the file
+/// relative to the data dir, never by its absolute path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_never_show_absolute_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path(), |cfg| {
+        cfg.archive.seal_interval = "1s".into();
+    })
+    .await;
+    let api = Api::of(&server);
+    let now = now_ms();
+    let evs: Vec<Value> = (0..20)
+        .map(|i| ev(&format!("p{i}"), now - i * 100, "acme"))
+        .collect();
+    api.events(&evs).await;
+    let parquet = |d: &std::path::Path| {
+        let mut out = Vec::new();
+        let mut stack = vec![d.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "parquet") {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    };
+    let mut files = Vec::new();
+    for _ in 0..200 {
+        files = parquet(&dir.path().join("archive"));
+        if !files.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!files.is_empty(), "the archive sealed nothing");
+    for f in &files {
+        std::fs::remove_file(f).unwrap();
+    }
+    let (status, v) = common::post_sql(&api.c, &api.base, "acme", "SELECT * FROM events").await;
+    assert!(status >= 400, "{status} {v}");
+    let text = v.to_string();
+    let abs = dir.path().display().to_string();
+    assert!(!text.contains(&abs), "absolute path in {text}");
+    let canon = dir.path().canonicalize().unwrap().display().to_string();
+    assert!(!text.contains(&canon), "absolute path in {text}");
+    server.stop().await.unwrap();
+}

@@ -68,6 +68,45 @@ pub enum ApiError {
     Field(String, String),
 }
 
+/// Directories whose absolute paths no answer may show (each server's data
+/// dir, as configured and canonical): storage, archive and query errors
+/// name files, and a client has no business learning the server's layout.
+static HIDDEN_DIRS: parking_lot::RwLock<Vec<String>> = parking_lot::RwLock::new(Vec::new());
+
+/// Hides `dir` (and everything under it) from every answer's messages.
+pub(crate) fn hide_dir(dir: &std::path::Path) {
+    let mut forms = vec![dir.display().to_string()];
+    if let Ok(abs) = std::path::absolute(dir) {
+        forms.push(abs.display().to_string());
+    }
+    if let Ok(canon) = dir.canonicalize() {
+        forms.push(canon.display().to_string());
+    }
+    let mut hidden = HIDDEN_DIRS.write();
+    for f in forms {
+        let f = f.trim_end_matches('/').to_string();
+        // A relative or root dir would hide ordinary words.
+        if f.starts_with('/') && f.len() > 1 && !hidden.contains(&f) {
+            hidden.push(f);
+        }
+    }
+    // Longest first, so a dir inside another is replaced whole.
+    hidden.sort_by_key(|d| std::cmp::Reverse(d.len()));
+}
+
+/// `msg` with every hidden directory replaced by `<data-dir>`.
+pub(crate) fn hide_paths(msg: String) -> String {
+    let hidden = HIDDEN_DIRS.read();
+    if !hidden.iter().any(|d| msg.contains(d.as_str())) {
+        return msg;
+    }
+    let mut out = msg;
+    for d in hidden.iter() {
+        out = out.replace(d.as_str(), "<data-dir>");
+    }
+    out
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, msg, retry) = match self {
@@ -80,12 +119,12 @@ impl IntoResponse for ApiError {
             ApiError::Field(field, m) => {
                 return (
                     StatusCode::BAD_REQUEST,
-                    axum::Json(json!({ "error": m, "field": field })),
+                    axum::Json(json!({ "error": hide_paths(m), "field": field })),
                 )
                     .into_response();
             }
         };
-        let mut resp = (status, axum::Json(json!({ "error": msg }))).into_response();
+        let mut resp = (status, axum::Json(json!({ "error": hide_paths(msg) }))).into_response();
         if let Some(r) = retry {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(r));

@@ -81,6 +81,7 @@ impl Server {
                 "keyed mode: every API request needs an API key"
             );
         }
+        http::hide_dir(&cfg.data_dir);
         let schemas = Arc::new(cfg.schemas.clone());
         let state = http::AppState {
             keys: Arc::new(keys),
