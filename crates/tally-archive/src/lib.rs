@@ -43,6 +43,8 @@ use tally_types::Millis;
 
 pub use archive::{Archive, ArchiveTarget, S3Config};
 pub use manifest::ArchiveFile;
+#[doc(hidden)]
+pub use manifest::fuzzing;
 pub use schema::{events_schema, hive_dir};
 pub use writer::{CompactReport, PUBLISH_INTERVAL, RawConfig, RawWriter, SealReport};
 

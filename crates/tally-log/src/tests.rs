@@ -275,11 +275,11 @@ fn the_committed_log_segments_read_back() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
-    /// Fuzzing of the segment reader (a property-test stand-in for `cargo
-    /// fuzz`): a log whose segment files had bytes flipped, cut or junk
-    /// appended opens or is refused with an error, and every record read
-    /// back is one that was written, whole — never a panic, never a record
-    /// made of corrupt bytes.
+    /// Fuzzing of the segment reader (the property-test side; the
+    /// coverage-guided side is `fuzz/fuzz_targets/log.rs`): a log whose
+    /// segment files had bytes flipped, cut or junk appended opens or is
+    /// refused with an error, and every record read back is one that was
+    /// written, whole — never a panic, never a record made of corrupt bytes.
     #[test]
     fn corrupt_segments_never_yield_corrupt_records(
         payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 1..30),

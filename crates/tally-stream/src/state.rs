@@ -1357,5 +1357,20 @@ impl StateStore {
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/` (not an API): the decoders
+/// of on-disk state, fed any bytes, answer `Ok` or `Err` and never panic.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes a checkpoint file's bytes.
+    pub fn checkpoint(bytes: &[u8]) -> bool {
+        super::decode_checkpoint(bytes).is_ok()
+    }
+
+    /// Decodes one late-journal entry of a format version.
+    pub fn late_entry(bytes: &[u8], version: u8) -> bool {
+        super::decode_late(bytes, version).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests;
