@@ -523,16 +523,15 @@ impl Engine {
             path: jpath.clone(),
             source,
         };
-        let pending = std::mem::take(&mut self.pending);
-        let hist = pending.history.min(self.history.len());
+        let p = &self.pending;
         let record = JournalRecord {
             next_id: self.next_id,
-            rules: pending
+            rules: p
                 .rules
                 .iter()
                 .map(|id| (id.clone(), self.rules.get(id).cloned()))
                 .collect(),
-            states: pending
+            states: p
                 .states
                 .iter()
                 .map(|id| (id.clone(), self.states.get(id).cloned()))
@@ -540,43 +539,52 @@ impl Engine {
             history: self
                 .history
                 .iter()
-                .skip(self.history.len() - hist)
+                .skip(self.history.len().saturating_sub(p.history))
                 .cloned()
                 .collect(),
             outbox_put: self
                 .outbox
                 .iter()
-                .filter(|d| pending.outbox_put.contains(&d.id))
+                .filter(|d| p.outbox_put.contains(&d.id))
                 .cloned()
                 .collect(),
-            outbox_del: pending.outbox_del.clone(),
+            outbox_del: p.outbox_del.clone(),
         };
-        self.pending = pending;
-        let mut buf = Vec::new();
-        if self.journal.is_none() {
-            // A new journal: its head first, in a temp file renamed in
-            // place, so a journal is never without its generation.
-            let head = serde_json::to_vec(&JournalHead {
-                generation: self.journal_gen,
-            })
-            .map_err(|e| io(std::io::Error::other(e)))?;
-            let mut first = Vec::new();
-            tally_types::bin::frame(&mut first, &head);
-            write_atomic(&jpath, &first).map_err(io)?;
-            let f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&jpath)
-                .map_err(io)?;
-            self.journal = Some(f);
-            self.journal_len = first.len() as u64;
-        }
         let body = serde_json::to_vec(&record).map_err(|e| io(std::io::Error::other(e)))?;
+        let mut buf = Vec::new();
         tally_types::bin::frame(&mut buf, &body);
-        let f = self.journal.as_mut().expect("opened above");
+        if self.journal.is_none() {
+            self.start_journal(&jpath)?;
+        }
+        let f = self.journal.as_mut().expect("started above");
         use std::io::Write;
         f.write_all(&buf).map_err(io)?;
         f.sync_data().map_err(io)?;
         self.journal_len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// A new journal of the current generation at `jpath`: its head is
+    /// written in a temp file renamed in place, so a journal is never
+    /// without its generation; then it is open for appends.
+    fn start_journal(&mut self, jpath: &Path) -> Result<(), AlertError> {
+        let io = |source| AlertError::Io {
+            path: jpath.to_path_buf(),
+            source,
+        };
+        let head = serde_json::to_vec(&JournalHead {
+            generation: self.journal_gen,
+        })
+        .map_err(|e| io(std::io::Error::other(e)))?;
+        let mut first = Vec::new();
+        tally_types::bin::frame(&mut first, &head);
+        write_atomic(jpath, &first).map_err(io)?;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(jpath)
+            .map_err(io)?;
+        self.journal = Some(f);
+        self.journal_len = first.len() as u64;
         Ok(())
     }
 
@@ -604,28 +612,7 @@ impl Engine {
         self.journal_len = 0;
         // The new generation's (empty) journal; a crash before this leaves
         // the old one, which the new snapshot's generation ignores.
-        let jpath = journal_path(path);
-        let head = serde_json::to_vec(&JournalHead {
-            generation: next_gen,
-        })
-        .map_err(|e| io(std::io::Error::other(e)))?;
-        let mut first = Vec::new();
-        tally_types::bin::frame(&mut first, &head);
-        write_atomic(&jpath, &first).map_err(|source| AlertError::Io {
-            path: jpath.clone(),
-            source,
-        })?;
-        self.journal = Some(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&jpath)
-                .map_err(|source| AlertError::Io {
-                    path: jpath.clone(),
-                    source,
-                })?,
-        );
-        self.journal_len = first.len() as u64;
-        Ok(())
+        self.start_journal(&journal_path(path))
     }
 
     /// Writes everything as a new snapshot now, whatever the journal's size.

@@ -15,10 +15,7 @@ use tally_types::time::{MINUTE_MS, format_rfc3339};
 const HOUR: i64 = 3_600_000;
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    tally_types::Clock::system().now_ms()
 }
 
 fn ev(id: &str, ts: i64, tenant: &str) -> Value {
@@ -706,15 +703,7 @@ async fn malformed_evidence_is_kept_per_tenant() {
     let mut body = b"{\"tenant\":\"acme\",\"event_id\":\"x\"}\n".to_vec();
     body.extend_from_slice(b"{\"tenant\":\"globex\",\"event_id\":\"caf\xe9\"}\n");
     body.extend_from_slice(b"{\"tenant\":\"globex\",\"event_type\":\"t\"}\n");
-    let r = api
-        .c
-        .post(format!("{}/api/v1/events", api.base))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    common::post_ndjson(&api.c, &api.base, body).await;
     let files = dir.path().join("dlq/malformed");
     assert!(files.join("acme.ndjson").exists());
     assert!(files.join("globex.ndjson").exists());
@@ -882,19 +871,10 @@ async fn errors_never_show_absolute_paths() {
         .collect();
     api.events(&evs).await;
     let parquet = |d: &std::path::Path| {
-        let mut out = Vec::new();
-        let mut stack = vec![d.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if p.extension().is_some_and(|x| x == "parquet") {
-                    out.push(p);
-                }
-            }
-        }
-        out
+        common::files_under(d)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+            .collect::<Vec<_>>()
     };
     let mut files = Vec::new();
     for _ in 0..200 {

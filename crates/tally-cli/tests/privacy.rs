@@ -14,32 +14,12 @@ use serde_json::{Value, json};
 const HOUR: i64 = 3_600_000;
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
+    tally_types::Clock::system().now_ms()
 }
 
 /// The files under `dir` whose bytes hold `needle`.
 fn grep(dir: &Path, needle: &str) -> Vec<String> {
-    files(dir)
+    common::files_under(dir)
         .into_iter()
         .filter(|p| {
             let bytes = std::fs::read(p).unwrap_or_default();
@@ -47,6 +27,19 @@ fn grep(dir: &Path, needle: &str) -> Vec<String> {
         })
         .map(|p| p.display().to_string())
         .collect()
+}
+
+/// `POST /api/v1/events` of `evs` as NDJSON; must be 200: the answer
+/// parsed and as text.
+async fn ingest(c: &reqwest::Client, base: &str, evs: &[Value]) -> (Value, String) {
+    let (s, a) = text(
+        c.post(format!("{base}/api/v1/events"))
+            .header("content-type", "application/x-ndjson")
+            .body(common::ndjson(evs)),
+    )
+    .await;
+    assert_eq!(s, 200, "{a}");
+    (serde_json::from_str(&a).unwrap(), a)
 }
 
 async fn text(r: reqwest::RequestBuilder) -> (u16, String) {
@@ -123,14 +116,7 @@ code = "int"
         let mut mismatch = event(t, 91, now);
         mismatch["properties"]["code"] = json!(format!("{t}-code-9911"));
         evs.push(mismatch);
-        let (s, a) = text(
-            c.post(format!("{base}/api/v1/events"))
-                .header("content-type", "application/x-ndjson")
-                .body(common::ndjson(&evs)),
-        )
-        .await;
-        assert_eq!(s, 200, "{a}");
-        let v: Value = serde_json::from_str(&a).unwrap();
+        let (v, a) = ingest(&c, &base, &evs).await;
         // beta declares no schema: its string `code` is taken.
         let (want_accepted, want_rejected) = if t == "acme" { (60, 2) } else { (61, 1) };
         assert_eq!(v["accepted"], want_accepted, "{v}");
@@ -138,14 +124,7 @@ code = "int"
         answers.push_str(&a);
         // Late: two hours behind the tenant's clock.
         let late: Vec<Value> = (70..75).map(|i| event(t, i, now - 2 * HOUR)).collect();
-        let (s, a) = text(
-            c.post(format!("{base}/api/v1/events"))
-                .header("content-type", "application/x-ndjson")
-                .body(common::ndjson(&late)),
-        )
-        .await;
-        assert_eq!(s, 200, "{a}");
-        let v: Value = serde_json::from_str(&a).unwrap();
+        let (v, a) = ingest(&c, &base, &late).await;
         assert_eq!(v["late"], 5, "{v}");
         answers.push_str(&a);
     }
@@ -196,7 +175,7 @@ code = "int"
     }
     // Wait for the archive to hold both tenants' events, then read it.
     for _ in 0..200 {
-        if files(&data)
+        if common::files_under(&data)
             .iter()
             .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
             .count()

@@ -16,14 +16,6 @@ struct Fixture {
 }
 
 fn fixture(cfg: QueryConfig, n: usize) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
-    let (mut writer, raw) = RawWriter::open(
-        archive,
-        RawConfig::new(dir.path().join("raw/manifest"), 1),
-        (0, &[0]),
-    )
-    .unwrap();
     let mut w = BatchWriter::new();
     for i in 0..n {
         let tenant = if i % 2 == 0 { "a" } else { "b" };
@@ -38,7 +30,20 @@ fn fixture(cfg: QueryConfig, n: usize) -> Fixture {
         w.prop("ms", PropValue::Int(i as i64));
         w.finish_event(at, 1);
     }
-    writer.append(0, 1, 0, T0, &w.finish(), &[]).unwrap();
+    fixture_with(cfg, w.finish())
+}
+
+/// An engine over a raw store holding one appended `batch`.
+fn fixture_with(cfg: QueryConfig, batch: Vec<u8>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
+    let (mut writer, raw) = RawWriter::open(
+        archive,
+        RawConfig::new(dir.path().join("raw/manifest"), 1),
+        (0, &[0]),
+    )
+    .unwrap();
+    writer.append(0, 1, 0, T0, &batch, &[]).unwrap();
     writer.flush().unwrap();
     let version = Arc::new(AtomicU64::new(0));
     let v = version.clone();
@@ -269,14 +274,6 @@ fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> 
 /// `events` over one tenant whose event `e<i>` has properties
 /// `{"k": values[i], "o": {"x": values[i]}}`.
 fn json_fixture(values: &[serde_json::Value]) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let archive = Archive::open(&ArchiveTarget::Local(dir.path().join("archive"))).unwrap();
-    let (mut writer, raw) = RawWriter::open(
-        archive,
-        RawConfig::new(dir.path().join("raw/manifest"), 1),
-        (0, &[0]),
-    )
-    .unwrap();
     let mut w = BatchWriter::new();
     for (i, v) in values.iter().enumerate() {
         let at = w.begin_event("a", &format!("e{i:03}"), "t", T0, None, None);
@@ -296,22 +293,7 @@ fn json_fixture(values: &[serde_json::Value]) -> Fixture {
         w.prop("o", PropValue::Json(&nested));
         w.finish_event(at, 2);
     }
-    writer.append(0, 1, 0, T0, &w.finish(), &[]).unwrap();
-    writer.flush().unwrap();
-    let version = Arc::new(AtomicU64::new(0));
-    let v = version.clone();
-    let engine = Arc::new(QueryEngine::new(
-        raw,
-        Arc::new(RwLock::new(RollupStore::new())),
-        QueryConfig::default(),
-        Arc::new(move || v.load(Relaxed)),
-    ));
-    Fixture {
-        _dir: dir,
-        writer,
-        engine,
-        version,
-    }
+    fixture_with(QueryConfig::default(), w.finish())
 }
 
 proptest::proptest! {

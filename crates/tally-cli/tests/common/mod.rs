@@ -277,7 +277,7 @@ impl Hook {
 }
 
 /// `POST /api/v1/events` of an NDJSON body; the answer must be 200.
-pub async fn post_ndjson(c: &reqwest::Client, base: &str, body: String) {
+pub async fn post_ndjson(c: &reqwest::Client, base: &str, body: impl Into<reqwest::Body>) {
     let r = c
         .post(format!("{base}/api/v1/events"))
         .header("content-type", "application/x-ndjson")
@@ -291,4 +291,21 @@ pub async fn post_ndjson(c: &reqwest::Client, base: &str, body: String) {
 /// NDJSON of JSON values, one per line.
 pub fn ndjson(events: &[Value]) -> String {
     events.iter().map(|e| format!("{e}\n")).collect()
+}
+
+/// Every file under `dir`, recursively (none if it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
