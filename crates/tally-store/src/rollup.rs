@@ -13,7 +13,7 @@
 //! read both tiers; 1m and 5m queries read minutes only (an hour cannot be
 //! split). Hours before [`RollupStore::hours_from`] have been dropped.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use tally_types::bin::{Dec, DecodeError, Enc};
 use tally_types::time::{DAY_MS, HOUR_MS, MINUTE_MS, Millis, align_down};
@@ -277,6 +277,17 @@ pub struct RollupStore {
     version: u64,
     /// Tenants touched since the last commit.
     dirty: Vec<Box<str>>,
+    /// With [`RollupStore::track_touched`]: every (tenant, minute, event
+    /// type) changed since the last [`RollupStore::take_touched`].
+    touched: Option<Touched>,
+}
+
+/// Buckets changed since they were last taken, and the last one noted
+/// (events of a record mostly hit the same bucket: one compare, no hash).
+#[derive(Clone, Debug, Default)]
+struct Touched {
+    set: HashSet<(Box<str>, Millis, Box<str>)>,
+    last: Option<(Box<str>, Millis, Box<str>)>,
 }
 
 /// Two stores are equal when they hold the same buckets and horizons
@@ -302,6 +313,7 @@ impl Default for RollupStore {
             hours_from: Millis::MIN,
             version: 0,
             dirty: Vec::new(),
+            touched: None,
         }
     }
 }
@@ -527,6 +539,9 @@ impl RollupStore {
     /// needed; a minute already downsampled lands in its hour.
     #[inline]
     pub fn agg_mut(&mut self, tenant: &str, minute: Millis, event_type: &str) -> &mut Agg {
+        if let Some(t) = self.touched.as_mut() {
+            note_touched(t, tenant, minute, event_type);
+        }
         let folded = minute < self.downsampled_to;
         let t = self.tenant_mut(tenant, minute);
         let bucket = if folded {
@@ -542,6 +557,59 @@ impl RollupStore {
     pub fn add(&mut self, e: &EventView<'_>) {
         self.agg_mut(e.tenant, align_down(e.ts, MINUTE_MS), e.event_type)
             .add(e);
+    }
+
+    /// Starts noting which buckets change (a processor that publishes its
+    /// changed aggregates, as in Kafka mode).
+    pub fn track_touched(&mut self) {
+        self.touched.get_or_insert_with(Touched::default);
+    }
+
+    /// The (tenant, minute, event type) buckets changed since the last
+    /// call, sorted.
+    pub fn take_touched(&mut self) -> Vec<(Box<str>, Millis, Box<str>)> {
+        let Some(t) = self.touched.as_mut() else {
+            return Vec::new();
+        };
+        t.last = None;
+        let mut out: Vec<_> = t.set.drain().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// One aggregate, if the bucket exists.
+    pub fn agg(&self, tenant: &str, minute: Millis, event_type: &str) -> Option<&Agg> {
+        let t = self.tenants.get(tenant)?;
+        let bucket = if minute < self.downsampled_to {
+            t.hours.get(&align_down(minute, HOUR_MS))?
+        } else {
+            t.minutes.get(&minute)?
+        };
+        bucket
+            .types
+            .iter()
+            .find(|(ty, _)| &**ty == event_type)
+            .map(|(_, a)| a)
+    }
+
+    /// Replaces one aggregate (a materialized view of aggregates computed
+    /// elsewhere); the change is visible after the next commit.
+    pub fn set_agg(&mut self, tenant: &str, minute: Millis, event_type: &str, agg: Agg) {
+        *self.agg_mut(tenant, minute, event_type) = agg;
+    }
+
+    /// Forgets a tenant's minutes before `cutoff` (a processor that no
+    /// longer needs final minutes it has published). Answers how many.
+    pub fn drop_minutes_before(&mut self, tenant: &str, cutoff: Millis) -> usize {
+        let Some(t) = self.tenants.get_mut(tenant) else {
+            return 0;
+        };
+        let keep = t.minutes.split_off(&cutoff);
+        let gone = std::mem::replace(&mut t.minutes, keep).len();
+        if gone > 0 && t.changes.touch(Millis::MIN) {
+            self.dirty.push(tenant.into());
+        }
+        gone
     }
 
     pub fn minute(&self, tenant: &str, minute: Millis) -> Option<&MinuteBucket> {
@@ -849,4 +917,17 @@ fn value(metric: &Metric, acc: Acc) -> Option<Value> {
             _ => None,
         },
     }
+}
+
+#[inline]
+fn note_touched(t: &mut Touched, tenant: &str, minute: Millis, event_type: &str) {
+    if t.last
+        .as_ref()
+        .is_some_and(|(a, m, b)| *m == minute && &**a == tenant && &**b == event_type)
+    {
+        return;
+    }
+    let key: (Box<str>, Millis, Box<str>) = (tenant.into(), minute, event_type.into());
+    t.set.insert(key.clone());
+    t.last = Some(key);
 }

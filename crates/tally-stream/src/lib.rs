@@ -40,6 +40,7 @@
 //! and *final* afterwards: an event for a final window goes to the late DLQ.
 
 pub mod dlq;
+pub mod owned;
 pub mod state;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -370,6 +371,10 @@ pub struct Processor {
     /// (only records with drops), checkpointed so that recovery can rebuild
     /// the raw store's hot rows exactly.
     raw_drops: VecDeque<(u64, Vec<(u32, u32)>)>,
+    /// Late entries kept for the caller to take ([`Processor::take_late`])
+    /// instead of the shared late DLQ (a processor owning one Kafka
+    /// partition publishes them).
+    collected_late: Option<Vec<DlqEntry>>,
 }
 
 impl Processor {
@@ -392,6 +397,7 @@ impl Processor {
             capture: false,
             last_drops: Vec::new(),
             raw_drops: VecDeque::new(),
+            collected_late: None,
         }
     }
 
@@ -693,6 +699,9 @@ impl Processor {
         drop(store);
         let furthest = self.clocks.values().filter_map(|c| c.watermark).max();
         self.watermark = self.watermark.max(furthest);
+        if let Some(out) = self.collected_late.as_mut() {
+            out.append(&mut late_entries);
+        }
         if !late_entries.is_empty() {
             let mut dlq = self.dlq.lock();
             for e in &late_entries {

@@ -325,7 +325,7 @@ type TenantEntries = Vec<(Box<str>, Vec<(u128, Millis)>)>;
 
 /// A tenant's clock as a checkpoint holds it.
 #[derive(Debug, Clone)]
-struct ClockState {
+pub(crate) struct ClockState {
     tenant: Box<str>,
     parts: Vec<PartState>,
     watermark: Option<Millis>,
@@ -360,7 +360,52 @@ impl ClockState {
         Ok(parts)
     }
 
-    fn into_clock(self) -> Clock {
+    /// One clock of a processor as it is now (what a checkpoint holds).
+    pub(crate) fn of(tenant: &str, c: &Clock) -> ClockState {
+        ClockState {
+            tenant: tenant.into(),
+            parts: c.parts.clone(),
+            watermark: c.watermark,
+            swept_to: c.swept_to,
+            sealed_to: c.sealed_to,
+            counts: c.counts,
+        }
+    }
+
+    pub(crate) fn encode_list(e: &mut Enc, list: &[ClockState]) {
+        e.u32(list.len() as u32);
+        for c in list {
+            c.encode(e);
+        }
+    }
+
+    pub(crate) fn decode_list(d: &mut Dec<'_>, n: usize) -> Result<Vec<ClockState>, DecodeError> {
+        let nt = d.count(4 + n * 9 + 41)?;
+        let mut list = Vec::with_capacity(nt);
+        for _ in 0..nt {
+            let tenant = d.str()?.into();
+            let parts = ClockState::decode_parts(d, n)?;
+            list.push(ClockState {
+                tenant,
+                parts,
+                watermark: d.opt_i64()?,
+                swept_to: d.i64()?,
+                sealed_to: d.i64()?,
+                counts: crate::TenantCounts {
+                    counted: d.u64()?,
+                    duplicates: d.u64()?,
+                    late: d.u64()?,
+                },
+            });
+        }
+        Ok(list)
+    }
+
+    pub(crate) fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    pub(crate) fn into_clock(self) -> Clock {
         Clock {
             parts: self.parts,
             watermark: self.watermark,

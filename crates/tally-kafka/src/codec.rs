@@ -1,0 +1,242 @@
+//! The records Tally writes to the aggregates topic (format version 1).
+//!
+//! Every key and value starts with the format version byte (`1`); the key's
+//! second byte says what the record is. Integers are little-endian; a
+//! string is a `u32` length and its UTF-8 bytes (`tally_types::bin`).
+//!
+//! **Aggregate** — the full aggregate of one (tenant, minute, event type)
+//! as counted from one partition of the events topic:
+//!
+//! ```text
+//! key:   01 'A' | u32 source partition | i64 minute (ms since epoch) | str tenant | str event type
+//! value: 01 | u64 count | HLL users | HLL sessions | u32 n | n × (str property | numeric aggregate)
+//! ```
+//!
+//! The value is the whole aggregate (`tally_store::Agg::encode`), never a
+//! delta: a reader keeps the last value per key, and the total of a
+//! (tenant, minute, event type) is the merge of its keys over source
+//! partitions (counts and sums add, sketches merge).
+//!
+//! **Partition state** — where the processing of one source partition
+//! stands after the transaction that wrote it (always the transaction's last
+//! record for that partition, in the same aggregates partition as its
+//! aggregates, so a reader that applies a partition's aggregates when its
+//! state arrives sees whole transactions):
+//!
+//! ```text
+//! key:   01 'S' | u32 source partition
+//! value: 01 | u64 next offset | u64 replay-from offset | str node | i64 committed at (ms)
+//!           | u32 n | n × (str tenant | i64 watermark or i64::MIN)
+//!           | u64 counted | u64 duplicates | u64 late | bytes event clocks
+//! ```
+//!
+//! **Late events** (`late_events` topic): key `tenant '/' event id`, value the
+//! late DLQ entry as JSON (`tenant`, `reason`, `received_at`, `event`).
+
+use tally_store::Agg;
+use tally_types::bin::{Dec, DecodeError, Enc};
+use tally_types::time::Millis;
+
+/// The format version this code writes and reads.
+pub const VERSION: u8 = 1;
+const KIND_AGG: u8 = b'A';
+const KIND_STATE: u8 = b'S';
+
+/// Key of one aggregate record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AggKey {
+    pub partition: u32,
+    pub minute: Millis,
+    pub tenant: Box<str>,
+    pub event_type: Box<str>,
+}
+
+/// Where processing of one source partition stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionState {
+    /// The next offset of the events partition to process.
+    pub next_offset: u64,
+    /// The earliest offset whose events may still have live dedupe entries:
+    /// a new owner re-reads from here to rebuild them.
+    pub replay_from: u64,
+    /// The node that committed it.
+    pub node: String,
+    pub committed_at: Millis,
+    /// Each tenant's watermark in this partition.
+    pub watermarks: Vec<(String, Option<Millis>)>,
+    pub counted: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    /// The processor's event clocks (`Processor::export_clocks`).
+    pub clocks: Vec<u8>,
+}
+
+/// A decoded key of the aggregates topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Agg(AggKey),
+    State(u32),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(
+        "aggregates record of format version {0}; this build reads version {VERSION}: upgrade Tally"
+    )]
+    Version(u8),
+    #[error("aggregates record of unknown kind {0:#04x}")]
+    Kind(u8),
+    #[error("aggregates record is damaged: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+pub fn agg_key(k: &AggKey) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u8(KIND_AGG);
+    e.u32(k.partition);
+    e.i64(k.minute);
+    e.str(&k.tenant);
+    e.str(&k.event_type);
+    e.buf
+}
+
+pub fn state_key(partition: u32) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u8(KIND_STATE);
+    e.u32(partition);
+    e.buf
+}
+
+pub fn decode_key(b: &[u8]) -> Result<Key, CodecError> {
+    let mut d = Dec::new(b);
+    let v = d.u8()?;
+    if v != VERSION {
+        return Err(CodecError::Version(v));
+    }
+    match d.u8()? {
+        KIND_AGG => Ok(Key::Agg(AggKey {
+            partition: d.u32()?,
+            minute: d.i64()?,
+            tenant: d.str()?.into(),
+            event_type: d.str()?.into(),
+        })),
+        KIND_STATE => Ok(Key::State(d.u32()?)),
+        k => Err(CodecError::Kind(k)),
+    }
+}
+
+pub fn agg_value(a: &Agg) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    a.encode(&mut e);
+    e.buf
+}
+
+pub fn decode_agg(b: &[u8]) -> Result<Agg, CodecError> {
+    let mut d = Dec::new(b);
+    let v = d.u8()?;
+    if v != VERSION {
+        return Err(CodecError::Version(v));
+    }
+    Ok(Agg::decode(&mut d)?)
+}
+
+pub fn state_value(s: &PartitionState) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u64(s.next_offset);
+    e.u64(s.replay_from);
+    e.str(&s.node);
+    e.i64(s.committed_at);
+    e.u32(s.watermarks.len() as u32);
+    for (t, w) in &s.watermarks {
+        e.str(t);
+        e.i64(w.unwrap_or(Millis::MIN));
+    }
+    e.u64(s.counted);
+    e.u64(s.duplicates);
+    e.u64(s.late);
+    e.bytes(&s.clocks);
+    e.buf
+}
+
+pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
+    let mut d = Dec::new(b);
+    let v = d.u8()?;
+    if v != VERSION {
+        return Err(CodecError::Version(v));
+    }
+    let next_offset = d.u64()?;
+    let replay_from = d.u64()?;
+    let node = d.str()?.to_string();
+    let committed_at = d.i64()?;
+    let n = d.count(12)?;
+    let mut watermarks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = d.str()?.to_string();
+        let w = d.i64()?;
+        watermarks.push((t, (w != Millis::MIN).then_some(w)));
+    }
+    Ok(PartitionState {
+        next_offset,
+        replay_from,
+        node,
+        committed_at,
+        watermarks,
+        counted: d.u64()?,
+        duplicates: d.u64()?,
+        late: d.u64()?,
+        clocks: d.bytes()?.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_round_trip() {
+        let k = AggKey {
+            partition: 7,
+            minute: 1_700_000_040_000,
+            tenant: "acme".into(),
+            event_type: "page_view".into(),
+        };
+        assert_eq!(decode_key(&agg_key(&k)).unwrap(), Key::Agg(k));
+        assert_eq!(decode_key(&state_key(3)).unwrap(), Key::State(3));
+        let mut a = Agg {
+            count: 3,
+            ..Agg::default()
+        };
+        a.users.insert(42);
+        a.sessions.insert(7);
+        let mut n = tally_store::NumAgg::default();
+        n.add(12.5);
+        a.props.push(("revenue".into(), n));
+        assert_eq!(decode_agg(&agg_value(&a)).unwrap(), a);
+        let s = PartitionState {
+            next_offset: 42,
+            replay_from: 17,
+            node: "n1".into(),
+            committed_at: 5,
+            watermarks: vec![("acme".into(), Some(9)), ("b".into(), None)],
+            counted: 1,
+            duplicates: 2,
+            late: 3,
+            clocks: vec![1, 2, 3],
+        };
+        assert_eq!(decode_state(&state_value(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn other_versions_are_refused_by_name() {
+        let mut k = state_key(1);
+        k[0] = 2;
+        let e = decode_key(&k).unwrap_err().to_string();
+        assert!(e.contains("version 2"), "{e}");
+        assert!(decode_key(&[1, b'Z']).is_err());
+        assert!(decode_state(&[1, 0, 0]).is_err());
+    }
+}

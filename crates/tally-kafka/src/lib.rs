@@ -1,0 +1,247 @@
+//! Kafka mode: several Tally nodes share the partitions of one events topic.
+//!
+//! - [`produce`]: `POST /api/v1/events` produces the accepted events to the
+//!   events topic (idempotent, `acks=all`) and answers after the broker's
+//!   acknowledgement.
+//! - [`worker`]: the node's member of the consumer group. For every
+//!   partition assigned to it, one `tally_stream::Processor` (dedupe,
+//!   per-tenant watermarks, minute windows); every commit interval the
+//!   changed aggregates, the late events and each partition's state are
+//!   produced and the consumed offsets committed in one Kafka transaction.
+//! - [`materialize`]: every node reads the aggregates topic
+//!   (`read_committed`) into its rollup store, so every node answers for
+//!   every partition; a new owner of a partition restores its state from
+//!   the same view.
+//! - [`codec`]: the versioned records of the aggregates topic.
+
+pub mod codec;
+pub mod materialize;
+pub mod produce;
+#[doc(hidden)]
+pub mod testing;
+pub mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{Client, ClientContext, DefaultClientContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use tally_store::RollupStore;
+
+pub use materialize::Materialized;
+pub use produce::{EventProducer, OutEvent, ProduceStats, event_key, events_of_batch};
+pub use worker::{Hooks, PartStatus, WorkerStats};
+
+/// Message header that marks a backfill (history judged by the tenant's
+/// backfill clock), as `?backfill=true` does on HTTP ingest.
+pub const BACKFILL_HEADER: &str = "tally-backfill";
+
+/// Everything Kafka mode needs to know (the server maps its `[kafka]`
+/// config section onto it).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub brokers: String,
+    pub group_id: String,
+    pub topic_events: String,
+    pub topic_aggregates: String,
+    pub topic_late: String,
+    /// Partitions of the topics Tally creates when they do not exist.
+    pub partitions: u32,
+    /// librdkafka settings passed through (SASL, TLS, timeouts...).
+    pub client: Vec<(String, String)>,
+    /// This node's name: its transactional id is `<group-id>-<node-id>`,
+    /// so a restarted node fences its own previous incarnation.
+    pub node_id: String,
+    /// How often the partition workers commit a transaction.
+    pub commit_interval: Duration,
+    /// How long an ingest request waits for the broker before 503.
+    pub produce_timeout_ms: u64,
+}
+
+impl Settings {
+    /// A librdkafka config with the bootstrap servers (callers add the
+    /// pass-through settings last, so they win).
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("client.id", format!("tally-{}", self.node_id));
+        cfg
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kafka {what}: {source}")]
+    Client {
+        what: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error(
+        "kafka topic {topic:?} not found on {brokers}: create it, or let Tally create it (the broker refused: {reason})"
+    )]
+    NoTopic {
+        topic: String,
+        brokers: String,
+        reason: String,
+    },
+    #[error("kafka thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Partitions of `topic` (from the broker's metadata).
+pub(crate) fn partition_count<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+) -> Result<u32, Error> {
+    let md = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|source| Error::Client {
+            what: "metadata",
+            source,
+        })?;
+    let n = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len());
+    if n == 0 {
+        return Err(Error::NoTopic {
+            topic: topic.into(),
+            brokers: "the brokers".into(),
+            reason: "no partitions in its metadata".into(),
+        });
+    }
+    Ok(n as u32)
+}
+
+/// Creates the three topics when they do not exist (the aggregates topic
+/// compacted: only the last value per key matters).
+pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
+    let mut cfg = s.client_config();
+    for (k, v) in &s.client {
+        cfg.set(k, v);
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        cfg.create().map_err(|source| Error::Client {
+            what: "admin client",
+            source,
+        })?;
+    let n = s.partitions.max(1) as i32;
+    let topics = [
+        NewTopic::new(&s.topic_events, n, TopicReplication::Fixed(-1)),
+        NewTopic::new(&s.topic_aggregates, n, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact"),
+        NewTopic::new(&s.topic_late, n, TopicReplication::Fixed(-1)),
+    ];
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results =
+        futures::executor::block_on(admin.create_topics(&topics, &opts)).map_err(|source| {
+            Error::Client {
+                what: "create topics",
+                source,
+            }
+        })?;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                // Creating may be forbidden (ACLs) while the topic exists:
+                // only a missing topic is an error.
+                if partition_count(admin.inner(), &topic).is_err() {
+                    return Err(Error::NoTopic {
+                        topic,
+                        brokers: s.brokers.clone(),
+                        reason: code.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The Kafka side of one node: the ingest producer, the partition worker
+/// and the aggregates reader.
+pub struct KafkaNode {
+    producer: EventProducer,
+    view: Arc<Materialized>,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl KafkaNode {
+    /// Creates the topics if needed and starts the threads; `store` is the
+    /// node's rollup store, kept equal to the committed aggregates.
+    pub fn start(
+        settings: Settings,
+        hooks: Hooks,
+        store: Arc<RwLock<RollupStore>>,
+    ) -> Result<KafkaNode, Error> {
+        ensure_topics(&settings)?;
+        let producer = EventProducer::new(&settings, Arc::new(ProduceStats::default()))?;
+        let view = Materialized::new(store);
+        let stats = Arc::new(WorkerStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let (s, v, st) = (settings.clone(), view.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tally-kafka-view".into())
+                    .spawn(move || {
+                        if let Err(e) = materialize::run(s, v, st) {
+                            tracing::error!(error = %e, "aggregates reader stopped");
+                        }
+                    })
+                    .map_err(Error::Thread)?,
+            );
+        }
+        {
+            let (s, v, st, stats) = (settings, view.clone(), stop.clone(), stats.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tally-kafka-worker".into())
+                    .spawn(move || worker::run(s, hooks, v, stats, st))
+                    .map_err(Error::Thread)?,
+            );
+        }
+        Ok(KafkaNode {
+            producer,
+            view,
+            stats,
+            stop,
+            threads,
+        })
+    }
+
+    pub fn producer(&self) -> &EventProducer {
+        &self.producer
+    }
+
+    pub fn view(&self) -> &Arc<Materialized> {
+        &self.view
+    }
+
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    /// Delivers what is queued (up to 10 s), then stops the threads; the
+    /// worker commits what it processed before leaving the group.
+    pub fn shutdown(mut self) {
+        self.producer.flush(Duration::from_secs(10));
+        self.stop.store(true, Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

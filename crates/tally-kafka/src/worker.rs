@@ -1,0 +1,817 @@
+//! The node's member of the consumer group over the events topic.
+//!
+//! One thread: it polls the consumer, applies each message to the
+//! processor of its partition, and every commit interval writes one Kafka
+//! transaction holding, per partition that moved, the aggregates that
+//! changed (full values), the late events, and the partition's state
+//! (next offset, clocks, where a new owner re-reads from), together with
+//! the consumed offsets (`send_offsets_to_transaction`, which also fences a
+//! member the group has moved on from).
+//!
+//! Failure handling is crash-only: a revoke aborts the open transaction
+//! and drops every partition processor; any error of the consumer or the
+//! transactional producer ends the session (the consumer leaves the group,
+//! the open transaction is aborted by the broker or fenced by the next
+//! `init_transactions` of the same transactional id) and a new session
+//! restores each assigned partition from the last committed transaction,
+//! exactly as a different node would.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, error::KafkaError};
+use tally_ingest::{BodyError, Format, Parsed, Parser, Tenancy};
+use tally_store::RollupStore;
+use tally_stream::{Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StreamConfig};
+use tally_types::bin::{Dec, Enc};
+use tally_types::time::{MINUTE_MS, Millis, align_down};
+
+use crate::codec::{self, AggKey, PartitionState};
+use crate::materialize::Materialized;
+use crate::{BACKFILL_HEADER, Error, Settings};
+
+/// What the worker needs from the node that runs it.
+#[derive(Clone)]
+pub struct Hooks {
+    /// Event-time settings of every partition processor.
+    pub stream: StreamConfig,
+    /// A parser for one message, given the message's timestamp (the
+    /// future-skew limit is judged against it, so a re-read decides the
+    /// same).
+    pub make_parser: Arc<dyn Fn(Millis) -> Parser + Send + Sync>,
+    /// Messages (or events in them) that failed validation.
+    pub on_malformed: Arc<dyn Fn(Vec<DlqEntry>) + Send + Sync>,
+    /// The wall clock (lag in seconds).
+    pub now_ms: Arc<dyn Fn() -> Millis + Send + Sync>,
+}
+
+/// One owned partition, as `/metrics` and `/api/v1/status` show it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartStatus {
+    pub next_offset: u64,
+    /// The partition's end (high watermark) when last asked.
+    pub end_offset: u64,
+    pub lag_records: u64,
+    pub lag_seconds: f64,
+    /// Still re-reading events to rebuild dedupe entries.
+    pub restoring: bool,
+}
+
+/// The worker's counters.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub parts: Mutex<BTreeMap<u32, PartStatus>>,
+    pub rebalances: AtomicU64,
+    pub commits: AtomicU64,
+    pub aborts: AtomicU64,
+    pub sessions: AtomicU64,
+    pub messages: AtomicU64,
+    pub counted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub late: AtomicU64,
+    pub malformed: AtomicU64,
+    pub aggregates_produced: AtomicU64,
+    pub restored_events: AtomicU64,
+    /// The last session error, if the worker is between sessions.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Runs sessions until `stop`.
+pub fn run(
+    settings: Settings,
+    hooks: Hooks,
+    view: Arc<Materialized>,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    while !stop.load(Relaxed) {
+        stats.sessions.fetch_add(1, Relaxed);
+        match session(&settings, &hooks, &view, &stats, &stop) {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka worker session ended; restoring from the last committed transaction");
+                *stats.last_error.lock() = Some(e.to_string());
+                stats.parts.lock().clear();
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+enum Rebal {
+    Assigned(Vec<Part>),
+    Revoked,
+}
+
+struct Ctx {
+    settings: Settings,
+    hooks: Hooks,
+    view: Arc<Materialized>,
+    events: Mutex<Vec<Rebal>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                tracing::warn!(?err, "rebalance error");
+            }
+            self.events.lock().push(Rebal::Revoked);
+            let _ = c.unassign();
+            return;
+        }
+        let committed = c
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .ok();
+        let topic = self.settings.topic_events.clone();
+        let ids: Vec<i32> = tpl
+            .elements_for_topic(&topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let mut parts = Vec::new();
+        for p in ids {
+            let c_off = committed
+                .as_ref()
+                .and_then(|l| l.find_partition(&topic, p))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Some(o as u64),
+                    _ => None,
+                });
+            let part = Part::restore(p as u32, c_off, &self.hooks, &self.view);
+            let start = if part.start == 0 {
+                Offset::Beginning
+            } else {
+                Offset::Offset(part.start as i64)
+            };
+            let _ = tpl.set_partition_offset(&topic, p, start);
+            parts.push(part);
+        }
+        if let Err(e) = c.assign(tpl) {
+            tracing::warn!(error = %e, "assigning partitions failed");
+        }
+        self.events.lock().push(Rebal::Assigned(parts));
+    }
+}
+
+/// The processor of one owned partition.
+struct Part {
+    id: u32,
+    proc: Processor,
+    store: Arc<RwLock<RollupStore>>,
+    /// Where consumption starts (the replay-from offset of the state).
+    start: u64,
+    /// Events before this offset were applied by the last committed
+    /// transaction: they only rebuild dedupe entries.
+    restore_until: u64,
+    /// The next offset to handle.
+    next_offset: u64,
+    /// Per clock (tenant, or tenant + "\u{1}" for backfill): the first
+    /// offset that wrote a dedupe entry in each minute (what a new owner
+    /// must re-read).
+    lows: HashMap<String, BTreeMap<Millis, u64>>,
+    /// Handled anything since the last commit.
+    dirty: bool,
+    last_ts: Millis,
+    counts: (u64, u64, u64),
+}
+
+impl Part {
+    fn restore(id: u32, committed: Option<u64>, hooks: &Hooks, view: &Materialized) -> Part {
+        let store = Arc::new(RwLock::new(RollupStore::new()));
+        let mut cfg = hooks.stream.clone();
+        cfg.partitions = 1;
+        let mut proc = Processor::new(
+            cfg.clone(),
+            store.clone(),
+            Arc::new(Mutex::new(Dlq::new(1))),
+        );
+        proc.own_partition();
+        let mut part = Part {
+            id,
+            proc,
+            store,
+            start: 0,
+            restore_until: 0,
+            next_offset: 0,
+            lows: HashMap::new(),
+            dirty: false,
+            last_ts: Millis::MIN,
+            counts: (0, 0, 0),
+        };
+        let restored = view.restore(id, committed, Duration::from_secs(30), |state| {
+            let mut probe = Processor::new(
+                cfg.clone(),
+                Arc::default(),
+                Arc::new(Mutex::new(Dlq::new(1))),
+            );
+            if probe.import_clocks(&mut Dec::new(&state.clocks)).is_err() {
+                return HashMap::new();
+            }
+            state
+                .watermarks
+                .iter()
+                .map(|(t, _)| (t.clone(), probe.mutable_from(t)))
+                .collect()
+        });
+        match restored {
+            Some(r) => {
+                if let Err(e) = part.proc.import_clocks(&mut Dec::new(&r.state.clocks)) {
+                    tracing::error!(partition = id, error = %e, "partition state unreadable; processing the partition again from its start");
+                    return part;
+                }
+                {
+                    let mut st = part.store.write();
+                    for ((t, m, ty), agg) in r.values {
+                        st.set_agg(&t, m, &ty, agg);
+                    }
+                    st.commit();
+                    st.take_touched();
+                }
+                part.start = r.state.replay_from.min(r.state.next_offset);
+                part.restore_until = r.state.next_offset;
+                part.next_offset = part.start;
+                part.counts = (r.state.counted, r.state.duplicates, r.state.late);
+                tracing::info!(
+                    partition = id,
+                    next_offset = r.state.next_offset,
+                    replay_from = part.start,
+                    from_node = %r.state.node,
+                    "restoring partition"
+                );
+            }
+            None => {
+                if committed.is_some() {
+                    tracing::warn!(
+                        partition = id,
+                        ?committed,
+                        "offsets are committed but no partition state was found in the aggregates topic; processing the partition again from its start"
+                    );
+                }
+            }
+        }
+        part
+    }
+
+    fn restoring(&self) -> bool {
+        self.next_offset < self.restore_until
+    }
+
+    /// Notes that the record at `offset` wrote dedupe entries of `clock`
+    /// from `minute` on.
+    fn note_low(&mut self, clock: &str, minute: Millis, offset: u64) {
+        match self.lows.get_mut(clock) {
+            Some(m) => {
+                m.entry(minute).or_insert(offset);
+            }
+            None => {
+                self.lows
+                    .insert(clock.to_string(), BTreeMap::from([(minute, offset)]));
+            }
+        }
+    }
+
+    /// The earliest offset a new owner must re-read: entries of minutes no
+    /// clock can change any more are dropped first.
+    fn replay_from(&mut self, lateness: Millis) -> u64 {
+        let proc = &self.proc;
+        self.lows.retain(|clock, minutes| {
+            let wm = match clock.strip_suffix('\u{1}') {
+                Some(t) => proc.backfill_watermark(t),
+                None => proc.tenant_watermark(clock),
+            };
+            if let Some(w) = wm {
+                let keep = minutes.split_off(&(align_down(w - lateness, MINUTE_MS) - MINUTE_MS));
+                *minutes = keep;
+            }
+            !minutes.is_empty()
+        });
+        self.lows
+            .values()
+            .flat_map(|m| m.values().copied())
+            .min()
+            .unwrap_or(self.next_offset)
+            .min(self.next_offset)
+    }
+}
+
+struct Session<'a> {
+    settings: &'a Settings,
+    hooks: &'a Hooks,
+    stats: &'a WorkerStats,
+    producer: BaseProducer,
+    parts: HashMap<u32, Part>,
+    in_txn: bool,
+    agg_partitions: u32,
+}
+
+fn client_err(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
+    move |source| Error::Client { what, source }
+}
+
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn session(
+    settings: &Settings,
+    hooks: &Hooks,
+    view: &Arc<Materialized>,
+    stats: &WorkerStats,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    let mut pcfg = settings.client_config();
+    pcfg.set(
+        "transactional.id",
+        format!("{}-{}", settings.group_id, settings.node_id),
+    )
+    .set("enable.idempotence", "true")
+    .set("acks", "all")
+    .set("linger.ms", "5")
+    .set("transaction.timeout.ms", "60000");
+    for (k, v) in &settings.client {
+        pcfg.set(k, v);
+    }
+    let producer: BaseProducer = pcfg
+        .create()
+        .map_err(client_err("transactional producer"))?;
+    producer
+        .init_transactions(TXN_TIMEOUT)
+        .map_err(client_err("init transactions"))?;
+    let agg_partitions = crate::partition_count(producer.client(), &settings.topic_aggregates)?;
+
+    let mut ccfg = settings.client_config();
+    ccfg.set("group.id", &settings.group_id)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "roundrobin")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &settings.client {
+        ccfg.set(k, v);
+    }
+    let consumer: BaseConsumer<Ctx> = ccfg
+        .create_with_context(Ctx {
+            settings: settings.clone(),
+            hooks: hooks.clone(),
+            view: view.clone(),
+            events: Mutex::new(Vec::new()),
+        })
+        .map_err(client_err("consumer"))?;
+    consumer
+        .subscribe(&[&settings.topic_events])
+        .map_err(client_err("subscribe"))?;
+    let mut s = Session {
+        settings,
+        hooks,
+        stats,
+        producer,
+        parts: HashMap::new(),
+        in_txn: false,
+        agg_partitions,
+    };
+    *stats.last_error.lock() = None;
+    let result = s.run(&consumer, stop);
+    // Leaving: an open transaction is aborted (what it held is processed
+    // again by the next owner), then the group is left.
+    if s.in_txn {
+        let _ = s.producer.abort_transaction(TXN_TIMEOUT);
+        stats.aborts.fetch_add(1, Relaxed);
+    }
+    s.parts.clear();
+    stats.parts.lock().clear();
+    consumer.unsubscribe();
+    result
+}
+
+impl Session<'_> {
+    fn run(&mut self, consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) -> Result<(), Error> {
+        let mut last_commit = Instant::now();
+        let mut last_lag = Instant::now();
+        while !stop.load(Relaxed) {
+            let polled = consumer.poll(Duration::from_millis(20));
+            self.rebalanced(consumer)?;
+            if let Some(m) = polled {
+                let m = m.map_err(client_err("consume"))?;
+                self.handle(&m)?;
+            }
+            if last_commit.elapsed() >= self.settings.commit_interval {
+                self.commit(consumer)?;
+                last_commit = Instant::now();
+            }
+            if last_lag.elapsed() >= Duration::from_secs(1) {
+                self.refresh_lag(consumer);
+                last_lag = Instant::now();
+            }
+            self.producer.poll(Duration::ZERO);
+        }
+        // A clean stop commits what was processed.
+        self.commit(consumer)
+    }
+
+    fn rebalanced(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
+        let events = std::mem::take(&mut *consumer.context().events.lock());
+        for ev in events {
+            self.stats.rebalances.fetch_add(1, Relaxed);
+            match ev {
+                Rebal::Revoked => {
+                    if self.in_txn {
+                        self.producer
+                            .abort_transaction(TXN_TIMEOUT)
+                            .map_err(client_err("abort transaction"))?;
+                        self.in_txn = false;
+                        self.stats.aborts.fetch_add(1, Relaxed);
+                    }
+                    self.parts.clear();
+                    self.stats.parts.lock().clear();
+                }
+                Rebal::Assigned(parts) => {
+                    let mut st = self.stats.parts.lock();
+                    for p in parts {
+                        st.insert(
+                            p.id,
+                            PartStatus {
+                                next_offset: p.restore_until,
+                                restoring: p.restoring(),
+                                ..PartStatus::default()
+                            },
+                        );
+                        self.parts.insert(p.id, p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self) -> Result<(), Error> {
+        if !self.in_txn {
+            self.producer
+                .begin_transaction()
+                .map_err(client_err("begin transaction"))?;
+            self.in_txn = true;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), Error> {
+        let id = m.partition() as u32;
+        let offset = m.offset() as u64;
+        let Some(part) = self.parts.get(&id) else {
+            return Ok(());
+        };
+        if offset < part.next_offset && part.next_offset > part.start {
+            return Ok(());
+        }
+        let restoring = offset < part.restore_until;
+        if !restoring {
+            self.begin()?;
+        }
+        let Some(part) = self.parts.get_mut(&id) else {
+            return Ok(());
+        };
+        let ts = m
+            .timestamp()
+            .to_millis()
+            .unwrap_or_else(|| (self.hooks.now_ms)());
+        let backfill = m.headers().is_some_and(|h| {
+            h.iter()
+                .any(|x| x.key == BACKFILL_HEADER && x.value == Some(b"1".as_slice()))
+        });
+        let value = m.payload().unwrap_or_default();
+        let where_ = || {
+            format!(
+                "kafka message {}/{}/{}",
+                self.settings.topic_events, id, offset
+            )
+        };
+        let parsed = parse_message(&self.hooks.make_parser, ts, value);
+        self.stats.messages.fetch_add(1, Relaxed);
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                if !restoring {
+                    self.stats.malformed.fetch_add(1, Relaxed);
+                    (self.hooks.on_malformed)(vec![DlqEntry {
+                        kind: DlqKind::Malformed,
+                        tenant: "default".into(),
+                        reason: format!("{}: {e}", where_()),
+                        received_at: ts,
+                        body: DlqBody::Raw(
+                            String::from_utf8_lossy(&value[..value.len().min(4096)]).into(),
+                        ),
+                        key: 0,
+                        replayed: false,
+                    }]);
+                }
+                part.next_offset = offset + 1;
+                part.dirty |= !restoring;
+                return Ok(());
+            }
+        };
+        if !restoring && !parsed.rejected.is_empty() {
+            self.stats
+                .malformed
+                .fetch_add(parsed.rejected_total as u64, Relaxed);
+            let at = where_();
+            (self.hooks.on_malformed)(
+                parsed
+                    .rejected
+                    .iter()
+                    .map(|r| DlqEntry {
+                        kind: DlqKind::Malformed,
+                        tenant: r.tenant.clone(),
+                        reason: format!("{at}, event {}: {}", r.index, r.error),
+                        received_at: ts,
+                        body: if r.is_object {
+                            DlqBody::Event(r.raw.clone())
+                        } else {
+                            DlqBody::Raw(r.raw.clone())
+                        },
+                        key: 0,
+                        replayed: false,
+                    })
+                    .collect(),
+            );
+        }
+        let lows: Vec<(String, Millis)> = parsed
+            .tenants
+            .iter()
+            .zip(&parsed.spans)
+            .map(|((t, _), &(lo, _))| {
+                let clock = if backfill {
+                    format!("{t}\u{1}")
+                } else {
+                    t.clone()
+                };
+                (clock, align_down(lo, MINUTE_MS))
+            })
+            .collect();
+        if let Some((_, batch)) = parsed.partitions.into_iter().next() {
+            let payload = if backfill {
+                batch.finish_backfill()
+            } else {
+                batch.finish()
+            };
+            let rec = RecordRef {
+                partition: 0,
+                offset,
+                next_offset: offset + 1,
+                lsn: offset,
+                append_ms: ts,
+                payload: &payload,
+            };
+            if restoring {
+                let n = part.proc.remember(rec).map_err(|e| Error::Client {
+                    what: "restore",
+                    source: KafkaError::Subscription(e.to_string()),
+                })?;
+                self.stats.restored_events.fetch_add(n as u64, Relaxed);
+            } else {
+                let applied = part.proc.apply(rec).map_err(|e| Error::Client {
+                    what: "process",
+                    source: KafkaError::Subscription(e.to_string()),
+                })?;
+                self.stats.counted.fetch_add(applied.counted, Relaxed);
+                self.stats.duplicates.fetch_add(applied.duplicates, Relaxed);
+                self.stats.late.fetch_add(applied.late, Relaxed);
+                part.counts.0 += applied.counted;
+                part.counts.1 += applied.duplicates;
+                part.counts.2 += applied.late;
+                if applied.late > 0 {
+                    // Late events are remembered at the watermark's minute.
+                    for (clock, _) in &lows {
+                        let w = match clock.strip_suffix('\u{1}') {
+                            Some(t) => part.proc.backfill_watermark(t),
+                            None => part.proc.tenant_watermark(clock),
+                        };
+                        if let Some(w) = w {
+                            part.note_low(clock, align_down(w, MINUTE_MS), offset);
+                        }
+                    }
+                }
+            }
+            for (clock, minute) in &lows {
+                part.note_low(clock, *minute, offset);
+            }
+        }
+        part.next_offset = offset + 1;
+        part.last_ts = ts;
+        part.dirty |= !restoring;
+        if restoring && !part.restoring() {
+            tracing::info!(partition = id, offset, "partition restored; processing");
+            if let Some(st) = self.stats.parts.lock().get_mut(&id) {
+                st.restoring = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), Error> {
+        let mut rec = BaseRecord::to(topic).key(key).payload(value);
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
+        let deadline = Instant::now() + TXN_TIMEOUT;
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((
+                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    back,
+                )) if Instant::now() < deadline => {
+                    self.producer.poll(Duration::from_millis(10));
+                    rec = back;
+                }
+                Err((e, _)) => return Err(client_err("produce")(e)),
+            }
+        }
+    }
+
+    /// One transaction: every moved partition's changed aggregates, late
+    /// events and state, with the consumed offsets.
+    fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
+        if !self.parts.values().any(|p| p.dirty) {
+            return Ok(());
+        }
+        self.begin()?;
+        let lateness = self.hooks.stream.allowed_lateness_ms;
+        let now = (self.hooks.now_ms)();
+        let mut offsets = TopicPartitionList::new();
+        let ids: Vec<u32> = self.parts.keys().copied().collect();
+        for id in ids {
+            let Some(part) = self.parts.get_mut(&id) else {
+                continue;
+            };
+            if !part.dirty || part.restoring() {
+                continue;
+            }
+            let ap = (id % self.agg_partitions) as i32;
+            let touched = part.store.write().take_touched();
+            let mut out = Vec::with_capacity(touched.len());
+            {
+                let st = part.store.read();
+                for (t, m, ty) in touched {
+                    let Some(agg) = st.agg(&t, m, &ty) else {
+                        continue;
+                    };
+                    let key = codec::agg_key(&AggKey {
+                        partition: id,
+                        minute: m,
+                        tenant: t,
+                        event_type: ty,
+                    });
+                    out.push((key, codec::agg_value(agg)));
+                }
+            }
+            let late = part.proc.take_late();
+            let replay_from = part.replay_from(lateness);
+            part.proc.evict_final();
+            part.store.write().take_touched();
+            let mut clocks = Enc::new();
+            part.proc.export_clocks(&mut clocks);
+            let state = PartitionState {
+                next_offset: part.next_offset,
+                replay_from,
+                node: self.settings.node_id.clone(),
+                committed_at: now,
+                watermarks: part
+                    .proc
+                    .watermarks()
+                    .map(|(t, w)| (t.to_string(), w))
+                    .collect(),
+                counted: part.counts.0,
+                duplicates: part.counts.1,
+                late: part.counts.2,
+                clocks: clocks.buf,
+            };
+            part.dirty = false;
+            let next = part.next_offset;
+            let n_out = out.len() as u64;
+            for (k, v) in &out {
+                self.send(&self.settings.topic_aggregates, Some(ap), k, v)?;
+            }
+            for e in &late {
+                let key = format!("{}/{:032x}", e.tenant, e.key);
+                let value = late_json(e);
+                self.send(
+                    &self.settings.topic_late,
+                    None,
+                    key.as_bytes(),
+                    value.as_bytes(),
+                )?;
+            }
+            self.send(
+                &self.settings.topic_aggregates,
+                Some(ap),
+                &codec::state_key(id),
+                &codec::state_value(&state),
+            )?;
+            self.stats.aggregates_produced.fetch_add(n_out, Relaxed);
+            offsets
+                .add_partition_offset(
+                    &self.settings.topic_events,
+                    id as i32,
+                    Offset::Offset(next as i64),
+                )
+                .map_err(client_err("offsets"))?;
+        }
+        let meta = consumer
+            .group_metadata()
+            .ok_or_else(|| client_err("group metadata")(KafkaError::NoMessageReceived))?;
+        if offsets.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(&offsets, &meta, TXN_TIMEOUT)
+                .map_err(client_err("send offsets to transaction"))?;
+        }
+        self.producer
+            .commit_transaction(TXN_TIMEOUT)
+            .map_err(client_err("commit transaction"))?;
+        self.in_txn = false;
+        self.stats.commits.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Lag per owned partition: records behind the partition's end, and
+    /// how old the last handled message is while behind.
+    fn refresh_lag(&mut self, consumer: &BaseConsumer<Ctx>) {
+        let now = (self.hooks.now_ms)();
+        let topic = &self.settings.topic_events;
+        let mut st = self.stats.parts.lock();
+        for (id, part) in &self.parts {
+            let end = consumer
+                .fetch_watermarks(topic, *id as i32, Duration::from_millis(500))
+                .map(|(_, hi)| hi.max(0) as u64)
+                .unwrap_or(part.next_offset);
+            let lag = end.saturating_sub(part.next_offset);
+            let secs = if lag > 0 && part.last_ts > Millis::MIN {
+                (now - part.last_ts).max(0) as f64 / 1000.0
+            } else {
+                0.0
+            };
+            st.insert(
+                *id,
+                PartStatus {
+                    next_offset: part.next_offset,
+                    end_offset: end,
+                    lag_records: lag,
+                    lag_seconds: secs,
+                    restoring: part.restoring(),
+                },
+            );
+        }
+    }
+}
+
+/// A message value: one event object, a JSON array of them, or NDJSON.
+fn parse_message(
+    make: &Arc<dyn Fn(Millis) -> Parser + Send + Sync>,
+    ts: Millis,
+    value: &[u8],
+) -> Result<Parsed, BodyError> {
+    let first = value.iter().copied().find(|c| !c.is_ascii_whitespace());
+    let mut parser = make(ts);
+    match first {
+        Some(b'[') => parser.parse(value, Format::Json, Tenancy::Open),
+        _ => match parser.parse(value, Format::Json, Tenancy::Open) {
+            Ok(p) => Ok(p),
+            Err(BodyError::NotJson(_)) => make(ts).parse(value, Format::Ndjson, Tenancy::Open),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// A late event as the late topic carries it.
+fn late_json(e: &DlqEntry) -> String {
+    let event = match &e.body {
+        DlqBody::Event(s) => serde_json::from_str::<serde_json::Value>(s)
+            .unwrap_or_else(|_| serde_json::Value::String(s.clone())),
+        DlqBody::Raw(s) => serde_json::Value::String(s.clone()),
+    };
+    serde_json::json!({
+        "tenant": e.tenant,
+        "reason": e.reason,
+        "received_at": tally_types::time::format_rfc3339(e.received_at),
+        "event": event,
+    })
+    .to_string()
+}

@@ -1,0 +1,354 @@
+//! Several nodes on one real Kafka-protocol broker: every node's store
+//! holds the exact totals of every partition, through a node leaving, a
+//! node joining, malformed messages and late events; a `read_committed`
+//! reader of the aggregates topic that keeps the last value per key sees
+//! the same totals.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tally_ingest::Parser;
+use tally_kafka::codec::{self, Key};
+use tally_kafka::testing::Broker;
+use tally_kafka::{Hooks, KafkaNode, OutEvent, Settings, event_key};
+use tally_store::RollupStore;
+use tally_stream::StreamConfig;
+use tally_types::time::{Clock, MINUTE_MS, Millis, align_down, format_rfc3339};
+
+type Oracle = HashMap<(String, Millis, String), u64>;
+
+fn settings(brokers: &str, tag: &str, node: &str) -> Settings {
+    Settings {
+        brokers: brokers.into(),
+        group_id: format!("g-{tag}"),
+        topic_events: format!("ev-{tag}"),
+        topic_aggregates: format!("agg-{tag}"),
+        topic_late: format!("late-{tag}"),
+        partitions: 4,
+        client: Vec::new(),
+        node_id: node.into(),
+        commit_interval: Duration::from_millis(100),
+        produce_timeout_ms: 10_000,
+    }
+}
+
+fn hooks(malformed: Arc<Mutex<Vec<String>>>) -> Hooks {
+    Hooks {
+        stream: StreamConfig::default(),
+        make_parser: Arc::new(|_| Parser::new(1)),
+        on_malformed: Arc::new(move |e| {
+            malformed.lock().extend(e.into_iter().map(|x| x.reason));
+        }),
+        now_ms: Arc::new(|| Clock::system().now_ms()),
+    }
+}
+
+struct Node {
+    node: Option<KafkaNode>,
+    store: Arc<RwLock<RollupStore>>,
+}
+
+impl Node {
+    fn kafka(&self) -> &KafkaNode {
+        self.node.as_ref().expect("running")
+    }
+}
+
+fn start(brokers: &str, tag: &str, name: &str, malformed: &Arc<Mutex<Vec<String>>>) -> Node {
+    let store = Arc::new(RwLock::new(RollupStore::new()));
+    let node = KafkaNode::start(
+        settings(brokers, tag, name),
+        hooks(malformed.clone()),
+        store.clone(),
+    )
+    .expect("node starts");
+    Node {
+        node: Some(node),
+        store,
+    }
+}
+
+/// `n` events with duplicates (every copy identical, same key) and
+/// disorder over the last three minutes; the oracle counts first copies.
+fn events(n: usize, seed: u64, now: Millis, oracle: &mut Oracle) -> Vec<OutEvent> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut made: Vec<(String, String, String, Millis, String, String)> = Vec::new();
+    let mut msgs = Vec::new();
+    for i in 0..n {
+        if i > 10 && rnd() % 4 == 0 {
+            let (tenant, id, _, _, session, body) = made[(rnd() % i as u64) as usize].clone();
+            msgs.push(OutEvent {
+                key: event_key(&tenant, Some(&session), &id),
+                value: body.into_bytes(),
+                backfill: false,
+            });
+            made.push(made[made.len() - 1].clone());
+            continue;
+        }
+        let tenant = ["acme", "globex", "initech"][(rnd() % 3) as usize].to_string();
+        let ty = ["page_view", "click", "purchase"][(rnd() % 3) as usize].to_string();
+        let id = format!("e-{seed}-{i}");
+        let ts = now - (rnd() % 170_000) as Millis;
+        let session = format!("s-{}", rnd() % 40);
+        let body = format!(
+            r#"{{"event_id":"{id}","event_type":"{ty}","timestamp":"{}","tenant":"{tenant}","user_id":"u{}","session_id":"{session}","properties":{{"revenue":{}}}}}"#,
+            format_rfc3339(ts),
+            rnd() % 100,
+            rnd() % 1000
+        );
+        *oracle
+            .entry((tenant.clone(), align_down(ts, MINUTE_MS), ty.clone()))
+            .or_default() += 1;
+        msgs.push(OutEvent {
+            key: event_key(&tenant, Some(&session), &id),
+            value: body.clone().into_bytes(),
+            backfill: false,
+        });
+        made.push((tenant, id, ty, ts, session, body));
+    }
+    msgs
+}
+
+fn send(node: &KafkaNode, msgs: Vec<OutEvent>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    node.producer().send(
+        msgs,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("delivery answered")
+        .expect("broker acknowledged");
+}
+
+fn mismatches(store: &RollupStore, oracle: &Oracle) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut total_oracle = 0;
+    for ((t, m, ty), &n) in oracle {
+        total_oracle += n;
+        let got = store.agg(t, *m, ty).map_or(0, |a| a.count);
+        if got != n {
+            out.push(format!("{t} {} {ty}: {got} != {n}", format_rfc3339(*m)));
+        }
+    }
+    let mut total = 0;
+    for t in store.tenants() {
+        let Some((lo, hi)) = store.span(t) else {
+            continue;
+        };
+        let mut m = lo;
+        while m <= hi {
+            if let Some(b) = store.minute(t, m) {
+                total += b.types.iter().map(|(_, a)| a.count).sum::<u64>();
+            }
+            m += MINUTE_MS;
+        }
+    }
+    if total != total_oracle {
+        out.push(format!("total {total} != {total_oracle}"));
+    }
+    out
+}
+
+fn wait_exact(nodes: &[&Node], oracle: &Oracle, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let bad: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| {
+                mismatches(&n.store.read(), oracle)
+                    .into_iter()
+                    .map(move |m| format!("node {i}: {m}"))
+            })
+            .collect();
+        if bad.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not exact after 90 s: {:?}",
+            &bad[..bad.len().min(10)]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every aggregate key, last value wins, as any `read_committed` consumer
+/// of the aggregates topic sees it.
+fn topic_totals(brokers: &str, tag: &str) -> Oracle {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("check-{tag}"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let topic = format!("agg-{tag}");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in 0..4 {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)
+            .expect("partition");
+        let (_, hi) = consumer
+            .fetch_watermarks(&topic, p, Duration::from_secs(5))
+            .expect("watermarks");
+        ends.insert(p, hi);
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut last: HashMap<codec::AggKey, u64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pos: HashMap<i32, i64> = consumer
+            .position()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ends
+            .iter()
+            .all(|(p, hi)| pos.get(p).copied().unwrap_or(0) >= *hi)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aggregates topic not read to its end"
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.expect("message");
+        if let Ok(Key::Agg(k)) = codec::decode_key(m.key().expect("key")) {
+            let a = codec::decode_agg(m.payload().expect("value")).expect("aggregate");
+            last.insert(k, a.count);
+        }
+    }
+    let mut out = Oracle::new();
+    for (k, n) in last {
+        *out.entry((k.tenant.to_string(), k.minute, k.event_type.to_string()))
+            .or_default() += n;
+    }
+    out.retain(|_, n| *n > 0);
+    out
+}
+
+#[test]
+fn nodes_share_partitions_and_every_node_answers_exactly() {
+    let broker = Broker::start();
+    let brokers = broker.brokers();
+    let tag = format!("c{}", std::process::id());
+    let malformed = Arc::new(Mutex::new(Vec::new()));
+    let now = Clock::system().now_ms();
+    let mut oracle = Oracle::new();
+
+    let a = start(&brokers, &tag, "a", &malformed);
+    let mut b = start(&brokers, &tag, "b", &malformed);
+    send(a.kafka(), events(3000, 1, now, &mut oracle));
+    wait_exact(&[&a, &b], &oracle, "two nodes");
+
+    // B leaves: A takes its partitions over from B's last commit.
+    b.node.take().expect("running").shutdown();
+    send(a.kafka(), events(2000, 2, now, &mut oracle));
+    wait_exact(&[&a], &oracle, "after a node left");
+
+    // C joins mid-stream and restores what it is given.
+    let c = start(&brokers, &tag, "c", &malformed);
+    send(a.kafka(), events(2000, 3, now, &mut oracle));
+    // Garbage, and an invalid event beside a valid one: the malformed DLQ
+    // names topic, partition and offset; the valid event counts.
+    let ok = format!(
+        r#"{{"event_id":"mixed-ok","event_type":"click","timestamp":"{}","tenant":"acme"}}"#,
+        format_rfc3339(now)
+    );
+    *oracle
+        .entry(("acme".into(), align_down(now, MINUTE_MS), "click".into()))
+        .or_default() += 1;
+    send(
+        a.kafka(),
+        vec![
+            OutEvent {
+                key: b"x".to_vec(),
+                value: b"not json at all".to_vec(),
+                backfill: false,
+            },
+            OutEvent {
+                key: b"y".to_vec(),
+                value: format!("{ok}\n{{\"event_id\":\"bad\"}}\n").into_bytes(),
+                backfill: false,
+            },
+        ],
+    );
+    wait_exact(&[&a, &c], &oracle, "after a node joined");
+    // C took partitions over from A's commits: it rebuilt their dedupe
+    // entries from the events topic.
+    let cs = c.kafka().stats();
+    assert!(cs.restored_events.load(Relaxed) > 0, "C restored nothing");
+    assert!(a.kafka().stats().rebalances.load(Relaxed) >= 3);
+    let reasons = malformed.lock().clone();
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains(&format!("kafka message ev-{tag}/"))),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+
+    // Late events (session keys of live traffic: the same partitions and
+    // clocks): never counted, reported in the partition states.
+    let late: Vec<OutEvent> = (0..5)
+        .map(|i| OutEvent {
+            key: event_key("acme", Some(&format!("s-{i}")), "late"),
+            value: format!(
+                r#"{{"event_id":"late-{i}","event_type":"click","timestamp":"{}","tenant":"acme","session_id":"s-{i}"}}"#,
+                format_rfc3339(now - 40 * MINUTE_MS)
+            )
+            .into_bytes(),
+            backfill: false,
+        })
+        .collect();
+    send(a.kafka(), late);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let late: u64 = a.kafka().view().states().iter().map(|(_, s)| s.late).sum();
+        if late == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "late events not reported: {late}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_exact(&[&a, &c], &oracle, "after late events");
+
+    let mut want = oracle.clone();
+    want.retain(|_, n| *n > 0);
+    assert_eq!(
+        topic_totals(&brokers, &tag),
+        want,
+        "read_committed, last value per key"
+    );
+    for mut n in [a, c] {
+        n.node.take().expect("running").shutdown();
+    }
+}
