@@ -211,7 +211,7 @@ impl Part {
             last_ts: Millis::MIN,
             counts: (0, 0, 0),
         };
-        let restored = view.restore(id, committed, Duration::from_secs(30), |state| {
+        let restored = view.restore(id, committed, RESTORE_WAIT, |state| {
             let mut probe = Processor::new(
                 cfg.clone(),
                 Arc::default(),
@@ -323,6 +323,11 @@ fn client_err(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a new owner waits for the aggregates topic to reach the
+/// partition's committed offset before restoring from what it has read
+/// (a deterministic re-run from an older state produces the same values).
+const RESTORE_WAIT: Duration = Duration::from_secs(10);
+
 fn session(
     settings: &Settings,
     hooks: &Hooks,
@@ -338,7 +343,10 @@ fn session(
     .set("enable.idempotence", "true")
     .set("acks", "all")
     .set("linger.ms", "5")
-    .set("transaction.timeout.ms", "60000");
+    // A node killed mid-transaction blocks read_committed readers of the
+    // partitions it wrote until the broker aborts it (or the node, back
+    // with the same transactional id, fences it): keep that short.
+    .set("transaction.timeout.ms", "10000");
     for (k, v) in &settings.client {
         pcfg.set(k, v);
     }
@@ -352,12 +360,21 @@ fn session(
 
     let mut ccfg = settings.client_config();
     ccfg.set("group.id", &settings.group_id)
+        // Static membership: a node back after a crash takes its old
+        // place in the group at once instead of waiting for the broker to
+        // expire the dead member.
+        .set("group.instance.id", &settings.node_id)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "roundrobin")
         .set("session.timeout.ms", "10000")
+        // Also the rebalance timeout: how long the group waits for a
+        // member that stopped (some brokers expire dead members only by
+        // it). The loop polls every 20 ms; restoring a partition inside
+        // the rebalance callback waits at most RESTORE_WAIT.
+        .set("max.poll.interval.ms", "30000")
         .set("heartbeat.interval.ms", "1000")
         .set("enable.partition.eof", "false");
     for (k, v) in &settings.client {

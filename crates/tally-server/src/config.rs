@@ -51,6 +51,8 @@ pub struct Config {
     pub http: HttpSection,
     pub tls: TlsSection,
     pub privacy: PrivacySection,
+    /// Kafka mode (several nodes on one consumer group); off when absent.
+    pub kafka: Option<KafkaSection>,
     /// Declared properties per tenant, e.g. `[schemas.acme]` then
     /// `duration_ms = "float"`, `page = "string"` (types: string, int,
     /// float, bool). Ingest rejects an event whose declared property has
@@ -151,6 +153,72 @@ pub struct SheddingSection {
 pub struct TlsSection {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+}
+
+/// Kafka mode: `POST /api/v1/events` produces to `topic-events`, every
+/// node started with the same `group-id` processes its share of that
+/// topic's partitions, and every node reads `topic-aggregates` so that it
+/// answers for all of them. `client` passes librdkafka settings through
+/// (`"security.protocol" = "SASL_SSL"`; from the environment
+/// `TALLY__KAFKA__CLIENT__SECURITY_PROTOCOL`, underscores read as dots).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct KafkaSection {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    pub group_id: String,
+    pub topic_events: String,
+    pub topic_aggregates: String,
+    pub topic_late: String,
+    /// Partitions of the topics Tally creates when they are missing.
+    pub partitions: u32,
+    /// This node's name in the cluster (its transactional id is
+    /// `<group-id>-<node-id>`: keep it stable across restarts of the same
+    /// node, unique among nodes). Default: host name and listen port.
+    pub node_id: String,
+    /// How often each node commits a transaction of aggregates + offsets.
+    pub commit_interval: String,
+    /// How long an ingest request waits for the broker before 503.
+    pub produce_timeout: String,
+    pub client: std::collections::BTreeMap<String, ClientValue>,
+}
+
+/// A librdkafka setting's value as written (`linger.ms = 5` or `"5"`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ClientValue {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for ClientValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientValue::Text(s) => f.write_str(s),
+            ClientValue::Int(i) => write!(f, "{i}"),
+            ClientValue::Float(x) => write!(f, "{x}"),
+            ClientValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        KafkaSection {
+            brokers: String::new(),
+            group_id: "tally".into(),
+            topic_events: "user_events".into(),
+            topic_aggregates: "aggregates".into(),
+            topic_late: "late_events".into(),
+            partitions: 4,
+            node_id: String::new(),
+            commit_interval: "200ms".into(),
+            produce_timeout: "10s".into(),
+            client: Default::default(),
+        }
+    }
 }
 
 /// Personal data redacted at ingest, before anything is written:
@@ -527,6 +595,7 @@ impl Default for Config {
             http: HttpSection::default(),
             tls: TlsSection::default(),
             privacy: PrivacySection::default(),
+            kafka: None,
             schemas: Schemas::new(),
         }
     }
@@ -578,6 +647,7 @@ impl Default for DlqSection {
 fn map_section(path: &[String]) -> bool {
     match path {
         [p, ..] if p == "privacy" => true,
+        [k, c] if k == "kafka" && c == "client" => true,
         [s] => s == "schemas",
         [s, _] if s == "schemas" => true,
         [q, t] => q == "quotas" && t == "tenants",
@@ -652,6 +722,9 @@ impl Config {
                 let seg = if map_section(&keys) {
                     if keys.len() == 1 && keys[0] == "privacy" && lower == "hash_key" {
                         "hash-key".to_string()
+                    } else if keys.len() == 2 && keys[0] == "kafka" {
+                        // librdkafka settings are dotted: sasl.mechanism.
+                        lower.replace('_', ".")
                     } else {
                         lower
                     }
@@ -681,6 +754,7 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         cfg.durations()?;
+        cfg.check_kafka()?;
         cfg.target_policy()?;
         cfg.check_schemas()?;
         cfg.check_privacy()?;
@@ -707,6 +781,59 @@ impl Config {
             block_internal: !self.auth.keys.is_empty(),
             allow,
         })
+    }
+
+    /// A `[kafka]` section names its brokers and sane settings.
+    pub fn check_kafka(&self) -> Result<(), ConfigError> {
+        let Some(k) = &self.kafka else { return Ok(()) };
+        if k.brokers.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "kafka.brokers",
+                value: String::new(),
+                fix: "name the bootstrap servers, e.g. brokers = \"127.0.0.1:9092\" (or TALLY__KAFKA__BROKERS), or remove [kafka] for embedded mode",
+            });
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "kafka.group-id",
+                value: String::new(),
+                fix: "name the consumer group every node of this cluster shares, e.g. \"tally\"",
+            });
+        }
+        if k.partitions == 0 || k.partitions > 1024 {
+            return Err(ConfigError::Invalid {
+                key: "kafka.partitions",
+                value: k.partitions.to_string(),
+                fix: "use 1 to 1024",
+            });
+        }
+        for (name, t) in [
+            ("kafka.topic-events", &k.topic_events),
+            ("kafka.topic-aggregates", &k.topic_aggregates),
+            ("kafka.topic-late", &k.topic_late),
+        ] {
+            let ok = !t.is_empty()
+                && t.len() <= 249
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: name,
+                    value: t.clone(),
+                    fix: "use a Kafka topic name: letters, digits, '.', '_' and '-', at most 249",
+                });
+            }
+        }
+        let ms = duration("kafka.commit-interval", &k.commit_interval)?;
+        if ms <= 0 {
+            return Err(ConfigError::Invalid {
+                key: "kafka.commit-interval",
+                value: k.commit_interval.clone(),
+                fix: "use a positive duration, e.g. 200ms",
+            });
+        }
+        duration("kafka.produce-timeout", &k.produce_timeout)?;
+        Ok(())
     }
 
     /// Redaction rules that name known fields and actions; TLS with both

@@ -231,6 +231,9 @@ async fn prometheus(State(s): State<AppState>) -> Response {
         crate::telemetry::render_raw(&mut text, raw);
     }
     crate::telemetry::render_alerts(&mut text, &s.shared.alerts.lock());
+    if let Some(k) = &s.shared.kafka {
+        crate::telemetry::render_kafka(&mut text, k);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -557,6 +560,8 @@ async fn ingest(
         .observe_us(started.elapsed().as_micros() as u64);
     let late = match last_lsn {
         Some(last) if maybe_late(&s, &spans) => late_of(&s, last + 1 - n_records, last).await,
+        // Kafka mode: the node owning each partition judges lateness later.
+        None if s.shared.kafka.is_some() && accepted > 0 => None,
         _ => Some(0),
     };
     let mut errors = errors;
@@ -1006,8 +1011,72 @@ async fn status(State(s): State<AppState>, caller: Caller) -> Response {
         },
         "recovery_ms": tel.recovery_ms.load(Relaxed),
         "retention": retention_status(&s),
+        "cluster": s.shared.kafka.as_ref().map(|k| cluster_status(k)),
     }))
     .into_response()
+}
+
+/// Kafka mode: the members (nodes that committed partition state), who
+/// owns each partition as of its last commit, and this node's lag.
+fn cluster_status(k: &crate::pipeline::KafkaShared) -> Json {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mine = k.worker.parts.lock().clone();
+    let states = k.view.states();
+    let mut members: Vec<String> = states.iter().map(|(_, s)| s.node.clone()).collect();
+    if !mine.is_empty() || !members.contains(&k.node_id) {
+        members.push(k.node_id.clone());
+    }
+    members.sort();
+    members.dedup();
+    let mut ids: Vec<u32> = states
+        .iter()
+        .map(|(p, _)| *p)
+        .chain(mine.keys().copied())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let partitions: Vec<Json> = ids
+        .iter()
+        .map(|p| {
+            let st = states.iter().find(|(q, _)| q == p).map(|(_, s)| s);
+            let own = mine.get(p);
+            let owner = if own.is_some() {
+                Some(k.node_id.clone())
+            } else {
+                st.map(|s| s.node.clone())
+            };
+            let mut o = json!({
+                "partition": p,
+                "owner": owner,
+                "committed_offset": st.map(|s| s.next_offset),
+                "committed_at": st.map(|s| format_rfc3339(s.committed_at)),
+            });
+            if let Some(x) = own {
+                o["lag_records"] = json!(x.lag_records);
+                o["lag_seconds"] = json!(x.lag_seconds);
+                o["end_offset"] = json!(x.end_offset);
+                o["restoring"] = json!(x.restoring);
+            }
+            o
+        })
+        .collect();
+    json!({
+        "mode": "kafka",
+        "node": k.node_id,
+        "group": k.group_id,
+        "topic": k.topic_events,
+        "members": members,
+        "owned": mine.keys().collect::<Vec<_>>(),
+        "partitions": partitions,
+        "lag_records": mine.values().map(|x| x.lag_records).sum::<u64>(),
+        "lag_seconds": mine.values().map(|x| x.lag_seconds).fold(0.0, f64::max),
+        "rebalances": k.worker.rebalances.load(Relaxed),
+        "transactions": {
+            "commits": k.worker.commits.load(Relaxed),
+            "aborts": k.worker.aborts.load(Relaxed),
+        },
+        "last_error": k.worker.last_error.lock().clone(),
+    })
 }
 
 /// Where each tier's data starts and what retention deleted so far.

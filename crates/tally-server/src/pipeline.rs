@@ -34,6 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{Config, Durations};
 use crate::telemetry::Telemetry;
 
+mod kafka;
+pub use kafka::KafkaShared;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
@@ -56,6 +59,8 @@ pub enum PipelineError {
     Locked(PathBuf),
     #[error("raw event store: {0}")]
     Archive(#[from] tally_archive::Error),
+    #[error(transparent)]
+    Kafka(#[from] tally_kafka::Error),
     #[error("alerts: {0}")]
     Alerts(#[from] tally_alert::AlertError),
 }
@@ -129,6 +134,8 @@ pub struct Shared {
     pub durations: Durations,
     /// Log offsets the last checkpoint covers (None: checkpoints are off).
     pub ckpt_offsets: Mutex<Option<Vec<u64>>>,
+    /// Kafka mode: the node's view of the cluster (None: embedded mode).
+    pub kafka: Option<Arc<KafkaShared>>,
 }
 
 /// Late counts kept for ingest answers before the oldest are pruned.
@@ -175,6 +182,8 @@ pub struct Pipeline {
     processor: Option<JoinHandle<()>>,
     raw_thread: Option<JoinHandle<()>>,
     alert_thread: Option<JoinHandle<()>>,
+    /// Kafka mode: stops the progress thread once the node is down.
+    kafka_stop: Option<Arc<AtomicBool>>,
     _lock: DataDirLock,
 }
 
@@ -360,6 +369,9 @@ impl Pipeline {
     /// Opens the log, recovers state (newest checkpoint, then the log from
     /// its offsets), and starts the threads.
     pub fn start(cfg: &Config, clock: Clock) -> Result<Pipeline, PipelineError> {
+        if let Some(k) = &cfg.kafka {
+            return kafka::start(cfg, k, clock);
+        }
         let d = cfg.durations()?;
         let started = Instant::now();
         let lock = DataDirLock::acquire(&cfg.data_dir)?;
@@ -475,6 +487,7 @@ impl Pipeline {
             alert_closed: Mutex::new(recovered),
             durations: d,
             ckpt_offsets: Mutex::new(checkpoints.then(|| processor.offsets().to_vec())),
+            kafka: None,
         });
         {
             let st = shared.store.read();
@@ -524,6 +537,7 @@ impl Pipeline {
             processor: Some(proc_thread),
             raw_thread,
             alert_thread: Some(alert_thread),
+            kafka_stop: None,
             _lock: lock,
         })
     }
@@ -535,6 +549,9 @@ impl Pipeline {
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        if let Some(s) = &self.kafka_stop {
+            s.store(true, Relaxed);
         }
         if let Some(p) = self.processor.take() {
             let _ = p.join();

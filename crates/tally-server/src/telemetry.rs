@@ -654,3 +654,112 @@ pub fn render_alerts(o: &mut String, e: &tally_alert::Engine) {
         st.persist_errors,
     );
 }
+
+/// Kafka mode: this node's consumer lag per owned partition, rebalances,
+/// transactions, and the ingest producer's counters.
+pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
+    let parts = k.worker.parts.lock().clone();
+    let _ = writeln!(
+        out,
+        "# HELP tally_consumer_lag_records Records of an owned partition of the events topic not processed yet.\n# TYPE tally_consumer_lag_records gauge"
+    );
+    for (p, s) in &parts {
+        let _ = writeln!(
+            out,
+            "tally_consumer_lag_records{{partition=\"{p}\"}} {}",
+            s.lag_records
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tally_consumer_lag_seconds Age of the last processed message of an owned partition while it is behind (0 when caught up).\n# TYPE tally_consumer_lag_seconds gauge"
+    );
+    for (p, s) in &parts {
+        let _ = writeln!(
+            out,
+            "tally_consumer_lag_seconds{{partition=\"{p}\"}} {}",
+            s.lag_seconds
+        );
+    }
+    let w = &k.worker;
+    gauge(
+        out,
+        "tally_kafka_partitions_owned",
+        "Partitions of the events topic this node processes.",
+        parts.len() as f64,
+    );
+    counter(
+        out,
+        "tally_kafka_rebalances_total",
+        "Consumer group rebalances this node went through.",
+        w.rebalances.load(Relaxed),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tally_kafka_transactions_total Kafka transactions (aggregates + offsets) by outcome.\n# TYPE tally_kafka_transactions_total counter\ntally_kafka_transactions_total{{result=\"commit\"}} {}\ntally_kafka_transactions_total{{result=\"abort\"}} {}",
+        w.commits.load(Relaxed),
+        w.aborts.load(Relaxed)
+    );
+    counter(
+        out,
+        "tally_kafka_sessions_total",
+        "Consumer sessions started (one more after every failure).",
+        w.sessions.load(Relaxed),
+    );
+    counter(
+        out,
+        "tally_kafka_messages_total",
+        "Messages of the events topic handled.",
+        w.messages.load(Relaxed),
+    );
+    counter(
+        out,
+        "tally_kafka_malformed_total",
+        "Events or messages of the events topic that failed validation.",
+        w.malformed.load(Relaxed),
+    );
+    counter(
+        out,
+        "tally_kafka_aggregates_produced_total",
+        "Aggregate records produced to the aggregates topic.",
+        w.aggregates_produced.load(Relaxed),
+    );
+    counter(
+        out,
+        "tally_kafka_restored_events_total",
+        "Events re-read to rebuild dedupe entries of partitions taken over.",
+        w.restored_events.load(Relaxed),
+    );
+    let p = &k.produce;
+    counter(
+        out,
+        "tally_kafka_produced_total",
+        "Ingested events the broker acknowledged.",
+        p.produced.load(Relaxed),
+    );
+    counter(
+        out,
+        "tally_kafka_produce_errors_total",
+        "Ingested events the broker did not acknowledge (answered 503).",
+        p.errors.load(Relaxed),
+    );
+    counter(
+        out,
+        "tally_kafka_produce_retries_total",
+        "Sends retried because the local producer queue was full.",
+        p.retries.load(Relaxed),
+    );
+    let (applied, unreadable) = k.view.counters();
+    counter(
+        out,
+        "tally_kafka_view_records_total",
+        "Aggregates-topic records applied to this node's store.",
+        applied,
+    );
+    counter(
+        out,
+        "tally_kafka_view_unreadable_total",
+        "Aggregates-topic records skipped as unreadable.",
+        unreadable,
+    );
+}

@@ -1,0 +1,312 @@
+//! The pipeline in Kafka mode: no local log, no local processor. The HTTP
+//! handlers' write requests are produced to the events topic (answered
+//! after the broker's acknowledgement); `tally-kafka` processes this
+//! node's share of the partitions and keeps the rollup store equal to the
+//! committed aggregates of all of them; a small thread copies the
+//! cluster's progress (watermarks, totals) into what `/metrics`, the
+//! status endpoint and the alert thread read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tally_ingest::Parser;
+use tally_kafka::{Hooks, KafkaNode, Settings};
+use tally_store::RollupStore;
+use tally_stream::{Dlq, DlqEntry};
+use tally_types::Clock;
+use tokio::sync::mpsc;
+
+use super::{
+    AlertPush, DataDirLock, DlqFile, Pipeline, PipelineError, ProcessorView, Shared, WriteReq,
+    alert_loop, io_err, stream_config,
+};
+use crate::config::{Config, KafkaSection};
+use crate::telemetry::Telemetry;
+
+/// What the HTTP layer shows of Kafka mode.
+pub struct KafkaShared {
+    pub node_id: String,
+    pub group_id: String,
+    pub topic_events: String,
+    pub view: Arc<tally_kafka::Materialized>,
+    pub worker: Arc<tally_kafka::WorkerStats>,
+    pub produce: Arc<tally_kafka::ProduceStats>,
+}
+
+/// The node's name: `kafka.node-id`, else one made on first start and
+/// kept in the data dir (a restarted node keeps its transactional id and
+/// so fences its previous incarnation's open transaction).
+fn node_id(cfg: &Config, k: &KafkaSection) -> Result<String, PipelineError> {
+    if !k.node_id.trim().is_empty() {
+        return Ok(k.node_id.trim().to_string());
+    }
+    let path = cfg.data_dir.join("kafka-node-id");
+    if let Ok(s) = std::fs::read_to_string(&path)
+        && !s.trim().is_empty()
+    {
+        return Ok(s.trim().to_string());
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    let id = format!("{host}-{:08x}", rand::random::<u32>());
+    std::fs::write(&path, format!("{id}\n")).map_err(io_err("write", &path))?;
+    Ok(id)
+}
+
+pub(super) fn settings(cfg: &Config, k: &KafkaSection) -> Result<Settings, PipelineError> {
+    let ms = |v: &str| {
+        tally_types::time::parse_duration_ms(v)
+            .unwrap_or(200)
+            .max(1) as u64
+    };
+    Ok(Settings {
+        brokers: k.brokers.clone(),
+        group_id: k.group_id.clone(),
+        topic_events: k.topic_events.clone(),
+        topic_aggregates: k.topic_aggregates.clone(),
+        topic_late: k.topic_late.clone(),
+        partitions: k.partitions,
+        client: k
+            .client
+            .iter()
+            .map(|(a, b)| (a.clone(), b.to_string()))
+            .collect(),
+        node_id: node_id(cfg, k)?,
+        commit_interval: Duration::from_millis(ms(&k.commit_interval)),
+        produce_timeout_ms: ms(&k.produce_timeout),
+    })
+}
+
+pub(super) fn start(
+    cfg: &Config,
+    k: &KafkaSection,
+    clock: Clock,
+) -> Result<Pipeline, PipelineError> {
+    let d = cfg.durations()?;
+    let lock = DataDirLock::acquire(&cfg.data_dir)?;
+    let settings = settings(cfg, k)?;
+    let store = Arc::new(RwLock::new(RollupStore::new()));
+    let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
+    let dlq_dir = cfg.data_dir.join("dlq");
+    let dlq_file = Arc::new(Mutex::new(DlqFile::open(&dlq_dir)?));
+    DlqFile::load(&dlq_dir, &mut dlq.lock());
+    let telemetry = Arc::new(Telemetry::default());
+
+    let schemas = Arc::new(cfg.schemas.clone());
+    let privacy = cfg.privacy.build(&cfg.data_dir)?;
+    let skew = d.max_future_skew_ms;
+    let depth = cfg.ingest.max_json_depth;
+    let malformed_sink = {
+        let (dlq, file) = (dlq.clone(), dlq_file.clone());
+        Arc::new(move |entries: Vec<DlqEntry>| {
+            if let Err(e) = file.lock().append(&entries) {
+                tracing::warn!(error = %e, "cannot write the malformed DLQ file");
+            }
+            let mut q = dlq.lock();
+            for e in entries {
+                q.push(e);
+            }
+        })
+    };
+    let hooks = Hooks {
+        stream: stream_config(cfg)?,
+        make_parser: Arc::new(move |ts| {
+            Parser::with_schemas(1, schemas.clone())
+                .with_future_limit(ts, skew)
+                .with_max_depth(depth)
+                .with_privacy(privacy.clone())
+        }),
+        on_malformed: malformed_sink.clone(),
+        now_ms: {
+            let c = clock.clone();
+            Arc::new(move || c.now_ms())
+        },
+    };
+    let node = KafkaNode::start(settings.clone(), hooks, store.clone())?;
+    tracing::info!(
+        brokers = %settings.brokers,
+        group = %settings.group_id,
+        node = %settings.node_id,
+        topic = %settings.topic_events,
+        "kafka mode"
+    );
+    let kafka = Arc::new(KafkaShared {
+        node_id: settings.node_id.clone(),
+        group_id: settings.group_id.clone(),
+        topic_events: settings.topic_events.clone(),
+        view: node.view().clone(),
+        worker: node.stats().clone(),
+        produce: node.producer().stats().clone(),
+    });
+    let alerts = tally_alert::Engine::open(
+        Some(cfg.data_dir.join("alerts").join("alerts.json")),
+        tally_alert::EngineConfig {
+            max_queue: cfg.alerts.max_queue.max(1),
+            max_attempts: cfg.alerts.max_attempts.max(1),
+            backoff_ms: d.alert_backoff_ms,
+            max_backoff_ms: d.alert_max_backoff_ms,
+            history: cfg.alerts.history.max(1),
+            max_rules_per_tenant: cfg.alerts.max_rules_per_tenant.max(1),
+            targets: Arc::new(cfg.target_policy()?),
+            ..tally_alert::EngineConfig::default()
+        },
+    )?;
+    let shared = Arc::new(Shared {
+        store,
+        dlq,
+        telemetry,
+        processor: Arc::new(Mutex::new(ProcessorView::default())),
+        ready: AtomicBool::new(false),
+        clock,
+        log_bytes: AtomicI64::new(0),
+        committed_lsn: AtomicU64::new(0),
+        corrections: Mutex::new(HashMap::new()),
+        late_by_lsn: Mutex::new(HashMap::new()),
+        storage_failing: AtomicBool::new(false),
+        tenant_max_ts: Mutex::new(HashMap::new()),
+        partitions: cfg.log.partitions,
+        raw: None,
+        applied: AtomicU64::new(0),
+        alerts: Arc::new(Mutex::new(alerts)),
+        alert_wake: Arc::new(tokio::sync::Notify::new()),
+        alert_closed: Mutex::new(HashMap::new()),
+        durations: d,
+        ckpt_offsets: Mutex::new(None),
+        kafka: Some(kafka.clone()),
+    });
+    let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
+    let node = Mutex::new(Some(node));
+    let sh = shared.clone();
+    let ingest = std::thread::Builder::new()
+        .name("tally-kafka-ingest".into())
+        .spawn(move || ingest_loop(rx, node, sh, malformed_sink))
+        .map_err(PipelineError::Thread)?;
+    let (alert_tx, alert_rx) = std::sync::mpsc::sync_channel::<AlertPush>(64);
+    let sh = shared.clone();
+    let progress = tally_alert::Progress::new(d.alert_grace_ms, d.alert_live_horizon_ms);
+    let alert_thread = std::thread::Builder::new()
+        .name("tally-alert".into())
+        .spawn(move || alert_loop(alert_rx, sh, progress))
+        .map_err(PipelineError::Thread)?;
+    let sh = shared.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let progress_thread = std::thread::Builder::new()
+        .name("tally-kafka-progress".into())
+        .spawn(move || progress_loop(sh, alert_tx, st))
+        .map_err(PipelineError::Thread)?;
+    shared.ready.store(true, Relaxed);
+    Ok(Pipeline {
+        shared,
+        tx,
+        writer: Some(ingest),
+        processor: Some(progress_thread),
+        raw_thread: None,
+        alert_thread: Some(alert_thread),
+        kafka_stop: Some(stop),
+        _lock: lock,
+    })
+}
+
+/// Produces each write request's events; answers it once the broker has
+/// acknowledged all of them (503 to the client otherwise).
+fn ingest_loop(
+    mut rx: mpsc::Receiver<WriteReq>,
+    node: Mutex<Option<KafkaNode>>,
+    shared: Arc<Shared>,
+    malformed: Arc<dyn Fn(Vec<DlqEntry>) + Send + Sync>,
+) {
+    while let Some(mut req) = rx.blocking_recv() {
+        if !req.malformed.is_empty() {
+            malformed(std::mem::take(&mut req.malformed));
+        }
+        let mut events = Vec::new();
+        let mut bad = None;
+        for (_, payload) in &req.parts {
+            match tally_kafka::events_of_batch(payload) {
+                Ok(mut e) => events.append(&mut e),
+                Err(e) => bad = Some(e.to_string()),
+            }
+        }
+        let bytes = req.bytes as i64;
+        let tel = shared.telemetry.clone();
+        let done = req.done;
+        if let Some(e) = bad {
+            tel.inflight_bytes.fetch_sub(bytes, Relaxed);
+            let _ = done.send(Err(format!("encoding events for Kafka: {e}")));
+            continue;
+        }
+        let guard = node.lock();
+        let Some(n) = guard.as_ref() else {
+            tel.inflight_bytes.fetch_sub(bytes, Relaxed);
+            let _ = done.send(Err("shutting down".into()));
+            continue;
+        };
+        n.producer().send(
+            events,
+            Box::new(move |r| {
+                tel.inflight_bytes.fetch_sub(bytes, Relaxed);
+                let _ =
+                    done.send(r.map(|()| None).map_err(|e| {
+                        format!("the Kafka broker did not acknowledge the events ({e})")
+                    }));
+            }),
+        );
+    }
+    // Handlers are gone: deliver what is queued, then stop the node.
+    if let Some(n) = node.lock().take() {
+        n.shutdown();
+    }
+}
+
+/// Copies the cluster's progress into the processor view (watermarks per
+/// tenant: the slowest partition's; totals: summed) four times a second,
+/// and wakes the alert thread when a tenant's watermark crosses a minute.
+fn progress_loop(
+    shared: Arc<Shared>,
+    alert_tx: std::sync::mpsc::SyncSender<AlertPush>,
+    stop: Arc<AtomicBool>,
+) {
+    let Some(k) = shared.kafka.clone() else {
+        return;
+    };
+    let mut last_minutes: HashMap<String, i64> = HashMap::new();
+    while !stop.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let states = k.view.states();
+        let mut wms: HashMap<String, i64> = HashMap::new();
+        let mut totals = tally_stream::Totals::default();
+        for (_, s) in &states {
+            totals.counted += s.counted;
+            totals.duplicates += s.duplicates;
+            totals.late += s.late;
+            for (t, w) in &s.watermarks {
+                let Some(w) = *w else { continue };
+                let e = wms.entry(t.clone()).or_insert(w);
+                *e = (*e).min(w);
+            }
+        }
+        let mut crossed = false;
+        for (t, w) in &wms {
+            let m = tally_types::time::align_down(*w, tally_types::time::MINUTE_MS);
+            if last_minutes.insert(t.clone(), m).is_none_or(|was| was < m) {
+                crossed = true;
+            }
+        }
+        {
+            let mut v = shared.processor.lock();
+            v.watermark = wms.values().copied().max();
+            v.watermarks = wms;
+            v.totals = totals;
+        }
+        if crossed {
+            let _ = alert_tx.try_send((0, std::time::Instant::now()));
+        }
+    }
+}
