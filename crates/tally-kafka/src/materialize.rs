@@ -196,9 +196,12 @@ pub fn run(
     view: Arc<Materialized>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), Error> {
+    // Next offset to read per aggregates partition, kept across sessions.
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    let mut stalled_at: HashMap<i32, (i64, i64, Instant)> = HashMap::new();
     while !stop.load(Relaxed) {
-        match session(&settings, &view, &stop) {
-            Ok(()) => return Ok(()),
+        match session(&settings, &view, &stop, &mut positions, &mut stalled_at) {
+            Ok(()) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "aggregates reader failed; starting again in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
@@ -208,7 +211,23 @@ pub fn run(
     Ok(())
 }
 
-fn session(settings: &Settings, view: &Materialized, stop: &AtomicBool) -> Result<(), Error> {
+/// A partition whose readable end moved past the reader's position but
+/// that delivered nothing for this long is read on by a new consumer from
+/// that position: a transaction left open by a crashed producer holds
+/// read_committed readers until it is aborted, and a reader that polled
+/// meanwhile was seen (on a test broker) never to move again. Transaction
+/// markers also take offsets, so a caught-up reader sits below the end:
+/// one new consumer per end offset, not a loop.
+const STALL: Duration = Duration::from_secs(3);
+const RETRY: Duration = Duration::from_secs(10);
+
+fn session(
+    settings: &Settings,
+    view: &Materialized,
+    stop: &AtomicBool,
+    positions: &mut HashMap<i32, i64>,
+    stalled_at: &mut HashMap<i32, (i64, i64, Instant)>,
+) -> Result<(), Error> {
     let mut cfg = settings.client_config();
     cfg.set(
         "group.id",
@@ -228,8 +247,11 @@ fn session(settings: &Settings, view: &Materialized, stop: &AtomicBool) -> Resul
     let topic = &settings.topic_aggregates;
     let n = crate::partition_count(consumer.client(), topic)?;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..n {
-        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+    // Always from the beginning: a reader placed in the middle of a
+    // partition after an aborted transaction was seen (on a test broker)
+    // to stay stuck; records already applied are skipped below.
+    for p in 0..n as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
             .map_err(|source| Error::Client {
                 what: "aggregates reader",
                 source,
@@ -239,10 +261,43 @@ fn session(settings: &Settings, view: &Materialized, stop: &AtomicBool) -> Resul
         what: "aggregates reader",
         source,
     })?;
-    // Offsets already applied per partition: a restarted session reads the
-    // topic from the start again, and applying a record twice is harmless
-    // (last value per key), so nothing needs to be remembered.
+    // Applying a record twice is harmless (last value per key), so a new
+    // session may start a little early.
+    let mut last_progress: HashMap<i32, Instant> = HashMap::new();
+    let mut last_check = Instant::now();
     while !stop.load(Relaxed) {
+        if last_check.elapsed() >= Duration::from_secs(1) {
+            last_check = Instant::now();
+            for p in 0..n as i32 {
+                let at = positions.get(&p).copied().unwrap_or(0);
+                let since = *last_progress.entry(p).or_insert_with(Instant::now);
+                if since.elapsed() < STALL {
+                    continue;
+                }
+                // Quiet for a while below the readable end: once per
+                // position, and again every RETRY while the end moves, read
+                // the topic again with a new consumer.
+                let Ok((_, hi)) = consumer.fetch_watermarks(topic, p, Duration::from_millis(500))
+                else {
+                    continue;
+                };
+                let again = stalled_at
+                    .get(&p)
+                    .is_none_or(|(a, h, t)| *a != at || (*h != hi && t.elapsed() >= RETRY));
+                let more = hi > at && again;
+                if more {
+                    stalled_at.insert(p, (at, hi, Instant::now()));
+                }
+                if more {
+                    tracing::debug!(
+                        partition = p,
+                        at,
+                        "aggregates reader quiet below the end; reading on with a new consumer"
+                    );
+                    return Ok(());
+                }
+            }
+        }
         let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
@@ -250,6 +305,12 @@ fn session(settings: &Settings, view: &Materialized, stop: &AtomicBool) -> Resul
             what: "aggregates reader",
             source,
         })?;
+        let p = msg.partition();
+        if msg.offset() < positions.get(&p).copied().unwrap_or(0) {
+            continue;
+        }
+        positions.insert(p, msg.offset() + 1);
+        last_progress.insert(p, Instant::now());
         let Some(key) = msg.key() else { continue };
         if let Err(e) = view.apply(key, msg.payload()) {
             view.inner.lock().unreadable += 1;

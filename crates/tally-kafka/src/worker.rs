@@ -361,8 +361,9 @@ fn session(
     let mut ccfg = settings.client_config();
     ccfg.set("group.id", &settings.group_id)
         // Static membership: a node back after a crash takes its old
-        // place in the group at once instead of waiting for the broker to
-        // expire the dead member.
+        // place in the group at once instead of a rebalance that waits
+        // for the dead member to time out. The price: a node stopped for
+        // good keeps its partitions until session.timeout.ms has passed.
         .set("group.instance.id", &settings.node_id)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")

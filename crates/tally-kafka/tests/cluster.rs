@@ -266,10 +266,13 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
     send(a.kafka(), events(3000, 1, now, &mut oracle));
     wait_exact(&[&a, &b], &oracle, "two nodes");
 
-    // B leaves: A takes its partitions over from B's last commit.
+    // B stops, events keep coming, B starts again (same node id, so the
+    // same static member): it restores its partitions from its last
+    // commit and catches up.
     b.node.take().expect("running").shutdown();
     send(a.kafka(), events(2000, 2, now, &mut oracle));
-    wait_exact(&[&a], &oracle, "after a node left");
+    let b = start(&brokers, &tag, "b", &malformed);
+    wait_exact(&[&a, &b], &oracle, "after a node came back");
 
     // C joins mid-stream and restores what it is given.
     let c = start(&brokers, &tag, "c", &malformed);
@@ -298,11 +301,15 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
             },
         ],
     );
-    wait_exact(&[&a, &c], &oracle, "after a node joined");
+    wait_exact(&[&a, &b, &c], &oracle, "after a node joined");
     // C took partitions over from A's commits: it rebuilt their dedupe
     // entries from the events topic.
     let cs = c.kafka().stats();
-    assert!(cs.restored_events.load(Relaxed) > 0, "C restored nothing");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cs.restored_events.load(Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "C restored nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(a.kafka().stats().rebalances.load(Relaxed) >= 3);
     let reasons = malformed.lock().clone();
     assert!(
@@ -311,7 +318,10 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
             .all(|r| r.contains(&format!("kafka message ev-{tag}/"))),
         "{reasons:?}"
     );
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    // Reported by the node that processed the message; a message processed
+    // again after a rebalance (its transaction aborted) is reported again.
+    let distinct: std::collections::BTreeSet<&String> = reasons.iter().collect();
+    assert_eq!(distinct.len(), 2, "{reasons:?}");
 
     // Late events (session keys of live traffic: the same partitions and
     // clocks): never counted, reported in the partition states.
@@ -348,7 +358,7 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
         want,
         "read_committed, last value per key"
     );
-    for mut n in [a, c] {
+    for mut n in [a, b, c] {
         n.node.take().expect("running").shutdown();
     }
 }

@@ -1,0 +1,422 @@
+//! Kafka mode end to end: three `tally` processes (own ports and data
+//! dirs) on one real Kafka-protocol broker, fed over HTTP on every node
+//! with generated messy input (duplicates, disorder, malformed events)
+//! while nodes are killed with SIGKILL and restarted. Afterwards every
+//! minute bucket of every tenant is exact on every node (count, distinct
+//! users, sum), late events sent at the end are counted by no node and
+//! reported by all, and the status and metrics endpoints describe the
+//! cluster.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{T0, expected, fetch, fmt_bucket, get};
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tally_cli::generator::{GenConfig, Generator};
+use tally_kafka::testing::Broker;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tally");
+
+struct Node {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    brokers: String,
+    tag: String,
+    child: Option<Child>,
+    runs: usize,
+}
+
+impl Node {
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join(format!("{}-{}.log", self.name, self.runs)))
+            .expect("log file");
+        self.runs += 1;
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(self.dir.join(&self.name))
+            .env("TALLY__KAFKA__BROKERS", &self.brokers)
+            .env("TALLY__KAFKA__GROUP_ID", format!("g-{}", self.tag))
+            .env("TALLY__KAFKA__TOPIC_EVENTS", format!("ev-{}", self.tag))
+            .env(
+                "TALLY__KAFKA__TOPIC_AGGREGATES",
+                format!("agg-{}", self.tag),
+            )
+            .env("TALLY__KAFKA__TOPIC_LATE", format!("late-{}", self.tag))
+            .env("TALLY__KAFKA__NODE_ID", &self.name)
+            .env("TALLY__KAFKA__COMMIT_INTERVAL", "100ms")
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tally");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("reaped");
+        }
+    }
+
+    fn logs(&self) -> String {
+        (0..self.runs)
+            .map(|r| {
+                std::fs::read_to_string(self.dir.join(format!("{}-{r}.log", self.name)))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+
+    async fn wait_ready(&mut self, c: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = c.get(format!("{}/readyz", self.base())).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("{} exited during start ({st}):\n{}", self.name, self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become ready",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// With `TALLY_KEEP_TEST_DIR` set the nodes' data dirs and logs stay.
+fn scopeguard_keep(tmp: tempfile::TempDir) -> KeepDir {
+    if std::env::var_os("TALLY_KEEP_TEST_DIR").is_some() {
+        KeepDir::Kept(tmp.keep())
+    } else {
+        KeepDir::Temp(tmp)
+    }
+}
+
+enum KeepDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl KeepDir {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            KeepDir::Temp(t) => t.path(),
+            KeepDir::Kept(p) => p,
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    common::free_port()
+}
+
+/// Posts batches from `pending` to the nodes in turn until none is left;
+/// a batch that is not acknowledged (node killed, 503) goes back to the
+/// queue and is sent again, possibly to another node, as a client would.
+async fn feed(bases: Vec<String>, batches: Arc<Vec<String>>, pending: Arc<Mutex<VecDeque<usize>>>) {
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let mut turn = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let Some(i) = pending.lock().pop_front() else {
+            return;
+        };
+        assert!(Instant::now() < deadline, "feed did not finish");
+        turn += 1;
+        let base = &bases[turn % bases.len()];
+        let r = c
+            .post(format!("{base}/api/v1/events"))
+            .header("content-type", "application/x-ndjson")
+            .body(batches[i].clone())
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status() == 200 => {
+                let text = r.text().await.unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                if v.get("accepted").is_none() {
+                    pending.lock().push_back(i);
+                }
+            }
+            Ok(r) if r.status() == 503 || r.status() == 429 => {
+                pending.lock().push_back(i);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(r) => panic!("unexpected status {}", r.status()),
+            Err(_) => {
+                pending.lock().push_back(i);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn exact_on(c: &reqwest::Client, base: &str, want: &common::Expected) -> Result<(), String> {
+    for tenant in ["tenant0", "tenant1"] {
+        let count = fetch(c, base, tenant, "count", "1m").await;
+        let users = fetch(c, base, tenant, "unique_users", "1m").await;
+        let sum = fetch(c, base, tenant, "sum:duration_ms", "1m").await;
+        let mine: Vec<_> = want
+            .buckets
+            .iter()
+            .filter(|((t, _, _), _)| t == tenant)
+            .collect();
+        let got_total: f64 = count.values().sum();
+        let want_total: u64 = mine.iter().map(|(_, b)| b.count).sum();
+        if got_total as u64 != want_total {
+            return Err(format!(
+                "{base} {tenant}: total {got_total} != {want_total}"
+            ));
+        }
+        for ((_, m, ty), b) in mine {
+            let k = (ty.clone(), fmt_bucket(*m));
+            let n = count.get(&k).copied().unwrap_or(0.0);
+            if n as u64 != b.count {
+                return Err(format!("{base} {tenant} {k:?}: count {n} != {}", b.count));
+            }
+            let u = users.get(&k).copied().unwrap_or(0.0);
+            if u as usize != b.users.len() {
+                return Err(format!(
+                    "{base} {tenant} {k:?}: users {u} != {}",
+                    b.users.len()
+                ));
+            }
+            let s: f64 = b.props.get("duration_ms").map_or(0.0, |v| v.iter().sum());
+            let got = sum.get(&k).copied().unwrap_or(0.0);
+            if (got - s).abs() > 1e-6 * s.abs().max(1.0) {
+                return Err(format!("{base} {tenant} {k:?}: sum {got} != {s}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    if std::env::var_os("TALLY_KEEP_TEST_DIR").is_some() {
+        eprintln!("test dir: {}", tmp.path().display());
+    }
+    let tmp = scopeguard_keep(tmp);
+    let tag = format!("k{}", std::process::id());
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            name: format!("n{i}"),
+            port: free_port(),
+            dir: tmp.path().to_path_buf(),
+            brokers: broker.brokers(),
+            tag: tag.clone(),
+            child: None,
+            runs: 0,
+        })
+        .collect();
+    let c = reqwest::Client::new();
+    for n in &mut nodes {
+        n.spawn();
+    }
+    for n in &mut nodes {
+        n.wait_ready(&c).await;
+    }
+
+    let seed = 7;
+    let mut g = Generator::new(GenConfig {
+        seed,
+        tenants: 2,
+        users: 200,
+        start_ms: Some(T0),
+        events_per_sec: 20.0,
+        disorder: 0.10,
+        late: 0.0,
+        duplicate: 0.08,
+        malformed: 0.02,
+    });
+    let lines: Vec<_> = (0..4000).map(|_| g.next_line()).collect();
+    let want = expected(&lines);
+    let batches: Arc<Vec<String>> = Arc::new(
+        lines
+            .chunks(40)
+            .map(|ch| ch.iter().map(|(l, _)| format!("{l}\n")).collect())
+            .collect(),
+    );
+    let pending = Arc::new(Mutex::new((0..batches.len()).collect::<VecDeque<_>>()));
+    let bases: Vec<String> = nodes.iter().map(Node::base).collect();
+    let feeder = tokio::spawn(feed(bases.clone(), batches.clone(), pending.clone()));
+
+    // Kill a random node every so often and bring it back on its data dir.
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut kills = 0;
+    while !feeder.is_finished() || kills < 3 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
+        let i = rng.random_range(0..nodes.len());
+        nodes[i].kill();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..800))).await;
+        nodes[i].spawn();
+        nodes[i].wait_ready(&c).await;
+        if kills >= 8 {
+            break;
+        }
+    }
+    feeder.await.expect("feed");
+
+    // Every node converges to the exact totals.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for n in &nodes {
+        loop {
+            match exact_on(&c, &n.base(), &want).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() > deadline => {
+                    let warnings: Vec<String> = nodes
+                        .iter()
+                        .flat_map(|n| {
+                            n.logs()
+                                .lines()
+                                .filter(|l| {
+                                    l.contains("WARN")
+                                        || l.contains("ERROR")
+                                        || l.contains("stalled")
+                                })
+                                .map(|l| format!("{}: {l}", n.name))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    let mut statuses = Vec::new();
+                    for n in &nodes {
+                        let st = get(&c, format!("{}/api/v1/status", n.base())).await;
+                        statuses.push(format!("{}: {} {}", n.name, st["cluster"], st["events"]));
+                    }
+                    panic!(
+                        "after {kills} kills, not exact: {e}\n{}\n{}",
+                        warnings.join("\n"),
+                        statuses.join("\n")
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        }
+    }
+
+    // Late events: ten days before the stream, in sessions the stream
+    // used (so their partitions hold the tenant's clock): counted by none.
+    let late: Vec<String> = lines
+        .iter()
+        .filter_map(|(l, _)| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["tenant"] == "tenant0" && v["session_id"].is_string())
+        .take(6)
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                r#"{{"event_id":"late-{i}","event_type":"page_view","timestamp":"{}","tenant":"tenant0","session_id":{},"user_id":"late"}}"#,
+                fmt_bucket(T0 - 10 * 86_400_000),
+                v["session_id"]
+            )
+        })
+        .collect();
+    let r = c
+        .post(format!("{}/api/v1/events", nodes[0].base()))
+        .header("content-type", "application/x-ndjson")
+        .body(late.join("\n"))
+        .send()
+        .await
+        .expect("late batch");
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in &nodes {
+        loop {
+            let st = get(&c, format!("{}/api/v1/status", n.base())).await;
+            if st["events"]["late"] == 6 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: late not reported: {st}",
+                n.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        exact_on(&c, &n.base(), &want)
+            .await
+            .expect("late events counted nowhere");
+    }
+
+    // The cluster as the status and metrics endpoints show it.
+    let st = get(&c, format!("{}/api/v1/status", nodes[1].base())).await;
+    let cluster = &st["cluster"];
+    assert_eq!(cluster["mode"], "kafka");
+    assert_eq!(cluster["node"], "n1");
+    let members: Vec<&str> = cluster["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    assert!(
+        members.iter().all(|m| ["n0", "n1", "n2"].contains(m)),
+        "{members:?}"
+    );
+    assert_eq!(
+        cluster["partitions"].as_array().map(Vec::len),
+        Some(4),
+        "{cluster}"
+    );
+    let prom = common::prom(&c, &nodes[0].base()).await;
+    assert!(
+        prom.contains("tally_consumer_lag_seconds{partition="),
+        "{prom}"
+    );
+    assert!(prom.contains("tally_kafka_transactions_total{result=\"commit\"}"));
+    // Malformed events are in the malformed DLQ of the node that took them.
+    let mut malformed = 0;
+    for n in &nodes {
+        for t in ["tenant0", "tenant1", "default"] {
+            let v = get(
+                &c,
+                format!(
+                    "{}/api/v1/dlq?kind=malformed&limit=10000&tenant={t}",
+                    n.base()
+                ),
+            )
+            .await;
+            malformed += v["entries"].as_array().map_or(0, Vec::len);
+        }
+    }
+    // Every malformed line is filed by the node that took it (a batch sent
+    // twice after a kill may file its lines twice, never less).
+    assert!(
+        malformed as u64 >= want.rejected && want.rejected > 0,
+        "malformed DLQ: {malformed} entries for {} malformed lines",
+        want.rejected
+    );
+}
