@@ -212,3 +212,60 @@ fn privacy_rules_load_from_toml_and_environment() {
     assert_eq!(a, b);
     assert!(dir.path().join("privacy-hash-key").exists());
 }
+
+#[test]
+fn kafka_section_from_toml_and_environment() {
+    // Absent: embedded mode.
+    let cfg = tally_server::Config::load_with_env(None, Vec::new()).unwrap();
+    assert!(cfg.kafka.is_none());
+    let env = vec![
+        (
+            "TALLY__KAFKA__BROKERS".to_string(),
+            "127.0.0.1:9092".to_string(),
+        ),
+        ("TALLY__KAFKA__GROUP_ID".to_string(), "g1".to_string()),
+        (
+            "TALLY__KAFKA__CLIENT__SECURITY_PROTOCOL".to_string(),
+            "SASL_SSL".to_string(),
+        ),
+        (
+            "TALLY__KAFKA__CLIENT__LINGER_MS".to_string(),
+            "5".to_string(),
+        ),
+    ];
+    let cfg = tally_server::Config::load_with_env(None, env).unwrap();
+    let k = cfg.kafka.expect("kafka mode");
+    assert_eq!(k.brokers, "127.0.0.1:9092");
+    assert_eq!(k.group_id, "g1");
+    assert_eq!(k.topic_events, "user_events");
+    assert_eq!(k.topic_aggregates, "aggregates");
+    assert_eq!(k.topic_late, "late_events");
+    let client: Vec<(String, String)> = k
+        .client
+        .iter()
+        .map(|(a, b)| (a.clone(), b.to_string()))
+        .collect();
+    assert_eq!(
+        client,
+        vec![
+            ("linger.ms".to_string(), "5".to_string()),
+            ("security.protocol".to_string(), "SASL_SSL".to_string()),
+        ]
+    );
+    // A section without brokers, or with a bad topic, names the key and the fix.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.toml");
+    std::fs::write(&f, "[kafka]\ngroup-id = \"x\"\n").unwrap();
+    let e = tally_server::Config::load_with_env(Some(&f), Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kafka.brokers"), "{e}");
+    std::fs::write(&f, "[kafka]\nbrokers = \"b:1\"\ntopic-events = \"a b\"\n").unwrap();
+    let e = tally_server::Config::load_with_env(Some(&f), Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("kafka.topic-events") && e.contains("letters"),
+        "{e}"
+    );
+}
