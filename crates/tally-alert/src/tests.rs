@@ -699,8 +699,7 @@ mod props {
 /// delivery.
 #[test]
 fn the_committed_alert_state_file_loads() {
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/alerts-v1.json");
+    let fixture = std::path::Path::new(&*manifest_dir()).join("tests/fixtures/alerts-v1.json");
     // v1 was written whole on every change; today's code writes a journal
     // beside the snapshot (v2 below), so v1 cannot be written again.
     let dir = tempfile::tempdir().unwrap();
@@ -732,7 +731,7 @@ fn the_committed_alert_state_file_loads() {
 /// writes it again (only when the format changes, as a new directory).
 #[test]
 fn the_committed_alert_state_v2_loads() {
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/alerts-v2");
+    let fixture = std::path::Path::new(&*manifest_dir()).join("tests/fixtures/alerts-v2");
     if std::env::var_os("TALLY_WRITE_ALERTS_FIXTURE").is_some() {
         let _ = std::fs::remove_dir_all(&fixture);
         std::fs::create_dir_all(&fixture).unwrap();
@@ -914,4 +913,11 @@ mod journal_model {
             prop_assert_eq!(e.state_json(), last);
         }
     }
+}
+
+/// The crate's directory: cargo's at run time (a test executable reused
+/// from a shared target dir may have been built from another checkout),
+/// else where it was built.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }

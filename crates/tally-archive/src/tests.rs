@@ -855,8 +855,7 @@ proptest::proptest! {
 #[test]
 fn the_committed_manifest_replays() {
     use crate::manifest::{ArchiveFile, Entry, Manifest};
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/manifest-v1");
+    let fixture = std::path::Path::new(&*manifest_dir()).join("tests/fixtures/manifest-v1");
     let file = |path: &str, tenant: &str, min_ts: i64, rows: u64| ArchiveFile {
         path: path.to_string(),
         tenant: tenant.into(),
@@ -944,4 +943,11 @@ fn the_committed_manifest_replays() {
             ),
         ]
     );
+}
+
+/// The crate's directory: cargo's at run time (a test executable reused
+/// from a shared target dir may have been built from another checkout),
+/// else where it was built.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }

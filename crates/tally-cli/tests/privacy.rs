@@ -249,7 +249,7 @@ const CA: &str = include_str!("fixtures/tls/ca.pem");
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_serves_a_verifying_client() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let fixtures = Path::new(&*manifest_dir()).join("tests/fixtures/tls");
     let server = common::start_server(dir.path(), |cfg| {
         cfg.tls.cert = Some(fixtures.join("server.pem"));
         cfg.tls.key = Some(fixtures.join("server.key"));
@@ -315,4 +315,11 @@ async fn tls_listener_serves_a_verifying_client() {
         .err()
         .expect("a missing certificate is refused");
     assert!(e.to_string().contains("tls.cert"), "{e}");
+}
+
+/// The crate's directory: cargo's at run time (a test executable reused
+/// from a shared target dir may have been built from another checkout),
+/// else where it was built.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }

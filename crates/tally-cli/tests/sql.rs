@@ -469,10 +469,7 @@ fn oracle_sessions(kept: &[&Value], user: &str) -> Vec<(String, String, String, 
 /// archive directly and finds the same rows per tenant and type, with the
 /// `hour=` partition matching every row's time.
 fn duckdb_reads_the_archive(archive: &std::path::Path, kept: &[Value]) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/duckdb_read_archive.py"
-    );
+    let script = format!("{}/../../scripts/duckdb_read_archive.py", manifest_dir());
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg(archive)
@@ -530,4 +527,11 @@ fn parquet_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+/// The crate's directory: cargo's at run time (a test executable reused
+/// from a shared target dir may have been built from another checkout),
+/// else where it was built.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }

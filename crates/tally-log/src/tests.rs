@@ -236,7 +236,7 @@ proptest! {
 /// changes, next to a new fixture directory, never over the old one).
 #[test]
 fn the_committed_log_segments_read_back() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v1");
+    let fixture = Path::new(&*manifest_dir()).join("tests/fixtures/log-v1");
     let payload = |lsn: u64| format!("record {lsn}: {}", "é".repeat(lsn as usize % 5)).into_bytes();
     if std::env::var_os("TALLY_WRITE_LOG_FIXTURE").is_some() {
         let (mut log, _) = Log::open(LogConfig::new(&fixture, 2)).unwrap();
@@ -330,4 +330,11 @@ proptest! {
             );
         }
     }
+}
+
+/// The crate's directory: cargo's at run time (a test executable reused
+/// from a shared target dir may have been built from another checkout),
+/// else where it was built.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }

@@ -612,7 +612,7 @@ fn write_state_fixture() {
 
 /// Copies a committed fixture directory into a temporary one.
 fn fixture(name: &str) -> tempfile::TempDir {
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let src = std::path::Path::new(&*manifest_dir())
         .join("tests/fixtures")
         .join(name);
     let dir = tempfile::tempdir().unwrap();
@@ -725,4 +725,11 @@ fn a_version_4_state_dir_loads() {
     StateStore::open(dir.path(), &mut again.p).unwrap();
     assert_eq!(state_dump(&again), want);
     assert_eq!(again.p.dedupe_len(), dedupe);
+}
+
+/// The crate's directory: cargo's at run time (a test executable reused
+/// from a shared target dir may have been built from another checkout),
+/// else where it was built.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }
