@@ -66,6 +66,10 @@ impl Broker {
     fn launch(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
         std::fs::create_dir_all(&self.dir).expect("broker data dir");
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
         let child = Command::new(&self.bin)
             .args(["start", "--data-dir"])
             .arg(&self.dir)
@@ -102,25 +106,7 @@ impl Broker {
 
     /// Starts it again on the same port with the data it saved.
     pub fn restart(&mut self) {
-        let child = Command::new(&self.bin)
-            .args(["start", "--data-dir"])
-            .arg(&self.dir)
-            .args(["--host", "127.0.0.1", "--only", "kafka", "--kafka-port"])
-            .arg(self.port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "broker did not open port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.spawn();
     }
 }
 

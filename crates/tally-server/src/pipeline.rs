@@ -444,19 +444,7 @@ impl Pipeline {
             .recovery_ms
             .store(started.elapsed().as_millis() as u64, Relaxed);
         telemetry.recovery_records.store(replay.records, Relaxed);
-        let alerts = tally_alert::Engine::open(
-            Some(cfg.data_dir.join("alerts").join("alerts.json")),
-            tally_alert::EngineConfig {
-                max_queue: cfg.alerts.max_queue.max(1),
-                max_attempts: cfg.alerts.max_attempts.max(1),
-                backoff_ms: d.alert_backoff_ms,
-                max_backoff_ms: d.alert_max_backoff_ms,
-                history: cfg.alerts.history.max(1),
-                max_rules_per_tenant: cfg.alerts.max_rules_per_tenant.max(1),
-                targets: Arc::new(cfg.target_policy()?),
-                ..tally_alert::EngineConfig::default()
-            },
-        )?;
+        let alerts = open_alerts(cfg, &d)?;
         let mut view = ProcessorView {
             watermark: processor.watermark(),
             totals: processor.totals(),
@@ -567,6 +555,23 @@ impl Pipeline {
             let _ = a.join();
         }
     }
+}
+
+/// The alert engine over `<data-dir>/alerts`, with the config's limits.
+fn open_alerts(cfg: &Config, d: &Durations) -> Result<tally_alert::Engine, PipelineError> {
+    Ok(tally_alert::Engine::open(
+        Some(cfg.data_dir.join("alerts").join("alerts.json")),
+        tally_alert::EngineConfig {
+            max_queue: cfg.alerts.max_queue.max(1),
+            max_attempts: cfg.alerts.max_attempts.max(1),
+            backoff_ms: d.alert_backoff_ms,
+            max_backoff_ms: d.alert_max_backoff_ms,
+            history: cfg.alerts.history.max(1),
+            max_rules_per_tenant: cfg.alerts.max_rules_per_tenant.max(1),
+            targets: Arc::new(cfg.target_policy()?),
+            ..tally_alert::EngineConfig::default()
+        },
+    )?)
 }
 
 /// Most bytes gathered into one group commit.

@@ -583,23 +583,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     let mut shared_clock = None;
     if version >= 4 {
         for list in [&mut clocks, &mut backfills] {
-            let nt = d.count(4 + n * 9 + 41)?;
-            for _ in 0..nt {
-                let tenant = d.str()?.into();
-                let parts = ClockState::decode_parts(&mut d, n)?;
-                list.push(ClockState {
-                    tenant,
-                    parts,
-                    watermark: d.opt_i64()?,
-                    swept_to: d.i64()?,
-                    sealed_to: d.i64()?,
-                    counts: crate::TenantCounts {
-                        counted: d.u64()?,
-                        duplicates: d.u64()?,
-                        late: d.u64()?,
-                    },
-                });
-            }
+            *list = ClockState::decode_list(&mut d, n)?;
         }
     } else {
         let parts = ClockState::decode_parts(&mut d, n)?;

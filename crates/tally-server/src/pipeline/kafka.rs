@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::{
     AlertPush, DataDirLock, DlqFile, Pipeline, PipelineError, ProcessorView, Shared, WriteReq,
-    alert_loop, io_err, stream_config,
+    alert_loop, io_err, open_alerts, stream_config,
 };
 use crate::config::{Config, KafkaSection};
 use crate::telemetry::Telemetry;
@@ -144,19 +144,7 @@ pub(super) fn start(
         worker: node.stats().clone(),
         produce: node.producer().stats().clone(),
     });
-    let alerts = tally_alert::Engine::open(
-        Some(cfg.data_dir.join("alerts").join("alerts.json")),
-        tally_alert::EngineConfig {
-            max_queue: cfg.alerts.max_queue.max(1),
-            max_attempts: cfg.alerts.max_attempts.max(1),
-            backoff_ms: d.alert_backoff_ms,
-            max_backoff_ms: d.alert_max_backoff_ms,
-            history: cfg.alerts.history.max(1),
-            max_rules_per_tenant: cfg.alerts.max_rules_per_tenant.max(1),
-            targets: Arc::new(cfg.target_policy()?),
-            ..tally_alert::EngineConfig::default()
-        },
-    )?;
+    let alerts = open_alerts(cfg, &d)?;
     let shared = Arc::new(Shared {
         store,
         dlq,
