@@ -40,6 +40,10 @@ impl Node {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::File::create(self.dir.join(format!("{}-{}.log", self.name, self.runs)))
             .expect("log file");
         self.runs += 1;
@@ -59,6 +63,7 @@ impl Node {
             .env("TALLY__KAFKA__COMMIT_INTERVAL", "100ms")
             .env("RUST_LOG", "info")
             .env_remove("RUST_BACKTRACE")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -419,4 +424,172 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
         "malformed DLQ: {malformed} entries for {} malformed lines",
         want.rejected
     );
+}
+
+/// The broker stops for a while: ingest answers 503 with Retry-After
+/// (nothing acknowledged that the broker did not take), and once it is
+/// back the node resumes; every acknowledged event counts exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_is_503_then_every_acknowledged_event_counts_once() {
+    let mut broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tag = format!("o{}", std::process::id());
+    let mut node = Node {
+        name: "solo".into(),
+        port: free_port(),
+        dir: tmp.path().to_path_buf(),
+        brokers: broker.brokers(),
+        tag,
+        child: None,
+        runs: 0,
+    };
+    node.spawn_with(&[("TALLY__KAFKA__PRODUCE_TIMEOUT", "2s")]);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    node.wait_ready(&c).await;
+    let event = |i: usize| {
+        format!(
+            r#"{{"event_id":"o-{i}","event_type":"click","timestamp":"{}","tenant":"tenant0","user_id":"u{i}"}}"#,
+            fmt_bucket(T0 + i as i64 * 100)
+        )
+    };
+    let post = |body: String| {
+        let c = c.clone();
+        let url = format!("{}/api/v1/events", node.base());
+        async move {
+            c.post(url)
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .await
+                .expect("answer")
+        }
+    };
+    let first: Vec<String> = (0..50).map(event).collect();
+    assert_eq!(post(first.join("\n")).await.status(), 200);
+
+    broker.stop();
+    let second: Vec<String> = (50..100).map(event).collect();
+    let r = post(second.join("\n")).await;
+    assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    assert!(r.headers().contains_key("retry-after"));
+    let text = r.text().await.unwrap_or_default();
+    assert!(text.contains("Kafka broker"), "{text}");
+
+    broker.restart();
+    // The client retries what was refused until it is taken.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = post(second.join("\n")).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never accepted again: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let count = fetch(&c, &node.base(), "tenant0", "count", "1h").await;
+        let total: f64 = count.values().sum();
+        if total == 100.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && total <= 100.0,
+            "after the outage: {total} events counted, want 100\n{}",
+            node.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// `tally gen --kafka` produces straight to the events topic, as any other
+/// producer would: the node counts exactly what the generator made
+/// (duplicates once, malformed lines in the DLQ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_produces_to_the_topic_and_the_node_counts_it_exactly() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tag = format!("g{}", std::process::id());
+    let mut node = Node {
+        name: "solo".into(),
+        port: free_port(),
+        dir: tmp.path().to_path_buf(),
+        brokers: broker.brokers(),
+        tag: tag.clone(),
+        child: None,
+        runs: 0,
+    };
+    node.spawn();
+    let c = reqwest::Client::new();
+    node.wait_ready(&c).await;
+    let out = Command::new(BIN)
+        .args([
+            "gen",
+            "--kafka",
+            &broker.brokers(),
+            "--topic",
+            &format!("ev-{tag}"),
+        ])
+        .args([
+            "--events",
+            "3000",
+            "--seed",
+            "11",
+            "--tenants",
+            "2",
+            "--users",
+            "200",
+        ])
+        .args([
+            "--start",
+            &T0.to_string(),
+            "--events-per-sec",
+            "20",
+            "--late",
+            "0",
+        ])
+        .args([
+            "--duplicate",
+            "0.05",
+            "--malformed",
+            "0.02",
+            "--batch",
+            "200",
+        ])
+        .output()
+        .expect("tally gen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("produced 3000 events"));
+    let mut g = Generator::new(GenConfig {
+        seed: 11,
+        tenants: 2,
+        users: 200,
+        start_ms: Some(T0),
+        events_per_sec: 20.0,
+        disorder: 0.05,
+        late: 0.0,
+        duplicate: 0.05,
+        malformed: 0.02,
+    });
+    let lines: Vec<_> = (0..3000).map(|_| g.next_line()).collect();
+    let want = expected(&lines);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match exact_on(&c, &node.base(), &want).await {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "{e}\n{}", node.logs()),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

@@ -93,6 +93,14 @@ pub enum Error {
     },
     #[error("kafka thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "the Kafka brokers at {brokers} did not answer ({source}): check kafka.brokers (TALLY__KAFKA__BROKERS) and that Kafka is running and reachable from here"
+    )]
+    Unreachable {
+        brokers: String,
+        #[source]
+        source: KafkaError,
+    },
 }
 
 /// Partitions of `topic` (from the broker's metadata).
@@ -140,11 +148,13 @@ pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
             .set("cleanup.policy", "compact"),
         NewTopic::new(&s.topic_late, n, TopicReplication::Fixed(-1)),
     ];
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
     let results =
         futures::executor::block_on(admin.create_topics(&topics, &opts)).map_err(|source| {
-            Error::Client {
-                what: "create topics",
+            Error::Unreachable {
+                brokers: s.brokers.clone(),
                 source,
             }
         })?;
