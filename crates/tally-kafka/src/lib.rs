@@ -65,12 +65,18 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// A librdkafka config with the bootstrap servers (callers add the
-    /// pass-through settings last, so they win).
-    pub(crate) fn client_config(&self) -> ClientConfig {
+    /// A librdkafka config: the bootstrap servers, then `own` (what this
+    /// client needs), then the pass-through settings, which win.
+    pub(crate) fn client_config(&self, own: &[(&str, String)]) -> ClientConfig {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.brokers)
             .set("client.id", format!("tally-{}", self.node_id));
+        for (k, v) in own {
+            cfg.set(*k, v);
+        }
+        for (k, v) in &self.client {
+            cfg.set(k, v);
+        }
         cfg
     }
 }
@@ -90,6 +96,12 @@ pub enum Error {
         topic: String,
         brokers: String,
         reason: String,
+    },
+    #[error("kafka partition {partition}: {source}")]
+    Process {
+        partition: u32,
+        #[source]
+        source: tally_stream::Error,
     },
     #[error("kafka thread: {0}")]
     Thread(std::io::Error),
@@ -132,10 +144,7 @@ pub(crate) fn partition_count<C: ClientContext>(
 /// Creates the three topics when they do not exist (the aggregates topic
 /// compacted: only the last value per key matters).
 pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
-    let mut cfg = s.client_config();
-    for (k, v) in &s.client {
-        cfg.set(k, v);
-    }
+    let cfg = s.client_config(&[]);
     let admin: AdminClient<DefaultClientContext> =
         cfg.create().map_err(|source| Error::Client {
             what: "admin client",

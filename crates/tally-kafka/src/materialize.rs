@@ -228,18 +228,16 @@ fn session(
     positions: &mut HashMap<i32, i64>,
     stalled_at: &mut HashMap<i32, (i64, i64, Instant)>,
 ) -> Result<(), Error> {
-    let mut cfg = settings.client_config();
-    cfg.set(
-        "group.id",
-        format!("{}-view-{}", settings.group_id, settings.node_id),
-    )
-    .set("isolation.level", "read_committed")
-    .set("enable.auto.commit", "false")
-    .set("enable.auto.offset.store", "false")
-    .set("enable.partition.eof", "false");
-    for (k, v) in &settings.client {
-        cfg.set(k, v);
-    }
+    let cfg = settings.client_config(&[
+        (
+            "group.id",
+            format!("{}-view-{}", settings.group_id, settings.node_id),
+        ),
+        ("isolation.level", "read_committed".into()),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("enable.partition.eof", "false".into()),
+    ]);
     let consumer: BaseConsumer = cfg.create().map_err(|source| Error::Client {
         what: "aggregates reader",
         source,

@@ -92,17 +92,15 @@ pub struct EventProducer {
 
 impl EventProducer {
     pub fn new(s: &Settings, stats: Arc<ProduceStats>) -> Result<EventProducer, Error> {
-        let mut cfg = s.client_config();
-        cfg.set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("compression.type", "lz4")
+        let cfg = s.client_config(&[
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            ("linger.ms", "2".into()),
+            ("compression.type", "lz4".into()),
             // A broker that stays away fails the request within this time
             // (503 to the client) instead of holding it for minutes.
-            .set("message.timeout.ms", s.produce_timeout_ms.to_string());
-        for (k, v) in &s.client {
-            cfg.set(k, v);
-        }
+            ("message.timeout.ms", s.produce_timeout_ms.to_string()),
+        ]);
         let producer = cfg
             .create_with_context(Ctx {
                 stats: stats.clone(),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -29,7 +29,6 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, error::KafkaError};
 use tally_ingest::{BodyError, Format, Parsed, Parser, Tenancy};
-use tally_store::RollupStore;
 use tally_stream::{Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StreamConfig};
 use tally_types::bin::{Dec, Enc};
 use tally_types::time::{MINUTE_MS, Millis, align_down};
@@ -170,7 +169,6 @@ impl ConsumerContext for Ctx {
 struct Part {
     id: u32,
     proc: Processor,
-    store: Arc<RwLock<RollupStore>>,
     /// Where consumption starts (the replay-from offset of the state).
     start: u64,
     /// Events before this offset were applied by the last committed
@@ -178,10 +176,9 @@ struct Part {
     restore_until: u64,
     /// The next offset to handle.
     next_offset: u64,
-    /// Per clock (tenant, or tenant + "\u{1}" for backfill): the first
-    /// offset that wrote a dedupe entry in each minute (what a new owner
-    /// must re-read).
-    lows: HashMap<String, BTreeMap<Millis, u64>>,
+    /// Per clock (live, then backfill) and tenant: the first offset that
+    /// wrote a dedupe entry in each minute (what a new owner must re-read).
+    lows: [HashMap<Box<str>, BTreeMap<Millis, u64>>; 2],
     /// Handled anything since the last commit.
     dirty: bool,
     last_ts: Millis,
@@ -190,50 +187,40 @@ struct Part {
 
 impl Part {
     fn restore(id: u32, committed: Option<u64>, hooks: &Hooks, view: &Materialized) -> Part {
-        let store = Arc::new(RwLock::new(RollupStore::new()));
         let mut cfg = hooks.stream.clone();
         cfg.partitions = 1;
-        let mut proc = Processor::new(
-            cfg.clone(),
-            store.clone(),
-            Arc::new(Mutex::new(Dlq::new(1))),
-        );
+        let mut proc = Processor::new(cfg, Arc::default(), Arc::new(Mutex::new(Dlq::new(1))));
         proc.own_partition();
-        let mut part = Part {
-            id,
-            proc,
-            store,
-            start: 0,
-            restore_until: 0,
-            next_offset: 0,
-            lows: HashMap::new(),
-            dirty: false,
-            last_ts: Millis::MIN,
-            counts: (0, 0, 0),
-        };
+        // The clocks are imported under the view's lock, where they decide
+        // which of the partition's minutes can still change and are loaded.
+        let mut clocks_ok = true;
         let restored = view.restore(id, committed, RESTORE_WAIT, |state| {
-            let mut probe = Processor::new(
-                cfg.clone(),
-                Arc::default(),
-                Arc::new(Mutex::new(Dlq::new(1))),
-            );
-            if probe.import_clocks(&mut Dec::new(&state.clocks)).is_err() {
+            if let Err(e) = proc.import_clocks(&mut Dec::new(&state.clocks)) {
+                tracing::error!(partition = id, error = %e, "partition state unreadable; processing the partition again from its start");
+                clocks_ok = false;
                 return HashMap::new();
             }
             state
                 .watermarks
                 .iter()
-                .map(|(t, _)| (t.clone(), probe.mutable_from(t)))
+                .map(|(t, _)| (t.clone(), proc.mutable_from(t)))
                 .collect()
         });
-        match restored {
+        let mut part = Part {
+            id,
+            proc,
+            start: 0,
+            restore_until: 0,
+            next_offset: 0,
+            lows: Default::default(),
+            dirty: false,
+            last_ts: Millis::MIN,
+            counts: (0, 0, 0),
+        };
+        match restored.filter(|_| clocks_ok) {
             Some(r) => {
-                if let Err(e) = part.proc.import_clocks(&mut Dec::new(&r.state.clocks)) {
-                    tracing::error!(partition = id, error = %e, "partition state unreadable; processing the partition again from its start");
-                    return part;
-                }
                 {
-                    let mut st = part.store.write();
+                    let mut st = part.proc.store().write();
                     for ((t, m, ty), agg) in r.values {
                         st.set_agg(&t, m, &ty, agg);
                     }
@@ -269,41 +256,63 @@ impl Part {
         self.next_offset < self.restore_until
     }
 
-    /// Notes that the record at `offset` wrote dedupe entries of `clock`
-    /// from `minute` on.
-    fn note_low(&mut self, clock: &str, minute: Millis, offset: u64) {
-        match self.lows.get_mut(clock) {
+    /// Notes that the record at `offset` wrote dedupe entries of a
+    /// tenant's live or backfill clock from `minute` on.
+    fn note_low(&mut self, backfill: bool, tenant: &str, minute: Millis, offset: u64) {
+        let lows = &mut self.lows[backfill as usize];
+        match lows.get_mut(tenant) {
             Some(m) => {
                 m.entry(minute).or_insert(offset);
             }
             None => {
-                self.lows
-                    .insert(clock.to_string(), BTreeMap::from([(minute, offset)]));
+                lows.insert(tenant.into(), BTreeMap::from([(minute, offset)]));
             }
+        }
+    }
+
+    /// The watermark of a tenant's live or backfill clock.
+    fn watermark(&self, backfill: bool, tenant: &str) -> Option<Millis> {
+        if backfill {
+            self.proc.backfill_watermark(tenant)
+        } else {
+            self.proc.tenant_watermark(tenant)
         }
     }
 
     /// The earliest offset a new owner must re-read: entries of minutes no
     /// clock can change any more are dropped first.
     fn replay_from(&mut self, lateness: Millis) -> u64 {
-        let proc = &self.proc;
-        self.lows.retain(|clock, minutes| {
-            let wm = match clock.strip_suffix('\u{1}') {
-                Some(t) => proc.backfill_watermark(t),
-                None => proc.tenant_watermark(clock),
-            };
-            if let Some(w) = wm {
-                let keep = minutes.split_off(&(align_down(w - lateness, MINUTE_MS) - MINUTE_MS));
-                *minutes = keep;
-            }
-            !minutes.is_empty()
-        });
+        for backfill in [false, true] {
+            let mut lows = std::mem::take(&mut self.lows[backfill as usize]);
+            lows.retain(|tenant, minutes| {
+                if let Some(w) = self.watermark(backfill, tenant) {
+                    *minutes =
+                        minutes.split_off(&(align_down(w - lateness, MINUTE_MS) - MINUTE_MS));
+                }
+                !minutes.is_empty()
+            });
+            self.lows[backfill as usize] = lows;
+        }
         self.lows
-            .values()
+            .iter()
+            .flat_map(|l| l.values())
             .flat_map(|m| m.values().copied())
             .min()
             .unwrap_or(self.next_offset)
             .min(self.next_offset)
+    }
+}
+
+/// A malformed-DLQ entry for something read from the events topic.
+fn malformed(tenant: &str, reason: String, received_at: Millis, body: DlqBody) -> DlqEntry {
+    DlqEntry {
+        kind: DlqKind::Malformed,
+        tenant: tenant.into(),
+        reason,
+        received_at,
+        body,
+        key: 0,
+        replayed: false,
     }
 }
 
@@ -335,21 +344,19 @@ fn session(
     stats: &WorkerStats,
     stop: &AtomicBool,
 ) -> Result<(), Error> {
-    let mut pcfg = settings.client_config();
-    pcfg.set(
-        "transactional.id",
-        format!("{}-{}", settings.group_id, settings.node_id),
-    )
-    .set("enable.idempotence", "true")
-    .set("acks", "all")
-    .set("linger.ms", "5")
-    // A node killed mid-transaction blocks read_committed readers of the
-    // partitions it wrote until the broker aborts it (or the node, back
-    // with the same transactional id, fences it): keep that short.
-    .set("transaction.timeout.ms", "10000");
-    for (k, v) in &settings.client {
-        pcfg.set(k, v);
-    }
+    let pcfg = settings.client_config(&[
+        (
+            "transactional.id",
+            format!("{}-{}", settings.group_id, settings.node_id),
+        ),
+        ("enable.idempotence", "true".into()),
+        ("acks", "all".into()),
+        ("linger.ms", "5".into()),
+        // A node killed mid-transaction blocks read_committed readers of
+        // the partitions it wrote until the broker aborts it (or the node,
+        // back with the same transactional id, fences it): keep it short.
+        ("transaction.timeout.ms", "10000".into()),
+    ]);
     let producer: BaseProducer = pcfg
         .create()
         .map_err(client_err("transactional producer"))?;
@@ -358,29 +365,27 @@ fn session(
         .map_err(client_err("init transactions"))?;
     let agg_partitions = crate::partition_count(producer.client(), &settings.topic_aggregates)?;
 
-    let mut ccfg = settings.client_config();
-    ccfg.set("group.id", &settings.group_id)
-        // Static membership: a node back after a crash takes its old
-        // place in the group at once instead of a rebalance that waits
-        // for the dead member to time out. The price: a node stopped for
-        // good keeps its partitions until session.timeout.ms has passed.
-        .set("group.instance.id", &settings.node_id)
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "roundrobin")
-        .set("session.timeout.ms", "10000")
-        // Also the rebalance timeout: how long the group waits for a
-        // member that stopped (some brokers expire dead members only by
-        // it). The loop polls every 20 ms; restoring a partition inside
-        // the rebalance callback waits at most RESTORE_WAIT.
-        .set("max.poll.interval.ms", "30000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &settings.client {
-        ccfg.set(k, v);
-    }
+    let ccfg = settings.client_config(&[
+        ("group.id", settings.group_id.clone()),
+        // Static membership: a node back after a crash takes its old place
+        // in the group at once instead of a rebalance that waits for the
+        // dead member to time out. The price: a node stopped for good
+        // keeps its partitions until session.timeout.ms has passed.
+        ("group.instance.id", settings.node_id.clone()),
+        ("isolation.level", "read_committed".into()),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("auto.offset.reset", "earliest".into()),
+        ("partition.assignment.strategy", "roundrobin".into()),
+        ("session.timeout.ms", "10000".into()),
+        // Also the rebalance timeout: how long the group waits for a member
+        // that stopped (some brokers expire dead members only by it). The
+        // loop polls every 20 ms; restoring a partition inside the
+        // rebalance callback waits at most RESTORE_WAIT.
+        ("max.poll.interval.ms", "30000".into()),
+        ("heartbeat.interval.ms", "1000".into()),
+        ("enable.partition.eof", "false".into()),
+    ]);
     let consumer: BaseConsumer<Ctx> = ccfg
         .create_with_context(Ctx {
             settings: settings.clone(),
@@ -491,7 +496,8 @@ impl Session<'_> {
         let Some(part) = self.parts.get(&id) else {
             return Ok(());
         };
-        if offset < part.next_offset && part.next_offset > part.start {
+        // Already handled (or before the replay-from offset: no live entry).
+        if offset < part.next_offset {
             return Ok(());
         }
         let restoring = offset < part.restore_until;
@@ -518,22 +524,18 @@ impl Session<'_> {
         };
         let parsed = parse_message(&self.hooks.make_parser, ts, value);
         self.stats.messages.fetch_add(1, Relaxed);
-        let parsed = match parsed {
+        let mut parsed = match parsed {
             Ok(p) => p,
             Err(e) => {
                 if !restoring {
                     self.stats.malformed.fetch_add(1, Relaxed);
-                    (self.hooks.on_malformed)(vec![DlqEntry {
-                        kind: DlqKind::Malformed,
-                        tenant: "default".into(),
-                        reason: format!("{}: {e}", where_()),
-                        received_at: ts,
-                        body: DlqBody::Raw(
-                            String::from_utf8_lossy(&value[..value.len().min(4096)]).into(),
-                        ),
-                        key: 0,
-                        replayed: false,
-                    }]);
+                    let raw = String::from_utf8_lossy(&value[..value.len().min(4096)]);
+                    (self.hooks.on_malformed)(vec![malformed(
+                        "default",
+                        format!("{}: {e}", where_()),
+                        ts,
+                        DlqBody::Raw(raw.into()),
+                    )]);
                 }
                 part.next_offset = offset + 1;
                 part.dirty |= !restoring;
@@ -549,36 +551,20 @@ impl Session<'_> {
                 parsed
                     .rejected
                     .iter()
-                    .map(|r| DlqEntry {
-                        kind: DlqKind::Malformed,
-                        tenant: r.tenant.clone(),
-                        reason: format!("{at}, event {}: {}", r.index, r.error),
-                        received_at: ts,
-                        body: if r.is_object {
+                    .map(|r| {
+                        let body = if r.is_object {
                             DlqBody::Event(r.raw.clone())
                         } else {
                             DlqBody::Raw(r.raw.clone())
-                        },
-                        key: 0,
-                        replayed: false,
+                        };
+                        let reason = format!("{at}, event {}: {}", r.index, r.error);
+                        malformed(&r.tenant, reason, ts, body)
                     })
                     .collect(),
             );
         }
-        let lows: Vec<(String, Millis)> = parsed
-            .tenants
-            .iter()
-            .zip(&parsed.spans)
-            .map(|((t, _), &(lo, _))| {
-                let clock = if backfill {
-                    format!("{t}\u{1}")
-                } else {
-                    t.clone()
-                };
-                (clock, align_down(lo, MINUTE_MS))
-            })
-            .collect();
-        if let Some((_, batch)) = parsed.partitions.into_iter().next() {
+        if let Some((_, batch)) = parsed.partitions.first_mut() {
+            let batch = std::mem::take(batch);
             let payload = if backfill {
                 batch.finish_backfill()
             } else {
@@ -593,15 +579,15 @@ impl Session<'_> {
                 payload: &payload,
             };
             if restoring {
-                let n = part.proc.remember(rec).map_err(|e| Error::Client {
-                    what: "restore",
-                    source: KafkaError::Subscription(e.to_string()),
+                let n = part.proc.remember(rec).map_err(|source| Error::Process {
+                    partition: id,
+                    source,
                 })?;
                 self.stats.restored_events.fetch_add(n as u64, Relaxed);
             } else {
-                let applied = part.proc.apply(rec).map_err(|e| Error::Client {
-                    what: "process",
-                    source: KafkaError::Subscription(e.to_string()),
+                let applied = part.proc.apply(rec).map_err(|source| Error::Process {
+                    partition: id,
+                    source,
                 })?;
                 self.stats.counted.fetch_add(applied.counted, Relaxed);
                 self.stats.duplicates.fetch_add(applied.duplicates, Relaxed);
@@ -611,19 +597,15 @@ impl Session<'_> {
                 part.counts.2 += applied.late;
                 if applied.late > 0 {
                     // Late events are remembered at the watermark's minute.
-                    for (clock, _) in &lows {
-                        let w = match clock.strip_suffix('\u{1}') {
-                            Some(t) => part.proc.backfill_watermark(t),
-                            None => part.proc.tenant_watermark(clock),
-                        };
-                        if let Some(w) = w {
-                            part.note_low(clock, align_down(w, MINUTE_MS), offset);
+                    for (t, _) in &parsed.tenants {
+                        if let Some(w) = part.watermark(backfill, t) {
+                            part.note_low(backfill, t, align_down(w, MINUTE_MS), offset);
                         }
                     }
                 }
             }
-            for (clock, minute) in &lows {
-                part.note_low(clock, *minute, offset);
+            for ((t, _), &(lo, _)) in parsed.tenants.iter().zip(&parsed.spans) {
+                part.note_low(backfill, t, align_down(lo, MINUTE_MS), offset);
             }
         }
         part.next_offset = offset + 1;
@@ -684,10 +666,10 @@ impl Session<'_> {
                 continue;
             }
             let ap = (id % self.agg_partitions) as i32;
-            let touched = part.store.write().take_touched();
+            let touched = part.proc.store().write().take_touched();
             let mut out = Vec::with_capacity(touched.len());
             {
-                let st = part.store.read();
+                let st = part.proc.store().read();
                 for (t, m, ty) in touched {
                     let Some(agg) = st.agg(&t, m, &ty) else {
                         continue;
@@ -704,7 +686,6 @@ impl Session<'_> {
             let late = part.proc.take_late();
             let replay_from = part.replay_from(lateness);
             part.proc.evict_final();
-            part.store.write().take_touched();
             let mut clocks = Enc::new();
             part.proc.export_clocks(&mut clocks);
             let state = PartitionState {

@@ -700,66 +700,60 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
         w.commits.load(Relaxed),
         w.aborts.load(Relaxed)
     );
-    counter(
-        out,
-        "tally_kafka_sessions_total",
-        "Consumer sessions started (one more after every failure).",
-        w.sessions.load(Relaxed),
-    );
-    counter(
-        out,
-        "tally_kafka_messages_total",
-        "Messages of the events topic handled.",
-        w.messages.load(Relaxed),
-    );
-    counter(
-        out,
-        "tally_kafka_malformed_total",
-        "Events or messages of the events topic that failed validation.",
-        w.malformed.load(Relaxed),
-    );
-    counter(
-        out,
-        "tally_kafka_aggregates_produced_total",
-        "Aggregate records produced to the aggregates topic.",
-        w.aggregates_produced.load(Relaxed),
-    );
-    counter(
-        out,
-        "tally_kafka_restored_events_total",
-        "Events re-read to rebuild dedupe entries of partitions taken over.",
-        w.restored_events.load(Relaxed),
-    );
     let p = &k.produce;
-    counter(
-        out,
-        "tally_kafka_produced_total",
-        "Ingested events the broker acknowledged.",
-        p.produced.load(Relaxed),
-    );
-    counter(
-        out,
-        "tally_kafka_produce_errors_total",
-        "Ingested events the broker did not acknowledge (answered 503).",
-        p.errors.load(Relaxed),
-    );
-    counter(
-        out,
-        "tally_kafka_produce_retries_total",
-        "Sends retried because the local producer queue was full.",
-        p.retries.load(Relaxed),
-    );
     let (applied, unreadable) = k.view.counters();
-    counter(
-        out,
-        "tally_kafka_view_records_total",
-        "Aggregates-topic records applied to this node's store.",
-        applied,
-    );
-    counter(
-        out,
-        "tally_kafka_view_unreadable_total",
-        "Aggregates-topic records skipped as unreadable.",
-        unreadable,
-    );
+    for (name, help, v) in [
+        (
+            "tally_kafka_sessions_total",
+            "Consumer sessions started (one more after every failure).",
+            w.sessions.load(Relaxed),
+        ),
+        (
+            "tally_kafka_messages_total",
+            "Messages of the events topic handled.",
+            w.messages.load(Relaxed),
+        ),
+        (
+            "tally_kafka_malformed_total",
+            "Events or messages of the events topic that failed validation.",
+            w.malformed.load(Relaxed),
+        ),
+        (
+            "tally_kafka_aggregates_produced_total",
+            "Aggregate records produced to the aggregates topic.",
+            w.aggregates_produced.load(Relaxed),
+        ),
+        (
+            "tally_kafka_restored_events_total",
+            "Events re-read to rebuild dedupe entries of partitions taken over.",
+            w.restored_events.load(Relaxed),
+        ),
+        (
+            "tally_kafka_produced_total",
+            "Ingested events the broker acknowledged.",
+            p.produced.load(Relaxed),
+        ),
+        (
+            "tally_kafka_produce_errors_total",
+            "Ingested events the broker did not acknowledge (answered 503).",
+            p.errors.load(Relaxed),
+        ),
+        (
+            "tally_kafka_produce_retries_total",
+            "Sends retried because the local producer queue was full.",
+            p.retries.load(Relaxed),
+        ),
+        (
+            "tally_kafka_view_records_total",
+            "Aggregates-topic records applied to this node's store.",
+            applied,
+        ),
+        (
+            "tally_kafka_view_unreadable_total",
+            "Aggregates-topic records skipped as unreadable.",
+            unreadable,
+        ),
+    ] {
+        counter(out, name, help, v);
+    }
 }
