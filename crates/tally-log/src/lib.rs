@@ -227,8 +227,7 @@ fn scan_segment(path: &Path) -> Result<(u64, Option<u64>, bool)> {
         if len > MAX_PAYLOAD {
             return Ok((pos, max_lsn, true));
         }
-        payload.resize(len, 0);
-        if read_full(&mut r, &mut payload).map_err(io_err(path))? < len
+        if read_payload(&mut r, len, &mut payload).map_err(io_err(path))? < len
             || checksum(lsn, append_ms, &payload) != crc
         {
             return Ok((pos, max_lsn, true));
@@ -236,6 +235,16 @@ fn scan_segment(path: &Path) -> Result<(u64, Option<u64>, bool)> {
         max_lsn = Some(max_lsn.map_or(lsn, |m: u64| m.max(lsn)));
         pos += (HEADER_LEN + len) as u64;
     }
+}
+
+/// Reads a payload of `len` bytes into `buf` (cleared first); returns the
+/// bytes read, fewer at EOF. The buffer grows with the bytes that actually
+/// arrive, so a corrupt length field (up to [`MAX_PAYLOAD`]) in a short file
+/// costs what the file holds, not the length it claims.
+fn read_payload(r: &mut impl Read, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.clear();
+    buf.reserve(len.min(1 << 20));
+    r.take(len as u64).read_to_end(buf)
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
@@ -618,8 +627,8 @@ impl PartitionReader {
             if len > MAX_PAYLOAD {
                 return corrupt(self, "length out of range");
             }
-            let mut payload = vec![0u8; len];
-            match read_full(reader, &mut payload) {
+            let mut payload = Vec::new();
+            match read_payload(reader, len, &mut payload) {
                 Ok(k) if k == len => {}
                 Ok(_) => return corrupt(self, "truncated payload"),
                 Err(_) => return corrupt(self, "unreadable payload"),
