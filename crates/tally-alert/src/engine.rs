@@ -30,6 +30,9 @@ use tally_types::time::{align_down, format_rfc3339};
 use crate::deliver::{Note, payload};
 use crate::rule::{Detector, Rule};
 
+mod replica;
+pub use replica::Change;
+
 /// Where a rule stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -253,6 +256,11 @@ pub enum AlertError {
     Rule(#[from] crate::rule::RuleError),
     #[error("no alert rule {0:?} in this tenant")]
     NotFound(String),
+    #[error("alert record {key:?} is not valid: {source}")]
+    Record {
+        key: String,
+        source: serde_json::Error,
+    },
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -346,6 +354,11 @@ pub struct Engine {
     journal_gen: u64,
     journal_len: u64,
     snapshot_len: u64,
+    /// How many history entries were ever appended (the newest one's
+    /// sequence number when replicated).
+    history_seq: u64,
+    /// Set when the engine is one copy of a cluster's (Kafka mode).
+    replica: Option<replica::Replica>,
     /// Grows with every visible change (the live feed polls it).
     pub version: u64,
     pub stats: Stats,
@@ -389,6 +402,8 @@ impl Engine {
             journal_gen,
             journal_len: 0,
             snapshot_len,
+            history_seq: 0,
+            replica: None,
             version: 1,
             stats: Stats::default(),
         };
@@ -488,6 +503,12 @@ impl Engine {
     /// snapshot, a new snapshot of everything and a new journal.
     pub fn persist(&mut self) -> Result<(), AlertError> {
         if !self.dirty {
+            return Ok(());
+        }
+        if self.replica.is_some() {
+            self.collect_changes();
+            self.dirty = false;
+            self.pending = Pending::default();
             return Ok(());
         }
         let Some(path) = self.path.clone() else {
@@ -811,6 +832,7 @@ impl Engine {
     }
 
     fn push_history(&mut self, h: HistoryEntry) {
+        self.history_seq += 1;
         if self.history.len() >= self.cfg.history.max(1) {
             self.history.pop_front();
         }
@@ -841,6 +863,9 @@ impl Engine {
         closed: Option<Instant>,
         values: ValuesFn<'_>,
     ) -> usize {
+        if !self.evaluates() {
+            return 0;
+        }
         let ids: Vec<(String, Millis)> = self
             .rules
             .iter()
@@ -1082,6 +1107,9 @@ impl Engine {
     /// Deliveries due at `now`, marked in flight, so that at most
     /// `max_in_flight` are in flight in all.
     pub fn take_due(&mut self, now: Millis, max_in_flight: usize) -> Vec<Delivery> {
+        if !self.evaluates() {
+            return Vec::new();
+        }
         let busy = self.outbox.iter().filter(|d| d.in_flight).count();
         let free = max_in_flight.saturating_sub(busy);
         let mut out = Vec::new();

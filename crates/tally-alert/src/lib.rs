@@ -18,8 +18,8 @@ pub mod targets;
 
 pub use deliver::{DeliveryConfig, LatencyFn};
 pub use engine::{
-    AlertError, Delivery, Engine, EngineConfig, HistoryEntry, Outcome, RuleState, Source, State,
-    Stats,
+    AlertError, Change, Delivery, Engine, EngineConfig, HistoryEntry, Outcome, RuleState, Source,
+    State, Stats,
 };
 pub use progress::Progress;
 pub use rule::{Detector, Direction, Format, Op, Rule, RuleError, Target};

@@ -667,6 +667,7 @@ fn gen_kafka(a: &GenArgs, g: &mut Generator, brokers: &str) -> Result<()> {
         topic_events: a.topic.clone(),
         topic_aggregates: String::new(),
         topic_late: String::new(),
+        topic_alerts: String::new(),
         partitions: 1,
         client: Vec::new(),
         node_id: format!("gen-{}", std::process::id()),

@@ -13,7 +13,10 @@
 //!   every partition; a new owner of a partition restores its state from
 //!   the same view.
 //! - [`codec`]: the versioned records of the aggregates topic.
+//! - [`alerts`]: the alert log (every node's copy of the alert engine)
+//!   and the lease that lets one node evaluate and notify.
 
+pub mod alerts;
 pub mod codec;
 pub mod materialize;
 pub mod produce;
@@ -51,6 +54,8 @@ pub struct Settings {
     pub topic_events: String,
     pub topic_aggregates: String,
     pub topic_late: String,
+    /// The alert log (compacted, one partition).
+    pub topic_alerts: String,
     /// Partitions of the topics Tally creates when they do not exist.
     pub partitions: u32,
     /// librdkafka settings passed through (SASL, TLS, timeouts...).
@@ -141,8 +146,8 @@ pub(crate) fn partition_count<C: ClientContext>(
     Ok(n as u32)
 }
 
-/// Creates the three topics when they do not exist (the aggregates topic
-/// compacted: only the last value per key matters).
+/// Creates the four topics when they do not exist (the aggregates topic
+/// and the alert log compacted: only the last value per key matters).
 pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
     let cfg = s.client_config(&[]);
     let admin: AdminClient<DefaultClientContext> =
@@ -156,6 +161,8 @@ pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
         NewTopic::new(&s.topic_aggregates, n, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact"),
         NewTopic::new(&s.topic_late, n, TopicReplication::Fixed(-1)),
+        NewTopic::new(&s.topic_alerts, 1, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact"),
     ];
     let opts = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))

@@ -170,11 +170,16 @@ pub struct KafkaSection {
     pub topic_events: String,
     pub topic_aggregates: String,
     pub topic_late: String,
+    /// The alert log: rules, their states and the outbox, shared by the
+    /// nodes of the group (compacted, one partition). Default
+    /// `<group-id>_alerts`.
+    pub topic_alerts: String,
     /// Partitions of the topics Tally creates when they are missing.
     pub partitions: u32,
     /// This node's name in the cluster (its transactional id is
     /// `<group-id>-<node-id>`: keep it stable across restarts of the same
-    /// node, unique among nodes). Default: host name and listen port.
+    /// node, unique among nodes). Default: made on first start (host name
+    /// and a random suffix) and kept in `<data-dir>/kafka-node-id`.
     pub node_id: String,
     /// How often each node commits a transaction of aggregates + offsets.
     pub commit_interval: String,
@@ -212,6 +217,7 @@ impl Default for KafkaSection {
             topic_events: "user_events".into(),
             topic_aggregates: "aggregates".into(),
             topic_late: "late_events".into(),
+            topic_alerts: String::new(),
             partitions: 4,
             node_id: String::new(),
             commit_interval: "200ms".into(),

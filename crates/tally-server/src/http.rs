@@ -1067,6 +1067,7 @@ fn cluster_status(k: &crate::pipeline::KafkaShared) -> Json {
         "topic": k.topic_events,
         "members": members,
         "owned": mine.keys().collect::<Vec<_>>(),
+        "alerts_leader": k.alert_log.held(),
         "partitions": partitions,
         "lag_records": mine.values().map(|x| x.lag_records).sum::<u64>(),
         "lag_seconds": mine.values().map(|x| x.lag_seconds).fold(0.0, f64::max),

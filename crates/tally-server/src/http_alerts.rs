@@ -51,10 +51,35 @@ fn json_body(body: &Bytes) -> Result<Json, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("body: not valid JSON: {e}")))
 }
 
-fn persist(s: &AppState, e: &mut tally_alert::Engine) -> Result<(), ApiError> {
+/// Makes a change durable: on disk, or, in Kafka mode, taken to be
+/// published to the alert log (see [`replicate`]) once the lock is gone.
+fn persist(
+    s: &AppState,
+    e: &mut tally_alert::Engine,
+) -> Result<Vec<tally_alert::Change>, ApiError> {
     e.persist()?;
     s.shared.alert_wake.notify_one();
-    Ok(())
+    Ok(e.take_changes())
+}
+
+/// Kafka mode: publishes a rule change to the alert log, so every node
+/// has it; answers only once the broker has it.
+async fn replicate(s: &AppState, changes: Vec<tally_alert::Change>) -> Result<(), ApiError> {
+    let Some(k) = s.shared.kafka.as_ref() else {
+        return Ok(());
+    };
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let changes = changes.into_iter().map(|c| (c.key, c.value)).collect();
+    k.alert_log.publish(changes).await.map_err(|e| {
+        ApiError::Unavailable(
+            format!(
+                "the change is made on this node but the Kafka brokers did not take it for the other nodes ({e}); send it again"
+            ),
+            5,
+        )
+    })
 }
 
 /// `POST /api/v1/alerts`: creates a rule (201), or updates the tenant's rule
@@ -70,16 +95,20 @@ pub(crate) async fn create(
     let tenant = caller.tenant_of(&pairs, &body)?;
     let now = s.shared.clock.now_ms();
     let closed = s.shared.alert_closed.lock().get(&*tenant).copied();
-    let mut e = s.shared.alerts.lock();
-    let (rule, created) = e.upsert(&body, &tenant, now, closed)?;
-    persist(&s, &mut e)?;
-    let (r, st) = e.rule(&rule.id).expect("just stored");
+    let (answer, created, changes) = {
+        let mut e = s.shared.alerts.lock();
+        let (rule, created) = e.upsert(&body, &tenant, now, closed)?;
+        let changes = persist(&s, &mut e)?;
+        let (r, st) = e.rule(&rule.id).expect("just stored");
+        (view(r, st, now), created, changes)
+    };
+    replicate(&s, changes).await?;
     let code = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((code, axum::Json(view(r, st, now))).into_response())
+    Ok((code, axum::Json(answer)).into_response())
 }
 
 /// `GET /api/v1/alerts`: the tenant's rules with their states.
@@ -122,9 +151,12 @@ pub(crate) async fn delete(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant(&query_pairs(&q))?;
-    let mut e = s.shared.alerts.lock();
-    let r = e.delete(&tenant, &id)?;
-    persist(&s, &mut e)?;
+    let (r, changes) = {
+        let mut e = s.shared.alerts.lock();
+        let r = e.delete(&tenant, &id)?;
+        (r, persist(&s, &mut e)?)
+    };
+    replicate(&s, changes).await?;
     Ok(axum::Json(json!({ "deleted": r.id, "name": r.name })).into_response())
 }
 
@@ -160,11 +192,15 @@ pub(crate) async fn silence(
             ));
         }
     };
-    let mut e = s.shared.alerts.lock();
-    let r = e.silence(&tenant, &id, Some(until))?;
-    persist(&s, &mut e)?;
-    let (r, st) = e.rule(&r.id).expect("just silenced");
-    Ok(axum::Json(view(r, st, now)).into_response())
+    let (answer, changes) = {
+        let mut e = s.shared.alerts.lock();
+        let r = e.silence(&tenant, &id, Some(until))?;
+        let changes = persist(&s, &mut e)?;
+        let (r, st) = e.rule(&r.id).expect("just silenced");
+        (view(r, st, now), changes)
+    };
+    replicate(&s, changes).await?;
+    Ok(axum::Json(answer).into_response())
 }
 
 /// `DELETE /api/v1/alerts/{id}/silence`: lifts a silence.
@@ -176,11 +212,15 @@ pub(crate) async fn unsilence(
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant(&query_pairs(&q))?;
     let now = s.shared.clock.now_ms();
-    let mut e = s.shared.alerts.lock();
-    let r = e.silence(&tenant, &id, None)?;
-    persist(&s, &mut e)?;
-    let (r, st) = e.rule(&r.id).expect("just changed");
-    Ok(axum::Json(view(r, st, now)).into_response())
+    let (answer, changes) = {
+        let mut e = s.shared.alerts.lock();
+        let r = e.silence(&tenant, &id, None)?;
+        let changes = persist(&s, &mut e)?;
+        let (r, st) = e.rule(&r.id).expect("just changed");
+        (view(r, st, now), changes)
+    };
+    replicate(&s, changes).await?;
+    Ok(axum::Json(answer).into_response())
 }
 
 /// `GET /api/v1/alerts/history[?rule_id=][&limit=]`: state changes and

@@ -444,7 +444,7 @@ impl Pipeline {
             .recovery_ms
             .store(started.elapsed().as_millis() as u64, Relaxed);
         telemetry.recovery_records.store(replay.records, Relaxed);
-        let alerts = open_alerts(cfg, &d)?;
+        let alerts = open_alerts(cfg, &d, true)?;
         let mut view = ProcessorView {
             watermark: processor.watermark(),
             totals: processor.totals(),
@@ -558,9 +558,14 @@ impl Pipeline {
 }
 
 /// The alert engine over `<data-dir>/alerts`, with the config's limits.
-fn open_alerts(cfg: &Config, d: &Durations) -> Result<tally_alert::Engine, PipelineError> {
+/// `on_disk: false` keeps it in memory (Kafka mode: the alert log holds it).
+fn open_alerts(
+    cfg: &Config,
+    d: &Durations,
+    on_disk: bool,
+) -> Result<tally_alert::Engine, PipelineError> {
     Ok(tally_alert::Engine::open(
-        Some(cfg.data_dir.join("alerts").join("alerts.json")),
+        on_disk.then(|| cfg.data_dir.join("alerts").join("alerts.json")),
         tally_alert::EngineConfig {
             max_queue: cfg.alerts.max_queue.max(1),
             max_attempts: cfg.alerts.max_attempts.max(1),
@@ -941,6 +946,8 @@ fn alert_loop(
     let source = StoreSource(&shared.store);
     let mut last_persist = Instant::now();
     let mut open = true;
+    // Kafka mode: changes not yet taken by the alert log.
+    let mut unsent: Vec<(String, Option<Vec<u8>>)> = Vec::new();
     while open {
         let mut closed = None;
         match rx.recv_timeout(Duration::from_millis(250)) {
@@ -964,7 +971,15 @@ fn alert_loop(
                 through.insert(tenant, t);
             }
         }
+        // Kafka mode: one node evaluates, the holder of the alert lease.
+        let lead = shared.kafka.as_ref().map(|k| {
+            let owns = k.worker.parts.lock().contains_key(&0);
+            k.alert_log.lease(owns)
+        });
         let mut engine = shared.alerts.lock();
+        if let Some(lead) = lead {
+            engine.set_leader(lead);
+        }
         let queued = engine.advance_tenants(
             &|t| through.get(t).copied(),
             now,
@@ -972,6 +987,24 @@ fn alert_loop(
             &source,
         );
         *shared.alert_closed.lock() = through;
+        if let Some(k) = shared.kafka.as_ref() {
+            // The outbox is published before the delivery task sees it,
+            // and a delivery's outcome within a loop of it.
+            unsent.extend(engine.take_changes().into_iter().map(|c| (c.key, c.value)));
+            drop(engine);
+            if !unsent.is_empty() {
+                match k.alert_log.publish_blocking(unsent.clone()) {
+                    Ok(()) => unsent.clear(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, pending = unsent.len(), "cannot publish alert changes; retrying")
+                    }
+                }
+            }
+            if queued > 0 && unsent.is_empty() {
+                shared.alert_wake.notify_one();
+            }
+            continue;
+        }
         if queued > 0 || last_persist.elapsed() >= Duration::from_secs(1) || !open {
             last_persist = Instant::now();
             if let Err(e) = engine.persist() {

@@ -34,6 +34,7 @@ pub struct KafkaShared {
     pub view: Arc<tally_kafka::Materialized>,
     pub worker: Arc<tally_kafka::WorkerStats>,
     pub produce: Arc<tally_kafka::ProduceStats>,
+    pub alert_log: Arc<tally_kafka::alerts::AlertLog>,
 }
 
 /// The node's name: `kafka.node-id`, else one made on first start and
@@ -71,6 +72,11 @@ pub(super) fn settings(cfg: &Config, k: &KafkaSection) -> Result<Settings, Pipel
         topic_events: k.topic_events.clone(),
         topic_aggregates: k.topic_aggregates.clone(),
         topic_late: k.topic_late.clone(),
+        topic_alerts: if k.topic_alerts.trim().is_empty() {
+            format!("{}_alerts", k.group_id)
+        } else {
+            k.topic_alerts.trim().to_string()
+        },
         partitions: k.partitions,
         client: k
             .client
@@ -136,6 +142,26 @@ pub(super) fn start(
         topic = %settings.topic_events,
         "kafka mode"
     );
+    // Every node holds the whole alert engine, rebuilt from the alert log;
+    // the lease holder evaluates and notifies.
+    let alerts = Arc::new(Mutex::new(open_alerts(cfg, &d, false)?.replicated()));
+    let alert_log = {
+        let a = alerts.clone();
+        tally_kafka::alerts::AlertLog::start(
+            &settings,
+            Arc::new(move |key: &str, value: Option<&[u8]>| {
+                if let Err(e) = a.lock().apply_change(key, value) {
+                    tracing::warn!(error = %e, "skipped an unreadable alert log record");
+                }
+            }),
+        )?
+    };
+    if !alert_log.catch_up(Duration::from_secs(10)) {
+        tracing::warn!(
+            topic = %settings.topic_alerts,
+            "the alert log was not read to its end within 10 s; alert rules appear as it is read"
+        );
+    }
     let kafka = Arc::new(KafkaShared {
         node_id: settings.node_id.clone(),
         group_id: settings.group_id.clone(),
@@ -143,8 +169,8 @@ pub(super) fn start(
         view: node.view().clone(),
         worker: node.stats().clone(),
         produce: node.producer().stats().clone(),
+        alert_log,
     });
-    let alerts = open_alerts(cfg, &d)?;
     let shared = Arc::new(Shared {
         store,
         dlq,
@@ -161,7 +187,7 @@ pub(super) fn start(
         partitions: cfg.log.partitions,
         raw: None,
         applied: AtomicU64::new(0),
-        alerts: Arc::new(Mutex::new(alerts)),
+        alerts,
         alert_wake: Arc::new(tokio::sync::Notify::new()),
         alert_closed: Mutex::new(HashMap::new()),
         durations: d,
@@ -297,4 +323,7 @@ fn progress_loop(
             let _ = alert_tx.try_send((0, std::time::Instant::now()));
         }
     }
+    // The alert thread publishes its last changes as its channel closes.
+    drop(alert_tx);
+    k.alert_log.shutdown();
 }
