@@ -374,7 +374,44 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
         exact_on(&c, &n.base(), &want)
             .await
             .expect("late events counted nowhere");
+        // Every node lists them, with the watermark that judged them.
+        loop {
+            let v = get(
+                &c,
+                format!("{}/api/v1/dlq?kind=late&tenant=tenant0&limit=100", n.base()),
+            )
+            .await;
+            let entries = v["entries"].as_array().cloned().unwrap_or_default();
+            if entries.len() == 6 {
+                let ids: std::collections::BTreeSet<String> = entries
+                    .iter()
+                    .filter_map(|e| e["event"]["event_id"].as_str().map(String::from))
+                    .collect();
+                assert_eq!(ids.len(), 6, "{v}");
+                assert!(ids.iter().all(|i| i.starts_with("late-")), "{v}");
+                let reason = entries[0]["reason"].as_str().unwrap_or_default();
+                assert!(reason.contains("watermark"), "{v}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: late DLQ lists {}: {v}",
+                n.name,
+                entries.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
+    let r = c
+        .post(format!(
+            "{}/api/v1/dlq/replay?kind=late&tenant=tenant0",
+            nodes[2].base()
+        ))
+        .send()
+        .await
+        .expect("replay");
+    assert_eq!(r.status(), 501);
+    assert!(r.text().await.unwrap_or_default().contains("late-"));
 
     // The cluster as the status and metrics endpoints show it.
     let st = get(&c, format!("{}/api/v1/status", nodes[1].base())).await;

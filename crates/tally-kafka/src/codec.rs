@@ -32,6 +32,16 @@
 //!
 //! **Late events** (`late_events` topic): key `tenant '/' event id`, value the
 //! late DLQ entry as JSON (`tenant`, `reason`, `received_at`, `event`).
+//!
+//! **Late events** (the late topic, JSON, not versioned bytes): one
+//! message per event counted by no window, written in the same
+//! transaction as the aggregates of its partition.
+//!
+//! ```text
+//! key:   <tenant>/<dedupe key, 32 hex digits>
+//! value: {"tenant": ..., "reason": ... (names the watermark that judged it),
+//!         "received_at": RFC 3339, "event": the event object as sent}
+//! ```
 
 use tally_store::Agg;
 use tally_types::bin::{Dec, DecodeError, Enc};
@@ -238,5 +248,77 @@ mod tests {
         assert!(e.contains("version 2"), "{e}");
         assert!(decode_key(&[1, b'Z']).is_err());
         assert!(decode_state(&[1, 0, 0]).is_err());
+    }
+}
+
+/// The late topic's key of a late event.
+pub fn late_key(e: &tally_stream::DlqEntry) -> String {
+    format!("{}/{:032x}", e.tenant, e.key)
+}
+
+/// The late topic's value of a late event.
+pub fn late_value(e: &tally_stream::DlqEntry) -> String {
+    use tally_stream::DlqBody;
+    let event = match &e.body {
+        DlqBody::Event(s) => serde_json::from_str::<serde_json::Value>(s)
+            .unwrap_or_else(|_| serde_json::Value::String(s.clone())),
+        DlqBody::Raw(s) => serde_json::Value::String(s.clone()),
+    };
+    serde_json::json!({
+        "tenant": e.tenant,
+        "reason": e.reason,
+        "received_at": tally_types::time::format_rfc3339(e.received_at),
+        "event": event,
+    })
+    .to_string()
+}
+
+/// A late-topic message back as a late DLQ entry (`None`: not one).
+pub fn decode_late(key: &[u8], value: &[u8]) -> Option<tally_stream::DlqEntry> {
+    use tally_stream::{DlqBody, DlqEntry, DlqKind};
+    let key = std::str::from_utf8(key).ok()?;
+    let (_, hex) = key.rsplit_once('/')?;
+    let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+    let body = match &v["event"] {
+        serde_json::Value::String(s) => DlqBody::Raw(s.clone()),
+        serde_json::Value::Null => return None,
+        other => DlqBody::Event(other.to_string()),
+    };
+    Some(DlqEntry {
+        kind: DlqKind::Late,
+        tenant: v["tenant"].as_str()?.to_string(),
+        reason: v["reason"].as_str().unwrap_or_default().to_string(),
+        received_at: v["received_at"]
+            .as_str()
+            .and_then(|s| tally_types::time::parse_rfc3339(s).ok())
+            .unwrap_or_default(),
+        body,
+        key: u128::from_str_radix(hex, 16).ok()?,
+        replayed: false,
+    })
+}
+
+#[cfg(test)]
+mod late_tests {
+    use tally_stream::{DlqBody, DlqEntry, DlqKind};
+
+    #[test]
+    fn a_late_record_reads_back_as_the_entry_it_was() {
+        let e = DlqEntry {
+            kind: DlqKind::Late,
+            tenant: "acme".into(),
+            reason: "late: 2026-11-01T12:00:00Z is before the watermark".into(),
+            received_at: 1_793_534_400_123,
+            body: DlqBody::Event(r#"{"event_id":"e1","event_type":"x"}"#.into()),
+            key: 0xdead_beef_0123_4567_89ab_cdef_0011_2233,
+            replayed: false,
+        };
+        let back = super::decode_late(
+            super::late_key(&e).as_bytes(),
+            super::late_value(&e).as_bytes(),
+        );
+        assert_eq!(back, Some(e));
+        assert_eq!(super::decode_late(b"acme/zz", b"{}"), None);
+        assert_eq!(super::decode_late(b"x", b"not json"), None);
     }
 }

@@ -196,14 +196,45 @@ pub fn run(
     view: Arc<Materialized>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), Error> {
-    // Next offset to read per aggregates partition, kept across sessions.
+    let topic = settings.topic_aggregates.clone();
+    read_committed(&settings, &topic, "view", &stop, &mut |key, value| {
+        view.apply(key, value).map_err(|e| {
+            view.inner.lock().unreadable += 1;
+            e.to_string()
+        })
+    })
+}
+
+/// Applies one record (key, value); an error is logged and the record
+/// skipped.
+pub type ApplyRecord<'a> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<(), String> + 'a;
+
+/// Reads every partition of `topic` from the beginning, `read_committed`,
+/// into `apply`, until `stop`; survives broker outages and the stalls
+/// described at [`STALL`]. `what` names the reader in its group id and logs.
+pub fn read_committed(
+    settings: &Settings,
+    topic: &str,
+    what: &'static str,
+    stop: &AtomicBool,
+    apply: &mut ApplyRecord<'_>,
+) -> Result<(), Error> {
+    // Next offset to read per partition, kept across sessions.
     let mut positions: HashMap<i32, i64> = HashMap::new();
     let mut stalled_at: HashMap<i32, (i64, i64, Instant)> = HashMap::new();
     while !stop.load(Relaxed) {
-        match session(&settings, &view, &stop, &mut positions, &mut stalled_at) {
+        match session(
+            settings,
+            topic,
+            what,
+            apply,
+            stop,
+            &mut positions,
+            &mut stalled_at,
+        ) {
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "aggregates reader failed; starting again in 1 s");
+                tracing::warn!(topic, error = %e, "{what} reader failed; starting again in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
@@ -223,7 +254,9 @@ const RETRY: Duration = Duration::from_secs(10);
 
 fn session(
     settings: &Settings,
-    view: &Materialized,
+    topic: &str,
+    what: &'static str,
+    apply: &mut ApplyRecord<'_>,
     stop: &AtomicBool,
     positions: &mut HashMap<i32, i64>,
     stalled_at: &mut HashMap<i32, (i64, i64, Instant)>,
@@ -231,18 +264,16 @@ fn session(
     let cfg = settings.client_config(&[
         (
             "group.id",
-            format!("{}-view-{}", settings.group_id, settings.node_id),
+            format!("{}-{what}-{}", settings.group_id, settings.node_id),
         ),
         ("isolation.level", "read_committed".into()),
         ("enable.auto.commit", "false".into()),
         ("enable.auto.offset.store", "false".into()),
         ("enable.partition.eof", "false".into()),
     ]);
-    let consumer: BaseConsumer = cfg.create().map_err(|source| Error::Client {
-        what: "aggregates reader",
-        source,
-    })?;
-    let topic = &settings.topic_aggregates;
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|source| Error::Client { what, source })?;
     let n = crate::partition_count(consumer.client(), topic)?;
     let mut tpl = TopicPartitionList::new();
     // Always from the beginning: a reader placed in the middle of a
@@ -250,15 +281,11 @@ fn session(
     // to stay stuck; records already applied are skipped below.
     for p in 0..n as i32 {
         tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .map_err(|source| Error::Client {
-                what: "aggregates reader",
-                source,
-            })?;
+            .map_err(|source| Error::Client { what, source })?;
     }
-    consumer.assign(&tpl).map_err(|source| Error::Client {
-        what: "aggregates reader",
-        source,
-    })?;
+    consumer
+        .assign(&tpl)
+        .map_err(|source| Error::Client { what, source })?;
     // Applying a record twice is harmless (last value per key), so a new
     // session may start a little early.
     let mut last_progress: HashMap<i32, Instant> = HashMap::new();
@@ -288,9 +315,10 @@ fn session(
                 }
                 if more {
                     tracing::debug!(
+                        topic,
                         partition = p,
                         at,
-                        "aggregates reader quiet below the end; reading on with a new consumer"
+                        "{what} reader quiet below the end; reading on with a new consumer"
                     );
                     return Ok(());
                 }
@@ -299,10 +327,7 @@ fn session(
         let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
-        let msg = msg.map_err(|source| Error::Client {
-            what: "aggregates reader",
-            source,
-        })?;
+        let msg = msg.map_err(|source| Error::Client { what, source })?;
         let p = msg.partition();
         if msg.offset() < positions.get(&p).copied().unwrap_or(0) {
             continue;
@@ -310,13 +335,13 @@ fn session(
         positions.insert(p, msg.offset() + 1);
         last_progress.insert(p, Instant::now());
         let Some(key) = msg.key() else { continue };
-        if let Err(e) = view.apply(key, msg.payload()) {
-            view.inner.lock().unreadable += 1;
+        if let Err(e) = apply(key, msg.payload()) {
             tracing::warn!(
+                topic,
                 partition = msg.partition(),
                 offset = msg.offset(),
                 error = %e,
-                "skipped an unreadable aggregates record"
+                "{what} reader: skipped an unreadable record"
             );
         }
     }

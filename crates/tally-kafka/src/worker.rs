@@ -710,8 +710,8 @@ impl Session<'_> {
                 self.send(&self.settings.topic_aggregates, Some(ap), k, v)?;
             }
             for e in &late {
-                let key = format!("{}/{:032x}", e.tenant, e.key);
-                let value = late_json(e);
+                let key = codec::late_key(e);
+                let value = codec::late_value(e);
                 self.send(
                     &self.settings.topic_late,
                     None,
@@ -797,20 +797,4 @@ fn parse_message(
             Err(e) => Err(e),
         },
     }
-}
-
-/// A late event as the late topic carries it.
-fn late_json(e: &DlqEntry) -> String {
-    let event = match &e.body {
-        DlqBody::Event(s) => serde_json::from_str::<serde_json::Value>(s)
-            .unwrap_or_else(|_| serde_json::Value::String(s.clone())),
-        DlqBody::Raw(s) => serde_json::Value::String(s.clone()),
-    };
-    serde_json::json!({
-        "tenant": e.tenant,
-        "reason": e.reason,
-        "received_at": tally_types::time::format_rfc3339(e.received_at),
-        "event": event,
-    })
-    .to_string()
 }

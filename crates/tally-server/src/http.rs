@@ -793,6 +793,15 @@ async fn dlq_replay(
         }
     }
     let tenant = caller.tenant_or_all(&pairs)?;
+    if let Some(k) = &s.shared.kafka {
+        return Err(ApiError::Status(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "late events cannot be replayed in Kafka mode yet: they are kept in the topic {:?} (GET /api/v1/dlq?kind=late lists the newest)",
+                k.topic_late
+            ),
+        ));
+    }
     if !s.shared.ready.load(Relaxed) {
         return Err(ApiError::Unavailable(
             "not ready: recovering or shutting down; retry".into(),

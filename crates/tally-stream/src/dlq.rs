@@ -82,6 +82,18 @@ impl Dlq {
         self.push_held(e);
     }
 
+    /// Adds an entry as a view of a log kept elsewhere (Kafka mode's late
+    /// topic): counted, the newest `capacity` kept per tenant and kind
+    /// whatever the kind, and never waiting for a replay here.
+    pub fn push_view(&mut self, e: DlqEntry) {
+        *self.totals.entry(e.kind).or_default() += 1;
+        let ring = self.rings.entry((e.tenant.clone(), e.kind)).or_default();
+        if ring.len() >= self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(e);
+    }
+
     /// Adds an entry without counting it (reloading persisted entries whose
     /// totals are restored separately).
     pub fn push_held(&mut self, e: DlqEntry) {

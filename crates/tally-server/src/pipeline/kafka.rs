@@ -31,6 +31,7 @@ pub struct KafkaShared {
     pub node_id: String,
     pub group_id: String,
     pub topic_events: String,
+    pub topic_late: String,
     pub view: Arc<tally_kafka::Materialized>,
     pub worker: Arc<tally_kafka::WorkerStats>,
     pub produce: Arc<tally_kafka::ProduceStats>,
@@ -166,6 +167,7 @@ pub(super) fn start(
         node_id: settings.node_id.clone(),
         group_id: settings.group_id.clone(),
         topic_events: settings.topic_events.clone(),
+        topic_late: settings.topic_late.clone(),
         view: node.view().clone(),
         worker: node.stats().clone(),
         produce: node.producer().stats().clone(),
@@ -208,8 +210,35 @@ pub(super) fn start(
         .name("tally-alert".into())
         .spawn(move || alert_loop(alert_rx, sh, progress))
         .map_err(PipelineError::Thread)?;
-    let sh = shared.clone();
     let stop = Arc::new(AtomicBool::new(false));
+    // Every node lists the late events of every partition (the newest
+    // `dlq.capacity` per tenant; the late topic keeps them all).
+    {
+        let (dlq, st, s) = (shared.dlq.clone(), stop.clone(), settings.clone());
+        std::thread::Builder::new()
+            .name("tally-kafka-late".into())
+            .spawn(move || {
+                let topic = s.topic_late.clone();
+                let r = tally_kafka::materialize::read_committed(
+                    &s,
+                    &topic,
+                    "late",
+                    &st,
+                    &mut |key, value| {
+                        let e = value
+                            .and_then(|v| tally_kafka::codec::decode_late(key, v))
+                            .ok_or_else(|| "not a late event record".to_string())?;
+                        dlq.lock().push_view(e);
+                        Ok(())
+                    },
+                );
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "late events reader stopped");
+                }
+            })
+            .map_err(PipelineError::Thread)?;
+    }
+    let sh = shared.clone();
     let st = stop.clone();
     let progress_thread = std::thread::Builder::new()
         .name("tally-kafka-progress".into())
