@@ -108,6 +108,11 @@ impl Archive {
         self.store.clone()
     }
 
+    /// The root directory when the archive is local.
+    pub fn local_root(&self) -> Option<&Path> {
+        self.local.as_deref()
+    }
+
     /// Writes one object whole. Locally: temp file, fsync, rename, fsync the
     /// directory, so a file the manifest names survives a power cut.
     pub async fn put(&self, path: &str, data: Bytes) -> Result<()> {

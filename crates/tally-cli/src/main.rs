@@ -182,6 +182,12 @@ struct BenchArgs {
     /// Benchmark a running server instead of starting one.
     #[arg(long)]
     target: Option<String>,
+    /// Start the server in Kafka mode on these brokers (its own consumer
+    /// group and topics): every event goes HTTP → Kafka → the node's
+    /// partition workers → the aggregates topic → the metrics API, and
+    /// freshness is measured end to end through Kafka.
+    #[arg(long, value_name = "BROKERS", conflicts_with = "target")]
+    kafka: Option<String>,
     /// Config file for the started server.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -995,6 +1001,17 @@ async fn bench(a: BenchArgs) -> Result<()> {
             if let Some(c) = &a.config {
                 cmd.arg("--config").arg(c);
             }
+            if let Some(brokers) = &a.kafka {
+                let tag = format!("tally-bench-{}-{}", std::process::id(), port);
+                cmd.env("TALLY__KAFKA__BROKERS", brokers)
+                    .env("TALLY__KAFKA__GROUP_ID", &tag)
+                    .env("TALLY__KAFKA__TOPIC_EVENTS", format!("{tag}-events"))
+                    .env(
+                        "TALLY__KAFKA__TOPIC_AGGREGATES",
+                        format!("{tag}-aggregates"),
+                    )
+                    .env("TALLY__KAFKA__TOPIC_LATE", format!("{tag}-late"));
+            }
             child = Some(cmd.spawn().context("starting the server")?);
             _tmp = tmp;
             format!("http://127.0.0.1:{port}")
@@ -1014,8 +1031,14 @@ async fn bench(a: BenchArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
-        "tally bench: {} s, {} connections, {} events/request, server {base}",
-        a.duration, a.connections, a.batch
+        "tally bench: {} s, {} connections, {} events/request, server {base}{}",
+        a.duration,
+        a.connections,
+        a.batch,
+        a.kafka
+            .as_ref()
+            .map(|b| format!(" in Kafka mode on {b}"))
+            .unwrap_or_default()
     );
     let templates: Vec<Arc<Template>> = (0..8)
         .map(|i| Arc::new(template(1000 + i, a.batch)))

@@ -61,6 +61,9 @@ impl Node {
             .env("TALLY__KAFKA__TOPIC_LATE", format!("late-{}", self.tag))
             .env("TALLY__KAFKA__NODE_ID", &self.name)
             .env("TALLY__KAFKA__COMMIT_INTERVAL", "100ms")
+            .env("TALLY__KAFKA__SEAL_INTERVAL", "1s")
+            // One archive for the cluster, as on a shared file system.
+            .env("TALLY__ARCHIVE__DIR", self.dir.join("archive"))
             .env("RUST_LOG", "info")
             .env_remove("RUST_BACKTRACE")
             .envs(env.iter().copied())
@@ -402,6 +405,48 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // Raw events: every node's SQL sees every kept event of every
+    // partition once (sealed into the shared archive within seconds),
+    // the late ones included.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in &nodes {
+        for (tenant, late) in [("tenant0", 6u64), ("tenant1", 0)] {
+            let want_rows: u64 = want
+                .buckets
+                .iter()
+                .filter(|((t, _, _), _)| t == tenant)
+                .map(|(_, b)| b.count)
+                .sum::<u64>()
+                + late;
+            loop {
+                let r = common::rows(
+                    &c,
+                    &n.base(),
+                    tenant,
+                    "SELECT count(*), count(DISTINCT event_id) FROM events",
+                )
+                .await;
+                let (rows, distinct) = (r[0][0].as_u64(), r[0][1].as_u64());
+                if rows == Some(want_rows) {
+                    assert_eq!(distinct, rows, "{}: duplicate raw rows", n.name);
+                    break;
+                }
+                assert!(
+                    rows.unwrap_or(0) <= want_rows && Instant::now() < deadline,
+                    "{} {tenant}: {rows:?} raw rows, want {want_rows}",
+                    n.name
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    let files = common::files_under(&tmp.path().join("archive"));
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().contains("/kafka-ev-")),
+        "{files:?}"
+    );
     let r = c
         .post(format!(
             "{}/api/v1/dlq/replay?kind=late&tenant=tenant0",

@@ -28,10 +28,22 @@
 //! value: 01 | u64 next offset | u64 replay-from offset | str node | i64 committed at (ms)
 //!           | u32 n | n × (str tenant | i64 watermark or i64::MIN)
 //!           | u64 counted | u64 duplicates | u64 late | bytes event clocks
+//!           [| u64 raw-from offset]
 //! ```
 //!
-//! **Late events** (`late_events` topic): key `tenant '/' event id`, value the
-//! late DLQ entry as JSON (`tenant`, `reason`, `received_at`, `event`).
+//! The raw-from offset (added within version 1; absent: the next offset)
+//! is where the partition's raw events not yet in archive files begin: a
+//! new owner rebuilds them from there.
+//!
+//! **Sealed files** — raw events of one source partition's offsets
+//! `[from, to)` sealed into Parquet files of the archive (one per tenant
+//! and hour), written in the transaction that moves raw-from to `to`, so
+//! the files a reader lists are exactly the committed ones:
+//!
+//! ```text
+//! key:   01 'F' | u32 source partition | u64 from
+//! value: 01 | u64 to | u32 n | n × (str path | str tenant | i64 min ts | i64 max ts | u64 rows | u64 bytes)
+//! ```
 //!
 //! **Late events** (the late topic, JSON, not versioned bytes): one
 //! message per event counted by no window, written in the same
@@ -51,6 +63,27 @@ use tally_types::time::Millis;
 pub const VERSION: u8 = 1;
 const KIND_AGG: u8 = b'A';
 const KIND_STATE: u8 = b'S';
+const KIND_FILES: u8 = b'F';
+
+/// One sealed archive file (a path relative to the archive root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedFile {
+    pub path: String,
+    pub tenant: String,
+    pub min_ts: Millis,
+    pub max_ts: Millis,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// The files one seal of a source partition wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub partition: u32,
+    pub from: u64,
+    pub to: u64,
+    pub files: Vec<SealedFile>,
+}
 
 /// Key of one aggregate record.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,6 +112,8 @@ pub struct PartitionState {
     pub late: u64,
     /// The processor's event clocks (`Processor::export_clocks`).
     pub clocks: Vec<u8>,
+    /// Raw events from this offset on are not in archive files yet.
+    pub raw_from: u64,
 }
 
 /// A decoded key of the aggregates topic.
@@ -86,6 +121,8 @@ pub struct PartitionState {
 pub enum Key {
     Agg(AggKey),
     State(u32),
+    /// Sealed files of (source partition, from offset).
+    Files(u32, u64),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +170,7 @@ pub fn decode_key(b: &[u8]) -> Result<Key, CodecError> {
             event_type: d.str()?.into(),
         })),
         KIND_STATE => Ok(Key::State(d.u32()?)),
+        KIND_FILES => Ok(Key::Files(d.u32()?, d.u64()?)),
         k => Err(CodecError::Kind(k)),
     }
 }
@@ -169,7 +207,61 @@ pub fn state_value(s: &PartitionState) -> Vec<u8> {
     e.u64(s.duplicates);
     e.u64(s.late);
     e.bytes(&s.clocks);
+    e.u64(s.raw_from);
     e.buf
+}
+
+pub fn files_key(partition: u32, from: u64) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u8(KIND_FILES);
+    e.u32(partition);
+    e.u64(from);
+    e.buf
+}
+
+pub fn files_value(s: &Sealed) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u64(s.to);
+    e.u32(s.files.len() as u32);
+    for f in &s.files {
+        e.str(&f.path);
+        e.str(&f.tenant);
+        e.i64(f.min_ts);
+        e.i64(f.max_ts);
+        e.u64(f.rows);
+        e.u64(f.bytes);
+    }
+    e.buf
+}
+
+/// The value of a [`Key::Files`] record.
+pub fn decode_files(partition: u32, from: u64, b: &[u8]) -> Result<Sealed, CodecError> {
+    let mut d = Dec::new(b);
+    let v = d.u8()?;
+    if v != VERSION {
+        return Err(CodecError::Version(v));
+    }
+    let to = d.u64()?;
+    let n = d.count(40)?;
+    let mut files = Vec::with_capacity(n);
+    for _ in 0..n {
+        files.push(SealedFile {
+            path: d.str()?.to_string(),
+            tenant: d.str()?.to_string(),
+            min_ts: d.i64()?,
+            max_ts: d.i64()?,
+            rows: d.u64()?,
+            bytes: d.u64()?,
+        });
+    }
+    Ok(Sealed {
+        partition,
+        from,
+        to,
+        files,
+    })
 }
 
 pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
@@ -189,16 +281,22 @@ pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
         let w = d.i64()?;
         watermarks.push((t, (w != Millis::MIN).then_some(w)));
     }
+    let counted = d.u64()?;
+    let duplicates = d.u64()?;
+    let late = d.u64()?;
+    let clocks = d.bytes()?.to_vec();
+    let raw_from = if d.is_empty() { next_offset } else { d.u64()? };
     Ok(PartitionState {
         next_offset,
         replay_from,
         node,
         committed_at,
         watermarks,
-        counted: d.u64()?,
-        duplicates: d.u64()?,
-        late: d.u64()?,
-        clocks: d.bytes()?.to_vec(),
+        counted,
+        duplicates,
+        late,
+        clocks,
+        raw_from,
     })
 }
 
@@ -236,8 +334,29 @@ mod tests {
             duplicates: 2,
             late: 3,
             clocks: vec![1, 2, 3],
+            raw_from: 40,
         };
         assert_eq!(decode_state(&state_value(&s)).unwrap(), s);
+        // A state written before raw-from existed reads as all sealed.
+        let mut old = state_value(&s);
+        old.truncate(old.len() - 8);
+        let back = decode_state(&old).unwrap();
+        assert_eq!(back.raw_from, s.next_offset);
+        let f = Sealed {
+            partition: 2,
+            from: 100,
+            to: 180,
+            files: vec![SealedFile {
+                path: "tenant=a/date=2026-11-01/hour=12/kafka-ev-p2-100-180.parquet".into(),
+                tenant: "a".into(),
+                min_ts: 1,
+                max_ts: 9,
+                rows: 80,
+                bytes: 4096,
+            }],
+        };
+        assert_eq!(decode_key(&files_key(2, 100)).unwrap(), Key::Files(2, 100));
+        assert_eq!(decode_files(2, 100, &files_value(&f)).unwrap(), f);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod alerts;
 pub mod codec;
 pub mod materialize;
 pub mod produce;
+pub mod raw;
 #[doc(hidden)]
 pub mod testing;
 pub mod worker;
@@ -110,6 +111,8 @@ pub enum Error {
     },
     #[error("kafka thread: {0}")]
     Thread(std::io::Error),
+    #[error("sealing raw events into the archive {archive}: {what}")]
+    Archive { archive: String, what: String },
     #[error(
         "the Kafka brokers at {brokers} did not answer ({source}): check kafka.brokers (TALLY__KAFKA__BROKERS) and that Kafka is running and reachable from here"
     )]

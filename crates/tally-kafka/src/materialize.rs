@@ -31,6 +31,8 @@ struct PartView {
     values: HashMap<BucketKey, Agg>,
     /// Aggregates read since the last state of this partition.
     pending: Vec<(BucketKey, Agg)>,
+    /// Sealed files read since the last state of this partition.
+    pending_files: Vec<codec::Sealed>,
 }
 
 #[derive(Default)]
@@ -49,12 +51,16 @@ pub struct Restore {
     pub values: Vec<(BucketKey, Agg)>,
 }
 
+/// Called with the archive files of a committed seal.
+pub type FilesFn = Box<dyn Fn(&codec::Sealed) + Send + Sync>;
+
 /// The materialized aggregates topic, shared by the reader thread, the
 /// partition workers and the HTTP layer.
 pub struct Materialized {
     inner: Mutex<Inner>,
     changed: Condvar,
     store: Arc<RwLock<RollupStore>>,
+    on_files: Mutex<Option<FilesFn>>,
 }
 
 impl Materialized {
@@ -63,7 +69,13 @@ impl Materialized {
             inner: Mutex::new(Inner::default()),
             changed: Condvar::new(),
             store,
+            on_files: Mutex::new(None),
         })
+    }
+
+    /// Where the archive files of committed seals go (the node's raw store).
+    pub fn on_files(&self, f: FilesFn) {
+        *self.on_files.lock() = Some(f);
     }
 
     /// Every partition's last committed state.
@@ -156,14 +168,34 @@ impl Materialized {
                     .pending
                     .push(((tenant, minute, event_type), agg));
             }
+            Key::Files(partition, from) => {
+                let Some(v) = value else { return Ok(()) };
+                let sealed = codec::decode_files(partition, from, v)?;
+                inner
+                    .parts
+                    .entry(partition)
+                    .or_default()
+                    .pending_files
+                    .push(sealed);
+            }
             Key::State(partition) => {
                 let Some(v) = value else { return Ok(()) };
                 let state = codec::decode_state(v)?;
-                let pending = {
+                let (pending, files) = {
                     let view = inner.parts.entry(partition).or_default();
                     view.state = Some(state);
-                    std::mem::take(&mut view.pending)
+                    (
+                        std::mem::take(&mut view.pending),
+                        std::mem::take(&mut view.pending_files),
+                    )
                 };
+                if !files.is_empty()
+                    && let Some(f) = self.on_files.lock().as_ref()
+                {
+                    for sealed in &files {
+                        f(sealed);
+                    }
+                }
                 if !pending.is_empty() {
                     let mut store = self.store.write();
                     for (k, agg) in pending {

@@ -35,6 +35,7 @@ use tally_types::time::{MINUTE_MS, Millis, align_down};
 
 use crate::codec::{self, AggKey, PartitionState};
 use crate::materialize::Materialized;
+use crate::raw::RawBuf;
 use crate::{BACKFILL_HEADER, Error, Settings};
 
 /// What the worker needs from the node that runs it.
@@ -50,6 +51,8 @@ pub struct Hooks {
     pub on_malformed: Arc<dyn Fn(Vec<DlqEntry>) + Send + Sync>,
     /// The wall clock (lag in seconds).
     pub now_ms: Arc<dyn Fn() -> Millis + Send + Sync>,
+    /// Where raw events are sealed (None: raw events are not kept).
+    pub raw: Option<crate::raw::RawSink>,
 }
 
 /// One owned partition, as `/metrics` and `/api/v1/status` show it.
@@ -79,6 +82,8 @@ pub struct WorkerStats {
     pub malformed: AtomicU64,
     pub aggregates_produced: AtomicU64,
     pub restored_events: AtomicU64,
+    /// Archive files written by seals of raw events.
+    pub raw_files: AtomicU64,
     /// The last session error, if the worker is between sessions.
     pub last_error: Mutex<Option<String>>,
 }
@@ -183,6 +188,10 @@ struct Part {
     dirty: bool,
     last_ts: Millis,
     counts: (u64, u64, u64),
+    /// Raw events kept since the last seal, and the offset they start at
+    /// (every kept event before it is in committed archive files).
+    raw: RawBuf,
+    raw_from: u64,
 }
 
 impl Part {
@@ -191,6 +200,7 @@ impl Part {
         cfg.partitions = 1;
         let mut proc = Processor::new(cfg, Arc::default(), Arc::new(Mutex::new(Dlq::new(1))));
         proc.own_partition();
+        proc.set_capture(hooks.raw.is_some());
         // The clocks are imported under the view's lock, where they decide
         // which of the partition's minutes can still change and are loaded.
         let mut clocks_ok = true;
@@ -216,6 +226,8 @@ impl Part {
             dirty: false,
             last_ts: Millis::MIN,
             counts: (0, 0, 0),
+            raw: RawBuf::default(),
+            raw_from: 0,
         };
         match restored.filter(|_| clocks_ok) {
             Some(r) => {
@@ -228,6 +240,11 @@ impl Part {
                     st.take_touched();
                 }
                 part.start = r.state.replay_from.min(r.state.next_offset);
+                part.raw_from = r.state.raw_from.min(r.state.next_offset);
+                if hooks.raw.is_some() {
+                    // The unsealed raw events are rebuilt too.
+                    part.start = part.start.min(part.raw_from);
+                }
                 part.restore_until = r.state.next_offset;
                 part.next_offset = part.start;
                 part.counts = (r.state.counted, r.state.duplicates, r.state.late);
@@ -236,6 +253,7 @@ impl Part {
                     next_offset = r.state.next_offset,
                     replay_from = part.start,
                     from_node = %r.state.node,
+                    raw_from = part.raw_from,
                     "restoring partition"
                 );
             }
@@ -324,6 +342,8 @@ struct Session<'a> {
     parts: HashMap<u32, Part>,
     in_txn: bool,
     agg_partitions: u32,
+    /// Runs the archive's writes (raw events kept).
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 fn client_err(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
@@ -405,6 +425,15 @@ fn session(
         parts: HashMap::new(),
         in_txn: false,
         agg_partitions,
+        rt: match hooks.raw {
+            Some(_) => Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Thread)?,
+            ),
+            None => None,
+        },
     };
     *stats.last_error.lock() = None;
     let result = s.run(&consumer, stop);
@@ -607,6 +636,21 @@ impl Session<'_> {
             for ((t, _), &(lo, _)) in parsed.tenants.iter().zip(&parsed.spans) {
                 part.note_low(backfill, t, align_down(lo, MINUTE_MS), offset);
             }
+            if self.hooks.raw.is_some() {
+                if offset >= part.raw_from {
+                    part.raw
+                        .append(&payload, ts, part.proc.last_drops())
+                        .map_err(|e| Error::Process {
+                            partition: id,
+                            source: tally_stream::Error::Codec {
+                                partition: 0,
+                                lsn: offset,
+                                source: e,
+                            },
+                        })?;
+                }
+                part.proc.raw_sealed(offset + 1);
+            }
         }
         part.next_offset = offset + 1;
         part.last_ts = ts;
@@ -650,7 +694,9 @@ impl Session<'_> {
     /// One transaction: every moved partition's changed aggregates, late
     /// events and state, with the consumed offsets.
     fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
-        if !self.parts.values().any(|p| p.dirty) {
+        let sink = self.hooks.raw.as_ref();
+        let due = |p: &Part| sink.is_some_and(|s| !p.restoring() && p.raw.due(s));
+        if !self.parts.values().any(|p| p.dirty || due(p)) {
             return Ok(());
         }
         self.begin()?;
@@ -662,8 +708,27 @@ impl Session<'_> {
             let Some(part) = self.parts.get_mut(&id) else {
                 continue;
             };
-            if !part.dirty || part.restoring() {
+            let seal = due(part);
+            if !(part.dirty || seal) || part.restoring() {
                 continue;
+            }
+            let mut sealed = None;
+            if seal && let (Some(sink), Some(rt)) = (sink, self.rt.as_ref()) {
+                let (from, to) = (part.raw_from, part.next_offset);
+                let files = part
+                    .raw
+                    .seal(sink, rt, &self.settings.topic_events, id, from, to)?;
+                self.stats.raw_files.fetch_add(files.len() as u64, Relaxed);
+                sealed = Some(codec::Sealed {
+                    partition: id,
+                    from,
+                    to,
+                    files,
+                });
+                part.raw_from = to;
+            }
+            if part.raw.rows() == 0 {
+                part.raw_from = part.next_offset;
             }
             let ap = (id % self.agg_partitions) as i32;
             let touched = part.proc.store().write().take_touched();
@@ -702,12 +767,21 @@ impl Session<'_> {
                 duplicates: part.counts.1,
                 late: part.counts.2,
                 clocks: clocks.buf,
+                raw_from: part.raw_from,
             };
             part.dirty = false;
             let next = part.next_offset;
             let n_out = out.len() as u64;
             for (k, v) in &out {
                 self.send(&self.settings.topic_aggregates, Some(ap), k, v)?;
+            }
+            if let Some(f) = &sealed {
+                self.send(
+                    &self.settings.topic_aggregates,
+                    Some(ap),
+                    &codec::files_key(id, f.from),
+                    &codec::files_value(f),
+                )?;
             }
             for e in &late {
                 let key = codec::late_key(e);

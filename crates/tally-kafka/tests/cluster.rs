@@ -47,6 +47,7 @@ fn hooks(malformed: Arc<Mutex<Vec<String>>>) -> Hooks {
             malformed.lock().extend(e.into_iter().map(|x| x.reason));
         }),
         now_ms: Arc::new(|| Clock::system().now_ms()),
+        raw: None,
     }
 }
 

@@ -185,6 +185,9 @@ pub struct KafkaSection {
     pub commit_interval: String,
     /// How long an ingest request waits for the broker before 503.
     pub produce_timeout: String,
+    /// Raw events of each owned partition are sealed into the archive at
+    /// least this often (what SQL over `events` sees on every node).
+    pub seal_interval: String,
     pub client: std::collections::BTreeMap<String, ClientValue>,
 }
 
@@ -222,6 +225,7 @@ impl Default for KafkaSection {
             node_id: String::new(),
             commit_interval: "200ms".into(),
             produce_timeout: "10s".into(),
+            seal_interval: "5s".into(),
             client: Default::default(),
         }
     }
@@ -478,6 +482,10 @@ pub struct ArchiveSection {
     pub compact_rows: u64,
     /// An S3-compatible bucket instead of `<data-dir>/archive`.
     pub s3: Option<S3Section>,
+    /// The local archive directory (default `<data-dir>/archive`). Kafka
+    /// mode: every node must reach the same archive (this directory on a
+    /// shared file system, or `[archive.s3]`).
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -566,6 +574,7 @@ impl Default for ArchiveSection {
             compact_files: 8,
             compact_rows: 4_000_000,
             s3: None,
+            dir: None,
         }
     }
 }
@@ -839,6 +848,13 @@ impl Config {
             });
         }
         duration("kafka.produce-timeout", &k.produce_timeout)?;
+        if duration("kafka.seal-interval", &k.seal_interval)? <= 0 {
+            return Err(ConfigError::Invalid {
+                key: "kafka.seal-interval",
+                value: k.seal_interval.clone(),
+                fix: "use a positive duration, e.g. 5s",
+            });
+        }
         Ok(())
     }
 

@@ -202,7 +202,12 @@ pub fn raw_setup(
             secret_access_key: s.secret_access_key.clone(),
             allow_http: s.allow_http,
         }),
-        None => tally_archive::ArchiveTarget::Local(cfg.data_dir.join("archive")),
+        None => tally_archive::ArchiveTarget::Local(
+            cfg.archive
+                .dir
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join("archive")),
+        ),
     };
     let mut rc = tally_archive::RawConfig::new(
         cfg.data_dir.join("raw").join("manifest"),

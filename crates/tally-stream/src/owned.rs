@@ -106,7 +106,9 @@ impl Processor {
     /// Rebuilds the dedupe entries of an already applied record without
     /// counting anything: an event whose window can still change is
     /// remembered in it, any other as a late event at the watermark's
-    /// minute (so a retry is a duplicate either way). Answers the events.
+    /// minute (so a retry is a duplicate either way). Answers the events;
+    /// [`Processor::last_drops`] then says which were duplicates, as
+    /// `apply` judged them, for a raw store rebuilt alongside.
     pub fn remember(&mut self, rec: RecordRef<'_>) -> Result<usize, Error> {
         let codec = |source| Error::Codec {
             partition: rec.partition,
@@ -119,13 +121,14 @@ impl Processor {
         }
         let lateness = self.cfg.allowed_lateness_ms;
         let n = self.offsets.len();
-        let map = if reader.is_backfill() {
-            &mut self.backfills
+        let (map, twin) = if reader.is_backfill() {
+            (&mut self.backfills, &self.clocks)
         } else {
-            &mut self.clocks
+            (&mut self.clocks, &self.backfills)
         };
+        self.last_drops.clear();
         let mut count = 0;
-        for ev in reader {
+        for (i, ev) in reader.enumerate() {
             let ev = ev.map_err(codec)?;
             let c = map.entry_ref(ev.tenant).or_insert_with(|| Clock::new(n));
             let minute = align_down(ev.ts, MINUTE_MS);
@@ -135,9 +138,21 @@ impl Processor {
                 let w = c.watermark.unwrap_or(minute);
                 align_down(w.max(minute), MINUTE_MS) | LATE_MARK
             };
-            c.dedupe
-                .entry(dedupe_key(ev.tenant, ev.event_id))
-                .or_insert(value);
+            let key = dedupe_key(ev.tenant, ev.event_id);
+            // A duplicate as `apply` judged it: a live entry in either clock.
+            let seen = c
+                .dedupe
+                .get(&key)
+                .is_some_and(|&v| live(v, c.watermark, lateness))
+                || twin.get(ev.tenant).is_some_and(|t| {
+                    t.dedupe
+                        .get(&key)
+                        .is_some_and(|&v| live(v, t.watermark, lateness))
+                });
+            if seen {
+                super::push_drop(&mut self.last_drops, i as u32);
+            }
+            c.dedupe.entry(key).or_insert(value);
             count += 1;
         }
         if let Some(p) = self.offsets.get_mut(rec.partition as usize) {

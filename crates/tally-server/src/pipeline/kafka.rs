@@ -121,6 +121,24 @@ pub(super) fn start(
             }
         })
     };
+    // Raw events: each node seals its partitions' events into the shared
+    // archive; every node lists the files of committed seals.
+    let raw = if cfg.archive.enabled {
+        let (target, _) = super::raw_setup(cfg)?;
+        let archive = tally_archive::Archive::open(&target)?;
+        Some(Arc::new(tally_archive::RawShared {
+            archive,
+            hot: Default::default(),
+            files: Default::default(),
+            sealed_lsn: AtomicU64::new(0),
+            sealed_offsets: Mutex::new(Vec::new()),
+            published_lsn: AtomicU64::new(0),
+            version: AtomicU64::new(0),
+            stats: Default::default(),
+        }))
+    } else {
+        None
+    };
     let hooks = Hooks {
         stream: stream_config(cfg)?,
         make_parser: Arc::new(move |ts| {
@@ -134,8 +152,21 @@ pub(super) fn start(
             let c = clock.clone();
             Arc::new(move || c.now_ms())
         },
+        raw: raw.as_ref().map(|r| tally_kafka::raw::RawSink {
+            archive: r.archive.clone(),
+            seal_interval: Duration::from_millis(
+                tally_types::time::parse_duration_ms(&k.seal_interval)
+                    .unwrap_or(5000)
+                    .max(1) as u64,
+            ),
+            seal_rows: cfg.archive.seal_rows.max(1),
+            zstd_level: cfg.archive.zstd_level,
+        }),
     };
     let node = KafkaNode::start(settings.clone(), hooks, store.clone())?;
+    if let Some(raw) = &raw {
+        node.view().on_files(list_sealed(raw.clone()));
+    }
     tracing::info!(
         brokers = %settings.brokers,
         group = %settings.group_id,
@@ -187,7 +218,7 @@ pub(super) fn start(
         storage_failing: AtomicBool::new(false),
         tenant_max_ts: Mutex::new(HashMap::new()),
         partitions: cfg.log.partitions,
-        raw: None,
+        raw,
         applied: AtomicU64::new(0),
         alerts,
         alert_wake: Arc::new(tokio::sync::Notify::new()),
@@ -355,4 +386,47 @@ fn progress_loop(
     // The alert thread publishes its last changes as its channel closes.
     drop(alert_tx);
     k.alert_log.shutdown();
+}
+
+/// Adds the files of each committed seal to what SQL reads. With a local
+/// archive, a file this node cannot see (each node archiving to its own
+/// directory) is left out, counted and reported once.
+fn list_sealed(raw: Arc<tally_archive::RawShared>) -> tally_kafka::materialize::FilesFn {
+    let warned = AtomicBool::new(false);
+    Box::new(move |sealed: &tally_kafka::codec::Sealed| {
+        let root = raw.archive.local_root().map(std::path::Path::to_path_buf);
+        let mut added = 0u64;
+        {
+            let mut files = raw.files.write();
+            for f in &sealed.files {
+                if let Some(root) = &root
+                    && !root.join(&f.path).exists()
+                {
+                    raw.stats.seal_errors.fetch_add(1, Relaxed);
+                    if !warned.swap(true, Relaxed) {
+                        tracing::error!(
+                            file = %f.path,
+                            archive = %raw.archive.describe,
+                            "a file another node sealed is not in this node's archive: in Kafka mode every node needs the same archive (archive.dir on a shared file system, or [archive.s3]); SQL over events leaves such files out"
+                        );
+                    }
+                    continue;
+                }
+                if files.iter().any(|x| x.path == f.path) {
+                    continue;
+                }
+                files.push(Arc::new(tally_archive::ArchiveFile {
+                    path: f.path.clone(),
+                    tenant: f.tenant.as_str().into(),
+                    min_ts: f.min_ts,
+                    max_ts: f.max_ts,
+                    rows: f.rows,
+                    bytes: f.bytes,
+                }));
+                added += f.rows;
+            }
+        }
+        raw.stats.rows_sealed.fetch_add(added, Relaxed);
+        raw.bump_version();
+    })
 }
