@@ -4,9 +4,9 @@
 # the CPU it spends per event; then embedded mode fed the same generated
 # events over HTTP, in the same run, for comparison.
 #
-#   EVENTS=1000000 scripts/bench_kafka.sh [path/to/tally]     (release build)
+#   EVENTS=1000000 NODES="1 2 3" scripts/bench_kafka.sh [path/to/tally]   (release build)
 #
-# Prints events/s and server CPU ns per event for each. The broker is the
+# Prints events/s and server CPU ns per event for each (all nodes together). The broker is the
 # test broker (scripts/kafka-broker), on this machine, sharing its cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,25 +24,44 @@ counted() {  # processed events (counted + duplicates + malformed) of a node
   curl -s "$1/metrics" | awk '/^tally_kafka_messages_total/{print $2}'
 }
 
-echo "== producing $EVENTS generated events to the topic"
-"$TALLY" gen --kafka "127.0.0.1:$PORT" --events "$EVENTS" --seed 5 --tenants 4 --late 0 --batch 5000 | tail -1
+# Kafka mode with N nodes (NODES="1 2 3"): each run has a consumer group
+# and topics of its own, fed the same backlog; the time is until every
+# message is processed and no node lags; CPU is all nodes' together.
+kafka_run() {  # $1 = nodes; prints "rate ns"
+  local n=$1 tag="b$1-$RANDOM" pids=() bases=() t0 t1 c0=0 c1=0
+  "$TALLY" gen --kafka "127.0.0.1:$PORT" --topic "$tag-events" --events "$EVENTS" --seed 5 --tenants 4 --late 0 --batch 5000 >/dev/null
+  for i in $(seq 1 "$n"); do
+    local http=$((PORT + 10 + i + 10 * n))
+    TALLY__KAFKA__BROKERS="127.0.0.1:$PORT" TALLY__KAFKA__GROUP_ID="$tag" \
+      TALLY__KAFKA__TOPIC_EVENTS="$tag-events" TALLY__KAFKA__TOPIC_AGGREGATES="$tag-agg" \
+      TALLY__KAFKA__TOPIC_LATE="$tag-late" TALLY__KAFKA__NODE_ID="$tag-n$i" \
+      TALLY__ARCHIVE__DIR="$WORK/$tag-archive" \
+      "$TALLY" serve --listen "127.0.0.1:$http" --data-dir "$WORK/$tag-n$i" >"$WORK/$tag-n$i.log" 2>&1 &
+    pids+=($!); bases+=("http://127.0.0.1:$http")
+  done
+  for b in "${bases[@]}"; do until curl -sf "$b/readyz" >/dev/null; do sleep 0.1; done; done
+  t0=$(date +%s.%N)
+  for p in "${pids[@]}"; do c0=$((c0 + $(cpu_ticks "$p"))); done
+  # Every message processed (by whichever node owns its partition) ...
+  until [ "$(for b in "${bases[@]}"; do counted "$b"; done | awk '{s+=$1} END {print s+0}')" -ge "$EVENTS" ]; do sleep 0.2; done
+  # ... and committed: no node lags.
+  for b in "${bases[@]}"; do
+    until curl -s "$b/api/v1/status" | grep -q '"lag_records":0'; do sleep 0.2; done
+  done
+  t1=$(date +%s.%N)
+  for p in "${pids[@]}"; do c1=$((c1 + $(cpu_ticks "$p"))); done
+  local secs; secs=$(echo "$t1 - $t0" | bc -l)
+  printf "%.0f %.0f %.1f\n" "$(echo "$EVENTS / $secs" | bc -l)" "$(echo "($c1 - $c0) / $clk * 1000000000 / $EVENTS" | bc -l)" "$secs"
+  for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+}
 
-echo "== kafka mode: one node consumes the backlog"
-HTTP=$((PORT + 1))
-TALLY__KAFKA__BROKERS="127.0.0.1:$PORT" "$TALLY" serve --listen "127.0.0.1:$HTTP" --data-dir "$WORK/node" >"$WORK/node.log" 2>&1 &
-NODE=$!
-until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null; do sleep 0.1; done
-t0=$(date +%s.%N); c0=$(cpu_ticks $NODE)
-# The generator's lines are messages; each holds one event.
-until [ "$(counted "http://127.0.0.1:$HTTP")" = "$EVENTS" ]; do sleep 0.2; done
-# ... and visible in the node's store (its own committed aggregates).
-until curl -s "http://127.0.0.1:$HTTP/api/v1/status" | grep -q '"lag_records":0'; do sleep 0.2; done
-t1=$(date +%s.%N); c1=$(cpu_ticks $NODE)
-secs=$(echo "$t1 - $t0" | bc -l)
-kafka_rate=$(echo "$EVENTS / $secs" | bc -l)
-kafka_ns=$(echo "($c1 - $c0) / $clk * 1000000000 / $EVENTS" | bc -l)
-printf "kafka mode: %.0f events/s, %.0f ns server CPU per event (%.1f s)\n" "$kafka_rate" "$kafka_ns" "$secs"
-kill $NODE; wait $NODE 2>/dev/null || true
+kafka_rate=0
+for n in ${NODES:-1}; do
+  echo "== kafka mode: $n node(s) consume a backlog of $EVENTS events"
+  read -r rate ns secs < <(kafka_run "$n")
+  printf "kafka mode, %d node(s): %s events/s, %s ns CPU per event, all nodes (%s s)\n" "$n" "$rate" "$ns" "$secs"
+  [ "$n" = 1 ] && kafka_rate=$rate
+done
 
 echo "== embedded mode: the same events over HTTP"
 HTTP2=$((PORT + 2))
@@ -57,4 +76,6 @@ secs=$(echo "$t1 - $t0" | bc -l)
 emb_rate=$(echo "$EVENTS / $secs" | bc -l)
 emb_ns=$(echo "($c1 - $c0) / $clk * 1000000000 / $EVENTS" | bc -l)
 printf "embedded (HTTP ingest + log + processor): %.0f events/s, %.0f ns server CPU per event (%.1f s)\n" "$emb_rate" "$emb_ns" "$secs"
-printf "kafka / embedded throughput: %.2f\n" "$(echo "$kafka_rate / $emb_rate" | bc -l)"
+if [ "$kafka_rate" != 0 ]; then
+  printf "kafka (1 node) / embedded throughput: %.2f\n" "$(echo "$kafka_rate / $emb_rate" | bc -l)"
+fi

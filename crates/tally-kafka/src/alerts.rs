@@ -33,6 +33,10 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::{Error, Settings};
 
+/// How long the reader rests once it has read everything (rule changes
+/// reach other nodes within it).
+const IDLE_PAUSE: Duration = Duration::from_millis(200);
+
 /// Header naming the process that wrote a record.
 const ORIGIN_HEADER: &str = "tally-origin";
 
@@ -274,7 +278,8 @@ fn read(
     })?;
     let mut last_end_check = Instant::now();
     while !stop.load(Relaxed) {
-        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+        let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
+            crate::materialize::idle_pause(&consumer, &tpl, IDLE_PAUSE);
             // Compaction can remove the records up to the end: a reader
             // with nothing to read is at the end.
             if last_end_check.elapsed() >= Duration::from_millis(500) {

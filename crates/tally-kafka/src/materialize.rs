@@ -229,12 +229,39 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<(), Error> {
     let topic = settings.topic_aggregates.clone();
-    read_committed(&settings, &topic, "view", &stop, &mut |key, value| {
-        view.apply(key, value).map_err(|e| {
-            view.inner.lock().unreadable += 1;
-            e.to_string()
-        })
-    })
+    read_committed(
+        &settings,
+        &topic,
+        "view",
+        VIEW_PAUSE,
+        &stop,
+        &mut |key, value| {
+            view.apply(key, value).map_err(|e| {
+                view.inner.lock().unreadable += 1;
+                e.to_string()
+            })
+        },
+    )
+}
+
+/// How long the aggregates reader rests when it has read everything: a
+/// bound on what it adds to freshness.
+pub const VIEW_PAUSE: Duration = Duration::from_millis(50);
+
+/// A reader with nothing to read stops fetching for `pause`: Kafka
+/// brokers hold an empty fetch for `fetch.wait.max.ms`, but a broker that
+/// answers at once (the test broker does) would have the client fetch in
+/// a loop, a core's worth per idle reader.
+pub(crate) fn idle_pause<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+    pause: Duration,
+) {
+    if pause.is_zero() || consumer.pause(tpl).is_err() {
+        return;
+    }
+    std::thread::sleep(pause);
+    let _ = consumer.resume(tpl);
 }
 
 /// Applies one record (key, value); an error is logged and the record
@@ -248,6 +275,7 @@ pub fn read_committed(
     settings: &Settings,
     topic: &str,
     what: &'static str,
+    pause: Duration,
     stop: &AtomicBool,
     apply: &mut ApplyRecord<'_>,
 ) -> Result<(), Error> {
@@ -259,6 +287,7 @@ pub fn read_committed(
             settings,
             topic,
             what,
+            pause,
             apply,
             stop,
             &mut positions,
@@ -288,6 +317,7 @@ fn session(
     settings: &Settings,
     topic: &str,
     what: &'static str,
+    pause: Duration,
     apply: &mut ApplyRecord<'_>,
     stop: &AtomicBool,
     positions: &mut HashMap<i32, i64>,
@@ -356,7 +386,8 @@ fn session(
                 }
             }
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+        let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
+            idle_pause(&consumer, &tpl, pause);
             continue;
         };
         let msg = msg.map_err(|source| Error::Client { what, source })?;

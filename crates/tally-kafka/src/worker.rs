@@ -352,6 +352,9 @@ fn client_err(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a caught-up worker stops fetching (added to freshness at most).
+const IDLE_PAUSE: Duration = Duration::from_millis(10);
+
 /// How long a new owner waits for the aggregates topic to reach the
 /// partition's committed offset before restoring from what it has read
 /// (a deterministic re-run from an older state produces the same values).
@@ -456,9 +459,20 @@ impl Session<'_> {
         while !stop.load(Relaxed) {
             let polled = consumer.poll(Duration::from_millis(20));
             self.rebalanced(consumer)?;
-            if let Some(m) = polled {
-                let m = m.map_err(client_err("consume"))?;
-                self.handle(&m)?;
+            match polled {
+                Some(m) => {
+                    let m = m.map_err(client_err("consume"))?;
+                    self.handle(&m)?;
+                }
+                // Caught up: rest a little rather than fetch in a loop
+                // from a broker that answers empty fetches at once.
+                None => {
+                    if let Ok(a) = consumer.assignment()
+                        && a.count() > 0
+                    {
+                        crate::materialize::idle_pause(consumer, &a, IDLE_PAUSE);
+                    }
+                }
             }
             if last_commit.elapsed() >= self.settings.commit_interval {
                 self.commit(consumer)?;

@@ -254,6 +254,7 @@ pub(super) fn start(
                     &s,
                     &topic,
                     "late",
+                    Duration::from_secs(1),
                     &st,
                     &mut |key, value| {
                         let e = value
