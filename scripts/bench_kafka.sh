@@ -14,9 +14,10 @@ TALLY="${1:-${CARGO_TARGET_DIR:-target}/release/tally}"
 EVENTS="${EVENTS:-1000000}"
 PORT=$((20000 + RANDOM % 20000))
 WORK="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rm -rf "$WORK"' EXIT
 BROKER_BIN="$(scripts/kafka-broker install)"
 "$BROKER_BIN" start --data-dir "$WORK/broker" --host 127.0.0.1 --only kafka --kafka-port "$PORT" >/dev/null 2>&1 &
+BROKER=$!
 sleep 1
 clk=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -28,7 +29,7 @@ counted() {  # processed events (counted + duplicates + malformed) of a node
 # and topics of its own, fed the same backlog; the time is until every
 # message is processed and no node lags; CPU is all nodes' together.
 kafka_run() {  # $1 = nodes; prints "rate ns"
-  local n=$1 tag="b$1-$RANDOM" pids=() bases=() t0 t1 c0=0 c1=0
+  local n=$1 tag="b$1-$RANDOM" pids=() bases=() t0 t1 c0=0 c1=0 b0 b1
   "$TALLY" gen --kafka "127.0.0.1:$PORT" --topic "$tag-events" --events "$EVENTS" --seed 5 --tenants 4 --late 0 --batch 5000 >/dev/null
   for i in $(seq 1 "$n"); do
     local http=$((PORT + 10 + i + 10 * n))
@@ -40,7 +41,7 @@ kafka_run() {  # $1 = nodes; prints "rate ns"
     pids+=($!); bases+=("http://127.0.0.1:$http")
   done
   for b in "${bases[@]}"; do until curl -sf "$b/readyz" >/dev/null; do sleep 0.1; done; done
-  t0=$(date +%s.%N)
+  t0=$(date +%s.%N); b0=$(cpu_ticks "$BROKER")
   for p in "${pids[@]}"; do c0=$((c0 + $(cpu_ticks "$p"))); done
   # Every message processed (by whichever node owns its partition) ...
   until [ "$(for b in "${bases[@]}"; do counted "$b"; done | awk '{s+=$1} END {print s+0}')" -ge "$EVENTS" ]; do sleep 0.2; done
@@ -48,18 +49,19 @@ kafka_run() {  # $1 = nodes; prints "rate ns"
   for b in "${bases[@]}"; do
     until curl -s "$b/api/v1/status" | grep -q '"lag_records":0'; do sleep 0.2; done
   done
-  t1=$(date +%s.%N)
+  t1=$(date +%s.%N); b1=$(cpu_ticks "$BROKER")
   for p in "${pids[@]}"; do c1=$((c1 + $(cpu_ticks "$p"))); done
   local secs; secs=$(echo "$t1 - $t0" | bc -l)
-  printf "%.0f %.0f %.1f\n" "$(echo "$EVENTS / $secs" | bc -l)" "$(echo "($c1 - $c0) / $clk * 1000000000 / $EVENTS" | bc -l)" "$secs"
+  printf "%.0f %.0f %.1f %.0f\n" "$(echo "$EVENTS / $secs" | bc -l)" "$(echo "($c1 - $c0) / $clk * 1000000000 / $EVENTS" | bc -l)" "$secs" \
+    "$(echo "($b1 - $b0) / $clk * 1000000000 / $EVENTS" | bc -l)"
   for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
 }
 
 kafka_rate=0
 for n in ${NODES:-1}; do
   echo "== kafka mode: $n node(s) consume a backlog of $EVENTS events"
-  read -r rate ns secs < <(kafka_run "$n")
-  printf "kafka mode, %d node(s): %s events/s, %s ns CPU per event, all nodes (%s s)\n" "$n" "$rate" "$ns" "$secs"
+  read -r rate ns secs bns < <(kafka_run "$n")
+  printf "kafka mode, %d node(s): %s events/s, %s ns CPU per event, all nodes (%s s); broker %s ns per event\n" "$n" "$rate" "$ns" "$secs" "$bns"
   [ "$n" = 1 ] && kafka_rate=$rate
 done
 

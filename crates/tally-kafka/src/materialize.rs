@@ -248,20 +248,66 @@ pub fn run(
 /// bound on what it adds to freshness.
 pub const VIEW_PAUSE: Duration = Duration::from_millis(50);
 
-/// A reader with nothing to read stops fetching for `pause`: Kafka
+/// A reader that has read everything stops fetching for `pause`: Kafka
 /// brokers hold an empty fetch for `fetch.wait.max.ms`, but a broker that
 /// answers at once (the test broker does) would have the client fetch in
-/// a loop, a core's worth per idle reader.
+/// a loop, a core's worth per idle reader. "Everything" is judged on the
+/// high watermarks the client cached from its last fetches (no request):
+/// every partition at most one offset (a transaction marker) short of its
+/// end. A reader with a backlog never rests.
 pub(crate) fn idle_pause<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     tpl: &TopicPartitionList,
     pause: Duration,
 ) {
-    if pause.is_zero() || consumer.pause(tpl).is_err() {
+    if pause.is_zero() || !caught_up(consumer) || consumer.pause(tpl).is_err() {
         return;
     }
     std::thread::sleep(pause);
     let _ = consumer.resume(tpl);
+}
+
+/// The low and high watermarks the client cached from its last fetch of a
+/// partition (librdkafka's `rd_kafka_get_watermark_offsets`, which rdkafka
+/// does not wrap): no request to the broker, unlike `fetch_watermarks`.
+#[allow(unsafe_code)]
+fn cached_watermarks<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut lo, mut hi) = (-1i64, -1i64);
+    // SAFETY: the handle is valid while `client` lives (borrowed for the
+    // call); `topic` is NUL-terminated and outlives the call; `lo` and `hi`
+    // are valid for writes. The function only reads cached partition state.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            client.native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut lo,
+            &mut hi,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0)
+        .then_some((lo, hi))
+}
+
+fn caught_up<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
+    let Ok(pos) = consumer.position() else {
+        return false;
+    };
+    pos.elements().iter().all(|e| {
+        let Some((lo, hi)) = cached_watermarks(consumer.client(), e.topic(), e.partition()) else {
+            return false;
+        };
+        match e.offset() {
+            Offset::Offset(o) => o >= hi - 1,
+            // Nothing read yet: caught up only when there is nothing.
+            _ => hi <= lo,
+        }
+    })
 }
 
 /// Applies one record (key, value); an error is logged and the record
@@ -279,20 +325,9 @@ pub fn read_committed(
     stop: &AtomicBool,
     apply: &mut ApplyRecord<'_>,
 ) -> Result<(), Error> {
-    // Next offset to read per partition, kept across sessions.
-    let mut positions: HashMap<i32, i64> = HashMap::new();
-    let mut stalled_at: HashMap<i32, (i64, i64, Instant)> = HashMap::new();
+    let mut at = Positions::default();
     while !stop.load(Relaxed) {
-        match session(
-            settings,
-            topic,
-            what,
-            pause,
-            apply,
-            stop,
-            &mut positions,
-            &mut stalled_at,
-        ) {
+        match session(settings, topic, what, pause, apply, stop, &mut at) {
             Ok(()) => {}
             Err(e) => {
                 tracing::warn!(topic, error = %e, "{what} reader failed; starting again in 1 s");
@@ -313,6 +348,15 @@ pub fn read_committed(
 const STALL: Duration = Duration::from_secs(3);
 const RETRY: Duration = Duration::from_secs(10);
 
+/// Where a reader stands, kept across its sessions: the next offset per
+/// partition, and per partition where and when it last found itself
+/// stalled.
+#[derive(Default)]
+struct Positions {
+    next: HashMap<i32, i64>,
+    stalled_at: HashMap<i32, (i64, i64, Instant)>,
+}
+
 fn session(
     settings: &Settings,
     topic: &str,
@@ -320,9 +364,12 @@ fn session(
     pause: Duration,
     apply: &mut ApplyRecord<'_>,
     stop: &AtomicBool,
-    positions: &mut HashMap<i32, i64>,
-    stalled_at: &mut HashMap<i32, (i64, i64, Instant)>,
+    reader: &mut Positions,
 ) -> Result<(), Error> {
+    let Positions {
+        next: positions,
+        stalled_at,
+    } = reader;
     let cfg = settings.client_config(&[
         (
             "group.id",
