@@ -183,6 +183,11 @@ impl Materialized {
                 let state = codec::decode_state(v)?;
                 let (pending, files) = {
                     let view = inner.parts.entry(partition).or_default();
+                    tracing::debug!(
+                        partition,
+                        next_offset = state.next_offset,
+                        "view: partition state applied"
+                    );
                     view.state = Some(state);
                     (
                         std::mem::take(&mut view.pending),

@@ -830,11 +830,16 @@ impl Session<'_> {
                 .send_offsets_to_transaction(&offsets, &meta, TXN_TIMEOUT)
                 .map_err(client_err("send offsets to transaction"))?;
         }
+        let t_commit = Instant::now();
         self.producer
             .commit_transaction(TXN_TIMEOUT)
             .map_err(client_err("commit transaction"))?;
         self.in_txn = false;
         self.stats.commits.fetch_add(1, Relaxed);
+        tracing::debug!(
+            took_ms = t_commit.elapsed().as_millis() as u64,
+            "transaction committed"
+        );
         Ok(())
     }
 
