@@ -674,6 +674,7 @@ fn gen_kafka(a: &GenArgs, g: &mut Generator, brokers: &str) -> Result<()> {
         topic_aggregates: String::new(),
         topic_late: String::new(),
         topic_alerts: String::new(),
+        topic_malformed: String::new(),
         partitions: 1,
         client: Vec::new(),
         node_id: format!("gen-{}", std::process::id()),

@@ -484,28 +484,46 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
         "{prom}"
     );
     assert!(prom.contains("tally_kafka_transactions_total{result=\"commit\"}"));
-    // Malformed events are in the malformed DLQ of the node that took them.
-    let mut malformed = 0;
+    // Every node lists every malformed line (through the malformed
+    // topic); a batch sent twice after a kill may file its lines twice
+    // (HTTP ingest files them at least once), never fewer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut counts = Vec::new();
     for n in &nodes {
-        for t in ["tenant0", "tenant1", "default"] {
-            let v = get(
-                &c,
-                format!(
-                    "{}/api/v1/dlq?kind=malformed&limit=10000&tenant={t}",
-                    n.base()
-                ),
-            )
-            .await;
-            malformed += v["entries"].as_array().map_or(0, Vec::len);
+        loop {
+            let got = malformed_listed(&c, &n.base()).await;
+            if got >= want.rejected as usize {
+                counts.push(got);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: malformed DLQ lists {got}, want at least {}",
+                n.name,
+                want.rejected
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    // Every malformed line is filed by the node that took it (a batch sent
-    // twice after a kill may file its lines twice, never less).
+    assert!(want.rejected > 0);
     assert!(
-        malformed as u64 >= want.rejected && want.rejected > 0,
-        "malformed DLQ: {malformed} entries for {} malformed lines",
-        want.rejected
+        counts.windows(2).all(|w| w[0] == w[1]),
+        "nodes list different malformed DLQs: {counts:?}"
     );
+}
+
+/// Malformed-DLQ entries a node lists over the test tenants.
+async fn malformed_listed(c: &reqwest::Client, base: &str) -> usize {
+    let mut n = 0;
+    for t in ["tenant0", "tenant1", "default"] {
+        let v = get(
+            c,
+            format!("{base}/api/v1/dlq?kind=malformed&limit=10000&tenant={t}"),
+        )
+        .await;
+        n += v["entries"].as_array().map_or(0, Vec::len);
+    }
+    n
 }
 
 /// The broker stops for a while: ingest answers 503 with Retry-After
@@ -673,6 +691,31 @@ async fn gen_produces_to_the_topic_and_the_node_counts_it_exactly() {
             Err(e) => assert!(Instant::now() < deadline, "{e}\n{}", node.logs()),
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Malformed messages of the topic are filed exactly once, in the
+    // transaction of their partition: one entry per rejected event (a
+    // message that is an array of numbers files each element).
+    let want_entries: usize = lines
+        .iter()
+        .filter(|(_, k)| *k == tally_cli::generator::Kind::Malformed)
+        .map(
+            |(l, _)| match serde_json::from_str::<serde_json::Value>(l) {
+                Ok(serde_json::Value::Array(a)) => a.len().max(1),
+                _ => 1,
+            },
+        )
+        .sum();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = malformed_listed(&c, &node.base()).await;
+        if got == want_entries {
+            break;
+        }
+        assert!(
+            got < want_entries && Instant::now() < deadline,
+            "malformed DLQ lists {got}, want {want_entries}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -47,7 +47,10 @@
 //!
 //! **Late events** (the late topic, JSON, not versioned bytes): one
 //! message per event counted by no window, written in the same
-//! transaction as the aggregates of its partition.
+//! transaction as the aggregates of its partition. The malformed topic
+//! carries malformed events in the same layout (dedupe key 0; from the
+//! events topic in the transaction of their partition, from HTTP ingest
+//! as they are rejected).
 //!
 //! ```text
 //! key:   <tenant>/<dedupe key, 32 hex digits>
@@ -394,7 +397,18 @@ pub fn late_value(e: &tally_stream::DlqEntry) -> String {
 
 /// A late-topic message back as a late DLQ entry (`None`: not one).
 pub fn decode_late(key: &[u8], value: &[u8]) -> Option<tally_stream::DlqEntry> {
-    use tally_stream::{DlqBody, DlqEntry, DlqKind};
+    decode_dlq(key, value, tally_stream::DlqKind::Late)
+}
+
+/// A late- or malformed-topic message back as a DLQ entry of `kind`
+/// (both topics carry the late-topic layout; a malformed entry's key
+/// holds a zero dedupe key).
+pub fn decode_dlq(
+    key: &[u8],
+    value: &[u8],
+    kind: tally_stream::DlqKind,
+) -> Option<tally_stream::DlqEntry> {
+    use tally_stream::{DlqBody, DlqEntry};
     let key = std::str::from_utf8(key).ok()?;
     let (_, hex) = key.rsplit_once('/')?;
     let v: serde_json::Value = serde_json::from_slice(value).ok()?;
@@ -404,7 +418,7 @@ pub fn decode_late(key: &[u8], value: &[u8]) -> Option<tally_stream::DlqEntry> {
         other => DlqBody::Event(other.to_string()),
     };
     Some(DlqEntry {
-        kind: DlqKind::Late,
+        kind,
         tenant: v["tenant"].as_str()?.to_string(),
         reason: v["reason"].as_str().unwrap_or_default().to_string(),
         received_at: v["received_at"]

@@ -57,6 +57,8 @@ pub struct Settings {
     pub topic_late: String,
     /// The alert log (compacted, one partition).
     pub topic_alerts: String,
+    /// Malformed events (the malformed DLQ every node lists).
+    pub topic_malformed: String,
     /// Partitions of the topics Tally creates when they do not exist.
     pub partitions: u32,
     /// librdkafka settings passed through (SASL, TLS, timeouts...).
@@ -149,7 +151,7 @@ pub(crate) fn partition_count<C: ClientContext>(
     Ok(n as u32)
 }
 
-/// Creates the four topics when they do not exist (the aggregates topic
+/// Creates the five topics when they do not exist (the aggregates topic
 /// and the alert log compacted: only the last value per key matters).
 pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
     let cfg = s.client_config(&[]);
@@ -166,6 +168,7 @@ pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
         NewTopic::new(&s.topic_late, n, TopicReplication::Fixed(-1)),
         NewTopic::new(&s.topic_alerts, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact"),
+        NewTopic::new(&s.topic_malformed, n, TopicReplication::Fixed(-1)),
     ];
     let opts = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))

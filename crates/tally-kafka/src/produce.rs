@@ -124,6 +124,12 @@ impl EventProducer {
     /// acknowledged by the broker (`Ok`) or one of them failed (`Err`,
     /// after all were settled). Nothing blocks beyond a full local queue.
     pub fn send(&self, events: Vec<OutEvent>, done: Done) {
+        let topic = self.topic.clone();
+        self.send_to(&topic, events, done)
+    }
+
+    /// As [`EventProducer::send`], to another topic.
+    pub fn send_to(&self, topic: &str, events: Vec<OutEvent>, done: Done) {
         if events.is_empty() {
             done(Ok(()));
             return;
@@ -134,7 +140,7 @@ impl EventProducer {
             done: Mutex::new(Some(done)),
         });
         for ev in &events {
-            let mut rec = BaseRecord::with_opaque_to(&self.topic, pending.clone())
+            let mut rec = BaseRecord::with_opaque_to(topic, pending.clone())
                 .key(&ev.key[..])
                 .payload(&ev.value[..]);
             if ev.backfill {

@@ -47,7 +47,8 @@ pub struct Hooks {
     /// future-skew limit is judged against it, so a re-read decides the
     /// same).
     pub make_parser: Arc<dyn Fn(Millis) -> Parser + Send + Sync>,
-    /// Messages (or events in them) that failed validation.
+    /// Messages (or events in them) that failed validation, once the
+    /// transaction that wrote them to the malformed topic committed.
     pub on_malformed: Arc<dyn Fn(Vec<DlqEntry>) + Send + Sync>,
     /// The wall clock (lag in seconds).
     pub now_ms: Arc<dyn Fn() -> Millis + Send + Sync>,
@@ -192,6 +193,8 @@ struct Part {
     /// (every kept event before it is in committed archive files).
     raw: RawBuf,
     raw_from: u64,
+    /// Malformed-DLQ entries of messages since the last commit.
+    malformed: Vec<DlqEntry>,
 }
 
 impl Part {
@@ -228,6 +231,7 @@ impl Part {
             counts: (0, 0, 0),
             raw: RawBuf::default(),
             raw_from: 0,
+            malformed: Vec::new(),
         };
         match restored.filter(|_| clocks_ok) {
             Some(r) => {
@@ -573,12 +577,13 @@ impl Session<'_> {
                 if !restoring {
                     self.stats.malformed.fetch_add(1, Relaxed);
                     let raw = String::from_utf8_lossy(&value[..value.len().min(4096)]);
-                    (self.hooks.on_malformed)(vec![malformed(
+                    let entry = malformed(
                         "default",
                         format!("{}: {e}", where_()),
                         ts,
                         DlqBody::Raw(raw.into()),
-                    )]);
+                    );
+                    part.malformed.push(entry);
                 }
                 part.next_offset = offset + 1;
                 part.dirty |= !restoring;
@@ -590,21 +595,15 @@ impl Session<'_> {
                 .malformed
                 .fetch_add(parsed.rejected_total as u64, Relaxed);
             let at = where_();
-            (self.hooks.on_malformed)(
-                parsed
-                    .rejected
-                    .iter()
-                    .map(|r| {
-                        let body = if r.is_object {
-                            DlqBody::Event(r.raw.clone())
-                        } else {
-                            DlqBody::Raw(r.raw.clone())
-                        };
-                        let reason = format!("{at}, event {}: {}", r.index, r.error);
-                        malformed(&r.tenant, reason, ts, body)
-                    })
-                    .collect(),
-            );
+            part.malformed.extend(parsed.rejected.iter().map(|r| {
+                let body = if r.is_object {
+                    DlqBody::Event(r.raw.clone())
+                } else {
+                    DlqBody::Raw(r.raw.clone())
+                };
+                let reason = format!("{at}, event {}: {}", r.index, r.error);
+                malformed(&r.tenant, reason, ts, body)
+            }));
         }
         if let Some((_, batch)) = parsed.partitions.first_mut() {
             let batch = std::mem::take(batch);
@@ -718,6 +717,7 @@ impl Session<'_> {
         let now = (self.hooks.now_ms)();
         let mut offsets = TopicPartitionList::new();
         let ids: Vec<u32> = self.parts.keys().copied().collect();
+        let mut committed_bad = Vec::new();
         for id in ids {
             let Some(part) = self.parts.get_mut(&id) else {
                 continue;
@@ -785,6 +785,7 @@ impl Session<'_> {
             };
             part.dirty = false;
             let next = part.next_offset;
+            let bad = std::mem::take(&mut part.malformed);
             let n_out = out.len() as u64;
             for (k, v) in &out {
                 self.send(&self.settings.topic_aggregates, Some(ap), k, v)?;
@@ -807,6 +808,17 @@ impl Session<'_> {
                     value.as_bytes(),
                 )?;
             }
+            for e in &bad {
+                let key = codec::late_key(e);
+                let value = codec::late_value(e);
+                self.send(
+                    &self.settings.topic_malformed,
+                    None,
+                    key.as_bytes(),
+                    value.as_bytes(),
+                )?;
+            }
+            committed_bad.extend(bad);
             self.send(
                 &self.settings.topic_aggregates,
                 Some(ap),
@@ -836,6 +848,9 @@ impl Session<'_> {
             .map_err(client_err("commit transaction"))?;
         self.in_txn = false;
         self.stats.commits.fetch_add(1, Relaxed);
+        if !committed_bad.is_empty() {
+            (self.hooks.on_malformed)(committed_bad);
+        }
         tracing::debug!(
             took_ms = t_commit.elapsed().as_millis() as u64,
             "transaction committed"

@@ -22,6 +22,7 @@ fn settings(brokers: &str, tag: &str, node: &str) -> Settings {
         topic_aggregates: format!("agg-{tag}"),
         topic_late: format!("late-{tag}"),
         topic_alerts: format!("alerts-{tag}"),
+        topic_malformed: format!("malformed-{tag}"),
         partitions: 1,
         client: Vec::new(),
         node_id: node.into(),

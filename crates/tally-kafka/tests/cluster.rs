@@ -31,6 +31,7 @@ fn settings(brokers: &str, tag: &str, node: &str) -> Settings {
         topic_aggregates: format!("agg-{tag}"),
         topic_late: format!("late-{tag}"),
         topic_alerts: format!("alerts-{tag}"),
+        topic_malformed: format!("malformed-{tag}"),
         partitions: 4,
         client: Vec::new(),
         node_id: node.into(),

@@ -174,6 +174,9 @@ pub struct KafkaSection {
     /// nodes of the group (compacted, one partition). Default
     /// `<group-id>_alerts`.
     pub topic_alerts: String,
+    /// Malformed events, listed by every node's malformed DLQ. Default
+    /// `<group-id>_malformed`.
+    pub topic_malformed: String,
     /// Partitions of the topics Tally creates when they are missing.
     pub partitions: u32,
     /// This node's name in the cluster (its transactional id is
@@ -221,6 +224,7 @@ impl Default for KafkaSection {
             topic_aggregates: "aggregates".into(),
             topic_late: "late_events".into(),
             topic_alerts: String::new(),
+            topic_malformed: String::new(),
             partitions: 4,
             node_id: String::new(),
             commit_interval: "200ms".into(),

@@ -15,7 +15,7 @@ use parking_lot::{Mutex, RwLock};
 use tally_ingest::Parser;
 use tally_kafka::{Hooks, KafkaNode, Settings};
 use tally_store::RollupStore;
-use tally_stream::{Dlq, DlqEntry};
+use tally_stream::{Dlq, DlqEntry, DlqKind};
 use tally_types::Clock;
 use tokio::sync::mpsc;
 
@@ -32,6 +32,7 @@ pub struct KafkaShared {
     pub group_id: String,
     pub topic_events: String,
     pub topic_late: String,
+    pub topic_malformed: String,
     pub view: Arc<tally_kafka::Materialized>,
     pub worker: Arc<tally_kafka::WorkerStats>,
     pub produce: Arc<tally_kafka::ProduceStats>,
@@ -77,6 +78,11 @@ pub(super) fn settings(cfg: &Config, k: &KafkaSection) -> Result<Settings, Pipel
             format!("{}_alerts", k.group_id)
         } else {
             k.topic_alerts.trim().to_string()
+        },
+        topic_malformed: if k.topic_malformed.trim().is_empty() {
+            format!("{}_malformed", k.group_id)
+        } else {
+            k.topic_malformed.trim().to_string()
         },
         partitions: k.partitions,
         client: k
@@ -147,7 +153,8 @@ pub(super) fn start(
                 .with_max_depth(depth)
                 .with_privacy(privacy.clone())
         }),
-        on_malformed: malformed_sink.clone(),
+        // They come back through the malformed topic's reader below.
+        on_malformed: Arc::new(|_| {}),
         now_ms: {
             let c = clock.clone();
             Arc::new(move || c.now_ms())
@@ -199,6 +206,7 @@ pub(super) fn start(
         group_id: settings.group_id.clone(),
         topic_events: settings.topic_events.clone(),
         topic_late: settings.topic_late.clone(),
+        topic_malformed: settings.topic_malformed.clone(),
         view: node.view().clone(),
         worker: node.stats().clone(),
         produce: node.producer().stats().clone(),
@@ -242,30 +250,42 @@ pub(super) fn start(
         .spawn(move || alert_loop(alert_rx, sh, progress))
         .map_err(PipelineError::Thread)?;
     let stop = Arc::new(AtomicBool::new(false));
-    // Every node lists the late events of every partition (the newest
-    // `dlq.capacity` per tenant; the late topic keeps them all).
-    {
-        let (dlq, st, s) = (shared.dlq.clone(), stop.clone(), settings.clone());
+    // Every node lists the late and the malformed events of every
+    // partition (the newest `dlq.capacity` per tenant; the topics keep
+    // them all).
+    for (topic, kind, pause) in [
+        (&settings.topic_late, DlqKind::Late, Duration::from_secs(1)),
+        (
+            &settings.topic_malformed,
+            DlqKind::Malformed,
+            Duration::from_millis(200),
+        ),
+    ] {
+        let (dlq, st, s, topic) = (
+            shared.dlq.clone(),
+            stop.clone(),
+            settings.clone(),
+            topic.clone(),
+        );
         std::thread::Builder::new()
-            .name("tally-kafka-late".into())
+            .name(format!("tally-kafka-{}", kind.as_str()))
             .spawn(move || {
-                let topic = s.topic_late.clone();
                 let r = tally_kafka::materialize::read_committed(
                     &s,
                     &topic,
-                    "late",
-                    Duration::from_secs(1),
+                    kind.as_str(),
+                    pause,
                     &st,
                     &mut |key, value| {
                         let e = value
-                            .and_then(|v| tally_kafka::codec::decode_late(key, v))
-                            .ok_or_else(|| "not a late event record".to_string())?;
+                            .and_then(|v| tally_kafka::codec::decode_dlq(key, v, kind))
+                            .ok_or_else(|| format!("not a {} DLQ record", kind.as_str()))?;
                         dlq.lock().push_view(e);
                         Ok(())
                     },
                 );
                 if let Err(e) = r {
-                    tracing::error!(error = %e, "late events reader stopped");
+                    tracing::error!(error = %e, "{} DLQ reader stopped", kind.as_str());
                 }
             })
             .map_err(PipelineError::Thread)?;
@@ -299,7 +319,32 @@ fn ingest_loop(
 ) {
     while let Some(mut req) = rx.blocking_recv() {
         if !req.malformed.is_empty() {
-            malformed(std::mem::take(&mut req.malformed));
+            // To the malformed topic, so every node lists them; kept here
+            // only if the brokers do not take them.
+            let entries = std::mem::take(&mut req.malformed);
+            let out: Vec<tally_kafka::OutEvent> = entries
+                .iter()
+                .map(|e| tally_kafka::OutEvent {
+                    key: tally_kafka::codec::late_key(e).into_bytes(),
+                    value: tally_kafka::codec::late_value(e).into_bytes(),
+                    backfill: false,
+                })
+                .collect();
+            if let (Some(n), Some(k)) = (node.lock().as_ref(), shared.kafka.as_ref()) {
+                let fallback = malformed.clone();
+                n.producer().send_to(
+                    &k.topic_malformed,
+                    out,
+                    Box::new(move |r| {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "malformed events not taken by the brokers; listed on this node only");
+                            fallback(entries);
+                        }
+                    }),
+                );
+            } else {
+                malformed(entries);
+            }
         }
         let mut events = Vec::new();
         let mut bad = None;
