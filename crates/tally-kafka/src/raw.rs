@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    Array, ArrayRef, StringArray, StringBuilder, TimestampMillisecondArray, UInt32Array,
+};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -40,14 +42,16 @@ pub struct RawSink {
     pub zstd_level: i32,
 }
 
+/// One tenant's rows, column by column (texts in one buffer each: no
+/// allocation per row).
 #[derive(Default)]
 struct Rows {
-    event_id: Vec<String>,
-    event_type: Vec<String>,
-    user_id: Vec<Option<String>>,
-    session_id: Vec<Option<String>>,
+    event_id: StringBuilder,
+    event_type: StringBuilder,
+    user_id: StringBuilder,
+    session_id: StringBuilder,
     ts: Vec<Millis>,
-    props: Vec<String>,
+    props: StringBuilder,
     received_at: Vec<Millis>,
 }
 
@@ -61,8 +65,8 @@ pub(crate) struct RawBuf {
     json: Vec<u8>,
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn text(b: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(b)
 }
 
 impl RawBuf {
@@ -96,12 +100,13 @@ impl RawBuf {
                 Some(r) => r,
                 None => self.tenants.entry(tenant.to_string()).or_default(),
             };
-            r.event_id.push(text(ev.event_id));
-            r.event_type.push(text(ev.event_type));
-            r.user_id.push(ev.user_id.map(text));
-            r.session_id.push(ev.session_id.map(text));
+            r.event_id.append_value(text(ev.event_id));
+            r.event_type.append_value(text(ev.event_type));
+            r.user_id.append_option(ev.user_id.map(text));
+            r.session_id.append_option(ev.session_id.map(text));
             r.ts.push(ev.ts);
-            r.props.push(text(ev.props_text().unwrap_or(&self.json)));
+            r.props
+                .append_value(text(ev.props_text().unwrap_or(&self.json)));
             r.received_at.push(received_at);
             self.rows += 1;
             self.since.get_or_insert_with(Instant::now);
@@ -120,7 +125,9 @@ impl RawBuf {
 
     /// Writes every row as Parquet files (one per tenant and hour, rows in
     /// time order) covering offsets `[from, to)` of `partition`, and
-    /// forgets them. Nothing is forgotten when a write fails.
+    /// forgets them. A failed write ends the worker's session (the next
+    /// owner rebuilds the rows from raw-from), so what was taken is not
+    /// kept.
     pub(crate) fn seal(
         &mut self,
         sink: &RawSink,
@@ -149,43 +156,55 @@ impl RawBuf {
                 ZstdLevel::try_new(sink.zstd_level).unwrap_or_default(),
             ))
             .build();
-        let mut tenants: Vec<&String> = self.tenants.keys().collect();
+        let mut tenants: Vec<String> = self.tenants.keys().cloned().collect();
         tenants.sort();
         let mut out = Vec::new();
         for tenant in tenants {
-            let r = &self.tenants[tenant];
-            let mut order: Vec<usize> = (0..r.ts.len()).collect();
-            order.sort_by_key(|&i| r.ts[i]);
-            for hour in order
-                .chunk_by(|&a, &b| align_down(r.ts[a], HOUR_MS) == align_down(r.ts[b], HOUR_MS))
-            {
-                let pick = |v: &Vec<String>| -> ArrayRef {
-                    Arc::new(StringArray::from_iter_values(
-                        hour.iter().map(|&i| v[i].as_str()),
-                    ))
-                };
-                let pick_opt = |v: &Vec<Option<String>>| -> ArrayRef {
-                    Arc::new(StringArray::from_iter(
-                        hour.iter().map(|&i| v[i].as_deref()),
-                    ))
-                };
-                let times = |v: &Vec<Millis>| -> ArrayRef {
-                    Arc::new(
-                        TimestampMillisecondArray::from_iter_values(hour.iter().map(|&i| v[i]))
-                            .with_timezone("UTC"),
-                    )
+            let Some(mut r) = self.tenants.remove(&tenant) else {
+                continue;
+            };
+            let n = r.ts.len();
+            let all: [ArrayRef; 5] = [
+                Arc::new(r.event_id.finish()),
+                Arc::new(r.event_type.finish()),
+                Arc::new(r.user_id.finish()),
+                Arc::new(r.session_id.finish()),
+                Arc::new(r.props.finish()),
+            ];
+            let ts: ArrayRef = Arc::new(
+                TimestampMillisecondArray::from(std::mem::take(&mut r.ts)).with_timezone("UTC"),
+            );
+            let received: ArrayRef = Arc::new(
+                TimestampMillisecondArray::from(std::mem::take(&mut r.received_at))
+                    .with_timezone("UTC"),
+            );
+            let times = ts
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .expect("built above")
+                .values()
+                .clone();
+            // Time order (stable), then one file per hour.
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.sort_by_key(|&i| times[i as usize]);
+            for hour in order.chunk_by(|&a, &b| {
+                align_down(times[a as usize], HOUR_MS) == align_down(times[b as usize], HOUR_MS)
+            }) {
+                let idx = UInt32Array::from(hour.to_vec());
+                let take = |a: &ArrayRef| {
+                    arrow::compute::take(a.as_ref(), &idx, None).map_err(|e| err(e.to_string()))
                 };
                 let columns: Vec<ArrayRef> = vec![
-                    pick(&r.event_id),
+                    take(&all[0])?,
                     Arc::new(StringArray::from_iter_values(
                         hour.iter().map(|_| tenant.as_str()),
                     )),
-                    pick(&r.event_type),
-                    pick_opt(&r.user_id),
-                    pick_opt(&r.session_id),
-                    times(&r.ts),
-                    pick(&r.props),
-                    times(&r.received_at),
+                    take(&all[1])?,
+                    take(&all[2])?,
+                    take(&all[3])?,
+                    take(&ts)?,
+                    take(&all[4])?,
+                    take(&received)?,
                 ];
                 let batch = RecordBatch::try_new(tally_archive::events_schema(), columns)
                     .map_err(|e| err(e.to_string()))?;
@@ -194,11 +213,11 @@ impl RawBuf {
                     .map_err(|e| err(e.to_string()))?;
                 w.write(&batch).map_err(|e| err(e.to_string()))?;
                 w.close().map_err(|e| err(e.to_string()))?;
-                let min_ts = r.ts[hour[0]];
-                let max_ts = r.ts[hour[hour.len() - 1]];
+                let min_ts = times[hour[0] as usize];
+                let max_ts = times[hour[hour.len() - 1] as usize];
                 let path = format!(
                     "{}/kafka-{topic}-p{partition}-{from:020}-{to:020}.parquet",
-                    tally_archive::hive_dir(tenant, min_ts)
+                    tally_archive::hive_dir(&tenant, min_ts)
                 );
                 let bytes = buf.len() as u64;
                 rt.block_on(sink.archive.put(&path, bytes::Bytes::from(buf)))
