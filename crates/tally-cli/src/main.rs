@@ -706,6 +706,7 @@ fn gen_kafka(a: &GenArgs, g: &mut Generator, brokers: &str) -> Result<()> {
                 key,
                 value: line.into_bytes(),
                 backfill: false,
+                correction: false,
             });
         }
         left -= n;

@@ -447,16 +447,62 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
             .any(|f| f.to_string_lossy().contains("/kafka-ev-")),
         "{files:?}"
     );
-    let r = c
-        .post(format!(
-            "{}/api/v1/dlq/replay?kind=late&tenant=tenant0",
-            nodes[2].base()
-        ))
-        .send()
-        .await
-        .expect("replay");
-    assert_eq!(r.status(), 501);
-    assert!(r.text().await.unwrap_or_default().contains("late-"));
+    // Replaying them on one node applies each once, through its
+    // partition's owner; every node then counts them in their minute and
+    // lists them as replayed; a second replay applies nothing.
+    let replay = |base: String| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .post(format!("{base}/api/v1/dlq/replay?kind=late&tenant=tenant0"))
+                .send()
+                .await
+                .expect("replay");
+            let code = r.status().as_u16();
+            let v: serde_json::Value =
+                serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default();
+            (code, v)
+        }
+    };
+    let (code, v) = replay(nodes[2].base()).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["applied"], 6, "{v}");
+    let late_minute = T0 - 10 * 86_400_000;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in &nodes {
+        loop {
+            let url = format!(
+                "{}/api/v1/metrics?metric=count&start={}&end={}&granularity=1m&group_by=event_type&tenant=tenant0",
+                n.base(),
+                late_minute,
+                late_minute + 60_000
+            );
+            let got = common::points(&get(&c, url).await.clone());
+            let listed = get(
+                &c,
+                format!("{}/api/v1/dlq?kind=late&tenant=tenant0&limit=100", n.base()),
+            )
+            .await;
+            let replayed = listed["entries"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|e| e["replayed"] == true).count());
+            if got.values().sum::<f64>() == 6.0 && replayed == 6 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: after the replay {got:?}, {replayed} listed as replayed",
+                n.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        exact_on(&c, &n.base(), &want)
+            .await
+            .expect("the stream's buckets are untouched by the replay");
+    }
+    let (code, v) = replay(nodes[0].base()).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["applied"], 0, "{v}");
 
     // The cluster as the status and metrics endpoints show it.
     let st = get(&c, format!("{}/api/v1/status", nodes[1].base())).await;

@@ -395,6 +395,47 @@ pub fn late_value(e: &tally_stream::DlqEntry) -> String {
     .to_string()
 }
 
+/// The late topic's record that a late event was replayed: applied to its
+/// window, or skipped (already counted or already applied). Same key as
+/// the event's late record.
+pub fn replayed_value(tenant: &str, event_id: &str, applied: bool) -> String {
+    serde_json::json!({
+        "tenant": tenant,
+        "event_id": event_id,
+        "replayed": true,
+        "applied": applied,
+    })
+    .to_string()
+}
+
+/// A record of the late topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LateRecord {
+    /// A late event.
+    Entry(tally_stream::DlqEntry),
+    /// A late event was replayed (see [`replayed_value`]).
+    Replayed {
+        tenant: String,
+        key: u128,
+        applied: bool,
+    },
+}
+
+/// A late-topic message back (`None`: not one).
+pub fn decode_late_record(key: &[u8], value: &[u8]) -> Option<LateRecord> {
+    let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+    if v["replayed"] == true {
+        let k = std::str::from_utf8(key).ok()?;
+        let (_, hex) = k.rsplit_once('/')?;
+        return Some(LateRecord::Replayed {
+            tenant: v["tenant"].as_str()?.to_string(),
+            key: u128::from_str_radix(hex, 16).ok()?,
+            applied: v["applied"] == true,
+        });
+    }
+    decode_late(key, value).map(LateRecord::Entry)
+}
+
 /// A late-topic message back as a late DLQ entry (`None`: not one).
 pub fn decode_late(key: &[u8], value: &[u8]) -> Option<tally_stream::DlqEntry> {
     decode_dlq(key, value, tally_stream::DlqKind::Late)
@@ -450,8 +491,17 @@ mod late_tests {
             super::late_key(&e).as_bytes(),
             super::late_value(&e).as_bytes(),
         );
-        assert_eq!(back, Some(e));
+        assert_eq!(back, Some(e.clone()));
         assert_eq!(super::decode_late(b"acme/zz", b"{}"), None);
+        let done = super::replayed_value("acme", "e1", true);
+        assert_eq!(
+            super::decode_late_record(super::late_key(&e).as_bytes(), done.as_bytes()),
+            Some(super::LateRecord::Replayed {
+                tenant: "acme".into(),
+                key: e.key,
+                applied: true
+            })
+        );
         assert_eq!(super::decode_late(b"x", b"not json"), None);
     }
 }

@@ -46,6 +46,11 @@ pub use worker::{Hooks, PartStatus, WorkerStats};
 /// backfill clock), as `?backfill=true` does on HTTP ingest.
 pub const BACKFILL_HEADER: &str = "tally-backfill";
 
+/// Message header that marks a late event sent again to be applied to its
+/// window whatever the watermark (`POST /api/v1/dlq/replay`): once per
+/// event, never over an event already counted.
+pub const CORRECTION_HEADER: &str = "tally-correction";
+
 /// Everything Kafka mode needs to know (the server maps its `[kafka]`
 /// config section onto it).
 #[derive(Debug, Clone)]

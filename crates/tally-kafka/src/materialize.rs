@@ -90,6 +90,24 @@ impl Materialized {
         out
     }
 
+    /// A source partition's committed aggregate of one bucket.
+    pub fn value_of(
+        &self,
+        partition: u32,
+        tenant: &str,
+        minute: Millis,
+        event_type: &str,
+    ) -> Option<Agg> {
+        let k: BucketKey = (tenant.into(), minute, event_type.into());
+        self.inner
+            .lock()
+            .parts
+            .get(&partition)?
+            .values
+            .get(&k)
+            .cloned()
+    }
+
     /// Records applied and records skipped as unreadable.
     pub fn counters(&self) -> (u64, u64) {
         let i = self.inner.lock();

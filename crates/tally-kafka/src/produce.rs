@@ -12,7 +12,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use crate::{BACKFILL_HEADER, Error, Settings};
+use crate::{BACKFILL_HEADER, CORRECTION_HEADER, Error, Settings};
 
 /// One event to produce: its key (so one session stays in one partition and
 /// duplicates of an event meet in the same partition) and its JSON text.
@@ -21,6 +21,9 @@ pub struct OutEvent {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub backfill: bool,
+    /// A late event sent again to be applied to its window
+    /// (`POST /api/v1/dlq/replay`).
+    pub correction: bool,
 }
 
 /// Called once with the outcome of a whole request.
@@ -143,9 +146,14 @@ impl EventProducer {
             let mut rec = BaseRecord::with_opaque_to(topic, pending.clone())
                 .key(&ev.key[..])
                 .payload(&ev.value[..]);
-            if ev.backfill {
+            if ev.backfill || ev.correction {
+                let key = if ev.correction {
+                    CORRECTION_HEADER
+                } else {
+                    BACKFILL_HEADER
+                };
                 rec = rec.headers(OwnedHeaders::new().insert(Header {
-                    key: BACKFILL_HEADER,
+                    key,
                     value: Some("1"),
                 }));
             }
@@ -200,6 +208,7 @@ pub fn event_key(tenant: &str, session_id: Option<&str>, event_id: &str) -> Vec<
 pub fn events_of_batch(payload: &[u8]) -> Result<Vec<OutEvent>, tally_types::CodecError> {
     let reader = tally_types::BatchReader::new(payload)?;
     let backfill = reader.is_backfill();
+    let correction = reader.is_correction();
     let mut out = Vec::with_capacity(reader.len());
     for ev in reader {
         let ev = ev?;
@@ -207,6 +216,7 @@ pub fn events_of_batch(payload: &[u8]) -> Result<Vec<OutEvent>, tally_types::Cod
             key: event_key(ev.tenant, ev.session_id, ev.event_id),
             value: ev.to_json().into_bytes(),
             backfill,
+            correction,
         });
     }
     Ok(out)

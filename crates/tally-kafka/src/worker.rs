@@ -195,6 +195,11 @@ struct Part {
     raw_from: u64,
     /// Malformed-DLQ entries of messages since the last commit.
     malformed: Vec<DlqEntry>,
+    /// Replayed late events since the last commit: late-topic key and
+    /// the record saying how it went.
+    replayed: Vec<(String, String)>,
+    /// The events of the correction message being applied.
+    pending_replays: Vec<(String, Millis, String, String)>,
 }
 
 impl Part {
@@ -232,6 +237,8 @@ impl Part {
             raw: RawBuf::default(),
             raw_from: 0,
             malformed: Vec::new(),
+            replayed: Vec::new(),
+            pending_replays: Vec::new(),
         };
         match restored.filter(|_| clocks_ok) {
             Some(r) => {
@@ -340,6 +347,7 @@ fn malformed(tenant: &str, reason: String, received_at: Millis, body: DlqBody) -
 
 struct Session<'a> {
     settings: &'a Settings,
+    view: &'a Materialized,
     hooks: &'a Hooks,
     stats: &'a WorkerStats,
     producer: BaseProducer,
@@ -426,6 +434,7 @@ fn session(
         .map_err(client_err("subscribe"))?;
     let mut s = Session {
         settings,
+        view,
         hooks,
         stats,
         producer,
@@ -558,10 +567,14 @@ impl Session<'_> {
             .timestamp()
             .to_millis()
             .unwrap_or_else(|| (self.hooks.now_ms)());
-        let backfill = m.headers().is_some_and(|h| {
-            h.iter()
-                .any(|x| x.key == BACKFILL_HEADER && x.value == Some(b"1".as_slice()))
-        });
+        let flag = |name: &str| {
+            m.headers().is_some_and(|h| {
+                h.iter()
+                    .any(|x| x.key == name && x.value == Some(b"1".as_slice()))
+            })
+        };
+        let backfill = flag(BACKFILL_HEADER);
+        let correction = flag(crate::CORRECTION_HEADER);
         let value = m.payload().unwrap_or_default();
         let where_ = || {
             format!(
@@ -607,11 +620,43 @@ impl Session<'_> {
         }
         if let Some((_, batch)) = parsed.partitions.first_mut() {
             let batch = std::mem::take(batch);
-            let payload = if backfill {
+            let payload = if correction {
+                batch.finish_correction()
+            } else if backfill {
                 batch.finish_backfill()
             } else {
                 batch.finish()
             };
+            if correction && !restoring {
+                // The buckets a correction changes may be final, so gone
+                // from the processor's store: back from the view first,
+                // or the published value would hold the correction alone.
+                let events = tally_types::BatchReader::new(&payload)
+                    .map(|r| {
+                        r.filter_map(Result::ok)
+                            .map(|e| {
+                                (
+                                    e.tenant.to_string(),
+                                    align_down(e.ts, MINUTE_MS),
+                                    e.event_type.to_string(),
+                                    e.event_id.to_string(),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                let mut st = part.proc.store().write();
+                for (t, m, ty, _) in &events {
+                    if st.agg(t, *m, ty).is_none()
+                        && let Some(a) = self.view.value_of(id, t, *m, ty)
+                    {
+                        st.set_agg(t, *m, ty, a);
+                    }
+                }
+                st.commit();
+                drop(st);
+                part.pending_replays = events;
+            }
             let rec = RecordRef {
                 partition: 0,
                 offset,
@@ -631,6 +676,13 @@ impl Session<'_> {
                     partition: id,
                     source,
                 })?;
+                // The late topic learns how each replayed event went (the
+                // replay request sends one event per message).
+                for (t, _, _, event_id) in std::mem::take(&mut part.pending_replays) {
+                    let key = format!("{t}/{:032x}", tally_types::dedupe_key(&t, &event_id));
+                    let value = codec::replayed_value(&t, &event_id, applied.replayed > 0);
+                    part.replayed.push((key, value));
+                }
                 self.stats.counted.fetch_add(applied.counted, Relaxed);
                 self.stats.duplicates.fetch_add(applied.duplicates, Relaxed);
                 self.stats.late.fetch_add(applied.late, Relaxed);
@@ -650,7 +702,8 @@ impl Session<'_> {
                 part.note_low(backfill, t, align_down(lo, MINUTE_MS), offset);
             }
             if self.hooks.raw.is_some() {
-                if offset >= part.raw_from {
+                // A replayed late event was kept when it first arrived.
+                if offset >= part.raw_from && !correction {
                     part.raw
                         .append(&payload, ts, part.proc.last_drops())
                         .map_err(|e| Error::Process {
@@ -786,6 +839,7 @@ impl Session<'_> {
             part.dirty = false;
             let next = part.next_offset;
             let bad = std::mem::take(&mut part.malformed);
+            let replayed = std::mem::take(&mut part.replayed);
             let n_out = out.len() as u64;
             for (k, v) in &out {
                 self.send(&self.settings.topic_aggregates, Some(ap), k, v)?;
@@ -819,6 +873,9 @@ impl Session<'_> {
                 )?;
             }
             committed_bad.extend(bad);
+            for (k, v) in &replayed {
+                self.send(&self.settings.topic_late, None, k.as_bytes(), v.as_bytes())?;
+            }
             self.send(
                 &self.settings.topic_aggregates,
                 Some(ap),

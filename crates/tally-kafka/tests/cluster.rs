@@ -96,6 +96,7 @@ fn events(n: usize, seed: u64, now: Millis, oracle: &mut Oracle) -> Vec<OutEvent
                 key: event_key(&tenant, Some(&session), &id),
                 value: body.into_bytes(),
                 backfill: false,
+                correction: false,
             });
             made.push(made[made.len() - 1].clone());
             continue;
@@ -118,6 +119,7 @@ fn events(n: usize, seed: u64, now: Millis, oracle: &mut Oracle) -> Vec<OutEvent
             key: event_key(&tenant, Some(&session), &id),
             value: body.clone().into_bytes(),
             backfill: false,
+            correction: false,
         });
         made.push((tenant, id, ty, ts, session, body));
     }
@@ -296,11 +298,13 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
                 key: b"x".to_vec(),
                 value: b"not json at all".to_vec(),
                 backfill: false,
+                correction: false,
             },
             OutEvent {
                 key: b"y".to_vec(),
                 value: format!("{ok}\n{{\"event_id\":\"bad\"}}\n").into_bytes(),
                 backfill: false,
+                correction: false,
             },
         ],
     );
@@ -337,6 +341,7 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
             )
             .into_bytes(),
             backfill: false,
+            correction: false,
         })
         .collect();
     send(a.kafka(), late);

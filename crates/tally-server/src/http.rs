@@ -793,15 +793,6 @@ async fn dlq_replay(
         }
     }
     let tenant = caller.tenant_or_all(&pairs)?;
-    if let Some(k) = &s.shared.kafka {
-        return Err(ApiError::Status(
-            StatusCode::NOT_IMPLEMENTED,
-            format!(
-                "late events cannot be replayed in Kafka mode yet: they are kept in the topic {:?} (GET /api/v1/dlq?kind=late lists the newest)",
-                k.topic_late
-            ),
-        ));
-    }
     if !s.shared.ready.load(Relaxed) {
         return Err(ApiError::Unavailable(
             "not ready: recovering or shutting down; retry".into(),
@@ -837,6 +828,13 @@ async fn dlq_replay(
     }
     let mut applied = 0u64;
     let mut skipped = counted_before;
+    // Kafka mode: the replayed events go to the events topic, each to its
+    // partition's owner, which reports how each went on the late topic.
+    let replayed_keys: Vec<(String, u128)> = pending
+        .iter()
+        .filter(|e| matches!(e.body, DlqBody::Event(_)))
+        .map(|e| (e.tenant.clone(), e.key))
+        .collect();
     if !ndjson.is_empty() {
         let parsed = Parser::new(1)
             .parse(ndjson.as_bytes(), Format::Ndjson, Tenancy::Open)
@@ -863,6 +861,19 @@ async fn dlq_replay(
         }
         let lsn = match wait.await {
             Ok(Ok(Some(lsn))) => lsn,
+            Ok(Ok(None)) if s.shared.kafka.is_some() => {
+                let (a, k) = kafka_replayed(&s, &replayed_keys).await?;
+                applied = a;
+                skipped += k;
+                return Ok(axum::Json(json!({
+                    "kind": "late",
+                    "applied": applied,
+                    "skipped": skipped,
+                    "already_counted": counted_before,
+                    "tenant": tenant,
+                }))
+                .into_response());
+            }
             Ok(Ok(None)) => {
                 return Err(ApiError::Unavailable(
                     "nothing was written; retry".into(),
@@ -901,6 +912,32 @@ async fn dlq_replay(
         "tenant": tenant,
     }))
     .into_response())
+}
+
+/// Kafka mode: waits until the late topic reported every replayed event
+/// (its partition's owner applied or skipped it in a transaction), then
+/// answers how many were applied and how many skipped.
+async fn kafka_replayed(s: &AppState, keys: &[(String, u128)]) -> Result<(u64, u64), ApiError> {
+    let Some(k) = &s.shared.kafka else {
+        return Ok((0, 0));
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        {
+            let done = k.replays.lock();
+            if keys.iter().all(|x| done.contains_key(x)) {
+                let applied = keys.iter().filter(|x| done[*x]).count() as u64;
+                return Ok((applied, keys.len() as u64 - applied));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError::Unavailable(
+                "the replayed events are in Kafka but their partitions' owners have not applied them yet; they will be: list the late DLQ again shortly".into(),
+                5,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Splits off the late entries whose event the raw store holds an earlier

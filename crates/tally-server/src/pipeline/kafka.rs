@@ -37,6 +37,9 @@ pub struct KafkaShared {
     pub worker: Arc<tally_kafka::WorkerStats>,
     pub produce: Arc<tally_kafka::ProduceStats>,
     pub alert_log: Arc<tally_kafka::alerts::AlertLog>,
+    /// Replayed late events as the late topic reported them: (tenant,
+    /// dedupe key) → applied (else skipped).
+    pub replays: Mutex<HashMap<(String, u128), bool>>,
 }
 
 /// The node's name: `kafka.node-id`, else one made on first start and
@@ -211,6 +214,7 @@ pub(super) fn start(
         worker: node.stats().clone(),
         produce: node.producer().stats().clone(),
         alert_log,
+        replays: Mutex::new(HashMap::new()),
     });
     let shared = Arc::new(Shared {
         store,
@@ -261,11 +265,12 @@ pub(super) fn start(
             Duration::from_millis(200),
         ),
     ] {
-        let (dlq, st, s, topic) = (
+        let (dlq, st, s, topic, k) = (
             shared.dlq.clone(),
             stop.clone(),
             settings.clone(),
             topic.clone(),
+            kafka.clone(),
         );
         std::thread::Builder::new()
             .name(format!("tally-kafka-{}", kind.as_str()))
@@ -277,10 +282,23 @@ pub(super) fn start(
                     pause,
                     &st,
                     &mut |key, value| {
-                        let e = value
-                            .and_then(|v| tally_kafka::codec::decode_dlq(key, v, kind))
-                            .ok_or_else(|| format!("not a {} DLQ record", kind.as_str()))?;
-                        dlq.lock().push_view(e);
+                        use tally_kafka::codec::{LateRecord, decode_dlq, decode_late_record};
+                        let rec = value.and_then(|v| match kind {
+                            DlqKind::Late => decode_late_record(key, v),
+                            DlqKind::Malformed => decode_dlq(key, v, kind).map(LateRecord::Entry),
+                        });
+                        match rec {
+                            Some(LateRecord::Entry(e)) => dlq.lock().push_view(e),
+                            Some(LateRecord::Replayed {
+                                tenant,
+                                key,
+                                applied,
+                            }) => {
+                                dlq.lock().mark_replayed(&tenant, key);
+                                k.replays.lock().insert((tenant, key), applied);
+                            }
+                            None => return Err(format!("not a {} DLQ record", kind.as_str())),
+                        }
                         Ok(())
                     },
                 );
@@ -328,6 +346,7 @@ fn ingest_loop(
                     key: tally_kafka::codec::late_key(e).into_bytes(),
                     value: tally_kafka::codec::late_value(e).into_bytes(),
                     backfill: false,
+                    correction: false,
                 })
                 .collect();
             if let (Some(n), Some(k)) = (node.lock().as_ref(), shared.kafka.as_ref()) {
