@@ -826,10 +826,21 @@ impl Config {
                 fix: "use 1 to 1024",
             });
         }
+        let derived = |t: &String, suffix: &str| {
+            if t.trim().is_empty() {
+                format!("{}_{suffix}", k.group_id)
+            } else {
+                t.clone()
+            }
+        };
+        let alerts = derived(&k.topic_alerts, "alerts");
+        let malformed = derived(&k.topic_malformed, "malformed");
         for (name, t) in [
             ("kafka.topic-events", &k.topic_events),
             ("kafka.topic-aggregates", &k.topic_aggregates),
             ("kafka.topic-late", &k.topic_late),
+            ("kafka.topic-alerts", &alerts),
+            ("kafka.topic-malformed", &malformed),
         ] {
             let ok = !t.is_empty()
                 && t.len() <= 249

@@ -268,6 +268,15 @@ fn kafka_section_from_toml_and_environment() {
         e.contains("kafka.topic-events") && e.contains("letters"),
         "{e}"
     );
+    // The topics named after the group are checked as the group makes them.
+    std::fs::write(&f, "[kafka]\nbrokers = \"b:1\"\ngroup-id = \"my group\"\n").unwrap();
+    let e = tally_server::Config::load_with_env(Some(&f), Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("kafka.topic-alerts") && e.contains("my group_alerts"),
+        "{e}"
+    );
 }
 
 /// The crate's directory: cargo's at run time (a test executable reused
