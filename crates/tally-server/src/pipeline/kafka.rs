@@ -444,6 +444,9 @@ fn progress_loop(
             v.watermarks = wms;
             v.totals = totals;
         }
+        // What the live feed and the SQL result cache watch for changes:
+        // here, every aggregates record the view applied.
+        shared.applied.store(k.view.counters().0, Relaxed);
         if crossed {
             let _ = alert_tx.try_send((0, std::time::Instant::now()));
         }
