@@ -28,12 +28,14 @@
 //! value: 01 | u64 next offset | u64 replay-from offset | str node | i64 committed at (ms)
 //!           | u32 n | n × (str tenant | i64 watermark or i64::MIN)
 //!           | u64 counted | u64 duplicates | u64 late | bytes event clocks
-//!           [| u64 raw-from offset]
+//!           [| u64 raw-from offset [| i64 last message time (ms)]]
 //! ```
 //!
 //! The raw-from offset (added within version 1; absent: the next offset)
 //! is where the partition's raw events not yet in archive files begin: a
-//! new owner rebuilds them from there.
+//! new owner rebuilds them from there. The last message time (added
+//! within version 1; absent: none) is the timestamp of the last message
+//! the state covers: how fresh the partition's numbers are.
 //!
 //! **Sealed files** — raw events of one source partition's offsets
 //! `[from, to)` sealed into Parquet files of the archive (one per tenant
@@ -117,6 +119,8 @@ pub struct PartitionState {
     pub clocks: Vec<u8>,
     /// Raw events from this offset on are not in archive files yet.
     pub raw_from: u64,
+    /// The timestamp of the last message this state covers.
+    pub last_message_ms: Option<Millis>,
 }
 
 /// A decoded key of the aggregates topic.
@@ -211,6 +215,7 @@ pub fn state_value(s: &PartitionState) -> Vec<u8> {
     e.u64(s.late);
     e.bytes(&s.clocks);
     e.u64(s.raw_from);
+    e.opt_i64(s.last_message_ms);
     e.buf
 }
 
@@ -289,6 +294,7 @@ pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
     let late = d.u64()?;
     let clocks = d.bytes()?.to_vec();
     let raw_from = if d.is_empty() { next_offset } else { d.u64()? };
+    let last_message_ms = if d.is_empty() { None } else { d.opt_i64()? };
     Ok(PartitionState {
         next_offset,
         replay_from,
@@ -300,6 +306,7 @@ pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
         late,
         clocks,
         raw_from,
+        last_message_ms,
     })
 }
 
@@ -338,11 +345,12 @@ mod tests {
             late: 3,
             clocks: vec![1, 2, 3],
             raw_from: 40,
+            last_message_ms: Some(1_700_000_000_000),
         };
         assert_eq!(decode_state(&state_value(&s)).unwrap(), s);
         // A state written before raw-from existed reads as all sealed.
         let mut old = state_value(&s);
-        old.truncate(old.len() - 8);
+        old.truncate(old.len() - 8 - 9);
         let back = decode_state(&old).unwrap();
         assert_eq!(back.raw_from, s.next_offset);
         let f = Sealed {

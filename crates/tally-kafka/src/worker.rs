@@ -835,6 +835,7 @@ impl Session<'_> {
                 late: part.counts.2,
                 clocks: clocks.buf,
                 raw_from: part.raw_from,
+                last_message_ms: (part.last_ts > Millis::MIN).then_some(part.last_ts),
             };
             part.dirty = false;
             let next = part.next_offset;

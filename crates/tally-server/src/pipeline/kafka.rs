@@ -447,6 +447,12 @@ fn progress_loop(
         // What the live feed and the SQL result cache watch for changes:
         // here, every aggregates record the view applied.
         shared.applied.store(k.view.counters().0, Relaxed);
+        // Freshness: the newest message any partition's numbers include.
+        if let Some(newest) = states.iter().filter_map(|(_, s)| s.last_message_ms).max() {
+            let tel = &shared.telemetry;
+            tel.last_applied_append_ms.store(newest, Relaxed);
+            tel.last_applied_at_ms.store(shared.clock.now_ms(), Relaxed);
+        }
         if crossed {
             let _ = alert_tx.try_send((0, std::time::Instant::now()));
         }
