@@ -531,6 +531,15 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
     );
     assert!(prom.contains("tally_kafka_transactions_total{result=\"commit\"}"));
     assert!(prom.contains("tally_freshness_seconds"), "{prom}");
+    // Every node shows the lag of every partition, not only its own.
+    for p in 0..4 {
+        assert!(
+            prom.contains(&format!(
+                "tally_consumer_lag_records{{partition=\"{p}\"}} 0"
+            )),
+            "partition {p}: {prom}"
+        );
+    }
     // Every node lists every malformed line (through the malformed
     // topic); a batch sent twice after a kill may file its lines twice
     // (HTTP ingest files them at least once), never fewer.

@@ -205,6 +205,39 @@ pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
+/// Asks the brokers where each partition of the events topic ends (for
+/// the lag of partitions other nodes own).
+pub struct EndOffsets {
+    consumer: rdkafka::consumer::BaseConsumer,
+    topic: String,
+}
+
+impl EndOffsets {
+    pub fn new(s: &Settings) -> Result<EndOffsets, Error> {
+        let consumer = s
+            .client_config(&[("group.id", format!("{}-ends-{}", s.group_id, s.node_id))])
+            .create()
+            .map_err(|source| Error::Client {
+                what: "end offsets",
+                source,
+            })?;
+        Ok(EndOffsets {
+            consumer,
+            topic: s.topic_events.clone(),
+        })
+    }
+
+    /// The end (high watermark) of `partition`, `None` if the brokers did
+    /// not answer within `timeout`.
+    pub fn end(&self, partition: u32, timeout: Duration) -> Option<u64> {
+        use rdkafka::consumer::Consumer;
+        self.consumer
+            .fetch_watermarks(&self.topic, partition as i32, timeout)
+            .ok()
+            .map(|(_, hi)| hi.max(0) as u64)
+    }
+}
+
 /// The Kafka side of one node: the ingest producer, the partition worker
 /// and the aggregates reader.
 pub struct KafkaNode {

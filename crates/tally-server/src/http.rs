@@ -1067,6 +1067,7 @@ async fn status(State(s): State<AppState>, caller: Caller) -> Response {
 fn cluster_status(k: &crate::pipeline::KafkaShared) -> Json {
     use std::sync::atomic::Ordering::Relaxed;
     let mine = k.worker.parts.lock().clone();
+    let lag = k.lag.lock().clone();
     let states = k.view.states();
     let mut members: Vec<String> = states.iter().map(|(_, s)| s.node.clone()).collect();
     if !mine.is_empty() || !members.contains(&k.node_id) {
@@ -1102,6 +1103,9 @@ fn cluster_status(k: &crate::pipeline::KafkaShared) -> Json {
                 o["lag_seconds"] = json!(x.lag_seconds);
                 o["end_offset"] = json!(x.end_offset);
                 o["restoring"] = json!(x.restoring);
+            } else if let Some((records, seconds)) = lag.get(p) {
+                o["lag_records"] = json!(records);
+                o["lag_seconds"] = json!(seconds);
             }
             o
         })

@@ -659,26 +659,30 @@ pub fn render_alerts(o: &mut String, e: &tally_alert::Engine) {
 /// transactions, and the ingest producer's counters.
 pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
     let parts = k.worker.parts.lock().clone();
+    // Every partition: owned ones from the worker, the others from their
+    // owner's committed state and the partition's end.
+    let mut lag = k.lag.lock().clone();
+    for (p, s) in &parts {
+        lag.insert(*p, (s.lag_records, s.lag_seconds));
+    }
     let _ = writeln!(
         out,
-        "# HELP tally_consumer_lag_records Records of an owned partition of the events topic not processed yet.\n# TYPE tally_consumer_lag_records gauge"
+        "# HELP tally_consumer_lag_records Records of a partition of the events topic not processed yet (this node's own partitions as its worker sees them, the others since their owner's last commit).\n# TYPE tally_consumer_lag_records gauge"
     );
-    for (p, s) in &parts {
+    for (p, (records, _)) in &lag {
         let _ = writeln!(
             out,
-            "tally_consumer_lag_records{{partition=\"{p}\"}} {}",
-            s.lag_records
+            "tally_consumer_lag_records{{partition=\"{p}\"}} {records}"
         );
     }
     let _ = writeln!(
         out,
-        "# HELP tally_consumer_lag_seconds Age of the last processed message of an owned partition while it is behind (0 when caught up).\n# TYPE tally_consumer_lag_seconds gauge"
+        "# HELP tally_consumer_lag_seconds How far a partition is behind in time while it is behind (0 when caught up).\n# TYPE tally_consumer_lag_seconds gauge"
     );
-    for (p, s) in &parts {
+    for (p, (_, seconds)) in &lag {
         let _ = writeln!(
             out,
-            "tally_consumer_lag_seconds{{partition=\"{p}\"}} {}",
-            s.lag_seconds
+            "tally_consumer_lag_seconds{{partition=\"{p}\"}} {seconds}"
         );
     }
     let w = &k.worker;

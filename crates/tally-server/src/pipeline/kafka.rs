@@ -28,6 +28,7 @@ use crate::telemetry::Telemetry;
 
 /// What the HTTP layer shows of Kafka mode.
 pub struct KafkaShared {
+    pub settings: Settings,
     pub node_id: String,
     pub group_id: String,
     pub topic_events: String,
@@ -40,6 +41,10 @@ pub struct KafkaShared {
     /// Replayed late events as the late topic reported them: (tenant,
     /// dedupe key) → applied (else skipped).
     pub replays: Mutex<HashMap<(String, u128), bool>>,
+    /// Lag of every partition of the events topic (records, seconds), as
+    /// this node sees it: its own from its worker, the others' from their
+    /// committed state and the partition's end. Refreshed every second.
+    pub lag: Mutex<std::collections::BTreeMap<u32, (u64, f64)>>,
 }
 
 /// The node's name: `kafka.node-id`, else one made on first start and
@@ -205,6 +210,7 @@ pub(super) fn start(
         );
     }
     let kafka = Arc::new(KafkaShared {
+        settings: settings.clone(),
         node_id: settings.node_id.clone(),
         group_id: settings.group_id.clone(),
         topic_events: settings.topic_events.clone(),
@@ -215,6 +221,7 @@ pub(super) fn start(
         produce: node.producer().stats().clone(),
         alert_log,
         replays: Mutex::new(HashMap::new()),
+        lag: Mutex::new(Default::default()),
     });
     let shared = Arc::new(Shared {
         store,
@@ -416,6 +423,14 @@ fn progress_loop(
         return;
     };
     let mut last_minutes: HashMap<String, i64> = HashMap::new();
+    let ends = match tally_kafka::EndOffsets::new(&k.settings) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask for partition ends; lag shown for owned partitions only");
+            None
+        }
+    };
+    let mut last_lag = std::time::Instant::now() - Duration::from_secs(10);
     while !stop.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
         let states = k.view.states();
@@ -443,6 +458,37 @@ fn progress_loop(
             v.watermark = wms.values().copied().max();
             v.watermarks = wms;
             v.totals = totals;
+        }
+        if last_lag.elapsed() >= Duration::from_secs(1) {
+            last_lag = std::time::Instant::now();
+            let now = shared.clock.now_ms();
+            let mine = k.worker.parts.lock().clone();
+            let mut lag = std::collections::BTreeMap::new();
+            for (p, st) in &states {
+                if let Some(m) = mine.get(p) {
+                    lag.insert(*p, (m.lag_records, m.lag_seconds));
+                    continue;
+                }
+                let Some(end) = ends
+                    .as_ref()
+                    .and_then(|e| e.end(*p, Duration::from_millis(500)))
+                else {
+                    continue;
+                };
+                // Transaction markers take offsets too: one short is caught up.
+                let behind = end.saturating_sub(st.next_offset);
+                let records = if behind <= 1 { 0 } else { behind };
+                let seconds = if records == 0 {
+                    0.0
+                } else {
+                    (now - st.committed_at).max(0) as f64 / 1000.0
+                };
+                lag.insert(*p, (records, seconds));
+            }
+            for (p, m) in &mine {
+                lag.entry(*p).or_insert((m.lag_records, m.lag_seconds));
+            }
+            *k.lag.lock() = lag;
         }
         // What the live feed and the SQL result cache watch for changes:
         // here, every aggregates record the view applied.
