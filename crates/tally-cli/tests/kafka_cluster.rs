@@ -35,6 +35,18 @@ struct Node {
 }
 
 impl Node {
+    fn new(name: &str, dir: &std::path::Path, brokers: String, tag: &str) -> Node {
+        Node {
+            name: name.into(),
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            brokers,
+            tag: tag.into(),
+            child: None,
+            runs: 0,
+        }
+    }
+
     fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -240,15 +252,7 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
     let tmp = scopeguard_keep(tmp);
     let tag = format!("k{}", std::process::id());
     let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            name: format!("n{i}"),
-            port: free_port(),
-            dir: tmp.path().to_path_buf(),
-            brokers: broker.brokers(),
-            tag: tag.clone(),
-            child: None,
-            runs: 0,
-        })
+        .map(|i| Node::new(&format!("n{i}"), tmp.path(), broker.brokers(), &tag))
         .collect();
     let c = reqwest::Client::new();
     for n in &mut nodes {
@@ -590,15 +594,7 @@ async fn broker_outage_is_503_then_every_acknowledged_event_counts_once() {
     let mut broker = Broker::start();
     let tmp = tempfile::tempdir().expect("tmp");
     let tag = format!("o{}", std::process::id());
-    let mut node = Node {
-        name: "solo".into(),
-        port: free_port(),
-        dir: tmp.path().to_path_buf(),
-        brokers: broker.brokers(),
-        tag,
-        child: None,
-        runs: 0,
-    };
+    let mut node = Node::new("solo", tmp.path(), broker.brokers(), &tag);
     node.spawn_with(&[("TALLY__KAFKA__PRODUCE_TIMEOUT", "2s")]);
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -673,15 +669,7 @@ async fn gen_produces_to_the_topic_and_the_node_counts_it_exactly() {
     let broker = Broker::start();
     let tmp = tempfile::tempdir().expect("tmp");
     let tag = format!("g{}", std::process::id());
-    let mut node = Node {
-        name: "solo".into(),
-        port: free_port(),
-        dir: tmp.path().to_path_buf(),
-        brokers: broker.brokers(),
-        tag: tag.clone(),
-        child: None,
-        runs: 0,
-    };
+    let mut node = Node::new("solo", tmp.path(), broker.brokers(), &tag);
     // No seal within the test: only the view's progress may refresh
     // cached SQL results.
     node.spawn_with(&[("TALLY__KAFKA__SEAL_INTERVAL", "1h")]);
@@ -821,15 +809,7 @@ async fn three_nodes_page_once_per_episode_through_a_leader_kill() {
     let tmp = scopeguard_keep(tmp);
     let tag = format!("a{}", std::process::id());
     let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            name: format!("n{i}"),
-            port: free_port(),
-            dir: tmp.path().to_path_buf(),
-            brokers: broker.brokers(),
-            tag: tag.clone(),
-            child: None,
-            runs: 0,
-        })
+        .map(|i| Node::new(&format!("n{i}"), tmp.path(), broker.brokers(), &tag))
         .collect();
     let env = [
         ("TALLY__STREAM__WATERMARK_BOUND", "5s"),

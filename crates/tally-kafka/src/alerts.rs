@@ -81,7 +81,7 @@ impl AlertLog {
                 what: "alert log producer",
                 source,
             })?;
-        let origin = format!("{}/{:016x}", settings.node_id, rand_nonce());
+        let origin = format!("{}/{:016x}", settings.node_id, rand::random::<u64>());
         let applied = Arc::new(AtomicI64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(AlertLog {
@@ -223,19 +223,6 @@ impl AlertLog {
             let _ = h.join();
         }
     }
-}
-
-fn rand_nonce() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 /// Reads the log from where it stopped, applying other nodes' records.

@@ -381,13 +381,13 @@ mod tests {
     }
 }
 
-/// The late topic's key of a late event.
-pub fn late_key(e: &tally_stream::DlqEntry) -> String {
+/// The key of a DLQ entry on the late or the malformed topic.
+pub fn dlq_key(e: &tally_stream::DlqEntry) -> String {
     format!("{}/{:032x}", e.tenant, e.key)
 }
 
-/// The late topic's value of a late event.
-pub fn late_value(e: &tally_stream::DlqEntry) -> String {
+/// The value of a DLQ entry on the late or the malformed topic.
+pub fn dlq_value(e: &tally_stream::DlqEntry) -> String {
     use tally_stream::DlqBody;
     let event = match &e.body {
         DlqBody::Event(s) => serde_json::from_str::<serde_json::Value>(s)
@@ -496,14 +496,14 @@ mod late_tests {
             replayed: false,
         };
         let back = super::decode_late(
-            super::late_key(&e).as_bytes(),
-            super::late_value(&e).as_bytes(),
+            super::dlq_key(&e).as_bytes(),
+            super::dlq_value(&e).as_bytes(),
         );
         assert_eq!(back, Some(e.clone()));
         assert_eq!(super::decode_late(b"acme/zz", b"{}"), None);
         let done = super::replayed_value("acme", "e1", true);
         assert_eq!(
-            super::decode_late_record(super::late_key(&e).as_bytes(), done.as_bytes()),
+            super::decode_late_record(super::dlq_key(&e).as_bytes(), done.as_bytes()),
             Some(super::LateRecord::Replayed {
                 tenant: "acme".into(),
                 key: e.key,

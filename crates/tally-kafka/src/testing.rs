@@ -126,3 +126,22 @@ impl Drop for Broker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Settings for a test cluster: topics and group named after `tag` (one
+/// set per test on a shared broker), node `node`.
+pub fn settings(brokers: &str, tag: &str, node: &str) -> crate::Settings {
+    crate::Settings {
+        brokers: brokers.into(),
+        group_id: format!("g-{tag}"),
+        topic_events: format!("ev-{tag}"),
+        topic_aggregates: format!("agg-{tag}"),
+        topic_late: format!("late-{tag}"),
+        topic_alerts: format!("alerts-{tag}"),
+        topic_malformed: format!("malformed-{tag}"),
+        partitions: 4,
+        client: Vec::new(),
+        node_id: node.into(),
+        commit_interval: std::time::Duration::from_millis(100),
+        produce_timeout_ms: 10_000,
+    }
+}

@@ -854,8 +854,8 @@ impl Session<'_> {
                 )?;
             }
             for e in &late {
-                let key = codec::late_key(e);
-                let value = codec::late_value(e);
+                let key = codec::dlq_key(e);
+                let value = codec::dlq_value(e);
                 self.send(
                     &self.settings.topic_late,
                     None,
@@ -864,8 +864,8 @@ impl Session<'_> {
                 )?;
             }
             for e in &bad {
-                let key = codec::late_key(e);
-                let value = codec::late_value(e);
+                let key = codec::dlq_key(e);
+                let value = codec::dlq_value(e);
                 self.send(
                     &self.settings.topic_malformed,
                     None,

@@ -10,26 +10,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tally_kafka::Settings;
 use tally_kafka::alerts::AlertLog;
-use tally_kafka::testing::Broker;
+use tally_kafka::testing::{Broker, settings};
 
 type View = Arc<Mutex<BTreeMap<String, Option<Vec<u8>>>>>;
-
-fn settings(brokers: &str, tag: &str, node: &str) -> Settings {
-    Settings {
-        brokers: brokers.into(),
-        group_id: format!("g-{tag}"),
-        topic_events: format!("ev-{tag}"),
-        topic_aggregates: format!("agg-{tag}"),
-        topic_late: format!("late-{tag}"),
-        topic_alerts: format!("alerts-{tag}"),
-        topic_malformed: format!("malformed-{tag}"),
-        partitions: 1,
-        client: Vec::new(),
-        node_id: node.into(),
-        commit_interval: Duration::from_millis(100),
-        produce_timeout_ms: 10_000,
-    }
-}
 
 fn start(s: &Settings) -> (Arc<AlertLog>, View) {
     let view: View = Arc::default();

@@ -15,30 +15,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tally_ingest::Parser;
 use tally_kafka::codec::{self, Key};
-use tally_kafka::testing::Broker;
-use tally_kafka::{Hooks, KafkaNode, OutEvent, Settings, event_key};
+use tally_kafka::testing::{Broker, settings};
+use tally_kafka::{Hooks, KafkaNode, OutEvent, event_key};
 use tally_store::RollupStore;
 use tally_stream::StreamConfig;
 use tally_types::time::{Clock, MINUTE_MS, Millis, align_down, format_rfc3339};
 
 type Oracle = HashMap<(String, Millis, String), u64>;
-
-fn settings(brokers: &str, tag: &str, node: &str) -> Settings {
-    Settings {
-        brokers: brokers.into(),
-        group_id: format!("g-{tag}"),
-        topic_events: format!("ev-{tag}"),
-        topic_aggregates: format!("agg-{tag}"),
-        topic_late: format!("late-{tag}"),
-        topic_alerts: format!("alerts-{tag}"),
-        topic_malformed: format!("malformed-{tag}"),
-        partitions: 4,
-        client: Vec::new(),
-        node_id: node.into(),
-        commit_interval: Duration::from_millis(100),
-        produce_timeout_ms: 10_000,
-    }
-}
 
 fn hooks(malformed: Arc<Mutex<Vec<String>>>) -> Hooks {
     Hooks {

@@ -728,6 +728,11 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
             w.aggregates_produced.load(Relaxed),
         ),
         (
+            "tally_kafka_raw_files_total",
+            "Archive files written by seals of this node's partitions' raw events.",
+            w.raw_files.load(Relaxed),
+        ),
+        (
             "tally_kafka_restored_events_total",
             "Events re-read to rebuild dedupe entries of partitions taken over.",
             w.restored_events.load(Relaxed),

@@ -350,8 +350,8 @@ fn ingest_loop(
             let out: Vec<tally_kafka::OutEvent> = entries
                 .iter()
                 .map(|e| tally_kafka::OutEvent {
-                    key: tally_kafka::codec::late_key(e).into_bytes(),
-                    value: tally_kafka::codec::late_value(e).into_bytes(),
+                    key: tally_kafka::codec::dlq_key(e).into_bytes(),
+                    value: tally_kafka::codec::dlq_value(e).into_bytes(),
                     backfill: false,
                     correction: false,
                 })
@@ -513,11 +513,14 @@ fn progress_loop(
 /// directory) is left out, counted and reported once.
 fn list_sealed(raw: Arc<tally_archive::RawShared>) -> tally_kafka::materialize::FilesFn {
     let warned = AtomicBool::new(false);
+    // Paths listed already: a record applied twice adds nothing.
+    let listed = Mutex::new(std::collections::HashSet::<String>::new());
     Box::new(move |sealed: &tally_kafka::codec::Sealed| {
         let root = raw.archive.local_root().map(std::path::Path::to_path_buf);
         let mut added = 0u64;
         {
             let mut files = raw.files.write();
+            let mut listed = listed.lock();
             for f in &sealed.files {
                 if let Some(root) = &root
                     && !root.join(&f.path).exists()
@@ -532,7 +535,7 @@ fn list_sealed(raw: Arc<tally_archive::RawShared>) -> tally_kafka::materialize::
                     }
                     continue;
                 }
-                if files.iter().any(|x| x.path == f.path) {
+                if !listed.insert(f.path.clone()) {
                     continue;
                 }
                 files.push(Arc::new(tally_archive::ArchiveFile {
