@@ -27,7 +27,6 @@
 //! around everything, so a web app's pages can send events with their key
 //! only where configured; the live WebSocket checks `Origin` itself.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Request, State};
@@ -36,216 +35,58 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value as Json, json};
-use sha2::{Digest, Sha256};
 use tally_ingest::Tenancy;
 use tally_types::{DEFAULT_TENANT, valid_tenant};
 
-use crate::config::{AuthSection, ConfigError};
 use crate::http::{ApiError, one, query_pairs};
+pub use tally_runtime::keys::{Key, Keys, Scope, digest, to_hex};
 
-/// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Ingest,
-    Read,
-    Admin,
-}
-
-impl Scope {
-    const ALL: [Scope; 3] = [Scope::Ingest, Scope::Read, Scope::Admin];
-
-    pub fn parse(s: &str) -> Option<Scope> {
-        Scope::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Ingest => "ingest",
-            Scope::Read => "read",
-            Scope::Admin => "admin",
-        }
-    }
-
-    fn bit(self) -> u8 {
-        match self {
-            Scope::Ingest => 1,
-            Scope::Read => 2,
-            Scope::Admin => 4,
-        }
-    }
-}
-
-/// A configured key, found by the SHA-256 of its secret.
-#[derive(Debug, Clone)]
-pub struct Key {
-    tenant: Arc<str>,
-    scopes: u8,
-    name: Arc<str>,
-}
-
-/// The configured keys; empty means open mode.
-#[derive(Debug, Clone, Default)]
-pub struct Keys {
-    by_digest: HashMap<[u8; 32], Key>,
-    public_metrics: bool,
-    cors_origins: Vec<String>,
-}
-
-/// SHA-256 of a key's secret.
-pub fn digest(secret: &str) -> [u8; 32] {
-    let d = Sha256::digest(secret.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(&d);
-    out
-}
-
-pub fn to_hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
-}
-
-fn from_hex(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 || !s.is_ascii() {
+/// The CORS layer for `auth.cors-origins` (None: no origin configured,
+/// so no browser page elsewhere may call the API). Preflights are
+/// answered by it, before any key is asked for; keys travel in headers,
+/// never cookies, so no credentials mode is offered.
+pub(crate) fn cors_layer(keys: &Keys) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if keys.cors_origins().is_empty() {
         return None;
     }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
+    let origins = if keys.cors_origins().iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            keys.cors_origins()
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::ACCEPT,
+                header::HeaderName::from_static("x-api-key"),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::HeaderName::from_static("x-tally-cache"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
-impl Keys {
-    /// Validates `[auth]`: every key has a secret or a digest (not both), a
-    /// valid tenant and known scopes, and no two keys are the same.
-    pub fn from_config(a: &AuthSection) -> Result<Keys, ConfigError> {
-        let mut by_digest = HashMap::new();
-        for (index, k) in a.keys.iter().enumerate() {
-            let bad = |msg: String| ConfigError::Key { index, msg };
-            let d = match (k.key.is_empty(), k.key_sha256.is_empty()) {
-                (false, true) => digest(&k.key),
-                (true, false) => from_hex(&k.key_sha256).ok_or_else(|| {
-                    bad(format!(
-                        "key-sha256 = {:?} is not 64 hex digits; `tally keys new` prints one",
-                        k.key_sha256
-                    ))
-                })?,
-                (true, true) => {
-                    return Err(bad(
-                        "needs key = \"<secret>\" or key-sha256 = \"<hex>\" (`tally keys new` makes one)".into(),
-                    ));
-                }
-                (false, false) => {
-                    return Err(bad(
-                        "has both key and key-sha256; keep one (key-sha256 keeps the secret out of the file)".into(),
-                    ));
-                }
-            };
-            if !valid_tenant(&k.tenant) {
-                return Err(bad(format!(
-                    "tenant = {:?} is not 1–64 characters of [A-Za-z0-9_.-]",
-                    k.tenant
-                )));
-            }
-            if k.scopes.is_empty() {
-                return Err(bad(
-                    "scopes is empty; give some of \"ingest\", \"read\", \"admin\"".into(),
-                ));
-            }
-            let mut scopes = 0u8;
-            for s in &k.scopes {
-                scopes |= Scope::parse(s)
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "scope {s:?} is not one of \"ingest\", \"read\", \"admin\""
-                        ))
-                    })?
-                    .bit();
-            }
-            let name = if k.name.is_empty() {
-                format!("key #{index} of {}", k.tenant)
-            } else {
-                k.name.clone()
-            };
-            let key = Key {
-                tenant: k.tenant.as_str().into(),
-                scopes,
-                name: name.into(),
-            };
-            if by_digest.insert(d, key).is_some() {
-                return Err(bad(
-                    "is the same secret as an earlier key; every key must be distinct".into(),
-                ));
-            }
-        }
-        Ok(Keys {
-            by_digest,
-            public_metrics: a.public_metrics,
-            cors_origins: a.cors_origins.clone(),
-        })
-    }
-
-    pub fn keyed(&self) -> bool {
-        !self.by_digest.is_empty()
-    }
-
-    /// Origins allowed to call the API from a browser page.
-    pub fn cors_origins(&self) -> &[String] {
-        &self.cors_origins
-    }
-
-    /// The CORS layer for `auth.cors-origins` (None: no origin configured,
-    /// so no browser page elsewhere may call the API). Preflights are
-    /// answered by it, before any key is asked for; keys travel in headers,
-    /// never cookies, so no credentials mode is offered.
-    pub(crate) fn cors_layer(&self) -> Option<tower_http::cors::CorsLayer> {
-        use tower_http::cors::{AllowOrigin, CorsLayer};
-        if self.cors_origins.is_empty() {
-            return None;
-        }
-        let origins = if self.cors_origins.iter().any(|o| o == "*") {
-            AllowOrigin::any()
-        } else {
-            AllowOrigin::list(
-                self.cors_origins
-                    .iter()
-                    .filter_map(|o| HeaderValue::from_str(o).ok()),
-            )
-        };
-        Some(
-            CorsLayer::new()
-                .allow_origin(origins)
-                .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
-                .allow_headers([
-                    header::AUTHORIZATION,
-                    header::CONTENT_TYPE,
-                    header::ACCEPT,
-                    header::HeaderName::from_static("x-api-key"),
-                ])
-                .expose_headers([
-                    header::RETRY_AFTER,
-                    header::HeaderName::from_static("x-tally-cache"),
-                ])
-                .max_age(std::time::Duration::from_secs(600)),
-        )
-    }
-
-    /// Whether a browser page of `origin` may open the live WebSocket of a
-    /// server reached as `host`: its own pages, and `auth.cors-origins`.
-    pub(crate) fn ws_origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
-        let same = host.is_some_and(|h| {
-            origin
-                .strip_prefix("http://")
-                .or_else(|| origin.strip_prefix("https://"))
-                .is_some_and(|o| o.eq_ignore_ascii_case(h))
-        });
-        same || self.cors_origins.iter().any(|o| o == "*" || o == origin)
-    }
+/// Whether a browser page of `origin` may open the live WebSocket of a
+/// server reached as `host`: its own pages, and `auth.cors-origins`.
+pub(crate) fn ws_origin_allowed(keys: &Keys, origin: &str, host: Option<&str>) -> bool {
+    let same = host.is_some_and(|h| {
+        origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| o.eq_ignore_ascii_case(h))
+    });
+    same || keys.cors_origins().iter().any(|o| o == "*" || o == origin)
 }
 
 /// What a route needs, declared with the route.
@@ -297,7 +138,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 
     /// The router, with the outer layer (CORS, keys) around every route.
     pub(crate) fn finish(self) -> axum::Router<S> {
-        let cors = self.keys.cors_layer();
+        let cors = cors_layer(&self.keys);
         let router = self
             .router
             .fallback(|| async {
@@ -320,15 +161,15 @@ async fn check(keys: &Keys, access: Access, mut req: Request, next: Next) -> Res
         .and_then(|p| p.0);
     let need = match access {
         Access::Public => None,
-        Access::Metrics if keys.public_metrics => None,
+        Access::Metrics if keys.public_metrics() => None,
         Access::Metrics => Some(Scope::Admin),
         Access::Needs(s) => Some(s),
     };
     let caller = match (keys.keyed(), presented, need) {
         (false, _, _) => Caller::Open,
         (true, Some(k), Some(need)) => {
-            if k.scopes & (need.bit() | Scope::Admin.bit()) == 0 {
-                tracing::debug!(key = %k.name, path = %req.uri().path(), "scope refused");
+            if !k.allows(need) {
+                tracing::debug!(key = %k.name(), path = %req.uri().path(), "scope refused");
                 return refuse(
                     StatusCode::FORBIDDEN,
                     format!(
@@ -366,7 +207,7 @@ impl Caller {
     pub fn tenancy(&self) -> Tenancy<'_> {
         match self {
             Caller::Open => Tenancy::Open,
-            Caller::Key(k) => Tenancy::Keyed(&k.tenant),
+            Caller::Key(k) => Tenancy::Keyed(k.tenant()),
         }
     }
 
@@ -374,18 +215,18 @@ impl Caller {
     pub fn key_tenant(&self) -> Option<&str> {
         match self {
             Caller::Open => None,
-            Caller::Key(k) => Some(&k.tenant),
+            Caller::Key(k) => Some(k.tenant()),
         }
     }
 
     /// A tenant the request names, checked against the key.
     fn check(&self, named: &str) -> Result<String, ApiError> {
         match self {
-            Caller::Key(k) if *k.tenant != *named => Err(ApiError::Status(
+            Caller::Key(k) if k.tenant() != named => Err(ApiError::Status(
                 StatusCode::FORBIDDEN,
                 format!(
                     "tenant: this API key belongs to tenant {:?} and cannot reach {named:?}; drop ?tenant= or use that tenant's key",
-                    k.tenant
+                    k.tenant()
                 ),
             )),
             _ => check_tenant(named),
@@ -504,7 +345,7 @@ async fn authorize(keys: &Keys, mut req: Request, next: Next) -> Response {
         Ok(d) => d,
         Err(msg) => return refuse(StatusCode::UNAUTHORIZED, msg),
     };
-    let key = match presented.map(|d| keys.by_digest.get(&d)) {
+    let key = match presented.map(|d| keys.get(&d)) {
         Some(Some(k)) => Some(k.clone()),
         Some(None) => {
             return refuse(

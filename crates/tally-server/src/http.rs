@@ -19,7 +19,7 @@ use tally_types::time::{HOUR_MS, format_rfc3339, parse_time_param};
 use tokio::sync::oneshot;
 
 use crate::auth::Caller;
-use crate::pipeline::{Shared, WriteReq, entry_to_json};
+use crate::pipeline::{Shared, WriteReq, entry_to_json, prepare_write};
 use crate::telemetry::Snapshot;
 
 /// State of the HTTP handlers.
@@ -447,7 +447,6 @@ async fn ingest(
             q.retry_after_s,
         ));
     }
-    let now = s.shared.clock.now_ms();
     // The first errors are answered (and the first rejections kept in the
     // DLQ); past that they are only counted.
     let errors: Vec<Json> = parsed
@@ -457,74 +456,13 @@ async fn ingest(
         .map(|r| json!({ "index": r.index, "error": r.error }))
         .collect();
     let rejected = parsed.rejected_total;
-    // History sent beside live traffic: judged by the tenant's backfill clock.
-    let spans: Vec<(String, i64, i64)> = parsed
-        .tenants
-        .iter()
-        .zip(&parsed.spans)
-        .map(|((t, _), &(lo, hi))| {
-            let clock = if backfill {
-                format!("{t}\u{1}backfill")
-            } else {
-                t.clone()
-            };
-            (clock, lo, hi)
-        })
-        .collect();
-    let malformed: Vec<DlqEntry> = parsed
-        .rejected
-        .into_iter()
-        .map(|r| DlqEntry {
-            kind: DlqKind::Malformed,
-            tenant: r.tenant,
-            reason: r.error,
-            received_at: now,
-            body: if r.is_object {
-                DlqBody::Event(r.raw)
-            } else {
-                DlqBody::Raw(r.raw)
-            },
-            key: 0,
-            replayed: false,
-        })
-        .collect();
     let accepted = parsed.accepted;
     let refused = std::mem::take(&mut parsed.refused);
-    let parts: Vec<(u32, Vec<u8>)> = parsed
-        .partitions
-        .into_iter()
-        .map(|(p, w)| {
-            (
-                p,
-                if backfill {
-                    w.finish_backfill()
-                } else {
-                    w.finish()
-                },
-            )
-        })
-        .collect();
+    let prepared = prepare_write(&s.shared, parsed, backfill, body.len());
+    let spans = prepared.spans;
+    let n_records = prepared.records;
     let mut last_lsn = None;
-    let n_records = parts.len() as u64;
-    if !parts.is_empty() || !malformed.is_empty() {
-        {
-            let mut m = s.shared.tenant_max_ts.lock();
-            for (t, _, hi) in &spans {
-                match m.get_mut(t) {
-                    Some(x) => *x = (*x).max(*hi),
-                    None => {
-                        m.insert(t.clone(), *hi);
-                    }
-                }
-            }
-        }
-        let (done, wait) = oneshot::channel();
-        let req = WriteReq {
-            parts,
-            malformed,
-            bytes: body.len(),
-            done,
-        };
+    if let Some((req, wait)) = prepared.write {
         if s.tx.try_send(req).is_err() {
             release(body.len());
             tel.requests_overloaded.fetch_add(1, Relaxed);

@@ -1,15 +1,16 @@
-//! The Tally server: configuration, the running pipeline (log writer and
-//! processor threads) and the HTTP API.
+//! The Tally server: the HTTP API over a node that `tally-runtime` runs
+//! (configuration, pipeline threads, telemetry), which it starts and
+//! stops. Nothing here counts or stores events; every handler reads or
+//! feeds the runtime's shared state.
 
 pub mod auth;
-pub mod config;
 pub mod http;
 mod http_alerts;
 mod live;
-pub mod pipeline;
 pub mod quota;
 mod serve;
-pub mod telemetry;
+
+pub use tally_runtime::{config, pipeline, telemetry};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -37,7 +37,7 @@ pub(crate) async fn live(
         let host = headers
             .get(axum::http::header::HOST)
             .and_then(|h| h.to_str().ok());
-        if !s.keys.ws_origin_allowed(origin, host) {
+        if !crate::auth::ws_origin_allowed(&s.keys, origin, host) {
             return Err(ApiError::Status(
                 axum::http::StatusCode::FORBIDDEN,
                 format!(

@@ -5,8 +5,8 @@ use std::path::Path;
 #[test]
 fn example_config_loads_and_matches_defaults() {
     let path = Path::new(&*manifest_dir()).join("../../tally.example.toml");
-    let cfg = tally_server::Config::load(Some(&path)).expect("example config parses");
-    let def = tally_server::Config::default();
+    let cfg = tally_runtime::Config::load(Some(&path)).expect("example config parses");
+    let def = tally_runtime::Config::default();
     assert_eq!(cfg.listen, def.listen);
     assert_eq!(cfg.log.partitions, def.log.partitions);
     assert_eq!(cfg.log.segment_bytes, def.log.segment_bytes);
@@ -21,12 +21,12 @@ fn unknown_keys_and_bad_durations_are_refused_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.toml");
     std::fs::write(&p, "[log]\npartitons = 3\n").unwrap();
-    let e = tally_server::Config::load(Some(&p))
+    let e = tally_runtime::Config::load(Some(&p))
         .unwrap_err()
         .to_string();
     assert!(e.contains("partitons"), "{e}");
     std::fs::write(&p, "[stream]\nallowed-lateness = \"soon\"\n").unwrap();
-    let e = tally_server::Config::load(Some(&p))
+    let e = tally_runtime::Config::load(Some(&p))
         .unwrap_err()
         .to_string();
     assert!(
@@ -39,7 +39,7 @@ fn unknown_keys_and_bad_durations_are_refused_with_the_key() {
 fn api_keys_load_from_toml_and_bad_ones_name_the_key_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.toml");
-    let digest = tally_server::auth::to_hex(&tally_server::auth::digest("s3cret-acme-read"));
+    let digest = tally_runtime::keys::to_hex(&tally_runtime::keys::digest("s3cret-acme-read"));
     std::fs::write(
         &p,
         format!(
@@ -47,10 +47,10 @@ fn api_keys_load_from_toml_and_bad_ones_name_the_key_and_the_fix() {
         ),
     )
     .unwrap();
-    let cfg = tally_server::Config::load(Some(&p)).expect("keys parse");
+    let cfg = tally_runtime::Config::load(Some(&p)).expect("keys parse");
     assert_eq!(cfg.auth.keys.len(), 2);
     assert!(
-        tally_server::auth::Keys::from_config(&cfg.auth)
+        tally_runtime::keys::Keys::from_config(&cfg.auth)
             .unwrap()
             .keyed()
     );
@@ -80,7 +80,7 @@ fn api_keys_load_from_toml_and_bad_ones_name_the_key_and_the_fix() {
         ),
     ] {
         std::fs::write(&p, text).unwrap();
-        let e = tally_server::Config::load(Some(&p))
+        let e = tally_runtime::Config::load(Some(&p))
             .unwrap_err()
             .to_string();
         for w in wants {
@@ -99,7 +99,7 @@ fn tenant_schemas_load_from_toml_and_bad_ones_say_the_fix() {
         "[schemas.acme]\npage = \"string\"\nduration_ms = \"float\"\nqty = \"int\"\nok = \"bool\"\n",
     )
     .unwrap();
-    let cfg = tally_server::Config::load(Some(&p)).expect("schemas parse");
+    let cfg = tally_runtime::Config::load(Some(&p)).expect("schemas parse");
     let acme = &cfg.schemas["acme"];
     assert_eq!(acme["page"], PropType::String);
     assert_eq!(acme["duration_ms"], PropType::Float);
@@ -117,7 +117,7 @@ fn tenant_schemas_load_from_toml_and_bad_ones_say_the_fix() {
         ),
     ] {
         std::fs::write(&p, text).unwrap();
-        let e = tally_server::Config::load(Some(&p))
+        let e = tally_runtime::Config::load(Some(&p))
             .expect_err(text)
             .to_string();
         for w in wants {
@@ -139,7 +139,7 @@ fn environment_keeps_tenant_and_property_names() {
         ("TALLY__SHEDDING__LOW_PRIORITY", "[\"ping\"]"),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
-    let cfg = tally_server::Config::load_with_env(None, env).unwrap();
+    let cfg = tally_runtime::Config::load_with_env(None, env).unwrap();
     let acme = cfg.schemas.get("acme_corp").expect("tenant acme_corp");
     assert!(acme.contains_key("duration_ms"), "{acme:?}");
     assert_eq!(cfg.quotas.of("big_one").events_per_second, 7);
@@ -166,7 +166,7 @@ fn privacy_rules_load_from_toml_and_environment() {
         ("TALLY__PRIVACY__ACME_CORP__PROPERTIES__PHONE_NO", "drop"),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
-    let cfg = tally_server::Config::load_with_env(Some(&f), env).unwrap();
+    let cfg = tally_runtime::Config::load_with_env(Some(&f), env).unwrap();
     assert_eq!(cfg.privacy.hash_key, "k2");
     let mut rules = cfg.privacy.rules().unwrap();
     rules.iter_mut().for_each(|(_, f)| f.sort());
@@ -200,13 +200,13 @@ fn privacy_rules_load_from_toml_and_environment() {
         ("[privacy]\nacme = \"hash\"\n", "must be a table"),
     ] {
         std::fs::write(&f, text).unwrap();
-        let e = tally_server::Config::load_with_env(Some(&f), Vec::new()).unwrap_err();
+        let e = tally_runtime::Config::load_with_env(Some(&f), Vec::new()).unwrap_err();
         assert!(e.to_string().contains(want), "{text}: {e}");
     }
 
     // No key configured: one is made once and kept, so hashes are stable.
     std::fs::write(&f, "[privacy.acme]\nuser_id = \"hash\"\n").unwrap();
-    let cfg = tally_server::Config::load_with_env(Some(&f), Vec::new()).unwrap();
+    let cfg = tally_runtime::Config::load_with_env(Some(&f), Vec::new()).unwrap();
     let a = cfg.privacy.build(dir.path()).unwrap().unwrap().hash("u");
     let b = cfg.privacy.build(dir.path()).unwrap().unwrap().hash("u");
     assert_eq!(a, b);
@@ -216,7 +216,7 @@ fn privacy_rules_load_from_toml_and_environment() {
 #[test]
 fn kafka_section_from_toml_and_environment() {
     // Absent: embedded mode.
-    let cfg = tally_server::Config::load_with_env(None, Vec::new()).unwrap();
+    let cfg = tally_runtime::Config::load_with_env(None, Vec::new()).unwrap();
     assert!(cfg.kafka.is_none());
     let env = vec![
         (
@@ -233,7 +233,7 @@ fn kafka_section_from_toml_and_environment() {
             "5".to_string(),
         ),
     ];
-    let cfg = tally_server::Config::load_with_env(None, env).unwrap();
+    let cfg = tally_runtime::Config::load_with_env(None, env).unwrap();
     let k = cfg.kafka.expect("kafka mode");
     assert_eq!(k.brokers, "127.0.0.1:9092");
     assert_eq!(k.group_id, "g1");
@@ -256,12 +256,12 @@ fn kafka_section_from_toml_and_environment() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("t.toml");
     std::fs::write(&f, "[kafka]\ngroup-id = \"x\"\n").unwrap();
-    let e = tally_server::Config::load_with_env(Some(&f), Vec::new())
+    let e = tally_runtime::Config::load_with_env(Some(&f), Vec::new())
         .unwrap_err()
         .to_string();
     assert!(e.contains("kafka.brokers"), "{e}");
     std::fs::write(&f, "[kafka]\nbrokers = \"b:1\"\ntopic-events = \"a b\"\n").unwrap();
-    let e = tally_server::Config::load_with_env(Some(&f), Vec::new())
+    let e = tally_runtime::Config::load_with_env(Some(&f), Vec::new())
         .unwrap_err()
         .to_string();
     assert!(
@@ -270,7 +270,7 @@ fn kafka_section_from_toml_and_environment() {
     );
     // The topics named after the group are checked as the group makes them.
     std::fs::write(&f, "[kafka]\nbrokers = \"b:1\"\ngroup-id = \"my group\"\n").unwrap();
-    let e = tally_server::Config::load_with_env(Some(&f), Vec::new())
+    let e = tally_runtime::Config::load_with_env(Some(&f), Vec::new())
         .unwrap_err()
         .to_string();
     assert!(

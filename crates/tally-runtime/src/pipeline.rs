@@ -80,6 +80,112 @@ pub struct WriteReq {
     pub done: oneshot::Sender<Result<Option<u64>, String>>,
 }
 
+/// The outcome of one [`WriteReq`]: the last lsn of its records (embedded
+/// mode) or `None` (Kafka mode: acknowledged by the brokers), or why
+/// nothing of it was acknowledged.
+pub type WriteDone = oneshot::Receiver<Result<Option<u64>, String>>;
+
+/// A parsed ingest request made ready for the log, whichever log it is.
+pub struct Prepared {
+    /// The request for the writer and the receiver of its outcome (None:
+    /// nothing to write).
+    pub write: Option<(WriteReq, WriteDone)>,
+    /// Per event clock (the tenant, or its backfill clock), the earliest
+    /// and latest event time the request carries.
+    pub spans: Vec<(String, i64, i64)>,
+    /// Log records the request becomes (one per partition it touches).
+    pub records: u64,
+}
+
+/// Turns a parsed ingest request into the write request both backends
+/// take: accepted events as encoded batches per partition (backfill ones
+/// judged by their tenant's backfill clock), rejected ones as malformed
+/// DLQ entries. Notes each tenant's newest event time (so an answer knows
+/// when none of its events can be late) before the request is sent.
+pub fn prepare_write(
+    shared: &Shared,
+    parsed: tally_ingest::Parsed,
+    backfill: bool,
+    bytes: usize,
+) -> Prepared {
+    let now = shared.clock.now_ms();
+    let spans: Vec<(String, i64, i64)> = parsed
+        .tenants
+        .iter()
+        .zip(&parsed.spans)
+        .map(|((t, _), &(lo, hi))| {
+            let clock = if backfill {
+                format!("{t}\u{1}backfill")
+            } else {
+                t.clone()
+            };
+            (clock, lo, hi)
+        })
+        .collect();
+    let malformed: Vec<DlqEntry> = parsed
+        .rejected
+        .into_iter()
+        .map(|r| DlqEntry {
+            kind: DlqKind::Malformed,
+            tenant: r.tenant,
+            reason: r.error,
+            received_at: now,
+            body: if r.is_object {
+                DlqBody::Event(r.raw)
+            } else {
+                DlqBody::Raw(r.raw)
+            },
+            key: 0,
+            replayed: false,
+        })
+        .collect();
+    let parts: Vec<(u32, Vec<u8>)> = parsed
+        .partitions
+        .into_iter()
+        .map(|(p, w)| {
+            (
+                p,
+                if backfill {
+                    w.finish_backfill()
+                } else {
+                    w.finish()
+                },
+            )
+        })
+        .collect();
+    let records = parts.len() as u64;
+    if parts.is_empty() && malformed.is_empty() {
+        return Prepared {
+            write: None,
+            spans,
+            records,
+        };
+    }
+    {
+        let mut m = shared.tenant_max_ts.lock();
+        for (t, _, hi) in &spans {
+            match m.get_mut(t) {
+                Some(x) => *x = (*x).max(*hi),
+                None => {
+                    m.insert(t.clone(), *hi);
+                }
+            }
+        }
+    }
+    let (done, wait) = oneshot::channel();
+    let req = WriteReq {
+        parts,
+        malformed,
+        bytes,
+        done,
+    };
+    Prepared {
+        write: Some((req, wait)),
+        spans,
+        records,
+    }
+}
+
 /// A record for the raw store, with the ranges of its events the processor
 /// dropped as duplicates.
 type RawItem = (Record, Vec<(u32, u32)>);

@@ -777,7 +777,7 @@ impl Config {
         cfg.target_policy()?;
         cfg.check_schemas()?;
         cfg.check_privacy()?;
-        crate::auth::Keys::from_config(&cfg.auth)?;
+        crate::keys::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
     }
 
