@@ -1,0 +1,314 @@
+//! One behavioural suite for the log under the pipeline, run against both
+//! backends: the embedded log and Kafka (a real Kafka-protocol broker).
+//! Each scenario drives `tally_runtime::pipeline` exactly as the HTTP layer
+//! does (parse, `prepare_write`, the write channel, the outcome) and reads
+//! the node's rollups and DLQ directly, so what it proves holds for every
+//! endpoint on top, whichever log is underneath:
+//!
+//! - messy input (duplicates, disorder, malformed) counts every event once,
+//!   every minute bucket equal to an independent computation;
+//! - events past the allowed lateness are counted by no bucket and listed
+//!   in the late DLQ, and malformed ones in the malformed DLQ;
+//! - a node stopped mid-stream and started again on its state resumes
+//!   where it stopped: the whole input sent again (every event before the
+//!   stop now a duplicate) changes nothing, the rest counts once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Expected, T0, expected, fmt_bucket};
+use tally_cli::generator::{GenConfig, Generator, Kind};
+use tally_ingest::{Format, Parser, Tenancy};
+use tally_kafka::testing::Broker;
+use tally_runtime::Config;
+use tally_runtime::config::KafkaSection;
+use tally_runtime::pipeline::{Pipeline, prepare_write};
+use tally_stream::DlqKind;
+use tally_types::Clock;
+use tally_types::time::Millis;
+
+/// The log under test.
+enum Backend {
+    Embedded,
+    /// Topics, group and node named after `tag` on the shared broker.
+    Kafka {
+        brokers: String,
+        tag: String,
+    },
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::Kafka { .. } => "kafka",
+        }
+    }
+
+    fn config(&self, dir: &Path) -> Config {
+        let mut cfg = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        cfg.log.partitions = 4;
+        if let Backend::Kafka { brokers, tag } = self {
+            cfg.kafka = Some(KafkaSection {
+                brokers: brokers.clone(),
+                group_id: format!("g-{tag}"),
+                topic_events: format!("ev-{tag}"),
+                topic_aggregates: format!("agg-{tag}"),
+                topic_late: format!("late-{tag}"),
+                node_id: "n1".into(),
+                partitions: 4,
+                commit_interval: "100ms".into(),
+                seal_interval: "1s".into(),
+                ..KafkaSection::default()
+            });
+        }
+        cfg
+    }
+}
+
+/// Sends NDJSON batches the way `POST /api/v1/events` does; answers the
+/// events accepted and rejected.
+async fn submit(p: &Pipeline, lines: &[(String, Kind)], batch: usize) -> (u64, u64) {
+    let (mut accepted, mut rejected) = (0, 0);
+    for ch in lines.chunks(batch) {
+        let body: String = ch.iter().map(|(l, _)| format!("{l}\n")).collect();
+        let parsed = Parser::new(p.shared.partitions)
+            .parse(body.as_bytes(), Format::Ndjson, Tenancy::Open)
+            .expect("batch parses");
+        accepted += parsed.accepted as u64;
+        rejected += parsed.rejected_total as u64;
+        let prepared = prepare_write(&p.shared, parsed, false, body.len());
+        let Some((req, done)) = prepared.write else {
+            continue;
+        };
+        assert!(p.tx.send(req).await.is_ok(), "the writer is gone");
+        done.await
+            .expect("writer answers")
+            .expect("the log acknowledged the batch");
+    }
+    (accepted, rejected)
+}
+
+type Buckets = BTreeMap<(String, Millis, String), (u64, f64)>;
+
+/// Count and sum of `duration_ms` of every minute bucket the node holds.
+fn held(p: &Pipeline) -> Buckets {
+    let store = p.shared.store.read();
+    let mut out = Buckets::new();
+    for (tenant, minute, b) in store.minutes_in(Millis::MIN, Millis::MAX) {
+        for (ty, agg) in &b.types {
+            if agg.count == 0 {
+                continue;
+            }
+            let sum = agg.prop("duration_ms").map_or(0.0, |n| n.sum.value());
+            out.insert(
+                (tenant.to_string(), minute, ty.to_string()),
+                (agg.count, sum),
+            );
+        }
+    }
+    out
+}
+
+fn wanted(want: &Expected) -> Buckets {
+    want.buckets
+        .iter()
+        .map(|((t, m, ty), b)| {
+            let sum = b.props.get("duration_ms").map_or(0.0, |d| d.iter().sum());
+            ((t.clone(), *m, ty.clone()), (b.count, sum))
+        })
+        .collect()
+}
+
+/// Waits until every bucket equals the independent computation.
+async fn exact(backend: &str, p: &Pipeline, want: &Expected) {
+    let want = wanted(want);
+    let close = |a: &Buckets| {
+        a.len() == want.len()
+            && a.iter().zip(&want).all(|((ka, (ca, sa)), (kb, (cb, sb)))| {
+                ka == kb && ca == cb && (sa - sb).abs() <= sb.abs() * 1e-9
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = held(p);
+        if close(&got) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let diff: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .take(10)
+                .map(|((t, m, ty), v)| {
+                    format!(
+                        "{t} {} {ty}: want {v:?}, got {:?}",
+                        fmt_bucket(*m),
+                        got.get(&(t.clone(), *m, ty.clone()))
+                    )
+                })
+                .collect();
+            let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
+            panic!(
+                "{backend}: buckets differ from the oracle ({} held, {} wanted, {extra} unexpected): {diff:#?}",
+                got.len(),
+                want.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn dlq_lists(backend: &str, p: &Pipeline, tenant: &str, kind: DlqKind, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = p.shared.dlq.lock().list(tenant, kind, 10_000).len();
+        if got == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{backend}: the {} DLQ of {tenant} lists {got} entries, want {n}",
+            kind.as_str()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn input(seed: u64, n: usize) -> Vec<(String, Kind)> {
+    let mut g = Generator::new(GenConfig {
+        seed,
+        tenants: 2,
+        users: 200,
+        start_ms: Some(T0),
+        events_per_sec: 20.0,
+        disorder: 0.10,
+        late: 0.0,
+        duplicate: 0.08,
+        malformed: 0.03,
+    });
+    (0..n).map(|_| g.next_line()).collect()
+}
+
+/// Events ten days before the stream, in sessions the stream used (so
+/// their partitions hold the tenant's clock): late on every backend.
+fn late_events(lines: &[(String, Kind)], n: usize) -> Vec<(String, Kind)> {
+    lines
+        .iter()
+        .filter_map(|(l, _)| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["tenant"] == "tenant0" && v["session_id"].is_string())
+        .take(n)
+        .enumerate()
+        .map(|(i, v)| {
+            (
+                format!(
+                    r#"{{"event_id":"late-{i}","event_type":"page_view","timestamp":"{}","tenant":"tenant0","session_id":{},"user_id":"late"}}"#,
+                    fmt_bucket(T0 - 10 * 86_400_000),
+                    v["session_id"]
+                ),
+                Kind::Late,
+            )
+        })
+        .collect()
+}
+
+async fn messy_input_counts_every_event_once(backend: Backend) {
+    let name = backend.name();
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pipeline::start(&backend.config(dir.path()), Clock::system()).expect("pipeline");
+    let lines = input(11, 3000);
+    let want = expected(&lines);
+    for k in [Kind::Duplicate, Kind::Disordered, Kind::Malformed] {
+        assert!(lines.iter().filter(|(_, x)| *x == k).count() > 30, "{k:?}");
+    }
+    let (accepted, rejected) = submit(&p, &lines, 150).await;
+    assert_eq!(rejected, want.rejected, "{name}: rejected");
+    assert_eq!(accepted + rejected, lines.len() as u64);
+    exact(name, &p, &want).await;
+    // Every rejected event is listed once, under its tenant (or the
+    // default one when it names none).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed: usize = ["tenant0", "tenant1", tally_types::DEFAULT_TENANT]
+            .iter()
+            .map(|t| {
+                p.shared
+                    .dlq
+                    .lock()
+                    .list(t, DlqKind::Malformed, 10_000)
+                    .len()
+            })
+            .sum();
+        if listed as u64 == want.rejected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: the malformed DLQ lists {listed}, want {}",
+            want.rejected
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let late = late_events(&lines, 6);
+    submit(&p, &late, 100).await;
+    dlq_lists(name, &p, "tenant0", DlqKind::Late, 6).await;
+    // Counted by no bucket.
+    exact(name, &p, &want).await;
+    p.shutdown();
+}
+
+async fn a_restart_resumes_where_it_stopped(backend: Backend) {
+    let name = backend.name();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = backend.config(dir.path());
+    let lines = input(12, 3000);
+    let (first, _) = lines.split_at(1700);
+    let p = Pipeline::start(&cfg, Clock::system()).expect("pipeline");
+    submit(&p, first, 100).await;
+    exact(name, &p, &expected(first)).await;
+    p.shutdown();
+
+    let p = Pipeline::start(&cfg, Clock::system()).expect("pipeline restarts");
+    // What it had before the stop, before anything new arrives.
+    exact(name, &p, &expected(first)).await;
+    // Everything again: the first part now duplicates, the rest new.
+    submit(&p, &lines, 100).await;
+    exact(name, &p, &expected(&lines)).await;
+    p.shutdown();
+}
+
+fn kafka(broker: &Broker, scenario: &str) -> Backend {
+    Backend::Kafka {
+        brokers: broker.brokers(),
+        tag: format!("seam-{scenario}-{}", std::process::id()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_messy_input_counts_every_event_once() {
+    messy_input_counts_every_event_once(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_messy_input_counts_every_event_once() {
+    let broker = Broker::start();
+    messy_input_counts_every_event_once(kafka(&broker, "messy")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_restart_resumes_where_it_stopped() {
+    a_restart_resumes_where_it_stopped(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_restart_resumes_where_it_stopped() {
+    let broker = Broker::start();
+    a_restart_resumes_where_it_stopped(kafka(&broker, "restart")).await;
+}
