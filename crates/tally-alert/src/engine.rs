@@ -693,8 +693,13 @@ impl Engine {
         now: Millis,
         closed_through: Option<Millis>,
     ) -> Result<(Rule, bool), AlertError> {
+        // A node metric's buckets are wall-clock time: judged from now on.
+        let node = body
+            .get("metric")
+            .and_then(Json::as_str)
+            .is_some_and(crate::rule::is_node_metric);
         let fresh = RuleState {
-            start: closed_through,
+            start: if node { Some(now) } else { closed_through },
             ..RuleState::default()
         };
         let existing = self
@@ -869,7 +874,16 @@ impl Engine {
         let ids: Vec<(String, Millis)> = self
             .rules
             .iter()
-            .filter_map(|(id, r)| Some((id.clone(), closed_through(&r.tenant)?)))
+            .filter_map(|(id, r)| {
+                // Node metrics live in wall-clock time: a bucket is closed
+                // once the clock has passed it.
+                let through = if r.node_metric() {
+                    now
+                } else {
+                    closed_through(&r.tenant)?
+                };
+                Some((id.clone(), through))
+            })
             .collect();
         let mut queued = 0;
         for (id, through) in ids {
@@ -910,6 +924,7 @@ impl Engine {
                 // from the buckets before that.
                 let start = match st.start {
                     Some(ct) => align_down(ct, g),
+                    None if rule.node_metric() => through,
                     None => values
                         .first_minute(&rule.tenant)
                         .map_or(through, |f| align_down(f, g)),

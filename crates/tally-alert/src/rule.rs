@@ -7,6 +7,17 @@ use tally_types::Millis;
 use tally_types::time::{format_rfc3339, parse_duration_ms, parse_time_param};
 
 /// A rule the API refused, naming the field, the value and the fix.
+/// Metrics of the node rather than of events, which a rule may watch:
+/// the consumer lag of the cluster in Kafka mode, in seconds and records
+/// (the largest over partitions, sampled every second; a bucket's value is
+/// its largest sample).
+pub const NODE_METRICS: [&str; 2] = ["consumer_lag_seconds", "consumer_lag_records"];
+
+/// Whether `metric` names one of [`NODE_METRICS`].
+pub fn is_node_metric(metric: &str) -> bool {
+    NODE_METRICS.contains(&metric)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct RuleError {
@@ -178,13 +189,21 @@ impl Rule {
         Metric::parse(&self.metric).unwrap_or(Metric::Count)
     }
 
+    /// Whether the rule watches the node rather than events: its buckets
+    /// are wall-clock time, closed as the clock passes them, and its value
+    /// is the worst sample of the bucket.
+    pub fn node_metric(&self) -> bool {
+        is_node_metric(&self.metric)
+    }
+
     /// Whether a bucket without events counts as 0 (count, distinct, sum) or
     /// has no value at all (avg, min, max, quantiles).
     pub fn zero_when_empty(&self) -> bool {
-        matches!(
-            self.metric(),
-            Metric::Count | Metric::UniqueUsers | Metric::UniqueSessions | Metric::Sum(_)
-        )
+        !self.node_metric()
+            && matches!(
+                self.metric(),
+                Metric::Count | Metric::UniqueUsers | Metric::UniqueSessions | Metric::Sum(_)
+            )
     }
 
     /// Consecutive true buckets needed to fire (at least one).
@@ -289,7 +308,17 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
         ));
     }
     let metric = string(obj, "metric")?.unwrap_or_else(|| "count".into());
-    Metric::parse(&metric).map_err(|e| err("metric", e.to_string()))?;
+    if !is_node_metric(&metric) {
+        Metric::parse(&metric).map_err(|e| {
+            err(
+                "metric",
+                format!(
+                    "{e} (or a node metric: {}, measured in Kafka mode)",
+                    NODE_METRICS.join(", ")
+                ),
+            )
+        })?;
+    }
     let event_type = match obj.get("event_type") {
         None | Some(Json::Null) => Vec::new(),
         Some(Json::String(s)) => vec![s.clone()],
@@ -315,6 +344,14 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
             ));
         }
     };
+    if is_node_metric(&metric) && !event_type.is_empty() {
+        return Err(err(
+            "event_type",
+            format!(
+                "{metric} is a node metric (the whole cluster's consumer lag), not one of events: leave event_type out"
+            ),
+        ));
+    }
     let granularity = string(obj, "granularity")?.unwrap_or_else(|| "1m".into());
     let g = Granularity::parse(&granularity).map_err(|e| err("granularity", e.to_string()))?;
     let detector = parse_detector(obj.get("detector").ok_or_else(|| {

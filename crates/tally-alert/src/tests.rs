@@ -1021,3 +1021,66 @@ fn a_replica_takes_over_mid_episode_and_sends_nothing_twice() {
         "aged-out history entries are tombstoned"
     );
 }
+
+/// `consumer_lag_seconds > 30` for 5 minutes: the buckets are wall-clock
+/// minutes, closed as the clock passes them even while no tenant's event
+/// time moves (a stuck consumer is exactly when it does not).
+#[test]
+fn a_node_metric_rule_judges_wall_clock_buckets_without_event_time() {
+    let mut e = Engine::open(None, EngineConfig::default()).unwrap();
+    let body = json!({
+        "name": "lagging", "metric": "consumer_lag_seconds", "granularity": "1m",
+        "detector": {"kind": "threshold", "op": ">", "value": 30},
+        "for": "5m", "resolve_after": "2m",
+        "notify": [{"webhook": "http://127.0.0.1:9/hook"}],
+    });
+    // Created at T0 while the tenant's event time is far behind: judged
+    // from the wall clock's bucket on.
+    let (r, _) = e.upsert(&body, "acme", T0, Some(T0 - 86_400_000)).unwrap();
+    assert!(r.node_metric() && !r.zero_when_empty());
+    let mut lag: Vec<Option<f64>> = vec![Some(2.0), Some(45.0)];
+    lag.extend([
+        Some(60.0),
+        Some(90.0),
+        Some(100.0),
+        Some(120.0),
+        Some(150.0),
+    ]);
+    lag.extend([Some(0.0), Some(0.0), Some(0.0)]);
+    let s = Series::of(&lag);
+    let mut got_all = Vec::new();
+    for i in 0..lag.len() as i64 {
+        // No tenant's clock has closed anything: only the wall clock moves.
+        let now = T0 + (i + 1) * M;
+        e.advance_tenants(&|_| None, now, None, &s);
+        got_all.extend(drain(&mut e));
+    }
+    // Above 30 from bucket 1: the fifth such bucket (5) fires the episode
+    // that began at 1; two calm buckets resolve it at 8.
+    assert_eq!(
+        got_all,
+        vec![
+            got("firing", json!(120), 5, 1),
+            got("resolved", json!(0), 8, 1)
+        ]
+    );
+    // Events of the tenant do not judge it either.
+    assert_eq!(e.rule(&r.id).unwrap().1.state, State::Ok);
+}
+
+#[test]
+fn node_metric_rules_refuse_an_event_type() {
+    let mut e = Engine::open(None, EngineConfig::default()).unwrap();
+    let body = json!({
+        "name": "lagging", "metric": "consumer_lag_records", "event_type": ["error"],
+        "detector": {"kind": "threshold", "op": ">", "value": 1000},
+    });
+    let err = e.upsert(&body, "acme", T0, None).unwrap_err().to_string();
+    assert!(
+        err.contains("event_type") && err.contains("node metric"),
+        "{err}"
+    );
+    let body = json!({"name": "x", "metric": "lag", "detector": {"kind": "threshold", "op": ">", "value": 1}});
+    let err = e.upsert(&body, "acme", T0, None).unwrap_err().to_string();
+    assert!(err.contains("consumer_lag_seconds"), "{err}");
+}

@@ -61,6 +61,24 @@ async fn spike_fires_once_retries_and_survives_a_restart() {
     let (code, v) = answer(r).await;
     assert_eq!(code, 400);
     assert_eq!(v["field"], "detector.op", "{v}");
+    // The consumer lag is a Kafka-mode metric: refused here, with the fix.
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(
+            json!({"name": "lag", "metric": "consumer_lag_seconds",
+                "detector": {"kind": "threshold", "op": ">", "value": 30}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (code, v) = answer(r).await;
+    assert_eq!(code, 400);
+    assert_eq!(v["field"], "metric", "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("[kafka]"),
+        "{v}"
+    );
 
     let rule = json!({"name": "error-spike", "metric": "count", "event_type": ["error"],
         "granularity": "1m", "detector": {"kind": "threshold", "op": ">", "value": 5},

@@ -1054,7 +1054,7 @@ fn alert_loop(
     template: tally_alert::Progress,
 ) {
     let mut progress: HashMap<String, tally_alert::Progress> = HashMap::new();
-    let source = StoreSource(&shared.store);
+    let source = StoreSource(&shared.store, shared.kafka.as_deref());
     let mut last_persist = Instant::now();
     let mut open = true;
     // Kafka mode: changes not yet taken by the alert log.
@@ -1129,8 +1129,8 @@ fn alert_loop(
     }
 }
 
-/// Alert rules read the rollup store.
-struct StoreSource<'a>(&'a RwLock<RollupStore>);
+/// Alert rules read the rollup store, and in Kafka mode the node's lag.
+struct StoreSource<'a>(&'a RwLock<RollupStore>, Option<&'a KafkaShared>);
 
 impl tally_alert::Source for StoreSource<'_> {
     /// A rule's metric over `[from, to)`: the very query `GET /api/v1/metrics` runs.
@@ -1138,6 +1138,11 @@ impl tally_alert::Source for StoreSource<'_> {
         let Ok(granularity) = tally_store::Granularity::parse(&r.granularity) else {
             return Vec::new();
         };
+        if r.node_metric() {
+            return self.1.map_or_else(Vec::new, |k| {
+                k.node_metric(&r.metric, from, to, granularity.ms())
+            });
+        }
         let q = tally_store::MetricQuery {
             tenant: r.tenant.clone(),
             metric: r.metric(),

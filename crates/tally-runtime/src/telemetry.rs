@@ -665,25 +665,29 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
     for (p, s) in &parts {
         lag.insert(*p, (s.lag_records, s.lag_seconds));
     }
-    let _ = writeln!(
-        out,
-        "# HELP tally_consumer_lag_records Records of a partition of the events topic not processed yet (this node's own partitions as its worker sees them, the others since their owner's last commit).\n# TYPE tally_consumer_lag_records gauge"
-    );
-    for (p, (records, _)) in &lag {
+    // Under the names the API promises (`consumer_lag_*`, what alert rules
+    // watch) and under the tally_ prefix of every other series.
+    for prefix in ["", "tally_"] {
         let _ = writeln!(
             out,
-            "tally_consumer_lag_records{{partition=\"{p}\"}} {records}"
+            "# HELP {prefix}consumer_lag_records Records of a partition of the events topic not processed yet (this node's own partitions as its worker sees them, the others since their owner's last commit).\n# TYPE {prefix}consumer_lag_records gauge"
         );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tally_consumer_lag_seconds How far a partition is behind in time while it is behind (0 when caught up).\n# TYPE tally_consumer_lag_seconds gauge"
-    );
-    for (p, (_, seconds)) in &lag {
+        for (p, (records, _)) in &lag {
+            let _ = writeln!(
+                out,
+                "{prefix}consumer_lag_records{{partition=\"{p}\"}} {records}"
+            );
+        }
         let _ = writeln!(
             out,
-            "tally_consumer_lag_seconds{{partition=\"{p}\"}} {seconds}"
+            "# HELP {prefix}consumer_lag_seconds How far a partition is behind in time while it is behind (0 when caught up).\n# TYPE {prefix}consumer_lag_seconds gauge"
         );
+        for (p, (_, seconds)) in &lag {
+            let _ = writeln!(
+                out,
+                "{prefix}consumer_lag_seconds{{partition=\"{p}\"}} {seconds}"
+            );
+        }
     }
     let w = &k.worker;
     gauge(

@@ -93,6 +93,17 @@ pub(crate) async fn create(
     let pairs = query_pairs(&q);
     let body = json_body(&body)?;
     let tenant = caller.tenant_of(&pairs, &body)?;
+    if let Some(m) = body.get("metric").and_then(Json::as_str)
+        && tally_alert::rule::is_node_metric(m)
+        && s.shared.kafka.is_none()
+    {
+        return Err(ApiError::Field(
+            "metric".into(),
+            format!(
+                "{m:?} is the consumer lag of Kafka mode; this node runs on its embedded log, which has none (watch freshness with metric=count instead, or start the node with [kafka] brokers)"
+            ),
+        ));
+    }
     let now = s.shared.clock.now_ms();
     let closed = s.shared.alert_closed.lock().get(&*tenant).copied();
     let (answer, created, changes) = {

@@ -45,6 +45,50 @@ pub struct KafkaShared {
     /// this node sees it: its own from its worker, the others' from their
     /// committed state and the partition's end. Refreshed every second.
     pub lag: Mutex<std::collections::BTreeMap<u32, (u64, f64)>>,
+    /// The cluster's worst lag, sampled every second for alert rules on
+    /// node metrics: (wall time, records, seconds), the last day.
+    pub lag_samples: Mutex<std::collections::VecDeque<(i64, u64, f64)>>,
+}
+
+/// How long lag samples are kept for alert rules (an anomaly detector's
+/// learning window included).
+const LAG_SAMPLES_KEPT_MS: i64 = 86_400_000;
+
+impl KafkaShared {
+    /// A node metric (`consumer_lag_seconds` or `consumer_lag_records`)
+    /// per `step`-wide bucket of `[from, to)`: the largest sample of each
+    /// bucket that has any.
+    pub fn node_metric(&self, metric: &str, from: i64, to: i64, step: i64) -> Vec<(i64, f64)> {
+        bucket_max(self.lag_samples.lock().iter(), metric, from, to, step)
+    }
+}
+
+/// Lag samples (time, records, seconds) in time order → the largest
+/// value of `metric` per `step`-wide bucket of `[from, to)` that has any.
+fn bucket_max<'a>(
+    samples: impl Iterator<Item = &'a (i64, u64, f64)>,
+    metric: &str,
+    from: i64,
+    to: i64,
+    step: i64,
+) -> Vec<(i64, f64)> {
+    let step = step.max(1);
+    let mut out: Vec<(i64, f64)> = Vec::new();
+    for &(at, records, seconds) in samples {
+        if at < from || at >= to {
+            continue;
+        }
+        let v = match metric {
+            "consumer_lag_records" => records as f64,
+            _ => seconds,
+        };
+        let b = tally_types::time::align_down(at, step);
+        match out.last_mut() {
+            Some((lb, lv)) if *lb == b => *lv = lv.max(v),
+            _ => out.push((b, v)),
+        }
+    }
+    out
 }
 
 /// The node's name: `kafka.node-id`, else one made on first start and
@@ -222,6 +266,7 @@ pub(super) fn start(
         alert_log,
         replays: Mutex::new(HashMap::new()),
         lag: Mutex::new(Default::default()),
+        lag_samples: Mutex::new(Default::default()),
     });
     let shared = Arc::new(Shared {
         store,
@@ -488,7 +533,18 @@ fn progress_loop(
             for (p, m) in &mine {
                 lag.entry(*p).or_insert((m.lag_records, m.lag_seconds));
             }
+            let worst = lag
+                .values()
+                .fold((0u64, 0f64), |(r, s), &(lr, ls)| (r.max(lr), s.max(ls)));
             *k.lag.lock() = lag;
+            let mut samples = k.lag_samples.lock();
+            samples.push_back((now, worst.0, worst.1));
+            while samples
+                .front()
+                .is_some_and(|(at, _, _)| *at < now - LAG_SAMPLES_KEPT_MS)
+            {
+                samples.pop_front();
+            }
         }
         // What the live feed and the SQL result cache watch for changes:
         // here, every aggregates record the view applied.
@@ -552,4 +608,30 @@ fn list_sealed(raw: Arc<tally_archive::RawShared>) -> tally_kafka::materialize::
         raw.stats.rows_sealed.fetch_add(added, Relaxed);
         raw.bump_version();
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_max;
+
+    #[test]
+    fn a_bucket_of_a_node_metric_is_its_worst_sample() {
+        let m = 60_000;
+        let samples = [
+            (m - 1, 9, 9.0),
+            (m, 10, 1.0),
+            (m + 1000, 500, 40.0),
+            (m + 59_999, 20, 3.0),
+            (3 * m + 5, 0, 0.0),
+            (4 * m, 7, 7.0),
+        ];
+        assert_eq!(
+            bucket_max(samples.iter(), "consumer_lag_seconds", m, 4 * m, m),
+            vec![(m, 40.0), (3 * m, 0.0)]
+        );
+        assert_eq!(
+            bucket_max(samples.iter(), "consumer_lag_records", 0, 5 * m, 2 * m),
+            vec![(0, 500.0), (2 * m, 0.0), (4 * m, 7.0)]
+        );
+    }
 }
