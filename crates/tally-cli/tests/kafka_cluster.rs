@@ -342,20 +342,7 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
 
     // Late events: ten days before the stream, in sessions the stream
     // used (so their partitions hold the tenant's clock): counted by none.
-    let late: Vec<String> = lines
-        .iter()
-        .filter_map(|(l, _)| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["tenant"] == "tenant0" && v["session_id"].is_string())
-        .take(6)
-        .enumerate()
-        .map(|(i, v)| {
-            format!(
-                r#"{{"event_id":"late-{i}","event_type":"page_view","timestamp":"{}","tenant":"tenant0","session_id":{},"user_id":"late"}}"#,
-                fmt_bucket(T0 - 10 * 86_400_000),
-                v["session_id"]
-            )
-        })
-        .collect();
+    let late = common::late_lines(&lines, 6);
     let r = c
         .post(format!("{}/api/v1/events", nodes[0].base()))
         .header("content-type", "application/x-ndjson")

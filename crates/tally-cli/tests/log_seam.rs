@@ -196,28 +196,6 @@ fn input(seed: u64, n: usize) -> Vec<(String, Kind)> {
     (0..n).map(|_| g.next_line()).collect()
 }
 
-/// Events ten days before the stream, in sessions the stream used (so
-/// their partitions hold the tenant's clock): late on every backend.
-fn late_events(lines: &[(String, Kind)], n: usize) -> Vec<(String, Kind)> {
-    lines
-        .iter()
-        .filter_map(|(l, _)| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["tenant"] == "tenant0" && v["session_id"].is_string())
-        .take(n)
-        .enumerate()
-        .map(|(i, v)| {
-            (
-                format!(
-                    r#"{{"event_id":"late-{i}","event_type":"page_view","timestamp":"{}","tenant":"tenant0","session_id":{},"user_id":"late"}}"#,
-                    fmt_bucket(T0 - 10 * 86_400_000),
-                    v["session_id"]
-                ),
-                Kind::Late,
-            )
-        })
-        .collect()
-}
-
 async fn messy_input_counts_every_event_once(backend: Backend) {
     let name = backend.name();
     let dir = tempfile::tempdir().unwrap();
@@ -256,7 +234,10 @@ async fn messy_input_counts_every_event_once(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let late = late_events(&lines, 6);
+    let late: Vec<(String, Kind)> = common::late_lines(&lines, 6)
+        .into_iter()
+        .map(|l| (l, Kind::Late))
+        .collect();
     submit(&p, &late, 100).await;
     dlq_lists(name, &p, "tenant0", DlqKind::Late, 6).await;
     // Counted by no bucket.

@@ -309,3 +309,23 @@ pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `n` events of tenant0 ten days before the stream, in sessions the
+/// stream used (so their partitions hold the tenant's clock): late on
+/// every backend, whichever partition they land in.
+pub fn late_lines(lines: &[(String, Kind)], n: usize) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|(l, _)| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["tenant"] == "tenant0" && v["session_id"].is_string())
+        .take(n)
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                r#"{{"event_id":"late-{i}","event_type":"page_view","timestamp":"{}","tenant":"tenant0","session_id":{},"user_id":"late"}}"#,
+                fmt_bucket(T0 - 10 * 86_400_000),
+                v["session_id"]
+            )
+        })
+        .collect()
+}
