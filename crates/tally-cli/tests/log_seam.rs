@@ -75,6 +75,17 @@ impl Backend {
 /// Sends NDJSON batches the way `POST /api/v1/events` does; answers the
 /// events accepted and rejected.
 async fn submit(p: &Pipeline, lines: &[(String, Kind)], batch: usize) -> (u64, u64) {
+    submit_as(p, lines, batch, false).await
+}
+
+/// As [`submit`]; `backfill`: as `?backfill=true` (judged by each tenant's
+/// backfill clock).
+async fn submit_as(
+    p: &Pipeline,
+    lines: &[(String, Kind)],
+    batch: usize,
+    backfill: bool,
+) -> (u64, u64) {
     let (mut accepted, mut rejected) = (0, 0);
     for ch in lines.chunks(batch) {
         let body: String = ch.iter().map(|(l, _)| format!("{l}\n")).collect();
@@ -83,7 +94,7 @@ async fn submit(p: &Pipeline, lines: &[(String, Kind)], batch: usize) -> (u64, u
             .expect("batch parses");
         accepted += parsed.accepted as u64;
         rejected += parsed.rejected_total as u64;
-        let prepared = prepare_write(&p.shared, parsed, false, body.len());
+        let prepared = prepare_write(&p.shared, parsed, backfill, body.len());
         let Some((req, done)) = prepared.write else {
             continue;
         };
@@ -182,11 +193,15 @@ async fn dlq_lists(backend: &str, p: &Pipeline, tenant: &str, kind: DlqKind, n: 
 }
 
 fn input(seed: u64, n: usize) -> Vec<(String, Kind)> {
+    input_at(seed, n, T0)
+}
+
+fn input_at(seed: u64, n: usize, start: Millis) -> Vec<(String, Kind)> {
     let mut g = Generator::new(GenConfig {
         seed,
         tenants: 2,
         users: 200,
-        start_ms: Some(T0),
+        start_ms: Some(start),
         events_per_sec: 20.0,
         disorder: 0.10,
         late: 0.0,
@@ -265,6 +280,28 @@ async fn a_restart_resumes_where_it_stopped(backend: Backend) {
     p.shutdown();
 }
 
+/// History sent with `backfill` over minutes live traffic already counted
+/// (and whose windows closed long ago) adds to them: a minute's value is
+/// every event of it, whichever clock judged each.
+async fn history_backfilled_over_counted_minutes_adds_to_them(backend: Backend) {
+    let name = backend.name();
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pipeline::start(&backend.config(dir.path()), Clock::system()).expect("pipeline");
+    // Live: a few minutes from T0, then traffic half an hour later, which
+    // closes them for good.
+    let mut live = input_at(31, 1500, T0);
+    live.extend(input_at(32, 400, T0 + 30 * 60_000));
+    submit(&p, &live, 100).await;
+    exact(name, &p, &expected(&live)).await;
+    // History of the same minutes, sent as a backfill.
+    let history = input_at(33, 1500, T0);
+    submit_as(&p, &history, 100, true).await;
+    let mut all = live.clone();
+    all.extend(history);
+    exact(name, &p, &expected(&all)).await;
+    p.shutdown();
+}
+
 fn kafka(broker: &Broker, scenario: &str) -> Backend {
     Backend::Kafka {
         brokers: broker.brokers(),
@@ -292,4 +329,15 @@ async fn embedded_a_restart_resumes_where_it_stopped() {
 async fn kafka_a_restart_resumes_where_it_stopped() {
     let broker = Broker::start();
     a_restart_resumes_where_it_stopped(kafka(&broker, "restart")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_history_backfilled_over_counted_minutes_adds_to_them() {
+    history_backfilled_over_counted_minutes_adds_to_them(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_history_backfilled_over_counted_minutes_adds_to_them() {
+    let broker = Broker::start();
+    history_backfilled_over_counted_minutes_adds_to_them(kafka(&broker, "backfill")).await;
 }

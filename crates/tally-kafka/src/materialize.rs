@@ -108,6 +108,17 @@ impl Materialized {
             .cloned()
     }
 
+    /// The next offset of a source partition's last state applied.
+    pub fn next_offset_of(&self, partition: u32) -> Option<u64> {
+        self.inner
+            .lock()
+            .parts
+            .get(&partition)?
+            .state
+            .as_ref()
+            .map(|s| s.next_offset)
+    }
+
     /// Records applied and records skipped as unreadable.
     pub fn counters(&self) -> (u64, u64) {
         let i = self.inner.lock();

@@ -16,7 +16,7 @@
 //! restores each assigned partition from the last committed transaction,
 //! exactly as a different node would.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, error::KafkaError};
 use tally_ingest::{BodyError, Format, Parsed, Parser, Tenancy};
+use tally_store::Agg;
 use tally_stream::{Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StreamConfig};
 use tally_types::bin::{Dec, Enc};
 use tally_types::time::{MINUTE_MS, Millis, align_down};
@@ -200,7 +201,14 @@ struct Part {
     replayed: Vec<(String, String)>,
     /// The events of the correction message being applied.
     pending_replays: Vec<(String, Millis, String, String)>,
+    /// Final minutes evicted at a commit (the commit's next offset, and
+    /// their buckets), kept until the view has applied that commit: a
+    /// backfill or a correction that reopens one adds to this value, which
+    /// the view may not have yet.
+    evicted: VecDeque<(u64, HashMap<BucketKey, Agg>)>,
 }
+
+type BucketKey = (Box<str>, Millis, Box<str>);
 
 impl Part {
     fn restore(id: u32, committed: Option<u64>, hooks: &Hooks, view: &Materialized) -> Part {
@@ -239,6 +247,7 @@ impl Part {
             malformed: Vec::new(),
             replayed: Vec::new(),
             pending_replays: Vec::new(),
+            evicted: VecDeque::new(),
         };
         match restored.filter(|_| clocks_ok) {
             Some(r) => {
@@ -283,6 +292,70 @@ impl Part {
 
     fn restoring(&self) -> bool {
         self.next_offset < self.restore_until
+    }
+
+    /// Before events that may land in final minutes (a backfill, a
+    /// correction) are applied: each bucket they touch that the processor
+    /// no longer holds is loaded with its published value (evicted here
+    /// and not yet in the view, else the view's), so the value published
+    /// next holds the old events and the new ones.
+    fn reopen(
+        &mut self,
+        view: &Materialized,
+        payload: &[u8],
+    ) -> Vec<(String, Millis, String, String)> {
+        let events = tally_types::BatchReader::new(payload)
+            .map(|r| {
+                r.filter_map(Result::ok)
+                    .map(|e| {
+                        (
+                            e.tenant.to_string(),
+                            align_down(e.ts, MINUTE_MS),
+                            e.event_type.to_string(),
+                            e.event_id.to_string(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let mut st = self.proc.store().write();
+        for (t, m, ty, _) in &events {
+            if st.agg(t, *m, ty).is_some() {
+                continue;
+            }
+            let k: BucketKey = (t.as_str().into(), *m, ty.as_str().into());
+            let published = self
+                .evicted
+                .iter()
+                .rev()
+                .find_map(|(_, b)| b.get(&k).cloned())
+                .or_else(|| view.value_of(self.id, t, *m, ty));
+            if let Some(a) = published {
+                st.set_agg(t, *m, ty, a);
+            }
+        }
+        st.commit();
+        events
+    }
+
+    /// Evicts the final minutes after a commit up to `next_offset` and
+    /// forgets those of commits the view has applied.
+    fn evict(&mut self, view: &Materialized) {
+        let seen = view.next_offset_of(self.id).unwrap_or(0);
+        while self.evicted.front().is_some_and(|(at, _)| *at <= seen) {
+            self.evicted.pop_front();
+        }
+        let gone = self.proc.take_final();
+        if gone.is_empty() {
+            return;
+        }
+        let mut buckets = HashMap::new();
+        for (t, m, b) in gone {
+            for (ty, agg) in b.types {
+                buckets.insert((t.clone(), m, ty), agg);
+            }
+        }
+        self.evicted.push_back((self.next_offset, buckets));
     }
 
     /// Notes that the record at `offset` wrote dedupe entries of a
@@ -627,35 +700,14 @@ impl Session<'_> {
             } else {
                 batch.finish()
             };
-            if correction && !restoring {
-                // The buckets a correction changes may be final, so gone
-                // from the processor's store: back from the view first,
-                // or the published value would hold the correction alone.
-                let events = tally_types::BatchReader::new(&payload)
-                    .map(|r| {
-                        r.filter_map(Result::ok)
-                            .map(|e| {
-                                (
-                                    e.tenant.to_string(),
-                                    align_down(e.ts, MINUTE_MS),
-                                    e.event_type.to_string(),
-                                    e.event_id.to_string(),
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                let mut st = part.proc.store().write();
-                for (t, m, ty, _) in &events {
-                    if st.agg(t, *m, ty).is_none()
-                        && let Some(a) = self.view.value_of(id, t, *m, ty)
-                    {
-                        st.set_agg(t, *m, ty, a);
-                    }
+            if (correction || backfill) && !restoring {
+                // The buckets a correction or a backfill changes may be
+                // final, so gone from the processor's store: back first,
+                // or the published value would hold the new events alone.
+                let events = part.reopen(self.view, &payload);
+                if correction {
+                    part.pending_replays = events;
                 }
-                st.commit();
-                drop(st);
-                part.pending_replays = events;
             }
             let rec = RecordRef {
                 partition: 0,
@@ -817,7 +869,7 @@ impl Session<'_> {
             }
             let late = part.proc.take_late();
             let replay_from = part.replay_from(lateness);
-            part.proc.evict_final();
+            part.evict(self.view);
             let mut clocks = Enc::new();
             part.proc.export_clocks(&mut clocks);
             let state = PartitionState {

@@ -601,12 +601,21 @@ impl RollupStore {
     /// Forgets a tenant's minutes before `cutoff` (a processor that no
     /// longer needs final minutes it has published). Answers how many.
     pub fn drop_minutes_before(&mut self, tenant: &str, cutoff: Millis) -> usize {
+        self.take_minutes_before(tenant, cutoff).len()
+    }
+
+    /// As [`RollupStore::drop_minutes_before`], handing the minutes over.
+    pub fn take_minutes_before(
+        &mut self,
+        tenant: &str,
+        cutoff: Millis,
+    ) -> BTreeMap<Millis, MinuteBucket> {
         let Some(t) = self.tenants.get_mut(tenant) else {
-            return 0;
+            return BTreeMap::new();
         };
         let keep = t.minutes.split_off(&cutoff);
-        let gone = std::mem::replace(&mut t.minutes, keep).len();
-        if gone > 0 && t.changes.touch(Millis::MIN) {
+        let gone = std::mem::replace(&mut t.minutes, keep);
+        if !gone.is_empty() && t.changes.touch(Millis::MIN) {
             self.dirty.push(tenant.into());
         }
         gone

@@ -20,6 +20,7 @@
 //! Everything a processor decides is a function of its log, so the new
 //! owner then makes exactly the decisions the old one would have.
 
+use tally_store::MinuteBucket;
 use tally_types::bin::{Dec, DecodeError, Enc};
 use tally_types::time::{MINUTE_MS, Millis, align_down};
 use tally_types::{BatchReader, dedupe_key};
@@ -90,13 +91,22 @@ impl Processor {
     /// Forgets minutes no clock can change any more (they were published
     /// while they could). Answers how many minutes went.
     pub fn evict_final(&mut self) -> usize {
+        self.take_final().len()
+    }
+
+    /// As [`Processor::evict_final`], handing the minutes over: (tenant,
+    /// minute, bucket). A backfill clock that appears later may reopen
+    /// such a minute; its events must then add to what was published.
+    pub fn take_final(&mut self) -> Vec<(Box<str>, Millis, MinuteBucket)> {
         let tenants: Vec<Box<str>> = self.clocks.keys().cloned().collect();
         let mut store = self.store.write();
-        let mut gone = 0;
+        let mut gone = Vec::new();
         for t in tenants {
             let cutoff = self.mutable_from(&t);
             if cutoff > Millis::MIN {
-                gone += store.drop_minutes_before(&t, cutoff);
+                for (m, b) in store.take_minutes_before(&t, cutoff) {
+                    gone.push((t.clone(), m, b));
+                }
             }
         }
         store.commit();
