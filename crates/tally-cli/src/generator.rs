@@ -114,9 +114,15 @@ impl Generator {
         let c = &self.cfg;
         let (kind, ts) = if r < c.malformed {
             return (self.malformed(), Kind::Malformed);
-        } else if r < c.malformed + c.duplicate && !self.recent.is_empty() {
-            let i = self.rng.random_range(0..self.recent.len());
-            return (self.recent[i].clone(), Kind::Duplicate);
+        } else if r < c.malformed + c.duplicate {
+            if self.recent.is_empty() {
+                // Nothing to copy yet: an ordinary event (not whatever
+                // band comes next, which may be a late one).
+                (Kind::Normal, self.t)
+            } else {
+                let i = self.rng.random_range(0..self.recent.len());
+                return (self.recent[i].clone(), Kind::Duplicate);
+            }
         } else if r < c.malformed + c.duplicate + c.late {
             (
                 Kind::Late,
@@ -201,6 +207,33 @@ impl Generator {
                 format!(r#"{{"event_id":"{id}","event_type":"click","timestamp":{ts},"user_id":12"#)
             }
             _ => "[1,2,3]".to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With `late: 0.0` nothing is labelled late, the first line of a
+    /// stream (nothing to duplicate yet) included: the oracles trust it.
+    #[test]
+    fn no_late_lines_when_none_are_asked_for() {
+        for seed in 0..400 {
+            let mut g = Generator::new(GenConfig {
+                seed,
+                tenants: 2,
+                users: 50,
+                start_ms: Some(1_793_534_400_000),
+                events_per_sec: 20.0,
+                disorder: 0.1,
+                late: 0.0,
+                duplicate: 0.08,
+                malformed: 0.03,
+            });
+            for _ in 0..20 {
+                assert_ne!(g.next_line().1, Kind::Late, "seed {seed}");
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ use tally_runtime::config::KafkaSection;
 use tally_runtime::pipeline::{Pipeline, prepare_write};
 use tally_stream::DlqKind;
 use tally_types::Clock;
-use tally_types::time::Millis;
+use tally_types::time::{HOUR_MS, Millis, align_down};
 
 /// The log under test.
 enum Backend {
@@ -49,6 +49,10 @@ impl Backend {
     }
 
     fn config(&self, dir: &Path) -> Config {
+        self.config_with(dir, |_| {})
+    }
+
+    fn config_with(&self, dir: &Path, tweak: impl FnOnce(&mut Config)) -> Config {
         let mut cfg = Config {
             data_dir: dir.to_path_buf(),
             ..Config::default()
@@ -68,6 +72,7 @@ impl Backend {
                 ..KafkaSection::default()
             });
         }
+        tweak(&mut cfg);
         cfg
     }
 }
@@ -302,6 +307,154 @@ async fn history_backfilled_over_counted_minutes_adds_to_them(backend: Backend) 
     p.shutdown();
 }
 
+type Hours = BTreeMap<(String, Millis, String), (u64, f64)>;
+
+fn by_hour(minutes: &Buckets) -> Hours {
+    let mut out = Hours::new();
+    for ((t, m, ty), (c, s)) in minutes {
+        let e = out
+            .entry((t.clone(), align_down(*m, HOUR_MS), ty.clone()))
+            .or_default();
+        e.0 += c;
+        e.1 += s;
+    }
+    out
+}
+
+/// Count and sum of `duration_ms` per hour, over the hours the node
+/// folded and the minutes it still holds.
+fn held_hours(p: &Pipeline) -> Hours {
+    let store = p.shared.store.read();
+    let mut out = Hours::new();
+    let tenants: Vec<String> = store.tenants().map(String::from).collect();
+    for t in tenants {
+        for (b, bucket) in store.tenant_buckets(&t, Millis::MIN, Millis::MAX, HOUR_MS) {
+            for (ty, agg) in &bucket.types {
+                let sum = agg.prop("duration_ms").map_or(0.0, |n| n.sum.value());
+                let e = out
+                    .entry((t.clone(), align_down(b, HOUR_MS), ty.to_string()))
+                    .or_default();
+                e.0 += agg.count;
+                e.1 += sum;
+            }
+        }
+    }
+    out.retain(|_, (c, _)| *c > 0);
+    out
+}
+
+/// Waits until every hour equals the oracle's and the node has folded
+/// the minutes before `folded_to` into hours.
+async fn exact_hours(backend: &str, p: &Pipeline, want: &Expected, folded_to: Millis) {
+    let want = by_hour(&wanted(want));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = held_hours(p);
+        let horizon = p.shared.store.read().downsampled_to();
+        let same = got.len() == want.len()
+            && got
+                .iter()
+                .zip(&want)
+                .all(|((ka, (ca, sa)), (kb, (cb, sb)))| {
+                    ka == kb && ca == cb && (sa - sb).abs() <= sb.abs() * 1e-9
+                });
+        if same && horizon >= folded_to {
+            return;
+        }
+        if Instant::now() > deadline {
+            let diff: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .take(10)
+                .map(|(k, v)| format!("{k:?}: want {v:?}, got {:?}", got.get(k)))
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|(k, _)| !want.contains_key(*k))
+                .take(10)
+                .collect();
+            panic!(
+                "{backend}: minutes folded to {} (want {}), hours differ from the oracle: {diff:#?}, not in the oracle: {extra:?}",
+                fmt_bucket(horizon),
+                fmt_bucket(folded_to)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Rollup retention: minutes older than `retention.minute-rollups` are
+/// folded into hours, every hour exact; history backfilled into a folded
+/// hour adds to it; events for minutes just past the retention (folded on
+/// one backend, not yet on the other) add to them; a restart answers the
+/// same. The wall clock is injected and stands still, so the retention
+/// boundary does not move under the test.
+async fn old_minutes_fold_into_exact_hours(backend: Backend) {
+    let name = backend.name();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = backend.config_with(dir.path(), |c| {
+        c.retention.minute_rollups = "7d".into();
+        c.retention.interval = "1s".into();
+    });
+    let clock = Clock::manual(Clock::system().now_ms());
+    // Minutes before this are past the minute retention.
+    let boundary = align_down(clock.now_ms() - 7 * 86_400_000, HOUR_MS);
+    let p = Pipeline::start(&cfg, clock.clone()).expect("pipeline");
+    // Weeks old: a few minutes at T0, then two hours later, which makes
+    // T0's hour final everywhere.
+    let mut lines = input_at(41, 1500, T0);
+    lines.extend(input_at(42, 400, T0 + 2 * HOUR_MS));
+    submit(&p, &lines, 100).await;
+    exact_hours(name, &p, &expected(&lines), T0 + HOUR_MS).await;
+    // History backfilled into the folded hour adds to it.
+    let history = input_at(43, 600, T0);
+    submit_as(&p, &history, 100, true).await;
+    lines.extend(history);
+    exact_hours(name, &p, &expected(&lines), T0 + HOUR_MS).await;
+    // Live traffic, then history, half an hour before the boundary.
+    let recent = boundary - 30 * 60_000;
+    let live = input_at(44, 800, recent);
+    submit(&p, &live, 100).await;
+    lines.extend(live);
+    let history = input_at(45, 400, recent);
+    submit_as(&p, &history, 100, true).await;
+    lines.extend(history);
+    exact_hours(name, &p, &expected(&lines), boundary - HOUR_MS).await;
+    p.shutdown();
+    let p = Pipeline::start(&cfg, clock).expect("pipeline restarts");
+    exact_hours(name, &p, &expected(&lines), boundary - HOUR_MS).await;
+    p.shutdown();
+}
+
+/// Hours past `retention.hour-rollups` are dropped on both backends, the
+/// rest stays exact, and a restart does not bring them back.
+async fn hours_past_retention_are_dropped(backend: Backend) {
+    let name = backend.name();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = backend.config_with(dir.path(), |c| {
+        c.retention.minute_rollups = "7d".into();
+        c.retention.hour_rollups = "30d".into();
+        c.retention.interval = "1s".into();
+    });
+    let clock = Clock::manual(Clock::system().now_ms());
+    let boundary = align_down(clock.now_ms() - 7 * 86_400_000, HOUR_MS);
+    assert!(
+        T0 < clock.now_ms() - 31 * 86_400_000,
+        "T0 is past the hour retention"
+    );
+    let p = Pipeline::start(&cfg, clock.clone()).expect("pipeline");
+    // Five weeks old (past the hour retention), then a week old.
+    let old = input_at(51, 600, T0);
+    submit(&p, &old, 100).await;
+    let kept = input_at(52, 800, boundary - 30 * 60_000);
+    submit(&p, &kept, 100).await;
+    exact_hours(name, &p, &expected(&kept), boundary - HOUR_MS).await;
+    p.shutdown();
+    let p = Pipeline::start(&cfg, clock).expect("pipeline restarts");
+    exact_hours(name, &p, &expected(&kept), boundary - HOUR_MS).await;
+    p.shutdown();
+}
+
 fn kafka(broker: &Broker, scenario: &str) -> Backend {
     Backend::Kafka {
         brokers: broker.brokers(),
@@ -340,4 +493,26 @@ async fn embedded_history_backfilled_over_counted_minutes_adds_to_them() {
 async fn kafka_history_backfilled_over_counted_minutes_adds_to_them() {
     let broker = Broker::start();
     history_backfilled_over_counted_minutes_adds_to_them(kafka(&broker, "backfill")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_old_minutes_fold_into_exact_hours() {
+    old_minutes_fold_into_exact_hours(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_old_minutes_fold_into_exact_hours() {
+    let broker = Broker::start();
+    old_minutes_fold_into_exact_hours(kafka(&broker, "retention")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_hours_past_retention_are_dropped() {
+    hours_past_retention_are_dropped(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_hours_past_retention_are_dropped() {
+    let broker = Broker::start();
+    hours_past_retention_are_dropped(kafka(&broker, "hours")).await;
 }

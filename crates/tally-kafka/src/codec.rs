@@ -28,14 +28,33 @@
 //! value: 01 | u64 next offset | u64 replay-from offset | str node | i64 committed at (ms)
 //!           | u32 n | n × (str tenant | i64 watermark or i64::MIN)
 //!           | u64 counted | u64 duplicates | u64 late | bytes event clocks
-//!           [| u64 raw-from offset [| i64 last message time (ms)]]
+//!           [| u64 raw-from offset [| i64 last message time (ms) [| i64 cut]]]
 //! ```
+//!
+//! The cut (added within version 1; absent: none) is the start of the
+//! hour before which the partition writes only deltas, never whole
+//! minute values again: it rises with the wall clock by the minute
+//! retention, and never falls, even across owners. Readers fold minutes
+//! into hours behind the lowest cut of all partitions (less an hour).
 //!
 //! The raw-from offset (added within version 1; absent: the next offset)
 //! is where the partition's raw events not yet in archive files begin: a
 //! new owner rebuilds them from there. The last message time (added
 //! within version 1; absent: none) is the timestamp of the last message
 //! the state covers: how fresh the partition's numbers are.
+//!
+//! **Delta** — events of one (tenant, minute, event type) a partition
+//! counted after that minute fell behind the partition's *cut* (see the
+//! partition state): the aggregate of those events alone, added to what
+//! readers hold (the minute, or its hour once folded). Unique per
+//! transaction (the state's next offset and a sequence number), so
+//! compaction keeps every one:
+//!
+//! ```text
+//! key:   01 'D' | u32 source partition | u64 at (next offset of the state) | u32 seq
+//!           | i64 minute | str tenant | str event type
+//! value: the aggregate, as for an aggregate record
+//! ```
 //!
 //! **Sealed files** — raw events of one source partition's offsets
 //! `[from, to)` sealed into Parquet files of the archive (one per tenant
@@ -69,6 +88,7 @@ pub const VERSION: u8 = 1;
 const KIND_AGG: u8 = b'A';
 const KIND_STATE: u8 = b'S';
 const KIND_FILES: u8 = b'F';
+const KIND_DELTA: u8 = b'D';
 
 /// One sealed archive file (a path relative to the archive root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +119,18 @@ pub struct AggKey {
     pub event_type: Box<str>,
 }
 
+/// Key of one delta record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaKey {
+    pub partition: u32,
+    /// The next offset of the state of its transaction.
+    pub at: u64,
+    pub seq: u32,
+    pub minute: Millis,
+    pub tenant: Box<str>,
+    pub event_type: Box<str>,
+}
+
 /// Where processing of one source partition stands.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PartitionState {
@@ -121,6 +153,9 @@ pub struct PartitionState {
     pub raw_from: u64,
     /// The timestamp of the last message this state covers.
     pub last_message_ms: Option<Millis>,
+    /// Minutes before this are written as deltas only (`Millis::MIN`:
+    /// none).
+    pub cut: Millis,
 }
 
 /// A decoded key of the aggregates topic.
@@ -130,6 +165,7 @@ pub enum Key {
     State(u32),
     /// Sealed files of (source partition, from offset).
     Files(u32, u64),
+    Delta(DeltaKey),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,8 +214,29 @@ pub fn decode_key(b: &[u8]) -> Result<Key, CodecError> {
         })),
         KIND_STATE => Ok(Key::State(d.u32()?)),
         KIND_FILES => Ok(Key::Files(d.u32()?, d.u64()?)),
+        KIND_DELTA => Ok(Key::Delta(DeltaKey {
+            partition: d.u32()?,
+            at: d.u64()?,
+            seq: d.u32()?,
+            minute: d.i64()?,
+            tenant: d.str()?.into(),
+            event_type: d.str()?.into(),
+        })),
         k => Err(CodecError::Kind(k)),
     }
+}
+
+pub fn delta_key(k: &DeltaKey) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u8(KIND_DELTA);
+    e.u32(k.partition);
+    e.u64(k.at);
+    e.u32(k.seq);
+    e.i64(k.minute);
+    e.str(&k.tenant);
+    e.str(&k.event_type);
+    e.buf
 }
 
 pub fn agg_value(a: &Agg) -> Vec<u8> {
@@ -216,6 +273,7 @@ pub fn state_value(s: &PartitionState) -> Vec<u8> {
     e.bytes(&s.clocks);
     e.u64(s.raw_from);
     e.opt_i64(s.last_message_ms);
+    e.i64(s.cut);
     e.buf
 }
 
@@ -295,6 +353,7 @@ pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
     let clocks = d.bytes()?.to_vec();
     let raw_from = if d.is_empty() { next_offset } else { d.u64()? };
     let last_message_ms = if d.is_empty() { None } else { d.opt_i64()? };
+    let cut = if d.is_empty() { Millis::MIN } else { d.i64()? };
     Ok(PartitionState {
         next_offset,
         replay_from,
@@ -307,6 +366,7 @@ pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
         clocks,
         raw_from,
         last_message_ms,
+        cut,
     })
 }
 
@@ -346,13 +406,28 @@ mod tests {
             clocks: vec![1, 2, 3],
             raw_from: 40,
             last_message_ms: Some(1_700_000_000_000),
+            cut: 1_699_000_000_000,
         };
         assert_eq!(decode_state(&state_value(&s)).unwrap(), s);
-        // A state written before raw-from existed reads as all sealed.
+        // A state written before the cut existed has none.
         let mut old = state_value(&s);
+        old.truncate(old.len() - 8);
+        let back = decode_state(&old).unwrap();
+        assert_eq!(back.cut, Millis::MIN);
+        assert_eq!(back.last_message_ms, s.last_message_ms);
+        // One written before raw-from existed reads as all sealed.
         old.truncate(old.len() - 8 - 9);
         let back = decode_state(&old).unwrap();
         assert_eq!(back.raw_from, s.next_offset);
+        let dk = DeltaKey {
+            partition: 3,
+            at: 99,
+            seq: 4,
+            minute: 1_700_000_040_000,
+            tenant: "acme".into(),
+            event_type: "click".into(),
+        };
+        assert_eq!(decode_key(&delta_key(&dk)).unwrap(), Key::Delta(dk));
         let f = Sealed {
             partition: 2,
             from: 100,

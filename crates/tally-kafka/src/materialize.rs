@@ -18,7 +18,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tally_store::{Agg, RollupStore};
-use tally_types::time::Millis;
+use tally_types::time::{HOUR_MS, Millis, align_down};
 
 use crate::codec::{self, AggKey, Key, PartitionState};
 use crate::{Error, Settings};
@@ -29,8 +29,9 @@ type BucketKey = (Box<str>, Millis, Box<str>);
 struct PartView {
     state: Option<PartitionState>,
     values: HashMap<BucketKey, Agg>,
-    /// Aggregates read since the last state of this partition.
-    pending: Vec<(BucketKey, Agg)>,
+    /// Aggregates read since the last state of this partition (true: a
+    /// delta, to add; false: the whole value).
+    pending: Vec<(BucketKey, Agg, bool)>,
     /// Sealed files read since the last state of this partition.
     pending_files: Vec<codec::Sealed>,
 }
@@ -119,6 +120,33 @@ impl Materialized {
             .map(|s| s.next_offset)
     }
 
+    /// Hour retention at wall time `now`: buckets older than `keep_ms`
+    /// are dropped (0: kept). Answers how many buckets went.
+    pub fn enforce_hour_retention(&self, now: Millis, keep_ms: Millis) -> usize {
+        if keep_ms <= 0 {
+            return 0;
+        }
+        let cutoff = align_down(now.saturating_sub(keep_ms), HOUR_MS);
+        let mut inner = self.inner.lock();
+        let mut store = self.store.write();
+        let gone = store.drop_hours_before(cutoff);
+        if gone > 0 {
+            store.commit();
+        }
+        let from = store.hours_from();
+        drop(store);
+        for v in inner.parts.values_mut() {
+            v.values.retain(|k, _| k.1 >= from);
+        }
+        gone
+    }
+
+    /// The rollup horizons: minutes from the first, hours from the second.
+    pub fn horizons(&self) -> (Millis, Millis) {
+        let st = self.store.read();
+        (st.downsampled_to(), st.hours_from())
+    }
+
     /// Records applied and records skipped as unreadable.
     pub fn counters(&self) -> (u64, u64) {
         let i = self.inner.lock();
@@ -190,12 +218,26 @@ impl Materialized {
                     Some(v) => codec::decode_agg(v)?,
                     None => Agg::default(),
                 };
-                inner
-                    .parts
-                    .entry(partition)
-                    .or_default()
-                    .pending
-                    .push(((tenant, minute, event_type), agg));
+                inner.parts.entry(partition).or_default().pending.push((
+                    (tenant, minute, event_type),
+                    agg,
+                    false,
+                ));
+            }
+            Key::Delta(codec::DeltaKey {
+                partition,
+                minute,
+                tenant,
+                event_type,
+                ..
+            }) => {
+                let Some(v) = value else { return Ok(()) };
+                let agg = codec::decode_agg(v)?;
+                inner.parts.entry(partition).or_default().pending.push((
+                    (tenant, minute, event_type),
+                    agg,
+                    true,
+                ));
             }
             Key::Files(partition, from) => {
                 let Some(v) = value else { return Ok(()) };
@@ -230,25 +272,60 @@ impl Materialized {
                         f(sealed);
                     }
                 }
-                if !pending.is_empty() {
-                    let mut store = self.store.write();
-                    for (k, agg) in pending {
-                        inner
-                            .parts
-                            .entry(partition)
-                            .or_default()
-                            .values
-                            .insert(k.clone(), agg);
-                        let mut merged = Agg::default();
-                        for v in inner.parts.values() {
-                            if let Some(a) = v.values.get(&k) {
-                                merged.merge(a);
-                            }
-                        }
-                        store.set_agg(&k.0, k.1, &k.2, merged);
+                let mut store = self.store.write();
+                let (folded_to, hours_from) = (store.downsampled_to(), store.hours_from());
+                for (k, agg, delta) in pending {
+                    if k.1 < hours_from {
+                        // Past the hour retention: gone everywhere.
+                        continue;
                     }
-                    store.commit();
+                    if k.1 < folded_to {
+                        // Folded into its hour: only a delta can come for
+                        // it (the partition's cut is past it), added there.
+                        if !delta {
+                            tracing::warn!(partition, tenant = %k.0, minute = k.1, "whole aggregate for a minute already folded into its hour; added to the hour");
+                        }
+                        store.agg_mut(&k.0, k.1, &k.2).merge(&agg);
+                        continue;
+                    }
+                    let values = &mut inner.parts.entry(partition).or_default().values;
+                    if delta {
+                        values.entry(k.clone()).or_default().merge(&agg);
+                    } else {
+                        values.insert(k.clone(), agg);
+                    }
+                    let mut merged = Agg::default();
+                    for v in inner.parts.values() {
+                        if let Some(a) = v.values.get(&k) {
+                            merged.merge(a);
+                        }
+                    }
+                    store.set_agg(&k.0, k.1, &k.2, merged);
                 }
+                // Every partition writes whole minutes only from its cut
+                // on: behind the lowest cut (less an hour, for clocks that
+                // disagree) no whole value can come any more, so those
+                // minutes fold into hours, here as on every node.
+                let lowest = inner
+                    .parts
+                    .values()
+                    .filter_map(|v| v.state.as_ref().map(|s| s.cut))
+                    .min()
+                    .unwrap_or(Millis::MIN);
+                let fold = if lowest == Millis::MIN {
+                    Millis::MIN
+                } else {
+                    lowest.saturating_sub(HOUR_MS)
+                };
+                if fold > store.downsampled_to() {
+                    store.downsample(fold);
+                    let horizon = store.downsampled_to();
+                    for v in inner.parts.values_mut() {
+                        v.values.retain(|k, _| k.1 >= horizon);
+                    }
+                }
+                store.commit();
+                drop(store);
                 self.changed.notify_all();
             }
         }

@@ -32,7 +32,7 @@ use tally_ingest::{BodyError, Format, Parsed, Parser, Tenancy};
 use tally_store::Agg;
 use tally_stream::{Dlq, DlqBody, DlqEntry, DlqKind, Processor, RecordRef, StreamConfig};
 use tally_types::bin::{Dec, Enc};
-use tally_types::time::{MINUTE_MS, Millis, align_down};
+use tally_types::time::{HOUR_MS, MINUTE_MS, Millis, align_down};
 
 use crate::codec::{self, AggKey, PartitionState};
 use crate::materialize::Materialized;
@@ -55,6 +55,9 @@ pub struct Hooks {
     pub now_ms: Arc<dyn Fn() -> Millis + Send + Sync>,
     /// Where raw events are sealed (None: raw events are not kept).
     pub raw: Option<crate::raw::RawSink>,
+    /// Minutes older than this (wall clock) are published as deltas only
+    /// and folded into hours by readers (0: minutes are kept).
+    pub minute_retention_ms: Millis,
 }
 
 /// One owned partition, as `/metrics` and `/api/v1/status` show it.
@@ -206,6 +209,9 @@ struct Part {
     /// backfill or a correction that reopens one adds to this value, which
     /// the view may not have yet.
     evicted: VecDeque<(u64, HashMap<BucketKey, Agg>)>,
+    /// Minutes before this are published as deltas only (see
+    /// `codec::PartitionState::cut`).
+    cut: Millis,
 }
 
 type BucketKey = (Box<str>, Millis, Box<str>);
@@ -229,7 +235,9 @@ impl Part {
             state
                 .watermarks
                 .iter()
-                .map(|(t, _)| (t.clone(), proc.mutable_from(t)))
+                // Minutes behind the cut are not held: what comes for them
+                // is published as a delta.
+                .map(|(t, _)| (t.clone(), proc.mutable_from(t).max(state.cut)))
                 .collect()
         });
         let mut part = Part {
@@ -248,6 +256,7 @@ impl Part {
             replayed: Vec::new(),
             pending_replays: Vec::new(),
             evicted: VecDeque::new(),
+            cut: Millis::MIN,
         };
         match restored.filter(|_| clocks_ok) {
             Some(r) => {
@@ -268,6 +277,7 @@ impl Part {
                 part.restore_until = r.state.next_offset;
                 part.next_offset = part.start;
                 part.counts = (r.state.counted, r.state.duplicates, r.state.late);
+                part.cut = r.state.cut;
                 tracing::info!(
                     partition = id,
                     next_offset = r.state.next_offset,
@@ -320,7 +330,9 @@ impl Part {
             .unwrap_or_default();
         let mut st = self.proc.store().write();
         for (t, m, ty, _) in &events {
-            if st.agg(t, *m, ty).is_some() {
+            // Behind the cut a bucket starts empty: it is published as a
+            // delta to what readers hold.
+            if *m < self.cut || st.agg(t, *m, ty).is_some() {
                 continue;
             }
             let k: BucketKey = (t.as_str().into(), *m, ty.as_str().into());
@@ -338,6 +350,28 @@ impl Part {
         events
     }
 
+    /// The cut for a commit at wall time `now`: the start of the hour
+    /// `minute_retention` ago, never lower than the last one.
+    fn next_cut(&self, now: Millis, minute_retention: Millis) -> Millis {
+        if minute_retention <= 0 {
+            return self.cut;
+        }
+        self.cut
+            .max(align_down(now.saturating_sub(minute_retention), HOUR_MS))
+    }
+
+    /// Moves the cut: the minutes behind it leave the processor (they were
+    /// published whole), so what comes for them later is a delta.
+    fn advance_cut(&mut self, cut: Millis) {
+        self.cut = cut;
+        let mut st = self.proc.store().write();
+        let tenants: Vec<Box<str>> = st.tenants().map(Into::into).collect();
+        for t in tenants {
+            st.take_minutes_before(&t, cut);
+        }
+        st.commit();
+    }
+
     /// Evicts the final minutes after a commit up to `next_offset` and
     /// forgets those of commits the view has applied.
     fn evict(&mut self, view: &Materialized) {
@@ -351,6 +385,9 @@ impl Part {
         }
         let mut buckets = HashMap::new();
         for (t, m, b) in gone {
+            if m < self.cut {
+                continue;
+            }
             for (ty, agg) in b.types {
                 buckets.insert((t.clone(), m, ty), agg);
             }
@@ -814,12 +851,18 @@ impl Session<'_> {
     fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
         let sink = self.hooks.raw.as_ref();
         let due = |p: &Part| sink.is_some_and(|s| !p.restoring() && p.raw.due(s));
-        if !self.parts.values().any(|p| p.dirty || due(p)) {
+        let now = (self.hooks.now_ms)();
+        let retention = self.hooks.minute_retention_ms;
+        let cut_moves = |p: &Part| !p.restoring() && p.next_cut(now, retention) > p.cut;
+        if !self
+            .parts
+            .values()
+            .any(|p| p.dirty || due(p) || cut_moves(p))
+        {
             return Ok(());
         }
         self.begin()?;
         let lateness = self.hooks.stream.allowed_lateness_ms;
-        let now = (self.hooks.now_ms)();
         let mut offsets = TopicPartitionList::new();
         let ids: Vec<u32> = self.parts.keys().copied().collect();
         let mut committed_bad = Vec::new();
@@ -828,7 +871,8 @@ impl Session<'_> {
                 continue;
             };
             let seal = due(part);
-            if !(part.dirty || seal) || part.restoring() {
+            let cut = part.next_cut(now, retention);
+            if !(part.dirty || seal || cut > part.cut) || part.restoring() {
                 continue;
             }
             let mut sealed = None;
@@ -853,23 +897,39 @@ impl Session<'_> {
             let touched = part.proc.store().write().take_touched();
             let mut out = Vec::with_capacity(touched.len());
             {
+                // Behind the cut of the last state only deltas: those
+                // buckets started empty when the cut passed them.
                 let st = part.proc.store().read();
+                let mut seq = 0;
                 for (t, m, ty) in touched {
                     let Some(agg) = st.agg(&t, m, &ty) else {
                         continue;
                     };
-                    let key = codec::agg_key(&AggKey {
-                        partition: id,
-                        minute: m,
-                        tenant: t,
-                        event_type: ty,
-                    });
+                    let key = if m < part.cut {
+                        seq += 1;
+                        codec::delta_key(&codec::DeltaKey {
+                            partition: id,
+                            at: part.next_offset,
+                            seq,
+                            minute: m,
+                            tenant: t,
+                            event_type: ty,
+                        })
+                    } else {
+                        codec::agg_key(&AggKey {
+                            partition: id,
+                            minute: m,
+                            tenant: t,
+                            event_type: ty,
+                        })
+                    };
                     out.push((key, codec::agg_value(agg)));
                 }
             }
             let late = part.proc.take_late();
             let replay_from = part.replay_from(lateness);
             part.evict(self.view);
+            part.advance_cut(cut.max(part.cut));
             let mut clocks = Enc::new();
             part.proc.export_clocks(&mut clocks);
             let state = PartitionState {
@@ -888,6 +948,7 @@ impl Session<'_> {
                 clocks: clocks.buf,
                 raw_from: part.raw_from,
                 last_message_ms: (part.last_ts > Millis::MIN).then_some(part.last_ts),
+                cut: part.cut,
             };
             part.dirty = false;
             let next = part.next_offset;

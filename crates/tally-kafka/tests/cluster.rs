@@ -32,6 +32,7 @@ fn hooks(malformed: Arc<Mutex<Vec<String>>>) -> Hooks {
         }),
         now_ms: Arc::new(|| Clock::system().now_ms()),
         raw: None,
+        minute_retention_ms: 0,
     }
 }
 

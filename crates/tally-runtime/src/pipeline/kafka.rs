@@ -221,6 +221,7 @@ pub(super) fn start(
             seal_rows: cfg.archive.seal_rows.max(1),
             zstd_level: cfg.archive.zstd_level,
         }),
+        minute_retention_ms: d.minute_rollups_ms,
     };
     let node = KafkaNode::start(settings.clone(), hooks, store.clone())?;
     if let Some(raw) = &raw {
@@ -476,8 +477,25 @@ fn progress_loop(
         }
     };
     let mut last_lag = std::time::Instant::now() - Duration::from_secs(10);
+    let mut last_retention = std::time::Instant::now() - Duration::from_secs(3600);
+    let retention_every =
+        Duration::from_millis(shared.durations.retention_interval_ms.max(1000) as u64);
     while !stop.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
+        if last_retention.elapsed() >= retention_every {
+            // Minutes fold as the partitions' cuts pass them (in the view);
+            // hours past their retention go here, by this node's clock.
+            last_retention = std::time::Instant::now();
+            let dropped = k
+                .view
+                .enforce_hour_retention(shared.clock.now_ms(), shared.durations.hour_rollups_ms);
+            let (minutes_from, hours_from) = k.view.horizons();
+            let tel = &shared.telemetry;
+            tel.rollup_minutes_from_ms.store(minutes_from, Relaxed);
+            tel.rollup_hours_from_ms.store(hours_from, Relaxed);
+            tel.rollup_buckets_deleted
+                .fetch_add(dropped as u64, Relaxed);
+        }
         let states = k.view.states();
         let mut wms: HashMap<String, i64> = HashMap::new();
         let mut totals = tally_stream::Totals::default();
