@@ -46,7 +46,9 @@ pub use manifest::ArchiveFile;
 #[doc(hidden)]
 pub use manifest::fuzzing;
 pub use schema::{events_schema, hive_dir};
-pub use writer::{CompactReport, PUBLISH_INTERVAL, RawConfig, RawWriter, SealReport};
+pub use writer::{
+    CompactReport, PUBLISH_INTERVAL, RawConfig, RawWriter, SealReport, merge_parquet,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

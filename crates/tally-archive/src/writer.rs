@@ -1088,6 +1088,23 @@ fn merge_files(
     Ok(Some((rows, Bytes::from(buf))))
 }
 
+/// The files of one (tenant, hour), in order, as one Parquet file (as
+/// compaction merges them: spliced, or sorted and written again when
+/// small): the rows and the bytes; None without input. For a writer that
+/// keeps its own listing (Kafka mode).
+pub fn merge_parquet(files: &[Bytes], zstd_level: i32) -> Result<Option<(u64, Bytes)>> {
+    let mut inputs = Vec::with_capacity(files.len());
+    for bytes in files {
+        let meta = ParquetMetaDataReader::new()
+            .with_page_index_policy(PageIndexPolicy::Optional)
+            .parse_and_finish(bytes)?;
+        inputs.push((bytes.clone(), meta));
+    }
+    let mut cfg = RawConfig::new(PathBuf::new(), 1);
+    cfg.zstd_level = zstd_level;
+    merge_files(&inputs, &cfg)
+}
+
 /// A merged file still named `.merging` at start (stopped within its grace
 /// period): no query is running, so it gets its `.parquet` name now; the
 /// files it replaced are orphans and go with them.

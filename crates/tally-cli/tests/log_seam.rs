@@ -435,6 +435,8 @@ async fn hours_past_retention_are_dropped(backend: Backend) {
         c.retention.minute_rollups = "7d".into();
         c.retention.hour_rollups = "30d".into();
         c.retention.interval = "1s".into();
+        c.archive.retention = "30d".into();
+        c.archive.seal_interval = "1s".into();
     });
     let clock = Clock::manual(Clock::system().now_ms());
     let boundary = align_down(clock.now_ms() - 7 * 86_400_000, HOUR_MS);
@@ -449,9 +451,136 @@ async fn hours_past_retention_are_dropped(backend: Backend) {
     let kept = input_at(52, 800, boundary - 30 * 60_000);
     submit(&p, &kept, 100).await;
     exact_hours(name, &p, &expected(&kept), boundary - HOUR_MS).await;
+    // The raw events of those hours leave the archive too (archive
+    // retention, also 30 days); the week-old ones stay.
+    let raw = p.shared.raw.clone().expect("raw events kept");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let files = raw.files.read().clone();
+        let old_rows: u64 = files
+            .iter()
+            .filter(|f| f.max_ts < boundary - HOUR_MS)
+            .map(|f| f.rows)
+            .sum();
+        let kept_rows: u64 = files
+            .iter()
+            .filter(|f| f.min_ts >= boundary - HOUR_MS)
+            .map(|f| f.rows)
+            .sum();
+        if old_rows == 0 && kept_rows == expected(&kept).kept.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: {old_rows} expired rows still listed, {kept_rows} kept rows listed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     p.shutdown();
     let p = Pipeline::start(&cfg, clock).expect("pipeline restarts");
     exact_hours(name, &p, &expected(&kept), boundary - HOUR_MS).await;
+    let raw = p.shared.raw.clone().expect("raw events kept");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !raw
+        .files
+        .read()
+        .iter()
+        .all(|f| f.max_ts >= boundary - HOUR_MS)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: expired files listed again after a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    p.shutdown();
+}
+
+/// Raw events sealed many times into one hour are compacted into a file
+/// per (tenant, hour) (per source partition in Kafka mode), every row
+/// listed once throughout; the files replaced leave the archive once no
+/// query can be reading them.
+async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
+    let name = backend.name();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = backend.config_with(dir.path(), |c| {
+        c.archive.seal_interval = "1s".into();
+        c.archive.compact_files = 2;
+        c.query.timeout = "1s".into();
+        // How often the embedded raw store compacts and buries.
+        c.retention.interval = "1s".into();
+    });
+    let p = Pipeline::start(&cfg, Clock::system()).expect("pipeline");
+    let raw = p.shared.raw.clone().expect("raw events kept");
+    // Several seals of the same hour, then an event two hours on (the
+    // hour is over).
+    let mut lines = Vec::new();
+    for round in 0..4u64 {
+        let batch = input_at(60 + round, 300, T0 + round as i64 * 120_000);
+        submit(&p, &batch, 100).await;
+        lines.extend(batch);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let later = input_at(70, 50, T0 + 2 * HOUR_MS);
+    submit(&p, &later, 100).await;
+    lines.extend(later);
+    let want = expected(&lines);
+    let mut kept: BTreeMap<(String, Millis), u64> = BTreeMap::new();
+    for v in &want.kept {
+        let t = v["tenant"].as_str().unwrap_or_default().to_string();
+        *kept
+            .entry((t, align_down(common::ts_of(v), HOUR_MS)))
+            .or_default() += 1;
+    }
+    let archive_dir = cfg
+        .archive
+        .dir
+        .clone()
+        .unwrap_or_else(|| dir.path().join("archive"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen_many = false;
+    loop {
+        let files = raw.files.read().clone();
+        let mut rows: BTreeMap<(String, Millis), u64> = BTreeMap::new();
+        let mut count: BTreeMap<(String, Millis), usize> = BTreeMap::new();
+        for f in &files {
+            *rows.entry((f.tenant.to_string(), f.hour())).or_default() += f.rows;
+            *count.entry((f.tenant.to_string(), f.hour())).or_default() += 1;
+        }
+        seen_many |= count.values().any(|&n| n > 4);
+        // Never a row listed twice, whatever the moment.
+        for (k, n) in &rows {
+            assert!(
+                *n <= kept.get(k).copied().unwrap_or(0),
+                "{name}: {k:?} lists {n} rows, {} kept",
+                kept.get(k).copied().unwrap_or(0)
+            );
+        }
+        let on_disk = common::files_under(&archive_dir)
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+            .count();
+        let t0_hour_compacted = count
+            .iter()
+            .filter(|((_, h), _)| *h == T0)
+            .all(|(_, &n)| n <= 4);
+        if rows == kept && t0_hour_compacted && on_disk == files.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: files per (tenant, hour) {count:?}, rows {rows:?}, want rows {kept:?}; {on_disk} files on disk, {} listed",
+            files.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        raw.stats
+            .files_compacted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "{name}: nothing was compacted (seen more than one file per partition: {seen_many})"
+    );
     p.shutdown();
 }
 
@@ -515,4 +644,15 @@ async fn embedded_hours_past_retention_are_dropped() {
 async fn kafka_hours_past_retention_are_dropped() {
     let broker = Broker::start();
     hours_past_retention_are_dropped(kafka(&broker, "hours")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_sealed_files_compact_and_every_row_stays_once() {
+    sealed_files_compact_and_every_row_stays_once(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sealed_files_compact_and_every_row_stays_once() {
+    let broker = Broker::start();
+    sealed_files_compact_and_every_row_stays_once(kafka(&broker, "compact")).await;
 }

@@ -66,6 +66,16 @@
 //! value: 01 | u64 to | u32 n | n × (str path | str tenant | i64 min ts | i64 max ts | u64 rows | u64 bytes)
 //! ```
 //!
+//! **Replaced files** — archive files of one source partition that
+//! compaction merged into one (`added`), or that archive retention
+//! removed (no `added`); readers stop listing `removed` and list
+//! `added` (the merged file's name carries the offset range it covers):
+//!
+//! ```text
+//! key:   01 'K' | u32 source partition | u64 at (next offset of the state) | u32 seq
+//! value: 01 | u32 n | n × str removed path | u8 0 or 1 | [u64 from | u64 to | file as above]
+//! ```
+//!
 //! **Late events** (the late topic, JSON, not versioned bytes): one
 //! message per event counted by no window, written in the same
 //! transaction as the aggregates of its partition. The malformed topic
@@ -89,6 +99,7 @@ const KIND_AGG: u8 = b'A';
 const KIND_STATE: u8 = b'S';
 const KIND_FILES: u8 = b'F';
 const KIND_DELTA: u8 = b'D';
+const KIND_REPLACE: u8 = b'K';
 
 /// One sealed archive file (a path relative to the archive root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +128,18 @@ pub struct AggKey {
     pub minute: Millis,
     pub tenant: Box<str>,
     pub event_type: Box<str>,
+}
+
+/// Archive files of one source partition replaced (compaction) or
+/// removed (retention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub partition: u32,
+    pub at: u64,
+    pub seq: u32,
+    pub removed: Vec<String>,
+    /// The merged file and the offset range `[from, to)` it covers.
+    pub added: Option<(u64, u64, SealedFile)>,
 }
 
 /// Key of one delta record.
@@ -166,6 +189,8 @@ pub enum Key {
     /// Sealed files of (source partition, from offset).
     Files(u32, u64),
     Delta(DeltaKey),
+    /// Replaced files of (source partition, at, seq).
+    Replace(u32, u64, u32),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +239,7 @@ pub fn decode_key(b: &[u8]) -> Result<Key, CodecError> {
         })),
         KIND_STATE => Ok(Key::State(d.u32()?)),
         KIND_FILES => Ok(Key::Files(d.u32()?, d.u64()?)),
+        KIND_REPLACE => Ok(Key::Replace(d.u32()?, d.u64()?, d.u32()?)),
         KIND_DELTA => Ok(Key::Delta(DeltaKey {
             partition: d.u32()?,
             at: d.u64()?,
@@ -237,6 +263,82 @@ pub fn delta_key(k: &DeltaKey) -> Vec<u8> {
     e.str(&k.tenant);
     e.str(&k.event_type);
     e.buf
+}
+
+pub fn replace_key(r: &Replaced) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u8(KIND_REPLACE);
+    e.u32(r.partition);
+    e.u64(r.at);
+    e.u32(r.seq);
+    e.buf
+}
+
+fn put_file(e: &mut Enc, f: &SealedFile) {
+    e.str(&f.path);
+    e.str(&f.tenant);
+    e.i64(f.min_ts);
+    e.i64(f.max_ts);
+    e.u64(f.rows);
+    e.u64(f.bytes);
+}
+
+fn get_file(d: &mut Dec<'_>) -> Result<SealedFile, CodecError> {
+    Ok(SealedFile {
+        path: d.str()?.to_string(),
+        tenant: d.str()?.to_string(),
+        min_ts: d.i64()?,
+        max_ts: d.i64()?,
+        rows: d.u64()?,
+        bytes: d.u64()?,
+    })
+}
+
+pub fn replace_value(r: &Replaced) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u32(r.removed.len() as u32);
+    for p in &r.removed {
+        e.str(p);
+    }
+    match &r.added {
+        Some((from, to, f)) => {
+            e.u8(1);
+            e.u64(*from);
+            e.u64(*to);
+            put_file(&mut e, f);
+        }
+        None => e.u8(0),
+    }
+    e.buf
+}
+
+pub fn decode_replace(partition: u32, at: u64, seq: u32, b: &[u8]) -> Result<Replaced, CodecError> {
+    let mut d = Dec::new(b);
+    let v = d.u8()?;
+    if v != VERSION {
+        return Err(CodecError::Version(v));
+    }
+    let n = d.count(4)?;
+    let mut removed = Vec::with_capacity(n);
+    for _ in 0..n {
+        removed.push(d.str()?.to_string());
+    }
+    let added = if d.u8()? == 1 {
+        let from = d.u64()?;
+        let to = d.u64()?;
+        Some((from, to, get_file(&mut d)?))
+    } else {
+        None
+    };
+    Ok(Replaced {
+        partition,
+        at,
+        seq,
+        removed,
+        added,
+    })
 }
 
 pub fn agg_value(a: &Agg) -> Vec<u8> {
@@ -292,12 +394,7 @@ pub fn files_value(s: &Sealed) -> Vec<u8> {
     e.u64(s.to);
     e.u32(s.files.len() as u32);
     for f in &s.files {
-        e.str(&f.path);
-        e.str(&f.tenant);
-        e.i64(f.min_ts);
-        e.i64(f.max_ts);
-        e.u64(f.rows);
-        e.u64(f.bytes);
+        put_file(&mut e, f);
     }
     e.buf
 }
@@ -313,14 +410,7 @@ pub fn decode_files(partition: u32, from: u64, b: &[u8]) -> Result<Sealed, Codec
     let n = d.count(40)?;
     let mut files = Vec::with_capacity(n);
     for _ in 0..n {
-        files.push(SealedFile {
-            path: d.str()?.to_string(),
-            tenant: d.str()?.to_string(),
-            min_ts: d.i64()?,
-            max_ts: d.i64()?,
-            rows: d.u64()?,
-            bytes: d.u64()?,
-        });
+        files.push(get_file(&mut d)?);
     }
     Ok(Sealed {
         partition,
@@ -428,6 +518,34 @@ mod tests {
             event_type: "click".into(),
         };
         assert_eq!(decode_key(&delta_key(&dk)).unwrap(), Key::Delta(dk));
+        for added in [
+            None,
+            Some((
+                10,
+                90,
+                SealedFile {
+                    path: "tenant=a/date=2026-11-01/hour=12/kafka-ev-p2-10-90.parquet".into(),
+                    tenant: "a".into(),
+                    min_ts: 1,
+                    max_ts: 9,
+                    rows: 80,
+                    bytes: 4096,
+                },
+            )),
+        ] {
+            let r = Replaced {
+                partition: 2,
+                at: 91,
+                seq: 1,
+                removed: vec!["x.parquet".into(), "y.parquet".into()],
+                added,
+            };
+            assert_eq!(
+                decode_key(&replace_key(&r)).unwrap(),
+                Key::Replace(2, 91, 1)
+            );
+            assert_eq!(decode_replace(2, 91, 1, &replace_value(&r)).unwrap(), r);
+        }
         let f = Sealed {
             partition: 2,
             from: 100,

@@ -34,6 +34,10 @@ struct PartView {
     pending: Vec<(BucketKey, Agg, bool)>,
     /// Sealed files read since the last state of this partition.
     pending_files: Vec<codec::Sealed>,
+    /// Replaced files read since the last state of this partition.
+    pending_replaced: Vec<codec::Replaced>,
+    /// The partition's archive files as committed: `[from, to)` and file.
+    files: Vec<(u64, u64, codec::SealedFile)>,
 }
 
 #[derive(Default)]
@@ -55,6 +59,10 @@ pub struct Restore {
 /// Called with the archive files of a committed seal.
 pub type FilesFn = Box<dyn Fn(&codec::Sealed) + Send + Sync>;
 
+/// Called with archive files committed as replaced (compaction) or
+/// removed (retention).
+pub type ReplaceFn = Box<dyn Fn(&codec::Replaced) + Send + Sync>;
+
 /// The materialized aggregates topic, shared by the reader thread, the
 /// partition workers and the HTTP layer.
 pub struct Materialized {
@@ -62,6 +70,7 @@ pub struct Materialized {
     changed: Condvar,
     store: Arc<RwLock<RollupStore>>,
     on_files: Mutex<Option<FilesFn>>,
+    on_replace: Mutex<Option<ReplaceFn>>,
 }
 
 impl Materialized {
@@ -71,12 +80,29 @@ impl Materialized {
             changed: Condvar::new(),
             store,
             on_files: Mutex::new(None),
+            on_replace: Mutex::new(None),
         })
     }
 
     /// Where the archive files of committed seals go (the node's raw store).
     pub fn on_files(&self, f: FilesFn) {
         *self.on_files.lock() = Some(f);
+    }
+
+    /// Where replaced and removed archive files go (the node's raw store).
+    pub fn on_replace(&self, f: ReplaceFn) {
+        *self.on_replace.lock() = Some(f);
+    }
+
+    /// A source partition's archive files as committed: `[from, to)` of
+    /// the offsets each covers, and the file.
+    pub fn files_of(&self, partition: u32) -> Vec<(u64, u64, codec::SealedFile)> {
+        self.inner
+            .lock()
+            .parts
+            .get(&partition)
+            .map(|v| v.files.clone())
+            .unwrap_or_default()
     }
 
     /// Every partition's last committed state.
@@ -249,10 +275,20 @@ impl Materialized {
                     .pending_files
                     .push(sealed);
             }
+            Key::Replace(partition, at, seq) => {
+                let Some(v) = value else { return Ok(()) };
+                let r = codec::decode_replace(partition, at, seq, v)?;
+                inner
+                    .parts
+                    .entry(partition)
+                    .or_default()
+                    .pending_replaced
+                    .push(r);
+            }
             Key::State(partition) => {
                 let Some(v) = value else { return Ok(()) };
                 let state = codec::decode_state(v)?;
-                let (pending, files) = {
+                let (pending, files, replaced) = {
                     let view = inner.parts.entry(partition).or_default();
                     tracing::debug!(
                         partition,
@@ -260,9 +296,21 @@ impl Materialized {
                         "view: partition state applied"
                     );
                     view.state = Some(state);
+                    for sealed in &view.pending_files {
+                        for f in &sealed.files {
+                            view.files.push((sealed.from, sealed.to, f.clone()));
+                        }
+                    }
+                    for r in &view.pending_replaced {
+                        view.files.retain(|(_, _, f)| !r.removed.contains(&f.path));
+                        if let Some(a) = &r.added {
+                            view.files.push(a.clone());
+                        }
+                    }
                     (
                         std::mem::take(&mut view.pending),
                         std::mem::take(&mut view.pending_files),
+                        std::mem::take(&mut view.pending_replaced),
                     )
                 };
                 if !files.is_empty()
@@ -270,6 +318,13 @@ impl Materialized {
                 {
                     for sealed in &files {
                         f(sealed);
+                    }
+                }
+                if !replaced.is_empty()
+                    && let Some(f) = self.on_replace.lock().as_ref()
+                {
+                    for r in &replaced {
+                        f(r);
                     }
                 }
                 let mut store = self.store.write();

@@ -40,6 +40,155 @@ pub struct RawSink {
     /// ... or once a partition holds this many.
     pub seal_rows: usize,
     pub zstd_level: i32,
+    /// Compaction merges a partition's files of one (tenant, hour) once
+    /// there are this many, or two once the hour is over; files of more
+    /// rows than `compact_rows` are left alone.
+    pub compact_files: usize,
+    pub compact_rows: u64,
+    /// Replaced files are deleted this long after the transaction that
+    /// replaced them (queries that listed them may still be reading).
+    pub grace: Duration,
+    /// Files whose newest event is older than this go (0: kept).
+    pub retention_ms: Millis,
+}
+
+/// A committed archive file of a partition: the offsets `[from, to)` it
+/// covers, and the file.
+pub(crate) type Listed = (u64, u64, SealedFile);
+
+/// What one compaction round of a partition does.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Plan {
+    /// Groups of files of one (tenant, hour), in offset order, to merge.
+    pub merges: Vec<Vec<Listed>>,
+    /// Files past the archive retention.
+    pub expired: Vec<String>,
+}
+
+/// Merges per round at most (a commit waits for them).
+const MERGES_PER_ROUND: usize = 8;
+
+/// The compaction round for a partition's committed files at wall time
+/// `now`.
+pub(crate) fn plan(files: &[Listed], sink: &RawSink, now: Millis) -> Plan {
+    let mut out = Plan::default();
+    let expire_before = if sink.retention_ms > 0 {
+        now.saturating_sub(sink.retention_ms)
+    } else {
+        Millis::MIN
+    };
+    let mut groups: std::collections::BTreeMap<(&str, Millis), Vec<&Listed>> = Default::default();
+    let mut newest: HashMap<&str, Millis> = HashMap::new();
+    for entry in files {
+        let f = &entry.2;
+        if f.max_ts < expire_before {
+            out.expired.push(f.path.clone());
+            continue;
+        }
+        let hour = align_down(f.min_ts, HOUR_MS);
+        let n = newest.entry(f.tenant.as_str()).or_insert(hour);
+        *n = (*n).max(hour);
+        if f.rows < sink.compact_rows {
+            groups
+                .entry((f.tenant.as_str(), hour))
+                .or_default()
+                .push(entry);
+        }
+    }
+    for ((tenant, hour), mut group) in groups {
+        if out.merges.len() >= MERGES_PER_ROUND {
+            break;
+        }
+        let over = newest.get(tenant).is_some_and(|&n| n > hour);
+        if !(group.len() >= sink.compact_files.max(2) || (over && group.len() >= 2)) {
+            continue;
+        }
+        group.sort_by_key(|e| e.0);
+        let mut rows = 0;
+        group.retain(|e| {
+            rows += e.2.rows;
+            rows <= sink.compact_rows
+        });
+        if group.len() >= 2 {
+            out.merges.push(group.into_iter().cloned().collect());
+        }
+    }
+    out
+}
+
+/// A topic name as it goes into file names.
+fn file_topic(topic: &str) -> String {
+    topic
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Merges one group of [`plan`] into one file named by the offset range
+/// it covers (the same group merged again, after a failover, is the same
+/// file under the same name). Answers its range and listing.
+pub(crate) fn merge(
+    sink: &RawSink,
+    rt: &tokio::runtime::Runtime,
+    topic: &str,
+    partition: u32,
+    group: &[Listed],
+) -> Result<Listed, Error> {
+    let err = |what: String| Error::Archive {
+        archive: sink.archive.describe.clone(),
+        what,
+    };
+    let (Some(first), Some(last)) = (group.first(), group.last()) else {
+        return Err(err("nothing to merge".into()));
+    };
+    let (from, to) = (first.0, last.1);
+    let mut inputs = Vec::with_capacity(group.len());
+    for (_, _, f) in group {
+        inputs.push(
+            rt.block_on(sink.archive.get(&f.path))
+                .map_err(|e| err(e.to_string()))?,
+        );
+    }
+    let (rows, bytes) = tally_archive::merge_parquet(&inputs, sink.zstd_level)
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("nothing to merge".into()))?;
+    let tenant = first.2.tenant.clone();
+    let min_ts = group
+        .iter()
+        .map(|e| e.2.min_ts)
+        .min()
+        .unwrap_or(first.2.min_ts);
+    let max_ts = group
+        .iter()
+        .map(|e| e.2.max_ts)
+        .max()
+        .unwrap_or(first.2.max_ts);
+    let path = format!(
+        "{}/kafka-{}-p{partition}-{from:020}-{to:020}.parquet",
+        tally_archive::hive_dir(&tenant, min_ts),
+        file_topic(topic)
+    );
+    let size = bytes.len() as u64;
+    rt.block_on(sink.archive.put(&path, bytes))
+        .map_err(|e| err(e.to_string()))?;
+    Ok((
+        from,
+        to,
+        SealedFile {
+            path,
+            tenant,
+            min_ts,
+            max_ts,
+            rows,
+            bytes: size,
+        },
+    ))
 }
 
 /// One tenant's rows, column by column (texts in one buffer each: no
@@ -141,16 +290,7 @@ impl RawBuf {
             archive: sink.archive.describe.clone(),
             what,
         };
-        let topic: String = topic
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let topic = file_topic(topic);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
                 ZstdLevel::try_new(sink.zstd_level).unwrap_or_default(),
@@ -236,5 +376,67 @@ impl RawBuf {
         self.rows = 0;
         self.since = None;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: Millis = HOUR_MS;
+
+    fn file(tenant: &str, hour: Millis, rows: u64, path: &str) -> SealedFile {
+        SealedFile {
+            path: path.into(),
+            tenant: tenant.into(),
+            min_ts: hour + 1,
+            max_ts: hour + 2,
+            rows,
+            bytes: 10,
+        }
+    }
+
+    fn sink(retention_ms: Millis) -> RawSink {
+        RawSink {
+            archive: tally_archive::Archive::open(&tally_archive::ArchiveTarget::Local(
+                std::env::temp_dir(),
+            ))
+            .unwrap(),
+            seal_interval: Duration::from_secs(1),
+            seal_rows: 10,
+            zstd_level: 1,
+            compact_files: 3,
+            compact_rows: 100,
+            grace: Duration::ZERO,
+            retention_ms,
+        }
+    }
+
+    #[test]
+    fn plans_merges_per_tenant_and_hour_and_expiry() {
+        let files = vec![
+            (0, 10, file("a", 10 * H, 5, "a1")),
+            (10, 20, file("a", 10 * H, 5, "a2")),
+            (20, 30, file("b", 10 * H, 5, "b1")),
+            // The open hour of a: two files wait for a third.
+            (20, 30, file("a", 11 * H, 5, "a3")),
+            (30, 40, file("a", 11 * H, 5, "a4")),
+            // Too big to merge.
+            (40, 50, file("a", 10 * H, 500, "big")),
+            (50, 60, file("b", 2 * H, 5, "old")),
+        ];
+        let p = plan(&files, &sink(0), 100 * H);
+        let paths: Vec<Vec<&str>> = p
+            .merges
+            .iter()
+            .map(|g| g.iter().map(|e| e.2.path.as_str()).collect())
+            .collect();
+        // a's hour 10 is over (a has hour 11): its two small files merge;
+        // b's hour 2 is over too; b's hour 10 is its newest, with one file.
+        assert_eq!(paths, vec![vec!["a1", "a2"]]);
+        assert!(p.expired.is_empty());
+        // Retention: what ended more than 90 hours ago goes.
+        let p = plan(&files, &sink(90 * H), 100 * H);
+        assert_eq!(p.expired, vec!["old".to_string()]);
     }
 }

@@ -89,6 +89,9 @@ pub struct WorkerStats {
     pub restored_events: AtomicU64,
     /// Archive files written by seals of raw events.
     pub raw_files: AtomicU64,
+    /// Archive files merged away by compaction, and removed by retention.
+    pub files_compacted: AtomicU64,
+    pub files_expired: AtomicU64,
     /// The last session error, if the worker is between sessions.
     pub last_error: Mutex<Option<String>>,
 }
@@ -212,6 +215,11 @@ struct Part {
     /// Minutes before this are published as deltas only (see
     /// `codec::PartitionState::cut`).
     cut: Millis,
+    /// The next offset of this owner's last committed state.
+    committed: Option<u64>,
+    /// When the partition's archive files were last looked at for
+    /// compaction and retention.
+    last_compact: Instant,
 }
 
 type BucketKey = (Box<str>, Millis, Box<str>);
@@ -257,6 +265,8 @@ impl Part {
             pending_replays: Vec::new(),
             evicted: VecDeque::new(),
             cut: Millis::MIN,
+            committed: None,
+            last_compact: Instant::now(),
         };
         match restored.filter(|_| clocks_ok) {
             Some(r) => {
@@ -278,6 +288,7 @@ impl Part {
                 part.next_offset = part.start;
                 part.counts = (r.state.counted, r.state.duplicates, r.state.late);
                 part.cut = r.state.cut;
+                part.committed = Some(r.state.next_offset);
                 tracing::info!(
                     partition = id,
                     next_offset = r.state.next_offset,
@@ -466,7 +477,15 @@ struct Session<'a> {
     agg_partitions: u32,
     /// Runs the archive's writes (raw events kept).
     rt: Option<tokio::runtime::Runtime>,
+    /// Files replaced by the open transaction, and by committed ones
+    /// (since when): deleted once their grace has passed.
+    replacing: Vec<String>,
+    graves: VecDeque<(Instant, Vec<String>)>,
 }
+
+/// How often a partition's archive files are looked at for compaction
+/// and retention.
+const COMPACT_EVERY: Duration = Duration::from_secs(10);
 
 fn client_err(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
     move |source| Error::Client { what, source }
@@ -560,6 +579,8 @@ fn session(
             ),
             None => None,
         },
+        replacing: Vec::new(),
+        graves: VecDeque::new(),
     };
     *stats.last_error.lock() = None;
     let result = s.run(&consumer, stop);
@@ -846,6 +867,32 @@ impl Session<'_> {
         }
     }
 
+    /// Deletes the files committed transactions replaced, once their
+    /// grace has passed (a file whose transaction aborted was never
+    /// replaced: the list of the open one is dropped with it).
+    fn bury(&mut self) {
+        let (Some(sink), Some(rt)) = (self.hooks.raw.as_ref(), self.rt.as_ref()) else {
+            return;
+        };
+        if !self.in_txn {
+            self.replacing.clear();
+        }
+        while self
+            .graves
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() >= sink.grace)
+        {
+            let Some((_, paths)) = self.graves.pop_front() else {
+                break;
+            };
+            for p in paths {
+                if let Err(e) = rt.block_on(sink.archive.delete(&p)) {
+                    tracing::warn!(file = %p, error = %e, "cannot delete a replaced archive file; it stays, unlisted");
+                }
+            }
+        }
+    }
+
     /// One transaction: every moved partition's changed aggregates, late
     /// events and state, with the consumed offsets.
     fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
@@ -854,10 +901,14 @@ impl Session<'_> {
         let now = (self.hooks.now_ms)();
         let retention = self.hooks.minute_retention_ms;
         let cut_moves = |p: &Part| !p.restoring() && p.next_cut(now, retention) > p.cut;
+        let compact_due = |p: &Part| {
+            sink.is_some() && !p.restoring() && p.last_compact.elapsed() >= COMPACT_EVERY
+        };
+        self.bury();
         if !self
             .parts
             .values()
-            .any(|p| p.dirty || due(p) || cut_moves(p))
+            .any(|p| p.dirty || due(p) || cut_moves(p) || compact_due(p))
         {
             return Ok(());
         }
@@ -866,13 +917,54 @@ impl Session<'_> {
         let mut offsets = TopicPartitionList::new();
         let ids: Vec<u32> = self.parts.keys().copied().collect();
         let mut committed_bad = Vec::new();
+        // Partitions in this transaction and the next offset each commits.
+        let mut done: Vec<(u32, u64)> = Vec::new();
         for id in ids {
             let Some(part) = self.parts.get_mut(&id) else {
                 continue;
             };
             let seal = due(part);
             let cut = part.next_cut(now, retention);
-            if !(part.dirty || seal || cut > part.cut) || part.restoring() {
+            // Compaction and retention of the partition's archive files,
+            // from the committed listing once the view has this owner's
+            // last commit (nothing in flight is merged or removed twice).
+            let mut replaced = Vec::new();
+            if compact_due(part)
+                && let (Some(sink), Some(rt)) = (sink, self.rt.as_ref())
+            {
+                part.last_compact = Instant::now();
+                if part
+                    .committed
+                    .is_none_or(|c| self.view.next_offset_of(id) == Some(c))
+                {
+                    let plan = crate::raw::plan(&self.view.files_of(id), sink, now);
+                    let at = part.next_offset;
+                    for group in &plan.merges {
+                        match crate::raw::merge(sink, rt, &self.settings.topic_events, id, group) {
+                            Ok(added) => replaced.push(codec::Replaced {
+                                partition: id,
+                                at,
+                                seq: replaced.len() as u32,
+                                removed: group.iter().map(|e| e.2.path.clone()).collect(),
+                                added: Some(added),
+                            }),
+                            Err(e) => {
+                                tracing::warn!(partition = id, error = %e, "compaction of archive files failed; retrying later")
+                            }
+                        }
+                    }
+                    if !plan.expired.is_empty() {
+                        replaced.push(codec::Replaced {
+                            partition: id,
+                            at,
+                            seq: replaced.len() as u32,
+                            removed: plan.expired,
+                            added: None,
+                        });
+                    }
+                }
+            }
+            if !(part.dirty || seal || cut > part.cut || !replaced.is_empty()) || part.restoring() {
                 continue;
             }
             let mut sealed = None;
@@ -966,6 +1058,20 @@ impl Session<'_> {
                     &codec::files_value(f),
                 )?;
             }
+            for r in &replaced {
+                self.send(
+                    &self.settings.topic_aggregates,
+                    Some(ap),
+                    &codec::replace_key(r),
+                    &codec::replace_value(r),
+                )?;
+                self.replacing.extend(r.removed.iter().cloned());
+                let n = r.removed.len() as u64;
+                match r.added {
+                    Some(_) => self.stats.files_compacted.fetch_add(n, Relaxed),
+                    None => self.stats.files_expired.fetch_add(n, Relaxed),
+                };
+            }
             for e in &late {
                 let key = codec::dlq_key(e);
                 let value = codec::dlq_value(e);
@@ -997,6 +1103,7 @@ impl Session<'_> {
                 &codec::state_value(&state),
             )?;
             self.stats.aggregates_produced.fetch_add(n_out, Relaxed);
+            done.push((id, next));
             offsets
                 .add_partition_offset(
                     &self.settings.topic_events,
@@ -1019,6 +1126,15 @@ impl Session<'_> {
             .map_err(client_err("commit transaction"))?;
         self.in_txn = false;
         self.stats.commits.fetch_add(1, Relaxed);
+        for (id, next) in done {
+            if let Some(p) = self.parts.get_mut(&id) {
+                p.committed = Some(next);
+            }
+        }
+        if !self.replacing.is_empty() {
+            self.graves
+                .push_back((Instant::now(), std::mem::take(&mut self.replacing)));
+        }
         if !committed_bad.is_empty() {
             (self.hooks.on_malformed)(committed_bad);
         }

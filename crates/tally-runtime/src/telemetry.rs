@@ -737,6 +737,16 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
             w.raw_files.load(Relaxed),
         ),
         (
+            "tally_kafka_files_compacted_total",
+            "Archive files of this node's partitions merged away by compaction.",
+            w.files_compacted.load(Relaxed),
+        ),
+        (
+            "tally_kafka_files_expired_total",
+            "Archive files of this node's partitions removed by archive.retention.",
+            w.files_expired.load(Relaxed),
+        ),
+        (
             "tally_kafka_restored_events_total",
             "Events re-read to rebuild dedupe entries of partitions taken over.",
             w.restored_events.load(Relaxed),

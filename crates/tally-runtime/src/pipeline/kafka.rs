@@ -220,12 +220,22 @@ pub(super) fn start(
             ),
             seal_rows: cfg.archive.seal_rows.max(1),
             zstd_level: cfg.archive.zstd_level,
+            compact_files: cfg.archive.compact_files.max(2),
+            compact_rows: cfg.archive.compact_rows.max(1),
+            // As in embedded mode: queries that listed a replaced file
+            // have finished with it by then.
+            grace: Duration::from_millis((d.query_timeout_ms as u64).max(1000) * 2),
+            retention_ms: d.archive_retention_ms,
         }),
         minute_retention_ms: d.minute_rollups_ms,
     };
     let node = KafkaNode::start(settings.clone(), hooks, store.clone())?;
     if let Some(raw) = &raw {
-        node.view().on_files(list_sealed(raw.clone()));
+        let listing = Arc::new(Listing::new(raw.clone()));
+        let l = listing.clone();
+        node.view().on_files(Box::new(move |sealed| l.add(sealed)));
+        node.view()
+            .on_replace(Box::new(move |r| listing.replace(r)));
     }
     tracing::info!(
         brokers = %settings.brokers,
@@ -585,47 +595,94 @@ fn progress_loop(
 /// Adds the files of each committed seal to what SQL reads. With a local
 /// archive, a file this node cannot see (each node archiving to its own
 /// directory) is left out, counted and reported once.
-fn list_sealed(raw: Arc<tally_archive::RawShared>) -> tally_kafka::materialize::FilesFn {
-    let warned = AtomicBool::new(false);
-    // Paths listed already: a record applied twice adds nothing.
-    let listed = Mutex::new(std::collections::HashSet::<String>::new());
-    Box::new(move |sealed: &tally_kafka::codec::Sealed| {
-        let root = raw.archive.local_root().map(std::path::Path::to_path_buf);
-        let mut added = 0u64;
+/// The node's listing of committed archive files (what SQL over `events`
+/// reads), kept from the seals and replacements the view applies.
+struct Listing {
+    raw: Arc<tally_archive::RawShared>,
+    /// Paths listed: a record applied twice adds nothing.
+    listed: Mutex<std::collections::HashSet<String>>,
+    warned: AtomicBool,
+}
+
+impl Listing {
+    fn new(raw: Arc<tally_archive::RawShared>) -> Listing {
+        Listing {
+            raw,
+            listed: Mutex::new(Default::default()),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Lists one file; answers its rows (0: not listed).
+    fn list(
+        &self,
+        files: &mut Vec<Arc<tally_archive::ArchiveFile>>,
+        f: &tally_kafka::codec::SealedFile,
+    ) -> u64 {
+        let raw = &self.raw;
+        if let Some(root) = raw.archive.local_root()
+            && !root.join(&f.path).exists()
         {
-            let mut files = raw.files.write();
-            let mut listed = listed.lock();
+            raw.stats.seal_errors.fetch_add(1, Relaxed);
+            if !self.warned.swap(true, Relaxed) {
+                tracing::error!(
+                    file = %f.path,
+                    archive = %raw.archive.describe,
+                    "a file another node sealed is not in this node's archive: in Kafka mode every node needs the same archive (archive.dir on a shared file system, or [archive.s3]); SQL over events leaves such files out"
+                );
+            }
+            return 0;
+        }
+        if !self.listed.lock().insert(f.path.clone()) {
+            return 0;
+        }
+        files.push(Arc::new(tally_archive::ArchiveFile {
+            path: f.path.clone(),
+            tenant: f.tenant.as_str().into(),
+            min_ts: f.min_ts,
+            max_ts: f.max_ts,
+            rows: f.rows,
+            bytes: f.bytes,
+        }));
+        f.rows
+    }
+
+    fn add(&self, sealed: &tally_kafka::codec::Sealed) {
+        let mut added = 0;
+        {
+            let mut files = self.raw.files.write();
             for f in &sealed.files {
-                if let Some(root) = &root
-                    && !root.join(&f.path).exists()
-                {
-                    raw.stats.seal_errors.fetch_add(1, Relaxed);
-                    if !warned.swap(true, Relaxed) {
-                        tracing::error!(
-                            file = %f.path,
-                            archive = %raw.archive.describe,
-                            "a file another node sealed is not in this node's archive: in Kafka mode every node needs the same archive (archive.dir on a shared file system, or [archive.s3]); SQL over events leaves such files out"
-                        );
-                    }
-                    continue;
-                }
-                if !listed.insert(f.path.clone()) {
-                    continue;
-                }
-                files.push(Arc::new(tally_archive::ArchiveFile {
-                    path: f.path.clone(),
-                    tenant: f.tenant.as_str().into(),
-                    min_ts: f.min_ts,
-                    max_ts: f.max_ts,
-                    rows: f.rows,
-                    bytes: f.bytes,
-                }));
-                added += f.rows;
+                added += self.list(&mut files, f);
             }
         }
-        raw.stats.rows_sealed.fetch_add(added, Relaxed);
-        raw.bump_version();
-    })
+        self.raw.stats.rows_sealed.fetch_add(added, Relaxed);
+        self.raw.bump_version();
+    }
+
+    /// Compaction (the merged file replaces its inputs at once, so no
+    /// query sees a row twice or misses one) or retention.
+    fn replace(&self, r: &tally_kafka::codec::Replaced) {
+        {
+            let mut files = self.raw.files.write();
+            files.retain(|f| !r.removed.contains(&f.path));
+            let mut listed = self.listed.lock();
+            for p in &r.removed {
+                listed.remove(p);
+            }
+            drop(listed);
+            if let Some((_, _, f)) = &r.added {
+                self.list(&mut files, f);
+            }
+        }
+        let st = &self.raw.stats;
+        match r.added {
+            Some(_) => st
+                .files_compacted
+                .fetch_add(r.removed.len() as u64, Relaxed),
+            None => st.files_deleted.fetch_add(r.removed.len() as u64, Relaxed),
+        };
+        self.raw.bump_version();
+    }
 }
 
 #[cfg(test)]
