@@ -219,6 +219,14 @@ impl Parser {
         self
     }
 
+    /// Moves the "now" of the future-skew limit (a parser reused for
+    /// messages of different timestamps); no limit set: nothing.
+    pub fn set_now(&mut self, now: Millis) {
+        if let Some((n, _)) = &mut self.future {
+            *n = now;
+        }
+    }
+
     /// Events nested deeper than `depth` levels (the event object is level
     /// 1, its `properties` level 2) are rejected (`ingest.max-json-depth`).
     pub fn with_max_depth(mut self, depth: usize) -> Self {

@@ -578,3 +578,28 @@ fn privacy_rules_apply_before_encoding() {
         assert!(r.error.starts_with("timestamp:"), "{}", r.error);
     }
 }
+
+/// A reused parser judges each body's future skew against the "now" it
+/// was last moved to (Kafka mode: each message's timestamp).
+#[test]
+fn a_reused_parser_judges_the_future_from_its_latest_now() {
+    let t = 1_793_534_400_000; // 2026-11-01T12:00:00Z
+    let body = br#"{"event_id":"a","event_type":"click","timestamp":"2026-11-01T12:00:00Z"}"#;
+    let mut p = Parser::new(1).with_future_limit(t - 3_600_000, 60_000);
+    let r = p.parse(body, Format::Json, Tenancy::Open).unwrap();
+    assert_eq!(
+        (r.accepted, r.rejected.len()),
+        (0, 1),
+        "an hour ahead of now"
+    );
+    p.set_now(t);
+    let r = p.parse(body, Format::Json, Tenancy::Open).unwrap();
+    assert_eq!((r.accepted, r.rejected.len()), (1, 0));
+    // Without a limit there is nothing to move.
+    let mut p = Parser::new(1);
+    p.set_now(0);
+    assert_eq!(
+        p.parse(body, Format::Json, Tenancy::Open).unwrap().accepted,
+        1
+    );
+}

@@ -481,6 +481,9 @@ struct Session<'a> {
     /// (since when): deleted once their grace has passed.
     replacing: Vec<String>,
     graves: VecDeque<(Instant, Vec<String>)>,
+    /// One parser for every message (its scratch space reused), moved to
+    /// each message's timestamp.
+    parser: Parser,
 }
 
 /// How often a partition's archive files are looked at for compaction
@@ -581,6 +584,7 @@ fn session(
         },
         replacing: Vec::new(),
         graves: VecDeque::new(),
+        parser: (hooks.make_parser)(0),
     };
     *stats.last_error.lock() = None;
     let result = s.run(&consumer, stop);
@@ -600,9 +604,11 @@ impl Session<'_> {
     fn run(&mut self, consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) -> Result<(), Error> {
         let mut last_commit = Instant::now();
         let mut last_lag = Instant::now();
+        let mut polls = 0u32;
         while !stop.load(Relaxed) {
             let polled = consumer.poll(Duration::from_millis(20));
             self.rebalanced(consumer)?;
+            let busy = polled.is_some();
             match polled {
                 Some(m) => {
                     let m = m.map_err(client_err("consume"))?;
@@ -618,11 +624,19 @@ impl Session<'_> {
                     }
                 }
             }
-            if last_commit.elapsed() >= self.settings.commit_interval {
+            // While messages stream in, the clock and the producer's events
+            // every few messages rather than after each one.
+            polls += 1;
+            if busy && polls < 16 {
+                continue;
+            }
+            polls = 0;
+            let now = Instant::now();
+            if now.duration_since(last_commit) >= self.settings.commit_interval {
                 self.commit(consumer)?;
                 last_commit = Instant::now();
             }
-            if last_lag.elapsed() >= Duration::from_secs(1) {
+            if now.duration_since(last_lag) >= Duration::from_secs(1) {
                 self.refresh_lag(consumer);
                 last_lag = Instant::now();
             }
@@ -713,7 +727,8 @@ impl Session<'_> {
                 self.settings.topic_events, id, offset
             )
         };
-        let parsed = parse_message(&self.hooks.make_parser, ts, value);
+        self.parser.set_now(ts);
+        let parsed = parse_message(&mut self.parser, value);
         self.stats.messages.fetch_add(1, Relaxed);
         let mut parsed = match parsed {
             Ok(p) => p,
@@ -1177,18 +1192,13 @@ impl Session<'_> {
 }
 
 /// A message value: one event object, a JSON array of them, or NDJSON.
-fn parse_message(
-    make: &Arc<dyn Fn(Millis) -> Parser + Send + Sync>,
-    ts: Millis,
-    value: &[u8],
-) -> Result<Parsed, BodyError> {
+fn parse_message(parser: &mut Parser, value: &[u8]) -> Result<Parsed, BodyError> {
     let first = value.iter().copied().find(|c| !c.is_ascii_whitespace());
-    let mut parser = make(ts);
     match first {
         Some(b'[') => parser.parse(value, Format::Json, Tenancy::Open),
         _ => match parser.parse(value, Format::Json, Tenancy::Open) {
             Ok(p) => Ok(p),
-            Err(BodyError::NotJson(_)) => make(ts).parse(value, Format::Ndjson, Tenancy::Open),
+            Err(BodyError::NotJson(_)) => parser.parse(value, Format::Ndjson, Tenancy::Open),
             Err(e) => Err(e),
         },
     }
