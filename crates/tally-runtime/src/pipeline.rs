@@ -1151,6 +1151,7 @@ impl tally_alert::Source for StoreSource<'_> {
             granularity,
             event_types: r.event_type.clone(),
             group_by_event_type: false,
+            window: None,
         };
         let series = self.0.read().query(&q).unwrap_or_default();
         series

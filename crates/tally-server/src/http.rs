@@ -565,6 +565,9 @@ fn number(v: Value) -> Json {
     }
 }
 
+/// The dimensions a metrics query may filter and group by.
+const DIMENSION: &str = "event_type";
+
 async fn metrics(
     State(s): State<AppState>,
     caller: Caller,
@@ -584,7 +587,7 @@ async fn metrics(
     let start = time_param(&pairs, "start")?.unwrap_or(end - HOUR_MS);
     // "Until now" is a new range on every call: not worth a cache entry.
     let cache = end_param.is_some().then_some(&*s.metrics_cache);
-    let event_types: Vec<String> = pairs
+    let mut event_types: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| k == "event_type")
         .flat_map(|(_, v)| {
@@ -594,14 +597,56 @@ async fn metrics(
                 .map(String::from)
         })
         .collect();
-    let group_by = match one(&pairs, "group_by") {
-        None | Some("") => false,
-        Some("event_type") => true,
-        Some(other) => {
+    // `where=<dimension>:<value>`, repeatable: values of one dimension are
+    // any-of. The declared dimensions are the event type.
+    for (_, w) in pairs.iter().filter(|(k, _)| k == "where") {
+        match w.split_once(':') {
+            Some((DIMENSION, v)) if !v.trim().is_empty() => event_types.push(v.trim().into()),
+            Some((d, _)) if d != DIMENSION => {
+                return Err(ApiError::BadRequest(format!(
+                    "where: {d:?} is not a declared dimension; the declared dimensions are: {DIMENSION}"
+                )));
+            }
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "where: {w:?} is not <dimension>:<value>, e.g. where=event_type:error"
+                )));
+            }
+        }
+    }
+    let mut group_by = false;
+    for g in one(&pairs, "group_by")
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+    {
+        if g != DIMENSION {
             return Err(ApiError::BadRequest(format!(
-                "group_by: {other:?} is not supported; use group_by=event_type"
+                "group_by: {g:?} is not a declared dimension; the declared dimensions are: {DIMENSION}"
             )));
         }
+        group_by = true;
+    }
+    let window = match one(&pairs, "window") {
+        None | Some("") => None,
+        Some(w) => Some(
+            tally_types::time::parse_duration_ms(w)
+                .filter(|&ms| ms > 0)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "window: {w:?} is not a duration; give one like 5m or 1h"
+                    ))
+                })?,
+        ),
+    };
+    let over = match one(&pairs, "over") {
+        None | Some("") => None,
+        Some(o) => Some(Metric::parse(o).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "over: {e} (the metric to divide by, e.g. over=count)"
+            ))
+        })?),
     };
     let query = MetricQuery {
         tenant: caller.tenant(&pairs)?,
@@ -611,13 +656,15 @@ async fn metrics(
         granularity,
         event_types,
         group_by_event_type: group_by,
+        window,
     };
     let tel = &s.shared.telemetry;
     let key = format!(
-        "{}\0{metric_s}\0{}\0{start}\0{end}\0{}\0{group_by}",
+        "{}\0{metric_s}\0{}\0{start}\0{end}\0{}\0{group_by}\0{window:?}\0{}",
         query.tenant,
         granularity.as_str(),
-        query.event_types.join("\0")
+        query.event_types.join("\0"),
+        one(&pairs, "over").unwrap_or("")
     );
     let store = s.shared.store.read();
     if let Some(body) = cache.and_then(|c| c.lock().get(&key, &store)) {
@@ -629,9 +676,20 @@ async fn metrics(
     }
     let version = store.version();
     let downsampled_to = store.downsampled_to();
-    let series = store
+    let mut series = store
         .query(&query)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let Some(over) = over {
+        // The same metric's labels and buckets without the filters.
+        let den = store
+            .query(&MetricQuery {
+                metric: over,
+                event_types: Vec::new(),
+                ..query.clone()
+            })
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        series = tally_store::ratio(series, &den);
+    }
     drop(store);
     tel.metrics_cache_misses.fetch_add(1, Relaxed);
     let series: Vec<Json> = series

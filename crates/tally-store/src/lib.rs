@@ -8,5 +8,5 @@ pub mod sketch;
 pub use cache::MetricsCache;
 pub use rollup::{
     Agg, Downsampled, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError,
-    RollupStore, Series, Value,
+    RollupStore, Series, Value, ratio,
 };

@@ -434,6 +434,9 @@ pub struct MetricQuery {
     /// Empty: all event types.
     pub event_types: Vec<String>,
     pub group_by_event_type: bool,
+    /// Sliding window: each point aggregates this much time ending at its
+    /// bucket's end (a multiple of the granularity); None: its bucket.
+    pub window: Option<Millis>,
 }
 
 /// A point value: integers stay integers on the wire.
@@ -450,6 +453,41 @@ pub struct Series {
     pub points: Vec<(Millis, Value)>,
 }
 
+impl Value {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Value::Int(i) => i as f64,
+            Value::Float(f) => f,
+        }
+    }
+}
+
+/// Each point of `num` divided by the point of `den` with the same labels
+/// and bucket (`over=`): no point where the denominator has none or is 0.
+pub fn ratio(num: Vec<Series>, den: &[Series]) -> Vec<Series> {
+    num.into_iter()
+        .map(|s| {
+            let d: BTreeMap<Millis, f64> = den
+                .iter()
+                .find(|x| x.event_type == s.event_type)
+                .map(|x| x.points.iter().map(|&(b, v)| (b, v.as_f64())).collect())
+                .unwrap_or_default();
+            let points = s
+                .points
+                .into_iter()
+                .filter_map(|(b, v)| {
+                    let d = *d.get(&b)?;
+                    (d != 0.0).then(|| (b, Value::Float(v.as_f64() / d)))
+                })
+                .collect();
+            Series {
+                event_type: s.event_type,
+                points,
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueryError {
     #[error("{param}: {message}")]
@@ -463,10 +501,35 @@ pub enum QueryError {
 pub const MAX_BUCKETS: i64 = 100_000;
 
 /// Accumulates one bucket of one series.
+#[derive(Clone)]
 enum Acc {
     Count(u64),
     Distinct { events: u64, hll: Hll },
     Num { events: u64, agg: NumAgg },
+}
+
+impl Acc {
+    /// Adds another bucket's accumulator of the same metric (sketches
+    /// merge: a window's distinct count or percentile is of its events,
+    /// not an average of its buckets').
+    fn merge(&mut self, o: &Acc, quantile: bool) {
+        match (self, o) {
+            (Acc::Count(a), Acc::Count(b)) => *a += b,
+            (Acc::Distinct { events, hll }, Acc::Distinct { events: e, hll: h }) => {
+                *events += e;
+                hll.merge(h);
+            }
+            (Acc::Num { events, agg }, Acc::Num { events: e, agg: a }) => {
+                *events += e;
+                if quantile {
+                    agg.merge(a);
+                } else {
+                    agg.merge_exact(a);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl RollupStore {
@@ -809,7 +872,23 @@ impl RollupStore {
         }
         let g = q.granularity.ms();
         let first = align_down(q.start, g);
-        let buckets = (q.end - first + g - 1) / g;
+        let window = match q.window {
+            None => g,
+            Some(w) if w >= g && w % g == 0 => w,
+            Some(w) => {
+                return Err(QueryError::BadParam {
+                    param: "window",
+                    message: format!(
+                        "{}: a window must be a whole number of buckets of the granularity ({}), e.g. granularity=1m&window=5m",
+                        tally_types::time::human_ms(w),
+                        q.granularity.as_str()
+                    ),
+                });
+            }
+        };
+        // A point's window reaches back `window - g` before its bucket.
+        let from = first - (window - g);
+        let buckets = (q.end - from + g - 1) / g;
         if buckets > MAX_BUCKETS {
             return Err(QueryError::BadParam {
                 param: "granularity",
@@ -820,7 +899,7 @@ impl RollupStore {
             });
         }
         let mut series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>> = BTreeMap::new();
-        for (minute, bucket) in self.tenant_buckets(&q.tenant, first, q.end, g) {
+        for (minute, bucket) in self.tenant_buckets(&q.tenant, from, q.end, g) {
             let b = align_down(minute, g);
             for (ty, agg) in &bucket.types {
                 if !q.event_types.is_empty() && !q.event_types.iter().any(|t| t == &**ty) {
@@ -869,6 +948,27 @@ impl RollupStore {
                     }
                     (Acc::Num { .. }, _) => {}
                 }
+            }
+        }
+        if window > g {
+            let quantile = matches!(q.metric, Metric::Quantile(..));
+            for buckets in series.values_mut() {
+                let mut points = BTreeMap::new();
+                let mut b = first;
+                while b < q.end {
+                    let mut acc: Option<Acc> = None;
+                    for (_, x) in buckets.range(b - (window - g)..=b) {
+                        match &mut acc {
+                            Some(a) => a.merge(x, quantile),
+                            None => acc = Some(x.clone()),
+                        }
+                    }
+                    if let Some(a) = acc {
+                        points.insert(b, a);
+                    }
+                    b += g;
+                }
+                *buckets = points;
             }
         }
         Ok(finish(q, series))

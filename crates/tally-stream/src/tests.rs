@@ -64,6 +64,7 @@ impl Harness {
             granularity: Granularity::M1,
             event_types: vec![],
             group_by_event_type: false,
+            window: None,
         };
         match self.store.read().query(&q).unwrap()[0].points.first() {
             Some((_, Value::Int(c))) => *c,
@@ -235,6 +236,7 @@ impl Harness {
             granularity: Granularity::D1,
             event_types: vec![],
             group_by_event_type: false,
+            window: None,
         };
         self.store
             .read()

@@ -500,6 +500,7 @@ fn downsampled_hours_answer_like_the_minutes_they_replace() {
                 granularity: g,
                 event_types: vec![],
                 group_by_event_type: true,
+                window: None,
             };
             let (x, y) = (a.query(&q).unwrap(), b.query(&q).unwrap());
             assert!(!x.is_empty() && !x[0].points.is_empty());
@@ -514,6 +515,7 @@ fn downsampled_hours_answer_like_the_minutes_they_replace() {
         granularity: Granularity::M1,
         event_types: vec![],
         group_by_event_type: false,
+        window: None,
     };
     let x = a.query(&q).unwrap();
     let y = b.query(&q).unwrap();
