@@ -177,6 +177,13 @@ pub struct Rule {
     pub notify: Vec<Target>,
     pub silenced_until: Option<Millis>,
     pub created_at: Millis,
+    /// Sliding window: each bucket is judged on this much time ending at
+    /// its end (as `window=` on the metrics API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<Millis>,
+    /// A ratio: the metric divided by this one without the filters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over: Option<String>,
 }
 
 impl Rule {
@@ -187,6 +194,11 @@ impl Rule {
 
     pub fn metric(&self) -> Metric {
         Metric::parse(&self.metric).unwrap_or(Metric::Count)
+    }
+
+    /// The denominator metric of a ratio rule.
+    pub fn over_metric(&self) -> Option<Metric> {
+        Metric::parse(self.over.as_deref()?).ok()
     }
 
     /// Whether the rule watches the node rather than events: its buckets
@@ -200,6 +212,7 @@ impl Rule {
     /// has no value at all (avg, min, max, quantiles).
     pub fn zero_when_empty(&self) -> bool {
         !self.node_metric()
+            && self.over.is_none()
             && matches!(
                 self.metric(),
                 Metric::Count | Metric::UniqueUsers | Metric::UniqueSessions | Metric::Sum(_)
@@ -235,6 +248,8 @@ impl Rule {
             "notify": self.notify,
             "silenced_until": self.silenced_until.map(format_rfc3339),
             "created_at": format_rfc3339(self.created_at),
+            "window": self.window_ms.map(human),
+            "over": self.over,
         })
     }
 
@@ -247,6 +262,8 @@ impl Rule {
             && self.detector == o.detector
             && self.for_ms == o.for_ms
             && self.resolve_after_ms == o.resolve_after_ms
+            && self.window_ms == o.window_ms
+            && self.over == o.over
     }
 }
 
@@ -278,6 +295,10 @@ const FIELDS: &[&str] = &[
     "metric",
     "event_type",
     "granularity",
+    "window",
+    "where",
+    "over",
+    "group_by",
     "detector",
     "for",
     "resolve_after",
@@ -352,8 +373,96 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
             ),
         ));
     }
+    // `where=event_type:<t>` as on the metrics API: the event types any of
+    // which a bucket counts (with `event_type`).
+    let mut event_type = event_type;
+    let wheres: Vec<String> = match obj.get("where") {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::String(w)) => vec![w.clone()],
+        Some(Json::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                err(
+                    "where",
+                    "must be a string or an array of strings like \"event_type:error\"",
+                )
+            })?,
+        Some(v) => {
+            return Err(err(
+                "where",
+                format!("{v}: must be a string or an array of strings like \"event_type:error\""),
+            ));
+        }
+    };
+    for w in wheres {
+        match w.split_once(':') {
+            Some(("event_type", t)) if !t.trim().is_empty() => event_type.push(t.trim().into()),
+            Some((d, _)) if d != "event_type" => {
+                return Err(err(
+                    "where",
+                    format!(
+                        "{d:?} is not a declared dimension; the declared dimensions are: event_type"
+                    ),
+                ));
+            }
+            _ => {
+                return Err(err(
+                    "where",
+                    format!("{w:?} is not <dimension>:<value>, e.g. \"event_type:error\""),
+                ));
+            }
+        }
+    }
+    if let Some(g) = string(obj, "group_by")?.filter(|g| !g.trim().is_empty()) {
+        return Err(err(
+            "group_by",
+            format!(
+                "{g:?}: a rule watches one series (one state, one episode at a time); filter with where instead, or make a rule per value"
+            ),
+        ));
+    }
+    let over = string(obj, "over")?;
+    if let Some(o) = &over {
+        Metric::parse(o).map_err(|e| {
+            err(
+                "over",
+                format!("{e} (the metric to divide by, e.g. \"count\")"),
+            )
+        })?;
+    }
     let granularity = string(obj, "granularity")?.unwrap_or_else(|| "1m".into());
     let g = Granularity::parse(&granularity).map_err(|e| err("granularity", e.to_string()))?;
+    let window_ms = match string(obj, "window")? {
+        None => None,
+        Some(w) => {
+            let ms = parse_duration_ms(&w).filter(|&ms| ms > 0).ok_or_else(|| {
+                err(
+                    "window",
+                    format!("{w:?} is not a duration; give one like \"5m\""),
+                )
+            })?;
+            if ms < g.ms() || ms % g.ms() != 0 {
+                return Err(err(
+                    "window",
+                    format!(
+                        "{w:?} is not a whole number of buckets of the granularity ({})",
+                        g.as_str()
+                    ),
+                ));
+            }
+            Some(ms)
+        }
+    };
+    if is_node_metric(&metric) && (window_ms.is_some() || over.is_some()) {
+        return Err(err(
+            if over.is_some() { "over" } else { "window" },
+            format!(
+                "{metric} is a node metric: each bucket is its largest sample, without window or over"
+            ),
+        ));
+    }
     let detector = parse_detector(obj.get("detector").ok_or_else(|| {
         err(
             "detector",
@@ -401,6 +510,8 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
         notify,
         silenced_until,
         created_at: now,
+        window_ms,
+        over,
     })
 }
 

@@ -1084,3 +1084,52 @@ fn node_metric_rules_refuse_an_event_type() {
     let err = e.upsert(&body, "acme", T0, None).unwrap_err().to_string();
     assert!(err.contains("consumer_lag_seconds"), "{err}");
 }
+
+/// `window`, `where` and `over` as on the metrics API; a rule watches
+/// one series, so `group_by` is refused with the way out.
+#[test]
+fn windows_filters_and_ratios_parse_and_refuse_by_field() {
+    let mut e = Engine::open(None, EngineConfig::default()).unwrap();
+    let body = json!({
+        "name": "error-rate", "metric": "count", "where": ["event_type:error"],
+        "over": "count", "granularity": "1m", "window": "5m",
+        "detector": {"kind": "threshold", "op": ">", "value": 0.05},
+    });
+    let (r, _) = e.upsert(&body, "acme", T0, None).unwrap();
+    assert_eq!(r.event_type, vec!["error".to_string()]);
+    assert_eq!(r.window_ms, Some(5 * M));
+    assert_eq!(r.over.as_deref(), Some("count"));
+    assert!(
+        !r.zero_when_empty(),
+        "a ratio has no value without a denominator"
+    );
+    let shown = r.to_json();
+    assert_eq!(
+        (shown["window"].as_str(), shown["over"].as_str()),
+        (Some("5m"), Some("count"))
+    );
+    // Changing the window is a new definition (the state starts again).
+    let mut other = r.clone();
+    other.window_ms = Some(10 * M);
+    assert!(!r.same_definition(&other));
+    for (extra, field, says) in [
+        (json!({"where": "country:US"}), "where", "event_type"),
+        (json!({"where": "event_type"}), "where", "event_type:error"),
+        (json!({"group_by": "country"}), "group_by", "where"),
+        (json!({"window": "90s"}), "window", "granularity"),
+        (json!({"window": "soon"}), "window", "5m"),
+        (json!({"over": "ratio"}), "over", "count"),
+    ] {
+        let mut b = json!({"name": "x", "metric": "count",
+            "detector": {"kind": "threshold", "op": ">", "value": 1}});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let msg = e.upsert(&b, "acme", T0, None).unwrap_err();
+        let crate::AlertError::Rule(re) = &msg else {
+            panic!("{extra}: {msg}");
+        };
+        assert_eq!(re.field, field, "{extra}: {msg}");
+        assert!(msg.to_string().contains(says), "{extra}: {msg}");
+    }
+}

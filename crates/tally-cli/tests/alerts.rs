@@ -232,3 +232,70 @@ async fn spike_fires_once_retries_and_survives_a_restart() {
     assert_eq!(list["alerts"], json!([]));
     server.stop().await.unwrap();
 }
+
+/// An error-rate rule over a sliding window (`where`, `over`, `window` as
+/// on the metrics API): judged on the rate of the three minutes ending at
+/// each bucket's end, it fires once with that rate and resolves once the
+/// window has moved past the errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_rate_over_a_sliding_window_fires_and_resolves_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Hook::start(0).await;
+    let server = start_server(dir.path(), tweak).await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+    let rule = json!({"name": "error-rate", "metric": "count", "where": "event_type:error",
+        "over": "count", "granularity": "1m", "window": "3m",
+        "detector": {"kind": "threshold", "op": ">", "value": 0.5},
+        "for": "1m", "resolve_after": "1m", "notify": [{"webhook": hook.url}]});
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(rule.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (code, created) = answer(r).await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(
+        (created["window"].as_str(), created["over"].as_str()),
+        (Some("3m"), Some("count"))
+    );
+
+    // Every minute 4 page views; minute 3 also 14 errors: the windows of
+    // three minutes ending with minutes 3, 4 and 5 hold 14 errors of 26
+    // events (> 0.5); the one ending with minute 6 none.
+    let mut evs = Vec::new();
+    for m in 0..9 {
+        for i in 0..4 {
+            evs.push(ev(&format!("p{m}-{i}"), "page_view", T0 + m * M + 1000 * i));
+        }
+    }
+    for i in 0..14 {
+        evs.push(ev(&format!("e{i}"), "error", T0 + 3 * M + 2000 + 1000 * i));
+    }
+    // Moves the watermark past minute 8.
+    evs.push(ev("late-info", "info", T0 + 9 * M + 30_000));
+    send(&c, &base, evs).await;
+
+    // Both transitions close in one pass; deliveries may arrive in
+    // either order.
+    let calls = hook.wait_ok(2, Duration::from_secs(20)).await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let of = |status: &str| {
+        calls
+            .iter()
+            .map(|c| &c.1)
+            .find(|b| b["status"] == status)
+            .unwrap_or_else(|| panic!("no {status} call: {calls:?}"))
+    };
+    let (firing, resolved) = (of("firing"), of("resolved"));
+    assert_eq!(firing["bucket_start"], "2026-11-01T12:03:00Z", "{firing}");
+    let rate = firing["value"].as_f64().unwrap();
+    assert!((rate - 14.0 / 26.0).abs() < 1e-9, "{firing}");
+    // The first window without the errors ends with minute 6: a rate of 0.
+    assert_eq!(
+        resolved["bucket_start"], "2026-11-01T12:06:00Z",
+        "{resolved}"
+    );
+    assert_eq!(resolved["value"].as_f64(), Some(0.0), "{resolved}");
+}

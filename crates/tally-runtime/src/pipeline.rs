@@ -1151,19 +1151,25 @@ impl tally_alert::Source for StoreSource<'_> {
             granularity,
             event_types: r.event_type.clone(),
             group_by_event_type: false,
-            window: None,
+            window: r.window_ms,
         };
-        let series = self.0.read().query(&q).unwrap_or_default();
+        let store = self.0.read();
+        let mut series = store.query(&q).unwrap_or_default();
+        if let Some(over) = r.over_metric() {
+            let den = store
+                .query(&tally_store::MetricQuery {
+                    metric: over,
+                    event_types: Vec::new(),
+                    ..q.clone()
+                })
+                .unwrap_or_default();
+            series = tally_store::ratio(series, &den, &q.metric);
+        }
+        drop(store);
         series
             .into_iter()
             .flat_map(|s| s.points)
-            .map(|(b, v)| {
-                let x = match v {
-                    tally_store::Value::Int(i) => i as f64,
-                    tally_store::Value::Float(f) => f,
-                };
-                (b, x)
-            })
+            .map(|(b, v)| (b, v.as_f64()))
             .collect()
     }
 

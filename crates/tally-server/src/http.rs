@@ -688,7 +688,7 @@ async fn metrics(
                 ..query.clone()
             })
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        series = tally_store::ratio(series, &den);
+        series = tally_store::ratio(series, &den, &query.metric);
     }
     drop(store);
     tel.metrics_cache_misses.fetch_add(1, Relaxed);

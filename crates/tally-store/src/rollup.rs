@@ -464,26 +464,46 @@ impl Value {
 
 /// Each point of `num` divided by the point of `den` with the same labels
 /// and bucket (`over=`): no point where the denominator has none or is 0.
-pub fn ratio(num: Vec<Series>, den: &[Series]) -> Vec<Series> {
-    num.into_iter()
+/// Where the numerator has no point but the denominator has, the ratio is
+/// 0 for a metric that counts (`count`, distinct counts, `sum`: an empty
+/// bucket is 0 of them), and no point otherwise.
+pub fn ratio(num: Vec<Series>, den: &[Series], metric: &Metric) -> Vec<Series> {
+    let counts = matches!(
+        metric,
+        Metric::Count | Metric::UniqueUsers | Metric::UniqueSessions | Metric::Sum(_)
+    );
+    let mut out: Vec<Series> = num
+        .into_iter()
         .map(|s| {
-            let d: BTreeMap<Millis, f64> = den
-                .iter()
-                .find(|x| x.event_type == s.event_type)
-                .map(|x| x.points.iter().map(|&(b, v)| (b, v.as_f64())).collect())
-                .unwrap_or_default();
-            let points = s
-                .points
-                .into_iter()
-                .filter_map(|(b, v)| {
-                    let d = *d.get(&b)?;
-                    (d != 0.0).then(|| (b, Value::Float(v.as_f64() / d)))
-                })
-                .collect();
+            let n: BTreeMap<Millis, f64> = s.points.iter().map(|&(b, v)| (b, v.as_f64())).collect();
+            let d = den.iter().find(|x| x.event_type == s.event_type);
             Series {
+                points: divide(&n, d, counts),
                 event_type: s.event_type,
-                points,
             }
+        })
+        .collect();
+    out.retain(|s| !s.points.is_empty() || s.event_type.is_none());
+    out
+}
+
+fn divide(n: &BTreeMap<Millis, f64>, d: Option<&Series>, counts: bool) -> Vec<(Millis, Value)> {
+    let Some(d) = d else {
+        return Vec::new();
+    };
+    d.points
+        .iter()
+        .filter_map(|&(b, dv)| {
+            let dv = dv.as_f64();
+            if dv == 0.0 {
+                return None;
+            }
+            let nv = match n.get(&b) {
+                Some(&x) => x,
+                None if counts => 0.0,
+                None => return None,
+            };
+            Some((b, Value::Float(nv / dv)))
         })
         .collect()
 }
