@@ -591,68 +591,35 @@ fn kafka(broker: &Broker, scenario: &str) -> Backend {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_messy_input_counts_every_event_once() {
-    messy_input_counts_every_event_once(Backend::Embedded).await;
+/// Each scenario runs on both backends: `embedded::<scenario>` and
+/// `kafka::<scenario>` (each Kafka one with a broker and topics of its own).
+macro_rules! on_both_logs {
+    ($($scenario:ident => $tag:literal),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Embedded).await;
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let broker = super::Broker::start();
+                    super::$scenario(super::kafka(&broker, $tag)).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_messy_input_counts_every_event_once() {
-    let broker = Broker::start();
-    messy_input_counts_every_event_once(kafka(&broker, "messy")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_a_restart_resumes_where_it_stopped() {
-    a_restart_resumes_where_it_stopped(Backend::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_a_restart_resumes_where_it_stopped() {
-    let broker = Broker::start();
-    a_restart_resumes_where_it_stopped(kafka(&broker, "restart")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_history_backfilled_over_counted_minutes_adds_to_them() {
-    history_backfilled_over_counted_minutes_adds_to_them(Backend::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_history_backfilled_over_counted_minutes_adds_to_them() {
-    let broker = Broker::start();
-    history_backfilled_over_counted_minutes_adds_to_them(kafka(&broker, "backfill")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_old_minutes_fold_into_exact_hours() {
-    old_minutes_fold_into_exact_hours(Backend::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_old_minutes_fold_into_exact_hours() {
-    let broker = Broker::start();
-    old_minutes_fold_into_exact_hours(kafka(&broker, "retention")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_hours_past_retention_are_dropped() {
-    hours_past_retention_are_dropped(Backend::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_hours_past_retention_are_dropped() {
-    let broker = Broker::start();
-    hours_past_retention_are_dropped(kafka(&broker, "hours")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_sealed_files_compact_and_every_row_stays_once() {
-    sealed_files_compact_and_every_row_stays_once(Backend::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_sealed_files_compact_and_every_row_stays_once() {
-    let broker = Broker::start();
-    sealed_files_compact_and_every_row_stays_once(kafka(&broker, "compact")).await;
+on_both_logs! {
+    messy_input_counts_every_event_once => "messy",
+    a_restart_resumes_where_it_stopped => "restart",
+    history_backfilled_over_counted_minutes_adds_to_them => "backfill",
+    old_minutes_fold_into_exact_hours => "retention",
+    hours_past_retention_are_dropped => "hours",
+    sealed_files_compact_and_every_row_stays_once => "compact",
 }

@@ -51,14 +51,7 @@ async fn windows_filters_and_ratios_match_an_independent_computation() {
     } = expected(&lines);
     for ch in lines.chunks(500) {
         let body: String = ch.iter().map(|(l, _)| format!("{l}\n")).collect();
-        let r = c
-            .post(format!("{base}/api/v1/events"))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        common::post_ndjson(&c, &base, body).await;
     }
     assert!(
         tally_server::http::wait_applied(&server.shared, counted, Duration::from_secs(30)).await,
