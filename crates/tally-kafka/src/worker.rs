@@ -1005,14 +1005,24 @@ impl Session<'_> {
             let mut out = Vec::with_capacity(touched.len());
             {
                 // Behind the cut of the last state only deltas: those
-                // buckets started empty when the cut passed them.
+                // buckets started empty when the cut passed them. A
+                // partition that never committed has published nothing,
+                // so every bucket is new: behind this commit's cut, a
+                // delta too (a whole value there could reach a reader that
+                // has already folded that minute, before this partition's
+                // first state counts in its horizon).
+                let behind = if part.committed.is_none() {
+                    cut.max(part.cut)
+                } else {
+                    part.cut
+                };
                 let st = part.proc.store().read();
                 let mut seq = 0;
                 for (t, m, ty) in touched {
                     let Some(agg) = st.agg(&t, m, &ty) else {
                         continue;
                     };
-                    let key = if m < part.cut {
+                    let key = if m < behind {
                         seq += 1;
                         codec::delta_key(&codec::DeltaKey {
                             partition: id,
