@@ -397,23 +397,7 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
         }
     };
     for w in wheres {
-        match w.split_once(':') {
-            Some(("event_type", t)) if !t.trim().is_empty() => event_type.push(t.trim().into()),
-            Some((d, _)) if d != "event_type" => {
-                return Err(err(
-                    "where",
-                    format!(
-                        "{d:?} is not a declared dimension; the declared dimensions are: event_type"
-                    ),
-                ));
-            }
-            _ => {
-                return Err(err(
-                    "where",
-                    format!("{w:?} is not <dimension>:<value>, e.g. \"event_type:error\""),
-                ));
-            }
-        }
+        event_type.push(tally_store::parse_where(&w).map_err(|e| err("where", e))?);
     }
     if let Some(g) = string(obj, "group_by")?.filter(|g| !g.trim().is_empty()) {
         return Err(err(

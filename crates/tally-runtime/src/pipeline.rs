@@ -1152,21 +1152,12 @@ impl tally_alert::Source for StoreSource<'_> {
             event_types: r.event_type.clone(),
             group_by_event_type: false,
             window: r.window_ms,
+            over: r.over_metric(),
         };
-        let store = self.0.read();
-        let mut series = store.query(&q).unwrap_or_default();
-        if let Some(over) = r.over_metric() {
-            let den = store
-                .query(&tally_store::MetricQuery {
-                    metric: over,
-                    event_types: Vec::new(),
-                    ..q.clone()
-                })
-                .unwrap_or_default();
-            series = tally_store::ratio(series, &den, &q.metric);
-        }
-        drop(store);
-        series
+        self.0
+            .read()
+            .query(&q)
+            .unwrap_or_default()
             .into_iter()
             .flat_map(|s| s.points)
             .map(|(b, v)| (b, v.as_f64()))

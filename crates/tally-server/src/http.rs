@@ -565,9 +565,6 @@ fn number(v: Value) -> Json {
     }
 }
 
-/// The dimensions a metrics query may filter and group by.
-const DIMENSION: &str = "event_type";
-
 async fn metrics(
     State(s): State<AppState>,
     caller: Caller,
@@ -600,19 +597,9 @@ async fn metrics(
     // `where=<dimension>:<value>`, repeatable: values of one dimension are
     // any-of. The declared dimensions are the event type.
     for (_, w) in pairs.iter().filter(|(k, _)| k == "where") {
-        match w.split_once(':') {
-            Some((DIMENSION, v)) if !v.trim().is_empty() => event_types.push(v.trim().into()),
-            Some((d, _)) if d != DIMENSION => {
-                return Err(ApiError::BadRequest(format!(
-                    "where: {d:?} is not a declared dimension; the declared dimensions are: {DIMENSION}"
-                )));
-            }
-            _ => {
-                return Err(ApiError::BadRequest(format!(
-                    "where: {w:?} is not <dimension>:<value>, e.g. where=event_type:error"
-                )));
-            }
-        }
+        let t =
+            tally_store::parse_where(w).map_err(|e| ApiError::BadRequest(format!("where: {e}")))?;
+        event_types.push(t);
     }
     let mut group_by = false;
     for g in one(&pairs, "group_by")
@@ -621,9 +608,10 @@ async fn metrics(
         .map(str::trim)
         .filter(|g| !g.is_empty())
     {
-        if g != DIMENSION {
+        if g != tally_store::DIMENSIONS {
             return Err(ApiError::BadRequest(format!(
-                "group_by: {g:?} is not a declared dimension; the declared dimensions are: {DIMENSION}"
+                "group_by: {g:?} is not a declared dimension; the declared dimensions are: {}",
+                tally_store::DIMENSIONS
             )));
         }
         group_by = true;
@@ -657,6 +645,7 @@ async fn metrics(
         event_types,
         group_by_event_type: group_by,
         window,
+        over,
     };
     let tel = &s.shared.telemetry;
     let key = format!(
@@ -676,20 +665,9 @@ async fn metrics(
     }
     let version = store.version();
     let downsampled_to = store.downsampled_to();
-    let mut series = store
+    let series = store
         .query(&query)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if let Some(over) = over {
-        // The same metric's labels and buckets without the filters.
-        let den = store
-            .query(&MetricQuery {
-                metric: over,
-                event_types: Vec::new(),
-                ..query.clone()
-            })
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        series = tally_store::ratio(series, &den, &query.metric);
-    }
     drop(store);
     tel.metrics_cache_misses.fetch_add(1, Relaxed);
     let series: Vec<Json> = series

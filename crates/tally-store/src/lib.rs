@@ -7,6 +7,6 @@ pub mod sketch;
 
 pub use cache::MetricsCache;
 pub use rollup::{
-    Agg, Downsampled, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError,
-    RollupStore, Series, Value, ratio,
+    Agg, DIMENSIONS, Downsampled, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg,
+    QueryError, RollupStore, Series, Value, parse_where,
 };

@@ -437,6 +437,26 @@ pub struct MetricQuery {
     /// Sliding window: each point aggregates this much time ending at its
     /// bucket's end (a multiple of the granularity); None: its bucket.
     pub window: Option<Millis>,
+    /// A ratio: each point divided by this metric for the same labels and
+    /// bucket without the `event_types` filter (see [`ratio`]).
+    pub over: Option<Metric>,
+}
+
+/// The dimensions a metrics query may filter and group by.
+pub const DIMENSIONS: &str = "event_type";
+
+/// A filter `<dimension>:<value>` (`where=` of the metrics API and of
+/// alert rules): the event type it admits, or why it cannot be taken.
+pub fn parse_where(w: &str) -> Result<String, String> {
+    match w.split_once(':') {
+        Some(("event_type", v)) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+        Some((d, _)) if d != "event_type" => Err(format!(
+            "{d:?} is not a declared dimension; the declared dimensions are: {DIMENSIONS}"
+        )),
+        _ => Err(format!(
+            "{w:?} is not <dimension>:<value>, e.g. event_type:error"
+        )),
+    }
 }
 
 /// A point value: integers stay integers on the wire.
@@ -467,7 +487,7 @@ impl Value {
 /// Where the numerator has no point but the denominator has, the ratio is
 /// 0 for a metric that counts (`count`, distinct counts, `sum`: an empty
 /// bucket is 0 of them), and no point otherwise.
-pub fn ratio(num: Vec<Series>, den: &[Series], metric: &Metric) -> Vec<Series> {
+fn ratio(num: Vec<Series>, den: &[Series], metric: &Metric) -> Vec<Series> {
     let counts = matches!(
         metric,
         Metric::Count | Metric::UniqueUsers | Metric::UniqueSessions | Metric::Sum(_)
@@ -883,7 +903,23 @@ impl RollupStore {
             .sum()
     }
 
+    /// The metrics query: `q.metric` per bucket (or sliding window), or,
+    /// with `q.over`, its ratio to that metric without the filters.
     pub fn query(&self, q: &MetricQuery) -> Result<Vec<Series>, QueryError> {
+        let series = self.series(q)?;
+        let Some(over) = &q.over else {
+            return Ok(series);
+        };
+        let den = self.series(&MetricQuery {
+            metric: over.clone(),
+            event_types: Vec::new(),
+            over: None,
+            ..q.clone()
+        })?;
+        Ok(ratio(series, &den, &q.metric))
+    }
+
+    fn series(&self, q: &MetricQuery) -> Result<Vec<Series>, QueryError> {
         if q.end <= q.start {
             return Err(QueryError::BadParam {
                 param: "end",

@@ -65,6 +65,7 @@ impl Harness {
             event_types: vec![],
             group_by_event_type: false,
             window: None,
+            over: None,
         };
         match self.store.read().query(&q).unwrap()[0].points.first() {
             Some((_, Value::Int(c))) => *c,
@@ -237,6 +238,7 @@ impl Harness {
             event_types: vec![],
             group_by_event_type: false,
             window: None,
+            over: None,
         };
         self.store
             .read()

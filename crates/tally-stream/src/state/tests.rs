@@ -501,6 +501,7 @@ fn downsampled_hours_answer_like_the_minutes_they_replace() {
                 event_types: vec![],
                 group_by_event_type: true,
                 window: None,
+                over: None,
             };
             let (x, y) = (a.query(&q).unwrap(), b.query(&q).unwrap());
             assert!(!x.is_empty() && !x[0].points.is_empty());
@@ -516,6 +517,7 @@ fn downsampled_hours_answer_like_the_minutes_they_replace() {
         event_types: vec![],
         group_by_event_type: false,
         window: None,
+        over: None,
     };
     let x = a.query(&q).unwrap();
     let y = b.query(&q).unwrap();
