@@ -361,17 +361,12 @@ impl Materialized {
                 // on: behind the lowest cut (less an hour, for clocks that
                 // disagree) no whole value can come any more, so those
                 // minutes fold into hours, here as on every node.
-                let lowest = inner
+                let fold = inner
                     .parts
                     .values()
                     .filter_map(|v| v.state.as_ref().map(|s| s.cut))
                     .min()
-                    .unwrap_or(Millis::MIN);
-                let fold = if lowest == Millis::MIN {
-                    Millis::MIN
-                } else {
-                    lowest.saturating_sub(HOUR_MS)
-                };
+                    .map_or(Millis::MIN, |lowest| lowest.saturating_sub(HOUR_MS));
                 if fold > store.downsampled_to() {
                     store.downsample(fold);
                     let horizon = store.downsampled_to();

@@ -372,15 +372,14 @@ impl Part {
     }
 
     /// Moves the cut: the minutes behind it leave the processor (they were
-    /// published whole), so what comes for them later is a delta.
+    /// published whole, or as this commit's deltas), so what comes for
+    /// them later is a delta.
     fn advance_cut(&mut self, cut: Millis) {
         self.cut = cut;
         let mut st = self.proc.store().write();
-        let tenants: Vec<Box<str>> = st.tenants().map(Into::into).collect();
-        for t in tenants {
-            st.take_minutes_before(&t, cut);
+        if st.drop_all_minutes_before(cut) > 0 {
+            st.commit();
         }
-        st.commit();
     }
 
     /// Evicts the final minutes after a commit up to `next_offset` and
@@ -889,9 +888,6 @@ impl Session<'_> {
         let (Some(sink), Some(rt)) = (self.hooks.raw.as_ref(), self.rt.as_ref()) else {
             return;
         };
-        if !self.in_txn {
-            self.replacing.clear();
-        }
         while self
             .graves
             .front()
@@ -940,45 +936,22 @@ impl Session<'_> {
             };
             let seal = due(part);
             let cut = part.next_cut(now, retention);
-            // Compaction and retention of the partition's archive files,
-            // from the committed listing once the view has this owner's
-            // last commit (nothing in flight is merged or removed twice).
-            let mut replaced = Vec::new();
-            if compact_due(part)
-                && let (Some(sink), Some(rt)) = (sink, self.rt.as_ref())
-            {
-                part.last_compact = Instant::now();
-                if part
-                    .committed
-                    .is_none_or(|c| self.view.next_offset_of(id) == Some(c))
-                {
-                    let plan = crate::raw::plan(&self.view.files_of(id), sink, now);
-                    let at = part.next_offset;
-                    for group in &plan.merges {
-                        match crate::raw::merge(sink, rt, &self.settings.topic_events, id, group) {
-                            Ok(added) => replaced.push(codec::Replaced {
-                                partition: id,
-                                at,
-                                seq: replaced.len() as u32,
-                                removed: group.iter().map(|e| e.2.path.clone()).collect(),
-                                added: Some(added),
-                            }),
-                            Err(e) => {
-                                tracing::warn!(partition = id, error = %e, "compaction of archive files failed; retrying later")
-                            }
-                        }
-                    }
-                    if !plan.expired.is_empty() {
-                        replaced.push(codec::Replaced {
-                            partition: id,
-                            at,
-                            seq: replaced.len() as u32,
-                            removed: plan.expired,
-                            added: None,
-                        });
-                    }
+            // Compaction and retention of the partition's archive files.
+            let replaced = match (sink, self.rt.as_ref()) {
+                (Some(sink), Some(rt)) if compact_due(part) => {
+                    part.last_compact = Instant::now();
+                    replacements(
+                        sink,
+                        rt,
+                        self.view,
+                        &self.settings.topic_events,
+                        id,
+                        part,
+                        now,
+                    )
                 }
-            }
+                _ => Vec::new(),
+            };
             if !(part.dirty || seal || cut > part.cut || !replaced.is_empty()) || part.restoring() {
                 continue;
             }
@@ -1012,7 +985,7 @@ impl Session<'_> {
                 // has already folded that minute, before this partition's
                 // first state counts in its horizon).
                 let behind = if part.committed.is_none() {
-                    cut.max(part.cut)
+                    cut
                 } else {
                     part.cut
                 };
@@ -1046,7 +1019,7 @@ impl Session<'_> {
             let late = part.proc.take_late();
             let replay_from = part.replay_from(lateness);
             part.evict(self.view);
-            part.advance_cut(cut.max(part.cut));
+            part.advance_cut(cut);
             let mut clocks = Enc::new();
             part.proc.export_clocks(&mut clocks);
             let state = PartitionState {
@@ -1199,6 +1172,54 @@ impl Session<'_> {
             );
         }
     }
+}
+
+/// One partition's round of archive compaction and retention, from its
+/// committed listing once the view has this owner's last commit (so
+/// nothing in flight is merged or removed twice): the records that say
+/// what the merged files replace and what expired.
+fn replacements(
+    sink: &crate::raw::RawSink,
+    rt: &tokio::runtime::Runtime,
+    view: &Materialized,
+    topic: &str,
+    id: u32,
+    part: &Part,
+    now: Millis,
+) -> Vec<codec::Replaced> {
+    if part
+        .committed
+        .is_some_and(|c| view.next_offset_of(id) != Some(c))
+    {
+        return Vec::new();
+    }
+    let plan = crate::raw::plan(&view.files_of(id), sink, now);
+    let mut out = Vec::new();
+    let mut record = |removed: Vec<String>, added| {
+        let seq = out.len() as u32;
+        out.push(codec::Replaced {
+            partition: id,
+            at: part.next_offset,
+            seq,
+            removed,
+            added,
+        });
+    };
+    for group in &plan.merges {
+        match crate::raw::merge(sink, rt, topic, id, group) {
+            Ok(added) => record(
+                group.iter().map(|e| e.2.path.clone()).collect(),
+                Some(added),
+            ),
+            Err(e) => {
+                tracing::warn!(partition = id, error = %e, "compaction of archive files failed; retrying later")
+            }
+        }
+    }
+    if !plan.expired.is_empty() {
+        record(plan.expired, None);
+    }
+    out
 }
 
 /// A message value: one event object, a JSON array of them, or NDJSON.

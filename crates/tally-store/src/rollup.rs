@@ -707,6 +707,25 @@ impl RollupStore {
         self.take_minutes_before(tenant, cutoff).len()
     }
 
+    /// Forgets every tenant's minutes before `cutoff`; answers how many.
+    pub fn drop_all_minutes_before(&mut self, cutoff: Millis) -> usize {
+        let mut gone = 0;
+        for (name, t) in &mut self.tenants {
+            if t.minutes
+                .first_key_value()
+                .is_none_or(|(&m, _)| m >= cutoff)
+            {
+                continue;
+            }
+            let keep = t.minutes.split_off(&cutoff);
+            gone += std::mem::replace(&mut t.minutes, keep).len();
+            if t.changes.touch(Millis::MIN) {
+                self.dirty.push(name.clone());
+            }
+        }
+        gone
+    }
+
     /// As [`RollupStore::drop_minutes_before`], handing the minutes over.
     pub fn take_minutes_before(
         &mut self,
