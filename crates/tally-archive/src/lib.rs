@@ -47,7 +47,8 @@ pub use manifest::ArchiveFile;
 pub use manifest::fuzzing;
 pub use schema::{events_schema, hive_dir};
 pub use writer::{
-    CompactReport, PUBLISH_INTERVAL, RawConfig, RawWriter, SealReport, merge_parquet,
+    CompactReport, PUBLISH_INTERVAL, RawConfig, RawWriter, SealReport, compaction_groups,
+    merge_parquet,
 };
 
 #[derive(Debug, thiserror::Error)]

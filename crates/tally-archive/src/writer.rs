@@ -915,37 +915,20 @@ async fn compact(
     let mut report = CompactReport::default();
     let grace = Duration::from_millis(cfg.compact_grace_ms);
     report.deleted += bury(shared, manifest, graveyard, grace).await?;
-    // Groups of small files per (tenant, hour); an hour is over once the
-    // tenant has files from a later hour.
     let files: Vec<Arc<ArchiveFile>> = shared.files.read().clone();
-    let mut groups: BTreeMap<(Arc<str>, Millis), Vec<Arc<ArchiveFile>>> = BTreeMap::new();
-    let mut newest: HashMap<Arc<str>, Millis> = HashMap::new();
-    for f in &files {
-        let h = newest.entry(f.tenant.clone()).or_insert(Millis::MIN);
-        *h = (*h).max(f.hour());
-        if f.rows < cfg.compact_rows {
-            groups
-                .entry((f.tenant.clone(), f.hour()))
-                .or_default()
-                .push(f.clone());
-        }
+    fn describe(f: &Arc<ArchiveFile>) -> (&str, Millis, u64) {
+        (&f.tenant, f.hour(), f.rows)
     }
-    for ((tenant, hour), mut group) in groups {
-        let over = newest.get(&tenant).is_some_and(|&n| n > hour);
-        let enough = group.len() >= cfg.compact_files.max(2) || (over && group.len() >= 2);
-        if !enough {
-            continue;
-        }
-        // Oldest first (paths carry the seal's lsn), up to the row limit.
-        group.sort_by(|a, b| a.path.cmp(&b.path));
-        let mut rows = 0;
-        group.retain(|f| {
-            rows += f.rows;
-            rows <= cfg.compact_rows
-        });
-        if group.len() < 2 {
-            continue;
-        }
+    // Oldest first: paths carry the seal's lsn.
+    let groups = compaction_groups(
+        &files,
+        describe,
+        |a, b| a.path.cmp(&b.path),
+        cfg.compact_files,
+        cfg.compact_rows,
+    );
+    for group in groups {
+        let (tenant, hour) = (group[0].tenant.clone(), group[0].hour());
         let mut inputs = Vec::with_capacity(group.len());
         for f in &group {
             let bytes = shared.archive.get(&f.path).await?;
@@ -1006,6 +989,48 @@ async fn compact(
     }
     report.deleted += bury(shared, manifest, graveyard, grace).await?;
     Ok(report)
+}
+
+/// Which files compaction merges: small files (under `compact_rows`
+/// rows) of one (tenant, hour), once there are `compact_files` of them,
+/// or two once the tenant has files of a later hour; each group in
+/// `order`, cut where its rows would pass `compact_rows`. `describe`
+/// answers a file's tenant, hour and rows. Shared by the embedded store's
+/// compaction and Kafka mode's, which keep their listings differently.
+pub fn compaction_groups<'a, F>(
+    files: &'a [F],
+    describe: impl for<'b> Fn(&'b F) -> (&'b str, Millis, u64),
+    order: impl Fn(&F, &F) -> std::cmp::Ordering,
+    compact_files: usize,
+    compact_rows: u64,
+) -> Vec<Vec<&'a F>> {
+    let mut groups: BTreeMap<(&str, Millis), Vec<&F>> = BTreeMap::new();
+    let mut newest: HashMap<&str, Millis> = HashMap::new();
+    for f in files {
+        let (tenant, hour, rows) = describe(f);
+        let n = newest.entry(tenant).or_insert(hour);
+        *n = (*n).max(hour);
+        if rows < compact_rows {
+            groups.entry((tenant, hour)).or_default().push(f);
+        }
+    }
+    let mut out = Vec::new();
+    for ((tenant, hour), mut group) in groups {
+        let over = newest.get(tenant).is_some_and(|&n| n > hour);
+        if !(group.len() >= compact_files.max(2) || (over && group.len() >= 2)) {
+            continue;
+        }
+        group.sort_by(|a, b| order(a, b));
+        let mut rows = 0;
+        group.retain(|f| {
+            rows += describe(f).2;
+            rows <= compact_rows
+        });
+        if group.len() >= 2 {
+            out.push(group);
+        }
+    }
+    out
 }
 
 /// Row groups of the files to merge averaging at least this many rows are

@@ -77,42 +77,29 @@ pub(crate) fn plan(files: &[Listed], sink: &RawSink, now: Millis) -> Plan {
     } else {
         Millis::MIN
     };
-    let mut groups: std::collections::BTreeMap<(&str, Millis), Vec<&Listed>> = Default::default();
-    let mut newest: HashMap<&str, Millis> = HashMap::new();
+    let mut live = Vec::with_capacity(files.len());
     for entry in files {
-        let f = &entry.2;
-        if f.max_ts < expire_before {
-            out.expired.push(f.path.clone());
-            continue;
-        }
-        let hour = align_down(f.min_ts, HOUR_MS);
-        let n = newest.entry(f.tenant.as_str()).or_insert(hour);
-        *n = (*n).max(hour);
-        if f.rows < sink.compact_rows {
-            groups
-                .entry((f.tenant.as_str(), hour))
-                .or_default()
-                .push(entry);
+        if entry.2.max_ts < expire_before {
+            out.expired.push(entry.2.path.clone());
+        } else {
+            live.push(entry);
         }
     }
-    for ((tenant, hour), mut group) in groups {
-        if out.merges.len() >= MERGES_PER_ROUND {
-            break;
-        }
-        let over = newest.get(tenant).is_some_and(|&n| n > hour);
-        if !(group.len() >= sink.compact_files.max(2) || (over && group.len() >= 2)) {
-            continue;
-        }
-        group.sort_by_key(|e| e.0);
-        let mut rows = 0;
-        group.retain(|e| {
-            rows += e.2.rows;
-            rows <= sink.compact_rows
-        });
-        if group.len() >= 2 {
-            out.merges.push(group.into_iter().cloned().collect());
-        }
+    fn describe<'b>(e: &'b &Listed) -> (&'b str, Millis, u64) {
+        (&e.2.tenant, align_down(e.2.min_ts, HOUR_MS), e.2.rows)
     }
+    // In offset order: the merged file is named by the range it covers.
+    out.merges = tally_archive::compaction_groups(
+        &live,
+        describe,
+        |a, b| a.0.cmp(&b.0),
+        sink.compact_files,
+        sink.compact_rows,
+    )
+    .into_iter()
+    .take(MERGES_PER_ROUND)
+    .map(|g| g.into_iter().map(|e| (*e).clone()).collect())
+    .collect();
     out
 }
 
