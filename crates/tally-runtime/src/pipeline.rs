@@ -615,13 +615,7 @@ impl Pipeline {
             );
             raw_tx = Some(tx);
         }
-        let (alert_tx, alert_rx) = std::sync::mpsc::sync_channel::<AlertPush>(64);
-        let sh = shared.clone();
-        let progress = tally_alert::Progress::new(d.alert_grace_ms, d.alert_live_horizon_ms);
-        let alert_thread = std::thread::Builder::new()
-            .name("tally-alert".into())
-            .spawn(move || alert_loop(alert_rx, sh, progress))
-            .map_err(PipelineError::Thread)?;
+        let (alert_tx, alert_thread) = spawn_alerts(&shared)?;
         let sh = shared.clone();
         let interval = checkpoints.then(|| Duration::from_millis(d.checkpoint_interval_ms as u64));
         let proc_thread = std::thread::Builder::new()
@@ -1048,6 +1042,22 @@ type AlertPush = (i64, Instant);
 /// Evaluates alert rules when the processor pushes a watermark that closed
 /// buckets, and every 250 ms for wall-clock progress (a stream that stops);
 /// persists the engine before its notifications go out.
+/// The alert thread (both modes), and the channel that tells it when
+/// event time closed buckets.
+fn spawn_alerts(
+    shared: &Arc<Shared>,
+) -> Result<(std::sync::mpsc::SyncSender<AlertPush>, JoinHandle<()>), PipelineError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<AlertPush>(64);
+    let sh = shared.clone();
+    let d = &shared.durations;
+    let progress = tally_alert::Progress::new(d.alert_grace_ms, d.alert_live_horizon_ms);
+    let thread = std::thread::Builder::new()
+        .name("tally-alert".into())
+        .spawn(move || alert_loop(rx, sh, progress))
+        .map_err(PipelineError::Thread)?;
+    Ok((tx, thread))
+}
+
 fn alert_loop(
     rx: std::sync::mpsc::Receiver<AlertPush>,
     shared: Arc<Shared>,

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::{
     AlertPush, DataDirLock, DlqFile, Pipeline, PipelineError, ProcessorView, Shared, WriteReq,
-    alert_loop, io_err, open_alerts, stream_config,
+    io_err, open_alerts, spawn_alerts, stream_config,
 };
 use crate::config::{Config, KafkaSection};
 use crate::telemetry::Telemetry;
@@ -309,13 +309,7 @@ pub(super) fn start(
         .name("tally-kafka-ingest".into())
         .spawn(move || ingest_loop(rx, node, sh, malformed_sink))
         .map_err(PipelineError::Thread)?;
-    let (alert_tx, alert_rx) = std::sync::mpsc::sync_channel::<AlertPush>(64);
-    let sh = shared.clone();
-    let progress = tally_alert::Progress::new(d.alert_grace_ms, d.alert_live_horizon_ms);
-    let alert_thread = std::thread::Builder::new()
-        .name("tally-alert".into())
-        .spawn(move || alert_loop(alert_rx, sh, progress))
-        .map_err(PipelineError::Thread)?;
+    let (alert_tx, alert_thread) = spawn_alerts(&shared)?;
     let stop = Arc::new(AtomicBool::new(false));
     // Every node lists the late and the malformed events of every
     // partition (the newest `dlq.capacity` per tenant; the topics keep
