@@ -153,6 +153,23 @@ impl KeepDir {
     }
 }
 
+/// Nodes n0, n1 and n2 of one cluster, not started.
+fn three_nodes(dir: &std::path::Path, broker: &Broker, tag: &str) -> Vec<Node> {
+    (0..3)
+        .map(|i| Node::new(&format!("n{i}"), dir, broker.brokers(), tag))
+        .collect()
+}
+
+/// Starts every node with `env` and waits until each is ready.
+async fn start_all(nodes: &mut [Node], c: &reqwest::Client, env: &[(&str, &str)]) {
+    for n in nodes.iter_mut() {
+        n.spawn_with(env);
+    }
+    for n in nodes.iter_mut() {
+        n.wait_ready(c).await;
+    }
+}
+
 fn free_port() -> u16 {
     common::free_port()
 }
@@ -203,37 +220,57 @@ async fn feed(bases: Vec<String>, batches: Arc<Vec<String>>, pending: Arc<Mutex<
 }
 
 async fn exact_on(c: &reqwest::Client, base: &str, want: &common::Expected) -> Result<(), String> {
+    exact_at(c, base, want, "1m").await
+}
+
+/// Every `gran` bucket (`1m` or `1h`) of both tenants on a node equals the
+/// oracle's minutes merged into it: count, distinct users and sum.
+async fn exact_at(
+    c: &reqwest::Client,
+    base: &str,
+    want: &common::Expected,
+    gran: &str,
+) -> Result<(), String> {
+    let step = if gran == "1h" { 3_600_000 } else { 60_000 };
     for tenant in ["tenant0", "tenant1"] {
-        let count = fetch(c, base, tenant, "count", "1m").await;
-        let users = fetch(c, base, tenant, "unique_users", "1m").await;
-        let sum = fetch(c, base, tenant, "sum:duration_ms", "1m").await;
-        let mine: Vec<_> = want
-            .buckets
-            .iter()
-            .filter(|((t, _, _), _)| t == tenant)
-            .collect();
+        let count = fetch(c, base, tenant, "count", gran).await;
+        let users = fetch(c, base, tenant, "unique_users", gran).await;
+        let sum = fetch(c, base, tenant, "sum:duration_ms", gran).await;
+        type Want<'a> = (u64, std::collections::HashSet<&'a str>, f64);
+        let mut mine: std::collections::BTreeMap<(String, String), Want<'_>> = Default::default();
+        for ((t, m, ty), b) in &want.buckets {
+            if t != tenant {
+                continue;
+            }
+            let k = (
+                ty.clone(),
+                fmt_bucket(tally_types::time::align_down(*m, step)),
+            );
+            let e = mine.entry(k).or_default();
+            e.0 += b.count;
+            e.1.extend(b.users.iter().map(String::as_str));
+            e.2 += b
+                .props
+                .get("duration_ms")
+                .map_or(0.0, |v| v.iter().sum::<f64>());
+        }
         let got_total: f64 = count.values().sum();
-        let want_total: u64 = mine.iter().map(|(_, b)| b.count).sum();
+        let want_total: u64 = mine.values().map(|w| w.0).sum();
         if got_total as u64 != want_total {
             return Err(format!(
                 "{base} {tenant}: total {got_total} != {want_total}"
             ));
         }
-        for ((_, m, ty), b) in mine {
-            let k = (ty.clone(), fmt_bucket(*m));
-            let n = count.get(&k).copied().unwrap_or(0.0);
-            if n as u64 != b.count {
-                return Err(format!("{base} {tenant} {k:?}: count {n} != {}", b.count));
+        for (k, (n, u, s)) in &mine {
+            let got = count.get(k).copied().unwrap_or(0.0);
+            if got as u64 != *n {
+                return Err(format!("{base} {tenant} {k:?}: count {got} != {n}"));
             }
-            let u = users.get(&k).copied().unwrap_or(0.0);
-            if u as usize != b.users.len() {
-                return Err(format!(
-                    "{base} {tenant} {k:?}: users {u} != {}",
-                    b.users.len()
-                ));
+            let got = users.get(k).copied().unwrap_or(0.0);
+            if got as usize != u.len() {
+                return Err(format!("{base} {tenant} {k:?}: users {got} != {}", u.len()));
             }
-            let s: f64 = b.props.get("duration_ms").map_or(0.0, |v| v.iter().sum());
-            let got = sum.get(&k).copied().unwrap_or(0.0);
+            let got = sum.get(k).copied().unwrap_or(0.0);
             if (got - s).abs() > 1e-6 * s.abs().max(1.0) {
                 return Err(format!("{base} {tenant} {k:?}: sum {got} != {s}"));
             }
@@ -251,16 +288,9 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
     }
     let tmp = scopeguard_keep(tmp);
     let tag = format!("k{}", std::process::id());
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node::new(&format!("n{i}"), tmp.path(), broker.brokers(), &tag))
-        .collect();
     let c = reqwest::Client::new();
-    for n in &mut nodes {
-        n.spawn();
-    }
-    for n in &mut nodes {
-        n.wait_ready(&c).await;
-    }
+    let mut nodes = three_nodes(tmp.path(), &broker, &tag);
+    start_all(&mut nodes, &c, &[]).await;
 
     let seed = 7;
     let mut g = Generator::new(GenConfig {
@@ -822,9 +852,7 @@ async fn three_nodes_page_once_per_episode_through_a_leader_kill() {
     let tmp = tempfile::tempdir().expect("tmp");
     let tmp = scopeguard_keep(tmp);
     let tag = format!("a{}", std::process::id());
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node::new(&format!("n{i}"), tmp.path(), broker.brokers(), &tag))
-        .collect();
+    let mut nodes = three_nodes(tmp.path(), &broker, &tag);
     let env = [
         ("TALLY__STREAM__WATERMARK_BOUND", "5s"),
         ("TALLY__ALERTS__BACKOFF", "100ms"),
@@ -833,12 +861,7 @@ async fn three_nodes_page_once_per_episode_through_a_leader_kill() {
         .timeout(Duration::from_secs(20))
         .build()
         .expect("client");
-    for n in &mut nodes {
-        n.spawn_with(&env);
-    }
-    for n in &mut nodes {
-        n.wait_ready(&c).await;
-    }
+    start_all(&mut nodes, &c, &env).await;
     let hook = common::Hook::start(0).await;
     let rule = serde_json::json!({"name": "error-spike", "metric": "count",
         "event_type": ["error"], "granularity": "1m",
@@ -956,51 +979,6 @@ async fn three_nodes_page_once_per_episode_through_a_leader_kill() {
     }
 }
 
-/// Hour totals of every tenant, as a node answers them: (type, hour) →
-/// (count, sum of duration_ms).
-async fn exact_hours_on(
-    c: &reqwest::Client,
-    base: &str,
-    want: &common::Expected,
-) -> Result<(), String> {
-    for tenant in ["tenant0", "tenant1"] {
-        let count = fetch(c, base, tenant, "count", "1h").await;
-        let sum = fetch(c, base, tenant, "sum:duration_ms", "1h").await;
-        let mut hours: std::collections::BTreeMap<(String, String), (u64, f64)> =
-            Default::default();
-        for ((t, m, ty), b) in &want.buckets {
-            if t != tenant {
-                continue;
-            }
-            let h = tally_types::time::align_down(*m, 3_600_000);
-            let e = hours.entry((ty.clone(), fmt_bucket(h))).or_default();
-            e.0 += b.count;
-            e.1 += b
-                .props
-                .get("duration_ms")
-                .map_or(0.0, |v| v.iter().sum::<f64>());
-        }
-        if count.len() != hours.len() {
-            return Err(format!(
-                "{base} {tenant}: {} hour buckets, want {}",
-                count.len(),
-                hours.len()
-            ));
-        }
-        for (k, (n, s)) in &hours {
-            let got = count.get(k).copied().unwrap_or(0.0);
-            if got as u64 != *n {
-                return Err(format!("{base} {tenant} {k:?}: count {got} != {n}"));
-            }
-            let got = sum.get(k).copied().unwrap_or(0.0);
-            if (got - s).abs() > 1e-6 * s.abs().max(1.0) {
-                return Err(format!("{base} {tenant} {k:?}: sum {got} != {s}"));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Rollup retention through failures: traffic weeks old (every minute of
 /// it behind the partitions' cuts, so counted as deltas) fed over HTTP to three nodes while they are killed with
 /// SIGKILL and restarted; every node folds the minutes into hours and
@@ -1011,16 +989,9 @@ async fn three_nodes_fold_old_minutes_into_exact_hours_through_kill_9() {
     let tmp = tempfile::tempdir().expect("tmp");
     let tag = format!("f{}", std::process::id());
     let retention = [("TALLY__RETENTION__MINUTE_ROLLUPS", "7d")];
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node::new(&format!("n{i}"), tmp.path(), broker.brokers(), &tag))
-        .collect();
     let c = reqwest::Client::new();
-    for n in &mut nodes {
-        n.spawn_with(&retention);
-    }
-    for n in &mut nodes {
-        n.wait_ready(&c).await;
-    }
+    let mut nodes = three_nodes(tmp.path(), &broker, &tag);
+    start_all(&mut nodes, &c, &retention).await;
     // Straddling an hour; dense in event time, so a batch sent again late
     // after a kill is not behind the allowed lateness (as in the test
     // above).
@@ -1059,7 +1030,7 @@ async fn three_nodes_fold_old_minutes_into_exact_hours_through_kill_9() {
     let deadline = Instant::now() + Duration::from_secs(120);
     for n in &nodes {
         loop {
-            match exact_hours_on(&c, &n.base(), &want).await {
+            match exact_at(&c, &n.base(), &want, "1h").await {
                 Ok(()) => break,
                 Err(e) if Instant::now() > deadline => {
                     let st = get(&c, format!("{}/api/v1/status", n.base())).await;
