@@ -43,6 +43,8 @@ struct PartView {
 #[derive(Default)]
 struct Inner {
     parts: HashMap<u32, PartView>,
+    /// The store's fold horizon as this view last moved it.
+    folded_to: Option<Millis>,
     /// Records applied, and records skipped as unreadable.
     applied: u64,
     unreadable: u64,
@@ -327,6 +329,21 @@ impl Materialized {
                         f(r);
                     }
                 }
+                // Every partition writes whole minutes only from its cut
+                // on: behind the lowest cut (less an hour, for clocks that
+                // disagree) no whole value can come any more, so those
+                // minutes fold into hours, here as on every node.
+                let fold = inner
+                    .parts
+                    .values()
+                    .filter_map(|v| v.state.as_ref().map(|s| s.cut))
+                    .min()
+                    .map_or(Millis::MIN, |lowest| lowest.saturating_sub(HOUR_MS));
+                if pending.is_empty() && fold <= inner.folded_to.unwrap_or(Millis::MIN) {
+                    // Most states: nothing for the store.
+                    self.changed.notify_all();
+                    return Ok(());
+                }
                 let mut store = self.store.write();
                 let (folded_to, hours_from) = (store.downsampled_to(), store.hours_from());
                 for (k, agg, delta) in pending {
@@ -357,19 +374,10 @@ impl Materialized {
                     }
                     store.set_agg(&k.0, k.1, &k.2, merged);
                 }
-                // Every partition writes whole minutes only from its cut
-                // on: behind the lowest cut (less an hour, for clocks that
-                // disagree) no whole value can come any more, so those
-                // minutes fold into hours, here as on every node.
-                let fold = inner
-                    .parts
-                    .values()
-                    .filter_map(|v| v.state.as_ref().map(|s| s.cut))
-                    .min()
-                    .map_or(Millis::MIN, |lowest| lowest.saturating_sub(HOUR_MS));
                 if fold > store.downsampled_to() {
                     store.downsample(fold);
                     let horizon = store.downsampled_to();
+                    inner.folded_to = Some(horizon);
                     for v in inner.parts.values_mut() {
                         v.values.retain(|k, _| k.1 >= horizon);
                     }

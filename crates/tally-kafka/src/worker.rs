@@ -206,7 +206,7 @@ struct Part {
     /// the record saying how it went.
     replayed: Vec<(String, String)>,
     /// The events of the correction message being applied.
-    pending_replays: Vec<(String, Millis, String, String)>,
+    pending_replays: Vec<(String, String)>,
     /// Final minutes evicted at a commit (the commit's next offset, and
     /// their buckets), kept until the view has applied that commit: a
     /// backfill or a correction that reopens one adds to this value, which
@@ -320,45 +320,34 @@ impl Part {
     /// no longer holds is loaded with its published value (evicted here
     /// and not yet in the view, else the view's), so the value published
     /// next holds the old events and the new ones.
-    fn reopen(
-        &mut self,
-        view: &Materialized,
-        payload: &[u8],
-    ) -> Vec<(String, Millis, String, String)> {
-        let events = tally_types::BatchReader::new(payload)
-            .map(|r| {
-                r.filter_map(Result::ok)
-                    .map(|e| {
-                        (
-                            e.tenant.to_string(),
-                            align_down(e.ts, MINUTE_MS),
-                            e.event_type.to_string(),
-                            e.event_id.to_string(),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
+    fn reopen(&mut self, view: &Materialized, payload: &[u8]) {
+        let Ok(events) = tally_types::BatchReader::new(payload) else {
+            return;
+        };
+        let mut seen = std::collections::HashSet::new();
         let mut st = self.proc.store().write();
-        for (t, m, ty, _) in &events {
+        for e in events.filter_map(Result::ok) {
+            let m = align_down(e.ts, MINUTE_MS);
             // Behind the cut a bucket starts empty: it is published as a
             // delta to what readers hold.
-            if *m < self.cut || st.agg(t, *m, ty).is_some() {
+            if m < self.cut
+                || !seen.insert((e.tenant, m, e.event_type))
+                || st.agg(e.tenant, m, e.event_type).is_some()
+            {
                 continue;
             }
-            let k: BucketKey = (t.as_str().into(), *m, ty.as_str().into());
+            let k: BucketKey = (e.tenant.into(), m, e.event_type.into());
             let published = self
                 .evicted
                 .iter()
                 .rev()
                 .find_map(|(_, b)| b.get(&k).cloned())
-                .or_else(|| view.value_of(self.id, t, *m, ty));
+                .or_else(|| view.value_of(self.id, e.tenant, m, e.event_type));
             if let Some(a) = published {
-                st.set_agg(t, *m, ty, a);
+                st.set_agg(e.tenant, m, e.event_type, a);
             }
         }
         st.commit();
-        events
     }
 
     /// The cut for a commit at wall time `now`: the start of the hour
@@ -776,9 +765,15 @@ impl Session<'_> {
                 // The buckets a correction or a backfill changes may be
                 // final, so gone from the processor's store: back first,
                 // or the published value would hold the new events alone.
-                let events = part.reopen(self.view, &payload);
+                part.reopen(self.view, &payload);
                 if correction {
-                    part.pending_replays = events;
+                    part.pending_replays = tally_types::BatchReader::new(&payload)
+                        .map(|r| {
+                            r.filter_map(Result::ok)
+                                .map(|e| (e.tenant.to_string(), e.event_id.to_string()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
                 }
             }
             let rec = RecordRef {
@@ -802,7 +797,7 @@ impl Session<'_> {
                 })?;
                 // The late topic learns how each replayed event went (the
                 // replay request sends one event per message).
-                for (t, _, _, event_id) in std::mem::take(&mut part.pending_replays) {
+                for (t, event_id) in std::mem::take(&mut part.pending_replays) {
                     let key = format!("{t}/{:032x}", tally_types::dedupe_key(&t, &event_id));
                     let value = codec::replayed_value(&t, &event_id, applied.replayed > 0);
                     part.replayed.push((key, value));
