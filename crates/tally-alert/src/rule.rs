@@ -184,6 +184,10 @@ pub struct Rule {
     /// A ratio: the metric divided by this one without the filters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over: Option<String>,
+    /// `where` filters on dimensions other than the event type, as
+    /// (dimension, value); values of one dimension are any-of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<(String, String)>,
 }
 
 impl Rule {
@@ -250,6 +254,11 @@ impl Rule {
             "created_at": format_rfc3339(self.created_at),
             "window": self.window_ms.map(human),
             "over": self.over,
+            "where": self
+                .filters
+                .iter()
+                .map(|(d, v)| format!("{d}:{v}"))
+                .collect::<Vec<_>>(),
         })
     }
 
@@ -264,6 +273,27 @@ impl Rule {
             && self.resolve_after_ms == o.resolve_after_ms
             && self.window_ms == o.window_ms
             && self.over == o.over
+            && self.filters == o.filters
+    }
+
+    /// The metrics query that gives this rule's values over `[start, end)`.
+    pub fn query(&self, start: Millis, end: Millis) -> tally_store::MetricQuery {
+        let mut q = tally_store::MetricQuery {
+            tenant: self.tenant.clone(),
+            metric: self.metric(),
+            start,
+            end,
+            granularity: Granularity::parse(&self.granularity).unwrap_or(Granularity::M1),
+            event_types: self.event_type.clone(),
+            group_by: Vec::new(),
+            filters: Vec::new(),
+            window: self.window_ms,
+            over: self.over_metric(),
+        };
+        for (d, v) in &self.filters {
+            q.add_filter(d, v);
+        }
+        q
     }
 }
 
@@ -396,8 +426,20 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
             ));
         }
     };
+    let mut filters = Vec::new();
     for w in wheres {
-        event_type.push(tally_store::parse_where(&w).map_err(|e| err("where", e))?);
+        let (d, v) = tally_store::parse_where(&w).map_err(|e| err("where", e))?;
+        if d == "event_type" {
+            event_type.push(v);
+        } else {
+            filters.push((d, v));
+        }
+    }
+    if is_node_metric(&metric) && !filters.is_empty() {
+        return Err(err(
+            "where",
+            format!("{metric} is a node metric, not one of events: leave where out"),
+        ));
     }
     if let Some(g) = string(obj, "group_by")?.filter(|g| !g.trim().is_empty()) {
         return Err(err(
@@ -496,6 +538,7 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
         created_at: now,
         window_ms,
         over,
+        filters,
     })
 }
 

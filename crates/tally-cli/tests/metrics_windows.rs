@@ -168,12 +168,12 @@ async fn windows_filters_and_ratios_match_an_independent_computation() {
     // What cannot be answered says why and what would be.
     for (q, names) in [
         (
-            "metric=count&group_by=country",
-            &["group_by", "country", "event_type"][..],
+            "metric=count&group_by=plan",
+            &["group_by", "plan", "event_type, country, device, page"][..],
         ),
         (
-            "metric=count&where=country:US",
-            &["where", "country", "event_type"][..],
+            "metric=count&where=plan:pro",
+            &["where", "plan", "event_type, country, device, page"][..],
         ),
         (
             "metric=count&where=event_type",

@@ -10,7 +10,13 @@
 //! ```text
 //! key:   01 'A' | u32 source partition | i64 minute (ms since epoch) | str tenant | str event type
 //! value: 01 | u64 count | HLL users | HLL sessions | u32 n | n × (str property | numeric aggregate)
+//!           [| u32 m | m × (str combination | aggregate without combinations)]
 //! ```
+//!
+//! The combinations (added within version 1, flagged by bit 31 of `n`;
+//! absent: none) are the same aggregate split by the tenant's declared
+//! dimensions, one per combination of values that occurred, keyed
+//! `name=value` pairs joined by `\x1f` (`tally_store::dims`), sorted.
 //!
 //! The value is the whole aggregate (`tally_store::Agg::encode`), never a
 //! delta: a reader keeps the last value per key, and the total of a

@@ -269,6 +269,14 @@ impl QueryEngine {
             _ => events,
         };
         ctx.register_table("events", events).map_err(df)?;
+        let dims: Vec<String> = self
+            .store
+            .read()
+            .dimensions()
+            .of(tenant)
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
         for (name, step) in ROLLUP_TABLES {
             ctx.register_table(
                 name,
@@ -276,6 +284,7 @@ impl QueryEngine {
                     store: self.store.clone(),
                     tenant: tenant.to_string(),
                     step,
+                    dims: dims.clone(),
                 }),
             )
             .map_err(df)?;

@@ -187,34 +187,46 @@ fn literal_ms(e: &Expr) -> Option<Millis> {
     }
 }
 
-/// Schema of `rollups_1m` and `rollups_1h`.
-pub(crate) fn rollups_schema() -> SchemaRef {
+/// Schema of `rollups_1m` and `rollups_1h`: one nullable text column per
+/// declared dimension of the tenant, after `event_type`.
+pub(crate) fn rollups_schema(dims: &[String]) -> SchemaRef {
     let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("tenant", DataType::Utf8, false),
         Field::new("bucket", ts, false),
         Field::new("event_type", DataType::Utf8, false),
+    ];
+    for d in dims {
+        fields.push(Field::new(d, DataType::Utf8, true));
+    }
+    fields.extend([
         Field::new("count", DataType::UInt64, false),
         Field::new("unique_users", DataType::UInt64, false),
         Field::new("unique_sessions", DataType::UInt64, false),
         Field::new("properties", DataType::Utf8, false),
-    ]))
+    ]);
+    Arc::new(Schema::new(fields))
 }
 
 /// `rollups_1m` / `rollups_1h`: the rollup store of one tenant, one row per
-/// (bucket, event type). `properties` holds, per numeric property, a JSON
+/// (bucket, event type, combination of the tenant's dimension values),
+/// a dimension's column null where its events had no value. `count` and
+/// the property sums add up over rows; `unique_*` and percentiles are of
+/// the row's own events. `properties` holds, per numeric property, a JSON
 /// object with count, sum, min, max, avg, p50, p90, p95, p99.
 #[derive(Debug)]
 pub(crate) struct RollupsTable {
     pub(crate) store: Arc<RwLock<RollupStore>>,
     pub(crate) tenant: String,
     pub(crate) step: Millis,
+    /// The tenant's declared dimensions (columns).
+    pub(crate) dims: Vec<String>,
 }
 
 #[async_trait]
 impl TableProvider for RollupsTable {
     fn schema(&self) -> SchemaRef {
-        rollups_schema()
+        rollups_schema(&self.dims)
     }
 
     fn table_type(&self) -> TableType {
@@ -242,42 +254,64 @@ impl TableProvider for RollupsTable {
             align_down(from, self.step)
         };
         let batch = self.build(from, to)?;
-        let schema = rollups_schema();
+        let schema = rollups_schema(&self.dims);
         MemorySourceConfig::try_new_exec(&[vec![batch]], schema, projection.cloned())
             .map(|e| e as Arc<dyn ExecutionPlan>)
     }
 }
 
+/// A row of a rollup table: bucket, event type, value per dimension.
+type RowKey = (Millis, String, Vec<Option<String>>);
+
 impl RollupsTable {
     fn build(&self, from: Millis, to: Millis) -> Result<RecordBatch> {
         // Merge minutes into buckets of `step` (a no-op for 1m).
-        let mut buckets: std::collections::BTreeMap<(Millis, String), Agg> = Default::default();
+        let mut rows: std::collections::BTreeMap<RowKey, Agg> = Default::default();
         {
             let store = self.store.read();
+            let mut add = |key: RowKey, agg: &Agg| match rows.get_mut(&key) {
+                Some(a) => a.merge_flat(agg),
+                None => {
+                    let mut a = agg.clone();
+                    a.by.clear();
+                    rows.insert(key, a);
+                }
+            };
             for (m, b) in store.tenant_buckets(&self.tenant, from, to, self.step) {
                 let bucket = align_down(m, self.step);
                 for (t, agg) in &b.types {
-                    match buckets.get_mut(&(bucket, t.to_string())) {
-                        Some(a) => a.merge(agg),
-                        None => {
-                            buckets.insert((bucket, t.to_string()), agg.clone());
-                        }
+                    if self.dims.is_empty() || agg.by.is_empty() {
+                        add((bucket, t.to_string(), vec![None; self.dims.len()]), agg);
+                        continue;
+                    }
+                    for (combo, sub) in &agg.by {
+                        let vals = self
+                            .dims
+                            .iter()
+                            .map(|d| tally_store::dims::value_of(combo, d).map(String::from))
+                            .collect();
+                        add((bucket, t.to_string(), vals), sub);
                     }
                 }
             }
         }
-        let n = buckets.len();
+        let n = rows.len();
         let mut tenant = StringBuilder::with_capacity(n, n * self.tenant.len());
         let mut bucket = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
         let mut et = StringBuilder::new();
+        let mut dim_cols: Vec<StringBuilder> =
+            self.dims.iter().map(|_| StringBuilder::new()).collect();
         let mut count = UInt64Builder::with_capacity(n);
         let mut users = UInt64Builder::with_capacity(n);
         let mut sessions = UInt64Builder::with_capacity(n);
         let mut props = StringBuilder::new();
-        for ((b, t), a) in &buckets {
+        for ((b, t, vals), a) in &rows {
             tenant.append_value(&self.tenant);
             bucket.append_value(*b);
             et.append_value(t);
+            for (col, v) in dim_cols.iter_mut().zip(vals) {
+                col.append_option(v.as_deref());
+            }
             count.append_value(a.count);
             users.append_value(a.users.estimate());
             sessions.append_value(a.sessions.estimate());
@@ -299,16 +333,21 @@ impl RollupsTable {
             }
             props.append_value(serde_json::Value::Object(obj).to_string());
         }
-        let cols: Vec<ArrayRef> = vec![
+        let mut cols: Vec<ArrayRef> = vec![
             Arc::new(tenant.finish()),
             Arc::new(bucket.finish()),
             Arc::new(et.finish()),
-            Arc::new(count.finish()),
+        ];
+        for mut c in dim_cols {
+            cols.push(Arc::new(c.finish()));
+        }
+        cols.extend([
+            Arc::new(count.finish()) as ArrayRef,
             Arc::new(users.finish()),
             Arc::new(sessions.finish()),
             Arc::new(props.finish()),
-        ];
-        Ok(RecordBatch::try_new(rollups_schema(), cols)?)
+        ]);
+        Ok(RecordBatch::try_new(rollups_schema(&self.dims), cols)?)
     }
 }
 

@@ -28,6 +28,8 @@ pub enum ConfigError {
     Key { index: usize, msg: String },
     #[error("config: {0}")]
     Schema(String),
+    #[error("config: {0}")]
+    Dimensions(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +61,84 @@ pub struct Config {
     /// another type; undeclared properties are kept as sent; SQL shows each
     /// declared property as a typed column of `events`.
     pub schemas: Schemas,
+    /// Properties the rollups are split by (breakdowns and filters of the
+    /// metrics API and alerts).
+    pub dimensions: DimensionsSection,
+}
+
+/// Declared dimensions: `default` for every tenant, `[dimensions.tenants]`
+/// a list of its own per named tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DimensionsSection {
+    /// Dimensions of every tenant without a list of its own (a list, or a
+    /// comma-separated text from the environment).
+    #[serde(deserialize_with = "names")]
+    pub default: Vec<String>,
+    /// Per-tenant lists: `acme = ["plan", "country"]`.
+    pub tenants: std::collections::BTreeMap<String, Names>,
+    /// Distinct values kept per dimension, tenant and minute; later new
+    /// values are counted under `__other__`.
+    pub max_values: usize,
+    /// Longer values are counted under `__other__`.
+    pub max_value_bytes: usize,
+}
+
+/// A list of names: a TOML array, or one comma-separated text.
+#[derive(Debug, Clone, Default)]
+pub struct Names(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Names {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        names(d).map(Names)
+    }
+}
+
+fn names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Text(t) => t
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+            .collect(),
+    })
+}
+
+impl Default for DimensionsSection {
+    fn default() -> Self {
+        DimensionsSection {
+            default: vec!["country".into(), "device".into(), "page".into()],
+            tenants: Default::default(),
+            max_values: 1000,
+            max_value_bytes: 256,
+        }
+    }
+}
+
+impl DimensionsSection {
+    /// The checked declaration the rollup store takes.
+    pub fn build(&self) -> Result<tally_store::Dimensions, ConfigError> {
+        let tenants: Vec<(String, Vec<String>)> = self
+            .tenants
+            .iter()
+            .map(|(t, n)| (t.clone(), n.0.clone()))
+            .collect();
+        tally_store::Dimensions::new(
+            &self.default,
+            &tenants,
+            self.max_values,
+            self.max_value_bytes,
+        )
+        .map_err(|e| ConfigError::Dimensions(e.0))
+    }
 }
 
 /// API keys. With none configured the server runs in open mode (the
@@ -616,6 +696,7 @@ impl Default for Config {
             privacy: PrivacySection::default(),
             kafka: None,
             schemas: Schemas::new(),
+            dimensions: DimensionsSection::default(),
         }
     }
 }
@@ -669,7 +750,7 @@ fn map_section(path: &[String]) -> bool {
         [k, c] if k == "kafka" && c == "client" => true,
         [s] => s == "schemas",
         [s, _] if s == "schemas" => true,
-        [q, t] => q == "quotas" && t == "tenants",
+        [q, t] => (q == "quotas" || q == "dimensions") && t == "tenants",
         _ => false,
     }
 }
@@ -777,6 +858,7 @@ impl Config {
         cfg.target_policy()?;
         cfg.check_schemas()?;
         cfg.check_privacy()?;
+        cfg.dimensions.build()?;
         crate::keys::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
     }

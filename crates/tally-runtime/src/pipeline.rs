@@ -1153,17 +1153,7 @@ impl tally_alert::Source for StoreSource<'_> {
                 k.node_metric(&r.metric, from, to, granularity.ms())
             });
         }
-        let q = tally_store::MetricQuery {
-            tenant: r.tenant.clone(),
-            metric: r.metric(),
-            start: from,
-            end: to,
-            granularity,
-            event_types: r.event_type.clone(),
-            group_by_event_type: false,
-            window: r.window_ms,
-            over: r.over_metric(),
-        };
+        let q = r.query(from, to);
         self.0
             .read()
             .query(&q)
@@ -1230,6 +1220,7 @@ pub fn stream_config(cfg: &Config) -> Result<StreamConfig, PipelineError> {
         watermark_bound_ms: d.watermark_bound_ms,
         idle_timeout_ms: d.idle_timeout_ms,
         allowed_lateness_ms: d.allowed_lateness_ms,
+        dimensions: cfg.dimensions.build()?,
     })
 }
 

@@ -164,6 +164,8 @@ pub struct Snapshot {
     pub dlq_malformed_held: usize,
     pub dlq_late_held: usize,
     pub rollup_buckets: usize,
+    /// Dimension values folded into `__other__` by the cardinality cap.
+    pub dimension_values_folded: u64,
     pub dedupe_entries: usize,
     pub log_bytes: u64,
     pub ready: bool,
@@ -374,6 +376,12 @@ impl Telemetry {
             "tally_rollup_buckets",
             "Tenant-minute rollup buckets held in memory.",
             s.rollup_buckets as f64,
+        );
+        counter(
+            &mut o,
+            "tally_dimension_values_folded_total",
+            "Dimension values counted under __other__ because their tenant-minute already held dimensions.max-values distinct values of that dimension, or they were longer than dimensions.max-value-bytes.",
+            s.dimension_values_folded,
         );
         gauge(
             &mut o,

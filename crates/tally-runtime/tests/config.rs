@@ -279,6 +279,47 @@ fn kafka_section_from_toml_and_environment() {
     );
 }
 
+#[test]
+fn dimensions_from_toml_and_environment() {
+    let cfg = tally_runtime::Config::load_with_env(None, Vec::new()).unwrap();
+    let d = cfg.dimensions.build().unwrap();
+    assert_eq!(d.describe("any"), "event_type, country, device, page");
+    let env = vec![
+        (
+            "TALLY__DIMENSIONS__DEFAULT".to_string(),
+            "plan, region".to_string(),
+        ),
+        (
+            "TALLY__DIMENSIONS__TENANTS__ACME_CO".to_string(),
+            r#"["tier"]"#.to_string(),
+        ),
+        (
+            "TALLY__DIMENSIONS__MAX_VALUES".to_string(),
+            "50".to_string(),
+        ),
+    ];
+    let cfg = tally_runtime::Config::load_with_env(None, env).unwrap();
+    let d = cfg.dimensions.build().unwrap();
+    assert_eq!(d.describe("x"), "event_type, plan, region");
+    assert_eq!(d.describe("acme_co"), "event_type, tier");
+    assert_eq!(d.max_values, 50);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.toml");
+    std::fs::write(&f, "[dimensions.tenants]\nacme = [\"country\", \"a=b\"]\n").unwrap();
+    let e = tally_runtime::Config::load_with_env(Some(&f), Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("dimensions.tenants.acme") && e.contains("a=b"),
+        "{e}"
+    );
+    std::fs::write(&f, "[dimensions]\nmax-values = 0\n").unwrap();
+    let e = tally_runtime::Config::load_with_env(Some(&f), Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dimensions.max-values"), "{e}");
+}
+
 /// The crate's directory: cargo's at run time (a test executable reused
 /// from a shared target dir may have been built from another checkout),
 /// else where it was built.

@@ -217,6 +217,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dlq_late_held: dlq.held(DlqKind::Late),
         dlq_late_full_tenants: dlq.late_full_tenants().len(),
         rollup_buckets: s.shared.store.read().bucket_count(),
+        dimension_values_folded: s.shared.store.read().values_folded(),
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
         ready: s.shared.ready.load(Relaxed),
@@ -584,7 +585,7 @@ async fn metrics(
     let start = time_param(&pairs, "start")?.unwrap_or(end - HOUR_MS);
     // "Until now" is a new range on every call: not worth a cache entry.
     let cache = end_param.is_some().then_some(&*s.metrics_cache);
-    let mut event_types: Vec<String> = pairs
+    let event_types: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| k == "event_type")
         .flat_map(|(_, v)| {
@@ -595,27 +596,23 @@ async fn metrics(
         })
         .collect();
     // `where=<dimension>:<value>`, repeatable: values of one dimension are
-    // any-of. The declared dimensions are the event type.
+    // any-of, different dimensions all-of (the store checks they are declared).
+    let mut wheres = Vec::new();
     for (_, w) in pairs.iter().filter(|(k, _)| k == "where") {
-        let t =
-            tally_store::parse_where(w).map_err(|e| ApiError::BadRequest(format!("where: {e}")))?;
-        event_types.push(t);
+        wheres.push(
+            tally_store::parse_where(w).map_err(|e| ApiError::BadRequest(format!("where: {e}")))?,
+        );
     }
-    let mut group_by = false;
-    for g in one(&pairs, "group_by")
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|g| !g.is_empty())
-    {
-        if g != tally_store::DIMENSIONS {
-            return Err(ApiError::BadRequest(format!(
-                "group_by: {g:?} is not a declared dimension; the declared dimensions are: {}",
-                tally_store::DIMENSIONS
-            )));
-        }
-        group_by = true;
-    }
+    let group_by: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "group_by")
+        .flat_map(|(_, v)| tally_store::parse_group_by(v))
+        .fold(Vec::new(), |mut acc, g| {
+            if !acc.contains(&g) {
+                acc.push(g);
+            }
+            acc
+        });
     let window = match one(&pairs, "window") {
         None | Some("") => None,
         Some(w) => Some(
@@ -636,23 +633,29 @@ async fn metrics(
             ))
         })?),
     };
-    let query = MetricQuery {
+    let mut query = MetricQuery {
         tenant: caller.tenant(&pairs)?,
         metric,
         start,
         end,
         granularity,
         event_types,
-        group_by_event_type: group_by,
+        group_by,
+        filters: Vec::new(),
         window,
         over,
     };
+    for (d, v) in &wheres {
+        query.add_filter(d, v);
+    }
     let tel = &s.shared.telemetry;
     let key = format!(
-        "{}\0{metric_s}\0{}\0{start}\0{end}\0{}\0{group_by}\0{window:?}\0{}",
+        "{}\0{metric_s}\0{}\0{start}\0{end}\0{}\0{}\0{:?}\0{window:?}\0{}",
         query.tenant,
         granularity.as_str(),
-        query.event_types.join("\0"),
+        query.event_types.join("\x1f"),
+        query.group_by.join(","),
+        query.filters,
         one(&pairs, "over").unwrap_or("")
     );
     let store = s.shared.store.read();
@@ -673,10 +676,11 @@ async fn metrics(
     let series: Vec<Json> = series
         .into_iter()
         .map(|ser| {
-            let labels = match ser.event_type {
-                Some(t) => json!({ "event_type": t }),
-                None => json!({}),
-            };
+            let labels: serde_json::Map<String, Json> = ser
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k, v.map_or(Json::Null, Json::String)))
+                .collect();
             let points: Vec<Json> = ser
                 .points
                 .into_iter()

@@ -104,6 +104,7 @@ pub(crate) async fn create(
             ),
         ));
     }
+    check_dimensions(&s, &tenant, &body)?;
     let now = s.shared.clock.now_ms();
     let closed = s.shared.alert_closed.lock().get(&*tenant).copied();
     let (answer, created, changes) = {
@@ -120,6 +121,51 @@ pub(crate) async fn create(
         StatusCode::OK
     };
     Ok((code, axum::Json(answer)).into_response())
+}
+
+/// A rule's `where` and `group_by` name dimensions the tenant declared
+/// (as on the metrics API); the rule's own parser checks the rest.
+fn check_dimensions(s: &AppState, tenant: &str, body: &Json) -> Result<(), ApiError> {
+    let store = s.shared.store.read();
+    let dims = store.dimensions();
+    let texts = |v: Option<&Json>| -> Vec<String> {
+        match v {
+            Some(Json::String(x)) => vec![x.clone()],
+            Some(Json::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    for w in texts(body.get("where")) {
+        if let Ok((d, _)) = tally_store::parse_where(&w)
+            && !dims.declares(tenant, &d)
+        {
+            return Err(ApiError::Field(
+                "where".into(),
+                format!(
+                    "{d:?} is not a declared dimension; the declared dimensions are: {} (declare more under [dimensions] in the config)",
+                    dims.describe(tenant)
+                ),
+            ));
+        }
+    }
+    for g in texts(body.get("group_by"))
+        .iter()
+        .flat_map(|g| tally_store::parse_group_by(g))
+    {
+        if !dims.declares(tenant, &g) {
+            return Err(ApiError::Field(
+                "group_by".into(),
+                format!(
+                    "{g:?} is not a declared dimension; the declared dimensions are: {} (declare more under [dimensions] in the config)",
+                    dims.describe(tenant)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `GET /api/v1/alerts`: the tenant's rules with their states.

@@ -2,11 +2,13 @@
 //! the metrics query (the dashboard hot path).
 
 pub mod cache;
+pub mod dims;
 pub mod rollup;
 pub mod sketch;
 
 pub use cache::MetricsCache;
+pub use dims::Dimensions;
 pub use rollup::{
-    Agg, DIMENSIONS, Downsampled, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg,
-    QueryError, RollupStore, Series, Value, parse_where,
+    Agg, DimAggs, Downsampled, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError,
+    RollupStore, Series, Value, parse_group_by, parse_where,
 };

@@ -19,6 +19,7 @@ use tally_types::bin::{Dec, DecodeError, Enc};
 use tally_types::time::{DAY_MS, HOUR_MS, MINUTE_MS, Millis, align_down};
 use tally_types::{EventView, stable_hash};
 
+use crate::dims::{self, Dimensions, MAX_DIMS, OTHER};
 use crate::sketch::{DdSketch, ExactSum, Hll};
 
 /// Aggregates of one numeric property.
@@ -68,6 +69,9 @@ impl NumAgg {
     }
 }
 
+/// Aggregates per combination of dimension values (see [`crate::dims`]).
+pub type DimAggs = hashbrown::HashMap<Box<str>, Agg>;
+
 /// Everything kept for one (tenant, minute, event type).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Agg {
@@ -76,17 +80,30 @@ pub struct Agg {
     pub sessions: Hll,
     /// Numeric properties, in first-seen order (few per event type).
     pub props: Vec<(Box<str>, NumAgg)>,
+    /// The same aggregates split by the tenant's dimensions: one per
+    /// combination of values that occurred (empty when the tenant declares
+    /// none). Their counts add up to `count`; the aggregates inside have
+    /// no `by` of their own.
+    pub by: DimAggs,
 }
 
 impl Agg {
     #[inline]
     pub fn add(&mut self, e: &EventView<'_>) {
+        let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
+        let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
+        self.add_hashed(e, uh, sh);
+    }
+
+    /// [`Agg::add`] with the user and session hashes already computed.
+    #[inline]
+    pub fn add_hashed(&mut self, e: &EventView<'_>, uh: Option<u64>, sh: Option<u64>) {
         self.count += 1;
-        if let Some(u) = e.user_id {
-            self.users.insert(stable_hash(&[u.as_bytes()]));
+        if let Some(u) = uh {
+            self.users.insert(u);
         }
-        if let Some(s) = e.session_id {
-            self.sessions.insert(stable_hash(&[s.as_bytes()]));
+        if let Some(s) = sh {
+            self.sessions.insert(s);
         }
         for (k, v) in e.props() {
             let Some(x) = v.as_f64() else { continue };
@@ -102,6 +119,20 @@ impl Agg {
     }
 
     pub fn merge(&mut self, o: &Agg) {
+        self.merge_flat(o);
+        for (k, a) in &o.by {
+            match self.by.get_mut(k) {
+                Some(m) => m.merge(a),
+                None => {
+                    self.by.insert(k.clone(), a.clone());
+                }
+            }
+        }
+    }
+
+    /// [`Agg::merge`] without the combinations (a caller that keeps its
+    /// own breakdown).
+    pub fn merge_flat(&mut self, o: &Agg) {
         self.count += o.count;
         self.users.merge(&o.users);
         self.sessions.merge(&o.sessions);
@@ -128,18 +159,43 @@ impl Agg {
                 .iter()
                 .map(|(k, n)| k.len() + 64 + n.sketch.heap_bytes())
                 .sum::<usize>()
+            + self
+                .by
+                .iter()
+                .map(|(k, a)| k.len() + 48 + std::mem::size_of::<Agg>() + a.heap_bytes())
+                .sum::<usize>()
     }
 }
 
 /// The aggregates of one minute, per event type.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct MinuteBucket {
     pub types: Vec<(Box<str>, Agg)>,
+    /// The values of each dimension the bucket holds (what the cap counts),
+    /// read from `types` when first needed and kept in step by
+    /// [`RollupStore::add`]; anything else that changes `types` drops it.
+    seen: Option<Box<Seen>>,
+}
+
+/// Per dimension name, the distinct values held (never [`OTHER`]).
+type Seen = Vec<(Box<str>, hashbrown::HashSet<Box<str>>)>;
+
+/// Buckets are equal when their aggregates are (`seen` is derived).
+impl PartialEq for MinuteBucket {
+    fn eq(&self, o: &Self) -> bool {
+        self.types == o.types
+    }
 }
 
 impl MinuteBucket {
     #[inline]
     pub fn agg_mut(&mut self, event_type: &str) -> &mut Agg {
+        self.seen = None;
+        self.agg_entry(event_type)
+    }
+
+    #[inline]
+    fn agg_entry(&mut self, event_type: &str) -> &mut Agg {
         let i = match self.types.iter().position(|(t, _)| &**t == event_type) {
             Some(i) => i,
             None => {
@@ -148,6 +204,89 @@ impl MinuteBucket {
             }
         };
         &mut self.types[i].1
+    }
+
+    /// Builds the key of `e`'s combination of `names` into `key`, folding
+    /// values past the cap into [`OTHER`]; answers how many values of the
+    /// event were folded.
+    fn combination(
+        &mut self,
+        e: &EventView<'_>,
+        names: &[Box<str>],
+        dims: &Dimensions,
+        key: &mut String,
+    ) -> u64 {
+        key.clear();
+        let mut vals: [Option<std::borrow::Cow<'_, str>>; MAX_DIMS] = Default::default();
+        let mut found = 0;
+        for (k, v) in e.props() {
+            if let Some(i) = names.iter().position(|n| &**n == k)
+                && vals[i].is_none()
+            {
+                vals[i] = dims::value_text(&v);
+                found += vals[i].is_some() as usize;
+                if found == names.len() {
+                    break;
+                }
+            }
+        }
+        if found == 0 {
+            return 0;
+        }
+        let seen = self.seen(names);
+        let mut folded = 0;
+        for (i, v) in vals.iter().enumerate().take(names.len()) {
+            let Some(v) = v else { continue };
+            let set = &mut seen[i].1;
+            let v: &str = if v.len() > dims.max_value_bytes {
+                folded += 1;
+                OTHER
+            } else if v == OTHER || set.contains(&**v) {
+                v
+            } else if set.len() < dims.max_values {
+                set.insert((**v).into());
+                v
+            } else {
+                folded += 1;
+                OTHER
+            };
+            dims::push_pair(key, &names[i], v);
+        }
+        folded
+    }
+
+    /// The values held per dimension of `names`, read from the
+    /// combinations if not known yet.
+    fn seen(&mut self, names: &[Box<str>]) -> &mut Seen {
+        let fresh = self
+            .seen
+            .as_ref()
+            .is_none_or(|s| s.len() != names.len() || s.iter().zip(names).any(|(a, b)| a.0 != *b));
+        if fresh {
+            let mut seen: Seen = names
+                .iter()
+                .map(|n| (n.clone(), hashbrown::HashSet::new()))
+                .collect();
+            for (_, agg) in &self.types {
+                for key in agg.by.keys() {
+                    for (n, v) in dims::pairs(key) {
+                        if v == OTHER {
+                            continue;
+                        }
+                        if let Some((_, set)) = seen.iter_mut().find(|(d, _)| &**d == n)
+                            && !set.contains(v)
+                        {
+                            set.insert(v.into());
+                        }
+                    }
+                }
+            }
+            self.seen = Some(Box::new(seen));
+        }
+        match self.seen.as_mut() {
+            Some(s) => s,
+            None => unreachable!("set above"),
+        }
     }
 }
 
@@ -171,33 +310,74 @@ impl NumAgg {
     }
 }
 
+/// Bit of an aggregate's property count saying a dimension section follows
+/// its properties (aggregates without one encode as they always did).
+const BY_FLAG: u32 = 1 << 31;
+
 impl Agg {
+    /// ```text
+    /// agg   := count:u64 users:hll sessions:hll nprops:u32 prop* by?
+    /// prop  := name:str num
+    /// by    := n:u32 (key:str agg)*    present when bit 31 of nprops is
+    ///                                  set; keys sorted; inner aggs have none
+    /// ```
     pub fn encode(&self, e: &mut Enc) {
         e.u64(self.count);
         self.users.encode(e);
         self.sessions.encode(e);
-        e.u32(self.props.len() as u32);
+        let flag = if self.by.is_empty() { 0 } else { BY_FLAG };
+        e.u32(self.props.len() as u32 | flag);
         for (k, n) in &self.props {
             e.str(k);
             n.encode(e);
         }
+        if !self.by.is_empty() {
+            let mut keys: Vec<(&Box<str>, &Agg)> = self.by.iter().collect();
+            keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            e.u32(keys.len() as u32);
+            for (k, a) in keys {
+                e.str(k);
+                a.encode(e);
+            }
+        }
     }
 
     pub fn decode(d: &mut Dec<'_>) -> Result<Agg, DecodeError> {
+        Agg::decode_in(d, true)
+    }
+
+    fn decode_in(d: &mut Dec<'_>, outer: bool) -> Result<Agg, DecodeError> {
         let count = d.u64()?;
         let users = Hll::decode(d)?;
         let sessions = Hll::decode(d)?;
-        let n = d.count(4)?;
+        let raw = d.u32()?;
+        let n = (raw & !BY_FLAG) as usize;
+        if n.saturating_mul(4) > d.remaining() {
+            return d.err("count larger than the data");
+        }
         let mut props = Vec::with_capacity(n);
         for _ in 0..n {
             let k: Box<str> = d.str()?.into();
             props.push((k, NumAgg::decode(d)?));
+        }
+        let mut by = DimAggs::default();
+        if raw & BY_FLAG != 0 {
+            if !outer {
+                return d.err("dimension aggregates inside dimension aggregates");
+            }
+            let n = d.count(16)?;
+            by.reserve(n);
+            for _ in 0..n {
+                let k: Box<str> = d.str()?.into();
+                by.insert(k, Agg::decode_in(d, false)?);
+            }
         }
         Ok(Agg {
             count,
             users,
             sessions,
             props,
+            by,
         })
     }
 }
@@ -218,7 +398,7 @@ impl MinuteBucket {
             let t: Box<str> = d.str()?.into();
             types.push((t, Agg::decode(d)?));
         }
-        Ok(MinuteBucket { types })
+        Ok(MinuteBucket { types, seen: None })
     }
 }
 
@@ -280,6 +460,10 @@ pub struct RollupStore {
     /// With [`RollupStore::track_touched`]: every (tenant, minute, event
     /// type) changed since the last [`RollupStore::take_touched`].
     touched: Option<Touched>,
+    /// The declared dimensions events are split by.
+    dims: Dimensions,
+    /// Scratch space for combination keys.
+    key: String,
 }
 
 /// Buckets changed since they were last taken, and the last one noted
@@ -314,6 +498,8 @@ impl Default for RollupStore {
             version: 0,
             dirty: Vec::new(),
             touched: None,
+            dims: Dimensions::default(),
+            key: String::new(),
         }
     }
 }
@@ -433,30 +619,65 @@ pub struct MetricQuery {
     pub granularity: Granularity,
     /// Empty: all event types.
     pub event_types: Vec<String>,
-    pub group_by_event_type: bool,
+    /// Keys each series is split by, in order: `event_type` and declared
+    /// dimensions (empty: one series).
+    pub group_by: Vec<String>,
+    /// Filters on declared dimensions other than the event type: each
+    /// (dimension, values) admits events with one of the values; all
+    /// filters must admit an event.
+    pub filters: Vec<(String, Vec<String>)>,
     /// Sliding window: each point aggregates this much time ending at its
     /// bucket's end (a multiple of the granularity); None: its bucket.
     pub window: Option<Millis>,
     /// A ratio: each point divided by this metric for the same labels and
-    /// bucket without the `event_types` filter (see [`ratio`]).
+    /// bucket without the `event_types` and `filters` (see [`ratio`]).
     pub over: Option<Metric>,
 }
 
-/// The dimensions a metrics query may filter and group by.
-pub const DIMENSIONS: &str = "event_type";
+impl MetricQuery {
+    /// Adds a `where=<dimension>:<value>` filter (event types join
+    /// `event_types`; values of one dimension are any-of).
+    pub fn add_filter(&mut self, dim: &str, value: &str) {
+        if dim == "event_type" {
+            self.event_types.push(value.to_string());
+        } else if let Some((_, vals)) = self.filters.iter_mut().find(|(d, _)| d == dim) {
+            vals.push(value.to_string());
+        } else {
+            self.filters
+                .push((dim.to_string(), vec![value.to_string()]));
+        }
+    }
+
+    /// True when the query reads the per-combination aggregates.
+    fn splits(&self) -> bool {
+        !self.filters.is_empty() || self.group_by.iter().any(|g| g != "event_type")
+    }
+}
 
 /// A filter `<dimension>:<value>` (`where=` of the metrics API and of
-/// alert rules): the event type it admits, or why it cannot be taken.
-pub fn parse_where(w: &str) -> Result<String, String> {
+/// alert rules), split into its dimension and value; whether the dimension
+/// is declared is checked by the query.
+pub fn parse_where(w: &str) -> Result<(String, String), String> {
     match w.split_once(':') {
-        Some(("event_type", v)) if !v.trim().is_empty() => Ok(v.trim().to_string()),
-        Some((d, _)) if d != "event_type" => Err(format!(
-            "{d:?} is not a declared dimension; the declared dimensions are: {DIMENSIONS}"
-        )),
+        Some((d, v)) if !d.trim().is_empty() && !v.trim().is_empty() => {
+            Ok((d.trim().to_string(), v.trim().to_string()))
+        }
         _ => Err(format!(
-            "{w:?} is not <dimension>:<value>, e.g. event_type:error"
+            "{w:?} is not <dimension>:<value>, e.g. event_type:error or country:DE"
         )),
     }
+}
+
+/// A comma-separated `group_by` list, trimmed, without empty entries or
+/// repeats.
+pub fn parse_group_by(g: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for x in g.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        if !out.iter().any(|y| y == x) {
+            out.push(x.to_string());
+        }
+    }
+    out
 }
 
 /// A point value: integers stay integers on the wire.
@@ -468,9 +689,20 @@ pub enum Value {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Series {
-    /// `Some(event_type)` when grouped by event type.
-    pub event_type: Option<String>,
+    /// The value of each grouped key, in `group_by` order (`None`: the
+    /// events have no value for that dimension).
+    pub labels: Vec<(String, Option<String>)>,
     pub points: Vec<(Millis, Value)>,
+}
+
+impl Series {
+    /// The value of one label, if grouped by it and present.
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
 }
 
 impl Value {
@@ -496,14 +728,14 @@ fn ratio(num: Vec<Series>, den: &[Series], metric: &Metric) -> Vec<Series> {
         .into_iter()
         .map(|s| {
             let n: BTreeMap<Millis, f64> = s.points.iter().map(|&(b, v)| (b, v.as_f64())).collect();
-            let d = den.iter().find(|x| x.event_type == s.event_type);
+            let d = den.iter().find(|x| x.labels == s.labels);
             Series {
                 points: divide(&n, d, counts),
-                event_type: s.event_type,
+                labels: s.labels,
             }
         })
         .collect();
-    out.retain(|s| !s.points.is_empty() || s.event_type.is_none());
+    out.retain(|s| !s.points.is_empty() || s.labels.is_empty());
     out
 }
 
@@ -577,19 +809,25 @@ impl RollupStore {
         Self::default()
     }
 
+    /// Splits events by these dimensions from now on.
+    pub fn set_dimensions(&mut self, dims: Dimensions) {
+        self.dims = dims;
+    }
+
+    pub fn dimensions(&self) -> &Dimensions {
+        &self.dims
+    }
+
+    /// Dimension values folded into `__other__` by the cap so far (by
+    /// every store sharing this store's declaration).
+    pub fn values_folded(&self) -> u64 {
+        self.dims.values_folded()
+    }
+
     /// A tenant's rollups, created if needed, marked as changed from
     /// `minute` on (until the next [`commit`](RollupStore::commit)).
     fn tenant_mut(&mut self, tenant: &str, minute: Millis) -> &mut TenantRollups {
-        if !self.tenants.contains_key(tenant) {
-            self.tenants.insert(tenant.into(), TenantRollups::default());
-        }
-        let Some(t) = self.tenants.get_mut(tenant) else {
-            unreachable!("inserted above")
-        };
-        if t.changes.touch(minute) {
-            self.dirty.push(tenant.into());
-        }
-        t
+        tenant_entry(&mut self.tenants, &mut self.dirty, tenant, minute)
     }
 
     /// Closes a batch of changes (the processor calls it after each record):
@@ -655,11 +893,36 @@ impl RollupStore {
         bucket.agg_mut(event_type)
     }
 
-    /// Adds one event to its minute (or, once downsampled, its hour).
+    /// Adds one event to its minute (or, once downsampled, its hour), and
+    /// to its combination of the tenant's dimensions.
     #[inline]
     pub fn add(&mut self, e: &EventView<'_>) {
-        self.agg_mut(e.tenant, align_down(e.ts, MINUTE_MS), e.event_type)
-            .add(e);
+        let minute = align_down(e.ts, MINUTE_MS);
+        if self.dims.of(e.tenant).is_empty() {
+            self.agg_mut(e.tenant, minute, e.event_type).add(e);
+            return;
+        }
+        if let Some(t) = self.touched.as_mut() {
+            note_touched(t, e.tenant, minute, e.event_type);
+        }
+        let folded = minute < self.downsampled_to;
+        let t = tenant_entry(&mut self.tenants, &mut self.dirty, e.tenant, minute);
+        let bucket = if folded {
+            t.hours.entry(align_down(minute, HOUR_MS)).or_default()
+        } else {
+            t.minutes.entry(minute).or_default()
+        };
+        let names = self.dims.of(e.tenant);
+        let folded = bucket.combination(e, names, &self.dims, &mut self.key);
+        self.dims.note_folded(folded);
+        let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
+        let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
+        let agg = bucket.agg_entry(e.event_type);
+        agg.add_hashed(e, uh, sh);
+        agg.by
+            .entry_ref(self.key.as_str())
+            .or_default()
+            .add_hashed(e, uh, sh);
     }
 
     /// Starts noting which buckets change (a processor that publishes its
@@ -932,6 +1195,7 @@ impl RollupStore {
         let den = self.series(&MetricQuery {
             metric: over.clone(),
             event_types: Vec::new(),
+            filters: Vec::new(),
             over: None,
             ..q.clone()
         })?;
@@ -973,55 +1237,67 @@ impl RollupStore {
                 ),
             });
         }
-        let mut series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>> = BTreeMap::new();
+        let dims = &self.dims;
+        for g in &q.group_by {
+            if !dims.declares(&q.tenant, g) {
+                return Err(QueryError::BadParam {
+                    param: "group_by",
+                    message: format!(
+                        "{g:?} is not a declared dimension; the declared dimensions are: {} (declare more under [dimensions] in the config)",
+                        dims.describe(&q.tenant)
+                    ),
+                });
+            }
+        }
+        for (d, _) in &q.filters {
+            if !dims.declares(&q.tenant, d) {
+                return Err(QueryError::BadParam {
+                    param: "where",
+                    message: format!(
+                        "{d:?} is not a declared dimension; the declared dimensions are: {} (declare more under [dimensions] in the config)",
+                        dims.describe(&q.tenant)
+                    ),
+                });
+            }
+        }
+        let split = q.splits();
+        let mut series: BTreeMap<Vec<Option<&str>>, BTreeMap<Millis, Acc>> = BTreeMap::new();
+        let mut key: Vec<Option<&str>> = Vec::with_capacity(q.group_by.len());
         for (minute, bucket) in self.tenant_buckets(&q.tenant, from, q.end, g) {
             let b = align_down(minute, g);
             for (ty, agg) in &bucket.types {
                 if !q.event_types.is_empty() && !q.event_types.iter().any(|t| t == &**ty) {
                     continue;
                 }
-                let key = q.group_by_event_type.then_some(&**ty);
-                let acc = series.entry(key).or_default();
-                let acc = acc.entry(b).or_insert_with(|| match &q.metric {
-                    Metric::Count => Acc::Count(0),
-                    Metric::UniqueUsers | Metric::UniqueSessions => Acc::Distinct {
-                        events: 0,
-                        hll: Hll::default(),
-                    },
-                    _ => Acc::Num {
-                        events: 0,
-                        agg: NumAgg::default(),
-                    },
-                });
-                match (acc, &q.metric) {
-                    (Acc::Count(c), _) => *c += agg.count,
-                    (Acc::Distinct { events, hll }, Metric::UniqueUsers) => {
-                        *events += agg.count;
-                        hll.merge(&agg.users);
+                if !split {
+                    key.clear();
+                    key.extend(q.group_by.iter().map(|_| Some(&**ty)));
+                    accumulate(&mut series, &key, b, agg, &q.metric);
+                    continue;
+                }
+                // Data written before any dimension was declared is one
+                // combination where every dimension is missing.
+                let combos: Box<dyn Iterator<Item = (&str, &Agg)>> = if agg.by.is_empty() {
+                    Box::new(std::iter::once(("", agg)))
+                } else {
+                    Box::new(agg.by.iter().map(|(k, a)| (&**k, a)))
+                };
+                for (combo, sub) in combos {
+                    let admitted = q.filters.iter().all(|(d, vals)| {
+                        dims::value_of(combo, d).is_some_and(|v| vals.iter().any(|x| x == v))
+                    });
+                    if !admitted {
+                        continue;
                     }
-                    (Acc::Distinct { events, hll }, _) => {
-                        *events += agg.count;
-                        hll.merge(&agg.sessions);
-                    }
-                    (
-                        Acc::Num { events, agg: n },
-                        Metric::Sum(p)
-                        | Metric::Avg(p)
-                        | Metric::Min(p)
-                        | Metric::Max(p)
-                        | Metric::Quantile(_, p),
-                    ) => {
-                        *events += agg.count;
-                        if let Some(x) = agg.prop(p) {
-                            if matches!(q.metric, Metric::Quantile(..)) {
-                                n.merge(x);
-                            } else {
-                                // Only exact statistics are needed: skip the sketch merge.
-                                n.merge_exact(x);
-                            }
+                    key.clear();
+                    key.extend(q.group_by.iter().map(|g| {
+                        if g == "event_type" {
+                            Some(&**ty)
+                        } else {
+                            dims::value_of(combo, g)
                         }
-                    }
-                    (Acc::Num { .. }, _) => {}
+                    }));
+                    accumulate(&mut series, &key, b, sub, &q.metric);
                 }
             }
         }
@@ -1063,21 +1339,84 @@ fn span(
     }
 }
 
-fn finish(q: &MetricQuery, series: BTreeMap<Option<&str>, BTreeMap<Millis, Acc>>) -> Vec<Series> {
+/// Adds one aggregate to bucket `b` of the series `key`.
+fn accumulate<'a>(
+    series: &mut BTreeMap<Vec<Option<&'a str>>, BTreeMap<Millis, Acc>>,
+    key: &[Option<&'a str>],
+    b: Millis,
+    agg: &Agg,
+    metric: &Metric,
+) {
+    let buckets = match series.get_mut(key) {
+        Some(s) => s,
+        None => series.entry(key.to_vec()).or_default(),
+    };
+    let acc = buckets.entry(b).or_insert_with(|| match metric {
+        Metric::Count => Acc::Count(0),
+        Metric::UniqueUsers | Metric::UniqueSessions => Acc::Distinct {
+            events: 0,
+            hll: Hll::default(),
+        },
+        _ => Acc::Num {
+            events: 0,
+            agg: NumAgg::default(),
+        },
+    });
+    match (acc, metric) {
+        (Acc::Count(c), _) => *c += agg.count,
+        (Acc::Distinct { events, hll }, Metric::UniqueUsers) => {
+            *events += agg.count;
+            hll.merge(&agg.users);
+        }
+        (Acc::Distinct { events, hll }, _) => {
+            *events += agg.count;
+            hll.merge(&agg.sessions);
+        }
+        (
+            Acc::Num { events, agg: n },
+            Metric::Sum(p)
+            | Metric::Avg(p)
+            | Metric::Min(p)
+            | Metric::Max(p)
+            | Metric::Quantile(_, p),
+        ) => {
+            *events += agg.count;
+            if let Some(x) = agg.prop(p) {
+                if matches!(metric, Metric::Quantile(..)) {
+                    n.merge(x);
+                } else {
+                    // Only exact statistics are needed: skip the sketch merge.
+                    n.merge_exact(x);
+                }
+            }
+        }
+        (Acc::Num { .. }, _) => {}
+    }
+}
+
+fn finish(
+    q: &MetricQuery,
+    series: BTreeMap<Vec<Option<&str>>, BTreeMap<Millis, Acc>>,
+) -> Vec<Series> {
     let mut out: Vec<Series> = series
         .into_iter()
         .map(|(key, buckets)| Series {
-            event_type: key.map(str::to_string),
+            labels: q
+                .group_by
+                .iter()
+                .zip(key)
+                .map(|(g, v)| (g.clone(), v.map(str::to_string)))
+                .collect(),
             points: buckets
                 .into_iter()
                 .filter_map(|(b, acc)| Some((b, value(&q.metric, acc)?)))
                 .collect(),
         })
-        .filter(|s| !s.points.is_empty() || s.event_type.is_none())
+        .filter(|s| !s.points.is_empty() || s.labels.is_empty())
         .collect();
-    if out.is_empty() && !q.group_by_event_type {
+    if out.is_empty() && q.group_by.is_empty() {
         out.push(Series {
-            event_type: None,
+            labels: Vec::new(),
             points: Vec::new(),
         });
     }
@@ -1101,6 +1440,26 @@ fn value(metric: &Metric, acc: Acc) -> Option<Value> {
             _ => None,
         },
     }
+}
+
+/// A tenant's rollups, created if needed, marked as changed from `minute`
+/// on (a free function so callers can borrow other fields of the store).
+fn tenant_entry<'a>(
+    tenants: &'a mut HashMap<Box<str>, TenantRollups>,
+    dirty: &mut Vec<Box<str>>,
+    tenant: &str,
+    minute: Millis,
+) -> &'a mut TenantRollups {
+    if !tenants.contains_key(tenant) {
+        tenants.insert(tenant.into(), TenantRollups::default());
+    }
+    let Some(t) = tenants.get_mut(tenant) else {
+        unreachable!("inserted above")
+    };
+    if t.changes.touch(minute) {
+        dirty.push(tenant.into());
+    }
+    t
 }
 
 #[inline]

@@ -75,6 +75,8 @@ pub struct StreamConfig {
     pub idle_timeout_ms: Millis,
     /// Closed windows still accept events for this long (in event time).
     pub allowed_lateness_ms: Millis,
+    /// The properties rollups are split by (given to the store).
+    pub dimensions: tally_store::Dimensions,
 }
 
 impl Default for StreamConfig {
@@ -84,6 +86,7 @@ impl Default for StreamConfig {
             watermark_bound_ms: 5_000,
             idle_timeout_ms: 30_000,
             allowed_lateness_ms: 5 * MINUTE_MS,
+            dimensions: tally_store::Dimensions::default(),
         }
     }
 }
@@ -380,6 +383,7 @@ pub struct Processor {
 impl Processor {
     pub fn new(cfg: StreamConfig, store: Arc<RwLock<RollupStore>>, dlq: Arc<Mutex<Dlq>>) -> Self {
         let n = cfg.partitions.max(1) as usize;
+        store.write().set_dimensions(cfg.dimensions.clone());
         Processor {
             cfg,
             clocks: hashbrown::HashMap::new(),

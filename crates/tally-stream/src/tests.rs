@@ -63,7 +63,8 @@ impl Harness {
             end: minute + MINUTE_MS,
             granularity: Granularity::M1,
             event_types: vec![],
-            group_by_event_type: false,
+            group_by: vec![],
+            filters: vec![],
             window: None,
             over: None,
         };
@@ -236,7 +237,8 @@ impl Harness {
             end: to,
             granularity: Granularity::D1,
             event_types: vec![],
-            group_by_event_type: false,
+            group_by: vec![],
+            filters: vec![],
             window: None,
             over: None,
         };

@@ -29,6 +29,8 @@ pub struct Expected {
     /// Every event the raw store must hold, in input order: the first copy
     /// of each (tenant, event_id), late ones included.
     pub kept: Vec<Value>,
+    /// The events rollups count: `kept` without the late ones.
+    pub counted_events: Vec<Value>,
 }
 
 /// An on-time event at `T0`, sent alone before the concurrent feed starts.
@@ -67,6 +69,7 @@ pub fn expected(lines: &[(String, Kind)]) -> Expected {
     let mut late: HashMap<String, u64> = HashMap::new();
     let mut rejected = 0u64;
     let mut kept = Vec::new();
+    let mut counted_events = Vec::new();
     for (line, kind) in lines {
         if *kind == Kind::Malformed {
             rejected += 1;
@@ -88,6 +91,7 @@ pub fn expected(lines: &[(String, Kind)]) -> Expected {
             continue;
         }
         kept.push(v.clone());
+        counted_events.push(v.clone());
         let minute = ts_of(&v).div_euclid(MINUTE_MS) * MINUTE_MS;
         let b = buckets
             .entry((
@@ -116,6 +120,7 @@ pub fn expected(lines: &[(String, Kind)]) -> Expected {
         rejected,
         counted,
         kept,
+        counted_events,
     }
 }
 

@@ -156,7 +156,10 @@ pub(super) fn start(
     let d = cfg.durations()?;
     let lock = DataDirLock::acquire(&cfg.data_dir)?;
     let settings = settings(cfg, k)?;
-    let store = Arc::new(RwLock::new(RollupStore::new()));
+    let stream = stream_config(cfg)?;
+    let mut view = RollupStore::new();
+    view.set_dimensions(stream.dimensions.clone());
+    let store = Arc::new(RwLock::new(view));
     let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
     let dlq_dir = cfg.data_dir.join("dlq");
     let dlq_file = Arc::new(Mutex::new(DlqFile::open(&dlq_dir)?));
@@ -198,7 +201,7 @@ pub(super) fn start(
         None
     };
     let hooks = Hooks {
-        stream: stream_config(cfg)?,
+        stream,
         make_parser: Arc::new(move |ts| {
             Parser::with_schemas(1, schemas.clone())
                 .with_future_limit(ts, skew)

@@ -499,7 +499,8 @@ fn downsampled_hours_answer_like_the_minutes_they_replace() {
                 end: T0 + 6 * 3_600_000,
                 granularity: g,
                 event_types: vec![],
-                group_by_event_type: true,
+                group_by: vec!["event_type".into()],
+                filters: vec![],
                 window: None,
                 over: None,
             };
@@ -515,7 +516,8 @@ fn downsampled_hours_answer_like_the_minutes_they_replace() {
         end: T0 + 6 * 3_600_000,
         granularity: Granularity::M1,
         event_types: vec![],
-        group_by_event_type: false,
+        group_by: vec![],
+        filters: vec![],
         window: None,
         over: None,
     };
