@@ -24,6 +24,8 @@ pub struct Note<'a> {
     pub at: Millis,
     pub episode_start: Millis,
     pub dedupe_key: String,
+    /// The series of a grouped rule (`{}` otherwise).
+    pub labels: Json,
 }
 
 fn num(v: Option<f64>) -> Json {
@@ -50,6 +52,7 @@ pub fn payload(rule: &Rule, target: &Target, n: &Note<'_>) -> Json {
         "episode_start": format_rfc3339(n.episode_start),
         "at": format_rfc3339(n.at),
         "dedupe_key": n.dedupe_key,
+        "labels": n.labels,
     });
     match target.format {
         Format::Tally => body,
@@ -57,7 +60,11 @@ pub fn payload(rule: &Rule, target: &Target, n: &Note<'_>) -> Json {
             "routing_key": target.routing_key.clone().unwrap_or_default(),
             "event_action": if n.status == "firing" { "trigger" } else { "resolve" },
             // One key per episode: PagerDuty pairs the resolve with its trigger.
-            "dedup_key": format!("{}:{}", rule.id, n.episode_start),
+            "dedup_key": if n.labels.as_object().is_none_or(|o| o.is_empty()) {
+                format!("{}:{}", rule.id, n.episode_start)
+            } else {
+                format!("{}:{}:{}", rule.id, n.labels, n.episode_start)
+            },
             "payload": {
                 "summary": summary(rule, n),
                 "source": format!("tally/{}", rule.tenant),
@@ -76,11 +83,18 @@ pub fn payload(rule: &Rule, target: &Target, n: &Note<'_>) -> Json {
 
 /// One line a person reads: what, how much, against what, when.
 pub fn summary(rule: &Rule, n: &Note<'_>) -> String {
-    let what = if rule.event_type.is_empty() {
+    let mut what = if rule.event_type.is_empty() {
         rule.metric.clone()
     } else {
         format!("{} of {}", rule.metric, rule.event_type.join(", "))
     };
+    if let Some(o) = n.labels.as_object().filter(|o| !o.is_empty()) {
+        let parts: Vec<String> = o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("(none)")))
+            .collect();
+        what.push_str(&format!(" [{}]", parts.join(", ")));
+    }
     let value = match n.value {
         Some(v) => num(Some(v)).to_string(),
         None => "no data".into(),

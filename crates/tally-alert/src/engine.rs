@@ -102,6 +102,36 @@ pub struct RuleState {
     /// Event time closed when the rule was created (None: no data then).
     #[serde(default)]
     pub start: Option<Millis>,
+    /// A rule with `group_by`: the state of each label combination seen,
+    /// keyed by its labels as a JSON object text. The rule's own `state`
+    /// is then the most urgent of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub series: BTreeMap<String, RuleState>,
+}
+
+/// The labels of one series of a grouped rule, in `group_by` order.
+pub type Labels = Vec<(String, Option<String>)>;
+
+/// Most label combinations one grouped rule follows; past it new ones are
+/// not judged (and a warning is logged).
+pub const MAX_SERIES: usize = 1000;
+
+/// Labels as the JSON object webhooks and the API show.
+pub fn labels_json(labels: &[(String, Option<String>)]) -> Json {
+    Json::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().map_or(Json::Null, Json::String)))
+            .collect(),
+    )
+}
+
+fn labels_of(key: &str, group_by: &[String]) -> Labels {
+    let v: Json = serde_json::from_str(key).unwrap_or(Json::Null);
+    group_by
+        .iter()
+        .map(|g| (g.clone(), v.get(g).and_then(Json::as_str).map(String::from)))
+        .collect()
 }
 
 /// One line of `GET /api/v1/alerts/history`.
@@ -131,6 +161,9 @@ pub struct HistoryEntry {
     pub attempt: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The series of a grouped rule the entry is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Json>,
 }
 
 impl HistoryEntry {
@@ -167,6 +200,9 @@ impl HistoryEntry {
         }
         if let Some(a) = self.attempt {
             o.insert("attempt".into(), json!(a));
+        }
+        if let Some(l) = &self.labels {
+            o.insert("labels".into(), l.clone());
         }
         v
     }
@@ -331,6 +367,10 @@ pub trait Source {
     /// A bucket range of a rule's metric: `(bucket start, value)` for the
     /// buckets that have data, exactly as the metrics API would answer.
     fn values(&self, rule: &Rule, from: Millis, to: Millis) -> Vec<(Millis, f64)>;
+    /// The same per label combination, for a rule with `group_by`.
+    fn series(&self, rule: &Rule, from: Millis, to: Millis) -> Vec<(Labels, Vec<(Millis, f64)>)> {
+        vec![(Vec::new(), self.values(rule, from, to))]
+    }
     /// The first minute with data of a tenant.
     fn first_minute(&self, tenant: &str) -> Option<Millis>;
 }
@@ -824,11 +864,22 @@ impl Engine {
         self.outbox.len()
     }
 
+    /// Series firing: one per ungrouped rule, one per label combination
+    /// of a grouped rule.
     pub fn firing(&self) -> usize {
         self.states
             .values()
-            .filter(|s| s.state == State::Firing)
-            .count()
+            .map(|s| {
+                if s.series.is_empty() {
+                    usize::from(s.state == State::Firing)
+                } else {
+                    s.series
+                        .values()
+                        .filter(|x| x.state == State::Firing)
+                        .count()
+                }
+            })
+            .sum()
     }
 
     fn record(&mut self, h: HistoryEntry) {
@@ -914,6 +965,7 @@ impl Engine {
         }
         let rule = rule.clone();
         let mut st = self.states.remove(id).unwrap_or_default();
+        let grouped = !rule.group_by.is_empty();
         let mut queued = 0;
         let mut next = match st.next_bucket {
             Some(n) => n,
@@ -932,9 +984,24 @@ impl Engine {
                 let warm = rule.detector.warmup() as i64;
                 if warm > 0 {
                     let from = start - warm * g;
-                    for (_, v) in dense(&rule, from, start, values) {
-                        if let Some(x) = fill(&rule, &mut st, v) {
-                            learn(&rule.detector, &mut st, x);
+                    if grouped {
+                        for (labels, points) in dense_series(&rule, from, start, values) {
+                            let key = labels_json(&labels).to_string();
+                            if st.series.len() >= MAX_SERIES && !st.series.contains_key(&key) {
+                                continue;
+                            }
+                            let sst = st.series.entry(key).or_default();
+                            for (_, v) in points {
+                                if let Some(x) = fill(&rule, sst, v) {
+                                    learn(&rule.detector, sst, x);
+                                }
+                            }
+                        }
+                    } else {
+                        for (_, v) in dense(&rule, from, start, values) {
+                            if let Some(x) = fill(&rule, &mut st, v) {
+                                learn(&rule.detector, &mut st, x);
+                            }
                         }
                     }
                 }
@@ -949,19 +1016,42 @@ impl Engine {
                 tracing::warn!(rule = %rule.name, skipped = (skip_to - next) / g, "alert rule is far behind; skipping old buckets");
                 next = skip_to;
             }
-            for (b, v) in dense(&rule, next, through, values) {
-                self.stats.evaluations += 1;
-                let v = fill(&rule, &mut st, v);
-                queued += self.step(&rule, &mut st, b, v, now, closed);
+            if grouped {
+                queued += self.advance_series(&rule, &mut st, next, through, now, closed, values);
+            } else {
+                for (b, v) in dense(&rule, next, through, values) {
+                    self.stats.evaluations += 1;
+                    let v = fill(&rule, &mut st, v);
+                    queued += self.step(&rule, &[], &mut st, b, v, now, closed);
+                }
             }
             st.next_bucket = Some(through);
             self.dirty = true;
         }
         // A silence that ended while an episode is firing: send its firing now.
-        if st.state == State::Firing && !st.notified && !rule.silenced(now) {
+        if grouped {
+            let keys: Vec<String> = st.series.keys().cloned().collect();
+            for key in keys {
+                let labels = labels_of(&key, &rule.group_by);
+                if let Some(sst) = st.series.get_mut(&key)
+                    && sst.state == State::Firing
+                    && !sst.notified
+                    && !rule.silenced(now)
+                {
+                    let b = sst.last_bucket.unwrap_or(through - g);
+                    let v = sst.last_value;
+                    let sst = sst.clone();
+                    queued += self.notify(&rule, &labels, &sst, "firing", v, b, now, closed);
+                    if let Some(x) = st.series.get_mut(&key) {
+                        x.notified = true;
+                    }
+                }
+            }
+            summarize(&mut st);
+        } else if st.state == State::Firing && !st.notified && !rule.silenced(now) {
             let b = st.last_bucket.unwrap_or(through - g);
             let v = st.last_value;
-            queued += self.notify(&rule, &st, "firing", v, b, now, closed);
+            queued += self.notify(&rule, &[], &st, "firing", v, b, now, closed);
             st.notified = true;
         }
         self.pending.states.insert(id.to_string());
@@ -969,10 +1059,69 @@ impl Engine {
         queued
     }
 
+    /// The buckets `[next, through)` of a grouped rule: each label
+    /// combination with data, or with a state already, through its own
+    /// state machine. Combinations back at rest with no data in the range
+    /// are forgotten (they start afresh when data returns).
+    #[allow(clippy::too_many_arguments)]
+    fn advance_series(
+        &mut self,
+        rule: &Rule,
+        st: &mut RuleState,
+        next: Millis,
+        through: Millis,
+        now: Millis,
+        closed: Option<Instant>,
+        values: ValuesFn<'_>,
+    ) -> usize {
+        let g = rule.step();
+        let mut got: BTreeMap<String, (Labels, BTreeMap<Millis, f64>)> = BTreeMap::new();
+        for (labels, points) in values.series(rule, next, through) {
+            if points.is_empty() {
+                continue;
+            }
+            let key = labels_json(&labels).to_string();
+            got.insert(key, (labels, points.into_iter().collect()));
+        }
+        let mut keys: Vec<String> = st.series.keys().cloned().collect();
+        for k in got.keys() {
+            if !st.series.contains_key(k) {
+                if keys.len() >= MAX_SERIES {
+                    tracing::warn!(rule = %rule.name, series = %k, "alert rule follows {MAX_SERIES} label combinations already; not judging more");
+                    continue;
+                }
+                keys.push(k.clone());
+            }
+        }
+        let mut queued = 0;
+        for key in keys {
+            let (labels, points) = match got.remove(&key) {
+                Some(x) => x,
+                None => (labels_of(&key, &rule.group_by), BTreeMap::new()),
+            };
+            let mut sst = st.series.remove(&key).unwrap_or_default();
+            let quiet = points.is_empty();
+            let mut b = next;
+            while b < through {
+                self.stats.evaluations += 1;
+                let v = fill(rule, &mut sst, points.get(&b).copied());
+                queued += self.step(rule, &labels, &mut sst, b, v, now, closed);
+                b += g;
+            }
+            let anomaly = !matches!(rule.detector, Detector::Threshold { .. });
+            if !(quiet && sst.state == State::Ok && !anomaly) {
+                st.series.insert(key, sst);
+            }
+        }
+        queued
+    }
+
     /// One closed bucket through the state machine.
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
         rule: &Rule,
+        labels: &[(String, Option<String>)],
         st: &mut RuleState,
         b: Millis,
         v: Option<f64>,
@@ -993,30 +1142,30 @@ impl Engine {
                     st.state = State::Firing;
                     st.episode_start = Some(b - (st.true_run as i64 - 1) * g);
                     st.notified = !rule.silenced(now);
-                    self.transition(rule, before, "firing", v, b, now);
+                    self.transition(rule, labels, before, "firing", v, b, now);
                     if st.notified {
-                        queued += self.notify(rule, st, "firing", v, b, now, closed);
+                        queued += self.notify(rule, labels, st, "firing", v, b, now, closed);
                     }
                 } else if st.state == State::Ok {
                     st.state = State::Pending;
-                    self.transition(rule, before, "pending", v, b, now);
+                    self.transition(rule, labels, before, "pending", v, b, now);
                 }
             }
             (State::Pending, false) => {
                 st.true_run = 0;
                 st.state = State::Ok;
-                self.transition(rule, before, "ok", v, b, now);
+                self.transition(rule, labels, before, "ok", v, b, now);
             }
             (State::Ok, false) => st.true_run = 0,
             (State::Firing, true) => st.false_run = 0,
             (State::Firing, false) => {
                 st.false_run += 1;
                 if st.false_run >= rule.resolve_after() {
-                    self.transition(rule, before, "resolved", v, b, now);
+                    self.transition(rule, labels, before, "resolved", v, b, now);
                     // An episode the receiver heard of is always closed for it,
                     // even under a silence.
                     if st.notified {
-                        queued += self.notify(rule, st, "resolved", v, b, now, closed);
+                        queued += self.notify(rule, labels, st, "resolved", v, b, now, closed);
                     }
                     st.state = State::Ok;
                     st.true_run = 0;
@@ -1032,9 +1181,11 @@ impl Engine {
         queued
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn transition(
         &mut self,
         rule: &Rule,
+        labels: &[(String, Option<String>)],
         from: State,
         to: &str,
         v: Option<f64>,
@@ -1042,7 +1193,7 @@ impl Engine {
         now: Millis,
     ) {
         self.changed();
-        tracing::info!(rule = %rule.name, tenant = %rule.tenant, from = from.as_str(), to, value = ?v, bucket = %format_rfc3339(b), "alert state");
+        tracing::info!(rule = %rule.name, tenant = %rule.tenant, labels = ?labels, from = from.as_str(), to, value = ?v, bucket = %format_rfc3339(b), "alert state");
         self.record(HistoryEntry {
             at: now,
             rule_id: rule.id.clone(),
@@ -1058,6 +1209,7 @@ impl Engine {
             target: None,
             attempt: None,
             detail: None,
+            labels: (!labels.is_empty()).then(|| labels_json(labels)),
         });
     }
 
@@ -1065,6 +1217,7 @@ impl Engine {
     fn notify(
         &mut self,
         rule: &Rule,
+        labels: &[(String, Option<String>)],
         st: &RuleState,
         status: &str,
         v: Option<f64>,
@@ -1080,7 +1233,12 @@ impl Engine {
             bucket_end: b + rule.step(),
             at: now,
             episode_start: episode,
-            dedupe_key: format!("{}:{}:{}", rule.id, episode, status),
+            dedupe_key: if labels.is_empty() {
+                format!("{}:{}:{}", rule.id, episode, status)
+            } else {
+                format!("{}:{}:{}:{}", rule.id, labels_json(labels), episode, status)
+            },
+            labels: labels_json(labels),
         };
         self.stats.notifications += 1;
         for t in &rule.notify {
@@ -1193,6 +1351,7 @@ static DEFAULT_STATE: RuleState = RuleState {
     last_bucket: None,
     seen: false,
     start: None,
+    series: BTreeMap::new(),
 };
 
 fn delivery_entry(d: &Delivery, now: Millis, to: &str, detail: Option<String>) -> HistoryEntry {
@@ -1211,6 +1370,7 @@ fn delivery_entry(d: &Delivery, now: Millis, to: &str, detail: Option<String>) -
         target: Some(d.url.clone()),
         attempt: Some(d.attempts + u32::from(to == "delivered")),
         detail,
+        labels: None,
     }
 }
 
@@ -1222,6 +1382,65 @@ struct PersistedRef<'a> {
     outbox: &'a VecDeque<Delivery>,
     next_id: u64,
     journal_gen: u64,
+}
+
+/// A grouped rule's state: the most urgent of its series (firing, then
+/// pending), with that series' value, bucket and episode.
+fn summarize(st: &mut RuleState) {
+    let rank = |s: State| match s {
+        State::Firing => 2,
+        State::Pending => 1,
+        _ => 0,
+    };
+    let top = st
+        .series
+        .values()
+        .max_by_key(|x| (rank(x.state), x.last_bucket))
+        .cloned();
+    let state = top.as_ref().map_or(State::Ok, |x| match x.state {
+        State::Firing | State::Pending => x.state,
+        _ => State::Ok,
+    });
+    if state != st.state {
+        st.since = top.as_ref().and_then(|x| x.since);
+    }
+    st.state = state;
+    if let Some(t) = top {
+        st.last_value = t.last_value;
+        st.last_bucket = t.last_bucket;
+        st.episode_start = t.episode_start;
+        st.notified = t.notified;
+    }
+}
+
+/// Every bucket of a range with its value, None where it has no events.
+type DenseSeries = Vec<(Millis, Option<f64>)>;
+
+/// Every bucket of `[from, to)` per series of a grouped rule.
+fn dense_series(
+    rule: &Rule,
+    from: Millis,
+    to: Millis,
+    values: ValuesFn<'_>,
+) -> Vec<(Labels, DenseSeries)> {
+    let g = rule.step();
+    if to <= from {
+        return Vec::new();
+    }
+    values
+        .series(rule, from, to)
+        .into_iter()
+        .map(|(labels, points)| {
+            let got: BTreeMap<Millis, f64> = points.into_iter().collect();
+            let dense = (0..(to - from) / g)
+                .map(|i| {
+                    let b = from + i * g;
+                    (b, got.get(&b).copied())
+                })
+                .collect();
+            (labels, dense)
+        })
+        .collect()
 }
 
 /// Every bucket of `[from, to)` with its value, None where it has no events.

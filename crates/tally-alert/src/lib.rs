@@ -18,8 +18,8 @@ pub mod targets;
 
 pub use deliver::{DeliveryConfig, LatencyFn};
 pub use engine::{
-    AlertError, Change, Delivery, Engine, EngineConfig, HistoryEntry, Outcome, RuleState, Source,
-    State, Stats,
+    AlertError, Change, Delivery, Engine, EngineConfig, HistoryEntry, Labels, MAX_SERIES, Outcome,
+    RuleState, Source, State, Stats, labels_json,
 };
 pub use progress::Progress;
 pub use rule::{Detector, Direction, Format, Op, Rule, RuleError, Target};

@@ -188,6 +188,10 @@ pub struct Rule {
     /// (dimension, value); values of one dimension are any-of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<(String, String)>,
+    /// One series per combination of these keys (`event_type` and
+    /// declared dimensions), each with its own state and episodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_by: Vec<String>,
 }
 
 impl Rule {
@@ -259,6 +263,7 @@ impl Rule {
                 .iter()
                 .map(|(d, v)| format!("{d}:{v}"))
                 .collect::<Vec<_>>(),
+            "group_by": self.group_by,
         })
     }
 
@@ -274,6 +279,7 @@ impl Rule {
             && self.window_ms == o.window_ms
             && self.over == o.over
             && self.filters == o.filters
+            && self.group_by == o.group_by
     }
 
     /// The metrics query that gives this rule's values over `[start, end)`.
@@ -285,7 +291,7 @@ impl Rule {
             end,
             granularity: Granularity::parse(&self.granularity).unwrap_or(Granularity::M1),
             event_types: self.event_type.clone(),
-            group_by: Vec::new(),
+            group_by: self.group_by.clone(),
             filters: Vec::new(),
             window: self.window_ms,
             over: self.over_metric(),
@@ -441,11 +447,35 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
             format!("{metric} is a node metric, not one of events: leave where out"),
         ));
     }
-    if let Some(g) = string(obj, "group_by")?.filter(|g| !g.trim().is_empty()) {
+    let group_by = match obj.get("group_by") {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::String(g)) => tally_store::parse_group_by(g),
+        Some(Json::Array(a)) => {
+            let mut out = Vec::new();
+            for v in a {
+                let g = v.as_str().ok_or_else(|| {
+                    err(
+                        "group_by",
+                        format!("{v}: must be a dimension name like \"country\""),
+                    )
+                })?;
+                out.extend(tally_store::parse_group_by(g));
+            }
+            out.dedup();
+            out
+        }
+        Some(v) => {
+            return Err(err(
+                "group_by",
+                format!("{v}: must be a string like \"country\" or \"event_type,country\""),
+            ));
+        }
+    };
+    if is_node_metric(&metric) && !group_by.is_empty() {
         return Err(err(
             "group_by",
             format!(
-                "{g:?}: a rule watches one series (one state, one episode at a time); filter with where instead, or make a rule per value"
+                "{metric} is a node metric: one series for the whole cluster, without group_by"
             ),
         ));
     }
@@ -539,6 +569,7 @@ pub fn parse_rule(body: &Json, tenant: &str, id: String, now: Millis) -> Result<
         window_ms,
         over,
         filters,
+        group_by,
     })
 }
 

@@ -628,7 +628,7 @@ fn payload_shapes() {
                "detector": {"kind": "threshold", "op": ">", "value": 100.0},
                "bucket_start": "2026-11-01T12:00:00Z", "bucket_end": "2026-11-01T12:01:00Z",
                "episode_start": "2026-11-01T12:00:00Z", "at": "2026-11-01T12:01:00.250Z",
-               "dedupe_key": format!("{id}:{T0}:firing")})
+               "dedupe_key": format!("{id}:{T0}:firing"), "labels": {}})
     );
     assert_eq!(b[1]["event_action"], "trigger");
     assert_eq!(b[1]["routing_key"], "R0UT1NG");
@@ -1085,8 +1085,7 @@ fn node_metric_rules_refuse_an_event_type() {
     assert!(err.contains("consumer_lag_seconds"), "{err}");
 }
 
-/// `window`, `where` and `over` as on the metrics API; a rule watches
-/// one series, so `group_by` is refused with the way out.
+/// `window`, `where`, `over` and `group_by` as on the metrics API.
 #[test]
 fn windows_filters_and_ratios_parse_and_refuse_by_field() {
     let mut e = Engine::open(None, EngineConfig::default()).unwrap();
@@ -1137,7 +1136,11 @@ fn windows_filters_and_ratios_parse_and_refuse_by_field() {
     assert!(!r.same_definition(&other));
     for (extra, field, says) in [
         (json!({"where": "event_type"}), "where", "event_type:error"),
-        (json!({"group_by": "country"}), "group_by", "where"),
+        (
+            json!({"group_by": ["country", 3]}),
+            "group_by",
+            "dimension name",
+        ),
         (json!({"window": "90s"}), "window", "granularity"),
         (json!({"window": "soon"}), "window", "5m"),
         (json!({"over": "ratio"}), "over", "count"),
@@ -1154,4 +1157,132 @@ fn windows_filters_and_ratios_parse_and_refuse_by_field() {
         assert_eq!(re.field, field, "{extra}: {msg}");
         assert!(msg.to_string().contains(says), "{extra}: {msg}");
     }
+}
+
+/// Several label combinations, each a map from bucket to value.
+struct Grouped(Vec<(&'static str, BTreeMap<Millis, f64>)>);
+
+impl Source for Grouped {
+    fn values(&self, _: &Rule, _: Millis, _: Millis) -> Vec<(Millis, f64)> {
+        unreachable!("a grouped rule asks for series")
+    }
+
+    fn series(
+        &self,
+        r: &Rule,
+        from: Millis,
+        to: Millis,
+    ) -> Vec<(crate::engine::Labels, Vec<(Millis, f64)>)> {
+        assert_eq!(r.group_by, vec!["country".to_string()]);
+        self.0
+            .iter()
+            .map(|(c, m)| {
+                (
+                    vec![("country".to_string(), Some(c.to_string()))],
+                    m.range(from..to).map(|(&b, &v)| (b, v)).collect(),
+                )
+            })
+            .filter(|(_, p): &(_, Vec<_>)| !p.is_empty())
+            .collect()
+    }
+
+    fn first_minute(&self, _: &str) -> Option<Millis> {
+        Some(T0)
+    }
+}
+
+/// "Errors by country > 100" pages once per country and episode: each
+/// label combination has its own state, its own dedupe key, and the
+/// webhook body carries its labels; a country that goes quiet resolves.
+#[test]
+fn a_grouped_rule_pages_once_per_label_combination_and_episode() {
+    let (mut e, id) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 100}),
+        json!({"group_by": "country", "resolve_after": "2m"}),
+    ));
+    let of = |vals: &[Option<f64>]| -> BTreeMap<Millis, f64> {
+        vals.iter()
+            .enumerate()
+            .filter_map(|(i, v)| Some((T0 + i as i64 * M, (*v)?)))
+            .collect()
+    };
+    let s = Grouped(vec![
+        // DE spikes twice: two episodes.
+        (
+            "DE",
+            of(&[
+                Some(5.),
+                Some(150.),
+                Some(160.),
+                Some(1.),
+                Some(1.),
+                Some(200.),
+                Some(1.),
+                Some(1.),
+            ]),
+        ),
+        // US spikes once, overlapping DE's first episode, then goes quiet
+        // (no events: 0 for a count).
+        ("US", of(&[Some(120.), Some(130.), Some(10.)])),
+        // FR never crosses.
+        ("FR", of(&[Some(99.), Some(100.), Some(50.)])),
+    ]);
+    e.advance(T0, T0, None, &s);
+    let mut sent = Vec::new();
+    for i in 0..8 {
+        e.advance(T0 + (i + 1) * M, T0 + (i + 1) * M, None, &s);
+        for d in e.take_due(i64::MAX, usize::MAX) {
+            let b: Json = serde_json::from_str(&d.body).unwrap();
+            let at = (tally_types::time::parse_rfc3339(b["bucket_start"].as_str().unwrap())
+                .unwrap()
+                - T0)
+                / M;
+            sent.push((
+                b["labels"]["country"].as_str().unwrap().to_string(),
+                b["status"].as_str().unwrap().to_string(),
+                at,
+                d.dedupe_key.clone(),
+            ));
+            e.finish(d.id, Outcome::Delivered, 0);
+        }
+        if i == 1 {
+            let (_, st) = e.rule(&id).unwrap();
+            assert_eq!(
+                st.state,
+                State::Firing,
+                "the rule fires while any series does"
+            );
+            assert_eq!(e.firing(), 2, "DE and US");
+        }
+    }
+    let plain: Vec<(&str, &str, i64)> = sent
+        .iter()
+        .map(|(c, s, b, _)| (c.as_str(), s.as_str(), *b))
+        .collect();
+    assert_eq!(
+        plain,
+        vec![
+            ("US", "firing", 0),
+            ("DE", "firing", 1),
+            ("US", "resolved", 3),
+            ("DE", "resolved", 4),
+            ("DE", "firing", 5),
+            ("DE", "resolved", 7),
+        ]
+    );
+    let keys: std::collections::HashSet<&str> =
+        sent.iter().map(|(_, _, _, k)| k.as_str()).collect();
+    assert_eq!(
+        keys.len(),
+        sent.len(),
+        "every notification has its own dedupe key"
+    );
+    let (_, st) = e.rule(&id).unwrap();
+    assert_eq!(st.state, State::Ok);
+    // The history names the series of each transition.
+    let h = e.history("acme", Some(&id), 100);
+    assert!(
+        h.iter()
+            .any(|x| x.to == "firing" && x.labels == Some(json!({"country": "US"})))
+    );
 }

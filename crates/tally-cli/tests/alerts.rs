@@ -299,3 +299,118 @@ async fn an_error_rate_over_a_sliding_window_fires_and_resolves_once() {
     );
     assert_eq!(resolved["value"].as_f64(), Some(0.0), "{resolved}");
 }
+
+/// "Errors over the last 3 minutes by country > 5" pages once per country
+/// and episode, the webhook body carries the labels, the rule shows each
+/// country's state, and an undeclared dimension is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_grouped_by_country_pages_once_per_country() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Hook::start(0).await;
+    let server = start_server(dir.path(), tweak).await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+    let rule = json!({"name": "errors-by-country", "metric": "count",
+        "where": "event_type:error", "group_by": "country", "window": "3m",
+        "detector": {"kind": "threshold", "op": ">", "value": 5},
+        "resolve_after": "1m", "notify": [{"webhook": hook.url}]});
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(rule.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (code, created) = answer(r).await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["group_by"], json!(["country"]), "{created}");
+    let mut bad = rule.clone();
+    bad["group_by"] = json!("plan");
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(bad.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (code, body) = answer(r).await;
+    assert_eq!(code, 400);
+    assert!(
+        body.to_string()
+            .contains("event_type, country, device, page"),
+        "{body}"
+    );
+
+    // DE: 4 errors in each of minutes 2 and 3 (the windows ending with
+    // minutes 3 and 4 hold 8); US: 7 errors in minute 5 (the windows
+    // ending with 5, 6 and 7); FR: one error a minute (3 per window), and
+    // page views that the filter leaves out.
+    let with = |id: String, country: &str, ts: i64| {
+        let mut e = ev(&id, "error", ts);
+        e["properties"] = json!({"country": country});
+        e
+    };
+    let mut evs = Vec::new();
+    for m in 0..10 {
+        evs.push(with(format!("fr{m}"), "FR", T0 + m * M + 500));
+        let mut p = ev(&format!("p{m}"), "page_view", T0 + m * M + 700);
+        p["properties"] = json!({"country": "DE"});
+        evs.push(p);
+    }
+    for m in [2, 3] {
+        for i in 0..4 {
+            evs.push(with(
+                format!("de{m}-{i}"),
+                "DE",
+                T0 + m * M + 1000 * (i + 1),
+            ));
+        }
+    }
+    for i in 0..7 {
+        evs.push(with(format!("us{i}"), "US", T0 + 5 * M + 1000 * (i + 1)));
+    }
+    evs.push(ev("tick", "info", T0 + 12 * M + 30_000));
+    // In time order: none of it is late.
+    evs.sort_by_key(|e| e["timestamp"].as_i64());
+    send(&c, &base, evs).await;
+
+    hook.wait_ok(4, Duration::from_secs(20)).await;
+    // Nothing more arrives.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = hook.wait_ok(usize::MAX, Duration::ZERO).await;
+    let mut got: Vec<(String, String, String)> = calls
+        .iter()
+        .map(|c| {
+            (
+                c.1["labels"]["country"].as_str().unwrap().to_string(),
+                c.1["status"].as_str().unwrap().to_string(),
+                c.1["bucket_start"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("DE".into(), "firing".into(), "2026-11-01T12:03:00Z".into()),
+            (
+                "DE".into(),
+                "resolved".into(),
+                "2026-11-01T12:05:00Z".into()
+            ),
+            ("US".into(), "firing".into(), "2026-11-01T12:05:00Z".into()),
+            (
+                "US".into(),
+                "resolved".into(),
+                "2026-11-01T12:08:00Z".into()
+            ),
+        ],
+        "{calls:?}"
+    );
+    let r = c
+        .get(format!("{base}/api/v1/alerts?tenant=acme"))
+        .send()
+        .await
+        .unwrap();
+    let (_, list) = answer(r).await;
+    let shown = list.to_string();
+    assert!(shown.contains("\"series\""), "{shown}");
+}

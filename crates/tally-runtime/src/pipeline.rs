@@ -1164,6 +1164,29 @@ impl tally_alert::Source for StoreSource<'_> {
             .collect()
     }
 
+    /// A grouped rule's metric per label combination.
+    fn series(
+        &self,
+        r: &tally_alert::Rule,
+        from: i64,
+        to: i64,
+    ) -> Vec<(tally_alert::Labels, Vec<(i64, f64)>)> {
+        if r.node_metric() || r.group_by.is_empty() {
+            return vec![(Vec::new(), self.values(r, from, to))];
+        }
+        let q = r.query(from, to);
+        self.0
+            .read()
+            .query(&q)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                let points = s.points.iter().map(|&(b, v)| (b, v.as_f64())).collect();
+                (s.labels, points)
+            })
+            .collect()
+    }
+
     fn first_minute(&self, tenant: &str) -> Option<i64> {
         self.0.read().span(tenant).map(|(first, _)| first)
     }

@@ -28,6 +28,30 @@ pub(crate) fn view(r: &Rule, st: &RuleState, now: i64) -> Json {
         json!(st.episode_start.map(format_rfc3339)),
     );
     o.insert("silenced".into(), json!(r.silenced(now)));
+    if !r.group_by.is_empty() {
+        // One entry per label combination followed, most urgent first.
+        let mut series: Vec<(&String, &RuleState)> = st.series.iter().collect();
+        let rank = |s: &RuleState| match s.state {
+            tally_alert::State::Firing => 0,
+            tally_alert::State::Pending => 1,
+            _ => 2,
+        };
+        series.sort_by_key(|(k, s)| (rank(s), *k));
+        let list: Vec<Json> = series
+            .into_iter()
+            .map(|(k, s)| {
+                json!({
+                    "labels": serde_json::from_str::<Json>(k).unwrap_or(Json::Null),
+                    "state": s.state.as_str(),
+                    "since": s.since.map(format_rfc3339),
+                    "value": s.last_value,
+                    "last_bucket": s.last_bucket.map(format_rfc3339),
+                    "episode_start": s.episode_start.map(format_rfc3339),
+                })
+            })
+            .collect();
+        o.insert("series".into(), Json::Array(list));
+    }
     v
 }
 
