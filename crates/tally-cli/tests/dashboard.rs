@@ -360,6 +360,30 @@ async fn dashboard_shows_counts_and_updates_live() {
 
     // The metric explorer draws an answer of the metrics API.
     explore_counts(&mut page).await;
+    // Grouped by event type over a sliding window: one line per type.
+    page.eval("document.getElementById('x-group').value = 'event_type'; document.getElementById('x-window').value = '5m'; document.getElementById('x-run').click(); 0").await;
+    page.wait_for(
+        "/^count per 1m by event_type over 5m: \\d+ series/.test(document.getElementById('x-summary').textContent)",
+        &json!(true),
+    )
+    .await;
+    let shown = page
+        .eval("document.getElementById('x-summary').textContent")
+        .await;
+    let types: Value = serde_json::from_str(page.eval(TOTALS).await.as_str().unwrap()).unwrap();
+    assert!(!types.as_array().unwrap().is_empty());
+    for t in types.as_array().unwrap() {
+        let ty = t[0].as_str().unwrap();
+        assert!(shown.as_str().unwrap().contains(ty), "{ty} in {shown}");
+    }
+    // An undeclared dimension: the API's message, not a blank chart.
+    page.eval("document.getElementById('x-group').value = 'plan'; document.getElementById('x-run').click(); 0").await;
+    page.wait_for(
+        "document.getElementById('x-summary').textContent.includes('not a declared dimension')",
+        &json!(true),
+    )
+    .await;
+    page.eval("document.getElementById('x-group').value = ''; document.getElementById('x-window').value = ''; 0").await;
 
     assert_eq!(page.eval("window.__tally.errors").await, json!([]));
     let errors = page.js_errors();
