@@ -33,7 +33,9 @@ use tally_archive::RawShared;
 use tally_store::RollupStore;
 use tally_types::schema::{PropType, Schemas};
 
-pub use sessions::{SessionRow, SessionsQuery};
+pub use sessions::{
+    SESSION_MARGIN_MS, SessionMetric, SessionMetricQuery, SessionRow, SessionsQuery,
+};
 pub use udf::json_udfs;
 
 use provider::{ARCHIVE_URL, EventsTable, ROLLUP_TABLES, RollupsTable};
@@ -268,7 +270,15 @@ impl QueryEngine {
             }
             _ => events,
         };
-        ctx.register_table("events", events).map_err(df)?;
+        ctx.register_table("events", events.clone()).map_err(df)?;
+        ctx.register_table(
+            "sessions",
+            Arc::new(sessions::SessionsTable {
+                events,
+                gap_ms: 30 * 60_000,
+            }),
+        )
+        .map_err(df)?;
         let dims: Vec<String> = self
             .store
             .read()

@@ -150,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .add("/api/v1/status", admin, get(status))
         .add("/api/v1/query", read, post(sql_query))
         .add("/api/v1/sessions", read, get(sessions))
+        .add("/api/v1/changes", read, get(changes))
         .add("/api/v1/alerts", read, get(alerts::list))
         .add("/api/v1/alerts", admin, post(alerts::create))
         .add("/api/v1/live", read, get(crate::live::live))
@@ -202,6 +203,12 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 pub(crate) fn snapshot(s: &AppState) -> Snapshot {
     let v = s.shared.processor.lock().clone();
+    // One read guard: a second read of the same lock while a writer waits
+    // would wait behind that writer forever.
+    let (rollup_buckets, dimension_values_folded) = {
+        let store = s.shared.store.read();
+        (store.bucket_count(), store.values_folded())
+    };
     let dlq = s.shared.dlq.lock();
     Snapshot {
         now_ms: s.shared.clock.now_ms(),
@@ -216,8 +223,8 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dlq_malformed_held: dlq.held(DlqKind::Malformed),
         dlq_late_held: dlq.held(DlqKind::Late),
         dlq_late_full_tenants: dlq.late_full_tenants().len(),
-        rollup_buckets: s.shared.store.read().bucket_count(),
-        dimension_values_folded: s.shared.store.read().values_folded(),
+        rollup_buckets,
+        dimension_values_folded,
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
         ready: s.shared.ready.load(Relaxed),
@@ -576,6 +583,9 @@ async fn metrics(
     let metric_s = one(&pairs, "metric").ok_or_else(|| {
         ApiError::BadRequest("metric: required, e.g. metric=count or metric=p99:duration_ms".into())
     })?;
+    if let Some(sm) = tally_query::SessionMetric::parse(metric_s) {
+        return session_metric(&s, &caller, &pairs, metric_s, sm).await;
+    }
     let metric = Metric::parse(metric_s).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let granularity = Granularity::parse(one(&pairs, "granularity").unwrap_or("1m"))
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -703,6 +713,84 @@ async fn metrics(
     tel.query_latency
         .observe_us(started.elapsed().as_micros() as u64);
     Ok(json_bytes(body, "miss"))
+}
+
+/// `metric=sessions|avg_session_duration|bounce_rate`: per bucket of the
+/// sessions' start, computed from the raw events (so late events that
+/// extend or join sessions are counted), with `window` as for rollups.
+async fn session_metric(
+    s: &AppState,
+    caller: &Caller,
+    pairs: &[(String, String)],
+    metric_s: &str,
+    metric: tally_query::SessionMetric,
+) -> Result<Response, ApiError> {
+    for p in ["group_by", "where", "over", "event_type"] {
+        if one(pairs, p).is_some_and(|v| !v.is_empty()) {
+            return Err(ApiError::BadRequest(format!(
+                "{p}: {metric_s} is a metric of whole sessions, which are not split by {p}; leave it out (or query the sessions table with SQL)"
+            )));
+        }
+    }
+    let engine = engine(s)?;
+    let granularity = Granularity::parse(one(pairs, "granularity").unwrap_or("1m"))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let g = granularity.ms();
+    let now = s.shared.clock.now_ms();
+    let end = time_param(pairs, "end")?.unwrap_or(now + 1);
+    let start = time_param(pairs, "start")?.unwrap_or(end - HOUR_MS);
+    if end <= start {
+        return Err(ApiError::BadRequest("end: must be after start".into()));
+    }
+    if (end - start) / g > tally_store::rollup::MAX_BUCKETS {
+        return Err(ApiError::BadRequest(format!(
+            "granularity: the range holds more than {} buckets of {}; use a coarser granularity or a shorter range",
+            tally_store::rollup::MAX_BUCKETS,
+            granularity.as_str()
+        )));
+    }
+    let window = match one(pairs, "window") {
+        None | Some("") => g,
+        Some(w) => tally_types::time::parse_duration_ms(w)
+            .filter(|&ms| ms >= g && ms % g == 0)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "window: {w:?} is not a whole number of buckets of the granularity ({}), e.g. granularity=1m&window=5m",
+                    granularity.as_str()
+                ))
+            })?,
+    };
+    let gap_ms = match one(pairs, "gap") {
+        None | Some("") => 30 * 60_000,
+        Some(v) => tally_types::time::parse_duration_ms(v)
+            .filter(|&v| v > 0)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("gap: {v:?} is not a duration; use e.g. 30m"))
+            })?,
+    };
+    let tenant = caller.tenant(pairs)?;
+    let points = engine
+        .session_metric(&tally_query::SessionMetricQuery {
+            tenant,
+            metric,
+            start,
+            end,
+            step: g,
+            window,
+            gap_ms,
+        })
+        .await
+        .map_err(query_error)?;
+    let points: Vec<Json> = points
+        .into_iter()
+        .map(|(t, v)| json!([format_rfc3339(t), number(Value::Float(v))]))
+        .collect();
+    Ok(axum::Json(json!({
+        "metric": metric_s,
+        "granularity": granularity.as_str(),
+        "series": [{"labels": {}, "points": points}],
+    }))
+    .into_response())
 }
 
 /// A JSON body already serialized, with the cache outcome in `X-Tally-Cache`.
@@ -1199,6 +1287,76 @@ async fn sql_query(
         Body::from(bytes),
     )
         .into_response())
+}
+
+/// `GET /api/v1/changes?since=V[&limit=N][&tenant=X]`: closed buckets
+/// whose value changed after they were first published, after store
+/// version `V`, oldest first. `version` is where to continue from.
+async fn changes(
+    State(s): State<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&q);
+    let tenant = caller.tenant(&pairs)?;
+    if s.shared.kafka.is_some() {
+        return Err(ApiError::Status(
+            StatusCode::NOT_IMPLEMENTED,
+            "changes: not recorded in Kafka mode yet; a read_committed consumer of the aggregates topic sees every corrected aggregate as a new value of its key".into(),
+        ));
+    }
+    let since = match one(&pairs, "since") {
+        None | Some("") => 0,
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            ApiError::BadRequest(format!(
+                "since: {v:?} is not a version; give 0 or the version of the last answer"
+            ))
+        })?,
+    };
+    let limit = match one(&pairs, "limit") {
+        None | Some("") => 1000,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|&l| (1..=tally_store::CHANGES_KEPT).contains(&l))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "limit: {l:?} is not an integer from 1 to {}",
+                    tally_store::CHANGES_KEPT
+                ))
+            })?,
+    };
+    let store = s.shared.store.read();
+    let (list, complete) = store.changes_since(&tenant, since, limit);
+    let summary = |x: &tally_store::Summary| json!({"count": x.count, "unique_users": x.unique_users, "unique_sessions": x.unique_sessions});
+    let version = if list.len() == limit {
+        list.last().map_or(store.version(), |c| c.version)
+    } else {
+        store.version()
+    };
+    let changes: Vec<Json> = list
+        .iter()
+        .map(|c| {
+            json!({
+                "kind": "bucket",
+                "key": {
+                    "tenant": &*c.tenant,
+                    "event_type": &*c.event_type,
+                    "bucket": format_rfc3339(c.minute),
+                    "granularity": "1m",
+                },
+                "old": summary(&c.old),
+                "new": summary(&c.new),
+                "at": format_rfc3339(c.at),
+                "version": c.version,
+            })
+        })
+        .collect();
+    drop(store);
+    Ok(
+        axum::Json(json!({"version": version, "complete": complete, "changes": changes}))
+            .into_response(),
+    )
 }
 
 /// `GET /api/v1/sessions?user_id=U&start=T&end=T[&tenant=X][&gap=30m][&limit=N]`.

@@ -9,6 +9,7 @@ pub mod sketch;
 pub use cache::MetricsCache;
 pub use dims::Dimensions;
 pub use rollup::{
-    Agg, DimAggs, Downsampled, Granularity, Metric, MetricQuery, MinuteBucket, NumAgg, QueryError,
-    RollupStore, Series, Value, parse_group_by, parse_where,
+    Agg, CHANGES_KEPT, Change, DimAggs, Downsampled, Granularity, Metric, MetricQuery,
+    MinuteBucket, NumAgg, QueryError, RollupStore, Series, Summary, Value, parse_group_by,
+    parse_where,
 };

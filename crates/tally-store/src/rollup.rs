@@ -20,6 +20,10 @@ use tally_types::time::{DAY_MS, HOUR_MS, MINUTE_MS, Millis, align_down};
 use tally_types::{EventView, stable_hash};
 
 use crate::dims::{self, Dimensions, MAX_DIMS, OTHER};
+
+/// Numeric properties of one event taken in one pass (more: the slower
+/// path that reads them again per aggregate).
+const MAX_NUMS: usize = 16;
 use crate::sketch::{DdSketch, ExactSum, Hll};
 
 /// Aggregates of one numeric property.
@@ -93,6 +97,29 @@ impl Agg {
         let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
         let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
         self.add_hashed(e, uh, sh);
+    }
+
+    /// One event given by its user and session hashes and its numeric
+    /// properties.
+    #[inline]
+    pub fn add_nums(&mut self, uh: Option<u64>, sh: Option<u64>, nums: &[(&str, f64)]) {
+        self.count += 1;
+        if let Some(u) = uh {
+            self.users.insert(u);
+        }
+        if let Some(s) = sh {
+            self.sessions.insert(s);
+        }
+        for &(k, x) in nums {
+            match self.props.iter_mut().find(|(name, _)| &**name == k) {
+                Some((_, n)) => n.add(x),
+                None => {
+                    let mut n = NumAgg::default();
+                    n.add(x);
+                    self.props.push((k.into(), n));
+                }
+            }
+        }
     }
 
     /// [`Agg::add`] with the user and session hashes already computed.
@@ -206,33 +233,17 @@ impl MinuteBucket {
         &mut self.types[i].1
     }
 
-    /// Builds the key of `e`'s combination of `names` into `key`, folding
-    /// values past the cap into [`OTHER`]; answers how many values of the
-    /// event were folded.
+    /// Builds the key of a combination of `names` into `key` from the
+    /// event's values, folding values past the cap into [`OTHER`];
+    /// answers how many were folded.
     fn combination(
         &mut self,
-        e: &EventView<'_>,
+        vals: &[Option<std::borrow::Cow<'_, str>>],
         names: &[Box<str>],
         dims: &Dimensions,
         key: &mut String,
     ) -> u64 {
         key.clear();
-        let mut vals: [Option<std::borrow::Cow<'_, str>>; MAX_DIMS] = Default::default();
-        let mut found = 0;
-        for (k, v) in e.props() {
-            if let Some(i) = names.iter().position(|n| &**n == k)
-                && vals[i].is_none()
-            {
-                vals[i] = dims::value_text(&v);
-                found += vals[i].is_some() as usize;
-                if found == names.len() {
-                    break;
-                }
-            }
-        }
-        if found == 0 {
-            return 0;
-        }
         let seen = self.seen(names);
         let mut folded = 0;
         for (i, v) in vals.iter().enumerate().take(names.len()) {
@@ -462,6 +473,13 @@ pub struct RollupStore {
     touched: Option<Touched>,
     /// The declared dimensions events are split by.
     dims: Dimensions,
+    /// Closed buckets changed since the last commit, with their value
+    /// before and when (see [`RollupStore::note_correction`]).
+    corrected: Vec<(BucketKey, Summary, Millis)>,
+    /// Changes of closed buckets, oldest first, at most [`CHANGES_KEPT`].
+    change_log: VecDeque<Change>,
+    /// Versions at or before this fell out of `change_log`.
+    change_floor: u64,
     /// Scratch space for combination keys.
     key: String,
 }
@@ -499,9 +517,52 @@ impl Default for RollupStore {
             dirty: Vec::new(),
             touched: None,
             dims: Dimensions::default(),
+            corrected: Vec::new(),
+            change_log: VecDeque::new(),
+            change_floor: 0,
             key: String::new(),
         }
     }
+}
+
+/// (tenant, minute, event type).
+type BucketKey = (Box<str>, Millis, Box<str>);
+
+/// Changes of closed buckets remembered for `GET /api/v1/changes`.
+pub const CHANGES_KEPT: usize = 10_000;
+
+/// The headline values of one bucket, as a change reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub count: u64,
+    pub unique_users: u64,
+    pub unique_sessions: u64,
+}
+
+impl Summary {
+    fn of(a: Option<&Agg>) -> Summary {
+        a.map_or_else(Summary::default, |a| Summary {
+            count: a.count,
+            unique_users: a.users.estimate(),
+            unique_sessions: a.sessions.estimate(),
+        })
+    }
+}
+
+/// A closed (tenant, minute, event type) bucket whose value changed after
+/// it was first published: late events within the allowed lateness, a
+/// replay of late events, a backfill.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The store version the change became visible at.
+    pub version: u64,
+    pub tenant: Box<str>,
+    pub minute: Millis,
+    pub event_type: Box<str>,
+    pub old: Summary,
+    pub new: Summary,
+    /// When the change was appended (wall clock).
+    pub at: Millis,
 }
 
 /// What one [`RollupStore::downsample`] did.
@@ -534,7 +595,8 @@ impl Metric {
             message: format!(
                 "unknown metric {s:?}: use count, unique_users, unique_sessions, \
                  sum:<property>, avg:<property>, min:<property>, max:<property>, \
-                 p50:<property>, p90:<property>, p95:<property> or p99:<property>"
+                 p50:<property>, p90:<property>, p95:<property> or p99:<property> \
+                 (the metrics API also answers sessions, avg_session_duration and bounce_rate)"
             ),
         };
         Ok(match s {
@@ -838,6 +900,26 @@ impl RollupStore {
             return;
         }
         self.version += 1;
+        for ((tenant, minute, ty), old, at) in std::mem::take(&mut self.corrected) {
+            let new = Summary::of(self.agg(&tenant, minute, &ty));
+            if new == old {
+                continue;
+            }
+            self.change_log.push_back(Change {
+                version: self.version,
+                tenant,
+                minute,
+                event_type: ty,
+                old,
+                new,
+                at,
+            });
+            if self.change_log.len() > CHANGES_KEPT
+                && let Some(c) = self.change_log.pop_front()
+            {
+                self.change_floor = c.version;
+            }
+        }
         for name in std::mem::take(&mut self.dirty) {
             if let Some(t) = self.tenants.get_mut(&name) {
                 let c = &mut t.changes;
@@ -850,6 +932,38 @@ impl RollupStore {
                 }
             }
         }
+    }
+
+    /// Notes that an event is about to change `(tenant, minute, event
+    /// type)`, a bucket its tenant's watermark already closed: the next
+    /// [`commit`](RollupStore::commit) records the change with the value
+    /// the bucket had before (taken once per commit) and the new one.
+    pub fn note_correction(&mut self, tenant: &str, minute: Millis, event_type: &str, at: Millis) {
+        if self
+            .corrected
+            .iter()
+            .any(|((t, m, e), ..)| *m == minute && &**t == tenant && &**e == event_type)
+        {
+            return;
+        }
+        let old = Summary::of(self.agg(tenant, minute, event_type));
+        self.corrected
+            .push(((tenant.into(), minute, event_type.into()), old, at));
+    }
+
+    /// A tenant's changes of closed buckets after version `since`, oldest
+    /// first, at most `limit`; `complete` is false when changes after
+    /// `since` fell out of the bounded log.
+    pub fn changes_since(&self, tenant: &str, since: u64, limit: usize) -> (Vec<&Change>, bool) {
+        let complete = since >= self.change_floor;
+        let from = self.change_log.partition_point(|c| c.version <= since);
+        let out = self
+            .change_log
+            .range(from..)
+            .filter(|c| &*c.tenant == tenant)
+            .take(limit)
+            .collect();
+        (out, complete)
     }
 
     /// The store's version: what a cache entry computed now is stamped with.
@@ -902,27 +1016,72 @@ impl RollupStore {
             self.agg_mut(e.tenant, minute, e.event_type).add(e);
             return;
         }
+        // One pass over the properties: the dimension values, and the
+        // numeric values both aggregates take.
+        let names = self.dims.of(e.tenant);
+        let mut vals: [Option<std::borrow::Cow<'_, str>>; MAX_DIMS] = Default::default();
+        let mut nums: [(&str, f64); MAX_NUMS] = [("", 0.0); MAX_NUMS];
+        let mut n_nums = 0;
+        let mut all_nums = true;
+        for (k, v) in e.props() {
+            if let Some(x) = v.as_f64() {
+                if n_nums < MAX_NUMS {
+                    nums[n_nums] = (k, x);
+                    n_nums += 1;
+                } else {
+                    all_nums = false;
+                }
+            }
+            if let Some(i) = names.iter().position(|n| &**n == k)
+                && vals[i].is_none()
+            {
+                vals[i] = dims::value_text(&v);
+            }
+        }
+        let nums = &nums[..n_nums];
+        // The key as the values are; a combination already held needs no
+        // look at the cap (its values were admitted when it was made).
+        let key = &mut self.key;
+        key.clear();
+        for (i, v) in vals.iter().enumerate().take(names.len()) {
+            if let Some(v) = v {
+                let v = if v.len() > self.dims.max_value_bytes {
+                    OTHER
+                } else {
+                    v
+                };
+                dims::push_pair(key, &names[i], v);
+            }
+        }
         if let Some(t) = self.touched.as_mut() {
             note_touched(t, e.tenant, minute, e.event_type);
         }
-        let folded = minute < self.downsampled_to;
+        let folded_hour = minute < self.downsampled_to;
         let t = tenant_entry(&mut self.tenants, &mut self.dirty, e.tenant, minute);
-        let bucket = if folded {
+        let bucket = if folded_hour {
             t.hours.entry(align_down(minute, HOUR_MS)).or_default()
         } else {
             t.minutes.entry(minute).or_default()
         };
-        let names = self.dims.of(e.tenant);
-        let folded = bucket.combination(e, names, &self.dims, &mut self.key);
-        self.dims.note_folded(folded);
         let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
         let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
+        let add = |agg: &mut Agg| {
+            if all_nums {
+                agg.add_nums(uh, sh, nums);
+            } else {
+                agg.add_hashed(e, uh, sh);
+            }
+        };
         let agg = bucket.agg_entry(e.event_type);
-        agg.add_hashed(e, uh, sh);
-        agg.by
-            .entry_ref(self.key.as_str())
-            .or_default()
-            .add_hashed(e, uh, sh);
+        add(agg);
+        if let Some(c) = agg.by.get_mut(key.as_str()) {
+            add(c);
+            return;
+        }
+        let folded = bucket.combination(&vals, names, &self.dims, key);
+        self.dims.note_folded(folded);
+        let agg = bucket.agg_entry(e.event_type);
+        add(agg.by.entry_ref(key.as_str()).or_default());
     }
 
     /// Starts noting which buckets change (a processor that publishes its

@@ -536,7 +536,8 @@ impl Processor {
         let reader = BatchReader::new(rec.payload).map_err(codec)?;
         self.last_drops.clear();
         let out = if reader.is_correction() {
-            self.apply_correction(reader).map_err(codec)?
+            self.apply_correction(reader, rec.append_ms)
+                .map_err(codec)?
         } else {
             let backfill = reader.is_backfill();
             self.apply_events(p, rec.append_ms, reader, backfill)
@@ -674,8 +675,14 @@ impl Processor {
                 late_entries.push(late_entry(&ev, key, reason, append_ms));
                 continue;
             }
+            // A window already closed (by this clock or the tenant's
+            // other one) changes after it was published: say so.
+            let closed_by = wm.max(twin.and_then(|t| t.watermark));
             if wm.is_some_and(|w| minute + MINUTE_MS <= w) {
                 out.corrections += 1;
+            }
+            if closed_by.is_some_and(|w| minute + MINUTE_MS <= w) {
+                store.note_correction(ev.tenant, minute, ev.event_type, append_ms);
             }
             c.dedupe.insert(key, minute);
             if journaling {
@@ -721,7 +728,11 @@ impl Processor {
     /// A correction record: late events from the DLQ, applied to their
     /// windows whatever the watermark, each (tenant, event_id) at most once
     /// and never on top of an event already counted.
-    fn apply_correction(&mut self, reader: BatchReader<'_>) -> Result<Applied, CodecError> {
+    fn apply_correction(
+        &mut self,
+        reader: BatchReader<'_>,
+        append_ms: Millis,
+    ) -> Result<Applied, CodecError> {
         let mut out = Applied {
             correction_record: true,
             ..Applied::default()
@@ -754,6 +765,7 @@ impl Processor {
                 continue;
             }
             let minute = align_down(ev.ts, MINUTE_MS);
+            store.note_correction(ev.tenant, minute, ev.event_type, append_ms);
             store.add(&ev);
             self.corrected.insert(key);
             if minute < store.downsampled_to() {
