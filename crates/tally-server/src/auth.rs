@@ -307,15 +307,23 @@ fn refuse(status: StatusCode, msg: String) -> Response {
 }
 
 /// The digest of the secret a request presents: `Authorization: Bearer`,
-/// `X-Api-Key`, or (the live WebSocket only) `?access_token=`.
+/// HTTP basic auth (the key as the password, or as the user name with an
+/// empty password: how Segment's SDKs send a write key), `X-Api-Key`, or
+/// (the live WebSocket only) `?access_token=`.
 fn presented(req: &Request) -> Result<Option<[u8; 32]>, String> {
     if let Some(v) = req.headers().get(header::AUTHORIZATION) {
         let v = v
             .to_str()
             .map_err(|_| "Authorization: not ASCII".to_string())?;
         let (scheme, rest) = v.trim().split_once(' ').unwrap_or((v, ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            return basic_secret(rest.trim()).map(|k| Some(digest(&k)));
+        }
         if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
-            return Err("Authorization: expected \"Bearer <key>\"".to_string());
+            return Err(
+                "Authorization: expected \"Bearer <key>\" (or basic auth with the key as the password)"
+                    .to_string(),
+            );
         }
         return Ok(Some(digest(rest.trim())));
     }
@@ -327,6 +335,23 @@ fn presented(req: &Request) -> Result<Option<[u8; 32]>, String> {
         return Ok(one(&pairs, "access_token").map(digest));
     }
     Ok(None)
+}
+
+/// The key in HTTP basic credentials: the password, or the user name when
+/// the password is empty.
+fn basic_secret(b64: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    let bad = || "Authorization: basic credentials are not base64 of user:password".to_string();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (user, pass) = text.split_once(':').unwrap_or((&text, ""));
+    let key = if pass.is_empty() { user } else { pass };
+    if key.trim().is_empty() {
+        return Err("Authorization: basic credentials carry no key (give it as the user name or the password)".into());
+    }
+    Ok(key.trim().to_string())
 }
 
 /// The layer in front of every route: establishes which key a request

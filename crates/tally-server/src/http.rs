@@ -151,6 +151,11 @@ pub fn router(state: AppState) -> Router {
         .add("/api/v1/query", read, post(sql_query))
         .add("/api/v1/sessions", read, get(sessions))
         .add("/api/v1/changes", read, get(changes))
+        .add(
+            "/v1/{kind}",
+            Access::Needs(Scope::Ingest),
+            post(crate::segment::call),
+        )
         .add("/api/v1/alerts", read, get(alerts::list))
         .add("/api/v1/alerts", admin, post(alerts::create))
         .add("/api/v1/live", read, get(crate::live::live))
@@ -400,6 +405,58 @@ async fn ingest(
             ApiError::BadRequest(format!("cannot read body: {e}"))
         }
     })?;
+    let body = decode_body(&headers, body, s.max_body)?;
+    let format = Format::from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    ingest_body(&s, &pairs, tenancy, format, body, started).await
+}
+
+/// A request body as sent, or inflated when `Content-Encoding: gzip`
+/// (at most `max` bytes either way).
+pub(crate) fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Result<Bytes, ApiError> {
+    let enc = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match enc.as_deref() {
+        None | Some("") | Some("identity") => Ok(body),
+        Some("gzip") | Some("x-gzip") => {
+            use std::io::Read as _;
+            let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(max));
+            let mut dec = flate2::read::MultiGzDecoder::new(&body[..]).take(max as u64 + 1);
+            dec.read_to_end(&mut out).map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "body: Content-Encoding gzip, but the body does not inflate ({e}); send gzip data or drop the header"
+                ))
+            })?;
+            if out.len() > max {
+                return Err(ApiError::TooLarge(format!(
+                    "body inflates past the {max}-byte limit (ingest.max-body-bytes); split the batch"
+                )));
+            }
+            Ok(Bytes::from(out))
+        }
+        Some(other) => Err(ApiError::Status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding {other:?} is not supported; send gzip or no encoding"),
+        )),
+    }
+}
+
+/// The ingest path after the body is read: validation, quotas, the write
+/// and its acknowledgement (`POST /api/v1/events` and the Segment API).
+pub(crate) async fn ingest_body(
+    s: &AppState,
+    pairs: &[(String, String)],
+    tenancy: Tenancy<'_>,
+    format: Format,
+    body: Bytes,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let tel = &s.shared.telemetry;
     tel.bytes_ingested.fetch_add(body.len() as u64, Relaxed);
     // Bounded memory: refuse while too many bytes wait to become durable.
     let inflight = tel.inflight_bytes.fetch_add(body.len() as i64, Relaxed);
@@ -412,9 +469,6 @@ async fn ingest(
             1,
         ));
     }
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
     let backfill = pairs
         .iter()
         .any(|(k, v)| k == "backfill" && matches!(v.as_str(), "true" | "1" | "yes"));
@@ -425,10 +479,10 @@ async fn ingest(
             s.shared.clock.now_ms(),
             s.shared.durations.max_future_skew_ms,
         )
-        .with_admission(admission(&s, overloaded, backfill))
+        .with_admission(admission(s, overloaded, backfill))
         .with_max_depth(s.max_json_depth)
         .with_privacy(s.privacy.clone())
-        .parse(&body, Format::from_content_type(ct), tenancy);
+        .parse(&body, format, tenancy);
     let mut parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
@@ -505,7 +559,7 @@ async fn ingest(
     tel.ack_latency
         .observe_us(started.elapsed().as_micros() as u64);
     let late = match last_lsn {
-        Some(last) if maybe_late(&s, &spans) => late_of(&s, last + 1 - n_records, last).await,
+        Some(last) if maybe_late(s, &spans) => late_of(s, last + 1 - n_records, last).await,
         // Kafka mode: the node owning each partition judges lateness later.
         None if s.shared.kafka.is_some() && accepted > 0 => None,
         _ => Some(0),

@@ -8,6 +8,7 @@ pub mod http;
 mod http_alerts;
 mod live;
 pub mod quota;
+mod segment;
 mod serve;
 
 pub use tally_runtime::{config, pipeline, telemetry};
