@@ -507,6 +507,12 @@ fn session(
         ("enable.idempotence", "true".into()),
         ("acks", "all".into()),
         ("linger.ms", "5".into()),
+        // Aggregates carry a sketch per dimension combination: mostly
+        // empty registers, which lz4 shrinks many times over; allow values
+        // past librdkafka's 1 MB default (the broker's limit applies to
+        // the compressed batch).
+        ("compression.type", "lz4".into()),
+        ("message.max.bytes", "67108864".into()),
         // A node killed mid-transaction blocks read_committed readers of
         // the partitions it wrote until the broker aborts it (or the node,
         // back with the same transactional id, fences it): keep it short.
