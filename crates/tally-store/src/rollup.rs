@@ -1422,6 +1422,13 @@ impl RollupStore {
         let split = q.splits();
         let mut series: BTreeMap<Vec<Option<&str>>, BTreeMap<Millis, Acc>> = BTreeMap::new();
         let mut key: Vec<Option<&str>> = Vec::with_capacity(q.group_by.len());
+        // A split query meets the same few combinations in every bucket:
+        // what each (event type, combination) maps to is worked out once
+        // (filtered out, or the index of its series in `slots`).
+        let mut memo: hashbrown::HashMap<(&str, &str), Option<usize>> = hashbrown::HashMap::new();
+        let mut slots: Vec<BTreeMap<Millis, Acc>> = Vec::new();
+        let mut slot_keys: Vec<Vec<Option<&str>>> = Vec::new();
+        let mut slot_of: hashbrown::HashMap<Vec<Option<&str>>, usize> = hashbrown::HashMap::new();
         for (minute, bucket) in self.tenant_buckets(&q.tenant, from, q.end, g) {
             let b = align_down(minute, g);
             for (ty, agg) in &bucket.types {
@@ -1442,23 +1449,43 @@ impl RollupStore {
                     Box::new(agg.by.iter().map(|(k, a)| (&**k, a)))
                 };
                 for (combo, sub) in combos {
-                    let admitted = q.filters.iter().all(|(d, vals)| {
-                        dims::value_of(combo, d).is_some_and(|v| vals.iter().any(|x| x == v))
-                    });
-                    if !admitted {
-                        continue;
-                    }
-                    key.clear();
-                    key.extend(q.group_by.iter().map(|g| {
-                        if g == "event_type" {
-                            Some(&**ty)
-                        } else {
-                            dims::value_of(combo, g)
+                    let slot = match memo.get(&(&**ty, combo)) {
+                        Some(&s) => s,
+                        None => {
+                            let admitted = q.filters.iter().all(|(d, vals)| {
+                                dims::value_of(combo, d)
+                                    .is_some_and(|v| vals.iter().any(|x| x == v))
+                            });
+                            let s = admitted.then(|| {
+                                let k: Vec<Option<&str>> = q
+                                    .group_by
+                                    .iter()
+                                    .map(|g| {
+                                        if g == "event_type" {
+                                            Some(&**ty)
+                                        } else {
+                                            dims::value_of(combo, g)
+                                        }
+                                    })
+                                    .collect();
+                                *slot_of.entry(k.clone()).or_insert_with(|| {
+                                    slots.push(BTreeMap::new());
+                                    slot_keys.push(k);
+                                    slots.len() - 1
+                                })
+                            });
+                            memo.insert((&**ty, combo), s);
+                            s
                         }
-                    }));
-                    accumulate(&mut series, &key, b, sub, &q.metric);
+                    };
+                    if let Some(i) = slot {
+                        accumulate_into(&mut slots[i], b, sub, &q.metric);
+                    }
                 }
             }
+        }
+        for (k, buckets) in slot_keys.into_iter().zip(slots) {
+            series.insert(k, buckets);
         }
         if window > g {
             let quantile = matches!(q.metric, Metric::Quantile(..));
@@ -1510,6 +1537,12 @@ fn accumulate<'a>(
         Some(s) => s,
         None => series.entry(key.to_vec()).or_default(),
     };
+    accumulate_into(buckets, b, agg, metric);
+}
+
+/// Adds one aggregate to bucket `b` of one series.
+#[inline]
+fn accumulate_into(buckets: &mut BTreeMap<Millis, Acc>, b: Millis, agg: &Agg, metric: &Metric) {
     let acc = buckets.entry(b).or_insert_with(|| match metric {
         Metric::Count => Acc::Count(0),
         Metric::UniqueUsers | Metric::UniqueSessions => Acc::Distinct {
