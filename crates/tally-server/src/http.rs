@@ -361,17 +361,9 @@ async fn ingest(
     let started = Instant::now();
     let tel = &s.shared.telemetry;
     tel.requests.fetch_add(1, Relaxed);
-    // `?tenant=` names the tenant of events without one (open mode); a key
-    // may only name its own (403 otherwise, as on every route).
     let pairs = query_pairs(&q);
-    let default_tenant = match one(&pairs, "tenant") {
-        Some(t) if !t.is_empty() => Some(caller.tenant(&pairs)?),
-        _ => None,
-    };
-    let tenancy = match (&default_tenant, caller.tenancy()) {
-        (Some(t), Tenancy::Open) => Tenancy::OpenAs(t),
-        (_, tenancy) => tenancy,
-    };
+    let default_tenant = default_tenant(&caller, &pairs)?;
+    let tenancy = tenancy(&caller, &default_tenant);
     if !s.shared.ready.load(Relaxed) {
         return Err(ApiError::Unavailable(
             "not ready: recovering or shutting down; retry".into(),
@@ -412,6 +404,26 @@ async fn ingest(
             .and_then(|v| v.to_str().ok()),
     );
     ingest_body(&s, &pairs, tenancy, format, body, started).await
+}
+
+/// `?tenant=` names the tenant of events without one (open mode); a key
+/// may only name its own (403 otherwise, as on every route).
+pub(crate) fn default_tenant(
+    caller: &Caller,
+    pairs: &[(String, String)],
+) -> Result<Option<String>, ApiError> {
+    match one(pairs, "tenant") {
+        Some(t) if !t.is_empty() => Ok(Some(caller.tenant(pairs)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Whose events an ingest request carries, given [`default_tenant`].
+pub(crate) fn tenancy<'a>(caller: &'a Caller, default_tenant: &'a Option<String>) -> Tenancy<'a> {
+    match (default_tenant, caller.tenancy()) {
+        (Some(t), Tenancy::Open) => Tenancy::OpenAs(t),
+        (_, tenancy) => tenancy,
+    }
 }
 
 /// A request body as sent, or inflated when `Content-Encoding: gzip`

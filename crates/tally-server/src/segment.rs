@@ -22,12 +22,14 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json, json};
-use tally_ingest::{Format, Tenancy};
+use tally_ingest::Format;
 use tally_types::Millis;
 use tally_types::time::{format_rfc3339, parse_rfc3339};
 
 use crate::auth::Caller;
-use crate::http::{ApiError, AppState, decode_body, ingest_body, one, query_pairs};
+use crate::http::{
+    ApiError, AppState, decode_body, default_tenant, ingest_body, query_pairs, tenancy,
+};
 
 /// The Segment calls Tally takes.
 const CALLS: [&str; 7] = [
@@ -50,14 +52,8 @@ pub(crate) async fn call(
     }
     let started = std::time::Instant::now();
     let pairs = query_pairs(&q);
-    let default_tenant = match one(&pairs, "tenant") {
-        Some(t) if !t.is_empty() => Some(caller.tenant(&pairs)?),
-        _ => None,
-    };
-    let tenancy = match (&default_tenant, caller.tenancy()) {
-        (Some(t), Tenancy::Open) => Tenancy::OpenAs(t),
-        (_, tenancy) => tenancy,
-    };
+    let default_tenant = default_tenant(&caller, &pairs)?;
+    let tenancy = tenancy(&caller, &default_tenant);
     let body = axum::body::to_bytes(body, s.max_body)
         .await
         .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;

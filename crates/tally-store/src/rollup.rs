@@ -111,13 +111,19 @@ impl Agg {
             self.sessions.insert(s);
         }
         for &(k, x) in nums {
-            match self.props.iter_mut().find(|(name, _)| &**name == k) {
-                Some((_, n)) => n.add(x),
-                None => {
-                    let mut n = NumAgg::default();
-                    n.add(x);
-                    self.props.push((k.into(), n));
-                }
+            self.add_num(k, x);
+        }
+    }
+
+    /// Adds one value of numeric property `k`.
+    #[inline]
+    fn add_num(&mut self, k: &str, x: f64) {
+        match self.props.iter_mut().find(|(name, _)| &**name == k) {
+            Some((_, n)) => n.add(x),
+            None => {
+                let mut n = NumAgg::default();
+                n.add(x);
+                self.props.push((k.into(), n));
             }
         }
     }
@@ -133,14 +139,8 @@ impl Agg {
             self.sessions.insert(s);
         }
         for (k, v) in e.props() {
-            let Some(x) = v.as_f64() else { continue };
-            match self.props.iter_mut().find(|(name, _)| &**name == k) {
-                Some((_, n)) => n.add(x),
-                None => {
-                    let mut n = NumAgg::default();
-                    n.add(x);
-                    self.props.push((k.into(), n));
-                }
+            if let Some(x) = v.as_f64() {
+                self.add_num(k, x);
             }
         }
     }
