@@ -359,11 +359,28 @@ async fn ingest(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let tel = &s.shared.telemetry;
-    tel.requests.fetch_add(1, Relaxed);
     let pairs = query_pairs(&q);
     let default_tenant = default_tenant(&caller, &pairs)?;
     let tenancy = tenancy(&caller, &default_tenant);
+    let body = read_ingest_body(&s, &headers, body).await?;
+    let format = Format::from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let (status, answer) = ingest_body(&s, &pairs, tenancy, format, body, started).await?;
+    Ok(ingest_response(status, answer))
+}
+
+/// The body of an ingest request (`/api/v1/events` and the Segment API):
+/// counted, refused while the node is not ready, within
+/// `ingest.max-body-bytes` and `http.body-timeout`, inflated if gzip.
+pub(crate) async fn read_ingest_body(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
+    s.shared.telemetry.requests.fetch_add(1, Relaxed);
     if !s.shared.ready.load(Relaxed) {
         return Err(ApiError::Unavailable(
             "not ready: recovering or shutting down; retry".into(),
@@ -397,13 +414,17 @@ async fn ingest(
             ApiError::BadRequest(format!("cannot read body: {e}"))
         }
     })?;
-    let body = decode_body(&headers, body, s.max_body)?;
-    let format = Format::from_content_type(
-        headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    );
-    ingest_body(&s, &pairs, tenancy, format, body, started).await
+    decode_body(headers, body, s.max_body)
+}
+
+/// An ingest answer: a 429 (every valid event refused) says when to retry.
+pub(crate) fn ingest_response(status: StatusCode, answer: Json) -> Response {
+    let mut r = (status, axum::Json(answer)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }
 
 /// `?tenant=` names the tenant of events without one (open mode); a key
@@ -428,7 +449,7 @@ pub(crate) fn tenancy<'a>(caller: &'a Caller, default_tenant: &'a Option<String>
 
 /// A request body as sent, or inflated when `Content-Encoding: gzip`
 /// (at most `max` bytes either way).
-pub(crate) fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Result<Bytes, ApiError> {
+fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Result<Bytes, ApiError> {
     let enc = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -460,6 +481,7 @@ pub(crate) fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Resul
 
 /// The ingest path after the body is read: validation, quotas, the write
 /// and its acknowledgement (`POST /api/v1/events` and the Segment API).
+/// Answers the status and body; see [`ingest_response`].
 pub(crate) async fn ingest_body(
     s: &AppState,
     pairs: &[(String, String)],
@@ -467,7 +489,7 @@ pub(crate) async fn ingest_body(
     format: Format,
     body: Bytes,
     started: Instant,
-) -> Result<Response, ApiError> {
+) -> Result<(StatusCode, Json), ApiError> {
     let tel = &s.shared.telemetry;
     tel.bytes_ingested.fetch_add(body.len() as u64, Relaxed);
     // Bounded memory: refuse while too many bytes wait to become durable.
@@ -598,12 +620,39 @@ pub(crate) async fn ingest_body(
     }
     // Every valid event refused (retry later): the request as a whole is 429.
     if accepted == 0 && rejected == 0 && !refused.is_empty() {
-        let mut r = (StatusCode::TOO_MANY_REQUESTS, axum::Json(answer)).into_response();
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return Ok(r);
+        return Ok((StatusCode::TOO_MANY_REQUESTS, answer));
     }
-    Ok(axum::Json(answer).into_response())
+    Ok((StatusCode::OK, answer))
+}
+
+/// `&limit=`: a count from 1 to `max` (absent: `default`).
+fn limit_param(pairs: &[(String, String)], default: usize, max: usize) -> Result<usize, ApiError> {
+    match one(pairs, "limit") {
+        None | Some("") => Ok(default),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|&l| (1..=max).contains(&l))
+            .ok_or_else(|| {
+                ApiError::BadRequest(if max == usize::MAX {
+                    format!("limit: {l:?} is not a positive integer")
+                } else {
+                    format!("limit: {l:?} is not an integer from 1 to {max}")
+                })
+            }),
+    }
+}
+
+/// `&gap=`: the inactivity that ends a session without an id (30m).
+fn gap_param(pairs: &[(String, String)]) -> Result<i64, ApiError> {
+    match one(pairs, "gap") {
+        None | Some("") => Ok(30 * 60_000),
+        Some(g) => tally_types::time::parse_duration_ms(g)
+            .filter(|&g| g > 0)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("gap: {g:?} is not a duration; use e.g. 30m"))
+            }),
+    }
 }
 
 /// Query-string pairs, percent-decoded, repeated keys kept.
@@ -826,14 +875,7 @@ async fn session_metric(
                 ))
             })?,
     };
-    let gap_ms = match one(pairs, "gap") {
-        None | Some("") => 30 * 60_000,
-        Some(v) => tally_types::time::parse_duration_ms(v)
-            .filter(|&v| v > 0)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!("gap: {v:?} is not a duration; use e.g. 30m"))
-            })?,
-    };
+    let gap_ms = gap_param(pairs)?;
     let tenant = caller.tenant(pairs)?;
     let points = engine
         .session_metric(&tally_query::SessionMetricQuery {
@@ -1379,19 +1421,7 @@ async fn changes(
             ))
         })?,
     };
-    let limit = match one(&pairs, "limit") {
-        None | Some("") => 1000,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|&l| (1..=tally_store::CHANGES_KEPT).contains(&l))
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "limit: {l:?} is not an integer from 1 to {}",
-                    tally_store::CHANGES_KEPT
-                ))
-            })?,
-    };
+    let limit = limit_param(&pairs, 1000, tally_store::CHANGES_KEPT)?;
     let store = s.shared.store.read();
     let (list, complete) = store.changes_since(&tenant, since, limit);
     let summary = |x: &tally_store::Summary| json!({"count": x.count, "unique_users": x.unique_users, "unique_sessions": x.unique_sessions});
@@ -1444,20 +1474,8 @@ async fn sessions(
             format_rfc3339(end)
         )));
     }
-    let gap_ms = match one(&pairs, "gap") {
-        None | Some("") => 30 * 60_000,
-        Some(g) => tally_types::time::parse_duration_ms(g)
-            .filter(|&g| g > 0)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!("gap: {g:?} is not a duration; use e.g. 30m"))
-            })?,
-    };
-    let limit = match one(&pairs, "limit") {
-        None | Some("") => 1000,
-        Some(l) => l.parse::<usize>().ok().filter(|&l| l > 0).ok_or_else(|| {
-            ApiError::BadRequest(format!("limit: {l:?} is not a positive integer"))
-        })?,
-    };
+    let gap_ms = gap_param(&pairs)?;
+    let limit = limit_param(&pairs, 1000, usize::MAX)?;
     let user_id = one(&pairs, "user_id")
         .filter(|u| !u.is_empty())
         .map(str::to_string);

@@ -20,7 +20,7 @@
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Map, Value as Json, json};
 use tally_ingest::Format;
 use tally_types::Millis;
@@ -28,7 +28,8 @@ use tally_types::time::{format_rfc3339, parse_rfc3339};
 
 use crate::auth::Caller;
 use crate::http::{
-    ApiError, AppState, decode_body, default_tenant, ingest_body, query_pairs, tenancy,
+    ApiError, AppState, default_tenant, ingest_body, ingest_response, query_pairs,
+    read_ingest_body, tenancy,
 };
 
 /// The Segment calls Tally takes.
@@ -54,10 +55,7 @@ pub(crate) async fn call(
     let pairs = query_pairs(&q);
     let default_tenant = default_tenant(&caller, &pairs)?;
     let tenancy = tenancy(&caller, &default_tenant);
-    let body = axum::body::to_bytes(body, s.max_body)
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
-    let body = decode_body(&headers, body, s.max_body)?;
+    let body = read_ingest_body(&s, &headers, body).await?;
     let msg: Json = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!("body: not JSON ({e}); send a Segment message"))
     })?;
@@ -101,7 +99,7 @@ pub(crate) async fn call(
             json!({"accepted": 0, "rejected": 0, "errors": [], "late": 0}),
         )
     } else {
-        let r = ingest_body(
+        ingest_body(
             &s,
             &pairs,
             tenancy,
@@ -109,13 +107,7 @@ pub(crate) async fn call(
             Bytes::from(lines),
             started,
         )
-        .await?;
-        let (parts, body) = r.into_parts();
-        let bytes = axum::body::to_bytes(body, usize::MAX)
-            .await
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let answer: Json = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({}));
-        (parts.status, answer)
+        .await?
     };
     // Indexes name the messages of the call, not the lines sent on.
     if let Some(errors) = answer["errors"].as_array_mut() {
@@ -133,7 +125,7 @@ pub(crate) async fn call(
     // Segment's answer is `{"success": true}`; Tally's counts come along.
     let ok = status.is_success() && answer["rejected"].as_u64() == Some(0);
     answer["success"] = json!(ok);
-    Ok((status, axum::Json(answer)).into_response())
+    Ok(ingest_response(status, answer))
 }
 
 /// One Segment message as a Tally event.
