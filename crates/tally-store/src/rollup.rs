@@ -475,7 +475,7 @@ pub struct RollupStore {
     dims: Dimensions,
     /// Closed buckets changed since the last commit, with their value
     /// before and when (see [`RollupStore::note_correction`]).
-    corrected: Vec<(BucketKey, Summary, Millis)>,
+    corrected: hashbrown::HashMap<BucketKey, (Summary, Millis)>,
     /// Changes of closed buckets, oldest first, at most [`CHANGES_KEPT`].
     change_log: VecDeque<Change>,
     /// Versions at or before this fell out of `change_log`.
@@ -517,7 +517,7 @@ impl Default for RollupStore {
             dirty: Vec::new(),
             touched: None,
             dims: Dimensions::default(),
-            corrected: Vec::new(),
+            corrected: hashbrown::HashMap::new(),
             change_log: VecDeque::new(),
             change_floor: 0,
             key: String::new(),
@@ -527,6 +527,24 @@ impl Default for RollupStore {
 
 /// (tenant, minute, event type).
 type BucketKey = (Box<str>, Millis, Box<str>);
+
+/// A [`BucketKey`] without allocating: hashes and compares as one.
+struct KeyRef<'a>(&'a str, Millis, &'a str);
+
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // As the tuple `(Box<str>, Millis, Box<str>)` hashes.
+        self.0.hash(h);
+        self.1.hash(h);
+        self.2.hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<BucketKey> for KeyRef<'_> {
+    fn equivalent(&self, k: &BucketKey) -> bool {
+        self.1 == k.1 && self.0 == &*k.0 && self.2 == &*k.2
+    }
+}
 
 /// Changes of closed buckets remembered for `GET /api/v1/changes`.
 pub const CHANGES_KEPT: usize = 10_000;
@@ -900,7 +918,9 @@ impl RollupStore {
             return;
         }
         self.version += 1;
-        for ((tenant, minute, ty), old, at) in std::mem::take(&mut self.corrected) {
+        let mut corrected: Vec<_> = self.corrected.drain().collect();
+        corrected.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for ((tenant, minute, ty), (old, at)) in corrected {
             let new = Summary::of(self.agg(&tenant, minute, &ty));
             if new == old {
                 continue;
@@ -941,14 +961,13 @@ impl RollupStore {
     pub fn note_correction(&mut self, tenant: &str, minute: Millis, event_type: &str, at: Millis) {
         if self
             .corrected
-            .iter()
-            .any(|((t, m, e), ..)| *m == minute && &**t == tenant && &**e == event_type)
+            .contains_key(&KeyRef(tenant, minute, event_type))
         {
             return;
         }
         let old = Summary::of(self.agg(tenant, minute, event_type));
         self.corrected
-            .push(((tenant.into(), minute, event_type.into()), old, at));
+            .insert((tenant.into(), minute, event_type.into()), (old, at));
     }
 
     /// A tenant's changes of closed buckets after version `since`, oldest
@@ -1012,13 +1031,13 @@ impl RollupStore {
     #[inline]
     pub fn add(&mut self, e: &EventView<'_>) {
         let minute = align_down(e.ts, MINUTE_MS);
-        if self.dims.of(e.tenant).is_empty() {
+        let names = self.dims.of(e.tenant);
+        if names.is_empty() {
             self.agg_mut(e.tenant, minute, e.event_type).add(e);
             return;
         }
         // One pass over the properties: the dimension values, and the
         // numeric values both aggregates take.
-        let names = self.dims.of(e.tenant);
         let mut vals: [Option<std::borrow::Cow<'_, str>>; MAX_DIMS] = Default::default();
         let mut nums: [(&str, f64); MAX_NUMS] = [("", 0.0); MAX_NUMS];
         let mut n_nums = 0;
@@ -1443,11 +1462,8 @@ impl RollupStore {
                 }
                 // Data written before any dimension was declared is one
                 // combination where every dimension is missing.
-                let combos: Box<dyn Iterator<Item = (&str, &Agg)>> = if agg.by.is_empty() {
-                    Box::new(std::iter::once(("", agg)))
-                } else {
-                    Box::new(agg.by.iter().map(|(k, a)| (&**k, a)))
-                };
+                let whole = agg.by.is_empty().then_some(("", agg));
+                let combos = agg.by.iter().map(|(k, a)| (&**k, a)).chain(whole);
                 for (combo, sub) in combos {
                     let slot = match memo.get(&(&**ty, combo)) {
                         Some(&s) => s,
