@@ -1143,41 +1143,35 @@ fn alert_loop(
 struct StoreSource<'a>(&'a RwLock<RollupStore>, Option<&'a KafkaShared>);
 
 impl tally_alert::Source for StoreSource<'_> {
-    /// A rule's metric over `[from, to)`: the very query `GET /api/v1/metrics` runs.
+    /// A rule's metric over `[from, to)` (one series: the rule is not
+    /// grouped).
     fn values(&self, r: &tally_alert::Rule, from: i64, to: i64) -> Vec<(i64, f64)> {
-        let Ok(granularity) = tally_store::Granularity::parse(&r.granularity) else {
-            return Vec::new();
-        };
-        if r.node_metric() {
-            return self.1.map_or_else(Vec::new, |k| {
-                k.node_metric(&r.metric, from, to, granularity.ms())
-            });
-        }
-        let q = r.query(from, to);
-        self.0
-            .read()
-            .query(&q)
-            .unwrap_or_default()
+        self.series(r, from, to)
             .into_iter()
-            .flat_map(|s| s.points)
-            .map(|(b, v)| (b, v.as_f64()))
+            .flat_map(|(_, points)| points)
             .collect()
     }
 
-    /// A grouped rule's metric per label combination.
+    /// A rule's metric per label combination: the very query
+    /// `GET /api/v1/metrics` runs (node metrics: one series of samples).
     fn series(
         &self,
         r: &tally_alert::Rule,
         from: i64,
         to: i64,
     ) -> Vec<(tally_alert::Labels, Vec<(i64, f64)>)> {
-        if r.node_metric() || r.group_by.is_empty() {
-            return vec![(Vec::new(), self.values(r, from, to))];
+        let Ok(granularity) = tally_store::Granularity::parse(&r.granularity) else {
+            return Vec::new();
+        };
+        if r.node_metric() {
+            let points = self.1.map_or_else(Vec::new, |k| {
+                k.node_metric(&r.metric, from, to, granularity.ms())
+            });
+            return vec![(Vec::new(), points)];
         }
-        let q = r.query(from, to);
         self.0
             .read()
-            .query(&q)
+            .query(&r.query(from, to))
             .unwrap_or_default()
             .into_iter()
             .map(|s| {
