@@ -83,6 +83,7 @@ async fn segments_python_sdk_sends_to_tally_unchanged() {
         ],
         "{v}"
     );
+    common::wait_events(&c, &base, "default", 5).await;
     let r = c
         .post(format!("{base}/api/v1/query"))
         .header("content-type", "application/json")

@@ -82,6 +82,7 @@ async fn sessions_are_a_table_and_metrics_and_late_events_join_them() {
         );
     }
 
+    common::wait_events(&c, &base, "acme", first.len() as u64).await;
     let q = "SELECT session_id, user_id, duration_ms, events, first_page, last_page, event_types \
              FROM sessions ORDER BY start";
     let rows = sql(&c, &base, q).await;

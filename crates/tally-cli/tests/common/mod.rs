@@ -229,6 +229,22 @@ pub async fn rows(c: &reqwest::Client, base: &str, tenant: &str, q: &str) -> Vec
         .collect()
 }
 
+/// Waits until `tenant`'s `events` table holds `n` rows. Raw events become
+/// visible to SQL on the raw store's own thread, a little after the
+/// processor applied them (`wait_applied`), so a test reading `events` or
+/// `sessions` waits for this instead.
+pub async fn wait_events(c: &reqwest::Client, base: &str, tenant: &str, n: u64) {
+    let mut last = Vec::new();
+    for _ in 0..400 {
+        last = rows(c, base, tenant, "SELECT count(*) FROM events").await;
+        if last[0][0] == serde_json::json!(n) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{tenant}'s events never reached {n} rows: {last:?}");
+}
+
 /// A webhook receiver on a free port that records every call (the answer it
 /// gave included) and fails the first `fail_first` calls with a 500.
 pub struct Hook {
