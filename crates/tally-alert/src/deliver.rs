@@ -129,6 +129,94 @@ pub struct DeliveryConfig {
     /// Where webhooks may go; with `block_internal` failures are also
     /// reported without detail (no port scan through the history).
     pub targets: Arc<TargetPolicy>,
+    /// Where e-mail targets are sent through (None: no `[smtp]`).
+    pub smtp: Option<SmtpSettings>,
+}
+
+/// An SMTP relay for e-mail targets (`[smtp]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    /// The sender, `alerts@example.com` or `Tally <alerts@example.com>`.
+    pub from: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Upgrade with STARTTLS before sending anything (refuse a relay without it).
+    pub starttls: bool,
+}
+
+type Mailer = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+
+impl SmtpSettings {
+    /// Checks the settings (the sender parses as a mailbox) and builds the
+    /// transport: one pooled client for every e-mail delivery.
+    pub fn transport(&self, timeout: Duration) -> Result<Mailer, String> {
+        use lettre::transport::smtp::authentication::Credentials;
+        use lettre::transport::smtp::client::{Tls, TlsParameters};
+        self.from.parse::<lettre::message::Mailbox>().map_err(|e| {
+            format!(
+                "smtp.from = {:?}: {e}; use alerts@example.com or \"Tally <alerts@example.com>\"",
+                self.from
+            )
+        })?;
+        let mut b = Mailer::builder_dangerous(&self.host)
+            .port(self.port)
+            .timeout(Some(timeout));
+        if self.starttls {
+            let tls = TlsParameters::new(self.host.clone())
+                .map_err(|e| format!("smtp.host = {:?}: {e}", self.host))?;
+            b = b.tls(Tls::Required(tls));
+        }
+        if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            b = b.credentials(Credentials::new(u.clone(), p.clone()));
+        }
+        Ok(b.build())
+    }
+}
+
+/// Sends one e-mail delivery: the body's first line is the subject.
+async fn send_mail(
+    mailer: &Mailer,
+    from: &str,
+    to: &str,
+    dedupe_key: &str,
+    body: &str,
+) -> Result<(), String> {
+    use lettre::AsyncTransport;
+    let (subject, text) = body.split_once("\n\n").unwrap_or((body, ""));
+    let to: lettre::message::Mailbox = to
+        .parse()
+        .map_err(|e| format!("{to:?} is not an address: {e}"))?;
+    let from: lettre::message::Mailbox = from
+        .parse()
+        .map_err(|e| format!("smtp.from {from:?}: {e}"))?;
+    // One Message-ID per notification: a resend after a lost answer is
+    // recognisably the same message.
+    let host = from.email.domain().to_string();
+    let id: String = dedupe_key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '.'
+            }
+        })
+        .collect();
+    let msg = lettre::Message::builder()
+        .from(from)
+        .to(to)
+        .subject(subject)
+        .message_id(Some(format!("<{id}@{host}>")))
+        .header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(format!("{subject}\n\n{text}\n"))
+        .map_err(|e| e.to_string())?;
+    mailer
+        .send(msg)
+        .await
+        .map(|_| ())
+        .map_err(|e| error_chain(&e))
 }
 
 impl Default for DeliveryConfig {
@@ -137,6 +225,7 @@ impl Default for DeliveryConfig {
             timeout: Duration::from_secs(5),
             concurrency: 16,
             targets: Arc::default(),
+            smtp: None,
         }
     }
 }
@@ -172,11 +261,51 @@ pub async fn run(
             return;
         }
     };
+    let mailer = match cfg.smtp.as_ref().map(|m| m.transport(cfg.timeout)) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "cannot build the SMTP client; e-mail targets fail");
+            None
+        }
+    };
     loop {
         // The engine counts what is in flight: it hands out no more than
         // `concurrency` at a time.
         let due = engine.lock().take_due(clock.now_ms(), cfg.concurrency);
         for mut d in due {
+            if let Some(to) = d.url.strip_prefix(crate::engine::MAILTO) {
+                let (engine, clock, on_latency, wake) = (
+                    engine.clone(),
+                    clock.clone(),
+                    on_latency.clone(),
+                    wake.clone(),
+                );
+                let (Some(mailer), Some(smtp)) = (mailer.clone(), cfg.smtp.clone()) else {
+                    engine.lock().finish(
+                        d.id,
+                        Outcome::Failed("no [smtp] is configured on this server".into()),
+                        clock.now_ms(),
+                    );
+                    continue;
+                };
+                let to = to.to_string();
+                tokio::spawn(async move {
+                    let outcome =
+                        match send_mail(&mailer, &smtp.from, &to, &d.dedupe_key, &d.body).await {
+                            Ok(()) => {
+                                if let Some(c) = d.closed {
+                                    on_latency(c.elapsed());
+                                }
+                                Outcome::Delivered
+                            }
+                            Err(e) => Outcome::Failed(format!("SMTP: {e}")),
+                        };
+                    engine.lock().finish(d.id, outcome, clock.now_ms());
+                    wake.notify_one();
+                });
+                continue;
+            }
             let (client, engine, clock, on_latency, wake) = (
                 client.clone(),
                 engine.clone(),

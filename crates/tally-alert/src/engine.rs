@@ -247,7 +247,12 @@ pub struct EngineConfig {
     pub max_rules_per_tenant: usize,
     /// Where webhooks may go (checked when a rule is written).
     pub targets: std::sync::Arc<crate::TargetPolicy>,
+    /// Whether `[smtp]` is configured (e-mail targets are refused otherwise).
+    pub email: bool,
 }
+
+/// How an e-mail delivery's address is kept where a webhook keeps its URL.
+pub const MAILTO: &str = "mailto:";
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -260,6 +265,7 @@ impl Default for EngineConfig {
             max_catchup: 10_000,
             max_rules_per_tenant: 100,
             targets: std::sync::Arc::default(),
+            email: false,
         }
     }
 }
@@ -763,6 +769,17 @@ impl Engine {
         };
         let mut rule = crate::rule::parse_rule(body, tenant, id.clone(), now)?;
         for (i, t) in rule.notify.iter().enumerate() {
+            if t.email.is_some() {
+                if !self.cfg.email {
+                    return Err(crate::rule::RuleError {
+                        field: format!("notify[{i}].email"),
+                        message: "this server sends no e-mail: configure [smtp] (host, from) first"
+                            .into(),
+                    }
+                    .into());
+                }
+                continue;
+            }
             let url = reqwest::Url::parse(&t.webhook).map_err(|e| crate::rule::RuleError {
                 field: format!("notify[{i}].webhook"),
                 message: e.to_string(),
@@ -1262,8 +1279,19 @@ impl Engine {
                 rule_id: rule.id.clone(),
                 rule: rule.name.clone(),
                 tenant: rule.tenant.clone(),
-                url: t.webhook.clone(),
-                body: payload(rule, t, &note).to_string(),
+                url: match &t.email {
+                    Some(e) => format!("{MAILTO}{e}"),
+                    None => t.webhook.clone(),
+                },
+                body: match &t.email {
+                    // Subject on the first line, then the details.
+                    Some(_) => format!(
+                        "{}\n\n{}",
+                        crate::deliver::summary(rule, &note),
+                        serde_json::to_string_pretty(&payload(rule, t, &note)).unwrap_or_default()
+                    ),
+                    None => payload(rule, t, &note).to_string(),
+                },
                 dedupe_key: note.dedupe_key.clone(),
                 status: status.into(),
                 attempts: 0,

@@ -151,7 +151,12 @@ pub enum Format {
 /// Where notifications of a rule go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Target {
+    /// The URL to POST to (empty for an e-mail target).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub webhook: String,
+    /// An address to mail through `[smtp]`, instead of a webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
     #[serde(default)]
     pub format: Format,
     /// PagerDuty integration key (required with `format = "pagerduty"`).
@@ -748,6 +753,30 @@ fn parse_detector(v: &Json) -> Result<Detector, RuleError> {
     })
 }
 
+/// An address one can mail: `local@domain`, no spaces or line breaks (a
+/// header injection), at most 254 bytes.
+fn check_email(a: &str) -> Result<(), String> {
+    let a = a.trim();
+    let ok = a.len() <= 254
+        && !a
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>,;\"".contains(c))
+        && a.split_once('@').is_some_and(|(l, d)| {
+            !l.is_empty()
+                && !d.is_empty()
+                && !d.contains('@')
+                && !d.starts_with('.')
+                && !d.ends_with('.')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{a:?} is not an e-mail address like ops@example.com"
+        ))
+    }
+}
+
 fn parse_target(v: &Json, field: &str) -> Result<Target, RuleError> {
     let o = v.as_object().ok_or_else(|| {
         err(
@@ -756,12 +785,34 @@ fn parse_target(v: &Json, field: &str) -> Result<Target, RuleError> {
         )
     })?;
     for k in o.keys() {
-        if !["webhook", "format", "routing_key", "severity"].contains(&k.as_str()) {
+        if !["webhook", "email", "format", "routing_key", "severity"].contains(&k.as_str()) {
             return Err(err(
                 format!("{field}.{k}"),
-                "unknown; a target has webhook, format, routing_key, severity",
+                "unknown; a target has webhook (with format, routing_key, severity) or email",
             ));
         }
+    }
+    if let Some(e) = o.get("email") {
+        if let Some(k) = ["webhook", "format", "routing_key", "severity"]
+            .into_iter()
+            .find(|k| o.contains_key(*k))
+        {
+            return Err(err(
+                format!("{field}.{k}"),
+                "an e-mail target has only \"email\"; put a webhook in a target of its own",
+            ));
+        }
+        let addr = e
+            .as_str()
+            .ok_or_else(|| err(format!("{field}.email"), format!("{e}: must be a string")))?;
+        check_email(addr).map_err(|m| err(format!("{field}.email"), m))?;
+        return Ok(Target {
+            webhook: String::new(),
+            email: Some(addr.trim().to_string()),
+            format: Format::Tally,
+            routing_key: None,
+            severity: None,
+        });
     }
     let url = o
         .get("webhook")
@@ -817,6 +868,7 @@ fn parse_target(v: &Json, field: &str) -> Result<Target, RuleError> {
     }
     Ok(Target {
         webhook: url.to_string(),
+        email: None,
         format,
         routing_key,
         severity,

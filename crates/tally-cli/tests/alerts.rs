@@ -414,3 +414,190 @@ async fn a_rule_grouped_by_country_pages_once_per_country() {
     let shown = list.to_string();
     assert!(shown.contains("\"series\""), "{shown}");
 }
+
+/// An SMTP sink (PyPI `aiosmtpd`) that refuses the first `fail_first`
+/// messages with a 451 and writes every accepted one to `log` as JSON.
+const SMTP_SINK: &str = r#"
+import email, email.policy, json, sys, time
+from aiosmtpd.controller import Controller
+port, log, fail = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+seen = {"n": 0}
+class Sink:
+    async def handle_DATA(self, server, session, envelope):
+        seen["n"] += 1
+        if seen["n"] <= fail:
+            return "451 try again later"
+        with open(log, "a") as f:
+            msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            f.write(json.dumps({"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                                "subject": str(msg["subject"]), "message_id": str(msg["message-id"]),
+                                "body": msg.get_content()}) + "\n")
+        return "250 OK"
+c = Controller(Sink(), hostname="127.0.0.1", port=port)
+c.start()
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"#;
+
+/// E-mail targets go through `[smtp]` with the webhooks' retries and
+/// dedupe: a relay that refuses the first attempt still gets exactly one
+/// message per transition, with the summary as its subject; without
+/// `[smtp]` an e-mail target is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_targets_are_sent_through_smtp_once() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let log = dir.path().join("mail.jsonl");
+    let mut sink = tokio::process::Command::new("python3")
+        .args([
+            "-c",
+            SMTP_SINK,
+            &smtp_port.to_string(),
+            log.to_str().unwrap(),
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs (scripts/test installs aiosmtpd)");
+    let mut line = String::new();
+    tokio::io::BufReader::new(sink.stdout.take().unwrap())
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "the SMTP sink did not start (pip install aiosmtpd)"
+    );
+
+    // Without [smtp]: refused, naming the field and the fix.
+    let plain = tempfile::tempdir().unwrap();
+    let server = start_server(plain.path(), tweak).await;
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/alerts?tenant=acme", server.addr))
+        .body(
+            json!({"name": "m", "detector": {"kind": "threshold", "op": ">", "value": 1},
+            "notify": [{"email": "ops@example.com"}]})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (code, v) = answer(r).await;
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["field"], "notify[0].email", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("[smtp]"), "{v}");
+    server.stop().await.unwrap();
+
+    let server = start_server(dir.path(), |cfg| {
+        tweak(cfg);
+        cfg.smtp.host = Some("127.0.0.1".into());
+        cfg.smtp.port = Some(smtp_port);
+        cfg.smtp.starttls = false;
+        cfg.smtp.from = "Tally <alerts@tally.test>".into();
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+    for (target, field) in [
+        (json!({"email": "not an address"}), "notify[0].email"),
+        (
+            json!({"email": "ops@example.com\r\nBcc: x@y.z"}),
+            "notify[0].email",
+        ),
+        (
+            json!({"email": "ops@example.com", "format": "slack"}),
+            "notify[0].format",
+        ),
+    ] {
+        let r = c
+            .post(format!("{base}/api/v1/alerts?tenant=acme"))
+            .body(
+                json!({"name": "m", "detector": {"kind": "threshold", "op": ">", "value": 1},
+                "notify": [target]})
+                .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let (code, v) = answer(r).await;
+        assert_eq!((code, v["field"].as_str()), (400, Some(field)), "{v}");
+    }
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(
+            json!({"name": "purchases-spike", "metric": "count", "event_type": ["purchase"],
+            "detector": {"kind": "threshold", "op": ">", "value": 3},
+            "resolve_after": "1m", "notify": [{"email": "ops@example.com"}]})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (code, created) = answer(r).await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["notify"], json!([{"email": "ops@example.com"}]));
+    // Minute 1: five purchases (fires); minute 2: one (resolves).
+    let mut evs: Vec<Value> = (0..5)
+        .map(|i| ev(&format!("p{i}"), "purchase", T0 + M + i * 1000))
+        .collect();
+    evs.push(ev("q", "purchase", T0 + 2 * M));
+    evs.push(ev("tick", "info", T0 + 4 * M));
+    send(&c, &base, evs).await;
+    for _ in 0..400 {
+        let n = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        if n >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A little longer: a duplicate would show now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mails: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    let firing = mails
+        .iter()
+        .find(|m| {
+            m["subject"]
+                .as_str()
+                .unwrap()
+                .contains("[FIRING] purchases-spike")
+        })
+        .unwrap_or_else(|| panic!("a firing mail: {mails:?}"));
+    assert_eq!(firing["to"], json!(["ops@example.com"]));
+    assert_eq!(firing["from"], "alerts@tally.test");
+    let body = firing["body"].as_str().unwrap();
+    assert!(
+        body.contains("\"bucket_start\": \"2026-11-01T12:01:00Z\""),
+        "{body}"
+    );
+    assert!(
+        firing["message_id"]
+            .as_str()
+            .unwrap()
+            .ends_with("@tally.test>"),
+        "{firing}"
+    );
+    assert!(
+        mails
+            .iter()
+            .any(|m| m["subject"].as_str().unwrap().contains("[RESOLVED]"))
+    );
+    // The history shows the refused attempt and the delivery.
+    let h = get(&c, format!("{base}/api/v1/alerts/history?tenant=acme")).await;
+    let text = h.to_string();
+    assert!(text.contains("451"), "{h}");
+    assert!(text.contains("delivered"), "{h}");
+    server.stop().await.unwrap();
+    let _ = sink.kill().await;
+}

@@ -313,4 +313,51 @@ async fn values_past_the_cap_fold_into_other() {
     assert_eq!(r.status(), 400);
     let msg = r.text().await.unwrap();
     assert!(msg.contains("event_type, plan"), "{msg}");
+
+    // The catalog says what is there: types, distinct values (all ten
+    // countries, not the capped rollups), which properties are dimensions.
+    common::wait_events(&c, &base, "default", 40).await;
+    common::wait_events(&c, &base, "acme", 1).await;
+    let cat = get(
+        &c,
+        format!("{base}/api/v1/catalog?tenant=default&start=2026-11-01&end=2026-11-02"),
+    )
+    .await;
+    assert_eq!(cat["events_read"], 40, "{cat}");
+    assert_eq!(cat["complete"], true);
+    assert_eq!(cat["first"], fmt_bucket(T0));
+    assert_eq!(cat["dimensions"], json!(["country", "device", "page"]));
+    let click = &cat["event_types"][0];
+    assert_eq!(
+        (click["event_type"].as_str(), click["events"].as_u64()),
+        (Some("click"), Some(40))
+    );
+    assert_eq!(
+        click["properties"],
+        json!([{"name": "country", "types": ["string"], "present": 40, "distinct": 10,
+            "distinct_at_least": false, "numeric": false, "min": null, "max": null, "dimension": true}])
+    );
+    let cat = get(
+        &c,
+        format!("{base}/api/v1/catalog?tenant=acme&start=now-60d"),
+    )
+    .await;
+    let props = &cat["event_types"][0]["properties"];
+    assert_eq!(props[0]["name"], "country");
+    assert_eq!(props[0]["dimension"], false);
+    assert_eq!(props[1]["name"], "plan");
+    assert_eq!(props[1]["dimension"], true);
+    let r = c
+        .get(format!("{base}/api/v1/catalog?tenant=acme&country=DE"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // A sum over a property that is never a number says so.
+    let v = get(
+        &c,
+        format!("{base}/api/v1/metrics?metric=sum:country&{range}&tenant=default"),
+    )
+    .await;
+    assert!(v["note"].as_str().unwrap().contains("catalog"), "{v}");
 }

@@ -94,6 +94,12 @@ async fn ingest_forms_errors_and_limits() {
         ("metric=count&granularity=7m", "granularity"),
         ("metric=count&start=yesterday", "start"),
         ("metric=count&group_by=user", "group_by"),
+        ("metric=count&country=US", "country"),
+        ("metric=count&granularty=1h", "granularty"),
+        ("metric=p95", "metric"),
+        ("metric=p100:ms", "metric"),
+        ("metric=count&start=now-3x", "start"),
+        ("metric=count&end=2026-13-01", "end"),
     ] {
         let r = c
             .get(format!("{base}/api/v1/metrics?{q}"))
@@ -126,6 +132,54 @@ async fn ingest_forms_errors_and_limits() {
         v["series"][0]["points"],
         json!([["2026-11-01T12:00:00Z", 3]])
     );
+    // Errors say what to do: the valid parameters, the missing property.
+    let text = |q: &'static str| {
+        let c = c.clone();
+        let base = base.clone();
+        async move {
+            let r = c
+                .get(format!("{base}/api/v1/metrics?{q}"))
+                .send()
+                .await
+                .unwrap();
+            r.text().await.unwrap()
+        }
+    };
+    let e = text("metric=count&country=US").await;
+    assert!(
+        e.contains("where=country:US") && e.contains("group_by"),
+        "{e}"
+    );
+    assert!(text("metric=p95").await.contains("p95:<property>"));
+    // Dates, relative times and any percentile.
+    for q in [
+        "metric=count&start=2026-11-01&end=2026-11-02&event_type=click&event_type=view&granularity=1d",
+        "metric=count&start=1793491200000&end=2026-11-02T00:00:00Z&event_type=click&event_type=view&granularity=1d",
+    ] {
+        let r = c
+            .get(format!("{base}/api/v1/metrics?{q}"))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(
+            v["series"][0]["points"],
+            json!([["2026-11-01T00:00:00Z", 3]]),
+            "{q}: {v}"
+        );
+    }
+    for q in [
+        "metric=count&start=now-30d&end=now",
+        "metric=p99.9:ms&start=now-1h",
+        "metric=p75:ms",
+    ] {
+        let r = c
+            .get(format!("{base}/api/v1/metrics?{q}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{q}");
+    }
 
     let r = c
         .get(format!("{base}/api/v1/dlq?kind=malformed"))

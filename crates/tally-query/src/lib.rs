@@ -8,6 +8,7 @@
 //! off, so a query has no way to name another tenant's data. Each query
 //! runs under a memory pool of its own and a time limit.
 
+mod catalog;
 pub mod format;
 mod limits;
 mod provider;
@@ -33,6 +34,7 @@ use tally_archive::RawShared;
 use tally_store::RollupStore;
 use tally_types::schema::{PropType, Schemas};
 
+pub use catalog::{Catalog, CatalogQuery, DISTINCT_CAP, EventTypeInfo, PropertyInfo};
 pub use sessions::{
     SESSION_MARGIN_MS, SessionMetric, SessionMetricQuery, SessionRow, SessionsQuery,
 };
@@ -251,7 +253,9 @@ impl QueryEngine {
             .map_err(|e| QueryError::Exec(e.to_string()))?;
         let config = SessionConfig::new()
             .with_target_partitions(self.cfg.target_partitions.max(1))
-            .with_information_schema(false)
+            // Lists only what this context registered: the tenant's own
+            // tables (what SQL tools browse, and `SHOW TABLES`).
+            .with_information_schema(true)
             .with_default_catalog_and_schema("tally", "public");
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| QueryError::Exec(e.to_string()))?;
@@ -426,6 +430,46 @@ impl QueryEngine {
             );
         }
         Ok(result)
+    }
+
+    /// Plans one read-only statement without running it: the columns of
+    /// its answer and the types its `$n` parameters take where the
+    /// planner can tell (what a Postgres client's Describe asks).
+    pub async fn describe(
+        &self,
+        tenant: &str,
+        sql: &str,
+    ) -> Result<(SchemaRef, Vec<Option<arrow::datatypes::DataType>>), QueryError> {
+        let limit = self.cfg.memory_limit;
+        let ctx = self.context(tenant)?;
+        let opts = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let run = async {
+            let df = ctx
+                .sql_with_options(sql, opts)
+                .await
+                .map_err(|e| QueryError::from_planner(e, limit))?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let types = df
+                .logical_plan()
+                .get_parameter_types()
+                .map_err(|e| QueryError::from_planner(e, limit))?;
+            // `$1`, `$2`, … in order; a gap reads as unknown.
+            let n = types
+                .keys()
+                .filter_map(|k| k.strip_prefix('$')?.parse::<usize>().ok())
+                .max()
+                .unwrap_or(0);
+            let params = (1..=n)
+                .map(|i| types.get(&format!("${i}")).cloned().flatten())
+                .collect();
+            Ok::<_, QueryError>((schema, params))
+        };
+        tokio::time::timeout(Duration::from_millis(self.cfg.timeout_ms), run)
+            .await
+            .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
     }
 
     /// When each of `ids` was first received, from the tenant's kept raw

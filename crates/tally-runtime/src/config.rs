@@ -51,6 +51,10 @@ pub struct Config {
     pub quotas: QuotasSection,
     pub shedding: SheddingSection,
     pub http: HttpSection,
+    /// The Postgres wire protocol for SQL tools; off unless `listen` is set.
+    pub pgwire: PgwireSection,
+    /// The SMTP relay of e-mail alert targets; off unless `host` is set.
+    pub smtp: SmtpSection,
     pub tls: TlsSection,
     pub privacy: PrivacySection,
     /// Kafka mode (several nodes on one consumer group); off when absent.
@@ -187,6 +191,112 @@ pub struct KeySection {
     pub scopes: Vec<String>,
     /// Shown in logs instead of the key.
     pub name: String,
+}
+
+/// The Postgres wire protocol: `psql`, drivers and BI tools run the same
+/// tenant-scoped SQL as `POST /api/v1/query` (with its limits).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct PgwireSection {
+    /// Address to listen on, e.g. "127.0.0.1:5433" ("" or absent: off).
+    pub listen: Option<String>,
+    /// Sessions open at once; past it a new one is refused (SQLSTATE 53300).
+    pub max_connections: usize,
+}
+
+impl Default for PgwireSection {
+    fn default() -> Self {
+        PgwireSection {
+            listen: None,
+            max_connections: 64,
+        }
+    }
+}
+
+impl PgwireSection {
+    /// The address to listen on, if the protocol is on.
+    pub fn address(&self) -> Option<&str> {
+        self.listen
+            .as_deref()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+    }
+}
+
+/// The SMTP relay e-mail alert targets (`{"email": "ops@example.com"}`)
+/// are sent through, with the webhooks' retries and dedupe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct SmtpSection {
+    /// The relay's host name ("" or absent: no e-mail).
+    pub host: Option<String>,
+    /// Its port: 587 (submission with STARTTLS) unless set.
+    pub port: Option<u16>,
+    /// The sender: `alerts@example.com` or `Tally <alerts@example.com>`.
+    pub from: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Require STARTTLS before credentials or mail cross the wire.
+    pub starttls: bool,
+}
+
+impl Default for SmtpSection {
+    fn default() -> Self {
+        SmtpSection {
+            host: None,
+            port: None,
+            from: String::new(),
+            username: None,
+            password: None,
+            starttls: true,
+        }
+    }
+}
+
+impl SmtpSection {
+    /// The relay's settings, if e-mail is on.
+    pub fn settings(&self) -> Option<tally_alert::SmtpSettings> {
+        let host = self
+            .host
+            .as_deref()
+            .map(str::trim)
+            .filter(|h| !h.is_empty())?;
+        Some(tally_alert::SmtpSettings {
+            host: host.to_string(),
+            port: self.port.unwrap_or(if self.starttls { 587 } else { 25 }),
+            from: self.from.trim().to_string(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            starttls: self.starttls,
+        })
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let Some(s) = self.settings() else {
+            return Ok(());
+        };
+        if s.from.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "smtp.from",
+                value: String::new(),
+                fix: "the sender of alert e-mail, e.g. from = \"alerts@example.com\"",
+            });
+        }
+        if s.username.is_some() != s.password.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "smtp.username",
+                value: s.username.clone().unwrap_or_default(),
+                fix: "give both smtp.username and smtp.password, or neither",
+            });
+        }
+        s.transport(std::time::Duration::from_secs(5))
+            .map(|_| ())
+            .map_err(|e| ConfigError::Invalid {
+                key: "smtp",
+                value: e,
+                fix: "check smtp.host and smtp.from",
+            })
+    }
 }
 
 /// Limits of the HTTP listener against slow and greedy clients.
@@ -692,6 +802,8 @@ impl Default for Config {
             quotas: QuotasSection::default(),
             shedding: SheddingSection::default(),
             http: HttpSection::default(),
+            pgwire: PgwireSection::default(),
+            smtp: SmtpSection::default(),
             tls: TlsSection::default(),
             privacy: PrivacySection::default(),
             kafka: None,
@@ -859,6 +971,7 @@ impl Config {
         cfg.check_schemas()?;
         cfg.check_privacy()?;
         cfg.dimensions.build()?;
+        cfg.smtp.check()?;
         crate::keys::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
     }

@@ -679,6 +679,7 @@ fn open_alerts(
             history: cfg.alerts.history.max(1),
             max_rules_per_tenant: cfg.alerts.max_rules_per_tenant.max(1),
             targets: Arc::new(cfg.target_policy()?),
+            email: cfg.smtp.settings().is_some(),
             ..tally_alert::EngineConfig::default()
         },
     )?)

@@ -150,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .add("/api/v1/status", admin, get(status))
         .add("/api/v1/query", read, post(sql_query))
         .add("/api/v1/sessions", read, get(sessions))
+        .add("/api/v1/catalog", read, get(catalog))
         .add("/api/v1/changes", read, get(changes))
         .add(
             "/v1/{kind}",
@@ -670,16 +671,80 @@ pub(crate) fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a st
         .map(|(_, v)| v.as_str())
 }
 
-fn time_param(pairs: &[(String, String)], key: &'static str) -> Result<Option<i64>, ApiError> {
+fn time_param(
+    pairs: &[(String, String)],
+    key: &'static str,
+    now: i64,
+) -> Result<Option<i64>, ApiError> {
     match one(pairs, key) {
         None | Some("") => Ok(None),
-        Some(v) => parse_time_param(v).map(Some).map_err(|e| {
+        Some(v) => relative_time(v, now).map(Some).map_err(|e| {
             ApiError::BadRequest(format!(
-                "{key}: {v:?} is {e}; use RFC 3339 (2026-11-01T12:00:00Z) or epoch ms"
+                "{key}: {v:?} is {e}; use RFC 3339 (2026-11-01T12:00:00Z), a date (2026-11-01), epoch ms, or a time relative to now (now, now-24h, now-7d)"
             ))
         }),
     }
 }
+
+/// A time parameter: `now`, `now-<duration>` / `now+<duration>`, a
+/// date (midnight UTC), RFC 3339 or epoch milliseconds.
+fn relative_time(v: &str, now: i64) -> Result<i64, String> {
+    let v = v.trim();
+    if let Some(rest) = v.strip_prefix("now") {
+        let rest = rest.trim();
+        if rest.is_empty() {
+            return Ok(now);
+        }
+        let (sign, d) = match rest.split_at(1) {
+            ("-", d) => (-1, d),
+            ("+", d) => (1, d),
+            _ => return Err("not now±<duration>".into()),
+        };
+        let ms = tally_types::time::parse_duration_ms(d.trim())
+            .ok_or_else(|| format!("{d:?} is not a duration like 15m, 24h or 7d"))?;
+        return Ok(now.saturating_add(sign * ms));
+    }
+    let b = v.as_bytes();
+    if b.len() == 10 && b[4] == b'-' && b[7] == b'-' {
+        return parse_time_param(&format!("{v}T00:00:00Z")).map_err(|e| e.to_string());
+    }
+    parse_time_param(v).map_err(|e| e.to_string())
+}
+
+/// Refuses a query parameter `route` does not know (a typo or a filter
+/// written as `country=US` would otherwise answer as if it were absent).
+fn known_params(
+    pairs: &[(String, String)],
+    route: &str,
+    known: &[&str],
+    hint: &str,
+) -> Result<(), ApiError> {
+    match pairs
+        .iter()
+        .find(|(k, _)| !known.contains(&k.as_str()) && k != "access_token" && k != "_")
+    {
+        None => Ok(()),
+        Some((k, v)) => Err(ApiError::BadRequest(format!(
+            "{k}: not a parameter of {route} (given {k}={v}); its parameters are {}{hint}",
+            known.join(", ")
+        ))),
+    }
+}
+
+/// What `GET /api/v1/metrics` takes.
+const METRICS_PARAMS: &[&str] = &[
+    "metric",
+    "granularity",
+    "start",
+    "end",
+    "event_type",
+    "where",
+    "group_by",
+    "window",
+    "over",
+    "gap",
+    "tenant",
+];
 
 fn number(v: Value) -> Json {
     match v {
@@ -695,6 +760,12 @@ async fn metrics(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let pairs = query_pairs(&q);
+    known_params(
+        &pairs,
+        "/api/v1/metrics",
+        METRICS_PARAMS,
+        "; to filter by a property use where=<dimension>:<value> (e.g. where=country:US)",
+    )?;
     let metric_s = one(&pairs, "metric").ok_or_else(|| {
         ApiError::BadRequest("metric: required, e.g. metric=count or metric=p99:duration_ms".into())
     })?;
@@ -705,11 +776,12 @@ async fn metrics(
     let granularity = Granularity::parse(one(&pairs, "granularity").unwrap_or("1m"))
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let now = s.shared.clock.now_ms();
-    let end_param = time_param(&pairs, "end")?;
+    let end_param = time_param(&pairs, "end", now)?;
     let end = end_param.unwrap_or(now + 1);
-    let start = time_param(&pairs, "start")?.unwrap_or(end - HOUR_MS);
+    let start = time_param(&pairs, "start", now)?.unwrap_or(end - HOUR_MS);
     // "Until now" is a new range on every call: not worth a cache entry.
-    let cache = end_param.is_some().then_some(&*s.metrics_cache);
+    let relative = one(&pairs, "end").is_some_and(|e| e.trim().starts_with("now"));
+    let cache = (end_param.is_some() && !relative).then_some(&*s.metrics_cache);
     let event_types: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| k == "event_type")
@@ -814,8 +886,18 @@ async fn metrics(
             json!({ "labels": labels, "points": points })
         })
         .collect();
+    let empty = series
+        .iter()
+        .all(|x| x["points"].as_array().is_none_or(Vec::is_empty));
     let mut body =
         json!({ "metric": metric_s, "granularity": granularity.as_str(), "series": series });
+    if empty && let Some((_, prop)) = metric_s.split_once(':') {
+        // Say why rather than answer a silent nothing.
+        body["note"] = json!(format!(
+            "no numeric values of property {prop:?} in this range: {} needs a property sent as a number (GET /api/v1/catalog lists each property's types)",
+            metric_s.split(':').next().unwrap_or_default()
+        ));
+    }
     if granularity.ms() < HOUR_MS && start < downsampled_to {
         // Minutes before the horizon were folded into hours: say so rather
         // than answer as if those minutes had no events.
@@ -852,8 +934,8 @@ async fn session_metric(
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let g = granularity.ms();
     let now = s.shared.clock.now_ms();
-    let end = time_param(pairs, "end")?.unwrap_or(now + 1);
-    let start = time_param(pairs, "start")?.unwrap_or(end - HOUR_MS);
+    let end = time_param(pairs, "end", now)?.unwrap_or(now + 1);
+    let start = time_param(pairs, "start", now)?.unwrap_or(end - HOUR_MS);
     if end <= start {
         return Err(ApiError::BadRequest("end: must be after start".into()));
     }
@@ -1456,6 +1538,100 @@ async fn changes(
 }
 
 /// `GET /api/v1/sessions?user_id=U&start=T&end=T[&tenant=X][&gap=30m][&limit=N]`.
+/// `GET /api/v1/catalog[?start=&end=&limit=]`: the tenant's event types
+/// in the window (default the last 7 days), each with the properties seen,
+/// their JSON types, distinct values (counted up to 1000), numeric range,
+/// and whether they are a declared dimension; from at most `limit` raw
+/// events (default 100000).
+async fn catalog(
+    State(s): State<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&q);
+    known_params(
+        &pairs,
+        "/api/v1/catalog",
+        &["start", "end", "limit", "tenant"],
+        "",
+    )?;
+    let engine = engine(&s)?;
+    let tenant = caller.tenant(&pairs)?;
+    let now = s.shared.clock.now_ms();
+    let end = time_param(&pairs, "end", now)?.unwrap_or(now + HOUR_MS);
+    let start = time_param(&pairs, "start", now)?.unwrap_or(now - 7 * 24 * HOUR_MS);
+    if start >= end {
+        return Err(ApiError::BadRequest(format!(
+            "start: {} is not before end {}",
+            format_rfc3339(start),
+            format_rfc3339(end)
+        )));
+    }
+    let max_events = limit_param(&pairs, 100_000, 10_000_000)?;
+    let cat = engine
+        .catalog(&tally_query::CatalogQuery {
+            tenant: tenant.clone(),
+            start,
+            end,
+            max_events,
+        })
+        .await
+        .map_err(query_error)?;
+    let dims: Vec<String> = s
+        .shared
+        .store
+        .read()
+        .dimensions()
+        .of(&tenant)
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    let first = cat.event_types.values().map(|t| t.first).min();
+    let last = cat.event_types.values().map(|t| t.last).max();
+    let types: Vec<Json> = cat
+        .event_types
+        .iter()
+        .map(|(name, t)| {
+            let props: Vec<Json> = t
+                .properties
+                .iter()
+                .map(|(k, p)| {
+                    json!({
+                        "name": k,
+                        "types": p.types,
+                        "present": p.present,
+                        "distinct": p.distinct,
+                        "distinct_at_least": p.distinct_capped,
+                        "numeric": p.types.contains("number"),
+                        "min": p.min,
+                        "max": p.max,
+                        "dimension": dims.iter().any(|d| d == k),
+                    })
+                })
+                .collect();
+            json!({
+                "event_type": name,
+                "events": t.events,
+                "first": format_rfc3339(t.first),
+                "last": format_rfc3339(t.last),
+                "properties": props,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "tenant": tenant,
+        "start": format_rfc3339(start),
+        "end": format_rfc3339(end),
+        "events_read": cat.events,
+        "complete": cat.complete,
+        "first": first.map(format_rfc3339),
+        "last": last.map(format_rfc3339),
+        "dimensions": dims,
+        "event_types": types,
+    }))
+    .into_response())
+}
+
 async fn sessions(
     State(s): State<AppState>,
     caller: Caller,
@@ -1465,8 +1641,8 @@ async fn sessions(
     let pairs = query_pairs(&q);
     let tenant = caller.tenant(&pairs)?;
     let now = s.shared.clock.now_ms();
-    let end = time_param(&pairs, "end")?.unwrap_or(now + HOUR_MS);
-    let start = time_param(&pairs, "start")?.unwrap_or(end - 24 * HOUR_MS);
+    let end = time_param(&pairs, "end", now)?.unwrap_or(now + HOUR_MS);
+    let start = time_param(&pairs, "start", now)?.unwrap_or(end - 24 * HOUR_MS);
     if start >= end {
         return Err(ApiError::BadRequest(format!(
             "start ({}) must be before end ({})",

@@ -39,11 +39,17 @@ pub enum ServerError {
     InsecureOpen(SocketAddr),
     #[error(transparent)]
     Tls(#[from] serve::TlsError),
+    #[error(
+        "pgwire.listen = {0:?}: SQL over the Postgres protocol needs the raw event store, which this node does not run; remove [pgwire] here and connect to a node that has it"
+    )]
+    PgwireWithoutQuery(String),
 }
 
 /// A started server: its address and a handle to stop it.
 pub struct Server {
     pub addr: SocketAddr,
+    /// The Postgres wire protocol's address, when `[pgwire] listen` is set.
+    pub pg_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
@@ -71,6 +77,23 @@ impl Server {
         if !keys.keyed() && !addr.ip().is_loopback() && !cfg.auth.insecure_open {
             return Err(ServerError::InsecureOpen(addr));
         }
+        let pg_listener = match cfg.pgwire.address() {
+            Some(a) => {
+                let l =
+                    tokio::net::TcpListener::bind(a)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            addr: format!("{a} (pgwire.listen)"),
+                            source,
+                        })?;
+                let pa = l.local_addr().map_err(ServerError::Serve)?;
+                if !keys.keyed() && !pa.ip().is_loopback() && !cfg.auth.insecure_open {
+                    return Err(ServerError::InsecureOpen(pa));
+                }
+                Some(l)
+            }
+            None => None,
+        };
         let d = cfg.durations().map_err(PipelineError::from)?;
         let cfg2 = cfg.clone();
         let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(&cfg2, clock))
@@ -125,8 +148,21 @@ impl Server {
                 ))
             }),
         };
-        let app = http::router(state);
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut pg_addr = None;
+        if let Some(l) = pg_listener {
+            let Some(engine) = state.query.clone() else {
+                return Err(ServerError::PgwireWithoutQuery(
+                    cfg.pgwire.listen.clone().unwrap_or_default(),
+                ));
+            };
+            pg_addr = l.local_addr().ok();
+            tracing::info!(addr = ?pg_addr, "SQL over the Postgres wire protocol");
+            let pg =
+                tally_pgwire::PgServer::new(engine, state.keys.clone(), cfg.pgwire.max_connections);
+            tokio::spawn(pg.serve(l, stopped.clone()));
+        }
+        let app = http::router(state);
         let tel = shared.telemetry.clone();
         tokio::spawn(tally_alert::deliver::run(
             shared.alerts.clone(),
@@ -134,6 +170,7 @@ impl Server {
             tally_alert::DeliveryConfig {
                 timeout: std::time::Duration::from_millis(d.webhook_timeout_ms as u64),
                 targets: Arc::new(cfg.target_policy().map_err(PipelineError::from)?),
+                smtp: cfg.smtp.settings(),
                 ..tally_alert::DeliveryConfig::default()
             },
             shared.alert_wake.clone(),
@@ -161,6 +198,7 @@ impl Server {
         });
         Ok(Server {
             addr,
+            pg_addr,
             shared,
             stop,
             task,

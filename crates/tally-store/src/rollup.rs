@@ -613,7 +613,7 @@ impl Metric {
             message: format!(
                 "unknown metric {s:?}: use count, unique_users, unique_sessions, \
                  sum:<property>, avg:<property>, min:<property>, max:<property>, \
-                 p50:<property>, p90:<property>, p95:<property> or p99:<property> \
+                 or a percentile p1:<property> … p99.9:<property> (p50, p90, p95, p99, …) \
                  (the metrics API also answers sessions, avg_session_duration and bounce_rate)"
             ),
         };
@@ -622,7 +622,18 @@ impl Metric {
             "unique_users" => Metric::UniqueUsers,
             "unique_sessions" => Metric::UniqueSessions,
             _ => {
-                let (f, prop) = s.split_once(':').ok_or_else(bad)?;
+                let Some((f, prop)) = s.split_once(':') else {
+                    // `p95` or `sum` alone: a property is missing.
+                    if matches!(s, "sum" | "avg" | "min" | "max") || percentile(s).is_some() {
+                        return Err(QueryError::BadParam {
+                            param: "metric",
+                            message: format!(
+                                "{s:?} needs a numeric property: write it as {s}:<property>, e.g. {s}:duration_ms"
+                            ),
+                        });
+                    }
+                    return Err(bad());
+                };
                 if prop.is_empty() {
                     return Err(QueryError::BadParam {
                         param: "metric",
@@ -635,15 +646,27 @@ impl Metric {
                     "avg" => Metric::Avg(prop),
                     "min" => Metric::Min(prop),
                     "max" => Metric::Max(prop),
-                    "p50" => Metric::Quantile(0.50, prop),
-                    "p90" => Metric::Quantile(0.90, prop),
-                    "p95" => Metric::Quantile(0.95, prop),
-                    "p99" => Metric::Quantile(0.99, prop),
-                    _ => return Err(bad()),
+                    _ => match percentile(f) {
+                        Some(q) => Metric::Quantile(q, prop),
+                        None => return Err(bad()),
+                    },
                 }
             }
         })
     }
+}
+
+/// `p<N>` with `0 < N < 100` (one decimal at most: p99.9) as a quantile.
+fn percentile(f: &str) -> Option<f64> {
+    let n = f.strip_prefix('p')?;
+    if n.is_empty() || n.len() > 4 || !n.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
+        return None;
+    }
+    if n.split_once('.').is_some_and(|(_, d)| d.len() != 1) {
+        return None;
+    }
+    let v: f64 = n.parse().ok()?;
+    (v > 0.0 && v < 100.0).then_some(v / 100.0)
 }
 
 /// Bucket width of a metrics query.
@@ -1681,4 +1704,50 @@ fn note_touched(t: &mut Touched, tenant: &str, minute: Millis, event_type: &str)
     let key: (Box<str>, Millis, Box<str>) = (tenant.into(), minute, event_type.into());
     t.set.insert(key.clone());
     t.last = Some(key);
+}
+
+#[cfg(test)]
+mod metric_names {
+    use super::*;
+
+    #[test]
+    fn percentiles_from_p1_to_p99_9_and_missing_properties_named() {
+        for (s, q) in [
+            ("p1", 0.01),
+            ("p50", 0.5),
+            ("p75", 0.75),
+            ("p99.9", 0.999),
+            ("p99", 0.99),
+        ] {
+            match Metric::parse(&format!("{s}:ms")).unwrap() {
+                Metric::Quantile(got, p) => {
+                    assert!((got - q).abs() < 1e-12, "{s}");
+                    assert_eq!(p, "ms");
+                }
+                other => panic!("{s}: {other:?}"),
+            }
+        }
+        for bad in [
+            "p0:ms",
+            "p100:ms",
+            "p99.99:ms",
+            "p:ms",
+            "pp:ms",
+            "p-1:ms",
+            "p1e2:ms",
+            "q50:ms",
+        ] {
+            assert!(Metric::parse(bad).is_err(), "{bad}");
+        }
+        for alone in ["p95", "sum", "avg", "p99.9"] {
+            let e = Metric::parse(alone).unwrap_err().to_string();
+            assert!(e.contains(&format!("{alone}:<property>")), "{alone}: {e}");
+        }
+        assert!(
+            Metric::parse("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("count")
+        );
+    }
 }
