@@ -16,20 +16,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::T0;
+use common::{T0, key};
 use serde_json::{Value, json};
-use tally_server::config::{KeySection, QuotaSection};
+use tally_server::config::QuotaSection;
 
 const MIN: i64 = 60_000;
-
-fn key(secret: &str, tenant: &str, scopes: &[&str]) -> KeySection {
-    KeySection {
-        key: secret.into(),
-        tenant: tenant.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        ..KeySection::default()
-    }
-}
 
 struct Api {
     c: reqwest::Client,

@@ -8,9 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{T0, rows, start_server, wait_events};
+use common::{T0, key, rows, start_server, wait_events};
 use serde_json::{Value, json};
-use tally_server::config::KeySection;
 
 const M: i64 = 60_000;
 
@@ -300,15 +299,6 @@ async fn psql_and_psycopg_run_the_same_sql_as_http() {
     assert_eq!(v["error"][0], "42601", "{v}");
     assert!(v["error"][1].as_str().unwrap().contains("nope"), "{v}");
     server.stop().await.unwrap();
-}
-
-fn key(secret: &str, tenant: &str, scopes: &[&str]) -> KeySection {
-    KeySection {
-        key: secret.into(),
-        tenant: tenant.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        ..KeySection::default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

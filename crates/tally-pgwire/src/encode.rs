@@ -40,7 +40,9 @@ pub(crate) fn pg_type(dt: &DataType) -> Type {
     }
 }
 
-fn format_of(f: &Format, i: usize) -> FieldFormat {
+/// The format of column or parameter `i` (one code given applies to all;
+/// past the codes given, text).
+pub(crate) fn format_of(f: &Format, i: usize) -> FieldFormat {
     match f {
         Format::Individual(v) if v.len() == 1 => FieldFormat::from(v[0]),
         Format::Individual(v) if i >= v.len() => FieldFormat::Text,

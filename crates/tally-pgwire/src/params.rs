@@ -8,10 +8,11 @@ use datafusion::sql::sqlparser::ast::{Expr, Value, visit_expressions_mut};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use pgwire::api::Type;
-use pgwire::api::portal::{Format, Portal};
+use pgwire::api::portal::Portal;
 use pgwire::api::results::FieldFormat;
 use pgwire::error::{PgWireError, PgWireResult};
 
+use crate::encode::format_of;
 use crate::user_error;
 
 /// The statements of a simple query, each as SQL text. What the Postgres
@@ -21,15 +22,6 @@ pub(crate) fn split(query: &str) -> Vec<String> {
     match Parser::parse_sql(&PostgreSqlDialect {}, query) {
         Ok(stmts) if stmts.len() > 1 => stmts.iter().map(ToString::to_string).collect(),
         _ => vec![query.to_string()],
-    }
-}
-
-/// The format of parameter `i` (one code given applies to all).
-fn format_of(f: &Format, i: usize) -> FieldFormat {
-    match f {
-        Format::Individual(v) if v.len() == 1 => FieldFormat::from(v[0]),
-        Format::Individual(v) if i >= v.len() => FieldFormat::Text,
-        _ => f.format_for(i),
     }
 }
 

@@ -868,6 +868,23 @@ async fn metrics(
     let series = store
         .query(&query)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    // A property with no numeric value: sums read 0 and the others have
+    // no point; both are answered with a note rather than silently.
+    let no_numbers = match &query.metric {
+        Metric::Sum(p) => {
+            let mut q = query.clone();
+            q.metric = Metric::Max(p.clone());
+            q.over = None;
+            q.window = None;
+            store
+                .query(&q)
+                .is_ok_and(|s| s.iter().all(|x| x.points.is_empty()))
+        }
+        Metric::Avg(_) | Metric::Min(_) | Metric::Max(_) | Metric::Quantile(..) => {
+            series.iter().all(|x| x.points.is_empty())
+        }
+        _ => false,
+    };
     drop(store);
     tel.metrics_cache_misses.fetch_add(1, Relaxed);
     let series: Vec<Json> = series
@@ -886,12 +903,9 @@ async fn metrics(
             json!({ "labels": labels, "points": points })
         })
         .collect();
-    let empty = series
-        .iter()
-        .all(|x| x["points"].as_array().is_none_or(Vec::is_empty));
     let mut body =
         json!({ "metric": metric_s, "granularity": granularity.as_str(), "series": series });
-    if empty && let Some((_, prop)) = metric_s.split_once(':') {
+    if no_numbers && let Some((_, prop)) = metric_s.split_once(':') {
         // Say why rather than answer a silent nothing.
         body["note"] = json!(format!(
             "no numeric values of property {prop:?} in this range: {} needs a property sent as a number (GET /api/v1/catalog lists each property's types)",

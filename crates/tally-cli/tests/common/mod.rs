@@ -350,3 +350,13 @@ pub fn late_lines(lines: &[(String, Kind)], n: usize) -> Vec<String> {
         })
         .collect()
 }
+
+/// An `[auth]` key for `tenant` with `scopes`.
+pub fn key(secret: &str, tenant: &str, scopes: &[&str]) -> tally_server::config::KeySection {
+    tally_server::config::KeySection {
+        key: secret.into(),
+        tenant: tenant.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..tally_server::config::KeySection::default()
+    }
+}
