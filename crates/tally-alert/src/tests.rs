@@ -504,7 +504,7 @@ fn invalid_rules_name_the_field() {
         (
             rule(
                 json!({"kind": "threshold", "op": ">", "value": 1}),
-                json!({"metric": "p42:x"}),
+                json!({"metric": "p100:x"}),
             ),
             "metric",
         ),
