@@ -10,7 +10,7 @@ use serde_json::{Value as Json, json};
 use tally_types::time::format_rfc3339;
 use tally_types::{Clock, Millis};
 
-use crate::engine::{Engine, Outcome};
+use crate::engine::{Delivery, Engine, Outcome};
 use crate::rule::{Detector, Format, Rule, Target};
 use crate::targets::{GuardedResolver, TargetPolicy};
 
@@ -146,23 +146,28 @@ pub struct SmtpSettings {
     pub starttls: bool,
 }
 
-type Mailer = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+/// The pooled SMTP client and the parsed sender, built once per server.
+pub struct Mailer {
+    transport: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
+    from: lettre::message::Mailbox,
+}
 
 impl SmtpSettings {
     /// Checks the settings (the sender parses as a mailbox) and builds the
-    /// transport: one pooled client for every e-mail delivery.
-    pub fn transport(&self, timeout: Duration) -> Result<Mailer, String> {
+    /// client every e-mail delivery goes through.
+    pub fn mailer(&self, timeout: Duration) -> Result<Mailer, String> {
         use lettre::transport::smtp::authentication::Credentials;
         use lettre::transport::smtp::client::{Tls, TlsParameters};
-        self.from.parse::<lettre::message::Mailbox>().map_err(|e| {
+        let from = self.from.parse().map_err(|e| {
             format!(
                 "smtp.from = {:?}: {e}; use alerts@example.com or \"Tally <alerts@example.com>\"",
                 self.from
             )
         })?;
-        let mut b = Mailer::builder_dangerous(&self.host)
-            .port(self.port)
-            .timeout(Some(timeout));
+        let mut b =
+            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(&self.host)
+                .port(self.port)
+                .timeout(Some(timeout));
         if self.starttls {
             let tls = TlsParameters::new(self.host.clone())
                 .map_err(|e| format!("smtp.host = {:?}: {e}", self.host))?;
@@ -171,52 +176,69 @@ impl SmtpSettings {
         if let (Some(u), Some(p)) = (&self.username, &self.password) {
             b = b.credentials(Credentials::new(u.clone(), p.clone()));
         }
-        Ok(b.build())
+        Ok(Mailer {
+            transport: b.build(),
+            from,
+        })
     }
 }
 
-/// Sends one e-mail delivery: the body's first line is the subject.
-async fn send_mail(
-    mailer: &Mailer,
-    from: &str,
-    to: &str,
-    dedupe_key: &str,
-    body: &str,
-) -> Result<(), String> {
-    use lettre::AsyncTransport;
-    let (subject, text) = body.split_once("\n\n").unwrap_or((body, ""));
-    let to: lettre::message::Mailbox = to
-        .parse()
-        .map_err(|e| format!("{to:?} is not an address: {e}"))?;
-    let from: lettre::message::Mailbox = from
-        .parse()
-        .map_err(|e| format!("smtp.from {from:?}: {e}"))?;
-    // One Message-ID per notification: a resend after a lost answer is
-    // recognisably the same message.
-    let host = from.email.domain().to_string();
-    let id: String = dedupe_key
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '.'
-            }
-        })
-        .collect();
-    let msg = lettre::Message::builder()
-        .from(from)
-        .to(to)
-        .subject(subject)
-        .message_id(Some(format!("<{id}@{host}>")))
-        .header(lettre::message::header::ContentType::TEXT_PLAIN)
-        .body(format!("{subject}\n\n{text}\n"))
-        .map_err(|e| e.to_string())?;
-    mailer
-        .send(msg)
-        .await
-        .map(|_| ())
-        .map_err(|e| error_chain(&e))
+impl Mailer {
+    /// Sends one e-mail delivery: the body's first line is the subject.
+    async fn send(&self, to: &str, dedupe_key: &str, body: &str) -> Result<(), String> {
+        use lettre::AsyncTransport;
+        let (subject, text) = body.split_once("\n\n").unwrap_or((body, ""));
+        let to: lettre::message::Mailbox = to
+            .parse()
+            .map_err(|e| format!("{to:?} is not an address: {e}"))?;
+        // One Message-ID per notification: a resend after a lost answer is
+        // recognisably the same message.
+        let id: String = dedupe_key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        let msg = lettre::Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject)
+            .message_id(Some(format!("<{id}@{}>", self.from.email.domain())))
+            .header(lettre::message::header::ContentType::TEXT_PLAIN)
+            .body(format!("{subject}\n\n{text}\n"))
+            .map_err(|e| e.to_string())?;
+        self.transport
+            .send(msg)
+            .await
+            .map(|_| ())
+            .map_err(|e| error_chain(&e))
+    }
+}
+
+/// POSTs one webhook delivery.
+async fn post(client: &reqwest::Client, guarded: bool, d: &mut Delivery) -> Outcome {
+    let r = client
+        .post(&d.url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", &d.dedupe_key)
+        .header("x-tally-dedupe-key", &d.dedupe_key)
+        .body(std::mem::take(&mut d.body))
+        .send()
+        .await;
+    match r {
+        Ok(resp) if resp.status().is_success() => Outcome::Delivered,
+        Ok(resp) if guarded => Outcome::Failed(format!("HTTP {}", resp.status().as_u16())),
+        Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status())),
+        Err(e) if e.is_timeout() => Outcome::Failed("timed out".into()),
+        Err(_) if guarded => {
+            Outcome::Failed("could not deliver (connection failed or refused)".into())
+        }
+        Err(e) => Outcome::Failed(error_chain(&e)),
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -261,9 +283,9 @@ pub async fn run(
             return;
         }
     };
-    let mailer = match cfg.smtp.as_ref().map(|m| m.transport(cfg.timeout)) {
+    let mailer = match cfg.smtp.as_ref().map(|m| m.mailer(cfg.timeout)) {
         None => None,
-        Some(Ok(t)) => Some(t),
+        Some(Ok(m)) => Some(Arc::new(m)),
         Some(Err(e)) => {
             tracing::error!(error = %e, "cannot build the SMTP client; e-mail targets fail");
             None
@@ -274,45 +296,6 @@ pub async fn run(
         // `concurrency` at a time.
         let due = engine.lock().take_due(clock.now_ms(), cfg.concurrency);
         for mut d in due {
-            if let Some(to) = d.url.strip_prefix(crate::engine::MAILTO) {
-                let (engine, clock, on_latency, wake) = (
-                    engine.clone(),
-                    clock.clone(),
-                    on_latency.clone(),
-                    wake.clone(),
-                );
-                let (Some(mailer), Some(smtp)) = (mailer.clone(), cfg.smtp.clone()) else {
-                    engine.lock().finish(
-                        d.id,
-                        Outcome::Failed("no [smtp] is configured on this server".into()),
-                        clock.now_ms(),
-                    );
-                    continue;
-                };
-                let to = to.to_string();
-                tokio::spawn(async move {
-                    let outcome =
-                        match send_mail(&mailer, &smtp.from, &to, &d.dedupe_key, &d.body).await {
-                            Ok(()) => {
-                                if let Some(c) = d.closed {
-                                    on_latency(c.elapsed());
-                                }
-                                Outcome::Delivered
-                            }
-                            Err(e) => Outcome::Failed(format!("SMTP: {e}")),
-                        };
-                    engine.lock().finish(d.id, outcome, clock.now_ms());
-                    wake.notify_one();
-                });
-                continue;
-            }
-            let (client, engine, clock, on_latency, wake) = (
-                client.clone(),
-                engine.clone(),
-                clock.clone(),
-                on_latency.clone(),
-                wake.clone(),
-            );
             // An address in the URL never reaches the resolver: checked here.
             let refused = reqwest::Url::parse(&d.url).ok().and_then(|u| {
                 let ip = TargetPolicy::literal_ip(&u)?;
@@ -325,32 +308,30 @@ pub async fn run(
                     .finish(d.id, Outcome::Failed(why), clock.now_ms());
                 continue;
             }
+            let (client, mailer, engine, clock, on_latency, wake) = (
+                client.clone(),
+                mailer.clone(),
+                engine.clone(),
+                clock.clone(),
+                on_latency.clone(),
+                wake.clone(),
+            );
             tokio::spawn(async move {
-                let r = client
-                    .post(&d.url)
-                    .header("content-type", "application/json")
-                    .header("idempotency-key", &d.dedupe_key)
-                    .header("x-tally-dedupe-key", &d.dedupe_key)
-                    .body(std::mem::take(&mut d.body))
-                    .send()
-                    .await;
-                let outcome = match r {
-                    Ok(resp) if resp.status().is_success() => {
-                        if let Some(c) = d.closed {
-                            on_latency(c.elapsed());
-                        }
-                        Outcome::Delivered
+                let outcome = match (d.url.strip_prefix(crate::engine::MAILTO), mailer) {
+                    (None, _) => post(&client, guarded, &mut d).await,
+                    (Some(_), None) => {
+                        Outcome::Failed("no [smtp] is configured on this server".into())
                     }
-                    Ok(resp) if guarded => {
-                        Outcome::Failed(format!("HTTP {}", resp.status().as_u16()))
-                    }
-                    Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status())),
-                    Err(e) if e.is_timeout() => Outcome::Failed("timed out".into()),
-                    Err(_) if guarded => {
-                        Outcome::Failed("could not deliver (connection failed or refused)".into())
-                    }
-                    Err(e) => Outcome::Failed(error_chain(&e)),
+                    (Some(to), Some(m)) => match m.send(to, &d.dedupe_key, &d.body).await {
+                        Ok(()) => Outcome::Delivered,
+                        Err(e) => Outcome::Failed(format!("SMTP: {e}")),
+                    },
                 };
+                if matches!(outcome, Outcome::Delivered)
+                    && let Some(c) = d.closed
+                {
+                    on_latency(c.elapsed());
+                }
                 engine.lock().finish(d.id, outcome, clock.now_ms());
                 wake.notify_one();
             });

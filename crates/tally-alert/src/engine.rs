@@ -1274,24 +1274,25 @@ impl Engine {
             }
             self.next_id += 1;
             self.pending.outbox_put.insert(self.next_id);
+            let (url, body) = match &t.email {
+                // Subject on the first line, then the details.
+                Some(e) => (
+                    format!("{MAILTO}{e}"),
+                    format!(
+                        "{}\n\n{}",
+                        crate::deliver::summary(rule, &note),
+                        serde_json::to_string_pretty(&payload(rule, t, &note)).unwrap_or_default()
+                    ),
+                ),
+                None => (t.webhook.clone(), payload(rule, t, &note).to_string()),
+            };
             self.outbox.push_back(Delivery {
                 id: self.next_id,
                 rule_id: rule.id.clone(),
                 rule: rule.name.clone(),
                 tenant: rule.tenant.clone(),
-                url: match &t.email {
-                    Some(e) => format!("{MAILTO}{e}"),
-                    None => t.webhook.clone(),
-                },
-                body: match &t.email {
-                    // Subject on the first line, then the details.
-                    Some(_) => format!(
-                        "{}\n\n{}",
-                        crate::deliver::summary(rule, &note),
-                        serde_json::to_string_pretty(&payload(rule, t, &note)).unwrap_or_default()
-                    ),
-                    None => payload(rule, t, &note).to_string(),
-                },
+                url,
+                body,
                 dedupe_key: note.dedupe_key.clone(),
                 status: status.into(),
                 attempts: 0,

@@ -16,7 +16,7 @@ pub mod progress;
 pub mod rule;
 pub mod targets;
 
-pub use deliver::{DeliveryConfig, LatencyFn, SmtpSettings};
+pub use deliver::{DeliveryConfig, LatencyFn, Mailer, SmtpSettings};
 pub use engine::{
     AlertError, Change, Delivery, Engine, EngineConfig, HistoryEntry, Labels, MAX_SERIES, Outcome,
     RuleState, Source, State, Stats, labels_json,

@@ -72,61 +72,68 @@ fn arrow_err(e: arrow::error::ArrowError) -> PgWireError {
     user_error("XX000", format!("encoding the answer: {e}"), None)
 }
 
-/// One column, converted once per batch to what its Postgres type encodes.
-enum Col {
-    Bool(ArrayRef),
-    Int(ArrayRef, Type),
-    UInt(ArrayRef),
-    Float(ArrayRef, Type),
-    Text(ArrayRef),
-    Bytes(ArrayRef),
-    Micros(ArrayRef, bool),
-    Date(ArrayRef),
-    Display(ArrayRef),
+/// How a column's values are encoded.
+enum Kind {
+    Bool,
+    /// Cast to int64, sent at the width of its Postgres type.
+    Int(Type),
+    /// uint64, sent as int8 when it fits.
+    UInt,
+    /// Cast to float64, sent as float4 or float8.
+    Float(Type),
+    Text,
+    Bytes,
+    /// Microseconds; with a time zone (timestamptz) or without.
+    Micros(bool),
+    Date,
+    /// Anything else: its text form, formatted once per batch.
+    Display(Vec<String>),
+}
+
+/// One column of a batch, converted once to what its Postgres type encodes.
+struct Col {
+    array: ArrayRef,
+    kind: Kind,
 }
 
 fn column(a: &ArrayRef, ty: &Type) -> PgWireResult<Col> {
     let to = |dt: DataType| cast(a, &dt).map_err(arrow_err);
-    Ok(match *ty {
-        Type::BOOL => Col::Bool(a.clone()),
+    let (array, kind) = match *ty {
+        Type::BOOL => (a.clone(), Kind::Bool),
         Type::INT2 | Type::INT4 | Type::INT8 if a.data_type() == &DataType::UInt64 => {
-            Col::UInt(a.clone())
+            (a.clone(), Kind::UInt)
         }
-        Type::INT2 | Type::INT4 | Type::INT8 => Col::Int(to(DataType::Int64)?, ty.clone()),
-        Type::FLOAT4 | Type::FLOAT8 => Col::Float(to(DataType::Float64)?, ty.clone()),
-        Type::BYTEA => Col::Bytes(to(DataType::LargeBinary)?),
-        Type::TIMESTAMPTZ | Type::TIMESTAMP => Col::Micros(
+        Type::INT2 | Type::INT4 | Type::INT8 => (to(DataType::Int64)?, Kind::Int(ty.clone())),
+        Type::FLOAT4 | Type::FLOAT8 => (to(DataType::Float64)?, Kind::Float(ty.clone())),
+        Type::BYTEA => (to(DataType::LargeBinary)?, Kind::Bytes),
+        Type::TIMESTAMPTZ | Type::TIMESTAMP => (
             to(DataType::Timestamp(TimeUnit::Microsecond, None))?,
-            *ty == Type::TIMESTAMPTZ,
+            Kind::Micros(*ty == Type::TIMESTAMPTZ),
         ),
-        Type::DATE => Col::Date(to(DataType::Date32)?),
+        Type::DATE => (to(DataType::Date32)?, Kind::Date),
         _ => match a.data_type() {
             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-                Col::Text(to(DataType::LargeUtf8)?)
+                (to(DataType::LargeUtf8)?, Kind::Text)
             }
-            _ => Col::Display(a.clone()),
+            _ => {
+                let f = ArrayFormatter::try_new(a.as_ref(), &FormatOptions::default())
+                    .map_err(arrow_err)?;
+                let text = (0..a.len()).map(|i| f.value(i).to_string()).collect();
+                (a.clone(), Kind::Display(text))
+            }
         },
-    })
+    };
+    Ok(Col { array, kind })
 }
 
 fn encode_cell(enc: &mut DataRowEncoder, col: &Col, i: usize) -> PgWireResult<()> {
-    let null = match col {
-        Col::Bool(a)
-        | Col::Int(a, _)
-        | Col::UInt(a)
-        | Col::Float(a, _)
-        | Col::Text(a)
-        | Col::Bytes(a)
-        | Col::Micros(a, _)
-        | Col::Date(a)
-        | Col::Display(a) => a.is_null(i),
-    };
-    if null {
+    let a = &col.array;
+    if a.is_null(i) {
         return enc.encode_field(&None::<i64>);
     }
-    match col {
-        Col::Bool(a) => enc.encode_field(&a.as_boolean().value(i)),
-        Col::Int(a, ty) => {
+    match &col.kind {
+        Kind::Bool => enc.encode_field(&a.as_boolean().value(i)),
+        Kind::Int(ty) => {
             let v = a.as_primitive::<Int64Type>().value(i);
             match *ty {
                 Type::INT2 => enc.encode_field(&(v as i16)),
@@ -134,7 +141,7 @@ fn encode_cell(enc: &mut DataRowEncoder, col: &Col, i: usize) -> PgWireResult<()
                 _ => enc.encode_field(&v),
             }
         }
-        Col::UInt(a) => {
+        Kind::UInt => {
             let v = a.as_primitive::<UInt64Type>().value(i);
             let v = i64::try_from(v).map_err(|_| {
                 user_error(
@@ -145,7 +152,7 @@ fn encode_cell(enc: &mut DataRowEncoder, col: &Col, i: usize) -> PgWireResult<()
             })?;
             enc.encode_field(&v)
         }
-        Col::Float(a, ty) => {
+        Kind::Float(ty) => {
             let v = a.as_primitive::<Float64Type>().value(i);
             if *ty == Type::FLOAT4 {
                 enc.encode_field(&(v as f32))
@@ -153,9 +160,9 @@ fn encode_cell(enc: &mut DataRowEncoder, col: &Col, i: usize) -> PgWireResult<()
                 enc.encode_field(&v)
             }
         }
-        Col::Text(a) => enc.encode_field(&a.as_string::<i64>().value(i)),
-        Col::Bytes(a) => enc.encode_field(&a.as_binary::<i64>().value(i)),
-        Col::Micros(a, tz) => {
+        Kind::Text => enc.encode_field(&a.as_string::<i64>().value(i)),
+        Kind::Bytes => enc.encode_field(&a.as_binary::<i64>().value(i)),
+        Kind::Micros(tz) => {
             let us = a.as_primitive::<TimestampMicrosecondType>().value(i);
             let t =
                 chrono::DateTime::<chrono::Utc>::from_timestamp_micros(us).ok_or_else(|| {
@@ -167,17 +174,13 @@ fn encode_cell(enc: &mut DataRowEncoder, col: &Col, i: usize) -> PgWireResult<()
                 enc.encode_field(&t.naive_utc())
             }
         }
-        Col::Date(a) => {
+        Kind::Date => {
             let days = a.as_primitive::<Date32Type>().value(i);
             let d = chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
                 .ok_or_else(|| user_error("22008", format!("date {days} is out of range"), None))?;
             enc.encode_field(&d)
         }
-        Col::Display(a) => {
-            let f = ArrayFormatter::try_new(a.as_ref(), &FormatOptions::default())
-                .map_err(arrow_err)?;
-            enc.encode_field(&f.value(i).to_string())
-        }
+        Kind::Display(text) => enc.encode_field(&text[i]),
     }
 }
 

@@ -46,6 +46,7 @@ use pgwire::api::{
     PgWireServerHandlers, PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::response::ErrorResponse;
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tally_query::{QueryEngine, QueryError};
@@ -66,7 +67,7 @@ pub struct PgServer {
 impl PgServer {
     pub fn new(engine: Arc<QueryEngine>, keys: Arc<Keys>, max_connections: usize) -> PgServer {
         let mut params = DefaultServerParameterProvider::default();
-        params.server_version = format!("16.6 (Tally {})", env!("CARGO_PKG_VERSION"));
+        params.server_version = server_version();
         params.is_superuser = false;
         params.default_transaction_read_only = true;
         PgServer {
@@ -125,27 +126,18 @@ impl PgServer {
 /// A FATAL `ErrorResponse` (SQLSTATE 53300) written before any startup
 /// exchange: libpq reports it as the connection's error.
 fn too_many(max: usize) -> Vec<u8> {
-    let mut fields = Vec::new();
-    for (tag, v) in [
-        (b'S', "FATAL".to_string()),
-        (b'V', "FATAL".to_string()),
-        (b'C', "53300".to_string()),
-        (
-            b'M',
-            format!(
-                "too many Postgres sessions ({max} open); close one or raise pgwire.max-connections"
-            ),
+    use pgwire::messages::Message;
+    let info = ErrorInfo::new(
+        "FATAL".into(),
+        "53300".into(),
+        format!(
+            "too many Postgres sessions ({max} open); close one or raise pgwire.max-connections"
         ),
-    ] {
-        fields.push(tag);
-        fields.extend_from_slice(v.as_bytes());
-        fields.push(0);
-    }
-    fields.push(0);
-    let mut out = vec![b'E'];
-    out.extend_from_slice(&((fields.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(&fields);
-    out
+    );
+    let mut buf = bytes::BytesMut::new();
+    // Encoding a message into memory cannot fail.
+    let _ = ErrorResponse::from(info).encode(&mut buf);
+    buf.to_vec()
 }
 
 struct Handlers(Arc<Backend>);
@@ -223,8 +215,8 @@ impl Backend {
         format: &Format,
         app: Option<&str>,
     ) -> PgWireResult<Response> {
-        if let Some(r) = session_statement(sql, app)? {
-            return Ok(r);
+        if let Some(l) = Local::parse(sql, app) {
+            return l.respond();
         }
         let r = self.engine.sql(tenant, sql).await.map_err(query_error)?;
         if r.truncated {
@@ -250,11 +242,8 @@ impl Backend {
         sql: &str,
         format: &Format,
     ) -> PgWireResult<(Vec<Type>, Vec<FieldInfo>)> {
-        if let Some(r) = session_statement(sql, None)? {
-            return Ok(match r {
-                Response::Query(q) => (Vec::new(), q.row_schema.as_ref().clone()),
-                _ => (Vec::new(), Vec::new()),
-            });
+        if let Some(l) = Local::parse(sql, None) {
+            return Ok((Vec::new(), l.fields()));
         }
         let (schema, params) = self
             .engine
@@ -485,72 +474,103 @@ impl ExtendedQueryHandler for Backend {
     }
 }
 
+/// What this server reports as its version (Postgres 16 behaviour).
+fn server_version() -> String {
+    format!("16.6 (Tally {})", env!("CARGO_PKG_VERSION"))
+}
+
 /// Settings `SHOW` answers here (Postgres' own names, lower case), as
 /// drivers and tools ask for them when they connect.
 fn setting(name: &str, app: Option<&str>) -> Option<String> {
-    Some(
-        match name {
-            "transaction_isolation"
-            | "transaction isolation level"
-            | "default_transaction_isolation" => "read committed",
-            "transaction_read_only" | "default_transaction_read_only" => "on",
-            "standard_conforming_strings" | "integer_datetimes" => "on",
-            "client_encoding" | "server_encoding" => "UTF8",
-            "datestyle" => "ISO, YMD",
-            "intervalstyle" => "postgres",
-            "timezone" => "UTC",
-            "search_path" => "public",
-            "max_identifier_length" => "63",
-            "lc_collate" | "lc_ctype" => "C",
-            "is_superuser" => "off",
-            "server_version" => return Some(format!("16.6 (Tally {})", env!("CARGO_PKG_VERSION"))),
-            "server_version_num" => "160006",
-            "application_name" => return Some(app.unwrap_or_default().to_string()),
-            _ => return None,
-        }
-        .to_string(),
-    )
+    let v = match name {
+        "transaction_isolation"
+        | "transaction isolation level"
+        | "default_transaction_isolation" => "read committed",
+        "transaction_read_only" | "default_transaction_read_only" => "on",
+        "standard_conforming_strings" | "integer_datetimes" => "on",
+        "client_encoding" | "server_encoding" => "UTF8",
+        "datestyle" => "ISO, YMD",
+        "intervalstyle" => "postgres",
+        "timezone" => "UTC",
+        "search_path" => "public",
+        "max_identifier_length" => "63",
+        "lc_collate" | "lc_ctype" => "C",
+        "is_superuser" => "off",
+        "server_version_num" => "160006",
+        "server_version" => return Some(server_version()),
+        "application_name" => app.unwrap_or_default(),
+        _ => return None,
+    };
+    Some(v.to_string())
 }
 
-/// A session statement drivers send, answered without the engine:
-/// `SET`/`RESET`/`DISCARD` (accepted; the session has nothing to change),
-/// transaction brackets, and `SHOW` of a known setting. `None`: SQL for
-/// the engine (`SHOW TABLES` included).
-fn session_statement(sql: &str, app: Option<&str>) -> PgWireResult<Option<Response>> {
-    let text = sql.trim().trim_end_matches(';').trim();
-    let mut words = text.split_whitespace();
-    let first = words.next().unwrap_or_default().to_ascii_uppercase();
-    let tag = |t: &str| Tag::new(t);
-    Ok(Some(match first.as_str() {
-        "SET" => Response::Execution(tag("SET")),
-        "RESET" => Response::Execution(tag("RESET")),
-        "DISCARD" => Response::Execution(tag("DISCARD ALL")),
-        "BEGIN" | "START" => Response::TransactionStart(tag("BEGIN")),
-        "COMMIT" | "END" => Response::TransactionEnd(tag("COMMIT")),
-        "ROLLBACK" | "ABORT" => Response::TransactionEnd(tag("ROLLBACK")),
-        "SHOW" => {
-            let rest: Vec<&str> = words.collect();
-            let name = rest.join(" ").trim_matches('"').to_ascii_lowercase();
-            match setting(&name, app) {
-                Some(v) => {
-                    let fields = Arc::new(vec![FieldInfo::new(
-                        name.clone(),
-                        None,
-                        None,
-                        Type::TEXT,
-                        pgwire::api::results::FieldFormat::Text,
-                    )]);
-                    let mut enc = pgwire::api::results::DataRowEncoder::new(fields.clone());
-                    enc.encode_field(&v)?;
-                    let row = enc.take_row();
-                    Response::Query(QueryResponse::new(
-                        fields,
-                        futures::stream::iter(vec![Ok(row)]),
-                    ))
-                }
-                None => return Ok(None),
+/// A session statement drivers send, answered without the engine (`SHOW
+/// TABLES` and unknown settings go to the engine).
+enum Local {
+    /// `SET`, `RESET`, `DISCARD`: accepted; the session has nothing to change.
+    Command(&'static str),
+    /// `BEGIN`/`START`: the data is read-only, so transactions are empty brackets.
+    Begin,
+    /// `COMMIT`/`END` or `ROLLBACK`/`ABORT`.
+    End(&'static str),
+    /// `SHOW <setting>`: its name and value.
+    Show(String, String),
+}
+
+impl Local {
+    fn parse(sql: &str, app: Option<&str>) -> Option<Local> {
+        let text = sql.trim().trim_end_matches(';').trim();
+        let mut words = text.split_whitespace();
+        let first = words.next().unwrap_or_default().to_ascii_uppercase();
+        Some(match first.as_str() {
+            "SET" => Local::Command("SET"),
+            "RESET" => Local::Command("RESET"),
+            "DISCARD" => Local::Command("DISCARD ALL"),
+            "BEGIN" | "START" => Local::Begin,
+            "COMMIT" | "END" => Local::End("COMMIT"),
+            "ROLLBACK" | "ABORT" => Local::End("ROLLBACK"),
+            "SHOW" => {
+                let name = words
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .trim_matches('"')
+                    .to_ascii_lowercase();
+                let value = setting(&name, app)?;
+                Local::Show(name, value)
             }
+            _ => return None,
+        })
+    }
+
+    /// The columns of its answer.
+    fn fields(&self) -> Vec<FieldInfo> {
+        match self {
+            Local::Show(name, _) => vec![FieldInfo::new(
+                name.clone(),
+                None,
+                None,
+                Type::TEXT,
+                pgwire::api::results::FieldFormat::Text,
+            )],
+            _ => Vec::new(),
         }
-        _ => return Ok(None),
-    }))
+    }
+
+    fn respond(self) -> PgWireResult<Response> {
+        Ok(match self {
+            Local::Command(tag) => Response::Execution(Tag::new(tag)),
+            Local::Begin => Response::TransactionStart(Tag::new("BEGIN")),
+            Local::End(tag) => Response::TransactionEnd(Tag::new(tag)),
+            Local::Show(_, ref value) => {
+                let fields = Arc::new(self.fields());
+                let mut enc = pgwire::api::results::DataRowEncoder::new(fields.clone());
+                enc.encode_field(value)?;
+                let row = enc.take_row();
+                Response::Query(QueryResponse::new(
+                    fields,
+                    futures::stream::iter(vec![Ok(row)]),
+                ))
+            }
+        })
+    }
 }

@@ -74,74 +74,47 @@ fn literal(portal: &Portal<String>, i: usize) -> PgWireResult<Expr> {
         }
         return Ok(Expr::value(Value::SingleQuotedString(text.to_string())));
     }
-    let text = |s: String| Ok(Expr::value(Value::SingleQuotedString(s)));
-    let num = |s: String| Ok(Expr::value(Value::Number(s, false)));
-    let get_err = |e: PgWireError| bad(n, e);
-    match ty {
-        Type::BOOL => {
-            let v: Option<bool> = portal.parameter(i, &ty).map_err(get_err)?;
-            Ok(Expr::value(v.map_or(Value::Null, Value::Boolean)))
-        }
-        Type::INT2 => num(portal
-            .parameter::<i16>(i, &ty)
-            .map_err(get_err)?
-            .unwrap_or_default()
-            .to_string()),
-        Type::INT4 => num(portal
-            .parameter::<i32>(i, &ty)
-            .map_err(get_err)?
-            .unwrap_or_default()
-            .to_string()),
-        Type::INT8 => num(portal
-            .parameter::<i64>(i, &ty)
-            .map_err(get_err)?
-            .unwrap_or_default()
-            .to_string()),
-        Type::FLOAT4 | Type::FLOAT8 => {
-            let v = if ty == Type::FLOAT4 {
-                portal
-                    .parameter::<f32>(i, &ty)
-                    .map_err(get_err)?
-                    .map(f64::from)
-            } else {
-                portal.parameter::<f64>(i, &ty).map_err(get_err)?
-            }
-            .unwrap_or_default();
-            if !v.is_finite() {
-                return Err(bad(n, format!("{v} is not a finite number")));
-            }
-            num(v.to_string())
-        }
-        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => text(
-            portal
-                .parameter::<String>(i, &Type::TEXT)
-                .map_err(get_err)?
-                .unwrap_or_default(),
-        ),
-        Type::TIMESTAMP => {
-            let v: Option<chrono::NaiveDateTime> = portal.parameter(i, &ty).map_err(get_err)?;
-            text(
-                v.map(|t| t.format("%Y-%m-%dT%H:%M:%S%.f").to_string())
-                    .unwrap_or_default(),
-            )
-        }
-        Type::TIMESTAMPTZ => {
-            let v: Option<chrono::DateTime<chrono::FixedOffset>> =
-                portal.parameter(i, &ty).map_err(get_err)?;
-            text(v.map(|t| t.to_rfc3339()).unwrap_or_default())
-        }
-        Type::DATE => {
-            let v: Option<chrono::NaiveDate> = portal.parameter(i, &ty).map_err(get_err)?;
-            text(v.map(|d| d.to_string()).unwrap_or_default())
-        }
-        other => Err(bad(
-            n,
-            format!(
-                "binary values of type {} are not taken; send this parameter in text format",
-                other.name()
-            ),
-        )),
+    // Binary: decoded by its type, then written as the literal it is.
+    macro_rules! binary {
+        ($t:ty) => {
+            portal.parameter::<$t>(i, &ty).map_err(|e| bad(n, e))?
+        };
     }
+    let number = |v: String| Value::Number(v, false);
+    let finite = |v: f64| {
+        if v.is_finite() {
+            Ok(number(v.to_string()))
+        } else {
+            Err(bad(n, format!("{v} is not a finite number")))
+        }
+    };
+    let v = match ty {
+        Type::BOOL => binary!(bool).map(Value::Boolean),
+        Type::INT2 => binary!(i16).map(|v| number(v.to_string())),
+        Type::INT4 => binary!(i32).map(|v| number(v.to_string())),
+        Type::INT8 => binary!(i64).map(|v| number(v.to_string())),
+        Type::FLOAT4 => binary!(f32).map(|v| finite(f64::from(v))).transpose()?,
+        Type::FLOAT8 => binary!(f64).map(finite).transpose()?,
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => portal
+            .parameter::<String>(i, &Type::TEXT)
+            .map_err(|e| bad(n, e))?
+            .map(Value::SingleQuotedString),
+        Type::TIMESTAMP => binary!(chrono::NaiveDateTime)
+            .map(|t| Value::SingleQuotedString(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string())),
+        Type::TIMESTAMPTZ => binary!(chrono::DateTime<chrono::FixedOffset>)
+            .map(|t| Value::SingleQuotedString(t.to_rfc3339())),
+        Type::DATE => binary!(chrono::NaiveDate).map(|d| Value::SingleQuotedString(d.to_string())),
+        other => {
+            return Err(bad(
+                n,
+                format!(
+                    "binary values of type {} are not taken; send this parameter in text format",
+                    other.name()
+                ),
+            ));
+        }
+    };
+    Ok(Expr::value(v.unwrap_or(Value::Null)))
 }
 
 /// The portal's statement with its parameters bound, as SQL text for the

@@ -6,12 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::TimestampMillisecondType;
-use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+use datafusion::logical_expr::{LogicalPlanBuilder, col};
 use datafusion::physical_plan::execute_stream;
-use datafusion::scalar::ScalarValue;
 use futures::StreamExt;
 use serde_json::Value;
 use tally_types::Millis;
@@ -89,19 +89,20 @@ fn value_hash(v: &Value) -> u64 {
 }
 
 impl QueryEngine {
-    /// The catalog of `q.tenant`'s events in `[start, end)`.
-    pub async fn catalog(&self, q: &CatalogQuery) -> Result<Catalog, QueryError> {
+    /// The catalog of `q.tenant`'s events in `[start, end)`, read on the
+    /// SQL threads (it parses every event's properties).
+    pub async fn catalog(self: &Arc<Self>, q: CatalogQuery) -> Result<Catalog, QueryError> {
+        self.isolated(move |me| async move { me.catalog_here(&q).await })
+            .await
+    }
+
+    async fn catalog_here(&self, q: &CatalogQuery) -> Result<Catalog, QueryError> {
         let memory_limit = self.cfg.memory_limit;
         let df_err = |e| QueryError::from_df(e, memory_limit);
         let ctx = self.context(&q.tenant)?;
         let events = ctx.table_provider("events").await.map_err(df_err)?;
         let state = ctx.state();
-        let ts = |v: Millis| {
-            lit(ScalarValue::TimestampMillisecond(
-                Some(v),
-                Some("UTC".into()),
-            ))
-        };
+        let ts = crate::provider::ts_lit;
         let run = async {
             let plan = LogicalPlanBuilder::scan(
                 "events",
@@ -130,17 +131,18 @@ impl QueryEngine {
                         break 'scan;
                     }
                     out.events += 1;
-                    let t = tss.value(i);
-                    let (info, accs) = types.entry(ets.value(i).to_string()).or_insert_with(|| {
-                        (
-                            EventTypeInfo {
-                                first: t,
-                                last: t,
-                                ..EventTypeInfo::default()
-                            },
-                            BTreeMap::new(),
-                        )
-                    });
+                    let (t, et) = (tss.value(i), ets.value(i));
+                    if !types.contains_key(et) {
+                        let first = EventTypeInfo {
+                            first: t,
+                            last: t,
+                            ..EventTypeInfo::default()
+                        };
+                        types.insert(et.to_string(), (first, BTreeMap::new()));
+                    }
+                    let Some((info, accs)) = types.get_mut(et) else {
+                        continue;
+                    };
                     info.events += 1;
                     info.first = info.first.min(t);
                     info.last = info.last.max(t);
@@ -151,20 +153,18 @@ impl QueryEngine {
                     else {
                         continue;
                     };
-                    for (k, v) in &map {
-                        let a = match accs.get_mut(k.as_str()) {
-                            Some(a) => a,
-                            None => accs.entry(k.clone()).or_default(),
-                        };
+                    for (k, v) in map {
+                        let a = accs.entry(k).or_default();
                         a.info.present += 1;
-                        a.info.types.insert(kind(v));
+                        a.info.types.insert(kind(&v));
                         if let Some(x) = v.as_f64() {
                             a.info.min = Some(a.info.min.map_or(x, |m| m.min(x)));
                             a.info.max = Some(a.info.max.map_or(x, |m| m.max(x)));
                         }
+                        let h = value_hash(&v);
                         if a.seen.len() < DISTINCT_CAP {
-                            a.seen.insert(value_hash(v));
-                        } else if !a.info.distinct_capped && !a.seen.contains(&value_hash(v)) {
+                            a.seen.insert(h);
+                        } else if !a.seen.contains(&h) {
                             a.info.distinct_capped = true;
                         }
                     }
@@ -179,9 +179,6 @@ impl QueryEngine {
             }
             Ok::<_, datafusion::error::DataFusionError>(out)
         };
-        tokio::time::timeout(std::time::Duration::from_millis(self.cfg.timeout_ms), run)
-            .await
-            .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
-            .map_err(df_err)
+        self.timed(async { run.await.map_err(df_err) }).await
     }
 }

@@ -97,6 +97,14 @@ impl QueryError {
     }
 }
 
+/// What a query may be: one read-only statement (no DDL, DML, `SET`).
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
 /// `events` with a typed column per property the tenant declares (after
 /// the fixed ones), read from `properties` by the `json_get_*` functions
 /// `ctx` has registered:
@@ -316,12 +324,24 @@ impl QueryEngine {
         tenant: &str,
         sql: &str,
     ) -> Result<Arc<QueryResult>, QueryError> {
-        let Some(rt) = &self.runtime else {
-            return self.sql_here(tenant, sql).await;
-        };
-        let me = self.clone();
         let (tenant, sql) = (tenant.to_string(), sql.to_string());
-        let mut task = AbortOnDrop(rt.spawn(async move { me.sql_here(&tenant, &sql).await }));
+        self.isolated(move |me| async move { me.sql_here(&tenant, &sql).await })
+            .await
+    }
+
+    /// Runs `f` on the SQL threads (here when there are none): heavy work
+    /// never delays the caller's runtime, a panic fails this call only,
+    /// and dropping the call aborts the work.
+    pub(crate) async fn isolated<T, F, Fut>(self: &Arc<Self>, f: F) -> Result<T, QueryError>
+    where
+        F: FnOnce(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, QueryError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(rt) = &self.runtime else {
+            return f(self.clone()).await;
+        };
+        let mut task = AbortOnDrop(rt.spawn(f(self.clone())));
         match (&mut task.0).await {
             Ok(r) => r,
             Err(e) if e.is_panic() => {
@@ -338,6 +358,16 @@ impl QueryEngine {
             }
             Err(_) => Err(QueryError::Exec("the query was cancelled".into())),
         }
+    }
+
+    /// `fut` under `query.timeout`.
+    pub(crate) async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, QueryError>>,
+    ) -> Result<T, QueryError> {
+        tokio::time::timeout(Duration::from_millis(self.cfg.timeout_ms), fut)
+            .await
+            .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
     }
 
     /// Runs one read-only SQL statement for `tenant` on the calling runtime.
@@ -361,12 +391,8 @@ impl QueryEngine {
         let limit = self.cfg.memory_limit;
         let run = async {
             let ctx = self.context(tenant)?;
-            let opts = SQLOptions::new()
-                .with_allow_ddl(false)
-                .with_allow_dml(false)
-                .with_allow_statements(false);
             let df = ctx
-                .sql_with_options(sql, opts)
+                .sql_with_options(sql, read_only())
                 .await
                 .map_err(|e| QueryError::from_planner(e, limit))?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -392,10 +418,7 @@ impl QueryEngine {
             }
             Ok::<_, QueryError>((schema, batches, rows, truncated))
         };
-        let (schema, batches, rows, truncated) =
-            tokio::time::timeout(Duration::from_millis(self.cfg.timeout_ms), run)
-                .await
-                .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))??;
+        let (schema, batches, rows, truncated) = self.timed(run).await?;
         let result = Arc::new(QueryResult {
             schema,
             batches,
@@ -442,13 +465,9 @@ impl QueryEngine {
     ) -> Result<(SchemaRef, Vec<Option<arrow::datatypes::DataType>>), QueryError> {
         let limit = self.cfg.memory_limit;
         let ctx = self.context(tenant)?;
-        let opts = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
         let run = async {
             let df = ctx
-                .sql_with_options(sql, opts)
+                .sql_with_options(sql, read_only())
                 .await
                 .map_err(|e| QueryError::from_planner(e, limit))?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -465,11 +484,9 @@ impl QueryEngine {
             let params = (1..=n)
                 .map(|i| types.get(&format!("${i}")).cloned().flatten())
                 .collect();
-            Ok::<_, QueryError>((schema, params))
+            Ok((schema, params))
         };
-        tokio::time::timeout(Duration::from_millis(self.cfg.timeout_ms), run)
-            .await
-            .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
+        self.timed(run).await
     }
 
     /// When each of `ids` was first received, from the tenant's kept raw
@@ -490,36 +507,34 @@ impl QueryEngine {
         let mut out = HashMap::new();
         let limit = self.cfg.memory_limit;
         let df_err = |e| QueryError::from_df(e, limit);
-        let ts = |t: tally_types::Millis| {
-            lit(datafusion::common::ScalarValue::TimestampMillisecond(
-                Some(t),
-                Some("UTC".into()),
-            ))
-        };
+        let ts = provider::ts_lit;
         for chunk in ids.chunks(1000) {
             // A filter built as expressions: the ids are values, never SQL text.
             let ctx = self.context(tenant)?;
             let run = async {
-                ctx.table("events")
-                    .await?
-                    .filter(col("ts").gt_eq(ts(from)).and(col("ts").lt_eq(ts(to))).and(
-                        col("event_id").in_list(chunk.iter().map(|id| lit(*id)).collect(), false),
-                    ))?
-                    .aggregate(
-                        vec![col("event_id")],
-                        vec![min(col("received_at")).alias("first")],
-                    )?
-                    .select(vec![
-                        cast_expr(col("event_id"), DataType::Utf8).alias("id"),
-                        cast_expr(col("first"), DataType::Int64).alias("first"),
-                    ])?
-                    .collect()
-                    .await
+                let df = async {
+                    ctx.table("events")
+                        .await?
+                        .filter(
+                            col("ts").gt_eq(ts(from)).and(col("ts").lt_eq(ts(to))).and(
+                                col("event_id")
+                                    .in_list(chunk.iter().map(|id| lit(*id)).collect(), false),
+                            ),
+                        )?
+                        .aggregate(
+                            vec![col("event_id")],
+                            vec![min(col("received_at")).alias("first")],
+                        )?
+                        .select(vec![
+                            cast_expr(col("event_id"), DataType::Utf8).alias("id"),
+                            cast_expr(col("first"), DataType::Int64).alias("first"),
+                        ])?
+                        .collect()
+                        .await
+                };
+                df.await.map_err(df_err)
             };
-            let batches = tokio::time::timeout(Duration::from_millis(self.cfg.timeout_ms), run)
-                .await
-                .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
-                .map_err(df_err)?;
+            let batches = self.timed(run).await?;
             for b in &batches {
                 let ids = cast(b.column(0), &DataType::Utf8)
                     .map_err(|e| QueryError::Exec(e.to_string()))?;

@@ -116,6 +116,14 @@ impl TableProvider for EventsTable {
 
 /// The `[from, to)` range of timestamp column `column` the filters allow
 /// (conservative: any filter not understood allows everything).
+/// A literal of `ts`'s type (UTC milliseconds) at `v`.
+pub(crate) fn ts_lit(v: Millis) -> Expr {
+    datafusion::logical_expr::lit(datafusion::scalar::ScalarValue::TimestampMillisecond(
+        Some(v),
+        Some("UTC".into()),
+    ))
+}
+
 pub(crate) fn time_bounds(filters: &[Expr], column: &str) -> (Millis, Millis) {
     let mut from = Millis::MIN;
     let mut to = Millis::MAX;

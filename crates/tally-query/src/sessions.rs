@@ -14,7 +14,6 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::physical_plan::execute_stream;
-use datafusion::scalar::ScalarValue;
 use futures::StreamExt;
 use tally_types::Millis;
 use tally_types::time::align_down;
@@ -109,12 +108,7 @@ pub(crate) async fn compute(
     to: Millis,
     gap_ms: Millis,
 ) -> Result<Vec<SessionRow>, DataFusionError> {
-    let ts = |v: Millis| {
-        lit(ScalarValue::TimestampMillisecond(
-            Some(v),
-            Some("UTC".into()),
-        ))
-    };
+    let ts = crate::provider::ts_lit;
     // Unbounded ends (a table scan without a filter on `start`) read
     // everything rather than compare with extreme timestamps.
     let mut filter = lit(true);
@@ -211,9 +205,7 @@ impl QueryEngine {
             out.truncate(q.limit);
             Ok(out)
         };
-        tokio::time::timeout(std::time::Duration::from_millis(self.cfg.timeout_ms), run)
-            .await
-            .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
+        self.timed(run).await
     }
 
     /// A session metric (`sessions`, `avg_session_duration`, `bounce_rate`)
@@ -279,9 +271,7 @@ impl QueryEngine {
             }
             Ok(out)
         };
-        tokio::time::timeout(std::time::Duration::from_millis(self.cfg.timeout_ms), run)
-            .await
-            .map_err(|_| QueryError::Timeout(self.cfg.timeout_ms))?
+        self.timed(run).await
     }
 }
 

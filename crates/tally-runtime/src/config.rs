@@ -289,7 +289,7 @@ impl SmtpSection {
                 fix: "give both smtp.username and smtp.password, or neither",
             });
         }
-        s.transport(std::time::Duration::from_secs(5))
+        s.mailer(std::time::Duration::from_secs(5))
             .map(|_| ())
             .map_err(|e| ConfigError::Invalid {
                 key: "smtp",

@@ -686,6 +686,26 @@ fn time_param(
     }
 }
 
+/// `start` and `end` with their defaults (`end`, then `start` = `end` −
+/// `span`), refused unless `start` is before `end`.
+fn time_range(
+    pairs: &[(String, String)],
+    now: i64,
+    end_default: i64,
+    span: i64,
+) -> Result<(i64, i64), ApiError> {
+    let end = time_param(pairs, "end", now)?.unwrap_or(end_default);
+    let start = time_param(pairs, "start", now)?.unwrap_or(end - span);
+    if start >= end {
+        return Err(ApiError::BadRequest(format!(
+            "start: {} is not before end {}",
+            format_rfc3339(start),
+            format_rfc3339(end)
+        )));
+    }
+    Ok((start, end))
+}
+
 /// A time parameter: `now`, `now-<duration>` / `now+<duration>`, a
 /// date (midnight UTC), RFC 3339 or epoch milliseconds.
 fn relative_time(v: &str, now: i64) -> Result<i64, String> {
@@ -871,7 +891,11 @@ async fn metrics(
     // A property with no numeric value: sums read 0 and the others have
     // no point; both are answered with a note rather than silently.
     let no_numbers = match &query.metric {
-        Metric::Sum(p) => {
+        Metric::Sum(p)
+            if series.iter().flat_map(|x| &x.points).all(|(_, v)| {
+                matches!(v, Value::Int(0)) || matches!(v, Value::Float(f) if *f == 0.0)
+            }) =>
+        {
             let mut q = query.clone();
             q.metric = Metric::Max(p.clone());
             q.over = None;
@@ -948,11 +972,7 @@ async fn session_metric(
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let g = granularity.ms();
     let now = s.shared.clock.now_ms();
-    let end = time_param(pairs, "end", now)?.unwrap_or(now + 1);
-    let start = time_param(pairs, "start", now)?.unwrap_or(end - HOUR_MS);
-    if end <= start {
-        return Err(ApiError::BadRequest("end: must be after start".into()));
-    }
+    let (start, end) = time_range(pairs, now, now + 1, HOUR_MS)?;
     if (end - start) / g > tally_store::rollup::MAX_BUCKETS {
         return Err(ApiError::BadRequest(format!(
             "granularity: the range holds more than {} buckets of {}; use a coarser granularity or a shorter range",
@@ -1572,18 +1592,10 @@ async fn catalog(
     let engine = engine(&s)?;
     let tenant = caller.tenant(&pairs)?;
     let now = s.shared.clock.now_ms();
-    let end = time_param(&pairs, "end", now)?.unwrap_or(now + HOUR_MS);
-    let start = time_param(&pairs, "start", now)?.unwrap_or(now - 7 * 24 * HOUR_MS);
-    if start >= end {
-        return Err(ApiError::BadRequest(format!(
-            "start: {} is not before end {}",
-            format_rfc3339(start),
-            format_rfc3339(end)
-        )));
-    }
+    let (start, end) = time_range(&pairs, now, now + HOUR_MS, 7 * 24 * HOUR_MS + HOUR_MS)?;
     let max_events = limit_param(&pairs, 100_000, 10_000_000)?;
     let cat = engine
-        .catalog(&tally_query::CatalogQuery {
+        .catalog(tally_query::CatalogQuery {
             tenant: tenant.clone(),
             start,
             end,
@@ -1655,15 +1667,7 @@ async fn sessions(
     let pairs = query_pairs(&q);
     let tenant = caller.tenant(&pairs)?;
     let now = s.shared.clock.now_ms();
-    let end = time_param(&pairs, "end", now)?.unwrap_or(now + HOUR_MS);
-    let start = time_param(&pairs, "start", now)?.unwrap_or(end - 24 * HOUR_MS);
-    if start >= end {
-        return Err(ApiError::BadRequest(format!(
-            "start ({}) must be before end ({})",
-            format_rfc3339(start),
-            format_rfc3339(end)
-        )));
-    }
+    let (start, end) = time_range(&pairs, now, now + HOUR_MS, 24 * HOUR_MS)?;
     let gap_ms = gap_param(&pairs)?;
     let limit = limit_param(&pairs, 1000, usize::MAX)?;
     let user_id = one(&pairs, "user_id")

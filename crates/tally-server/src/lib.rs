@@ -74,7 +74,11 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr().map_err(ServerError::Serve)?;
-        if !keys.keyed() && !addr.ip().is_loopback() && !cfg.auth.insecure_open {
+        // Open mode answers anyone who reaches a listener: loopback only,
+        // unless the operator says otherwise.
+        let exposed =
+            |a: SocketAddr| !keys.keyed() && !a.ip().is_loopback() && !cfg.auth.insecure_open;
+        if exposed(addr) {
             return Err(ServerError::InsecureOpen(addr));
         }
         let pg_listener = match cfg.pgwire.address() {
@@ -87,7 +91,7 @@ impl Server {
                             source,
                         })?;
                 let pa = l.local_addr().map_err(ServerError::Serve)?;
-                if !keys.keyed() && !pa.ip().is_loopback() && !cfg.auth.insecure_open {
+                if exposed(pa) {
                     return Err(ServerError::InsecureOpen(pa));
                 }
                 Some(l)
