@@ -26,6 +26,17 @@ fn tweak(cfg: &mut tally_server::Config) {
 
 const M: i64 = 60_000;
 
+/// `POST /api/v1/alerts?tenant=acme` with `rule`: (status, answer).
+async fn create_rule(c: &reqwest::Client, base: &str, rule: &Value) -> (u16, Value) {
+    let r = c
+        .post(format!("{base}/api/v1/alerts?tenant=acme"))
+        .body(rule.to_string())
+        .send()
+        .await
+        .unwrap();
+    answer(r).await
+}
+
 async fn answer(r: reqwest::Response) -> (u16, Value) {
     let code = r.status().as_u16();
     let text = r.text().await.unwrap();
@@ -476,17 +487,13 @@ async fn email_targets_are_sent_through_smtp_once() {
     // Without [smtp]: refused, naming the field and the fix.
     let plain = tempfile::tempdir().unwrap();
     let server = start_server(plain.path(), tweak).await;
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/api/v1/alerts?tenant=acme", server.addr))
-        .body(
-            json!({"name": "m", "detector": {"kind": "threshold", "op": ">", "value": 1},
-            "notify": [{"email": "ops@example.com"}]})
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let (code, v) = answer(r).await;
+    let (code, v) = create_rule(
+        &reqwest::Client::new(),
+        &format!("http://{}", server.addr),
+        &json!({"name": "m", "detector": {"kind": "threshold", "op": ">", "value": 1},
+            "notify": [{"email": "ops@example.com"}]}),
+    )
+    .await;
     assert_eq!(code, 400, "{v}");
     assert_eq!(v["field"], "notify[0].email", "{v}");
     assert!(v["error"].as_str().unwrap().contains("[smtp]"), "{v}");
@@ -513,31 +520,15 @@ async fn email_targets_are_sent_through_smtp_once() {
             "notify[0].format",
         ),
     ] {
-        let r = c
-            .post(format!("{base}/api/v1/alerts?tenant=acme"))
-            .body(
-                json!({"name": "m", "detector": {"kind": "threshold", "op": ">", "value": 1},
-                "notify": [target]})
-                .to_string(),
-            )
-            .send()
-            .await
-            .unwrap();
-        let (code, v) = answer(r).await;
+        let rule = json!({"name": "m", "detector": {"kind": "threshold", "op": ">", "value": 1},
+            "notify": [target]});
+        let (code, v) = create_rule(&c, &base, &rule).await;
         assert_eq!((code, v["field"].as_str()), (400, Some(field)), "{v}");
     }
-    let r = c
-        .post(format!("{base}/api/v1/alerts?tenant=acme"))
-        .body(
-            json!({"name": "purchases-spike", "metric": "count", "event_type": ["purchase"],
-            "detector": {"kind": "threshold", "op": ">", "value": 3},
-            "resolve_after": "1m", "notify": [{"email": "ops@example.com"}]})
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let (code, created) = answer(r).await;
+    let rule = json!({"name": "purchases-spike", "metric": "count", "event_type": ["purchase"],
+        "detector": {"kind": "threshold", "op": ">", "value": 3},
+        "resolve_after": "1m", "notify": [{"email": "ops@example.com"}]});
+    let (code, created) = create_rule(&c, &base, &rule).await;
     assert_eq!(code, 201, "{created}");
     assert_eq!(
         created["notify"][0]["email"], "ops@example.com",

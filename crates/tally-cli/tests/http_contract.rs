@@ -133,7 +133,7 @@ async fn ingest_forms_errors_and_limits() {
         json!([["2026-11-01T12:00:00Z", 3]])
     );
     // Errors say what to do: the valid parameters, the missing property.
-    let text = |q: &'static str| {
+    let metrics = |q: &'static str| {
         let c = c.clone();
         let base = base.clone();
         async move {
@@ -142,26 +142,21 @@ async fn ingest_forms_errors_and_limits() {
                 .send()
                 .await
                 .unwrap();
-            r.text().await.unwrap()
+            (r.status().as_u16(), r.text().await.unwrap())
         }
     };
-    let e = text("metric=count&country=US").await;
+    let e = metrics("metric=count&country=US").await.1;
     assert!(
         e.contains("where=country:US") && e.contains("group_by"),
         "{e}"
     );
-    assert!(text("metric=p95").await.contains("p95:<property>"));
+    assert!(metrics("metric=p95").await.1.contains("p95:<property>"));
     // Dates, relative times and any percentile.
     for q in [
         "metric=count&start=2026-11-01&end=2026-11-02&event_type=click&event_type=view&granularity=1d",
         "metric=count&start=1793491200000&end=2026-11-02T00:00:00Z&event_type=click&event_type=view&granularity=1d",
     ] {
-        let r = c
-            .get(format!("{base}/api/v1/metrics?{q}"))
-            .send()
-            .await
-            .unwrap();
-        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&metrics(q).await.1).unwrap();
         assert_eq!(
             v["series"][0]["points"],
             json!([["2026-11-01T00:00:00Z", 3]]),
@@ -173,12 +168,7 @@ async fn ingest_forms_errors_and_limits() {
         "metric=p99.9:ms&start=now-1h",
         "metric=p75:ms",
     ] {
-        let r = c
-            .get(format!("{base}/api/v1/metrics?{q}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{q}");
+        assert_eq!(metrics(q).await.0, 200, "{q}");
     }
 
     let r = c

@@ -12,7 +12,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use common::{T0, rows};
 use serde_json::{Value, json};
@@ -37,18 +36,6 @@ async fn start(dir: &std::path::Path) -> tally_server::Server {
         cfg.schemas = schemas();
     })
     .await
-}
-
-/// Waits until `tenant` has `n` rows in `events`.
-async fn wait_rows(c: &reqwest::Client, base: &str, tenant: &str, n: u64) {
-    for _ in 0..200 {
-        let r = rows(c, base, tenant, "SELECT count(*) FROM events").await;
-        if r[0][0] == json!(n) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{tenant} never reached {n} rows");
 }
 
 const TYPED: &str = "SELECT event_id, page, duration_ms, qty, ok FROM events ORDER BY event_id";
@@ -125,8 +112,8 @@ async fn declared_properties_are_checked_and_become_typed_columns() {
         "{text}"
     );
 
-    wait_rows(&c, &base, "acme", 3).await;
-    wait_rows(&c, &base, "zeta", 1).await;
+    common::wait_events(&c, &base, "acme", 3).await;
+    common::wait_events(&c, &base, "zeta", 1).await;
     let want = vec![
         vec![
             json!("a1"),
@@ -176,7 +163,7 @@ async fn declared_properties_are_checked_and_become_typed_columns() {
     server.stop().await.unwrap();
     let server = start(dir.path()).await;
     let base = format!("http://{}", server.addr);
-    wait_rows(&c, &base, "acme", 3).await;
+    common::wait_events(&c, &base, "acme", 3).await;
     assert_eq!(rows(&c, &base, "acme", TYPED).await, want);
     assert_eq!(
         rows(&c, &base, "acme", filtered).await,
