@@ -60,30 +60,14 @@ async fn spike_fires_once_retries_and_survives_a_restart() {
     let c = reqwest::Client::new();
 
     // Invalid rules name the field.
-    let r = c
-        .post(format!("{base}/api/v1/alerts?tenant=acme"))
-        .body(
-            json!({"name": "x", "detector": {"kind": "threshold", "op": "!=", "value": 1}})
-                .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let (code, v) = answer(r).await;
+    let bad = json!({"name": "x", "detector": {"kind": "threshold", "op": "!=", "value": 1}});
+    let (code, v) = create_rule(&c, &base, &bad).await;
     assert_eq!(code, 400);
     assert_eq!(v["field"], "detector.op", "{v}");
     // The consumer lag is a Kafka-mode metric: refused here, with the fix.
-    let r = c
-        .post(format!("{base}/api/v1/alerts?tenant=acme"))
-        .body(
-            json!({"name": "lag", "metric": "consumer_lag_seconds",
-                "detector": {"kind": "threshold", "op": ">", "value": 30}})
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let (code, v) = answer(r).await;
+    let lag = json!({"name": "lag", "metric": "consumer_lag_seconds",
+        "detector": {"kind": "threshold", "op": ">", "value": 30}});
+    let (code, v) = create_rule(&c, &base, &lag).await;
     assert_eq!(code, 400);
     assert_eq!(v["field"], "metric", "{v}");
     assert!(
@@ -94,13 +78,7 @@ async fn spike_fires_once_retries_and_survives_a_restart() {
     let rule = json!({"name": "error-spike", "metric": "count", "event_type": ["error"],
         "granularity": "1m", "detector": {"kind": "threshold", "op": ">", "value": 5},
         "for": "1m", "resolve_after": "1m", "notify": [{"webhook": hook.url}]});
-    let r = c
-        .post(format!("{base}/api/v1/alerts?tenant=acme"))
-        .body(rule.to_string())
-        .send()
-        .await
-        .unwrap();
-    let (code, created) = answer(r).await;
+    let (code, created) = create_rule(&c, &base, &rule).await;
     assert_eq!(code, 201);
     let id = created["id"].as_str().unwrap().to_string();
     assert_eq!(created["state"], "ok");
@@ -259,13 +237,7 @@ async fn an_error_rate_over_a_sliding_window_fires_and_resolves_once() {
         "over": "count", "granularity": "1m", "window": "3m",
         "detector": {"kind": "threshold", "op": ">", "value": 0.5},
         "for": "1m", "resolve_after": "1m", "notify": [{"webhook": hook.url}]});
-    let r = c
-        .post(format!("{base}/api/v1/alerts?tenant=acme"))
-        .body(rule.to_string())
-        .send()
-        .await
-        .unwrap();
-    let (code, created) = answer(r).await;
+    let (code, created) = create_rule(&c, &base, &rule).await;
     assert_eq!(code, 201, "{created}");
     assert_eq!(
         (created["window"].as_str(), created["over"].as_str()),
@@ -325,24 +297,12 @@ async fn a_rule_grouped_by_country_pages_once_per_country() {
         "where": "event_type:error", "group_by": "country", "window": "3m",
         "detector": {"kind": "threshold", "op": ">", "value": 5},
         "resolve_after": "1m", "notify": [{"webhook": hook.url}]});
-    let r = c
-        .post(format!("{base}/api/v1/alerts?tenant=acme"))
-        .body(rule.to_string())
-        .send()
-        .await
-        .unwrap();
-    let (code, created) = answer(r).await;
+    let (code, created) = create_rule(&c, &base, &rule).await;
     assert_eq!(code, 201, "{created}");
     assert_eq!(created["group_by"], json!(["country"]), "{created}");
     let mut bad = rule.clone();
     bad["group_by"] = json!("plan");
-    let r = c
-        .post(format!("{base}/api/v1/alerts?tenant=acme"))
-        .body(bad.to_string())
-        .send()
-        .await
-        .unwrap();
-    let (code, body) = answer(r).await;
+    let (code, body) = create_rule(&c, &base, &bad).await;
     assert_eq!(code, 400);
     assert!(
         body.to_string()
