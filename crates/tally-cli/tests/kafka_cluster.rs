@@ -131,6 +131,28 @@ impl Drop for Node {
 }
 
 /// With `TALLY_KEEP_TEST_DIR` set the nodes' data dirs and logs stay.
+/// Every node's warnings and errors, and what restored which partition
+/// from where (what a failure needs to be understood).
+fn warnings(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .flat_map(|n| {
+            n.logs()
+                .lines()
+                .filter(|l| {
+                    l.contains("WARN")
+                        || l.contains("ERROR")
+                        || l.contains("stalled")
+                        || l.contains("restoring partition")
+                        || l.contains("waits for it")
+                })
+                .map(|l| format!("{}: {l}", n.name))
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn scopeguard_keep(tmp: tempfile::TempDir) -> KeepDir {
     if std::env::var_os("TALLY_KEEP_TEST_DIR").is_some() {
         KeepDir::Kept(tmp.keep())
@@ -340,28 +362,14 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
             match exact_on(&c, &n.base(), &want).await {
                 Ok(()) => break,
                 Err(e) if Instant::now() > deadline => {
-                    let warnings: Vec<String> = nodes
-                        .iter()
-                        .flat_map(|n| {
-                            n.logs()
-                                .lines()
-                                .filter(|l| {
-                                    l.contains("WARN")
-                                        || l.contains("ERROR")
-                                        || l.contains("stalled")
-                                })
-                                .map(|l| format!("{}: {l}", n.name))
-                                .collect::<Vec<_>>()
-                        })
-                        .collect();
+                    let warnings = warnings(&nodes);
                     let mut statuses = Vec::new();
                     for n in &nodes {
                         let st = get(&c, format!("{}/api/v1/status", n.base())).await;
                         statuses.push(format!("{}: {} {}", n.name, st["cluster"], st["events"]));
                     }
                     panic!(
-                        "after {kills} kills, not exact: {e}\n{}\n{}",
-                        warnings.join("\n"),
+                        "after {kills} kills, not exact: {e}\n{warnings}\n{}",
                         statuses.join("\n")
                     )
                 }
@@ -454,8 +462,9 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
                 }
                 assert!(
                     rows.unwrap_or(0) <= want_rows && Instant::now() < deadline,
-                    "{} {tenant}: {rows:?} raw rows, want {want_rows}",
-                    n.name
+                    "{} {tenant}: {rows:?} raw rows, want {want_rows}\n{}",
+                    n.name,
+                    warnings(&nodes)
                 );
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use tally_types::codec::clip;
-use tally_types::schema::Schemas;
+use tally_types::schema::{PropsCheck, Schemas};
 use tally_types::time::{self, MAX_TS, Millis};
 use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_tenant};
 
@@ -157,6 +157,7 @@ pub struct Parser {
     props: Vec<(Cow<'static, str>, &'static RawValue)>,
     schemas: Arc<Schemas>,
     privacy: Option<Arc<Privacy>>,
+    registry: Option<Arc<dyn PropsCheck>>,
 }
 
 impl fmt::Debug for Parser {
@@ -201,7 +202,15 @@ impl Parser {
             props: Vec::new(),
             schemas,
             privacy: None,
+            registry: None,
         }
+    }
+
+    /// Events of a type with a registered schema are checked against it
+    /// (the latest version, or the one their `schema_version` names).
+    pub fn with_registry(mut self, registry: Option<Arc<dyn PropsCheck>>) -> Self {
+        self.registry = registry;
+        self
     }
 
     /// Personal data is redacted by `privacy`'s rules before an event is
@@ -265,6 +274,7 @@ impl Parser {
             max_depth: self.max_depth,
             index: 0,
             privacy: self.privacy.clone(),
+            registry: self.registry.clone(),
         };
         match (format, first) {
             (Format::Json, b'[') => {
@@ -397,6 +407,7 @@ struct Sink<'s> {
     /// Index of the event being accepted (for refusals).
     index: usize,
     privacy: Option<Arc<Privacy>>,
+    registry: Option<Arc<dyn PropsCheck>>,
 }
 
 impl Sink<'_> {
@@ -433,6 +444,9 @@ impl Sink<'_> {
                     ));
                 }
             }
+        }
+        if let Some(r) = &self.registry {
+            r.check(&ev.tenant, &ev.event_type, ev.schema_version, props)?;
         }
         // A number no f64 holds would be counted as nothing: refuse it.
         // Only an exponent or hundreds of digits can overflow. Nested
@@ -497,6 +511,7 @@ impl Sink<'_> {
                     user_id: id(&ev.user_id, rules.user_id()),
                     session_id: id(&ev.session_id, rules.session_id()),
                     props_text: None,
+                    schema_version: ev.schema_version,
                 };
                 (&redacted_ev, &redacted_view[..])
             }
@@ -740,6 +755,8 @@ struct Valid<'a> {
     session_id: Option<Cow<'a, str>>,
     /// The `properties` object's text, when there is one.
     props_text: Option<&'a str>,
+    /// The registered schema version the event names (None: the latest).
+    schema_version: Option<u32>,
 }
 
 /// Top-level fields of one event object, each as raw JSON.
@@ -752,6 +769,7 @@ struct Fields<'a> {
     session_id: Option<&'a RawValue>,
     tenant: Option<&'a RawValue>,
     properties: Option<&'a RawValue>,
+    schema_version: Option<&'a RawValue>,
 }
 
 impl<'de> Deserialize<'de> for Fields<'de> {
@@ -791,6 +809,7 @@ impl<'de> Fields<'de> {
                 "session_id" => f.session_id = Some(v),
                 "tenant" => f.tenant = Some(v),
                 "properties" => f.properties = Some(v),
+                "schema_version" => f.schema_version = Some(v),
                 _ => {}
             }
             if let Some(p) = pairs.as_deref_mut() {
@@ -1185,6 +1204,18 @@ fn validate_fields<'a>(
             }
         }
     }
+    let schema_version = match f.schema_version.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(t) => match t.parse::<u32>() {
+            Ok(v) if v >= 1 => Some(v),
+            _ => {
+                return Err(err(format!(
+                    "schema_version: must be a positive integer (a version of the event type's registered schema), got {}",
+                    shorten(t)
+                )));
+            }
+        },
+    };
     Ok(Valid {
         tenant,
         event_id,
@@ -1193,6 +1224,7 @@ fn validate_fields<'a>(
         user_id,
         session_id,
         props_text,
+        schema_version,
     })
 }
 

@@ -58,6 +58,18 @@ pub struct Restore {
     pub values: Vec<(BucketKey, Agg)>,
 }
 
+/// What [`Materialized::restore`] found for a partition.
+pub enum Restored {
+    /// The state that committed the group's offset, and its aggregates.
+    Ready(Restore),
+    /// No offset is committed and no state was ever written: the
+    /// partition starts from its beginning.
+    Fresh,
+    /// The view has not yet read the state of the committed offset; `at`
+    /// is the next offset of the last state it read.
+    Behind { at: Option<u64> },
+}
+
 /// Called with the archive files of a committed seal.
 pub type FilesFn = Box<dyn Fn(&codec::Sealed) + Send + Sync>;
 
@@ -185,17 +197,24 @@ impl Materialized {
     /// `committed` (the group's committed offset for it), then hands the
     /// state and the partition's aggregates from `cutoff(state)[tenant]` on
     /// to `take`, under the lock (nothing of the partition changes
-    /// meanwhile). `None`: no state of the partition was ever seen.
+    /// meanwhile).
+    ///
+    /// [`Restored::Behind`]: the view has not read the transaction that
+    /// committed that offset (a read_committed reader waits behind any
+    /// open transaction on the same aggregates partition, e.g. one of a
+    /// node killed mid-commit, until the broker aborts it). Restoring from
+    /// an older state would seal raw rows and publish deltas a second
+    /// time, so the caller waits and asks again.
     pub fn restore(
         &self,
         partition: u32,
         committed: Option<u64>,
         timeout: Duration,
         cutoff: impl FnOnce(&PartitionState) -> HashMap<String, Millis>,
-    ) -> Option<Restore> {
+    ) -> Restored {
         let deadline = Instant::now() + timeout;
         let mut inner = self.inner.lock();
-        loop {
+        let at = loop {
             let at = inner
                 .parts
                 .get(&partition)
@@ -206,20 +225,44 @@ impl Materialized {
                 (Some(c), Some(a)) => a >= c,
                 (Some(_), None) => false,
             };
-            if reached || self.changed.wait_until(&mut inner, deadline).timed_out() {
-                if !reached {
-                    tracing::warn!(
-                        partition,
-                        committed,
-                        at,
-                        "the aggregates topic has not caught up with the committed offset; restoring from the last state read"
-                    );
-                }
-                break;
+            if reached {
+                break at;
             }
+            if self.changed.wait_until(&mut inner, deadline).timed_out() {
+                return Restored::Behind { at };
+            }
+        };
+        if at.is_none() {
+            return Restored::Fresh;
         }
+        let Some(view) = inner.parts.get(&partition) else {
+            return Restored::Fresh;
+        };
+        let Some(state) = view.state.clone() else {
+            return Restored::Fresh;
+        };
+        Restored::Ready(Self::take(view, state, cutoff))
+    }
+
+    /// Like [`Materialized::restore`] without waiting, from whatever state
+    /// the view holds (`None`: none): for a caller that waited long enough
+    /// and goes on regardless.
+    pub fn restore_stale(
+        &self,
+        partition: u32,
+        cutoff: impl FnOnce(&PartitionState) -> HashMap<String, Millis>,
+    ) -> Option<Restore> {
+        let inner = self.inner.lock();
         let view = inner.parts.get(&partition)?;
         let state = view.state.clone()?;
+        Some(Self::take(view, state, cutoff))
+    }
+
+    fn take(
+        view: &PartView,
+        state: PartitionState,
+        cutoff: impl FnOnce(&PartitionState) -> HashMap<String, Millis>,
+    ) -> Restore {
         let cut = cutoff(&state);
         let values = view
             .values
@@ -227,7 +270,7 @@ impl Materialized {
             .filter(|((t, m, _), _)| *m >= cut.get(&**t).copied().unwrap_or(Millis::MIN))
             .map(|(k, a)| (k.clone(), a.clone()))
             .collect();
-        Some(Restore { state, values })
+        Restore { state, values }
     }
 
     /// Applies one record of the aggregates topic.

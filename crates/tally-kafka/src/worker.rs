@@ -35,7 +35,7 @@ use tally_types::bin::{Dec, Enc};
 use tally_types::time::{HOUR_MS, MINUTE_MS, Millis, align_down};
 
 use crate::codec::{self, AggKey, PartitionState};
-use crate::materialize::Materialized;
+use crate::materialize::{Materialized, Restored};
 use crate::raw::RawBuf;
 use crate::{BACKFILL_HEADER, Error, Settings};
 
@@ -58,7 +58,13 @@ pub struct Hooks {
     /// Minutes older than this (wall clock) are published as deltas only
     /// and folded into hours by readers (0: minutes are kept).
     pub minute_retention_ms: Millis,
+    /// Turns a binary message value (first byte 0: Confluent-framed Avro)
+    /// into NDJSON events (None: such values are malformed).
+    pub decode_binary: Option<DecodeFn>,
 }
+
+/// See [`Hooks::decode_binary`].
+pub type DecodeFn = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync>;
 
 /// One owned partition, as `/metrics` and `/api/v1/status` show it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -162,17 +168,36 @@ impl ConsumerContext for Ctx {
                     Offset::Offset(o) if o >= 0 => Some(o as u64),
                     _ => None,
                 });
-            let part = Part::restore(p as u32, c_off, &self.hooks, &self.view);
-            let start = if part.start == 0 {
-                Offset::Beginning
-            } else {
-                Offset::Offset(part.start as i64)
+            let part = Part::restore(p as u32, c_off, &self.hooks, &self.view, RESTORE_WAIT);
+            let start = match part.waiting {
+                Some((c, _)) => Offset::Offset(c as i64),
+                None if part.start == 0 => Offset::Beginning,
+                None => Offset::Offset(part.start as i64),
             };
             let _ = tpl.set_partition_offset(&topic, p, start);
             parts.push(part);
         }
         if let Err(e) = c.assign(tpl) {
             tracing::warn!(error = %e, "assigning partitions failed");
+        }
+        // A waiting partition fetches nothing until it is restored (and one
+        // paused in an earlier assignment fetches again).
+        let (mut waiting, mut going) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for part in &parts {
+            match part.waiting {
+                Some(_) => waiting.add_partition(&topic, part.id as i32),
+                None => going.add_partition(&topic, part.id as i32),
+            };
+        }
+        if waiting.count() > 0
+            && let Err(e) = c.pause(&waiting)
+        {
+            tracing::warn!(error = %e, "pausing waiting partitions failed");
+        }
+        if going.count() > 0
+            && let Err(e) = c.resume(&going)
+        {
+            tracing::warn!(error = %e, "resuming assigned partitions failed");
         }
         self.events.lock().push(Rebal::Assigned(parts));
     }
@@ -220,35 +245,73 @@ struct Part {
     /// When the partition's archive files were last looked at for
     /// compaction and retention.
     last_compact: Instant,
+    /// Raw events are kept (an archive is configured).
+    raw_enabled: bool,
+    /// The group's committed offset the view has not reached yet, and
+    /// since when: the partition is not processed until it has.
+    waiting: Option<(u64, Instant)>,
 }
 
 type BucketKey = (Box<str>, Millis, Box<str>);
 
 impl Part {
-    fn restore(id: u32, committed: Option<u64>, hooks: &Hooks, view: &Materialized) -> Part {
+    /// A partition this node was just given: restored from the state that
+    /// committed the group's offset `committed`, waiting at most `wait`
+    /// for the view to read it. If it has not, the partition waits
+    /// ([`Part::waiting`]): nothing of it is processed or committed until
+    /// the view catches up (see [`Session::resume_waiting`]).
+    fn restore(
+        id: u32,
+        committed: Option<u64>,
+        hooks: &Hooks,
+        view: &Materialized,
+        wait: Duration,
+    ) -> Part {
+        let mut part = Part::empty(id, hooks);
+        let mut clocks_ok = true;
+        // The clocks are imported under the view's lock, where they decide
+        // which of the partition's minutes can still change and are loaded.
+        let restored = view.restore(id, committed, wait, |state| {
+            part.import_clocks(state, &mut clocks_ok)
+        });
+        match restored {
+            Restored::Ready(r) if clocks_ok => part.load(r),
+            Restored::Ready(_) => {}
+            Restored::Fresh => {}
+            Restored::Behind { at } => {
+                let c = committed.unwrap_or(0);
+                tracing::info!(
+                    partition = id,
+                    committed = c,
+                    view_at = at,
+                    "the aggregates topic has not caught up with the committed offset (an open transaction of a stopped node holds it back until the broker aborts it); the partition waits for it"
+                );
+                part.waiting = Some((c, Instant::now()));
+            }
+        }
+        part
+    }
+
+    /// A waiting partition whose wait ran out: restored from the last
+    /// state the view read, at the risk of work done twice.
+    fn restore_stale(id: u32, hooks: &Hooks, view: &Materialized) -> Part {
+        let mut part = Part::empty(id, hooks);
+        let mut clocks_ok = true;
+        let restored = view.restore_stale(id, |state| part.import_clocks(state, &mut clocks_ok));
+        match restored {
+            Some(r) if clocks_ok => part.load(r),
+            _ => {}
+        }
+        part
+    }
+
+    fn empty(id: u32, hooks: &Hooks) -> Part {
         let mut cfg = hooks.stream.clone();
         cfg.partitions = 1;
         let mut proc = Processor::new(cfg, Arc::default(), Arc::new(Mutex::new(Dlq::new(1))));
         proc.own_partition();
         proc.set_capture(hooks.raw.is_some());
-        // The clocks are imported under the view's lock, where they decide
-        // which of the partition's minutes can still change and are loaded.
-        let mut clocks_ok = true;
-        let restored = view.restore(id, committed, RESTORE_WAIT, |state| {
-            if let Err(e) = proc.import_clocks(&mut Dec::new(&state.clocks)) {
-                tracing::error!(partition = id, error = %e, "partition state unreadable; processing the partition again from its start");
-                clocks_ok = false;
-                return HashMap::new();
-            }
-            state
-                .watermarks
-                .iter()
-                // Minutes behind the cut are not held: what comes for them
-                // is published as a delta.
-                .map(|(t, _)| (t.clone(), proc.mutable_from(t).max(state.cut)))
-                .collect()
-        });
-        let mut part = Part {
+        Part {
             id,
             proc,
             start: 0,
@@ -260,6 +323,7 @@ impl Part {
             counts: (0, 0, 0),
             raw: RawBuf::default(),
             raw_from: 0,
+            raw_enabled: hooks.raw.is_some(),
             malformed: Vec::new(),
             replayed: Vec::new(),
             pending_replays: Vec::new(),
@@ -267,52 +331,60 @@ impl Part {
             cut: Millis::MIN,
             committed: None,
             last_compact: Instant::now(),
-        };
-        match restored.filter(|_| clocks_ok) {
-            Some(r) => {
-                {
-                    let mut st = part.proc.store().write();
-                    for ((t, m, ty), agg) in r.values {
-                        st.set_agg(&t, m, &ty, agg);
-                    }
-                    st.commit();
-                    st.take_touched();
-                }
-                part.start = r.state.replay_from.min(r.state.next_offset);
-                part.raw_from = r.state.raw_from.min(r.state.next_offset);
-                if hooks.raw.is_some() {
-                    // The unsealed raw events are rebuilt too.
-                    part.start = part.start.min(part.raw_from);
-                }
-                part.restore_until = r.state.next_offset;
-                part.next_offset = part.start;
-                part.counts = (r.state.counted, r.state.duplicates, r.state.late);
-                part.cut = r.state.cut;
-                part.committed = Some(r.state.next_offset);
-                tracing::info!(
-                    partition = id,
-                    next_offset = r.state.next_offset,
-                    replay_from = part.start,
-                    from_node = %r.state.node,
-                    raw_from = part.raw_from,
-                    "restoring partition"
-                );
-            }
-            None => {
-                if committed.is_some() {
-                    tracing::warn!(
-                        partition = id,
-                        ?committed,
-                        "offsets are committed but no partition state was found in the aggregates topic; processing the partition again from its start"
-                    );
-                }
-            }
+            waiting: None,
         }
-        part
     }
 
+    /// Imports a state's clocks; answers, per tenant, the first minute
+    /// whose aggregates are loaded (minutes behind the cut are not held:
+    /// what comes for them is published as a delta).
+    fn import_clocks(&mut self, state: &PartitionState, ok: &mut bool) -> HashMap<String, Millis> {
+        if let Err(e) = self.proc.import_clocks(&mut Dec::new(&state.clocks)) {
+            tracing::error!(partition = self.id, error = %e, "partition state unreadable; processing the partition again from its start");
+            *ok = false;
+            return HashMap::new();
+        }
+        state
+            .watermarks
+            .iter()
+            .map(|(t, _)| (t.clone(), self.proc.mutable_from(t).max(state.cut)))
+            .collect()
+    }
+
+    fn load(&mut self, r: crate::materialize::Restore) {
+        {
+            let mut st = self.proc.store().write();
+            for ((t, m, ty), agg) in r.values {
+                st.set_agg(&t, m, &ty, agg);
+            }
+            st.commit();
+            st.take_touched();
+        }
+        self.start = r.state.replay_from.min(r.state.next_offset);
+        self.raw_from = r.state.raw_from.min(r.state.next_offset);
+        if self.raw_enabled {
+            // The unsealed raw events are rebuilt too.
+            self.start = self.start.min(self.raw_from);
+        }
+        self.restore_until = r.state.next_offset;
+        self.next_offset = self.start;
+        self.counts = (r.state.counted, r.state.duplicates, r.state.late);
+        self.cut = r.state.cut;
+        self.committed = Some(r.state.next_offset);
+        tracing::info!(
+            partition = self.id,
+            next_offset = r.state.next_offset,
+            replay_from = self.start,
+            from_node = %r.state.node,
+            raw_from = self.raw_from,
+            "restoring partition"
+        );
+    }
+
+    /// Rebuilding from a committed state (or waiting to): nothing of the
+    /// partition is committed meanwhile.
     fn restoring(&self) -> bool {
-        self.next_offset < self.restore_until
+        self.waiting.is_some() || self.next_offset < self.restore_until
     }
 
     /// Before events that may land in final minutes (a backfill, a
@@ -487,10 +559,15 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a caught-up worker stops fetching (added to freshness at most).
 const IDLE_PAUSE: Duration = Duration::from_millis(10);
 
-/// How long a new owner waits for the aggregates topic to reach the
-/// partition's committed offset before restoring from what it has read
-/// (a deterministic re-run from an older state produces the same values).
-const RESTORE_WAIT: Duration = Duration::from_secs(10);
+/// How long a new owner waits, inside the rebalance callback, for the
+/// aggregates topic to reach the partition's committed offset; past it
+/// the partition waits paused while the session goes on.
+const RESTORE_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a partition waits for the view to read its committed state
+/// before it is restored from an older one (a broker aborts a dead
+/// producer's transaction after `transaction.timeout.ms`, 10 s here).
+const WAIT_LIMIT: Duration = Duration::from_secs(90);
 
 fn session(
     settings: &Settings,
@@ -602,6 +679,7 @@ impl Session<'_> {
         while !stop.load(Relaxed) {
             let polled = consumer.poll(Duration::from_millis(20));
             self.rebalanced(consumer)?;
+            self.resume_waiting(consumer)?;
             let busy = polled.is_some();
             match polled {
                 Some(m) => {
@@ -675,6 +753,54 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Restores each waiting partition the view has caught up with (or
+    /// that waited [`WAIT_LIMIT`]), and starts it where its state says.
+    fn resume_waiting(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
+        let ready: Vec<(u32, bool)> = self
+            .parts
+            .values()
+            .filter_map(|p| {
+                let (c, since) = p.waiting?;
+                let caught_up = self.view.next_offset_of(p.id).is_some_and(|a| a >= c);
+                let gave_up = since.elapsed() >= WAIT_LIMIT;
+                (caught_up || gave_up).then_some((p.id, caught_up))
+            })
+            .collect();
+        for (id, caught_up) in ready {
+            let committed = self.parts.get(&id).and_then(|p| p.waiting).map(|w| w.0);
+            let mut part = Part::restore(id, committed, self.hooks, self.view, Duration::ZERO);
+            if part.waiting.is_some() || !caught_up {
+                tracing::error!(
+                    partition = id,
+                    committed,
+                    view_at = self.view.next_offset_of(id),
+                    "the aggregates topic did not reach the committed offset within {WAIT_LIMIT:?}; restoring from the last state read (work since it may be published twice)"
+                );
+                part = Part::restore_stale(id, self.hooks, self.view);
+            }
+            let start = if part.start == 0 {
+                Offset::Beginning
+            } else {
+                Offset::Offset(part.start as i64)
+            };
+            let topic = &self.settings.topic_events;
+            consumer
+                .seek(topic, id as i32, start, Duration::from_secs(10))
+                .map_err(client_err("seek a restored partition"))?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, id as i32);
+            consumer
+                .resume(&tpl)
+                .map_err(client_err("resume a restored partition"))?;
+            if let Some(st) = self.stats.parts.lock().get_mut(&id) {
+                st.next_offset = part.restore_until;
+                st.restoring = part.restoring();
+            }
+            self.parts.insert(id, part);
+        }
+        Ok(())
+    }
+
     fn begin(&mut self) -> Result<(), Error> {
         if !self.in_txn {
             self.producer
@@ -691,8 +817,9 @@ impl Session<'_> {
         let Some(part) = self.parts.get(&id) else {
             return Ok(());
         };
-        // Already handled (or before the replay-from offset: no live entry).
-        if offset < part.next_offset {
+        // Already handled (or before the replay-from offset: no live entry),
+        // or fetched before the partition was paused to wait.
+        if offset < part.next_offset || part.waiting.is_some() {
             return Ok(());
         }
         let restoring = offset < part.restore_until;
@@ -722,7 +849,7 @@ impl Session<'_> {
             )
         };
         self.parser.set_now(ts);
-        let parsed = parse_message(&mut self.parser, value);
+        let parsed = parse_message(&mut self.parser, value, self.hooks.decode_binary.as_ref());
         self.stats.messages.fetch_add(1, Relaxed);
         let mut parsed = match parsed {
             Ok(p) => p,
@@ -1224,7 +1351,21 @@ fn replacements(
 }
 
 /// A message value: one event object, a JSON array of them, or NDJSON.
-fn parse_message(parser: &mut Parser, value: &[u8]) -> Result<Parsed, BodyError> {
+fn parse_message(
+    parser: &mut Parser,
+    value: &[u8],
+    decode: Option<&DecodeFn>,
+) -> Result<Parsed, BodyError> {
+    if value.first() == Some(&0) {
+        let Some(decode) = decode else {
+            return Err(BodyError::NotJson(
+                "a binary value (first byte 0) and no schema registry to decode it".into(),
+            ));
+        };
+        let lines =
+            decode(value).map_err(|e| BodyError::NotJson(format!("Confluent-framed Avro: {e}")))?;
+        return parser.parse(&lines, Format::Ndjson, Tenancy::Open);
+    }
     let first = value.iter().copied().find(|c| !c.is_ascii_whitespace());
     match first {
         Some(b'[') => parser.parse(value, Format::Json, Tenancy::Open),

@@ -153,6 +153,20 @@ pub struct QueryConfig {
     pub cache_entries: usize,
     /// Declared properties per tenant: typed columns of `events`.
     pub schemas: Arc<Schemas>,
+    /// More typed columns per tenant, asked at each query (the schema
+    /// registry's latest versions); `schemas` wins where both name one.
+    pub columns: Option<ColumnsFn>,
+}
+
+/// A tenant's typed property columns, asked when a query is planned.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct ColumnsFn(pub Arc<dyn Fn(&str) -> BTreeMap<String, PropType> + Send + Sync>);
+
+impl std::fmt::Debug for ColumnsFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ColumnsFn")
+    }
 }
 
 impl Default for QueryConfig {
@@ -164,6 +178,7 @@ impl Default for QueryConfig {
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             cache_entries: 256,
             schemas: Arc::default(),
+            columns: None,
         }
     }
 }
@@ -276,11 +291,20 @@ impl QueryEngine {
             raw: self.raw.clone(),
             tenant: tenant.to_string(),
         });
-        let events = match self.cfg.schemas.get(tenant) {
-            Some(declared) if !declared.is_empty() => {
-                typed_events(&ctx, events, declared).map_err(df)?
-            }
-            _ => events,
+        let mut declared = self
+            .cfg
+            .columns
+            .as_ref()
+            .map_or_else(BTreeMap::new, |f| (f.0)(tenant));
+        if let Some(toml) = self.cfg.schemas.get(tenant) {
+            declared.extend(toml.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        // A property named like a fixed column stays in `properties`.
+        declared.retain(|k, _| events.schema().field_with_name(k).is_err());
+        let events = if declared.is_empty() {
+            events
+        } else {
+            typed_events(&ctx, events, &declared).map_err(df)?
         };
         ctx.register_table("events", events.clone()).map_err(df)?;
         ctx.register_table(

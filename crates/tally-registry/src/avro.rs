@@ -59,6 +59,55 @@ impl<'a> Names<'a> {
     }
 }
 
+/// The first named type that contains itself (a recursive schema), if
+/// any: decoding such data recurses as deep as the data nests, so they
+/// are refused at registration.
+pub(crate) fn recursive(s: &Schema) -> Option<String> {
+    fn walk(s: &Schema, stack: &mut Vec<String>) -> Option<String> {
+        match s {
+            Schema::Ref { name } => {
+                let n = name.fullname(None);
+                stack.contains(&n).then_some(n)
+            }
+            Schema::Record(r) => {
+                stack.push(r.name.fullname(None));
+                let found = r.fields.iter().find_map(|f| walk(&f.schema, stack));
+                stack.pop();
+                found
+            }
+            Schema::Array(a) => walk(&a.items, stack),
+            Schema::Map(m) => walk(&m.types, stack),
+            Schema::Union(u) => u.variants().iter().find_map(|v| walk(v, stack)),
+            _ => None,
+        }
+    }
+    walk(s, &mut Vec::new())
+}
+
+/// The SQL column type of a field's values (None: not a primitive, or a
+/// union of more than one with null).
+pub(crate) fn prop_type(s: &Schema) -> Option<tally_types::schema::PropType> {
+    use tally_types::schema::PropType;
+    let s = match s {
+        Schema::Union(u) => {
+            let mut branches = u.variants().iter().filter(|v| !matches!(v, Schema::Null));
+            let one = branches.next()?;
+            if branches.next().is_some() {
+                return None;
+            }
+            one
+        }
+        other => other,
+    };
+    match kind(s) {
+        Kind::String | Kind::Enum => Some(PropType::String),
+        Kind::Int | Kind::Long => Some(PropType::Int),
+        Kind::Float | Kind::Double => Some(PropType::Float),
+        Kind::Boolean => Some(PropType::Bool),
+        _ => None,
+    }
+}
+
 /// The kinds the resolution rules compare (a logical type reads as the
 /// type under it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -307,10 +307,17 @@ fn parse_schema(t: SchemaType, text: &str) -> Result<(Parsed, String, String), R
     let doc: Json = serde_json::from_str(text)
         .map_err(|e| RegistryError::InvalidSchema(format!("not JSON: {e}")))?;
     let parsed = match t {
-        SchemaType::Avro => Parsed::Avro(
-            apache_avro::Schema::parse(&doc)
-                .map_err(|e| RegistryError::InvalidSchema(format!("not an Avro schema: {e}")))?,
-        ),
+        SchemaType::Avro => {
+            let s = apache_avro::Schema::parse(&doc)
+                .map_err(|e| RegistryError::InvalidSchema(format!("not an Avro schema: {e}")))?;
+            if let Some(name) = avro::recursive(&s) {
+                return Err(RegistryError::InvalidSchema(format!(
+                    "type {name} contains itself; recursive types are not supported (event properties nest at most {} levels): unroll it to a fixed depth",
+                    64
+                )));
+            }
+            Parsed::Avro(s)
+        }
         SchemaType::Json => {
             let v = jsonschema::validator_for(&doc)
                 .map_err(|e| RegistryError::InvalidSchema(format!("not a JSON Schema: {e}")))?;
@@ -386,6 +393,8 @@ impl Default for Limits {
 /// The registry of every tenant.
 pub struct Registry {
     state: RwLock<State>,
+    /// Changes applied since start (query caches follow it).
+    generation: std::sync::atomic::AtomicU64,
     /// None: in memory only (tests).
     log: Option<Mutex<Log>>,
     default_level: Level,
@@ -424,6 +433,7 @@ impl Registry {
                 ..State::default()
             }),
             log: Some(Mutex::new(log)),
+            generation: Default::default(),
             default_level,
             limits,
         };
@@ -451,6 +461,7 @@ impl Registry {
                 ..State::default()
             }),
             log: None,
+            generation: Default::default(),
             default_level,
             limits: Limits::default(),
         }
@@ -462,6 +473,8 @@ impl Registry {
         if let Some(log) = &self.log {
             log.lock().append(&rec)?;
         }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         apply(st, rec)
     }
 
@@ -921,6 +934,76 @@ impl Registry {
         Ok(before)
     }
 
+    /// Changes since start: grows with every registration, delete and
+    /// rule change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The typed columns SQL shows for a tenant's properties: every field
+    /// of a primitive type (or a union of one with null) in the latest
+    /// version of the tenant's subjects, by its JSON form (strings and
+    /// enums, integers, floats, booleans). Rows written under older
+    /// versions read null where they lack a field; a widened type reads
+    /// widened. A name two subjects give different types is left out
+    /// (an int and a float make a float). Records with a `properties`
+    /// field (whole events, as a serializer's envelope) are passed over.
+    pub fn property_types(&self, tenant: &str) -> BTreeMap<String, tally_types::schema::PropType> {
+        use tally_types::schema::PropType;
+        let st = self.state.read();
+        let mut out: BTreeMap<String, Option<PropType>> = BTreeMap::new();
+        let Some(t) = st.tenants.get(tenant) else {
+            return BTreeMap::new();
+        };
+        let mut add = |name: &str, ty: Option<PropType>| {
+            let Some(ty) = ty else { return };
+            let merged = match out.get(name) {
+                None => Some(ty),
+                Some(None) => None,
+                Some(Some(prev)) if *prev == ty => Some(ty),
+                Some(Some(PropType::Int | PropType::Float))
+                    if matches!(ty, PropType::Int | PropType::Float) =>
+                {
+                    Some(PropType::Float)
+                }
+                Some(Some(_)) => None,
+            };
+            out.insert(name.to_string(), merged);
+        };
+        for s in t.subjects.values() {
+            let Some(v) = s.live().next_back() else {
+                continue;
+            };
+            match &st.schemas[&v.id].parsed {
+                // An event's whole record (a serializer's envelope) is not
+                // a properties schema.
+                Parsed::Avro(apache_avro::Schema::Record(r))
+                    if !r.fields.iter().any(|f| f.name == "properties") =>
+                {
+                    for f in &r.fields {
+                        add(&f.name, avro::prop_type(&f.schema));
+                    }
+                }
+                Parsed::Json(_, doc) => {
+                    if let Some(props) = doc.get("properties").and_then(Json::as_object) {
+                        for (name, p) in props {
+                            let ty = match p.get("type").and_then(Json::as_str) {
+                                Some("string") => Some(PropType::String),
+                                Some("integer") => Some(PropType::Int),
+                                Some("number") => Some(PropType::Float),
+                                Some("boolean") => Some(PropType::Bool),
+                                _ => None,
+                            };
+                            add(name, ty);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.into_iter().filter_map(|(k, v)| Some((k, v?))).collect()
+    }
+
     /// Per tenant, each subject's live versions (the status page).
     pub fn summary(&self) -> BTreeMap<String, BTreeMap<String, Vec<u32>>> {
         let st = self.state.read();
@@ -1068,6 +1151,30 @@ impl Registry {
         Ok(avro::to_json(value))
     }
 
+    /// [`Registry::decode_frame`] in the tenant that owns the frame's
+    /// schema id (Kafka messages carry no tenant): that tenant and the
+    /// record.
+    pub fn decode_frame_owned(&self, frame: &[u8]) -> Result<(String, Json), String> {
+        let id = frame
+            .get(1..5)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| {
+                format!(
+                    "a Confluent frame is a magic byte 0, a 4-byte schema id and the Avro record; got {} bytes",
+                    frame.len()
+                )
+            })?;
+        let tenant = self
+            .state
+            .read()
+            .schemas
+            .get(&id)
+            .map(|s| s.tenant.clone())
+            .ok_or_else(|| format!("schema id {id} is not registered with this node's registry"))?;
+        let v = self.decode_frame(&tenant, frame)?;
+        Ok((tenant, v))
+    }
+
     /// The latest live version of the subject holding `id` (the reader
     /// schema of a frame).
     fn reader_for(&self, tenant: &str, id: u32) -> Option<Arc<Schema>> {
@@ -1080,6 +1187,13 @@ impl Registry {
         let latest = s.live().next_back()?;
         st.schemas.get(&latest.id).cloned()
     }
+}
+
+/// The fuzz target's entry to the log reader: the records a log file's
+/// bytes hold, or the error naming the damaged line.
+#[doc(hidden)]
+pub fn parse_log_bytes(bytes: &[u8]) -> Result<usize, String> {
+    store::parse(bytes).map(|(records, _)| records.len())
 }
 
 /// A hostile length prefix in an Avro record must not allocate more than
@@ -1199,6 +1313,18 @@ fn apply(st: &mut State, rec: Record) -> Result<(), RegistryError> {
         }
     }
     Ok(())
+}
+
+impl tally_types::schema::PropsCheck for Registry {
+    fn check(
+        &self,
+        tenant: &str,
+        event_type: &str,
+        version: Option<u32>,
+        props: &[(Cow<'_, str>, &RawValue)],
+    ) -> Result<(), String> {
+        self.check_event(tenant, event_type, version, props)
+    }
 }
 
 /// Formats one break for a registration: `backward` — the new schema

@@ -585,6 +585,40 @@ fn frames_decode_with_the_writer_schema_resolved_to_the_latest() {
 }
 
 #[test]
+fn sql_columns_follow_the_latest_versions() {
+    use tally_types::schema::PropType;
+    let r = Registry::in_memory(Level::None);
+    r.register("t", "page_view", SchemaType::Avro, V1).unwrap();
+    r.register("t", "page_view", SchemaType::Avro, V2).unwrap();
+    r.register(
+        "t",
+        "buy",
+        SchemaType::Json,
+        r#"{"type":"object","properties":{"ms":{"type":"number"},"country":{"type":"integer"},"ok":{"type":"boolean"}}}"#,
+    )
+    .unwrap();
+    // An envelope record is not a properties schema.
+    r.register(
+        "t",
+        "events-value",
+        SchemaType::Avro,
+        r#"{"type":"record","name":"E","fields":[{"name":"timestamp","type":"long"},{"name":"properties","type":{"type":"map","values":"string"}}]}"#,
+    )
+    .unwrap();
+    let cols = r.property_types("t");
+    let want: BTreeMap<String, PropType> = [
+        ("url".to_string(), PropType::String),
+        ("ms".to_string(), PropType::Float),
+        ("ok".to_string(), PropType::Bool),
+    ]
+    .into_iter()
+    .collect();
+    // country: a string in page_view, an integer in buy: left out.
+    assert_eq!(cols, want);
+    assert!(r.property_types("nobody").is_empty());
+}
+
+#[test]
 fn levels_and_versions_parse_and_refuse_clearly() {
     assert_eq!(
         Level::parse("full_transitive").unwrap(),
@@ -622,6 +656,9 @@ fn levels_and_versions_parse_and_refuse_clearly() {
             .code(),
         42208
     );
+    let list = r#"{"type":"record","name":"L","fields":[{"name":"next","type":["null","L"],"default":null}]}"#;
+    let e = r.register("t", "s", SchemaType::Avro, list).unwrap_err();
+    assert!(e.to_string().contains("type L contains itself"), "{e}");
 }
 
 proptest! {

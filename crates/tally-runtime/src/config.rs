@@ -55,6 +55,9 @@ pub struct Config {
     pub pgwire: PgwireSection,
     /// The SMTP relay of e-mail alert targets; off unless `host` is set.
     pub smtp: SmtpSection,
+    /// The schema registry (the Confluent-compatible API under
+    /// `/api/v1/registry`).
+    pub registry: RegistrySection,
     pub tls: TlsSection,
     pub privacy: PrivacySection,
     /// Kafka mode (several nodes on one consumer group); off when absent.
@@ -249,6 +252,53 @@ impl Default for SmtpSection {
             username: None,
             password: None,
             starttls: true,
+        }
+    }
+}
+
+/// The schema registry: subjects and versions per tenant, kept in
+/// `<data-dir>/registry`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct RegistrySection {
+    /// The compatibility rule of tenants and subjects that set none:
+    /// BACKWARD (Confluent's default), BACKWARD_TRANSITIVE, FORWARD,
+    /// FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE.
+    pub compatibility: String,
+    /// Subjects a tenant may hold.
+    pub max_subjects: usize,
+    /// Versions a subject may hold (soft-deleted ones count).
+    pub max_versions: usize,
+    /// The largest schema text taken.
+    pub max_schema_bytes: usize,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        RegistrySection {
+            compatibility: "BACKWARD".into(),
+            max_subjects: 10_000,
+            max_versions: 1_000,
+            max_schema_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl RegistrySection {
+    /// The default rule, checked.
+    pub fn level(&self) -> Result<tally_registry::Level, ConfigError> {
+        tally_registry::Level::parse(&self.compatibility).map_err(|_| ConfigError::Invalid {
+            key: "registry.compatibility",
+            value: self.compatibility.clone(),
+            fix: "one of BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE, NONE",
+        })
+    }
+
+    pub fn limits(&self) -> tally_registry::Limits {
+        tally_registry::Limits {
+            subjects_per_tenant: self.max_subjects.max(1),
+            versions_per_subject: self.max_versions.max(1),
+            schema_bytes: self.max_schema_bytes.max(1024),
         }
     }
 }
@@ -804,6 +854,7 @@ impl Default for Config {
             http: HttpSection::default(),
             pgwire: PgwireSection::default(),
             smtp: SmtpSection::default(),
+            registry: RegistrySection::default(),
             tls: TlsSection::default(),
             privacy: PrivacySection::default(),
             kafka: None,
@@ -972,6 +1023,7 @@ impl Config {
         cfg.check_privacy()?;
         cfg.dimensions.build()?;
         cfg.smtp.check()?;
+        cfg.registry.level()?;
         crate::keys::Keys::from_config(&cfg.auth)?;
         Ok(cfg)
     }

@@ -63,6 +63,18 @@ pub enum PipelineError {
     Kafka(#[from] tally_kafka::Error),
     #[error("alerts: {0}")]
     Alerts(#[from] tally_alert::AlertError),
+    #[error("schema registry: {0}")]
+    Registry(#[from] tally_registry::RegistryError),
+}
+
+/// The schema registry kept in `<data-dir>/registry`.
+pub fn open_registry(cfg: &Config) -> Result<Arc<tally_registry::Registry>, PipelineError> {
+    let r = tally_registry::Registry::open(
+        &cfg.data_dir.join("registry"),
+        cfg.registry.level()?,
+        cfg.registry.limits(),
+    )?;
+    Ok(Arc::new(r))
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError {
@@ -242,6 +254,8 @@ pub struct Shared {
     pub ckpt_offsets: Mutex<Option<Vec<u64>>>,
     /// Kafka mode: the node's view of the cluster (None: embedded mode).
     pub kafka: Option<Arc<KafkaShared>>,
+    /// The schema registry (ingest checks events against it).
+    pub registry: Arc<tally_registry::Registry>,
 }
 
 /// Late counts kept for ingest answers before the oldest are pruned.
@@ -587,6 +601,7 @@ impl Pipeline {
             durations: d,
             ckpt_offsets: Mutex::new(checkpoints.then(|| processor.offsets().to_vec())),
             kafka: None,
+            registry: open_registry(cfg)?,
         });
         {
             let st = shared.store.read();

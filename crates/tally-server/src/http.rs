@@ -138,7 +138,8 @@ pub fn router(state: AppState) -> Router {
     use crate::http_alerts as alerts;
     let read = Access::Needs(Scope::Read);
     let admin = Access::Needs(Scope::Admin);
-    Routes::new(state.keys.clone())
+    let routes = Routes::new(state.keys.clone());
+    crate::registry::routes(routes)
         .add("/", Access::Public, get(index))
         .add("/healthz", Access::Public, get(|| async { "ok\n" }))
         .add("/readyz", Access::Public, get(readyz))
@@ -359,6 +360,9 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if crate::registry::is_avro(&headers) {
+        return crate::registry::ingest_avro(s, caller, q, headers, body).await;
+    }
     let started = Instant::now();
     let pairs = query_pairs(&q);
     let default_tenant = default_tenant(&caller, &pairs)?;
@@ -517,6 +521,7 @@ pub(crate) async fn ingest_body(
         .with_admission(admission(s, overloaded, backfill))
         .with_max_depth(s.max_json_depth)
         .with_privacy(s.privacy.clone())
+        .with_registry(Some(s.shared.registry.clone()))
         .parse(&body, format, tenancy);
     let mut parsed = match parsed {
         Ok(p) => p,
@@ -1348,8 +1353,19 @@ async fn status(State(s): State<AppState>, caller: Caller) -> Response {
         "recovery_ms": tel.recovery_ms.load(Relaxed),
         "retention": retention_status(&s),
         "cluster": s.shared.kafka.as_ref().map(|k| cluster_status(k)),
+        "registry": registry_status(&s, &caller),
     }))
     .into_response()
+}
+
+/// Each tenant's registered subjects and their live versions (a key sees
+/// its tenant's only).
+fn registry_status(s: &AppState, caller: &Caller) -> Json {
+    let mut all = s.shared.registry.summary();
+    if let Some(k) = caller.key_tenant() {
+        all.retain(|t, _| t == k);
+    }
+    json!(all)
 }
 
 /// Kafka mode: the members (nodes that committed partition state), who

@@ -8,6 +8,7 @@ pub mod http;
 mod http_alerts;
 mod live;
 pub mod quota;
+mod registry;
 mod segment;
 mod serve;
 
@@ -133,9 +134,11 @@ impl Server {
                 let sh = shared.clone();
                 let r = raw.clone();
                 let version: tally_query::VersionFn = Arc::new(move || {
-                    // Both only grow: their sum changes whenever either does.
+                    // All only grow: their sum changes whenever one does (a
+                    // registration changes the typed columns).
                     sh.applied.load(std::sync::atomic::Ordering::Relaxed)
                         + r.version.load(std::sync::atomic::Ordering::Relaxed)
+                        + sh.registry.generation()
                 });
                 Arc::new(tally_query::QueryEngine::new(
                     raw.clone(),
@@ -146,6 +149,10 @@ impl Server {
                         max_rows: cfg.query.max_rows.max(1),
                         cache_entries: cfg.query.cache_entries,
                         schemas: schemas.clone(),
+                        columns: Some({
+                            let r = shared.registry.clone();
+                            tally_query::ColumnsFn(Arc::new(move |t: &str| r.property_types(t)))
+                        }),
                         ..tally_query::QueryConfig::default()
                     },
                     version,

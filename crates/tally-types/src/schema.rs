@@ -22,6 +22,21 @@ pub enum PropType {
 /// Declared properties (name → type) per tenant.
 pub type Schemas = BTreeMap<String, BTreeMap<String, PropType>>;
 
+/// Checks an event's properties against the registered schema of its
+/// type (the schema registry), at ingest.
+pub trait PropsCheck: Send + Sync {
+    /// `Err`: why the event does not fit (the property, what the schema
+    /// expects, what came, and the version), for the client and the DLQ.
+    /// `version`: the event's `schema_version` (None: the latest).
+    fn check(
+        &self,
+        tenant: &str,
+        event_type: &str,
+        version: Option<u32>,
+        props: &[(std::borrow::Cow<'_, str>, &serde_json::value::RawValue)],
+    ) -> Result<(), String>;
+}
+
 impl PropType {
     pub fn name(self) -> &'static str {
         match self {

@@ -200,6 +200,11 @@ pub(super) fn start(
     } else {
         None
     };
+    // Each node keeps its own registry in its data dir: messages of the
+    // topic are checked against the schemas registered with this node.
+    let registry = super::open_registry(cfg)?;
+    let checks: Arc<dyn tally_types::schema::PropsCheck> = registry.clone();
+    let decoder = registry.clone();
     let hooks = Hooks {
         stream,
         make_parser: Arc::new(move |ts| {
@@ -207,6 +212,7 @@ pub(super) fn start(
                 .with_future_limit(ts, skew)
                 .with_max_depth(depth)
                 .with_privacy(privacy.clone())
+                .with_registry(Some(checks.clone()))
         }),
         // They come back through the malformed topic's reader below.
         on_malformed: Arc::new(|_| {}),
@@ -231,6 +237,25 @@ pub(super) fn start(
             retention_ms: d.archive_retention_ms,
         }),
         minute_retention_ms: d.minute_rollups_ms,
+        // Confluent-framed Avro values: decoded with the schema of their
+        // id (of the tenant owning it), the tenant filled in when the
+        // record has none.
+        decode_binary: Some(Arc::new(move |value: &[u8]| {
+            let (tenant, ev) = decoder.decode_frame_owned(value)?;
+            let serde_json::Value::Object(mut o) = ev else {
+                return Err(format!(
+                    "the record decodes to {ev}, not a record of the event's fields"
+                ));
+            };
+            if o.get("properties").is_some_and(serde_json::Value::is_null) {
+                o.remove("properties");
+            }
+            o.entry("tenant")
+                .or_insert(serde_json::Value::String(tenant));
+            let mut line = serde_json::to_vec(&o).map_err(|e| e.to_string())?;
+            line.push(b'\n');
+            Ok(line)
+        })),
     };
     let node = KafkaNode::start(settings.clone(), hooks, store.clone())?;
     if let Some(raw) = &raw {
@@ -304,6 +329,7 @@ pub(super) fn start(
         durations: d,
         ckpt_offsets: Mutex::new(None),
         kafka: Some(kafka.clone()),
+        registry,
     });
     let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
     let node = Mutex::new(Some(node));

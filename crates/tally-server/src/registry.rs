@@ -1,0 +1,772 @@
+//! The Confluent Schema Registry REST API under `/api/v1/registry` (the
+//! `default` tenant in open mode, `/api/v1/registry/tenants/<tenant>` for
+//! another; in keyed mode the key's tenant, sent as Bearer or as the
+//! password of HTTP basic auth as Confluent's clients do), and Avro
+//! ingest: `POST /api/v1/events` with `Content-Type:
+//! application/vnd.confluent.avro`.
+//!
+//! Answers and errors have Confluent's shapes (`{"error_code",
+//! "message"}`, content type `application/vnd.schemaregistry.v1+json`),
+//! so `SchemaRegistryClient` and the Avro serializers work unchanged.
+//! The model is `tally_registry`; this is its HTTP adapter.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, post, put};
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+use tally_ingest::Format;
+use tally_registry::{Level, RegistryError, SchemaType, SubjectVersion, VersionRef};
+
+use crate::auth::{Access, Caller, Routes, Scope};
+use crate::http::{
+    ApiError, AppState, default_tenant, ingest_body, ingest_response, one, query_pairs,
+    read_ingest_body, tenancy,
+};
+
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// An answer of the registry API.
+struct Reply(StatusCode, Json);
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, self.1.to_string()).into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        r
+    }
+}
+
+fn ok(v: Json) -> Result<Reply, Reply> {
+    Ok(Reply(StatusCode::OK, v))
+}
+
+/// A registry error in Confluent's shape (`error` too, as every Tally
+/// error has it).
+fn fail(e: RegistryError) -> Reply {
+    let msg = e.to_string();
+    Reply(
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        json!({"error_code": e.code(), "message": msg, "error": msg}),
+    )
+}
+
+fn api_fail(e: ApiError) -> Reply {
+    let (status, msg) = match e {
+        ApiError::Status(s, m) => (s, m),
+        ApiError::BadRequest(m) | ApiError::Field(_, m) => (StatusCode::BAD_REQUEST, m),
+        ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+        other => (StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}")),
+    };
+    Reply(
+        status,
+        json!({"error_code": status.as_u16() as u32 * 100, "message": msg, "error": msg}),
+    )
+}
+
+/// The path's parameters, the tenant resolved against the caller.
+struct Req {
+    tenant: String,
+    params: HashMap<String, String>,
+    pairs: Vec<(String, String)>,
+}
+
+impl Req {
+    fn new(
+        caller: &Caller,
+        params: HashMap<String, String>,
+        q: Option<String>,
+    ) -> Result<Req, Reply> {
+        let mut pairs = query_pairs(&q);
+        // The tenant of the path, checked as `?tenant=` is everywhere.
+        pairs.retain(|(k, _)| k != "tenant");
+        if let Some(t) = params.get("tenant") {
+            pairs.push(("tenant".into(), t.clone()));
+        }
+        let tenant = caller.tenant(&pairs).map_err(api_fail)?;
+        Ok(Req {
+            tenant,
+            params,
+            pairs,
+        })
+    }
+
+    fn subject(&self) -> &str {
+        self.params.get("subject").map_or("", String::as_str)
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        one(&self.pairs, key).is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
+    fn version(&self) -> Result<VersionRef, Reply> {
+        VersionRef::parse(self.params.get("version").map_or("", String::as_str)).map_err(fail)
+    }
+
+    fn id(&self) -> Result<u32, Reply> {
+        let raw = self.params.get("id").map_or("", String::as_str);
+        raw.parse::<u32>().map_err(|_| {
+            fail(RegistryError::SchemaNotFound(format!(
+                "Schema {raw} not found: an id is a positive integer"
+            )))
+        })
+    }
+}
+
+/// A schema sent to register, look up or check.
+#[derive(Deserialize)]
+struct SchemaBody {
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Json>,
+}
+
+fn schema_body(body: &Bytes) -> Result<(SchemaType, String), Reply> {
+    let b: SchemaBody = serde_json::from_slice(body).map_err(|e| {
+        fail(RegistryError::InvalidSchema(format!(
+            "the body must be a JSON object with the schema as a string in \"schema\" ({e})"
+        )))
+    })?;
+    if !b.references.is_empty() {
+        return Err(fail(RegistryError::InvalidSchema(
+            "schema references are not supported by Tally's registry; inline the referenced types"
+                .into(),
+        )));
+    }
+    let t = SchemaType::parse(b.schema_type.as_deref()).map_err(fail)?;
+    Ok((t, b.schema))
+}
+
+fn with_type(mut v: Json, t: SchemaType) -> Json {
+    // Confluent leaves schemaType out for Avro.
+    if t != SchemaType::Avro {
+        v["schemaType"] = json!(t.as_str());
+    }
+    v
+}
+
+fn version_json(v: &SubjectVersion) -> Json {
+    with_type(
+        json!({
+            "subject": v.subject,
+            "version": v.version,
+            "id": v.schema.id,
+            "schema": v.schema.text,
+        }),
+        v.schema.schema_type,
+    )
+}
+
+type P = Path<HashMap<String, String>>;
+type R = Result<Reply, Reply>;
+
+fn unwrap(r: R) -> Reply {
+    r.unwrap_or_else(|e| e)
+}
+
+async fn root() -> Reply {
+    Reply(StatusCode::OK, json!({}))
+}
+
+async fn subjects(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let mut list = s.shared.registry.subjects(&r.tenant, r.flag("deleted"));
+        if let Some(prefix) = one(&r.pairs, "subjectPrefix") {
+            list.retain(|x| x.starts_with(prefix));
+        }
+        ok(json!(list))
+    })())
+}
+
+async fn versions(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let v = s
+            .shared
+            .registry
+            .versions(&r.tenant, r.subject(), r.flag("deleted"))
+            .map_err(fail)?;
+        ok(json!(v))
+    })())
+}
+
+async fn register(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Reply {
+    let reg = s.shared.registry.clone();
+    unwrap(
+        tokio::task::spawn_blocking(move || {
+            let r = Req::new(&c, p, q)?;
+            let (t, text) = schema_body(&body)?;
+            let done = reg.register(&r.tenant, r.subject(), t, &text).map_err(fail)?;
+            tracing::info!(tenant = %r.tenant, subject = r.subject(), id = done.id, version = done.version, "schema registered");
+            ok(with_type(
+                json!({
+                    "id": done.id,
+                    "subject": r.subject(),
+                    "version": done.version,
+                    "schema": done.schema.text,
+                }),
+                t,
+            ))
+        })
+        .await
+        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
+    )
+}
+
+async fn lookup(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let (t, text) = schema_body(&body)?;
+        let v = s
+            .shared
+            .registry
+            .lookup(&r.tenant, r.subject(), t, &text, r.flag("deleted"))
+            .map_err(fail)?;
+        ok(version_json(&v))
+    })())
+}
+
+async fn version(State(s): State<AppState>, c: Caller, Path(p): P, RawQuery(q): RawQuery) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let v = s
+            .shared
+            .registry
+            .version(&r.tenant, r.subject(), r.version()?, r.flag("deleted"))
+            .map_err(fail)?;
+        ok(version_json(&v))
+    })())
+}
+
+async fn version_schema(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let v = s
+            .shared
+            .registry
+            .version(&r.tenant, r.subject(), r.version()?, r.flag("deleted"))
+            .map_err(fail)?;
+        let doc: Json = serde_json::from_str(&v.schema.text).unwrap_or(Json::Null);
+        ok(doc)
+    })())
+}
+
+async fn referenced_by(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        s.shared
+            .registry
+            .version(&r.tenant, r.subject(), r.version()?, true)
+            .map_err(fail)?;
+        // No schema references: nothing refers to anything.
+        ok(json!([]))
+    })())
+}
+
+async fn delete_version(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    let reg = s.shared.registry.clone();
+    unwrap(
+        tokio::task::spawn_blocking(move || {
+            let r = Req::new(&c, p, q)?;
+            let v = reg
+                .delete_version(&r.tenant, r.subject(), r.version()?, r.flag("permanent"))
+                .map_err(fail)?;
+            ok(json!(v))
+        })
+        .await
+        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
+    )
+}
+
+async fn delete_subject(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    let reg = s.shared.registry.clone();
+    unwrap(
+        tokio::task::spawn_blocking(move || {
+            let r = Req::new(&c, p, q)?;
+            let v = reg
+                .delete_subject(&r.tenant, r.subject(), r.flag("permanent"))
+                .map_err(fail)?;
+            ok(json!(v))
+        })
+        .await
+        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
+    )
+}
+
+async fn schema_by_id(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let sc = s.shared.registry.by_id(&r.tenant, r.id()?).map_err(fail)?;
+        ok(with_type(json!({"schema": sc.text}), sc.schema_type))
+    })())
+}
+
+async fn schema_text_by_id(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let sc = s.shared.registry.by_id(&r.tenant, r.id()?).map_err(fail)?;
+        ok(serde_json::from_str(&sc.text).unwrap_or(Json::Null))
+    })())
+}
+
+async fn id_versions(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let v = s
+            .shared
+            .registry
+            .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
+            .map_err(fail)?;
+        ok(Json::Array(
+            v.into_iter()
+                .map(|(subject, version)| json!({"subject": subject, "version": version}))
+                .collect(),
+        ))
+    })())
+}
+
+async fn id_subjects(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let v = s
+            .shared
+            .registry
+            .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
+            .map_err(fail)?;
+        let mut subjects: Vec<String> = v.into_iter().map(|(s, _)| s).collect();
+        subjects.dedup();
+        ok(json!(subjects))
+    })())
+}
+
+async fn types() -> Reply {
+    Reply(StatusCode::OK, json!(["JSON", "AVRO"]))
+}
+
+async fn contexts() -> Reply {
+    Reply(StatusCode::OK, json!(["."]))
+}
+
+async fn compatibility(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let (t, text) = schema_body(&body)?;
+        let version = match r.params.get("version") {
+            Some(_) => Some(r.version()?),
+            None => None,
+        };
+        let messages = s
+            .shared
+            .registry
+            .compatibility(&r.tenant, r.subject(), version, t, &text)
+            .map_err(fail)?;
+        ok(json!({"is_compatible": messages.is_empty(), "messages": messages}))
+    })())
+}
+
+#[derive(Deserialize)]
+struct ConfigBody {
+    compatibility: Option<String>,
+    #[serde(rename = "compatibilityLevel")]
+    compatibility_level: Option<String>,
+}
+
+async fn get_config(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    unwrap((|| {
+        let r = Req::new(&c, p, q)?;
+        let subject = r.params.get("subject").map(String::as_str);
+        let l = s
+            .shared
+            .registry
+            .level(&r.tenant, subject, r.flag("defaultToGlobal"))
+            .map_err(fail)?;
+        ok(json!({"compatibilityLevel": l.as_str()}))
+    })())
+}
+
+async fn put_config(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Reply {
+    let reg = s.shared.registry.clone();
+    unwrap(
+        tokio::task::spawn_blocking(move || {
+            let r = Req::new(&c, p, q)?;
+            let b: ConfigBody = serde_json::from_slice(&body).map_err(|e| {
+                fail(RegistryError::InvalidLevel(format!(
+                    "the body must be {{\"compatibility\": \"<level>\"}} ({e})"
+                )))
+            })?;
+            let Some(text) = b.compatibility.or(b.compatibility_level) else {
+                return Err(fail(RegistryError::InvalidLevel(
+                    "the body must be {\"compatibility\": \"<level>\"}".into(),
+                )));
+            };
+            let level = Level::parse(&text).map_err(fail)?;
+            let subject = r.params.get("subject").map(String::as_str);
+            reg.set_level(&r.tenant, subject, Some(level))
+                .map_err(fail)?;
+            ok(json!({"compatibility": level.as_str()}))
+        })
+        .await
+        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
+    )
+}
+
+async fn delete_config(
+    State(s): State<AppState>,
+    c: Caller,
+    Path(p): P,
+    RawQuery(q): RawQuery,
+) -> Reply {
+    let reg = s.shared.registry.clone();
+    unwrap(
+        tokio::task::spawn_blocking(move || {
+            let r = Req::new(&c, p, q)?;
+            let subject = r.params.get("subject").map(String::as_str);
+            let before = reg.set_level(&r.tenant, subject, None).map_err(fail)?;
+            ok(json!({"compatibilityLevel": before.as_str()}))
+        })
+        .await
+        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
+    )
+}
+
+async fn get_mode(c: Caller, Path(p): P, RawQuery(q): RawQuery) -> Reply {
+    unwrap((|| {
+        Req::new(&c, p, q)?;
+        ok(json!({"mode": "READWRITE"}))
+    })())
+}
+
+async fn put_mode(c: Caller, Path(p): P, RawQuery(q): RawQuery, body: Bytes) -> Reply {
+    unwrap((|| {
+        Req::new(&c, p, q)?;
+        let mode = serde_json::from_slice::<Json>(&body)
+            .ok()
+            .and_then(|v| v.get("mode").and_then(Json::as_str).map(str::to_string));
+        match mode.as_deref() {
+            Some(m) if m.eq_ignore_ascii_case("READWRITE") => ok(json!({"mode": "READWRITE"})),
+            other => Err(fail(RegistryError::InvalidMode(format!(
+                "Invalid mode {:?}: Tally's registry is always READWRITE",
+                other.unwrap_or("")
+            )))),
+        }
+    })())
+}
+
+/// Adds the registry's routes under `/api/v1/registry` and
+/// `/api/v1/registry/tenants/{tenant}`.
+pub(crate) fn routes(mut r: Routes<AppState>) -> Routes<AppState> {
+    let read = Access::Needs(Scope::Read);
+    let write = Access::Needs(Scope::Ingest);
+    let admin = Access::Needs(Scope::Admin);
+    let table: Vec<(&str, Access, MethodRouter<AppState>)> = vec![
+        ("", read, get(root)),
+        ("/subjects", read, get(subjects)),
+        ("/subjects/{subject}", write, post(lookup)),
+        ("/subjects/{subject}", admin, delete(delete_subject)),
+        ("/subjects/{subject}/versions", read, get(versions)),
+        ("/subjects/{subject}/versions", write, post(register)),
+        ("/subjects/{subject}/versions/{version}", read, get(version)),
+        (
+            "/subjects/{subject}/versions/{version}",
+            admin,
+            delete(delete_version),
+        ),
+        (
+            "/subjects/{subject}/versions/{version}/schema",
+            read,
+            get(version_schema),
+        ),
+        (
+            "/subjects/{subject}/versions/{version}/referencedby",
+            read,
+            get(referenced_by),
+        ),
+        ("/schemas/ids/{id}", read, get(schema_by_id)),
+        ("/schemas/ids/{id}/schema", read, get(schema_text_by_id)),
+        ("/schemas/ids/{id}/versions", read, get(id_versions)),
+        ("/schemas/ids/{id}/subjects", read, get(id_subjects)),
+        ("/schemas/types", read, get(types)),
+        ("/contexts", read, get(contexts)),
+        (
+            "/compatibility/subjects/{subject}/versions",
+            write,
+            post(compatibility),
+        ),
+        (
+            "/compatibility/subjects/{subject}/versions/{version}",
+            write,
+            post(compatibility),
+        ),
+        ("/config", read, get(get_config)),
+        ("/config", admin, put(put_config).delete(delete_config)),
+        ("/config/{subject}", read, get(get_config)),
+        (
+            "/config/{subject}",
+            admin,
+            put(put_config).delete(delete_config),
+        ),
+        ("/mode", read, get(get_mode)),
+        ("/mode", admin, put(put_mode)),
+        ("/mode/{subject}", read, get(get_mode)),
+    ];
+    for prefix in ["/api/v1/registry", "/api/v1/registry/tenants/{tenant}"] {
+        for (path, access, route) in &table {
+            r = r.add(&format!("{prefix}{path}"), *access, route.clone());
+        }
+    }
+    r
+}
+
+/// Whether a content type is Confluent-framed Avro.
+pub(crate) fn is_avro(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/vnd.confluent.avro")
+        })
+}
+
+/// The frames of an Avro body: the whole body when it starts with the
+/// magic byte 0 (one record), else a sequence of records each preceded by
+/// its length as an Avro `long` (zig-zag varint) — a length is never 0,
+/// so its first byte never is either.
+fn frames(body: &[u8]) -> Result<Vec<&[u8]>, String> {
+    if body.first() == Some(&0) {
+        return Ok(vec![body]);
+    }
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        let (mut n, mut shift) = (0u64, 0u32);
+        loop {
+            let Some(&b) = body.get(at) else {
+                return Err(format!(
+                    "byte {at}: the body ends inside a record's length prefix"
+                ));
+            };
+            at += 1;
+            if shift > 63 {
+                return Err(format!("byte {at}: a length prefix longer than 10 bytes"));
+            }
+            n |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let len = (n >> 1) as i64 ^ -((n & 1) as i64);
+        if len <= 0 || len as u64 > (body.len() - at) as u64 {
+            return Err(format!(
+                "record {}: length prefix {len} where 1 to {} bytes remain",
+                out.len(),
+                body.len() - at
+            ));
+        }
+        out.push(&body[at..at + len as usize]);
+        at += len as usize;
+    }
+    Ok(out)
+}
+
+/// `POST /api/v1/events` with Confluent-framed Avro: each record is
+/// decoded with its writer's schema (resolved to the latest version of
+/// its subject) into an event object, and the events go through the
+/// JSON ingest path (checks, dedupe, quotas, the durable ack). Indexes
+/// in `errors` are the records'.
+pub(crate) async fn ingest_avro(
+    s: AppState,
+    caller: Caller,
+    q: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let pairs = query_pairs(&q);
+    let default = default_tenant(&caller, &pairs)?;
+    let tenancy = tenancy(&caller, &default);
+    let body = read_ingest_body(&s, &headers, body).await?;
+    // Whose registry the schema ids belong to.
+    let owner = caller.tenant(&pairs)?;
+    let frames = frames(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body: {e}; send one Confluent-framed record (magic byte 0, 4-byte schema id, Avro binary), or records each preceded by its length as an Avro long"
+        ))
+    })?;
+    let mut lines = Vec::with_capacity(body.len() * 2);
+    let mut index_of = Vec::with_capacity(frames.len());
+    let mut undecoded = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let ev = s
+            .shared
+            .registry
+            .decode_frame(&owner, f)
+            .and_then(|v| match v {
+                Json::Object(mut o) => {
+                    if o.get("properties").is_some_and(Json::is_null) {
+                        o.remove("properties");
+                    }
+                    Ok(Json::Object(o))
+                }
+                other => Err(format!(
+                    "the record decodes to {other}, not a record of the event's fields"
+                )),
+            });
+        match ev {
+            Ok(ev) => {
+                serde_json::to_writer(&mut lines, &ev)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                lines.push(b'\n');
+                index_of.push(i);
+            }
+            Err(why) => undecoded.push(json!({"index": i, "error": why})),
+        }
+    }
+    s.shared
+        .telemetry
+        .events_rejected
+        .fetch_add(undecoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let (status, mut answer) = if index_of.is_empty() {
+        (
+            StatusCode::OK,
+            json!({"accepted": 0, "rejected": 0, "errors": [], "late": 0}),
+        )
+    } else {
+        ingest_body(
+            &s,
+            &pairs,
+            tenancy,
+            Format::Ndjson,
+            Bytes::from(lines),
+            started,
+        )
+        .await?
+    };
+    if let Some(errors) = answer["errors"].as_array_mut() {
+        for e in errors.iter_mut() {
+            if let Some(i) = e["index"].as_u64().and_then(|i| index_of.get(i as usize)) {
+                e["index"] = json!(i);
+            }
+        }
+        errors.extend(undecoded.iter().cloned());
+    }
+    if !undecoded.is_empty() {
+        let r = answer["rejected"].as_u64().unwrap_or(0) + undecoded.len() as u64;
+        answer["rejected"] = json!(r);
+    }
+    Ok(ingest_response(status, answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frames;
+
+    #[test]
+    fn one_frame_or_length_prefixed_frames() {
+        let one = [0u8, 0, 0, 0, 1, 2, 4];
+        assert_eq!(frames(&one).unwrap(), vec![&one[..]]);
+        // Two frames of 6 and 5 bytes: prefixes 12 and 10 (zig-zag).
+        let body = [12u8, 0, 0, 0, 0, 1, 9, 10, 0, 0, 0, 0, 1];
+        let f = frames(&body).unwrap();
+        assert_eq!(f, vec![&body[1..7], &body[8..13]]);
+        assert!(
+            frames(&[12u8, 0, 0])
+                .unwrap_err()
+                .contains("length prefix 6")
+        );
+        assert!(frames(&[0x80u8]).unwrap_err().contains("ends inside"));
+        assert!(frames(&[1u8]).unwrap_err().contains("length prefix -1"));
+    }
+}
