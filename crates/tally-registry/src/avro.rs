@@ -111,7 +111,7 @@ pub(crate) fn prop_type(s: &Schema) -> Option<tally_types::schema::PropType> {
 /// The kinds the resolution rules compare (a logical type reads as the
 /// type under it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Null,
     Boolean,
     Int,
@@ -128,7 +128,7 @@ enum Kind {
     Fixed,
 }
 
-fn kind(s: &Schema) -> Kind {
+pub(crate) fn kind(s: &Schema) -> Kind {
     use apache_avro::schema::{InnerDecimalSchema, UuidSchema};
     match s {
         Schema::Null => Kind::Null,
@@ -391,110 +391,6 @@ fn check<'a>(
             seen.pop();
         }
         _ => {}
-    }
-}
-
-/// A value that does not fit its schema: where below the checked value
-/// (`.field`, `[3]`; empty: the value itself), what was expected and
-/// what came.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Mismatch {
-    pub at: String,
-    pub expected: String,
-    pub got: &'static str,
-}
-
-/// Checks one JSON value against a schema.
-pub(crate) fn admits(s: &Schema, names: &Names<'_>, v: &Json) -> Result<(), Mismatch> {
-    let s = names.deref(s);
-    let wrong = || Mismatch {
-        at: String::new(),
-        expected: type_name(s),
-        got: json_kind(v),
-    };
-    let nest = |at: String| {
-        move |mut m: Mismatch| {
-            m.at = format!("{at}{}", m.at);
-            m
-        }
-    };
-    match (s, v) {
-        (Schema::Union(u), _) => {
-            // The error of a branch of the value's own shape says more
-            // (a record's missing field) than the list of branches.
-            let mut inner = None;
-            for b in u.variants() {
-                match admits(b, names, v) {
-                    Ok(()) => return Ok(()),
-                    Err(m) if !m.at.is_empty() => {
-                        inner.get_or_insert(m);
-                    }
-                    Err(_) => {}
-                }
-            }
-            Err(inner.unwrap_or_else(|| Mismatch {
-                at: String::new(),
-                expected: format!("one of {}", type_name(s)),
-                got: json_kind(v),
-            }))
-        }
-        (Schema::Null, Json::Null) | (Schema::Boolean, Json::Bool(_)) => Ok(()),
-        (_, Json::Number(n)) => {
-            let fits = match kind(s) {
-                Kind::Int => n.as_i64().is_some_and(|x| i32::try_from(x).is_ok()),
-                Kind::Long => n.is_i64(),
-                Kind::Float | Kind::Double => true,
-                _ => matches!(s, Schema::Decimal(_) | Schema::BigDecimal),
-            };
-            if fits { Ok(()) } else { Err(wrong()) }
-        }
-        (Schema::Enum(e), Json::String(x)) => {
-            if e.symbols.contains(x) {
-                Ok(())
-            } else {
-                Err(Mismatch {
-                    at: String::new(),
-                    expected: format!(
-                        "a symbol of enum {} ({})",
-                        e.name.name(),
-                        e.symbols.join(", ")
-                    ),
-                    got: "another string",
-                })
-            }
-        }
-        (_, Json::String(_)) if matches!(kind(s), Kind::String | Kind::Bytes | Kind::Fixed) => {
-            Ok(())
-        }
-        (Schema::Array(a), Json::Array(items)) => {
-            for (i, x) in items.iter().enumerate() {
-                admits(&a.items, names, x).map_err(nest(format!("[{i}]")))?;
-            }
-            Ok(())
-        }
-        (Schema::Map(m), Json::Object(o)) => {
-            for (k, x) in o {
-                admits(&m.types, names, x).map_err(nest(format!(".{k}")))?;
-            }
-            Ok(())
-        }
-        (Schema::Record(r), Json::Object(o)) => {
-            for f in &r.fields {
-                match o.get(&f.name) {
-                    Some(x) => admits(&f.schema, names, x).map_err(nest(format!(".{}", f.name)))?,
-                    None if f.default.is_some() || nullable(&f.schema) => {}
-                    None => {
-                        return Err(Mismatch {
-                            at: format!(".{}", f.name),
-                            expected: type_name(&f.schema),
-                            got: "nothing (the field is missing and has no default)",
-                        });
-                    }
-                }
-            }
-            Ok(())
-        }
-        _ => Err(wrong()),
     }
 }
 

@@ -17,6 +17,7 @@
 //! the data directory and synced before it is answered ([`store`]).
 
 mod avro;
+mod check;
 mod json;
 mod store;
 
@@ -253,7 +254,8 @@ impl VersionRef {
 
 /// A schema as parsed, ready to check and to decode with.
 enum Parsed {
-    Avro(apache_avro::Schema),
+    /// The schema, and its fields compiled for checking properties.
+    Avro(apache_avro::Schema, check::Node),
     Json(Box<jsonschema::Validator>, Json),
 }
 
@@ -316,7 +318,8 @@ fn parse_schema(t: SchemaType, text: &str) -> Result<(Parsed, String, String), R
                     64
                 )));
             }
-            Parsed::Avro(s)
+            let compiled = check::compile(&s);
+            Parsed::Avro(s, compiled)
         }
         SchemaType::Json => {
             let v = jsonschema::validator_for(&doc)
@@ -595,7 +598,7 @@ impl Registry {
         for v in against {
             let old = &st.schemas[&v.id];
             match (&old.parsed, parsed) {
-                (Parsed::Avro(o), Parsed::Avro(n)) => {
+                (Parsed::Avro(o, _), Parsed::Avro(n, _)) => {
                     if level.backward() {
                         for b in avro::breaks(o, n) {
                             out.push(describe(&b, true, v.version, level));
@@ -977,7 +980,7 @@ impl Registry {
             match &st.schemas[&v.id].parsed {
                 // An event's whole record (a serializer's envelope) is not
                 // a properties schema.
-                Parsed::Avro(apache_avro::Schema::Record(r))
+                Parsed::Avro(apache_avro::Schema::Record(r), _)
                     if !r.fields.iter().any(|f| f.name == "properties") =>
                 {
                     for f in &r.fields {
@@ -1075,31 +1078,28 @@ impl Registry {
         let Some((v, schema)) = self.event_schema(tenant, event_type, version)? else {
             return Ok(());
         };
-        let mut obj = serde_json::Map::with_capacity(props.len());
-        for (k, raw) in props {
-            let val: Json = serde_json::from_str(raw.get()).unwrap_or(Json::Null);
-            obj.insert(k.to_string(), val);
-        }
-        let obj = Json::Object(obj);
         let whose = || {
             format!(
                 "schema of event type {event_type:?}, version {v}, tenant {tenant:?}; send a matching value or register a new version"
             )
         };
         match &schema.parsed {
-            Parsed::Avro(s) => {
-                let names = avro::Names::of(s);
-                avro::admits(s, &names, &obj).map_err(|m| {
-                    let at = if m.at.is_empty() {
-                        "properties".to_string()
-                    } else {
-                        format!("properties{}", m.at)
-                    };
-                    format!("{at}: expected {}, got {} ({})", m.expected, m.got, whose())
-                })
-            }
+            Parsed::Avro(_, node) => node.check_props(props).map_err(|m| {
+                let at = if m.at.is_empty() {
+                    "properties".to_string()
+                } else {
+                    format!("properties{}", m.at)
+                };
+                format!("{at}: expected {}, got {} ({})", m.expected, m.got, whose())
+            }),
             Parsed::Json(validator, _) => {
-                json::validate(validator, &obj).map_err(|e| format!("{e} ({})", whose()))
+                let mut obj = serde_json::Map::with_capacity(props.len());
+                for (k, raw) in props {
+                    let val: Json = serde_json::from_str(raw.get()).unwrap_or(Json::Null);
+                    obj.insert(k.to_string(), val);
+                }
+                json::validate(validator, &Json::Object(obj))
+                    .map_err(|e| format!("{e} ({})", whose()))
             }
         }
     }
@@ -1125,15 +1125,20 @@ impl Registry {
         let writer = self.by_id(tenant, id).map_err(|_| {
             format!("schema id {id} is not registered for tenant {tenant:?}; register the schema with this registry first")
         })?;
-        let Parsed::Avro(ws) = &writer.parsed else {
+        let Parsed::Avro(ws, _) = &writer.parsed else {
             return Err(format!(
                 "schema id {id} is a {} schema; an Avro frame needs an Avro schema",
                 writer.schema_type.as_str()
             ));
         };
         let reader = self.reader_for(tenant, id);
-        let rs = match reader.as_deref().map(|r| &r.parsed) {
-            Some(Parsed::Avro(r)) => Some(r),
+        // Written with the latest version: nothing to resolve.
+        let rs = match reader.as_deref() {
+            Some(r) if r.id == id => None,
+            Some(Schema {
+                parsed: Parsed::Avro(r, _),
+                ..
+            }) => Some(r),
             _ => None,
         };
         let mut body = &frame[5..];
