@@ -280,7 +280,20 @@ impl QueryEngine {
             // tables (what SQL tools browse, and `SHOW TABLES`).
             .with_information_schema(true)
             .with_default_catalog_and_schema("tally", "public");
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        // The JSON operators' planner goes first: `properties.country`
+        // must reach it before the default one plans a struct access.
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .build();
+        let mut planners: Vec<Arc<dyn datafusion::logical_expr::planner::ExprPlanner>> =
+            vec![Arc::new(udf::JsonOperators)];
+        planners.extend(state.expr_planners().iter().cloned());
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
+            .with_expr_planners(planners)
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| QueryError::Exec(e.to_string()))?;
         ctx.register_object_store(&url, self.raw.archive.store());
         let df = |e: DataFusionError| QueryError::Exec(e.to_string());

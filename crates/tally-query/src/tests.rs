@@ -112,6 +112,27 @@ async fn cached_answers_last_until_data_changes() {
     assert!(!f.engine.sql("a", q).await.unwrap().cached);
 }
 
+/// `properties.country` is a query's mistake, answered with the fix.
+#[tokio::test]
+async fn a_property_read_as_a_column_names_the_json_function() {
+    let f = fixture(QueryConfig::default(), 10);
+    let e = f
+        .engine
+        .sql(
+            "a",
+            "SELECT properties.country, count(*) FROM events GROUP BY 1",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueryError::Sql(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("json_get_str(properties, 'country')")
+            && msg.contains("properties->>'country'"),
+        "{msg}"
+    );
+}
+
 #[tokio::test]
 async fn limits_answer_with_errors_that_name_the_setting() {
     let f = fixture(
@@ -312,7 +333,8 @@ proptest::proptest! {
         let mut f = json_fixture(&values);
         let q = "SELECT event_id, json_get_str(properties, 'k'), json_get_int(properties, 'k'), \
                  json_get_float(properties, 'k'), json_get_str(properties, 'o', 'x'), \
-                 json_get_int(properties, 'o', 'x') \
+                 json_get_int(properties, 'o', 'x'), properties->>'k' AS a, properties->'o'->>'x' AS b, \
+                 properties->'k' AS c \
                  FROM events ORDER BY event_id";
         for sealed in [false, true] {
             if sealed {
@@ -363,6 +385,23 @@ proptest::proptest! {
                 }
                 if let Some(i) = v.as_i64() {
                     proptest::prop_assert_eq!(row[3].as_f64(), Some(i as f64));
+                }
+                // The operators are the functions: ->> is json_get_str,
+                // -> answers JSON text that parses back to the value.
+                proptest::prop_assert_eq!(&row[6], &row[1]);
+                proptest::prop_assert_eq!(&row[7], &row[4]);
+                match v {
+                    Value::Null => proptest::prop_assert_eq!(&row[8], &Value::Null),
+                    _ => {
+                        let back = parse(&row[8]);
+                        let want = serde_json::from_str::<Value>(&v.to_string()).ok();
+                        if v.is_f64() {
+                            let (b, w) = (back.and_then(|b| b.as_f64()), want.and_then(|w| w.as_f64()));
+                            proptest::prop_assert_eq!(b, w, "-> of {}", v);
+                        } else {
+                            proptest::prop_assert_eq!(back, want, "-> of {}", v);
+                        }
+                    }
                 }
             }
         }

@@ -1,7 +1,9 @@
-//! `json_get_str`, `json_get_int`, `json_get_float`: read one value out of
-//! a JSON text column (`properties`), following a path of keys:
-//! `json_get_float(properties, 'duration_ms')`,
-//! `json_get_str(properties, 'utm', 'source')`.
+//! `json_get_str`, `json_get_int`, `json_get_float`, `json_get_json`: read
+//! one value out of a JSON text column (`properties`), following a path of
+//! keys: `json_get_float(properties, 'duration_ms')`,
+//! `json_get_str(properties, 'utm', 'source')`. `json_get_json` answers the
+//! value as JSON text (a string quoted), as Postgres' `->` does; the
+//! operators `->` and `->>` are planned onto these ([`JsonOperators`]).
 //!
 //! The object is scanned byte by byte, not parsed: keys that do not match
 //! and their values are skipped without decoding or allocating, the scan
@@ -22,6 +24,7 @@ enum Want {
     Str,
     Int,
     Float,
+    Json,
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -37,6 +40,7 @@ pub fn json_udfs() -> Vec<ScalarUDF> {
         ("json_get_str", Want::Str),
         ("json_get_int", Want::Int),
         ("json_get_float", Want::Float),
+        ("json_get_json", Want::Json),
     ]
     .into_iter()
     .map(|(name, want)| {
@@ -73,7 +77,7 @@ impl ScalarUDFImpl for JsonGet {
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
         Ok(match self.want {
-            Want::Str => DataType::Utf8,
+            Want::Str | Want::Json => DataType::Utf8,
             Want::Int => DataType::Int64,
             Want::Float => DataType::Float64,
         })
@@ -135,6 +139,28 @@ impl ScalarUDFImpl for JsonGet {
                 }
                 Arc::new(b.finish())
             }
+            Want::Json => {
+                let mut b = StringBuilder::with_capacity(rows, rows * 8);
+                for i in 0..rows {
+                    match (!strings.is_null(i))
+                        .then(|| lookup(strings.value(i), &keys))
+                        .flatten()
+                    {
+                        Some(Found::Str(s)) => b.append_value(
+                            serde_json::to_string(&*s).unwrap_or_else(|_| "null".into()),
+                        ),
+                        Some(Found::Int(v)) => b.append_value(v.to_string()),
+                        Some(Found::Float(v)) => b.append_value(
+                            serde_json::Number::from_f64(v)
+                                .map_or("null".into(), |n| n.to_string()),
+                        ),
+                        Some(Found::Bool(v)) => b.append_value(if v { "true" } else { "false" }),
+                        Some(Found::Raw(r)) => b.append_value(r),
+                        Some(Found::Null) | None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
             Want::Int => {
                 let mut b = Int64Builder::with_capacity(rows);
                 for i in 0..rows {
@@ -179,9 +205,99 @@ impl ScalarUDFImpl for JsonGet {
 
 fn null_of(w: Want) -> ScalarValue {
     match w {
-        Want::Str => ScalarValue::Utf8(None),
+        Want::Str | Want::Json => ScalarValue::Utf8(None),
         Want::Int => ScalarValue::Int64(None),
         Want::Float => ScalarValue::Float64(None),
+    }
+}
+
+/// Plans Postgres' JSON operators onto the functions above:
+/// `properties->>'k'` is `json_get_str(properties, 'k')` and
+/// `properties->'k'` is `json_get_json(properties, 'k')`; chains such as
+/// `properties->'utm'->>'source'` read nested values.
+#[derive(Debug)]
+pub(crate) struct JsonOperators;
+
+impl datafusion::logical_expr::planner::ExprPlanner for JsonOperators {
+    fn plan_binary_op(
+        &self,
+        expr: datafusion::logical_expr::planner::RawBinaryExpr,
+        _schema: &datafusion::common::DFSchema,
+    ) -> Result<
+        datafusion::logical_expr::planner::PlannerResult<
+            datafusion::logical_expr::planner::RawBinaryExpr,
+        >,
+    > {
+        use datafusion::logical_expr::planner::PlannerResult;
+        use datafusion::sql::sqlparser::ast::BinaryOperator;
+        let want = match expr.op {
+            BinaryOperator::LongArrow => Want::Str,
+            BinaryOperator::Arrow => Want::Json,
+            _ => return Ok(PlannerResult::Original(expr)),
+        };
+        let name = if want == Want::Str {
+            "json_get_str"
+        } else {
+            "json_get_json"
+        };
+        let f = ScalarUDF::new_from_impl(JsonGet {
+            name,
+            want,
+            signature: Signature::user_defined(Volatility::Immutable),
+        });
+        Ok(PlannerResult::Planned(f.call(vec![expr.left, expr.right])))
+    }
+
+    /// `properties.country`: `properties` is JSON text, not a struct; the
+    /// query is refused at planning with the function to use instead.
+    fn plan_compound_identifier(
+        &self,
+        field: &arrow::datatypes::Field,
+        _qualifier: Option<&datafusion::common::TableReference>,
+        nested_names: &[String],
+    ) -> Result<datafusion::logical_expr::planner::PlannerResult<Vec<datafusion::logical_expr::Expr>>>
+    {
+        use datafusion::logical_expr::planner::PlannerResult;
+        if field.name() != "properties" || field.data_type() != &DataType::Utf8 {
+            return Ok(PlannerResult::Original(Vec::new()));
+        }
+        // An error here would be passed over (the next planner would
+        // plan a struct access); a function that refuses to be typed
+        // fails the query's planning instead.
+        let hint = ScalarUDF::new_from_impl(PropertyAsColumn {
+            key: nested_names.join("."),
+            signature: Signature::nullary(Volatility::Immutable),
+        });
+        Ok(PlannerResult::Planned(hint.call(Vec::new())))
+    }
+}
+
+/// What `properties.<key>` plans into: planning it fails with the fix.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PropertyAsColumn {
+    key: String,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for PropertyAsColumn {
+    fn name(&self) -> &str {
+        "properties_field"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        let key = &self.key;
+        plan_err!(
+            "properties.{key} is not a column: properties is JSON text; read the property with json_get_str(properties, '{key}') (json_get_int, json_get_float for numbers) or properties->>'{key}'"
+        )
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let key = &self.key;
+        exec_err!("properties.{key} is not a column; use json_get_str(properties, '{key}')")
     }
 }
 
