@@ -48,6 +48,16 @@ struct Field {
     optional: bool,
 }
 
+impl Field {
+    fn missing(&self) -> Mismatch {
+        Mismatch {
+            at: format!(".{}", self.name),
+            expected: self.node.label.clone(),
+            got: "nothing (the field is missing and has no default)",
+        }
+    }
+}
+
 /// A value that does not fit its schema: where below the checked value
 /// (`.field`, `[3]`; empty: the value itself), what was expected and
 /// what came.
@@ -155,13 +165,7 @@ impl Node {
             match props.iter().find(|(k, _)| *k == f.name) {
                 Some((_, v)) => f.node.check_text(v.get()).map_err(field(&f.name))?,
                 None if f.optional => {}
-                None => {
-                    return Err(Mismatch {
-                        at: format!(".{}", f.name),
-                        expected: f.node.label.clone(),
-                        got: "nothing (the field is missing and has no default)",
-                    });
-                }
+                None => return Err(f.missing()),
             }
         }
         Ok(())
@@ -263,13 +267,7 @@ impl Node {
                     match o.get(&f.name) {
                         Some(x) => f.node.check_json(x).map_err(field(&f.name))?,
                         None if f.optional => {}
-                        None => {
-                            return Err(Mismatch {
-                                at: format!(".{}", f.name),
-                                expected: f.node.label.clone(),
-                                got: "nothing (the field is missing and has no default)",
-                            });
-                        }
+                        None => return Err(f.missing()),
                     }
                 }
                 Ok(())

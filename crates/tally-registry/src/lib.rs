@@ -597,31 +597,27 @@ impl Registry {
         let mut out = Vec::new();
         for v in against {
             let old = &st.schemas[&v.id];
+            // Backward: the new schema reads the old one's data; forward:
+            // the old one reads the new data.
+            let mut both = |breaks: &dyn Fn(bool) -> Vec<Break>| {
+                for (on, backward) in [(level.backward(), true), (level.forward(), false)] {
+                    if on {
+                        let found = breaks(backward);
+                        out.extend(
+                            found
+                                .iter()
+                                .map(|b| describe(b, backward, v.version, level)),
+                        );
+                    }
+                }
+            };
             match (&old.parsed, parsed) {
-                (Parsed::Avro(o, _), Parsed::Avro(n, _)) => {
-                    if level.backward() {
-                        for b in avro::breaks(o, n) {
-                            out.push(describe(&b, true, v.version, level));
-                        }
-                    }
-                    if level.forward() {
-                        for b in avro::breaks(n, o) {
-                            out.push(describe(&b, false, v.version, level));
-                        }
-                    }
-                }
-                (Parsed::Json(_, o), Parsed::Json(_, n)) => {
-                    if level.backward() {
-                        for b in json::breaks(o, n) {
-                            out.push(describe(&b, true, v.version, level));
-                        }
-                    }
-                    if level.forward() {
-                        for b in json::breaks(n, o) {
-                            out.push(describe(&b, false, v.version, level));
-                        }
-                    }
-                }
+                (Parsed::Avro(o, _), Parsed::Avro(n, _)) => both(&|backward| {
+                    if backward { avro::breaks(o, n) } else { avro::breaks(n, o) }
+                }),
+                (Parsed::Json(_, o), Parsed::Json(_, n)) => both(&|backward| {
+                    if backward { json::breaks(o, n) } else { json::breaks(n, o) }
+                }),
                 _ => out.push(format!(
                     "version {} is a {} schema and cannot be followed by a schema of another type ({}); use a new subject",
                     v.version,

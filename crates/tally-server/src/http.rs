@@ -631,6 +631,50 @@ pub(crate) async fn ingest_body(
     Ok((StatusCode::OK, answer))
 }
 
+/// The ingest path for events made from a request's records (Segment
+/// messages, Avro frames): `lines` are NDJSON events, `index_of[i]` the
+/// record line `i` came from, `unmapped` the records that made no event
+/// (`{"index", "error"}`). The answer counts and names the records.
+pub(crate) async fn ingest_mapped(
+    s: &AppState,
+    pairs: &[(String, String)],
+    tenancy: Tenancy<'_>,
+    lines: Vec<u8>,
+    index_of: &[usize],
+    unmapped: Vec<Json>,
+    started: Instant,
+) -> Result<(StatusCode, Json), ApiError> {
+    let (status, mut answer) = if index_of.is_empty() {
+        (
+            StatusCode::OK,
+            json!({"accepted": 0, "rejected": 0, "errors": [], "late": 0}),
+        )
+    } else {
+        ingest_body(
+            s,
+            pairs,
+            tenancy,
+            Format::Ndjson,
+            Bytes::from(lines),
+            started,
+        )
+        .await?
+    };
+    if let Some(errors) = answer["errors"].as_array_mut() {
+        for e in errors.iter_mut() {
+            if let Some(i) = e["index"].as_u64().and_then(|i| index_of.get(i as usize)) {
+                e["index"] = json!(i);
+            }
+        }
+        errors.extend(unmapped.iter().cloned());
+    }
+    if !unmapped.is_empty() {
+        let r = answer["rejected"].as_u64().unwrap_or(0) + unmapped.len() as u64;
+        answer["rejected"] = json!(r);
+    }
+    Ok((status, answer))
+}
+
 /// `&limit=`: a count from 1 to `max` (absent: `default`).
 fn limit_param(pairs: &[(String, String)], default: usize, max: usize) -> Result<usize, ApiError> {
     match one(pairs, "limit") {

@@ -11,6 +11,8 @@
 //! The model is `tally_registry`; this is its HTTP adapter.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -20,12 +22,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
-use tally_ingest::Format;
-use tally_registry::{Level, RegistryError, SchemaType, SubjectVersion, VersionRef};
+use tally_registry::{Level, Registry, RegistryError, SchemaType, SubjectVersion, VersionRef};
 
 use crate::auth::{Access, Caller, Routes, Scope};
 use crate::http::{
-    ApiError, AppState, default_tenant, ingest_body, ingest_response, one, query_pairs,
+    ApiError, AppState, default_tenant, ingest_mapped, ingest_response, one, query_pairs,
     read_ingest_body, tenancy,
 };
 
@@ -168,277 +169,170 @@ fn version_json(v: &SubjectVersion) -> Json {
 type P = Path<HashMap<String, String>>;
 type R = Result<Reply, Reply>;
 
-fn unwrap(r: R) -> Reply {
-    r.unwrap_or_else(|e| e)
+/// One registry operation: the request (tenant resolved) and its body.
+type Op = fn(&Registry, &Req, &Bytes) -> R;
+
+type Answer = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+/// The axum handler [`handler`] makes.
+trait Handle:
+    Fn(State<AppState>, Caller, P, RawQuery, Bytes) -> Answer + Clone + Send + Sync + 'static
+{
 }
 
-async fn root() -> Reply {
-    Reply(StatusCode::OK, json!({}))
+impl<F> Handle for F where
+    F: Fn(State<AppState>, Caller, P, RawQuery, Bytes) -> Answer + Clone + Send + Sync + 'static
+{
 }
 
-async fn subjects(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let mut list = s.shared.registry.subjects(&r.tenant, r.flag("deleted"));
-        if let Some(prefix) = one(&r.pairs, "subjectPrefix") {
-            list.retain(|x| x.starts_with(prefix));
-        }
-        ok(json!(list))
-    })())
-}
-
-async fn versions(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let v = s
-            .shared
-            .registry
-            .versions(&r.tenant, r.subject(), r.flag("deleted"))
-            .map_err(fail)?;
-        ok(json!(v))
-    })())
-}
-
-async fn register(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Reply {
-    let reg = s.shared.registry.clone();
-    unwrap(
-        tokio::task::spawn_blocking(move || {
-            let r = Req::new(&c, p, q)?;
-            let (t, text) = schema_body(&body)?;
-            let done = reg.register(&r.tenant, r.subject(), t, &text).map_err(fail)?;
-            tracing::info!(tenant = %r.tenant, subject = r.subject(), id = done.id, version = done.version, "schema registered");
-            ok(with_type(
-                json!({
-                    "id": done.id,
-                    "subject": r.subject(),
-                    "version": done.version,
-                    "schema": done.schema.text,
-                }),
-                t,
-            ))
+/// A handler running `op` for the caller; `blocking` for operations that
+/// write (and sync) the registry's log, off the async threads.
+fn handler(op: Op, blocking: bool) -> impl Handle {
+    move |State(s): State<AppState>, c: Caller, Path(p): P, RawQuery(q): RawQuery, body: Bytes| {
+        Box::pin(async move {
+            let reg = s.shared.registry.clone();
+            let work = move || -> R {
+                let r = Req::new(&c, p, q)?;
+                op(&reg, &r, &body)
+            };
+            let out = if blocking {
+                tokio::task::spawn_blocking(work)
+                    .await
+                    .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string()))))
+            } else {
+                work()
+            };
+            out.unwrap_or_else(|e| e)
         })
-        .await
-        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
-    )
+    }
 }
 
-async fn lookup(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let (t, text) = schema_body(&body)?;
-        let v = s
-            .shared
-            .registry
-            .lookup(&r.tenant, r.subject(), t, &text, r.flag("deleted"))
-            .map_err(fail)?;
-        ok(version_json(&v))
-    })())
+fn root(_: &Registry, _: &Req, _: &Bytes) -> R {
+    ok(json!({}))
 }
 
-async fn version(State(s): State<AppState>, c: Caller, Path(p): P, RawQuery(q): RawQuery) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let v = s
-            .shared
-            .registry
-            .version(&r.tenant, r.subject(), r.version()?, r.flag("deleted"))
-            .map_err(fail)?;
-        ok(version_json(&v))
-    })())
+fn subjects(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let mut list = reg.subjects(&r.tenant, r.flag("deleted"));
+    if let Some(prefix) = one(&r.pairs, "subjectPrefix") {
+        list.retain(|x| x.starts_with(prefix));
+    }
+    ok(json!(list))
 }
 
-async fn version_schema(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let v = s
-            .shared
-            .registry
-            .version(&r.tenant, r.subject(), r.version()?, r.flag("deleted"))
-            .map_err(fail)?;
-        let doc: Json = serde_json::from_str(&v.schema.text).unwrap_or(Json::Null);
-        ok(doc)
-    })())
+fn versions(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let v = reg
+        .versions(&r.tenant, r.subject(), r.flag("deleted"))
+        .map_err(fail)?;
+    ok(json!(v))
 }
 
-async fn referenced_by(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        s.shared
-            .registry
-            .version(&r.tenant, r.subject(), r.version()?, true)
-            .map_err(fail)?;
-        // No schema references: nothing refers to anything.
-        ok(json!([]))
-    })())
+fn register(reg: &Registry, r: &Req, body: &Bytes) -> R {
+    let (t, text) = schema_body(body)?;
+    let done = reg
+        .register(&r.tenant, r.subject(), t, &text)
+        .map_err(fail)?;
+    tracing::info!(tenant = %r.tenant, subject = r.subject(), id = done.id, version = done.version, "schema registered");
+    ok(with_type(
+        json!({
+            "id": done.id,
+            "subject": r.subject(),
+            "version": done.version,
+            "schema": done.schema.text,
+        }),
+        t,
+    ))
 }
 
-async fn delete_version(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    let reg = s.shared.registry.clone();
-    unwrap(
-        tokio::task::spawn_blocking(move || {
-            let r = Req::new(&c, p, q)?;
-            let v = reg
-                .delete_version(&r.tenant, r.subject(), r.version()?, r.flag("permanent"))
-                .map_err(fail)?;
-            ok(json!(v))
-        })
-        .await
-        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
-    )
+fn lookup(reg: &Registry, r: &Req, body: &Bytes) -> R {
+    let (t, text) = schema_body(body)?;
+    let v = reg
+        .lookup(&r.tenant, r.subject(), t, &text, r.flag("deleted"))
+        .map_err(fail)?;
+    ok(version_json(&v))
 }
 
-async fn delete_subject(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    let reg = s.shared.registry.clone();
-    unwrap(
-        tokio::task::spawn_blocking(move || {
-            let r = Req::new(&c, p, q)?;
-            let v = reg
-                .delete_subject(&r.tenant, r.subject(), r.flag("permanent"))
-                .map_err(fail)?;
-            ok(json!(v))
-        })
-        .await
-        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
-    )
+fn subject_version(reg: &Registry, r: &Req, deleted: bool) -> Result<SubjectVersion, Reply> {
+    reg.version(&r.tenant, r.subject(), r.version()?, deleted)
+        .map_err(fail)
 }
 
-async fn schema_by_id(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let sc = s.shared.registry.by_id(&r.tenant, r.id()?).map_err(fail)?;
-        ok(with_type(json!({"schema": sc.text}), sc.schema_type))
-    })())
+fn version(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    ok(version_json(&subject_version(reg, r, r.flag("deleted"))?))
 }
 
-async fn schema_text_by_id(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let sc = s.shared.registry.by_id(&r.tenant, r.id()?).map_err(fail)?;
-        ok(serde_json::from_str(&sc.text).unwrap_or(Json::Null))
-    })())
+fn version_schema(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let v = subject_version(reg, r, r.flag("deleted"))?;
+    ok(serde_json::from_str(&v.schema.text).unwrap_or(Json::Null))
 }
 
-async fn id_versions(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let v = s
-            .shared
-            .registry
-            .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
-            .map_err(fail)?;
-        ok(Json::Array(
-            v.into_iter()
-                .map(|(subject, version)| json!({"subject": subject, "version": version}))
-                .collect(),
-        ))
-    })())
+fn referenced_by(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    subject_version(reg, r, true)?;
+    // No schema references: nothing refers to anything.
+    ok(json!([]))
 }
 
-async fn id_subjects(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let v = s
-            .shared
-            .registry
-            .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
-            .map_err(fail)?;
-        let mut subjects: Vec<String> = v.into_iter().map(|(s, _)| s).collect();
-        subjects.dedup();
-        ok(json!(subjects))
-    })())
+fn delete_version(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let v = reg
+        .delete_version(&r.tenant, r.subject(), r.version()?, r.flag("permanent"))
+        .map_err(fail)?;
+    ok(json!(v))
 }
 
-async fn types() -> Reply {
-    Reply(StatusCode::OK, json!(["JSON", "AVRO"]))
+fn delete_subject(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let v = reg
+        .delete_subject(&r.tenant, r.subject(), r.flag("permanent"))
+        .map_err(fail)?;
+    ok(json!(v))
 }
 
-async fn contexts() -> Reply {
-    Reply(StatusCode::OK, json!(["."]))
+fn schema_by_id(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let sc = reg.by_id(&r.tenant, r.id()?).map_err(fail)?;
+    ok(with_type(json!({"schema": sc.text}), sc.schema_type))
 }
 
-async fn compatibility(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let (t, text) = schema_body(&body)?;
-        let version = match r.params.get("version") {
-            Some(_) => Some(r.version()?),
-            None => None,
-        };
-        let messages = s
-            .shared
-            .registry
-            .compatibility(&r.tenant, r.subject(), version, t, &text)
-            .map_err(fail)?;
-        ok(json!({"is_compatible": messages.is_empty(), "messages": messages}))
-    })())
+fn schema_text_by_id(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let sc = reg.by_id(&r.tenant, r.id()?).map_err(fail)?;
+    ok(serde_json::from_str(&sc.text).unwrap_or(Json::Null))
+}
+
+fn id_versions(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let v = reg
+        .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
+        .map_err(fail)?;
+    ok(Json::Array(
+        v.into_iter()
+            .map(|(subject, version)| json!({"subject": subject, "version": version}))
+            .collect(),
+    ))
+}
+
+fn id_subjects(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let v = reg
+        .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
+        .map_err(fail)?;
+    let mut subjects: Vec<String> = v.into_iter().map(|(s, _)| s).collect();
+    subjects.dedup();
+    ok(json!(subjects))
+}
+
+fn types(_: &Registry, _: &Req, _: &Bytes) -> R {
+    ok(json!(["JSON", "AVRO"]))
+}
+
+fn contexts(_: &Registry, _: &Req, _: &Bytes) -> R {
+    ok(json!(["."]))
+}
+
+fn compatibility(reg: &Registry, r: &Req, body: &Bytes) -> R {
+    let (t, text) = schema_body(body)?;
+    let version = match r.params.get("version") {
+        Some(_) => Some(r.version()?),
+        None => None,
+    };
+    let messages = reg
+        .compatibility(&r.tenant, r.subject(), version, t, &text)
+        .map_err(fail)?;
+    ok(json!({"is_compatible": messages.is_empty(), "messages": messages}))
 }
 
 #[derive(Deserialize)]
@@ -448,96 +342,53 @@ struct ConfigBody {
     compatibility_level: Option<String>,
 }
 
-async fn get_config(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    unwrap((|| {
-        let r = Req::new(&c, p, q)?;
-        let subject = r.params.get("subject").map(String::as_str);
-        let l = s
-            .shared
-            .registry
-            .level(&r.tenant, subject, r.flag("defaultToGlobal"))
-            .map_err(fail)?;
-        ok(json!({"compatibilityLevel": l.as_str()}))
-    })())
+fn get_config(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let subject = r.params.get("subject").map(String::as_str);
+    let l = reg
+        .level(&r.tenant, subject, r.flag("defaultToGlobal"))
+        .map_err(fail)?;
+    ok(json!({"compatibilityLevel": l.as_str()}))
 }
 
-async fn put_config(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Reply {
-    let reg = s.shared.registry.clone();
-    unwrap(
-        tokio::task::spawn_blocking(move || {
-            let r = Req::new(&c, p, q)?;
-            let b: ConfigBody = serde_json::from_slice(&body).map_err(|e| {
-                fail(RegistryError::InvalidLevel(format!(
-                    "the body must be {{\"compatibility\": \"<level>\"}} ({e})"
-                )))
-            })?;
-            let Some(text) = b.compatibility.or(b.compatibility_level) else {
-                return Err(fail(RegistryError::InvalidLevel(
-                    "the body must be {\"compatibility\": \"<level>\"}".into(),
-                )));
-            };
-            let level = Level::parse(&text).map_err(fail)?;
-            let subject = r.params.get("subject").map(String::as_str);
-            reg.set_level(&r.tenant, subject, Some(level))
-                .map_err(fail)?;
-            ok(json!({"compatibility": level.as_str()}))
-        })
-        .await
-        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
-    )
+fn put_config(reg: &Registry, r: &Req, body: &Bytes) -> R {
+    let bad = |why: String| {
+        fail(RegistryError::InvalidLevel(format!(
+            "the body must be {{\"compatibility\": \"<level>\"}}{why}"
+        )))
+    };
+    let b: ConfigBody = serde_json::from_slice(body).map_err(|e| bad(format!(" ({e})")))?;
+    let text = b
+        .compatibility
+        .or(b.compatibility_level)
+        .ok_or_else(|| bad(String::new()))?;
+    let level = Level::parse(&text).map_err(fail)?;
+    let subject = r.params.get("subject").map(String::as_str);
+    reg.set_level(&r.tenant, subject, Some(level))
+        .map_err(fail)?;
+    ok(json!({"compatibility": level.as_str()}))
 }
 
-async fn delete_config(
-    State(s): State<AppState>,
-    c: Caller,
-    Path(p): P,
-    RawQuery(q): RawQuery,
-) -> Reply {
-    let reg = s.shared.registry.clone();
-    unwrap(
-        tokio::task::spawn_blocking(move || {
-            let r = Req::new(&c, p, q)?;
-            let subject = r.params.get("subject").map(String::as_str);
-            let before = reg.set_level(&r.tenant, subject, None).map_err(fail)?;
-            ok(json!({"compatibilityLevel": before.as_str()}))
-        })
-        .await
-        .unwrap_or_else(|e| Err(fail(RegistryError::Storage(e.to_string())))),
-    )
+fn delete_config(reg: &Registry, r: &Req, _: &Bytes) -> R {
+    let subject = r.params.get("subject").map(String::as_str);
+    let before = reg.set_level(&r.tenant, subject, None).map_err(fail)?;
+    ok(json!({"compatibilityLevel": before.as_str()}))
 }
 
-async fn get_mode(c: Caller, Path(p): P, RawQuery(q): RawQuery) -> Reply {
-    unwrap((|| {
-        Req::new(&c, p, q)?;
-        ok(json!({"mode": "READWRITE"}))
-    })())
+fn get_mode(_: &Registry, _: &Req, _: &Bytes) -> R {
+    ok(json!({"mode": "READWRITE"}))
 }
 
-async fn put_mode(c: Caller, Path(p): P, RawQuery(q): RawQuery, body: Bytes) -> Reply {
-    unwrap((|| {
-        Req::new(&c, p, q)?;
-        let mode = serde_json::from_slice::<Json>(&body)
-            .ok()
-            .and_then(|v| v.get("mode").and_then(Json::as_str).map(str::to_string));
-        match mode.as_deref() {
-            Some(m) if m.eq_ignore_ascii_case("READWRITE") => ok(json!({"mode": "READWRITE"})),
-            other => Err(fail(RegistryError::InvalidMode(format!(
-                "Invalid mode {:?}: Tally's registry is always READWRITE",
-                other.unwrap_or("")
-            )))),
-        }
-    })())
+fn put_mode(_: &Registry, _: &Req, body: &Bytes) -> R {
+    let mode = serde_json::from_slice::<Json>(body)
+        .ok()
+        .and_then(|v| v.get("mode").and_then(Json::as_str).map(str::to_string));
+    match mode.as_deref() {
+        Some(m) if m.eq_ignore_ascii_case("READWRITE") => ok(json!({"mode": "READWRITE"})),
+        other => Err(fail(RegistryError::InvalidMode(format!(
+            "Invalid mode {:?}: Tally's registry is always READWRITE",
+            other.unwrap_or("")
+        )))),
+    }
 }
 
 /// Adds the registry's routes under `/api/v1/registry` and
@@ -546,56 +397,69 @@ pub(crate) fn routes(mut r: Routes<AppState>) -> Routes<AppState> {
     let read = Access::Needs(Scope::Read);
     let write = Access::Needs(Scope::Ingest);
     let admin = Access::Needs(Scope::Admin);
+    let g = |op: Op| get(handler(op, false));
     let table: Vec<(&str, Access, MethodRouter<AppState>)> = vec![
-        ("", read, get(root)),
-        ("/subjects", read, get(subjects)),
-        ("/subjects/{subject}", write, post(lookup)),
-        ("/subjects/{subject}", admin, delete(delete_subject)),
-        ("/subjects/{subject}/versions", read, get(versions)),
-        ("/subjects/{subject}/versions", write, post(register)),
-        ("/subjects/{subject}/versions/{version}", read, get(version)),
+        ("", read, g(root)),
+        ("/subjects", read, g(subjects)),
+        ("/subjects/{subject}", write, post(handler(lookup, false))),
+        (
+            "/subjects/{subject}",
+            admin,
+            delete(handler(delete_subject, true)),
+        ),
+        ("/subjects/{subject}/versions", read, g(versions)),
+        (
+            "/subjects/{subject}/versions",
+            write,
+            post(handler(register, true)),
+        ),
+        ("/subjects/{subject}/versions/{version}", read, g(version)),
         (
             "/subjects/{subject}/versions/{version}",
             admin,
-            delete(delete_version),
+            delete(handler(delete_version, true)),
         ),
         (
             "/subjects/{subject}/versions/{version}/schema",
             read,
-            get(version_schema),
+            g(version_schema),
         ),
         (
             "/subjects/{subject}/versions/{version}/referencedby",
             read,
-            get(referenced_by),
+            g(referenced_by),
         ),
-        ("/schemas/ids/{id}", read, get(schema_by_id)),
-        ("/schemas/ids/{id}/schema", read, get(schema_text_by_id)),
-        ("/schemas/ids/{id}/versions", read, get(id_versions)),
-        ("/schemas/ids/{id}/subjects", read, get(id_subjects)),
-        ("/schemas/types", read, get(types)),
-        ("/contexts", read, get(contexts)),
+        ("/schemas/ids/{id}", read, g(schema_by_id)),
+        ("/schemas/ids/{id}/schema", read, g(schema_text_by_id)),
+        ("/schemas/ids/{id}/versions", read, g(id_versions)),
+        ("/schemas/ids/{id}/subjects", read, g(id_subjects)),
+        ("/schemas/types", read, g(types)),
+        ("/contexts", read, g(contexts)),
         (
             "/compatibility/subjects/{subject}/versions",
             write,
-            post(compatibility),
+            post(handler(compatibility, false)),
         ),
         (
             "/compatibility/subjects/{subject}/versions/{version}",
             write,
-            post(compatibility),
+            post(handler(compatibility, false)),
         ),
-        ("/config", read, get(get_config)),
-        ("/config", admin, put(put_config).delete(delete_config)),
-        ("/config/{subject}", read, get(get_config)),
+        ("/config", read, g(get_config)),
+        (
+            "/config",
+            admin,
+            put(handler(put_config, true)).delete(handler(delete_config, true)),
+        ),
+        ("/config/{subject}", read, g(get_config)),
         (
             "/config/{subject}",
             admin,
-            put(put_config).delete(delete_config),
+            put(handler(put_config, true)).delete(handler(delete_config, true)),
         ),
-        ("/mode", read, get(get_mode)),
-        ("/mode", admin, put(put_mode)),
-        ("/mode/{subject}", read, get(get_mode)),
+        ("/mode", read, g(get_mode)),
+        ("/mode", admin, put(handler(put_mode, false))),
+        ("/mode/{subject}", read, g(get_mode)),
     ];
     for prefix in ["/api/v1/registry", "/api/v1/registry/tenants/{tenant}"] {
         for (path, access, route) in &table {
@@ -718,34 +582,8 @@ pub(crate) async fn ingest_avro(
         .telemetry
         .events_rejected
         .fetch_add(undecoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let (status, mut answer) = if index_of.is_empty() {
-        (
-            StatusCode::OK,
-            json!({"accepted": 0, "rejected": 0, "errors": [], "late": 0}),
-        )
-    } else {
-        ingest_body(
-            &s,
-            &pairs,
-            tenancy,
-            Format::Ndjson,
-            Bytes::from(lines),
-            started,
-        )
-        .await?
-    };
-    if let Some(errors) = answer["errors"].as_array_mut() {
-        for e in errors.iter_mut() {
-            if let Some(i) = e["index"].as_u64().and_then(|i| index_of.get(i as usize)) {
-                e["index"] = json!(i);
-            }
-        }
-        errors.extend(undecoded.iter().cloned());
-    }
-    if !undecoded.is_empty() {
-        let r = answer["rejected"].as_u64().unwrap_or(0) + undecoded.len() as u64;
-        answer["rejected"] = json!(r);
-    }
+    let (status, answer) =
+        ingest_mapped(&s, &pairs, tenancy, lines, &index_of, undecoded, started).await?;
     Ok(ingest_response(status, answer))
 }
 

@@ -17,18 +17,17 @@
 //! - `properties` (`traits` for identify and group), plus `name` of page
 //!   and screen calls, and `context` flattened as `context.<path>`.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Map, Value as Json, json};
-use tally_ingest::Format;
 use tally_types::Millis;
 use tally_types::time::{format_rfc3339, parse_rfc3339};
 
 use crate::auth::Caller;
 use crate::http::{
-    ApiError, AppState, default_tenant, ingest_body, ingest_response, query_pairs,
+    ApiError, AppState, default_tenant, ingest_mapped, ingest_response, query_pairs,
     read_ingest_body, tenancy,
 };
 
@@ -93,35 +92,8 @@ pub(crate) async fn call(
             Err(why) => unmapped.push(json!({"index": i, "error": why})),
         }
     }
-    let (status, mut answer) = if index_of.is_empty() {
-        (
-            axum::http::StatusCode::OK,
-            json!({"accepted": 0, "rejected": 0, "errors": [], "late": 0}),
-        )
-    } else {
-        ingest_body(
-            &s,
-            &pairs,
-            tenancy,
-            Format::Ndjson,
-            Bytes::from(lines),
-            started,
-        )
-        .await?
-    };
-    // Indexes name the messages of the call, not the lines sent on.
-    if let Some(errors) = answer["errors"].as_array_mut() {
-        for e in errors.iter_mut() {
-            if let Some(i) = e["index"].as_u64().and_then(|i| index_of.get(i as usize)) {
-                e["index"] = json!(i);
-            }
-        }
-        errors.extend(unmapped.iter().cloned());
-    }
-    if !unmapped.is_empty() {
-        let r = answer["rejected"].as_u64().unwrap_or(0) + unmapped.len() as u64;
-        answer["rejected"] = json!(r);
-    }
+    let (status, mut answer) =
+        ingest_mapped(&s, &pairs, tenancy, lines, &index_of, unmapped, started).await?;
     // Segment's answer is `{"success": true}`; Tally's counts come along.
     let ok = status.is_success() && answer["rejected"].as_u64() == Some(0);
     answer["success"] = json!(ok);
