@@ -175,6 +175,9 @@ impl Node {
     fn check_text(&self, t: &str) -> Result<(), Mismatch> {
         let first = t.as_bytes().first().copied().unwrap_or(b'n');
         match (&self.check, first) {
+            // A scalar that fits a branch (a nullable field's value, most
+            // often) is settled without building the other branches' errors.
+            (Check::Union(branches), _) if branches.iter().any(|b| b.fits_scalar(t)) => Ok(()),
             (Check::Union(branches), _) => {
                 self.check_union(branches, |b| b.check_text(t), text_kind(t))
             }
@@ -194,6 +197,20 @@ impl Node {
                 self.check_symbol(symbols, &s)
             }
             _ => Err(self.wrong(text_kind(t))),
+        }
+    }
+
+    /// Whether a scalar's JSON text fits this (non-union) node, without
+    /// allocating; containers and unions answer false (checked in full).
+    fn fits_scalar(&self, t: &str) -> bool {
+        let first = t.as_bytes().first().copied().unwrap_or(b'n');
+        match (&self.check, first) {
+            (Check::Null, b'n') | (Check::Bool, b't' | b'f') => true,
+            (Check::Num | Check::Decimal, b'-' | b'0'..=b'9') => true,
+            (Check::Int, b'-' | b'0'..=b'9') => is_integer(t) && t.parse::<i32>().is_ok(),
+            (Check::Long, b'-' | b'0'..=b'9') => is_integer(t) && t.parse::<i64>().is_ok(),
+            (Check::Str | Check::Decimal, b'"') => true,
+            _ => false,
         }
     }
 
