@@ -184,8 +184,31 @@ pub(crate) async fn compute(
 }
 
 impl QueryEngine {
-    /// Sessions with events in `[start, end)`, ordered by start time.
-    pub async fn sessions(&self, q: &SessionsQuery) -> Result<Vec<SessionRow>, QueryError> {
+    /// Sessions with events in `[start, end)`, ordered by start time,
+    /// computed on the SQL threads (never the caller's: a heavy range
+    /// must not hold the HTTP threads).
+    pub async fn sessions(
+        self: &Arc<Self>,
+        q: &SessionsQuery,
+    ) -> Result<Vec<SessionRow>, QueryError> {
+        let q = q.clone();
+        self.isolated(move |me| async move { me.sessions_here(&q).await })
+            .await
+    }
+
+    /// A session metric (`sessions`, `avg_session_duration`,
+    /// `bounce_rate`) per bucket of the sessions' start, on the SQL
+    /// threads.
+    pub async fn session_metric(
+        self: &Arc<Self>,
+        q: &SessionMetricQuery,
+    ) -> Result<Vec<(Millis, f64)>, QueryError> {
+        let q = q.clone();
+        self.isolated(move |me| async move { me.session_metric_here(&q).await })
+            .await
+    }
+
+    async fn sessions_here(&self, q: &SessionsQuery) -> Result<Vec<SessionRow>, QueryError> {
         let memory_limit = self.cfg.memory_limit;
         let df_err = |e| QueryError::from_df(e, memory_limit);
         let ctx = self.context(&q.tenant)?;
@@ -212,7 +235,7 @@ impl QueryEngine {
     /// per bucket of `step` of the sessions' start in `[start, end)`, each
     /// point over the `window` ending at its bucket's end. Sessions are
     /// read with [`SESSION_MARGIN_MS`] around the range.
-    pub async fn session_metric(
+    async fn session_metric_here(
         &self,
         q: &SessionMetricQuery,
     ) -> Result<Vec<(Millis, f64)>, QueryError> {
