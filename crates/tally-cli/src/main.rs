@@ -675,6 +675,7 @@ fn gen_kafka(a: &GenArgs, g: &mut Generator, brokers: &str) -> Result<()> {
         topic_late: String::new(),
         topic_alerts: String::new(),
         topic_malformed: String::new(),
+        topic_registry: String::new(),
         partitions: 1,
         client: Vec::new(),
         node_id: format!("gen-{}", std::process::id()),

@@ -1062,3 +1062,118 @@ async fn three_nodes_fold_old_minutes_into_exact_hours_through_kill_9() {
         assert!(v["downsampled_before"].is_string(), "{}: {v}", n.name);
     }
 }
+
+/// (status, JSON body) of a request.
+async fn answer(r: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let r = r.send().await.expect("answer");
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// (status, body) of a GET once it answers 200 (another node applies a
+/// registration within the registry log's read pause), up to 10 s.
+async fn get_when_there(c: &reqwest::Client, url: String) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = answer(c.get(&url)).await;
+        if got.0 == 200 || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The schema registry is one for the cluster: a schema registered
+/// through one node is there on the others, a breaking change is refused
+/// by any, two nodes registering under one subject at once agree on the
+/// versions and ids, ingest on any node checks against it, and a node
+/// back from `kill -9` rebuilds it from the registry topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_is_one_for_the_cluster_and_any_node_answers() {
+    use serde_json::json;
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tag = format!("r{}", std::process::id());
+    let mut nodes: Vec<Node> = ["a", "b"]
+        .iter()
+        .map(|n| Node::new(n, tmp.path(), broker.brokers(), &tag))
+        .collect();
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    for n in &mut nodes {
+        n.spawn();
+    }
+    for n in &mut nodes {
+        n.wait_ready(&c).await;
+    }
+    let (a, b) = (nodes[0].base(), nodes[1].base());
+    let schema = |fields: &str| {
+        json!({"schema": format!(r#"{{"type":"record","name":"P","fields":[{fields}]}}"#)})
+            .to_string()
+    };
+    let url = |base: &str, path: &str| format!("{base}/api/v1/registry{path}");
+    let v1 = schema(r#"{"name":"url","type":"string"}"#);
+    let (s, v) = answer(c.post(url(&a, "/subjects/page_view/versions")).body(v1)).await;
+    assert_eq!(
+        (s, v["id"].as_u64(), v["version"].as_u64()),
+        (200, Some(1), Some(1)),
+        "{v}"
+    );
+    // Read on the other node: the same subject, version and id.
+    let (s, v) = get_when_there(&c, url(&b, "/subjects/page_view/versions/1")).await;
+    assert_eq!((s, v["id"].as_u64()), (200, Some(1)), "{v}");
+    // A breaking change is refused by either node.
+    let bad = schema(r#"{"name":"url","type":"string"},{"name":"n","type":"int"}"#);
+    let (s, v) = answer(c.post(url(&b, "/subjects/page_view/versions")).body(bad)).await;
+    assert_eq!((s, v["error_code"].as_u64()), (409, Some(409)), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("field `n`"), "{v}");
+    // Two nodes register different schemas under one subject at once:
+    // both succeed, in one order, and both nodes agree.
+    let x1 = schema(r#"{"name":"a","type":["null","string"],"default":null}"#);
+    let x2 = schema(r#"{"name":"b","type":["null","long"],"default":null}"#);
+    let (ra, rb) = tokio::join!(
+        answer(c.post(url(&a, "/subjects/x/versions")).body(x1)),
+        answer(c.post(url(&b, "/subjects/x/versions")).body(x2)),
+    );
+    assert_eq!((ra.0, rb.0), (200, 200), "{ra:?} {rb:?}");
+    let mut got: Vec<u64> = [&ra.1, &rb.1]
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2]);
+    for base in [&a, &b] {
+        for r in [&ra.1, &rb.1] {
+            let (s, v) = get_when_there(&c, url(base, &format!("/schemas/ids/{}", r["id"]))).await;
+            assert_eq!((s, &v["schema"]), (200, &r["schema"]), "{base}: {v}");
+        }
+    }
+    // Ingest on either node checks against the registry.
+    let ev = json!({"event_id": "e1", "event_type": "page_view", "timestamp": fmt_bucket(T0), "properties": {"url": 7}});
+    let (s, v) = answer(
+        c.post(format!("{b}/api/v1/events"))
+            .header("content-type", "application/json")
+            .body(ev.to_string()),
+    )
+    .await;
+    assert_eq!((s, v["rejected"].as_u64()), (200, Some(1)), "{v}");
+    assert!(
+        v["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("properties.url: expected string"),
+        "{v}"
+    );
+    // A node back from kill -9 rebuilds the registry from the topic.
+    nodes[0].kill();
+    nodes[0].spawn();
+    nodes[0].wait_ready(&c).await;
+    let (s, v) = answer(c.get(url(&nodes[0].base(), "/subjects"))).await;
+    assert_eq!((s, v), (200, json!(["page_view", "x"])));
+}

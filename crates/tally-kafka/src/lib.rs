@@ -21,6 +21,7 @@ pub mod codec;
 pub mod materialize;
 pub mod produce;
 pub mod raw;
+pub mod registry_log;
 #[doc(hidden)]
 pub mod testing;
 pub mod worker;
@@ -64,6 +65,8 @@ pub struct Settings {
     pub topic_alerts: String,
     /// Malformed events (the malformed DLQ every node lists).
     pub topic_malformed: String,
+    /// The schema registry's proposals (one partition, kept).
+    pub topic_registry: String,
     /// Partitions of the topics Tally creates when they do not exist.
     pub partitions: u32,
     /// librdkafka settings passed through (SASL, TLS, timeouts...).
@@ -174,6 +177,7 @@ pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
         NewTopic::new(&s.topic_alerts, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact"),
         NewTopic::new(&s.topic_malformed, n, TopicReplication::Fixed(-1)),
+        NewTopic::new(&s.topic_registry, 1, TopicReplication::Fixed(-1)).set("retention.ms", "-1"),
     ];
     let opts = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))

@@ -138,6 +138,7 @@ pub fn settings(brokers: &str, tag: &str, node: &str) -> crate::Settings {
         topic_late: format!("late-{tag}"),
         topic_alerts: format!("alerts-{tag}"),
         topic_malformed: format!("malformed-{tag}"),
+        topic_registry: format!("registry-{tag}"),
         partitions: 4,
         client: Vec::new(),
         node_id: node.into(),

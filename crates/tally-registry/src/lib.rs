@@ -457,6 +457,12 @@ impl Registry {
 
     /// A registry in memory only.
     pub fn in_memory(default_level: Level) -> Registry {
+        Registry::in_memory_with(default_level, Limits::default())
+    }
+
+    /// A registry in memory only, with `limits` (Kafka mode: the topic of
+    /// proposals is its durable form, replayed at start).
+    pub fn in_memory_with(default_level: Level, limits: Limits) -> Registry {
         cap_avro_allocations();
         Registry {
             state: RwLock::new(State {
@@ -466,7 +472,7 @@ impl Registry {
             log: None,
             generation: Default::default(),
             default_level,
-            limits: Limits::default(),
+            limits,
         }
     }
 
@@ -1314,6 +1320,85 @@ fn apply(st: &mut State, rec: Record) -> Result<(), RegistryError> {
         }
     }
     Ok(())
+}
+
+/// A change asked of the registry, as data: in Kafka mode every node
+/// applies the same proposals in the order of one topic partition, so
+/// every node's registry (ids, versions, rules) is the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Proposal {
+    Register {
+        tenant: String,
+        subject: String,
+        schema_type: SchemaType,
+        schema: String,
+    },
+    DeleteSubject {
+        tenant: String,
+        subject: String,
+        permanent: bool,
+    },
+    DeleteVersion {
+        tenant: String,
+        subject: String,
+        /// A number, or `latest`.
+        version: String,
+        permanent: bool,
+    },
+    SetLevel {
+        tenant: String,
+        subject: Option<String>,
+        level: Option<Level>,
+    },
+}
+
+/// What a [`Proposal`] did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Registered(Registered),
+    /// Versions deleted.
+    Deleted(Vec<u32>),
+    /// The rule before the change.
+    Level(Level),
+}
+
+impl Proposal {
+    /// Applies the proposal (the same on every node given the same state).
+    pub fn apply(&self, r: &Registry) -> Result<Outcome, RegistryError> {
+        match self {
+            Proposal::Register {
+                tenant,
+                subject,
+                schema_type,
+                schema,
+            } => r
+                .register(tenant, subject, *schema_type, schema)
+                .map(Outcome::Registered),
+            Proposal::DeleteSubject {
+                tenant,
+                subject,
+                permanent,
+            } => r
+                .delete_subject(tenant, subject, *permanent)
+                .map(Outcome::Deleted),
+            Proposal::DeleteVersion {
+                tenant,
+                subject,
+                version,
+                permanent,
+            } => r
+                .delete_version(tenant, subject, VersionRef::parse(version)?, *permanent)
+                .map(|v| Outcome::Deleted(vec![v])),
+            Proposal::SetLevel {
+                tenant,
+                subject,
+                level,
+            } => r
+                .set_level(tenant, subject.as_deref(), *level)
+                .map(Outcome::Level),
+        }
+    }
 }
 
 impl tally_types::schema::PropsCheck for Registry {

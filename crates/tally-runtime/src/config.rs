@@ -417,6 +417,9 @@ pub struct KafkaSection {
     /// Malformed events, listed by every node's malformed DLQ. Default
     /// `<group-id>_malformed`.
     pub topic_malformed: String,
+    /// The schema registry's proposals, applied in order by every node
+    /// (one partition, kept). Default `<group-id>_registry`.
+    pub topic_registry: String,
     /// Partitions of the topics Tally creates when they are missing.
     pub partitions: u32,
     /// This node's name in the cluster (its transactional id is
@@ -465,6 +468,7 @@ impl Default for KafkaSection {
             topic_late: "late_events".into(),
             topic_alerts: String::new(),
             topic_malformed: String::new(),
+            topic_registry: String::new(),
             partitions: 4,
             node_id: String::new(),
             commit_interval: "200ms".into(),
@@ -1082,12 +1086,14 @@ impl Config {
         };
         let alerts = derived(&k.topic_alerts, "alerts");
         let malformed = derived(&k.topic_malformed, "malformed");
+        let registry = derived(&k.topic_registry, "registry");
         for (name, t) in [
             ("kafka.topic-events", &k.topic_events),
             ("kafka.topic-aggregates", &k.topic_aggregates),
             ("kafka.topic-late", &k.topic_late),
             ("kafka.topic-alerts", &alerts),
             ("kafka.topic-malformed", &malformed),
+            ("kafka.topic-registry", &registry),
         ] {
             let ok = !t.is_empty()
                 && t.len() <= 249

@@ -256,6 +256,32 @@ pub struct Shared {
     pub kafka: Option<Arc<KafkaShared>>,
     /// The schema registry (ingest checks events against it).
     pub registry: Arc<tally_registry::Registry>,
+    /// Kafka mode: how a change reaches every node's registry (None:
+    /// embedded mode, where changes apply to `registry` directly).
+    pub registry_writes: Option<RegistryWrites>,
+}
+
+/// Applies a registry change cluster-wide and answers what it did here.
+pub type RegistryWrites = Arc<
+    dyn Fn(
+            tally_registry::Proposal,
+        ) -> Result<tally_registry::Outcome, tally_registry::RegistryError>
+        + Send
+        + Sync,
+>;
+
+impl Shared {
+    /// Applies a registry change: through the cluster's registry log in
+    /// Kafka mode, directly otherwise.
+    pub fn registry_change(
+        &self,
+        p: tally_registry::Proposal,
+    ) -> Result<tally_registry::Outcome, tally_registry::RegistryError> {
+        match &self.registry_writes {
+            Some(w) => w(p),
+            None => p.apply(&self.registry),
+        }
+    }
 }
 
 /// Late counts kept for ingest answers before the oldest are pruned.
@@ -602,6 +628,7 @@ impl Pipeline {
             ckpt_offsets: Mutex::new(checkpoints.then(|| processor.offsets().to_vec())),
             kafka: None,
             registry: open_registry(cfg)?,
+            registry_writes: None,
         });
         {
             let st = shared.store.read();

@@ -22,7 +22,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
-use tally_registry::{Level, Registry, RegistryError, SchemaType, SubjectVersion, VersionRef};
+use tally_registry::{
+    Level, Outcome, Proposal, RegistryError, SchemaType, SubjectVersion, VersionRef,
+};
+use tally_runtime::pipeline::Shared;
 
 use crate::auth::{Access, Caller, Routes, Scope};
 use crate::http::{
@@ -170,7 +173,7 @@ type P = Path<HashMap<String, String>>;
 type R = Result<Reply, Reply>;
 
 /// One registry operation: the request (tenant resolved) and its body.
-type Op = fn(&Registry, &Req, &Bytes) -> R;
+type Op = fn(&Shared, &Req, &Bytes) -> R;
 
 type Answer = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
@@ -190,10 +193,10 @@ impl<F> Handle for F where
 fn handler(op: Op, blocking: bool) -> impl Handle {
     move |State(s): State<AppState>, c: Caller, Path(p): P, RawQuery(q): RawQuery, body: Bytes| {
         Box::pin(async move {
-            let reg = s.shared.registry.clone();
+            let shared = s.shared.clone();
             let work = move || -> R {
                 let r = Req::new(&c, p, q)?;
-                op(&reg, &r, &body)
+                op(&shared, &r, &body)
             };
             let out = if blocking {
                 tokio::task::spawn_blocking(work)
@@ -207,30 +210,40 @@ fn handler(op: Op, blocking: bool) -> impl Handle {
     }
 }
 
-fn root(_: &Registry, _: &Req, _: &Bytes) -> R {
+fn root(_: &Shared, _: &Req, _: &Bytes) -> R {
     ok(json!({}))
 }
 
-fn subjects(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let mut list = reg.subjects(&r.tenant, r.flag("deleted"));
+fn subjects(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let mut list = sh.registry.subjects(&r.tenant, r.flag("deleted"));
     if let Some(prefix) = one(&r.pairs, "subjectPrefix") {
         list.retain(|x| x.starts_with(prefix));
     }
     ok(json!(list))
 }
 
-fn versions(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let v = reg
+fn versions(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let v = sh
+        .registry
         .versions(&r.tenant, r.subject(), r.flag("deleted"))
         .map_err(fail)?;
     ok(json!(v))
 }
 
-fn register(reg: &Registry, r: &Req, body: &Bytes) -> R {
+fn register(sh: &Shared, r: &Req, body: &Bytes) -> R {
     let (t, text) = schema_body(body)?;
-    let done = reg
-        .register(&r.tenant, r.subject(), t, &text)
-        .map_err(fail)?;
+    let done = match change(
+        sh,
+        Proposal::Register {
+            tenant: r.tenant.clone(),
+            subject: r.subject().to_string(),
+            schema_type: t,
+            schema: text,
+        },
+    )? {
+        Outcome::Registered(done) => done,
+        other => return Err(unexpected(other)),
+    };
     tracing::info!(tenant = %r.tenant, subject = r.subject(), id = done.id, version = done.version, "schema registered");
     ok(with_type(
         json!({
@@ -243,60 +256,107 @@ fn register(reg: &Registry, r: &Req, body: &Bytes) -> R {
     ))
 }
 
-fn lookup(reg: &Registry, r: &Req, body: &Bytes) -> R {
+fn lookup(sh: &Shared, r: &Req, body: &Bytes) -> R {
     let (t, text) = schema_body(body)?;
-    let v = reg
+    let v = sh
+        .registry
         .lookup(&r.tenant, r.subject(), t, &text, r.flag("deleted"))
         .map_err(fail)?;
     ok(version_json(&v))
 }
 
-fn subject_version(reg: &Registry, r: &Req, deleted: bool) -> Result<SubjectVersion, Reply> {
-    reg.version(&r.tenant, r.subject(), r.version()?, deleted)
+fn subject_version(sh: &Shared, r: &Req, deleted: bool) -> Result<SubjectVersion, Reply> {
+    sh.registry
+        .version(&r.tenant, r.subject(), r.version()?, deleted)
         .map_err(fail)
 }
 
-fn version(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    ok(version_json(&subject_version(reg, r, r.flag("deleted"))?))
+fn version(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    ok(version_json(&subject_version(sh, r, r.flag("deleted"))?))
 }
 
-fn version_schema(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let v = subject_version(reg, r, r.flag("deleted"))?;
+fn version_schema(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let v = subject_version(sh, r, r.flag("deleted"))?;
     ok(serde_json::from_str(&v.schema.text).unwrap_or(Json::Null))
 }
 
-fn referenced_by(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    subject_version(reg, r, true)?;
+fn referenced_by(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    subject_version(sh, r, true)?;
     // No schema references: nothing refers to anything.
     ok(json!([]))
 }
 
-fn delete_version(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let v = reg
-        .delete_version(&r.tenant, r.subject(), r.version()?, r.flag("permanent"))
-        .map_err(fail)?;
+/// Applies a change (through the cluster's registry log in Kafka mode).
+fn change(sh: &Shared, p: Proposal) -> Result<Outcome, Reply> {
+    sh.registry_change(p).map_err(fail)
+}
+
+fn unexpected(o: Outcome) -> Reply {
+    fail(RegistryError::Storage(format!(
+        "the change answered {o:?}, not what was asked"
+    )))
+}
+
+fn deleted(o: Outcome) -> Result<Vec<u32>, Reply> {
+    match o {
+        Outcome::Deleted(v) => Ok(v),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn delete_version(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    r.version()?;
+    let v = deleted(change(
+        sh,
+        Proposal::DeleteVersion {
+            tenant: r.tenant.clone(),
+            subject: r.subject().to_string(),
+            version: r.params.get("version").cloned().unwrap_or_default(),
+            permanent: r.flag("permanent"),
+        },
+    )?)?;
+    ok(json!(v.first()))
+}
+
+fn delete_subject(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let v = deleted(change(
+        sh,
+        Proposal::DeleteSubject {
+            tenant: r.tenant.clone(),
+            subject: r.subject().to_string(),
+            permanent: r.flag("permanent"),
+        },
+    )?)?;
     ok(json!(v))
 }
 
-fn delete_subject(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let v = reg
-        .delete_subject(&r.tenant, r.subject(), r.flag("permanent"))
-        .map_err(fail)?;
-    ok(json!(v))
+fn set_level(sh: &Shared, r: &Req, level: Option<Level>) -> Result<Level, Reply> {
+    match change(
+        sh,
+        Proposal::SetLevel {
+            tenant: r.tenant.clone(),
+            subject: r.params.get("subject").cloned(),
+            level,
+        },
+    )? {
+        Outcome::Level(l) => Ok(l),
+        other => Err(unexpected(other)),
+    }
 }
 
-fn schema_by_id(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let sc = reg.by_id(&r.tenant, r.id()?).map_err(fail)?;
+fn schema_by_id(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let sc = sh.registry.by_id(&r.tenant, r.id()?).map_err(fail)?;
     ok(with_type(json!({"schema": sc.text}), sc.schema_type))
 }
 
-fn schema_text_by_id(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let sc = reg.by_id(&r.tenant, r.id()?).map_err(fail)?;
+fn schema_text_by_id(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let sc = sh.registry.by_id(&r.tenant, r.id()?).map_err(fail)?;
     ok(serde_json::from_str(&sc.text).unwrap_or(Json::Null))
 }
 
-fn id_versions(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let v = reg
+fn id_versions(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let v = sh
+        .registry
         .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
         .map_err(fail)?;
     ok(Json::Array(
@@ -306,8 +366,9 @@ fn id_versions(reg: &Registry, r: &Req, _: &Bytes) -> R {
     ))
 }
 
-fn id_subjects(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let v = reg
+fn id_subjects(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let v = sh
+        .registry
         .id_versions(&r.tenant, r.id()?, r.flag("deleted"))
         .map_err(fail)?;
     let mut subjects: Vec<String> = v.into_iter().map(|(s, _)| s).collect();
@@ -315,21 +376,22 @@ fn id_subjects(reg: &Registry, r: &Req, _: &Bytes) -> R {
     ok(json!(subjects))
 }
 
-fn types(_: &Registry, _: &Req, _: &Bytes) -> R {
+fn types(_: &Shared, _: &Req, _: &Bytes) -> R {
     ok(json!(["JSON", "AVRO"]))
 }
 
-fn contexts(_: &Registry, _: &Req, _: &Bytes) -> R {
+fn contexts(_: &Shared, _: &Req, _: &Bytes) -> R {
     ok(json!(["."]))
 }
 
-fn compatibility(reg: &Registry, r: &Req, body: &Bytes) -> R {
+fn compatibility(sh: &Shared, r: &Req, body: &Bytes) -> R {
     let (t, text) = schema_body(body)?;
     let version = match r.params.get("version") {
         Some(_) => Some(r.version()?),
         None => None,
     };
-    let messages = reg
+    let messages = sh
+        .registry
         .compatibility(&r.tenant, r.subject(), version, t, &text)
         .map_err(fail)?;
     ok(json!({"is_compatible": messages.is_empty(), "messages": messages}))
@@ -342,15 +404,16 @@ struct ConfigBody {
     compatibility_level: Option<String>,
 }
 
-fn get_config(reg: &Registry, r: &Req, _: &Bytes) -> R {
+fn get_config(sh: &Shared, r: &Req, _: &Bytes) -> R {
     let subject = r.params.get("subject").map(String::as_str);
-    let l = reg
+    let l = sh
+        .registry
         .level(&r.tenant, subject, r.flag("defaultToGlobal"))
         .map_err(fail)?;
     ok(json!({"compatibilityLevel": l.as_str()}))
 }
 
-fn put_config(reg: &Registry, r: &Req, body: &Bytes) -> R {
+fn put_config(sh: &Shared, r: &Req, body: &Bytes) -> R {
     let bad = |why: String| {
         fail(RegistryError::InvalidLevel(format!(
             "the body must be {{\"compatibility\": \"<level>\"}}{why}"
@@ -362,23 +425,20 @@ fn put_config(reg: &Registry, r: &Req, body: &Bytes) -> R {
         .or(b.compatibility_level)
         .ok_or_else(|| bad(String::new()))?;
     let level = Level::parse(&text).map_err(fail)?;
-    let subject = r.params.get("subject").map(String::as_str);
-    reg.set_level(&r.tenant, subject, Some(level))
-        .map_err(fail)?;
+    set_level(sh, r, Some(level))?;
     ok(json!({"compatibility": level.as_str()}))
 }
 
-fn delete_config(reg: &Registry, r: &Req, _: &Bytes) -> R {
-    let subject = r.params.get("subject").map(String::as_str);
-    let before = reg.set_level(&r.tenant, subject, None).map_err(fail)?;
+fn delete_config(sh: &Shared, r: &Req, _: &Bytes) -> R {
+    let before = set_level(sh, r, None)?;
     ok(json!({"compatibilityLevel": before.as_str()}))
 }
 
-fn get_mode(_: &Registry, _: &Req, _: &Bytes) -> R {
+fn get_mode(_: &Shared, _: &Req, _: &Bytes) -> R {
     ok(json!({"mode": "READWRITE"}))
 }
 
-fn put_mode(_: &Registry, _: &Req, body: &Bytes) -> R {
+fn put_mode(_: &Shared, _: &Req, body: &Bytes) -> R {
     let mode = serde_json::from_slice::<Json>(body)
         .ok()
         .and_then(|v| v.get("mode").and_then(Json::as_str).map(str::to_string));

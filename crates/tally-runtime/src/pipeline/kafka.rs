@@ -38,6 +38,8 @@ pub struct KafkaShared {
     pub worker: Arc<tally_kafka::WorkerStats>,
     pub produce: Arc<tally_kafka::ProduceStats>,
     pub alert_log: Arc<tally_kafka::alerts::AlertLog>,
+    /// The schema registry's proposals, applied in order by every node.
+    pub registry_log: Arc<tally_kafka::registry_log::RegistryLog>,
     /// Replayed late events as the late topic reported them: (tenant,
     /// dedupe key) → applied (else skipped).
     pub replays: Mutex<HashMap<(String, u128), bool>>,
@@ -136,6 +138,11 @@ pub(super) fn settings(cfg: &Config, k: &KafkaSection) -> Result<Settings, Pipel
         } else {
             k.topic_malformed.trim().to_string()
         },
+        topic_registry: if k.topic_registry.trim().is_empty() {
+            format!("{}_registry", k.group_id)
+        } else {
+            k.topic_registry.trim().to_string()
+        },
         partitions: k.partitions,
         client: k
             .client
@@ -200,9 +207,14 @@ pub(super) fn start(
     } else {
         None
     };
-    // Each node keeps its own registry in its data dir: messages of the
-    // topic are checked against the schemas registered with this node.
-    let registry = super::open_registry(cfg)?;
+    // The cluster's registry: every node applies the proposals of the
+    // registry topic in order (see tally_kafka::registry_log), so every
+    // node's registry is the same; nothing of it is kept in the data dir.
+    let registry = Arc::new(tally_registry::Registry::in_memory_with(
+        cfg.registry.level()?,
+        cfg.registry.limits(),
+    ));
+    let (registry_log, registry_writes) = start_registry_log(&settings, &registry)?;
     let checks: Arc<dyn tally_types::schema::PropsCheck> = registry.clone();
     let decoder = registry.clone();
     let hooks = Hooks {
@@ -303,6 +315,7 @@ pub(super) fn start(
         worker: node.stats().clone(),
         produce: node.producer().stats().clone(),
         alert_log,
+        registry_log,
         replays: Mutex::new(HashMap::new()),
         lag: Mutex::new(Default::default()),
         lag_samples: Mutex::new(Default::default()),
@@ -330,6 +343,7 @@ pub(super) fn start(
         ckpt_offsets: Mutex::new(None),
         kafka: Some(kafka.clone()),
         registry,
+        registry_writes: Some(registry_writes),
     });
     let (tx, rx) = mpsc::channel::<WriteReq>(cfg.ingest.queue_depth.max(1));
     let node = Mutex::new(Some(node));
@@ -613,6 +627,64 @@ fn progress_loop(
     // The alert thread publishes its last changes as its channel closes.
     drop(alert_tx);
     k.alert_log.shutdown();
+    k.registry_log.shutdown();
+}
+
+/// Starts the registry log into `registry` and answers it with the way
+/// this node's HTTP layer changes the registry: propose, wait until the
+/// proposal is applied here, answer what it did.
+fn start_registry_log(
+    settings: &Settings,
+    registry: &Arc<tally_registry::Registry>,
+) -> Result<
+    (
+        Arc<tally_kafka::registry_log::RegistryLog>,
+        super::RegistryWrites,
+    ),
+    PipelineError,
+> {
+    use tally_registry::{Outcome, Proposal, RegistryError};
+    type Outcomes = Mutex<HashMap<String, Result<Outcome, RegistryError>>>;
+    let origin = format!("{}/{:016x}", settings.node_id, rand::random::<u64>());
+    let outcomes: Arc<Outcomes> = Arc::default();
+    let apply = {
+        let (registry, outcomes, origin) = (registry.clone(), outcomes.clone(), origin.clone());
+        Arc::new(move |offset: i64, key: &[u8], value: &[u8]| {
+            let outcome = match serde_json::from_slice::<Proposal>(value) {
+                Ok(p) => p.apply(&registry),
+                Err(e) => {
+                    tracing::warn!(offset, error = %e, "registry log: skipped an unreadable proposal");
+                    return;
+                }
+            };
+            // Only this process waits for its own proposals' outcomes.
+            let key = String::from_utf8_lossy(key);
+            if key.starts_with(origin.as_str()) {
+                outcomes.lock().insert(key.into_owned(), outcome);
+            }
+        })
+    };
+    let log = tally_kafka::registry_log::RegistryLog::start(settings, apply)?;
+    if !log.catch_up(Duration::from_secs(10)) {
+        tracing::warn!(
+            topic = %settings.topic_registry,
+            "the registry log was not read to its end within 10 s; schemas appear as it is read"
+        );
+    }
+    let seq = std::sync::atomic::AtomicU64::new(0);
+    let l = log.clone();
+    let writes: super::RegistryWrites = Arc::new(move |p: Proposal| {
+        let key = format!("{origin}/{}", seq.fetch_add(1, Relaxed));
+        let value = serde_json::to_vec(&p).expect("a proposal serializes");
+        l.propose(&key, &value, Duration::from_secs(10))
+            .map_err(RegistryError::Storage)?;
+        outcomes.lock().remove(&key).unwrap_or_else(|| {
+            Err(RegistryError::Storage(
+                "the proposal was applied but its outcome is missing".into(),
+            ))
+        })
+    });
+    Ok((log, writes))
 }
 
 /// Adds the files of each committed seal to what SQL reads. With a local

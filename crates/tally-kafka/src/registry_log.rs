@@ -1,0 +1,189 @@
+//! The registry log: the schema registry of a Kafka-mode cluster as one
+//! single-partition topic of *proposals* (register, delete, set a rule).
+//!
+//! Every node reads the topic from the beginning and applies every
+//! proposal, its own included, in the partition's order, with the same
+//! deterministic code: every node ends up with the same subjects,
+//! versions, ids and rules, and an incompatible proposal is refused
+//! everywhere alike. The node that took the HTTP request produces the
+//! proposal, waits until its reader has applied it, and answers with what
+//! applying it did there. The topic is never compacted (each record is a
+//! change, not a state); registrations are rare and small.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::{Error, Settings};
+
+/// How long the reader rests once it has read everything (a proposal of
+/// another node reaches this one within it).
+const IDLE_PAUSE: Duration = Duration::from_millis(50);
+
+/// Applies one record: its offset, key and value.
+pub type ApplyFn = Arc<dyn Fn(i64, &[u8], &[u8]) + Send + Sync>;
+
+/// The registry log of one node.
+pub struct RegistryLog {
+    producer: FutureProducer,
+    topic: String,
+    /// The next offset the reader will apply.
+    applied: Arc<AtomicI64>,
+    stop: Arc<AtomicBool>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RegistryLog {
+    /// Starts reading the log from the beginning into `apply`.
+    pub fn start(settings: &Settings, apply: ApplyFn) -> Result<Arc<RegistryLog>, Error> {
+        let producer: FutureProducer = settings
+            .client_config(&[
+                ("enable.idempotence", "true".into()),
+                ("acks", "all".into()),
+                (
+                    "message.timeout.ms",
+                    settings.produce_timeout_ms.to_string(),
+                ),
+            ])
+            .create()
+            .map_err(|source| Error::Client {
+                what: "registry log producer",
+                source,
+            })?;
+        let applied = Arc::new(AtomicI64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(RegistryLog {
+            producer,
+            topic: settings.topic_registry.clone(),
+            applied: applied.clone(),
+            stop: stop.clone(),
+            reader: Mutex::new(None),
+        });
+        let s = settings.clone();
+        let handle = std::thread::Builder::new()
+            .name("tally-kafka-registry".into())
+            .spawn(move || {
+                while !stop.load(Relaxed) {
+                    if let Err(e) = read(&s, &apply, &applied, &stop) {
+                        tracing::warn!(error = %e, "registry log reader failed; starting again in 1 s");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            })
+            .map_err(Error::Thread)?;
+        *log.reader.lock() = Some(handle);
+        Ok(log)
+    }
+
+    /// Waits (up to `timeout`) until every record in the log now is
+    /// applied. Returns whether it was.
+    pub fn catch_up(&self, timeout: Duration) -> bool {
+        let Ok((_, end)) =
+            self.producer
+                .client()
+                .fetch_watermarks(&self.topic, 0, Duration::from_secs(5))
+        else {
+            return false;
+        };
+        self.wait_applied(end, timeout)
+    }
+
+    /// Waits (up to `timeout`) until the records before `offset` are
+    /// applied.
+    pub fn wait_applied(&self, offset: i64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.applied.load(Relaxed) < offset {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Appends a proposal and waits until this node has applied it (up to
+    /// `timeout`); answers its offset.
+    pub fn propose(&self, key: &str, value: &[u8], timeout: Duration) -> Result<i64, String> {
+        let rec = FutureRecord::to(&self.topic)
+            .partition(0)
+            .key(key.as_bytes())
+            .payload(value);
+        let sent = futures::executor::block_on(self.producer.send(rec, Duration::from_secs(5)));
+        let offset = match sent {
+            Ok(delivery) => delivery.offset,
+            Err((e, _)) => return Err(format!("registry log: {e}")),
+        };
+        if !self.wait_applied(offset + 1, timeout) {
+            return Err(format!(
+                "registry log: the proposal at offset {offset} was not read back within {timeout:?}"
+            ));
+        }
+        Ok(offset)
+    }
+
+    pub fn shutdown(&self) {
+        self.stop.store(true, Relaxed);
+        let _ = self.producer.flush(Duration::from_secs(5));
+        if let Some(h) = self.reader.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Reads the log from where it stopped, applying every record in order.
+fn read(
+    s: &Settings,
+    apply: &ApplyFn,
+    applied: &AtomicI64,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    let err = |source| Error::Client {
+        what: "registry log reader",
+        source,
+    };
+    let consumer: BaseConsumer = s
+        .client_config(&[
+            ("group.id", format!("{}-registry-{}", s.group_id, s.node_id)),
+            ("enable.auto.commit", "false".into()),
+            ("enable.partition.eof", "false".into()),
+        ])
+        .create()
+        .map_err(err)?;
+    let mut tpl = TopicPartitionList::new();
+    let from = applied.load(Relaxed);
+    tpl.add_partition_offset(
+        &s.topic_registry,
+        0,
+        if from == 0 {
+            Offset::Beginning
+        } else {
+            Offset::Offset(from)
+        },
+    )
+    .map_err(err)?;
+    consumer.assign(&tpl).map_err(err)?;
+    while !stop.load(Relaxed) {
+        let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
+            crate::materialize::idle_pause(&consumer, &tpl, IDLE_PAUSE);
+            continue;
+        };
+        let msg = msg.map_err(err)?;
+        if msg.offset() < applied.load(Relaxed) {
+            continue;
+        }
+        apply(
+            msg.offset(),
+            msg.key().unwrap_or_default(),
+            msg.payload().unwrap_or_default(),
+        );
+        applied.store(msg.offset() + 1, Relaxed);
+    }
+    Ok(())
+}
