@@ -1177,3 +1177,102 @@ async fn the_registry_is_one_for_the_cluster_and_any_node_answers() {
     let (s, v) = answer(c.get(url(&nodes[0].base(), "/subjects"))).await;
     assert_eq!((s, v), (200, json!(["page_view", "x"])));
 }
+
+/// Kafka mode records corrections too: a late event into a minute its
+/// partition had closed is listed by `GET /api/v1/changes` with the
+/// bucket's old and new values; events into open minutes are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_listed_in_kafka_mode() {
+    use serde_json::json;
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tag = format!("c{}", std::process::id());
+    let mut node = Node::new("solo", tmp.path(), broker.brokers(), &tag);
+    node.spawn_with(&[
+        ("TALLY__STREAM__WATERMARK_BOUND", "5s"),
+        ("TALLY__STREAM__ALLOWED_LATENESS", "5m"),
+    ]);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    node.wait_ready(&c).await;
+    let base = node.base();
+    let m = 60_000i64;
+    let t0 = (tally_types::Clock::system().now_ms() / m - 10) * m;
+    // One session: one partition, applied in the order sent.
+    let ev = |id: &str, ts: i64| {
+        json!({"event_id": id, "event_type": "click", "timestamp": ts, "user_id": id,
+               "session_id": "s1", "tenant": "acme"})
+    };
+    let send = |events: Vec<serde_json::Value>| {
+        let c = c.clone();
+        let url = format!("{base}/api/v1/events");
+        async move {
+            let (s, v) = answer(
+                c.post(url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(common::ndjson(&events)),
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+        }
+    };
+    let mut first = Vec::new();
+    for minute in 0..4 {
+        for i in 0..2 {
+            first.push(ev(
+                &format!("c{minute}-{i}"),
+                t0 + minute * m + 1000 * (i + 1),
+            ));
+        }
+    }
+    first.push(ev("tick", t0 + 3 * m + 30_000));
+    send(first).await;
+    let count_of = |minute: i64| {
+        let c = c.clone();
+        let url = format!(
+            "{base}/api/v1/metrics?metric=count&granularity=1m&tenant=acme&start={}&end={}",
+            t0 + minute * m,
+            t0 + (minute + 1) * m
+        );
+        async move {
+            let v = get(&c, url).await;
+            v["series"][0]["points"][0][1].as_u64().unwrap_or(0)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_of(1).await != 2 {
+        assert!(Instant::now() < deadline, "minute 1 never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first transaction closed minutes 0..2; a late click into minute
+    // 1 (within the lateness) and one into the open minute 3.
+    send(vec![
+        ev("late1", t0 + m + 5000),
+        ev("open", t0 + 3 * m + 40_000),
+    ])
+    .await;
+    let url = format!("{base}/api/v1/changes?since=0&tenant=acme");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        let v = get(&c, url.clone()).await;
+        if !v["changes"].as_array().unwrap().is_empty() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no change listed: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let changes = v["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{v}");
+    let ch = &changes[0];
+    assert_eq!(
+        (
+            ch["key"]["bucket"].as_str().unwrap(),
+            ch["old"]["count"].as_u64(),
+            ch["new"]["count"].as_u64()
+        ),
+        (fmt_bucket(t0 + m).as_str(), Some(2), Some(3)),
+        "{v}"
+    );
+}

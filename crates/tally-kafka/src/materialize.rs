@@ -333,13 +333,27 @@ impl Materialized {
             Key::State(partition) => {
                 let Some(v) = value else { return Ok(()) };
                 let state = codec::decode_state(v)?;
-                let (pending, files, replaced) = {
+                let committed_at = state.committed_at;
+                let (pending, files, replaced, closed) = {
                     let view = inner.parts.entry(partition).or_default();
                     tracing::debug!(
                         partition,
                         next_offset = state.next_offset,
                         "view: partition state applied"
                     );
+                    // What the partition had closed before this
+                    // transaction: a new value of a published bucket there
+                    // is a correction (GET /api/v1/changes).
+                    let closed: HashMap<String, Millis> = view
+                        .state
+                        .as_ref()
+                        .map(|s| {
+                            s.watermarks
+                                .iter()
+                                .filter_map(|(t, w)| Some((t.clone(), (*w)?)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     view.state = Some(state);
                     for sealed in &view.pending_files {
                         for f in &sealed.files {
@@ -356,6 +370,7 @@ impl Materialized {
                         std::mem::take(&mut view.pending),
                         std::mem::take(&mut view.pending_files),
                         std::mem::take(&mut view.pending_replaced),
+                        closed,
                     )
                 };
                 if !files.is_empty()
@@ -414,6 +429,13 @@ impl Materialized {
                         if let Some(a) = v.values.get(&k) {
                             merged.merge(a);
                         }
+                    }
+                    if closed
+                        .get(&*k.0)
+                        .is_some_and(|&w| k.1 + tally_types::time::MINUTE_MS <= w)
+                        && store.agg(&k.0, k.1, &k.2).is_some()
+                    {
+                        store.note_correction(&k.0, k.1, &k.2, committed_at);
                     }
                     store.set_agg(&k.0, k.1, &k.2, merged);
                 }

@@ -1583,12 +1583,6 @@ async fn changes(
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&q);
     let tenant = caller.tenant(&pairs)?;
-    if s.shared.kafka.is_some() {
-        return Err(ApiError::Status(
-            StatusCode::NOT_IMPLEMENTED,
-            "changes: not recorded in Kafka mode yet; a read_committed consumer of the aggregates topic sees every corrected aggregate as a new value of its key".into(),
-        ));
-    }
     let since = match one(&pairs, "since") {
         None | Some("") => 0,
         Some(v) => v.parse::<u64>().map_err(|_| {
