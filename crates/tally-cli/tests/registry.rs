@@ -91,6 +91,8 @@ batch = b"".join(zigzag(len(f)) + f for f in (frame(i) for i in range(1, 5)))
 out["batch"] = post(batch)
 # A retried record counts once.
 out["retry"] = post(frame(0))
+# A frame of an unknown schema id: rejected, kept in the malformed DLQ.
+out["bad_frame"] = post(bytes([0, 0, 0, 3, 231, 2, 4]))
 out["subjects"] = sr.get_subjects()
 print(json.dumps(out))
 "#;
@@ -192,6 +194,20 @@ async fn confluents_client_registers_evolves_and_sends_avro_that_sql_serves() {
         "{out}"
     );
     assert_eq!(out["batch"]["accepted"], 4, "{out}");
+    let bad = &out["bad_frame"];
+    assert_eq!(
+        (bad["accepted"].as_u64(), bad["rejected"].as_u64()),
+        (Some(0), Some(1)),
+        "{bad}"
+    );
+    assert_eq!(bad["errors"][0]["index"], 0, "{bad}");
+    assert!(
+        bad["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("schema id 999 is not registered"),
+        "{bad}"
+    );
 
     // JSON events are checked against the latest version (4: url string,
     // ms int, plan string with a default) or the one they name.
@@ -229,6 +245,7 @@ async fn confluents_client_registers_evolves_and_sends_avro_that_sql_serves() {
         dlq.to_string().contains("properties.url: expected string"),
         "{dlq}"
     );
+    assert!(dlq.to_string().contains("avro: schema id 999"), "{dlq}");
 
     // Served in SQL beside the event written before any schema.
     wait_events(&c, &base, "default", 1 + 5 + 3).await;

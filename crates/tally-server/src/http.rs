@@ -373,7 +373,8 @@ async fn ingest(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     );
-    let (status, answer) = ingest_body(&s, &pairs, tenancy, format, body, started).await?;
+    let (status, answer) =
+        ingest_body(&s, &pairs, tenancy, format, body, started, Vec::new()).await?;
     Ok(ingest_response(status, answer))
 }
 
@@ -486,7 +487,10 @@ fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Result<Bytes, Ap
 
 /// The ingest path after the body is read: validation, quotas, the write
 /// and its acknowledgement (`POST /api/v1/events` and the Segment API).
-/// Answers the status and body; see [`ingest_response`].
+/// `extra`: records the caller could not turn into events (a Segment
+/// message, an Avro frame), rejected and kept in the malformed DLQ with
+/// the body's own rejections. Answers the status and body; see
+/// [`ingest_response`].
 pub(crate) async fn ingest_body(
     s: &AppState,
     pairs: &[(String, String)],
@@ -494,6 +498,7 @@ pub(crate) async fn ingest_body(
     format: Format,
     body: Bytes,
     started: Instant,
+    extra: Vec<tally_ingest::Rejection>,
 ) -> Result<(StatusCode, Json), ApiError> {
     let tel = &s.shared.telemetry;
     tel.bytes_ingested.fetch_add(body.len() as u64, Relaxed);
@@ -525,6 +530,7 @@ pub(crate) async fn ingest_body(
         .parse(&body, format, tenancy);
     let mut parsed = match parsed {
         Ok(p) => p,
+        Err(BodyError::Empty) if !extra.is_empty() => tally_ingest::Parsed::default(),
         Err(e) => {
             release(body.len());
             return Err(match e {
@@ -534,6 +540,8 @@ pub(crate) async fn ingest_body(
             });
         }
     };
+    parsed.rejected_total += extra.len();
+    parsed.rejected.extend(extra);
     if s.quotas.enabled()
         && let Err(q) = s.quotas.take(&parsed.tenants)
     {
@@ -634,43 +642,50 @@ pub(crate) async fn ingest_body(
 /// The ingest path for events made from a request's records (Segment
 /// messages, Avro frames): `lines` are NDJSON events, `index_of[i]` the
 /// record line `i` came from, `unmapped` the records that made no event
-/// (`{"index", "error"}`). The answer counts and names the records.
+/// (their index and rejection: answered, and kept in the malformed DLQ).
+/// The answer counts and names the records.
 pub(crate) async fn ingest_mapped(
     s: &AppState,
     pairs: &[(String, String)],
     tenancy: Tenancy<'_>,
     lines: Vec<u8>,
-    index_of: &[usize],
-    unmapped: Vec<Json>,
+    mut index_of: Vec<usize>,
+    unmapped: Vec<(usize, tally_ingest::Rejection)>,
     started: Instant,
 ) -> Result<(StatusCode, Json), ApiError> {
-    let (status, mut answer) = if index_of.is_empty() {
-        (
+    if index_of.is_empty() && unmapped.is_empty() {
+        return Ok((
             StatusCode::OK,
             json!({"accepted": 0, "rejected": 0, "errors": [], "late": 0}),
-        )
-    } else {
-        ingest_body(
-            s,
-            pairs,
-            tenancy,
-            Format::Ndjson,
-            Bytes::from(lines),
-            started,
-        )
-        .await?
-    };
+        ));
+    }
+    // The unmapped follow the lines, as if they were lines after them.
+    let lines_n = index_of.len();
+    let extra = unmapped
+        .into_iter()
+        .enumerate()
+        .map(|(j, (record, mut r))| {
+            r.index = lines_n + j;
+            index_of.push(record);
+            r
+        })
+        .collect();
+    let (status, mut answer) = ingest_body(
+        s,
+        pairs,
+        tenancy,
+        Format::Ndjson,
+        Bytes::from(lines),
+        started,
+        extra,
+    )
+    .await?;
     if let Some(errors) = answer["errors"].as_array_mut() {
         for e in errors.iter_mut() {
             if let Some(i) = e["index"].as_u64().and_then(|i| index_of.get(i as usize)) {
                 e["index"] = json!(i);
             }
         }
-        errors.extend(unmapped.iter().cloned());
-    }
-    if !unmapped.is_empty() {
-        let r = answer["rejected"].as_u64().unwrap_or(0) + unmapped.len() as u64;
-        answer["rejected"] = json!(r);
     }
     Ok((status, answer))
 }

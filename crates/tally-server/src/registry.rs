@@ -635,16 +635,29 @@ pub(crate) async fn ingest_avro(
                 lines.push(b'\n');
                 index_of.push(i);
             }
-            Err(why) => undecoded.push(json!({"index": i, "error": why})),
+            Err(why) => undecoded.push((i, undecodable(&owner, f, why))),
         }
     }
-    s.shared
-        .telemetry
-        .events_rejected
-        .fetch_add(undecoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let (status, answer) =
-        ingest_mapped(&s, &pairs, tenancy, lines, &index_of, undecoded, started).await?;
+        ingest_mapped(&s, &pairs, tenancy, lines, index_of, undecoded, started).await?;
     Ok(ingest_response(status, answer))
+}
+
+/// A frame that made no event, for the answer and the malformed DLQ (its
+/// bytes as base64, the first 3 KiB).
+fn undecodable(tenant: &str, frame: &[u8], why: String) -> tally_ingest::Rejection {
+    use base64::Engine as _;
+    let kept = &frame[..frame.len().min(3072)];
+    tally_ingest::Rejection {
+        index: 0,
+        error: format!("avro: {why}"),
+        tenant: tenant.to_string(),
+        raw: format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(kept)
+        ),
+        is_object: false,
+    }
 }
 
 #[cfg(test)]

@@ -89,11 +89,25 @@ pub(crate) async fn call(
                 lines.push(b'\n');
                 index_of.push(i);
             }
-            Err(why) => unmapped.push(json!({"index": i, "error": why})),
+            Err(why) => unmapped.push((
+                i,
+                tally_ingest::Rejection {
+                    index: 0,
+                    error: why,
+                    tenant: default_tenant.clone().unwrap_or_else(|| {
+                        caller
+                            .key_tenant()
+                            .unwrap_or(tally_types::DEFAULT_TENANT)
+                            .to_string()
+                    }),
+                    raw: m.to_string(),
+                    is_object: m.is_object(),
+                },
+            )),
         }
     }
     let (status, mut answer) =
-        ingest_mapped(&s, &pairs, tenancy, lines, &index_of, unmapped, started).await?;
+        ingest_mapped(&s, &pairs, tenancy, lines, index_of, unmapped, started).await?;
     // Segment's answer is `{"success": true}`; Tally's counts come along.
     let ok = status.is_success() && answer["rejected"].as_u64() == Some(0);
     answer["success"] = json!(ok);
