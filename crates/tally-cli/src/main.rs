@@ -116,6 +116,11 @@ struct DemoArgs {
     /// Sample events per second.
     #[arg(long, default_value_t = 200)]
     rate: u32,
+    /// History sent first (as a backfill, two tenants), so every chart,
+    /// the explorer and the archive have something to show at once ("0":
+    /// none).
+    #[arg(long, default_value = "1h")]
+    history: String,
 }
 
 #[derive(Args, Clone)]
@@ -409,12 +414,17 @@ async fn demo(a: DemoArgs) -> Result<()> {
         }
     }
     println!("  alerts:     {base}/api/v1/alerts (two example rules; POST your own)");
-    println!("Sending ~{} sample events/s. Ctrl-C stops.", a.rate);
     let url = format!("{base}/api/v1/events");
     let rate = a.rate.max(1);
+    demo_history(&c, &url, &a.history, rate).await?;
+    println!(
+        "Sending ~{} sample events/s for tenants tenant0 and tenant1. Ctrl-C stops.",
+        a.rate
+    );
     let traffic = tokio::spawn(async move {
         let mut g = Generator::new(GenConfig {
             seed: 42,
+            tenants: 2,
             late: 0.002,
             malformed: 0.002,
             ..GenConfig::default()
@@ -438,6 +448,61 @@ async fn demo(a: DemoArgs) -> Result<()> {
     shutdown_signal().await;
     traffic.abort();
     server.stop().await.context("stopping the demo server")?;
+    Ok(())
+}
+
+/// The demo's history: `history` (a duration) of events of two tenants
+/// up to now, at a quarter of the live rate, sent as a backfill (judged
+/// by the tenants' backfill clocks, so none of it is late), with progress.
+async fn demo_history(c: &reqwest::Client, url: &str, history: &str, rate: u32) -> Result<()> {
+    let span = tally_types::time::parse_duration_ms(history)
+        .filter(|&d| d >= 0)
+        .ok_or_else(|| {
+            anyhow::anyhow!("--history {history:?}: not a duration; use e.g. 1h, 30m or 0")
+        })?;
+    if span == 0 {
+        return Ok(());
+    }
+    let eps = (f64::from(rate) / 4.0).max(1.0);
+    let total = (span as f64 / 1000.0 * eps) as u64;
+    let mut g = Generator::new(GenConfig {
+        seed: 7,
+        tenants: 2,
+        start_ms: Some(Clock::system().now_ms() - span),
+        events_per_sec: eps,
+        late: 0.0,
+        malformed: 0.001,
+        duplicate: 0.01,
+        disorder: 0.02,
+        ..GenConfig::default()
+    });
+    let pb = progress(total, "history");
+    let stats = LoadStats::default();
+    let backfill = format!("{url}?backfill=true");
+    // A request's events go to several partitions, applied one after the
+    // other: one request spans at most 2 minutes of event time, well
+    // inside the allowed lateness, so none of it falls behind the
+    // backfill clock the request itself moves.
+    let per_request = ((eps * 120.0) as u64).clamp(1, 5000);
+    let mut sent = 0u64;
+    while sent < total {
+        let n = (total - sent).min(per_request);
+        let mut body = String::with_capacity(n as usize * 200);
+        for _ in 0..n {
+            body.push_str(&g.next_line().0);
+            body.push('\n');
+        }
+        post_batch(c, &backfill, body.into(), &stats)
+            .await
+            .context("sending the demo's history")?;
+        sent += n;
+        pb.set_position(sent);
+    }
+    pb.finish_and_clear();
+    println!(
+        "  history:    {sent} events of the last {} for tenant0 and tenant1 (a backfill)",
+        tally_types::time::human_ms(span)
+    );
     Ok(())
 }
 
