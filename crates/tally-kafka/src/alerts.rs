@@ -67,20 +67,7 @@ pub struct AlertLog {
 impl AlertLog {
     /// Starts reading the alert log (from the beginning) into `apply`.
     pub fn start(settings: &Settings, apply: ApplyFn) -> Result<Arc<AlertLog>, Error> {
-        let producer: FutureProducer = settings
-            .client_config(&[
-                ("enable.idempotence", "true".into()),
-                ("acks", "all".into()),
-                (
-                    "message.timeout.ms",
-                    settings.produce_timeout_ms.to_string(),
-                ),
-            ])
-            .create()
-            .map_err(|source| Error::Client {
-                what: "alert log producer",
-                source,
-            })?;
+        let producer = crate::log_producer(settings, "alert log producer")?;
         let origin = format!("{}/{:016x}", settings.node_id, rand::random::<u64>());
         let applied = Arc::new(AtomicI64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -94,17 +81,10 @@ impl AlertLog {
             reader: Mutex::new(None),
         });
         let s = settings.clone();
-        let handle = std::thread::Builder::new()
-            .name("tally-kafka-alerts".into())
-            .spawn(move || {
-                while !stop.load(Relaxed) {
-                    if let Err(e) = read(&s, &origin, &apply, &applied, &stop) {
-                        tracing::warn!(error = %e, "alert log reader failed; starting again in 1 s");
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                }
-            })
-            .map_err(Error::Thread)?;
+        let st = stop.clone();
+        let handle = crate::spawn_reader("tally-kafka-alerts", "alert log", stop, move || {
+            read(&s, &origin, &apply, &applied, &st)
+        })?;
         *log.reader.lock() = Some(handle);
         Ok(log)
     }

@@ -161,6 +161,45 @@ pub(crate) fn partition_count<C: ClientContext>(
 
 /// Creates the five topics when they do not exist (the aggregates topic
 /// and the alert log compacted: only the last value per key matters).
+/// An idempotent producer (`acks=all`) for one of the cluster's logs.
+pub(crate) fn log_producer(
+    settings: &Settings,
+    what: &'static str,
+) -> Result<rdkafka::producer::FutureProducer, Error> {
+    settings
+        .client_config(&[
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            (
+                "message.timeout.ms",
+                settings.produce_timeout_ms.to_string(),
+            ),
+        ])
+        .create()
+        .map_err(|source| Error::Client { what, source })
+}
+
+/// Runs a log's reader on its own thread until `stop`, again a second
+/// after each failure.
+pub(crate) fn spawn_reader(
+    name: &str,
+    what: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut read: impl FnMut() -> Result<(), Error> + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, Error> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = read() {
+                    tracing::warn!(error = %e, "{what} reader failed; starting again in 1 s");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        })
+        .map_err(Error::Thread)
+}
+
 pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
     let cfg = s.client_config(&[]);
     let admin: AdminClient<DefaultClientContext> =

@@ -43,20 +43,7 @@ pub struct RegistryLog {
 impl RegistryLog {
     /// Starts reading the log from the beginning into `apply`.
     pub fn start(settings: &Settings, apply: ApplyFn) -> Result<Arc<RegistryLog>, Error> {
-        let producer: FutureProducer = settings
-            .client_config(&[
-                ("enable.idempotence", "true".into()),
-                ("acks", "all".into()),
-                (
-                    "message.timeout.ms",
-                    settings.produce_timeout_ms.to_string(),
-                ),
-            ])
-            .create()
-            .map_err(|source| Error::Client {
-                what: "registry log producer",
-                source,
-            })?;
+        let producer = crate::log_producer(settings, "registry log producer")?;
         let applied = Arc::new(AtomicI64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(RegistryLog {
@@ -67,17 +54,11 @@ impl RegistryLog {
             reader: Mutex::new(None),
         });
         let s = settings.clone();
-        let handle = std::thread::Builder::new()
-            .name("tally-kafka-registry".into())
-            .spawn(move || {
-                while !stop.load(Relaxed) {
-                    if let Err(e) = read(&s, &apply, &applied, &stop) {
-                        tracing::warn!(error = %e, "registry log reader failed; starting again in 1 s");
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                }
-            })
-            .map_err(Error::Thread)?;
+        let st = stop.clone();
+        let handle =
+            crate::spawn_reader("tally-kafka-registry", "registry log", stop, move || {
+                read(&s, &apply, &applied, &st)
+            })?;
         *log.reader.lock() = Some(handle);
         Ok(log)
     }
