@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use tally_types::codec::clip;
-use tally_types::schema::{PropsCheck, Schemas};
+use tally_types::schema::{PropsCheck, PropsChecker, Schemas};
 use tally_types::time::{self, MAX_TS, Millis};
 use tally_types::{BatchWriter, DEFAULT_TENANT, PropValue, partition_of, valid_tenant};
 
@@ -275,6 +275,7 @@ impl Parser {
             index: 0,
             privacy: self.privacy.clone(),
             registry: self.registry.clone(),
+            checkers: Vec::new(),
         };
         match (format, first) {
             (Format::Json, b'[') => {
@@ -408,9 +409,39 @@ struct Sink<'s> {
     index: usize,
     privacy: Option<Arc<Privacy>>,
     registry: Option<Arc<dyn PropsCheck>>,
+    /// The registry's answers for this body, by (tenant, event type,
+    /// version): a body's events share a few, so the registry is asked
+    /// once per key, not once per event.
+    checkers: Vec<Checker>,
 }
 
+type Checker = (String, String, Option<u32>, Option<Arc<dyn PropsChecker>>);
+
 impl Sink<'_> {
+    /// The registry's checker of `ev`'s type (None: no schema).
+    fn checker(&mut self, ev: &Valid<'_>) -> Result<Option<Arc<dyn PropsChecker>>, String> {
+        let Some(registry) = &self.registry else {
+            return Ok(None);
+        };
+        let hit = self.checkers.iter().find(|(t, ty, v, _)| {
+            *v == ev.schema_version && *t == *ev.tenant && *ty == *ev.event_type
+        });
+        if let Some((.., c)) = hit {
+            return Ok(c.clone());
+        }
+        let c = registry.checker(&ev.tenant, &ev.event_type, ev.schema_version)?;
+        // Bounded: a body of ever new types asks each time past it.
+        if self.checkers.len() < 64 {
+            self.checkers.push((
+                ev.tenant.to_string(),
+                ev.event_type.to_string(),
+                ev.schema_version,
+                c.clone(),
+            ));
+        }
+        Ok(c)
+    }
+
     /// Adds `ev` to its partition's batch, unless a property its tenant's
     /// schema declares has another type (the error says which and why).
     fn accept(
@@ -445,8 +476,8 @@ impl Sink<'_> {
                 }
             }
         }
-        if let Some(r) = &self.registry {
-            r.check(&ev.tenant, &ev.event_type, ev.schema_version, props)?;
+        if let Some(c) = self.checker(ev)? {
+            c.check(props)?;
         }
         // A number no f64 holds would be counted as nothing: refuse it.
         // Only an exponent or hundreds of digits can overflow. Nested

@@ -105,8 +105,10 @@ fn main() {
     };
     let avro = || {
         let mut lines = Vec::with_capacity(ndjson.len());
+        // As the server does: the id's schemas looked up once per body.
+        let reader = registry.frame_reader(Some("default"), env_id).unwrap();
         for f in &frames {
-            let v = registry.decode_frame("default", f).unwrap();
+            let v = reader.decode_event(f).unwrap();
             serde_json::to_writer(&mut lines, &v).unwrap();
             lines.push(b'\n');
         }

@@ -314,8 +314,7 @@ fn parse_schema(t: SchemaType, text: &str) -> Result<(Parsed, String, String), R
                 .map_err(|e| RegistryError::InvalidSchema(format!("not an Avro schema: {e}")))?;
             if let Some(name) = avro::recursive(&s) {
                 return Err(RegistryError::InvalidSchema(format!(
-                    "type {name} contains itself; recursive types are not supported (event properties nest at most {} levels): unroll it to a fixed depth",
-                    64
+                    "type {name} contains itself; recursive types are not supported: unroll it to a fixed depth"
                 )));
             }
             let compiled = check::compile(&s);
@@ -346,6 +345,15 @@ struct Subject {
 impl Subject {
     fn live(&self) -> impl DoubleEndedIterator<Item = &Version> {
         self.versions.iter().filter(|v| !v.deleted)
+    }
+
+    /// [`Subject::find`], or the error naming the subject and version.
+    fn get(&self, subject: &str, v: VersionRef, deleted: bool) -> Result<Version, RegistryError> {
+        self.find(v, deleted)
+            .ok_or_else(|| RegistryError::VersionNotFound {
+                subject: subject.to_string(),
+                version: version_label(v),
+            })
     }
 
     fn find(&self, v: VersionRef, deleted: bool) -> Option<Version> {
@@ -443,7 +451,7 @@ impl Registry {
         {
             let mut st = r.state.write();
             for (i, rec) in records.into_iter().enumerate() {
-                apply(&mut st, rec).map_err(|e| {
+                apply(&mut st, rec, None).map_err(|e| {
                     RegistryError::Storage(format!(
                         "{}: record {} does not apply ({e}); the file is damaged",
                         dir.join("registry.jsonl").display(),
@@ -478,13 +486,20 @@ impl Registry {
 
     /// Makes `rec` durable, then applies it (under the state's write lock,
     /// which the caller holds, so changes are logged in their order).
-    fn commit(&self, st: &mut State, rec: Record) -> Result<(), RegistryError> {
+    /// `parsed`: a registration's schema as the caller already parsed it
+    /// (and its canonical form), so it is not parsed again.
+    fn commit(
+        &self,
+        st: &mut State,
+        rec: Record,
+        parsed: Option<(Parsed, String)>,
+    ) -> Result<(), RegistryError> {
         if let Some(log) = &self.log {
             log.lock().append(&rec)?;
         }
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        apply(st, rec)
+        apply(st, rec, parsed)
     }
 
     fn level_of(&self, st: &State, tenant: &str, subject: Option<&str>) -> Level {
@@ -515,10 +530,15 @@ impl Registry {
         }
         let (parsed, compact, canon) = parse_schema(schema_type, text)?;
         let mut st = self.state.write();
+        let key = (schema_type, canon);
+        // The id this schema has in the tenant, if it has one.
+        let known = st
+            .tenants
+            .get(tenant)
+            .and_then(|t| t.ids.get(&key).copied());
         // The same schema already a live version of the subject: that one.
-        if let Some(t) = st.tenants.get(tenant)
-            && let Some(s) = t.subjects.get(subject)
-            && let Some(&id) = t.ids.get(&(schema_type, canon.clone()))
+        if let Some(id) = known
+            && let Some(s) = st.tenants.get(tenant).and_then(|t| t.subjects.get(subject))
             && let Some(v) = s.live().find(|v| v.id == id)
         {
             return Ok(Registered {
@@ -556,9 +576,7 @@ impl Registry {
             .and_then(|s| s.versions.iter().map(|v| v.version).max())
             .unwrap_or(0)
             + 1;
-        let id = t
-            .and_then(|t| t.ids.get(&(schema_type, canon)).copied())
-            .unwrap_or(st.next_id);
+        let id = known.unwrap_or(st.next_id);
         self.commit(
             &mut st,
             Record::Register {
@@ -569,6 +587,7 @@ impl Registry {
                 schema_type,
                 schema: compact,
             },
+            Some((parsed, key.1)),
         )?;
         Ok(Registered {
             id,
@@ -653,13 +672,7 @@ impl Registry {
             None => None,
             Some(v) => {
                 let s = subject_of(&st, tenant, subject)?;
-                Some(
-                    s.find(v, false)
-                        .ok_or_else(|| RegistryError::VersionNotFound {
-                            subject: subject.to_string(),
-                            version: version_label(v),
-                        })?,
-                )
+                Some(s.get(subject, v, false)?)
             }
         };
         let level = if only.is_some() && level == Level::None {
@@ -752,12 +765,7 @@ impl Registry {
         if s.live().next().is_none() && !deleted {
             return Err(RegistryError::SubjectNotFound(subject.to_string()));
         }
-        let v = s
-            .find(version, deleted)
-            .ok_or_else(|| RegistryError::VersionNotFound {
-                subject: subject.to_string(),
-                version: version_label(version),
-            })?;
+        let v = s.get(subject, version, deleted)?;
         Ok(SubjectVersion {
             subject: subject.to_string(),
             version: v.version,
@@ -826,6 +834,7 @@ impl Registry {
                     version,
                     permanent,
                 },
+                None,
             )?;
         }
         Ok(targets)
@@ -841,12 +850,7 @@ impl Registry {
     ) -> Result<u32, RegistryError> {
         let mut st = self.state.write();
         let s = subject_of(&st, tenant, subject)?;
-        let v = s
-            .find(version, permanent)
-            .ok_or_else(|| RegistryError::VersionNotFound {
-                subject: subject.to_string(),
-                version: version_label(version),
-            })?;
+        let v = s.get(subject, version, permanent)?;
         match (permanent, v.deleted) {
             (false, true) => {
                 return Err(RegistryError::VersionSoftDeleted {
@@ -870,6 +874,7 @@ impl Registry {
                 version: v.version,
                 permanent,
             },
+            None,
         )?;
         Ok(v.version)
     }
@@ -935,6 +940,7 @@ impl Registry {
                 subject: subject.map(String::from),
                 level,
             },
+            None,
         )?;
         Ok(before)
     }
@@ -1067,9 +1073,27 @@ impl Registry {
         }
     }
 
-    /// Checks an event's properties against the schema of its type (see
-    /// [`Registry::event_schema`]); the error names the property, what the
-    /// schema expects, what came, and the version.
+    /// The checker of an event type's properties (see
+    /// [`Registry::event_schema`]); None: the type has no schema.
+    pub fn event_checker(
+        &self,
+        tenant: &str,
+        event_type: &str,
+        version: Option<u32>,
+    ) -> Result<Option<EventChecker>, String> {
+        Ok(self
+            .event_schema(tenant, event_type, version)?
+            .map(|(version, schema)| EventChecker {
+                tenant: tenant.to_string(),
+                event_type: event_type.to_string(),
+                version,
+                schema,
+            }))
+    }
+
+    /// Checks an event's properties against the schema of its type; the
+    /// error names the property, what the schema expects, what came, and
+    /// the version.
     pub fn check_event(
         &self,
         tenant: &str,
@@ -1077,32 +1101,9 @@ impl Registry {
         version: Option<u32>,
         props: &[(Cow<'_, str>, &RawValue)],
     ) -> Result<(), String> {
-        let Some((v, schema)) = self.event_schema(tenant, event_type, version)? else {
-            return Ok(());
-        };
-        let whose = || {
-            format!(
-                "schema of event type {event_type:?}, version {v}, tenant {tenant:?}; send a matching value or register a new version"
-            )
-        };
-        match &schema.parsed {
-            Parsed::Avro(_, node) => node.check_props(props).map_err(|m| {
-                let at = if m.at.is_empty() {
-                    "properties".to_string()
-                } else {
-                    format!("properties{}", m.at)
-                };
-                format!("{at}: expected {}, got {} ({})", m.expected, m.got, whose())
-            }),
-            Parsed::Json(validator, _) => {
-                let mut obj = serde_json::Map::with_capacity(props.len());
-                for (k, raw) in props {
-                    let val: Json = serde_json::from_str(raw.get()).unwrap_or(Json::Null);
-                    obj.insert(k.to_string(), val);
-                }
-                json::validate(validator, &Json::Object(obj))
-                    .map_err(|e| format!("{e} ({})", whose()))
-            }
+        match self.event_checker(tenant, event_type, version)? {
+            Some(c) => c.check_props(props),
+            None => Ok(()),
         }
     }
 
@@ -1111,38 +1112,105 @@ impl Registry {
     /// read with the writer's schema and resolved to the latest version of
     /// the subject that holds it.
     pub fn decode_frame(&self, tenant: &str, frame: &[u8]) -> Result<Json, String> {
-        if frame.len() < 5 {
-            return Err(format!(
-                "a Confluent frame is a magic byte 0, a 4-byte schema id and the Avro record; got {} bytes",
-                frame.len()
-            ));
-        }
-        if frame[0] != 0 {
-            return Err(format!(
-                "magic byte {} where 0 was expected: not a Confluent-framed record",
-                frame[0]
-            ));
-        }
-        let id = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
-        let writer = self.by_id(tenant, id).map_err(|_| {
-            format!("schema id {id} is not registered for tenant {tenant:?}; register the schema with this registry first")
-        })?;
-        let Parsed::Avro(ws, _) = &writer.parsed else {
+        self.frame_reader(Some(tenant), frame_id(frame)?)?
+            .decode(frame)
+    }
+
+    /// A frame as an event of the tenant that owns its schema id (Kafka
+    /// messages carry no tenant), that tenant filled in when the record
+    /// names none.
+    pub fn decode_owned_event(
+        &self,
+        frame: &[u8],
+    ) -> Result<serde_json::Map<String, Json>, String> {
+        let reader = self.frame_reader(None, frame_id(frame)?)?;
+        let mut ev = reader.decode_event(frame)?;
+        ev.entry("tenant")
+            .or_insert_with(|| Json::String(reader.writer.tenant.clone()));
+        Ok(ev)
+    }
+
+    /// The schemas frames of schema id `id` are read with: the writer's,
+    /// and the latest live version of the subject that holds it (the
+    /// reader's). `tenant`: the id must be that tenant's (None: any). A
+    /// caller decoding many frames asks once per id.
+    pub fn frame_reader(&self, tenant: Option<&str>, id: u32) -> Result<FrameReader, String> {
+        let st = self.state.read();
+        let writer = st
+            .schemas
+            .get(&id)
+            .filter(|s| tenant.is_none_or(|t| s.tenant == t))
+            .cloned()
+            .ok_or_else(|| match tenant {
+                Some(t) => format!(
+                    "schema id {id} is not registered for tenant {t:?}; register the schema with this registry first"
+                ),
+                None => format!("schema id {id} is not registered with this node's registry"),
+            })?;
+        if !matches!(writer.parsed, Parsed::Avro(..)) {
             return Err(format!(
                 "schema id {id} is a {} schema; an Avro frame needs an Avro schema",
                 writer.schema_type.as_str()
             ));
-        };
-        let reader = self.reader_for(tenant, id);
+        }
+        let latest = st.tenants.get(&writer.tenant).and_then(|t| {
+            let (_, s) = t
+                .subjects
+                .iter()
+                .find(|(_, s)| s.live().any(|v| v.id == id))?;
+            s.live().next_back()
+        });
         // Written with the latest version: nothing to resolve.
-        let rs = match reader.as_deref() {
-            Some(r) if r.id == id => None,
-            Some(Schema {
-                parsed: Parsed::Avro(r, _),
-                ..
-            }) => Some(r),
-            _ => None,
-        };
+        let reader = latest
+            .filter(|v| v.id != id)
+            .and_then(|v| st.schemas.get(&v.id).cloned());
+        Ok(FrameReader { id, writer, reader })
+    }
+}
+
+/// The schema id of a Confluent frame (its magic byte checked).
+pub fn frame_id(frame: &[u8]) -> Result<u32, String> {
+    if frame.len() < 5 {
+        return Err(format!(
+            "a Confluent frame is a magic byte 0, a 4-byte schema id and the Avro record; got {} bytes",
+            frame.len()
+        ));
+    }
+    if frame[0] != 0 {
+        return Err(format!(
+            "magic byte {} where 0 was expected: not a Confluent-framed record",
+            frame[0]
+        ));
+    }
+    Ok(u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]))
+}
+
+fn avro_of(s: &Schema) -> Option<&apache_avro::Schema> {
+    match &s.parsed {
+        Parsed::Avro(a, _) => Some(a),
+        Parsed::Json(..) => None,
+    }
+}
+
+/// The writer's and reader's schemas of one schema id (see
+/// [`Registry::frame_reader`]).
+#[derive(Clone)]
+pub struct FrameReader {
+    id: u32,
+    writer: Arc<Schema>,
+    /// None: the writer's schema is the latest.
+    reader: Option<Arc<Schema>>,
+}
+
+impl FrameReader {
+    /// Decodes a frame of this reader's schema id into JSON.
+    pub fn decode(&self, frame: &[u8]) -> Result<Json, String> {
+        let id = frame_id(frame)?;
+        if id != self.id {
+            return Err(format!("schema id {id}, where {} was expected", self.id));
+        }
+        let ws = avro_of(&self.writer).ok_or("the writer's schema is not Avro")?;
+        let rs = self.reader.as_deref().and_then(avro_of);
         let mut body = &frame[5..];
         let value = apache_avro::reader::datum::GenericDatumReader::builder(ws)
             .maybe_reader_schema(rs)
@@ -1158,41 +1226,20 @@ impl Registry {
         Ok(avro::to_json(value))
     }
 
-    /// [`Registry::decode_frame`] in the tenant that owns the frame's
-    /// schema id (Kafka messages carry no tenant): that tenant and the
-    /// record.
-    pub fn decode_frame_owned(&self, frame: &[u8]) -> Result<(String, Json), String> {
-        let id = frame
-            .get(1..5)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| {
-                format!(
-                    "a Confluent frame is a magic byte 0, a 4-byte schema id and the Avro record; got {} bytes",
-                    frame.len()
-                )
-            })?;
-        let tenant = self
-            .state
-            .read()
-            .schemas
-            .get(&id)
-            .map(|s| s.tenant.clone())
-            .ok_or_else(|| format!("schema id {id} is not registered with this node's registry"))?;
-        let v = self.decode_frame(&tenant, frame)?;
-        Ok((tenant, v))
-    }
-
-    /// The latest live version of the subject holding `id` (the reader
-    /// schema of a frame).
-    fn reader_for(&self, tenant: &str, id: u32) -> Option<Arc<Schema>> {
-        let st = self.state.read();
-        let t = st.tenants.get(tenant)?;
-        let (_, s) = t
-            .subjects
-            .iter()
-            .find(|(_, s)| s.live().any(|v| v.id == id))?;
-        let latest = s.live().next_back()?;
-        st.schemas.get(&latest.id).cloned()
+    /// Decodes a frame into an event object (the envelope's fields and
+    /// `properties`; a null `properties` left out).
+    pub fn decode_event(&self, frame: &[u8]) -> Result<serde_json::Map<String, Json>, String> {
+        match self.decode(frame)? {
+            Json::Object(mut o) => {
+                if o.get("properties").is_some_and(Json::is_null) {
+                    o.remove("properties");
+                }
+                Ok(o)
+            }
+            other => Err(format!(
+                "the record decodes to {other}, not a record of the event's fields"
+            )),
+        }
     }
 }
 
@@ -1239,7 +1286,11 @@ fn check_subject(s: &str) -> Result<(), RegistryError> {
 
 /// Applies one record to the state (at open, and after each change is
 /// logged).
-fn apply(st: &mut State, rec: Record) -> Result<(), RegistryError> {
+fn apply(
+    st: &mut State,
+    rec: Record,
+    parsed: Option<(Parsed, String)>,
+) -> Result<(), RegistryError> {
     match rec {
         Record::Register {
             tenant,
@@ -1250,12 +1301,19 @@ fn apply(st: &mut State, rec: Record) -> Result<(), RegistryError> {
             schema,
         } => {
             if let std::collections::hash_map::Entry::Vacant(slot) = st.schemas.entry(id) {
-                let (parsed, compact, canon) = parse_schema(schema_type, &schema)?;
+                let (parsed, canon) = match parsed {
+                    Some(p) => p,
+                    None => {
+                        let (p, _, canon) = parse_schema(schema_type, &schema)?;
+                        (p, canon)
+                    }
+                };
+                // Logged compacted: the text as answered.
                 slot.insert(Arc::new(Schema {
                     id,
                     tenant: tenant.clone(),
                     schema_type,
-                    text: compact,
+                    text: schema,
                     parsed,
                 }));
                 st.tenants
@@ -1402,14 +1460,61 @@ impl Proposal {
 }
 
 impl tally_types::schema::PropsCheck for Registry {
-    fn check(
+    fn checker(
         &self,
         tenant: &str,
         event_type: &str,
         version: Option<u32>,
-        props: &[(Cow<'_, str>, &RawValue)],
-    ) -> Result<(), String> {
-        self.check_event(tenant, event_type, version, props)
+    ) -> Result<Option<Arc<dyn tally_types::schema::PropsChecker>>, String> {
+        Ok(self
+            .event_checker(tenant, event_type, version)?
+            .map(|c| Arc::new(c) as Arc<dyn tally_types::schema::PropsChecker>))
+    }
+}
+
+/// One event type's schema at one version, as ingest checks events of the
+/// type against it.
+pub struct EventChecker {
+    tenant: String,
+    event_type: String,
+    version: u32,
+    schema: Arc<Schema>,
+}
+
+impl EventChecker {
+    fn check_props(&self, props: &[(Cow<'_, str>, &RawValue)]) -> Result<(), String> {
+        let whose = || {
+            format!(
+                "schema of event type {:?}, version {}, tenant {:?}; send a matching value or register a new version",
+                self.event_type, self.version, self.tenant
+            )
+        };
+        match &self.schema.parsed {
+            Parsed::Avro(_, node) => node.check_props(props).map_err(|m| {
+                format!(
+                    "properties{}: expected {}, got {} ({})",
+                    m.at,
+                    m.expected,
+                    m.got,
+                    whose()
+                )
+            }),
+            Parsed::Json(validator, _) => {
+                let mut obj = serde_json::Map::with_capacity(props.len());
+                for (k, raw) in props {
+                    let val: Json = serde_json::from_str(raw.get()).unwrap_or(Json::Null);
+                    obj.insert(k.to_string(), val);
+                }
+                json::validate(validator, &Json::Object(obj))
+                    .map_err(|e| format!("{e} ({})", whose()))
+            }
+        }
+    }
+}
+
+impl tally_types::schema::PropsChecker for EventChecker {
+    fn check(&self, props: &[(Cow<'_, str>, &RawValue)]) -> Result<(), String> {
+        self.check_props(props)
     }
 }
 

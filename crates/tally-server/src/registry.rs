@@ -612,22 +612,17 @@ pub(crate) async fn ingest_avro(
     let mut lines = Vec::with_capacity(body.len() * 2);
     let mut index_of = Vec::with_capacity(frames.len());
     let mut undecoded = Vec::new();
+    // The schemas of each id, looked up once per body.
+    let mut readers: HashMap<u32, Result<tally_registry::FrameReader, String>> = HashMap::new();
     for (i, f) in frames.iter().enumerate() {
-        let ev = s
-            .shared
-            .registry
-            .decode_frame(&owner, f)
-            .and_then(|v| match v {
-                Json::Object(mut o) => {
-                    if o.get("properties").is_some_and(Json::is_null) {
-                        o.remove("properties");
-                    }
-                    Ok(Json::Object(o))
-                }
-                other => Err(format!(
-                    "the record decodes to {other}, not a record of the event's fields"
-                )),
-            });
+        let ev = tally_registry::frame_id(f).and_then(|id| {
+            readers
+                .entry(id)
+                .or_insert_with(|| s.shared.registry.frame_reader(Some(&owner), id))
+                .as_ref()
+                .map_err(Clone::clone)?
+                .decode_event(f)
+        });
         match ev {
             Ok(ev) => {
                 serde_json::to_writer(&mut lines, &ev)

@@ -22,17 +22,27 @@ pub enum PropType {
 /// Declared properties (name → type) per tenant.
 pub type Schemas = BTreeMap<String, BTreeMap<String, PropType>>;
 
-/// Checks an event's properties against the registered schema of its
-/// type (the schema registry), at ingest.
+/// The registered schemas of event types (the schema registry), as ingest
+/// checks events against them.
 pub trait PropsCheck: Send + Sync {
-    /// `Err`: why the event does not fit (the property, what the schema
-    /// expects, what came, and the version), for the client and the DLQ.
-    /// `version`: the event's `schema_version` (None: the latest).
-    fn check(
+    /// The checker of one event type's properties at `version` (None: the
+    /// latest); `Ok(None)`: the type has no schema. The parser asks once
+    /// per run of events of one (tenant, type, version), not per event.
+    fn checker(
         &self,
         tenant: &str,
         event_type: &str,
         version: Option<u32>,
+    ) -> Result<Option<std::sync::Arc<dyn PropsChecker>>, String>;
+}
+
+/// One event type's schema, checking an event's properties.
+pub trait PropsChecker: Send + Sync {
+    /// `Err`: why the properties do not fit (the property, what the
+    /// schema expects, what came, and the version), for the client and
+    /// the DLQ.
+    fn check(
+        &self,
         props: &[(std::borrow::Cow<'_, str>, &serde_json::value::RawValue)],
     ) -> Result<(), String>;
 }

@@ -253,18 +253,8 @@ pub(super) fn start(
         // id (of the tenant owning it), the tenant filled in when the
         // record has none.
         decode_binary: Some(Arc::new(move |value: &[u8]| {
-            let (tenant, ev) = decoder.decode_frame_owned(value)?;
-            let serde_json::Value::Object(mut o) = ev else {
-                return Err(format!(
-                    "the record decodes to {ev}, not a record of the event's fields"
-                ));
-            };
-            if o.get("properties").is_some_and(serde_json::Value::is_null) {
-                o.remove("properties");
-            }
-            o.entry("tenant")
-                .or_insert(serde_json::Value::String(tenant));
-            let mut line = serde_json::to_vec(&o).map_err(|e| e.to_string())?;
+            let ev = decoder.decode_owned_event(value)?;
+            let mut line = serde_json::to_vec(&ev).map_err(|e| e.to_string())?;
             line.push(b'\n');
             Ok(line)
         })),
