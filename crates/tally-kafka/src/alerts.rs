@@ -26,10 +26,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 
 use crate::{Error, Settings};
 
@@ -213,36 +212,13 @@ fn read(
     applied: &AtomicI64,
     stop: &AtomicBool,
 ) -> Result<(), Error> {
-    let consumer: BaseConsumer = s
-        .client_config(&[
-            ("group.id", format!("{}-alerts-{}", s.group_id, s.node_id)),
-            ("enable.auto.commit", "false".into()),
-            ("enable.partition.eof", "false".into()),
-        ])
-        .create()
-        .map_err(|source| Error::Client {
-            what: "alert log reader",
-            source,
-        })?;
-    let mut tpl = TopicPartitionList::new();
-    let from = applied.load(Relaxed);
-    tpl.add_partition_offset(
+    let (consumer, tpl) = crate::log_consumer(
+        s,
+        "alert log reader",
+        "alerts",
         &s.topic_alerts,
-        0,
-        if from == 0 {
-            Offset::Beginning
-        } else {
-            Offset::Offset(from)
-        },
-    )
-    .map_err(|source| Error::Client {
-        what: "alert log reader",
-        source,
-    })?;
-    consumer.assign(&tpl).map_err(|source| Error::Client {
-        what: "alert log reader",
-        source,
-    })?;
+        applied.load(Relaxed),
+    )?;
     let mut last_end_check = Instant::now();
     while !stop.load(Relaxed) {
         let Some(msg) = consumer.poll(Duration::from_millis(20)) else {

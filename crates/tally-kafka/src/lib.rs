@@ -179,6 +179,37 @@ pub(crate) fn log_producer(
         .map_err(|source| Error::Client { what, source })
 }
 
+/// A reader of one of the cluster's one-partition logs, assigned from
+/// offset `from` (0: the beginning); its group (`<group>-<role>-<node>`)
+/// commits nothing.
+pub(crate) fn log_consumer(
+    s: &Settings,
+    what: &'static str,
+    role: &str,
+    topic: &str,
+    from: i64,
+) -> Result<(rdkafka::consumer::BaseConsumer, rdkafka::TopicPartitionList), Error> {
+    use rdkafka::consumer::Consumer as _;
+    let err = |source| Error::Client { what, source };
+    let consumer: rdkafka::consumer::BaseConsumer = s
+        .client_config(&[
+            ("group.id", format!("{}-{role}-{}", s.group_id, s.node_id)),
+            ("enable.auto.commit", "false".into()),
+            ("enable.partition.eof", "false".into()),
+        ])
+        .create()
+        .map_err(err)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let at = if from == 0 {
+        rdkafka::Offset::Beginning
+    } else {
+        rdkafka::Offset::Offset(from)
+    };
+    tpl.add_partition_offset(topic, 0, at).map_err(err)?;
+    consumer.assign(&tpl).map_err(err)?;
+    Ok((consumer, tpl))
+}
+
 /// Runs a log's reader on its own thread until `stop`, again a second
 /// after each failure.
 pub(crate) fn spawn_reader(

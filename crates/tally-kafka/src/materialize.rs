@@ -344,16 +344,15 @@ impl Materialized {
                     // What the partition had closed before this
                     // transaction: a new value of a published bucket there
                     // is a correction (GET /api/v1/changes).
-                    let closed: HashMap<String, Millis> = view
-                        .state
-                        .as_ref()
-                        .map(|s| {
-                            s.watermarks
-                                .iter()
-                                .filter_map(|(t, w)| Some((t.clone(), (*w)?)))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let closed: HashMap<String, Millis> = match &view.state {
+                        // Most states carry no aggregates: nothing to judge.
+                        Some(s) if !view.pending.is_empty() => s
+                            .watermarks
+                            .iter()
+                            .filter_map(|(t, w)| Some((t.clone(), (*w)?)))
+                            .collect(),
+                        _ => HashMap::new(),
+                    };
                     view.state = Some(state);
                     for sealed in &view.pending_files {
                         for f in &sealed.files {

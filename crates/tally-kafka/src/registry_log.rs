@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 
 use crate::{Error, Settings};
 
@@ -125,37 +123,22 @@ fn read(
     applied: &AtomicI64,
     stop: &AtomicBool,
 ) -> Result<(), Error> {
-    let err = |source| Error::Client {
-        what: "registry log reader",
-        source,
-    };
-    let consumer: BaseConsumer = s
-        .client_config(&[
-            ("group.id", format!("{}-registry-{}", s.group_id, s.node_id)),
-            ("enable.auto.commit", "false".into()),
-            ("enable.partition.eof", "false".into()),
-        ])
-        .create()
-        .map_err(err)?;
-    let mut tpl = TopicPartitionList::new();
-    let from = applied.load(Relaxed);
-    tpl.add_partition_offset(
+    let (consumer, tpl) = crate::log_consumer(
+        s,
+        "registry log reader",
+        "registry",
         &s.topic_registry,
-        0,
-        if from == 0 {
-            Offset::Beginning
-        } else {
-            Offset::Offset(from)
-        },
-    )
-    .map_err(err)?;
-    consumer.assign(&tpl).map_err(err)?;
+        applied.load(Relaxed),
+    )?;
     while !stop.load(Relaxed) {
         let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
             crate::materialize::idle_pause(&consumer, &tpl, IDLE_PAUSE);
             continue;
         };
-        let msg = msg.map_err(err)?;
+        let msg = msg.map_err(|source| Error::Client {
+            what: "registry log reader",
+            source,
+        })?;
         if msg.offset() < applied.load(Relaxed) {
             continue;
         }

@@ -208,7 +208,28 @@ pub(crate) enum BreakKind {
     Size { writer: usize, reader: usize },
 }
 
-fn join(path: &str, field: &str) -> String {
+pub(crate) fn push(out: &mut Vec<Break>, path: &str, what: BreakKind) {
+    out.push(Break {
+        path: path.to_string(),
+        what,
+    });
+}
+
+fn type_break(w: &Schema, r: &Schema) -> BreakKind {
+    BreakKind::Type {
+        writer: type_name(w),
+        reader: type_name(r),
+    }
+}
+
+fn name_break(w: &apache_avro::schema::Name, r: &apache_avro::schema::Name) -> BreakKind {
+    BreakKind::Name {
+        writer: w.name().into(),
+        reader: r.name().into(),
+    }
+}
+
+pub(crate) fn join(path: &str, field: &str) -> String {
     if path.is_empty() {
         field.to_string()
     } else {
@@ -271,13 +292,7 @@ fn check<'a>(
             sub.is_empty()
         });
         if !fits {
-            out.push(Break {
-                path: path.to_string(),
-                what: BreakKind::Type {
-                    writer: type_name(w),
-                    reader: type_name(r),
-                },
-            });
+            push(out, path, type_break(w, r));
         }
         return;
     }
@@ -293,13 +308,7 @@ fn check<'a>(
         return;
     }
     if wk != rk {
-        out.push(Break {
-            path: path.to_string(),
-            what: BreakKind::Type {
-                writer: type_name(w),
-                reader: type_name(r),
-            },
-        });
+        push(out, path, type_break(w, r));
         return;
     }
     match (w, r) {
@@ -317,41 +326,27 @@ fn check<'a>(
         ),
         (Schema::Enum(a), Schema::Enum(b)) => {
             if !named_match(&a.name, &b.name, &alias_names(&b.aliases)) {
-                out.push(Break {
-                    path: path.to_string(),
-                    what: BreakKind::Name {
-                        writer: a.name.name().into(),
-                        reader: b.name.name().into(),
-                    },
-                });
+                push(out, path, name_break(&a.name, &b.name));
                 return;
             }
             if b.default.is_none() {
                 for s in a.symbols.iter().filter(|s| !b.symbols.contains(s)) {
-                    out.push(Break {
-                        path: path.to_string(),
-                        what: BreakKind::Symbol(s.clone()),
-                    });
+                    push(out, path, BreakKind::Symbol(s.clone()));
                 }
             }
         }
         (Schema::Fixed(a) | Schema::Duration(a), Schema::Fixed(b) | Schema::Duration(b)) => {
             if !named_match(&a.name, &b.name, &alias_names(&b.aliases)) {
-                out.push(Break {
-                    path: path.to_string(),
-                    what: BreakKind::Name {
-                        writer: a.name.name().into(),
-                        reader: b.name.name().into(),
-                    },
-                });
+                push(out, path, name_break(&a.name, &b.name));
             } else if a.size != b.size {
-                out.push(Break {
-                    path: path.to_string(),
-                    what: BreakKind::Size {
+                push(
+                    out,
+                    path,
+                    BreakKind::Size {
                         writer: a.size,
                         reader: b.size,
                     },
-                });
+                );
             }
         }
         (Schema::Record(a), Schema::Record(b)) => {
@@ -362,13 +357,7 @@ fn check<'a>(
             // The top level record's name is the subject's business (a
             // properties record renamed is still that event type's).
             if !path.is_empty() && !named_match(&a.name, &b.name, &alias_names(&b.aliases)) {
-                out.push(Break {
-                    path: path.to_string(),
-                    what: BreakKind::Name {
-                        writer: a.name.name().into(),
-                        reader: b.name.name().into(),
-                    },
-                });
+                push(out, path, name_break(&a.name, &b.name));
                 return;
             }
             seen.push(key);
@@ -382,10 +371,7 @@ fn check<'a>(
                 match wf {
                     Some(wf) => check(&wf.schema, &rf.schema, wn, rn, &p, out, seen),
                     None if rf.default.is_some() => {}
-                    None => out.push(Break {
-                        path: p,
-                        what: BreakKind::MissingNoDefault,
-                    }),
+                    None => push(out, &p, BreakKind::MissingNoDefault),
                 }
             }
             seen.pop();

@@ -11,7 +11,7 @@
 
 use serde_json::Value as Json;
 
-use crate::avro::{Break, BreakKind};
+use crate::avro::{Break, BreakKind, join, push};
 
 /// The JSON types a schema admits (None: any).
 fn types(s: &Json) -> Option<Vec<String>> {
@@ -45,14 +45,6 @@ fn closed(s: &Json) -> bool {
     s.get("additionalProperties") == Some(&Json::Bool(false))
 }
 
-fn join(path: &str, field: &str) -> String {
-    if path.is_empty() {
-        field.to_string()
-    } else {
-        format!("{path}.{field}")
-    }
-}
-
 /// Every reason `reader` does not admit what `writer` admits.
 pub(crate) fn breaks(writer: &Json, reader: &Json) -> Vec<Break> {
     let mut out = Vec::new();
@@ -75,13 +67,14 @@ fn check(w: &Json, r: &Json, path: &str, out: &mut Vec<Break>) {
             Some(wt) => wt.iter().all(|t| reads(t)),
         };
         if !fits {
-            out.push(Break {
-                path: path.to_string(),
-                what: BreakKind::Type {
+            push(
+                out,
+                path,
+                BreakKind::Type {
                     writer: type_label(&wt),
                     reader: type_label(&Some(rt.clone())),
                 },
-            });
+            );
             return;
         }
     }
@@ -89,19 +82,17 @@ fn check(w: &Json, r: &Json, path: &str, out: &mut Vec<Break>) {
         match w.get("enum").and_then(Json::as_array) {
             Some(we) => {
                 for v in we.iter().filter(|v| !re.contains(v)) {
-                    out.push(Break {
-                        path: path.to_string(),
-                        what: BreakKind::Symbol(v.to_string()),
-                    });
+                    push(out, path, BreakKind::Symbol(v.to_string()));
                 }
             }
-            None => out.push(Break {
-                path: path.to_string(),
-                what: BreakKind::Type {
+            None => push(
+                out,
+                path,
+                BreakKind::Type {
                     writer: type_label(&wt),
                     reader: "enum".into(),
                 },
-            }),
+            ),
         }
     }
     // Objects: property by property.
@@ -117,10 +108,7 @@ fn check(w: &Json, r: &Json, path: &str, out: &mut Vec<Break>) {
     let w_required = required(w);
     for name in required(r) {
         if !w_required.contains(&name) {
-            out.push(Break {
-                path: join(path, name),
-                what: BreakKind::MissingNoDefault,
-            });
+            push(out, &join(path, name), BreakKind::MissingNoDefault);
         }
     }
     // A property only the reader names: the writer's documents lack it
@@ -133,13 +121,14 @@ fn check(w: &Json, r: &Json, path: &str, out: &mut Vec<Break>) {
     }
     if closed(r) {
         for name in wp.keys().filter(|n| !rp.contains_key(*n)) {
-            out.push(Break {
-                path: join(path, name),
-                what: BreakKind::Type {
+            push(
+                out,
+                &join(path, name),
+                BreakKind::Type {
                     writer: type_label(&types(&wp[name])),
                     reader: "nothing (additionalProperties: false)".into(),
                 },
-            });
+            );
         }
     }
     if let (Some(wi), Some(ri)) = (w.get("items"), r.get("items")) {
