@@ -107,6 +107,71 @@ pub struct RuleState {
     /// is then the most urgent of them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub series: BTreeMap<String, RuleState>,
+    /// The last buckets judged, oldest first (at most [`JUDGED_KEEP`]):
+    /// what a correction of one of them is judged again against. Kept in
+    /// memory only.
+    #[serde(skip)]
+    pub judged: VecDeque<Judged>,
+}
+
+/// How many judged buckets of a series are kept for corrections.
+pub const JUDGED_KEEP: usize = 64;
+
+/// The state machine's counters: state, true run, false run.
+type Machine = (State, u32, u32);
+
+/// A move of the state machine that the history records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Move {
+    Pending,
+    Ok,
+    Firing,
+    Resolved,
+}
+
+/// One judged bucket, as it was judged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    pub bucket: Millis,
+    /// The value the rule saw (an empty counting bucket is 0).
+    pub value: Option<f64>,
+    pub cond: bool,
+    /// What an anomaly detector compared the value with (mean, standard
+    /// deviation); `None` for a threshold or a detector still learning.
+    basis: Option<(f64, f64)>,
+    /// The state machine before this bucket.
+    before: Machine,
+    /// Whether this bucket started (`Firing`) or ended (`Resolved`) an
+    /// episode: the notifications it made, silences aside.
+    made: Option<Move>,
+}
+
+/// The state machine over one bucket's condition: the counters after it,
+/// and the move it made.
+fn machine(rule: &Rule, (state, tr, fr): Machine, cond: bool) -> (Machine, Option<Move>) {
+    match (state, cond) {
+        (State::Ok | State::Pending, true) => {
+            let tr = tr + 1;
+            if tr >= rule.fire_after() {
+                ((State::Firing, tr, 0), Some(Move::Firing))
+            } else if state == State::Ok {
+                ((State::Pending, tr, 0), Some(Move::Pending))
+            } else {
+                ((state, tr, 0), None)
+            }
+        }
+        (State::Pending, false) => ((State::Ok, 0, fr), Some(Move::Ok)),
+        (State::Ok, false) => ((State::Ok, 0, fr), None),
+        (State::Firing, true) => ((State::Firing, tr, 0), None),
+        (State::Firing, false) => {
+            let fr = fr + 1;
+            if fr >= rule.resolve_after() {
+                ((State::Ok, 0, 0), Some(Move::Resolved))
+            } else {
+                ((State::Firing, tr, fr), None)
+            }
+        }
+    }
 }
 
 /// The labels of one series of a grouped rule, in `group_by` order.
@@ -141,11 +206,13 @@ pub struct HistoryEntry {
     pub rule_id: String,
     pub rule: String,
     pub tenant: String,
-    /// `state` (a transition) or `delivery` (a webhook outcome).
+    /// `state` (a transition), `delivery` (a webhook outcome) or
+    /// `correction` (a judged bucket changed: what it would have changed).
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-    /// ok, pending, firing or resolved (state); delivered, retrying, failed, dropped (delivery).
+    /// ok, pending, firing or resolved (state); delivered, retrying, failed, dropped (delivery);
+    /// would_fire, would_not_fire, would_resolve, would_not_resolve (correction).
     pub to: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
@@ -180,7 +247,7 @@ impl HistoryEntry {
         if let Some(f) = &self.from {
             o.insert("from".into(), json!(f));
         }
-        if self.kind == "state" {
+        if self.kind == "state" || self.kind == "correction" {
             o.insert("value".into(), json!(self.value));
         }
         if let Some(b) = self.bucket_start {
@@ -1145,57 +1212,239 @@ impl Engine {
         now: Millis,
         closed: Option<Instant>,
     ) -> usize {
+        let basis = basis(&rule.detector, st);
         let cond = judge(&rule.detector, st, v);
         st.last_value = v;
         st.last_bucket = Some(b);
         let g = rule.step();
         let mut queued = 0;
         let before = st.state;
-        match (st.state, cond) {
-            (State::Ok | State::Pending, true) => {
-                st.true_run += 1;
-                st.false_run = 0;
-                if st.true_run >= rule.fire_after() {
-                    st.state = State::Firing;
-                    st.episode_start = Some(b - (st.true_run as i64 - 1) * g);
-                    st.notified = !rule.silenced(now);
-                    self.transition(rule, labels, before, "firing", v, b, now);
-                    if st.notified {
-                        queued += self.notify(rule, labels, st, "firing", v, b, now, closed);
-                    }
-                } else if st.state == State::Ok {
-                    st.state = State::Pending;
-                    self.transition(rule, labels, before, "pending", v, b, now);
+        let was = (st.state, st.true_run, st.false_run);
+        let ((state, true_run, false_run), made) = machine(rule, was, cond);
+        (st.state, st.true_run, st.false_run) = (state, true_run, false_run);
+        match made {
+            Some(Move::Firing) => {
+                st.episode_start = Some(b - (st.true_run as i64 - 1) * g);
+                st.notified = !rule.silenced(now);
+                self.transition(rule, labels, before, "firing", v, b, now);
+                if st.notified {
+                    queued += self.notify(rule, labels, st, "firing", v, b, now, closed);
                 }
             }
-            (State::Pending, false) => {
-                st.true_run = 0;
-                st.state = State::Ok;
-                self.transition(rule, labels, before, "ok", v, b, now);
-            }
-            (State::Ok, false) => st.true_run = 0,
-            (State::Firing, true) => st.false_run = 0,
-            (State::Firing, false) => {
-                st.false_run += 1;
-                if st.false_run >= rule.resolve_after() {
-                    self.transition(rule, labels, before, "resolved", v, b, now);
-                    // An episode the receiver heard of is always closed for it,
-                    // even under a silence.
-                    if st.notified {
-                        queued += self.notify(rule, labels, st, "resolved", v, b, now, closed);
-                    }
-                    st.state = State::Ok;
-                    st.true_run = 0;
-                    st.false_run = 0;
-                    st.episode_start = None;
-                    st.notified = false;
+            Some(Move::Pending) => self.transition(rule, labels, before, "pending", v, b, now),
+            Some(Move::Ok) => self.transition(rule, labels, before, "ok", v, b, now),
+            Some(Move::Resolved) => {
+                self.transition(rule, labels, before, "resolved", v, b, now);
+                // An episode the receiver heard of is always closed for it,
+                // even under a silence.
+                if st.notified {
+                    queued += self.notify(rule, labels, st, "resolved", v, b, now, closed);
                 }
+                st.episode_start = None;
+                st.notified = false;
             }
+            None => {}
         }
         if st.state != before {
             st.since = Some(now);
         }
+        if st.judged.len() >= JUDGED_KEEP {
+            st.judged.pop_front();
+        }
+        st.judged.push_back(Judged {
+            bucket: b,
+            value: v,
+            cond,
+            basis,
+            before: was,
+            made: made.filter(|m| matches!(m, Move::Firing | Move::Resolved)),
+        });
         queued
+    }
+
+    /// Judges again the buckets that corrections changed after they were
+    /// judged: `corrected` lists (tenant, minute) of closed buckets whose
+    /// value changed (late events within the allowed lateness, a replay of
+    /// late events, a backfill). For each rule of those tenants, every
+    /// judged bucket whose value (or sliding window) covers such a minute
+    /// is read again; where its condition flips, the rule's run since that
+    /// bucket is replayed, and when the replay would have notified
+    /// differently (an episode fired or resolved, or not), a `correction`
+    /// entry in the history says so. Notifications are not sent or
+    /// withdrawn after the fact, and the live state goes on as it was.
+    /// Returns the number of history entries written.
+    pub fn rejudge(
+        &mut self,
+        corrected: &[(String, Millis)],
+        now: Millis,
+        values: ValuesFn<'_>,
+    ) -> usize {
+        if !self.evaluates() || corrected.is_empty() {
+            return 0;
+        }
+        let ids: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|(_, r)| !r.node_metric() && corrected.iter().any(|(t, _)| *t == r.tenant))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut written = 0;
+        for id in ids {
+            let (Some(rule), Some(mut st)) =
+                (self.rules.get(&id).cloned(), self.states.remove(&id))
+            else {
+                continue;
+            };
+            let g = rule.step();
+            let reach = rule.window_ms.unwrap_or(g).max(g) - g;
+            let judged_to = st.next_bucket.unwrap_or(Millis::MIN);
+            let mut buckets: Vec<Millis> = Vec::new();
+            for (t, m) in corrected {
+                if *t != rule.tenant {
+                    continue;
+                }
+                let last = align_down(*m, g);
+                let mut b = align_down(last - reach, g);
+                while b <= last {
+                    if b < judged_to {
+                        buckets.push(b);
+                    }
+                    b += g;
+                }
+            }
+            buckets.sort_unstable();
+            buckets.dedup();
+            if let (Some(&from), Some(&last)) = (buckets.first(), buckets.last()) {
+                let to = last + g;
+                if rule.group_by.is_empty() {
+                    let points: BTreeMap<Millis, Option<f64>> =
+                        dense(&rule, from, to, values).into_iter().collect();
+                    written += self.rejudge_series(&rule, &[], &mut st, &buckets, &points, now);
+                } else {
+                    let mut got: BTreeMap<String, BTreeMap<Millis, Option<f64>>> =
+                        dense_series(&rule, from, to, values)
+                            .into_iter()
+                            .map(|(l, p)| (labels_json(&l).to_string(), p.into_iter().collect()))
+                            .collect();
+                    let keys: Vec<String> = st.series.keys().cloned().collect();
+                    for key in keys {
+                        let labels = labels_of(&key, &rule.group_by);
+                        let points = got.remove(&key).unwrap_or_default();
+                        if let Some(sst) = st.series.get_mut(&key) {
+                            let mut sst = std::mem::take(sst);
+                            written += self
+                                .rejudge_series(&rule, &labels, &mut sst, &buckets, &points, now);
+                            st.series.insert(key, sst);
+                        }
+                    }
+                }
+            }
+            self.states.insert(id, st);
+        }
+        written
+    }
+
+    /// [`Engine::rejudge`] for one series: `points` holds the buckets'
+    /// values now (`None`: no events).
+    fn rejudge_series(
+        &mut self,
+        rule: &Rule,
+        labels: &[(String, Option<String>)],
+        st: &mut RuleState,
+        buckets: &[Millis],
+        points: &BTreeMap<Millis, Option<f64>>,
+        now: Millis,
+    ) -> usize {
+        let threshold = matches!(rule.detector, Detector::Threshold { .. });
+        let mut first_flip = None;
+        let mut changed: Vec<(Millis, Option<f64>, Option<f64>)> = Vec::new();
+        for (i, j) in st.judged.iter_mut().enumerate() {
+            if buckets.binary_search(&j.bucket).is_err() {
+                continue;
+            }
+            let raw = points.get(&j.bucket).copied().flatten();
+            let v = raw.or_else(|| {
+                (rule.zero_when_empty() && (threshold || j.value.is_some() || st.seen))
+                    .then_some(0.0)
+            });
+            if v == j.value {
+                continue;
+            }
+            let cond = v.is_some_and(|x| holds(&rule.detector, j.basis, x));
+            changed.push((j.bucket, j.value, v));
+            j.value = v;
+            if cond != j.cond {
+                j.cond = cond;
+                first_flip.get_or_insert(i);
+            }
+        }
+        let Some(i) = first_flip else {
+            return 0;
+        };
+        // The run from the first flipped bucket on, replayed with the
+        // conditions as they are now.
+        let mut m = st.judged[i].before;
+        // The first bucket whose move differs, and the move it had made.
+        let mut differs: Option<(usize, Option<Move>)> = None;
+        for (k, j) in st.judged.iter_mut().enumerate().skip(i) {
+            j.before = m;
+            let (next, made) = machine(rule, m, j.cond);
+            let made = made.filter(|x| matches!(x, Move::Firing | Move::Resolved));
+            if made != j.made && differs.is_none() {
+                differs = Some((k, j.made));
+            }
+            j.made = made;
+            m = next;
+        }
+        let Some((k, was)) = differs else {
+            return 0;
+        };
+        let (at, would, value) = (st.judged[k].bucket, st.judged[k].made, st.judged[k].value);
+        let to = match (was, would) {
+            (_, Some(Move::Firing)) => "would_fire",
+            (_, Some(Move::Resolved)) => "would_resolve",
+            (Some(Move::Firing), _) => "would_not_fire",
+            _ => "would_not_resolve",
+        };
+        let g = rule.step();
+        let fmt = |v: Option<f64>| v.map_or_else(|| "no value".to_string(), |x| format!("{x}"));
+        let values: Vec<String> = changed
+            .iter()
+            .map(|(b, old, new)| {
+                format!("{} from {} to {}", format_rfc3339(*b), fmt(*old), fmt(*new))
+            })
+            .collect();
+        let what = match to {
+            "would_fire" => "would have fired",
+            "would_resolve" => "would have resolved",
+            "would_not_fire" => "would not have fired",
+            _ => "would not have resolved",
+        };
+        let detail = format!(
+            "corrected after it was judged (late or replayed events): bucket {}; judged again, the rule {what} at the bucket starting {}. Notifications already sent stand and none is sent for the past; the live state goes on unchanged",
+            values.join(", bucket "),
+            format_rfc3339(at),
+        );
+        tracing::info!(rule = %rule.name, tenant = %rule.tenant, labels = ?labels, to, bucket = %format_rfc3339(at), "alert bucket corrected");
+        self.changed();
+        self.record(HistoryEntry {
+            at: now,
+            rule_id: rule.id.clone(),
+            rule: rule.name.clone(),
+            tenant: rule.tenant.clone(),
+            kind: "correction".into(),
+            from: None,
+            to: to.into(),
+            value,
+            bucket_start: Some(at),
+            bucket_end: Some(at + g),
+            dedupe_key: None,
+            target: None,
+            attempt: None,
+            detail: Some(detail),
+            labels: (!labels.is_empty()).then(|| labels_json(labels)),
+        });
+        1
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1381,6 +1630,7 @@ static DEFAULT_STATE: RuleState = RuleState {
     seen: false,
     start: None,
     series: BTreeMap::new(),
+    judged: VecDeque::new(),
 };
 
 fn delivery_entry(d: &Delivery, now: Millis, to: &str, detail: Option<String>) -> HistoryEntry {
@@ -1525,34 +1775,40 @@ fn learn(d: &Detector, st: &mut RuleState, x: f64) {
     }
 }
 
+/// What an anomaly detector compares the next value with: the mean and
+/// standard deviation it has learnt, once it has learnt its window.
+fn basis(d: &Detector, st: &RuleState) -> Option<(f64, f64)> {
+    match d {
+        Detector::Threshold { .. } => None,
+        Detector::Zscore { window, .. } => {
+            (st.window.len() >= *window as usize).then(|| mean_sd(&st.window))
+        }
+        Detector::Ewma { window, .. } => match st.ewma {
+            Some(e) if e.n >= *window => Some((e.mean, e.var.max(0.0).sqrt())),
+            _ => None,
+        },
+    }
+}
+
+/// Whether the condition holds for value `x`, given the detector's basis.
+fn holds(d: &Detector, basis: Option<(f64, f64)>, x: f64) -> bool {
+    match (d, basis) {
+        (Detector::Threshold { op, value }, _) => op.holds(x, *value),
+        (Detector::Zscore { z, direction, .. }, Some((mean, sd))) => {
+            deviates(*direction, x - mean, sd, *z)
+        }
+        (Detector::Ewma { k, direction, .. }, Some((mean, sd))) => {
+            deviates(*direction, x - mean, sd, *k)
+        }
+        _ => false,
+    }
+}
+
 /// Whether the condition holds for a bucket's value; anomaly detectors then
 /// learn the value.
 fn judge(d: &Detector, st: &mut RuleState, v: Option<f64>) -> bool {
     let Some(x) = v else { return false };
-    let cond = match d {
-        Detector::Threshold { op, value } => op.holds(x, *value),
-        Detector::Zscore {
-            window,
-            z,
-            direction,
-        } => {
-            st.window.len() >= *window as usize && {
-                let (mean, sd) = mean_sd(&st.window);
-                deviates(*direction, x - mean, sd, *z)
-            }
-        }
-        Detector::Ewma {
-            k,
-            window,
-            direction,
-            ..
-        } => match st.ewma {
-            Some(e) if e.n >= *window => {
-                deviates(*direction, x - e.mean, e.var.max(0.0).sqrt(), *k)
-            }
-            _ => false,
-        },
-    };
+    let cond = holds(d, basis(d, st), x);
     learn(d, st, x);
     cond
 }

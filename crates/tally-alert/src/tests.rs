@@ -1286,3 +1286,99 @@ fn a_grouped_rule_pages_once_per_label_combination_and_episode() {
             .any(|x| x.to == "firing" && x.labels == Some(json!({"country": "US"})))
     );
 }
+
+/// A bucket corrected after it was judged (late events, a replay) is
+/// judged again: when the correction would have changed a notification,
+/// the history says so, once, and nothing is sent for the past.
+#[test]
+fn a_corrected_bucket_is_judged_again_and_the_history_says_what_it_would_change() {
+    let (mut e, id) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 100}),
+        json!({}),
+    ));
+    let mut s = Series::of(&[Some(10.0), Some(90.0), Some(20.0), Some(131.0), Some(5.0)]);
+    assert_eq!(
+        run(&mut e, &s, 5),
+        vec![
+            got("firing", json!(131), 3, 3),
+            got("resolved", json!(5), 4, 3)
+        ]
+    );
+    let corrections = |e: &Engine| -> Vec<(String, i64, Option<f64>)> {
+        e.history("acme", Some(&id), 100)
+            .into_iter()
+            .filter(|h| h.kind == "correction")
+            .map(|h| (h.to.clone(), (h.bucket_start.unwrap() - T0) / M, h.value))
+            .collect()
+    };
+    let now = T0 + 10 * M;
+
+    // A value that changes and a condition that does not: nothing to say.
+    s.0.insert(T0 + 2 * M, 40.0);
+    assert_eq!(e.rejudge(&[("acme".into(), T0 + 2 * M)], now, &s), 0);
+    // Another tenant's correction is not this rule's.
+    s.0.insert(T0 + M, 150.0);
+    assert_eq!(e.rejudge(&[("other".into(), T0 + M)], now, &s), 0);
+
+    // Bucket 1 goes over the threshold: an episode the rule never had.
+    assert_eq!(e.rejudge(&[("acme".into(), T0 + M + 5_000)], now, &s), 1);
+    assert_eq!(corrections(&e), vec![("would_fire".into(), 1, Some(150.0))]);
+    let h = e.history("acme", Some(&id), 100);
+    let last = h.iter().rev().find(|h| h.kind == "correction").unwrap();
+    let detail = last.detail.as_deref().unwrap();
+    assert!(detail.contains("from 90 to 150"), "{detail}");
+    assert!(detail.contains("would have fired"), "{detail}");
+    assert!(drain(&mut e).is_empty(), "nothing is sent for the past");
+    assert_eq!(
+        e.rule(&id).unwrap().1.state,
+        State::Ok,
+        "the live state goes on"
+    );
+
+    // The same correction seen again says nothing new.
+    assert_eq!(e.rejudge(&[("acme".into(), T0 + M)], now, &s), 0);
+
+    // Bucket 3, the one that fired, falls under the threshold: judged
+    // against the corrected run (an episode from bucket 1 resolved at 2),
+    // it no longer starts one.
+    s.0.insert(T0 + 3 * M, 70.0);
+    assert_eq!(e.rejudge(&[("acme".into(), T0 + 3 * M)], now, &s), 1);
+    let c = corrections(&e);
+    assert_eq!(c.len(), 2);
+    assert!(
+        c.contains(&("would_not_fire".into(), 3, Some(70.0))),
+        "{c:?}"
+    );
+
+    // A bucket not judged yet is judged with its corrected value when it
+    // closes, not here.
+    s.0.insert(T0 + 7 * M, 500.0);
+    assert_eq!(e.rejudge(&[("acme".into(), T0 + 7 * M)], now, &s), 0);
+    assert!(drain(&mut e).is_empty());
+}
+
+/// For a series that fires only after several true buckets (`for`), a
+/// correction that breaks the run moves the episode, which the history
+/// tells as the firing that would not have happened.
+#[test]
+fn a_correction_that_breaks_a_for_run_is_told() {
+    let (mut e, id) = engine_with(rule(
+        json!({"kind": "threshold", "op": ">", "value": 100}),
+        json!({"for": "2m"}),
+    ));
+    let mut s = Series::of(&[Some(120.0), Some(130.0), Some(140.0), Some(10.0)]);
+    assert_eq!(
+        run(&mut e, &s, 4),
+        vec![
+            got("firing", json!(130), 1, 0),
+            got("resolved", json!(10), 3, 0)
+        ]
+    );
+    s.0.insert(T0, 50.0);
+    assert_eq!(e.rejudge(&[("acme".into(), T0)], T0 + 10 * M, &s), 1);
+    let h = e.history("acme", Some(&id), 100);
+    let c = h.iter().find(|h| h.kind == "correction").unwrap();
+    assert_eq!(c.to, "would_not_fire");
+    assert_eq!(c.bucket_start, Some(T0 + M));
+    assert_eq!(c.to_json()["kind"], json!("correction"));
+}

@@ -556,3 +556,82 @@ async fn email_targets_are_sent_through_smtp_once() {
     server.stop().await.unwrap();
     let _ = sink.kill().await;
 }
+
+/// A closed bucket corrected after the rule judged it — here by replaying
+/// late events into it — is judged again: the history tells that the
+/// correction would have fired the rule a bucket earlier, and nothing is
+/// sent for the past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_that_would_have_fired_is_told_in_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Hook::start(0).await;
+    let server = start_server(dir.path(), |cfg| {
+        tweak(cfg);
+        cfg.stream.allowed_lateness = "30s".into();
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+    let rule = json!({"name": "errors", "metric": "count", "event_type": ["error"],
+        "granularity": "1m", "detector": {"kind": "threshold", "op": ">", "value": 5},
+        "for": "1m", "resolve_after": "1m", "notify": [{"webhook": hook.url}]});
+    let (code, created) = create_rule(&c, &base, &rule).await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+
+    // Minute 0: 4 errors (quiet); minute 1: 8 (fires); minute 2: none
+    // (resolves); the watermark ends in minute 3.
+    let mut evs: Vec<Value> = (0..4)
+        .map(|i| ev(&format!("a{i}"), "error", T0 + 1000 * i))
+        .collect();
+    evs.extend((0..8).map(|i| ev(&format!("b{i}"), "error", T0 + M + 1000 * i)));
+    evs.push(ev("tick", "info", T0 + 3 * M + 30_000));
+    send(&c, &base, evs).await;
+    let calls = hook.wait_ok(2, Duration::from_secs(20)).await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+
+    // Three more errors of minute 0, minutes too late: to the late DLQ,
+    // then replayed into their closed bucket (4 + 3 = 7 > 5).
+    send(
+        &c,
+        &base,
+        (0..3)
+            .map(|i| ev(&format!("late{i}"), "error", T0 + 10_000 + 1000 * i))
+            .collect(),
+    )
+    .await;
+    let r = c
+        .post(format!("{base}/api/v1/dlq/replay?kind=late&tenant=acme"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+
+    let mut told = None;
+    for _ in 0..200 {
+        let h = get(&c, format!("{base}/api/v1/alerts/history?tenant=acme")).await;
+        told = h["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["kind"] == "correction")
+            .cloned();
+        if told.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let told = told.expect("a correction entry in the alert history");
+    assert_eq!(told["rule_id"], json!(id), "{told}");
+    assert_eq!(told["to"], "would_fire", "{told}");
+    assert_eq!(told["bucket_start"], "2026-11-01T12:00:00Z", "{told}");
+    assert_eq!(told["value"].as_f64(), Some(7.0), "{told}");
+    let detail = told["detail"].as_str().unwrap();
+    assert!(detail.contains("from 4 to 7"), "{detail}");
+
+    // Nothing is sent for the past, and the rule is at rest.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hook.calls.lock().len(), 2);
+    let rules = get(&c, format!("{base}/api/v1/alerts?tenant=acme")).await;
+    assert_eq!(rules["alerts"][0]["state"], "ok", "{rules}");
+}

@@ -1112,6 +1112,9 @@ fn alert_loop(
     let mut open = true;
     // Kafka mode: changes not yet taken by the alert log.
     let mut unsent: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+    // Corrections of closed buckets seen so far: those after it are judged
+    // again by the rules that judged them.
+    let mut corrections_seen = shared.store.read().version();
     while open {
         let mut closed = None;
         match rx.recv_timeout(Duration::from_millis(250)) {
@@ -1150,6 +1153,23 @@ fn alert_loop(
             Some(closed.unwrap_or_else(Instant::now)),
             &source,
         );
+        let corrected: Vec<(String, i64)> = {
+            let store = shared.store.read();
+            let changes = store.all_changes_since(corrections_seen, 100_000);
+            if let Some(c) = changes.last() {
+                corrections_seen = c.version;
+            }
+            let mut keys: Vec<(String, i64)> = changes
+                .iter()
+                .map(|c| (c.tenant.to_string(), c.minute))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys
+        };
+        if !corrected.is_empty() {
+            engine.rejudge(&corrected, now, &source);
+        }
         *shared.alert_closed.lock() = through;
         if let Some(k) = shared.kafka.as_ref() {
             // The outbox is published before the delivery task sees it,

@@ -1008,6 +1008,13 @@ impl RollupStore {
         (out, complete)
     }
 
+    /// Every tenant's changes of closed buckets after version `since`,
+    /// oldest first, at most `limit` (what alert rules judge again).
+    pub fn all_changes_since(&self, since: u64, limit: usize) -> Vec<&Change> {
+        let from = self.change_log.partition_point(|c| c.version <= since);
+        self.change_log.range(from..).take(limit).collect()
+    }
+
     /// The store's version: what a cache entry computed now is stamped with.
     pub fn version(&self) -> u64 {
         self.version
