@@ -143,6 +143,11 @@ struct GenArgs {
     /// The topic for --kafka.
     #[arg(long, default_value = "user_events", requires = "kafka")]
     topic: String,
+    /// With --kafka: several events per message (NDJSON, grouped by the
+    /// partition each event's key goes to), as Tally's own HTTP ingest
+    /// produces them; without it, one event per message.
+    #[arg(long, requires = "kafka")]
+    grouped: bool,
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Events per request.
@@ -729,8 +734,9 @@ async fn gen_cmd(a: GenArgs) -> Result<()> {
 }
 
 /// `gen --kafka`: every line (malformed ones too) is one message of the
-/// topic, keyed as Tally's own ingest keys events; waits for the broker's
-/// acknowledgement of every batch.
+/// topic, keyed as Tally's own ingest keys events (or, with `--grouped`,
+/// the lines bound for one partition share messages); waits for the
+/// broker's acknowledgement of every batch.
 fn gen_kafka(a: &GenArgs, g: &mut Generator, brokers: &str) -> Result<()> {
     let settings = tally_kafka::Settings {
         brokers: brokers.to_string(),
@@ -777,12 +783,14 @@ fn gen_kafka(a: &GenArgs, g: &mut Generator, brokers: &str) -> Result<()> {
         }
         left -= n;
         let tx = tx.clone();
-        producer.send(
-            batch,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
+        let done: tally_kafka::produce::Done = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if a.grouped {
+            producer.send_grouped(batch, done);
+        } else {
+            producer.send(batch, done);
+        }
         in_flight += 1;
         // Keep a few batches in flight, not the whole run.
         while in_flight > 8 {

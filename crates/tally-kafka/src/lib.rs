@@ -40,7 +40,9 @@ use rdkafka::types::RDKafkaErrorCode;
 use tally_store::RollupStore;
 
 pub use materialize::Materialized;
-pub use produce::{EventProducer, OutEvent, ProduceStats, event_key, events_of_batch};
+pub use produce::{
+    EventProducer, GROUP_BYTES, OutEvent, Partitioner, ProduceStats, event_key, events_of_batch,
+};
 pub use worker::{Hooks, PartStatus, WorkerStats};
 
 /// Message header that marks a backfill (history judged by the tenant's

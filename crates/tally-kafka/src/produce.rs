@@ -91,6 +91,89 @@ pub struct EventProducer {
     producer: ThreadedProducer<Ctx>,
     topic: String,
     stats: Arc<ProduceStats>,
+    /// How the configured partitioner places a key, when we can follow it.
+    placement: Option<Partitioner>,
+    /// The events topic's partition count (0: unknown) and when it was
+    /// last asked for.
+    partitions: Mutex<(u32, Option<Instant>)>,
+}
+
+/// The largest value of a grouped message: well under the brokers'
+/// default `max.message.bytes` (1 MB).
+pub const GROUP_BYTES: usize = 256 * 1024;
+
+/// How often the events topic's partition count is asked for again.
+const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
+
+/// librdkafka's key partitioners (the `partitioner` setting), computed
+/// here so that a group of events can be sent as one message to the
+/// partition each of its keys would have gone to on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioner {
+    /// `consistent_random` (librdkafka's default) and `consistent`: CRC-32.
+    Crc32,
+    /// `murmur2_random` and `murmur2`: the Java client's default.
+    Murmur2,
+    /// `fnv1a_random` and `fnv1a`.
+    Fnv1a,
+}
+
+impl Partitioner {
+    /// The partitioner a `partitioner` setting names (librdkafka's default
+    /// when `None`); `None` for one that does not place by key (`random`)
+    /// or that we do not know.
+    pub fn from_setting(name: Option<&str>) -> Option<Partitioner> {
+        match name.unwrap_or("consistent_random") {
+            "consistent" | "consistent_random" => Some(Partitioner::Crc32),
+            "murmur2" | "murmur2_random" => Some(Partitioner::Murmur2),
+            "fnv1a" | "fnv1a_random" => Some(Partitioner::Fnv1a),
+            _ => None,
+        }
+    }
+
+    /// The partition (of `n`) a non-empty `key` goes to.
+    pub fn partition(self, key: &[u8], n: u32) -> u32 {
+        let n = n.max(1);
+        match self {
+            Partitioner::Crc32 => crc32fast::hash(key) % n,
+            Partitioner::Murmur2 => (murmur2(key) & 0x7fff_ffff) % n,
+            Partitioner::Fnv1a => fnv1a(key) % n,
+        }
+    }
+}
+
+/// Kafka's murmur2 (the Java client's `Utils.murmur2`, librdkafka's
+/// `rd_murmur2`).
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    if !tail.is_empty() {
+        for (i, b) in tail.iter().enumerate().rev() {
+            h ^= (*b as u32) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
+}
+
+/// 32-bit FNV-1a as librdkafka's `rd_fnv1a` has it: the absolute value
+/// of the hash read as a signed number (Sarama's hash partitioner).
+fn fnv1a(data: &[u8]) -> u32 {
+    let h = data.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ *b as u32).wrapping_mul(0x0100_0193)
+    });
+    (h as i32).wrapping_abs() as u32
 }
 
 impl EventProducer {
@@ -112,11 +195,81 @@ impl EventProducer {
                 what: "ingest producer",
                 source,
             })?;
+        let setting = s
+            .client
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "partitioner")
+            .map(|(_, v)| v.as_str());
         Ok(EventProducer {
             producer,
             topic: s.topic_events.clone(),
             stats,
+            placement: Partitioner::from_setting(setting),
+            partitions: Mutex::new((0, None)),
         })
+    }
+
+    /// The events topic's partition count, asked of the brokers at most
+    /// every [`PARTITIONS_EVERY`]; 0 while unknown.
+    fn partition_count(&self) -> u32 {
+        let mut p = self.partitions.lock();
+        if p.1.is_none_or(|at| at.elapsed() >= PARTITIONS_EVERY) {
+            p.1 = Some(Instant::now());
+            if let Ok(md) = self
+                .producer
+                .client()
+                .fetch_metadata(Some(&self.topic), Duration::from_secs(1))
+            {
+                let n = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == self.topic)
+                    .map_or(0, |t| t.partitions().len() as u32);
+                if n > 0 {
+                    p.0 = n;
+                }
+            }
+        }
+        p.0
+    }
+
+    /// Produces `events` to the events topic as few messages: the events
+    /// bound for one partition (where each one's key would have sent it
+    /// alone) become NDJSON messages of up to [`GROUP_BYTES`]. A message
+    /// costs the producer, the brokers and every consumer far more than
+    /// the bytes of one more line in it. Falls back to one message per
+    /// event while the partition count is unknown or the configured
+    /// partitioner does not place by key. `done` as for
+    /// [`EventProducer::send`].
+    pub fn send_grouped(&self, events: Vec<OutEvent>, done: Done) {
+        let n = self.partition_count();
+        let Some(placement) = self.placement.filter(|_| n > 0 && events.len() > 1) else {
+            return self.send(events, done);
+        };
+        let mut groups: Vec<Vec<OutEvent>> = (0..n).map(|_| Vec::new()).collect();
+        for ev in events {
+            let p = placement.partition(&ev.key, n) as usize;
+            let (backfill, correction) = (ev.backfill, ev.correction);
+            let g = &mut groups[p];
+            match g.last_mut() {
+                Some(last)
+                    if last.value.len() + 1 + ev.value.len() <= GROUP_BYTES
+                        && (last.backfill, last.correction) == (backfill, correction) =>
+                {
+                    last.value.push(b'\n');
+                    last.value.extend_from_slice(&ev.value);
+                }
+                _ => g.push(ev),
+            }
+        }
+        let messages: Vec<(i32, OutEvent)> = groups
+            .into_iter()
+            .enumerate()
+            .flat_map(|(p, g)| g.into_iter().map(move |m| (p as i32, m)))
+            .collect();
+        let topic = self.topic.clone();
+        self.produce(&topic, messages, done)
     }
 
     pub fn stats(&self) -> &Arc<ProduceStats> {
@@ -133,6 +286,13 @@ impl EventProducer {
 
     /// As [`EventProducer::send`], to another topic.
     pub fn send_to(&self, topic: &str, events: Vec<OutEvent>, done: Done) {
+        let placed = events.into_iter().map(|e| (-1, e)).collect();
+        self.produce(topic, placed, done)
+    }
+
+    /// Produces each event to its partition (`-1`: the partitioner's
+    /// choice for its key).
+    fn produce(&self, topic: &str, events: Vec<(i32, OutEvent)>, done: Done) {
         if events.is_empty() {
             done(Ok(()));
             return;
@@ -142,10 +302,13 @@ impl EventProducer {
             error: Mutex::new(None),
             done: Mutex::new(Some(done)),
         });
-        for ev in &events {
+        for (partition, ev) in &events {
             let mut rec = BaseRecord::with_opaque_to(topic, pending.clone())
                 .key(&ev.key[..])
                 .payload(&ev.value[..]);
+            if *partition >= 0 {
+                rec = rec.partition(*partition);
+            }
             if ev.backfill || ev.correction {
                 let key = if ev.correction {
                     CORRECTION_HEADER

@@ -556,6 +556,13 @@ fn client_err(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Records behind a partition's end past which the worker works through a
+/// backlog: freshness is lost anyway, so it commits every
+/// [`BACKLOG_COMMIT_INTERVAL`] (when longer than the configured interval)
+/// and spends less of its time waiting for commits.
+const BACKLOG_RECORDS: u64 = 20_000;
+const BACKLOG_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long a caught-up worker stops fetching (added to freshness at most).
 const IDLE_PAUSE: Duration = Duration::from_millis(10);
 
@@ -676,6 +683,7 @@ impl Session<'_> {
         let mut last_commit = Instant::now();
         let mut last_lag = Instant::now();
         let mut polls = 0u32;
+        let mut interval = self.settings.commit_interval;
         while !stop.load(Relaxed) {
             let polled = consumer.poll(Duration::from_millis(20));
             self.rebalanced(consumer)?;
@@ -704,12 +712,17 @@ impl Session<'_> {
             }
             polls = 0;
             let now = Instant::now();
-            if now.duration_since(last_commit) >= self.settings.commit_interval {
+            if now.duration_since(last_commit) >= interval {
                 self.commit(consumer)?;
                 last_commit = Instant::now();
             }
             if now.duration_since(last_lag) >= Duration::from_secs(1) {
-                self.refresh_lag(consumer);
+                let behind = self.refresh_lag(consumer);
+                interval = if behind > BACKLOG_RECORDS {
+                    self.settings.commit_interval.max(BACKLOG_COMMIT_INTERVAL)
+                } else {
+                    self.settings.commit_interval
+                };
                 last_lag = Instant::now();
             }
             self.producer.poll(Duration::ZERO);
@@ -1272,24 +1285,39 @@ impl Session<'_> {
     }
 
     /// Lag per owned partition: records behind the partition's end, and
-    /// how old the last handled message is while behind.
-    fn refresh_lag(&mut self, consumer: &BaseConsumer<Ctx>) {
+    /// how old the last handled message is while behind. Answers the
+    /// largest lag in records.
+    fn refresh_lag(&mut self, consumer: &BaseConsumer<Ctx>) -> u64 {
+        let mut most = 0;
         let now = (self.hooks.now_ms)();
         let topic = &self.settings.topic_events;
+        // Asked of the brokers before the status lock is taken, so a
+        // status request never waits for them.
+        let ends: Vec<(u32, u64)> = self
+            .parts
+            .iter()
+            .map(|(id, part)| {
+                let end = consumer
+                    .fetch_watermarks(topic, *id as i32, Duration::from_millis(500))
+                    .map(|(_, hi)| hi.max(0) as u64)
+                    .unwrap_or(part.next_offset);
+                (*id, end)
+            })
+            .collect();
         let mut st = self.stats.parts.lock();
-        for (id, part) in &self.parts {
-            let end = consumer
-                .fetch_watermarks(topic, *id as i32, Duration::from_millis(500))
-                .map(|(_, hi)| hi.max(0) as u64)
-                .unwrap_or(part.next_offset);
+        for (id, end) in ends {
+            let Some(part) = self.parts.get(&id) else {
+                continue;
+            };
             let lag = end.saturating_sub(part.next_offset);
+            most = most.max(lag);
             let secs = if lag > 0 && part.last_ts > Millis::MIN {
                 (now - part.last_ts).max(0) as f64 / 1000.0
             } else {
                 0.0
             };
             st.insert(
-                *id,
+                id,
                 PartStatus {
                     next_offset: part.next_offset,
                     end_offset: end,
@@ -1299,6 +1327,7 @@ impl Session<'_> {
                 },
             );
         }
+        most
     }
 }
 

@@ -477,7 +477,7 @@ fn ingest_loop(
             let _ = done.send(Err("shutting down".into()));
             continue;
         };
-        n.producer().send(
+        n.producer().send_grouped(
             events,
             Box::new(move |r| {
                 tel.inflight_bytes.fetch_sub(bytes, Relaxed);
