@@ -152,3 +152,138 @@ async fn changes_list_exactly_the_closed_buckets_that_changed() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("since"));
 }
+
+/// An event of `user` (with `session`, if any) at `ts`.
+fn user_ev(id: &str, user: &str, session: Option<&str>, ts: i64) -> Value {
+    let mut e = json!({"event_id": id, "event_type": "page_view", "timestamp": ts,
+        "user_id": user, "tenant": "acme", "properties": {"page": format!("/p/{id}")}});
+    if let Some(s) = session {
+        e["session_id"] = json!(s);
+    }
+    e
+}
+
+/// Sessions corrected after they closed are listed too: a late event that
+/// joins two of a user's sessions lists the first one grown and the
+/// second replaced by it; one that extends an explicit session lists it
+/// with its old and new value; one into a session still open lists
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_sessions_that_a_late_event_extends_or_merges_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), |cfg| {
+        cfg.stream.watermark_bound = "5s".into();
+        cfg.stream.allowed_lateness = "3h".into();
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+    let applied = |n| tally_server::http::wait_applied(&server.shared, n, Duration::from_secs(20));
+
+    // u1 (no session ids): sessions at 0–5m and 50–55m (45 minutes apart);
+    // u2: session s9 at 10–12m; u3 at 2h moves the watermark past them.
+    // One request each, in time order: none of them is applied behind
+    // the watermark (the events of one request may be spread over log
+    // partitions and applied partition by partition).
+    let first = vec![
+        user_ev("a1", "u1", None, T0),
+        user_ev("a2", "u1", None, T0 + 5 * M),
+        user_ev("s1", "u2", Some("s9"), T0 + 10 * M),
+        user_ev("s2", "u2", Some("s9"), T0 + 12 * M),
+        user_ev("b1", "u1", None, T0 + 50 * M),
+        user_ev("b2", "u1", None, T0 + 55 * M),
+        user_ev("w1", "u3", None, T0 + 120 * M),
+    ];
+    for e in &first {
+        send(&c, &base, std::slice::from_ref(e)).await;
+    }
+    assert!(applied(7).await);
+    let v0 = get(&c, format!("{base}/api/v1/changes?since=0&tenant=acme")).await["version"]
+        .as_u64()
+        .unwrap();
+
+    // 27m joins u1's two sessions (22 and 23 minutes from them); 20m
+    // extends s9; 1h59m extends u3's session, which is still open.
+    send(
+        &c,
+        &base,
+        &[
+            user_ev("late1", "u1", None, T0 + 27 * M),
+            user_ev("late2", "u2", Some("s9"), T0 + 20 * M),
+            user_ev("late3", "u3", None, T0 + 119 * M),
+        ],
+    )
+    .await;
+    assert!(applied(10).await);
+    let sessions = |v: &Value| -> Vec<Value> {
+        v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["kind"] == "session")
+            .cloned()
+            .collect()
+    };
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        got = sessions(&get(&c, format!("{base}/api/v1/changes?since={v0}&tenant=acme")).await);
+        if got.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = |c: &Value| c["key"]["session_id"].as_str().unwrap().to_string();
+    let events = |s: &Value| s["events"].as_u64();
+    let u1_first = format!("u1:{T0}");
+    let u1_second = format!("u1:{}", T0 + 50 * M);
+    let by_id = |want: &str| {
+        got.iter()
+            .find(|c| id(c) == want)
+            .unwrap_or_else(|| panic!("no change of {want}: {got:?}"))
+            .clone()
+    };
+    assert_eq!(got.len(), 3, "{got:#?}");
+    let merged = by_id(&u1_first);
+    assert_eq!(merged["key"]["user_id"], "u1");
+    assert_eq!(
+        (events(&merged["old"]), events(&merged["new"])),
+        (Some(2), Some(5)),
+        "{merged}"
+    );
+    assert_eq!(merged["new"]["end"], "2026-11-01T12:55:00Z", "{merged}");
+    assert_eq!(merged["new"]["last_page"], "/p/b2", "{merged}");
+    let gone = by_id(&u1_second);
+    assert_eq!(events(&gone["old"]), Some(2), "{gone}");
+    assert!(gone["new"].is_null(), "{gone}");
+    assert_eq!(gone["replaced_by"], json!(u1_first), "{gone}");
+    let s9 = by_id("s9");
+    assert_eq!(
+        (events(&s9["old"]), events(&s9["new"])),
+        (Some(2), Some(3)),
+        "{s9}"
+    );
+    assert_eq!(s9["new"]["duration_ms"], json!(10 * M), "{s9}");
+
+    // The sessions answer shows the merged session.
+    let s = get(
+        &c,
+        format!(
+            "{base}/api/v1/sessions?tenant=acme&user_id=u1&start={}&end={}",
+            T0 - M,
+            T0 + 3 * 60 * M
+        ),
+    )
+    .await;
+    let spans: Vec<(String, u64)> = s["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["session_id"].as_str().unwrap().to_string(),
+                x["events"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(spans, vec![(u1_first.clone(), 5)], "{s}");
+}

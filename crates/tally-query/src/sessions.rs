@@ -92,6 +92,7 @@ impl SessionRow {
 pub const SESSION_MARGIN_MS: Millis = 6 * 3_600_000;
 
 /// One event as sessions see it.
+#[derive(Clone)]
 struct Ev {
     ts: Millis,
     event_type: String,
@@ -142,45 +143,234 @@ pub(crate) async fn compute(
     .build()?;
     let plan = state.create_physical_plan(&plan).await?;
     let mut stream = execute_stream(plan, state.task_ctx())?;
-    // Explicit sessions by id; anonymous ones by user (sorted later).
-    let mut by_id: HashMap<String, SessionRow> = HashMap::new();
-    let mut anon: HashMap<Option<String>, Vec<Ev>> = HashMap::new();
-    while let Some(b) = stream.next().await {
-        let b = b?;
-        let users = b.column(0).as_string::<i32>();
-        let sids = b.column(1).as_string::<i32>();
-        let tss = b.column(2).as_primitive::<TimestampMillisecondType>();
-        let types = b.column(3).as_string::<i32>();
-        let pages = b.column(4).as_string::<i32>();
-        for i in 0..b.num_rows() {
-            let e = Ev {
-                ts: tss.value(i),
-                event_type: types.value(i).to_string(),
-                page: (!pages.is_null(i)).then(|| pages.value(i).to_string()),
-            };
-            let user = (!users.is_null(i)).then(|| users.value(i));
-            if sids.is_null(i) || sids.value(i).is_empty() {
-                anon.entry(user.map(str::to_string)).or_default().push(e);
-                continue;
-            }
-            let s = by_id
-                .entry(sids.value(i).to_string())
-                .or_insert_with(|| SessionRow::new(sids.value(i).to_string(), false, user, e.ts));
-            s.add(&e);
-            if s.user_id.is_none() {
-                s.user_id = user.map(str::to_string);
-            }
+    let mut b = Builder::default();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let cols = Cols::of(&batch);
+        for i in 0..batch.num_rows() {
+            let (user, sid, e) = cols.row(i);
+            b.push(user, sid, e);
         }
     }
-    let mut out: Vec<SessionRow> = by_id.into_values().collect();
-    for (user, mut evs) in anon {
-        evs.sort_by_key(|e| e.ts);
-        out.extend(split(user.as_deref(), &evs, gap_ms));
+    Ok(b.finish(gap_ms))
+}
+
+/// The columns of a scanned batch: user, session, time, type, page (and
+/// event id when projected).
+struct Cols<'a> {
+    users: &'a arrow::array::StringArray,
+    sids: &'a arrow::array::StringArray,
+    tss: &'a arrow::array::PrimitiveArray<TimestampMillisecondType>,
+    types: &'a arrow::array::StringArray,
+    pages: &'a arrow::array::StringArray,
+}
+
+impl<'a> Cols<'a> {
+    fn of(b: &'a arrow::record_batch::RecordBatch) -> Cols<'a> {
+        Cols {
+            users: b.column(0).as_string::<i32>(),
+            sids: b.column(1).as_string::<i32>(),
+            tss: b.column(2).as_primitive::<TimestampMillisecondType>(),
+            types: b.column(3).as_string::<i32>(),
+            pages: b.column(4).as_string::<i32>(),
+        }
     }
-    out.sort_by(|a, b| {
-        (a.start, &a.user_id, &a.session_id).cmp(&(b.start, &b.user_id, &b.session_id))
-    });
-    Ok(out)
+
+    fn row(&self, i: usize) -> (Option<&'a str>, Option<&'a str>, Ev) {
+        let e = Ev {
+            ts: self.tss.value(i),
+            event_type: self.types.value(i).to_string(),
+            page: (!self.pages.is_null(i)).then(|| self.pages.value(i).to_string()),
+        };
+        let user = (!self.users.is_null(i)).then(|| self.users.value(i));
+        let sid =
+            (!self.sids.is_null(i) && !self.sids.value(i).is_empty()).then(|| self.sids.value(i));
+        (user, sid, e)
+    }
+}
+
+/// Sessions built from events given in any order: explicit ones by id,
+/// anonymous ones per user, split by the gap when finished.
+#[derive(Default)]
+struct Builder {
+    by_id: HashMap<String, SessionRow>,
+    anon: HashMap<Option<String>, Vec<Ev>>,
+}
+
+impl Builder {
+    fn push(&mut self, user: Option<&str>, sid: Option<&str>, e: Ev) {
+        let Some(sid) = sid else {
+            self.anon
+                .entry(user.map(str::to_string))
+                .or_default()
+                .push(e);
+            return;
+        };
+        let s = self
+            .by_id
+            .entry(sid.to_string())
+            .or_insert_with(|| SessionRow::new(sid.to_string(), false, user, e.ts));
+        s.add(&e);
+        if s.user_id.is_none() {
+            s.user_id = user.map(str::to_string);
+        }
+    }
+
+    /// Every session, by start.
+    fn finish(self, gap_ms: Millis) -> Vec<SessionRow> {
+        let mut out: Vec<SessionRow> = self.by_id.into_values().collect();
+        for (user, mut evs) in self.anon {
+            evs.sort_by_key(|e| e.ts);
+            out.extend(split(user.as_deref(), &evs, gap_ms));
+        }
+        out.sort_by(|a, b| {
+            (a.start, &a.user_id, &a.session_id).cmp(&(b.start, &b.user_id, &b.session_id))
+        });
+        out
+    }
+}
+
+/// The sessions of one explicit session id, or of one user's events
+/// without a session id, in `[from, to)`: before a set of events was
+/// applied (`exclude`, by event id) and now, and how many of those events
+/// the scan saw (fewer than asked: not all visible yet).
+pub(crate) async fn compute_pair(
+    state: &dyn Session,
+    events: Arc<dyn TableProvider>,
+    key: &SessionKey,
+    from: Millis,
+    to: Millis,
+    gap_ms: Millis,
+    exclude: &std::collections::HashSet<String>,
+) -> Result<(Vec<SessionRow>, Vec<SessionRow>, usize), DataFusionError> {
+    let ts = crate::provider::ts_lit;
+    let mut filter = col("ts").gt_eq(ts(from)).and(col("ts").lt(ts(to)));
+    filter = match key {
+        SessionKey::Session(sid) => filter.and(col("session_id").eq(lit(sid.as_str()))),
+        SessionKey::User(u) => filter.and(col("user_id").eq(lit(u.as_str()))).and(
+            col("session_id")
+                .is_null()
+                .or(col("session_id").eq(lit(""))),
+        ),
+    };
+    let page = crate::udf::json_udfs()
+        .into_iter()
+        .find(|f| f.name() == "json_get_str")
+        .ok_or_else(|| DataFusionError::Internal("json_get_str is missing".into()))?
+        .call(vec![col("properties"), lit("page")]);
+    let plan = LogicalPlanBuilder::scan(
+        "events",
+        datafusion::datasource::provider_as_source(events),
+        None,
+    )?
+    .filter(filter)?
+    .project(vec![
+        col("user_id"),
+        col("session_id"),
+        col("ts"),
+        col("event_type"),
+        page.alias("page"),
+        col("event_id"),
+    ])?
+    .build()?;
+    let plan = state.create_physical_plan(&plan).await?;
+    let mut stream = execute_stream(plan, state.task_ctx())?;
+    let (mut before, mut after) = (Builder::default(), Builder::default());
+    let mut seen = std::collections::HashSet::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let cols = Cols::of(&batch);
+        let ids = batch.column(5).as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            let (user, sid, e) = cols.row(i);
+            let id = ids.value(i);
+            if exclude.contains(id) {
+                seen.insert(id.to_string());
+            } else {
+                before.push(user, sid, e.clone());
+            }
+            after.push(user, sid, e);
+        }
+    }
+    Ok((before.finish(gap_ms), after.finish(gap_ms), seen.len()))
+}
+
+/// Whose sessions a correction is looked for in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SessionKey {
+    /// The events with this `session_id`.
+    Session(String),
+    /// This user's events without a `session_id`.
+    User(String),
+}
+
+/// What a correction changed in one key's sessions: each session of
+/// `after` that is not in `before` (extended, merged, or new), with the
+/// session of the same id before; and each session of `before` that a
+/// changed one swallowed under another id (`new` is `None`). Only
+/// sessions that were closed count (`closed_to`: a session whose last
+/// event is at or before it had ended by the gap when the events came):
+/// a session still open grows, it is not corrected.
+pub fn session_changes(
+    before: &[SessionRow],
+    after: &[SessionRow],
+    closed_to: Millis,
+) -> Vec<SessionCorrection> {
+    let mut out = Vec::new();
+    for n in after.iter().filter(|n| !before.contains(n)) {
+        // The sessions before that are part of it.
+        let parts: Vec<&SessionRow> = before
+            .iter()
+            .filter(|b| {
+                if n.derived {
+                    b.derived && b.user_id == n.user_id && b.start >= n.start && b.end <= n.end
+                } else {
+                    b.session_id == n.session_id
+                }
+            })
+            .collect();
+        let closed = if parts.is_empty() {
+            n.end <= closed_to
+        } else {
+            parts.iter().any(|p| p.end <= closed_to)
+        };
+        if !closed {
+            continue;
+        }
+        let old = parts.iter().find(|p| p.session_id == n.session_id);
+        out.push(SessionCorrection {
+            old: old.map(|p| (*p).clone()),
+            new: Some(n.clone()),
+            replaced_by: None,
+        });
+        for p in parts.iter().filter(|p| p.session_id != n.session_id) {
+            out.push(SessionCorrection {
+                old: Some((*p).clone()),
+                new: None,
+                replaced_by: Some(n.session_id.clone()),
+            });
+        }
+    }
+    out
+}
+
+/// One change of [`session_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCorrection {
+    pub old: Option<SessionRow>,
+    pub new: Option<SessionRow>,
+    /// For a session merged into another: that one's id.
+    pub replaced_by: Option<String>,
+}
+
+/// One key's sessions before and after a set of events, as
+/// [`QueryEngine::session_pair`] answers.
+#[derive(Debug, Clone)]
+pub struct SessionPair {
+    pub before: Vec<SessionRow>,
+    pub after: Vec<SessionRow>,
+    /// How many of the events asked about the scan saw.
+    pub seen: usize,
 }
 
 impl QueryEngine {
@@ -206,6 +396,48 @@ impl QueryEngine {
         let q = q.clone();
         self.isolated(move |me| async move { me.session_metric_here(&q).await })
             .await
+    }
+
+    /// One key's sessions around `[from, to)` (with [`SESSION_MARGIN_MS`]
+    /// on each side) before the events `exclude` were applied, and now:
+    /// what a correction changed. On the SQL threads.
+    pub async fn session_pair(
+        self: &Arc<Self>,
+        tenant: &str,
+        key: SessionKey,
+        from: Millis,
+        to: Millis,
+        gap_ms: Millis,
+        exclude: std::collections::HashSet<String>,
+    ) -> Result<SessionPair, QueryError> {
+        let tenant = tenant.to_string();
+        self.isolated(move |me| async move {
+            let memory_limit = me.cfg.memory_limit;
+            let df_err = |e| QueryError::from_df(e, memory_limit);
+            let ctx = me.context(&tenant)?;
+            let events = ctx.table_provider("events").await.map_err(df_err)?;
+            let state = ctx.state();
+            let run = async {
+                let (before, after, seen) = compute_pair(
+                    &state,
+                    events,
+                    &key,
+                    from.saturating_sub(SESSION_MARGIN_MS),
+                    to.saturating_add(SESSION_MARGIN_MS),
+                    gap_ms,
+                    &exclude,
+                )
+                .await
+                .map_err(df_err)?;
+                Ok(SessionPair {
+                    before,
+                    after,
+                    seen,
+                })
+            };
+            me.timed(run).await
+        })
+        .await
     }
 
     async fn sessions_here(&self, q: &SessionsQuery) -> Result<Vec<SessionRow>, QueryError> {
@@ -499,5 +731,95 @@ mod tests {
         assert_eq!(spans, vec![(0, 39 * m, 3), (69 * m, 70 * m, 2)]);
         assert_eq!(s[0].session_id, "u:0");
         assert!(sessionise(None, &[], 30 * m).is_empty());
+    }
+
+    /// (id, old events, new events, replaced by) of one change.
+    type Told = (String, Option<u64>, Option<u64>, Option<String>);
+
+    fn told(c: &[SessionCorrection]) -> Vec<Told> {
+        c.iter()
+            .map(|c| {
+                let id = c
+                    .new
+                    .as_ref()
+                    .or(c.old.as_ref())
+                    .unwrap()
+                    .session_id
+                    .clone();
+                (
+                    id,
+                    c.old.as_ref().map(|s| s.events),
+                    c.new.as_ref().map(|s| s.events),
+                    c.replaced_by.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_late_event_that_joins_two_closed_sessions_replaces_the_second() {
+        let m = 60_000;
+        let gap = 30 * m;
+        let before = sessionise(Some("u"), &[0, 5 * m, 50 * m, 55 * m], gap);
+        let after = sessionise(Some("u"), &[0, 5 * m, 27 * m, 50 * m, 55 * m], gap);
+        let c = session_changes(&before, &after, 120 * m - gap);
+        assert_eq!(
+            told(&c),
+            vec![
+                ("u:0".into(), Some(2), Some(5), None),
+                (format!("u:{}", 50 * m), Some(2), None, Some("u:0".into())),
+            ]
+        );
+        // Earlier than the first: the session's id moves with its start.
+        let after = sessionise(Some("u"), &[-10 * m, 0, 5 * m, 50 * m, 55 * m], gap);
+        let c = session_changes(&before, &after, 120 * m - gap);
+        assert_eq!(
+            told(&c),
+            vec![
+                (format!("u:{}", -10 * m), None, Some(3), None),
+                ("u:0".into(), Some(2), None, Some(format!("u:{}", -10 * m))),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_closed_sessions_are_corrected() {
+        let m = 60_000;
+        let gap = 30 * m;
+        let before = sessionise(Some("u"), &[0, 5 * m, 50 * m, 55 * m], gap);
+        let after = sessionise(Some("u"), &[0, 5 * m, 50 * m, 55 * m, 58 * m], gap);
+        // The watermark at 80m: the session ending at 55m is still open.
+        assert_eq!(session_changes(&before, &after, 80 * m - gap), vec![]);
+        // At 90m it had closed.
+        assert_eq!(
+            told(&session_changes(&before, &after, 90 * m - gap)),
+            vec![(format!("u:{}", 50 * m), Some(2), Some(3), None)]
+        );
+        // A session all of whose events came behind the watermark: new.
+        let after = sessionise(Some("u"), &[0, 5 * m, 50 * m, 55 * m, 200 * m], gap);
+        assert_eq!(
+            told(&session_changes(&before, &after, 300 * m - gap)),
+            vec![(format!("u:{}", 200 * m), None, Some(1), None)]
+        );
+        // Nothing changed: nothing told.
+        assert_eq!(session_changes(&before, &before, i64::MAX), vec![]);
+    }
+
+    #[test]
+    fn an_explicit_session_is_matched_by_id() {
+        let m = 60_000;
+        let mk = |events: u64, end: Millis| SessionRow {
+            session_id: "s9".into(),
+            derived: false,
+            user_id: Some("u".into()),
+            start: 10 * m,
+            end,
+            events,
+            first_page: None,
+            last_page: None,
+            event_types: BTreeSet::new(),
+        };
+        let c = session_changes(&[mk(2, 12 * m)], &[mk(3, 20 * m)], 100 * m);
+        assert_eq!(told(&c), vec![("s9".into(), Some(2), Some(3), None)]);
     }
 }

@@ -646,6 +646,11 @@ impl Pipeline {
             .map_err(PipelineError::Thread)?;
         let mut raw_tx = None;
         let mut raw_thread = None;
+        // Session corrections are found in the raw events: with them kept,
+        // events applied behind a watermark are noted from now on.
+        if raw.is_some() {
+            shared.store.write().track_session_touches(true);
+        }
         if let Some(w) = raw {
             let (tx, rx) = std::sync::mpsc::sync_channel::<RawItem>(1024);
             let sh = shared.clone();

@@ -1588,9 +1588,9 @@ async fn sql_query(
         .into_response())
 }
 
-/// `GET /api/v1/changes?since=V[&limit=N][&tenant=X]`: closed buckets
-/// whose value changed after they were first published, after store
-/// version `V`, oldest first. `version` is where to continue from.
+/// `GET /api/v1/changes?since=V[&limit=N][&tenant=X]`: closed buckets and
+/// sessions whose value changed after they were first published, after
+/// store version `V`, oldest first. `version` is where to continue from.
 async fn changes(
     State(s): State<AppState>,
     caller: Caller,
@@ -1608,31 +1608,59 @@ async fn changes(
     };
     let limit = limit_param(&pairs, 1000, tally_store::CHANGES_KEPT)?;
     let store = s.shared.store.read();
-    let (list, complete) = store.changes_since(&tenant, since, limit);
+    let (buckets, complete_b) = store.changes_since(&tenant, since, limit);
+    let (sessions, complete_s) = store.session_changes_since(&tenant, since, limit);
+    let complete = complete_b && complete_s;
     let summary = |x: &tally_store::Summary| json!({"count": x.count, "unique_users": x.unique_users, "unique_sessions": x.unique_sessions});
-    let version = if list.len() == limit {
-        list.last().map_or(store.version(), |c| c.version)
+    // Both logs in one version order, `limit` in all.
+    let mut listed: Vec<(u64, Json)> = buckets
+        .iter()
+        .map(|c| {
+            (
+                c.version,
+                json!({
+                    "kind": "bucket",
+                    "key": {
+                        "tenant": &*c.tenant,
+                        "event_type": &*c.event_type,
+                        "bucket": format_rfc3339(c.minute),
+                        "granularity": "1m",
+                    },
+                    "old": summary(&c.old),
+                    "new": summary(&c.new),
+                    "at": format_rfc3339(c.at),
+                    "version": c.version,
+                }),
+            )
+        })
+        .chain(sessions.iter().map(|c| {
+            let mut v = json!({
+                "kind": "session",
+                "key": {
+                    "tenant": &*c.tenant,
+                    "session_id": c.session_id,
+                    "user_id": c.user_id,
+                },
+                "old": c.old.as_ref().map(crate::session_changes::session_json),
+                "new": c.new.as_ref().map(crate::session_changes::session_json),
+                "at": format_rfc3339(c.at),
+                "version": c.version,
+            });
+            if let Some(r) = &c.replaced_by {
+                v["replaced_by"] = json!(r);
+            }
+            (c.version, v)
+        }))
+        .collect();
+    listed.sort_by_key(|(v, _)| *v);
+    let full = listed.len() >= limit;
+    listed.truncate(limit);
+    let version = if full {
+        listed.last().map_or(store.version(), |(v, _)| *v)
     } else {
         store.version()
     };
-    let changes: Vec<Json> = list
-        .iter()
-        .map(|c| {
-            json!({
-                "kind": "bucket",
-                "key": {
-                    "tenant": &*c.tenant,
-                    "event_type": &*c.event_type,
-                    "bucket": format_rfc3339(c.minute),
-                    "granularity": "1m",
-                },
-                "old": summary(&c.old),
-                "new": summary(&c.new),
-                "at": format_rfc3339(c.at),
-                "version": c.version,
-            })
-        })
-        .collect();
+    let changes: Vec<Json> = listed.into_iter().map(|(_, j)| j).collect();
     drop(store);
     Ok(
         axum::Json(json!({"version": version, "complete": complete, "changes": changes}))

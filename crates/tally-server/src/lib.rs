@@ -11,6 +11,7 @@ pub mod quota;
 mod registry;
 mod segment;
 mod serve;
+mod session_changes;
 
 pub use tally_runtime::{config, pipeline, telemetry};
 
@@ -172,6 +173,18 @@ impl Server {
             let pg =
                 tally_pgwire::PgServer::new(engine, state.keys.clone(), cfg.pgwire.max_connections);
             tokio::spawn(pg.serve(l, stopped.clone()));
+        }
+        // Session corrections are worked out from the raw events (in Kafka
+        // mode the touched events are applied on the partitions' owners,
+        // not here: not listed there yet).
+        if let Some(engine) = state.query.clone()
+            && shared.kafka.is_none()
+        {
+            tokio::spawn(session_changes::run(
+                shared.clone(),
+                engine,
+                stopped.clone(),
+            ));
         }
         let app = http::router(state);
         let tel = shared.telemetry.clone();

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod dims;
 pub mod rollup;
+pub mod sessions;
 pub mod sketch;
 
 pub use cache::MetricsCache;
@@ -12,4 +13,7 @@ pub use rollup::{
     Agg, CHANGES_KEPT, Change, DimAggs, Downsampled, Granularity, Metric, MetricQuery,
     MinuteBucket, NumAgg, QueryError, RollupStore, Series, Summary, Value, parse_group_by,
     parse_where,
+};
+pub use sessions::{
+    DEFAULT_SESSION_GAP_MS, SessionChange, SessionSummary, SessionTouch, TOUCHES_KEPT,
 };

@@ -480,6 +480,8 @@ pub struct RollupStore {
     change_log: VecDeque<Change>,
     /// Versions at or before this fell out of `change_log`.
     change_floor: u64,
+    /// Events applied behind a watermark, and the session change log.
+    sessions: crate::sessions::SessionLog,
     /// Scratch space for combination keys.
     key: String,
 }
@@ -520,6 +522,7 @@ impl Default for RollupStore {
             corrected: hashbrown::HashMap::new(),
             change_log: VecDeque::new(),
             change_floor: 0,
+            sessions: Default::default(),
             key: String::new(),
         }
     }
@@ -1001,6 +1004,77 @@ impl RollupStore {
         let from = self.change_log.partition_point(|c| c.version <= since);
         let out = self
             .change_log
+            .range(from..)
+            .filter(|c| &*c.tenant == tenant)
+            .take(limit)
+            .collect();
+        (out, complete)
+    }
+
+    /// Whether [`RollupStore::note_session_touch`] keeps touches (off by
+    /// default: only a node that looks for session corrections takes them).
+    pub fn track_session_touches(&mut self, on: bool) {
+        self.sessions.tracking = on;
+        if !on {
+            self.sessions.touches = Vec::new();
+        }
+    }
+
+    /// Notes an event applied behind its tenant's watermark, for the
+    /// session corrections task ([`RollupStore::take_session_touches`]).
+    pub fn note_session_touch(&mut self, touch: crate::SessionTouch) {
+        let log = &mut self.sessions;
+        if !log.tracking {
+            return;
+        }
+        if log.touches.len() >= crate::TOUCHES_KEPT {
+            log.touches_dropped += 1;
+            return;
+        }
+        log.touches.push(touch);
+    }
+
+    /// The touches noted since the last call.
+    pub fn take_session_touches(&mut self) -> Vec<crate::SessionTouch> {
+        std::mem::take(&mut self.sessions.touches)
+    }
+
+    /// Touches dropped because too many were waiting.
+    pub fn session_touches_dropped(&self) -> u64 {
+        self.sessions.touches_dropped
+    }
+
+    /// Appends session changes (one new store version for all of them).
+    pub fn push_session_changes(&mut self, changes: Vec<crate::SessionChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        self.version += 1;
+        let log = &mut self.sessions;
+        for mut c in changes {
+            c.version = self.version;
+            log.changes.push_back(c);
+            if log.changes.len() > CHANGES_KEPT
+                && let Some(c) = log.changes.pop_front()
+            {
+                log.floor = c.version;
+            }
+        }
+    }
+
+    /// A tenant's session changes after version `since`, oldest first, at
+    /// most `limit`; `complete` as for [`RollupStore::changes_since`].
+    pub fn session_changes_since(
+        &self,
+        tenant: &str,
+        since: u64,
+        limit: usize,
+    ) -> (Vec<&crate::SessionChange>, bool) {
+        let log = &self.sessions;
+        let complete = since >= log.floor;
+        let from = log.changes.partition_point(|c| c.version <= since);
+        let out = log
+            .changes
             .range(from..)
             .filter(|c| &*c.tenant == tenant)
             .take(limit)

@@ -699,6 +699,11 @@ impl Processor {
                 }
             }
             store.add(&ev);
+            // Behind the watermark it may extend or join sessions already
+            // closed: the session corrections task looks.
+            if !backfill && let Some(w) = wm.filter(|&w| ev.ts < w) {
+                note_touch(&mut store, &ev, w, append_ms);
+            }
             out.counted += 1;
             c.counts.counted += 1;
             c.advance(p, ev.ts, *others, bound);
@@ -767,6 +772,7 @@ impl Processor {
             let minute = align_down(ev.ts, MINUTE_MS);
             store.note_correction(ev.tenant, minute, ev.event_type, append_ms);
             store.add(&ev);
+            note_touch(&mut store, &ev, wm.unwrap_or(Millis::MAX), append_ms);
             self.corrected.insert(key);
             if minute < store.downsampled_to() {
                 if self.journaling {
@@ -933,3 +939,21 @@ pub use tally_types::time::human_ms;
 
 #[cfg(test)]
 mod tests;
+
+/// Notes an event applied behind its tenant's watermark `wm` for the
+/// session corrections (events with neither a session nor a user belong
+/// to no session).
+fn note_touch(store: &mut RollupStore, ev: &EventView<'_>, wm: Millis, at: Millis) {
+    if ev.session_id.is_none() && ev.user_id.is_none() {
+        return;
+    }
+    store.note_session_touch(tally_store::SessionTouch {
+        tenant: ev.tenant.into(),
+        session_id: ev.session_id.map(Into::into),
+        user_id: ev.user_id.map(Into::into),
+        event_id: ev.event_id.into(),
+        ts: ev.ts,
+        watermark: wm,
+        at,
+    });
+}
