@@ -238,6 +238,19 @@ async fn explore_counts(page: &mut Page) {
     .await;
 }
 
+/// A count as the page writes it (en-US grouping).
+fn format_num(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
 async fn post(c: &reqwest::Client, base: &str, lines: &[Value]) {
     common::post_ndjson(c, base, common::ndjson(lines)).await;
 }
@@ -265,21 +278,29 @@ async fn dashboard_shows_counts_and_updates_live() {
     // An hour of events, sent minute by minute as a live producer would,
     // with duplicates (which must not count).
     let mut expect: std::collections::BTreeMap<&str, u64> = Default::default();
+    let mut by_country: std::collections::BTreeMap<&str, u64> = Default::default();
     let mut batches: std::collections::BTreeMap<i64, Vec<Value>> = Default::default();
     for (ty, m, n) in traffic() {
         for i in 0..n {
+            let country = ["DE", "FR", "US"][i % 3];
             batches
                 .entry(m)
                 .or_default()
                 .push(json!({"event_id": format!("{ty}-{m}-{i}"),
                 "event_type": ty, "timestamp": T0 + m * M + (i as i64 * 997) % M,
                 "user_id": format!("u{}", i % 40), "tenant": "shop",
-                "properties": {"duration_ms": 20 + (i * 13) % 400}}));
+                "properties": {"duration_ms": 20 + (i * 13) % 400,
+                    "country": country}}));
+            if ty == "page_view" {
+                *by_country.entry(country).or_default() += 1;
+            }
         }
         *expect.entry(ty).or_default() += n as u64;
     }
+    let mut shop_dups = 0u64;
     for lines in batches.values_mut() {
         let dups: Vec<Value> = lines.iter().step_by(25).cloned().collect();
+        shop_dups += dups.len() as u64;
         lines.extend(dups);
         post(&c, &base, lines).await;
     }
@@ -384,6 +405,74 @@ async fn dashboard_shows_counts_and_updates_live() {
     )
     .await;
     page.eval("document.getElementById('x-group').value = ''; document.getElementById('x-window').value = ''; 0").await;
+
+    // A card split by a dimension: one line per country, each with its
+    // count over the hour.
+    page.eval("const sp = document.querySelector('[data-event-type=\"page_view\"] .split'); sp.value = 'country'; sp.dispatchEvent(new Event('change')); 0").await;
+    let legend = "JSON.stringify([...document.querySelectorAll('[data-event-type=\"page_view\"] .legend [data-value]')].map(x => [x.dataset.value, Number(x.dataset.total)]).sort())";
+    let want_split: Vec<Value> = by_country.iter().map(|(k, v)| json!([k, v])).collect();
+    page.wait_for(legend, &json!(serde_json::to_string(&want_split).unwrap()))
+        .await;
+
+    // The sessions panel: what the sessions API says of the hour.
+    let sessions = common::get(
+        &c,
+        format!(
+            "{base}/api/v1/sessions?tenant=shop&start={T0}&end={}&limit=100000",
+            T0 + 60 * M
+        ),
+    )
+    .await;
+    let list = sessions["sessions"].as_array().unwrap();
+    let mut durations: Vec<i64> = list
+        .iter()
+        .map(|x| x["duration_ms"].as_i64().unwrap())
+        .collect();
+    durations.sort_unstable();
+    let n = durations.len();
+    let median = if n % 2 == 1 {
+        durations[n / 2] as f64
+    } else {
+        (durations[n / 2 - 1] + durations[n / 2]) as f64 / 2.0
+    };
+    let bounces = list.iter().filter(|x| x["events"] == 1).count() as f64 / n as f64;
+    page.wait_for(
+        "document.getElementById('s-count').dataset.value ?? null",
+        &json!(n.to_string()),
+    )
+    .await;
+    let shown = page
+        .eval("[Number(document.getElementById('s-median').dataset.value), Number(document.getElementById('s-bounce').dataset.value)]")
+        .await;
+    assert_eq!(shown[0].as_f64(), Some(median), "{shown}");
+    assert!(
+        (shown[1].as_f64().unwrap() - bounces).abs() < 1e-9,
+        "{shown}"
+    );
+
+    // The KPI row follows the selected tenant: shop's duplicates, then
+    // another tenant's.
+    page.wait_for(
+        "document.getElementById('dups').textContent",
+        &json!(format_num(shop_dups)),
+    )
+    .await;
+    let other: Vec<Value> = ["o1", "o2", "o3", "o1"]
+        .iter()
+        .map(|id| json!({"event_id": id, "event_type": "visit", "timestamp": T0 + 59 * M, "tenant": "other"}))
+        .collect();
+    post(&c, &base, &other).await;
+    page.wait_for(
+        "[...document.getElementById('tenant').options].some(o => o.value === 'other')",
+        &json!(true),
+    )
+    .await;
+    page.eval("const ts = document.getElementById('tenant'); ts.value = 'other'; ts.dispatchEvent(new Event('change')); 0").await;
+    page.wait_for(
+        "[document.getElementById('scope').textContent, document.getElementById('dups').textContent, document.getElementById('accepted').textContent]",
+        &json!(["other", "1", "4"]),
+    )
+    .await;
 
     assert_eq!(page.eval("window.__tally.errors").await, json!([]));
     let errors = page.js_errors();

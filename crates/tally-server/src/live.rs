@@ -92,92 +92,106 @@ fn buckets_msg(
 
 struct Rate {
     at: Instant,
+    /// The tenant the rate is of (a new one starts a new baseline).
+    tenant: String,
     accepted: u64,
     rate: f64,
 }
 
-/// Pipeline status; with a key, the tenant list and alert counts are the
-/// key's tenant's only.
-fn status_msg(s: &AppState, caller: &Caller, rate: &mut Rate) -> Json {
+/// Pipeline status for the page's KPI row: the selected tenant's ingest
+/// rate, counts, clock, dead letters and alerts; the processing lag and
+/// freshness are the node's. Without a key (open mode) the node's own
+/// totals come along under `node`, and `tenants` lists every tenant; with
+/// one, only the key's tenant is ever shown.
+fn status_msg(s: &AppState, caller: &Caller, tenant: &str, rate: &mut Rate) -> Json {
     let sh = &s.shared;
     let tel = &sh.telemetry;
     let v = crate::http::snapshot(s);
     let now = v.now_ms;
     let only = caller.key_tenant();
-    // A key sees its tenant's counts, clock and dead letters, never the
-    // server's (other tenants' volume is not its business).
-    let (accepted, rejected, counted, duplicates, late, watermark, dlq) = match only {
-        Some(t) => {
-            let view = sh.processor.lock();
-            let c = view.tenant_counts.get(t).copied().unwrap_or_default();
-            let wm = view.watermarks.get(t).copied();
-            drop(view);
-            let d = sh.dlq.lock();
-            let (m, l) = (
-                d.held_of(t, DlqKind::Malformed),
-                d.held_of(t, DlqKind::Late),
-            );
-            let accepted = c.counted + c.duplicates + c.late;
-            (
-                accepted,
-                m as u64,
-                c.counted,
-                c.duplicates,
-                c.late,
-                wm,
-                (m as u64, l as u64),
-            )
-        }
-        None => (
-            tel.events_accepted.load(Relaxed),
-            tel.events_rejected.load(Relaxed),
-            v.counted,
-            v.duplicates,
-            v.late,
-            v.watermark_ms,
-            (v.dlq_malformed_total, v.dlq_late_total),
-        ),
+    let t = only.unwrap_or(tenant);
+    let view = sh.processor.lock();
+    let c = view.tenant_counts.get(t).copied().unwrap_or_default();
+    let watermark = view.watermarks.get(t).copied();
+    drop(view);
+    let (malformed, late_held) = {
+        let d = sh.dlq.lock();
+        (
+            d.held_of(t, DlqKind::Malformed) as u64,
+            d.held_of(t, DlqKind::Late) as u64,
+        )
     };
+    let accepted = c.counted + c.duplicates + c.late;
     let dt = rate.at.elapsed().as_secs_f64();
-    if dt >= 0.5 {
+    if rate.tenant != t {
+        *rate = Rate {
+            at: Instant::now(),
+            tenant: t.to_string(),
+            accepted,
+            rate: 0.0,
+        };
+    } else if dt >= 0.5 {
         rate.rate = (accepted.saturating_sub(rate.accepted)) as f64 / dt;
         rate.at = Instant::now();
         rate.accepted = accepted;
     }
-    let tenants: Vec<String> = sh
-        .store
-        .read()
-        .tenants()
-        .filter(|t| only.is_none_or(|o| o == *t))
-        .map(String::from)
-        .collect();
+    let (tenants, dimensions): (Vec<String>, Vec<String>) = {
+        let store = sh.store.read();
+        (
+            store
+                .tenants()
+                .filter(|x| only.is_none_or(|o| o == *x))
+                .map(String::from)
+                .collect(),
+            store
+                .dimensions()
+                .of(t)
+                .iter()
+                .map(|d| d.to_string())
+                .collect(),
+        )
+    };
     let (rules, firing) = {
         let e = sh.alerts.lock();
         let firing = e
-            .rules(only)
+            .rules(Some(t))
             .filter(|(_, st)| st.state == tally_alert::State::Firing)
             .count();
-        (e.rules(only).count(), firing)
+        (e.rules(Some(t)).count(), firing)
     };
-    json!({
+    let mut msg = json!({
         "type": "status",
+        "tenant": t,
         "now": format_rfc3339(now),
         "ingest_rate": rate.rate.round(),
         "accepted": accepted,
-        "rejected": rejected,
-        "counted": counted,
-        "duplicates": duplicates,
-        "late": late,
+        "rejected": malformed,
+        "counted": c.counted,
+        "duplicates": c.duplicates,
+        "late": c.late,
         "processing_lag_ms": tel.processing_lag_ms.load(Relaxed),
         "behind_records": v.behind_records(),
         "watermark": watermark.map(format_rfc3339),
         "watermark_lag_ms": watermark.map(|w| now - w),
         "freshness_ms": tel.freshness_ms(now),
-        "dlq": {"malformed": dlq.0, "late": dlq.1},
+        "dlq": {"malformed": malformed, "late": late_held},
         "alerts": {"rules": rules, "firing": firing},
         "tenants": tenants,
+        "dimensions": dimensions,
         "ready": v.ready,
-    })
+    });
+    if only.is_none() {
+        msg["node"] = json!({
+            "accepted": tel.events_accepted.load(Relaxed),
+            "rejected": tel.events_rejected.load(Relaxed),
+            "counted": v.counted,
+            "duplicates": v.duplicates,
+            "late": v.late,
+            "watermark": v.watermark_ms.map(format_rfc3339),
+            "dlq": {"malformed": v.dlq_malformed_total, "late": v.dlq_late_total},
+        });
+    }
+    msg
 }
 
 fn alerts_msg(s: &AppState, tenant: &str) -> (u64, Json) {
@@ -208,7 +222,8 @@ async fn send(socket: &mut WebSocket, v: &Json) -> bool {
 async fn feed(s: AppState, caller: Caller, mut tenant: String, mut socket: WebSocket) {
     let mut rate = Rate {
         at: Instant::now(),
-        accepted: s.shared.telemetry.events_accepted.load(Relaxed),
+        tenant: String::new(),
+        accepted: 0,
         rate: 0.0,
     };
     let hello = json!({"type": "hello", "tenant": tenant, "window_minutes": WINDOW_MINUTES});
@@ -246,7 +261,7 @@ async fn feed(s: AppState, caller: Caller, mut tenant: String, mut socket: WebSo
                 }
                 if last_status.elapsed() >= Duration::from_secs(1) {
                     last_status = Instant::now();
-                    let msg = status_msg(&s, &caller, &mut rate);
+                    let msg = status_msg(&s, &caller, &tenant, &mut rate);
                     if !send(&mut socket, &msg).await {
                         return;
                     }
@@ -278,6 +293,8 @@ async fn feed(s: AppState, caller: Caller, mut tenant: String, mut socket: WebSo
                             full = true;
                             seen_alerts = 0;
                             prev.clear();
+                            // The KPI row follows at once.
+                            last_status = Instant::now() - Duration::from_secs(10);
                         }
                     }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
