@@ -136,6 +136,19 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         self
     }
 
+    /// [`Routes::add`] for each of `paths`.
+    pub(crate) fn add_all(
+        mut self,
+        paths: &[&str],
+        access: Access,
+        route: axum::routing::MethodRouter<S>,
+    ) -> Self {
+        for p in paths {
+            self = self.add(p, access, route.clone());
+        }
+        self
+    }
+
     /// The router, with the outer layer (CORS, keys) around every route.
     pub(crate) fn finish(self) -> axum::Router<S> {
         let cors = cors_layer(&self.keys);

@@ -158,6 +158,12 @@ pub fn router(state: AppState) -> Router {
             Access::Needs(Scope::Ingest),
             post(crate::segment::call),
         )
+        // PostHog's key is in the body: the handler checks it.
+        .add_all(
+            &crate::posthog::PATHS,
+            Access::Public,
+            post(crate::posthog::capture),
+        )
         .add("/api/v1/alerts", read, get(alerts::list))
         .add("/api/v1/alerts", admin, post(alerts::create))
         .add("/api/v1/live", read, get(crate::live::live))
