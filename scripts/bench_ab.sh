@@ -4,6 +4,10 @@
 # 10-20% between runs on a noisy VM; only runs side by side compare). Prints
 # each run's sustained ingest and server CPU per event, then the medians.
 #   A=/path/old/tally B=/path/new/tally ROUNDS=3 DURATION=15 scripts/bench_ab.sh
+# A_ARGS / B_ARGS add arguments to one side's bench, e.g. the same binary
+# with and without declared dimensions:
+#   printf '[dimensions]\ndefault = []\n' >/tmp/nodims.toml
+#   A=target/release/tally B=target/release/tally A_ARGS="--config /tmp/nodims.toml" scripts/bench_ab.sh
 # Build an older commit beside this one with a git worktree, e.g.
 #   git worktree add /tmp/tally-old <commit> && (cd /tmp/tally-old && cargo build --release -p tally-cli)
 set -euo pipefail
@@ -15,7 +19,10 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
 run() { # label, binary, round
-  "$2" bench --duration "$DURATION" --connections 8 --batch 2000 --alert-samples 0 \
+  local extra
+  if [ "$1" = A ]; then extra="${A_ARGS:-}"; else extra="${B_ARGS:-}"; fi
+  # shellcheck disable=SC2086
+  "$2" bench --duration "$DURATION" --connections 8 --batch 2000 --alert-samples 0 $extra \
     >"$OUT/$1.$3" 2>&1
   local rate ns
   rate=$(awk '/sustained ingest/ {print $3}' "$OUT/$1.$3")

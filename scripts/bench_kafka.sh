@@ -5,6 +5,8 @@
 # events over HTTP, in the same run, for comparison.
 #
 #   EVENTS=1000000 NODES="1 2 3" scripts/bench_kafka.sh [path/to/tally]   (release build)
+#   GROUPED=1 ...: several events per message (NDJSON grouped by partition,
+#   as Tally's HTTP ingest produces them); default one event per message.
 #
 # Prints events/s and server CPU ns per event for each (all nodes together). The broker is the
 # test broker (scripts/kafka-broker), on this machine, sharing its cores.
@@ -27,8 +29,17 @@ c = json.load(sys.stdin)["cluster"]
 ps = c["partitions"]
 sys.exit(0 if ps and all(p.get("lag_records", 1) == 0 for p in ps) else 1)'
 }
-counted() {  # processed events (counted + duplicates + malformed) of a node
+counted() {  # messages of the events topic a node handled
   curl -s "$1/metrics" | awk '/^tally_kafka_messages_total/{print $2}'
+}
+processed() {  # events the cluster committed (counted, duplicate, late; node $1's
+  # view of every partition) plus the malformed ones of every node ($@)
+  local first=$1 m=0
+  for b in "$@"; do
+    m=$((m + $(curl -s "$b/metrics" | awk '/^tally_kafka_malformed_total/{print $2}')))
+  done
+  curl -s "$first/metrics" | awk -v m="$m" \
+    '/^tally_events_(counted|duplicate|late)_total /{s+=$2} END {print s + m}'
 }
 
 # Kafka mode with N nodes (NODES="1 2 3"): each run has a consumer group
@@ -36,7 +47,8 @@ counted() {  # processed events (counted + duplicates + malformed) of a node
 # message is processed and no node lags; CPU is all nodes' together.
 kafka_run() {  # $1 = nodes; prints "rate ns"
   local n=$1 tag="b$1-$RANDOM" pids=() bases=() t0 t1 c0=0 c1=0 b0 b1
-  "$TALLY" gen --kafka "127.0.0.1:$PORT" --topic "$tag-events" --events "$EVENTS" --seed 5 --tenants 4 --late 0 --batch 5000 >/dev/null
+  "$TALLY" gen --kafka "127.0.0.1:$PORT" --topic "$tag-events" --events "$EVENTS" --seed 5 --tenants 4 --late 0 --batch 5000 \
+    ${GROUPED:+--grouped} >/dev/null
   for i in $(seq 1 "$n"); do
     local http=$((PORT + 10 + i + 10 * n))
     TALLY__KAFKA__BROKERS="127.0.0.1:$PORT" TALLY__KAFKA__GROUP_ID="$tag" \
@@ -50,7 +62,12 @@ kafka_run() {  # $1 = nodes; prints "rate ns"
   t0=$(date +%s.%N); b0=$(cpu_ticks "$BROKER")
   for p in "${pids[@]}"; do c0=$((c0 + $(cpu_ticks "$p"))); done
   # Every message processed (by whichever node owns its partition) ...
-  until [ "$(for b in "${bases[@]}"; do counted "$b"; done | awk '{s+=$1} END {print s+0}')" -ge "$EVENTS" ]; do sleep 0.2; done
+  if [ -n "${GROUPED:-}" ]; then
+    # (messages hold many events: count the events)
+    until [ "$(processed "${bases[@]}")" -ge "$EVENTS" ]; do sleep 0.2; done
+  else
+    until [ "$(for b in "${bases[@]}"; do counted "$b"; done | awk '{s+=$1} END {print s+0}')" -ge "$EVENTS" ]; do sleep 0.2; done
+  fi
   # ... and committed: no partition lags, as each node sees them all.
   for b in "${bases[@]}"; do
     until caught_up "$b"; do sleep 0.2; done

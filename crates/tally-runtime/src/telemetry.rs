@@ -730,6 +730,11 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
             w.messages.load(Relaxed),
         ),
         (
+            "tally_kafka_worker_events_total",
+            "Events this node's partition workers applied (counted, duplicate or late; restores not included).",
+            w.counted.load(Relaxed) + w.duplicates.load(Relaxed) + w.late.load(Relaxed),
+        ),
+        (
             "tally_kafka_malformed_total",
             "Events or messages of the events topic that failed validation.",
             w.malformed.load(Relaxed),
