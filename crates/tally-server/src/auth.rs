@@ -108,6 +108,9 @@ struct Presented(Option<Key>);
 pub(crate) struct Routes<S> {
     router: axum::Router<S>,
     keys: Arc<Keys>,
+    /// Every route added: path and access (what `/api/v1/openapi.json`
+    /// describes).
+    recorded: Vec<(String, Access)>,
 }
 
 impl<S: Clone + Send + Sync + 'static> Routes<S> {
@@ -115,6 +118,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         Routes {
             router: axum::Router::new(),
             keys,
+            recorded: Vec::new(),
         }
     }
 
@@ -133,6 +137,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
             },
         ));
         self.router = self.router.route(path, route);
+        self.recorded.push((path.to_string(), access));
         self
     }
 
@@ -151,6 +156,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 
     /// The router, with the outer layer (CORS, keys) around every route.
     pub(crate) fn finish(self) -> axum::Router<S> {
+        crate::openapi::remember(self.recorded);
         let cors = cors_layer(&self.keys);
         let router = self
             .router

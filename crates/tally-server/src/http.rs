@@ -154,6 +154,11 @@ pub fn router(state: AppState) -> Router {
         .add("/api/v1/catalog", read, get(catalog))
         .add("/api/v1/changes", read, get(changes))
         .add(
+            "/api/v1/openapi.json",
+            Access::Public,
+            get(|| async { axum::Json(crate::openapi::document()) }),
+        )
+        .add(
             "/v1/{kind}",
             Access::Needs(Scope::Ingest),
             post(crate::segment::call),

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod http;
 mod http_alerts;
 mod live;
+mod openapi;
 mod posthog;
 pub mod quota;
 mod registry;
