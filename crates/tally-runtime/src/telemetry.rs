@@ -62,6 +62,13 @@ pub struct Telemetry {
     pub events_shed: AtomicU64,
     /// Possibly late events refused while their tenant's late DLQ is full.
     pub events_refused_late_full: AtomicU64,
+    /// Session corrections: events applied behind a watermark taken for
+    /// a look, keys (session or user) read again, keys not read (over the
+    /// task's budget), session changes listed.
+    pub session_touches: AtomicU64,
+    pub session_keys_checked: AtomicU64,
+    pub session_keys_skipped: AtomicU64,
+    pub session_changes: AtomicU64,
     pub requests_overloaded: AtomicU64,
     /// Requests answered 429: a tenant over its ingest quota.
     pub requests_over_quota: AtomicU64,
@@ -115,6 +122,10 @@ impl Default for Telemetry {
             events_dropped_overload: AtomicU64::new(0),
             events_shed: AtomicU64::new(0),
             events_refused_late_full: AtomicU64::new(0),
+            session_touches: AtomicU64::new(0),
+            session_keys_checked: AtomicU64::new(0),
+            session_keys_skipped: AtomicU64::new(0),
+            session_changes: AtomicU64::new(0),
             requests_overloaded: AtomicU64::new(0),
             requests_over_quota: AtomicU64::new(0),
             bytes_ingested: AtomicU64::new(0),
@@ -250,6 +261,30 @@ impl Telemetry {
             "Events refused with their whole request (overload); the client must retry.",
             self.events_dropped_overload.load(Relaxed),
         );
+        for (name, help, v) in [
+            (
+                "tally_session_touches_total",
+                "Events applied behind their tenant's watermark, looked at for session corrections.",
+                &self.session_touches,
+            ),
+            (
+                "tally_session_keys_checked_total",
+                "Sessions (by id, or a user's) read again from the raw events for corrections.",
+                &self.session_keys_checked,
+            ),
+            (
+                "tally_session_keys_skipped_total",
+                "Sessions not read again for corrections: more were waiting than the task's bound.",
+                &self.session_keys_skipped,
+            ),
+            (
+                "tally_session_changes_total",
+                "Session changes listed by /api/v1/changes.",
+                &self.session_changes,
+            ),
+        ] {
+            counter(&mut o, name, help, v.load(Relaxed));
+        }
         counter(
             &mut o,
             "tally_events_shed_total",

@@ -6,7 +6,9 @@
 //! `GET /api/v1/changes` lists with the bucket changes.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use crate::pipeline::Shared;
@@ -16,8 +18,14 @@ use tally_types::Millis;
 
 /// How often touches are looked at.
 const EVERY: Duration = Duration::from_millis(250);
-/// Keys read per round at most (the rest wait for the next round).
-const KEYS_PER_ROUND: usize = 256;
+/// Wall time a round may spend reading sessions (the rest wait for the
+/// next round): the task takes at most a fifth of one SQL thread, however
+/// many late events arrive.
+const ROUND_BUDGET: Duration = Duration::from_millis(50);
+/// Keys waiting at most; touches of further keys are dropped (counted in
+/// `tally_session_keys_skipped_total`): a flood of late events must not
+/// grow this task's memory or its backlog without bound.
+const MAX_PENDING: usize = 10_000;
 /// Rounds a key waits for its events to be visible in the raw events
 /// before its change is worked out with what is visible.
 const MAX_TRIES: u32 = 40;
@@ -34,20 +42,28 @@ pub(crate) async fn run(
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut pending: BTreeMap<(Box<str>, SessionKey), Pending> = BTreeMap::new();
+    let mut cursor: Option<(Box<str>, SessionKey)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = stopped.changed() => return,
         }
         let touches = shared.store.write().take_session_touches();
+        let tel = &shared.telemetry;
+        tel.session_touches.fetch_add(touches.len() as u64, Relaxed);
         for t in touches {
             let key = match (&t.session_id, &t.user_id) {
                 (Some(s), _) => SessionKey::Session(s.to_string()),
                 (None, Some(u)) => SessionKey::User(u.to_string()),
                 (None, None) => continue,
             };
+            let k = (t.tenant.clone(), key);
+            if !pending.contains_key(&k) && pending.len() >= MAX_PENDING {
+                tel.session_keys_skipped.fetch_add(1, Relaxed);
+                continue;
+            }
             pending
-                .entry((t.tenant.clone(), key))
+                .entry(k)
                 .or_insert_with(|| Pending {
                     touches: Vec::new(),
                     tries: 0,
@@ -55,10 +71,23 @@ pub(crate) async fn run(
                 .touches
                 .push(t);
         }
-        let keys: Vec<(Box<str>, SessionKey)> =
-            pending.keys().take(KEYS_PER_ROUND).cloned().collect();
+        // From where the last round stopped, so no key waits behind others
+        // that keep the budget busy.
+        let keys: Vec<(Box<str>, SessionKey)> = match &cursor {
+            Some(c) => pending
+                .range((Excluded(c.clone()), Unbounded))
+                .chain(pending.range(..=c.clone()))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            None => pending.keys().cloned().collect(),
+        };
+        let round = std::time::Instant::now();
         let mut changes = Vec::new();
         for k in keys {
+            if round.elapsed() >= ROUND_BUDGET {
+                break;
+            }
+            cursor = Some(k.clone());
             let Some(p) = pending.get_mut(&k) else {
                 continue;
             };
@@ -92,6 +121,7 @@ pub(crate) async fn run(
             let Some(p) = pending.remove(&k) else {
                 continue;
             };
+            tel.session_keys_checked.fetch_add(1, Relaxed);
             let watermark = p.touches.iter().map(|t| t.watermark).max().unwrap_or(0);
             let at = p.touches.iter().map(|t| t.at).max().unwrap_or(0);
             let closed_to = watermark.saturating_sub(DEFAULT_SESSION_GAP_MS);
@@ -110,6 +140,7 @@ pub(crate) async fn run(
             }
         }
         if !changes.is_empty() {
+            tel.session_changes.fetch_add(changes.len() as u64, Relaxed);
             tracing::debug!(changes = changes.len(), "session corrections");
             shared.store.write().push_session_changes(changes);
         }
