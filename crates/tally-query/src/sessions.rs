@@ -122,27 +122,7 @@ pub(crate) async fn compute(
     if let Some(u) = user {
         filter = filter.and(col("user_id").eq(lit(u)));
     }
-    let page = crate::udf::json_udfs()
-        .into_iter()
-        .find(|f| f.name() == "json_get_str")
-        .ok_or_else(|| DataFusionError::Internal("json_get_str is missing".into()))?
-        .call(vec![col("properties"), lit("page")]);
-    let plan = LogicalPlanBuilder::scan(
-        "events",
-        datafusion::datasource::provider_as_source(events),
-        None,
-    )?
-    .filter(filter)?
-    .project(vec![
-        col("user_id"),
-        col("session_id"),
-        col("ts"),
-        col("event_type"),
-        page.alias("page"),
-    ])?
-    .build()?;
-    let plan = state.create_physical_plan(&plan).await?;
-    let mut stream = execute_stream(plan, state.task_ctx())?;
+    let mut stream = scan(state, events, filter, false).await?;
     let mut b = Builder::default();
     while let Some(batch) = stream.next().await {
         let batch = batch?;
@@ -153,6 +133,41 @@ pub(crate) async fn compute(
         }
     }
     Ok(b.finish(gap_ms))
+}
+
+/// The events passing `filter`, as the columns [`Cols`] reads (and the
+/// event id last, with `event_id`).
+async fn scan(
+    state: &dyn Session,
+    events: Arc<dyn TableProvider>,
+    filter: datafusion::logical_expr::Expr,
+    event_id: bool,
+) -> Result<datafusion::physical_plan::SendableRecordBatchStream, DataFusionError> {
+    let page = crate::udf::json_udfs()
+        .into_iter()
+        .find(|f| f.name() == "json_get_str")
+        .ok_or_else(|| DataFusionError::Internal("json_get_str is missing".into()))?
+        .call(vec![col("properties"), lit("page")]);
+    let mut cols = vec![
+        col("user_id"),
+        col("session_id"),
+        col("ts"),
+        col("event_type"),
+        page.alias("page"),
+    ];
+    if event_id {
+        cols.push(col("event_id"));
+    }
+    let plan = LogicalPlanBuilder::scan(
+        "events",
+        datafusion::datasource::provider_as_source(events),
+        None,
+    )?
+    .filter(filter)?
+    .project(cols)?
+    .build()?;
+    let plan = state.create_physical_plan(&plan).await?;
+    execute_stream(plan, state.task_ctx())
 }
 
 /// The columns of a scanned batch: user, session, time, type, page (and
@@ -253,28 +268,7 @@ pub(crate) async fn compute_pair(
                 .or(col("session_id").eq(lit(""))),
         ),
     };
-    let page = crate::udf::json_udfs()
-        .into_iter()
-        .find(|f| f.name() == "json_get_str")
-        .ok_or_else(|| DataFusionError::Internal("json_get_str is missing".into()))?
-        .call(vec![col("properties"), lit("page")]);
-    let plan = LogicalPlanBuilder::scan(
-        "events",
-        datafusion::datasource::provider_as_source(events),
-        None,
-    )?
-    .filter(filter)?
-    .project(vec![
-        col("user_id"),
-        col("session_id"),
-        col("ts"),
-        col("event_type"),
-        page.alias("page"),
-        col("event_id"),
-    ])?
-    .build()?;
-    let plan = state.create_physical_plan(&plan).await?;
-    let mut stream = execute_stream(plan, state.task_ctx())?;
+    let mut stream = scan(state, events, filter, true).await?;
     let (mut before, mut after) = (Builder::default(), Builder::default());
     let mut seen = std::collections::HashSet::new();
     while let Some(batch) = stream.next().await {

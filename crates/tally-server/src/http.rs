@@ -650,6 +650,85 @@ pub(crate) async fn ingest_body(
     Ok((StatusCode::OK, answer))
 }
 
+/// JSON records of another API (Segment messages, PostHog events) mapped
+/// to Tally events, as [`ingest_mapped`] takes them.
+pub(crate) struct Mapped {
+    pub(crate) lines: Vec<u8>,
+    pub(crate) index_of: Vec<usize>,
+    pub(crate) unmapped: Vec<(usize, tally_ingest::Rejection)>,
+    /// The tenant a record that maps to nothing is filed under.
+    tenant: String,
+}
+
+impl Mapped {
+    pub(crate) fn new(
+        bytes: usize,
+        records: usize,
+        caller: &Caller,
+        default_tenant: &Option<String>,
+    ) -> Mapped {
+        Mapped {
+            lines: Vec::with_capacity(bytes),
+            index_of: Vec::with_capacity(records),
+            unmapped: Vec::new(),
+            tenant: default_tenant.clone().unwrap_or_else(|| {
+                caller
+                    .key_tenant()
+                    .unwrap_or(tally_types::DEFAULT_TENANT)
+                    .to_string()
+            }),
+        }
+    }
+
+    /// The mapped events through [`ingest_mapped`].
+    pub(crate) async fn ingest(
+        self,
+        s: &AppState,
+        pairs: &[(String, String)],
+        tenancy: Tenancy<'_>,
+        started: Instant,
+    ) -> Result<(StatusCode, Json), ApiError> {
+        ingest_mapped(
+            s,
+            pairs,
+            tenancy,
+            self.lines,
+            self.index_of,
+            self.unmapped,
+            started,
+        )
+        .await
+    }
+
+    /// Record `i` (`raw`) and what it maps to: an event, or why not.
+    pub(crate) fn push(
+        &mut self,
+        i: usize,
+        raw: &Json,
+        event: Result<Json, String>,
+    ) -> Result<(), ApiError> {
+        match event {
+            Ok(ev) => {
+                serde_json::to_writer(&mut self.lines, &ev)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                self.lines.push(b'\n');
+                self.index_of.push(i);
+            }
+            Err(why) => self.unmapped.push((
+                i,
+                tally_ingest::Rejection {
+                    index: 0,
+                    error: why,
+                    tenant: self.tenant.clone(),
+                    raw: raw.to_string(),
+                    is_object: raw.is_object(),
+                },
+            )),
+        }
+        Ok(())
+    }
+}
+
 /// The ingest path for events made from a request's records (Segment
 /// messages, Avro frames): `lines` are NDJSON events, `index_of[i]` the
 /// record line `i` came from, `unmapped` the records that made no event

@@ -33,8 +33,8 @@ use tally_types::time::{format_rfc3339, parse_rfc3339};
 
 use crate::auth::Caller;
 use crate::http::{
-    ApiError, AppState, default_tenant, ingest_mapped, ingest_response, query_pairs,
-    read_ingest_body, tenancy,
+    ApiError, AppState, Mapped, default_tenant, ingest_response, query_pairs, read_ingest_body,
+    tenancy,
 };
 
 /// The capture paths PostHog's SDKs post to.
@@ -97,36 +97,11 @@ pub(crate) async fn capture(
     let default_tenant = default_tenant(&caller, &pairs)?;
     let tenancy = tenancy(&caller, &default_tenant);
     let now = s.shared.clock.now_ms();
-    let mut lines = Vec::with_capacity(body.len());
-    let mut index_of = Vec::with_capacity(events.len());
-    let mut unmapped = Vec::new();
+    let mut mapped = Mapped::new(body.len(), events.len(), &caller, &default_tenant);
     for (i, m) in events.iter().enumerate() {
-        match to_event(m, sent_at.as_deref(), now) {
-            Ok(ev) => {
-                serde_json::to_writer(&mut lines, &ev)
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-                lines.push(b'\n');
-                index_of.push(i);
-            }
-            Err(why) => unmapped.push((
-                i,
-                tally_ingest::Rejection {
-                    index: 0,
-                    error: why,
-                    tenant: default_tenant.clone().unwrap_or_else(|| {
-                        caller
-                            .key_tenant()
-                            .unwrap_or(tally_types::DEFAULT_TENANT)
-                            .to_string()
-                    }),
-                    raw: m.to_string(),
-                    is_object: m.is_object(),
-                },
-            )),
-        }
+        mapped.push(i, m, to_event(m, sent_at.as_deref(), now))?;
     }
-    let (status, mut answer) =
-        ingest_mapped(&s, &pairs, tenancy, lines, index_of, unmapped, started).await?;
+    let (status, mut answer) = mapped.ingest(&s, &pairs, tenancy, started).await?;
     // PostHog answers `{"status": 1}`; Tally's counts come along.
     answer["status"] = json!(1);
     Ok(ingest_response(status, answer))

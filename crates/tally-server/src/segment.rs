@@ -27,8 +27,8 @@ use tally_types::time::{format_rfc3339, parse_rfc3339};
 
 use crate::auth::Caller;
 use crate::http::{
-    ApiError, AppState, default_tenant, ingest_mapped, ingest_response, query_pairs,
-    read_ingest_body, tenancy,
+    ApiError, AppState, Mapped, default_tenant, ingest_response, query_pairs, read_ingest_body,
+    tenancy,
 };
 
 /// The Segment calls Tally takes.
@@ -71,43 +71,18 @@ pub(crate) async fn call(
     } else {
         vec![(msg.clone(), None)]
     };
-    let mut lines = Vec::with_capacity(body.len());
-    // The message index of each line sent on, and the messages that could
-    // not be mapped (answered as rejected, by their index in the call).
-    let mut index_of = Vec::with_capacity(messages.len());
-    let mut unmapped = Vec::new();
+    // Each message's line, or why it made none (answered as rejected, by
+    // its index in the call).
+    let mut mapped = Mapped::new(body.len(), messages.len(), &caller, &default_tenant);
     for (i, (m, batch_sent)) in messages.iter().enumerate() {
         let call = if kind == "batch" {
             m.get("type").and_then(Json::as_str).unwrap_or("track")
         } else {
             kind.as_str()
         };
-        match to_event(m, call, *batch_sent, now) {
-            Ok(ev) => {
-                serde_json::to_writer(&mut lines, &ev)
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-                lines.push(b'\n');
-                index_of.push(i);
-            }
-            Err(why) => unmapped.push((
-                i,
-                tally_ingest::Rejection {
-                    index: 0,
-                    error: why,
-                    tenant: default_tenant.clone().unwrap_or_else(|| {
-                        caller
-                            .key_tenant()
-                            .unwrap_or(tally_types::DEFAULT_TENANT)
-                            .to_string()
-                    }),
-                    raw: m.to_string(),
-                    is_object: m.is_object(),
-                },
-            )),
-        }
+        mapped.push(i, m, to_event(m, call, *batch_sent, now))?;
     }
-    let (status, mut answer) =
-        ingest_mapped(&s, &pairs, tenancy, lines, index_of, unmapped, started).await?;
+    let (status, mut answer) = mapped.ingest(&s, &pairs, tenancy, started).await?;
     // Segment's answer is `{"success": true}`; Tally's counts come along.
     let ok = status.is_success() && answer["rejected"].as_u64() == Some(0);
     answer["success"] = json!(ok);
