@@ -283,6 +283,24 @@ async fn confluents_client_registers_evolves_and_sends_avro_that_sql_serves() {
     )
     .await;
     assert_eq!(r[0][0], Value::Null, "\"fast\" is not an int");
+    // A field with a default reads it where an event of the type lacks
+    // it (json-1 was sent without `plan`; version 4 says "free"); other
+    // types do not.
+    let r = rows(
+        &c,
+        &base,
+        "default",
+        "SELECT event_id, plan FROM events WHERE event_id IN ('avro-1', 'json-1', 'json-5') ORDER BY event_id",
+    )
+    .await;
+    assert_eq!(
+        r,
+        vec![
+            vec![json!("avro-1"), json!("pro")],
+            vec![json!("json-1"), json!("free")],
+            vec![json!("json-5"), Value::Null],
+        ]
+    );
 
     // The status lists subjects and versions.
     let st = common::get(&c, format!("{base}/api/v1/status")).await;

@@ -115,6 +115,7 @@ fn typed_events(
     ctx: &SessionContext,
     base: Arc<dyn TableProvider>,
     declared: &BTreeMap<String, PropType>,
+    fills: &BTreeMap<String, tally_types::schema::ColumnFill>,
 ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
     let column = |name: &str| Expr::Column(Column::new_unqualified(name));
     let mut exprs: Vec<Expr> = base
@@ -124,21 +125,61 @@ fn typed_events(
         .map(|f| column(f.name()))
         .collect();
     for (name, t) in declared {
-        let get = |f: &str| -> Result<Expr, DataFusionError> {
-            Ok(ctx
-                .udf(f)?
-                .call(vec![column("properties"), lit(name.as_str())]))
+        let read = |prop: &str| -> Result<Expr, DataFusionError> {
+            let get = |f: &str| -> Result<Expr, DataFusionError> {
+                Ok(ctx.udf(f)?.call(vec![column("properties"), lit(prop)]))
+            };
+            Ok(match t {
+                PropType::String => get("json_get_str")?,
+                PropType::Int => get("json_get_int")?,
+                PropType::Float => get("json_get_float")?,
+                // json_get_int reads true as 1 and false as 0.
+                PropType::Bool => get("json_get_int")?.not_eq(lit(0i64)),
+            })
         };
-        let e = match t {
-            PropType::String => get("json_get_str")?,
-            PropType::Int => get("json_get_int")?,
-            PropType::Float => get("json_get_float")?,
-            // json_get_int reads true as 1 and false as 0.
-            PropType::Bool => get("json_get_int")?.not_eq(lit(0i64)),
-        };
+        let mut e = read(name)?;
+        if let Some(fill) = fills.get(name) {
+            // The property, else its older names, else the default of the
+            // event's type.
+            let mut parts = vec![e];
+            for a in &fill.aliases {
+                parts.push(read(a)?);
+            }
+            let mut case: Option<datafusion::logical_expr::conditional_expressions::CaseBuilder> =
+                None;
+            for (event_type, d) in &fill.defaults {
+                let Some(v) = default_literal(*t, d) else {
+                    continue;
+                };
+                let cond = column("event_type").eq(lit(event_type.as_str()));
+                case = Some(match case {
+                    None => datafusion::logical_expr::when(cond, v),
+                    Some(mut c) => c.when(cond, v),
+                });
+            }
+            if let Some(c) = case {
+                parts.push(c.end()?);
+            }
+            e = if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                datafusion::functions::core::expr_fn::coalesce(parts)
+            };
+        }
         exprs.push(e.alias(name));
     }
     Ok(ctx.read_table(base)?.select(exprs)?.into_view())
+}
+
+/// A schema default as a literal of the column's type (`None` when it is
+/// not one: such a default fills nothing).
+fn default_literal(t: PropType, d: &serde_json::Value) -> Option<Expr> {
+    Some(match t {
+        PropType::String => lit(d.as_str()?.to_string()),
+        PropType::Int => lit(d.as_i64()?),
+        PropType::Float => lit(d.as_f64()?),
+        PropType::Bool => lit(d.as_bool()?),
+    })
 }
 
 /// Limits and tuning.
@@ -157,12 +198,29 @@ pub struct QueryConfig {
     /// More typed columns per tenant, asked at each query (the schema
     /// registry's latest versions); `schemas` wins where both name one.
     pub columns: Option<ColumnsFn>,
+    /// Older names and defaults of those columns (the registry's).
+    pub fills: Option<FillsFn>,
 }
 
 /// A tenant's typed property columns, asked when a query is planned.
 #[derive(Clone)]
 #[allow(clippy::type_complexity)]
 pub struct ColumnsFn(pub Arc<dyn Fn(&str) -> BTreeMap<String, PropType> + Send + Sync>);
+
+/// What a tenant's typed property columns read when an event lacks the
+/// property (older names, per-event-type defaults), asked with
+/// [`ColumnsFn`].
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct FillsFn(
+    pub Arc<dyn Fn(&str) -> BTreeMap<String, tally_types::schema::ColumnFill> + Send + Sync>,
+);
+
+impl std::fmt::Debug for FillsFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FillsFn")
+    }
+}
 
 impl std::fmt::Debug for ColumnsFn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,6 +238,7 @@ impl Default for QueryConfig {
             cache_entries: 256,
             schemas: Arc::default(),
             columns: None,
+            fills: None,
         }
     }
 }
@@ -315,10 +374,15 @@ impl QueryEngine {
         }
         // A property named like a fixed column stays in `properties`.
         declared.retain(|k, _| events.schema().field_with_name(k).is_err());
+        let fills = self
+            .cfg
+            .fills
+            .as_ref()
+            .map_or_else(BTreeMap::new, |f| (f.0)(tenant));
         let events = if declared.is_empty() {
             events
         } else {
-            typed_events(&ctx, events, &declared).map_err(df)?
+            typed_events(&ctx, events, &declared, &fills).map_err(df)?
         };
         ctx.register_table("events", events.clone()).map_err(df)?;
         ctx.register_table(

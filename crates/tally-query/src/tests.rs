@@ -407,3 +407,64 @@ proptest::proptest! {
         }
     }
 }
+
+/// A registered property's column reads, where an event lacks it, its
+/// older names and then its event type's default; other types read null.
+#[tokio::test]
+async fn typed_columns_read_older_names_then_defaults() {
+    let mut w = BatchWriter::new();
+    // (event id, type, its one property if any)
+    type Ev<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>);
+    let events: [Ev<'_>; 4] = [
+        ("e0", "signup", Some(("tier", "pro"))),
+        ("e1", "signup", Some(("plan", "gold"))),
+        ("e2", "signup", None),
+        ("e3", "click", None),
+    ];
+    for (i, (id, ty, prop)) in events.iter().enumerate() {
+        let at = w.begin_event("a", id, ty, T0 + i as i64 * 1000, None, None);
+        let n = match prop {
+            Some((k, v)) => {
+                w.prop(k, PropValue::Str(v));
+                1
+            }
+            None => 0,
+        };
+        w.finish_event(at, n);
+    }
+    let cfg = QueryConfig {
+        columns: Some(ColumnsFn(Arc::new(|_: &str| {
+            [("tier".to_string(), PropType::String)]
+                .into_iter()
+                .collect()
+        }))),
+        fills: Some(FillsFn(Arc::new(|_: &str| {
+            [(
+                "tier".to_string(),
+                tally_types::schema::ColumnFill {
+                    aliases: vec!["plan".into()],
+                    defaults: vec![("signup".into(), serde_json::json!("free"))],
+                },
+            )]
+            .into_iter()
+            .collect()
+        }))),
+        ..QueryConfig::default()
+    };
+    let f = fixture_with(cfg, w.finish());
+    let r = f
+        .engine
+        .sql("a", "SELECT event_id, tier FROM events ORDER BY event_id")
+        .await
+        .unwrap();
+    let row = |id: &str, v: Option<&str>| vec![serde_json::json!(id), serde_json::json!(v)];
+    assert_eq!(
+        ints(&r),
+        vec![
+            row("e0", Some("pro")),
+            row("e1", Some("gold")),
+            row("e2", Some("free")),
+            row("e3", None),
+        ]
+    );
+}

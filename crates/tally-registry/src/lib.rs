@@ -1015,6 +1015,59 @@ impl Registry {
         out.into_iter().filter_map(|(k, v)| Some((k, v?))).collect()
     }
 
+    /// Per property column of a tenant, what it reads when an event lacks
+    /// the property: its older names (the `aliases` of the field in any
+    /// subject's latest version), then the default of the event type's
+    /// latest version (Avro `default`, JSON Schema `default`; a null
+    /// default adds nothing).
+    pub fn property_fills(
+        &self,
+        tenant: &str,
+    ) -> BTreeMap<String, tally_types::schema::ColumnFill> {
+        let st = self.state.read();
+        let mut out: BTreeMap<String, tally_types::schema::ColumnFill> = BTreeMap::new();
+        let Some(t) = st.tenants.get(tenant) else {
+            return out;
+        };
+        for (subject, s) in &t.subjects {
+            let Some(v) = s.live().next_back() else {
+                continue;
+            };
+            match &st.schemas[&v.id].parsed {
+                Parsed::Avro(apache_avro::Schema::Record(r), _)
+                    if !r.fields.iter().any(|f| f.name == "properties") =>
+                {
+                    for f in &r.fields {
+                        let fill = out.entry(f.name.clone()).or_default();
+                        for a in &f.aliases {
+                            if !fill.aliases.contains(a) {
+                                fill.aliases.push(a.clone());
+                            }
+                        }
+                        if let Some(d) = f.default.as_ref().filter(|d| !d.is_null()) {
+                            fill.defaults.push((subject.clone(), d.clone()));
+                        }
+                    }
+                }
+                Parsed::Json(_, doc) => {
+                    if let Some(props) = doc.get("properties").and_then(Json::as_object) {
+                        for (name, p) in props {
+                            if let Some(d) = p.get("default").filter(|d| !d.is_null()) {
+                                out.entry(name.clone())
+                                    .or_default()
+                                    .defaults
+                                    .push((subject.clone(), d.clone()));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.retain(|_, f| !f.aliases.is_empty() || !f.defaults.is_empty());
+        out
+    }
+
     /// Per tenant, each subject's live versions (the status page).
     pub fn summary(&self) -> BTreeMap<String, BTreeMap<String, Vec<u32>>> {
         let st = self.state.read();

@@ -618,6 +618,46 @@ fn sql_columns_follow_the_latest_versions() {
     assert!(r.property_types("nobody").is_empty());
 }
 
+/// What SQL columns read when an event lacks a property: a renamed
+/// field's older names (Avro aliases) and each event type's default.
+#[test]
+fn property_fills_are_aliases_and_defaults_per_event_type() {
+    use tally_types::schema::ColumnFill;
+    let r = Registry::in_memory(Level::None);
+    r.register(
+        "t",
+        "signup",
+        SchemaType::Avro,
+        r#"{"type":"record","name":"S","fields":[{"name":"tier","type":"string","aliases":["plan"],"default":"free"},{"name":"ref","type":["null","string"],"default":null}]}"#,
+    )
+    .unwrap();
+    r.register(
+        "t",
+        "order",
+        SchemaType::Json,
+        r#"{"type":"object","properties":{"currency":{"type":"string","default":"EUR"},"tier":{"type":"string","default":"gold"}}}"#,
+    )
+    .unwrap();
+    let fills = r.property_fills("t");
+    assert_eq!(
+        fills.get("tier"),
+        Some(&ColumnFill {
+            aliases: vec!["plan".into()],
+            defaults: vec![
+                ("order".into(), serde_json::json!("gold")),
+                ("signup".into(), serde_json::json!("free")),
+            ],
+        })
+    );
+    assert_eq!(
+        fills.get("currency").map(|f| f.defaults.clone()),
+        Some(vec![("order".into(), serde_json::json!("EUR"))])
+    );
+    // A null default fills nothing.
+    assert!(!fills.contains_key("ref"), "{fills:?}");
+    assert!(r.property_fills("nobody").is_empty());
+}
+
 #[test]
 fn levels_and_versions_parse_and_refuse_clearly() {
     assert_eq!(

@@ -156,6 +156,10 @@ impl Server {
                             let r = shared.registry.clone();
                             tally_query::ColumnsFn(Arc::new(move |t: &str| r.property_types(t)))
                         }),
+                        fills: Some({
+                            let r = shared.registry.clone();
+                            tally_query::FillsFn(Arc::new(move |t: &str| r.property_fills(t)))
+                        }),
                         ..tally_query::QueryConfig::default()
                     },
                     version,

@@ -19,6 +19,16 @@ pub enum PropType {
     Bool,
 }
 
+/// What the SQL column of a registered property reads besides the
+/// property itself: its older names (Avro `aliases`), then, per event
+/// type, the value an event without it reads as (its schema's `default`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ColumnFill {
+    pub aliases: Vec<String>,
+    /// (event type, default value).
+    pub defaults: Vec<(String, serde_json::Value)>,
+}
+
 /// Declared properties (name → type) per tenant.
 pub type Schemas = BTreeMap<String, BTreeMap<String, PropType>>;
 
