@@ -1020,6 +1020,11 @@ impl RollupStore {
         }
     }
 
+    /// Whether touches are kept (see [`RollupStore::track_session_touches`]).
+    pub fn tracks_session_touches(&self) -> bool {
+        self.sessions.tracking
+    }
+
     /// Notes an event applied behind its tenant's watermark, for the
     /// session corrections task ([`RollupStore::take_session_touches`]).
     pub fn note_session_touch(&mut self, touch: crate::SessionTouch) {

@@ -944,7 +944,8 @@ mod tests;
 /// session corrections (events with neither a session nor a user belong
 /// to no session).
 fn note_touch(store: &mut RollupStore, ev: &EventView<'_>, wm: Millis, at: Millis) {
-    if ev.session_id.is_none() && ev.user_id.is_none() {
+    // Nothing to build when nobody takes them (Kafka mode's partitions).
+    if !store.tracks_session_touches() || (ev.session_id.is_none() && ev.user_id.is_none()) {
         return;
     }
     store.note_session_touch(tally_store::SessionTouch {
