@@ -36,8 +36,8 @@ use tally_types::schema::{PropType, Schemas};
 
 pub use catalog::{Catalog, CatalogQuery, DISTINCT_CAP, EventTypeInfo, PropertyInfo};
 pub use sessions::{
-    SESSION_MARGIN_MS, SessionCorrection, SessionKey, SessionMetric, SessionMetricQuery,
-    SessionPair, SessionRow, SessionsQuery, session_changes,
+    SESSION_MARGIN_MS, SessionKey, SessionMetric, SessionMetricQuery, SessionPair, SessionRow,
+    SessionsQuery, session_changes,
 };
 pub use udf::json_udfs;
 

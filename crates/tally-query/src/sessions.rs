@@ -15,6 +15,7 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::physical_plan::execute_stream;
 use futures::StreamExt;
+use tally_store::SessionCorrection;
 use tally_types::Millis;
 use tally_types::time::align_down;
 
@@ -32,56 +33,38 @@ pub struct SessionsQuery {
     pub limit: usize,
 }
 
-/// One session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRow {
-    pub session_id: String,
-    /// Whether the id was derived (events without a `session_id`).
-    pub derived: bool,
-    pub user_id: Option<String>,
-    pub start: Millis,
-    pub end: Millis,
-    pub events: u64,
-    /// The `page` property of the first and the last event, if they have one.
-    pub first_page: Option<String>,
-    pub last_page: Option<String>,
-    /// Event types seen, sorted.
-    pub event_types: BTreeSet<String>,
+/// One session (the store's type: its corrections go to the change log).
+pub type SessionRow = tally_store::Session;
+
+/// A session of one event at `t`, to [`add`] it to.
+fn open(id: String, derived: bool, user: Option<&str>, t: Millis) -> SessionRow {
+    SessionRow {
+        session_id: id,
+        derived,
+        user_id: user.map(str::to_string),
+        start: t,
+        end: t,
+        events: 0,
+        first_page: None,
+        last_page: None,
+        event_types: BTreeSet::new(),
+    }
 }
 
-impl SessionRow {
-    fn new(id: String, derived: bool, user: Option<&str>, t: Millis) -> SessionRow {
-        SessionRow {
-            session_id: id,
-            derived,
-            user_id: user.map(str::to_string),
-            start: t,
-            end: t,
-            events: 0,
-            first_page: None,
-            last_page: None,
-            event_types: BTreeSet::new(),
-        }
+/// Adds an event to a session (any order: first and last page follow the
+/// times).
+fn add(s: &mut SessionRow, e: &Ev) {
+    if s.events == 0 || e.ts < s.start {
+        s.start = e.ts;
+        s.first_page = e.page.clone();
     }
-
-    /// Adds an event (any order: first and last page follow the times).
-    fn add(&mut self, e: &Ev) {
-        if self.events == 0 || e.ts < self.start {
-            self.start = e.ts;
-            self.first_page = e.page.clone();
-        }
-        if self.events == 0 || e.ts >= self.end {
-            self.end = e.ts;
-            self.last_page = e.page.clone();
-        }
-        self.events += 1;
-        if !self.event_types.contains(&e.event_type) {
-            self.event_types.insert(e.event_type.clone());
-        }
+    if s.events == 0 || e.ts >= s.end {
+        s.end = e.ts;
+        s.last_page = e.page.clone();
     }
-
-    pub fn duration_ms(&self) -> Millis {
-        self.end - self.start
+    s.events += 1;
+    if !s.event_types.contains(&e.event_type) {
+        s.event_types.insert(e.event_type.clone());
     }
 }
 
@@ -224,8 +207,8 @@ impl Builder {
         let s = self
             .by_id
             .entry(sid.to_string())
-            .or_insert_with(|| SessionRow::new(sid.to_string(), false, user, e.ts));
-        s.add(&e);
+            .or_insert_with(|| open(sid.to_string(), false, user, e.ts));
+        add(s, &e);
         if s.user_id.is_none() {
             s.user_id = user.map(str::to_string);
         }
@@ -257,7 +240,7 @@ pub(crate) async fn compute_pair(
     to: Millis,
     gap_ms: Millis,
     exclude: &std::collections::HashSet<String>,
-) -> Result<(Vec<SessionRow>, Vec<SessionRow>, usize), DataFusionError> {
+) -> Result<SessionPair, DataFusionError> {
     let ts = crate::provider::ts_lit;
     let mut filter = col("ts").gt_eq(ts(from)).and(col("ts").lt(ts(to)));
     filter = match key {
@@ -286,7 +269,11 @@ pub(crate) async fn compute_pair(
             after.push(user, sid, e);
         }
     }
-    Ok((before.finish(gap_ms), after.finish(gap_ms), seen.len()))
+    Ok(SessionPair {
+        before: before.finish(gap_ms),
+        after: after.finish(gap_ms),
+        seen: seen.len(),
+    })
 }
 
 /// Whose sessions a correction is looked for in.
@@ -331,30 +318,21 @@ pub fn session_changes(
         if !closed {
             continue;
         }
-        let old = parts.iter().find(|p| p.session_id == n.session_id);
-        out.push(SessionCorrection {
-            old: old.map(|p| (*p).clone()),
-            new: Some(n.clone()),
-            replaced_by: None,
+        out.push(match parts.iter().find(|p| p.session_id == n.session_id) {
+            Some(old) => SessionCorrection::Changed {
+                old: (*old).clone(),
+                new: n.clone(),
+            },
+            None => SessionCorrection::Appeared(n.clone()),
         });
         for p in parts.iter().filter(|p| p.session_id != n.session_id) {
-            out.push(SessionCorrection {
-                old: Some((*p).clone()),
-                new: None,
-                replaced_by: Some(n.session_id.clone()),
+            out.push(SessionCorrection::MergedInto {
+                old: (*p).clone(),
+                into: n.session_id.clone(),
             });
         }
     }
     out
-}
-
-/// One change of [`session_changes`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionCorrection {
-    pub old: Option<SessionRow>,
-    pub new: Option<SessionRow>,
-    /// For a session merged into another: that one's id.
-    pub replaced_by: Option<String>,
 }
 
 /// One key's sessions before and after a set of events, as
@@ -412,7 +390,7 @@ impl QueryEngine {
             let events = ctx.table_provider("events").await.map_err(df_err)?;
             let state = ctx.state();
             let run = async {
-                let (before, after, seen) = compute_pair(
+                compute_pair(
                     &state,
                     events,
                     &key,
@@ -422,12 +400,7 @@ impl QueryEngine {
                     &exclude,
                 )
                 .await
-                .map_err(df_err)?;
-                Ok(SessionPair {
-                    before,
-                    after,
-                    seen,
-                })
+                .map_err(df_err)
             };
             me.timed(run).await
         })
@@ -685,11 +658,10 @@ fn split(user: Option<&str>, evs: &[Ev], gap_ms: Millis) -> Vec<SessionRow> {
     let mut out: Vec<SessionRow> = Vec::new();
     for e in evs {
         match out.last_mut() {
-            Some(s) if e.ts - s.end < gap_ms => s.add(e),
+            Some(s) if e.ts - s.end < gap_ms => add(s, e),
             _ => {
-                let mut s =
-                    SessionRow::new(format!("{}:{}", user.unwrap_or(""), e.ts), true, user, e.ts);
-                s.add(e);
+                let mut s = open(format!("{}:{}", user.unwrap_or(""), e.ts), true, user, e.ts);
+                add(&mut s, e);
                 out.push(s);
             }
         }
@@ -733,18 +705,11 @@ mod tests {
     fn told(c: &[SessionCorrection]) -> Vec<Told> {
         c.iter()
             .map(|c| {
-                let id = c
-                    .new
-                    .as_ref()
-                    .or(c.old.as_ref())
-                    .unwrap()
-                    .session_id
-                    .clone();
                 (
-                    id,
-                    c.old.as_ref().map(|s| s.events),
-                    c.new.as_ref().map(|s| s.events),
-                    c.replaced_by.clone(),
+                    c.session().session_id.clone(),
+                    c.before().map(|s| s.events),
+                    c.after().map(|s| s.events),
+                    c.replaced_by().map(str::to_string),
                 )
             })
             .collect()

@@ -1166,7 +1166,12 @@ fn alert_loop(
             }
             let mut keys: Vec<(String, i64)> = changes
                 .iter()
-                .map(|c| (c.tenant.to_string(), c.minute))
+                .filter_map(|c| match c.what {
+                    tally_store::Changed::Bucket { minute, .. } => {
+                        Some((c.tenant.to_string(), minute))
+                    }
+                    tally_store::Changed::Session(_) => None,
+                })
                 .collect();
             keys.sort_unstable();
             keys.dedup();

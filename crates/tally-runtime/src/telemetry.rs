@@ -66,6 +66,7 @@ pub struct Telemetry {
     /// a look, keys (session or user) read again, keys not read (over the
     /// task's budget), session changes listed.
     pub session_touches: AtomicU64,
+    pub session_touches_dropped: AtomicU64,
     pub session_keys_checked: AtomicU64,
     pub session_keys_skipped: AtomicU64,
     pub session_changes: AtomicU64,
@@ -123,6 +124,7 @@ impl Default for Telemetry {
             events_shed: AtomicU64::new(0),
             events_refused_late_full: AtomicU64::new(0),
             session_touches: AtomicU64::new(0),
+            session_touches_dropped: AtomicU64::new(0),
             session_keys_checked: AtomicU64::new(0),
             session_keys_skipped: AtomicU64::new(0),
             session_changes: AtomicU64::new(0),
@@ -266,6 +268,11 @@ impl Telemetry {
                 "tally_session_touches_total",
                 "Events applied behind their tenant's watermark, looked at for session corrections.",
                 &self.session_touches,
+            ),
+            (
+                "tally_session_touches_dropped_total",
+                "Such events dropped unlooked at: more than 100,000 were waiting.",
+                &self.session_touches_dropped,
             ),
             (
                 "tally_session_keys_checked_total",

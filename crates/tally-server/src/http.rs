@@ -1698,64 +1698,62 @@ async fn changes(
     };
     let limit = limit_param(&pairs, 1000, tally_store::CHANGES_KEPT)?;
     let store = s.shared.store.read();
-    let (buckets, complete_b) = store.changes_since(&tenant, since, limit);
-    let (sessions, complete_s) = store.session_changes_since(&tenant, since, limit);
-    let complete = complete_b && complete_s;
-    let summary = |x: &tally_store::Summary| json!({"count": x.count, "unique_users": x.unique_users, "unique_sessions": x.unique_sessions});
-    // Both logs in one version order, `limit` in all.
-    let mut listed: Vec<(u64, Json)> = buckets
-        .iter()
-        .map(|c| {
-            (
-                c.version,
-                json!({
-                    "kind": "bucket",
-                    "key": {
-                        "tenant": &*c.tenant,
-                        "event_type": &*c.event_type,
-                        "bucket": format_rfc3339(c.minute),
-                        "granularity": "1m",
-                    },
-                    "old": summary(&c.old),
-                    "new": summary(&c.new),
-                    "at": format_rfc3339(c.at),
-                    "version": c.version,
-                }),
-            )
-        })
-        .chain(sessions.iter().map(|c| {
-            let mut v = json!({
-                "kind": "session",
-                "key": {
-                    "tenant": &*c.tenant,
-                    "session_id": c.session_id,
-                    "user_id": c.user_id,
-                },
-                "old": c.old.as_ref().map(crate::session_changes::session_json),
-                "new": c.new.as_ref().map(crate::session_changes::session_json),
-                "at": format_rfc3339(c.at),
-                "version": c.version,
-            });
-            if let Some(r) = &c.replaced_by {
-                v["replaced_by"] = json!(r);
-            }
-            (c.version, v)
-        }))
-        .collect();
-    listed.sort_by_key(|(v, _)| *v);
-    let full = listed.len() >= limit;
-    listed.truncate(limit);
-    let version = if full {
-        listed.last().map_or(store.version(), |(v, _)| *v)
+    let (list, complete) = store.changes_since(&tenant, since, limit);
+    let version = if list.len() == limit {
+        list.last().map_or(store.version(), |c| c.version)
     } else {
         store.version()
     };
-    let changes: Vec<Json> = listed.into_iter().map(|(_, j)| j).collect();
+    let changes: Vec<Json> = list.iter().map(|c| change_json(c)).collect();
     drop(store);
     Ok(
         axum::Json(json!({"version": version, "complete": complete, "changes": changes}))
             .into_response(),
     )
+}
+
+/// One entry of `GET /api/v1/changes`.
+fn change_json(c: &tally_store::Change) -> Json {
+    use crate::session_changes::session_json;
+    use tally_store::Changed;
+    let summary = |x: &tally_store::Summary| json!({"count": x.count, "unique_users": x.unique_users, "unique_sessions": x.unique_sessions});
+    let mut v = match &c.what {
+        Changed::Bucket {
+            minute,
+            event_type,
+            old,
+            new,
+        } => json!({
+            "kind": "bucket",
+            "key": {
+                "tenant": &*c.tenant,
+                "event_type": &**event_type,
+                "bucket": format_rfc3339(*minute),
+                "granularity": "1m",
+            },
+            "old": summary(old),
+            "new": summary(new),
+        }),
+        Changed::Session(sc) => {
+            let mut v = json!({
+                "kind": "session",
+                "key": {
+                    "tenant": &*c.tenant,
+                    "session_id": sc.session().session_id,
+                    "user_id": sc.session().user_id,
+                },
+                "old": sc.before().map(session_json),
+                "new": sc.after().map(session_json),
+            });
+            if let Some(r) = sc.replaced_by() {
+                v["replaced_by"] = json!(r);
+            }
+            v
+        }
+    };
+    v["at"] = json!(format_rfc3339(c.at));
+    v["version"] = json!(c.version);
+    v
 }
 
 /// `GET /api/v1/sessions?user_id=U&start=T&end=T[&tenant=X][&gap=30m][&limit=N]`.

@@ -12,9 +12,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use crate::pipeline::Shared;
-use tally_query::{QueryEngine, SessionKey, SessionRow};
-use tally_store::{DEFAULT_SESSION_GAP_MS, SessionChange, SessionSummary, SessionTouch};
-use tally_types::Millis;
+use tally_query::{QueryEngine, SessionKey};
+use tally_store::{DEFAULT_SESSION_GAP_MS, Session, SessionTouch};
 
 /// How often touches are looked at.
 const EVERY: Duration = Duration::from_millis(250);
@@ -48,9 +47,10 @@ pub(crate) async fn run(
             _ = tokio::time::sleep(EVERY) => {}
             _ = stopped.changed() => return,
         }
-        let touches = shared.store.write().take_session_touches();
+        let (touches, dropped) = shared.store.write().take_session_touches();
         let tel = &shared.telemetry;
         tel.session_touches.fetch_add(touches.len() as u64, Relaxed);
+        tel.session_touches_dropped.fetch_add(dropped, Relaxed);
         for t in touches {
             let key = match (&t.session_id, &t.user_id) {
                 (Some(s), _) => SessionKey::Session(s.to_string()),
@@ -71,22 +71,21 @@ pub(crate) async fn run(
                 .touches
                 .push(t);
         }
-        // From where the last round stopped, so no key waits behind others
-        // that keep the budget busy.
-        let keys: Vec<(Box<str>, SessionKey)> = match &cursor {
-            Some(c) => pending
-                .range((Excluded(c.clone()), Unbounded))
-                .chain(pending.range(..=c.clone()))
-                .map(|(k, _)| k.clone())
-                .collect(),
-            None => pending.keys().cloned().collect(),
-        };
         let round = std::time::Instant::now();
-        let mut changes = Vec::new();
-        for k in keys {
+        // Each key at most once, from where the last round stopped, so no
+        // key waits behind others that keep the budget busy.
+        for _ in 0..pending.len() {
             if round.elapsed() >= ROUND_BUDGET {
                 break;
             }
+            let next = cursor
+                .as_ref()
+                .and_then(|c| pending.range((Excluded(c), Unbounded)).next())
+                .or_else(|| pending.iter().next())
+                .map(|(k, _)| k.clone());
+            let Some(k) = next else {
+                break;
+            };
             cursor = Some(k.clone());
             let Some(p) = pending.get_mut(&k) else {
                 continue;
@@ -94,17 +93,11 @@ pub(crate) async fn run(
             p.tries += 1;
             let exclude: HashSet<String> =
                 p.touches.iter().map(|t| t.event_id.to_string()).collect();
+            let wanted = exclude.len();
             let from = p.touches.iter().map(|t| t.ts).min().unwrap_or_default();
             let to = p.touches.iter().map(|t| t.ts).max().unwrap_or_default() + 1;
             let pair = engine
-                .session_pair(
-                    &k.0,
-                    k.1.clone(),
-                    from,
-                    to,
-                    DEFAULT_SESSION_GAP_MS,
-                    exclude.clone(),
-                )
+                .session_pair(&k.0, k.1.clone(), from, to, DEFAULT_SESSION_GAP_MS, exclude)
                 .await;
             let pair = match pair {
                 Ok(pair) => pair,
@@ -115,7 +108,7 @@ pub(crate) async fn run(
                 }
             };
             // Not every event visible in the raw events yet: next round.
-            if pair.seen < exclude.len() && p.tries < MAX_TRIES {
+            if pair.seen < wanted && p.tries < MAX_TRIES {
                 continue;
             }
             let Some(p) = pending.remove(&k) else {
@@ -125,53 +118,26 @@ pub(crate) async fn run(
             let watermark = p.touches.iter().map(|t| t.watermark).max().unwrap_or(0);
             let at = p.touches.iter().map(|t| t.at).max().unwrap_or(0);
             let closed_to = watermark.saturating_sub(DEFAULT_SESSION_GAP_MS);
-            for c in tally_query::session_changes(&pair.before, &pair.after, closed_to) {
-                let any = c.new.as_ref().or(c.old.as_ref()).expect("one side");
-                changes.push(SessionChange {
-                    version: 0,
-                    tenant: k.0.clone(),
-                    session_id: any.session_id.clone(),
-                    user_id: any.user_id.clone(),
-                    old: c.old.as_ref().map(summary),
-                    new: c.new.as_ref().map(summary),
-                    replaced_by: c.replaced_by,
-                    at,
-                });
+            let found = tally_query::session_changes(&pair.before, &pair.after, closed_to);
+            if !found.is_empty() {
+                tel.session_changes.fetch_add(found.len() as u64, Relaxed);
+                tracing::debug!(changes = found.len(), "session corrections");
+                shared.store.write().push_session_changes(&k.0, at, found);
             }
         }
-        if !changes.is_empty() {
-            tel.session_changes.fetch_add(changes.len() as u64, Relaxed);
-            tracing::debug!(changes = changes.len(), "session corrections");
-            shared.store.write().push_session_changes(changes);
-        }
-    }
-}
-
-fn summary(r: &SessionRow) -> SessionSummary {
-    SessionSummary {
-        session_id: r.session_id.clone(),
-        derived: r.derived,
-        user_id: r.user_id.clone(),
-        start: r.start,
-        end: r.end,
-        events: r.events,
-        first_page: r.first_page.clone(),
-        last_page: r.last_page.clone(),
-        event_types: r.event_types.iter().cloned().collect(),
     }
 }
 
 /// A session as `GET /api/v1/changes` shows it (the fields of the SQL
 /// table `sessions`).
-pub(crate) fn session_json(s: &SessionSummary) -> serde_json::Value {
+pub(crate) fn session_json(s: &Session) -> serde_json::Value {
     use tally_types::time::format_rfc3339;
-    let duration: Millis = s.end - s.start;
     serde_json::json!({
         "session_id": s.session_id,
         "user_id": s.user_id,
         "start": format_rfc3339(s.start),
         "end": format_rfc3339(s.end),
-        "duration_ms": duration,
+        "duration_ms": s.duration_ms(),
         "events": s.events,
         "first_page": s.first_page,
         "last_page": s.last_page,

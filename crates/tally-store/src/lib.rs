@@ -10,10 +10,10 @@ pub mod sketch;
 pub use cache::MetricsCache;
 pub use dims::Dimensions;
 pub use rollup::{
-    Agg, CHANGES_KEPT, Change, DimAggs, Downsampled, Granularity, Metric, MetricQuery,
+    Agg, CHANGES_KEPT, Change, Changed, DimAggs, Downsampled, Granularity, Metric, MetricQuery,
     MinuteBucket, NumAgg, QueryError, RollupStore, Series, Summary, Value, parse_group_by,
     parse_where,
 };
 pub use sessions::{
-    DEFAULT_SESSION_GAP_MS, SessionChange, SessionSummary, SessionTouch, TOUCHES_KEPT,
+    DEFAULT_SESSION_GAP_MS, Session, SessionCorrection, SessionTouch, TOUCHES_KEPT,
 };

@@ -480,8 +480,8 @@ pub struct RollupStore {
     change_log: VecDeque<Change>,
     /// Versions at or before this fell out of `change_log`.
     change_floor: u64,
-    /// Events applied behind a watermark, and the session change log.
-    sessions: crate::sessions::SessionLog,
+    /// Events applied behind a watermark, for session corrections.
+    touches: crate::sessions::Touches,
     /// Scratch space for combination keys.
     key: String,
 }
@@ -522,7 +522,7 @@ impl Default for RollupStore {
             corrected: hashbrown::HashMap::new(),
             change_log: VecDeque::new(),
             change_floor: 0,
-            sessions: Default::default(),
+            touches: Default::default(),
             key: String::new(),
         }
     }
@@ -570,20 +570,31 @@ impl Summary {
     }
 }
 
-/// A closed (tenant, minute, event type) bucket whose value changed after
-/// it was first published: late events within the allowed lateness, a
-/// replay of late events, a backfill.
+/// Something published that changed afterwards, in the store's change
+/// log (`GET /api/v1/changes`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
     /// The store version the change became visible at.
     pub version: u64,
     pub tenant: Box<str>,
-    pub minute: Millis,
-    pub event_type: Box<str>,
-    pub old: Summary,
-    pub new: Summary,
     /// When the change was appended (wall clock).
     pub at: Millis,
+    pub what: Changed,
+}
+
+/// What changed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Changed {
+    /// A closed (minute, event type) bucket: late events within the
+    /// allowed lateness, a replay of late events, a backfill.
+    Bucket {
+        minute: Millis,
+        event_type: Box<str>,
+        old: Summary,
+        new: Summary,
+    },
+    /// A closed session (worked out from the raw events afterwards).
+    Session(Box<crate::SessionCorrection>),
 }
 
 /// What one [`RollupStore::downsample`] did.
@@ -951,20 +962,17 @@ impl RollupStore {
             if new == old {
                 continue;
             }
-            self.change_log.push_back(Change {
+            self.log_change(Change {
                 version: self.version,
                 tenant,
-                minute,
-                event_type: ty,
-                old,
-                new,
                 at,
+                what: Changed::Bucket {
+                    minute,
+                    event_type: ty,
+                    old,
+                    new,
+                },
             });
-            if self.change_log.len() > CHANGES_KEPT
-                && let Some(c) = self.change_log.pop_front()
-            {
-                self.change_floor = c.version;
-            }
         }
         for name in std::mem::take(&mut self.dirty) {
             if let Some(t) = self.tenants.get_mut(&name) {
@@ -996,9 +1004,9 @@ impl RollupStore {
             .insert((tenant.into(), minute, event_type.into()), (old, at));
     }
 
-    /// A tenant's changes of closed buckets after version `since`, oldest
-    /// first, at most `limit`; `complete` is false when changes after
-    /// `since` fell out of the bounded log.
+    /// A tenant's changes (closed buckets and sessions) after version
+    /// `since`, oldest first, at most `limit`; `complete` is false when
+    /// changes after `since` fell out of the bounded log.
     pub fn changes_since(&self, tenant: &str, since: u64, limit: usize) -> (Vec<&Change>, bool) {
         let complete = since >= self.change_floor;
         let from = self.change_log.partition_point(|c| c.version <= since);
@@ -1014,81 +1022,71 @@ impl RollupStore {
     /// Whether [`RollupStore::note_session_touch`] keeps touches (off by
     /// default: only a node that looks for session corrections takes them).
     pub fn track_session_touches(&mut self, on: bool) {
-        self.sessions.tracking = on;
+        self.touches.tracking = on;
         if !on {
-            self.sessions.touches = Vec::new();
+            self.touches.list = Vec::new();
         }
     }
 
     /// Whether touches are kept (see [`RollupStore::track_session_touches`]).
     pub fn tracks_session_touches(&self) -> bool {
-        self.sessions.tracking
+        self.touches.tracking
     }
 
     /// Notes an event applied behind its tenant's watermark, for the
     /// session corrections task ([`RollupStore::take_session_touches`]).
     pub fn note_session_touch(&mut self, touch: crate::SessionTouch) {
-        let log = &mut self.sessions;
-        if !log.tracking {
+        let t = &mut self.touches;
+        if !t.tracking {
             return;
         }
-        if log.touches.len() >= crate::TOUCHES_KEPT {
-            log.touches_dropped += 1;
+        if t.list.len() >= crate::TOUCHES_KEPT {
+            t.dropped += 1;
             return;
         }
-        log.touches.push(touch);
+        t.list.push(touch);
     }
 
-    /// The touches noted since the last call.
-    pub fn take_session_touches(&mut self) -> Vec<crate::SessionTouch> {
-        std::mem::take(&mut self.sessions.touches)
+    /// The touches noted since the last call, and how many were dropped
+    /// meanwhile (more than [`crate::TOUCHES_KEPT`] waiting).
+    pub fn take_session_touches(&mut self) -> (Vec<crate::SessionTouch>, u64) {
+        let t = &mut self.touches;
+        (std::mem::take(&mut t.list), std::mem::take(&mut t.dropped))
     }
 
-    /// Touches dropped because too many were waiting.
-    pub fn session_touches_dropped(&self) -> u64 {
-        self.sessions.touches_dropped
-    }
-
-    /// Appends session changes (one new store version for all of them).
-    pub fn push_session_changes(&mut self, changes: Vec<crate::SessionChange>) {
-        if changes.is_empty() {
+    /// Appends a tenant's session corrections, under one new store version.
+    pub fn push_session_changes(
+        &mut self,
+        tenant: &str,
+        at: Millis,
+        corrections: Vec<crate::SessionCorrection>,
+    ) {
+        if corrections.is_empty() {
             return;
         }
         self.version += 1;
-        let log = &mut self.sessions;
-        for mut c in changes {
-            c.version = self.version;
-            log.changes.push_back(c);
-            if log.changes.len() > CHANGES_KEPT
-                && let Some(c) = log.changes.pop_front()
-            {
-                log.floor = c.version;
-            }
+        for c in corrections {
+            self.log_change(Change {
+                version: self.version,
+                tenant: tenant.into(),
+                at,
+                what: Changed::Session(Box::new(c)),
+            });
         }
     }
 
-    /// A tenant's session changes after version `since`, oldest first, at
-    /// most `limit`; `complete` as for [`RollupStore::changes_since`].
-    pub fn session_changes_since(
-        &self,
-        tenant: &str,
-        since: u64,
-        limit: usize,
-    ) -> (Vec<&crate::SessionChange>, bool) {
-        let log = &self.sessions;
-        let complete = since >= log.floor;
-        let from = log.changes.partition_point(|c| c.version <= since);
-        let out = log
-            .changes
-            .range(from..)
-            .filter(|c| &*c.tenant == tenant)
-            .take(limit)
-            .collect();
-        (out, complete)
+    /// Appends to the bounded change log.
+    fn log_change(&mut self, c: Change) {
+        self.change_log.push_back(c);
+        if self.change_log.len() > CHANGES_KEPT
+            && let Some(c) = self.change_log.pop_front()
+        {
+            self.change_floor = c.version;
+        }
     }
 
-    /// Every tenant's changes of closed buckets after version `since`,
-    /// oldest first, at most `limit` (what alert rules judge again).
+    /// Every tenant's changes after version `since`, oldest first, at most
+    /// `limit` (alert rules judge the buckets among them again).
     pub fn all_changes_since(&self, since: u64, limit: usize) -> Vec<&Change> {
         let from = self.change_log.partition_point(|c| c.version <= since);
         self.change_log.range(from..).take(limit).collect()

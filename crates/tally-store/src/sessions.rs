@@ -1,12 +1,12 @@
 //! Corrections of closed sessions. Sessions themselves are computed from
-//! the raw events (`tally-query`); what lives here is what makes their
-//! corrections visible downstream: the events the processor applied behind
-//! a tenant's watermark ("touches", which may extend or merge sessions
-//! already closed), and the log of session changes those turned out to
-//! make, listed by `GET /api/v1/changes` with the bucket changes, in one
-//! version order.
+//! the raw events (`tally-query`, which builds [`Session`]s); what lives
+//! here is what makes their corrections visible downstream: the events the
+//! processor applied behind a tenant's watermark ("touches", which may
+//! extend or merge sessions already closed), and the [`SessionCorrection`]s
+//! those turned out to make, which go to the store's change log
+//! ([`crate::Changed::Session`]) beside the bucket changes.
 
-use std::collections::VecDeque;
+use std::collections::BTreeSet;
 
 use tally_types::Millis;
 
@@ -17,9 +17,10 @@ pub const DEFAULT_SESSION_GAP_MS: Millis = 30 * 60_000;
 /// counted) rather than grow without bound under a flood of late events.
 pub const TOUCHES_KEPT: usize = 100_000;
 
-/// One session as a change shows it.
+/// One session: the events with one `session_id`, or one user's events
+/// without one, split by the inactivity gap.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionSummary {
+pub struct Session {
     pub session_id: String,
     /// Whether the id was derived (events without a `session_id`, split
     /// per user by the gap): `<user>:<start ms>`.
@@ -28,10 +29,65 @@ pub struct SessionSummary {
     pub start: Millis,
     pub end: Millis,
     pub events: u64,
+    /// The `page` property of the first and the last event, if they have one.
     pub first_page: Option<String>,
     pub last_page: Option<String>,
-    /// Sorted.
-    pub event_types: Vec<String>,
+    pub event_types: BTreeSet<String>,
+}
+
+impl Session {
+    pub fn duration_ms(&self) -> Millis {
+        self.end - self.start
+    }
+}
+
+/// A closed session that changed after it was first published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionCorrection {
+    /// Grown by late events (or joined by another, which is then
+    /// [`SessionCorrection::MergedInto`] it).
+    Changed { old: Session, new: Session },
+    /// New behind the watermark: all its events came late, or an earlier
+    /// event moved a derived session's start (and so its id).
+    Appeared(Session),
+    /// Joined into the session `into` by a late event.
+    MergedInto { old: Session, into: String },
+}
+
+impl SessionCorrection {
+    /// The session the change is about (its id and user).
+    pub fn session(&self) -> &Session {
+        match self {
+            SessionCorrection::Changed { new, .. } | SessionCorrection::Appeared(new) => new,
+            SessionCorrection::MergedInto { old, .. } => old,
+        }
+    }
+
+    /// The session before the change (none for one that appeared).
+    pub fn before(&self) -> Option<&Session> {
+        match self {
+            SessionCorrection::Changed { old, .. } | SessionCorrection::MergedInto { old, .. } => {
+                Some(old)
+            }
+            SessionCorrection::Appeared(_) => None,
+        }
+    }
+
+    /// The session after the change (none for one merged away).
+    pub fn after(&self) -> Option<&Session> {
+        match self {
+            SessionCorrection::Changed { new, .. } | SessionCorrection::Appeared(new) => Some(new),
+            SessionCorrection::MergedInto { .. } => None,
+        }
+    }
+
+    /// For a session merged into another: that one's id.
+    pub fn replaced_by(&self) -> Option<&str> {
+        match self {
+            SessionCorrection::MergedInto { into, .. } => Some(into),
+            _ => None,
+        }
+    }
 }
 
 /// An event applied behind its tenant's watermark: it may have changed a
@@ -52,29 +108,11 @@ pub struct SessionTouch {
     pub at: Millis,
 }
 
-/// A closed session that changed after it was first published: extended
-/// (`old` and `new`), created behind the watermark (`old` is `None`), or
-/// merged into another one (`new` is `None`, `replaced_by` names it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionChange {
-    /// The store version the change became visible at.
-    pub version: u64,
-    pub tenant: Box<str>,
-    pub session_id: String,
-    pub user_id: Option<String>,
-    pub old: Option<SessionSummary>,
-    pub new: Option<SessionSummary>,
-    pub replaced_by: Option<String>,
-    pub at: Millis,
-}
-
-/// Touches waiting for the corrections task, and the session change log.
+/// Touches waiting for the corrections task.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct SessionLog {
+pub(crate) struct Touches {
     pub(crate) tracking: bool,
-    pub(crate) touches: Vec<SessionTouch>,
-    pub(crate) touches_dropped: u64,
-    pub(crate) changes: VecDeque<SessionChange>,
-    /// Versions at or before this fell out of `changes`.
-    pub(crate) floor: u64,
+    pub(crate) list: Vec<SessionTouch>,
+    /// Dropped since last taken (more than [`TOUCHES_KEPT`] waiting).
+    pub(crate) dropped: u64,
 }
