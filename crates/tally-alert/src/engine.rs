@@ -112,6 +112,11 @@ pub struct RuleState {
     /// memory only.
     #[serde(skip)]
     pub judged: VecDeque<Judged>,
+    /// The state machine before the oldest of `judged`: replaying
+    /// `judged` from it gives the moves the rule made (or, after a
+    /// correction, would have made).
+    #[serde(skip)]
+    judged_from: Machine,
 }
 
 /// How many judged buckets of a series are kept for corrections.
@@ -129,21 +134,35 @@ enum Move {
     Resolved,
 }
 
-/// One judged bucket, as it was judged.
+/// One judged bucket: its value and what the detector compared it with;
+/// the condition follows from them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judged {
     pub bucket: Millis,
     /// The value the rule saw (an empty counting bucket is 0).
     pub value: Option<f64>,
-    pub cond: bool,
     /// What an anomaly detector compared the value with (mean, standard
     /// deviation); `None` for a threshold or a detector still learning.
     basis: Option<(f64, f64)>,
-    /// The state machine before this bucket.
-    before: Machine,
-    /// Whether this bucket started (`Firing`) or ended (`Resolved`) an
-    /// episode: the notifications it made, silences aside.
-    made: Option<Move>,
+}
+
+impl Judged {
+    fn cond(&self, d: &Detector) -> bool {
+        self.value.is_some_and(|x| holds(d, self.basis, x))
+    }
+}
+
+/// The episode moves (fired or resolved, silences aside) each bucket of a
+/// judged run makes, replayed from the machine `from` before its first.
+fn episode_moves(rule: &Rule, mut from: Machine, judged: &VecDeque<Judged>) -> Vec<Option<Move>> {
+    judged
+        .iter()
+        .map(|j| {
+            let (next, made) = machine(rule, from, j.cond(&rule.detector));
+            from = next;
+            made.filter(|m| matches!(m, Move::Firing | Move::Resolved))
+        })
+        .collect()
 }
 
 /// The state machine over one bucket's condition: the counters after it,
@@ -1248,16 +1267,18 @@ impl Engine {
         if st.state != before {
             st.since = Some(now);
         }
-        if st.judged.len() >= JUDGED_KEEP {
-            st.judged.pop_front();
+        if st.judged.len() >= JUDGED_KEEP
+            && let Some(oldest) = st.judged.pop_front()
+        {
+            st.judged_from = machine(rule, st.judged_from, oldest.cond(&rule.detector)).0;
+        }
+        if st.judged.is_empty() {
+            st.judged_from = was;
         }
         st.judged.push_back(Judged {
             bucket: b,
             value: v,
-            cond,
             basis,
-            before: was,
-            made: made.filter(|m| matches!(m, Move::Firing | Move::Resolved)),
         });
         queued
     }
@@ -1356,9 +1377,9 @@ impl Engine {
         now: Millis,
     ) -> usize {
         let threshold = matches!(rule.detector, Detector::Threshold { .. });
-        let mut first_flip = None;
+        let moved = episode_moves(rule, st.judged_from, &st.judged);
         let mut changed: Vec<(Millis, Option<f64>, Option<f64>)> = Vec::new();
-        for (i, j) in st.judged.iter_mut().enumerate() {
+        for j in st.judged.iter_mut() {
             if buckets.binary_search(&j.bucket).is_err() {
                 continue;
             }
@@ -1367,39 +1388,22 @@ impl Engine {
                 (rule.zero_when_empty() && (threshold || j.value.is_some() || st.seen))
                     .then_some(0.0)
             });
-            if v == j.value {
-                continue;
-            }
-            let cond = v.is_some_and(|x| holds(&rule.detector, j.basis, x));
-            changed.push((j.bucket, j.value, v));
-            j.value = v;
-            if cond != j.cond {
-                j.cond = cond;
-                first_flip.get_or_insert(i);
+            if v != j.value {
+                changed.push((j.bucket, j.value, v));
+                j.value = v;
             }
         }
-        let Some(i) = first_flip else {
+        if changed.is_empty() {
             return 0;
-        };
-        // The run from the first flipped bucket on, replayed with the
-        // conditions as they are now.
-        let mut m = st.judged[i].before;
-        // The first bucket whose move differs, and the move it had made.
-        let mut differs: Option<(usize, Option<Move>)> = None;
-        for (k, j) in st.judged.iter_mut().enumerate().skip(i) {
-            j.before = m;
-            let (next, made) = machine(rule, m, j.cond);
-            let made = made.filter(|x| matches!(x, Move::Firing | Move::Resolved));
-            if made != j.made && differs.is_none() {
-                differs = Some((k, j.made));
-            }
-            j.made = made;
-            m = next;
         }
-        let Some((k, was)) = differs else {
+        // The run replayed with the values as they are now: the first
+        // bucket whose episode move differs.
+        let would_move = episode_moves(rule, st.judged_from, &st.judged);
+        let Some(k) = (0..moved.len()).find(|&k| moved[k] != would_move[k]) else {
             return 0;
         };
-        let (at, would, value) = (st.judged[k].bucket, st.judged[k].made, st.judged[k].value);
+        let (was, would) = (moved[k], would_move[k]);
+        let (at, value) = (st.judged[k].bucket, st.judged[k].value);
         let to = match (was, would) {
             (_, Some(Move::Firing)) => "would_fire",
             (_, Some(Move::Resolved)) => "would_resolve",
@@ -1631,6 +1635,7 @@ static DEFAULT_STATE: RuleState = RuleState {
     start: None,
     series: BTreeMap::new(),
     judged: VecDeque::new(),
+    judged_from: (State::Ok, 0, 0),
 };
 
 fn delivery_entry(d: &Delivery, now: Millis, to: &str, detail: Option<String>) -> HistoryEntry {
