@@ -32,7 +32,7 @@ use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use parking_lot::{Mutex, RwLock};
 use tally_archive::RawShared;
 use tally_store::RollupStore;
-use tally_types::schema::{PropType, Schemas};
+use tally_types::schema::{PropColumn, PropType, Schemas};
 
 pub use catalog::{Catalog, CatalogQuery, DISTINCT_CAP, EventTypeInfo, PropertyInfo};
 pub use sessions::{
@@ -114,8 +114,7 @@ fn read_only() -> SQLOptions {
 fn typed_events(
     ctx: &SessionContext,
     base: Arc<dyn TableProvider>,
-    declared: &BTreeMap<String, PropType>,
-    fills: &BTreeMap<String, tally_types::schema::ColumnFill>,
+    declared: &BTreeMap<String, PropColumn>,
 ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
     let column = |name: &str| Expr::Column(Column::new_unqualified(name));
     let mut exprs: Vec<Expr> = base
@@ -124,7 +123,7 @@ fn typed_events(
         .iter()
         .map(|f| column(f.name()))
         .collect();
-    for (name, t) in declared {
+    for (name, PropColumn { ty: t, fill }) in declared {
         let read = |prop: &str| -> Result<Expr, DataFusionError> {
             let get = |f: &str| -> Result<Expr, DataFusionError> {
                 Ok(ctx.udf(f)?.call(vec![column("properties"), lit(prop)]))
@@ -138,7 +137,7 @@ fn typed_events(
             })
         };
         let mut e = read(name)?;
-        if let Some(fill) = fills.get(name) {
+        if !fill.aliases.is_empty() || !fill.defaults.is_empty() {
             // The property, else its older names, else the default of the
             // event's type.
             let mut parts = vec![e];
@@ -198,29 +197,12 @@ pub struct QueryConfig {
     /// More typed columns per tenant, asked at each query (the schema
     /// registry's latest versions); `schemas` wins where both name one.
     pub columns: Option<ColumnsFn>,
-    /// Older names and defaults of those columns (the registry's).
-    pub fills: Option<FillsFn>,
 }
 
 /// A tenant's typed property columns, asked when a query is planned.
 #[derive(Clone)]
 #[allow(clippy::type_complexity)]
-pub struct ColumnsFn(pub Arc<dyn Fn(&str) -> BTreeMap<String, PropType> + Send + Sync>);
-
-/// What a tenant's typed property columns read when an event lacks the
-/// property (older names, per-event-type defaults), asked with
-/// [`ColumnsFn`].
-#[derive(Clone)]
-#[allow(clippy::type_complexity)]
-pub struct FillsFn(
-    pub Arc<dyn Fn(&str) -> BTreeMap<String, tally_types::schema::ColumnFill> + Send + Sync>,
-);
-
-impl std::fmt::Debug for FillsFn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FillsFn")
-    }
-}
+pub struct ColumnsFn(pub Arc<dyn Fn(&str) -> BTreeMap<String, PropColumn> + Send + Sync>);
 
 impl std::fmt::Debug for ColumnsFn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -238,7 +220,6 @@ impl Default for QueryConfig {
             cache_entries: 256,
             schemas: Arc::default(),
             columns: None,
-            fills: None,
         }
     }
 }
@@ -370,19 +351,14 @@ impl QueryEngine {
             .as_ref()
             .map_or_else(BTreeMap::new, |f| (f.0)(tenant));
         if let Some(toml) = self.cfg.schemas.get(tenant) {
-            declared.extend(toml.iter().map(|(k, v)| (k.clone(), *v)));
+            declared.extend(toml.iter().map(|(k, v)| (k.clone(), PropColumn::from(*v))));
         }
         // A property named like a fixed column stays in `properties`.
         declared.retain(|k, _| events.schema().field_with_name(k).is_err());
-        let fills = self
-            .cfg
-            .fills
-            .as_ref()
-            .map_or_else(BTreeMap::new, |f| (f.0)(tenant));
         let events = if declared.is_empty() {
             events
         } else {
-            typed_events(&ctx, events, &declared, &fills).map_err(df)?
+            typed_events(&ctx, events, &declared).map_err(df)?
         };
         ctx.register_table("events", events.clone()).map_err(df)?;
         ctx.register_table(

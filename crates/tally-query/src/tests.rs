@@ -434,16 +434,14 @@ async fn typed_columns_read_older_names_then_defaults() {
     }
     let cfg = QueryConfig {
         columns: Some(ColumnsFn(Arc::new(|_: &str| {
-            [("tier".to_string(), PropType::String)]
-                .into_iter()
-                .collect()
-        }))),
-        fills: Some(FillsFn(Arc::new(|_: &str| {
             [(
                 "tier".to_string(),
-                tally_types::schema::ColumnFill {
-                    aliases: vec!["plan".into()],
-                    defaults: vec![("signup".into(), serde_json::json!("free"))],
+                PropColumn {
+                    ty: PropType::String,
+                    fill: tally_types::schema::ColumnFill {
+                        aliases: vec!["plan".into()],
+                        defaults: vec![("signup".into(), serde_json::json!("free"))],
+                    },
                 },
             )]
             .into_iter()

@@ -954,118 +954,61 @@ impl Registry {
     /// The typed columns SQL shows for a tenant's properties: every field
     /// of a primitive type (or a union of one with null) in the latest
     /// version of the tenant's subjects, by its JSON form (strings and
-    /// enums, integers, floats, booleans). Rows written under older
-    /// versions read null where they lack a field; a widened type reads
-    /// widened. A name two subjects give different types is left out
-    /// (an int and a float make a float). Records with a `properties`
-    /// field (whole events, as a serializer's envelope) are passed over.
-    pub fn property_types(&self, tenant: &str) -> BTreeMap<String, tally_types::schema::PropType> {
-        use tally_types::schema::PropType;
+    /// enums, integers, floats, booleans). A name two subjects give
+    /// different types is left out (an int and a float make a float).
+    /// Records with a `properties` field (whole events, as a serializer's
+    /// envelope) are passed over. Where a row lacks the field the column
+    /// reads its older names (the field's `aliases` in any subject), then
+    /// the default of the event type's latest version (Avro `default`,
+    /// JSON Schema `default`; a null default adds nothing), else null.
+    pub fn property_columns(
+        &self,
+        tenant: &str,
+    ) -> BTreeMap<String, tally_types::schema::PropColumn> {
+        use tally_types::schema::{ColumnFill, PropColumn, PropType};
         let st = self.state.read();
-        let mut out: BTreeMap<String, Option<PropType>> = BTreeMap::new();
         let Some(t) = st.tenants.get(tenant) else {
             return BTreeMap::new();
         };
-        let mut add = |name: &str, ty: Option<PropType>| {
-            let Some(ty) = ty else { return };
-            let merged = match out.get(name) {
-                None => Some(ty),
-                Some(None) => None,
-                Some(Some(prev)) if *prev == ty => Some(ty),
-                Some(Some(PropType::Int | PropType::Float))
-                    if matches!(ty, PropType::Int | PropType::Float) =>
-                {
-                    Some(PropType::Float)
-                }
-                Some(Some(_)) => None,
-            };
-            out.insert(name.to_string(), merged);
-        };
-        for s in t.subjects.values() {
-            let Some(v) = s.live().next_back() else {
-                continue;
-            };
-            match &st.schemas[&v.id].parsed {
-                // An event's whole record (a serializer's envelope) is not
-                // a properties schema.
-                Parsed::Avro(apache_avro::Schema::Record(r), _)
-                    if !r.fields.iter().any(|f| f.name == "properties") =>
-                {
-                    for f in &r.fields {
-                        add(&f.name, avro::prop_type(&f.schema));
-                    }
-                }
-                Parsed::Json(_, doc) => {
-                    if let Some(props) = doc.get("properties").and_then(Json::as_object) {
-                        for (name, p) in props {
-                            let ty = match p.get("type").and_then(Json::as_str) {
-                                Some("string") => Some(PropType::String),
-                                Some("integer") => Some(PropType::Int),
-                                Some("number") => Some(PropType::Float),
-                                Some("boolean") => Some(PropType::Bool),
-                                _ => None,
-                            };
-                            add(name, ty);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        out.into_iter().filter_map(|(k, v)| Some((k, v?))).collect()
-    }
-
-    /// Per property column of a tenant, what it reads when an event lacks
-    /// the property: its older names (the `aliases` of the field in any
-    /// subject's latest version), then the default of the event type's
-    /// latest version (Avro `default`, JSON Schema `default`; a null
-    /// default adds nothing).
-    pub fn property_fills(
-        &self,
-        tenant: &str,
-    ) -> BTreeMap<String, tally_types::schema::ColumnFill> {
-        let st = self.state.read();
-        let mut out: BTreeMap<String, tally_types::schema::ColumnFill> = BTreeMap::new();
-        let Some(t) = st.tenants.get(tenant) else {
-            return out;
-        };
+        // None: two subjects disagree on the type.
+        let mut types: BTreeMap<String, Option<PropType>> = BTreeMap::new();
+        let mut fills: BTreeMap<String, ColumnFill> = BTreeMap::new();
         for (subject, s) in &t.subjects {
             let Some(v) = s.live().next_back() else {
                 continue;
             };
-            match &st.schemas[&v.id].parsed {
-                Parsed::Avro(apache_avro::Schema::Record(r), _)
-                    if !r.fields.iter().any(|f| f.name == "properties") =>
-                {
-                    for f in &r.fields {
-                        let fill = out.entry(f.name.clone()).or_default();
-                        for a in &f.aliases {
-                            if !fill.aliases.contains(a) {
-                                fill.aliases.push(a.clone());
-                            }
-                        }
-                        if let Some(d) = f.default.as_ref().filter(|d| !d.is_null()) {
-                            fill.defaults.push((subject.clone(), d.clone()));
-                        }
+            for p in properties_of(&st.schemas[&v.id].parsed) {
+                let fill = fills.entry(p.name.to_string()).or_default();
+                for a in p.aliases {
+                    if !fill.aliases.contains(a) {
+                        fill.aliases.push(a.clone());
                     }
                 }
-                Parsed::Json(_, doc) => {
-                    if let Some(props) = doc.get("properties").and_then(Json::as_object) {
-                        for (name, p) in props {
-                            if let Some(d) = p.get("default").filter(|d| !d.is_null()) {
-                                out.entry(name.clone())
-                                    .or_default()
-                                    .defaults
-                                    .push((subject.clone(), d.clone()));
-                            }
-                        }
-                    }
+                if let Some(d) = p.default.filter(|d| !d.is_null()) {
+                    fill.defaults.push((subject.clone(), d.clone()));
                 }
-                _ => {}
+                let Some(ty) = p.ty else { continue };
+                let merged = match types.get(p.name) {
+                    None => Some(ty),
+                    Some(None) => None,
+                    Some(Some(prev)) if *prev == ty => Some(ty),
+                    Some(Some(PropType::Int | PropType::Float))
+                        if matches!(ty, PropType::Int | PropType::Float) =>
+                    {
+                        Some(PropType::Float)
+                    }
+                    Some(Some(_)) => None,
+                };
+                types.insert(p.name.to_string(), merged);
             }
         }
-        out.retain(|_, f| !f.aliases.is_empty() || !f.defaults.is_empty());
-        out
+        types
+            .into_iter()
+            .filter_map(|(name, ty)| {
+                let fill = fills.remove(&name).unwrap_or_default();
+                Some((name, PropColumn { ty: ty?, fill }))
+            })
+            .collect()
     }
 
     /// Per tenant, each subject's live versions (the status page).
@@ -1609,6 +1552,56 @@ fn describe(b: &Break, backward: bool, version: u32, level: Level) -> String {
         (BreakKind::Size { writer, reader }, _) => {
             format!("{f}: fixed size {writer} became {reader} ({l}, against version {version})")
         }
+    }
+}
+
+/// One property a schema declares (Avro record field or JSON Schema
+/// property), as SQL columns see it.
+struct PropertyDef<'a> {
+    name: &'a str,
+    ty: Option<tally_types::schema::PropType>,
+    aliases: &'a [String],
+    default: Option<&'a Json>,
+}
+
+/// The properties of a properties schema (an Avro record without a
+/// `properties` field — a whole event's envelope is not one — or a JSON
+/// Schema object).
+fn properties_of(parsed: &Parsed) -> Vec<PropertyDef<'_>> {
+    use tally_types::schema::PropType;
+    match parsed {
+        Parsed::Avro(apache_avro::Schema::Record(r), _)
+            if !r.fields.iter().any(|f| f.name == "properties") =>
+        {
+            r.fields
+                .iter()
+                .map(|f| PropertyDef {
+                    name: &f.name,
+                    ty: avro::prop_type(&f.schema),
+                    aliases: &f.aliases,
+                    default: f.default.as_ref(),
+                })
+                .collect()
+        }
+        Parsed::Json(_, doc) => doc
+            .get("properties")
+            .and_then(Json::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(name, p)| PropertyDef {
+                name,
+                ty: match p.get("type").and_then(Json::as_str) {
+                    Some("string") => Some(PropType::String),
+                    Some("integer") => Some(PropType::Int),
+                    Some("number") => Some(PropType::Float),
+                    Some("boolean") => Some(PropType::Bool),
+                    _ => None,
+                },
+                aliases: &[],
+                default: p.get("default"),
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

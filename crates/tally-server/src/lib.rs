@@ -154,11 +154,7 @@ impl Server {
                         schemas: schemas.clone(),
                         columns: Some({
                             let r = shared.registry.clone();
-                            tally_query::ColumnsFn(Arc::new(move |t: &str| r.property_types(t)))
-                        }),
-                        fills: Some({
-                            let r = shared.registry.clone();
-                            tally_query::FillsFn(Arc::new(move |t: &str| r.property_fills(t)))
+                            tally_query::ColumnsFn(Arc::new(move |t: &str| r.property_columns(t)))
                         }),
                         ..tally_query::QueryConfig::default()
                     },

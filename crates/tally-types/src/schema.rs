@@ -29,6 +29,23 @@ pub struct ColumnFill {
     pub defaults: Vec<(String, serde_json::Value)>,
 }
 
+/// A typed property column of `events`: its type, and what it reads where
+/// an event lacks the property.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PropColumn {
+    pub ty: PropType,
+    pub fill: ColumnFill,
+}
+
+impl From<PropType> for PropColumn {
+    fn from(ty: PropType) -> PropColumn {
+        PropColumn {
+            ty,
+            fill: ColumnFill::default(),
+        }
+    }
+}
+
 /// Declared properties (name → type) per tenant.
 pub type Schemas = BTreeMap<String, BTreeMap<String, PropType>>;
 
