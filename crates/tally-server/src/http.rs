@@ -650,6 +650,30 @@ pub(crate) async fn ingest_body(
     Ok((StatusCode::OK, answer))
 }
 
+/// The Tally event another API's record maps to.
+pub(crate) fn mapped_event(
+    event_id: String,
+    event_type: String,
+    ts: tally_types::Millis,
+    properties: serde_json::Map<String, Json>,
+    user_id: Option<String>,
+    session_id: Option<String>,
+) -> Json {
+    let mut ev = json!({
+        "event_id": event_id,
+        "event_type": event_type,
+        "timestamp": format_rfc3339(ts),
+        "properties": properties,
+    });
+    if let Some(u) = user_id {
+        ev["user_id"] = json!(u);
+    }
+    if let Some(s) = session_id {
+        ev["session_id"] = json!(s);
+    }
+    ev
+}
+
 /// JSON records of another API (Segment messages, PostHog events) mapped
 /// to Tally events, as [`ingest_mapped`] takes them.
 pub(crate) struct Mapped {

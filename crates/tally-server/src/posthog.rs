@@ -29,12 +29,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Map, Value as Json, json};
 use tally_types::Millis;
-use tally_types::time::{format_rfc3339, parse_rfc3339};
+use tally_types::time::parse_rfc3339;
 
 use crate::auth::Caller;
 use crate::http::{
-    ApiError, AppState, Mapped, default_tenant, ingest_response, query_pairs, read_ingest_body,
-    tenancy,
+    ApiError, AppState, Mapped, default_tenant, ingest_response, mapped_event, query_pairs,
+    read_ingest_body, tenancy,
 };
 
 /// The capture paths PostHog's SDKs post to.
@@ -193,19 +193,7 @@ fn to_event(m: &Json, sent_at: Option<&str>, now: Millis) -> Result<Json, String
         }
     }
     let ts = timestamp(obj, sent_at, now);
-    let mut ev = json!({
-        "event_id": event_id,
-        "event_type": event_type,
-        "timestamp": format_rfc3339(ts),
-        "properties": props,
-    });
-    if let Some(u) = user {
-        ev["user_id"] = json!(u);
-    }
-    if let Some(sid) = session {
-        ev["session_id"] = json!(sid);
-    }
-    Ok(ev)
+    Ok(mapped_event(event_id, event_type, ts, props, user, session))
 }
 
 /// PostHog's event names as Tally event types.
@@ -239,6 +227,7 @@ fn timestamp(obj: &Map<String, Json>, sent_at: Option<&str>, now: Millis) -> Mil
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_types::time::format_rfc3339;
 
     #[test]
     fn posthog_names_map_to_event_types() {

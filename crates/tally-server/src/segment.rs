@@ -23,12 +23,12 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Map, Value as Json, json};
 use tally_types::Millis;
-use tally_types::time::{format_rfc3339, parse_rfc3339};
+use tally_types::time::parse_rfc3339;
 
 use crate::auth::Caller;
 use crate::http::{
-    ApiError, AppState, Mapped, default_tenant, ingest_response, query_pairs, read_ingest_body,
-    tenancy,
+    ApiError, AppState, Mapped, default_tenant, ingest_response, mapped_event, query_pairs,
+    read_ingest_body, tenancy,
 };
 
 /// The Segment calls Tally takes.
@@ -149,16 +149,7 @@ fn to_event(m: &Json, call: &str, batch_sent: Option<&str>, now: Millis) -> Resu
     if let Some(Json::Object(c)) = obj.get("context") {
         flatten("context", c, &mut props);
     }
-    let mut ev = json!({
-        "event_id": event_id,
-        "event_type": event_type,
-        "timestamp": format_rfc3339(ts),
-        "properties": props,
-    });
-    if let Some(u) = user {
-        ev["user_id"] = json!(u);
-    }
-    Ok(ev)
+    Ok(mapped_event(event_id, event_type, ts, props, user, None))
 }
 
 /// Segment's event names are free text ("Order Completed"); Tally's event
@@ -216,6 +207,7 @@ fn flatten(prefix: &str, obj: &Map<String, Json>, out: &mut Map<String, Json>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_types::time::format_rfc3339;
 
     #[test]
     fn event_names_normalise_to_event_types() {
