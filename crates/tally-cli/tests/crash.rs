@@ -279,6 +279,30 @@ async fn run_seed(seed: u64, kills: u64) {
             got_ids == want_ids,
             "seed {seed} {tenant}: raw event ids differ"
         );
+        // Sessions, built in the stream and recovered from the checkpoint
+        // and the log after every kill: each exactly as the kept events
+        // make it (id, duration, events).
+        let want_sessions: Vec<(String, i64, u64)> =
+            common::oracle_sessions(&want.kept, tenant, 30 * 60_000)
+                .into_iter()
+                .map(|(id, _, start, end, n)| (id, end - start, n))
+                .collect();
+        let got_sessions = common::session_rows(&c, &base, tenant).await;
+        assert_eq!(
+            got_sessions.len(),
+            want_sessions.len(),
+            "seed {seed} {tenant}: sessions"
+        );
+        let differ: Vec<_> = got_sessions
+            .iter()
+            .zip(&want_sessions)
+            .filter(|(g, w)| g != w)
+            .take(5)
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "seed {seed} {tenant}: sessions differ (got, want): {differ:?}"
+        );
         let count = fetch(&c, &base, tenant, "count", "1m").await;
         let users = fetch(&c, &base, tenant, "unique_users", "1m").await;
         let sum = fetch(&c, &base, tenant, "sum:duration_ms", "1m").await;
@@ -329,6 +353,12 @@ async fn run_seed(seed: u64, kills: u64) {
             "seed {seed} {tenant}: late DLQ (each late event once, however often it was re-sent)"
         );
     }
+    // The sessions came from the index, not from the raw events.
+    let (from_index, from_raw) = common::session_answers(&c, &base).await;
+    assert!(
+        from_index >= 2 && from_raw == 0,
+        "seed {seed}: session answers from the index {from_index}, from the raw events {from_raw}"
+    );
     let status = get(&c, format!("{base}/api/v1/status")).await;
     assert_eq!(
         status["events"]["counted"], want.counted,

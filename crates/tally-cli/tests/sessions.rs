@@ -207,3 +207,188 @@ async fn sessions_are_a_table_and_metrics_and_late_events_join_them() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("group_by"));
 }
+
+/// Messy input for one tenant: users with explicit sessions and without,
+/// events in random order (many of them late), retried copies, pages as
+/// text, as numbers or missing. Each event's time is distinct, so first
+/// and last pages are defined whatever the arrival order.
+fn messy(seed: u64, n: usize) -> (Vec<Value>, Vec<Value>) {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut times: Vec<i64> = (0..n as i64).map(|i| T0 + i * 7_001).collect();
+    times.shuffle(&mut rng);
+    let mut events: Vec<Value> = Vec::new();
+    for (i, ts) in times.into_iter().enumerate() {
+        let user = rng.random_range(0..30);
+        let ty = ["page_view", "click", "purchase"][rng.random_range(0..3)];
+        let mut e = json!({"event_id": format!("m{i}"), "tenant": "acme",
+            "event_type": ty,
+            "timestamp": ts, "user_id": format!("u{user}"), "properties": {}});
+        match rng.random_range(0..20) {
+            0 => {}
+            1 => e["properties"]["page"] = json!(rng.random_range(0..5)),
+            _ => e["properties"]["page"] = json!(format!("/p{}", rng.random_range(0..6))),
+        }
+        if rng.random_bool(0.4) {
+            // A user's explicit sessions: one per 40 minutes of time.
+            e["session_id"] = json!(format!("s{user}-{}", (ts - T0) / (40 * M)));
+        }
+        events.push(e);
+    }
+    // Mostly in time order, with a disordered tail and retries.
+    events.sort_by_key(|e| e["timestamp"].as_i64().unwrap() / (20 * M));
+    let unique = events.clone();
+    let mut sent = Vec::new();
+    for e in events {
+        if rng.random_bool(0.05) {
+            sent.push(e.clone());
+        }
+        sent.push(e);
+    }
+    (unique, sent)
+}
+
+/// Every column of the oracle's sessions: id, user, duration, events,
+/// first and last page, types.
+fn oracle_full(events: &[Value]) -> Vec<Vec<Value>> {
+    let sessions = common::oracle_sessions(events, "acme", 30 * M);
+    let page = |v: &Value| match &v["properties"]["page"] {
+        Value::Null => json!(null),
+        Value::String(s) => json!(s),
+        n => json!(n.to_string()),
+    };
+    sessions
+        .into_iter()
+        .map(|(id, user, start, end, n)| {
+            // The session's events: by id, or the user's without one in its span.
+            let mine: Vec<&Value> = events
+                .iter()
+                .filter(|e| match e["session_id"].as_str() {
+                    Some(s) => s == id,
+                    None => {
+                        !id.starts_with('s')
+                            && e["user_id"].as_str() == user.as_deref()
+                            && (start..=end).contains(&e["timestamp"].as_i64().unwrap())
+                    }
+                })
+                .collect();
+            assert_eq!(mine.len() as u64, n);
+            let first = mine.iter().min_by_key(|e| e["timestamp"].as_i64()).unwrap();
+            let last = mine.iter().max_by_key(|e| e["timestamp"].as_i64()).unwrap();
+            let types: std::collections::BTreeSet<&str> = mine
+                .iter()
+                .map(|e| e["event_type"].as_str().unwrap())
+                .collect();
+            vec![
+                json!(id),
+                json!(user),
+                json!(end - start),
+                json!(n),
+                page(first),
+                page(last),
+                json!(types.into_iter().collect::<Vec<_>>().join(",")),
+            ]
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_built_in_the_stream_match_an_oracle_and_the_raw_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (unique, sent) = messy(7, 1500);
+    let want = oracle_full(&unique);
+    assert!(want.iter().any(|r| r[0].as_str().unwrap().starts_with('s')));
+    assert!(want.iter().any(|r| r[0].as_str().unwrap().starts_with('u')));
+    assert!(want.iter().any(|r| r[3].as_u64().unwrap() > 5));
+    let q = "SELECT session_id, user_id, duration_ms, events, first_page, last_page, event_types \
+             FROM sessions ORDER BY session_id";
+    let mut want_sorted = want.clone();
+    want_sorted.sort_by(|a, b| a[0].as_str().cmp(&b[0].as_str()));
+    let hours = |rows: &[Vec<Value>]| {
+        let mut per = std::collections::BTreeMap::new();
+        for r in rows {
+            let id = r[0].as_str().unwrap();
+            let start = unique
+                .iter()
+                .filter(|e| e["session_id"].as_str() == Some(id))
+                .map(|e| e["timestamp"].as_i64().unwrap())
+                .min()
+                .unwrap_or_else(|| id.rsplit(':').next().unwrap().parse().unwrap());
+            *per.entry(start.div_euclid(60 * M) * 60 * M).or_insert(0.0) += 1.0;
+        }
+        per.into_iter()
+            .map(|(h, n)| (tally_types::time::format_rfc3339(h).replace(".000", ""), n))
+            .collect::<Vec<_>>()
+    };
+    let c = reqwest::Client::new();
+    // The index on (the default), twice (the second time recovered); then
+    // off, so the same answers are computed from the raw events.
+    for (run, index) in [(0, true), (1, true), (2, false)] {
+        let server = start_server(dir.path(), |cfg| cfg.sessions.index = index).await;
+        let base = format!("http://{}", server.addr);
+        if run == 0 {
+            for chunk in sent.chunks(100) {
+                common::post_ndjson(&c, &base, common::ndjson(chunk)).await;
+            }
+        }
+        common::wait_events(&c, &base, "acme", unique.len() as u64).await;
+        let before = common::session_answers(&c, &base).await;
+        let got = sql(&c, &base, q).await;
+        assert_eq!(got.len(), want_sorted.len(), "run {run}");
+        for (g, w) in got.iter().zip(&want_sorted) {
+            assert_eq!(g, w, "run {run}");
+        }
+        assert_eq!(
+            metric(&c, &base, "sessions").await,
+            hours(&want_sorted),
+            "run {run}"
+        );
+        // One user's sessions: whole, each with an event in the range.
+        let v = get(
+            &c,
+            format!(
+                "{base}/api/v1/sessions?tenant=acme&user_id=u3&start={}&end={}",
+                T0 + 30 * M,
+                T0 + 60 * M
+            ),
+        )
+        .await;
+        let mut ids: Vec<&str> = v["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["session_id"].as_str().unwrap())
+            .collect();
+        ids.sort();
+        let mut want_ids: Vec<&str> = want_sorted
+            .iter()
+            .filter(|r| r[1] == json!("u3"))
+            .filter(|r| {
+                let id = r[0].as_str().unwrap();
+                let start: i64 = match id.split_once(':') {
+                    Some((_, t)) => t.parse().unwrap(),
+                    None => unique
+                        .iter()
+                        .filter(|e| e["session_id"].as_str() == Some(id))
+                        .map(|e| e["timestamp"].as_i64().unwrap())
+                        .min()
+                        .unwrap(),
+                };
+                let end = start + r[2].as_i64().unwrap();
+                start < T0 + 60 * M && end >= T0 + 30 * M
+            })
+            .map(|r| r[0].as_str().unwrap())
+            .collect();
+        want_ids.sort();
+        assert_eq!(ids, want_ids, "run {run}");
+        let after = common::session_answers(&c, &base).await;
+        if index {
+            assert_eq!(after.0 - before.0, 3, "run {run}: from the index");
+            assert_eq!(after.1, before.1, "run {run}");
+        } else {
+            assert_eq!(after.1 - before.1, 3, "run {run}: from the raw events");
+        }
+        server.stop().await.unwrap();
+    }
+}

@@ -197,6 +197,9 @@ pub struct QueryConfig {
     /// More typed columns per tenant, asked at each query (the schema
     /// registry's latest versions); `schemas` wins where both name one.
     pub columns: Option<ColumnsFn>,
+    /// The inactivity gap of the SQL table `sessions` (and the default of
+    /// the API's `gap`).
+    pub session_gap_ms: i64,
 }
 
 /// A tenant's typed property columns, asked when a query is planned.
@@ -220,6 +223,7 @@ impl Default for QueryConfig {
             cache_entries: 256,
             schemas: Arc::default(),
             columns: None,
+            session_gap_ms: tally_store::DEFAULT_SESSION_GAP_MS,
         }
     }
 }
@@ -260,6 +264,8 @@ pub struct QueryEngine {
     /// never holds up the HTTP workers that answer health checks, metrics
     /// and ingest; a panic in a query ends that query only.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Session answers given from the stream's index and from the raw events.
+    session_answers: Arc<sessions::SessionAnswers>,
 }
 
 impl Drop for QueryEngine {
@@ -302,7 +308,18 @@ impl QueryEngine {
             version,
             cache: Mutex::new(HashMap::new()),
             runtime,
+            session_answers: Arc::default(),
         }
+    }
+
+    /// Session answers given so far from the index built in the stream and
+    /// from the raw events.
+    pub fn session_answers(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.session_answers.index.load(Relaxed),
+            self.session_answers.raw.load(Relaxed),
+        )
     }
 
     pub fn config(&self) -> &QueryConfig {
@@ -365,7 +382,10 @@ impl QueryEngine {
             "sessions",
             Arc::new(sessions::SessionsTable {
                 events,
-                gap_ms: 30 * 60_000,
+                store: self.store.clone(),
+                tenant: tenant.to_string(),
+                gap_ms: self.cfg.session_gap_ms,
+                answers: self.session_answers.clone(),
             }),
         )
         .map_err(df)?;

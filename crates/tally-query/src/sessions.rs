@@ -1,12 +1,16 @@
 //! Sessions: a session is the events with one `session_id`; events
 //! without one are sessionised per user with an inactivity gap (30 minutes
-//! by default). They are computed from the raw events when asked, so a
-//! late event that extends or joins sessions is in the next answer:
-//! `GET /api/v1/sessions`, the SQL table `sessions`, and the metrics
-//! `sessions`, `avg_session_duration` and `bounce_rate` by session start.
+//! by default). `GET /api/v1/sessions`, the SQL table `sessions`, and the
+//! metrics `sessions`, `avg_session_duration` and `bounce_rate` by session
+//! start answer from the sessions the processor builds as events arrive
+//! (`tally_store::SessionIndex`) when it holds the range and the gap asked;
+//! otherwise (Kafka mode, another gap, a range older than what the index
+//! holds) they are computed here from the raw events, the same way. A late
+//! event that extends or joins sessions is in the next answer either way.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::TimestampMillisecondType;
@@ -35,6 +39,13 @@ pub struct SessionsQuery {
 
 /// One session (the store's type: its corrections go to the change log).
 pub type SessionRow = tally_store::Session;
+
+/// How many session answers came from the index and from the raw events.
+#[derive(Debug, Default)]
+pub(crate) struct SessionAnswers {
+    pub(crate) index: AtomicU64,
+    pub(crate) raw: AtomicU64,
+}
 
 /// A session of one event at `t`, to [`add`] it to.
 fn open(id: String, derived: bool, user: Option<&str>, t: Millis) -> SessionRow {
@@ -407,7 +418,26 @@ impl QueryEngine {
         .await
     }
 
+    /// Sessions with an event in `[start, end)`, whole: from the index when
+    /// it holds the range, else from the raw events read with
+    /// [`SESSION_MARGIN_MS`] around it.
     async fn sessions_here(&self, q: &SessionsQuery) -> Result<Vec<SessionRow>, QueryError> {
+        {
+            let store = self.store.read();
+            let ix = store.sessions();
+            if ix.covers(&q.tenant, q.start, q.gap_ms) {
+                self.session_answers.index.fetch_add(1, Relaxed);
+                return Ok(ix.sessions(
+                    &q.tenant,
+                    q.user_id.as_deref(),
+                    q.start,
+                    q.end,
+                    true,
+                    q.limit,
+                ));
+            }
+        }
+        self.session_answers.raw.fetch_add(1, Relaxed);
         let memory_limit = self.cfg.memory_limit;
         let df_err = |e| QueryError::from_df(e, memory_limit);
         let ctx = self.context(&q.tenant)?;
@@ -418,12 +448,13 @@ impl QueryEngine {
                 &state,
                 events,
                 q.user_id.as_deref(),
-                q.start,
-                q.end,
+                q.start.saturating_sub(SESSION_MARGIN_MS),
+                q.end.saturating_add(SESSION_MARGIN_MS),
                 q.gap_ms,
             )
             .await
             .map_err(df_err)?;
+            out.retain(|s| s.start < q.end && s.end >= q.start);
             out.truncate(q.limit);
             Ok(out)
         };
@@ -447,31 +478,55 @@ impl QueryEngine {
             window,
             gap_ms,
         } = *q;
-        let memory_limit = self.cfg.memory_limit;
-        let df_err = |e| QueryError::from_df(e, memory_limit);
-        let ctx = self.context(tenant)?;
-        let events = ctx.table_provider("events").await.map_err(df_err)?;
-        let state = ctx.state();
         let first = align_down(start, step);
         let from = first - (window - step);
-        let run = async {
-            let rows = compute(
-                &state,
-                events,
-                None,
-                from.saturating_sub(SESSION_MARGIN_MS),
-                end.saturating_add(SESSION_MARGIN_MS),
-                gap_ms,
-            )
-            .await
-            .map_err(df_err)?;
+        // (start, duration, events) of each session starting in the range.
+        let indexed = {
+            let store = self.store.read();
+            let ix = store.sessions();
+            ix.covers(tenant, from, gap_ms)
+                .then(|| ix.stats(tenant, from, end))
+        };
+        let stats = match indexed {
+            Some(s) => {
+                self.session_answers.index.fetch_add(1, Relaxed);
+                s
+            }
+            None => {
+                self.session_answers.raw.fetch_add(1, Relaxed);
+                let memory_limit = self.cfg.memory_limit;
+                let df_err = |e| QueryError::from_df(e, memory_limit);
+                let ctx = self.context(tenant)?;
+                let events = ctx.table_provider("events").await.map_err(df_err)?;
+                let state = ctx.state();
+                let run = async {
+                    compute(
+                        &state,
+                        events,
+                        None,
+                        from.saturating_sub(SESSION_MARGIN_MS),
+                        end.saturating_add(SESSION_MARGIN_MS),
+                        gap_ms,
+                    )
+                    .await
+                    .map_err(df_err)
+                };
+                self.timed(run)
+                    .await?
+                    .iter()
+                    .filter(|r| r.start >= from && r.start < end)
+                    .map(|r| (r.start, r.duration_ms(), r.events))
+                    .collect()
+            }
+        };
+        {
             // Per bucket: sessions, summed duration, single-event sessions.
             let mut per: std::collections::BTreeMap<Millis, (u64, i64, u64)> = Default::default();
-            for r in rows.iter().filter(|r| r.start >= from && r.start < end) {
-                let p = per.entry(align_down(r.start, step)).or_default();
+            for (start, dur, events) in stats {
+                let p = per.entry(align_down(start, step)).or_default();
                 p.0 += 1;
-                p.1 += r.duration_ms();
-                p.2 += u64::from(r.events == 1);
+                p.1 += dur;
+                p.2 += u64::from(events == 1);
             }
             let mut out = Vec::new();
             let mut b = first;
@@ -492,8 +547,7 @@ impl QueryEngine {
                 b += step;
             }
             Ok(out)
-        };
-        self.timed(run).await
+        }
     }
 }
 
@@ -536,10 +590,22 @@ impl SessionMetric {
 /// The SQL table `sessions`: one row per session of the tenant's events,
 /// computed from them when scanned (a filter on `start` bounds what is
 /// read, with [`SESSION_MARGIN_MS`] around it).
-#[derive(Debug)]
 pub(crate) struct SessionsTable {
     pub(crate) events: Arc<dyn TableProvider>,
+    /// The index built in the stream, answering when it holds the range.
+    pub(crate) store: Arc<parking_lot::RwLock<tally_store::RollupStore>>,
+    pub(crate) tenant: String,
     pub(crate) gap_ms: Millis,
+    pub(crate) answers: Arc<SessionAnswers>,
+}
+
+impl std::fmt::Debug for SessionsTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionsTable")
+            .field("tenant", &self.tenant)
+            .field("gap_ms", &self.gap_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 pub(crate) fn sessions_schema() -> arrow::datatypes::SchemaRef {
@@ -590,19 +656,32 @@ impl TableProvider for SessionsTable {
             ArrayRef, Int64Builder, StringBuilder, TimestampMillisecondBuilder, UInt64Builder,
         };
         let (from, to) = crate::provider::time_bounds(filters, "start");
-        let rows = compute(
-            state,
-            self.events.clone(),
-            None,
-            from.saturating_sub(SESSION_MARGIN_MS),
-            to.saturating_add(SESSION_MARGIN_MS),
-            self.gap_ms,
-        )
-        .await?;
-        let rows: Vec<&SessionRow> = rows
-            .iter()
-            .filter(|r| r.start >= from && r.start < to)
-            .collect();
+        let indexed = {
+            let store = self.store.read();
+            let ix = store.sessions();
+            ix.covers(&self.tenant, from, self.gap_ms)
+                .then(|| ix.sessions(&self.tenant, None, from, to, false, usize::MAX))
+        };
+        let rows = match indexed {
+            Some(rows) => {
+                self.answers.index.fetch_add(1, Relaxed);
+                rows
+            }
+            None => {
+                self.answers.raw.fetch_add(1, Relaxed);
+                let mut rows = compute(
+                    state,
+                    self.events.clone(),
+                    None,
+                    from.saturating_sub(SESSION_MARGIN_MS),
+                    to.saturating_add(SESSION_MARGIN_MS),
+                    self.gap_ms,
+                )
+                .await?;
+                rows.retain(|r| r.start >= from && r.start < to);
+                rows
+            }
+        };
         let n = rows.len();
         let mut id = StringBuilder::new();
         let mut user = StringBuilder::new();
@@ -613,7 +692,7 @@ impl TableProvider for SessionsTable {
         let mut first = StringBuilder::new();
         let mut last = StringBuilder::new();
         let mut types = StringBuilder::new();
-        for r in rows {
+        for r in &rows {
             id.append_value(&r.session_id);
             user.append_option(r.user_id.as_deref());
             start.append_value(r.start);

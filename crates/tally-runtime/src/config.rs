@@ -71,6 +71,34 @@ pub struct Config {
     /// Properties the rollups are split by (breakdowns and filters of the
     /// metrics API and alerts).
     pub dimensions: DimensionsSection,
+    /// Sessions: the inactivity gap that splits a user's events without a
+    /// `session_id`, and the index built in the stream.
+    pub sessions: SessionsSection,
+}
+
+/// `[sessions]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct SessionsSection {
+    /// Events of one user without a `session_id` further apart than this
+    /// start a new session (the default of the API's `gap` parameter).
+    pub gap: String,
+    /// Build sessions as events are applied, so session answers come from
+    /// memory (embedded mode; Kafka mode reads the raw events).
+    pub index: bool,
+    /// Sessions the index holds at most; past it the oldest are dropped and
+    /// ranges that old are read from the raw events (about 200 bytes each).
+    pub max_sessions: usize,
+}
+
+impl Default for SessionsSection {
+    fn default() -> Self {
+        SessionsSection {
+            gap: "30m".into(),
+            index: true,
+            max_sessions: 1_000_000,
+        }
+    }
 }
 
 /// Declared dimensions: `default` for every tenant, `[dimensions.tenants]`
@@ -864,6 +892,7 @@ impl Default for Config {
             kafka: None,
             schemas: Schemas::new(),
             dimensions: DimensionsSection::default(),
+            sessions: SessionsSection::default(),
         }
     }
 }
@@ -953,6 +982,7 @@ pub struct Durations {
     pub minute_rollups_ms: Millis,
     pub hour_rollups_ms: Millis,
     pub retention_interval_ms: Millis,
+    pub session_gap_ms: Millis,
 }
 
 impl Config {
@@ -1190,7 +1220,16 @@ impl Config {
                 fix: "hour rollups are what minute rollups become: keep them at least as long as retention.minute-rollups (or \"0s\" to keep them forever)",
             });
         }
+        let session_gap_ms = duration("sessions.gap", &self.sessions.gap)?;
+        if session_gap_ms <= 0 {
+            return Err(ConfigError::Invalid {
+                key: "sessions.gap",
+                value: self.sessions.gap.clone(),
+                fix: "use a positive duration, e.g. 30m",
+            });
+        }
         Ok(Durations {
+            session_gap_ms,
             minute_rollups_ms,
             hour_rollups_ms,
             retention_interval_ms: duration("retention.interval", &self.retention.interval)?.max(1),

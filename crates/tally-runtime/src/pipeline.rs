@@ -534,6 +534,12 @@ impl Pipeline {
         let (log, report) = Log::open(log_cfg)?;
         let stream_cfg = stream_config(cfg)?;
         let store = Arc::new(RwLock::new(RollupStore::new()));
+        if cfg.sessions.index {
+            store
+                .write()
+                .sessions_mut()
+                .enable(d.session_gap_ms, cfg.sessions.max_sessions);
+        }
         let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
         let dlq_dir = cfg.data_dir.join("dlq");
         let dlq_file = DlqFile::open(&dlq_dir)?;
@@ -553,6 +559,7 @@ impl Pipeline {
                 open_buckets = rec.open_buckets,
                 dedupe_entries = rec.dedupe_entries,
                 late_entries = rec.late_entries,
+                sessions = rec.sessions,
                 elapsed_ms = rec.elapsed_ms,
                 "loaded checkpoint"
             );

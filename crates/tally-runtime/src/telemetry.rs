@@ -652,6 +652,37 @@ pub fn render_raw(o: &mut String, raw: &tally_archive::RawShared) {
     );
 }
 
+/// The session index: sessions held and dropped for its cap, and where
+/// session answers came from (`answers`: from the index, from the raw
+/// events; none without a query engine).
+pub fn render_sessions(
+    o: &mut String,
+    index: &tally_store::SessionIndex,
+    answers: Option<(u64, u64)>,
+) {
+    gauge(
+        o,
+        "tally_sessions_indexed",
+        "Sessions held by the index built in the stream.",
+        index.len() as f64,
+    );
+    counter(
+        o,
+        "tally_sessions_evicted_total",
+        "Sessions dropped from the index for sessions.max-sessions (older ranges are read from the raw events).",
+        index.evicted(),
+    );
+    if let Some((from_index, from_raw)) = answers {
+        let _ = writeln!(
+            o,
+            "# HELP tally_session_answers_total Session answers (API, SQL table, metrics) by where they were computed.\n\
+             # TYPE tally_session_answers_total counter\n\
+             tally_session_answers_total{{source=\"index\"}} {from_index}\n\
+             tally_session_answers_total{{source=\"raw\"}} {from_raw}"
+        );
+    }
+}
+
 /// The alert engine's series.
 pub fn render_alerts(o: &mut String, e: &tally_alert::Engine) {
     let st = &e.stats;

@@ -257,6 +257,11 @@ async fn prometheus(State(s): State<AppState>) -> Response {
         crate::telemetry::render_raw(&mut text, raw);
     }
     crate::telemetry::render_alerts(&mut text, &s.shared.alerts.lock());
+    crate::telemetry::render_sessions(
+        &mut text,
+        s.shared.store.read().sessions(),
+        s.query.as_ref().map(|q| q.session_answers()),
+    );
     if let Some(k) = &s.shared.kafka {
         crate::telemetry::render_kafka(&mut text, k);
     }
@@ -823,9 +828,9 @@ fn limit_param(pairs: &[(String, String)], default: usize, max: usize) -> Result
 }
 
 /// `&gap=`: the inactivity that ends a session without an id (30m).
-fn gap_param(pairs: &[(String, String)]) -> Result<i64, ApiError> {
+fn gap_param(pairs: &[(String, String)], default: i64) -> Result<i64, ApiError> {
     match one(pairs, "gap") {
-        None | Some("") => Ok(30 * 60_000),
+        None | Some("") => Ok(default),
         Some(g) => tally_types::time::parse_duration_ms(g)
             .filter(|&g| g > 0)
             .ok_or_else(|| {
@@ -1169,7 +1174,7 @@ async fn session_metric(
                 ))
             })?,
     };
-    let gap_ms = gap_param(pairs)?;
+    let gap_ms = gap_param(pairs, engine.config().session_gap_ms)?;
     let tenant = caller.tenant(pairs)?;
     let points = engine
         .session_metric(&tally_query::SessionMetricQuery {
@@ -1877,7 +1882,7 @@ async fn sessions(
     let tenant = caller.tenant(&pairs)?;
     let now = s.shared.clock.now_ms();
     let (start, end) = time_range(&pairs, now, now + HOUR_MS, 24 * HOUR_MS)?;
-    let gap_ms = gap_param(&pairs)?;
+    let gap_ms = gap_param(&pairs, engine.config().session_gap_ms)?;
     let limit = limit_param(&pairs, 1000, usize::MAX)?;
     let user_id = one(&pairs, "user_id")
         .filter(|u| !u.is_empty())

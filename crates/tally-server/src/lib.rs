@@ -156,6 +156,7 @@ impl Server {
                             let r = shared.registry.clone();
                             tally_query::ColumnsFn(Arc::new(move |t: &str| r.property_columns(t)))
                         }),
+                        session_gap_ms: d.session_gap_ms,
                         ..tally_query::QueryConfig::default()
                     },
                     version,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::pipeline::Shared;
 use tally_query::{QueryEngine, SessionKey};
-use tally_store::{DEFAULT_SESSION_GAP_MS, Session, SessionTouch};
+use tally_store::{Session, SessionTouch};
 
 /// How often touches are looked at.
 const EVERY: Duration = Duration::from_millis(250);
@@ -42,6 +42,7 @@ pub(crate) async fn run(
 ) {
     let mut pending: BTreeMap<(Box<str>, SessionKey), Pending> = BTreeMap::new();
     let mut cursor: Option<(Box<str>, SessionKey)> = None;
+    let gap_ms = engine.config().session_gap_ms;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
@@ -97,7 +98,7 @@ pub(crate) async fn run(
             let from = p.touches.iter().map(|t| t.ts).min().unwrap_or_default();
             let to = p.touches.iter().map(|t| t.ts).max().unwrap_or_default() + 1;
             let pair = engine
-                .session_pair(&k.0, k.1.clone(), from, to, DEFAULT_SESSION_GAP_MS, exclude)
+                .session_pair(&k.0, k.1.clone(), from, to, gap_ms, exclude)
                 .await;
             let pair = match pair {
                 Ok(pair) => pair,
@@ -117,7 +118,7 @@ pub(crate) async fn run(
             tel.session_keys_checked.fetch_add(1, Relaxed);
             let watermark = p.touches.iter().map(|t| t.watermark).max().unwrap_or(0);
             let at = p.touches.iter().map(|t| t.at).max().unwrap_or(0);
-            let closed_to = watermark.saturating_sub(DEFAULT_SESSION_GAP_MS);
+            let closed_to = watermark.saturating_sub(gap_ms);
             let found = tally_query::session_changes(&pair.before, &pair.after, closed_to);
             if !found.is_empty() {
                 tel.session_changes.fetch_add(found.len() as u64, Relaxed);

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod dims;
 pub mod rollup;
+pub mod session_index;
 pub mod sessions;
 pub mod sketch;
 
@@ -14,6 +15,7 @@ pub use rollup::{
     MinuteBucket, NumAgg, QueryError, RollupStore, Series, Summary, Value, parse_group_by,
     parse_where,
 };
+pub use session_index::{DEFAULT_MAX_SESSIONS, INDEX_REACH_MS, SessionIndex};
 pub use sessions::{
     DEFAULT_SESSION_GAP_MS, Session, SessionCorrection, SessionTouch, TOUCHES_KEPT,
 };

@@ -482,6 +482,8 @@ pub struct RollupStore {
     change_floor: u64,
     /// Events applied behind a watermark, for session corrections.
     touches: crate::sessions::Touches,
+    /// Sessions built as events are applied (off unless enabled).
+    sessions: crate::SessionIndex,
     /// Scratch space for combination keys.
     key: String,
 }
@@ -523,6 +525,7 @@ impl Default for RollupStore {
             change_log: VecDeque::new(),
             change_floor: 0,
             touches: Default::default(),
+            sessions: Default::default(),
             key: String::new(),
         }
     }
@@ -1026,6 +1029,15 @@ impl RollupStore {
         if !on {
             self.touches.list = Vec::new();
         }
+    }
+
+    /// The sessions built in the stream.
+    pub fn sessions(&self) -> &crate::SessionIndex {
+        &self.sessions
+    }
+
+    pub fn sessions_mut(&mut self) -> &mut crate::SessionIndex {
+        &mut self.sessions
     }
 
     /// Whether touches are kept (see [`RollupStore::track_session_touches`]).

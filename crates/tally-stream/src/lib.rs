@@ -383,7 +383,11 @@ pub struct Processor {
 impl Processor {
     pub fn new(cfg: StreamConfig, store: Arc<RwLock<RollupStore>>, dlq: Arc<Mutex<Dlq>>) -> Self {
         let n = cfg.partitions.max(1) as usize;
-        store.write().set_dimensions(cfg.dimensions.clone());
+        {
+            let mut st = store.write();
+            st.set_dimensions(cfg.dimensions.clone());
+            st.sessions_mut().set_journaling(true);
+        }
         Processor {
             cfg,
             clocks: hashbrown::HashMap::new(),
@@ -469,6 +473,7 @@ impl Processor {
     /// a checkpoint that will never be written).
     pub fn set_journaling(&mut self, on: bool) {
         self.journaling = on;
+        self.store.write().sessions_mut().set_journaling(on);
         if !on {
             self.journal = Journal::default();
             for c in self.clocks.values_mut().chain(self.backfills.values_mut()) {
@@ -652,6 +657,8 @@ impl Processor {
                 }
                 continue;
             }
+            // Sessions take every event the raw store keeps, late ones too.
+            store.sessions_mut().add(&ev);
             let too_late = wm.filter(|&w| minute + MINUTE_MS + lateness <= w);
             // Past the rollup retention there is no bucket to count it in.
             let expired = minute < hours_from;

@@ -9,6 +9,7 @@
 //! sealed-<gen:06>.bin        frame(kind, tenant, time, bucket)* final minutes, hours
 //! dedupe-<gen:06>.bin        frame(tenant, (key, minute)*)*    dedupe journal
 //! late-<gen:06>.bin          frame(late DLQ entry)*            late DLQ journal
+//! sessions-<gen:06>.bin      frame(floor | gone | session)*    session index journal
 //! ```
 //!
 //! Frames are `len:u32 crc32:u32 payload` ([`tally_types::bin`]). The three
@@ -43,6 +44,18 @@
 //! entries, which name no tenant, in a legacy set checked for all tenants;
 //! the next checkpoint rewrites the dedupe journal in the version-4 form.
 //!
+//! # Sessions (version 5)
+//!
+//! The session index (`tally_store::SessionIndex`) journals what changed
+//! since the last checkpoint: floors raised, sessions gone (merged away,
+//! re-keyed, dropped for the cap) and sessions as they are now, in that
+//! order; recovery applies the frames in order. The journal is rewritten
+//! whole once it has doubled since its last rewrite (and passed the
+//! compaction size). A checkpoint says whether the index was on; one that
+//! had none (older versions, or the index off) leaves each tenant's floor
+//! past its newest event, so only ranges after it are answered from the
+//! index.
+//!
 //! # Invariants
 //!
 //! - A checkpoint is written to a temporary file, fsynced, renamed into place
@@ -68,9 +81,11 @@ use crate::{Clock, DedupeMap, DlqBody, DlqEntry, DlqKind, PartState, Processor, 
 
 /// Version 2 added the raw store's dropped ranges; version 3 the rollup
 /// horizons and kinds in the sealed journal; version 4 an event clock per
-/// tenant and tenant-named dedupe frames. A version-1 checkpoint is ignored
-/// (the state is rebuilt from the log); versions 2 and 3 are read.
-const MAGIC: &[u8; 8] = b"TALLYCK4";
+/// tenant and tenant-named dedupe frames; version 5 the sessions journal.
+/// A version-1 checkpoint is ignored (the state is rebuilt from the log);
+/// versions 2 to 4 are read.
+const MAGIC: &[u8; 8] = b"TALLYCK5";
+const MAGIC_V4: &[u8; 8] = b"TALLYCK4";
 const MAGIC_V3: &[u8; 8] = b"TALLYCK3";
 const MAGIC_V2: &[u8; 8] = b"TALLYCK2";
 /// The tenant name legacy dedupe entries are written under (not a valid
@@ -267,6 +282,8 @@ pub struct RecoveryReport {
     pub open_buckets: usize,
     pub dedupe_entries: usize,
     pub late_entries: usize,
+    /// Sessions the index holds after recovery.
+    pub sessions: usize,
     pub elapsed_ms: u64,
 }
 
@@ -282,6 +299,9 @@ pub struct CheckpointReport {
     pub elapsed_us: u64,
     /// Whether the sealed journal was rewritten into a new generation.
     pub sealed_rewritten: bool,
+    /// Session index frames written, and whether the journal was rewritten.
+    pub session_frames: usize,
+    pub sessions_rewritten: bool,
 }
 
 /// A checkpoint prepared on the processor thread, to be written by
@@ -318,6 +338,12 @@ pub struct CheckpointJob {
     corrected: Vec<u128>,
     legacy_corrected: Vec<u64>,
     raw_drops: Vec<(u64, Vec<(u32, u32)>)>,
+    /// Whether the session index is on, its frames, and whether they are
+    /// every session (a new generation).
+    sessions_on: bool,
+    sessions_buf: Vec<u8>,
+    session_frames: usize,
+    sessions_rewrite: bool,
 }
 
 /// Dedupe entries per clock name (a backfill clock's after [`BACKFILL_PREFIX`]).
@@ -441,6 +467,12 @@ impl CheckpointJob {
         p.journal.late = late;
         p.journal.reseal.extend(self.reseal);
         p.journal.rehour.extend(self.rehour);
+        if self.sessions_on {
+            p.store
+                .write()
+                .sessions_mut()
+                .give_back(self.sessions_buf, self.sessions_rewrite);
+        }
         for (backfill, t, prev) in self.prev_sealed {
             let map = if backfill {
                 &mut p.backfills
@@ -462,10 +494,13 @@ pub struct StateStore {
     sealed: Journal,
     dedupe: Journal,
     late: Journal,
+    sessions: Journal,
+    /// Size of the sessions journal when last written whole.
+    sessions_base: u64,
     /// Dedupe entries in the current dedupe generation (live and dead).
     dedupe_written: u64,
     /// Journal generations named by the previous checkpoint (kept for fallback).
-    prev: [u64; 3],
+    prev: [u64; 4],
     /// Journals past this size are considered for compaction.
     compact_bytes: u64,
     /// Size of the sealed journal's generation when it was last written
@@ -503,7 +538,7 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<u64>, StateError> {
 /// The decoded body of a checkpoint file.
 struct Checkpoint {
     seq: u64,
-    /// 2, 3 or 4 (see [`MAGIC`]).
+    /// 2 to 5 (see [`MAGIC`]).
     version: u8,
     offsets: Vec<u64>,
     /// Version 4: one clock per tenant.
@@ -523,6 +558,9 @@ struct Checkpoint {
     downsampled_to: Millis,
     hours_from: Millis,
     sealed_base: u64,
+    /// Version 5: whether the session index was on, its journal, and the
+    /// journal's size when last written whole.
+    sessions: Option<(bool, JournalRef, u64)>,
 }
 
 fn encode_totals(e: &mut Enc, t: &Totals) {
@@ -553,7 +591,8 @@ fn decode_totals(d: &mut Dec<'_>) -> Result<Totals, DecodeError> {
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     let version = match bytes.get(..MAGIC.len()) {
-        Some(m) if m == MAGIC => 4,
+        Some(m) if m == MAGIC => 5,
+        Some(m) if m == MAGIC_V4 => 4,
         Some(m) if m == MAGIC_V3 => 3,
         Some(m) if m == MAGIC_V2 => 2,
         _ => {
@@ -638,6 +677,20 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     } else {
         (d.i64()?, d.i64()?, d.u64()?)
     };
+    let sessions = if version >= 5 {
+        let indexed = match d.u8()? {
+            0 => false,
+            1 => true,
+            _ => return d.err("sessions flag"),
+        };
+        let j = JournalRef {
+            gen_: d.u64()?,
+            len: d.u64()?,
+        };
+        Some((indexed, j, d.u64()?))
+    } else {
+        None
+    };
     if !d.is_empty() {
         return d.err("trailing bytes");
     }
@@ -658,6 +711,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         downsampled_to,
         hours_from,
         sealed_base,
+        sessions,
     })
 }
 
@@ -782,8 +836,10 @@ impl StateStore {
                 sealed: Journal::create(dir, "sealed", 0)?,
                 dedupe: Journal::create(dir, "dedupe", 0)?,
                 late: Journal::create(dir, "late", 0)?,
+                sessions: Journal::create(dir, "sessions", 0)?,
+                sessions_base: 0,
                 dedupe_written: 0,
-                prev: [0; 3],
+                prev: [0; 4],
                 compact_bytes: COMPACT_BYTES,
                 sealed_base: 0,
                 sealed_legacy: false,
@@ -797,6 +853,13 @@ impl StateStore {
         let (sealed, sealed_data) = Journal::open_at(dir, "sealed", js.gen_, js.len, c.seq)?;
         let (dedupe, dedupe_data) = Journal::open_at(dir, "dedupe", jd.gen_, jd.len, c.seq)?;
         let (late, late_data) = Journal::open_at(dir, "late", jl.gen_, jl.len, c.seq)?;
+        let (sessions, sessions_data, sessions_base, indexed) = match c.sessions {
+            Some((indexed, j, base)) => {
+                let (journal, data) = Journal::open_at(dir, "sessions", j.gen_, j.len, c.seq)?;
+                (journal, data, base, indexed)
+            }
+            None => (Journal::create(dir, "sessions", 0)?, Vec::new(), 0, false),
+        };
         let decode_err = |prefix: &str, g: u64| {
             let path = Journal::path(dir, prefix, g);
             move |source| StateError::Decode { path, source }
@@ -965,15 +1028,39 @@ impl StateStore {
             }
             dlq.set_total(DlqKind::Late, p.totals.late);
         }
+        // Sessions: the journal when the index was on; else each tenant's
+        // events so far are not in it.
+        {
+            let mut store = p.store.write();
+            if store.sessions().is_on() {
+                let ix = store.sessions_mut();
+                if indexed {
+                    for payload in unframe(&sessions_data).0 {
+                        ix.apply_frame(payload)
+                            .map_err(decode_err("sessions", sessions.gen_))?;
+                    }
+                    ix.recovered();
+                } else {
+                    for (t, c) in p.clocks.iter().chain(p.backfills.iter()) {
+                        let newest = c.parts.iter().filter_map(|s| s.max_ts).max();
+                        ix.raise_floor(t, newest.map_or(Millis::MAX, |m| m.saturating_add(1)));
+                    }
+                }
+                report.sessions = ix.len();
+            }
+        }
         report.checkpoint = Some(c.seq);
+        let sessions_gen = sessions.gen_;
         let store = StateStore {
             dir: dir.to_path_buf(),
             seq: c.seq,
             sealed,
             dedupe,
             late,
+            sessions,
+            sessions_base,
             dedupe_written: c.dedupe_written,
-            prev: [js.gen_, jd.gen_, jl.gen_],
+            prev: [js.gen_, jd.gen_, jl.gen_, sessions_gen],
             compact_bytes: COMPACT_BYTES,
             sealed_base: c.sealed_base,
             sealed_legacy: c.version == 2,
@@ -1072,7 +1159,25 @@ impl StateStore {
             corrected: p.corrected.iter().copied().collect(),
             legacy_corrected: p.legacy.corrected.iter().copied().collect(),
             raw_drops: p.raw_drops.iter().cloned().collect(),
+            sessions_on: false,
+            sessions_buf: Vec::new(),
+            session_frames: 0,
+            sessions_rewrite: false,
         };
+        {
+            let mut store = p.store.write();
+            let ix = store.sessions_mut();
+            if ix.is_on() {
+                job.sessions_on = true;
+                job.sessions_rewrite = ix.needs_rewrite()
+                    || self.sessions.len > self.compact_bytes.max(2 * self.sessions_base);
+                job.session_frames = if job.sessions_rewrite {
+                    ix.encode_all(&mut job.sessions_buf)
+                } else {
+                    ix.take_delta(&mut job.sessions_buf)
+                };
+            }
+        }
         {
             let store = p.store.read();
             job.downsampled_to = store.downsampled_to();
@@ -1202,6 +1307,8 @@ impl StateStore {
             sealed_buckets: job.sealed_buckets,
             open_buckets: job.open_buckets,
             sealed_rewritten: job.sealed_rewrite,
+            session_frames: job.session_frames,
+            sessions_rewritten: job.sessions_rewrite,
             ..CheckpointReport::default()
         };
         let mut dedupe_buf = Vec::new();
@@ -1216,7 +1323,13 @@ impl StateStore {
         }
 
         // 1. The journals (new generations where rewritten).
-        let before = [self.sealed.len, self.dedupe.len, self.late.len];
+        let before = [
+            self.sealed.len,
+            self.dedupe.len,
+            self.late.len,
+            self.sessions.len,
+        ];
+        let mut new_sessions_j = None;
         let mut new_sealed_j = None;
         let mut new_dedupe_j = None;
         let mut new_late_j = None;
@@ -1242,7 +1355,18 @@ impl StateStore {
             } else {
                 self.late.append(&late_buf)?;
             }
-            if new_sealed_j.is_some() || new_dedupe_j.is_some() || new_late_j.is_some() {
+            if job.sessions_rewrite {
+                let mut j = Journal::create(&self.dir, "sessions", self.sessions.gen_ + 1)?;
+                j.append(&job.sessions_buf)?;
+                new_sessions_j = Some(j);
+            } else {
+                self.sessions.append(&job.sessions_buf)?;
+            }
+            if new_sealed_j.is_some()
+                || new_dedupe_j.is_some()
+                || new_late_j.is_some()
+                || new_sessions_j.is_some()
+            {
                 sync_dir(&self.dir)?;
             }
             Ok(())
@@ -1251,11 +1375,18 @@ impl StateStore {
             self.sealed.rollback(before[0]);
             self.dedupe.rollback(before[1]);
             self.late.rollback(before[2]);
+            self.sessions.rollback(before[3]);
             return Err(e);
         }
         let sealed_ref = new_sealed_j.as_ref().unwrap_or(&self.sealed);
         let dedupe_ref = new_dedupe_j.as_ref().unwrap_or(&self.dedupe);
         let late_ref = new_late_j.as_ref().unwrap_or(&self.late);
+        let sessions_ref = new_sessions_j.as_ref().unwrap_or(&self.sessions);
+        let sessions_base = if job.sessions_rewrite {
+            sessions_ref.len
+        } else {
+            self.sessions_base
+        };
         let count = |v: &TenantEntries| v.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
         let dedupe_written = match &job.dedupe_all {
             Some(all) => count(all),
@@ -1323,6 +1454,10 @@ impl StateStore {
         e.i64(job.downsampled_to);
         e.i64(job.hours_from);
         e.u64(sealed_base);
+        e.u8(u8::from(job.sessions_on));
+        e.u64(sessions_ref.gen_);
+        e.u64(sessions_ref.len);
+        e.u64(sessions_base);
         let mut file_bytes = MAGIC.to_vec();
         frame(&mut file_bytes, &e.buf);
         let tmp = self.dir.join(format!("checkpoint-{:020}.tmp", job.seq));
@@ -1339,11 +1474,21 @@ impl StateStore {
             self.sealed.rollback(before[0]);
             self.dedupe.rollback(before[1]);
             self.late.rollback(before[2]);
+            self.sessions.rollback(before[3]);
             return Err(e);
         }
 
         // 3. Committed: switch generations, clean up.
-        let prev_gens = [self.sealed.gen_, self.dedupe.gen_, self.late.gen_];
+        let prev_gens = [
+            self.sealed.gen_,
+            self.dedupe.gen_,
+            self.late.gen_,
+            self.sessions.gen_,
+        ];
+        if let Some(j) = new_sessions_j {
+            self.sessions = j;
+            self.sessions_base = sessions_base;
+        }
         if let Some(j) = new_sealed_j {
             self.sealed = j;
             self.sealed_base = sealed_base;
@@ -1359,8 +1504,11 @@ impl StateStore {
         self.dedupe_written = dedupe_written;
         self.prev = prev_gens;
         self.seq = job.seq;
-        report.bytes =
-            (job.sealed_buf.len() + dedupe_buf.len() + late_buf.len() + file_bytes.len()) as u64;
+        report.bytes = (job.sealed_buf.len()
+            + dedupe_buf.len()
+            + late_buf.len()
+            + job.sessions_buf.len()
+            + file_bytes.len()) as u64;
         self.cleanup();
         report.elapsed_us = started.elapsed().as_micros() as u64;
         Ok(report)
@@ -1383,6 +1531,7 @@ impl StateStore {
         self.sealed.cleanup(&[self.prev[0]]);
         self.dedupe.cleanup(&[self.prev[1]]);
         self.late.cleanup(&[self.prev[2]]);
+        self.sessions.cleanup(&[self.prev[3]]);
     }
 }
 
@@ -1393,6 +1542,20 @@ pub mod fuzzing {
     /// Decodes a checkpoint file's bytes.
     pub fn checkpoint(bytes: &[u8]) -> bool {
         super::decode_checkpoint(bytes).is_ok()
+    }
+
+    /// Applies a sessions journal (its frames) and the bytes as one frame
+    /// to a session index.
+    pub fn sessions_journal(bytes: &[u8]) -> bool {
+        let mut ix = tally_store::SessionIndex::default();
+        ix.enable(tally_store::DEFAULT_SESSION_GAP_MS, 1000);
+        let mut ok = ix.apply_frame(bytes).is_ok();
+        for f in tally_types::bin::unframe(bytes).0 {
+            ok &= ix.apply_frame(f).is_ok();
+        }
+        ix.recovered();
+        let _ = ix.sessions("t", None, i64::MIN, i64::MAX, true, 100);
+        ok
     }
 
     /// Decodes one late-journal entry of a format version.

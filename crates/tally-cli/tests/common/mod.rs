@@ -360,3 +360,86 @@ pub fn key(secret: &str, tenant: &str, scopes: &[&str]) -> tally_server::config:
         ..tally_server::config::KeySection::default()
     }
 }
+
+/// One session as the oracle computes it: id, user, start, end, events.
+pub type OracleSession = (String, Option<String>, i64, i64, u64);
+
+/// The sessions of `tenant`'s kept events, computed the plain way: the
+/// events with one `session_id` together, every other event per user,
+/// sorted by time and split where two are `gap` or more apart (derived
+/// ids `<user>:<start ms>`). By id.
+pub fn oracle_sessions(kept: &[Value], tenant: &str, gap: i64) -> Vec<OracleSession> {
+    let mut explicit: BTreeMap<String, Vec<(i64, Option<String>)>> = BTreeMap::new();
+    let mut anon: BTreeMap<Option<String>, Vec<i64>> = BTreeMap::new();
+    for v in kept.iter().filter(|v| v["tenant"] == tenant) {
+        let user = v["user_id"].as_str().map(str::to_string);
+        match v["session_id"].as_str().filter(|s| !s.is_empty()) {
+            Some(s) => explicit
+                .entry(s.to_string())
+                .or_default()
+                .push((ts_of(v), user)),
+            None => anon.entry(user).or_default().push(ts_of(v)),
+        }
+    }
+    let mut out = Vec::new();
+    for (id, evs) in explicit {
+        let start = evs.iter().map(|e| e.0).min().unwrap();
+        let end = evs.iter().map(|e| e.0).max().unwrap();
+        let user = evs.iter().find_map(|e| e.1.clone());
+        out.push((id, user, start, end, evs.len() as u64));
+    }
+    for (user, mut ts) in anon {
+        ts.sort_unstable();
+        let mut i = 0;
+        while i < ts.len() {
+            let mut j = i;
+            while j + 1 < ts.len() && ts[j + 1] - ts[j] < gap {
+                j += 1;
+            }
+            let id = format!("{}:{}", user.as_deref().unwrap_or(""), ts[i]);
+            out.push((id, user.clone(), ts[i], ts[j], (j - i + 1) as u64));
+            i = j + 1;
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `tenant`'s sessions table as (id, duration, events), by id.
+pub async fn session_rows(
+    c: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+) -> Vec<(String, i64, u64)> {
+    let mut out: Vec<(String, i64, u64)> = rows(
+        c,
+        base,
+        tenant,
+        "SELECT session_id, duration_ms, events FROM sessions",
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        (
+            r[0].as_str().unwrap().to_string(),
+            r[1].as_i64().unwrap(),
+            r[2].as_u64().unwrap(),
+        )
+    })
+    .collect();
+    out.sort();
+    out
+}
+
+/// `tally_session_answers_total` by source: (index, raw).
+pub async fn session_answers(c: &reqwest::Client, base: &str) -> (u64, u64) {
+    let text = prom(c, base).await;
+    let read = |src: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("tally_session_answers_total{{source=\"{src}\"}} "))
+            })
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    (read("index"), read("raw"))
+}

@@ -72,7 +72,9 @@ fn records(seed: u64, n: usize) -> Vec<Rec> {
                 let tenant = if id.len() % 4 == 0 { "globex" } else { "acme" };
                 let ty = ["page_view", "click", "error"][rnd(3) as usize];
                 let user = format!("u{}", rnd(50));
-                let at = w.begin_event(tenant, &id, ty, ts, Some(&user), Some("s1"));
+                // Sessions: explicit ids, and users' events without one.
+                let sid = (lsn % 3 != 0).then(|| format!("s{}", lsn % 17));
+                let at = w.begin_event(tenant, &id, ty, ts, Some(&user), sid.as_deref());
                 w.prop(
                     "ms",
                     tally_types::PropValue::Float(rnd(10_000) as f64 / 7.0),
@@ -124,6 +126,10 @@ struct Run {
 
 fn fresh() -> Run {
     let store = Arc::new(RwLock::new(RollupStore::new()));
+    store
+        .write()
+        .sessions_mut()
+        .enable(tally_store::DEFAULT_SESSION_GAP_MS, 1_000_000);
     let dlq = Arc::new(Mutex::new(Dlq::new(10_000)));
     let cfg = StreamConfig {
         partitions: 3,
@@ -169,7 +175,13 @@ fn replay_tail(p: &mut Processor, recs: &[Rec]) {
     }
 }
 
-type Outcome = (RollupStore, Totals, Vec<String>, usize);
+type Outcome = (
+    RollupStore,
+    Totals,
+    Vec<String>,
+    usize,
+    Vec<tally_store::Session>,
+);
 
 fn outcome(run: &Run) -> Outcome {
     let dlq = run.dlq.lock();
@@ -184,7 +196,21 @@ fn outcome(run: &Run) -> Outcome {
         run.p.totals(),
         late,
         run.p.dedupe_len(),
+        sessions(run),
     )
+}
+
+/// Every session of both tenants the index holds.
+fn sessions(run: &Run) -> Vec<tally_store::Session> {
+    let store = run.store.read();
+    ["acme", "globex"]
+        .iter()
+        .flat_map(|t| {
+            store
+                .sessions()
+                .sessions(t, None, Millis::MIN, Millis::MAX, false, usize::MAX)
+        })
+        .collect()
 }
 
 fn uninterrupted(recs: &[Rec]) -> Outcome {
@@ -227,12 +253,17 @@ fn assert_same(got: &Outcome, want: &Outcome, ctx: &str) {
     assert_eq!(got.1, want.1, "totals: {ctx}");
     assert_eq!(got.2, want.2, "late DLQ: {ctx}");
     assert_eq!(got.3, want.3, "dedupe: {ctx}");
+    assert_eq!(got.4, want.4, "sessions: {ctx}");
 }
 
 #[test]
 fn the_stream_is_messy_enough() {
     let recs = records(1, 400);
-    let (store, totals, late, _) = uninterrupted(&recs);
+    let (store, totals, late, _, sessions) = uninterrupted(&recs);
+    // Explicit sessions, users' sessions split by the gap, both tenants.
+    assert!(sessions.iter().filter(|s| s.derived).count() > 5);
+    assert!(sessions.iter().filter(|s| !s.derived).count() > 5);
+    assert!(sessions.iter().any(|s| s.events > 3));
     assert!(totals.duplicates > 20, "{totals:?}");
     assert!(totals.late > 20, "{totals:?}");
     assert!(totals.replayed > 10, "{totals:?}");
@@ -395,6 +426,7 @@ proptest! {
         prop_assert_eq!(got.1, want.1);
         prop_assert_eq!(got.2, want.2);
         prop_assert_eq!(got.3, want.3);
+        prop_assert_eq!(got.4, want.4);
     }
 }
 
@@ -614,6 +646,22 @@ fn write_state_fixture() {
     let mut r = fresh();
     StateStore::open(out, &mut r.p).unwrap();
     std::fs::write(out.join("expected.txt"), state_dump(&r)).unwrap();
+    std::fs::write(out.join("expected-sessions.txt"), sessions_dump(&r)).unwrap();
+}
+
+/// The index's sessions and floors, one line each.
+fn sessions_dump(r: &Run) -> String {
+    let mut out = String::new();
+    for t in ["acme", "globex"] {
+        out.push_str(&format!(
+            "floor {t} {}\n",
+            r.store.read().sessions().floor(t)
+        ));
+    }
+    for s in sessions(r) {
+        out.push_str(&format!("{s:?}\n"));
+    }
+    out
 }
 
 /// Copies a committed fixture directory into a temporary one.
@@ -725,12 +773,41 @@ fn a_version_4_state_dir_loads() {
     assert!(r.p.tenant_watermark("acme").is_some());
     let dedupe = r.p.dedupe_len();
     assert!(dedupe > 0);
+    // No session index then: each tenant's floor is past its newest event,
+    // so its earlier ranges are read from the raw events.
+    let floor = r.store.read().sessions().floor("acme");
+    assert!(floor > T0, "{floor}");
+    assert_eq!(r.store.read().sessions().len(), 0);
     st.checkpoint(&mut r.p).unwrap();
     drop(st);
     let mut again = fresh();
     StateStore::open(dir.path(), &mut again.p).unwrap();
     assert_eq!(state_dump(&again), want);
     assert_eq!(again.p.dedupe_len(), dedupe);
+    // The upgraded checkpoint keeps the floors.
+    assert_eq!(again.store.read().sessions().floor("acme"), floor);
+}
+
+/// The committed version 5 state (`tests/fixtures/state-v5`: the sessions
+/// journal) loads into exactly the state and sessions it was written from,
+/// and a checkpoint of it loads the same.
+#[test]
+fn a_version_5_state_dir_loads() {
+    let dir = fixture("state-v5");
+    let want = std::fs::read_to_string(dir.path().join("expected.txt")).unwrap();
+    let want_sessions = std::fs::read_to_string(dir.path().join("expected-sessions.txt")).unwrap();
+    let mut r = fresh();
+    let (mut st, rep) = StateStore::open(dir.path(), &mut r.p).unwrap();
+    assert!(rep.checkpoint.is_some());
+    assert!(rep.sessions > 10, "{}", rep.sessions);
+    assert_eq!(state_dump(&r), want);
+    assert_eq!(sessions_dump(&r), want_sessions);
+    st.checkpoint(&mut r.p).unwrap();
+    drop(st);
+    let mut again = fresh();
+    StateStore::open(dir.path(), &mut again.p).unwrap();
+    assert_eq!(state_dump(&again), want);
+    assert_eq!(sessions_dump(&again), want_sessions);
 }
 
 /// The crate's directory: cargo's at run time (a test executable reused

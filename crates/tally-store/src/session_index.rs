@@ -1,0 +1,889 @@
+//! Sessions built in the stream. The processor adds every event it keeps
+//! (what the raw store keeps: not duplicates, too-late events included) to
+//! its tenant's sessions as it applies it, so `GET /api/v1/sessions`, the
+//! SQL table `sessions` and the session metrics answer from memory instead
+//! of reading the raw events.
+//!
+//! A session is the events with one `session_id`, or one user's events
+//! without one, split where two consecutive events are at least the gap
+//! apart. Events may come in any order: an event before a session, or
+//! between two sessions of a user, moves a start or joins the two (the
+//! later one is replaced by the joined one). The result is what sorting all
+//! events and splitting them would give, which the query crate's raw path
+//! computes and its tests compare with.
+//!
+//! # Bounded memory and the floor
+//!
+//! At most `max_sessions` are held; past it the sessions that started first
+//! (of any tenant) are dropped, and their tenant's *floor* rises past their
+//! ends. Events before the floor are not added. A range is answered here
+//! only when it starts at least [`INDEX_REACH_MS`] after the floor (and the
+//! gap asked is the index's): its sessions can then hold no event before
+//! the floor, or only one the raw answer would not read either (it reads
+//! that far around a range). Anything else reads the raw events. A tenant
+//! whose events came before the index existed (an older checkpoint) gets
+//! its floor past its newest event.
+//!
+//! # Persistence
+//!
+//! With journaling on, every change since the last [`SessionIndex::take_delta`]
+//! is remembered (sessions changed, sessions gone, floors raised) and taken
+//! at each checkpoint as frames for the sessions journal; recovery applies
+//! the frames in order ([`SessionIndex::apply_frame`]) and the log replay
+//! adds the events after the checkpoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hashbrown::{HashMap, HashSet};
+use tally_types::Millis;
+use tally_types::bin::{Dec, DecodeError, Enc, frame};
+use tally_types::codec::{EventView, PropValue};
+
+use crate::Session;
+
+/// How far before a range the sessions of the raw path read (and so how far
+/// after its floor a range must start to be answered from the index).
+pub const INDEX_REACH_MS: Millis = 6 * 3_600_000;
+
+/// Sessions held at most by default.
+pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+
+/// Journal frame kinds.
+const FRAME_PUT: u8 = 0;
+const FRAME_GONE: u8 = 1;
+const FRAME_FLOOR: u8 = 2;
+
+/// One session as the index holds it.
+#[derive(Clone, Debug)]
+struct Slot {
+    live: bool,
+    derived: bool,
+    /// The explicit `session_id` (empty for a derived session, whose id is
+    /// `<user>:<start>`).
+    id: Box<str>,
+    user: Option<Box<str>>,
+    start: Millis,
+    end: Millis,
+    events: u64,
+    first_page: Option<Box<str>>,
+    last_page: Option<Box<str>>,
+    /// Event types seen, as the tenant's type numbers.
+    types: Vec<u32>,
+}
+
+impl Slot {
+    fn new(derived: bool, id: &str, user: Option<&str>, ts: Millis) -> Slot {
+        Slot {
+            live: true,
+            derived,
+            id: id.into(),
+            user: user.map(Into::into),
+            start: ts,
+            end: ts,
+            events: 0,
+            first_page: None,
+            last_page: None,
+            types: Vec::new(),
+        }
+    }
+
+    /// Adds one event (first and last page follow the times; on a tie the
+    /// first page stays and the last moves, as in time order).
+    fn add(&mut self, ts: Millis, ty: u32, page: Option<&str>) {
+        if self.events == 0 || ts < self.start {
+            self.start = ts;
+            set_page(&mut self.first_page, page);
+        }
+        if self.events == 0 || ts >= self.end {
+            self.end = ts;
+            set_page(&mut self.last_page, page);
+        }
+        self.events += 1;
+        if !self.types.contains(&ty) {
+            self.types.push(ty);
+        }
+    }
+
+    fn key(&self) -> Key {
+        if self.derived {
+            Key::Derived(self.user.clone(), self.start)
+        } else {
+            Key::Id(self.id.clone())
+        }
+    }
+}
+
+fn set_page(slot: &mut Option<Box<str>>, page: Option<&str>) {
+    if slot.as_deref() != page {
+        *slot = page.map(Into::into);
+    }
+}
+
+/// One event as sessions see it (its type numbered by its tenant).
+struct Ev<'a> {
+    sid: Option<&'a str>,
+    user: Option<&'a str>,
+    ts: Millis,
+    ty: u32,
+    page: Option<&'a str>,
+}
+
+/// What names a session in the journal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Id(Box<str>),
+    Derived(Option<Box<str>>, Millis),
+}
+
+/// One tenant's sessions.
+#[derive(Clone, Debug)]
+struct Tenant {
+    floor: Millis,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    by_id: HashMap<Box<str>, u32>,
+    /// Derived sessions per user, by start.
+    anon: HashMap<Option<Box<str>>, BTreeMap<Millis, u32>>,
+    by_start: BTreeSet<(Millis, u32)>,
+    type_names: Vec<Box<str>>,
+    type_ids: HashMap<Box<str>, u32>,
+    /// The longest session ever held (how far before a range one that
+    /// overlaps it may start).
+    longest: Millis,
+    /// Changed since the last delta (journaling on).
+    dirty: HashSet<u32>,
+    gone: Vec<Key>,
+    floor_dirty: bool,
+}
+
+impl Tenant {
+    fn new(floor: Millis) -> Tenant {
+        Tenant {
+            floor,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: HashMap::new(),
+            anon: HashMap::new(),
+            by_start: BTreeSet::new(),
+            type_names: Vec::new(),
+            type_ids: HashMap::new(),
+            longest: 0,
+            dirty: HashSet::new(),
+            gone: Vec::new(),
+            floor_dirty: false,
+        }
+    }
+
+    fn type_id(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.type_ids.get(name) {
+            return i;
+        }
+        let i = self.type_names.len() as u32;
+        self.type_names.push(name.into());
+        self.type_ids.insert(name.into(), i);
+        i
+    }
+
+    fn alloc(&mut self, s: Slot) -> u32 {
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = s;
+                i
+            }
+            None => {
+                self.slots.push(s);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let s = &self.slots[i as usize];
+        self.by_start.insert((s.start, i));
+        i
+    }
+
+    /// Removes slot `i` from every map (its key noted as gone).
+    fn release(&mut self, i: u32, journaling: bool) {
+        let s = &mut self.slots[i as usize];
+        s.live = false;
+        let (start, derived) = (s.start, s.derived);
+        let key = s.key();
+        // Free the strings now: a released slot waits for reuse.
+        s.first_page = None;
+        s.last_page = None;
+        s.types = Vec::new();
+        self.by_start.remove(&(start, i));
+        match &key {
+            Key::Id(id) => {
+                self.by_id.remove(id);
+            }
+            Key::Derived(user, start) => {
+                if let Some(m) = self.anon.get_mut(user) {
+                    m.remove(start);
+                    if m.is_empty() {
+                        self.anon.remove(user);
+                    }
+                }
+            }
+        }
+        debug_assert!(derived == matches!(key, Key::Derived(..)));
+        self.free.push(i);
+        if journaling {
+            self.dirty.remove(&i);
+            self.gone.push(key);
+        }
+    }
+
+    /// Adds an event to slot `i`, keeping the start order (and, for a
+    /// derived session whose start moves, its key) in step.
+    fn add_to(&mut self, i: u32, ts: Millis, ty: u32, page: Option<&str>, journaling: bool) {
+        let s = &mut self.slots[i as usize];
+        let old_start = s.start;
+        let old_key = (s.derived && ts < old_start).then(|| s.key());
+        s.add(ts, ty, page);
+        let (start, dur) = (s.start, s.end - s.start);
+        self.longest = self.longest.max(dur);
+        if start != old_start {
+            self.by_start.remove(&(old_start, i));
+            self.by_start.insert((start, i));
+            if let Some(Key::Derived(user, _)) = &old_key {
+                let m = self.anon.entry(user.clone()).or_default();
+                m.remove(&old_start);
+                m.insert(start, i);
+            }
+        }
+        if journaling {
+            if let Some(k) = old_key {
+                self.gone.push(k);
+            }
+            self.dirty.insert(i);
+        }
+    }
+
+    /// One event; answers the change in the number of sessions.
+    fn add(&mut self, ev: Ev<'_>, gap: Millis, journaling: bool) -> i64 {
+        let Ev {
+            sid,
+            user,
+            ts,
+            ty,
+            page,
+        } = ev;
+        if let Some(sid) = sid {
+            let i = match self.by_id.get(sid) {
+                Some(&i) => {
+                    let s = &mut self.slots[i as usize];
+                    if s.user.is_none()
+                        && let Some(u) = user
+                    {
+                        s.user = Some(u.into());
+                    }
+                    i
+                }
+                None => {
+                    let i = self.alloc(Slot::new(false, sid, user, ts));
+                    self.by_id.insert(sid.into(), i);
+                    self.add_to(i, ts, ty, page, journaling);
+                    return 1;
+                }
+            };
+            self.add_to(i, ts, ty, page, journaling);
+            return 0;
+        }
+        let ukey: Option<Box<str>> = user.map(Into::into);
+        let (prev, next) = match self.anon.get(&ukey) {
+            Some(m) => (
+                m.range(..=ts).next_back().map(|(_, &i)| i),
+                m.range(ts + 1..).next().map(|(_, &i)| i),
+            ),
+            None => (None, None),
+        };
+        let joins_prev = prev.filter(|&p| ts - self.slots[p as usize].end < gap);
+        let joins_next = next.filter(|&n| self.slots[n as usize].start - ts < gap);
+        match (joins_prev, joins_next) {
+            (Some(p), Some(n)) => {
+                self.add_to(p, ts, ty, page, journaling);
+                // The later session joins the earlier one: it ends it.
+                let later = self.slots[n as usize].clone();
+                self.release(n, journaling);
+                let s = &mut self.slots[p as usize];
+                s.end = s.end.max(later.end);
+                s.last_page = later.last_page;
+                s.events += later.events;
+                for t in later.types {
+                    if !s.types.contains(&t) {
+                        s.types.push(t);
+                    }
+                }
+                self.longest = self.longest.max(s.end - s.start);
+                if journaling {
+                    self.dirty.insert(p);
+                }
+                -1
+            }
+            (Some(i), None) | (None, Some(i)) => {
+                self.add_to(i, ts, ty, page, journaling);
+                0
+            }
+            (None, None) => {
+                let i = self.alloc(Slot::new(true, "", user, ts));
+                self.anon.entry(ukey).or_default().insert(ts, i);
+                self.add_to(i, ts, ty, page, journaling);
+                1
+            }
+        }
+    }
+
+    fn session(&self, i: u32) -> Session {
+        let s = &self.slots[i as usize];
+        Session {
+            session_id: if s.derived {
+                format!("{}:{}", s.user.as_deref().unwrap_or(""), s.start)
+            } else {
+                s.id.to_string()
+            },
+            derived: s.derived,
+            user_id: s.user.as_deref().map(str::to_string),
+            start: s.start,
+            end: s.end,
+            events: s.events,
+            first_page: s.first_page.as_deref().map(str::to_string),
+            last_page: s.last_page.as_deref().map(str::to_string),
+            event_types: s
+                .types
+                .iter()
+                .map(|&t| self.type_names[t as usize].to_string())
+                .collect(),
+        }
+    }
+
+    /// Puts a whole session (recovery): replaces the one of the same key.
+    fn put(&mut self, s: &Session) {
+        let key = if s.derived {
+            Key::Derived(s.user_id.as_deref().map(Into::into), s.start)
+        } else {
+            Key::Id(s.session_id.as_str().into())
+        };
+        self.remove_key(&key);
+        let types = s.event_types.iter().map(|t| self.type_id(t)).collect();
+        let slot = Slot {
+            live: true,
+            derived: s.derived,
+            id: if s.derived {
+                "".into()
+            } else {
+                s.session_id.as_str().into()
+            },
+            user: s.user_id.as_deref().map(Into::into),
+            start: s.start,
+            end: s.end,
+            events: s.events,
+            first_page: s.first_page.as_deref().map(Into::into),
+            last_page: s.last_page.as_deref().map(Into::into),
+            types,
+        };
+        self.longest = self.longest.max(s.end - s.start);
+        let i = self.alloc(slot);
+        match key {
+            Key::Id(id) => {
+                self.by_id.insert(id, i);
+            }
+            Key::Derived(user, start) => {
+                self.anon.entry(user).or_default().insert(start, i);
+            }
+        }
+    }
+
+    fn remove_key(&mut self, key: &Key) -> bool {
+        let i = match key {
+            Key::Id(id) => self.by_id.get(id).copied(),
+            Key::Derived(user, start) => self.anon.get(user).and_then(|m| m.get(start).copied()),
+        };
+        match i {
+            Some(i) => {
+                self.release(i, false);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.by_start.len()
+    }
+}
+
+/// Every tenant's sessions (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct SessionIndex {
+    on: bool,
+    gap_ms: Millis,
+    max_sessions: usize,
+    journaling: bool,
+    tenants: HashMap<Box<str>, Tenant>,
+    len: usize,
+    /// Sessions dropped for the cap, ever.
+    evicted: u64,
+    /// Frames taken for a checkpoint that failed, given back to go first
+    /// in the next delta.
+    pending: Vec<u8>,
+    /// A rewrite failed: the next checkpoint must write everything again.
+    rewrite: bool,
+}
+
+impl Default for SessionIndex {
+    fn default() -> Self {
+        SessionIndex {
+            on: false,
+            gap_ms: crate::DEFAULT_SESSION_GAP_MS,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            journaling: false,
+            tenants: HashMap::new(),
+            len: 0,
+            evicted: 0,
+            pending: Vec::new(),
+            rewrite: false,
+        }
+    }
+}
+
+/// The `page` property of an event as `json_get_str(properties, 'page')`
+/// reads it (numbers and booleans as text, nested values as JSON).
+fn page_of<'a>(e: &EventView<'a>, buf: &'a mut String) -> Option<&'a str> {
+    let (_, v) = e.props().find(|(k, _)| *k == "page")?;
+    match v {
+        PropValue::Null => None,
+        PropValue::Str(s) | PropValue::Json(s) => Some(s),
+        PropValue::Bool(b) => Some(if b { "true" } else { "false" }),
+        PropValue::Int(i) => {
+            *buf = i.to_string();
+            Some(buf.as_str())
+        }
+        PropValue::Float(f) => {
+            *buf = f.to_string();
+            Some(buf.as_str())
+        }
+    }
+}
+
+impl SessionIndex {
+    /// Builds sessions from now on, split by `gap_ms`, holding at most
+    /// `max_sessions`.
+    pub fn enable(&mut self, gap_ms: Millis, max_sessions: usize) {
+        self.on = true;
+        self.gap_ms = gap_ms.max(1);
+        self.max_sessions = max_sessions.max(1);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    pub fn gap_ms(&self) -> Millis {
+        self.gap_ms
+    }
+
+    /// Remembers changes for [`SessionIndex::take_delta`].
+    pub fn set_journaling(&mut self, on: bool) {
+        self.journaling = on;
+        if !on {
+            self.pending = Vec::new();
+            for t in self.tenants.values_mut() {
+                t.dirty = HashSet::new();
+                t.gone = Vec::new();
+            }
+        }
+    }
+
+    /// Gives back frames a failed checkpoint took: a delta goes ahead of
+    /// the next one; after a failed rewrite the next checkpoint rewrites.
+    pub fn give_back(&mut self, frames: Vec<u8>, rewrite: bool) {
+        if rewrite {
+            self.rewrite = true;
+            self.pending = Vec::new();
+        } else {
+            let mut v = frames;
+            v.append(&mut self.pending);
+            self.pending = v;
+        }
+    }
+
+    /// Whether the next checkpoint must write every session (see
+    /// [`SessionIndex::give_back`]).
+    pub fn needs_rewrite(&self) -> bool {
+        self.rewrite
+    }
+
+    /// Sessions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sessions dropped for the cap, ever (this process).
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// A tenant's floor (`Millis::MIN`: it holds every event).
+    pub fn floor(&self, tenant: &str) -> Millis {
+        self.tenants.get(tenant).map_or(Millis::MIN, |t| t.floor)
+    }
+
+    /// Raises a tenant's floor (recovery from a checkpoint older than the
+    /// index: its events so far are not here).
+    pub fn raise_floor(&mut self, tenant: &str, floor: Millis) {
+        if !self.on {
+            return;
+        }
+        let t = self
+            .tenants
+            .entry_ref(tenant)
+            .or_insert_with(|| Tenant::new(Millis::MIN));
+        if floor > t.floor {
+            t.floor = floor;
+            t.floor_dirty = true;
+        }
+    }
+
+    /// Adds one kept event.
+    pub fn add(&mut self, e: &EventView<'_>) {
+        if !self.on {
+            return;
+        }
+        let t = self
+            .tenants
+            .entry_ref(e.tenant)
+            .or_insert_with(|| Tenant::new(Millis::MIN));
+        if e.ts < t.floor {
+            return;
+        }
+        let mut buf = String::new();
+        let page = page_of(e, &mut buf);
+        let ty = t.type_id(e.event_type);
+        let sid = e.session_id.filter(|s| !s.is_empty());
+        let ev = Ev {
+            sid,
+            user: e.user_id,
+            ts: e.ts,
+            ty,
+            page,
+        };
+        let d = t.add(ev, self.gap_ms, self.journaling);
+        self.len = (self.len as i64 + d) as usize;
+        if self.len > self.max_sessions {
+            self.evict();
+        }
+    }
+
+    /// Drops the sessions that started first until 1% under the cap.
+    fn evict(&mut self) {
+        let target = self.max_sessions - self.max_sessions / 100;
+        while self.len > target {
+            let Some((name, _)) = self
+                .tenants
+                .iter()
+                .filter_map(|(n, t)| t.by_start.first().map(|&(s, _)| (n, s)))
+                .min_by_key(|&(_, s)| s)
+            else {
+                break;
+            };
+            let name = name.clone();
+            let t = self.tenants.get_mut(&name).expect("found above");
+            let &(_, i) = t.by_start.first().expect("found above");
+            let end = t.slots[i as usize].end;
+            t.release(i, self.journaling);
+            if end + 1 > t.floor {
+                t.floor = end + 1;
+                t.floor_dirty = true;
+            }
+            self.len -= 1;
+            self.evicted += 1;
+        }
+    }
+
+    /// Whether a range of a tenant starting at `from` (`Millis::MIN`:
+    /// unbounded) is answered from here for sessions split by `gap_ms`.
+    pub fn covers(&self, tenant: &str, from: Millis, gap_ms: Millis) -> bool {
+        if !self.on || gap_ms != self.gap_ms {
+            return false;
+        }
+        let floor = self.floor(tenant);
+        floor == Millis::MIN || from >= floor.saturating_add(INDEX_REACH_MS.max(self.gap_ms))
+    }
+
+    /// The sessions of a tenant (of one user if given) that start in
+    /// `[from, to)`, or with `overlap`, that have an event in it; by start,
+    /// user and id, at most `limit`.
+    pub fn sessions(
+        &self,
+        tenant: &str,
+        user: Option<&str>,
+        from: Millis,
+        to: Millis,
+        overlap: bool,
+        limit: usize,
+    ) -> Vec<Session> {
+        let Some(t) = self.tenants.get(tenant) else {
+            return Vec::new();
+        };
+        let lo = if overlap {
+            from.saturating_sub(t.longest)
+        } else {
+            from
+        };
+        if lo >= to {
+            return Vec::new();
+        }
+        let mut out: Vec<Session> = Vec::new();
+        for &(start, i) in t.by_start.range((lo, 0)..(to, 0)) {
+            let s = &t.slots[i as usize];
+            if start < from && s.end < from {
+                continue;
+            }
+            if let Some(u) = user
+                && s.user.as_deref() != Some(u)
+            {
+                continue;
+            }
+            out.push(t.session(i));
+        }
+        out.sort_by(|a, b| {
+            (a.start, &a.user_id, &a.session_id).cmp(&(b.start, &b.user_id, &b.session_id))
+        });
+        out.truncate(limit);
+        out
+    }
+
+    /// `(start, duration, events)` of each session of a tenant starting in
+    /// `[from, to)`: what the session metrics need, without copying names.
+    pub fn stats(&self, tenant: &str, from: Millis, to: Millis) -> Vec<(Millis, Millis, u64)> {
+        let Some(t) = self.tenants.get(tenant) else {
+            return Vec::new();
+        };
+        if from >= to {
+            return Vec::new();
+        }
+        t.by_start
+            .range((from, 0)..(to, 0))
+            .map(|&(start, i)| {
+                let s = &t.slots[i as usize];
+                (start, s.end - s.start, s.events)
+            })
+            .collect()
+    }
+
+    /// Appends the changes since the last call as journal frames to `out`
+    /// (floors, then sessions gone, then sessions as they are now); returns
+    /// how many frames.
+    pub fn take_delta(&mut self, out: &mut Vec<u8>) -> usize {
+        let mut n = tally_types::bin::unframe(&self.pending).0.len();
+        out.append(&mut self.pending);
+        let mut e = Enc::new();
+        for (name, t) in &mut self.tenants {
+            if t.floor_dirty {
+                e.buf.clear();
+                encode_floor(&mut e, name, t.floor);
+                frame(out, &e.buf);
+                n += 1;
+                t.floor_dirty = false;
+            }
+            for k in t.gone.drain(..) {
+                e.buf.clear();
+                e.u8(FRAME_GONE);
+                e.str(name);
+                encode_key(&mut e, &k);
+                frame(out, &e.buf);
+                n += 1;
+            }
+            let mut dirty: Vec<u32> = t.dirty.drain().collect();
+            dirty.sort_unstable();
+            for i in dirty {
+                if !t.slots[i as usize].live {
+                    continue;
+                }
+                e.buf.clear();
+                encode_put(&mut e, name, &t.session(i));
+                frame(out, &e.buf);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Every floor and session as journal frames (a rewritten journal);
+    /// forgets the pending changes, which these include.
+    pub fn encode_all(&mut self, out: &mut Vec<u8>) -> usize {
+        let mut n = 0;
+        self.pending = Vec::new();
+        self.rewrite = false;
+        let mut e = Enc::new();
+        for (name, t) in &mut self.tenants {
+            e.buf.clear();
+            encode_floor(&mut e, name, t.floor);
+            frame(out, &e.buf);
+            n += 1;
+            t.floor_dirty = false;
+            t.gone.clear();
+            t.dirty.clear();
+            for &(_, i) in &t.by_start {
+                e.buf.clear();
+                encode_put(&mut e, name, &t.session(i));
+                frame(out, &e.buf);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Applies one journal frame (recovery, in journal order).
+    pub fn apply_frame(&mut self, payload: &[u8]) -> Result<(), DecodeError> {
+        let mut d = Dec::new(payload);
+        let kind = d.u8()?;
+        let tenant = d.str()?;
+        let t = self
+            .tenants
+            .entry_ref(tenant)
+            .or_insert_with(|| Tenant::new(Millis::MIN));
+        match kind {
+            FRAME_FLOOR => {
+                t.floor = d.i64()?;
+            }
+            FRAME_GONE => {
+                let key = decode_key(&mut d)?;
+                t.remove_key(&key);
+            }
+            FRAME_PUT => {
+                let s = decode_session(&mut d)?;
+                t.put(&s);
+            }
+            _ => return d.err("unknown sessions journal frame"),
+        }
+        self.len = self.tenants.values().map(Tenant::live).sum();
+        Ok(())
+    }
+
+    /// Recounts after recovery (frames may hold more than the cap when it
+    /// was lowered).
+    pub fn recovered(&mut self) {
+        self.len = self.tenants.values().map(Tenant::live).sum();
+        if self.len > self.max_sessions {
+            self.evict();
+        }
+    }
+
+    /// Forgets everything (a state rebuilt from the log).
+    pub fn clear(&mut self) {
+        self.tenants.clear();
+        self.len = 0;
+    }
+}
+
+fn encode_floor(e: &mut Enc, tenant: &str, floor: Millis) {
+    e.u8(FRAME_FLOOR);
+    e.str(tenant);
+    e.i64(floor);
+}
+
+fn encode_opt(e: &mut Enc, s: Option<&str>) {
+    match s {
+        None => e.u8(0),
+        Some(s) => {
+            e.u8(1);
+            e.str(s);
+        }
+    }
+}
+
+fn decode_opt<'a>(d: &mut Dec<'a>) -> Result<Option<&'a str>, DecodeError> {
+    Ok(match d.u8()? {
+        0 => None,
+        1 => Some(d.str()?),
+        _ => return d.err("bad option tag"),
+    })
+}
+
+fn encode_key(e: &mut Enc, k: &Key) {
+    match k {
+        Key::Id(id) => {
+            e.u8(0);
+            e.str(id);
+        }
+        Key::Derived(user, start) => {
+            e.u8(1);
+            encode_opt(e, user.as_deref());
+            e.i64(*start);
+        }
+    }
+}
+
+fn decode_key(d: &mut Dec<'_>) -> Result<Key, DecodeError> {
+    Ok(match d.u8()? {
+        0 => Key::Id(d.str()?.into()),
+        1 => {
+            let user = decode_opt(d)?.map(Into::into);
+            Key::Derived(user, d.i64()?)
+        }
+        _ => return d.err("bad session key tag"),
+    })
+}
+
+fn encode_put(e: &mut Enc, tenant: &str, s: &Session) {
+    e.u8(FRAME_PUT);
+    e.str(tenant);
+    e.u8(u8::from(s.derived));
+    e.str(if s.derived { "" } else { &s.session_id });
+    encode_opt(e, s.user_id.as_deref());
+    e.i64(s.start);
+    e.i64(s.end);
+    e.u64(s.events);
+    encode_opt(e, s.first_page.as_deref());
+    encode_opt(e, s.last_page.as_deref());
+    e.u32(s.event_types.len() as u32);
+    for t in &s.event_types {
+        e.str(t);
+    }
+}
+
+fn decode_session(d: &mut Dec<'_>) -> Result<Session, DecodeError> {
+    let derived = match d.u8()? {
+        0 => false,
+        1 => true,
+        _ => return d.err("bad derived flag"),
+    };
+    let id = d.str()?;
+    let user_id = decode_opt(d)?.map(str::to_string);
+    let start = d.i64()?;
+    let end = d.i64()?;
+    let events = d.u64()?;
+    let first_page = decode_opt(d)?.map(str::to_string);
+    let last_page = decode_opt(d)?.map(str::to_string);
+    let n = d.count(4)?;
+    let mut event_types = BTreeSet::new();
+    for _ in 0..n {
+        event_types.insert(d.str()?.to_string());
+    }
+    if end < start || events == 0 {
+        return d.err("session ends before it starts or has no events");
+    }
+    let session_id = if derived {
+        format!("{}:{}", user_id.as_deref().unwrap_or(""), start)
+    } else {
+        id.to_string()
+    };
+    Ok(Session {
+        session_id,
+        derived,
+        user_id,
+        start,
+        end,
+        events,
+        first_page,
+        last_page,
+        event_types,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,326 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use tally_types::bin::unframe;
+use tally_types::codec::{BatchReader, BatchWriter, PropValue};
+
+use super::*;
+
+const M: Millis = 60_000;
+const GAP: Millis = 30 * M;
+
+#[derive(Clone, Debug)]
+struct Ev {
+    ts: Millis,
+    user: Option<&'static str>,
+    sid: Option<&'static str>,
+    ty: &'static str,
+    page: Option<i64>,
+}
+
+fn batch(evs: &[Ev]) -> Vec<u8> {
+    let mut w = BatchWriter::new();
+    for (i, e) in evs.iter().enumerate() {
+        let at = w.begin_event("t", &format!("e{i}"), e.ty, e.ts, e.user, e.sid);
+        let n = match e.page {
+            Some(p) => {
+                w.prop("page", PropValue::Int(p));
+                1
+            }
+            None => 0,
+        };
+        w.finish_event(at, n);
+    }
+    w.finish()
+}
+
+fn feed(ix: &mut SessionIndex, evs: &[Ev]) {
+    let b = batch(evs);
+    for e in BatchReader::new(&b).unwrap() {
+        ix.add(&e.unwrap());
+    }
+}
+
+/// Sessions the plain way: all events sorted by time (ties in arrival
+/// order), explicit ones grouped by id, the others per user split at gaps.
+fn oracle(evs: &[Ev], gap: Millis) -> Vec<Session> {
+    let mut sorted: Vec<(usize, &Ev)> = evs.iter().enumerate().collect();
+    sorted.sort_by_key(|(i, e)| (e.ts, *i));
+    let mut groups: BTreeMap<(bool, Option<&str>), Vec<&Ev>> = BTreeMap::new();
+    for (_, e) in &sorted {
+        match e.sid {
+            Some(s) => groups.entry((false, Some(s))).or_default().push(e),
+            None => groups.entry((true, e.user)).or_default().push(e),
+        }
+    }
+    let mut out = Vec::new();
+    let mk = |evs: &[&Ev], derived: bool, sid: Option<&str>, arrival_user: Option<&str>| {
+        let first = evs[0];
+        let last = evs[evs.len() - 1];
+        Session {
+            session_id: match sid {
+                Some(s) => s.to_string(),
+                None => format!("{}:{}", arrival_user.unwrap_or(""), first.ts),
+            },
+            derived,
+            user_id: arrival_user.map(str::to_string),
+            start: first.ts,
+            end: last.ts,
+            events: evs.len() as u64,
+            first_page: first.page.map(|p| p.to_string()),
+            last_page: last.page.map(|p| p.to_string()),
+            event_types: evs.iter().map(|e| e.ty.to_string()).collect(),
+        }
+    };
+    for ((derived, key), g) in groups {
+        if !derived {
+            // The user is that of the first event (in arrival order) with one.
+            let user = evs
+                .iter()
+                .find(|e| e.sid == key && e.user.is_some())
+                .and_then(|e| e.user);
+            out.push(mk(&g, false, key, user));
+            continue;
+        }
+        let mut cur: Vec<&Ev> = Vec::new();
+        for e in g {
+            if cur.last().is_some_and(|l| e.ts - l.ts >= gap) {
+                out.push(mk(&cur, true, None, key));
+                cur.clear();
+            }
+            cur.push(e);
+        }
+        if !cur.is_empty() {
+            out.push(mk(&cur, true, None, key));
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.start, &a.user_id, &a.session_id).cmp(&(b.start, &b.user_id, &b.session_id))
+    });
+    out
+}
+
+fn all(ix: &SessionIndex) -> Vec<Session> {
+    ix.sessions("t", None, Millis::MIN, Millis::MAX, false, usize::MAX)
+}
+
+fn index() -> SessionIndex {
+    let mut ix = SessionIndex::default();
+    ix.enable(GAP, 1_000_000);
+    ix
+}
+
+fn ev(ts: Millis, user: Option<&'static str>, sid: Option<&'static str>, page: i64) -> Ev {
+    Ev {
+        ts,
+        user,
+        sid,
+        ty: "page_view",
+        page: Some(page),
+    }
+}
+
+#[test]
+fn a_late_event_joins_two_sessions_and_the_second_goes() {
+    let mut ix = index();
+    ix.set_journaling(true);
+    let first = [
+        ev(0, Some("u"), None, 1),
+        ev(5 * M, Some("u"), None, 2),
+        ev(50 * M, Some("u"), None, 3),
+        ev(55 * M, Some("u"), None, 4),
+    ];
+    feed(&mut ix, &first);
+    let got = all(&ix);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].session_id, format!("u:{}", 50 * M));
+    let mut journal = Vec::new();
+    ix.take_delta(&mut journal);
+    // 27m is within the gap of both: one session 0 → 55m.
+    feed(&mut ix, &[ev(27 * M, Some("u"), None, 9)]);
+    let got = all(&ix);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].start, got[0].end, got[0].events), (0, 55 * M, 5));
+    assert_eq!(got[0].first_page.as_deref(), Some("1"));
+    assert_eq!(got[0].last_page.as_deref(), Some("4"));
+    assert_eq!(ix.len(), 1);
+    // The journal says the second is gone.
+    ix.take_delta(&mut journal);
+    let mut back = index();
+    for f in unframe(&journal).0 {
+        back.apply_frame(f).unwrap();
+    }
+    back.recovered();
+    assert_eq!(all(&back), got);
+}
+
+#[test]
+fn an_earlier_event_moves_a_derived_sessions_id() {
+    let mut ix = index();
+    ix.set_journaling(true);
+    feed(&mut ix, &[ev(10 * M, Some("u"), None, 1)]);
+    let mut journal = Vec::new();
+    ix.take_delta(&mut journal);
+    feed(&mut ix, &[ev(M, Some("u"), None, 0)]);
+    let got = all(&ix);
+    assert_eq!(got[0].session_id, format!("u:{}", M));
+    assert_eq!(got[0].first_page.as_deref(), Some("0"));
+    ix.take_delta(&mut journal);
+    let mut back = index();
+    for f in unframe(&journal).0 {
+        back.apply_frame(f).unwrap();
+    }
+    back.recovered();
+    assert_eq!(all(&back), got);
+    assert_eq!(back.len(), 1);
+}
+
+#[test]
+fn the_cap_drops_the_oldest_and_raises_the_floor() {
+    let mut ix = SessionIndex::default();
+    ix.enable(GAP, 100);
+    let evs: Vec<Ev> = (0..150)
+        .map(|i| {
+            ev(
+                i * 10 * M,
+                Some("u"),
+                Some(SIDS[i as usize % SIDS.len()]),
+                0,
+            )
+        })
+        .collect();
+    // Distinct ids: one session per event.
+    let b = {
+        let mut w = BatchWriter::new();
+        for (i, e) in evs.iter().enumerate() {
+            let at = w.begin_event(
+                "t",
+                &format!("e{i}"),
+                e.ty,
+                e.ts,
+                e.user,
+                Some(&format!("s{i}")),
+            );
+            w.finish_event(at, 0);
+        }
+        w.finish()
+    };
+    for e in BatchReader::new(&b).unwrap() {
+        ix.add(&e.unwrap());
+    }
+    assert!(ix.len() <= 100, "{}", ix.len());
+    assert!(ix.evicted() >= 50);
+    let floor = ix.floor("t");
+    let kept = all(&ix);
+    assert!(kept.iter().all(|s| s.start >= floor - 1));
+    // A range near the floor is not answered here; one far enough after is.
+    assert!(!ix.covers("t", floor, GAP));
+    assert!(ix.covers("t", floor + INDEX_REACH_MS, GAP));
+    assert!(!ix.covers("t", floor + INDEX_REACH_MS, GAP + 1));
+    // Another tenant holds everything.
+    assert!(ix.covers("other", Millis::MIN, GAP));
+    // Events before the floor are not added.
+    let before = ix.len();
+    feed(&mut ix, &[ev(floor - 5 * M, Some("v"), None, 0)]);
+    assert_eq!(ix.len(), before);
+}
+
+const SIDS: [&str; 3] = ["a", "b", "c"];
+
+#[test]
+fn overlap_finds_a_session_that_started_before_the_range() {
+    let mut ix = index();
+    feed(
+        &mut ix,
+        &[
+            ev(0, Some("u"), Some("s"), 0),
+            ev(100 * M, Some("u"), Some("s"), 1),
+        ],
+    );
+    assert_eq!(ix.sessions("t", None, 50 * M, 60 * M, false, 10).len(), 0);
+    assert_eq!(ix.sessions("t", None, 50 * M, 60 * M, true, 10).len(), 1);
+    assert_eq!(
+        ix.sessions("t", Some("v"), 50 * M, 60 * M, true, 10).len(),
+        0
+    );
+    assert_eq!(ix.sessions("t", None, 101 * M, 160 * M, true, 10).len(), 0);
+}
+
+fn arb_events() -> impl Strategy<Value = Vec<Ev>> {
+    const USERS: [Option<&str>; 4] = [Some("u1"), Some("u2"), Some("u3"), None];
+    const SESS: [Option<&str>; 5] = [None, None, None, Some("s1"), Some("s2")];
+    const TYPES: [&str; 3] = ["page_view", "click", "buy"];
+    prop::collection::vec(
+        (
+            0i64..600,
+            0usize..4,
+            0usize..5,
+            0usize..3,
+            prop::option::of(0i64..5),
+        ),
+        0..80,
+    )
+    .prop_map(|v| {
+        v.into_iter()
+            .map(|(t, u, s, ty, page)| Ev {
+                // Minutes, so ties and exact gaps happen.
+                ts: t * M / 2,
+                user: USERS[u],
+                sid: SESS[s],
+                ty: TYPES[ty],
+                page,
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    /// Any arrival order gives the sessions of sorting and splitting, and
+    /// the journal taken at any points rebuilds the same index.
+    #[test]
+    fn the_index_is_the_sorted_split(evs in arb_events(), cuts in prop::collection::vec(0usize..80, 0..4)) {
+        let mut ix = index();
+        ix.set_journaling(true);
+        let mut journal = Vec::new();
+        for (i, e) in evs.iter().enumerate() {
+            feed(&mut ix, std::slice::from_ref(e));
+            if cuts.contains(&i) {
+                ix.take_delta(&mut journal);
+            }
+        }
+        ix.take_delta(&mut journal);
+        let want = oracle(&evs, GAP);
+        prop_assert_eq!(&all(&ix), &want);
+        prop_assert_eq!(ix.len(), want.len());
+        let mut back = index();
+        for f in unframe(&journal).0 {
+            back.apply_frame(f).unwrap();
+        }
+        back.recovered();
+        prop_assert_eq!(&all(&back), &want);
+        // A rewritten journal too.
+        let mut whole = Vec::new();
+        ix.encode_all(&mut whole);
+        let mut again = index();
+        for f in unframe(&whole).0 {
+            again.apply_frame(f).unwrap();
+        }
+        again.recovered();
+        prop_assert_eq!(&all(&again), &want);
+        // The metrics' view agrees.
+        let stats: Vec<(Millis, Millis, u64)> = want.iter().map(|s| (s.start, s.end - s.start, s.events)).collect();
+        let mut got = ix.stats("t", Millis::MIN, Millis::MAX);
+        got.sort();
+        let mut stats = stats;
+        stats.sort();
+        prop_assert_eq!(got, stats);
+    }
+}
+
+#[test]
+fn corrupt_frames_are_errors_not_panics() {
+    let mut ix = index();
+    for bytes in [&[][..], &[0], &[9, 0, 0, 0, 0], &[0, 1, 0, 0, 0, b't', 7]] {
+        assert!(ix.apply_frame(bytes).is_err());
+    }
+}
