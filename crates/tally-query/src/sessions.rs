@@ -480,17 +480,18 @@ impl QueryEngine {
         } = *q;
         let first = align_down(start, step);
         let from = first - (window - step);
-        // (start, duration, events) of each session starting in the range.
+        // Per bucket of the sessions' start: sessions, summed duration,
+        // single-event sessions.
         let indexed = {
             let store = self.store.read();
             let ix = store.sessions();
             ix.covers(tenant, from, gap_ms)
-                .then(|| ix.stats(tenant, from, end))
+                .then(|| ix.buckets(tenant, from, end, step))
         };
-        let stats = match indexed {
-            Some(s) => {
+        let per: std::collections::BTreeMap<Millis, (u64, i64, u64)> = match indexed {
+            Some(b) => {
                 self.session_answers.index.fetch_add(1, Relaxed);
-                s
+                b.into_iter().map(|(b, n, d, o)| (b, (n, d, o))).collect()
             }
             None => {
                 self.session_answers.raw.fetch_add(1, Relaxed);
@@ -511,43 +512,38 @@ impl QueryEngine {
                     .await
                     .map_err(df_err)
                 };
-                self.timed(run)
-                    .await?
-                    .iter()
-                    .filter(|r| r.start >= from && r.start < end)
-                    .map(|r| (r.start, r.duration_ms(), r.events))
-                    .collect()
+                let mut per = std::collections::BTreeMap::new();
+                for r in self.timed(run).await? {
+                    if r.start >= from && r.start < end {
+                        let p: &mut (u64, i64, u64) =
+                            per.entry(align_down(r.start, step)).or_default();
+                        p.0 += 1;
+                        p.1 += r.duration_ms();
+                        p.2 += u64::from(r.events == 1);
+                    }
+                }
+                per
             }
         };
-        {
-            // Per bucket: sessions, summed duration, single-event sessions.
-            let mut per: std::collections::BTreeMap<Millis, (u64, i64, u64)> = Default::default();
-            for (start, dur, events) in stats {
-                let p = per.entry(align_down(start, step)).or_default();
-                p.0 += 1;
-                p.1 += dur;
-                p.2 += u64::from(events == 1);
+        let mut out = Vec::new();
+        let mut b = first;
+        while b < end {
+            let (n, dur, bounces) = per
+                .range(b - (window - step)..=b)
+                .fold((0, 0, 0), |a, (_, x)| (a.0 + x.0, a.1 + x.1, a.2 + x.2));
+            if n > 0 {
+                out.push((
+                    b,
+                    match metric {
+                        SessionMetric::Sessions => n as f64,
+                        SessionMetric::AvgDuration => dur as f64 / n as f64,
+                        SessionMetric::BounceRate => bounces as f64 / n as f64,
+                    },
+                ));
             }
-            let mut out = Vec::new();
-            let mut b = first;
-            while b < end {
-                let (n, dur, bounces) = per
-                    .range(b - (window - step)..=b)
-                    .fold((0, 0, 0), |a, (_, x)| (a.0 + x.0, a.1 + x.1, a.2 + x.2));
-                if n > 0 {
-                    out.push((
-                        b,
-                        match metric {
-                            SessionMetric::Sessions => n as f64,
-                            SessionMetric::AvgDuration => dur as f64 / n as f64,
-                            SessionMetric::BounceRate => bounces as f64 / n as f64,
-                        },
-                    ));
-                }
-                b += step;
-            }
-            Ok(out)
+            b += step;
         }
+        Ok(out)
     }
 }
 

@@ -533,13 +533,7 @@ impl Pipeline {
         log_cfg.fsync = cfg.log.fsync;
         let (log, report) = Log::open(log_cfg)?;
         let stream_cfg = stream_config(cfg)?;
-        let store = Arc::new(RwLock::new(RollupStore::new()));
-        if cfg.sessions.index {
-            store
-                .write()
-                .sessions_mut()
-                .enable(d.session_gap_ms, cfg.sessions.max_sessions);
-        }
+        let store = Arc::new(RwLock::new(new_store(cfg, &d)));
         let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
         let dlq_dir = cfg.data_dir.join("dlq");
         let dlq_file = DlqFile::open(&dlq_dir)?;
@@ -1561,6 +1555,17 @@ impl DataDirLock {
     }
 }
 
+/// An empty rollup store, building sessions as `[sessions]` says.
+fn new_store(cfg: &Config, d: &crate::config::Durations) -> RollupStore {
+    let mut store = RollupStore::new();
+    if cfg.sessions.index {
+        store
+            .sessions_mut()
+            .enable(d.session_gap_ms, cfg.sessions.max_sessions);
+    }
+    store
+}
+
 /// What [`rebuild_state`] did.
 #[derive(Debug, Default)]
 pub struct RebuildReport {
@@ -1602,7 +1607,7 @@ pub fn rebuild_state(
         std::fs::remove_dir_all(&new_dir).map_err(io_err("remove", &new_dir))?;
     }
     let fresh = || {
-        let store = Arc::new(RwLock::new(RollupStore::new()));
+        let store = Arc::new(RwLock::new(new_store(cfg, &d)));
         let dlq = Arc::new(Mutex::new(Dlq::new(cfg.dlq.capacity)));
         stream_config(cfg).map(|sc| Processor::new(sc, store, dlq))
     };

@@ -128,6 +128,17 @@ struct Ev<'a> {
     page: Option<&'a str>,
 }
 
+/// A user as the derived sessions are looked up by, without allocating:
+/// hashes as `Option<Box<str>>` does.
+#[derive(Hash)]
+struct UserKey<'a>(Option<&'a str>);
+
+impl hashbrown::Equivalent<Option<Box<str>>> for UserKey<'_> {
+    fn equivalent(&self, key: &Option<Box<str>>) -> bool {
+        self.0 == key.as_deref()
+    }
+}
+
 /// What names a session in the journal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
@@ -288,8 +299,7 @@ impl Tenant {
             self.add_to(i, ts, ty, page, journaling);
             return 0;
         }
-        let ukey: Option<Box<str>> = user.map(Into::into);
-        let (prev, next) = match self.anon.get(&ukey) {
+        let (prev, next) = match self.anon.get(&UserKey(user)) {
             Some(m) => (
                 m.range(..=ts).next_back().map(|(_, &i)| i),
                 m.range(ts + 1..).next().map(|(_, &i)| i),
@@ -325,7 +335,10 @@ impl Tenant {
             }
             (None, None) => {
                 let i = self.alloc(Slot::new(true, "", user, ts));
-                self.anon.entry(ukey).or_default().insert(ts, i);
+                self.anon
+                    .entry(user.map(Into::into))
+                    .or_default()
+                    .insert(ts, i);
                 self.add_to(i, ts, ty, page, journaling);
                 1
             }
@@ -672,6 +685,39 @@ impl SessionIndex {
                 (start, s.end - s.start, s.events)
             })
             .collect()
+    }
+
+    /// Per bucket of `step` (from `Millis` 0) of the sessions of a tenant
+    /// starting in `[from, to)`: (bucket, sessions, summed duration,
+    /// single-event sessions), by bucket. What the session metrics read,
+    /// summed in place.
+    pub fn buckets(
+        &self,
+        tenant: &str,
+        from: Millis,
+        to: Millis,
+        step: Millis,
+    ) -> Vec<(Millis, u64, i64, u64)> {
+        let mut out: Vec<(Millis, u64, i64, u64)> = Vec::new();
+        let Some(t) = self.tenants.get(tenant) else {
+            return out;
+        };
+        if from >= to || step <= 0 {
+            return out;
+        }
+        for &(start, i) in t.by_start.range((from, 0)..(to, 0)) {
+            let s = &t.slots[i as usize];
+            let b = start - start.rem_euclid(step);
+            match out.last_mut() {
+                Some(last) if last.0 == b => {}
+                _ => out.push((b, 0, 0, 0)),
+            }
+            let last = out.last_mut().expect("pushed above");
+            last.1 += 1;
+            last.2 += s.end - s.start;
+            last.3 += u64::from(s.events == 1);
+        }
+        out
     }
 
     /// Appends the changes since the last call as journal frames to `out`

@@ -314,6 +314,17 @@ proptest! {
         let mut stats = stats;
         stats.sort();
         prop_assert_eq!(got, stats);
+        // And its sums per bucket.
+        let step = 20 * M;
+        let mut per: BTreeMap<Millis, (u64, i64, u64)> = BTreeMap::new();
+        for w in &want {
+            let p = per.entry(w.start - w.start.rem_euclid(step)).or_default();
+            p.0 += 1;
+            p.1 += w.end - w.start;
+            p.2 += u64::from(w.events == 1);
+        }
+        let per: Vec<(Millis, u64, i64, u64)> = per.into_iter().map(|(b, (n, d, o))| (b, n, d, o)).collect();
+        prop_assert_eq!(ix.buckets("t", Millis::MIN, Millis::MAX, step), per);
     }
 }
 
