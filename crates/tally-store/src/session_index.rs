@@ -32,9 +32,9 @@
 //! the frames in order ([`SessionIndex::apply_frame`]) and the log replay
 //! adds the events after the checkpoint.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashMap;
 use tally_types::Millis;
 use tally_types::bin::{Dec, DecodeError, Enc, frame};
 use tally_types::codec::{EventView, PropValue};
@@ -53,11 +53,13 @@ const FRAME_PUT: u8 = 0;
 const FRAME_GONE: u8 = 1;
 const FRAME_FLOOR: u8 = 2;
 
-/// One session as the index holds it.
+/// No page.
+const NO_PAGE: u32 = u32::MAX;
+
+/// One session as the index holds it (about 80 bytes, plus its id and
+/// user; pages and event types are numbered per tenant).
 #[derive(Clone, Debug)]
 struct Slot {
-    live: bool,
-    derived: bool,
     /// The explicit `session_id` (empty for a derived session, whose id is
     /// `<user>:<start>`).
     id: Box<str>,
@@ -65,42 +67,32 @@ struct Slot {
     start: Millis,
     end: Millis,
     events: u64,
-    first_page: Option<Box<str>>,
-    last_page: Option<Box<str>>,
-    /// Event types seen, as the tenant's type numbers.
-    types: Vec<u32>,
+    first_page: u32,
+    last_page: u32,
+    /// Event types seen: bit `t` for the tenant's type `t` < 64 (the
+    /// others in `Tenant::wide_types`).
+    types: u64,
+    live: bool,
+    derived: bool,
+    /// Its key is in the journal (a `gone` is written when it goes; one
+    /// made and dropped between two checkpoints needs none).
+    journaled: bool,
 }
 
 impl Slot {
     fn new(derived: bool, id: &str, user: Option<&str>, ts: Millis) -> Slot {
         Slot {
-            live: true,
-            derived,
             id: id.into(),
             user: user.map(Into::into),
             start: ts,
             end: ts,
             events: 0,
-            first_page: None,
-            last_page: None,
-            types: Vec::new(),
-        }
-    }
-
-    /// Adds one event (first and last page follow the times; on a tie the
-    /// first page stays and the last moves, as in time order).
-    fn add(&mut self, ts: Millis, ty: u32, page: Option<&str>) {
-        if self.events == 0 || ts < self.start {
-            self.start = ts;
-            set_page(&mut self.first_page, page);
-        }
-        if self.events == 0 || ts >= self.end {
-            self.end = ts;
-            set_page(&mut self.last_page, page);
-        }
-        self.events += 1;
-        if !self.types.contains(&ty) {
-            self.types.push(ty);
+            first_page: NO_PAGE,
+            last_page: NO_PAGE,
+            types: 0,
+            live: true,
+            derived,
+            journaled: false,
         }
     }
 
@@ -113,9 +105,71 @@ impl Slot {
     }
 }
 
-fn set_page(slot: &mut Option<Box<str>>, page: Option<&str>) {
-    if slot.as_deref() != page {
-        *slot = page.map(Into::into);
+/// A tenant's pages, numbered and counted by the sessions that name them
+/// (a number goes back to the free list when none does).
+#[derive(Clone, Debug, Default)]
+struct Pages {
+    ids: HashMap<Box<str>, u32>,
+    names: Vec<Box<str>>,
+    refs: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl Pages {
+    /// The number of `name`, counted once more.
+    fn take(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.ids.get(name) {
+            self.refs[i as usize] += 1;
+            return i;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.names[i as usize] = name.into();
+                self.refs[i as usize] = 1;
+                i
+            }
+            None => {
+                self.names.push(name.into());
+                self.refs.push(1);
+                (self.names.len() - 1) as u32
+            }
+        };
+        self.ids.insert(name.into(), i);
+        i
+    }
+
+    /// Counts `i` once more.
+    fn retain(&mut self, i: u32) {
+        if i != NO_PAGE {
+            self.refs[i as usize] += 1;
+        }
+    }
+
+    fn release(&mut self, i: u32) {
+        if i == NO_PAGE {
+            return;
+        }
+        let r = &mut self.refs[i as usize];
+        *r -= 1;
+        if *r == 0 {
+            let name = std::mem::take(&mut self.names[i as usize]);
+            self.ids.remove(&name);
+            self.free.push(i);
+        }
+    }
+
+    fn name(&self, i: u32) -> Option<&str> {
+        (i != NO_PAGE).then(|| &*self.names[i as usize])
+    }
+
+    /// Points `slot` at `page` (counting both ends).
+    fn set(&mut self, slot: &mut u32, page: Option<&str>) {
+        if self.name(*slot) == page {
+            return;
+        }
+        let new = page.map_or(NO_PAGE, |p| self.take(p));
+        self.release(*slot);
+        *slot = new;
     }
 }
 
@@ -152,17 +206,22 @@ struct Tenant {
     floor: Millis,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    by_id: HashMap<Box<str>, u32>,
-    /// Derived sessions per user, by start.
-    anon: HashMap<Option<Box<str>>, BTreeMap<Millis, u32>>,
+    /// Explicit sessions by id (the id is the slot's: hashed, not copied).
+    by_id: hashbrown::HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+    /// Derived sessions per user: (start, slot), by start.
+    anon: HashMap<Option<Box<str>>, Vec<(Millis, u32)>>,
     by_start: BTreeSet<(Millis, u32)>,
+    pages: Pages,
     type_names: Vec<Box<str>>,
     type_ids: HashMap<Box<str>, u32>,
+    /// Type numbers past 63 per slot (tenants with that many types).
+    wide_types: HashMap<u32, Vec<u32>>,
     /// The longest session ever held (how far before a range one that
     /// overlaps it may start).
     longest: Millis,
-    /// Changed since the last delta (journaling on).
-    dirty: HashSet<u32>,
+    /// Changed since the last delta (journaling on): a bit per slot.
+    dirty: Vec<u64>,
     gone: Vec<Key>,
     floor_dirty: bool,
 }
@@ -173,13 +232,16 @@ impl Tenant {
             floor,
             slots: Vec::new(),
             free: Vec::new(),
-            by_id: HashMap::new(),
+            by_id: hashbrown::HashTable::new(),
+            hasher: Default::default(),
             anon: HashMap::new(),
             by_start: BTreeSet::new(),
+            pages: Pages::default(),
             type_names: Vec::new(),
             type_ids: HashMap::new(),
+            wide_types: HashMap::new(),
             longest: 0,
-            dirty: HashSet::new(),
+            dirty: Vec::new(),
             gone: Vec::new(),
             floor_dirty: false,
         }
@@ -195,6 +257,43 @@ impl Tenant {
         i
     }
 
+    fn add_type(&mut self, i: u32, ty: u32) {
+        if ty < 64 {
+            self.slots[i as usize].types |= 1 << ty;
+        } else {
+            let v = self.wide_types.entry(i).or_default();
+            if !v.contains(&ty) {
+                v.push(ty);
+            }
+        }
+    }
+
+    fn mark(&mut self, i: u32) {
+        let w = i as usize / 64;
+        if self.dirty.len() <= w {
+            self.dirty.resize(w + 1, 0);
+        }
+        self.dirty[w] |= 1 << (i % 64);
+    }
+
+    fn unmark(&mut self, i: u32) {
+        if let Some(w) = self.dirty.get_mut(i as usize / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    fn hash_id(&self, id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(id)
+    }
+
+    fn find_id(&self, id: &str) -> Option<u32> {
+        let slots = &self.slots;
+        self.by_id
+            .find(self.hash_id(id), |&i| *slots[i as usize].id == *id)
+            .copied()
+    }
+
     fn alloc(&mut self, s: Slot) -> u32 {
         let i = match self.free.pop() {
             Some(i) => {
@@ -202,70 +301,113 @@ impl Tenant {
                 i
             }
             None => {
+                // Grow by a quarter, not double: the slots are most of the
+                // index's memory.
+                if self.slots.len() == self.slots.capacity() {
+                    self.slots.reserve_exact((self.slots.len() / 4).max(64));
+                }
                 self.slots.push(s);
                 (self.slots.len() - 1) as u32
             }
         };
         let s = &self.slots[i as usize];
         self.by_start.insert((s.start, i));
+        if !s.derived {
+            let h = self.hash_id(&s.id);
+            let (slots, hasher) = (&self.slots, &self.hasher);
+            self.by_id.insert_unique(h, i, |&j| {
+                use std::hash::BuildHasher;
+                hasher.hash_one(&*slots[j as usize].id)
+            });
+        } else {
+            let (user, start) = (s.user.clone(), s.start);
+            let v = self.anon.entry(user).or_default();
+            let at = v.partition_point(|&(t, _)| t < start);
+            v.insert(at, (start, i));
+        }
         i
     }
 
     /// Removes slot `i` from every map (its key noted as gone).
     fn release(&mut self, i: u32, journaling: bool) {
-        let s = &mut self.slots[i as usize];
-        s.live = false;
-        let (start, derived) = (s.start, s.derived);
-        let key = s.key();
-        // Free the strings now: a released slot waits for reuse.
-        s.first_page = None;
-        s.last_page = None;
-        s.types = Vec::new();
+        let key = self.slots[i as usize].key();
+        let start = self.slots[i as usize].start;
+        let journaled = self.slots[i as usize].journaled;
         self.by_start.remove(&(start, i));
         match &key {
             Key::Id(id) => {
-                self.by_id.remove(id);
+                let h = self.hash_id(id);
+                if let Ok(e) = self.by_id.find_entry(h, |&j| j == i) {
+                    e.remove();
+                }
             }
             Key::Derived(user, start) => {
-                if let Some(m) = self.anon.get_mut(user) {
-                    m.remove(start);
-                    if m.is_empty() {
-                        self.anon.remove(user);
+                if let Some(v) = self.anon.get_mut(&UserKey(user.as_deref())) {
+                    v.retain(|&(t, j)| !(t == *start && j == i));
+                    if v.is_empty() {
+                        self.anon.remove(&UserKey(user.as_deref()));
                     }
                 }
             }
         }
-        debug_assert!(derived == matches!(key, Key::Derived(..)));
+        let s = &mut self.slots[i as usize];
+        let (first, last) = (s.first_page, s.last_page);
+        // Free the strings now: a released slot waits for reuse.
+        *s = Slot::new(false, "", None, 0);
+        s.live = false;
+        self.pages.release(first);
+        self.pages.release(last);
+        self.wide_types.remove(&i);
         self.free.push(i);
         if journaling {
-            self.dirty.remove(&i);
-            self.gone.push(key);
+            self.unmark(i);
+            if journaled {
+                self.gone.push(key);
+            }
         }
     }
 
-    /// Adds an event to slot `i`, keeping the start order (and, for a
-    /// derived session whose start moves, its key) in step.
+    /// Adds an event to slot `i` (first and last page follow the times; on
+    /// a tie the first page stays and the last moves, as in time order),
+    /// keeping the start order (and, for a derived session whose start
+    /// moves, its key) in step.
     fn add_to(&mut self, i: u32, ts: Millis, ty: u32, page: Option<&str>, journaling: bool) {
         let s = &mut self.slots[i as usize];
         let old_start = s.start;
-        let old_key = (s.derived && ts < old_start).then(|| s.key());
-        s.add(ts, ty, page);
-        let (start, dur) = (s.start, s.end - s.start);
+        let old_key = (s.derived && ts < old_start && s.journaled).then(|| s.key());
+        if s.derived && ts < old_start {
+            s.journaled = false;
+        }
+        let first = s.events == 0;
+        if first || ts < s.start {
+            s.start = ts;
+            self.pages.set(&mut s.first_page, page);
+        }
+        if first || ts >= s.end {
+            s.end = ts;
+            self.pages.set(&mut s.last_page, page);
+        }
+        s.events += 1;
+        let (start, dur, user) = (s.start, s.end - s.start, s.derived.then(|| s.user.clone()));
+        self.add_type(i, ty);
         self.longest = self.longest.max(dur);
         if start != old_start {
             self.by_start.remove(&(old_start, i));
             self.by_start.insert((start, i));
-            if let Some(Key::Derived(user, _)) = &old_key {
-                let m = self.anon.entry(user.clone()).or_default();
-                m.remove(&old_start);
-                m.insert(start, i);
+            if let Some(user) = user
+                && let Some(v) = self.anon.get_mut(&UserKey(user.as_deref()))
+            {
+                // It moves earlier, past no other session of the user.
+                if let Some(e) = v.iter_mut().find(|e| e.1 == i) {
+                    e.0 = start;
+                }
             }
         }
         if journaling {
             if let Some(k) = old_key {
                 self.gone.push(k);
             }
-            self.dirty.insert(i);
+            self.mark(i);
         }
     }
 
@@ -279,31 +421,29 @@ impl Tenant {
             page,
         } = ev;
         if let Some(sid) = sid {
-            let i = match self.by_id.get(sid) {
-                Some(&i) => {
+            let (i, new) = match self.find_id(sid) {
+                Some(i) => {
                     let s = &mut self.slots[i as usize];
                     if s.user.is_none()
                         && let Some(u) = user
                     {
                         s.user = Some(u.into());
                     }
-                    i
+                    (i, 0)
                 }
-                None => {
-                    let i = self.alloc(Slot::new(false, sid, user, ts));
-                    self.by_id.insert(sid.into(), i);
-                    self.add_to(i, ts, ty, page, journaling);
-                    return 1;
-                }
+                None => (self.alloc(Slot::new(false, sid, user, ts)), 1),
             };
             self.add_to(i, ts, ty, page, journaling);
-            return 0;
+            return new;
         }
         let (prev, next) = match self.anon.get(&UserKey(user)) {
-            Some(m) => (
-                m.range(..=ts).next_back().map(|(_, &i)| i),
-                m.range(ts + 1..).next().map(|(_, &i)| i),
-            ),
+            Some(v) => {
+                let at = v.partition_point(|&(t, _)| t <= ts);
+                (
+                    at.checked_sub(1).map(|k| v[k].1),
+                    v.get(at).map(|&(_, i)| i),
+                )
+            }
             None => (None, None),
         };
         let joins_prev = prev.filter(|&p| ts - self.slots[p as usize].end < gap);
@@ -312,20 +452,26 @@ impl Tenant {
             (Some(p), Some(n)) => {
                 self.add_to(p, ts, ty, page, journaling);
                 // The later session joins the earlier one: it ends it.
-                let later = self.slots[n as usize].clone();
+                let (end, last_page, events, types) = {
+                    let l = &self.slots[n as usize];
+                    (l.end, l.last_page, l.events, l.types)
+                };
+                let wide = self.wide_types.get(&n).cloned();
+                self.pages.retain(last_page);
                 self.release(n, journaling);
                 let s = &mut self.slots[p as usize];
-                s.end = s.end.max(later.end);
-                s.last_page = later.last_page;
-                s.events += later.events;
-                for t in later.types {
-                    if !s.types.contains(&t) {
-                        s.types.push(t);
-                    }
+                s.end = s.end.max(end);
+                let old_last = std::mem::replace(&mut s.last_page, last_page);
+                s.events += events;
+                s.types |= types;
+                let dur = s.end - s.start;
+                self.pages.release(old_last);
+                for t in wide.into_iter().flatten() {
+                    self.add_type(p, t);
                 }
-                self.longest = self.longest.max(s.end - s.start);
+                self.longest = self.longest.max(dur);
                 if journaling {
-                    self.dirty.insert(p);
+                    self.mark(p);
                 }
                 -1
             }
@@ -335,10 +481,6 @@ impl Tenant {
             }
             (None, None) => {
                 let i = self.alloc(Slot::new(true, "", user, ts));
-                self.anon
-                    .entry(user.map(Into::into))
-                    .or_default()
-                    .insert(ts, i);
                 self.add_to(i, ts, ty, page, journaling);
                 1
             }
@@ -347,6 +489,13 @@ impl Tenant {
 
     fn session(&self, i: u32) -> Session {
         let s = &self.slots[i as usize];
+        let mut event_types: BTreeSet<String> = (0..64)
+            .filter(|t| s.types & (1 << t) != 0)
+            .map(|t| self.type_names[t as usize].to_string())
+            .collect();
+        if let Some(v) = self.wide_types.get(&i) {
+            event_types.extend(v.iter().map(|&t| self.type_names[t as usize].to_string()));
+        }
         Session {
             session_id: if s.derived {
                 format!("{}:{}", s.user.as_deref().unwrap_or(""), s.start)
@@ -358,13 +507,9 @@ impl Tenant {
             start: s.start,
             end: s.end,
             events: s.events,
-            first_page: s.first_page.as_deref().map(str::to_string),
-            last_page: s.last_page.as_deref().map(str::to_string),
-            event_types: s
-                .types
-                .iter()
-                .map(|&t| self.type_names[t as usize].to_string())
-                .collect(),
+            first_page: self.pages.name(s.first_page).map(str::to_string),
+            last_page: self.pages.name(s.last_page).map(str::to_string),
+            event_types,
         }
     }
 
@@ -376,39 +521,34 @@ impl Tenant {
             Key::Id(s.session_id.as_str().into())
         };
         self.remove_key(&key);
-        let types = s.event_types.iter().map(|t| self.type_id(t)).collect();
-        let slot = Slot {
-            live: true,
-            derived: s.derived,
-            id: if s.derived {
-                "".into()
-            } else {
-                s.session_id.as_str().into()
-            },
-            user: s.user_id.as_deref().map(Into::into),
-            start: s.start,
-            end: s.end,
-            events: s.events,
-            first_page: s.first_page.as_deref().map(Into::into),
-            last_page: s.last_page.as_deref().map(Into::into),
-            types,
-        };
+        let id = if s.derived { "" } else { &s.session_id };
+        let mut slot = Slot::new(s.derived, id, s.user_id.as_deref(), s.start);
+        slot.end = s.end;
+        slot.events = s.events;
+        slot.journaled = true;
+        slot.first_page = s
+            .first_page
+            .as_deref()
+            .map_or(NO_PAGE, |p| self.pages.take(p));
+        slot.last_page = s
+            .last_page
+            .as_deref()
+            .map_or(NO_PAGE, |p| self.pages.take(p));
         self.longest = self.longest.max(s.end - s.start);
         let i = self.alloc(slot);
-        match key {
-            Key::Id(id) => {
-                self.by_id.insert(id, i);
-            }
-            Key::Derived(user, start) => {
-                self.anon.entry(user).or_default().insert(start, i);
-            }
+        for t in &s.event_types {
+            let ty = self.type_id(t);
+            self.add_type(i, ty);
         }
     }
 
     fn remove_key(&mut self, key: &Key) -> bool {
         let i = match key {
-            Key::Id(id) => self.by_id.get(id).copied(),
-            Key::Derived(user, start) => self.anon.get(user).and_then(|m| m.get(start).copied()),
+            Key::Id(id) => self.find_id(id),
+            Key::Derived(user, start) => self
+                .anon
+                .get(&UserKey(user.as_deref()))
+                .and_then(|v| v.iter().find(|e| e.0 == *start).map(|e| e.1)),
         };
         match i {
             Some(i) => {
@@ -421,6 +561,21 @@ impl Tenant {
 
     fn live(&self) -> usize {
         self.by_start.len()
+    }
+
+    /// The slots changed since the last delta, in order; forgets them.
+    fn take_dirty(&mut self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (w, bits) in self.dirty.iter().enumerate() {
+            let mut b = *bits;
+            while b != 0 {
+                let k = b.trailing_zeros();
+                out.push((w * 64) as u32 + k);
+                b &= b - 1;
+            }
+        }
+        self.dirty.clear();
+        out
     }
 }
 
@@ -500,7 +655,7 @@ impl SessionIndex {
         if !on {
             self.pending = Vec::new();
             for t in self.tenants.values_mut() {
-                t.dirty = HashSet::new();
+                t.dirty = Vec::new();
                 t.gone = Vec::new();
             }
         }
@@ -743,12 +898,11 @@ impl SessionIndex {
                 frame(out, &e.buf);
                 n += 1;
             }
-            let mut dirty: Vec<u32> = t.dirty.drain().collect();
-            dirty.sort_unstable();
-            for i in dirty {
+            for i in t.take_dirty() {
                 if !t.slots[i as usize].live {
                     continue;
                 }
+                t.slots[i as usize].journaled = true;
                 e.buf.clear();
                 encode_put(&mut e, name, &t.session(i));
                 frame(out, &e.buf);
@@ -774,6 +928,7 @@ impl SessionIndex {
             t.gone.clear();
             t.dirty.clear();
             for &(_, i) in &t.by_start {
+                t.slots[i as usize].journaled = true;
                 e.buf.clear();
                 encode_put(&mut e, name, &t.session(i));
                 frame(out, &e.buf);
@@ -817,6 +972,48 @@ impl SessionIndex {
         if self.len > self.max_sessions {
             self.evict();
         }
+    }
+
+    /// Checks the maps against the slots (tests).
+    #[cfg(test)]
+    pub(crate) fn check(&self) {
+        let mut total = 0;
+        for t in self.tenants.values() {
+            let live: Vec<u32> = (0..t.slots.len() as u32)
+                .filter(|&i| t.slots[i as usize].live)
+                .collect();
+            total += live.len();
+            assert_eq!(t.by_start.len(), live.len());
+            assert_eq!(live.len() + t.free.len(), t.slots.len());
+            let explicit = live.iter().filter(|&&i| !t.slots[i as usize].derived);
+            assert_eq!(t.by_id.len(), explicit.clone().count());
+            for &i in explicit {
+                assert_eq!(t.find_id(&t.slots[i as usize].id), Some(i));
+            }
+            let anon: usize = t.anon.values().map(Vec::len).sum();
+            assert_eq!(anon + t.by_id.len(), live.len());
+            for (u, v) in &t.anon {
+                assert!(v.windows(2).all(|w| w[0].0 < w[1].0), "by start");
+                for &(start, i) in v {
+                    let s = &t.slots[i as usize];
+                    assert!(s.live && s.derived && s.start == start && s.user == *u);
+                }
+            }
+            let mut refs = vec![0u32; t.pages.names.len()];
+            for &i in &live {
+                for p in [
+                    t.slots[i as usize].first_page,
+                    t.slots[i as usize].last_page,
+                ] {
+                    if p != NO_PAGE {
+                        refs[p as usize] += 1;
+                    }
+                }
+            }
+            assert_eq!(refs, t.pages.refs, "page counts");
+            assert_eq!(t.pages.ids.len(), refs.iter().filter(|&&r| r > 0).count());
+        }
+        assert_eq!(total, self.len);
     }
 
     /// Forgets everything (a state rebuilt from the log).

@@ -284,6 +284,7 @@ proptest! {
         let mut journal = Vec::new();
         for (i, e) in evs.iter().enumerate() {
             feed(&mut ix, std::slice::from_ref(e));
+            ix.check();
             if cuts.contains(&i) {
                 ix.take_delta(&mut journal);
             }
@@ -297,6 +298,7 @@ proptest! {
             back.apply_frame(f).unwrap();
         }
         back.recovered();
+        back.check();
         prop_assert_eq!(&all(&back), &want);
         // A rewritten journal too.
         let mut whole = Vec::new();
@@ -334,4 +336,53 @@ fn corrupt_frames_are_errors_not_panics() {
     for bytes in [&[][..], &[0], &[9, 0, 0, 0, 0], &[0, 1, 0, 0, 0, b't', 7]] {
         assert!(ix.apply_frame(bytes).is_err());
     }
+}
+
+#[test]
+fn many_types_many_pages_and_the_cap_keep_the_maps_in_step() {
+    let mut ix = SessionIndex::default();
+    ix.enable(GAP, 50);
+    ix.set_journaling(true);
+    let mut w = BatchWriter::new();
+    for i in 0..400i64 {
+        let ty = format!("type{}", i % 70);
+        let user = format!("u{}", i % 13);
+        let sid = (i % 3 == 0).then(|| format!("s{}", i % 7));
+        let at = w.begin_event(
+            "t",
+            &format!("e{i}"),
+            &ty,
+            i * 7 * M,
+            Some(&user),
+            sid.as_deref(),
+        );
+        w.prop("page", PropValue::Str(&format!("/p{}", i % 11)));
+        w.finish_event(at, 1);
+    }
+    let b = w.finish();
+    let mut journal = Vec::new();
+    for (k, e) in BatchReader::new(&b).unwrap().enumerate() {
+        ix.add(&e.unwrap());
+        ix.check();
+        if k % 37 == 0 {
+            ix.take_delta(&mut journal);
+        }
+    }
+    ix.take_delta(&mut journal);
+    assert!(ix.len() <= 50 && ix.evicted() > 0);
+    let got = all(&ix);
+    // Type numbers past 63 are kept too.
+    assert!(
+        got.iter()
+            .any(|s| s.event_types.iter().any(|t| t == "type69"))
+    );
+    let mut back = SessionIndex::default();
+    back.enable(GAP, 50);
+    for f in unframe(&journal).0 {
+        back.apply_frame(f).unwrap();
+    }
+    back.recovered();
+    back.check();
+    assert_eq!(all(&back), got);
+    assert_eq!(back.floor("t"), ix.floor("t"));
 }
