@@ -397,11 +397,12 @@ fn a_restart_keeps_every_id_version_and_rule_and_cuts_a_torn_tail() {
 #[test]
 fn reads_the_format_1_fixture() {
     let dir = tempfile::tempdir().unwrap();
+    // Cargo's directory at run time: a test executable reused from a
+    // shared target dir may have been built from another checkout.
+    let crate_dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
     std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/registry-v1.jsonl"
-        ),
+        format!("{crate_dir}/tests/fixtures/registry-v1.jsonl"),
         dir.path().join("registry.jsonl"),
     )
     .unwrap();

@@ -87,7 +87,7 @@ pub struct SessionsSection {
     /// memory (embedded mode; Kafka mode reads the raw events).
     pub index: bool,
     /// Sessions the index holds at most; past it the oldest are dropped and
-    /// ranges that old are read from the raw events (about 200 bytes each).
+    /// ranges that old are read from the raw events (about 250 bytes each).
     pub max_sessions: usize,
 }
 
@@ -96,7 +96,7 @@ impl Default for SessionsSection {
         SessionsSection {
             gap: "30m".into(),
             index: true,
-            max_sessions: 1_000_000,
+            max_sessions: tally_store::DEFAULT_MAX_SESSIONS,
         }
     }
 }

@@ -46,7 +46,7 @@ use crate::Session;
 pub const INDEX_REACH_MS: Millis = 6 * 3_600_000;
 
 /// Sessions held at most by default.
-pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+pub const DEFAULT_MAX_SESSIONS: usize = 500_000;
 
 /// Journal frame kinds.
 const FRAME_PUT: u8 = 0;
@@ -320,34 +320,47 @@ impl Tenant {
                 hasher.hash_one(&*slots[j as usize].id)
             });
         } else {
-            let (user, start) = (s.user.clone(), s.start);
-            let v = self.anon.entry(user).or_default();
-            let at = v.partition_point(|&(t, _)| t < start);
-            v.insert(at, (start, i));
+            let start = s.start;
+            let (slots, anon) = (&self.slots, &mut self.anon);
+            let user = slots[i as usize].user.as_deref();
+            match anon.get_mut(&UserKey(user)) {
+                Some(v) => {
+                    let at = v.partition_point(|&(t, _)| t < start);
+                    v.insert(at, (start, i));
+                }
+                None => {
+                    anon.insert(user.map(Into::into), vec![(start, i)]);
+                }
+            }
         }
         i
     }
 
-    /// Removes slot `i` from every map (its key noted as gone).
+    /// Removes slot `i` from every map (its key noted as gone if the
+    /// journal has it).
     fn release(&mut self, i: u32, journaling: bool) {
-        let key = self.slots[i as usize].key();
-        let start = self.slots[i as usize].start;
-        let journaled = self.slots[i as usize].journaled;
+        let (start, journaled, derived) = {
+            let s = &self.slots[i as usize];
+            (s.start, s.journaled, s.derived)
+        };
+        if journaling && journaled {
+            let key = self.slots[i as usize].key();
+            self.gone.push(key);
+        }
         self.by_start.remove(&(start, i));
-        match &key {
-            Key::Id(id) => {
-                let h = self.hash_id(id);
-                if let Ok(e) = self.by_id.find_entry(h, |&j| j == i) {
-                    e.remove();
+        if derived {
+            let (slots, anon) = (&self.slots, &mut self.anon);
+            let user = UserKey(slots[i as usize].user.as_deref());
+            if let Some(v) = anon.get_mut(&user) {
+                v.retain(|&(_, j)| j != i);
+                if v.is_empty() {
+                    anon.remove(&user);
                 }
             }
-            Key::Derived(user, start) => {
-                if let Some(v) = self.anon.get_mut(&UserKey(user.as_deref())) {
-                    v.retain(|&(t, j)| !(t == *start && j == i));
-                    if v.is_empty() {
-                        self.anon.remove(&UserKey(user.as_deref()));
-                    }
-                }
+        } else {
+            let h = self.hash_id(&self.slots[i as usize].id);
+            if let Ok(e) = self.by_id.find_entry(h, |&j| j == i) {
+                e.remove();
             }
         }
         let s = &mut self.slots[i as usize];
@@ -357,13 +370,12 @@ impl Tenant {
         s.live = false;
         self.pages.release(first);
         self.pages.release(last);
-        self.wide_types.remove(&i);
+        if !self.wide_types.is_empty() {
+            self.wide_types.remove(&i);
+        }
         self.free.push(i);
         if journaling {
             self.unmark(i);
-            if journaled {
-                self.gone.push(key);
-            }
         }
     }
 
@@ -388,18 +400,19 @@ impl Tenant {
             self.pages.set(&mut s.last_page, page);
         }
         s.events += 1;
-        let (start, dur, user) = (s.start, s.end - s.start, s.derived.then(|| s.user.clone()));
+        let (start, dur, derived) = (s.start, s.end - s.start, s.derived);
         self.add_type(i, ty);
         self.longest = self.longest.max(dur);
         if start != old_start {
             self.by_start.remove(&(old_start, i));
             self.by_start.insert((start, i));
-            if let Some(user) = user
-                && let Some(v) = self.anon.get_mut(&UserKey(user.as_deref()))
-            {
-                // It moves earlier, past no other session of the user.
-                if let Some(e) = v.iter_mut().find(|e| e.1 == i) {
-                    e.0 = start;
+            if derived {
+                let (slots, anon) = (&self.slots, &mut self.anon);
+                if let Some(v) = anon.get_mut(&UserKey(slots[i as usize].user.as_deref())) {
+                    // It moves earlier, past no other session of the user.
+                    if let Some(e) = v.iter_mut().find(|e| e.1 == i) {
+                        e.0 = start;
+                    }
                 }
             }
         }
@@ -561,6 +574,33 @@ impl Tenant {
 
     fn live(&self) -> usize {
         self.by_start.len()
+    }
+
+    /// Slot `i` as a journal frame (read by `decode_session`), written
+    /// from the slot without building its [`Session`].
+    fn encode_slot(&self, e: &mut Enc, tenant: &str, i: u32) {
+        let s = &self.slots[i as usize];
+        e.u8(FRAME_PUT);
+        e.str(tenant);
+        e.u8(u8::from(s.derived));
+        e.str(&s.id);
+        encode_opt(e, s.user.as_deref());
+        e.i64(s.start);
+        e.i64(s.end);
+        e.u64(s.events);
+        encode_opt(e, self.pages.name(s.first_page));
+        encode_opt(e, self.pages.name(s.last_page));
+        let wide = self.wide_types.get(&i).map_or(&[][..], Vec::as_slice);
+        e.u32(s.types.count_ones() + wide.len() as u32);
+        let mut bits = s.types;
+        while bits != 0 {
+            let t = bits.trailing_zeros();
+            e.str(&self.type_names[t as usize]);
+            bits &= bits - 1;
+        }
+        for &t in wide {
+            e.str(&self.type_names[t as usize]);
+        }
     }
 
     /// The slots changed since the last delta, in order; forgets them.
@@ -904,7 +944,7 @@ impl SessionIndex {
                 }
                 t.slots[i as usize].journaled = true;
                 e.buf.clear();
-                encode_put(&mut e, name, &t.session(i));
+                t.encode_slot(&mut e, name, i);
                 frame(out, &e.buf);
                 n += 1;
             }
@@ -930,7 +970,7 @@ impl SessionIndex {
             for &(_, i) in &t.by_start {
                 t.slots[i as usize].journaled = true;
                 e.buf.clear();
-                encode_put(&mut e, name, &t.session(i));
+                t.encode_slot(&mut e, name, i);
                 frame(out, &e.buf);
                 n += 1;
             }
@@ -1070,23 +1110,6 @@ fn decode_key(d: &mut Dec<'_>) -> Result<Key, DecodeError> {
         }
         _ => return d.err("bad session key tag"),
     })
-}
-
-fn encode_put(e: &mut Enc, tenant: &str, s: &Session) {
-    e.u8(FRAME_PUT);
-    e.str(tenant);
-    e.u8(u8::from(s.derived));
-    e.str(if s.derived { "" } else { &s.session_id });
-    encode_opt(e, s.user_id.as_deref());
-    e.i64(s.start);
-    e.i64(s.end);
-    e.u64(s.events);
-    encode_opt(e, s.first_page.as_deref());
-    encode_opt(e, s.last_page.as_deref());
-    e.u32(s.event_types.len() as u32);
-    for t in &s.event_types {
-        e.str(t);
-    }
 }
 
 fn decode_session(d: &mut Dec<'_>) -> Result<Session, DecodeError> {
