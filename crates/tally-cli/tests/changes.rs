@@ -170,10 +170,21 @@ fn user_ev(id: &str, user: &str, session: Option<&str>, ts: i64) -> Value {
 /// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_sessions_that_a_late_event_extends_or_merges_are_listed() {
+    // Told by the session index as the events are applied.
+    closed_sessions_case(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_index_corrections_are_found_in_the_raw_events() {
+    closed_sessions_case(false).await;
+}
+
+async fn closed_sessions_case(index: bool) {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path(), |cfg| {
         cfg.stream.watermark_bound = "5s".into();
         cfg.stream.allowed_lateness = "3h".into();
+        cfg.sessions.index = index;
     })
     .await;
     let base = format!("http://{}", server.addr);
@@ -286,4 +297,9 @@ async fn closed_sessions_that_a_late_event_extends_or_merges_are_listed() {
         })
         .collect();
     assert_eq!(spans, vec![(u1_first.clone(), 5)], "{s}");
+    let text = common::prom(&c, &base).await;
+    assert!(text.contains("\ntally_session_changes_total 3\n"), "{text}");
+    // With the index, no session was read again from the raw events.
+    let rescanned = !text.contains("\ntally_session_keys_checked_total 0\n");
+    assert_eq!(rescanned, !index, "{text}");
 }

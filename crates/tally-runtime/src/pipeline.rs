@@ -647,9 +647,10 @@ impl Pipeline {
             .map_err(PipelineError::Thread)?;
         let mut raw_tx = None;
         let mut raw_thread = None;
-        // Session corrections are found in the raw events: with them kept,
-        // events applied behind a watermark are noted from now on.
-        if raw.is_some() {
+        // Session corrections: the session index tells them as events
+        // change closed sessions; without it they are found in the raw
+        // events, so events applied behind a watermark are noted.
+        if raw.is_some() && !cfg.sessions.index {
             shared.store.write().track_session_touches(true);
         }
         if let Some(w) = raw {

@@ -69,7 +69,6 @@ pub struct Telemetry {
     pub session_touches_dropped: AtomicU64,
     pub session_keys_checked: AtomicU64,
     pub session_keys_skipped: AtomicU64,
-    pub session_changes: AtomicU64,
     pub requests_overloaded: AtomicU64,
     /// Requests answered 429: a tenant over its ingest quota.
     pub requests_over_quota: AtomicU64,
@@ -127,7 +126,6 @@ impl Default for Telemetry {
             session_touches_dropped: AtomicU64::new(0),
             session_keys_checked: AtomicU64::new(0),
             session_keys_skipped: AtomicU64::new(0),
-            session_changes: AtomicU64::new(0),
             requests_overloaded: AtomicU64::new(0),
             requests_over_quota: AtomicU64::new(0),
             bytes_ingested: AtomicU64::new(0),
@@ -180,6 +178,8 @@ pub struct Snapshot {
     /// Dimension values folded into `__other__` by the cardinality cap.
     pub dimension_values_folded: u64,
     pub dedupe_entries: usize,
+    /// Session changes listed by /api/v1/changes, ever.
+    pub session_changes: u64,
     pub log_bytes: u64,
     pub ready: bool,
     /// One past the last lsn made durable / applied by the processor.
@@ -284,14 +284,15 @@ impl Telemetry {
                 "Sessions not read again for corrections: more were waiting than the task's bound.",
                 &self.session_keys_skipped,
             ),
-            (
-                "tally_session_changes_total",
-                "Session changes listed by /api/v1/changes.",
-                &self.session_changes,
-            ),
         ] {
             counter(&mut o, name, help, v.load(Relaxed));
         }
+        counter(
+            &mut o,
+            "tally_session_changes_total",
+            "Session changes listed by /api/v1/changes.",
+            s.session_changes,
+        );
         counter(
             &mut o,
             "tally_events_shed_total",

@@ -223,9 +223,13 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
     let v = s.shared.processor.lock().clone();
     // One read guard: a second read of the same lock while a writer waits
     // would wait behind that writer forever.
-    let (rollup_buckets, dimension_values_folded) = {
+    let (rollup_buckets, dimension_values_folded, session_changes) = {
         let store = s.shared.store.read();
-        (store.bucket_count(), store.values_folded())
+        (
+            store.bucket_count(),
+            store.values_folded(),
+            store.session_changes_told(),
+        )
     };
     let dlq = s.shared.dlq.lock();
     Snapshot {
@@ -243,6 +247,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dlq_late_full_tenants: dlq.late_full_tenants().len(),
         rollup_buckets,
         dimension_values_folded,
+        session_changes,
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
         ready: s.shared.ready.load(Relaxed),

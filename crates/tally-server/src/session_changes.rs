@@ -121,7 +121,6 @@ pub(crate) async fn run(
             let closed_to = watermark.saturating_sub(gap_ms);
             let found = tally_query::session_changes(&pair.before, &pair.after, closed_to);
             if !found.is_empty() {
-                tel.session_changes.fetch_add(found.len() as u64, Relaxed);
                 tracing::debug!(changes = found.len(), "session corrections");
                 shared.store.write().push_session_changes(&k.0, at, found);
             }

@@ -484,6 +484,8 @@ pub struct RollupStore {
     touches: crate::sessions::Touches,
     /// Sessions built as events are applied (off unless enabled).
     sessions: crate::SessionIndex,
+    /// Session changes logged, ever (this process).
+    session_changes_told: u64,
     /// Scratch space for combination keys.
     key: String,
 }
@@ -526,6 +528,7 @@ impl Default for RollupStore {
             change_floor: 0,
             touches: Default::default(),
             sessions: Default::default(),
+            session_changes_told: 0,
             key: String::new(),
         }
     }
@@ -1031,6 +1034,12 @@ impl RollupStore {
         }
     }
 
+    /// Session changes logged by [`RollupStore::push_session_changes`],
+    /// ever (this process).
+    pub fn session_changes_told(&self) -> u64 {
+        self.session_changes_told
+    }
+
     /// The sessions built in the stream.
     pub fn sessions(&self) -> &crate::SessionIndex {
         &self.sessions
@@ -1077,6 +1086,7 @@ impl RollupStore {
             return;
         }
         self.version += 1;
+        self.session_changes_told += corrections.len() as u64;
         for c in corrections {
             self.log_change(Change {
                 version: self.version,

@@ -39,7 +39,7 @@ use tally_types::Millis;
 use tally_types::bin::{Dec, DecodeError, Enc, frame};
 use tally_types::codec::{EventView, PropValue};
 
-use crate::Session;
+use crate::{Session, SessionCorrection};
 
 /// How far before a range the sessions of the raw path read (and so how far
 /// after its floor a range must start to be answered from the index).
@@ -424,8 +424,18 @@ impl Tenant {
         }
     }
 
-    /// One event; answers the change in the number of sessions.
-    fn add(&mut self, ev: Ev<'_>, gap: Millis, journaling: bool) -> i64 {
+    /// One event; answers the change in the number of sessions. With
+    /// `closed_to`, a session that had ended by then (its last event at or
+    /// before it) and that the event changes is told to `fixes`: grown,
+    /// joined by another (which is merged into it), or new.
+    fn add(
+        &mut self,
+        ev: Ev<'_>,
+        gap: Millis,
+        journaling: bool,
+        closed_to: Option<Millis>,
+        fixes: &mut Vec<SessionCorrection>,
+    ) -> i64 {
         let Ev {
             sid,
             user,
@@ -433,20 +443,28 @@ impl Tenant {
             ty,
             page,
         } = ev;
+        let closed = |s: &Slot| closed_to.is_some_and(|c| s.end <= c);
         if let Some(sid) = sid {
             let (i, new) = match self.find_id(sid) {
-                Some(i) => {
-                    let s = &mut self.slots[i as usize];
-                    if s.user.is_none()
-                        && let Some(u) = user
-                    {
-                        s.user = Some(u.into());
-                    }
-                    (i, 0)
-                }
+                Some(i) => (i, 0),
                 None => (self.alloc(Slot::new(false, sid, user, ts)), 1),
             };
+            let before = (new == 0 && closed(&self.slots[i as usize])).then(|| self.session(i));
+            let s = &mut self.slots[i as usize];
+            if s.user.is_none()
+                && let Some(u) = user
+            {
+                s.user = Some(u.into());
+            }
             self.add_to(i, ts, ty, page, journaling);
+            if let Some(old) = before {
+                fixes.push(SessionCorrection::Changed {
+                    old,
+                    new: self.session(i),
+                });
+            } else if new == 1 && closed(&self.slots[i as usize]) {
+                fixes.push(SessionCorrection::Appeared(self.session(i)));
+            }
             return new;
         }
         let (prev, next) = match self.anon.get(&UserKey(user)) {
@@ -461,8 +479,17 @@ impl Tenant {
         };
         let joins_prev = prev.filter(|&p| ts - self.slots[p as usize].end < gap);
         let joins_next = next.filter(|&n| self.slots[n as usize].start - ts < gap);
+        // What a closed session looked like before the event.
+        let told = |me: &Tenant, i: u32| closed(&me.slots[i as usize]).then(|| me.session(i));
         match (joins_prev, joins_next) {
             (Some(p), Some(n)) => {
+                // Either closed: both sides are told.
+                let tell = closed(&self.slots[p as usize]) || closed(&self.slots[n as usize]);
+                let (before_p, before_n) = if tell {
+                    (Some(self.session(p)), Some(self.session(n)))
+                } else {
+                    (None, None)
+                };
                 self.add_to(p, ts, ty, page, journaling);
                 // The later session joins the earlier one: it ends it.
                 let (end, last_page, events, types) = {
@@ -486,15 +513,43 @@ impl Tenant {
                 if journaling {
                     self.mark(p);
                 }
+                if let (Some(old_p), Some(old_n)) = (before_p, before_n) {
+                    let new = self.session(p);
+                    let into = new.session_id.clone();
+                    fixes.push(SessionCorrection::Changed { old: old_p, new });
+                    fixes.push(SessionCorrection::MergedInto { old: old_n, into });
+                }
                 -1
             }
-            (Some(i), None) | (None, Some(i)) => {
+            (Some(i), None) => {
+                let before = told(self, i);
                 self.add_to(i, ts, ty, page, journaling);
+                if let Some(old) = before {
+                    fixes.push(SessionCorrection::Changed {
+                        old,
+                        new: self.session(i),
+                    });
+                }
+                0
+            }
+            (None, Some(i)) => {
+                // Earlier than the session: its start, and so its id, moves.
+                let before = told(self, i);
+                self.add_to(i, ts, ty, page, journaling);
+                if let Some(old) = before {
+                    let new = self.session(i);
+                    let into = new.session_id.clone();
+                    fixes.push(SessionCorrection::Appeared(new));
+                    fixes.push(SessionCorrection::MergedInto { old, into });
+                }
                 0
             }
             (None, None) => {
                 let i = self.alloc(Slot::new(true, "", user, ts));
                 self.add_to(i, ts, ty, page, journaling);
+                if closed(&self.slots[i as usize]) {
+                    fixes.push(SessionCorrection::Appeared(self.session(i)));
+                }
                 1
             }
         }
@@ -757,6 +812,18 @@ impl SessionIndex {
 
     /// Adds one kept event.
     pub fn add(&mut self, e: &EventView<'_>) {
+        self.add_telling(e, None, &mut Vec::new());
+    }
+
+    /// [`SessionIndex::add`], telling `fixes` how the event changed
+    /// sessions that had closed by its tenant's watermark `watermark`
+    /// (their last event a gap or more before it).
+    pub fn add_telling(
+        &mut self,
+        e: &EventView<'_>,
+        watermark: Option<Millis>,
+        fixes: &mut Vec<SessionCorrection>,
+    ) {
         if !self.on {
             return;
         }
@@ -778,7 +845,11 @@ impl SessionIndex {
             ty,
             page,
         };
-        let d = t.add(ev, self.gap_ms, self.journaling);
+        // An event at or past the watermark reaches no closed session.
+        let closed_to = watermark
+            .filter(|&w| e.ts < w)
+            .map(|w| w.saturating_sub(self.gap_ms));
+        let d = t.add(ev, self.gap_ms, self.journaling, closed_to, fixes);
         self.len = (self.len as i64 + d) as usize;
         if self.len > self.max_sessions {
             self.evict();

@@ -605,6 +605,9 @@ impl Processor {
         let downsampled_to = store.downsampled_to();
         let hours_from = store.hours_from();
         let mut late_entries = Vec::new();
+        // Closed sessions the record's events changed, per tenant.
+        let mut session_fixes = Vec::new();
+        let mut told: Vec<(Box<str>, Vec<tally_store::SessionCorrection>)> = Vec::new();
         // The clock of the tenant of the event before (a record nearly
         // always holds one tenant), its other clock, the minimum of its
         // other partitions, and its watermark's minute when the record
@@ -657,8 +660,18 @@ impl Processor {
                 }
                 continue;
             }
-            // Sessions take every event the raw store keeps, late ones too.
-            store.sessions_mut().add(&ev);
+            // Sessions take every event the raw store keeps, late ones too,
+            // and tell the closed ones a live event changes.
+            let live_wm = if backfill { None } else { wm };
+            store
+                .sessions_mut()
+                .add_telling(&ev, live_wm, &mut session_fixes);
+            if !session_fixes.is_empty() {
+                match told.last_mut() {
+                    Some((t, v)) if **t == *ev.tenant => v.append(&mut session_fixes),
+                    _ => told.push((ev.tenant.into(), std::mem::take(&mut session_fixes))),
+                }
+            }
             let too_late = wm.filter(|&w| minute + MINUTE_MS + lateness <= w);
             // Past the rollup retention there is no bucket to count it in.
             let expired = minute < hours_from;
@@ -717,6 +730,9 @@ impl Processor {
         }
         if let Some((_, c, _, _, was)) = cur.take() {
             out.closed_minute |= leave(c, was, lateness) && !backfill;
+        }
+        for (tenant, fixes) in told {
+            store.push_session_changes(&tenant, append_ms, coalesce(fixes));
         }
         store.commit();
         drop(store);
@@ -946,6 +962,25 @@ pub use tally_types::time::human_ms;
 
 #[cfg(test)]
 mod tests;
+
+/// A record's session corrections with each session's chain of changes
+/// told once: a session changed by several of its events goes from its
+/// first old value to its last new one (or appears once).
+fn coalesce(fixes: Vec<tally_store::SessionCorrection>) -> Vec<tally_store::SessionCorrection> {
+    use tally_store::SessionCorrection as C;
+    let mut out: Vec<C> = Vec::with_capacity(fixes.len());
+    for f in fixes {
+        if let C::Changed { old, new } = &f
+            && let Some(prev) = out.iter_mut().rev().find(|p| p.after() == Some(old))
+            && let C::Changed { new: n, .. } | C::Appeared(n) = prev
+        {
+            *n = new.clone();
+            continue;
+        }
+        out.push(f);
+    }
+    out
+}
 
 /// Notes an event applied behind its tenant's watermark `wm` for the
 /// session corrections (events with neither a session nor a user belong

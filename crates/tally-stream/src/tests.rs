@@ -350,3 +350,52 @@ fn a_backfill_of_a_live_tenant_counts_once() {
     );
     assert_eq!(h.tenant_count("acme", T0 - 86_400_000, T0 + 86_400_000), 5);
 }
+
+#[test]
+fn a_sessions_changes_in_one_record_are_told_once() {
+    use tally_store::{Session, SessionCorrection as C};
+    let s = |id: &str, events: u64| Session {
+        session_id: id.into(),
+        derived: false,
+        user_id: Some("u".into()),
+        start: 0,
+        end: events as Millis,
+        events,
+        first_page: None,
+        last_page: None,
+        event_types: Default::default(),
+    };
+    let told = coalesce(vec![
+        C::Changed {
+            old: s("a", 1),
+            new: s("a", 2),
+        },
+        C::Appeared(s("b", 1)),
+        C::Changed {
+            old: s("a", 2),
+            new: s("a", 3),
+        },
+        C::Changed {
+            old: s("b", 1),
+            new: s("b", 2),
+        },
+        C::MergedInto {
+            old: s("c", 4),
+            into: "a".into(),
+        },
+    ]);
+    assert_eq!(
+        told,
+        vec![
+            C::Changed {
+                old: s("a", 1),
+                new: s("a", 3),
+            },
+            C::Appeared(s("b", 2)),
+            C::MergedInto {
+                old: s("c", 4),
+                into: "a".into(),
+            },
+        ]
+    );
+}

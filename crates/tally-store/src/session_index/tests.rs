@@ -5,6 +5,7 @@ use tally_types::bin::unframe;
 use tally_types::codec::{BatchReader, BatchWriter, PropValue};
 
 use super::*;
+use crate::SessionCorrection;
 
 const M: Millis = 60_000;
 const GAP: Millis = 30 * M;
@@ -385,4 +386,132 @@ fn many_types_many_pages_and_the_cap_keep_the_maps_in_step() {
     back.check();
     assert_eq!(all(&back), got);
     assert_eq!(back.floor("t"), ix.floor("t"));
+}
+
+/// What a correction rule over whole answers says one event changed:
+/// each session after it that was not there before (with the sessions
+/// before that are part of it), told when one of those had closed.
+fn reference_changes(
+    before: &[Session],
+    after: &[Session],
+    closed_to: Millis,
+) -> Vec<SessionCorrection> {
+    let mut out = Vec::new();
+    for n in after.iter().filter(|n| !before.contains(n)) {
+        let parts: Vec<&Session> = before
+            .iter()
+            .filter(|b| {
+                if n.derived {
+                    b.derived && b.user_id == n.user_id && b.start >= n.start && b.end <= n.end
+                } else {
+                    b.session_id == n.session_id
+                }
+            })
+            .collect();
+        let closed = if parts.is_empty() {
+            n.end <= closed_to
+        } else {
+            parts.iter().any(|p| p.end <= closed_to)
+        };
+        if !closed {
+            continue;
+        }
+        out.push(match parts.iter().find(|p| p.session_id == n.session_id) {
+            Some(old) => SessionCorrection::Changed {
+                old: (*old).clone(),
+                new: n.clone(),
+            },
+            None => SessionCorrection::Appeared(n.clone()),
+        });
+        for p in parts.iter().filter(|p| p.session_id != n.session_id) {
+            out.push(SessionCorrection::MergedInto {
+                old: (*p).clone(),
+                into: n.session_id.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn sorted(mut v: Vec<SessionCorrection>) -> Vec<SessionCorrection> {
+    v.sort_by_key(|c| format!("{c:?}"));
+    v
+}
+
+#[test]
+fn late_events_tell_the_closed_sessions_they_change() {
+    let mut ix = index();
+    let first = [
+        ev(0, Some("u1"), None, 1),
+        ev(5 * M, Some("u1"), None, 2),
+        ev(10 * M, Some("u2"), Some("s9"), 3),
+        ev(12 * M, Some("u2"), Some("s9"), 4),
+        ev(50 * M, Some("u1"), None, 5),
+        ev(55 * M, Some("u1"), None, 6),
+    ];
+    feed(&mut ix, &first);
+    let wm = Some(120 * M);
+    let mut told = |e: Ev| {
+        let b = batch(&[e]);
+        let mut fixes = Vec::new();
+        for v in BatchReader::new(&b).unwrap() {
+            ix.add_telling(&v.unwrap(), wm, &mut fixes);
+        }
+        fixes
+    };
+    let f = told(ev(27 * M, Some("u1"), None, 7));
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert!(
+        matches!(&f[0], SessionCorrection::Changed { old, new } if old.events == 2 && new.events == 5 && new.end == 55 * M)
+    );
+    assert!(
+        matches!(&f[1], SessionCorrection::MergedInto { old, into } if old.start == 50 * M && *into == "u1:0")
+    );
+    let f = told(ev(20 * M, Some("u2"), Some("s9"), 8));
+    assert!(
+        matches!(&f[..], [SessionCorrection::Changed { old, new }] if old.events == 2 && new.events == 3)
+    );
+    // Still open at the watermark (ended less than a gap before it): not told.
+    let f = told(ev(119 * M, Some("u3"), None, 9));
+    assert!(f.is_empty());
+    // Before u1's first event: a new id, the old one merged into it.
+    let f = told(ev(-10 * M, Some("u1"), None, 0));
+    assert!(
+        matches!(&f[..], [SessionCorrection::Appeared(n), SessionCorrection::MergedInto { into, .. }] if n.events == 6 && *into == format!("u1:{}", -10 * M))
+    );
+    // No watermark: nothing told.
+    let b = batch(&[ev(30 * M, Some("u1"), None, 0)]);
+    let mut fixes = Vec::new();
+    for v in BatchReader::new(&b).unwrap() {
+        ix.add_telling(&v.unwrap(), None, &mut fixes);
+    }
+    assert!(fixes.is_empty());
+}
+
+proptest! {
+    /// Each event tells exactly what comparing the whole answers before
+    /// and after it would, at any watermark.
+    #[test]
+    fn corrections_are_the_difference_of_the_answers(
+        evs in arb_events(),
+        wms in prop::collection::vec(0i64..700, 80),
+    ) {
+        let mut ix = index();
+        for (k, e) in evs.iter().enumerate() {
+            let wm = wms[k] * M / 2;
+            let before = oracle(&evs[..k], GAP);
+            let after = oracle(&evs[..=k], GAP);
+            let b = batch(std::slice::from_ref(e));
+            let mut fixes = Vec::new();
+            for v in BatchReader::new(&b).unwrap() {
+                ix.add_telling(&v.unwrap(), Some(wm), &mut fixes);
+            }
+            let want = if e.ts < wm {
+                reference_changes(&before, &after, wm - GAP)
+            } else {
+                Vec::new()
+            };
+            prop_assert_eq!(sorted(fixes), sorted(want), "event {} at watermark {}", k, wm);
+        }
+    }
 }
