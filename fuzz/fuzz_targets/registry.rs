@@ -1,7 +1,9 @@
 //! The schema registry's readers of untrusted bytes: Confluent-framed Avro
 //! records (any bytes after the id of a registered schema, and any bytes
 //! at all) and the registry's log file. Neither may panic or allocate
-//! without bound; each answers a value or an error.
+//! without bound; each answers a value or an error. The direct Avro
+//! decoder must give what the `apache_avro` path gives whenever it
+//! decodes a frame (differential).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -35,6 +37,10 @@ fuzz_target!(|data: &[u8]| {
         frame.extend_from_slice(&(u32::from(pick % 3) + 1).to_be_bytes());
         frame.extend_from_slice(rest);
         let _ = r.decode_frame("t", &frame);
+        assert!(
+            tally_registry::avro_text_agrees(r, "t", &frame),
+            "the direct decoder and apache_avro differ on {frame:?}"
+        );
     }
     let _ = tally_registry::parse_log_bytes(data);
 });

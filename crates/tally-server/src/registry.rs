@@ -615,22 +615,24 @@ pub(crate) async fn ingest_avro(
     // The schemas of each id, looked up once per body.
     let mut readers: HashMap<u32, Result<tally_registry::FrameReader, String>> = HashMap::new();
     for (i, f) in frames.iter().enumerate() {
+        let at = lines.len();
         let ev = tally_registry::frame_id(f).and_then(|id| {
             readers
                 .entry(id)
                 .or_insert_with(|| s.shared.registry.frame_reader(Some(&owner), id))
                 .as_ref()
                 .map_err(Clone::clone)?
-                .decode_event(f)
+                .decode_event_into(f, &mut lines)
         });
         match ev {
-            Ok(ev) => {
-                serde_json::to_writer(&mut lines, &ev)
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            Ok(()) => {
                 lines.push(b'\n');
                 index_of.push(i);
             }
-            Err(why) => undecoded.push((i, undecodable(&owner, f, why))),
+            Err(why) => {
+                lines.truncate(at);
+                undecoded.push((i, undecodable(&owner, f, why)));
+            }
         }
     }
     let (status, answer) =
