@@ -66,6 +66,15 @@ impl Program {
         Some(Program { nodes: c.nodes })
     }
 
+    /// Whether the root record has a field of this name.
+    pub(crate) fn has_root_field(&self, name: &str) -> bool {
+        let Node::Record(fields) = &self.nodes[0] else {
+            return false;
+        };
+        let key = format!("{}:", serde_json::Value::from(name));
+        fields.iter().any(|(k, _)| *k == key)
+    }
+
     /// Appends the event object of one record (`body`, without the frame
     /// header) to `out`: the root record's fields, a null `properties`
     /// left out. `Err` leaves `out` as it was: the reference decoder

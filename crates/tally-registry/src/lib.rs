@@ -1143,6 +1143,29 @@ impl Registry {
         Ok(ev)
     }
 
+    /// [`Registry::decode_owned_event`] as JSON text appended to `out`,
+    /// decoded straight to text where the frame's schema allows (see
+    /// [`FrameReader::decode_event_into`]).
+    pub fn decode_owned_event_into(&self, frame: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let reader = self.frame_reader(None, frame_id(frame)?)?;
+        let at = out.len();
+        if let Some(p) = &reader.fast
+            && !p.has_root_field("tenant")
+            && p.decode_event(&frame[5..], out).is_ok()
+        {
+            // `{...}` → `{"tenant":"t",...}`.
+            let mut kv = br#""tenant":"#.to_vec();
+            serde_json::to_writer(&mut kv, &reader.writer.tenant).map_err(|e| e.to_string())?;
+            if out.get(at + 1) != Some(&b'}') {
+                kv.push(b',');
+            }
+            out.splice(at + 1..at + 1, kv);
+            return Ok(());
+        }
+        let ev = self.decode_owned_event(frame)?;
+        serde_json::to_writer(out, &ev).map_err(|e| e.to_string())
+    }
+
     /// The schemas frames of schema id `id` are read with: the writer's,
     /// and the latest live version of the subject that holds it (the
     /// reader's). `tenant`: the id must be that tenant's (None: any). A

@@ -253,8 +253,8 @@ pub(super) fn start(
         // id (of the tenant owning it), the tenant filled in when the
         // record has none.
         decode_binary: Some(Arc::new(move |value: &[u8]| {
-            let ev = decoder.decode_owned_event(value)?;
-            let mut line = serde_json::to_vec(&ev).map_err(|e| e.to_string())?;
+            let mut line = Vec::with_capacity(value.len() * 2);
+            decoder.decode_owned_event_into(value, &mut line)?;
             line.push(b'\n');
             Ok(line)
         })),
