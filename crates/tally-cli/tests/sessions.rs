@@ -392,3 +392,48 @@ async fn sessions_built_in_the_stream_match_an_oracle_and_the_raw_path() {
         server.stop().await.unwrap();
     }
 }
+
+/// `[sessions] gap` sets the gap of the index, the SQL table and the
+/// API's default; another `gap` on the API is computed from the raw
+/// events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_gap_splits_sessions_and_another_one_reads_the_raw_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), |cfg| cfg.sessions.gap = "10m".into()).await;
+    let base = format!("http://{}", server.addr);
+    let c = reqwest::Client::new();
+    let evs = vec![
+        ev("g1", "G", None, T0, "page_view", "/a"),
+        ev("g2", "G", None, T0 + 5 * M, "page_view", "/b"),
+        ev("g3", "G", None, T0 + 20 * M, "page_view", "/c"),
+    ];
+    common::post_ndjson(&c, &base, common::ndjson(&evs)).await;
+    common::wait_events(&c, &base, "acme", 3).await;
+    let rows = sql(
+        &c,
+        &base,
+        "SELECT session_id, events FROM sessions ORDER BY start",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![
+            vec![json!(format!("G:{T0}")), json!(2)],
+            vec![json!(format!("G:{}", T0 + 20 * M)), json!(1)]
+        ]
+    );
+    let before = common::session_answers(&c, &base).await;
+    let url = |gap: &str| {
+        format!(
+            "{base}/api/v1/sessions?tenant=acme&user_id=G&start={}&end={}{gap}",
+            T0,
+            T0 + 60 * M
+        )
+    };
+    let n = |v: Value| v["sessions"].as_array().unwrap().len();
+    assert_eq!(n(get(&c, url("")).await), 2);
+    assert_eq!(n(get(&c, url("&gap=30m")).await), 1);
+    let after = common::session_answers(&c, &base).await;
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1));
+    server.stop().await.unwrap();
+}
