@@ -19,7 +19,7 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::physical_plan::execute_stream;
 use futures::StreamExt;
-use tally_store::SessionCorrection;
+pub use tally_store::session_changes;
 use tally_types::Millis;
 use tally_types::time::align_down;
 
@@ -294,56 +294,6 @@ pub enum SessionKey {
     Session(String),
     /// This user's events without a `session_id`.
     User(String),
-}
-
-/// What a correction changed in one key's sessions: each session of
-/// `after` that is not in `before` (extended, merged, or new), with the
-/// session of the same id before; and each session of `before` that a
-/// changed one swallowed under another id (`new` is `None`). Only
-/// sessions that were closed count (`closed_to`: a session whose last
-/// event is at or before it had ended by the gap when the events came):
-/// a session still open grows, it is not corrected.
-pub fn session_changes(
-    before: &[SessionRow],
-    after: &[SessionRow],
-    closed_to: Millis,
-) -> Vec<SessionCorrection> {
-    let mut out = Vec::new();
-    for n in after.iter().filter(|n| !before.contains(n)) {
-        // The sessions before that are part of it.
-        let parts: Vec<&SessionRow> = before
-            .iter()
-            .filter(|b| {
-                if n.derived {
-                    b.derived && b.user_id == n.user_id && b.start >= n.start && b.end <= n.end
-                } else {
-                    b.session_id == n.session_id
-                }
-            })
-            .collect();
-        let closed = if parts.is_empty() {
-            n.end <= closed_to
-        } else {
-            parts.iter().any(|p| p.end <= closed_to)
-        };
-        if !closed {
-            continue;
-        }
-        out.push(match parts.iter().find(|p| p.session_id == n.session_id) {
-            Some(old) => SessionCorrection::Changed {
-                old: (*old).clone(),
-                new: n.clone(),
-            },
-            None => SessionCorrection::Appeared(n.clone()),
-        });
-        for p in parts.iter().filter(|p| p.session_id != n.session_id) {
-            out.push(SessionCorrection::MergedInto {
-                old: (*p).clone(),
-                into: n.session_id.clone(),
-            });
-        }
-    }
-    out
 }
 
 /// One key's sessions before and after a set of events, as
@@ -761,6 +711,7 @@ pub(crate) fn sessionise(user: Option<&str>, times: &[Millis], gap_ms: Millis) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_store::SessionCorrection;
 
     #[test]
     fn gaps_split_sessions() {

@@ -17,5 +17,5 @@ pub use rollup::{
 };
 pub use session_index::{DEFAULT_MAX_SESSIONS, INDEX_REACH_MS, SessionIndex};
 pub use sessions::{
-    DEFAULT_SESSION_GAP_MS, Session, SessionCorrection, SessionTouch, TOUCHES_KEPT,
+    DEFAULT_SESSION_GAP_MS, Session, SessionCorrection, SessionTouch, TOUCHES_KEPT, session_changes,
 };

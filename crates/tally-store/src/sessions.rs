@@ -90,6 +90,56 @@ impl SessionCorrection {
     }
 }
 
+/// What a correction changed in one key's sessions: each session of
+/// `after` that is not in `before` (extended, merged, or new), with the
+/// session of the same id before; and each session of `before` that a
+/// changed one swallowed under another id (`new` is `None`). Only
+/// sessions that were closed count (`closed_to`: a session whose last
+/// event is at or before it had ended by the gap when the events came):
+/// a session still open grows, it is not corrected.
+pub fn session_changes(
+    before: &[Session],
+    after: &[Session],
+    closed_to: Millis,
+) -> Vec<SessionCorrection> {
+    let mut out = Vec::new();
+    for n in after.iter().filter(|n| !before.contains(n)) {
+        // The sessions before that are part of it.
+        let parts: Vec<&Session> = before
+            .iter()
+            .filter(|b| {
+                if n.derived {
+                    b.derived && b.user_id == n.user_id && b.start >= n.start && b.end <= n.end
+                } else {
+                    b.session_id == n.session_id
+                }
+            })
+            .collect();
+        let closed = if parts.is_empty() {
+            n.end <= closed_to
+        } else {
+            parts.iter().any(|p| p.end <= closed_to)
+        };
+        if !closed {
+            continue;
+        }
+        out.push(match parts.iter().find(|p| p.session_id == n.session_id) {
+            Some(old) => SessionCorrection::Changed {
+                old: (*old).clone(),
+                new: n.clone(),
+            },
+            None => SessionCorrection::Appeared(n.clone()),
+        });
+        for p in parts.iter().filter(|p| p.session_id != n.session_id) {
+            out.push(SessionCorrection::MergedInto {
+                old: (*p).clone(),
+                into: n.session_id.clone(),
+            });
+        }
+    }
+    out
+}
+
 /// An event applied behind its tenant's watermark: it may have changed a
 /// session that was already closed.
 #[derive(Clone, Debug, PartialEq, Eq)]

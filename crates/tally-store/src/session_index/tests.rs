@@ -105,6 +105,16 @@ fn all(ix: &SessionIndex) -> Vec<Session> {
     ix.sessions("t", None, Millis::MIN, Millis::MAX, false, usize::MAX)
 }
 
+/// A fresh index with `journal`'s frames applied, as recovery does.
+fn replay(journal: &[u8], mut ix: SessionIndex) -> SessionIndex {
+    for f in unframe(journal).0 {
+        ix.apply_frame(f).unwrap();
+    }
+    ix.recovered();
+    ix.check();
+    ix
+}
+
 fn index() -> SessionIndex {
     let mut ix = SessionIndex::default();
     ix.enable(GAP, 1_000_000);
@@ -147,11 +157,7 @@ fn a_late_event_joins_two_sessions_and_the_second_goes() {
     assert_eq!(ix.len(), 1);
     // The journal says the second is gone.
     ix.take_delta(&mut journal);
-    let mut back = index();
-    for f in unframe(&journal).0 {
-        back.apply_frame(f).unwrap();
-    }
-    back.recovered();
+    let back = replay(&journal, index());
     assert_eq!(all(&back), got);
 }
 
@@ -167,11 +173,7 @@ fn an_earlier_event_moves_a_derived_sessions_id() {
     assert_eq!(got[0].session_id, format!("u:{}", M));
     assert_eq!(got[0].first_page.as_deref(), Some("0"));
     ix.take_delta(&mut journal);
-    let mut back = index();
-    for f in unframe(&journal).0 {
-        back.apply_frame(f).unwrap();
-    }
-    back.recovered();
+    let back = replay(&journal, index());
     assert_eq!(all(&back), got);
     assert_eq!(back.len(), 1);
 }
@@ -294,21 +296,12 @@ proptest! {
         let want = oracle(&evs, GAP);
         prop_assert_eq!(&all(&ix), &want);
         prop_assert_eq!(ix.len(), want.len());
-        let mut back = index();
-        for f in unframe(&journal).0 {
-            back.apply_frame(f).unwrap();
-        }
-        back.recovered();
-        back.check();
+        let back = replay(&journal, index());
         prop_assert_eq!(&all(&back), &want);
         // A rewritten journal too.
         let mut whole = Vec::new();
         ix.encode_all(&mut whole);
-        let mut again = index();
-        for f in unframe(&whole).0 {
-            again.apply_frame(f).unwrap();
-        }
-        again.recovered();
+        let again = replay(&whole, index());
         prop_assert_eq!(&all(&again), &want);
         // The metrics' view agrees.
         let stats: Vec<(Millis, Millis, u64)> = want.iter().map(|s| (s.start, s.end - s.start, s.events)).collect();
@@ -377,60 +370,11 @@ fn many_types_many_pages_and_the_cap_keep_the_maps_in_step() {
         got.iter()
             .any(|s| s.event_types.iter().any(|t| t == "type69"))
     );
-    let mut back = SessionIndex::default();
-    back.enable(GAP, 50);
-    for f in unframe(&journal).0 {
-        back.apply_frame(f).unwrap();
-    }
-    back.recovered();
-    back.check();
+    let mut small = SessionIndex::default();
+    small.enable(GAP, 50);
+    let back = replay(&journal, small);
     assert_eq!(all(&back), got);
     assert_eq!(back.floor("t"), ix.floor("t"));
-}
-
-/// What a correction rule over whole answers says one event changed:
-/// each session after it that was not there before (with the sessions
-/// before that are part of it), told when one of those had closed.
-fn reference_changes(
-    before: &[Session],
-    after: &[Session],
-    closed_to: Millis,
-) -> Vec<SessionCorrection> {
-    let mut out = Vec::new();
-    for n in after.iter().filter(|n| !before.contains(n)) {
-        let parts: Vec<&Session> = before
-            .iter()
-            .filter(|b| {
-                if n.derived {
-                    b.derived && b.user_id == n.user_id && b.start >= n.start && b.end <= n.end
-                } else {
-                    b.session_id == n.session_id
-                }
-            })
-            .collect();
-        let closed = if parts.is_empty() {
-            n.end <= closed_to
-        } else {
-            parts.iter().any(|p| p.end <= closed_to)
-        };
-        if !closed {
-            continue;
-        }
-        out.push(match parts.iter().find(|p| p.session_id == n.session_id) {
-            Some(old) => SessionCorrection::Changed {
-                old: (*old).clone(),
-                new: n.clone(),
-            },
-            None => SessionCorrection::Appeared(n.clone()),
-        });
-        for p in parts.iter().filter(|p| p.session_id != n.session_id) {
-            out.push(SessionCorrection::MergedInto {
-                old: (*p).clone(),
-                into: n.session_id.clone(),
-            });
-        }
-    }
-    out
 }
 
 fn sorted(mut v: Vec<SessionCorrection>) -> Vec<SessionCorrection> {
@@ -507,7 +451,7 @@ proptest! {
                 ix.add_telling(&v.unwrap(), Some(wm), &mut fixes);
             }
             let want = if e.ts < wm {
-                reference_changes(&before, &after, wm - GAP)
+                crate::session_changes(&before, &after, wm - GAP)
             } else {
                 Vec::new()
             };
