@@ -147,6 +147,11 @@ async fn sessions_are_a_table_and_metrics_and_late_events_join_them() {
         metric(&c, &base, "bounce_rate").await,
         vec![(h0.clone(), 1.0 / 3.0), (h1.clone(), 1.0)]
     );
+    // Durations 8m, 10m and 0 in the first hour; 0 in the second.
+    assert_eq!(
+        metric(&c, &base, "median_session_duration").await,
+        vec![(h0.clone(), (8 * M) as f64), (h1.clone(), 0.0)]
+    );
 
     // A late event of B between its sessions (too late for the rollups:
     // it is kept with the raw events and listed as late) joins them: one
@@ -177,6 +182,11 @@ async fn sessions_are_a_table_and_metrics_and_late_events_join_them() {
     assert_eq!(
         metric(&c, &base, "bounce_rate").await,
         vec![(h0.clone(), 0.0), (h1.clone(), 1.0)]
+    );
+    // 8m and 50m: the mean of the middle two.
+    assert_eq!(
+        metric(&c, &base, "median_session_duration").await,
+        vec![(h0.clone(), (29 * M) as f64), (h1.clone(), 0.0)]
     );
     let v = get(
         &c,
@@ -321,6 +331,34 @@ async fn sessions_built_in_the_stream_match_an_oracle_and_the_raw_path() {
             .map(|(h, n)| (tally_types::time::format_rfc3339(h).replace(".000", ""), n))
             .collect::<Vec<_>>()
     };
+    // The median duration of the sessions starting in each hour.
+    let medians = |rows: &[Vec<Value>]| {
+        let mut per: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+        for r in rows {
+            let id = r[0].as_str().unwrap();
+            let start = unique
+                .iter()
+                .filter(|e| e["session_id"].as_str() == Some(id))
+                .map(|e| e["timestamp"].as_i64().unwrap())
+                .min()
+                .unwrap_or_else(|| id.rsplit(':').next().unwrap().parse().unwrap());
+            per.entry(start.div_euclid(60 * M) * 60 * M)
+                .or_default()
+                .push(r[2].as_i64().unwrap());
+        }
+        per.into_iter()
+            .map(|(h, mut d)| {
+                d.sort();
+                let n = d.len();
+                let m = if n % 2 == 1 {
+                    d[n / 2] as f64
+                } else {
+                    (d[n / 2 - 1] + d[n / 2]) as f64 / 2.0
+                };
+                (tally_types::time::format_rfc3339(h).replace(".000", ""), m)
+            })
+            .collect::<Vec<_>>()
+    };
     let c = reqwest::Client::new();
     // The index on (the default), twice (the second time recovered); then
     // off, so the same answers are computed from the raw events.
@@ -342,6 +380,11 @@ async fn sessions_built_in_the_stream_match_an_oracle_and_the_raw_path() {
         assert_eq!(
             metric(&c, &base, "sessions").await,
             hours(&want_sorted),
+            "run {run}"
+        );
+        assert_eq!(
+            metric(&c, &base, "median_session_duration").await,
+            medians(&want_sorted),
             "run {run}"
         );
         // One user's sessions: whole, each with an event in the range.
@@ -384,10 +427,10 @@ async fn sessions_built_in_the_stream_match_an_oracle_and_the_raw_path() {
         assert_eq!(ids, want_ids, "run {run}");
         let after = common::session_answers(&c, &base).await;
         if index {
-            assert_eq!(after.0 - before.0, 3, "run {run}: from the index");
+            assert_eq!(after.0 - before.0, 4, "run {run}: from the index");
             assert_eq!(after.1, before.1, "run {run}");
         } else {
-            assert_eq!(after.1 - before.1, 3, "run {run}: from the raw events");
+            assert_eq!(after.1 - before.1, 4, "run {run}: from the raw events");
         }
         server.stop().await.unwrap();
     }

@@ -1,7 +1,8 @@
 //! Sessions: a session is the events with one `session_id`; events
 //! without one are sessionised per user with an inactivity gap (30 minutes
 //! by default). `GET /api/v1/sessions`, the SQL table `sessions`, and the
-//! metrics `sessions`, `avg_session_duration` and `bounce_rate` by session
+//! metrics `sessions`, `avg_session_duration`, `median_session_duration`
+//! and `bounce_rate` by session
 //! start answer from the sessions the processor builds as events arrive
 //! (`tally_store::SessionIndex`) when it holds the range and the gap asked;
 //! otherwise (Kafka mode, another gap, a range older than what the index
@@ -411,7 +412,8 @@ impl QueryEngine {
         self.timed(run).await
     }
 
-    /// A session metric (`sessions`, `avg_session_duration`, `bounce_rate`)
+    /// A session metric (`sessions`, `avg_session_duration`,
+    /// `median_session_duration`, `bounce_rate`)
     /// per bucket of `step` of the sessions' start in `[start, end)`, each
     /// point over the `window` ending at its bucket's end. Sessions are
     /// read with [`SESSION_MARGIN_MS`] around the range.
@@ -430,71 +432,116 @@ impl QueryEngine {
         } = *q;
         let first = align_down(start, step);
         let from = first - (window - step);
+        let median = metric == SessionMetric::MedianDuration;
         // Per bucket of the sessions' start: sessions, summed duration,
-        // single-event sessions.
+        // single-event sessions (the index sums them); for the median,
+        // each session's (start, duration).
+        let mut per: std::collections::BTreeMap<Millis, (u64, i64, u64)> = Default::default();
+        let mut each: Vec<(Millis, i64)> = Vec::new();
         let indexed = {
             let store = self.store.read();
             let ix = store.sessions();
-            ix.covers(tenant, from, gap_ms)
-                .then(|| ix.buckets(tenant, from, end, step))
-        };
-        let per: std::collections::BTreeMap<Millis, (u64, i64, u64)> = match indexed {
-            Some(b) => {
-                self.session_answers.index.fetch_add(1, Relaxed);
-                b.into_iter().map(|(b, n, d, o)| (b, (n, d, o))).collect()
-            }
-            None => {
-                self.session_answers.raw.fetch_add(1, Relaxed);
-                let memory_limit = self.cfg.memory_limit;
-                let df_err = |e| QueryError::from_df(e, memory_limit);
-                let ctx = self.context(tenant)?;
-                let events = ctx.table_provider("events").await.map_err(df_err)?;
-                let state = ctx.state();
-                let run = async {
-                    compute(
-                        &state,
-                        events,
-                        None,
-                        from.saturating_sub(SESSION_MARGIN_MS),
-                        end.saturating_add(SESSION_MARGIN_MS),
-                        gap_ms,
-                    )
-                    .await
-                    .map_err(df_err)
-                };
-                let mut per = std::collections::BTreeMap::new();
-                for r in self.timed(run).await? {
-                    if r.start >= from && r.start < end {
-                        let p: &mut (u64, i64, u64) =
-                            per.entry(align_down(r.start, step)).or_default();
-                        p.0 += 1;
-                        p.1 += r.duration_ms();
-                        p.2 += u64::from(r.events == 1);
-                    }
+            ix.covers(tenant, from, gap_ms).then(|| {
+                if median {
+                    each = ix
+                        .stats(tenant, from, end)
+                        .into_iter()
+                        .map(|(start, dur, _)| (start, dur))
+                        .collect();
+                } else {
+                    per = ix
+                        .buckets(tenant, from, end, step)
+                        .into_iter()
+                        .map(|(b, n, d, o)| (b, (n, d, o)))
+                        .collect();
                 }
-                per
-            }
+            })
         };
+        if indexed.is_some() {
+            self.session_answers.index.fetch_add(1, Relaxed);
+        } else {
+            self.session_answers.raw.fetch_add(1, Relaxed);
+            let memory_limit = self.cfg.memory_limit;
+            let df_err = |e| QueryError::from_df(e, memory_limit);
+            let ctx = self.context(tenant)?;
+            let events = ctx.table_provider("events").await.map_err(df_err)?;
+            let state = ctx.state();
+            let run = async {
+                compute(
+                    &state,
+                    events,
+                    None,
+                    from.saturating_sub(SESSION_MARGIN_MS),
+                    end.saturating_add(SESSION_MARGIN_MS),
+                    gap_ms,
+                )
+                .await
+                .map_err(df_err)
+            };
+            for r in self.timed(run).await? {
+                if r.start >= from && r.start < end {
+                    each.push((r.start, r.duration_ms()));
+                    let p = per.entry(align_down(r.start, step)).or_default();
+                    p.0 += 1;
+                    p.1 += r.duration_ms();
+                    p.2 += u64::from(r.events == 1);
+                }
+            }
+        }
+        let mut durations: std::collections::BTreeMap<Millis, Vec<i64>> = Default::default();
+        for (start, dur) in each {
+            durations
+                .entry(align_down(start, step))
+                .or_default()
+                .push(dur);
+        }
         let mut out = Vec::new();
         let mut b = first;
+        let mut window_durs: Vec<i64> = Vec::new();
         while b < end {
-            let (n, dur, bounces) = per
-                .range(b - (window - step)..=b)
-                .fold((0, 0, 0), |a, (_, x)| (a.0 + x.0, a.1 + x.1, a.2 + x.2));
-            if n > 0 {
-                out.push((
-                    b,
-                    match metric {
+            let lo = b - (window - step);
+            let point = match metric {
+                SessionMetric::MedianDuration => {
+                    window_durs.clear();
+                    for (_, d) in durations.range(lo..=b) {
+                        window_durs.extend_from_slice(d);
+                    }
+                    median_of(&mut window_durs)
+                }
+                SessionMetric::Sessions
+                | SessionMetric::AvgDuration
+                | SessionMetric::BounceRate => {
+                    let (n, dur, bounces) = per
+                        .range(lo..=b)
+                        .fold((0, 0, 0), |a, (_, x)| (a.0 + x.0, a.1 + x.1, a.2 + x.2));
+                    (n > 0).then(|| match metric {
                         SessionMetric::Sessions => n as f64,
                         SessionMetric::AvgDuration => dur as f64 / n as f64,
-                        SessionMetric::BounceRate => bounces as f64 / n as f64,
-                    },
-                ));
+                        _ => bounces as f64 / n as f64,
+                    })
+                }
+            };
+            if let Some(v) = point {
+                out.push((b, v));
             }
             b += step;
         }
         Ok(out)
     }
+}
+
+/// The median of `v` (sorted in place), none when empty.
+fn median_of(v: &mut [i64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2] as f64
+    } else {
+        (v[n / 2 - 1] as f64 + v[n / 2] as f64) / 2.0
+    })
 }
 
 /// What [`QueryEngine::session_metric`] computes.
@@ -520,6 +567,9 @@ pub enum SessionMetric {
     AvgDuration,
     /// Their share with a single event.
     BounceRate,
+    /// The median of their durations, ms (the mean of the middle two for
+    /// an even count).
+    MedianDuration,
 }
 
 impl SessionMetric {
@@ -528,6 +578,7 @@ impl SessionMetric {
             "sessions" => SessionMetric::Sessions,
             "avg_session_duration" => SessionMetric::AvgDuration,
             "bounce_rate" => SessionMetric::BounceRate,
+            "median_session_duration" => SessionMetric::MedianDuration,
             _ => return None,
         })
     }

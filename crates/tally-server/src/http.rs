@@ -1138,9 +1138,10 @@ async fn metrics(
     Ok(json_bytes(body, "miss"))
 }
 
-/// `metric=sessions|avg_session_duration|bounce_rate`: per bucket of the
-/// sessions' start, computed from the raw events (so late events that
-/// extend or join sessions are counted), with `window` as for rollups.
+/// `metric=sessions|avg_session_duration|median_session_duration|bounce_rate`:
+/// per bucket of the sessions' start, from the session index or the raw
+/// events (late events that extend or join sessions are counted), with
+/// `window` as for rollups.
 async fn session_metric(
     s: &AppState,
     caller: &Caller,

@@ -634,7 +634,7 @@ impl Metric {
                 "unknown metric {s:?}: use count, unique_users, unique_sessions, \
                  sum:<property>, avg:<property>, min:<property>, max:<property>, \
                  or a percentile p1:<property> … p99.9:<property> (p50, p90, p95, p99, …) \
-                 (the metrics API also answers sessions, avg_session_duration and bounce_rate)"
+                 (the metrics API also answers sessions, avg_session_duration, median_session_duration and bounce_rate)"
             ),
         };
         Ok(match s {
