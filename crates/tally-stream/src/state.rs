@@ -233,6 +233,19 @@ impl Journal {
         Ok(())
     }
 
+    /// Appends `data`, or with `rewrite` writes it as the whole of the
+    /// next generation, returned to take this one's place once a
+    /// checkpoint names it.
+    fn write(&mut self, data: &[u8], rewrite: bool) -> Result<Option<Journal>, StateError> {
+        if !rewrite {
+            self.append(data)?;
+            return Ok(None);
+        }
+        let mut j = Journal::create(&self.dir, self.prefix, self.gen_ + 1)?;
+        j.append(data)?;
+        Ok(Some(j))
+    }
+
     fn rollback(&mut self, len: u64) {
         let _ = self.file.set_len(len);
         let _ = self.file.sync_data();
@@ -1334,34 +1347,12 @@ impl StateStore {
         let mut new_dedupe_j = None;
         let mut new_late_j = None;
         let result = (|| -> Result<(), StateError> {
-            if job.sealed_rewrite {
-                let mut j = Journal::create(&self.dir, "sealed", self.sealed.gen_ + 1)?;
-                j.append(&job.sealed_buf)?;
-                new_sealed_j = Some(j);
-            } else {
-                self.sealed.append(&job.sealed_buf)?;
-            }
-            if job.dedupe_all.is_some() {
-                let mut j = Journal::create(&self.dir, "dedupe", self.dedupe.gen_ + 1)?;
-                j.append(&dedupe_buf)?;
-                new_dedupe_j = Some(j);
-            } else {
-                self.dedupe.append(&dedupe_buf)?;
-            }
-            if job.late_all.is_some() {
-                let mut j = Journal::create(&self.dir, "late", self.late.gen_ + 1)?;
-                j.append(&late_buf)?;
-                new_late_j = Some(j);
-            } else {
-                self.late.append(&late_buf)?;
-            }
-            if job.sessions_rewrite {
-                let mut j = Journal::create(&self.dir, "sessions", self.sessions.gen_ + 1)?;
-                j.append(&job.sessions_buf)?;
-                new_sessions_j = Some(j);
-            } else {
-                self.sessions.append(&job.sessions_buf)?;
-            }
+            new_sealed_j = self.sealed.write(&job.sealed_buf, job.sealed_rewrite)?;
+            new_dedupe_j = self.dedupe.write(&dedupe_buf, job.dedupe_all.is_some())?;
+            new_late_j = self.late.write(&late_buf, job.late_all.is_some())?;
+            new_sessions_j = self
+                .sessions
+                .write(&job.sessions_buf, job.sessions_rewrite)?;
             if new_sealed_j.is_some()
                 || new_dedupe_j.is_some()
                 || new_late_j.is_some()
@@ -1372,10 +1363,7 @@ impl StateStore {
             Ok(())
         })();
         if let Err(e) = result {
-            self.sealed.rollback(before[0]);
-            self.dedupe.rollback(before[1]);
-            self.late.rollback(before[2]);
-            self.sessions.rollback(before[3]);
+            self.rollback(before);
             return Err(e);
         }
         let sealed_ref = new_sealed_j.as_ref().unwrap_or(&self.sealed);
@@ -1471,10 +1459,7 @@ impl StateStore {
         })();
         if let Err(e) = write {
             let _ = fs::remove_file(&tmp);
-            self.sealed.rollback(before[0]);
-            self.dedupe.rollback(before[1]);
-            self.late.rollback(before[2]);
-            self.sessions.rollback(before[3]);
+            self.rollback(before);
             return Err(e);
         }
 
@@ -1512,6 +1497,14 @@ impl StateStore {
         self.cleanup();
         report.elapsed_us = started.elapsed().as_micros() as u64;
         Ok(report)
+    }
+
+    /// Cuts every journal back to its length before a failed checkpoint.
+    fn rollback(&mut self, before: [u64; 4]) {
+        self.sealed.rollback(before[0]);
+        self.dedupe.rollback(before[1]);
+        self.late.rollback(before[2]);
+        self.sessions.rollback(before[3]);
     }
 
     /// Keeps the newest two checkpoints and the journal generations they name.
