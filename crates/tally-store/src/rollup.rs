@@ -1075,7 +1075,8 @@ impl RollupStore {
         (std::mem::take(&mut t.list), std::mem::take(&mut t.dropped))
     }
 
-    /// Appends a tenant's session corrections, under one new store version.
+    /// Appends a tenant's session corrections, under one new store version,
+    /// a session changed several times among them told once.
     pub fn push_session_changes(
         &mut self,
         tenant: &str,
@@ -1085,6 +1086,7 @@ impl RollupStore {
         if corrections.is_empty() {
             return;
         }
+        let corrections = crate::sessions::coalesce(corrections);
         self.version += 1;
         self.session_changes_told += corrections.len() as u64;
         for c in corrections {

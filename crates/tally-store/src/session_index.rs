@@ -1049,7 +1049,8 @@ impl SessionIndex {
         n
     }
 
-    /// Applies one journal frame (recovery, in journal order).
+    /// Applies one journal frame (recovery, in journal order); call
+    /// [`SessionIndex::recovered`] after the last.
     pub fn apply_frame(&mut self, payload: &[u8]) -> Result<(), DecodeError> {
         let mut d = Dec::new(payload);
         let kind = d.u8()?;
@@ -1072,7 +1073,6 @@ impl SessionIndex {
             }
             _ => return d.err("unknown sessions journal frame"),
         }
-        self.len = self.tenants.values().map(Tenant::live).sum();
         Ok(())
     }
 

@@ -140,6 +140,26 @@ pub fn session_changes(
     out
 }
 
+/// Corrections told together with each session's chain of changes told
+/// once: a session changed several times goes from its first old value to
+/// its last new one (or appears once).
+pub(crate) fn coalesce(fixes: Vec<SessionCorrection>) -> Vec<SessionCorrection> {
+    use SessionCorrection as C;
+    let mut out: Vec<C> = Vec::with_capacity(fixes.len());
+    for f in fixes {
+        match f {
+            C::Changed { old, new } => {
+                match out.iter_mut().rev().find(|p| p.after() == Some(&old)) {
+                    Some(C::Changed { new: n, .. } | C::Appeared(n)) => *n = new,
+                    _ => out.push(C::Changed { old, new }),
+                }
+            }
+            f => out.push(f),
+        }
+    }
+    out
+}
+
 /// An event applied behind its tenant's watermark: it may have changed a
 /// session that was already closed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,4 +185,58 @@ pub(crate) struct Touches {
     pub(crate) list: Vec<SessionTouch>,
     /// Dropped since last taken (more than [`TOUCHES_KEPT`] waiting).
     pub(crate) dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sessions_changes_in_one_record_are_told_once() {
+        use crate::{Session, SessionCorrection as C};
+        let s = |id: &str, events: u64| Session {
+            session_id: id.into(),
+            derived: false,
+            user_id: Some("u".into()),
+            start: 0,
+            end: events as Millis,
+            events,
+            first_page: None,
+            last_page: None,
+            event_types: Default::default(),
+        };
+        let told = coalesce(vec![
+            C::Changed {
+                old: s("a", 1),
+                new: s("a", 2),
+            },
+            C::Appeared(s("b", 1)),
+            C::Changed {
+                old: s("a", 2),
+                new: s("a", 3),
+            },
+            C::Changed {
+                old: s("b", 1),
+                new: s("b", 2),
+            },
+            C::MergedInto {
+                old: s("c", 4),
+                into: "a".into(),
+            },
+        ]);
+        assert_eq!(
+            told,
+            vec![
+                C::Changed {
+                    old: s("a", 1),
+                    new: s("a", 3),
+                },
+                C::Appeared(s("b", 2)),
+                C::MergedInto {
+                    old: s("c", 4),
+                    into: "a".into(),
+                },
+            ]
+        );
+    }
 }

@@ -732,7 +732,7 @@ impl Processor {
             out.closed_minute |= leave(c, was, lateness) && !backfill;
         }
         for (tenant, fixes) in told {
-            store.push_session_changes(&tenant, append_ms, coalesce(fixes));
+            store.push_session_changes(&tenant, append_ms, fixes);
         }
         store.commit();
         drop(store);
@@ -962,25 +962,6 @@ pub use tally_types::time::human_ms;
 
 #[cfg(test)]
 mod tests;
-
-/// A record's session corrections with each session's chain of changes
-/// told once: a session changed by several of its events goes from its
-/// first old value to its last new one (or appears once).
-fn coalesce(fixes: Vec<tally_store::SessionCorrection>) -> Vec<tally_store::SessionCorrection> {
-    use tally_store::SessionCorrection as C;
-    let mut out: Vec<C> = Vec::with_capacity(fixes.len());
-    for f in fixes {
-        if let C::Changed { old, new } = &f
-            && let Some(prev) = out.iter_mut().rev().find(|p| p.after() == Some(old))
-            && let C::Changed { new: n, .. } | C::Appeared(n) = prev
-        {
-            *n = new.clone();
-            continue;
-        }
-        out.push(f);
-    }
-    out
-}
 
 /// Notes an event applied behind its tenant's watermark `wm` for the
 /// session corrections (events with neither a session nor a user belong
