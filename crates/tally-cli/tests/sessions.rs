@@ -315,50 +315,39 @@ async fn sessions_built_in_the_stream_match_an_oracle_and_the_raw_path() {
              FROM sessions ORDER BY session_id";
     let mut want_sorted = want.clone();
     want_sorted.sort_by(|a, b| a[0].as_str().cmp(&b[0].as_str()));
-    let hours = |rows: &[Vec<Value>]| {
-        let mut per = std::collections::BTreeMap::new();
-        for r in rows {
-            let id = r[0].as_str().unwrap();
-            let start = unique
-                .iter()
-                .filter(|e| e["session_id"].as_str() == Some(id))
-                .map(|e| e["timestamp"].as_i64().unwrap())
-                .min()
-                .unwrap_or_else(|| id.rsplit(':').next().unwrap().parse().unwrap());
-            *per.entry(start.div_euclid(60 * M) * 60 * M).or_insert(0.0) += 1.0;
-        }
-        per.into_iter()
-            .map(|(h, n)| (tally_types::time::format_rfc3339(h).replace(".000", ""), n))
-            .collect::<Vec<_>>()
-    };
-    // The median duration of the sessions starting in each hour.
-    let medians = |rows: &[Vec<Value>]| {
-        let mut per: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
-        for r in rows {
-            let id = r[0].as_str().unwrap();
-            let start = unique
-                .iter()
-                .filter(|e| e["session_id"].as_str() == Some(id))
-                .map(|e| e["timestamp"].as_i64().unwrap())
-                .min()
-                .unwrap_or_else(|| id.rsplit(':').next().unwrap().parse().unwrap());
-            per.entry(start.div_euclid(60 * M) * 60 * M)
-                .or_default()
-                .push(r[2].as_i64().unwrap());
-        }
-        per.into_iter()
-            .map(|(h, mut d)| {
-                d.sort();
-                let n = d.len();
-                let m = if n % 2 == 1 {
-                    d[n / 2] as f64
-                } else {
-                    (d[n / 2 - 1] + d[n / 2]) as f64 / 2.0
-                };
-                (tally_types::time::format_rfc3339(h).replace(".000", ""), m)
-            })
-            .collect::<Vec<_>>()
-    };
+    // Per hour of the sessions' start: how many, and their median duration.
+    let mut per_hour: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    for r in &want_sorted {
+        let id = r[0].as_str().unwrap();
+        let start = unique
+            .iter()
+            .filter(|e| e["session_id"].as_str() == Some(id))
+            .map(|e| e["timestamp"].as_i64().unwrap())
+            .min()
+            .unwrap_or_else(|| id.rsplit(':').next().unwrap().parse().unwrap());
+        per_hour
+            .entry(start.div_euclid(60 * M) * 60 * M)
+            .or_default()
+            .push(r[2].as_i64().unwrap());
+    }
+    let hour = |h: i64| tally_types::time::format_rfc3339(h).replace(".000", "");
+    let want_hours: Vec<(String, f64)> = per_hour
+        .iter()
+        .map(|(&h, d)| (hour(h), d.len() as f64))
+        .collect();
+    let want_medians: Vec<(String, f64)> = per_hour
+        .into_iter()
+        .map(|(h, mut d)| {
+            d.sort();
+            let n = d.len();
+            let m = if n % 2 == 1 {
+                d[n / 2] as f64
+            } else {
+                (d[n / 2 - 1] + d[n / 2]) as f64 / 2.0
+            };
+            (hour(h), m)
+        })
+        .collect();
     let c = reqwest::Client::new();
     // The index on (the default), twice (the second time recovered); then
     // off, so the same answers are computed from the raw events.
@@ -377,14 +366,10 @@ async fn sessions_built_in_the_stream_match_an_oracle_and_the_raw_path() {
         for (g, w) in got.iter().zip(&want_sorted) {
             assert_eq!(g, w, "run {run}");
         }
-        assert_eq!(
-            metric(&c, &base, "sessions").await,
-            hours(&want_sorted),
-            "run {run}"
-        );
+        assert_eq!(metric(&c, &base, "sessions").await, want_hours, "run {run}");
         assert_eq!(
             metric(&c, &base, "median_session_duration").await,
-            medians(&want_sorted),
+            want_medians,
             "run {run}"
         );
         // One user's sessions: whole, each with an event in the range.

@@ -373,50 +373,62 @@ impl QueryEngine {
     /// it holds the range, else from the raw events read with
     /// [`SESSION_MARGIN_MS`] around it.
     async fn sessions_here(&self, q: &SessionsQuery) -> Result<Vec<SessionRow>, QueryError> {
-        {
-            let store = self.store.read();
-            let ix = store.sessions();
-            if ix.covers(&q.tenant, q.start, q.gap_ms) {
-                self.session_answers.index.fetch_add(1, Relaxed);
-                return Ok(ix.sessions(
-                    &q.tenant,
-                    q.user_id.as_deref(),
-                    q.start,
-                    q.end,
-                    true,
-                    q.limit,
-                ));
-            }
+        let user = q.user_id.as_deref();
+        let indexed = from_index(
+            &self.store,
+            &self.session_answers,
+            &q.tenant,
+            q.start,
+            q.gap_ms,
+            |ix| ix.sessions(&q.tenant, user, q.start, q.end, true, q.limit),
+        );
+        if let Some(rows) = indexed {
+            return Ok(rows);
         }
+        let mut out = self
+            .raw_sessions(&q.tenant, user, q.start, q.end, q.gap_ms)
+            .await?;
+        out.retain(|s| s.start < q.end && s.end >= q.start);
+        out.truncate(q.limit);
+        Ok(out)
+    }
+
+    /// The sessions of the raw events in `[from, to)` and
+    /// [`SESSION_MARGIN_MS`] around it (of one user if given), by start:
+    /// what the index cannot answer.
+    async fn raw_sessions(
+        &self,
+        tenant: &str,
+        user: Option<&str>,
+        from: Millis,
+        to: Millis,
+        gap_ms: Millis,
+    ) -> Result<Vec<SessionRow>, QueryError> {
         self.session_answers.raw.fetch_add(1, Relaxed);
         let memory_limit = self.cfg.memory_limit;
         let df_err = |e| QueryError::from_df(e, memory_limit);
-        let ctx = self.context(&q.tenant)?;
+        let ctx = self.context(tenant)?;
         let events = ctx.table_provider("events").await.map_err(df_err)?;
         let state = ctx.state();
         let run = async {
-            let mut out = compute(
+            compute(
                 &state,
                 events,
-                q.user_id.as_deref(),
-                q.start.saturating_sub(SESSION_MARGIN_MS),
-                q.end.saturating_add(SESSION_MARGIN_MS),
-                q.gap_ms,
+                user,
+                from.saturating_sub(SESSION_MARGIN_MS),
+                to.saturating_add(SESSION_MARGIN_MS),
+                gap_ms,
             )
             .await
-            .map_err(df_err)?;
-            out.retain(|s| s.start < q.end && s.end >= q.start);
-            out.truncate(q.limit);
-            Ok(out)
+            .map_err(df_err)
         };
         self.timed(run).await
     }
 
     /// A session metric (`sessions`, `avg_session_duration`,
-    /// `median_session_duration`, `bounce_rate`)
-    /// per bucket of `step` of the sessions' start in `[start, end)`, each
-    /// point over the `window` ending at its bucket's end. Sessions are
-    /// read with [`SESSION_MARGIN_MS`] around the range.
+    /// `median_session_duration`, `bounce_rate`) per bucket of `step` of
+    /// the sessions' start in `[start, end)`, each point over the `window`
+    /// ending at its bucket's end.
     async fn session_metric_here(
         &self,
         q: &SessionMetricQuery,
@@ -433,93 +445,62 @@ impl QueryEngine {
         let first = align_down(start, step);
         let from = first - (window - step);
         let median = metric == SessionMetric::MedianDuration;
-        // Per bucket of the sessions' start: sessions, summed duration,
-        // single-event sessions (the index sums them); for the median,
-        // each session's (start, duration).
-        let mut per: std::collections::BTreeMap<Millis, (u64, i64, u64)> = Default::default();
-        let mut each: Vec<(Millis, i64)> = Vec::new();
-        let indexed = {
-            let store = self.store.read();
-            let ix = store.sessions();
-            ix.covers(tenant, from, gap_ms).then(|| {
+        // The index sums buckets itself; the median needs each duration.
+        let indexed = from_index(
+            &self.store,
+            &self.session_answers,
+            tenant,
+            from,
+            gap_ms,
+            |ix| {
                 if median {
-                    each = ix
-                        .stats(tenant, from, end)
-                        .into_iter()
-                        .map(|(start, dur, _)| (start, dur))
-                        .collect();
+                    by_bucket(ix.stats(tenant, from, end), step, true)
                 } else {
-                    per = ix
-                        .buckets(tenant, from, end, step)
+                    ix.buckets(tenant, from, end, step)
                         .into_iter()
-                        .map(|(b, n, d, o)| (b, (n, d, o)))
-                        .collect();
+                        .map(|(b, n, dur, single)| {
+                            (
+                                b,
+                                Bucket {
+                                    n,
+                                    dur,
+                                    single,
+                                    durs: Vec::new(),
+                                },
+                            )
+                        })
+                        .collect()
                 }
-            })
-        };
-        if indexed.is_some() {
-            self.session_answers.index.fetch_add(1, Relaxed);
-        } else {
-            self.session_answers.raw.fetch_add(1, Relaxed);
-            let memory_limit = self.cfg.memory_limit;
-            let df_err = |e| QueryError::from_df(e, memory_limit);
-            let ctx = self.context(tenant)?;
-            let events = ctx.table_provider("events").await.map_err(df_err)?;
-            let state = ctx.state();
-            let run = async {
-                compute(
-                    &state,
-                    events,
-                    None,
-                    from.saturating_sub(SESSION_MARGIN_MS),
-                    end.saturating_add(SESSION_MARGIN_MS),
-                    gap_ms,
-                )
-                .await
-                .map_err(df_err)
-            };
-            for r in self.timed(run).await? {
-                if r.start >= from && r.start < end {
-                    each.push((r.start, r.duration_ms()));
-                    let p = per.entry(align_down(r.start, step)).or_default();
-                    p.0 += 1;
-                    p.1 += r.duration_ms();
-                    p.2 += u64::from(r.events == 1);
-                }
+            },
+        );
+        let per = match indexed {
+            Some(per) => per,
+            None => {
+                let rows = self.raw_sessions(tenant, None, from, end, gap_ms).await?;
+                let rows = rows
+                    .iter()
+                    .filter(|r| r.start >= from && r.start < end)
+                    .map(|r| (r.start, r.duration_ms(), r.events));
+                by_bucket(rows, step, median)
             }
-        }
-        let mut durations: std::collections::BTreeMap<Millis, Vec<i64>> = Default::default();
-        for (start, dur) in each {
-            durations
-                .entry(align_down(start, step))
-                .or_default()
-                .push(dur);
-        }
+        };
         let mut out = Vec::new();
         let mut b = first;
-        let mut window_durs: Vec<i64> = Vec::new();
+        let mut durs: Vec<i64> = Vec::new();
         while b < end {
-            let lo = b - (window - step);
-            let point = match metric {
-                SessionMetric::MedianDuration => {
-                    window_durs.clear();
-                    for (_, d) in durations.range(lo..=b) {
-                        window_durs.extend_from_slice(d);
-                    }
-                    median_of(&mut window_durs)
-                }
-                SessionMetric::Sessions
-                | SessionMetric::AvgDuration
-                | SessionMetric::BounceRate => {
-                    let (n, dur, bounces) = per
-                        .range(lo..=b)
-                        .fold((0, 0, 0), |a, (_, x)| (a.0 + x.0, a.1 + x.1, a.2 + x.2));
-                    (n > 0).then(|| match metric {
-                        SessionMetric::Sessions => n as f64,
-                        SessionMetric::AvgDuration => dur as f64 / n as f64,
-                        _ => bounces as f64 / n as f64,
-                    })
-                }
+            let in_window = per.range(b - (window - step)..=b).map(|(_, x)| x);
+            let point = if median {
+                durs.clear();
+                in_window.for_each(|x| durs.extend_from_slice(&x.durs));
+                median_of(&mut durs)
+            } else {
+                let (n, dur, single) =
+                    in_window.fold((0, 0, 0), |a, x| (a.0 + x.n, a.1 + x.dur, a.2 + x.single));
+                (n > 0).then(|| match metric {
+                    SessionMetric::Sessions => n as f64,
+                    SessionMetric::AvgDuration => dur as f64 / n as f64,
+                    _ => single as f64 / n as f64,
+                })
             };
             if let Some(v) = point {
                 out.push((b, v));
@@ -528,6 +509,54 @@ impl QueryEngine {
         }
         Ok(out)
     }
+}
+
+/// `f` over the session index when it holds `tenant`'s range starting at
+/// `from` for sessions split by `gap_ms` (counted as an index answer).
+fn from_index<T>(
+    store: &parking_lot::RwLock<tally_store::RollupStore>,
+    answers: &SessionAnswers,
+    tenant: &str,
+    from: Millis,
+    gap_ms: Millis,
+    f: impl FnOnce(&tally_store::SessionIndex) -> T,
+) -> Option<T> {
+    let store = store.read();
+    let ix = store.sessions();
+    if !ix.covers(tenant, from, gap_ms) {
+        return None;
+    }
+    answers.index.fetch_add(1, Relaxed);
+    Some(f(ix))
+}
+
+/// The sessions starting in one bucket: how many, their summed duration,
+/// how many had one event, and (for the median) each duration.
+#[derive(Debug, Default)]
+struct Bucket {
+    n: u64,
+    dur: i64,
+    single: u64,
+    durs: Vec<i64>,
+}
+
+/// `(start, duration, events)` of sessions summed per bucket of `step`.
+fn by_bucket(
+    rows: impl IntoIterator<Item = (Millis, Millis, u64)>,
+    step: Millis,
+    keep_durations: bool,
+) -> std::collections::BTreeMap<Millis, Bucket> {
+    let mut per: std::collections::BTreeMap<Millis, Bucket> = Default::default();
+    for (start, dur, events) in rows {
+        let b = per.entry(align_down(start, step)).or_default();
+        b.n += 1;
+        b.dur += dur;
+        b.single += u64::from(events == 1);
+        if keep_durations {
+            b.durs.push(dur);
+        }
+    }
+    per
 }
 
 /// The median of `v` (sorted in place), none when empty.
@@ -653,17 +682,16 @@ impl TableProvider for SessionsTable {
             ArrayRef, Int64Builder, StringBuilder, TimestampMillisecondBuilder, UInt64Builder,
         };
         let (from, to) = crate::provider::time_bounds(filters, "start");
-        let indexed = {
-            let store = self.store.read();
-            let ix = store.sessions();
-            ix.covers(&self.tenant, from, self.gap_ms)
-                .then(|| ix.sessions(&self.tenant, None, from, to, false, usize::MAX))
-        };
+        let indexed = from_index(
+            &self.store,
+            &self.answers,
+            &self.tenant,
+            from,
+            self.gap_ms,
+            |ix| ix.sessions(&self.tenant, None, from, to, false, usize::MAX),
+        );
         let rows = match indexed {
-            Some(rows) => {
-                self.answers.index.fetch_add(1, Relaxed);
-                rows
-            }
+            Some(rows) => rows,
             None => {
                 self.answers.raw.fetch_add(1, Relaxed);
                 let mut rows = compute(

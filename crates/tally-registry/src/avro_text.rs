@@ -71,8 +71,10 @@ impl Program {
         let Node::Record(fields) = &self.nodes[0] else {
             return false;
         };
-        let key = format!("{}:", serde_json::Value::from(name));
-        fields.iter().any(|(k, _)| *k == key)
+        // Keys are `"name":`; Avro names need no escaping.
+        fields
+            .iter()
+            .any(|(k, _)| k.strip_prefix('"').and_then(|k| k.strip_suffix("\":")) == Some(name))
     }
 
     /// Appends the event object of one record (`body`, without the frame
