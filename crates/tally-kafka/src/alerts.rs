@@ -220,9 +220,10 @@ fn read(
         applied.load(Relaxed),
     )?;
     let mut last_end_check = Instant::now();
+    let mut rest = crate::materialize::Rest::new(IDLE_PAUSE);
     while !stop.load(Relaxed) {
-        let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
-            crate::materialize::idle_pause(&consumer, &tpl, IDLE_PAUSE);
+        let Some(msg) = consumer.poll(rest.poll_timeout()) else {
+            rest.idle(&consumer, &tpl);
             // Compaction can remove the records up to the end: a reader
             // with nothing to read is at the end.
             if last_end_check.elapsed() >= Duration::from_millis(500) {

@@ -481,23 +481,135 @@ pub fn run(
 /// bound on what it adds to freshness.
 pub const VIEW_PAUSE: Duration = Duration::from_millis(50);
 
-/// A reader that has read everything stops fetching for `pause`: Kafka
-/// brokers hold an empty fetch for `fetch.wait.max.ms`, but a broker that
-/// answers at once (the test broker does) would have the client fetch in
-/// a loop, a core's worth per idle reader. "Everything" is judged on the
-/// high watermarks the client cached from its last fetches (no request):
-/// every partition at most one offset (a transaction marker) short of its
-/// end. A reader with a backlog never rests.
-pub(crate) fn idle_pause<C: rdkafka::consumer::ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    tpl: &TopicPartitionList,
+/// How a reader that has read everything rests: it stops fetching for
+/// `pause`. Kafka brokers hold an empty fetch for `fetch.wait.max.ms`, but
+/// a broker that answers at once (the test broker does) would have the
+/// client fetch in a loop, a core's worth per idle reader. "Everything" is
+/// judged on the high watermarks the client cached from its last fetches
+/// (no request): every partition at most one offset (a transaction marker)
+/// short of its end. A reader with a backlog never rests.
+///
+/// Resuming alone does not end the rest: librdkafka's broker thread, with
+/// none of its partitions fetchable, sleeps up to a second
+/// (`rd_kafka_max_block_ms`) and a resume does not wake it, so a reader
+/// that pauses again soon after resuming may not fetch for seconds. A
+/// request does wake it: after each resume, [`Rest`] asks the leader of one
+/// resumed partition per broker for its offsets, and the fetch follows at
+/// once. On a broker that holds empty fetches the request waits behind the
+/// held fetch, which makes it the reader's wait for new records.
+///
+/// The readers poll with [`Rest::poll_timeout`]: briefly right after a
+/// rest (the fetch the wake-up started answers within a round trip), so an
+/// idle reader spends little of its time fetching in a loop.
+pub(crate) struct Rest {
     pause: Duration,
-) {
-    if pause.is_zero() || !caught_up(consumer) || consumer.pause(tpl).is_err() {
-        return;
+    woke: bool,
+    /// The partitions the wake-ups were worked out for, and one partition
+    /// per leader among them.
+    of: Vec<(String, i32)>,
+    wake: Vec<(String, i32)>,
+    mapped: Option<Instant>,
+}
+
+/// How long the map of partition leaders is trusted: a wake-up sent to a
+/// broker that no longer leads costs the rest of that second, no more.
+const LEADERS_FOR: Duration = Duration::from_secs(30);
+
+/// How long a wake-up request may take: librdkafka's default
+/// `fetch.wait.max.ms`, the longest a broker holds the fetch ahead of it (a
+/// broker that does not answer is noticed by the fetches, not here).
+const WAKE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long the readers wait in a poll, and right after a rest.
+const POLL: Duration = Duration::from_millis(20);
+const POLL_AFTER_REST: Duration = Duration::from_millis(2);
+
+impl Rest {
+    pub(crate) fn new(pause: Duration) -> Rest {
+        Rest {
+            pause,
+            woke: false,
+            of: Vec::new(),
+            wake: Vec::new(),
+            mapped: None,
+        }
     }
-    std::thread::sleep(pause);
-    let _ = consumer.resume(tpl);
+
+    /// Rests if `consumer` has read everything of `tpl`'s partitions, then
+    /// resumes them and wakes their brokers.
+    pub(crate) fn idle<C: rdkafka::consumer::ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+    ) {
+        if self.pause.is_zero()
+            || tpl.count() == 0
+            || !caught_up(consumer)
+            || consumer.pause(tpl).is_err()
+        {
+            return;
+        }
+        std::thread::sleep(self.pause);
+        if consumer.resume(tpl).is_err() {
+            return;
+        }
+        self.map_leaders(consumer, tpl);
+        for (topic, partition) in &self.wake {
+            let _ = consumer.fetch_watermarks(topic, *partition, WAKE_TIMEOUT);
+        }
+        self.woke = true;
+    }
+
+    /// How long the next poll waits.
+    pub(crate) fn poll_timeout(&mut self) -> Duration {
+        if std::mem::take(&mut self.woke) {
+            POLL_AFTER_REST
+        } else {
+            POLL
+        }
+    }
+
+    /// One partition of `tpl` per leader, from the brokers' metadata when
+    /// the partitions changed or the map is old.
+    fn map_leaders<C: rdkafka::consumer::ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+    ) {
+        let of: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        if of == self.of && self.mapped.is_some_and(|t| t.elapsed() < LEADERS_FOR) {
+            return;
+        }
+        self.mapped = Some(Instant::now());
+        self.wake.clear();
+        let mut leaders: Vec<i32> = Vec::new();
+        let mut topics: Vec<&str> = of.iter().map(|(t, _)| t.as_str()).collect();
+        topics.dedup();
+        for topic in topics {
+            let Ok(md) = consumer.fetch_metadata(Some(topic), WAKE_TIMEOUT) else {
+                continue;
+            };
+            for t in md.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    if of.iter().any(|(n, id)| n == topic && *id == p.id())
+                        && !leaders.contains(&p.leader())
+                    {
+                        leaders.push(p.leader());
+                        self.wake.push((topic.to_string(), p.id()));
+                    }
+                }
+            }
+        }
+        if self.wake.is_empty() {
+            // No metadata: wake the first partition's leader at least.
+            self.wake.extend(of.first().cloned());
+        }
+        self.of = of;
+    }
 }
 
 /// The low and high watermarks the client cached from its last fetch of a
@@ -632,6 +744,7 @@ fn session(
     // session may start a little early.
     let mut last_progress: HashMap<i32, Instant> = HashMap::new();
     let mut last_check = Instant::now();
+    let mut rest = Rest::new(pause);
     while !stop.load(Relaxed) {
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
@@ -666,8 +779,8 @@ fn session(
                 }
             }
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
-            idle_pause(&consumer, &tpl, pause);
+        let Some(msg) = consumer.poll(rest.poll_timeout()) else {
+            rest.idle(&consumer, &tpl);
             continue;
         };
         let msg = msg.map_err(|source| Error::Client { what, source })?;

@@ -130,9 +130,10 @@ fn read(
         &s.topic_registry,
         applied.load(Relaxed),
     )?;
+    let mut rest = crate::materialize::Rest::new(IDLE_PAUSE);
     while !stop.load(Relaxed) {
-        let Some(msg) = consumer.poll(Duration::from_millis(20)) else {
-            crate::materialize::idle_pause(&consumer, &tpl, IDLE_PAUSE);
+        let Some(msg) = consumer.poll(rest.poll_timeout()) else {
+            rest.idle(&consumer, &tpl);
             continue;
         };
         let msg = msg.map_err(|source| Error::Client {

@@ -544,6 +544,8 @@ struct Session<'a> {
     /// One parser for every message (its scratch space reused), moved to
     /// each message's timestamp.
     parser: Parser,
+    /// How the worker rests when it has read everything.
+    rest: crate::materialize::Rest,
 }
 
 /// How often a partition's archive files are looked at for compaction
@@ -564,7 +566,7 @@ const BACKLOG_RECORDS: u64 = 20_000;
 const BACKLOG_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a caught-up worker stops fetching (added to freshness at most).
-const IDLE_PAUSE: Duration = Duration::from_millis(10);
+const IDLE_PAUSE: Duration = Duration::from_millis(20);
 
 /// How long a new owner waits, inside the rebalance callback, for the
 /// aggregates topic to reach the partition's committed offset; past it
@@ -662,6 +664,7 @@ fn session(
         },
         replacing: Vec::new(),
         graves: VecDeque::new(),
+        rest: crate::materialize::Rest::new(IDLE_PAUSE),
         parser: (hooks.make_parser)(0),
     };
     *stats.last_error.lock() = None;
@@ -685,7 +688,7 @@ impl Session<'_> {
         let mut polls = 0u32;
         let mut interval = self.settings.commit_interval;
         while !stop.load(Relaxed) {
-            let polled = consumer.poll(Duration::from_millis(20));
+            let polled = consumer.poll(self.rest.poll_timeout());
             self.rebalanced(consumer)?;
             self.resume_waiting(consumer)?;
             let busy = polled.is_some();
@@ -696,12 +699,15 @@ impl Session<'_> {
                 }
                 // Caught up: rest a little rather than fetch in a loop
                 // from a broker that answers empty fetches at once.
+                // Partitions waiting for their state stay paused.
                 None => {
-                    if let Ok(a) = consumer.assignment()
-                        && a.count() > 0
-                    {
-                        crate::materialize::idle_pause(consumer, &a, IDLE_PAUSE);
+                    let mut active = TopicPartitionList::new();
+                    for (id, p) in &self.parts {
+                        if p.waiting.is_none() {
+                            active.add_partition(&self.settings.topic_events, *id as i32);
+                        }
                     }
+                    self.rest.idle(consumer, &active);
                 }
             }
             // While messages stream in, the clock and the producer's events
