@@ -222,7 +222,7 @@ fn read(
     let mut last_end_check = Instant::now();
     let mut rest = crate::materialize::Rest::new(IDLE_PAUSE);
     while !stop.load(Relaxed) {
-        let Some(msg) = consumer.poll(rest.poll_timeout()) else {
+        let Some(msg) = consumer.poll(rest.poll_timeout(&consumer)) else {
             rest.idle(&consumer, &tpl);
             // Compaction can remove the records up to the end: a reader
             // with nothing to read is at the end.

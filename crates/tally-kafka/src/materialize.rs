@@ -485,42 +485,39 @@ pub const VIEW_PAUSE: Duration = Duration::from_millis(50);
 /// `pause`. Kafka brokers hold an empty fetch for `fetch.wait.max.ms`, but
 /// a broker that answers at once (the test broker does) would have the
 /// client fetch in a loop, a core's worth per idle reader. "Everything" is
-/// judged on the high watermarks the client cached from its last fetches
-/// (no request): every partition at most one offset (a transaction marker)
-/// short of its end. A reader with a backlog never rests.
+/// judged on the partition ends the client cached from its last fetches
+/// and the ends the last wake-up found: every partition at most one offset
+/// (a transaction marker) short of its end. A reader with a backlog never
+/// rests.
 ///
 /// Resuming alone does not end the rest: librdkafka's broker thread, with
 /// none of its partitions fetchable, sleeps up to a second
 /// (`rd_kafka_max_block_ms`) and a resume does not wake it, so a reader
 /// that pauses again soon after resuming may not fetch for seconds. A
-/// request does wake it: after each resume, [`Rest`] asks the leader of one
-/// resumed partition per broker for its offsets, and the fetch follows at
-/// once. On a broker that holds empty fetches the request waits behind the
-/// held fetch, which makes it the reader's wait for new records.
+/// request does wake it: after each resume, [`Rest`] asks the partitions'
+/// leaders for their ends (one request per leader), and the fetch follows
+/// at once. On a broker that holds empty fetches the request waits behind
+/// the held fetch, which makes it the reader's wait for new records.
 ///
-/// The readers poll with [`Rest::poll_timeout`]: briefly right after a
-/// rest (the fetch the wake-up started answers within a round trip), so an
-/// idle reader spends little of its time fetching in a loop.
+/// The readers poll with [`Rest::poll_timeout`]: briefly right after a rest
+/// that found nothing new, so an idle reader spends little of its time
+/// fetching in a loop; for as long as the usual poll when the ends show
+/// records to read, and the reader does not rest before it has read them
+/// (a loaded broker may take longer than the brief poll to answer).
 pub(crate) struct Rest {
     pause: Duration,
     woke: bool,
-    /// The partitions the wake-ups were worked out for, and one partition
-    /// per leader among them.
-    of: Vec<(String, i32)>,
-    wake: Vec<(String, i32)>,
-    mapped: Option<Instant>,
+    /// The ends the last wake-up found, per topic and partition.
+    ends: HashMap<(String, i32), i64>,
 }
-
-/// How long the map of partition leaders is trusted: a wake-up sent to a
-/// broker that no longer leads costs the rest of that second, no more.
-const LEADERS_FOR: Duration = Duration::from_secs(30);
 
 /// How long a wake-up request may take: librdkafka's default
 /// `fetch.wait.max.ms`, the longest a broker holds the fetch ahead of it (a
 /// broker that does not answer is noticed by the fetches, not here).
 const WAKE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How long the readers wait in a poll, and right after a rest.
+/// How long the readers wait in a poll, and right after a rest that found
+/// nothing new.
 const POLL: Duration = Duration::from_millis(20);
 const POLL_AFTER_REST: Duration = Duration::from_millis(2);
 
@@ -529,9 +526,7 @@ impl Rest {
         Rest {
             pause,
             woke: false,
-            of: Vec::new(),
-            wake: Vec::new(),
-            mapped: None,
+            ends: HashMap::new(),
         }
     }
 
@@ -544,7 +539,7 @@ impl Rest {
     ) {
         if self.pause.is_zero()
             || tpl.count() == 0
-            || !caught_up(consumer)
+            || !caught_up(consumer, &self.ends)
             || consumer.pause(tpl).is_err()
         {
             return;
@@ -553,62 +548,33 @@ impl Rest {
         if consumer.resume(tpl).is_err() {
             return;
         }
-        self.map_leaders(consumer, tpl);
-        for (topic, partition) in &self.wake {
-            let _ = consumer.fetch_watermarks(topic, *partition, WAKE_TIMEOUT);
+        let mut ask = TopicPartitionList::new();
+        for e in tpl.elements() {
+            // A timestamp of -1 (`Offset::End`) asks for the end: the last
+            // stable offset for a read_committed reader.
+            let _ = ask.add_partition_offset(e.topic(), e.partition(), Offset::End);
+        }
+        self.ends.clear();
+        if let Ok(ends) = consumer.offsets_for_times(ask, WAKE_TIMEOUT) {
+            for e in ends.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    self.ends.insert((e.topic().to_string(), e.partition()), o);
+                }
+            }
         }
         self.woke = true;
     }
 
     /// How long the next poll waits.
-    pub(crate) fn poll_timeout(&mut self) -> Duration {
-        if std::mem::take(&mut self.woke) {
+    pub(crate) fn poll_timeout<C: rdkafka::consumer::ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Duration {
+        if std::mem::take(&mut self.woke) && caught_up(consumer, &self.ends) {
             POLL_AFTER_REST
         } else {
             POLL
         }
-    }
-
-    /// One partition of `tpl` per leader, from the brokers' metadata when
-    /// the partitions changed or the map is old.
-    fn map_leaders<C: rdkafka::consumer::ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        tpl: &TopicPartitionList,
-    ) {
-        let of: Vec<(String, i32)> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
-        if of == self.of && self.mapped.is_some_and(|t| t.elapsed() < LEADERS_FOR) {
-            return;
-        }
-        self.mapped = Some(Instant::now());
-        self.wake.clear();
-        let mut leaders: Vec<i32> = Vec::new();
-        let mut topics: Vec<&str> = of.iter().map(|(t, _)| t.as_str()).collect();
-        topics.dedup();
-        for topic in topics {
-            let Ok(md) = consumer.fetch_metadata(Some(topic), WAKE_TIMEOUT) else {
-                continue;
-            };
-            for t in md.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    if of.iter().any(|(n, id)| n == topic && *id == p.id())
-                        && !leaders.contains(&p.leader())
-                    {
-                        leaders.push(p.leader());
-                        self.wake.push((topic.to_string(), p.id()));
-                    }
-                }
-            }
-        }
-        if self.wake.is_empty() {
-            // No metadata: wake the first partition's leader at least.
-            self.wake.extend(of.first().cloned());
-        }
-        self.of = of;
     }
 }
 
@@ -639,14 +605,23 @@ fn cached_watermarks<C: rdkafka::ClientContext>(
         .then_some((lo, hi))
 }
 
-fn caught_up<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
+/// Every partition of `consumer` read to its end: the end it cached, or a
+/// later one in `ends`.
+fn caught_up<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    ends: &HashMap<(String, i32), i64>,
+) -> bool {
     let Ok(pos) = consumer.position() else {
         return false;
     };
     pos.elements().iter().all(|e| {
-        let Some((lo, hi)) = cached_watermarks(consumer.client(), e.topic(), e.partition()) else {
+        let Some((lo, cached)) = cached_watermarks(consumer.client(), e.topic(), e.partition())
+        else {
             return false;
         };
+        let hi = ends
+            .get(&(e.topic().to_string(), e.partition()))
+            .map_or(cached, |&end| end.max(cached));
         match e.offset() {
             Offset::Offset(o) => o >= hi - 1,
             // Nothing read yet: caught up only when there is nothing.
@@ -779,7 +754,7 @@ fn session(
                 }
             }
         }
-        let Some(msg) = consumer.poll(rest.poll_timeout()) else {
+        let Some(msg) = consumer.poll(rest.poll_timeout(&consumer)) else {
             rest.idle(&consumer, &tpl);
             continue;
         };

@@ -132,7 +132,7 @@ fn read(
     )?;
     let mut rest = crate::materialize::Rest::new(IDLE_PAUSE);
     while !stop.load(Relaxed) {
-        let Some(msg) = consumer.poll(rest.poll_timeout()) else {
+        let Some(msg) = consumer.poll(rest.poll_timeout(&consumer)) else {
             rest.idle(&consumer, &tpl);
             continue;
         };

@@ -136,12 +136,41 @@ struct Ctx {
     hooks: Hooks,
     view: Arc<Materialized>,
     events: Mutex<Vec<Rebal>>,
+    /// The transaction commit under way, if any.
+    committing: Mutex<Committing>,
+}
+
+/// A transaction's commit runs on a thread of its own while the worker
+/// goes on reading and applying messages (it produces nothing until the
+/// commit is settled): on a broker where a commit takes 100 ms, the worker
+/// used to stand still for it every commit interval.
+#[derive(Default)]
+struct Committing {
+    thread: Option<std::thread::JoinHandle<Result<Duration, KafkaError>>>,
+    /// How the commit ended, once waited for (its time, or the error).
+    result: Option<Result<Duration, KafkaError>>,
+}
+
+impl Committing {
+    /// Waits for the commit under way (if `block`, or if it is done).
+    fn wait(&mut self, block: bool) {
+        if !block && !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return;
+        }
+        if let Some(t) = self.thread.take() {
+            self.result = Some(t.join().unwrap_or(Err(KafkaError::Canceled)));
+        }
+    }
 }
 
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        // Partitions are given up (and offsets read for new ones) only
+        // once this node's last commit has ended: a new owner must restore
+        // from it, not from the one before.
+        self.committing.lock().wait(true);
         if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
                 tracing::warn!(?err, "rebalance error");
@@ -531,9 +560,12 @@ struct Session<'a> {
     view: &'a Materialized,
     hooks: &'a Hooks,
     stats: &'a WorkerStats,
-    producer: BaseProducer,
+    producer: Arc<BaseProducer>,
     parts: HashMap<u32, Part>,
+    /// A transaction is open: begun, and not yet committed or aborted.
     in_txn: bool,
+    /// What the commit under way settles when it succeeds.
+    pending: Option<Pending>,
     agg_partitions: u32,
     /// Runs the archive's writes (raw events kept).
     rt: Option<tokio::runtime::Runtime>,
@@ -546,6 +578,15 @@ struct Session<'a> {
     parser: Parser,
     /// How the worker rests when it has read everything.
     rest: crate::materialize::Rest,
+}
+
+/// What a transaction's commit settles once it succeeded: the partitions
+/// it committed (and their next offsets), the archive files it replaced,
+/// and the malformed events it wrote.
+struct Pending {
+    done: Vec<(u32, u64)>,
+    replacing: Vec<String>,
+    bad: Vec<DlqEntry>,
 }
 
 /// How often a partition's archive files are looked at for compaction
@@ -604,9 +645,10 @@ fn session(
         // back with the same transactional id, fences it): keep it short.
         ("transaction.timeout.ms", "10000".into()),
     ]);
-    let producer: BaseProducer = pcfg
-        .create()
-        .map_err(client_err("transactional producer"))?;
+    let producer: Arc<BaseProducer> = Arc::new(
+        pcfg.create()
+            .map_err(client_err("transactional producer"))?,
+    );
     producer
         .init_transactions(TXN_TIMEOUT)
         .map_err(client_err("init transactions"))?;
@@ -639,6 +681,7 @@ fn session(
             hooks: hooks.clone(),
             view: view.clone(),
             events: Mutex::new(Vec::new()),
+            committing: Mutex::new(Committing::default()),
         })
         .map_err(client_err("consumer"))?;
     consumer
@@ -652,6 +695,7 @@ fn session(
         producer,
         parts: HashMap::new(),
         in_txn: false,
+        pending: None,
         agg_partitions,
         rt: match hooks.raw {
             Some(_) => Some(
@@ -669,8 +713,10 @@ fn session(
     };
     *stats.last_error.lock() = None;
     let result = s.run(&consumer, stop);
-    // Leaving: an open transaction is aborted (what it held is processed
-    // again by the next owner), then the group is left.
+    // Leaving: a commit under way ends first, an open transaction is
+    // aborted (what it held is processed again by the next owner), then
+    // the group is left.
+    let _ = s.settle(&consumer, true);
     if s.in_txn {
         let _ = s.producer.abort_transaction(TXN_TIMEOUT);
         stats.aborts.fetch_add(1, Relaxed);
@@ -688,7 +734,8 @@ impl Session<'_> {
         let mut polls = 0u32;
         let mut interval = self.settings.commit_interval;
         while !stop.load(Relaxed) {
-            let polled = consumer.poll(self.rest.poll_timeout());
+            let polled = consumer.poll(self.rest.poll_timeout(consumer));
+            self.settle(consumer, false)?;
             self.rebalanced(consumer)?;
             self.resume_waiting(consumer)?;
             let busy = polled.is_some();
@@ -717,10 +764,14 @@ impl Session<'_> {
                 continue;
             }
             polls = 0;
+            // A transaction at most every interval, and one at a time;
+            // changes after a quiet spell are committed at once.
             let now = Instant::now();
-            if now.duration_since(last_commit) >= interval {
-                self.commit(consumer)?;
-                last_commit = Instant::now();
+            if self.pending.is_none()
+                && now.duration_since(last_commit) >= interval
+                && self.commit(consumer)?
+            {
+                last_commit = now;
             }
             if now.duration_since(last_lag) >= Duration::from_secs(1) {
                 let behind = self.refresh_lag(consumer);
@@ -734,7 +785,44 @@ impl Session<'_> {
             self.producer.poll(Duration::ZERO);
         }
         // A clean stop commits what was processed.
-        self.commit(consumer)
+        self.commit(consumer)?;
+        self.settle(consumer, true)
+    }
+
+    /// Ends the commit under way if it is done (or waits for it, if
+    /// `block`): a success marks its partitions committed, a failure ends
+    /// the session.
+    fn settle(&mut self, consumer: &BaseConsumer<Ctx>, block: bool) -> Result<(), Error> {
+        if self.pending.is_none() {
+            return Ok(());
+        }
+        let result = {
+            let mut c = consumer.context().committing.lock();
+            c.wait(block);
+            c.result.take()
+        };
+        let Some(result) = result else {
+            return Ok(());
+        };
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let took = result.map_err(client_err("commit transaction"))?;
+        self.in_txn = false;
+        self.stats.commits.fetch_add(1, Relaxed);
+        for (id, next) in p.done {
+            if let Some(part) = self.parts.get_mut(&id) {
+                part.committed = Some(next);
+            }
+        }
+        if !p.replacing.is_empty() {
+            self.graves.push_back((Instant::now(), p.replacing));
+        }
+        if !p.bad.is_empty() {
+            (self.hooks.on_malformed)(p.bad);
+        }
+        tracing::debug!(took_ms = took.as_millis() as u64, "transaction committed");
+        Ok(())
     }
 
     fn rebalanced(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
@@ -743,6 +831,8 @@ impl Session<'_> {
             self.stats.rebalances.fetch_add(1, Relaxed);
             match ev {
                 Rebal::Revoked => {
+                    // The callback waited for the commit under way.
+                    self.settle(consumer, true)?;
                     if self.in_txn {
                         self.producer
                             .abort_transaction(TXN_TIMEOUT)
@@ -842,9 +932,6 @@ impl Session<'_> {
             return Ok(());
         }
         let restoring = offset < part.restore_until;
-        if !restoring {
-            self.begin()?;
-        }
         let Some(part) = self.parts.get_mut(&id) else {
             return Ok(());
         };
@@ -1052,8 +1139,12 @@ impl Session<'_> {
     }
 
     /// One transaction: every moved partition's changed aggregates, late
-    /// events and state, with the consumed offsets.
-    fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
+    /// events and state, with the consumed offsets. Its commit is started
+    /// on a thread of its own ([`Session::settle`] ends it). Answers
+    /// whether there was anything to commit.
+    fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<bool, Error> {
+        // One transaction at a time: the last one's commit ends first.
+        self.settle(consumer, true)?;
         let sink = self.hooks.raw.as_ref();
         let due = |p: &Part| sink.is_some_and(|s| !p.restoring() && p.raw.due(s));
         let now = (self.hooks.now_ms)();
@@ -1068,7 +1159,7 @@ impl Session<'_> {
             .values()
             .any(|p| p.dirty || due(p) || cut_moves(p) || compact_due(p))
         {
-            return Ok(());
+            return Ok(false);
         }
         self.begin()?;
         let lateness = self.hooks.stream.allowed_lateness_ms;
@@ -1265,29 +1356,23 @@ impl Session<'_> {
                 .send_offsets_to_transaction(&offsets, &meta, TXN_TIMEOUT)
                 .map_err(client_err("send offsets to transaction"))?;
         }
-        let t_commit = Instant::now();
-        self.producer
-            .commit_transaction(TXN_TIMEOUT)
-            .map_err(client_err("commit transaction"))?;
-        self.in_txn = false;
-        self.stats.commits.fetch_add(1, Relaxed);
-        for (id, next) in done {
-            if let Some(p) = self.parts.get_mut(&id) {
-                p.committed = Some(next);
-            }
-        }
-        if !self.replacing.is_empty() {
-            self.graves
-                .push_back((Instant::now(), std::mem::take(&mut self.replacing)));
-        }
-        if !committed_bad.is_empty() {
-            (self.hooks.on_malformed)(committed_bad);
-        }
-        tracing::debug!(
-            took_ms = t_commit.elapsed().as_millis() as u64,
-            "transaction committed"
-        );
-        Ok(())
+        let producer = self.producer.clone();
+        let thread = std::thread::Builder::new()
+            .name("tally-kafka-commit".into())
+            .spawn(move || {
+                let t = Instant::now();
+                producer
+                    .commit_transaction(TXN_TIMEOUT)
+                    .map(|()| t.elapsed())
+            })
+            .map_err(Error::Thread)?;
+        consumer.context().committing.lock().thread = Some(thread);
+        self.pending = Some(Pending {
+            done,
+            replacing: std::mem::take(&mut self.replacing),
+            bad: committed_bad,
+        });
+        Ok(true)
     }
 
     /// Lag per owned partition: records behind the partition's end, and
