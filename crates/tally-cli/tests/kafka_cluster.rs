@@ -1276,3 +1276,125 @@ async fn changes_are_listed_in_kafka_mode() {
         "{v}"
     );
 }
+
+/// A late event that grows a closed session: the owner of its partition
+/// tells the change in its transaction, and the node lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_session_changes_are_listed_in_kafka_mode() {
+    use serde_json::json;
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tag = format!("s{}", std::process::id());
+    let mut node = Node::new("solo", tmp.path(), broker.brokers(), &tag);
+    node.spawn_with(&[
+        // One partition: the session and the events that move its clock meet.
+        ("TALLY__KAFKA__PARTITIONS", "1"),
+        ("TALLY__SESSIONS__GAP", "1m"),
+        ("TALLY__STREAM__WATERMARK_BOUND", "5s"),
+        ("TALLY__STREAM__ALLOWED_LATENESS", "10m"),
+    ]);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    node.wait_ready(&c).await;
+    let base = node.base();
+    let m = 60_000i64;
+    let t0 = (tally_types::Clock::system().now_ms() / m - 20) * m;
+    let ev = |id: &str, ts: i64, session: &str, user: &str| {
+        json!({"event_id": id, "event_type": "click", "timestamp": ts, "user_id": user,
+               "session_id": session, "tenant": "acme", "properties": {"page": id}})
+    };
+    let send = |events: Vec<serde_json::Value>| {
+        let c = c.clone();
+        let url = format!("{base}/api/v1/events");
+        async move {
+            let (s, v) = answer(
+                c.post(url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(common::ndjson(&events)),
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+        }
+    };
+    // Session s1 (two events), then another session five minutes on: s1
+    // is closed (the gap is a minute) once that event moved the clock.
+    send(vec![
+        ev("a", t0 + 1000, "s1", "u1"),
+        ev("b", t0 + 10_000, "s1", "u1"),
+        ev("tick", t0 + 5 * m, "s9", "u9"),
+    ])
+    .await;
+    let url = format!(
+        "{base}/api/v1/metrics?metric=count&granularity=1h&tenant=acme&start={}&end={}",
+        t0,
+        t0 + 10 * m
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = get(&c, url.clone()).await;
+        let total: u64 = v["series"][0]["points"]
+            .as_array()
+            .map(|p| p.iter().filter_map(|x| x[1].as_u64()).sum())
+            .unwrap_or(0);
+        if total == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events never counted: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A late event of s1 (within the lateness) makes it longer.
+    send(vec![ev("late", t0 + 20_000, "s1", "u1")]).await;
+    let url = format!("{base}/api/v1/changes?since=0&tenant=acme");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        let v = get(&c, url.clone()).await;
+        if v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ch| ch["kind"] == "session")
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no session change listed: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sessions: Vec<&serde_json::Value> = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|ch| ch["kind"] == "session")
+        .collect();
+    assert_eq!(sessions.len(), 1, "{v}");
+    let ch = sessions[0];
+    assert_eq!(ch["key"]["session_id"], "s1", "{v}");
+    assert_eq!(ch["key"]["user_id"], "u1", "{v}");
+    assert_eq!(
+        (
+            ch["old"]["events"].as_u64(),
+            ch["new"]["events"].as_u64(),
+            ch["old"]["end"].as_str(),
+            ch["new"]["end"].as_str(),
+            ch["new"]["last_page"].as_str(),
+        ),
+        (
+            Some(2),
+            Some(3),
+            Some(fmt_bucket(t0 + 10_000).as_str()),
+            Some(fmt_bucket(t0 + 20_000).as_str()),
+            Some("late"),
+        ),
+        "{v}"
+    );
+    // The closed minute's bucket changed too, and the other session did not.
+    assert!(
+        v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ch| ch["kind"] == "bucket" && ch["new"]["count"] == 3),
+        "{v}"
+    );
+}

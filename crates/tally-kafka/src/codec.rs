@@ -82,6 +82,22 @@
 //! value: 01 | u32 n | n × str removed path | u8 0 or 1 | [u64 from | u64 to | file as above]
 //! ```
 //!
+//! **Session changes** — closed sessions of one source partition that
+//! events of one transaction changed (added within version 1; a reader
+//! that does not know the kind skips it), per tenant. Sessions stay in
+//! one partition (ingest keys by session or user), so its owner sees
+//! them whole. Unique per transaction, like deltas:
+//!
+//! ```text
+//! key:   01 'C' | u32 source partition | u64 at (next offset of the state) | u32 seq
+//! value: 01 | str tenant | i64 told at (ms) | u32 n | n × change
+//! change:  u8 0 (changed) | session old | session new
+//!        | u8 1 (appeared) | session
+//!        | u8 2 (merged)   | session old | str id of the session it joined
+//! session: str id | u8 derived | u8 0/1 [str user] | i64 start | i64 end | u64 events
+//!        | u8 0/1 [str first page] | u8 0/1 [str last page] | u32 k | k × str event type
+//! ```
+//!
 //! **Late events** (the late topic, JSON, not versioned bytes): one
 //! message per event counted by no window, written in the same
 //! transaction as the aggregates of its partition. The malformed topic
@@ -95,7 +111,7 @@
 //!         "received_at": RFC 3339, "event": the event object as sent}
 //! ```
 
-use tally_store::Agg;
+use tally_store::{Agg, Session, SessionCorrection};
 use tally_types::bin::{Dec, DecodeError, Enc};
 use tally_types::time::Millis;
 
@@ -106,6 +122,7 @@ const KIND_STATE: u8 = b'S';
 const KIND_FILES: u8 = b'F';
 const KIND_DELTA: u8 = b'D';
 const KIND_REPLACE: u8 = b'K';
+const KIND_SESSIONS: u8 = b'C';
 
 /// One sealed archive file (a path relative to the archive root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +214,8 @@ pub enum Key {
     Delta(DeltaKey),
     /// Replaced files of (source partition, at, seq).
     Replace(u32, u64, u32),
+    /// Session changes of (source partition, at, seq).
+    Sessions(u32, u64, u32),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +265,7 @@ pub fn decode_key(b: &[u8]) -> Result<Key, CodecError> {
         KIND_STATE => Ok(Key::State(d.u32()?)),
         KIND_FILES => Ok(Key::Files(d.u32()?, d.u64()?)),
         KIND_REPLACE => Ok(Key::Replace(d.u32()?, d.u64()?, d.u32()?)),
+        KIND_SESSIONS => Ok(Key::Sessions(d.u32()?, d.u64()?, d.u32()?)),
         KIND_DELTA => Ok(Key::Delta(DeltaKey {
             partition: d.u32()?,
             at: d.u64()?,
@@ -279,6 +299,139 @@ pub fn replace_key(r: &Replaced) -> Vec<u8> {
     e.u64(r.at);
     e.u32(r.seq);
     e.buf
+}
+
+/// One tenant's session changes of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionChanges {
+    pub tenant: String,
+    /// When the owner told them (wall clock).
+    pub at: Millis,
+    pub changes: Vec<SessionCorrection>,
+}
+
+pub fn sessions_key(partition: u32, at: u64, seq: u32) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.u8(KIND_SESSIONS);
+    e.u32(partition);
+    e.u64(at);
+    e.u32(seq);
+    e.buf
+}
+
+fn put_opt(e: &mut Enc, s: Option<&str>) {
+    match s {
+        Some(s) => {
+            e.u8(1);
+            e.str(s);
+        }
+        None => e.u8(0),
+    }
+}
+
+fn get_opt(d: &mut Dec<'_>) -> Result<Option<String>, CodecError> {
+    Ok(match d.u8()? {
+        0 => None,
+        _ => Some(d.str()?.to_string()),
+    })
+}
+
+fn put_session(e: &mut Enc, s: &Session) {
+    e.str(&s.session_id);
+    e.u8(s.derived as u8);
+    put_opt(e, s.user_id.as_deref());
+    e.i64(s.start);
+    e.i64(s.end);
+    e.u64(s.events);
+    put_opt(e, s.first_page.as_deref());
+    put_opt(e, s.last_page.as_deref());
+    e.u32(s.event_types.len() as u32);
+    for t in &s.event_types {
+        e.str(t);
+    }
+}
+
+fn get_session(d: &mut Dec<'_>) -> Result<Session, CodecError> {
+    let session_id = d.str()?.to_string();
+    let derived = d.u8()? != 0;
+    let user_id = get_opt(d)?;
+    let (start, end, events) = (d.i64()?, d.i64()?, d.u64()?);
+    let (first_page, last_page) = (get_opt(d)?, get_opt(d)?);
+    let n = d.count(4)?;
+    let mut event_types = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        event_types.insert(d.str()?.to_string());
+    }
+    Ok(Session {
+        session_id,
+        derived,
+        user_id,
+        start,
+        end,
+        events,
+        first_page,
+        last_page,
+        event_types,
+    })
+}
+
+pub fn sessions_value(c: &SessionChanges) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u8(VERSION);
+    e.str(&c.tenant);
+    e.i64(c.at);
+    e.u32(c.changes.len() as u32);
+    for ch in &c.changes {
+        match ch {
+            SessionCorrection::Changed { old, new } => {
+                e.u8(0);
+                put_session(&mut e, old);
+                put_session(&mut e, new);
+            }
+            SessionCorrection::Appeared(s) => {
+                e.u8(1);
+                put_session(&mut e, s);
+            }
+            SessionCorrection::MergedInto { old, into } => {
+                e.u8(2);
+                put_session(&mut e, old);
+                e.str(into);
+            }
+        }
+    }
+    e.buf
+}
+
+pub fn decode_sessions(b: &[u8]) -> Result<SessionChanges, CodecError> {
+    let mut d = Dec::new(b);
+    let v = d.u8()?;
+    if v != VERSION {
+        return Err(CodecError::Version(v));
+    }
+    let tenant = d.str()?.to_string();
+    let at = d.i64()?;
+    let n = d.count(1)?;
+    let mut changes = Vec::with_capacity(n);
+    for _ in 0..n {
+        changes.push(match d.u8()? {
+            0 => SessionCorrection::Changed {
+                old: get_session(&mut d)?,
+                new: get_session(&mut d)?,
+            },
+            1 => SessionCorrection::Appeared(get_session(&mut d)?),
+            2 => SessionCorrection::MergedInto {
+                old: get_session(&mut d)?,
+                into: d.str()?.to_string(),
+            },
+            k => return Err(CodecError::Kind(k)),
+        });
+    }
+    Ok(SessionChanges {
+        tenant,
+        at,
+        changes,
+    })
 }
 
 fn put_file(e: &mut Enc, f: &SealedFile) {
@@ -567,6 +720,47 @@ mod tests {
         };
         assert_eq!(decode_key(&files_key(2, 100)).unwrap(), Key::Files(2, 100));
         assert_eq!(decode_files(2, 100, &files_value(&f)).unwrap(), f);
+    }
+
+    #[test]
+    fn session_changes_round_trip() {
+        let s = |id: &str, user: Option<&str>, events: u64, page: Option<&str>| Session {
+            session_id: id.into(),
+            derived: user.is_some_and(|u| id.starts_with(u)),
+            user_id: user.map(Into::into),
+            start: 1_700_000_000_000,
+            end: 1_700_000_000_000 + 60_000 * events as i64,
+            events,
+            first_page: page.map(Into::into),
+            last_page: None,
+            event_types: ["click", "page_view"].map(String::from).into(),
+        };
+        let c = SessionChanges {
+            tenant: "acme".into(),
+            at: 1_700_000_500_000,
+            changes: vec![
+                SessionCorrection::Changed {
+                    old: s("s1", Some("u1"), 2, Some("/home")),
+                    new: s("s1", Some("u1"), 3, Some("/home")),
+                },
+                SessionCorrection::Appeared(s("u2:1700000000000", Some("u2"), 1, None)),
+                SessionCorrection::MergedInto {
+                    old: s("u3:1700000000000", Some("u3"), 4, Some("/é")),
+                    into: "u3:1699999000000".into(),
+                },
+                SessionCorrection::Appeared(s("anon", None, 1, None)),
+            ],
+        };
+        assert_eq!(
+            decode_key(&sessions_key(4, 120, 2)).unwrap(),
+            Key::Sessions(4, 120, 2)
+        );
+        let v = sessions_value(&c);
+        assert_eq!(decode_sessions(&v).unwrap(), c);
+        // Cut short anywhere: an error, never a panic or a wrong value.
+        for n in 0..v.len() {
+            assert!(decode_sessions(&v[..n]).is_err(), "cut at {n}");
+        }
     }
 
     #[test]

@@ -36,6 +36,8 @@ struct PartView {
     pending_files: Vec<codec::Sealed>,
     /// Replaced files read since the last state of this partition.
     pending_replaced: Vec<codec::Replaced>,
+    /// Session changes read since the last state of this partition.
+    pending_sessions: Vec<codec::SessionChanges>,
     /// The partition's archive files as committed: `[from, to)` and file.
     files: Vec<(u64, u64, codec::SealedFile)>,
 }
@@ -320,6 +322,16 @@ impl Materialized {
                     .pending_files
                     .push(sealed);
             }
+            Key::Sessions(partition, ..) => {
+                let Some(v) = value else { return Ok(()) };
+                let c = codec::decode_sessions(v)?;
+                inner
+                    .parts
+                    .entry(partition)
+                    .or_default()
+                    .pending_sessions
+                    .push(c);
+            }
             Key::Replace(partition, at, seq) => {
                 let Some(v) = value else { return Ok(()) };
                 let r = codec::decode_replace(partition, at, seq, v)?;
@@ -334,7 +346,7 @@ impl Materialized {
                 let Some(v) = value else { return Ok(()) };
                 let state = codec::decode_state(v)?;
                 let committed_at = state.committed_at;
-                let (pending, files, replaced, closed) = {
+                let (pending, files, replaced, sessions, closed) = {
                     let view = inner.parts.entry(partition).or_default();
                     tracing::debug!(
                         partition,
@@ -369,6 +381,7 @@ impl Materialized {
                         std::mem::take(&mut view.pending),
                         std::mem::take(&mut view.pending_files),
                         std::mem::take(&mut view.pending_replaced),
+                        std::mem::take(&mut view.pending_sessions),
                         closed,
                     )
                 };
@@ -396,7 +409,10 @@ impl Materialized {
                     .filter_map(|v| v.state.as_ref().map(|s| s.cut))
                     .min()
                     .map_or(Millis::MIN, |lowest| lowest.saturating_sub(HOUR_MS));
-                if pending.is_empty() && fold <= inner.folded_to.unwrap_or(Millis::MIN) {
+                if pending.is_empty()
+                    && sessions.is_empty()
+                    && fold <= inner.folded_to.unwrap_or(Millis::MIN)
+                {
                     // Most states: nothing for the store.
                     self.changed.notify_all();
                     return Ok(());
@@ -437,6 +453,10 @@ impl Materialized {
                         store.note_correction(&k.0, k.1, &k.2, committed_at);
                     }
                     store.set_agg(&k.0, k.1, &k.2, merged);
+                }
+                // Session changes the partition's owner told, in its order.
+                for c in sessions {
+                    store.push_session_changes(&c.tenant, c.at, c.changes);
                 }
                 if fold > store.downsampled_to() {
                     store.downsample(fold);

@@ -61,6 +61,9 @@ pub struct Hooks {
     /// Turns a binary message value (first byte 0: Confluent-framed Avro)
     /// into NDJSON events (None: such values are malformed).
     pub decode_binary: Option<DecodeFn>,
+    /// Each partition processor builds its sessions (gap, most sessions
+    /// held) and publishes the closed ones its events change (None: off).
+    pub sessions: Option<(Millis, usize)>,
 }
 
 /// See [`Hooks::decode_binary`].
@@ -276,6 +279,9 @@ struct Part {
     last_compact: Instant,
     /// Raw events are kept (an archive is configured).
     raw_enabled: bool,
+    /// The processor store's version up to which its session changes
+    /// were published.
+    sessions_told: u64,
     /// The group's committed offset the view has not reached yet, and
     /// since when: the partition is not processed until it has.
     waiting: Option<(u64, Instant)>,
@@ -340,6 +346,9 @@ impl Part {
         let mut proc = Processor::new(cfg, Arc::default(), Arc::new(Mutex::new(Dlq::new(1))));
         proc.own_partition();
         proc.set_capture(hooks.raw.is_some());
+        if let Some((gap, most)) = hooks.sessions {
+            proc.store().write().sessions_mut().enable(gap, most);
+        }
         Part {
             id,
             proc,
@@ -353,6 +362,7 @@ impl Part {
             raw: RawBuf::default(),
             raw_from: 0,
             raw_enabled: hooks.raw.is_some(),
+            sessions_told: 0,
             malformed: Vec::new(),
             replayed: Vec::new(),
             pending_replays: Vec::new(),
@@ -385,6 +395,14 @@ impl Part {
             let mut st = self.proc.store().write();
             for ((t, m, ty), agg) in r.values {
                 st.set_agg(&t, m, &ty, agg);
+            }
+            // Sessions are rebuilt from the events handled from here on:
+            // the earlier ones (replayed for dedupe only) are not in them,
+            // so no change is told for sessions before each clock.
+            for (t, w) in &r.state.watermarks {
+                if let Some(w) = w {
+                    st.sessions_mut().raise_floor(t, *w);
+                }
             }
             st.commit();
             st.take_touched();
@@ -493,6 +511,28 @@ impl Part {
             }
         }
         self.evicted.push_back((self.next_offset, buckets));
+    }
+
+    /// The session changes the processor logged since the last call, per
+    /// tenant and time told, in the order told.
+    fn take_session_changes(&mut self) -> Vec<codec::SessionChanges> {
+        let st = self.proc.store().read();
+        let mut out: Vec<codec::SessionChanges> = Vec::new();
+        for c in st.all_changes_since(self.sessions_told, usize::MAX) {
+            let tally_store::Changed::Session(sc) = &c.what else {
+                continue;
+            };
+            match out.last_mut() {
+                Some(o) if *o.tenant == *c.tenant && o.at == c.at => o.changes.push((**sc).clone()),
+                _ => out.push(codec::SessionChanges {
+                    tenant: c.tenant.to_string(),
+                    at: c.at,
+                    changes: vec![(**sc).clone()],
+                }),
+            }
+        }
+        self.sessions_told = st.version();
+        out
     }
 
     /// Notes that the record at `offset` wrote dedupe entries of a
@@ -1255,6 +1295,7 @@ impl Session<'_> {
                 }
             }
             let late = part.proc.take_late();
+            let sessions = part.take_session_changes();
             let replay_from = part.replay_from(lateness);
             part.evict(self.view);
             part.advance_cut(cut);
@@ -1331,6 +1372,14 @@ impl Session<'_> {
             committed_bad.extend(bad);
             for (k, v) in &replayed {
                 self.send(&self.settings.topic_late, None, k.as_bytes(), v.as_bytes())?;
+            }
+            for (seq, c) in sessions.iter().enumerate() {
+                self.send(
+                    &self.settings.topic_aggregates,
+                    Some(ap),
+                    &codec::sessions_key(id, next, seq as u32),
+                    &codec::sessions_value(c),
+                )?;
             }
             self.send(
                 &self.settings.topic_aggregates,

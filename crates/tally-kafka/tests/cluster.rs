@@ -26,6 +26,7 @@ type Oracle = HashMap<(String, Millis, String), u64>;
 fn hooks(malformed: Arc<Mutex<Vec<String>>>) -> Hooks {
     Hooks {
         decode_binary: None,
+        sessions: None,
         stream: StreamConfig::default(),
         make_parser: Arc::new(|_| Parser::new(1)),
         on_malformed: Arc::new(move |e| {

@@ -258,6 +258,13 @@ pub(super) fn start(
             line.push(b'\n');
             Ok(line)
         })),
+        // Each partition's owner builds its sessions and publishes the
+        // changes of closed ones; `max-sessions` is shared by the
+        // partitions, so a node holds at most that many.
+        sessions: cfg.sessions.index.then(|| {
+            let share = cfg.sessions.max_sessions / settings.partitions.max(1) as usize;
+            (d.session_gap_ms, share.max(1000))
+        }),
     };
     let node = KafkaNode::start(settings.clone(), hooks, store.clone())?;
     if let Some(raw) = &raw {
