@@ -1205,19 +1205,8 @@ async fn changes_are_listed_in_kafka_mode() {
         json!({"event_id": id, "event_type": "click", "timestamp": ts, "user_id": id,
                "session_id": "s1", "tenant": "acme"})
     };
-    let send = |events: Vec<serde_json::Value>| {
-        let c = c.clone();
-        let url = format!("{base}/api/v1/events");
-        async move {
-            let (s, v) = answer(
-                c.post(url)
-                    .header("content-type", "application/x-ndjson")
-                    .body(common::ndjson(&events)),
-            )
-            .await;
-            assert_eq!(s, 200, "{v}");
-        }
-    };
+    let send =
+        |events: Vec<serde_json::Value>| common::post_ndjson(&c, &base, common::ndjson(&events));
     let mut first = Vec::new();
     for minute in 0..4 {
         for i in 0..2 {
@@ -1305,19 +1294,8 @@ async fn closed_session_changes_are_listed_in_kafka_mode() {
         json!({"event_id": id, "event_type": "click", "timestamp": ts, "user_id": user,
                "session_id": session, "tenant": "acme", "properties": {"page": id}})
     };
-    let send = |events: Vec<serde_json::Value>| {
-        let c = c.clone();
-        let url = format!("{base}/api/v1/events");
-        async move {
-            let (s, v) = answer(
-                c.post(url)
-                    .header("content-type", "application/x-ndjson")
-                    .body(common::ndjson(&events)),
-            )
-            .await;
-            assert_eq!(s, 200, "{v}");
-        }
-    };
+    let send =
+        |events: Vec<serde_json::Value>| common::post_ndjson(&c, &base, common::ndjson(&events));
     // Session s1 (two events), then another session five minutes on: s1
     // is closed (the gap is a minute) once that event moved the clock.
     send(vec![
