@@ -7,8 +7,8 @@
 # (TALLY__SESSIONS__INDEX=false), the original with it on, taking turns,
 # and each time the same queries run REPS times each:
 #   metric=sessions for the last hour (1m buckets) and for 24 hours (1h),
-#   GET /api/v1/sessions for one hour, and SELECT count(*) FROM sessions
-#   for one hour.
+#   GET /api/v1/sessions for one hour (everyone) and for a day (one user),
+#   and SELECT count(*) FROM sessions for one hour.
 # Prints p50 / p99 per query and side, and the server's tally_session_answers_total.
 #   TALLY=target/release/tally REPS=30 scripts/bench_sessions.sh
 set -euo pipefail
@@ -61,6 +61,7 @@ QUERIES=(
   "metric=sessions 24h|$BASE/api/v1/metrics?metric=sessions&granularity=1h&start=$day_ago&end=$now_ms"
   "avg_session_duration 24h|$BASE/api/v1/metrics?metric=avg_session_duration&granularity=1h&start=$day_ago&end=$now_ms"
   "GET /sessions 1h|$BASE/api/v1/sessions?start=$hour_ago&end=$now_ms&limit=100000"
+  "GET /sessions 1 user 24h|$BASE/api/v1/sessions?user_id=u_42&start=$day_ago&end=$now_ms"
   "SQL count sessions 1h|sql:SELECT count(*) FROM sessions WHERE start >= to_timestamp_millis($hour_ago)"
 )
 

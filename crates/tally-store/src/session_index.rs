@@ -211,6 +211,9 @@ struct Tenant {
     hasher: hashbrown::DefaultHashBuilder,
     /// Derived sessions per user: (start, slot), by start.
     anon: HashMap<Option<Box<str>>, Vec<(Millis, u32)>>,
+    /// Explicit sessions per user (those that name one), in no order: a
+    /// user's sessions without walking everyone's.
+    by_user: HashMap<Box<str>, Vec<u32>>,
     by_start: BTreeSet<(Millis, u32)>,
     pages: Pages,
     type_names: Vec<Box<str>>,
@@ -235,6 +238,7 @@ impl Tenant {
             by_id: hashbrown::HashTable::new(),
             hasher: Default::default(),
             anon: HashMap::new(),
+            by_user: HashMap::new(),
             by_start: BTreeSet::new(),
             pages: Pages::default(),
             type_names: Vec::new(),
@@ -319,6 +323,7 @@ impl Tenant {
                 use std::hash::BuildHasher;
                 hasher.hash_one(&*slots[j as usize].id)
             });
+            self.note_user(i);
         } else {
             let start = s.start;
             let (slots, anon) = (&self.slots, &mut self.anon);
@@ -334,6 +339,19 @@ impl Tenant {
             }
         }
         i
+    }
+
+    /// Files explicit slot `i` under its user, if it names one.
+    fn note_user(&mut self, i: u32) {
+        let Some(u) = self.slots[i as usize].user.as_deref() else {
+            return;
+        };
+        match self.by_user.get_mut(u) {
+            Some(v) => v.push(i),
+            None => {
+                self.by_user.insert(u.into(), vec![i]);
+            }
+        }
     }
 
     /// Removes slot `i` from every map (its key noted as gone if the
@@ -361,6 +379,14 @@ impl Tenant {
             let h = self.hash_id(&self.slots[i as usize].id);
             if let Ok(e) = self.by_id.find_entry(h, |&j| j == i) {
                 e.remove();
+            }
+            if let Some(u) = self.slots[i as usize].user.as_deref()
+                && let Some(v) = self.by_user.get_mut(u)
+            {
+                v.retain(|&j| j != i);
+                if v.is_empty() {
+                    self.by_user.remove(u);
+                }
             }
         }
         let s = &mut self.slots[i as usize];
@@ -455,6 +481,7 @@ impl Tenant {
                 && let Some(u) = user
             {
                 s.user = Some(u.into());
+                self.note_user(i);
             }
             self.add_to(i, ts, ty, page, journaling);
             if let Some(old) = before {
@@ -916,17 +943,27 @@ impl SessionIndex {
             return Vec::new();
         }
         let mut out: Vec<Session> = Vec::new();
-        for &(start, i) in t.by_start.range((lo, 0)..(to, 0)) {
+        let mut take = |i: u32| {
             let s = &t.slots[i as usize];
-            if start < from && s.end < from {
-                continue;
+            if s.start >= lo && s.start < to && (s.start >= from || s.end >= from) {
+                out.push(t.session(i));
             }
-            if let Some(u) = user
-                && s.user.as_deref() != Some(u)
-            {
-                continue;
+        };
+        match user {
+            // One user: their derived sessions (by start) and explicit ones.
+            Some(u) => {
+                for &(_, i) in t.anon.get(&UserKey(Some(u))).into_iter().flatten() {
+                    take(i);
+                }
+                for &i in t.by_user.get(u).into_iter().flatten() {
+                    take(i);
+                }
             }
-            out.push(t.session(i));
+            None => {
+                for &(_, i) in t.by_start.range((lo, 0)..(to, 0)) {
+                    take(i);
+                }
+            }
         }
         out.sort_by(|a, b| {
             (a.start, &a.user_id, &a.session_id).cmp(&(b.start, &b.user_id, &b.session_id))
@@ -1103,6 +1140,16 @@ impl SessionIndex {
             }
             let anon: usize = t.anon.values().map(Vec::len).sum();
             assert_eq!(anon + t.by_id.len(), live.len());
+            let named: Vec<u32> = live
+                .iter()
+                .copied()
+                .filter(|&i| !t.slots[i as usize].derived && t.slots[i as usize].user.is_some())
+                .collect();
+            assert_eq!(t.by_user.values().map(Vec::len).sum::<usize>(), named.len());
+            for i in named {
+                let u = t.slots[i as usize].user.as_deref().unwrap();
+                assert!(t.by_user[u].contains(&i), "explicit session by user");
+            }
             for (u, v) in &t.anon {
                 assert!(v.windows(2).all(|w| w[0].0 < w[1].0), "by start");
                 for &(start, i) in v {

@@ -321,6 +321,23 @@ proptest! {
         }
         let per: Vec<(Millis, u64, i64, u64)> = per.into_iter().map(|(b, (n, d, o))| (b, n, d, o)).collect();
         prop_assert_eq!(ix.buckets("t", Millis::MIN, Millis::MAX, step), per);
+        // One user's sessions, from the per-user maps, over ranges cut
+        // anywhere (overlapping or by start): the others filtered out.
+        for u in ["u1", "u2", "u3", "nobody"] {
+            for (from, to) in [(Millis::MIN, Millis::MAX), (60 * M, 200 * M), (150 * M, 151 * M)] {
+                for overlap in [false, true] {
+                    let everyone = ix.sessions("t", None, from, to, overlap, usize::MAX);
+                    let theirs: Vec<Session> = everyone
+                        .into_iter()
+                        .filter(|s| s.user_id.as_deref() == Some(u))
+                        .collect();
+                    prop_assert_eq!(ix.sessions("t", Some(u), from, to, overlap, usize::MAX), theirs.clone());
+                    prop_assert_eq!(back.sessions("t", Some(u), from, to, overlap, usize::MAX), theirs.clone());
+                    let two: Vec<Session> = theirs.into_iter().take(2).collect();
+                    prop_assert_eq!(ix.sessions("t", Some(u), from, to, overlap, 2), two);
+                }
+            }
+        }
     }
 }
 
