@@ -763,6 +763,128 @@ mod tests {
         }
     }
 
+    /// One valid record of every kind: keys, then values.
+    fn samples() -> Vec<Vec<u8>> {
+        let mut a = Agg {
+            count: 3,
+            ..Agg::default()
+        };
+        a.users.insert(42);
+        a.sessions.insert(7);
+        let mut n = tally_store::NumAgg::default();
+        n.add(12.5);
+        a.props.push(("revenue".into(), n));
+        let file = SealedFile {
+            path: "tenant=a/date=2026-11-01/hour=12/kafka-ev-p2-10-90.parquet".into(),
+            tenant: "a".into(),
+            min_ts: 1,
+            max_ts: 9,
+            rows: 80,
+            bytes: 4096,
+        };
+        let replaced = Replaced {
+            partition: 2,
+            at: 91,
+            seq: 1,
+            removed: vec!["x.parquet".into()],
+            added: Some((10, 90, file.clone())),
+        };
+        let session = Session {
+            session_id: "s1".into(),
+            derived: false,
+            user_id: Some("u1".into()),
+            start: 1,
+            end: 2,
+            events: 2,
+            first_page: Some("/".into()),
+            last_page: None,
+            event_types: ["click".to_string()].into(),
+        };
+        vec![
+            agg_key(&AggKey {
+                partition: 1,
+                minute: 60_000,
+                tenant: "acme".into(),
+                event_type: "click".into(),
+            }),
+            state_key(3),
+            files_key(2, 10),
+            replace_key(&replaced),
+            sessions_key(2, 9, 0),
+            agg_value(&a),
+            state_value(&PartitionState {
+                next_offset: 42,
+                replay_from: 17,
+                node: "n1".into(),
+                committed_at: 5,
+                watermarks: vec![("acme".into(), Some(9)), ("b".into(), None)],
+                counted: 1,
+                duplicates: 2,
+                late: 3,
+                clocks: vec![1, 2, 3],
+                raw_from: 40,
+                last_message_ms: Some(1_700_000_000_000),
+                cut: 1_699_000_000_000,
+            }),
+            files_value(&Sealed {
+                partition: 2,
+                from: 10,
+                to: 90,
+                files: vec![file],
+            }),
+            replace_value(&replaced),
+            sessions_value(&SessionChanges {
+                tenant: "acme".into(),
+                at: 3,
+                changes: vec![
+                    SessionCorrection::Changed {
+                        old: session.clone(),
+                        new: session.clone(),
+                    },
+                    SessionCorrection::MergedInto {
+                        old: session,
+                        into: "s0".into(),
+                    },
+                ],
+            }),
+        ]
+    }
+
+    /// Every reader of the aggregates topic on `b`: an answer or an
+    /// error, never a panic.
+    fn read_all(b: &[u8]) {
+        let _ = decode_key(b);
+        let _ = decode_agg(b);
+        let _ = decode_state(b);
+        let _ = decode_files(1, 2, b);
+        let _ = decode_replace(1, 2, 3, b);
+        let _ = decode_sessions(b);
+        let _ = decode_late_record(b, b);
+    }
+
+    proptest::proptest! {
+        /// Every record kind, damaged (bytes changed, or cut anywhere) or
+        /// replaced by noise, is read without a panic: each node reads the
+        /// aggregates topic whoever wrote to it.
+        #[test]
+        fn damaged_records_never_panic(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            flips in proptest::collection::vec((0usize..4096, 1u8..=255), 1..4),
+            cut in 0usize..4096,
+        ) {
+            read_all(&noise);
+            for valid in samples() {
+                let mut v = valid.clone();
+                for &(i, x) in &flips {
+                    let n = v.len();
+                    v[i % n] ^= x;
+                }
+                read_all(&v);
+                read_all(&valid[..cut % (valid.len() + 1)]);
+            }
+        }
+    }
+
     #[test]
     fn other_versions_are_refused_by_name() {
         let mut k = state_key(1);
