@@ -56,6 +56,8 @@ const FRAME_FLOOR: u8 = 2;
 /// No page.
 const NO_PAGE: u32 = u32::MAX;
 
+const MINUTE: Millis = 60_000;
+
 /// One session as the index holds it (about 80 bytes, plus its id and
 /// user; pages and event types are numbered per tenant).
 #[derive(Clone, Debug)]
@@ -214,6 +216,9 @@ struct Tenant {
     /// Explicit sessions per user (those that name one), in no order: a
     /// user's sessions without walking everyone's.
     by_user: HashMap<Box<str>, Vec<u32>>,
+    /// Per minute of start: sessions, summed duration, single-event
+    /// sessions (what the session metrics sum, kept as sessions change).
+    minutes: std::collections::BTreeMap<Millis, (u64, i64, u64)>,
     by_start: BTreeSet<(Millis, u32)>,
     pages: Pages,
     type_names: Vec<Box<str>>,
@@ -239,6 +244,7 @@ impl Tenant {
             hasher: Default::default(),
             anon: HashMap::new(),
             by_user: HashMap::new(),
+            minutes: std::collections::BTreeMap::new(),
             by_start: BTreeSet::new(),
             pages: Pages::default(),
             type_names: Vec::new(),
@@ -316,6 +322,8 @@ impl Tenant {
         };
         let s = &self.slots[i as usize];
         self.by_start.insert((s.start, i));
+        self.sum(i, 1);
+        let s = &self.slots[i as usize];
         if !s.derived {
             let h = self.hash_id(&s.id);
             let (slots, hasher) = (&self.slots, &self.hasher);
@@ -341,6 +349,56 @@ impl Tenant {
         i
     }
 
+    /// What slot `i` adds to the per-minute sums: its minute, duration
+    /// and whether it has a single event.
+    fn part(&self, i: u32) -> (Millis, i64, u64) {
+        let s = &self.slots[i as usize];
+        (
+            s.start - s.start.rem_euclid(MINUTE),
+            s.end - s.start,
+            u64::from(s.events == 1),
+        )
+    }
+
+    /// Adds (`sign` 1) or takes away (-1) slot `i` in its minute's sums.
+    fn sum(&mut self, i: u32, sign: i64) {
+        let p = self.part(i);
+        self.sum_part(p, sign);
+    }
+
+    /// Moves slot `i` in the sums from `was` (its part before a change).
+    fn resum(&mut self, i: u32, was: (Millis, i64, u64)) {
+        let now = self.part(i);
+        if now == was {
+            return;
+        }
+        if now.0 == was.0
+            && let Some(e) = self.minutes.get_mut(&now.0)
+        {
+            e.1 += now.1 - was.1;
+            e.2 = e.2 + now.2 - was.2;
+            return;
+        }
+        self.sum_part(was, -1);
+        self.sum_part(now, 1);
+    }
+
+    fn sum_part(&mut self, (m, dur, single): (Millis, i64, u64), sign: i64) {
+        let e = self.minutes.entry(m).or_default();
+        if sign > 0 {
+            e.0 += 1;
+            e.1 += dur;
+            e.2 += single;
+        } else {
+            e.0 -= 1;
+            e.1 -= dur;
+            e.2 -= single;
+            if e.0 == 0 {
+                self.minutes.remove(&m);
+            }
+        }
+    }
+
     /// Files explicit slot `i` under its user, if it names one.
     fn note_user(&mut self, i: u32) {
         let Some(u) = self.slots[i as usize].user.as_deref() else {
@@ -357,6 +415,7 @@ impl Tenant {
     /// Removes slot `i` from every map (its key noted as gone if the
     /// journal has it).
     fn release(&mut self, i: u32, journaling: bool) {
+        self.sum(i, -1);
         let (start, journaled, derived) = {
             let s = &self.slots[i as usize];
             (s.start, s.journaled, s.derived)
@@ -410,6 +469,7 @@ impl Tenant {
     /// keeping the start order (and, for a derived session whose start
     /// moves, its key) in step.
     fn add_to(&mut self, i: u32, ts: Millis, ty: u32, page: Option<&str>, journaling: bool) {
+        let was = self.part(i);
         let s = &mut self.slots[i as usize];
         let old_start = s.start;
         let old_key = (s.derived && ts < old_start && s.journaled).then(|| s.key());
@@ -427,6 +487,7 @@ impl Tenant {
         }
         s.events += 1;
         let (start, dur, derived) = (s.start, s.end - s.start, s.derived);
+        self.resum(i, was);
         self.add_type(i, ty);
         self.longest = self.longest.max(dur);
         if start != old_start {
@@ -526,12 +587,14 @@ impl Tenant {
                 let wide = self.wide_types.get(&n).cloned();
                 self.pages.retain(last_page);
                 self.release(n, journaling);
+                let was = self.part(p);
                 let s = &mut self.slots[p as usize];
                 s.end = s.end.max(end);
                 let old_last = std::mem::replace(&mut s.last_page, last_page);
                 s.events += events;
                 s.types |= types;
                 let dur = s.end - s.start;
+                self.resum(p, was);
                 self.pages.release(old_last);
                 for t in wide.into_iter().flatten() {
                     self.add_type(p, t);
@@ -1008,18 +1071,37 @@ impl SessionIndex {
         if from >= to || step <= 0 {
             return out;
         }
-        for &(start, i) in t.by_start.range((from, 0)..(to, 0)) {
-            let s = &t.slots[i as usize];
+        let mut add = |start: Millis, n: u64, dur: i64, single: u64| {
             let b = start - start.rem_euclid(step);
             match out.last_mut() {
                 Some(last) if last.0 == b => {}
                 _ => out.push((b, 0, 0, 0)),
             }
             let last = out.last_mut().expect("pushed above");
-            last.1 += 1;
-            last.2 += s.end - s.start;
-            last.3 += u64::from(s.events == 1);
+            last.1 += n;
+            last.2 += dur;
+            last.3 += single;
+        };
+        let walk = |from: Millis, to: Millis, add: &mut dyn FnMut(Millis, u64, i64, u64)| {
+            for &(start, i) in t.by_start.range((from, 0)..(to, 0)) {
+                let s = &t.slots[i as usize];
+                add(start, 1, s.end - s.start, u64::from(s.events == 1));
+            }
+        };
+        // Whole minutes from the per-minute sums (a step of whole minutes
+        // puts each minute in one bucket), the partial ones at the edges
+        // session by session.
+        let lo = from.saturating_add((MINUTE - from.rem_euclid(MINUTE)) % MINUTE);
+        let hi = to - to.rem_euclid(MINUTE);
+        if step % MINUTE != 0 || lo >= hi {
+            walk(from, to, &mut add);
+            return out;
         }
+        walk(from, lo, &mut add);
+        for (&m, &(n, dur, single)) in t.minutes.range(lo..hi) {
+            add(m, n, dur, single);
+        }
+        walk(hi, to, &mut add);
         out
     }
 
@@ -1140,6 +1222,17 @@ impl SessionIndex {
             }
             let anon: usize = t.anon.values().map(Vec::len).sum();
             assert_eq!(anon + t.by_id.len(), live.len());
+            let mut minutes = std::collections::BTreeMap::<Millis, (u64, i64, u64)>::new();
+            for &i in &live {
+                let s = &t.slots[i as usize];
+                let e = minutes
+                    .entry(s.start - s.start.rem_euclid(MINUTE))
+                    .or_default();
+                e.0 += 1;
+                e.1 += s.end - s.start;
+                e.2 += u64::from(s.events == 1);
+            }
+            assert_eq!(minutes, t.minutes, "per-minute sums");
             let named: Vec<u32> = live
                 .iter()
                 .copied()

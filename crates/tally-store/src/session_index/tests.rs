@@ -321,6 +321,22 @@ proptest! {
         }
         let per: Vec<(Millis, u64, i64, u64)> = per.into_iter().map(|(b, (n, d, o))| (b, n, d, o)).collect();
         prop_assert_eq!(ix.buckets("t", Millis::MIN, Millis::MAX, step), per);
+        // Over ranges cut mid-minute and steps of whole minutes or not
+        // (the per-minute sums, the edges walked session by session).
+        for (from, to) in [(7 * M + M / 2, 200 * M), (30 * M, 30 * M + M / 2), (61 * M + 1, 300 * M - 1), (0, M)] {
+            for step in [M, 20 * M, 3 * M / 2, 7_000] {
+                let mut per: BTreeMap<Millis, (u64, i64, u64)> = BTreeMap::new();
+                for w in want.iter().filter(|w| w.start >= from && w.start < to) {
+                    let p = per.entry(w.start - w.start.rem_euclid(step)).or_default();
+                    p.0 += 1;
+                    p.1 += w.end - w.start;
+                    p.2 += u64::from(w.events == 1);
+                }
+                let per: Vec<(Millis, u64, i64, u64)> = per.into_iter().map(|(b, (n, d, o))| (b, n, d, o)).collect();
+                prop_assert_eq!(ix.buckets("t", from, to, step), per.clone());
+                prop_assert_eq!(back.buckets("t", from, to, step), per);
+            }
+        }
         // One user's sessions, from the per-user maps, over ranges cut
         // anywhere (overlapping or by start): the others filtered out.
         for u in ["u1", "u2", "u3", "nobody"] {
