@@ -230,6 +230,14 @@ pub enum CodecError {
     Decode(#[from] DecodeError),
 }
 
+/// Reads the format version byte: this build's, or an error naming it.
+fn version(d: &mut Dec<'_>) -> Result<(), CodecError> {
+    match d.u8()? {
+        VERSION => Ok(()),
+        v => Err(CodecError::Version(v)),
+    }
+}
+
 pub fn agg_key(k: &AggKey) -> Vec<u8> {
     let mut e = Enc::new();
     e.u8(VERSION);
@@ -251,10 +259,7 @@ pub fn state_key(partition: u32) -> Vec<u8> {
 
 pub fn decode_key(b: &[u8]) -> Result<Key, CodecError> {
     let mut d = Dec::new(b);
-    let v = d.u8()?;
-    if v != VERSION {
-        return Err(CodecError::Version(v));
-    }
+    version(&mut d)?;
     match d.u8()? {
         KIND_AGG => Ok(Key::Agg(AggKey {
             partition: d.u32()?,
@@ -405,10 +410,7 @@ pub fn sessions_value(c: &SessionChanges) -> Vec<u8> {
 
 pub fn decode_sessions(b: &[u8]) -> Result<SessionChanges, CodecError> {
     let mut d = Dec::new(b);
-    let v = d.u8()?;
-    if v != VERSION {
-        return Err(CodecError::Version(v));
-    }
+    version(&mut d)?;
     let tenant = d.str()?.to_string();
     let at = d.i64()?;
     let n = d.count(1)?;
@@ -475,10 +477,7 @@ pub fn replace_value(r: &Replaced) -> Vec<u8> {
 
 pub fn decode_replace(partition: u32, at: u64, seq: u32, b: &[u8]) -> Result<Replaced, CodecError> {
     let mut d = Dec::new(b);
-    let v = d.u8()?;
-    if v != VERSION {
-        return Err(CodecError::Version(v));
-    }
+    version(&mut d)?;
     let n = d.count(4)?;
     let mut removed = Vec::with_capacity(n);
     for _ in 0..n {
@@ -509,10 +508,7 @@ pub fn agg_value(a: &Agg) -> Vec<u8> {
 
 pub fn decode_agg(b: &[u8]) -> Result<Agg, CodecError> {
     let mut d = Dec::new(b);
-    let v = d.u8()?;
-    if v != VERSION {
-        return Err(CodecError::Version(v));
-    }
+    version(&mut d)?;
     Ok(Agg::decode(&mut d)?)
 }
 
@@ -561,10 +557,7 @@ pub fn files_value(s: &Sealed) -> Vec<u8> {
 /// The value of a [`Key::Files`] record.
 pub fn decode_files(partition: u32, from: u64, b: &[u8]) -> Result<Sealed, CodecError> {
     let mut d = Dec::new(b);
-    let v = d.u8()?;
-    if v != VERSION {
-        return Err(CodecError::Version(v));
-    }
+    version(&mut d)?;
     let to = d.u64()?;
     let n = d.count(40)?;
     let mut files = Vec::with_capacity(n);
@@ -581,10 +574,7 @@ pub fn decode_files(partition: u32, from: u64, b: &[u8]) -> Result<Sealed, Codec
 
 pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
     let mut d = Dec::new(b);
-    let v = d.u8()?;
-    if v != VERSION {
-        return Err(CodecError::Version(v));
-    }
+    version(&mut d)?;
     let next_offset = d.u64()?;
     let replay_from = d.u64()?;
     let node = d.str()?.to_string();
