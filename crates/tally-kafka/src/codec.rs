@@ -94,8 +94,10 @@
 //! change:  u8 0 (changed) | session old | session new
 //!        | u8 1 (appeared) | session
 //!        | u8 2 (merged)   | session old | str id of the session it joined
-//! session: str id | u8 derived | u8 0/1 [str user] | i64 start | i64 end | u64 events
-//!        | u8 0/1 [str first page] | u8 0/1 [str last page] | u32 k | k × str event type
+//! session: u8 derived | str id (empty if derived: `<user>:<start>`) | u8 0/1 [str user]
+//!        | i64 start | i64 end | u64 events | u8 0/1 [str first page] | u8 0/1 [str last page]
+//!        | u32 k | k × str event type
+//!          (`tally_store::Session::encode`, the sessions journal's layout)
 //! ```
 //!
 //! **Late events** (the late topic, JSON, not versioned bytes): one
@@ -325,62 +327,6 @@ pub fn sessions_key(partition: u32, at: u64, seq: u32) -> Vec<u8> {
     e.buf
 }
 
-fn put_opt(e: &mut Enc, s: Option<&str>) {
-    match s {
-        Some(s) => {
-            e.u8(1);
-            e.str(s);
-        }
-        None => e.u8(0),
-    }
-}
-
-fn get_opt(d: &mut Dec<'_>) -> Result<Option<String>, CodecError> {
-    Ok(match d.u8()? {
-        0 => None,
-        _ => Some(d.str()?.to_string()),
-    })
-}
-
-fn put_session(e: &mut Enc, s: &Session) {
-    e.str(&s.session_id);
-    e.u8(s.derived as u8);
-    put_opt(e, s.user_id.as_deref());
-    e.i64(s.start);
-    e.i64(s.end);
-    e.u64(s.events);
-    put_opt(e, s.first_page.as_deref());
-    put_opt(e, s.last_page.as_deref());
-    e.u32(s.event_types.len() as u32);
-    for t in &s.event_types {
-        e.str(t);
-    }
-}
-
-fn get_session(d: &mut Dec<'_>) -> Result<Session, CodecError> {
-    let session_id = d.str()?.to_string();
-    let derived = d.u8()? != 0;
-    let user_id = get_opt(d)?;
-    let (start, end, events) = (d.i64()?, d.i64()?, d.u64()?);
-    let (first_page, last_page) = (get_opt(d)?, get_opt(d)?);
-    let n = d.count(4)?;
-    let mut event_types = std::collections::BTreeSet::new();
-    for _ in 0..n {
-        event_types.insert(d.str()?.to_string());
-    }
-    Ok(Session {
-        session_id,
-        derived,
-        user_id,
-        start,
-        end,
-        events,
-        first_page,
-        last_page,
-        event_types,
-    })
-}
-
 pub fn sessions_value(c: &SessionChanges) -> Vec<u8> {
     let mut e = Enc::new();
     e.u8(VERSION);
@@ -391,16 +337,16 @@ pub fn sessions_value(c: &SessionChanges) -> Vec<u8> {
         match ch {
             SessionCorrection::Changed { old, new } => {
                 e.u8(0);
-                put_session(&mut e, old);
-                put_session(&mut e, new);
+                old.encode(&mut e);
+                new.encode(&mut e);
             }
             SessionCorrection::Appeared(s) => {
                 e.u8(1);
-                put_session(&mut e, s);
+                s.encode(&mut e);
             }
             SessionCorrection::MergedInto { old, into } => {
                 e.u8(2);
-                put_session(&mut e, old);
+                old.encode(&mut e);
                 e.str(into);
             }
         }
@@ -418,12 +364,12 @@ pub fn decode_sessions(b: &[u8]) -> Result<SessionChanges, CodecError> {
     for _ in 0..n {
         changes.push(match d.u8()? {
             0 => SessionCorrection::Changed {
-                old: get_session(&mut d)?,
-                new: get_session(&mut d)?,
+                old: Session::decode(&mut d)?,
+                new: Session::decode(&mut d)?,
             },
-            1 => SessionCorrection::Appeared(get_session(&mut d)?),
+            1 => SessionCorrection::Appeared(Session::decode(&mut d)?),
             2 => SessionCorrection::MergedInto {
-                old: get_session(&mut d)?,
+                old: Session::decode(&mut d)?,
                 into: d.str()?.to_string(),
             },
             k => return Err(CodecError::Kind(k)),

@@ -721,8 +721,9 @@ impl Tenant {
         self.by_start.len()
     }
 
-    /// Slot `i` as a journal frame (read by `decode_session`), written
-    /// from the slot without building its [`Session`].
+    /// Slot `i` as a journal frame (the tenant, then the layout of
+    /// [`Session::encode`]), written from the slot without building its
+    /// [`Session`].
     fn encode_slot(&self, e: &mut Enc, tenant: &str, i: u32) {
         let s = &self.slots[i as usize];
         e.u8(FRAME_PUT);
@@ -1187,7 +1188,7 @@ impl SessionIndex {
                 t.remove_key(&key);
             }
             FRAME_PUT => {
-                let s = decode_session(&mut d)?;
+                let s = Session::decode(&mut d)?;
                 t.put(&s);
             }
             _ => return d.err("unknown sessions journal frame"),
@@ -1323,43 +1324,67 @@ fn decode_key(d: &mut Dec<'_>) -> Result<Key, DecodeError> {
     })
 }
 
-fn decode_session(d: &mut Dec<'_>) -> Result<Session, DecodeError> {
-    let derived = match d.u8()? {
-        0 => false,
-        1 => true,
-        _ => return d.err("bad derived flag"),
-    };
-    let id = d.str()?;
-    let user_id = decode_opt(d)?.map(str::to_string);
-    let start = d.i64()?;
-    let end = d.i64()?;
-    let events = d.u64()?;
-    let first_page = decode_opt(d)?.map(str::to_string);
-    let last_page = decode_opt(d)?.map(str::to_string);
-    let n = d.count(4)?;
-    let mut event_types = BTreeSet::new();
-    for _ in 0..n {
-        event_types.insert(d.str()?.to_string());
+impl Session {
+    /// The binary layout of a session, shared by the sessions journal
+    /// and the Kafka aggregates topic: u8 derived | str id (empty for a
+    /// derived session, whose id is `<user>:<start>`) | opt user | i64
+    /// start | i64 end | u64 events | opt first page | opt last page | u32
+    /// n | n × str event type (an opt is u8 0, or u8 1 and a str).
+    pub fn encode(&self, e: &mut Enc) {
+        e.u8(u8::from(self.derived));
+        e.str(if self.derived { "" } else { &self.session_id });
+        encode_opt(e, self.user_id.as_deref());
+        e.i64(self.start);
+        e.i64(self.end);
+        e.u64(self.events);
+        encode_opt(e, self.first_page.as_deref());
+        encode_opt(e, self.last_page.as_deref());
+        e.u32(self.event_types.len() as u32);
+        for t in &self.event_types {
+            e.str(t);
+        }
     }
-    if end < start || events == 0 {
-        return d.err("session ends before it starts or has no events");
+
+    /// Reads [`Session::encode`]'s layout; a session ending before it
+    /// starts or without events is an error.
+    pub fn decode(d: &mut Dec<'_>) -> Result<Session, DecodeError> {
+        let derived = match d.u8()? {
+            0 => false,
+            1 => true,
+            _ => return d.err("bad derived flag"),
+        };
+        let id = d.str()?;
+        let user_id = decode_opt(d)?.map(str::to_string);
+        let start = d.i64()?;
+        let end = d.i64()?;
+        let events = d.u64()?;
+        let first_page = decode_opt(d)?.map(str::to_string);
+        let last_page = decode_opt(d)?.map(str::to_string);
+        let n = d.count(4)?;
+        let mut event_types = BTreeSet::new();
+        for _ in 0..n {
+            event_types.insert(d.str()?.to_string());
+        }
+        if end < start || events == 0 {
+            return d.err("session ends before it starts or has no events");
+        }
+        let session_id = if derived {
+            format!("{}:{}", user_id.as_deref().unwrap_or(""), start)
+        } else {
+            id.to_string()
+        };
+        Ok(Session {
+            session_id,
+            derived,
+            user_id,
+            start,
+            end,
+            events,
+            first_page,
+            last_page,
+            event_types,
+        })
     }
-    let session_id = if derived {
-        format!("{}:{}", user_id.as_deref().unwrap_or(""), start)
-    } else {
-        id.to_string()
-    };
-    Ok(Session {
-        session_id,
-        derived,
-        user_id,
-        start,
-        end,
-        events,
-        first_page,
-        last_page,
-        event_types,
-    })
 }
 
 #[cfg(test)]
