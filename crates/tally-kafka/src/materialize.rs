@@ -527,8 +527,8 @@ pub const VIEW_PAUSE: Duration = Duration::from_millis(50);
 pub(crate) struct Rest {
     pause: Duration,
     woke: bool,
-    /// The ends the last wake-up found, per topic and partition.
-    ends: HashMap<(String, i32), i64>,
+    /// The ends the last wake-up found: topic, partition, end.
+    ends: Vec<(String, i32, i64)>,
 }
 
 /// How long a wake-up request may take: librdkafka's default
@@ -546,7 +546,7 @@ impl Rest {
         Rest {
             pause,
             woke: false,
-            ends: HashMap::new(),
+            ends: Vec::new(),
         }
     }
 
@@ -578,7 +578,7 @@ impl Rest {
         if let Ok(ends) = consumer.offsets_for_times(ask, WAKE_TIMEOUT) {
             for e in ends.elements() {
                 if let Offset::Offset(o) = e.offset() {
-                    self.ends.insert((e.topic().to_string(), e.partition()), o);
+                    self.ends.push((e.topic().to_string(), e.partition(), o));
                 }
             }
         }
@@ -629,7 +629,7 @@ fn cached_watermarks<C: rdkafka::ClientContext>(
 /// later one in `ends`.
 fn caught_up<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
-    ends: &HashMap<(String, i32), i64>,
+    ends: &[(String, i32, i64)],
 ) -> bool {
     let Ok(pos) = consumer.position() else {
         return false;
@@ -640,8 +640,9 @@ fn caught_up<C: rdkafka::consumer::ConsumerContext>(
             return false;
         };
         let hi = ends
-            .get(&(e.topic().to_string(), e.partition()))
-            .map_or(cached, |&end| end.max(cached));
+            .iter()
+            .find(|(t, p, _)| t == e.topic() && *p == e.partition())
+            .map_or(cached, |&(_, _, end)| end.max(cached));
         match e.offset() {
             Offset::Offset(o) => o >= hi - 1,
             // Nothing read yet: caught up only when there is nothing.
