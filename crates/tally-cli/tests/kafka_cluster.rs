@@ -1178,25 +1178,57 @@ async fn the_registry_is_one_for_the_cluster_and_any_node_answers() {
     assert_eq!((s, v), (200, json!(["page_view", "x"])));
 }
 
+/// One node on a broker of its own, started with `env` (its topics and
+/// group named from `tag` and the process), with a client; ready.
+async fn solo_node(
+    tag: &str,
+    env: &[(&str, &str)],
+) -> (Broker, tempfile::TempDir, Node, reqwest::Client) {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tag = format!("{tag}{}", std::process::id());
+    let mut node = Node::new("solo", tmp.path(), broker.brokers(), &tag);
+    node.spawn_with(env);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    node.wait_ready(&c).await;
+    (broker, tmp, node, c)
+}
+
+/// GETs `url` until `done` holds for the answer (60 s at most): the answer.
+async fn get_until(
+    c: &reqwest::Client,
+    url: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = get(c, url.to_string()).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Kafka mode records corrections too: a late event into a minute its
 /// partition had closed is listed by `GET /api/v1/changes` with the
 /// bucket's old and new values; events into open minutes are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_are_listed_in_kafka_mode() {
     use serde_json::json;
-    let broker = Broker::start();
-    let tmp = tempfile::tempdir().expect("tmp");
-    let tag = format!("c{}", std::process::id());
-    let mut node = Node::new("solo", tmp.path(), broker.brokers(), &tag);
-    node.spawn_with(&[
-        ("TALLY__STREAM__WATERMARK_BOUND", "5s"),
-        ("TALLY__STREAM__ALLOWED_LATENESS", "5m"),
-    ]);
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
-    node.wait_ready(&c).await;
+    let (_broker, _tmp, node, c) = solo_node(
+        "c",
+        &[
+            ("TALLY__STREAM__WATERMARK_BOUND", "5s"),
+            ("TALLY__STREAM__ALLOWED_LATENESS", "5m"),
+        ],
+    )
+    .await;
     let base = node.base();
     let m = 60_000i64;
     let t0 = (tally_types::Clock::system().now_ms() / m - 10) * m;
@@ -1218,23 +1250,15 @@ async fn changes_are_listed_in_kafka_mode() {
     }
     first.push(ev("tick", t0 + 3 * m + 30_000));
     send(first).await;
-    let count_of = |minute: i64| {
-        let c = c.clone();
-        let url = format!(
-            "{base}/api/v1/metrics?metric=count&granularity=1m&tenant=acme&start={}&end={}",
-            t0 + minute * m,
-            t0 + (minute + 1) * m
-        );
-        async move {
-            let v = get(&c, url).await;
-            v["series"][0]["points"][0][1].as_u64().unwrap_or(0)
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count_of(1).await != 2 {
-        assert!(Instant::now() < deadline, "minute 1 never counted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let minute_1 = format!(
+        "{base}/api/v1/metrics?metric=count&granularity=1m&tenant=acme&start={}&end={}",
+        t0 + m,
+        t0 + 2 * m
+    );
+    get_until(&c, &minute_1, "minute 1 counted", |v| {
+        v["series"][0]["points"][0][1].as_u64() == Some(2)
+    })
+    .await;
     // The first transaction closed minutes 0..2; a late click into minute
     // 1 (within the lateness) and one into the open minute 3.
     send(vec![
@@ -1243,15 +1267,10 @@ async fn changes_are_listed_in_kafka_mode() {
     ])
     .await;
     let url = format!("{base}/api/v1/changes?since=0&tenant=acme");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let v = loop {
-        let v = get(&c, url.clone()).await;
-        if !v["changes"].as_array().unwrap().is_empty() {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no change listed: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let v = get_until(&c, &url, "a change listed", |v| {
+        !v["changes"].as_array().unwrap().is_empty()
+    })
+    .await;
     let changes = v["changes"].as_array().unwrap();
     assert_eq!(changes.len(), 1, "{v}");
     let ch = &changes[0];
@@ -1271,22 +1290,17 @@ async fn changes_are_listed_in_kafka_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_session_changes_are_listed_in_kafka_mode() {
     use serde_json::json;
-    let broker = Broker::start();
-    let tmp = tempfile::tempdir().expect("tmp");
-    let tag = format!("s{}", std::process::id());
-    let mut node = Node::new("solo", tmp.path(), broker.brokers(), &tag);
-    node.spawn_with(&[
-        // One partition: the session and the events that move its clock meet.
-        ("TALLY__KAFKA__PARTITIONS", "1"),
-        ("TALLY__SESSIONS__GAP", "1m"),
-        ("TALLY__STREAM__WATERMARK_BOUND", "5s"),
-        ("TALLY__STREAM__ALLOWED_LATENESS", "10m"),
-    ]);
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
-    node.wait_ready(&c).await;
+    let (_broker, _tmp, node, c) = solo_node(
+        "s",
+        &[
+            // One partition: the session and the events that move its clock meet.
+            ("TALLY__KAFKA__PARTITIONS", "1"),
+            ("TALLY__SESSIONS__GAP", "1m"),
+            ("TALLY__STREAM__WATERMARK_BOUND", "5s"),
+            ("TALLY__STREAM__ALLOWED_LATENESS", "10m"),
+        ],
+    )
+    .await;
     let base = node.base();
     let m = 60_000i64;
     let t0 = (tally_types::Clock::system().now_ms() / m - 20) * m;
@@ -1309,36 +1323,25 @@ async fn closed_session_changes_are_listed_in_kafka_mode() {
         t0,
         t0 + 10 * m
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = get(&c, url.clone()).await;
+    get_until(&c, &url, "the three events counted", |v| {
         let total: u64 = v["series"][0]["points"]
             .as_array()
             .map(|p| p.iter().filter_map(|x| x[1].as_u64()).sum())
             .unwrap_or(0);
-        if total == 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "events never counted: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        total == 3
+    })
+    .await;
     // A late event of s1 (within the lateness) makes it longer.
     send(vec![ev("late", t0 + 20_000, "s1", "u1")]).await;
     let url = format!("{base}/api/v1/changes?since=0&tenant=acme");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let v = loop {
-        let v = get(&c, url.clone()).await;
-        if v["changes"]
+    let v = get_until(&c, &url, "a session change listed", |v| {
+        v["changes"]
             .as_array()
             .unwrap()
             .iter()
             .any(|ch| ch["kind"] == "session")
-        {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no session change listed: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let sessions: Vec<&serde_json::Value> = v["changes"]
         .as_array()
         .unwrap()

@@ -559,16 +559,7 @@ pub fn decode_state(b: &[u8]) -> Result<PartitionState, CodecError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_and_values_round_trip() {
-        let k = AggKey {
-            partition: 7,
-            minute: 1_700_000_040_000,
-            tenant: "acme".into(),
-            event_type: "page_view".into(),
-        };
-        assert_eq!(decode_key(&agg_key(&k)).unwrap(), Key::Agg(k));
-        assert_eq!(decode_key(&state_key(3)).unwrap(), Key::State(3));
+    fn agg() -> Agg {
         let mut a = Agg {
             count: 3,
             ..Agg::default()
@@ -578,8 +569,11 @@ mod tests {
         let mut n = tally_store::NumAgg::default();
         n.add(12.5);
         a.props.push(("revenue".into(), n));
-        assert_eq!(decode_agg(&agg_value(&a)).unwrap(), a);
-        let s = PartitionState {
+        a
+    }
+
+    fn state() -> PartitionState {
+        PartitionState {
             next_offset: 42,
             replay_from: 17,
             node: "n1".into(),
@@ -592,7 +586,75 @@ mod tests {
             raw_from: 40,
             last_message_ms: Some(1_700_000_000_000),
             cut: 1_699_000_000_000,
+        }
+    }
+
+    /// An archive file of partition 2's offsets `[from, to)`.
+    fn file(from: u64, to: u64) -> SealedFile {
+        SealedFile {
+            path: format!("tenant=a/date=2026-11-01/hour=12/kafka-ev-p2-{from}-{to}.parquet"),
+            tenant: "a".into(),
+            min_ts: 1,
+            max_ts: 9,
+            rows: 80,
+            bytes: 4096,
+        }
+    }
+
+    fn replaced(added: Option<(u64, u64, SealedFile)>) -> Replaced {
+        Replaced {
+            partition: 2,
+            at: 91,
+            seq: 1,
+            removed: vec!["x.parquet".into(), "y.parquet".into()],
+            added,
+        }
+    }
+
+    /// Changes of every kind, over explicit, derived and userless sessions.
+    fn changes() -> SessionChanges {
+        let s = |id: &str, user: Option<&str>, events: u64, page: Option<&str>| Session {
+            session_id: id.into(),
+            derived: user.is_some_and(|u| id.starts_with(u)),
+            user_id: user.map(Into::into),
+            start: 1_700_000_000_000,
+            end: 1_700_000_000_000 + 60_000 * events as i64,
+            events,
+            first_page: page.map(Into::into),
+            last_page: None,
+            event_types: ["click", "page_view"].map(String::from).into(),
         };
+        SessionChanges {
+            tenant: "acme".into(),
+            at: 1_700_000_500_000,
+            changes: vec![
+                SessionCorrection::Changed {
+                    old: s("s1", Some("u1"), 2, Some("/home")),
+                    new: s("s1", Some("u1"), 3, Some("/home")),
+                },
+                SessionCorrection::Appeared(s("u2:1700000000000", Some("u2"), 1, None)),
+                SessionCorrection::MergedInto {
+                    old: s("u3:1700000000000", Some("u3"), 4, Some("/é")),
+                    into: "u3:1699999000000".into(),
+                },
+                SessionCorrection::Appeared(s("anon", None, 1, None)),
+            ],
+        }
+    }
+
+    #[test]
+    fn keys_and_values_round_trip() {
+        let k = AggKey {
+            partition: 7,
+            minute: 1_700_000_040_000,
+            tenant: "acme".into(),
+            event_type: "page_view".into(),
+        };
+        assert_eq!(decode_key(&agg_key(&k)).unwrap(), Key::Agg(k));
+        assert_eq!(decode_key(&state_key(3)).unwrap(), Key::State(3));
+        let a = agg();
+        assert_eq!(decode_agg(&agg_value(&a)).unwrap(), a);
+        let s = state();
         assert_eq!(decode_state(&state_value(&s)).unwrap(), s);
         // A state written before the cut existed has none.
         let mut old = state_value(&s);
@@ -613,28 +675,8 @@ mod tests {
             event_type: "click".into(),
         };
         assert_eq!(decode_key(&delta_key(&dk)).unwrap(), Key::Delta(dk));
-        for added in [
-            None,
-            Some((
-                10,
-                90,
-                SealedFile {
-                    path: "tenant=a/date=2026-11-01/hour=12/kafka-ev-p2-10-90.parquet".into(),
-                    tenant: "a".into(),
-                    min_ts: 1,
-                    max_ts: 9,
-                    rows: 80,
-                    bytes: 4096,
-                },
-            )),
-        ] {
-            let r = Replaced {
-                partition: 2,
-                at: 91,
-                seq: 1,
-                removed: vec!["x.parquet".into(), "y.parquet".into()],
-                added,
-            };
+        for added in [None, Some((10, 90, file(10, 90)))] {
+            let r = replaced(added);
             assert_eq!(
                 decode_key(&replace_key(&r)).unwrap(),
                 Key::Replace(2, 91, 1)
@@ -645,14 +687,7 @@ mod tests {
             partition: 2,
             from: 100,
             to: 180,
-            files: vec![SealedFile {
-                path: "tenant=a/date=2026-11-01/hour=12/kafka-ev-p2-100-180.parquet".into(),
-                tenant: "a".into(),
-                min_ts: 1,
-                max_ts: 9,
-                rows: 80,
-                bytes: 4096,
-            }],
+            files: vec![file(100, 180)],
         };
         assert_eq!(decode_key(&files_key(2, 100)).unwrap(), Key::Files(2, 100));
         assert_eq!(decode_files(2, 100, &files_value(&f)).unwrap(), f);
@@ -660,33 +695,7 @@ mod tests {
 
     #[test]
     fn session_changes_round_trip() {
-        let s = |id: &str, user: Option<&str>, events: u64, page: Option<&str>| Session {
-            session_id: id.into(),
-            derived: user.is_some_and(|u| id.starts_with(u)),
-            user_id: user.map(Into::into),
-            start: 1_700_000_000_000,
-            end: 1_700_000_000_000 + 60_000 * events as i64,
-            events,
-            first_page: page.map(Into::into),
-            last_page: None,
-            event_types: ["click", "page_view"].map(String::from).into(),
-        };
-        let c = SessionChanges {
-            tenant: "acme".into(),
-            at: 1_700_000_500_000,
-            changes: vec![
-                SessionCorrection::Changed {
-                    old: s("s1", Some("u1"), 2, Some("/home")),
-                    new: s("s1", Some("u1"), 3, Some("/home")),
-                },
-                SessionCorrection::Appeared(s("u2:1700000000000", Some("u2"), 1, None)),
-                SessionCorrection::MergedInto {
-                    old: s("u3:1700000000000", Some("u3"), 4, Some("/é")),
-                    into: "u3:1699999000000".into(),
-                },
-                SessionCorrection::Appeared(s("anon", None, 1, None)),
-            ],
-        };
+        let c = changes();
         assert_eq!(
             decode_key(&sessions_key(4, 120, 2)).unwrap(),
             Key::Sessions(4, 120, 2)
@@ -701,41 +710,7 @@ mod tests {
 
     /// One valid record of every kind: keys, then values.
     fn samples() -> Vec<Vec<u8>> {
-        let mut a = Agg {
-            count: 3,
-            ..Agg::default()
-        };
-        a.users.insert(42);
-        a.sessions.insert(7);
-        let mut n = tally_store::NumAgg::default();
-        n.add(12.5);
-        a.props.push(("revenue".into(), n));
-        let file = SealedFile {
-            path: "tenant=a/date=2026-11-01/hour=12/kafka-ev-p2-10-90.parquet".into(),
-            tenant: "a".into(),
-            min_ts: 1,
-            max_ts: 9,
-            rows: 80,
-            bytes: 4096,
-        };
-        let replaced = Replaced {
-            partition: 2,
-            at: 91,
-            seq: 1,
-            removed: vec!["x.parquet".into()],
-            added: Some((10, 90, file.clone())),
-        };
-        let session = Session {
-            session_id: "s1".into(),
-            derived: false,
-            user_id: Some("u1".into()),
-            start: 1,
-            end: 2,
-            events: 2,
-            first_page: Some("/".into()),
-            last_page: None,
-            event_types: ["click".to_string()].into(),
-        };
+        let r = replaced(Some((10, 90, file(10, 90))));
         vec![
             agg_key(&AggKey {
                 partition: 1,
@@ -745,44 +720,18 @@ mod tests {
             }),
             state_key(3),
             files_key(2, 10),
-            replace_key(&replaced),
+            replace_key(&r),
             sessions_key(2, 9, 0),
-            agg_value(&a),
-            state_value(&PartitionState {
-                next_offset: 42,
-                replay_from: 17,
-                node: "n1".into(),
-                committed_at: 5,
-                watermarks: vec![("acme".into(), Some(9)), ("b".into(), None)],
-                counted: 1,
-                duplicates: 2,
-                late: 3,
-                clocks: vec![1, 2, 3],
-                raw_from: 40,
-                last_message_ms: Some(1_700_000_000_000),
-                cut: 1_699_000_000_000,
-            }),
+            agg_value(&agg()),
+            state_value(&state()),
             files_value(&Sealed {
                 partition: 2,
                 from: 10,
                 to: 90,
-                files: vec![file],
+                files: vec![file(10, 90)],
             }),
-            replace_value(&replaced),
-            sessions_value(&SessionChanges {
-                tenant: "acme".into(),
-                at: 3,
-                changes: vec![
-                    SessionCorrection::Changed {
-                        old: session.clone(),
-                        new: session.clone(),
-                    },
-                    SessionCorrection::MergedInto {
-                        old: session,
-                        into: "s0".into(),
-                    },
-                ],
-            }),
+            replace_value(&r),
+            sessions_value(&changes()),
         ]
     }
 
