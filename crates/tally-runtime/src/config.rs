@@ -117,6 +117,10 @@ pub struct DimensionsSection {
     pub max_values: usize,
     /// Longer values are counted under `__other__`.
     pub max_value_bytes: usize,
+    /// Combinations of dimension values kept per tenant and minute (over
+    /// its event types); events of later new combinations are counted
+    /// under the one with every value `__other__`.
+    pub max_combinations: usize,
 }
 
 /// A list of names: a TOML array, or one comma-separated text.
@@ -154,6 +158,7 @@ impl Default for DimensionsSection {
             tenants: Default::default(),
             max_values: 1000,
             max_value_bytes: 256,
+            max_combinations: tally_store::dims::MAX_COMBINATIONS,
         }
     }
 }
@@ -172,6 +177,7 @@ impl DimensionsSection {
             self.max_values,
             self.max_value_bytes,
         )
+        .and_then(|d| d.with_max_combinations(self.max_combinations))
         .map_err(|e| ConfigError::Dimensions(e.0))
     }
 }

@@ -177,6 +177,8 @@ pub struct Snapshot {
     pub rollup_buckets: usize,
     /// Dimension values folded into `__other__` by the cardinality cap.
     pub dimension_values_folded: u64,
+    /// Events of new combinations counted under the all-`__other__` one.
+    pub dimension_combinations_folded: u64,
     pub dedupe_entries: usize,
     /// Session changes listed by /api/v1/changes, ever.
     pub session_changes: u64,
@@ -425,6 +427,12 @@ impl Telemetry {
             "tally_dimension_values_folded_total",
             "Dimension values counted under __other__ because their tenant-minute already held dimensions.max-values distinct values of that dimension, or they were longer than dimensions.max-value-bytes.",
             s.dimension_values_folded,
+        );
+        counter(
+            &mut o,
+            "tally_dimension_combinations_folded_total",
+            "Events of a new combination of dimension values counted under the combination with every value __other__, because their tenant-minute already held dimensions.max-combinations combinations.",
+            s.dimension_combinations_folded,
         );
         gauge(
             &mut o,

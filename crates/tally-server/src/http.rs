@@ -223,11 +223,12 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
     let v = s.shared.processor.lock().clone();
     // One read guard: a second read of the same lock while a writer waits
     // would wait behind that writer forever.
-    let (rollup_buckets, dimension_values_folded, session_changes) = {
+    let (rollup_buckets, dimension_values_folded, dimension_combinations_folded, session_changes) = {
         let store = s.shared.store.read();
         (
             store.bucket_count(),
             store.values_folded(),
+            store.combinations_folded(),
             store.session_changes_told(),
         )
     };
@@ -247,6 +248,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dlq_late_full_tenants: dlq.late_full_tenants().len(),
         rollup_buckets,
         dimension_values_folded,
+        dimension_combinations_folded,
         session_changes,
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,
@@ -1099,37 +1101,26 @@ async fn metrics(
     };
     drop(store);
     tel.metrics_cache_misses.fetch_add(1, Relaxed);
-    let series: Vec<Json> = series
-        .into_iter()
-        .map(|ser| {
-            let labels: serde_json::Map<String, Json> = ser
-                .labels
-                .into_iter()
-                .map(|(k, v)| (k, v.map_or(Json::Null, Json::String)))
-                .collect();
-            let points: Vec<Json> = ser
-                .points
-                .into_iter()
-                .map(|(t, v)| json!([format_rfc3339(t), number(v)]))
-                .collect();
-            json!({ "labels": labels, "points": points })
-        })
-        .collect();
-    let mut body =
-        json!({ "metric": metric_s, "granularity": granularity.as_str(), "series": series });
-    if no_numbers && let Some((_, prop)) = metric_s.split_once(':') {
-        // Say why rather than answer a silent nothing.
-        body["note"] = json!(format!(
-            "no numeric values of property {prop:?} in this range: {} needs a property sent as a number (GET /api/v1/catalog lists each property's types)",
-            metric_s.split(':').next().unwrap_or_default()
-        ));
-    }
-    if granularity.ms() < HOUR_MS && start < downsampled_to {
+    // Say why rather than answer a silent nothing.
+    let note = no_numbers
+        .then(|| metric_s.split_once(':'))
+        .flatten()
+        .map(|(name, prop)| {
+            format!(
+                "no numeric values of property {prop:?} in this range: {name} needs a property sent as a number (GET /api/v1/catalog lists each property's types)"
+            )
+        });
+    let body = crate::series_json::write(&crate::series_json::Answer {
+        metric: metric_s,
+        granularity: granularity.as_str(),
+        series: &series,
+        note: note.as_deref(),
         // Minutes before the horizon were folded into hours: say so rather
         // than answer as if those minutes had no events.
-        body["downsampled_before"] = json!(format_rfc3339(downsampled_to));
-    }
-    let body = Bytes::from(body.to_string());
+        downsampled_before: (granularity.ms() < HOUR_MS && start < downsampled_to)
+            .then_some(downsampled_to),
+    });
+    let body = Bytes::from(body);
     if let Some(c) = cache {
         c.lock().put(key, &query.tenant, end, version, body.clone());
     }

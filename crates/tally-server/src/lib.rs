@@ -12,6 +12,7 @@ mod posthog;
 pub mod quota;
 mod registry;
 mod segment;
+mod series_json;
 mod serve;
 mod session_changes;
 

@@ -17,6 +17,13 @@
 //! [`Dimensions::max_value_bytes`], are folded into [`OTHER`]. Which values
 //! a bucket holds is read back from its combinations, so the decision is
 //! the same when a recovered processor replays the same events.
+//!
+//! Values alone do not bound memory: three dimensions of 1000 values each
+//! make a billion combinations. So a bucket also keeps at most
+//! [`Dimensions::max_combinations`] combinations (over its event types);
+//! an event of a new combination past that is counted under the
+//! combination of the same dimensions with every value [`OTHER`]. Hour
+//! buckets built by downsampling fold the same way as minutes merge in.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -43,10 +50,17 @@ pub struct Dimensions {
     pub max_values: usize,
     /// Longer values are folded into [`OTHER`].
     pub max_value_bytes: usize,
+    /// Combinations kept per tenant and bucket, over its event types.
+    pub max_combinations: usize,
     /// Values folded into [`OTHER`], shared by every clone (the stores of
     /// one node count together).
     folded: Arc<AtomicU64>,
+    /// Events of new combinations counted under the all-[`OTHER`] one.
+    combos_folded: Arc<AtomicU64>,
 }
+
+/// Combinations kept per tenant and bucket unless configured.
+pub const MAX_COMBINATIONS: usize = 10_000;
 
 /// Declarations are equal when they declare the same (the counter is not
 /// content).
@@ -56,6 +70,7 @@ impl PartialEq for Dimensions {
             && self.tenants == o.tenants
             && self.max_values == o.max_values
             && self.max_value_bytes == o.max_value_bytes
+            && self.max_combinations == o.max_combinations
     }
 }
 
@@ -67,7 +82,9 @@ impl Default for Dimensions {
             tenants: HashMap::new(),
             max_values: 1000,
             max_value_bytes: 256,
+            max_combinations: MAX_COMBINATIONS,
             folded: Arc::default(),
+            combos_folded: Arc::default(),
         }
     }
 }
@@ -129,8 +146,32 @@ impl Dimensions {
             tenants: by_tenant,
             max_values,
             max_value_bytes: max_value_bytes.max(1),
+            max_combinations: MAX_COMBINATIONS,
             folded: Arc::default(),
+            combos_folded: Arc::default(),
         })
+    }
+
+    /// The same declaration keeping at most `n` combinations per tenant
+    /// and bucket.
+    pub fn with_max_combinations(mut self, n: usize) -> Result<Dimensions, DimensionError> {
+        if n == 0 {
+            return Err(DimensionError(format!(
+                "dimensions.max-combinations: must be at least 1 (the default is {MAX_COMBINATIONS})"
+            )));
+        }
+        self.max_combinations = n;
+        Ok(self)
+    }
+
+    /// Events of new combinations counted under the all-[`OTHER`] one,
+    /// by every store sharing this declaration.
+    pub fn combinations_folded(&self) -> u64 {
+        self.combos_folded.load(Relaxed)
+    }
+
+    pub(crate) fn note_combination_folded(&self) {
+        self.combos_folded.fetch_add(1, Relaxed);
     }
 
     /// The dimensions `tenant` declared (in declared order).
@@ -213,6 +254,20 @@ pub fn pairs(key: &str) -> impl Iterator<Item = (&str, &str)> {
     key.split(SEP)
         .filter(|p| !p.is_empty())
         .filter_map(|p| p.split_once('='))
+}
+
+/// Writes into `out` the key of the same dimensions as `key` with every
+/// value [`OTHER`]; answers how many values that changed.
+pub fn fold_all(key: &str, out: &mut String) -> u64 {
+    out.clear();
+    let mut changed = 0;
+    for (n, v) in pairs(key) {
+        if v != OTHER {
+            changed += 1;
+        }
+        push_pair(out, n, OTHER);
+    }
+    changed
 }
 
 /// The value of `name` in a combination key, if present.

@@ -202,6 +202,94 @@ pub struct MinuteBucket {
     /// read from `types` when first needed and kept in step by
     /// [`RollupStore::add`]; anything else that changes `types` drops it.
     seen: Option<Box<Seen>>,
+    /// Totals per value of single dimensions, derived from the
+    /// combinations when a query first splits by one dimension
+    /// ([`MinuteBucket::marginal`]); dropped whenever `types` changes.
+    margs: std::sync::OnceLock<Margs>,
+}
+
+/// A bucket's totals per value of one dimension, per event type (same
+/// order as `types`) and dimension of `dims`, each built when first asked.
+#[derive(Clone, Debug)]
+struct Margs {
+    dims: Box<[Box<str>]>,
+    per: Box<[std::sync::OnceLock<Marginal>]>,
+}
+
+/// The totals of one (bucket, event type) per value of one dimension
+/// (`None`: the events without it), in no particular order. The
+/// aggregates have no `by`; their counts add up to the event type's.
+///
+/// Laid out for the query that reads a day of them: the values' texts
+/// sit back to back in one string, each entry carries its value's hash.
+#[derive(Clone, Debug, Default)]
+pub struct Marginal {
+    text: String,
+    entries: Vec<MarginalEntry>,
+}
+
+#[derive(Clone, Debug)]
+struct MarginalEntry {
+    /// [`Marginal::hash`] of the value.
+    hash: u64,
+    /// The value is `text[start..start + len]`; `len == u32::MAX`: missing.
+    start: u32,
+    len: u32,
+    agg: Agg,
+}
+
+impl Marginal {
+    /// The hash an entry carries for its value.
+    #[inline]
+    pub fn hash(value: Option<&str>) -> u64 {
+        match value {
+            Some(v) => stable_hash(&[v.as_bytes()]),
+            None => 0x6d69_7373_696e_6721,
+        }
+    }
+
+    /// (value hash, value, totals) per value.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&str>, &Agg)> {
+        self.entries.iter().map(|e| {
+            let v = (e.len != u32::MAX)
+                .then(|| self.text.get(e.start as usize..(e.start + e.len) as usize))
+                .flatten();
+            (e.hash, v, &e.agg)
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The totals of `value`, if any event had it.
+    pub fn get(&self, value: Option<&str>) -> Option<&Agg> {
+        let h = Marginal::hash(value);
+        self.iter()
+            .find(|(eh, v, _)| *eh == h && *v == value)
+            .map(|(_, _, a)| a)
+    }
+
+    fn push(&mut self, value: Option<&str>, agg: Agg) {
+        let (start, len) = match value {
+            Some(v) => {
+                let start = self.text.len() as u32;
+                self.text.push_str(v);
+                (start, v.len() as u32)
+            }
+            None => (0, u32::MAX),
+        };
+        self.entries.push(MarginalEntry {
+            hash: Marginal::hash(value),
+            start,
+            len,
+            agg,
+        });
+    }
 }
 
 /// Per dimension name, the distinct values held (never [`OTHER`]).
@@ -221,8 +309,61 @@ impl MinuteBucket {
         self.agg_entry(event_type)
     }
 
+    /// The combinations held, over every event type.
+    pub fn combinations(&self) -> usize {
+        self.types.iter().map(|(_, a)| a.by.len()).sum()
+    }
+
+    /// Merges `agg` into event type `ty`, keeping at most
+    /// `dims.max_combinations` combinations: past that, a combination not
+    /// held yet is merged into its all-[`OTHER`] one (see [`crate::dims`]).
+    pub fn merge_capped(&mut self, ty: &str, agg: &Agg, dims: &Dimensions) {
+        let mut held = self.combinations();
+        let dst = self.agg_mut(ty);
+        dst.merge_flat(agg);
+        let mut other = String::new();
+        for (k, a) in &agg.by {
+            if let Some(m) = dst.by.get_mut(k) {
+                m.merge(a);
+                continue;
+            }
+            if held < dims.max_combinations {
+                dst.by.insert(k.clone(), a.clone());
+                held += 1;
+                continue;
+            }
+            dims.note_folded(dims::fold_all(k, &mut other));
+            dims.note_combination_folded();
+            match dst.by.get_mut(other.as_str()) {
+                Some(m) => m.merge(a),
+                None => {
+                    dst.by.insert(other.as_str().into(), a.clone());
+                    held += 1;
+                }
+            }
+        }
+    }
+
+    /// The totals of event type `types[ty]` per value of dimension `dim`,
+    /// built from the combinations on first use and kept until the bucket
+    /// changes. `names` are the dimensions the tenant declares (the ones a
+    /// query may ask for); `None` when `dim` is not among them.
+    pub fn marginal(&self, ty: usize, dim: &str, names: &[Box<str>]) -> Option<&Marginal> {
+        let (_, agg) = self.types.get(ty)?;
+        let margs = self.margs.get_or_init(|| Margs {
+            dims: names.into(),
+            per: (0..self.types.len() * names.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+        });
+        let d = margs.dims.iter().position(|n| &**n == dim)?;
+        let slot = margs.per.get(ty * margs.dims.len() + d)?;
+        Some(slot.get_or_init(|| marginal_of(agg, dim)))
+    }
+
     #[inline]
     fn agg_entry(&mut self, event_type: &str) -> &mut Agg {
+        self.margs.take();
         let i = match self.types.iter().position(|(t, _)| &**t == event_type) {
             Some(i) => i,
             None => {
@@ -409,8 +550,43 @@ impl MinuteBucket {
             let t: Box<str> = d.str()?.into();
             types.push((t, Agg::decode(d)?));
         }
-        Ok(MinuteBucket { types, seen: None })
+        Ok(MinuteBucket {
+            types,
+            seen: None,
+            margs: Default::default(),
+        })
     }
+}
+
+/// The totals of `agg` per value of `dim` (see [`Marginal`]).
+fn marginal_of(agg: &Agg, dim: &str) -> Marginal {
+    let flat = |a: &Agg| {
+        let mut m = Agg::default();
+        m.merge_flat(a);
+        m
+    };
+    let mut out = Marginal::default();
+    if agg.by.is_empty() {
+        // Written before any dimension was declared: every event lacks it.
+        if agg.count > 0 {
+            out.push(None, flat(agg));
+        }
+        return out;
+    }
+    let mut index: hashbrown::HashMap<Option<&str>, usize> = hashbrown::HashMap::new();
+    for (k, a) in &agg.by {
+        let v = dims::value_of(k, dim);
+        match index.get(&v) {
+            Some(&i) => out.entries[i].agg.merge_flat(a),
+            None => {
+                index.insert(v, out.entries.len());
+                out.push(v, flat(a));
+            }
+        }
+    }
+    out.text.shrink_to_fit();
+    out.entries.shrink_to_fit();
+    out
 }
 
 /// Rollups of one tenant: minutes, and the hours older minutes were folded into.
@@ -488,6 +664,7 @@ pub struct RollupStore {
     session_changes_told: u64,
     /// Scratch space for combination keys.
     key: String,
+    key2: String,
 }
 
 /// Buckets changed since they were last taken, and the last one noted
@@ -530,6 +707,7 @@ impl Default for RollupStore {
             sessions: Default::default(),
             session_changes_told: 0,
             key: String::new(),
+            key2: String::new(),
         }
     }
 }
@@ -775,6 +953,18 @@ impl MetricQuery {
     fn splits(&self) -> bool {
         !self.filters.is_empty() || self.group_by.iter().any(|g| g != "event_type")
     }
+
+    /// The one dimension (besides the event type) the query groups or
+    /// filters by, if it names exactly one.
+    fn single_dimension(&self) -> Option<&str> {
+        let mut named = self
+            .group_by
+            .iter()
+            .filter(|g| *g != "event_type")
+            .chain(self.filters.iter().map(|(d, _)| d));
+        let first = named.next()?;
+        named.all(|d| d == first).then_some(first.as_str())
+    }
 }
 
 /// A filter `<dimension>:<value>` (`where=` of the metrics API and of
@@ -945,6 +1135,12 @@ impl RollupStore {
     /// every store sharing this store's declaration).
     pub fn values_folded(&self) -> u64 {
         self.dims.values_folded()
+    }
+
+    /// Events of new combinations counted under the all-`__other__` one
+    /// (the combination cap).
+    pub fn combinations_folded(&self) -> u64 {
+        self.dims.combinations_folded()
     }
 
     /// A tenant's rollups, created if needed, marked as changed from
@@ -1228,7 +1424,18 @@ impl RollupStore {
             add(c);
             return;
         }
-        let folded = bucket.combination(&vals, names, &self.dims, key);
+        let mut folded = bucket.combination(&vals, names, &self.dims, key);
+        let held = bucket
+            .types
+            .iter()
+            .any(|(t, a)| &**t == e.event_type && a.by.contains_key(key.as_str()));
+        if !held && bucket.combinations() >= self.dims.max_combinations {
+            // A new combination past the cap: counted under the same
+            // dimensions with every value folded.
+            folded += dims::fold_all(key, &mut self.key2);
+            std::mem::swap(key, &mut self.key2);
+            self.dims.note_combination_folded();
+        }
         self.dims.note_folded(folded);
         let agg = bucket.agg_entry(e.event_type);
         add(agg.by.entry_ref(key.as_str()).or_default());
@@ -1384,7 +1591,7 @@ impl RollupStore {
                 let h = align_down(m, HOUR_MS);
                 let hb = t.hours.entry(h).or_default();
                 for (ty, agg) in &bucket.types {
-                    hb.agg_mut(ty).merge(agg);
+                    hb.merge_capped(ty, agg, &self.dims);
                 }
                 if last != Some(h) {
                     last = Some(h);
@@ -1576,12 +1783,19 @@ impl RollupStore {
         // what each (event type, combination) maps to is worked out once
         // (filtered out, or the index of its series in `slots`).
         let mut memo: hashbrown::HashMap<(&str, &str), Option<usize>> = hashbrown::HashMap::new();
-        let mut slots: Vec<BTreeMap<Millis, Acc>> = Vec::new();
-        let mut slot_keys: Vec<Vec<Option<&str>>> = Vec::new();
-        let mut slot_of: hashbrown::HashMap<Vec<Option<&str>>, usize> = hashbrown::HashMap::new();
+        // A query that splits or filters by a single dimension reads the
+        // buckets' totals per value of it instead of every combination.
+        let single = q.single_dimension();
+        let names = dims.of(&q.tenant);
+        // Keyed by (event type, value) under a hash made from the hash each
+        // total carries: no value is hashed again, and a day of buckets
+        // holds the same few values.
+        let mut memo_one: hashbrown::HashTable<(u64, &str, Option<&str>, Option<usize>)> =
+            hashbrown::HashTable::new();
+        let mut slots = Slots::default();
         for (minute, bucket) in self.tenant_buckets(&q.tenant, from, q.end, g) {
             let b = align_down(minute, g);
-            for (ty, agg) in &bucket.types {
+            for (ti, (ty, agg)) in bucket.types.iter().enumerate() {
                 if !q.event_types.is_empty() && !q.event_types.iter().any(|t| t == &**ty) {
                     continue;
                 }
@@ -1589,6 +1803,27 @@ impl RollupStore {
                     key.clear();
                     key.extend(q.group_by.iter().map(|_| Some(&**ty)));
                     accumulate(&mut series, &key, b, agg, &q.metric);
+                    continue;
+                }
+                if let Some(d) = single
+                    && let Some(m) = bucket.marginal(ti, d, names)
+                {
+                    let th = stable_hash(&[ty.as_bytes()]).rotate_left(17);
+                    for (vh, v, sub) in m.iter() {
+                        let h = vh ^ th;
+                        let found = memo_one.find(h, |e| e.0 == h && e.2 == v && e.1 == &**ty);
+                        let slot = match found {
+                            Some(e) => e.3,
+                            None => {
+                                let s = slots.resolve(q, ty, |n| if n == d { v } else { None });
+                                memo_one.insert_unique(h, (h, &**ty, v, s), |e| e.0);
+                                s
+                            }
+                        };
+                        if let Some(i) = slot {
+                            slots.add(i, b, sub, &q.metric);
+                        }
+                    }
                     continue;
                 }
                 // Data written before any dimension was declared is one
@@ -1599,40 +1834,19 @@ impl RollupStore {
                     let slot = match memo.get(&(&**ty, combo)) {
                         Some(&s) => s,
                         None => {
-                            let admitted = q.filters.iter().all(|(d, vals)| {
-                                dims::value_of(combo, d)
-                                    .is_some_and(|v| vals.iter().any(|x| x == v))
-                            });
-                            let s = admitted.then(|| {
-                                let k: Vec<Option<&str>> = q
-                                    .group_by
-                                    .iter()
-                                    .map(|g| {
-                                        if g == "event_type" {
-                                            Some(&**ty)
-                                        } else {
-                                            dims::value_of(combo, g)
-                                        }
-                                    })
-                                    .collect();
-                                *slot_of.entry(k.clone()).or_insert_with(|| {
-                                    slots.push(BTreeMap::new());
-                                    slot_keys.push(k);
-                                    slots.len() - 1
-                                })
-                            });
+                            let s = slots.resolve(q, ty, |n| dims::value_of(combo, n));
                             memo.insert((&**ty, combo), s);
                             s
                         }
                     };
                     if let Some(i) = slot {
-                        accumulate_into(&mut slots[i], b, sub, &q.metric);
+                        slots.add(i, b, sub, &q.metric);
                     }
                 }
             }
         }
-        for (k, buckets) in slot_keys.into_iter().zip(slots) {
-            series.insert(k, buckets);
+        for (k, buckets) in slots.keys.into_iter().zip(slots.points) {
+            series.insert(k, buckets.into_iter().collect());
         }
         if window > g {
             let quantile = matches!(q.metric, Metric::Quantile(..));
@@ -1656,6 +1870,76 @@ impl RollupStore {
             }
         }
         Ok(finish(q, series))
+    }
+}
+
+/// The series of a split query as they are found: each label combination
+/// gets a slot, its points kept in bucket order.
+#[derive(Default)]
+struct Slots<'a> {
+    points: Vec<Vec<(Millis, Acc)>>,
+    keys: Vec<Vec<Option<&'a str>>>,
+    slot_of: hashbrown::HashMap<Vec<Option<&'a str>>, usize>,
+}
+
+impl<'a> Slots<'a> {
+    /// The slot of events of type `ty` whose dimension values `value`
+    /// gives, or `None` when the query's filters leave them out.
+    fn resolve(
+        &mut self,
+        q: &MetricQuery,
+        ty: &'a str,
+        value: impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<usize> {
+        let admitted = q
+            .filters
+            .iter()
+            .all(|(d, vals)| value(d).is_some_and(|v| vals.iter().any(|x| x == v)));
+        if !admitted {
+            return None;
+        }
+        let k: Vec<Option<&'a str>> = q
+            .group_by
+            .iter()
+            .map(|g| {
+                if g == "event_type" {
+                    Some(ty)
+                } else {
+                    value(g)
+                }
+            })
+            .collect();
+        if let Some(&i) = self.slot_of.get(&k) {
+            return Some(i);
+        }
+        self.points.push(Vec::new());
+        self.keys.push(k.clone());
+        self.slot_of.insert(k, self.points.len() - 1);
+        Some(self.points.len() - 1)
+    }
+
+    /// Adds one aggregate to bucket `b` of slot `i`. Buckets arrive in
+    /// order, so this is mostly the last point or a new one.
+    #[inline]
+    fn add(&mut self, i: usize, b: Millis, agg: &Agg, metric: &Metric) {
+        let points = &mut self.points[i];
+        let at = match points.last() {
+            Some((last, _)) if *last == b => points.len() - 1,
+            Some((last, _)) if *last > b => match points.binary_search_by_key(&b, |(m, _)| *m) {
+                Ok(at) => at,
+                Err(at) => {
+                    points.insert(at, (b, new_acc(metric)));
+                    at
+                }
+            },
+            _ => {
+                // A new point starts as a copy of its first aggregate
+                // (cheaper than merging into an empty sketch that grows).
+                points.push((b, acc_of(agg, metric)));
+                return;
+            }
+        };
+        add_to(&mut points[at].1, agg, metric);
     }
 }
 
@@ -1690,7 +1974,16 @@ fn accumulate<'a>(
 /// Adds one aggregate to bucket `b` of one series.
 #[inline]
 fn accumulate_into(buckets: &mut BTreeMap<Millis, Acc>, b: Millis, agg: &Agg, metric: &Metric) {
-    let acc = buckets.entry(b).or_insert_with(|| match metric {
+    add_to(
+        buckets.entry(b).or_insert_with(|| new_acc(metric)),
+        agg,
+        metric,
+    );
+}
+
+/// An empty accumulator for `metric`.
+fn new_acc(metric: &Metric) -> Acc {
+    match metric {
         Metric::Count => Acc::Count(0),
         Metric::UniqueUsers | Metric::UniqueSessions => Acc::Distinct {
             events: 0,
@@ -1700,7 +1993,42 @@ fn accumulate_into(buckets: &mut BTreeMap<Millis, Acc>, b: Millis, agg: &Agg, me
             events: 0,
             agg: NumAgg::default(),
         },
-    });
+    }
+}
+
+/// An accumulator of `metric` holding one aggregate: [`new_acc`] then
+/// [`add_to`], with sketches copied rather than merged.
+fn acc_of(agg: &Agg, metric: &Metric) -> Acc {
+    match metric {
+        Metric::Count => Acc::Count(agg.count),
+        Metric::UniqueUsers => Acc::Distinct {
+            events: agg.count,
+            hll: agg.users.clone(),
+        },
+        Metric::UniqueSessions => Acc::Distinct {
+            events: agg.count,
+            hll: agg.sessions.clone(),
+        },
+        Metric::Quantile(_, p) => Acc::Num {
+            events: agg.count,
+            agg: agg.prop(p).cloned().unwrap_or_default(),
+        },
+        Metric::Sum(p) | Metric::Avg(p) | Metric::Min(p) | Metric::Max(p) => {
+            let mut n = NumAgg::default();
+            if let Some(x) = agg.prop(p) {
+                n.merge_exact(x);
+            }
+            Acc::Num {
+                events: agg.count,
+                agg: n,
+            }
+        }
+    }
+}
+
+/// Adds one aggregate to an accumulator of `metric`.
+#[inline]
+fn add_to(acc: &mut Acc, agg: &Agg, metric: &Metric) {
     match (acc, metric) {
         (Acc::Count(c), _) => *c += agg.count,
         (Acc::Distinct { events, hll }, Metric::UniqueUsers) => {

@@ -14,7 +14,7 @@ use tally_store::{
 };
 use tally_types::bin::{Dec, Enc};
 use tally_types::codec::PropValue;
-use tally_types::time::MINUTE_MS;
+use tally_types::time::{HOUR_MS, MINUTE_MS};
 use tally_types::{BatchReader, BatchWriter, Millis};
 
 const T0: Millis = 1_793_534_400_000; // 2026-11-01T12:00:00Z
@@ -196,6 +196,15 @@ fn every_breakdown_and_filter_matches_the_oracle() {
             ],
         ),
         (vec!["country"], vec![("country", "nowhere")]),
+        // One dimension named (grouped, filtered or both): answered from
+        // the buckets' totals per value, not their combinations.
+        (vec!["device"], vec![("event_type", "click")]),
+        (vec![], vec![("page", "2"), ("page", "4")]),
+        (
+            vec!["event_type", "country"],
+            vec![("country", "C1"), ("country", "C3")],
+        ),
+        (vec!["page", "event_type"], vec![]),
     ];
     for (group_by, wheres) in cases {
         for (metric, sum) in [(Metric::Count, false), (Metric::Sum("amount".into()), true)] {
@@ -206,6 +215,81 @@ fn every_breakdown_and_filter_matches_the_oracle() {
                 want,
                 "group_by {group_by:?} where {wheres:?}"
             );
+        }
+    }
+    // Averages, extremes and quantiles per breakdown, from the amounts
+    // each (labels, bucket) holds.
+    for (group_by, wheres) in [
+        (vec!["country"], vec![]),
+        (vec!["event_type", "device"], vec![("device", "mobile")]),
+        (vec!["country", "page"], vec![("event_type", "click")]),
+    ] {
+        let mut amounts: BTreeMap<Vec<Option<String>>, BTreeMap<Millis, Vec<f64>>> =
+            BTreeMap::new();
+        for e in &events {
+            let admitted = group_dims(&wheres)
+                .iter()
+                .all(|(d, vals)| label(e, d).is_some_and(|v| vals.contains(&v.as_str())));
+            if admitted {
+                let key = group_by.iter().map(|g| label(e, g)).collect();
+                let b = T0 + (e.ts - T0) / (5 * MINUTE_MS) * 5 * MINUTE_MS;
+                amounts
+                    .entry(key)
+                    .or_default()
+                    .entry(b)
+                    .or_default()
+                    .push(e.amount);
+            }
+        }
+        type Stat = fn(&mut Vec<f64>) -> f64;
+        let stats: [(Metric, Stat); 3] = [
+            (Metric::Avg("amount".into()), |v| {
+                v.iter().sum::<f64>() / v.len() as f64
+            }),
+            (Metric::Min("amount".into()), |v| {
+                v.iter().copied().fold(f64::MAX, f64::min)
+            }),
+            (Metric::Max("amount".into()), |v| {
+                v.iter().copied().fold(f64::MIN, f64::max)
+            }),
+        ];
+        for (metric, stat) in stats {
+            let name = format!("{metric:?}");
+            let got = answer(&store, &query(metric, &group_by, &wheres));
+            let mut want = Answer::new();
+            for (k, points) in &amounts {
+                for (b, v) in points {
+                    want.entry(k.clone())
+                        .or_default()
+                        .insert(*b, stat(&mut v.clone()));
+                }
+            }
+            assert_eq!(got.len(), want.len(), "{name} {group_by:?} {wheres:?}");
+            for (k, points) in &want {
+                for (b, w) in points {
+                    let g = got[k][b];
+                    assert!((g - w).abs() < 1e-9, "{name} {k:?} at {b}: {g} vs {w}");
+                }
+            }
+        }
+        // The median within the sketch's relative accuracy of a value
+        // ranked near the middle.
+        let got = answer(
+            &store,
+            &query(Metric::Quantile(0.5, "amount".into()), &group_by, &wheres),
+        );
+        for (k, points) in &amounts {
+            for (b, v) in points {
+                let mut v = v.clone();
+                v.sort_by(f64::total_cmp);
+                let n = v.len() - 1;
+                let (lo, hi) = (v[n * 2 / 5], v[(n * 3).div_ceil(5).min(n)]);
+                let g = got[k][b];
+                assert!(
+                    g >= lo * 0.98 - 1e-9 && g <= hi * 1.02 + 1e-9,
+                    "median {k:?} at {b}: {g} outside [{lo}, {hi}]"
+                );
+            }
         }
     }
     // Distinct users per country stay exact while small (sparse sketches).
@@ -223,6 +307,65 @@ fn every_breakdown_and_filter_matches_the_oracle() {
             assert_eq!(v, Value::Int(users.len() as u64), "{c:?} at {b}");
         }
     }
+}
+
+/// Totals per value of one dimension are derived from a bucket on first
+/// use: a bucket that changes afterwards (late events, a bucket replaced by
+/// a view) must answer with the change, never with the totals kept.
+#[test]
+fn totals_per_value_follow_later_events() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut events = generate(&mut rng, 1500);
+    let mut store = store_with(&events, dims(1000));
+    let metrics = || [(Metric::Count, false), (Metric::Sum("amount".into()), true)];
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let single: [Case; 3] = [
+        (&["country"], &[]),
+        (&["event_type", "device"], &[]),
+        (&[], &[("page", "3")]),
+    ];
+    for (group_by, wheres) in single {
+        for (metric, sum) in metrics() {
+            let q = query(metric, group_by, wheres);
+            assert_eq!(answer(&store, &q), oracle(&events, group_by, wheres, sum));
+        }
+    }
+    // More events into the same buckets, some with values not seen yet.
+    let mut later = generate(&mut rng, 700);
+    for e in later.iter_mut().step_by(5) {
+        e.country = Some("C9".into());
+    }
+    let bytes = write(&later, "acme");
+    for ev in BatchReader::new(&bytes).unwrap() {
+        store.add(&ev.unwrap());
+    }
+    store.commit();
+    events.extend(later);
+    for (group_by, wheres) in single {
+        for (metric, sum) in metrics() {
+            let q = query(metric, group_by, wheres);
+            assert_eq!(
+                answer(&store, &q),
+                oracle(&events, group_by, wheres, sum),
+                "after later events: group_by {group_by:?} where {wheres:?}"
+            );
+        }
+    }
+    // A bucket replaced whole (as a materialized view does) answers anew.
+    let minute = events[0].ts - events[0].ts % MINUTE_MS;
+    let ty = events[0].ty;
+    let q = query(Metric::Count, &["country"], &[]);
+    let before = answer(&store, &q);
+    store.set_agg("acme", minute, ty, Default::default());
+    store.commit();
+    let gone: Vec<Ev> = events
+        .iter()
+        .filter(|e| !(e.ts - e.ts % MINUTE_MS == minute && e.ty == ty))
+        .cloned()
+        .collect();
+    let after = answer(&store, &q);
+    assert_ne!(before, after);
+    assert_eq!(after, oracle(&gone, &["country"], &[], false));
 }
 
 #[test]
@@ -412,4 +555,141 @@ fn the_dimension_encoding_matches_its_fixture() {
         keys,
         vec!["country=DE\x1fdevice=mobile\x1fpage=3", "device=desktop"]
     );
+}
+
+/// Every event of a minute with its own combination (hostile input that
+/// respects the value cap: 1000 countries × 1000 pages × 3 devices).
+fn hostile(n: usize, seed: u64) -> Vec<Ev> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| Ev {
+            ts: T0 + rng.random_range(0..MINUTE_MS),
+            ty: ["click", "view"][i % 2],
+            user: format!("u{i}"),
+            country: Some(format!("C{}", rng.random_range(0..1000))),
+            device: Some(["a", "b", "c"][rng.random_range(0..3)]),
+            page: Some(rng.random_range(0..1000)),
+            amount: rng.random_range(0..1000) as f64,
+        })
+        .collect()
+}
+
+/// The combination cap, against an oracle that replays the rule: a new
+/// combination is kept while the minute holds fewer than the cap, else
+/// its events count under the same dimensions all `__other__`. Totals
+/// stay exact, and a minute decoded mid-way decides the same.
+#[test]
+fn combinations_past_the_cap_fold_into_all_other() {
+    let events = hostile(3000, 9);
+    let cap = 40;
+    let dims_capped = || dims(1000).with_max_combinations(cap).unwrap();
+    let store = store_with(&events, dims_capped());
+    let mut held: Vec<(&str, String)> = Vec::new();
+    let mut want = Answer::new();
+    let mut folded = 0;
+    for e in &events {
+        let raw = format!("{:?}|{:?}|{:?}", e.country, e.device, e.page);
+        let known = held.iter().any(|(t, k)| *t == e.ty && *k == raw);
+        let key = if known || held.len() < cap {
+            if !known {
+                held.push((e.ty, raw));
+            }
+            vec![label(e, "country"), label(e, "device"), label(e, "page")]
+        } else {
+            folded += 1;
+            let other = "other".to_string();
+            if !held.iter().any(|(t, k)| *t == e.ty && *k == other) {
+                held.push((e.ty, other));
+            }
+            vec![Some(OTHER.to_string()); 3]
+        };
+        *want.entry(key).or_default().entry(T0).or_default() += 1.0;
+    }
+    let q = query(Metric::Count, &["country", "device", "page"], &[]);
+    assert_eq!(answer(&store, &q), want);
+    assert_eq!(store.combinations_folded(), folded);
+    let b = store.minute("acme", T0).unwrap();
+    assert!(b.combinations() <= cap + 2, "{}", b.combinations());
+    let total: u64 = b.types.iter().map(|(_, a)| a.count).sum();
+    assert_eq!(total, events.len() as u64);
+    // Single-dimension totals (the per-value path) agree too.
+    let q = query(Metric::Count, &["country"], &[]);
+    let mut by_country = Answer::new();
+    for (k, p) in &want {
+        *by_country
+            .entry(vec![k[0].clone()])
+            .or_default()
+            .entry(T0)
+            .or_default() += p[&T0];
+    }
+    assert_eq!(answer(&store, &q), by_country);
+
+    // Half the events, a round trip through the encoding, the other half.
+    let (first, later) = events.split_at(1500);
+    let half = store_with(first, dims_capped());
+    let mut e = Enc::new();
+    half.minute("acme", T0).unwrap().encode(&mut e);
+    let mut again = RollupStore::new();
+    again.set_dimensions(dims_capped());
+    again.set_minute(
+        "acme",
+        T0,
+        MinuteBucket::decode(&mut Dec::new(&e.buf)).unwrap(),
+    );
+    let bytes = write(later, "acme");
+    for ev in BatchReader::new(&bytes).unwrap() {
+        again.add(&ev.unwrap());
+    }
+    again.commit();
+    assert_eq!(again, store);
+}
+
+/// Hours built by downsampling hold at most the cap too, their counts
+/// exact.
+#[test]
+fn downsampled_hours_keep_the_combination_cap() {
+    let mut events = Vec::new();
+    for m in 0..5 {
+        for mut e in hostile(400, m) {
+            e.ts = e.ts - e.ts % MINUTE_MS + m as Millis * MINUTE_MS;
+            events.push(e);
+        }
+    }
+    let mut store = store_with(&events, dims(1000).with_max_combinations(300).unwrap());
+    let before = store.combinations_folded();
+    store.downsample(T0 + 2 * HOUR_MS);
+    let mut q = query(Metric::Count, &[], &[]);
+    q.granularity = Granularity::H1;
+    q.start = T0;
+    q.end = T0 + HOUR_MS;
+    let got = answer(&store, &q);
+    assert_eq!(got[&vec![]][&T0], events.len() as f64);
+    let h = store
+        .tenant_buckets("acme", T0, T0 + HOUR_MS, HOUR_MS)
+        .next()
+        .unwrap()
+        .1;
+    assert!(h.combinations() <= 302, "{}", h.combinations());
+    assert!(store.combinations_folded() > before);
+    q.group_by = vec!["device".into()];
+    let sum: f64 = answer(&store, &q).values().map(|p| p[&T0]).sum();
+    assert_eq!(sum, events.len() as f64);
+}
+
+/// What one tenant-minute costs at the caps (printed for the docs): every
+/// event a new combination, far more events than the cap.
+#[test]
+fn a_hostile_minute_stays_within_its_memory_bound() {
+    let events = hostile(40_000, 5);
+    let store = store_with(&events, dims(1000));
+    let b = store.minute("acme", T0).unwrap();
+    let combos = b.combinations();
+    let heap: usize = b.types.iter().map(|(_, a)| a.heap_bytes()).sum();
+    println!(
+        "{} events, {combos} combinations, {heap} bytes ({} per combination)",
+        events.len(),
+        heap / combos.max(1)
+    );
+    assert!(combos <= tally_store::dims::MAX_COMBINATIONS + 2);
+    assert!(heap < 8 << 20, "{heap} bytes");
 }

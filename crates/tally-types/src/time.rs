@@ -175,17 +175,54 @@ pub fn human_approx(ms: Millis) -> String {
 
 /// Formats epoch ms as RFC 3339 UTC with `Z`, with milliseconds only when non-zero.
 pub fn format_rfc3339(t: Millis) -> String {
+    let mut s = String::with_capacity(24);
+    write_rfc3339(&mut s, t);
+    s
+}
+
+/// Appends [`format_rfc3339`]`(t)` to `out` without the formatting
+/// machinery (answers with many points write one per point).
+pub fn write_rfc3339(out: &mut String, t: Millis) {
     let days = t.div_euclid(DAY_MS);
     let rem = t.rem_euclid(DAY_MS);
     let (y, m, d) = civil_from_days(days);
-    let secs = rem / 1000;
-    let ms = rem % 1000;
-    let (hh, mm, ss) = (secs / 3600, (secs / 60) % 60, secs % 60);
-    if ms == 0 {
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
-    } else {
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z")
+    if !(0..=9999).contains(&y) {
+        // Outside four-digit years: the general path.
+        use std::fmt::Write;
+        let secs = rem / 1000;
+        let (hh, mm, ss, ms) = (secs / 3600, (secs / 60) % 60, secs % 60, rem % 1000);
+        let _ = if ms == 0 {
+            write!(out, "{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+        } else {
+            write!(out, "{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z")
+        };
+        return;
     }
+    let secs = (rem / 1000) as u32;
+    let ms = (rem % 1000) as u32;
+    let digits = |b: &mut [u8], v: u32| {
+        let mut v = v;
+        for c in b.iter_mut().rev() {
+            *c = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    digits(&mut b[0..4], y as u32);
+    digits(&mut b[5..7], m);
+    digits(&mut b[8..10], d);
+    digits(&mut b[11..13], secs / 3600);
+    digits(&mut b[14..16], (secs / 60) % 60);
+    digits(&mut b[17..19], secs % 60);
+    let text = if ms == 0 {
+        b[19] = b'Z';
+        &b[..20]
+    } else {
+        digits(&mut b[20..23], ms);
+        &b[..]
+    };
+    // ASCII digits and punctuation only.
+    out.push_str(std::str::from_utf8(text).unwrap_or_default());
 }
 
 /// Parses a query-string time: RFC 3339 or integer epoch ms.
@@ -321,6 +358,27 @@ mod tests {
         #[test]
         fn format_parse_roundtrip(t in 0i64..MAX_TS) {
             prop_assert_eq!(parse_rfc3339(&format_rfc3339(t)), Ok(t));
+        }
+
+        /// The hand-written digits agree with `format!` everywhere,
+        /// before the epoch and past year 9999 included.
+        #[test]
+        fn fast_format_matches_the_formatter(t in -100_000_000_000_000i64..400_000_000_000_000) {
+            let days = t.div_euclid(DAY_MS);
+            let rem = t.rem_euclid(DAY_MS);
+            let (y, m, d) = civil_from_days(days);
+            let secs = rem / 1000;
+            let ms = rem % 1000;
+            let (hh, mm, ss) = (secs / 3600, (secs / 60) % 60, secs % 60);
+            let want = if ms == 0 {
+                format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+            } else {
+                format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z")
+            };
+            prop_assert_eq!(format_rfc3339(t), want);
+            if (0..=9999).contains(&y) {
+                prop_assert_eq!(format_rfc3339(align_down(t, MINUTE_MS)).len(), 20);
+            }
         }
 
         #[test]
