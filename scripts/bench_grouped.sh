@@ -15,7 +15,7 @@ TALLY="${TALLY:-target/release/tally}"
 REPS="${REPS:-50}"
 PORT="${PORT:-17272}"
 DIR="$(mktemp -d)"
-trap 'kill "${PID:-0}" 2>/dev/null || true; rm -rf "$DIR"' EXIT
+trap 'kill "${PID:-0}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 BASE="http://127.0.0.1:$PORT"
 "$TALLY" serve --listen "127.0.0.1:$PORT" --data-dir "$DIR/data" >"$DIR/server.log" 2>&1 &
 PID=$!

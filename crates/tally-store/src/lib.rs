@@ -11,9 +11,9 @@ pub mod sketch;
 pub use cache::MetricsCache;
 pub use dims::Dimensions;
 pub use rollup::{
-    Agg, CHANGES_KEPT, Change, Changed, DimAggs, Downsampled, Granularity, Metric, MetricQuery,
-    MinuteBucket, NumAgg, QueryError, RollupStore, Series, Summary, Value, parse_group_by,
-    parse_where,
+    Agg, CHANGES_KEPT, Change, Changed, DimAggs, Downsampled, Granularity, Marginal, Metric,
+    MetricQuery, MinuteBucket, NumAgg, Part, QueryError, RollupStore, Series, Summary, Value,
+    parse_group_by, parse_where,
 };
 pub use session_index::{DEFAULT_MAX_SESSIONS, INDEX_REACH_MS, SessionIndex};
 pub use sessions::{

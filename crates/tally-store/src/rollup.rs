@@ -348,17 +348,45 @@ impl MinuteBucket {
     /// built from the combinations on first use and kept until the bucket
     /// changes. `names` are the dimensions the tenant declares (the ones a
     /// query may ask for); `None` when `dim` is not among them.
-    pub fn marginal(&self, ty: usize, dim: &str, names: &[Box<str>]) -> Option<&Marginal> {
+    /// Only the `part` of each total that `part`'s metrics read is kept.
+    pub fn marginal(
+        &self,
+        ty: usize,
+        dim: &str,
+        names: &[Box<str>],
+        part: Part,
+    ) -> Option<&Marginal> {
         let (_, agg) = self.types.get(ty)?;
+        let slot = self.marginal_slot(ty, dim, names, part)?;
+        Some(slot.get_or_init(|| marginal_of(std::iter::once(agg), dim, part)))
+    }
+
+    /// [`MinuteBucket::marginal`] over all event types together (a query
+    /// that neither splits nor filters by event type).
+    pub fn marginal_all(&self, dim: &str, names: &[Box<str>], part: Part) -> Option<&Marginal> {
+        let slot = self.marginal_slot(self.types.len(), dim, names, part)?;
+        Some(slot.get_or_init(|| marginal_of(self.types.iter().map(|(_, a)| a), dim, part)))
+    }
+
+    /// Where the totals of row `row` (an event type's index, or
+    /// `types.len()` for all of them) per value of `dim` are kept.
+    fn marginal_slot(
+        &self,
+        row: usize,
+        dim: &str,
+        names: &[Box<str>],
+        part: Part,
+    ) -> Option<&std::sync::OnceLock<Marginal>> {
         let margs = self.margs.get_or_init(|| Margs {
             dims: names.into(),
-            per: (0..self.types.len() * names.len())
+            per: (0..(self.types.len() + 1) * names.len() * Part::ALL.len())
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
         });
         let d = margs.dims.iter().position(|n| &**n == dim)?;
-        let slot = margs.per.get(ty * margs.dims.len() + d)?;
-        Some(slot.get_or_init(|| marginal_of(agg, dim)))
+        margs
+            .per
+            .get((row * margs.dims.len() + d) * Part::ALL.len() + part as usize)
     }
 
     #[inline]
@@ -558,29 +586,86 @@ impl MinuteBucket {
     }
 }
 
-/// The totals of `agg` per value of `dim` (see [`Marginal`]).
-fn marginal_of(agg: &Agg, dim: &str) -> Marginal {
+/// Which part of an aggregate a metric reads: totals per value keep only
+/// that (a dashboard of counts does not pay for copies of sketches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Count, and per property count, sum, min and max.
+    Exact = 0,
+    /// Count and the users sketch.
+    Users = 1,
+    /// Count and the sessions sketch.
+    Sessions = 2,
+    /// Count and the properties with their quantile sketches.
+    Quantiles = 3,
+}
+
+impl Part {
+    const ALL: [Part; 4] = [Part::Exact, Part::Users, Part::Sessions, Part::Quantiles];
+
+    /// The part `metric` reads.
+    pub fn of(metric: &Metric) -> Part {
+        match metric {
+            Metric::Count | Metric::Sum(_) | Metric::Avg(_) | Metric::Min(_) | Metric::Max(_) => {
+                Part::Exact
+            }
+            Metric::UniqueUsers => Part::Users,
+            Metric::UniqueSessions => Part::Sessions,
+            Metric::Quantile(..) => Part::Quantiles,
+        }
+    }
+
+    /// Merges `part` of `o` into `into`.
+    fn merge(self, into: &mut Agg, o: &Agg) {
+        into.count += o.count;
+        match self {
+            Part::Users => into.users.merge(&o.users),
+            Part::Sessions => into.sessions.merge(&o.sessions),
+            Part::Exact | Part::Quantiles => {
+                for (k, n) in &o.props {
+                    let i = match into.props.iter().position(|(name, _)| name == k) {
+                        Some(i) => i,
+                        None => {
+                            into.props.push((k.clone(), NumAgg::default()));
+                            into.props.len() - 1
+                        }
+                    };
+                    if self == Part::Quantiles {
+                        into.props[i].1.merge(n);
+                    } else {
+                        into.props[i].1.merge_exact(n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The totals of `aggs` together per value of `dim` (see [`Marginal`]),
+/// `part` of them.
+fn marginal_of<'a>(aggs: impl Iterator<Item = &'a Agg>, dim: &str, part: Part) -> Marginal {
     let flat = |a: &Agg| {
         let mut m = Agg::default();
-        m.merge_flat(a);
+        part.merge(&mut m, a);
         m
     };
     let mut out = Marginal::default();
-    if agg.by.is_empty() {
-        // Written before any dimension was declared: every event lacks it.
-        if agg.count > 0 {
-            out.push(None, flat(agg));
-        }
-        return out;
-    }
     let mut index: hashbrown::HashMap<Option<&str>, usize> = hashbrown::HashMap::new();
-    for (k, a) in &agg.by {
-        let v = dims::value_of(k, dim);
-        match index.get(&v) {
-            Some(&i) => out.entries[i].agg.merge_flat(a),
-            None => {
-                index.insert(v, out.entries.len());
-                out.push(v, flat(a));
+    for agg in aggs {
+        // Written before any dimension was declared: every event lacks it.
+        let whole = (agg.by.is_empty() && agg.count > 0).then_some((None, agg));
+        let combos = agg
+            .by
+            .iter()
+            .map(|(k, a)| (dims::value_of(k, dim), a))
+            .chain(whole);
+        for (v, a) in combos {
+            match index.get(&v) {
+                Some(&i) => part.merge(&mut out.entries[i].agg, a),
+                None => {
+                    index.insert(v, out.entries.len());
+                    out.push(v, flat(a));
+                }
             }
         }
     }
@@ -1085,31 +1170,81 @@ pub enum QueryError {
 /// Most buckets one query may return per series.
 pub const MAX_BUCKETS: i64 = 100_000;
 
-/// Accumulates one bucket of one series.
+/// Accumulates one bucket of one series. A sketch is borrowed from the
+/// store until a second aggregate joins it (most points of a breakdown
+/// at its own granularity hold one).
 #[derive(Clone)]
-enum Acc {
+enum Acc<'a> {
     Count(u64),
-    Distinct { events: u64, hll: Hll },
-    Num { events: u64, agg: NumAgg },
+    Distinct {
+        events: u64,
+        hll: Shared<'a, Hll>,
+    },
+    Num {
+        events: u64,
+        agg: Shared<'a, NumAgg>,
+    },
 }
 
-impl Acc {
+/// A sketch borrowed from the store, or a boxed copy once merged into
+/// (points stay a few words wide whatever the metric).
+#[derive(Clone)]
+enum Shared<'a, T> {
+    Ref(&'a T),
+    Own(Box<T>),
+}
+
+impl<T> std::ops::Deref for Shared<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Shared::Ref(r) => r,
+            Shared::Own(b) => b,
+        }
+    }
+}
+
+impl<T: Clone> Shared<'_, T> {
+    /// The value to merge into: a copy made by `copy` if still borrowed.
+    fn own_with(&mut self, copy: impl FnOnce(&T) -> T) -> &mut T {
+        if let Shared::Ref(r) = *self {
+            *self = Shared::Own(Box::new(copy(r)));
+        }
+        match self {
+            Shared::Own(b) => b,
+            Shared::Ref(_) => unreachable!("made owned above"),
+        }
+    }
+
+    fn own(&mut self) -> &mut T {
+        self.own_with(T::clone)
+    }
+}
+
+/// The count, sum, min and max of `n` without its sketch.
+fn exact_copy(n: &NumAgg) -> NumAgg {
+    let mut c = NumAgg::default();
+    c.merge_exact(n);
+    c
+}
+
+impl Acc<'_> {
     /// Adds another bucket's accumulator of the same metric (sketches
     /// merge: a window's distinct count or percentile is of its events,
     /// not an average of its buckets').
-    fn merge(&mut self, o: &Acc, quantile: bool) {
+    fn merge(&mut self, o: &Acc<'_>, quantile: bool) {
         match (self, o) {
             (Acc::Count(a), Acc::Count(b)) => *a += b,
             (Acc::Distinct { events, hll }, Acc::Distinct { events: e, hll: h }) => {
                 *events += e;
-                hll.merge(h);
+                hll.own().merge(h);
             }
             (Acc::Num { events, agg }, Acc::Num { events: e, agg: a }) => {
                 *events += e;
                 if quantile {
-                    agg.merge(a);
+                    agg.own().merge(a);
                 } else {
-                    agg.merge_exact(a);
+                    agg.own_with(exact_copy).merge_exact(a);
                 }
             }
             _ => {}
@@ -1777,7 +1912,7 @@ impl RollupStore {
             }
         }
         let split = q.splits();
-        let mut series: BTreeMap<Vec<Option<&str>>, BTreeMap<Millis, Acc>> = BTreeMap::new();
+        let mut series: BTreeMap<Vec<Option<&str>>, Points<'_>> = BTreeMap::new();
         let mut key: Vec<Option<&str>> = Vec::with_capacity(q.group_by.len());
         // A split query meets the same few combinations in every bucket:
         // what each (event type, combination) maps to is worked out once
@@ -1786,6 +1921,7 @@ impl RollupStore {
         // A query that splits or filters by a single dimension reads the
         // buckets' totals per value of it instead of every combination.
         let single = q.single_dimension();
+        let part = Part::of(&q.metric);
         let names = dims.of(&q.tenant);
         // Keyed by (event type, value) under a hash made from the hash each
         // total carries: no value is hashed again, and a day of buckets
@@ -1793,8 +1929,32 @@ impl RollupStore {
         let mut memo_one: hashbrown::HashTable<(u64, &str, Option<&str>, Option<usize>)> =
             hashbrown::HashTable::new();
         let mut slots = Slots::default();
+        // Neither split nor filtered by event type: the totals over all
+        // event types serve, one per value and bucket.
+        let across = q.event_types.is_empty() && !q.group_by.iter().any(|g| g == "event_type");
         for (minute, bucket) in self.tenant_buckets(&q.tenant, from, q.end, g) {
             let b = align_down(minute, g);
+            if split
+                && across
+                && let Some(d) = single
+                && let Some(m) = bucket.marginal_all(d, names, part)
+            {
+                for (h, v, sub) in m.iter() {
+                    let found = memo_one.find(h, |e| e.0 == h && e.2 == v && e.1.is_empty());
+                    let slot = match found {
+                        Some(e) => e.3,
+                        None => {
+                            let s = slots.resolve(q, "", |n| if n == d { v } else { None });
+                            memo_one.insert_unique(h, (h, "", v, s), |e| e.0);
+                            s
+                        }
+                    };
+                    if let Some(i) = slot {
+                        slots.add(i, b, sub, &q.metric);
+                    }
+                }
+                continue;
+            }
             for (ti, (ty, agg)) in bucket.types.iter().enumerate() {
                 if !q.event_types.is_empty() && !q.event_types.iter().any(|t| t == &**ty) {
                     continue;
@@ -1806,7 +1966,7 @@ impl RollupStore {
                     continue;
                 }
                 if let Some(d) = single
-                    && let Some(m) = bucket.marginal(ti, d, names)
+                    && let Some(m) = bucket.marginal(ti, d, names, part)
                 {
                     let th = stable_hash(&[ty.as_bytes()]).rotate_left(17);
                     for (vh, v, sub) in m.iter() {
@@ -1845,24 +2005,26 @@ impl RollupStore {
                 }
             }
         }
-        for (k, buckets) in slots.keys.into_iter().zip(slots.points) {
-            series.insert(k, buckets.into_iter().collect());
+        for (k, points) in slots.keys.into_iter().zip(slots.points) {
+            series.insert(k, points);
         }
         if window > g {
             let quantile = matches!(q.metric, Metric::Quantile(..));
             for buckets in series.values_mut() {
-                let mut points = BTreeMap::new();
+                let mut points = Vec::new();
                 let mut b = first;
                 while b < q.end {
-                    let mut acc: Option<Acc> = None;
-                    for (_, x) in buckets.range(b - (window - g)..=b) {
+                    let lo = buckets.partition_point(|(m, _)| *m < b - (window - g));
+                    let hi = buckets.partition_point(|(m, _)| *m <= b);
+                    let mut acc: Option<Acc<'_>> = None;
+                    for (_, x) in buckets.get(lo..hi).unwrap_or_default() {
                         match &mut acc {
                             Some(a) => a.merge(x, quantile),
                             None => acc = Some(x.clone()),
                         }
                     }
                     if let Some(a) = acc {
-                        points.insert(b, a);
+                        points.push((b, a));
                     }
                     b += g;
                 }
@@ -1877,7 +2039,7 @@ impl RollupStore {
 /// gets a slot, its points kept in bucket order.
 #[derive(Default)]
 struct Slots<'a> {
-    points: Vec<Vec<(Millis, Acc)>>,
+    points: Vec<Points<'a>>,
     keys: Vec<Vec<Option<&'a str>>>,
     slot_of: hashbrown::HashMap<Vec<Option<&'a str>>, usize>,
 }
@@ -1921,26 +2083,35 @@ impl<'a> Slots<'a> {
     /// Adds one aggregate to bucket `b` of slot `i`. Buckets arrive in
     /// order, so this is mostly the last point or a new one.
     #[inline]
-    fn add(&mut self, i: usize, b: Millis, agg: &Agg, metric: &Metric) {
-        let points = &mut self.points[i];
-        let at = match points.last() {
-            Some((last, _)) if *last == b => points.len() - 1,
-            Some((last, _)) if *last > b => match points.binary_search_by_key(&b, |(m, _)| *m) {
-                Ok(at) => at,
-                Err(at) => {
-                    points.insert(at, (b, new_acc(metric)));
-                    at
-                }
-            },
-            _ => {
-                // A new point starts as a copy of its first aggregate
-                // (cheaper than merging into an empty sketch that grows).
-                points.push((b, acc_of(agg, metric)));
+    fn add(&mut self, i: usize, b: Millis, agg: &'a Agg, metric: &Metric) {
+        add_point(&mut self.points[i], b, agg, metric);
+    }
+}
+
+/// A series' points in bucket order.
+type Points<'a> = Vec<(Millis, Acc<'a>)>;
+
+/// Adds one aggregate to bucket `b` of a series. Buckets arrive in order,
+/// so this is mostly the last point or a new one.
+#[inline]
+fn add_point<'a>(points: &mut Points<'a>, b: Millis, agg: &'a Agg, metric: &Metric) {
+    let at = match points.last() {
+        Some((last, _)) if *last == b => points.len() - 1,
+        Some((last, _)) if *last > b => match points.binary_search_by_key(&b, |(m, _)| *m) {
+            Ok(at) => at,
+            Err(at) => {
+                points.insert(at, (b, acc_of(agg, metric)));
                 return;
             }
-        };
-        add_to(&mut points[at].1, agg, metric);
-    }
+        },
+        _ => {
+            // A new point starts from its first aggregate, borrowed (no
+            // merge into an empty sketch that grows).
+            points.push((b, acc_of(agg, metric)));
+            return;
+        }
+    };
+    add_to(&mut points[at].1, agg, metric);
 }
 
 /// The buckets of `m` in `[from, to)` (none when the range is empty).
@@ -1958,86 +2129,56 @@ fn span(
 
 /// Adds one aggregate to bucket `b` of the series `key`.
 fn accumulate<'a>(
-    series: &mut BTreeMap<Vec<Option<&'a str>>, BTreeMap<Millis, Acc>>,
+    series: &mut BTreeMap<Vec<Option<&'a str>>, Points<'a>>,
     key: &[Option<&'a str>],
     b: Millis,
-    agg: &Agg,
+    agg: &'a Agg,
     metric: &Metric,
 ) {
-    let buckets = match series.get_mut(key) {
+    let points = match series.get_mut(key) {
         Some(s) => s,
         None => series.entry(key.to_vec()).or_default(),
     };
-    accumulate_into(buckets, b, agg, metric);
+    add_point(points, b, agg, metric);
 }
 
-/// Adds one aggregate to bucket `b` of one series.
-#[inline]
-fn accumulate_into(buckets: &mut BTreeMap<Millis, Acc>, b: Millis, agg: &Agg, metric: &Metric) {
-    add_to(
-        buckets.entry(b).or_insert_with(|| new_acc(metric)),
-        agg,
-        metric,
-    );
-}
-
-/// An empty accumulator for `metric`.
-fn new_acc(metric: &Metric) -> Acc {
-    match metric {
-        Metric::Count => Acc::Count(0),
-        Metric::UniqueUsers | Metric::UniqueSessions => Acc::Distinct {
-            events: 0,
-            hll: Hll::default(),
-        },
-        _ => Acc::Num {
-            events: 0,
-            agg: NumAgg::default(),
-        },
-    }
-}
-
-/// An accumulator of `metric` holding one aggregate: [`new_acc`] then
-/// [`add_to`], with sketches copied rather than merged.
-fn acc_of(agg: &Agg, metric: &Metric) -> Acc {
+/// An accumulator of `metric` holding one aggregate, borrowed.
+fn acc_of<'a>(agg: &'a Agg, metric: &Metric) -> Acc<'a> {
     match metric {
         Metric::Count => Acc::Count(agg.count),
         Metric::UniqueUsers => Acc::Distinct {
             events: agg.count,
-            hll: agg.users.clone(),
+            hll: Shared::Ref(&agg.users),
         },
         Metric::UniqueSessions => Acc::Distinct {
             events: agg.count,
-            hll: agg.sessions.clone(),
+            hll: Shared::Ref(&agg.sessions),
         },
-        Metric::Quantile(_, p) => Acc::Num {
+        Metric::Quantile(_, p)
+        | Metric::Sum(p)
+        | Metric::Avg(p)
+        | Metric::Min(p)
+        | Metric::Max(p) => Acc::Num {
             events: agg.count,
-            agg: agg.prop(p).cloned().unwrap_or_default(),
+            agg: agg
+                .prop(p)
+                .map_or_else(|| Shared::Own(Box::default()), Shared::Ref),
         },
-        Metric::Sum(p) | Metric::Avg(p) | Metric::Min(p) | Metric::Max(p) => {
-            let mut n = NumAgg::default();
-            if let Some(x) = agg.prop(p) {
-                n.merge_exact(x);
-            }
-            Acc::Num {
-                events: agg.count,
-                agg: n,
-            }
-        }
     }
 }
 
 /// Adds one aggregate to an accumulator of `metric`.
 #[inline]
-fn add_to(acc: &mut Acc, agg: &Agg, metric: &Metric) {
+fn add_to(acc: &mut Acc<'_>, agg: &Agg, metric: &Metric) {
     match (acc, metric) {
         (Acc::Count(c), _) => *c += agg.count,
         (Acc::Distinct { events, hll }, Metric::UniqueUsers) => {
             *events += agg.count;
-            hll.merge(&agg.users);
+            hll.own().merge(&agg.users);
         }
         (Acc::Distinct { events, hll }, _) => {
             *events += agg.count;
-            hll.merge(&agg.sessions);
+            hll.own().merge(&agg.sessions);
         }
         (
             Acc::Num { events, agg: n },
@@ -2050,10 +2191,10 @@ fn add_to(acc: &mut Acc, agg: &Agg, metric: &Metric) {
             *events += agg.count;
             if let Some(x) = agg.prop(p) {
                 if matches!(metric, Metric::Quantile(..)) {
-                    n.merge(x);
+                    n.own().merge(x);
                 } else {
-                    // Only exact statistics are needed: skip the sketch merge.
-                    n.merge_exact(x);
+                    // Only exact statistics are needed: skip the sketch.
+                    n.own_with(exact_copy).merge_exact(x);
                 }
             }
         }
@@ -2061,10 +2202,7 @@ fn add_to(acc: &mut Acc, agg: &Agg, metric: &Metric) {
     }
 }
 
-fn finish(
-    q: &MetricQuery,
-    series: BTreeMap<Vec<Option<&str>>, BTreeMap<Millis, Acc>>,
-) -> Vec<Series> {
+fn finish(q: &MetricQuery, series: BTreeMap<Vec<Option<&str>>, Points<'_>>) -> Vec<Series> {
     let mut out: Vec<Series> = series
         .into_iter()
         .map(|(key, buckets)| Series {
@@ -2090,7 +2228,7 @@ fn finish(
     out
 }
 
-fn value(metric: &Metric, acc: Acc) -> Option<Value> {
+fn value(metric: &Metric, acc: Acc<'_>) -> Option<Value> {
     match acc {
         Acc::Count(0) => None,
         Acc::Count(c) => Some(Value::Int(c)),
