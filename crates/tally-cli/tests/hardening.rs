@@ -420,6 +420,72 @@ async fn junk_lines_cost_memory_bounded_by_the_body() {
     server.stop().await.unwrap();
 }
 
+/// A client inventing an event type per event (a user id pasted into the
+/// type) cannot make each event a new aggregate: past the cap the
+/// rollups count them under `__other__`, every event still counted, and
+/// the raw events keep their types for SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_event_types_are_folded_past_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path(), |cfg| cfg.dimensions.max_event_types = 50).await;
+    let api = Api::of(&server);
+    let t = align(now_ms()) - 2 * MINUTE_MS;
+    let evs: Vec<Value> = (0..3000)
+        .map(|i| {
+            let mut e = ev(&format!("e{i}"), t + i % 1000, "acme");
+            e["event_type"] = json!(format!("type-{i}"));
+            e
+        })
+        .collect();
+    api.events(&evs).await;
+    assert_eq!(
+        api.count_settled("acme", t, t + MINUTE_MS, 3000.0).await,
+        3000.0
+    );
+    let (s, v) = api
+        .get(&format!(
+            "/api/v1/metrics?metric=count&group_by=event_type&granularity=1m&start={t}&end={}&tenant=acme",
+            t + MINUTE_MS
+        ))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let series = v["series"].as_array().unwrap();
+    assert_eq!(series.len(), 51, "50 types and __other__");
+    let other = series
+        .iter()
+        .find(|x| x["labels"]["event_type"] == "__other__")
+        .expect("an __other__ series");
+    assert_eq!(other["points"][0][1], 2950);
+    let prom = api
+        .c
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        prom.contains("tally_event_types_folded_total 2950"),
+        "{prom}"
+    );
+    // The events themselves keep their types.
+    common::wait_events(&api.c, &api.base, "acme", 3000).await;
+    let rows = common::rows(
+        &api.c,
+        &api.base,
+        "acme",
+        "SELECT count(DISTINCT event_type) FROM events",
+    )
+    .await;
+    assert_eq!(rows[0][0], 3000);
+    server.stop().await.unwrap();
+}
+
+fn align(t: i64) -> i64 {
+    t - t.rem_euclid(MINUTE_MS)
+}
+
 /// Under overload (here: a tiny in-flight budget, so every request counts
 /// as one) the low-priority types are refused with 429 and counted; the
 /// others in the same batch are taken.

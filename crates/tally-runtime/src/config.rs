@@ -121,6 +121,10 @@ pub struct DimensionsSection {
     /// its event types); events of later new combinations are counted
     /// under the one with every value `__other__`.
     pub max_combinations: usize,
+    /// Event types kept per tenant and minute; events of later new types
+    /// are counted under the event type `__other__` (the raw events keep
+    /// theirs).
+    pub max_event_types: usize,
 }
 
 /// A list of names: a TOML array, or one comma-separated text.
@@ -159,6 +163,7 @@ impl Default for DimensionsSection {
             max_values: 1000,
             max_value_bytes: 256,
             max_combinations: tally_store::dims::MAX_COMBINATIONS,
+            max_event_types: tally_store::dims::MAX_EVENT_TYPES,
         }
     }
 }
@@ -178,6 +183,7 @@ impl DimensionsSection {
             self.max_value_bytes,
         )
         .and_then(|d| d.with_max_combinations(self.max_combinations))
+        .and_then(|d| d.with_max_event_types(self.max_event_types))
         .map_err(|e| ConfigError::Dimensions(e.0))
     }
 }

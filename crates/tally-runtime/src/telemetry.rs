@@ -179,6 +179,8 @@ pub struct Snapshot {
     pub dimension_values_folded: u64,
     /// Events of new combinations counted under the all-`__other__` one.
     pub dimension_combinations_folded: u64,
+    /// Events of new event types counted under `__other__`.
+    pub event_types_folded: u64,
     pub dedupe_entries: usize,
     /// Session changes listed by /api/v1/changes, ever.
     pub session_changes: u64,
@@ -433,6 +435,12 @@ impl Telemetry {
             "tally_dimension_combinations_folded_total",
             "Events of a new combination of dimension values counted under the combination with every value __other__, because their tenant-minute already held dimensions.max-combinations combinations.",
             s.dimension_combinations_folded,
+        );
+        counter(
+            &mut o,
+            "tally_event_types_folded_total",
+            "Events of a new event type counted in the rollups under the event type __other__, because their tenant-minute already held dimensions.max-event-types event types (the raw events keep their type).",
+            s.event_types_folded,
         );
         gauge(
             &mut o,

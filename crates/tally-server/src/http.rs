@@ -223,12 +223,19 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
     let v = s.shared.processor.lock().clone();
     // One read guard: a second read of the same lock while a writer waits
     // would wait behind that writer forever.
-    let (rollup_buckets, dimension_values_folded, dimension_combinations_folded, session_changes) = {
+    let (
+        rollup_buckets,
+        dimension_values_folded,
+        dimension_combinations_folded,
+        event_types_folded,
+        session_changes,
+    ) = {
         let store = s.shared.store.read();
         (
             store.bucket_count(),
             store.values_folded(),
             store.combinations_folded(),
+            store.event_types_folded(),
             store.session_changes_told(),
         )
     };
@@ -249,6 +256,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         rollup_buckets,
         dimension_values_folded,
         dimension_combinations_folded,
+        event_types_folded,
         session_changes,
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,

@@ -35,6 +35,10 @@ use tally_types::codec::PropValue;
 /// The value that values past the cap are folded into.
 pub const OTHER: &str = "__other__";
 
+/// The event type that events of new types past
+/// [`Dimensions::max_event_types`] are counted under.
+pub const OTHER_TYPE: &str = OTHER;
+
 /// Separates the `name=value` pairs of a combination key.
 pub const SEP: char = '\x1f';
 
@@ -52,12 +56,21 @@ pub struct Dimensions {
     pub max_value_bytes: usize,
     /// Combinations kept per tenant and bucket, over its event types.
     pub max_combinations: usize,
+    /// Event types kept per tenant and bucket (the event type is a
+    /// dimension too: without a cap, a client inventing a type per event
+    /// makes every event a new aggregate and a linear search).
+    pub max_event_types: usize,
     /// Values folded into [`OTHER`], shared by every clone (the stores of
     /// one node count together).
     folded: Arc<AtomicU64>,
     /// Events of new combinations counted under the all-[`OTHER`] one.
     combos_folded: Arc<AtomicU64>,
+    /// Events of new event types counted under [`OTHER_TYPE`].
+    types_folded: Arc<AtomicU64>,
 }
+
+/// Event types kept per tenant and bucket unless configured.
+pub const MAX_EVENT_TYPES: usize = 1000;
 
 /// Combinations kept per tenant and bucket unless configured.
 pub const MAX_COMBINATIONS: usize = 10_000;
@@ -71,6 +84,7 @@ impl PartialEq for Dimensions {
             && self.max_values == o.max_values
             && self.max_value_bytes == o.max_value_bytes
             && self.max_combinations == o.max_combinations
+            && self.max_event_types == o.max_event_types
     }
 }
 
@@ -83,8 +97,10 @@ impl Default for Dimensions {
             max_values: 1000,
             max_value_bytes: 256,
             max_combinations: MAX_COMBINATIONS,
+            max_event_types: MAX_EVENT_TYPES,
             folded: Arc::default(),
             combos_folded: Arc::default(),
+            types_folded: Arc::default(),
         }
     }
 }
@@ -147,9 +163,37 @@ impl Dimensions {
             max_values,
             max_value_bytes: max_value_bytes.max(1),
             max_combinations: MAX_COMBINATIONS,
+            max_event_types: MAX_EVENT_TYPES,
             folded: Arc::default(),
             combos_folded: Arc::default(),
+            types_folded: Arc::default(),
         })
+    }
+
+    /// The same declaration keeping at most `n` event types per tenant and
+    /// bucket.
+    pub fn with_max_event_types(mut self, n: usize) -> Result<Dimensions, DimensionError> {
+        if n == 0 {
+            return Err(DimensionError(format!(
+                "dimensions.max-event-types: must be at least 1 (the default is {MAX_EVENT_TYPES})"
+            )));
+        }
+        self.max_event_types = n;
+        Ok(self)
+    }
+
+    /// Events of new event types counted under [`OTHER_TYPE`], by every
+    /// store sharing this declaration.
+    pub fn event_types_folded(&self) -> u64 {
+        self.types_folded.load(Relaxed)
+    }
+
+    pub(crate) fn note_event_type_folded(&self) {
+        self.note_event_types_folded(1);
+    }
+
+    pub(crate) fn note_event_types_folded(&self, events: u64) {
+        self.types_folded.fetch_add(events, Relaxed);
     }
 
     /// The same declaration keeping at most `n` combinations per tenant

@@ -309,6 +309,18 @@ impl MinuteBucket {
         self.agg_entry(event_type)
     }
 
+    /// The event type an event of `event_type` is counted under: itself
+    /// while the bucket holds it or fewer than `max` types, else
+    /// [`dims::OTHER_TYPE`].
+    #[inline]
+    pub fn type_for<'a>(&self, event_type: &'a str, max: usize) -> &'a str {
+        if self.types.len() < max || self.types.iter().any(|(t, _)| &**t == event_type) {
+            event_type
+        } else {
+            dims::OTHER_TYPE
+        }
+    }
+
     /// The combinations held, over every event type.
     pub fn combinations(&self) -> usize {
         self.types.iter().map(|(_, a)| a.by.len()).sum()
@@ -1488,6 +1500,28 @@ impl RollupStore {
         bucket.agg_mut(event_type)
     }
 
+    /// The event type [`RollupStore::add`] would count an event of
+    /// `event_type` in `minute` under (see [`MinuteBucket::type_for`]).
+    pub fn rollup_type<'a>(&self, tenant: &str, minute: Millis, event_type: &'a str) -> &'a str {
+        let Some(t) = self.tenants.get(tenant) else {
+            return event_type;
+        };
+        let bucket = if minute < self.downsampled_to {
+            t.hours.get(&align_down(minute, HOUR_MS))
+        } else {
+            t.minutes.get(&minute)
+        };
+        bucket.map_or(event_type, |b| {
+            b.type_for(event_type, self.dims.max_event_types)
+        })
+    }
+
+    /// Events of new event types counted under `__other__` (the event
+    /// type cap).
+    pub fn event_types_folded(&self) -> u64 {
+        self.dims.event_types_folded()
+    }
+
     /// Adds one event to its minute (or, once downsampled, its hour), and
     /// to its combination of the tenant's dimensions.
     #[inline]
@@ -1495,7 +1529,11 @@ impl RollupStore {
         let minute = align_down(e.ts, MINUTE_MS);
         let names = self.dims.of(e.tenant);
         if names.is_empty() {
-            self.agg_mut(e.tenant, minute, e.event_type).add(e);
+            let ty = self.rollup_type(e.tenant, minute, e.event_type);
+            if ty != e.event_type {
+                self.dims.note_event_type_folded();
+            }
+            self.agg_mut(e.tenant, minute, ty).add(e);
             return;
         }
         // One pass over the properties: the dimension values, and the
@@ -1534,9 +1572,6 @@ impl RollupStore {
                 dims::push_pair(key, &names[i], v);
             }
         }
-        if let Some(t) = self.touched.as_mut() {
-            note_touched(t, e.tenant, minute, e.event_type);
-        }
         let folded_hour = minute < self.downsampled_to;
         let t = tenant_entry(&mut self.tenants, &mut self.dirty, e.tenant, minute);
         let bucket = if folded_hour {
@@ -1544,6 +1579,13 @@ impl RollupStore {
         } else {
             t.minutes.entry(minute).or_default()
         };
+        let ty = bucket.type_for(e.event_type, self.dims.max_event_types);
+        if ty != e.event_type {
+            self.dims.note_event_type_folded();
+        }
+        if let Some(t) = self.touched.as_mut() {
+            note_touched(t, e.tenant, minute, ty);
+        }
         let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
         let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
         let add = |agg: &mut Agg| {
@@ -1553,7 +1595,7 @@ impl RollupStore {
                 agg.add_hashed(e, uh, sh);
             }
         };
-        let agg = bucket.agg_entry(e.event_type);
+        let agg = bucket.agg_entry(ty);
         add(agg);
         if let Some(c) = agg.by.get_mut(key.as_str()) {
             add(c);
@@ -1563,7 +1605,7 @@ impl RollupStore {
         let held = bucket
             .types
             .iter()
-            .any(|(t, a)| &**t == e.event_type && a.by.contains_key(key.as_str()));
+            .any(|(t, a)| &**t == ty && a.by.contains_key(key.as_str()));
         if !held && bucket.combinations() >= self.dims.max_combinations {
             // A new combination past the cap: counted under the same
             // dimensions with every value folded.
@@ -1572,7 +1614,7 @@ impl RollupStore {
             self.dims.note_combination_folded();
         }
         self.dims.note_folded(folded);
-        let agg = bucket.agg_entry(e.event_type);
+        let agg = bucket.agg_entry(ty);
         add(agg.by.entry_ref(key.as_str()).or_default());
     }
 
@@ -1726,7 +1768,11 @@ impl RollupStore {
                 let h = align_down(m, HOUR_MS);
                 let hb = t.hours.entry(h).or_default();
                 for (ty, agg) in &bucket.types {
-                    hb.merge_capped(ty, agg, &self.dims);
+                    let into = hb.type_for(ty, self.dims.max_event_types);
+                    if into != &**ty {
+                        self.dims.note_event_types_folded(agg.count);
+                    }
+                    hb.merge_capped(into, agg, &self.dims);
                 }
                 if last != Some(h) {
                     last = Some(h);

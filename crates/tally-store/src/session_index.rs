@@ -48,6 +48,10 @@ pub const INDEX_REACH_MS: Millis = 6 * 3_600_000;
 /// Sessions held at most by default.
 pub const DEFAULT_MAX_SESSIONS: usize = 500_000;
 
+/// Distinct event types one tenant's sessions name; later new ones are
+/// listed as `__other__`.
+pub const MAX_TYPES: usize = 10_000;
+
 /// Journal frame kinds.
 const FRAME_PUT: u8 = 0;
 const FRAME_GONE: u8 = 1;
@@ -260,6 +264,11 @@ impl Tenant {
     fn type_id(&mut self, name: &str) -> u32 {
         if let Some(&i) = self.type_ids.get(name) {
             return i;
+        }
+        if self.type_names.len() >= MAX_TYPES && name != crate::dims::OTHER_TYPE {
+            // A tenant inventing types without end: the rest are listed
+            // as one, so a session's list and this table stay bounded.
+            return self.type_id(crate::dims::OTHER_TYPE);
         }
         let i = self.type_names.len() as u32;
         self.type_names.push(name.into());

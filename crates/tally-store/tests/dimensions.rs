@@ -693,3 +693,45 @@ fn a_hostile_minute_stays_within_its_memory_bound() {
     assert!(combos <= tally_store::dims::MAX_COMBINATIONS + 2);
     assert!(heap < 8 << 20, "{heap} bytes");
 }
+
+/// Event types past the cap count under `__other__`, with and without
+/// dimensions declared, every event still counted; downsampled hours keep
+/// the cap as minutes merge in.
+#[test]
+fn event_types_past_the_cap_fold_into_other() {
+    for declared in [true, false] {
+        let mut events = hostile(3000, 3);
+        for (i, e) in events.iter_mut().enumerate() {
+            e.ty = Box::leak(format!("type-{i}").into_boxed_str());
+            e.ts = T0 + (i as Millis % 3) * MINUTE_MS;
+        }
+        let d = if declared {
+            dims(1000)
+        } else {
+            Dimensions::new(&[], &[], 1000, 64).unwrap()
+        };
+        let mut store = store_with(&events, d.with_max_event_types(40).unwrap());
+        assert_eq!(store.event_types_folded(), 3000 - 3 * 40);
+        for m in 0..3 {
+            let b = store.minute("acme", T0 + m * MINUTE_MS).unwrap();
+            assert_eq!(b.types.len(), 41, "{declared}");
+            let other = b.types.iter().find(|(t, _)| &**t == OTHER).unwrap();
+            assert_eq!(other.1.count, 1000 - 40);
+            assert!(b.types.iter().all(|(t, a)| &**t == OTHER || a.count == 1));
+        }
+        let mut q = query(Metric::Count, &["event_type"], &[]);
+        q.granularity = Granularity::M1;
+        let got = answer(&store, &q);
+        let total: f64 = got.values().flat_map(|p| p.values()).sum();
+        assert_eq!(total, 3000.0);
+        store.downsample(T0 + 2 * HOUR_MS);
+        let h = store
+            .tenant_buckets("acme", T0, T0 + HOUR_MS, HOUR_MS)
+            .next()
+            .unwrap()
+            .1;
+        assert_eq!(h.types.len(), 41);
+        assert_eq!(h.types.iter().map(|(_, a)| a.count).sum::<u64>(), 3000);
+        assert_eq!(store.event_types_folded(), 3000 - 40);
+    }
+}

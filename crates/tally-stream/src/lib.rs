@@ -702,7 +702,8 @@ impl Processor {
                 out.corrections += 1;
             }
             if closed_by.is_some_and(|w| minute + MINUTE_MS <= w) {
-                store.note_correction(ev.tenant, minute, ev.event_type, append_ms);
+                let ty = store.rollup_type(ev.tenant, minute, ev.event_type);
+                store.note_correction(ev.tenant, minute, ty, append_ms);
             }
             c.dedupe.insert(key, minute);
             if journaling {
@@ -793,7 +794,8 @@ impl Processor {
                 continue;
             }
             let minute = align_down(ev.ts, MINUTE_MS);
-            store.note_correction(ev.tenant, minute, ev.event_type, append_ms);
+            let ty = store.rollup_type(ev.tenant, minute, ev.event_type);
+            store.note_correction(ev.tenant, minute, ty, append_ms);
             store.add(&ev);
             note_touch(&mut store, &ev, wm.unwrap_or(Millis::MAX), append_ms);
             self.corrected.insert(key);
