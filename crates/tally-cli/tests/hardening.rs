@@ -482,6 +482,57 @@ async fn invented_event_types_are_folded_past_the_cap() {
     server.stop().await.unwrap();
 }
 
+/// Numeric property names invented per event (ids pasted into names): an
+/// aggregate keeps the first 128 properties, every event is counted, the
+/// sums of the kept ones stay exact, and the values left out are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_property_names_cost_bounded_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path(), |_| {}).await;
+    let api = Api::of(&server);
+    let t = align(now_ms()) - 2 * MINUTE_MS;
+    let evs: Vec<Value> = (0..3000)
+        .map(|i| {
+            let mut e = ev(&format!("e{i}"), t + i % 1000, "acme");
+            let mut props = serde_json::Map::new();
+            props.insert("revenue".into(), json!(2));
+            for j in 0..50 {
+                props.insert(format!("m{i}_{j}"), json!(j));
+            }
+            e["properties"] = Value::Object(props);
+            e
+        })
+        .collect();
+    api.events(&evs).await;
+    assert_eq!(
+        api.count_settled("acme", t, t + MINUTE_MS, 3000.0).await,
+        3000.0
+    );
+    let (s, v) = api
+        .get(&format!(
+            "/api/v1/metrics?metric=sum:revenue&granularity=1m&start={t}&end={}&tenant=acme",
+            t + MINUTE_MS
+        ))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["series"][0]["points"][0][1], 6000, "{v}");
+    let prom = api
+        .c
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // 3000 events of 50 invented values each; 127 of them were kept.
+    assert!(
+        prom.contains("tally_properties_dropped_total 149873"),
+        "{prom}"
+    );
+    server.stop().await.unwrap();
+}
+
 fn align(t: i64) -> i64 {
     t - t.rem_euclid(MINUTE_MS)
 }

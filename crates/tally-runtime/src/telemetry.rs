@@ -181,6 +181,8 @@ pub struct Snapshot {
     pub dimension_combinations_folded: u64,
     /// Events of new event types counted under `__other__`.
     pub event_types_folded: u64,
+    /// Numeric values not aggregated (their aggregate's property cap).
+    pub properties_dropped: u64,
     pub dedupe_entries: usize,
     /// Session changes listed by /api/v1/changes, ever.
     pub session_changes: u64,
@@ -441,6 +443,12 @@ impl Telemetry {
             "tally_event_types_folded_total",
             "Events of a new event type counted in the rollups under the event type __other__, because their tenant-minute already held dimensions.max-event-types event types (the raw events keep their type).",
             s.event_types_folded,
+        );
+        counter(
+            &mut o,
+            "tally_properties_dropped_total",
+            "Numeric property values not aggregated because their (tenant, minute, event type) aggregate already held 128 other numeric properties (the raw events keep them).",
+            s.properties_dropped,
         );
         gauge(
             &mut o,

@@ -228,6 +228,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dimension_values_folded,
         dimension_combinations_folded,
         event_types_folded,
+        properties_dropped,
         session_changes,
     ) = {
         let store = s.shared.store.read();
@@ -236,6 +237,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
             store.values_folded(),
             store.combinations_folded(),
             store.event_types_folded(),
+            store.properties_dropped(),
             store.session_changes_told(),
         )
     };
@@ -257,6 +259,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dimension_values_folded,
         dimension_combinations_folded,
         event_types_folded,
+        properties_dropped,
         session_changes,
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,

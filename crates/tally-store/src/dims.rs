@@ -67,6 +67,8 @@ pub struct Dimensions {
     combos_folded: Arc<AtomicU64>,
     /// Events of new event types counted under [`OTHER_TYPE`].
     types_folded: Arc<AtomicU64>,
+    /// Numeric values past [`crate::rollup::MAX_PROPERTIES`], not aggregated.
+    props_dropped: Arc<AtomicU64>,
 }
 
 /// Event types kept per tenant and bucket unless configured.
@@ -101,6 +103,7 @@ impl Default for Dimensions {
             folded: Arc::default(),
             combos_folded: Arc::default(),
             types_folded: Arc::default(),
+            props_dropped: Arc::default(),
         }
     }
 }
@@ -167,6 +170,7 @@ impl Dimensions {
             folded: Arc::default(),
             combos_folded: Arc::default(),
             types_folded: Arc::default(),
+            props_dropped: Arc::default(),
         })
     }
 
@@ -186,6 +190,17 @@ impl Dimensions {
     /// store sharing this declaration.
     pub fn event_types_folded(&self) -> u64 {
         self.types_folded.load(Relaxed)
+    }
+
+    /// Numeric values not aggregated (see [`crate::rollup::MAX_PROPERTIES`]).
+    pub fn properties_dropped(&self) -> u64 {
+        self.props_dropped.load(Relaxed)
+    }
+
+    pub(crate) fn note_properties_dropped(&self, n: u64) {
+        if n > 0 {
+            self.props_dropped.fetch_add(n, Relaxed);
+        }
     }
 
     pub(crate) fn note_event_type_folded(&self) {

@@ -73,6 +73,19 @@ impl NumAgg {
     }
 }
 
+/// Numeric properties aggregated per (tenant, minute, event type): a
+/// client inventing property names cannot grow an aggregate, nor the
+/// search of its properties, without end. Values of properties past it
+/// are not aggregated (counted by [`RollupStore::properties_dropped`]);
+/// the raw events keep them.
+pub const MAX_PROPERTIES: usize = 128;
+
+/// True when `within` (if given) holds property `k`.
+#[inline]
+fn taken(within: Option<&[(Box<str>, NumAgg)]>, k: &str) -> bool {
+    within.is_none_or(|w| w.iter().any(|(n, _)| &**n == k))
+}
+
 /// Aggregates per combination of dimension values (see [`crate::dims`]).
 pub type DimAggs = hashbrown::HashMap<Box<str>, Agg>;
 
@@ -92,17 +105,44 @@ pub struct Agg {
 }
 
 impl Agg {
+    /// Adds one event; answers how many of its numeric values were not
+    /// aggregated (their property would be past [`MAX_PROPERTIES`]).
     #[inline]
-    pub fn add(&mut self, e: &EventView<'_>) {
+    pub fn add(&mut self, e: &EventView<'_>) -> u64 {
         let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
         let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
-        self.add_hashed(e, uh, sh);
+        self.add_hashed(e, uh, sh)
     }
 
     /// One event given by its user and session hashes and its numeric
-    /// properties.
+    /// properties (answer as [`Agg::add`]).
     #[inline]
-    pub fn add_nums(&mut self, uh: Option<u64>, sh: Option<u64>, nums: &[(&str, f64)]) {
+    pub fn add_nums(&mut self, uh: Option<u64>, sh: Option<u64>, nums: &[(&str, f64)]) -> u64 {
+        self.add_nums_within(uh, sh, nums, None)
+    }
+
+    /// [`Agg::add_nums`] taking only the properties `within` holds, if
+    /// given (a combination takes what its total took).
+    #[inline]
+    pub fn add_nums_within(
+        &mut self,
+        uh: Option<u64>,
+        sh: Option<u64>,
+        nums: &[(&str, f64)],
+        within: Option<&[(Box<str>, NumAgg)]>,
+    ) -> u64 {
+        self.add_ids(uh, sh);
+        let mut dropped = 0;
+        for &(k, x) in nums {
+            if taken(within, k) && !self.add_num(k, x) {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    #[inline]
+    fn add_ids(&mut self, uh: Option<u64>, sh: Option<u64>) {
         self.count += 1;
         if let Some(u) = uh {
             self.users.insert(u);
@@ -110,39 +150,52 @@ impl Agg {
         if let Some(s) = sh {
             self.sessions.insert(s);
         }
-        for &(k, x) in nums {
-            self.add_num(k, x);
-        }
     }
 
-    /// Adds one value of numeric property `k`.
+    /// Adds one value of numeric property `k`; false when the aggregate
+    /// holds [`MAX_PROPERTIES`] others already.
     #[inline]
-    fn add_num(&mut self, k: &str, x: f64) {
+    fn add_num(&mut self, k: &str, x: f64) -> bool {
+        let full = self.props.len() >= MAX_PROPERTIES;
         match self.props.iter_mut().find(|(name, _)| &**name == k) {
             Some((_, n)) => n.add(x),
+            None if full => return false,
             None => {
                 let mut n = NumAgg::default();
                 n.add(x);
                 self.props.push((k.into(), n));
             }
         }
+        true
     }
 
     /// [`Agg::add`] with the user and session hashes already computed.
     #[inline]
-    pub fn add_hashed(&mut self, e: &EventView<'_>, uh: Option<u64>, sh: Option<u64>) {
-        self.count += 1;
-        if let Some(u) = uh {
-            self.users.insert(u);
-        }
-        if let Some(s) = sh {
-            self.sessions.insert(s);
-        }
+    pub fn add_hashed(&mut self, e: &EventView<'_>, uh: Option<u64>, sh: Option<u64>) -> u64 {
+        self.add_hashed_within(e, uh, sh, None)
+    }
+
+    /// [`Agg::add_hashed`] taking only the properties `within` holds, if
+    /// given.
+    #[inline]
+    pub fn add_hashed_within(
+        &mut self,
+        e: &EventView<'_>,
+        uh: Option<u64>,
+        sh: Option<u64>,
+        within: Option<&[(Box<str>, NumAgg)]>,
+    ) -> u64 {
+        self.add_ids(uh, sh);
+        let mut dropped = 0;
         for (k, v) in e.props() {
-            if let Some(x) = v.as_f64() {
-                self.add_num(k, x);
+            if let Some(x) = v.as_f64()
+                && taken(within, k)
+                && !self.add_num(k, x)
+            {
+                dropped += 1;
             }
         }
+        dropped
     }
 
     pub fn merge(&mut self, o: &Agg) {
@@ -164,8 +217,10 @@ impl Agg {
         self.users.merge(&o.users);
         self.sessions.merge(&o.sessions);
         for (k, n) in &o.props {
+            let full = self.props.len() >= MAX_PROPERTIES;
             match self.props.iter_mut().find(|(name, _)| name == k) {
                 Some((_, m)) => m.merge(n),
+                None if full => {}
                 None => self.props.push((k.clone(), n.clone())),
             }
         }
@@ -637,6 +692,7 @@ impl Part {
                 for (k, n) in &o.props {
                     let i = match into.props.iter().position(|(name, _)| name == k) {
                         Some(i) => i,
+                        None if into.props.len() >= MAX_PROPERTIES => continue,
                         None => {
                             into.props.push((k.clone(), NumAgg::default()));
                             into.props.len() - 1
@@ -1516,6 +1572,12 @@ impl RollupStore {
         })
     }
 
+    /// Numeric values not aggregated because their aggregate held
+    /// [`MAX_PROPERTIES`] other properties.
+    pub fn properties_dropped(&self) -> u64 {
+        self.dims.properties_dropped()
+    }
+
     /// Events of new event types counted under `__other__` (the event
     /// type cap).
     pub fn event_types_folded(&self) -> u64 {
@@ -1533,7 +1595,8 @@ impl RollupStore {
             if ty != e.event_type {
                 self.dims.note_event_type_folded();
             }
-            self.agg_mut(e.tenant, minute, ty).add(e);
+            let dropped = self.agg_mut(e.tenant, minute, ty).add(e);
+            self.dims.note_properties_dropped(dropped);
             return;
         }
         // One pass over the properties: the dimension values, and the
@@ -1588,17 +1651,21 @@ impl RollupStore {
         }
         let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
         let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
-        let add = |agg: &mut Agg| {
+        let add = |agg: &mut Agg, within: Option<&[(Box<str>, NumAgg)]>| {
             if all_nums {
-                agg.add_nums(uh, sh, nums);
+                agg.add_nums_within(uh, sh, nums, within)
             } else {
-                agg.add_hashed(e, uh, sh);
+                agg.add_hashed_within(e, uh, sh, within)
             }
         };
         let agg = bucket.agg_entry(ty);
-        add(agg);
-        if let Some(c) = agg.by.get_mut(key.as_str()) {
-            add(c);
+        let dropped = add(agg, None);
+        self.dims.note_properties_dropped(dropped);
+        // A combination takes the properties its total took (all of them
+        // unless the total is full).
+        let Agg { props, by, .. } = agg;
+        if let Some(c) = by.get_mut(key.as_str()) {
+            add(c, (dropped > 0).then_some(props.as_slice()));
             return;
         }
         let mut folded = bucket.combination(&vals, names, &self.dims, key);
@@ -1614,8 +1681,11 @@ impl RollupStore {
             self.dims.note_combination_folded();
         }
         self.dims.note_folded(folded);
-        let agg = bucket.agg_entry(ty);
-        add(agg.by.entry_ref(key.as_str()).or_default());
+        let Agg { props, by, .. } = bucket.agg_entry(ty);
+        add(
+            by.entry_ref(key.as_str()).or_default(),
+            (dropped > 0).then_some(props.as_slice()),
+        );
     }
 
     /// Starts noting which buckets change (a processor that publishes its

@@ -735,3 +735,86 @@ fn event_types_past_the_cap_fold_into_other() {
         assert_eq!(store.event_types_folded(), 3000 - 40);
     }
 }
+
+/// Property names invented per event: an aggregate keeps at most
+/// `MAX_PROPERTIES` of them (the first ones met), its combinations only
+/// those, every event still counted, and the values of the kept ones
+/// exact; the values left out are counted.
+#[test]
+fn invented_property_names_stop_at_the_cap() {
+    use tally_store::rollup::MAX_PROPERTIES;
+    for declared in [true, false] {
+        let d = if declared {
+            dims(1000)
+        } else {
+            Dimensions::new(&[], &[], 1000, 64).unwrap()
+        };
+        let mut s = RollupStore::new();
+        s.set_dimensions(d);
+        let mut w = BatchWriter::new();
+        let (events, per) = (400usize, 30usize);
+        let mut names: Vec<Vec<String>> = Vec::new();
+        for i in 0..events {
+            let at = w.begin_event(
+                "acme",
+                &format!("e{i}"),
+                "click",
+                T0 + i as Millis,
+                Some("u"),
+                None,
+            );
+            w.prop("country", PropValue::Str(["DE", "FR"][i % 2]));
+            // Half the properties are shared by every event, half invented;
+            // one event carries more than the fast path takes.
+            let n = if i == 7 { 40 } else { per };
+            let props: Vec<String> = (0..n)
+                .map(|j| {
+                    if j % 2 == 0 {
+                        format!("shared{j}")
+                    } else {
+                        format!("p{i}_{j}")
+                    }
+                })
+                .collect();
+            for p in &props {
+                w.prop(p, PropValue::Int(1));
+            }
+            w.finish_event(at, 1 + props.len() as u16);
+            names.push(props);
+        }
+        let bytes = w.finish();
+        for ev in BatchReader::new(&bytes).unwrap() {
+            s.add(&ev.unwrap());
+        }
+        s.commit();
+        let agg = s
+            .minute("acme", T0)
+            .unwrap()
+            .types
+            .iter()
+            .find(|(t, _)| &**t == "click")
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(agg.count, events as u64);
+        assert_eq!(agg.props.len(), MAX_PROPERTIES);
+        // The shared properties were met first: exact over every event.
+        let shared = agg.prop("shared0").unwrap();
+        assert_eq!(shared.count, events as u64);
+        assert_eq!(shared.sum.value(), events as f64);
+        let values: usize = names.iter().map(Vec::len).sum();
+        let kept: u64 = agg.props.iter().map(|(_, n)| n.count).sum();
+        assert_eq!(s.properties_dropped(), values as u64 - kept, "{declared}");
+        for (_, c) in &agg.by {
+            assert!(c.props.iter().all(|(k, _)| agg.prop(k).is_some()));
+        }
+        if declared {
+            let by: u64 = agg
+                .by
+                .values()
+                .map(|c| c.prop("shared0").unwrap().count)
+                .sum();
+            assert_eq!(by, events as u64);
+        }
+    }
+}
