@@ -320,10 +320,14 @@ impl Tenant {
                 i
             }
             None => {
-                // Grow by a quarter, not double: the slots are most of the
-                // index's memory.
+                // Grow by a quarter past 64, not double: the slots are most
+                // of the index's memory. Below, double from 4: a tenant
+                // with one session holds a few slots, not 64 (a client
+                // inventing tenants paid 5 KB for each).
                 if self.slots.len() == self.slots.capacity() {
-                    self.slots.reserve_exact((self.slots.len() / 4).max(64));
+                    let n = self.slots.len();
+                    self.slots
+                        .reserve_exact(if n < 64 { n.max(4) } else { n / 4 });
                 }
                 self.slots.push(s);
                 (self.slots.len() - 1) as u32
