@@ -525,6 +525,9 @@ fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Result<Bytes, Ap
 /// message, an Avro frame), rejected and kept in the malformed DLQ with
 /// the body's own rejections. Answers the status and body; see
 /// [`ingest_response`].
+/// Bodies at least this large are parsed off the runtime's workers.
+const PARSE_APART_BYTES: usize = 64 << 10;
+
 pub(crate) async fn ingest_body(
     s: &AppState,
     pairs: &[(String, String)],
@@ -552,7 +555,7 @@ pub(crate) async fn ingest_body(
         .any(|(k, v)| k == "backfill" && matches!(v.as_str(), "true" | "1" | "yes"));
     let overloaded =
         inflight as usize + body.len() > s.max_inflight / 2 || s.tx.capacity() < s.queue_depth / 2;
-    let parsed = Parser::with_schemas(s.partitions, s.schemas.clone())
+    let mut parser = Parser::with_schemas(s.partitions, s.schemas.clone())
         .with_future_limit(
             s.shared.clock.now_ms(),
             s.shared.durations.max_future_skew_ms,
@@ -560,8 +563,17 @@ pub(crate) async fn ingest_body(
         .with_admission(admission(s, overloaded, backfill))
         .with_max_depth(s.max_json_depth)
         .with_privacy(s.privacy.clone())
-        .with_registry(Some(s.shared.registry.clone()))
-        .parse(&body, format, tenancy);
+        .with_registry(Some(s.shared.registry.clone()));
+    // A large body takes milliseconds of parsing: off the runtime's
+    // workers, so a dashboard's read does not queue behind a few of them.
+    let parsed = if body.len() >= PARSE_APART_BYTES
+        && tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        tokio::task::block_in_place(|| parser.parse(&body, format, tenancy))
+    } else {
+        parser.parse(&body, format, tenancy)
+    };
     let mut parsed = match parsed {
         Ok(p) => p,
         Err(BodyError::Empty) if !extra.is_empty() => tally_ingest::Parsed::default(),

@@ -39,6 +39,7 @@
 //! watermark is below `s+1m`, *closed but mutable* until `s+1m+allowed_lateness`,
 //! and *final* afterwards: an event for a final window goes to the late DLQ.
 
+mod dedupe;
 pub mod dlq;
 pub mod owned;
 pub mod state;
@@ -55,7 +56,7 @@ use tally_types::{BatchReader, CodecError, EventView, dedupe_key, dedupe_key64};
 pub use dlq::{Dlq, DlqBody, DlqEntry, DlqKind};
 pub use state::{CheckpointJob, CheckpointReport, RecoveryReport, StateError, StateStore};
 
-type DedupeMap = hashbrown::HashMap<u128, Millis, std::hash::BuildHasherDefault<IdentityHasher>>;
+use dedupe::DedupeMap;
 /// Dedupe entries of format 3 and before (64-bit keys).
 type DedupeMap64 = hashbrown::HashMap<u64, Millis, std::hash::BuildHasherDefault<IdentityHasher>>;
 
