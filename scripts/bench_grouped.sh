@@ -5,7 +5,7 @@
 # dimensions), then each query runs REPS times in turn.
 # Prints p50 / p99 per query, each run over a new range (no cache hit),
 # then the same query repeated (answered from the metrics cache). A query
-# naming one dimension reads per-value totals each bucket builds when
+# naming one or two dimensions reads totals each bucket builds when
 # first asked: the first run of each such query is printed apart (it
 # pays for that), and the server's RSS before and after.
 #   TALLY=target/release/tally REPS=50 scripts/bench_grouped.sh
@@ -35,7 +35,8 @@ QUERIES=(
   "p95 duration_ms by device|$M&metric=p95:duration_ms&group_by=device"
   "error rate by country|$M&metric=count&where=event_type:error&over=count&group_by=country"
   "count by country, window=5m|$M&metric=count&group_by=country&window=5m"
-  "count by country,device (combos)|$M&metric=count&group_by=country,device"
+  "count by country,device|$M&metric=count&group_by=country,device"
+  "count by country,device,page|$M&metric=count&group_by=country,device,page"
 )
 rss() { awk '/VmRSS/ {printf "%.0f MiB", $2 / 1024}' "/proc/$PID/status"; }
 echo "== server RSS after ingest: $(rss)"

@@ -257,26 +257,47 @@ pub struct MinuteBucket {
     /// read from `types` when first needed and kept in step by
     /// [`RollupStore::add`]; anything else that changes `types` drops it.
     seen: Option<Box<Seen>>,
-    /// Totals per value of single dimensions, derived from the
-    /// combinations when a query first splits by one dimension
+    /// Totals per combination of one or two dimensions, derived from the
+    /// full combinations when a query first names those dimensions
     /// ([`MinuteBucket::marginal`]); dropped whenever `types` changes.
     margs: std::sync::OnceLock<Margs>,
 }
 
-/// A bucket's totals per value of one dimension, per event type (same
-/// order as `types`) and dimension of `dims`, each built when first asked.
+/// A bucket's totals per combination of a few of its tenant's dimensions
+/// `dims`: per subset (each dimension alone, then each pair; see
+/// [`subset_index`]), a table made when a query first asks for it, of
+/// one [`Marginal`] per row (an event type, same order as `types`, or all
+/// of them) and [`Part`], each built when first asked.
 #[derive(Clone, Debug)]
 struct Margs {
     dims: Box<[Box<str>]>,
-    per: Box<[std::sync::OnceLock<Marginal>]>,
+    per: Box<[std::sync::OnceLock<Table>]>,
 }
 
-/// The totals of one (bucket, event type) per value of one dimension
-/// (`None`: the events without it), in no particular order. The
-/// aggregates have no `by`; their counts add up to the event type's.
+/// One subset's totals: per row and [`Part`], built when first asked.
+type Table = Box<[std::sync::OnceLock<Marginal>]>;
+
+/// Dimensions whose combinations a bucket keeps totals for (more walk
+/// the full combinations).
+pub const MARGINAL_DIMS: usize = 2;
+
+/// The index of a subset of one or two dimension positions among `n`:
+/// each alone (`0..n`), then each pair `(i, j)`, `i < j`.
+fn subset_index(positions: &[usize], n: usize) -> Option<usize> {
+    match *positions {
+        [i] if i < n => Some(i),
+        [i, j] if i < j && j < n => Some(n + i * (2 * n - i - 1) / 2 + (j - i - 1)),
+        _ => None,
+    }
+}
+
+/// The totals of one (bucket, row) per combination of values of a subset
+/// of dimensions, keyed like the full combinations but with only those
+/// dimensions (`""`: events with none of them), in no particular order.
+/// The aggregates have no `by`; their counts add up to the row's.
 ///
-/// Laid out for the query that reads a day of them: the values' texts
-/// sit back to back in one string, each entry carries its value's hash.
+/// Laid out for the query that reads a day of them: the keys' texts sit
+/// back to back in one string, each entry carries its key's hash.
 #[derive(Clone, Debug, Default)]
 pub struct Marginal {
     text: String,
@@ -285,31 +306,29 @@ pub struct Marginal {
 
 #[derive(Clone, Debug)]
 struct MarginalEntry {
-    /// [`Marginal::hash`] of the value.
+    /// [`Marginal::hash`] of the key.
     hash: u64,
-    /// The value is `text[start..start + len]`; `len == u32::MAX`: missing.
+    /// The key is `text[start..start + len]`.
     start: u32,
     len: u32,
     agg: Agg,
 }
 
 impl Marginal {
-    /// The hash an entry carries for its value.
+    /// The hash an entry carries for its key.
     #[inline]
-    pub fn hash(value: Option<&str>) -> u64 {
-        match value {
-            Some(v) => stable_hash(&[v.as_bytes()]),
-            None => 0x6d69_7373_696e_6721,
-        }
+    pub fn hash(key: &str) -> u64 {
+        stable_hash(&[key.as_bytes()])
     }
 
-    /// (value hash, value, totals) per value.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&str>, &Agg)> {
+    /// (key hash, key, totals) per combination.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &str, &Agg)> {
         self.entries.iter().map(|e| {
-            let v = (e.len != u32::MAX)
-                .then(|| self.text.get(e.start as usize..(e.start + e.len) as usize))
-                .flatten();
-            (e.hash, v, &e.agg)
+            let k = self
+                .text
+                .get(e.start as usize..(e.start + e.len) as usize)
+                .unwrap_or_default();
+            (e.hash, k, &e.agg)
         })
     }
 
@@ -321,27 +340,21 @@ impl Marginal {
         self.entries.is_empty()
     }
 
-    /// The totals of `value`, if any event had it.
-    pub fn get(&self, value: Option<&str>) -> Option<&Agg> {
-        let h = Marginal::hash(value);
+    /// The totals of the combination `key`, if any event had it.
+    pub fn get(&self, key: &str) -> Option<&Agg> {
+        let h = Marginal::hash(key);
         self.iter()
-            .find(|(eh, v, _)| *eh == h && *v == value)
+            .find(|(eh, k, _)| *eh == h && *k == key)
             .map(|(_, _, a)| a)
     }
 
-    fn push(&mut self, value: Option<&str>, agg: Agg) {
-        let (start, len) = match value {
-            Some(v) => {
-                let start = self.text.len() as u32;
-                self.text.push_str(v);
-                (start, v.len() as u32)
-            }
-            None => (0, u32::MAX),
-        };
+    fn push(&mut self, key: &str, agg: Agg) {
+        let start = self.text.len() as u32;
+        self.text.push_str(key);
         self.entries.push(MarginalEntry {
-            hash: Marginal::hash(value),
+            hash: Marginal::hash(key),
             start,
-            len,
+            len: key.len() as u32,
             agg,
         });
     }
@@ -411,49 +424,53 @@ impl MinuteBucket {
         }
     }
 
-    /// The totals of event type `types[ty]` per value of dimension `dim`,
-    /// built from the combinations on first use and kept until the bucket
-    /// changes. `names` are the dimensions the tenant declares (the ones a
-    /// query may ask for); `None` when `dim` is not among them.
+    /// The totals of event type `types[ty]` (or, with `None`, of all
+    /// event types together) per combination of values of `dims` (one or
+    /// two dimensions), built from the full combinations on first use and
+    /// kept until the bucket changes. `names` are the dimensions the
+    /// tenant declares; `None` when `dims` are not one or two of them.
     /// Only the `part` of each total that `part`'s metrics read is kept.
     pub fn marginal(
         &self,
-        ty: usize,
-        dim: &str,
+        ty: Option<usize>,
+        dims: &[&str],
         names: &[Box<str>],
         part: Part,
     ) -> Option<&Marginal> {
-        let (_, agg) = self.types.get(ty)?;
-        let slot = self.marginal_slot(ty, dim, names, part)?;
-        Some(slot.get_or_init(|| marginal_of(std::iter::once(agg), dim, part)))
-    }
-
-    /// [`MinuteBucket::marginal`] over all event types together (a query
-    /// that neither splits nor filters by event type).
-    pub fn marginal_all(&self, dim: &str, names: &[Box<str>], part: Part) -> Option<&Marginal> {
-        let slot = self.marginal_slot(self.types.len(), dim, names, part)?;
-        Some(slot.get_or_init(|| marginal_of(self.types.iter().map(|(_, a)| a), dim, part)))
-    }
-
-    /// Where the totals of row `row` (an event type's index, or
-    /// `types.len()` for all of them) per value of `dim` are kept.
-    fn marginal_slot(
-        &self,
-        row: usize,
-        dim: &str,
-        names: &[Box<str>],
-        part: Part,
-    ) -> Option<&std::sync::OnceLock<Marginal>> {
+        let row = match ty {
+            Some(t) if t < self.types.len() => t,
+            Some(_) => return None,
+            None => self.types.len(),
+        };
         let margs = self.margs.get_or_init(|| Margs {
             dims: names.into(),
-            per: (0..(self.types.len() + 1) * names.len() * Part::ALL.len())
+            // Each dimension alone, then each pair.
+            per: (0..names.len() + names.len() * names.len().saturating_sub(1) / 2)
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
         });
-        let d = margs.dims.iter().position(|n| &**n == dim)?;
-        margs
-            .per
-            .get((row * margs.dims.len() + d) * Part::ALL.len() + part as usize)
+        // The subset in declared order, so (device, country) and
+        // (country, device) share their totals.
+        let mut positions = Vec::with_capacity(dims.len());
+        for d in dims {
+            positions.push(margs.dims.iter().position(|n| &**n == *d)?);
+        }
+        positions.sort_unstable();
+        positions.dedup();
+        let subset = subset_index(&positions, margs.dims.len())?;
+        let table = margs.per.get(subset)?.get_or_init(|| {
+            (0..(self.types.len() + 1) * Part::ALL.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect()
+        });
+        let slot = table.get(row * Part::ALL.len() + part as usize)?;
+        Some(slot.get_or_init(|| {
+            let names: Vec<&str> = positions.iter().map(|&i| &*margs.dims[i]).collect();
+            match ty {
+                Some(t) => marginal_of(std::iter::once(&self.types[t].1), &names, part),
+                None => marginal_of(self.types.iter().map(|(_, a)| a), &names, part),
+            }
+        }))
     }
 
     #[inline]
@@ -709,30 +726,33 @@ impl Part {
     }
 }
 
-/// The totals of `aggs` together per value of `dim` (see [`Marginal`]),
-/// `part` of them.
-fn marginal_of<'a>(aggs: impl Iterator<Item = &'a Agg>, dim: &str, part: Part) -> Marginal {
+/// The totals of `aggs` together per combination of values of `dims`
+/// (see [`Marginal`]), `part` of them.
+fn marginal_of<'a>(aggs: impl Iterator<Item = &'a Agg>, dims: &[&str], part: Part) -> Marginal {
     let flat = |a: &Agg| {
         let mut m = Agg::default();
         part.merge(&mut m, a);
         m
     };
     let mut out = Marginal::default();
-    let mut index: hashbrown::HashMap<Option<&str>, usize> = hashbrown::HashMap::new();
+    let mut index: hashbrown::HashMap<String, usize> = hashbrown::HashMap::new();
+    let mut key = String::new();
     for agg in aggs {
-        // Written before any dimension was declared: every event lacks it.
-        let whole = (agg.by.is_empty() && agg.count > 0).then_some((None, agg));
-        let combos = agg
-            .by
-            .iter()
-            .map(|(k, a)| (dims::value_of(k, dim), a))
-            .chain(whole);
-        for (v, a) in combos {
-            match index.get(&v) {
+        // Written before any dimension was declared: every event lacks them.
+        let whole = (agg.by.is_empty() && agg.count > 0).then_some(("", agg));
+        let combos = agg.by.iter().map(|(k, a)| (&**k, a)).chain(whole);
+        for (full, a) in combos {
+            key.clear();
+            for d in dims {
+                if let Some(v) = dims::value_of(full, d) {
+                    dims::push_pair(&mut key, d, v);
+                }
+            }
+            match index.get(key.as_str()) {
                 Some(&i) => part.merge(&mut out.entries[i].agg, a),
                 None => {
-                    index.insert(v, out.entries.len());
-                    out.push(v, flat(a));
+                    index.insert(key.clone(), out.entries.len());
+                    out.push(&key, flat(a));
                 }
             }
         }
@@ -1107,16 +1127,21 @@ impl MetricQuery {
         !self.filters.is_empty() || self.group_by.iter().any(|g| g != "event_type")
     }
 
-    /// The one dimension (besides the event type) the query groups or
-    /// filters by, if it names exactly one.
-    fn single_dimension(&self) -> Option<&str> {
-        let mut named = self
+    /// The dimensions (besides the event type) the query groups or
+    /// filters by, each once.
+    fn named_dimensions(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        let named = self
             .group_by
             .iter()
             .filter(|g| *g != "event_type")
             .chain(self.filters.iter().map(|(d, _)| d));
-        let first = named.next()?;
-        named.all(|d| d == first).then_some(first.as_str())
+        for d in named {
+            if !out.contains(&d.as_str()) {
+                out.push(d);
+            }
+        }
+        out
     }
 }
 
@@ -2034,15 +2059,17 @@ impl RollupStore {
         // what each (event type, combination) maps to is worked out once
         // (filtered out, or the index of its series in `slots`).
         let mut memo: hashbrown::HashMap<(&str, &str), Option<usize>> = hashbrown::HashMap::new();
-        // A query that splits or filters by a single dimension reads the
-        // buckets' totals per value of it instead of every combination.
-        let single = q.single_dimension();
+        // A query that splits or filters by one or two dimensions reads
+        // the buckets' totals per combination of those, not every full
+        // combination.
+        let named = q.named_dimensions();
+        let few = (!named.is_empty() && named.len() <= MARGINAL_DIMS).then_some(&named[..]);
         let part = Part::of(&q.metric);
         let names = dims.of(&q.tenant);
         // Keyed by (event type, value) under a hash made from the hash each
         // total carries: no value is hashed again, and a day of buckets
         // holds the same few values.
-        let mut memo_one: hashbrown::HashTable<(u64, &str, Option<&str>, Option<usize>)> =
+        let mut memo_one: hashbrown::HashTable<(u64, &str, &str, Option<usize>)> =
             hashbrown::HashTable::new();
         let mut slots = Slots::default();
         // Neither split nor filtered by event type: the totals over all
@@ -2052,16 +2079,16 @@ impl RollupStore {
             let b = align_down(minute, g);
             if split
                 && across
-                && let Some(d) = single
-                && let Some(m) = bucket.marginal_all(d, names, part)
+                && let Some(few) = few
+                && let Some(m) = bucket.marginal(None, few, names, part)
             {
-                for (h, v, sub) in m.iter() {
-                    let found = memo_one.find(h, |e| e.0 == h && e.2 == v && e.1.is_empty());
+                for (h, k, sub) in m.iter() {
+                    let found = memo_one.find(h, |e| e.0 == h && e.2 == k && e.1.is_empty());
                     let slot = match found {
                         Some(e) => e.3,
                         None => {
-                            let s = slots.resolve(q, "", |n| if n == d { v } else { None });
-                            memo_one.insert_unique(h, (h, "", v, s), |e| e.0);
+                            let s = slots.resolve(q, "", |n| dims::value_of(k, n));
+                            memo_one.insert_unique(h, (h, "", k, s), |e| e.0);
                             s
                         }
                     };
@@ -2081,18 +2108,18 @@ impl RollupStore {
                     accumulate(&mut series, &key, b, agg, &q.metric);
                     continue;
                 }
-                if let Some(d) = single
-                    && let Some(m) = bucket.marginal(ti, d, names, part)
+                if let Some(few) = few
+                    && let Some(m) = bucket.marginal(Some(ti), few, names, part)
                 {
                     let th = stable_hash(&[ty.as_bytes()]).rotate_left(17);
-                    for (vh, v, sub) in m.iter() {
-                        let h = vh ^ th;
-                        let found = memo_one.find(h, |e| e.0 == h && e.2 == v && e.1 == &**ty);
+                    for (kh, k, sub) in m.iter() {
+                        let h = kh ^ th;
+                        let found = memo_one.find(h, |e| e.0 == h && e.2 == k && e.1 == &**ty);
                         let slot = match found {
                             Some(e) => e.3,
                             None => {
-                                let s = slots.resolve(q, ty, |n| if n == d { v } else { None });
-                                memo_one.insert_unique(h, (h, &**ty, v, s), |e| e.0);
+                                let s = slots.resolve(q, ty, |n| dims::value_of(k, n));
+                                memo_one.insert_unique(h, (h, &**ty, k, s), |e| e.0);
                                 s
                             }
                         };

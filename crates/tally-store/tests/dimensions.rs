@@ -319,10 +319,12 @@ fn totals_per_value_follow_later_events() {
     let mut store = store_with(&events, dims(1000));
     let metrics = || [(Metric::Count, false), (Metric::Sum("amount".into()), true)];
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
-    let single: [Case; 3] = [
+    let single: [Case; 5] = [
         (&["country"], &[]),
         (&["event_type", "device"], &[]),
         (&[], &[("page", "3")]),
+        (&["device", "country"], &[]),
+        (&["page"], &[("country", "C1"), ("event_type", "click")]),
     ];
     for (group_by, wheres) in single {
         for (metric, sum) in metrics() {
