@@ -1,7 +1,8 @@
 //! Hostile and careless input against the real server over HTTP: one
 //! tenant's event time never judges another's, the ingest answer says what
 //! went late, the late DLQ never drops an acknowledged event, history goes
-//! in as a backfill beside live traffic, junk costs bounded memory, low
+//! in as a backfill beside live traffic, junk costs bounded memory,
+//! invented event types and property names cost bounded work, low
 //! priority events are shed first, and no SQL query takes the server down.
 
 mod common;
@@ -112,6 +113,23 @@ impl Api {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         got
+    }
+
+    /// Sends `evs` (tenant `acme`, all in the minute at `t`), waits until
+    /// they are all counted, and answers the metrics query `q` over that
+    /// minute.
+    async fn minute_of(&self, evs: &[Value], t: i64, q: &str) -> Value {
+        self.events(evs).await;
+        let n = evs.len() as f64;
+        assert_eq!(self.count_settled("acme", t, t + MINUTE_MS, n).await, n);
+        let (s, v) = self
+            .get(&format!(
+                "/api/v1/metrics?{q}&granularity=1m&start={t}&end={}&tenant=acme",
+                t + MINUTE_MS
+            ))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v
     }
 
     async fn healthy(&self) -> bool {
@@ -437,18 +455,9 @@ async fn invented_event_types_are_folded_past_the_cap() {
             e
         })
         .collect();
-    api.events(&evs).await;
-    assert_eq!(
-        api.count_settled("acme", t, t + MINUTE_MS, 3000.0).await,
-        3000.0
-    );
-    let (s, v) = api
-        .get(&format!(
-            "/api/v1/metrics?metric=count&group_by=event_type&granularity=1m&start={t}&end={}&tenant=acme",
-            t + MINUTE_MS
-        ))
+    let v = api
+        .minute_of(&evs, t, "metric=count&group_by=event_type")
         .await;
-    assert_eq!(s, 200, "{v}");
     let series = v["series"].as_array().unwrap();
     assert_eq!(series.len(), 51, "50 types and __other__");
     let other = series
@@ -456,15 +465,7 @@ async fn invented_event_types_are_folded_past_the_cap() {
         .find(|x| x["labels"]["event_type"] == "__other__")
         .expect("an __other__ series");
     assert_eq!(other["points"][0][1], 2950);
-    let prom = api
-        .c
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let prom = common::prom(&api.c, &api.base).await;
     assert!(
         prom.contains("tally_event_types_folded_total 2950"),
         "{prom}"
@@ -503,28 +504,9 @@ async fn invented_property_names_cost_bounded_work() {
             e
         })
         .collect();
-    api.events(&evs).await;
-    assert_eq!(
-        api.count_settled("acme", t, t + MINUTE_MS, 3000.0).await,
-        3000.0
-    );
-    let (s, v) = api
-        .get(&format!(
-            "/api/v1/metrics?metric=sum:revenue&granularity=1m&start={t}&end={}&tenant=acme",
-            t + MINUTE_MS
-        ))
-        .await;
-    assert_eq!(s, 200, "{v}");
+    let v = api.minute_of(&evs, t, "metric=sum:revenue").await;
     assert_eq!(v["series"][0]["points"][0][1], 6000, "{v}");
-    let prom = api
-        .c
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let prom = common::prom(&api.c, &api.base).await;
     // 3000 events of 50 invented values each; 127 of them were kept.
     assert!(
         prom.contains("tally_properties_dropped_total 149873"),
