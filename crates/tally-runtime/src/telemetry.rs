@@ -175,14 +175,8 @@ pub struct Snapshot {
     pub dlq_malformed_held: usize,
     pub dlq_late_held: usize,
     pub rollup_buckets: usize,
-    /// Dimension values folded into `__other__` by the cardinality cap.
-    pub dimension_values_folded: u64,
-    /// Events of new combinations counted under the all-`__other__` one.
-    pub dimension_combinations_folded: u64,
-    /// Events of new event types counted under `__other__`.
-    pub event_types_folded: u64,
-    /// Numeric values not aggregated (their aggregate's property cap).
-    pub properties_dropped: u64,
+    /// What the cardinality guards folded into `__other__` or left out.
+    pub folds: tally_store::dims::Folds,
     pub dedupe_entries: usize,
     /// Session changes listed by /api/v1/changes, ever.
     pub session_changes: u64,
@@ -430,25 +424,25 @@ impl Telemetry {
             &mut o,
             "tally_dimension_values_folded_total",
             "Dimension values counted under __other__ because their tenant-minute already held dimensions.max-values distinct values of that dimension, or they were longer than dimensions.max-value-bytes.",
-            s.dimension_values_folded,
+            s.folds.values,
         );
         counter(
             &mut o,
             "tally_dimension_combinations_folded_total",
             "Events of a new combination of dimension values counted under the combination with every value __other__, because their tenant-minute already held dimensions.max-combinations combinations.",
-            s.dimension_combinations_folded,
+            s.folds.combinations,
         );
         counter(
             &mut o,
             "tally_event_types_folded_total",
             "Events of a new event type counted in the rollups under the event type __other__, because their tenant-minute already held dimensions.max-event-types event types (the raw events keep their type).",
-            s.event_types_folded,
+            s.folds.event_types,
         );
         counter(
             &mut o,
             "tally_properties_dropped_total",
             "Numeric property values not aggregated because their (tenant, minute, event type) aggregate already held 128 other numeric properties (the raw events keep them).",
-            s.properties_dropped,
+            s.folds.properties,
         );
         gauge(
             &mut o,

@@ -223,21 +223,11 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
     let v = s.shared.processor.lock().clone();
     // One read guard: a second read of the same lock while a writer waits
     // would wait behind that writer forever.
-    let (
-        rollup_buckets,
-        dimension_values_folded,
-        dimension_combinations_folded,
-        event_types_folded,
-        properties_dropped,
-        session_changes,
-    ) = {
+    let (rollup_buckets, folds, session_changes) = {
         let store = s.shared.store.read();
         (
             store.bucket_count(),
-            store.values_folded(),
-            store.combinations_folded(),
-            store.event_types_folded(),
-            store.properties_dropped(),
+            store.folds(),
             store.session_changes_told(),
         )
     };
@@ -256,10 +246,7 @@ pub(crate) fn snapshot(s: &AppState) -> Snapshot {
         dlq_late_held: dlq.held(DlqKind::Late),
         dlq_late_full_tenants: dlq.late_full_tenants().len(),
         rollup_buckets,
-        dimension_values_folded,
-        dimension_combinations_folded,
-        event_types_folded,
-        properties_dropped,
+        folds,
         session_changes,
         dedupe_entries: v.dedupe_len,
         log_bytes: s.shared.log_bytes.load(Relaxed).max(0) as u64,

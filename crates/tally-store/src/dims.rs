@@ -74,6 +74,16 @@ pub struct Dimensions {
 /// Event types kept per tenant and bucket unless configured.
 pub const MAX_EVENT_TYPES: usize = 1000;
 
+/// What the cardinality guards folded or left out so far, in events or
+/// values (see each counter's method on [`Dimensions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Folds {
+    pub values: u64,
+    pub combinations: u64,
+    pub event_types: u64,
+    pub properties: u64,
+}
+
 /// Combinations kept per tenant and bucket unless configured.
 pub const MAX_COMBINATIONS: usize = 10_000;
 
@@ -240,6 +250,16 @@ impl Dimensions {
             return &self.default;
         }
         self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// Every guard's count at once.
+    pub fn folds(&self) -> Folds {
+        Folds {
+            values: self.values_folded(),
+            combinations: self.combinations_folded(),
+            event_types: self.event_types_folded(),
+            properties: self.properties_dropped(),
+        }
     }
 
     /// Values folded into [`OTHER`] by every store sharing this declaration.

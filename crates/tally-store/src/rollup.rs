@@ -1597,6 +1597,11 @@ impl RollupStore {
         })
     }
 
+    /// What the cardinality guards folded or left out so far.
+    pub fn folds(&self) -> dims::Folds {
+        self.dims.folds()
+    }
+
     /// Numeric values not aggregated because their aggregate held
     /// [`MAX_PROPERTIES`] other properties.
     pub fn properties_dropped(&self) -> u64 {
