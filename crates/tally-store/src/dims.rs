@@ -158,11 +158,7 @@ impl Dimensions {
             }
             Ok(Arc::from(out))
         };
-        if max_values == 0 {
-            return Err(DimensionError(
-                "dimensions.max-values: must be at least 1 (the default is 1000)".into(),
-            ));
-        }
+        let max_values = at_least_one(max_values, "max-values", 1000)?;
         let mut by_tenant = HashMap::new();
         for (t, names) in tenants {
             by_tenant.insert(
@@ -187,12 +183,7 @@ impl Dimensions {
     /// The same declaration keeping at most `n` event types per tenant and
     /// bucket.
     pub fn with_max_event_types(mut self, n: usize) -> Result<Dimensions, DimensionError> {
-        if n == 0 {
-            return Err(DimensionError(format!(
-                "dimensions.max-event-types: must be at least 1 (the default is {MAX_EVENT_TYPES})"
-            )));
-        }
-        self.max_event_types = n;
+        self.max_event_types = at_least_one(n, "max-event-types", MAX_EVENT_TYPES)?;
         Ok(self)
     }
 
@@ -213,10 +204,6 @@ impl Dimensions {
         }
     }
 
-    pub(crate) fn note_event_type_folded(&self) {
-        self.note_event_types_folded(1);
-    }
-
     pub(crate) fn note_event_types_folded(&self, events: u64) {
         self.types_folded.fetch_add(events, Relaxed);
     }
@@ -224,12 +211,7 @@ impl Dimensions {
     /// The same declaration keeping at most `n` combinations per tenant
     /// and bucket.
     pub fn with_max_combinations(mut self, n: usize) -> Result<Dimensions, DimensionError> {
-        if n == 0 {
-            return Err(DimensionError(format!(
-                "dimensions.max-combinations: must be at least 1 (the default is {MAX_COMBINATIONS})"
-            )));
-        }
-        self.max_combinations = n;
+        self.max_combinations = at_least_one(n, "max-combinations", MAX_COMBINATIONS)?;
         Ok(self)
     }
 
@@ -293,6 +275,16 @@ impl Dimensions {
     pub fn declares(&self, tenant: &str, name: &str) -> bool {
         name == "event_type" || self.of(tenant).iter().any(|d| &**d == name)
     }
+}
+
+/// A cap of `[dimensions]` as given, refused when 0.
+fn at_least_one(n: usize, key: &str, default: usize) -> Result<usize, DimensionError> {
+    if n == 0 {
+        return Err(DimensionError(format!(
+            "dimensions.{key}: must be at least 1 (the default is {default})"
+        )));
+    }
+    Ok(n)
 }
 
 /// The text of a property value as a dimension value: strings as they are,

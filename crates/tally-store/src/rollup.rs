@@ -332,22 +332,6 @@ impl Marginal {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The totals of the combination `key`, if any event had it.
-    pub fn get(&self, key: &str) -> Option<&Agg> {
-        let h = Marginal::hash(key);
-        self.iter()
-            .find(|(eh, k, _)| *eh == h && *k == key)
-            .map(|(_, _, a)| a)
-    }
-
     fn push(&mut self, key: &str, agg: Agg) {
         let start = self.text.len() as u32;
         self.text.push_str(key);
@@ -451,19 +435,22 @@ impl MinuteBucket {
         });
         // The subset in declared order, so (device, country) and
         // (country, device) share their totals.
-        let mut positions = Vec::with_capacity(dims.len());
-        for d in dims {
-            positions.push(margs.dims.iter().position(|n| &**n == *d)?);
+        if dims.is_empty() || dims.len() > MARGINAL_DIMS {
+            return None;
         }
+        let mut positions = [0; MARGINAL_DIMS];
+        for (p, d) in positions.iter_mut().zip(dims) {
+            *p = margs.dims.iter().position(|n| &**n == *d)?;
+        }
+        let positions = &mut positions[..dims.len()];
         positions.sort_unstable();
-        positions.dedup();
-        let subset = subset_index(&positions, margs.dims.len())?;
+        let subset = subset_index(positions, margs.dims.len())?;
         let table = margs.per.get(subset)?.get_or_init(|| {
-            (0..(self.types.len() + 1) * Part::ALL.len())
+            (0..(self.types.len() + 1) * Part::COUNT)
                 .map(|_| std::sync::OnceLock::new())
                 .collect()
         });
-        let slot = table.get(row * Part::ALL.len() + part as usize)?;
+        let slot = table.get(row * Part::COUNT + part as usize)?;
         Some(slot.get_or_init(|| {
             let names: Vec<&str> = positions.iter().map(|&i| &*margs.dims[i]).collect();
             match ty {
@@ -685,7 +672,8 @@ pub enum Part {
 }
 
 impl Part {
-    const ALL: [Part; 4] = [Part::Exact, Part::Users, Part::Sessions, Part::Quantiles];
+    /// How many parts there are.
+    const COUNT: usize = 4;
 
     /// The part `metric` reads.
     pub fn of(metric: &Metric) -> Part {
@@ -768,6 +756,18 @@ struct TenantRollups {
     minutes: BTreeMap<Millis, MinuteBucket>,
     hours: BTreeMap<Millis, MinuteBucket>,
     changes: Changes,
+}
+
+impl TenantRollups {
+    /// The bucket an event of `minute` lands in, made if missing: its
+    /// minute, or its hour once minutes before `downsampled_to` are folded.
+    fn bucket_mut(&mut self, minute: Millis, downsampled_to: Millis) -> &mut MinuteBucket {
+        if minute < downsampled_to {
+            self.hours.entry(align_down(minute, HOUR_MS)).or_default()
+        } else {
+            self.minutes.entry(minute).or_default()
+        }
+    }
 }
 
 /// Which buckets of a tenant changed at which store version (for caches).
@@ -1571,30 +1571,29 @@ impl RollupStore {
         if let Some(t) = self.touched.as_mut() {
             note_touched(t, tenant, minute, event_type);
         }
-        let folded = minute < self.downsampled_to;
-        let t = self.tenant_mut(tenant, minute);
-        let bucket = if folded {
-            t.hours.entry(align_down(minute, HOUR_MS)).or_default()
-        } else {
-            t.minutes.entry(minute).or_default()
-        };
-        bucket.agg_mut(event_type)
+        let downsampled_to = self.downsampled_to;
+        self.tenant_mut(tenant, minute)
+            .bucket_mut(minute, downsampled_to)
+            .agg_mut(event_type)
     }
 
     /// The event type [`RollupStore::add`] would count an event of
     /// `event_type` in `minute` under (see [`MinuteBucket::type_for`]).
     pub fn rollup_type<'a>(&self, tenant: &str, minute: Millis, event_type: &'a str) -> &'a str {
-        let Some(t) = self.tenants.get(tenant) else {
-            return event_type;
-        };
-        let bucket = if minute < self.downsampled_to {
+        self.bucket(tenant, minute).map_or(event_type, |b| {
+            b.type_for(event_type, self.dims.max_event_types)
+        })
+    }
+
+    /// The bucket an event of `minute` lands in: its minute, or its hour
+    /// once downsampled.
+    fn bucket(&self, tenant: &str, minute: Millis) -> Option<&MinuteBucket> {
+        let t = self.tenants.get(tenant)?;
+        if minute < self.downsampled_to {
             t.hours.get(&align_down(minute, HOUR_MS))
         } else {
             t.minutes.get(&minute)
-        };
-        bucket.map_or(event_type, |b| {
-            b.type_for(event_type, self.dims.max_event_types)
-        })
+        }
     }
 
     /// What the cardinality guards folded or left out so far.
@@ -1623,7 +1622,7 @@ impl RollupStore {
         if names.is_empty() {
             let ty = self.rollup_type(e.tenant, minute, e.event_type);
             if ty != e.event_type {
-                self.dims.note_event_type_folded();
+                self.dims.note_event_types_folded(1);
             }
             let dropped = self.agg_mut(e.tenant, minute, ty).add(e);
             self.dims.note_properties_dropped(dropped);
@@ -1665,16 +1664,11 @@ impl RollupStore {
                 dims::push_pair(key, &names[i], v);
             }
         }
-        let folded_hour = minute < self.downsampled_to;
-        let t = tenant_entry(&mut self.tenants, &mut self.dirty, e.tenant, minute);
-        let bucket = if folded_hour {
-            t.hours.entry(align_down(minute, HOUR_MS)).or_default()
-        } else {
-            t.minutes.entry(minute).or_default()
-        };
+        let bucket = tenant_entry(&mut self.tenants, &mut self.dirty, e.tenant, minute)
+            .bucket_mut(minute, self.downsampled_to);
         let ty = bucket.type_for(e.event_type, self.dims.max_event_types);
         if ty != e.event_type {
-            self.dims.note_event_type_folded();
+            self.dims.note_event_types_folded(1);
         }
         if let Some(t) = self.touched.as_mut() {
             note_touched(t, e.tenant, minute, ty);
@@ -1738,13 +1732,7 @@ impl RollupStore {
 
     /// One aggregate, if the bucket exists.
     pub fn agg(&self, tenant: &str, minute: Millis, event_type: &str) -> Option<&Agg> {
-        let t = self.tenants.get(tenant)?;
-        let bucket = if minute < self.downsampled_to {
-            t.hours.get(&align_down(minute, HOUR_MS))?
-        } else {
-            t.minutes.get(&minute)?
-        };
-        bucket
+        self.bucket(tenant, minute)?
             .types
             .iter()
             .find(|(ty, _)| &**ty == event_type)
@@ -2060,10 +2048,6 @@ impl RollupStore {
         let split = q.splits();
         let mut series: BTreeMap<Vec<Option<&str>>, Points<'_>> = BTreeMap::new();
         let mut key: Vec<Option<&str>> = Vec::with_capacity(q.group_by.len());
-        // A split query meets the same few combinations in every bucket:
-        // what each (event type, combination) maps to is worked out once
-        // (filtered out, or the index of its series in `slots`).
-        let mut memo: hashbrown::HashMap<(&str, &str), Option<usize>> = hashbrown::HashMap::new();
         // A query that splits or filters by one or two dimensions reads
         // the buckets' totals per combination of those, not every full
         // combination.
@@ -2071,11 +2055,6 @@ impl RollupStore {
         let few = (!named.is_empty() && named.len() <= MARGINAL_DIMS).then_some(&named[..]);
         let part = Part::of(&q.metric);
         let names = dims.of(&q.tenant);
-        // Keyed by (event type, value) under a hash made from the hash each
-        // total carries: no value is hashed again, and a day of buckets
-        // holds the same few values.
-        let mut memo_one: hashbrown::HashTable<(u64, &str, &str, Option<usize>)> =
-            hashbrown::HashTable::new();
         let mut slots = Slots::default();
         // Neither split nor filtered by event type: the totals over all
         // event types serve, one per value and bucket.
@@ -2087,20 +2066,7 @@ impl RollupStore {
                 && let Some(few) = few
                 && let Some(m) = bucket.marginal(None, few, names, part)
             {
-                for (h, k, sub) in m.iter() {
-                    let found = memo_one.find(h, |e| e.0 == h && e.2 == k && e.1.is_empty());
-                    let slot = match found {
-                        Some(e) => e.3,
-                        None => {
-                            let s = slots.resolve(q, "", |n| dims::value_of(k, n));
-                            memo_one.insert_unique(h, (h, "", k, s), |e| e.0);
-                            s
-                        }
-                    };
-                    if let Some(i) = slot {
-                        slots.add(i, b, sub, &q.metric);
-                    }
-                }
+                slots.add_totals(q, "", 0, m, b);
                 continue;
             }
             for (ti, (ty, agg)) in bucket.types.iter().enumerate() {
@@ -2117,39 +2083,14 @@ impl RollupStore {
                     && let Some(m) = bucket.marginal(Some(ti), few, names, part)
                 {
                     let th = stable_hash(&[ty.as_bytes()]).rotate_left(17);
-                    for (kh, k, sub) in m.iter() {
-                        let h = kh ^ th;
-                        let found = memo_one.find(h, |e| e.0 == h && e.2 == k && e.1 == &**ty);
-                        let slot = match found {
-                            Some(e) => e.3,
-                            None => {
-                                let s = slots.resolve(q, ty, |n| dims::value_of(k, n));
-                                memo_one.insert_unique(h, (h, &**ty, k, s), |e| e.0);
-                                s
-                            }
-                        };
-                        if let Some(i) = slot {
-                            slots.add(i, b, sub, &q.metric);
-                        }
-                    }
+                    slots.add_totals(q, ty, th, m, b);
                     continue;
                 }
                 // Data written before any dimension was declared is one
                 // combination where every dimension is missing.
                 let whole = agg.by.is_empty().then_some(("", agg));
-                let combos = agg.by.iter().map(|(k, a)| (&**k, a)).chain(whole);
-                for (combo, sub) in combos {
-                    let slot = match memo.get(&(&**ty, combo)) {
-                        Some(&s) => s,
-                        None => {
-                            let s = slots.resolve(q, ty, |n| dims::value_of(combo, n));
-                            memo.insert((&**ty, combo), s);
-                            s
-                        }
-                    };
-                    if let Some(i) = slot {
-                        slots.add(i, b, sub, &q.metric);
-                    }
+                for (combo, sub) in agg.by.iter().map(|(k, a)| (&**k, a)).chain(whole) {
+                    slots.add_combination(q, ty, combo, sub, b);
                 }
             }
         }
@@ -2184,15 +2125,75 @@ impl RollupStore {
 }
 
 /// The series of a split query as they are found: each label combination
-/// gets a slot, its points kept in bucket order.
+/// gets a slot, its points kept in bucket order. A split query meets the
+/// same few combinations in every bucket, so where each (event type,
+/// combination) goes (filtered out, or its slot) is worked out once.
 #[derive(Default)]
 struct Slots<'a> {
     points: Vec<Points<'a>>,
     keys: Vec<Vec<Option<&'a str>>>,
     slot_of: hashbrown::HashMap<Vec<Option<&'a str>>, usize>,
+    /// Per (event type, full combination key).
+    by_combination: hashbrown::HashMap<(&'a str, &'a str), Option<usize>>,
+    /// Per (event type, key of a total) under the hash the total carries
+    /// mixed with the type's: no key is hashed again.
+    by_total: hashbrown::HashTable<(u64, &'a str, &'a str, Option<usize>)>,
 }
 
 impl<'a> Slots<'a> {
+    /// Adds the aggregate of one full combination of event type `ty` in
+    /// bucket `b` to its series.
+    fn add_combination(
+        &mut self,
+        q: &MetricQuery,
+        ty: &'a str,
+        combo: &'a str,
+        agg: &'a Agg,
+        b: Millis,
+    ) {
+        let slot = match self.by_combination.get(&(ty, combo)) {
+            Some(&s) => s,
+            None => {
+                let s = self.resolve(q, ty, |n| dims::value_of(combo, n));
+                self.by_combination.insert((ty, combo), s);
+                s
+            }
+        };
+        if let Some(i) = slot {
+            self.add(i, b, agg, &q.metric);
+        }
+    }
+
+    /// Adds a bucket's totals of event type `ty` (`""`: of all types) to
+    /// their series; `th` is the type's hash (0 for all types).
+    fn add_totals(
+        &mut self,
+        q: &MetricQuery,
+        ty: &'a str,
+        th: u64,
+        totals: &'a Marginal,
+        b: Millis,
+    ) {
+        for (kh, k, agg) in totals.iter() {
+            let h = kh ^ th;
+            let found = self
+                .by_total
+                .find(h, |e| e.0 == h && e.2 == k && e.1 == ty)
+                .map(|e| e.3);
+            let slot = match found {
+                Some(s) => s,
+                None => {
+                    let s = self.resolve(q, ty, |n| dims::value_of(k, n));
+                    self.by_total.insert_unique(h, (h, ty, k, s), |e| e.0);
+                    s
+                }
+            };
+            if let Some(i) = slot {
+                self.add(i, b, agg, &q.metric);
+            }
+        }
+    }
+
     /// The slot of events of type `ty` whose dimension values `value`
     /// gives, or `None` when the query's filters leave them out.
     fn resolve(
