@@ -41,6 +41,9 @@ pub(crate) fn write(a: &Answer<'_>) -> Vec<u8> {
         string(&mut out, n);
     }
     out.push_str(",\"series\":[");
+    // Floats go through serde_json's writer (its digits) into this buffer,
+    // reused, rather than a string per point.
+    let mut scratch = Vec::with_capacity(32);
     for (i, s) in a.series.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -69,7 +72,7 @@ pub(crate) fn write(a: &Answer<'_>) -> Vec<u8> {
             out.push_str("[\"");
             write_rfc3339(&mut out, t);
             out.push_str("\",");
-            number(&mut out, v);
+            number(&mut out, &mut scratch, v);
             out.push(']');
         }
         out.push_str("]}");
@@ -93,7 +96,7 @@ fn string(out: &mut String, s: &str) {
 
 /// A point's value: integers (and integral floats) as integers, other
 /// finite floats as serde_json writes them, non-finite ones as `null`.
-fn number(out: &mut String, v: Value) {
+fn number(out: &mut String, scratch: &mut Vec<u8>, v: Value) {
     use std::fmt::Write;
     match v {
         Value::Int(i) => {
@@ -103,7 +106,16 @@ fn number(out: &mut String, v: Value) {
             Some(i) => {
                 let _ = write!(out, "{i}");
             }
-            None => out.push_str(&serde_json::Value::from(f).to_string()),
+            None => {
+                scratch.clear();
+                if serde_json::to_writer(&mut *scratch, &f).is_ok()
+                    && let Ok(text) = std::str::from_utf8(scratch)
+                {
+                    out.push_str(text);
+                } else {
+                    out.push_str("null");
+                }
+            }
         },
     }
 }
