@@ -4,8 +4,11 @@
 //! second byte says what the record is. Integers are little-endian; a
 //! string is a `u32` length and its UTF-8 bytes (`tally_types::bin`).
 //!
-//! **Aggregate** — the full aggregate of one (tenant, minute, event type)
-//! as counted from one partition of the events topic:
+//! **Aggregate** — the whole aggregate of one (tenant, minute, event type)
+//! as counted from one partition of the events topic, written once the
+//! minute is final for that partition (its watermark is past the minute
+//! and the allowed lateness), and again if a backfill or a replayed late
+//! event changes it later:
 //!
 //! ```text
 //! key:   01 'A' | u32 source partition | i64 minute (ms since epoch) | str tenant | str event type
@@ -18,10 +21,18 @@
 //! dimensions, one per combination of values that occurred, keyed
 //! `name=value` pairs joined by `\x1f` (`tally_store::dims`), sorted.
 //!
-//! The value is the whole aggregate (`tally_store::Agg::encode`), never a
-//! delta: a reader keeps the last value per key, and the total of a
-//! (tenant, minute, event type) is the merge of its keys over source
-//! partitions (counts and sums add, sketches merge).
+//! While a minute is open, each transaction writes what its events added
+//! to the minute as a *delta* record (below), so a transaction's bytes
+//! follow its events, not the size the minute has grown to. The whole
+//! value that closes the minute replaces those deltas: the same
+//! transaction writes a tombstone (no value) for each of them. So a reader
+//! that keeps the last value per key (a tombstone deleting its key) and
+//! merges the keys of a (tenant, minute, event type) over source
+//! partitions and deltas (counts and sums add, sketches merge) holds the
+//! exact total after every transaction, and compaction leaves one whole
+//! value per final minute and partition. (Topics written before deltas
+//! were used for open minutes hold whole values in every transaction;
+//! the same reading gives the same totals.)
 //!
 //! **Partition state** — where the processing of one source partition
 //! stands after the transaction that wrote it (always the transaction's last
@@ -49,12 +60,15 @@
 //! within version 1; absent: none) is the timestamp of the last message
 //! the state covers: how fresh the partition's numbers are.
 //!
-//! **Delta** — events of one (tenant, minute, event type) a partition
-//! counted after that minute fell behind the partition's *cut* (see the
-//! partition state): the aggregate of those events alone, added to what
-//! readers hold (the minute, or its hour once folded). Unique per
-//! transaction (the state's next offset and a sequence number), so
-//! compaction keeps every one:
+//! **Delta** — what the events of one transaction added to one (tenant,
+//! minute, event type) of one partition: the aggregate of those events
+//! alone, added to what readers hold (the minute, or its hour once
+//! folded). Unique per transaction (the state's next offset and a
+//! sequence number). From the partition's *cut* on (see the partition
+//! state) the whole value that closes the minute replaces its deltas
+//! with tombstones; behind the cut (a stuck tenant's event, a backfill,
+//! a replayed late event) no whole value comes any more and compaction
+//! keeps every delta:
 //!
 //! ```text
 //! key:   01 'D' | u32 source partition | u64 at (next offset of the state) | u32 seq

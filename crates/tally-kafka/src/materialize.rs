@@ -25,13 +25,24 @@ use crate::{Error, Settings};
 
 type BucketKey = (Box<str>, Millis, Box<str>);
 
+/// How an aggregate record changes a partition's value of its bucket.
+#[derive(Clone, Copy)]
+enum Apply {
+    /// The whole value: replaces it (and the deltas it covers).
+    Whole,
+    /// A delta (at, seq): adds to it.
+    Delta(u64, u32),
+}
+
 #[derive(Default)]
 struct PartView {
     state: Option<PartitionState>,
     values: HashMap<BucketKey, Agg>,
-    /// Aggregates read since the last state of this partition (true: a
-    /// delta, to add; false: the whole value).
-    pending: Vec<(BucketKey, Agg, bool)>,
+    /// Per bucket, the deltas (at, seq) applied since its last whole
+    /// value: what the whole value that closes it will replace.
+    outstanding: HashMap<BucketKey, Vec<(u64, u32)>>,
+    /// Aggregates read since the last state of this partition.
+    pending: Vec<(BucketKey, Agg, Apply)>,
     /// Sealed files read since the last state of this partition.
     pending_files: Vec<codec::Sealed>,
     /// Replaced files read since the last state of this partition.
@@ -58,6 +69,9 @@ pub struct Restore {
     /// The partition's aggregates at that state whose minute is at or after
     /// the cutoff the caller gave for their tenant.
     pub values: Vec<(BucketKey, Agg)>,
+    /// Of those buckets, the deltas (at, seq) published since their last
+    /// whole value.
+    pub outstanding: Vec<(BucketKey, Vec<(u64, u32)>)>,
 }
 
 /// What [`Materialized::restore`] found for a partition.
@@ -133,22 +147,20 @@ impl Materialized {
         out
     }
 
-    /// A source partition's committed aggregate of one bucket.
+    /// A source partition's committed aggregate of one bucket, and the
+    /// deltas (at, seq) published since its last whole value.
     pub fn value_of(
         &self,
         partition: u32,
         tenant: &str,
         minute: Millis,
         event_type: &str,
-    ) -> Option<Agg> {
+    ) -> Option<(Agg, Vec<(u64, u32)>)> {
         let k: BucketKey = (tenant.into(), minute, event_type.into());
-        self.inner
-            .lock()
-            .parts
-            .get(&partition)?
-            .values
-            .get(&k)
-            .cloned()
+        let inner = self.inner.lock();
+        let view = inner.parts.get(&partition)?;
+        let agg = view.values.get(&k)?.clone();
+        Some((agg, view.outstanding.get(&k).cloned().unwrap_or_default()))
     }
 
     /// The next offset of a source partition's last state applied.
@@ -266,13 +278,24 @@ impl Materialized {
         cutoff: impl FnOnce(&PartitionState) -> HashMap<String, Millis>,
     ) -> Restore {
         let cut = cutoff(&state);
+        let held = |(t, m, _): &BucketKey| *m >= cut.get(&**t).copied().unwrap_or(Millis::MIN);
         let values = view
             .values
             .iter()
-            .filter(|((t, m, _), _)| *m >= cut.get(&**t).copied().unwrap_or(Millis::MIN))
+            .filter(|(k, _)| held(k))
             .map(|(k, a)| (k.clone(), a.clone()))
             .collect();
-        Restore { state, values }
+        let outstanding = view
+            .outstanding
+            .iter()
+            .filter(|(k, _)| held(k))
+            .map(|(k, d)| (k.clone(), d.clone()))
+            .collect();
+        Restore {
+            state,
+            values,
+            outstanding,
+        }
     }
 
     /// Applies one record of the aggregates topic.
@@ -294,22 +317,24 @@ impl Materialized {
                 inner.parts.entry(partition).or_default().pending.push((
                     (tenant, minute, event_type),
                     agg,
-                    false,
+                    Apply::Whole,
                 ));
             }
             Key::Delta(codec::DeltaKey {
                 partition,
+                at,
+                seq,
                 minute,
                 tenant,
                 event_type,
-                ..
             }) => {
+                // A tombstone follows the whole value that replaced it.
                 let Some(v) = value else { return Ok(()) };
                 let agg = codec::decode_agg(v)?;
                 inner.parts.entry(partition).or_default().pending.push((
                     (tenant, minute, event_type),
                     agg,
-                    true,
+                    Apply::Delta(at, seq),
                 ));
             }
             Key::Files(partition, from) => {
@@ -419,7 +444,7 @@ impl Materialized {
                 }
                 let mut store = self.store.write();
                 let (folded_to, hours_from) = (store.downsampled_to(), store.hours_from());
-                for (k, agg, delta) in pending {
+                for (k, agg, how) in pending {
                     if k.1 < hours_from {
                         // Past the hour retention: gone everywhere.
                         continue;
@@ -427,23 +452,11 @@ impl Materialized {
                     if k.1 < folded_to {
                         // Folded into its hour: only a delta can come for
                         // it (the partition's cut is past it), added there.
-                        if !delta {
+                        if matches!(how, Apply::Whole) {
                             tracing::warn!(partition, tenant = %k.0, minute = k.1, "whole aggregate for a minute already folded into its hour; added to the hour");
                         }
                         store.agg_mut(&k.0, k.1, &k.2).merge(&agg);
                         continue;
-                    }
-                    let values = &mut inner.parts.entry(partition).or_default().values;
-                    if delta {
-                        values.entry(k.clone()).or_default().merge(&agg);
-                    } else {
-                        values.insert(k.clone(), agg);
-                    }
-                    let mut merged = Agg::default();
-                    for v in inner.parts.values() {
-                        if let Some(a) = v.values.get(&k) {
-                            merged.merge(a);
-                        }
                     }
                     if closed
                         .get(&*k.0)
@@ -452,7 +465,27 @@ impl Materialized {
                     {
                         store.note_correction(&k.0, k.1, &k.2, committed_at);
                     }
-                    store.set_agg(&k.0, k.1, &k.2, merged);
+                    let view = inner.parts.entry(partition).or_default();
+                    match how {
+                        Apply::Delta(at, seq) => {
+                            // The store's value is the merge over
+                            // partitions: a delta adds to both.
+                            store.agg_mut(&k.0, k.1, &k.2).merge(&agg);
+                            view.values.entry(k.clone()).or_default().merge(&agg);
+                            view.outstanding.entry(k).or_default().push((at, seq));
+                        }
+                        Apply::Whole => {
+                            view.outstanding.remove(&k);
+                            view.values.insert(k.clone(), agg);
+                            let mut merged = Agg::default();
+                            for v in inner.parts.values() {
+                                if let Some(a) = v.values.get(&k) {
+                                    merged.merge(a);
+                                }
+                            }
+                            store.set_agg(&k.0, k.1, &k.2, merged);
+                        }
+                    }
                 }
                 // Session changes the partition's owner told, in its order.
                 for c in sessions {
@@ -464,6 +497,7 @@ impl Materialized {
                     inner.folded_to = Some(horizon);
                     for v in inner.parts.values_mut() {
                         v.values.retain(|k, _| k.1 >= horizon);
+                        v.outstanding.retain(|k, _| k.1 >= horizon);
                     }
                 }
                 store.commit();
@@ -736,8 +770,8 @@ fn session(
     consumer
         .assign(&tpl)
         .map_err(|source| Error::Client { what, source })?;
-    // Applying a record twice is harmless (last value per key), so a new
-    // session may start a little early.
+    // A new session reads from the beginning; what an earlier one applied
+    // is skipped by position (a delta applied twice would count twice).
     let mut last_progress: HashMap<i32, Instant> = HashMap::new();
     let mut last_check = Instant::now();
     let mut rest = Rest::new(pause);

@@ -2,8 +2,9 @@
 //!
 //! One thread: it polls the consumer, applies each message to the
 //! processor of its partition, and every commit interval writes one Kafka
-//! transaction holding, per partition that moved, the aggregates that
-//! changed (full values), the late events, and the partition's state
+//! transaction holding, per partition that moved, what its events added to
+//! each minute (deltas; a final minute's whole value, replacing them), the
+//! late events, and the partition's state
 //! (next offset, clocks, where a new owner re-reads from), together with
 //! the consumed offsets (`send_offsets_to_transaction`, which also fences a
 //! member the group has moved on from).
@@ -272,6 +273,10 @@ struct Part {
     /// Minutes before this are published as deltas only (see
     /// `codec::PartitionState::cut`).
     cut: Millis,
+    /// Per bucket held from the cut on: the deltas (at, seq) published
+    /// since its last whole value, which the whole value published when
+    /// the bucket is final replaces (tombstones).
+    outstanding: HashMap<BucketKey, Vec<(u64, u32)>>,
     /// The next offset of this owner's last committed state.
     committed: Option<u64>,
     /// When the partition's archive files were last looked at for
@@ -368,6 +373,7 @@ impl Part {
             pending_replays: Vec::new(),
             evicted: VecDeque::new(),
             cut: Millis::MIN,
+            outstanding: HashMap::new(),
             committed: None,
             last_compact: Instant::now(),
             waiting: None,
@@ -396,6 +402,7 @@ impl Part {
             for ((t, m, ty), agg) in r.values {
                 st.set_agg(&t, m, &ty, agg);
             }
+            self.outstanding = r.outstanding.into_iter().collect();
             // Sessions are rebuilt from the events handled from here on:
             // the earlier ones (replayed for dedupe only) are not in them,
             // so no change is told for sessions before each clock.
@@ -405,7 +412,7 @@ impl Part {
                 }
             }
             st.commit();
-            st.take_touched();
+            st.take_deltas();
         }
         self.start = r.state.replay_from.min(r.state.next_offset);
         self.raw_from = r.state.raw_from.min(r.state.next_offset);
@@ -456,14 +463,18 @@ impl Part {
                 continue;
             }
             let k: BucketKey = (e.tenant.into(), m, e.event_type.into());
+            // Evicted here: published whole, no delta since.
             let published = self
                 .evicted
                 .iter()
                 .rev()
-                .find_map(|(_, b)| b.get(&k).cloned())
+                .find_map(|(_, b)| b.get(&k).cloned().map(|a| (a, Vec::new())))
                 .or_else(|| view.value_of(self.id, e.tenant, m, e.event_type));
-            if let Some(a) = published {
+            if let Some((a, deltas)) = published {
                 st.set_agg(e.tenant, m, e.event_type, a);
+                if !deltas.is_empty() {
+                    self.outstanding.insert(k, deltas);
+                }
             }
         }
         st.commit();
@@ -483,6 +494,11 @@ impl Part {
     /// published whole, or as this commit's deltas), so what comes for
     /// them later is a delta.
     fn advance_cut(&mut self, cut: Millis) {
+        // Behind the cut a bucket gets no whole value any more: its
+        // deltas stay.
+        if cut > self.cut {
+            self.outstanding.retain(|k, _| k.1 >= cut);
+        }
         self.cut = cut;
         let mut st = self.proc.store().write();
         if st.drop_all_minutes_before(cut) > 0 {
@@ -492,14 +508,16 @@ impl Part {
 
     /// Evicts the final minutes after a commit up to `next_offset` and
     /// forgets those of commits the view has applied.
-    fn evict(&mut self, view: &Materialized) {
+    /// Answers whether it evicted any (then the last entry of
+    /// `evicted`, at `next_offset`).
+    fn evict(&mut self, view: &Materialized) -> bool {
         let seen = view.next_offset_of(self.id).unwrap_or(0);
         while self.evicted.front().is_some_and(|(at, _)| *at <= seen) {
             self.evicted.pop_front();
         }
         let gone = self.proc.take_final();
         if gone.is_empty() {
-            return;
+            return false;
         }
         let mut buckets = HashMap::new();
         for (t, m, b) in gone {
@@ -511,6 +529,90 @@ impl Part {
             }
         }
         self.evicted.push_back((self.next_offset, buckets));
+        true
+    }
+
+    /// The aggregate records of a commit at `next_offset`: what each
+    /// bucket's events added since the last commit (`deltas`, unique keys),
+    /// then, for each bucket made final by this commit (`finals`: the last
+    /// entry of `evicted`) from `behind` on, its whole value and
+    /// tombstones for the deltas that value replaces. A reader keeping the
+    /// last value per key and merging a bucket's keys has the exact value
+    /// after every transaction, and compaction leaves one record per final
+    /// bucket. Values are `None` for tombstones.
+    fn publish(
+        &mut self,
+        deltas: Vec<(BucketKey, Agg)>,
+        finals: bool,
+        behind: Millis,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let at = self.next_offset;
+        let finals = if finals {
+            self.evicted
+                .back()
+                .filter(|(a, _)| *a == at)
+                .map(|(_, b)| b)
+        } else {
+            None
+        };
+        let whole = |k: &BucketKey| k.1 >= behind && finals.is_some_and(|f| f.contains_key(k));
+        let mut out = Vec::with_capacity(deltas.len());
+        let mut seq = 0;
+        let mut closing = Vec::new();
+        for (k, agg) in deltas {
+            if whole(&k) {
+                // Its whole value follows.
+                closing.push(k);
+                continue;
+            }
+            seq += 1;
+            out.push((
+                codec::delta_key(&codec::DeltaKey {
+                    partition: self.id,
+                    at,
+                    seq,
+                    minute: k.1,
+                    tenant: k.0.clone(),
+                    event_type: k.2.clone(),
+                }),
+                Some(codec::agg_value(&agg)),
+            ));
+            if k.1 >= behind {
+                self.outstanding.entry(k).or_default().push((at, seq));
+            }
+        }
+        if let Some(f) = finals {
+            let mut done: Vec<&BucketKey> = f
+                .keys()
+                .filter(|k| k.1 >= behind && self.outstanding.contains_key(*k))
+                .chain(closing.iter())
+                .collect();
+            done.sort_unstable();
+            done.dedup();
+            for k in done {
+                out.push((
+                    codec::agg_key(&AggKey {
+                        partition: self.id,
+                        minute: k.1,
+                        tenant: k.0.clone(),
+                        event_type: k.2.clone(),
+                    }),
+                    Some(codec::agg_value(&f[k])),
+                ));
+                for (a, s) in self.outstanding.remove(k).unwrap_or_default() {
+                    let key = codec::delta_key(&codec::DeltaKey {
+                        partition: self.id,
+                        at: a,
+                        seq: s,
+                        minute: k.1,
+                        tenant: k.0.clone(),
+                        event_type: k.2.clone(),
+                    });
+                    out.push((key, None));
+                }
+            }
+        }
+        out
     }
 
     /// The session changes the processor logged since the last call, per
@@ -1135,7 +1237,21 @@ impl Session<'_> {
         key: &[u8],
         value: &[u8],
     ) -> Result<(), Error> {
-        let mut rec = BaseRecord::to(topic).key(key).payload(value);
+        self.send_opt(topic, partition, key, Some(value))
+    }
+
+    /// [`Session::send`], or a tombstone (no value).
+    fn send_opt(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key);
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
@@ -1252,52 +1368,24 @@ impl Session<'_> {
                 part.raw_from = part.next_offset;
             }
             let ap = (id % self.agg_partitions) as i32;
-            let touched = part.proc.store().write().take_touched();
-            let mut out = Vec::with_capacity(touched.len());
-            {
-                // Behind the cut of the last state only deltas: those
-                // buckets started empty when the cut passed them. A
-                // partition that never committed has published nothing,
-                // so every bucket is new: behind this commit's cut, a
-                // delta too (a whole value there could reach a reader that
-                // has already folded that minute, before this partition's
-                // first state counts in its horizon).
-                let behind = if part.committed.is_none() {
-                    cut
-                } else {
-                    part.cut
-                };
-                let st = part.proc.store().read();
-                let mut seq = 0;
-                for (t, m, ty) in touched {
-                    let Some(agg) = st.agg(&t, m, &ty) else {
-                        continue;
-                    };
-                    let key = if m < behind {
-                        seq += 1;
-                        codec::delta_key(&codec::DeltaKey {
-                            partition: id,
-                            at: part.next_offset,
-                            seq,
-                            minute: m,
-                            tenant: t,
-                            event_type: ty,
-                        })
-                    } else {
-                        codec::agg_key(&AggKey {
-                            partition: id,
-                            minute: m,
-                            tenant: t,
-                            event_type: ty,
-                        })
-                    };
-                    out.push((key, codec::agg_value(agg)));
-                }
-            }
+            let deltas = part.proc.store().write().take_deltas();
             let late = part.proc.take_late();
             let sessions = part.take_session_changes();
             let replay_from = part.replay_from(lateness);
-            part.evict(self.view);
+            // Whole values only from the cut of the last state on: behind
+            // it buckets started empty when the cut passed them. A
+            // partition that never committed has published nothing, so
+            // every bucket is new: behind this commit's cut, deltas only
+            // too (a whole value there could reach a reader that has
+            // already folded that minute, before this partition's first
+            // state counts in its horizon).
+            let behind = if part.committed.is_none() {
+                cut
+            } else {
+                part.cut
+            };
+            let finals = part.evict(self.view);
+            let out = part.publish(deltas, finals, behind);
             part.advance_cut(cut);
             let mut clocks = Enc::new();
             part.proc.export_clocks(&mut clocks);
@@ -1325,7 +1413,7 @@ impl Session<'_> {
             let replayed = std::mem::take(&mut part.replayed);
             let n_out = out.len() as u64;
             for (k, v) in &out {
-                self.send(&self.settings.topic_aggregates, Some(ap), k, v)?;
+                self.send_opt(&self.settings.topic_aggregates, Some(ap), k, v.as_deref())?;
             }
             if let Some(f) = &sealed {
                 self.send(

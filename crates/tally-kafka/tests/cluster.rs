@@ -23,11 +23,11 @@ use tally_types::time::{Clock, MINUTE_MS, Millis, align_down, format_rfc3339};
 
 type Oracle = HashMap<(String, Millis, String), u64>;
 
-fn hooks(malformed: Arc<Mutex<Vec<String>>>) -> Hooks {
+fn hooks(malformed: Arc<Mutex<Vec<String>>>, stream: StreamConfig) -> Hooks {
     Hooks {
         decode_binary: None,
         sessions: None,
-        stream: StreamConfig::default(),
+        stream,
         make_parser: Arc::new(|_| Parser::new(1)),
         on_malformed: Arc::new(move |e| {
             malformed.lock().extend(e.into_iter().map(|x| x.reason));
@@ -50,10 +50,20 @@ impl Node {
 }
 
 fn start(brokers: &str, tag: &str, name: &str, malformed: &Arc<Mutex<Vec<String>>>) -> Node {
+    start_with(brokers, tag, name, malformed, StreamConfig::default())
+}
+
+fn start_with(
+    brokers: &str,
+    tag: &str,
+    name: &str,
+    malformed: &Arc<Mutex<Vec<String>>>,
+    stream: StreamConfig,
+) -> Node {
     let store = Arc::new(RwLock::new(RollupStore::new()));
     let node = KafkaNode::start(
         settings(brokers, tag, name),
-        hooks(malformed.clone()),
+        hooks(malformed.clone(), stream),
         store.clone(),
     )
     .expect("node starts");
@@ -178,9 +188,17 @@ fn wait_exact(nodes: &[&Node], oracle: &Oracle, what: &str) {
     }
 }
 
-/// Every aggregate key, last value wins, as any `read_committed` consumer
-/// of the aggregates topic sees it.
-fn topic_totals(brokers: &str, tag: &str) -> Oracle {
+/// One live record of the aggregates topic.
+struct Live {
+    whole: bool,
+    partition: u32,
+    bucket: (String, Millis, String),
+    count: u64,
+}
+
+/// Every aggregate key, last value wins (a tombstone deletes its key), as
+/// any `read_committed` consumer of the aggregates topic sees it.
+fn topic_records(brokers: &str, tag: &str) -> Vec<Live> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("check-{tag}"))
@@ -200,7 +218,7 @@ fn topic_totals(brokers: &str, tag: &str) -> Oracle {
         ends.insert(p, hi);
     }
     consumer.assign(&tpl).expect("assign");
-    let mut last: HashMap<codec::AggKey, u64> = HashMap::new();
+    let mut last: HashMap<Vec<u8>, Live> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let pos: HashMap<i32, i64> = consumer
@@ -229,15 +247,46 @@ fn topic_totals(brokers: &str, tag: &str) -> Oracle {
             continue;
         };
         let m = m.expect("message");
-        if let Ok(Key::Agg(k)) = codec::decode_key(m.key().expect("key")) {
-            let a = codec::decode_agg(m.payload().expect("value")).expect("aggregate");
-            last.insert(k, a.count);
+        let key = m.key().expect("key");
+        let (whole, partition, bucket) = match codec::decode_key(key) {
+            Ok(Key::Agg(k)) => (
+                true,
+                k.partition,
+                (k.tenant.to_string(), k.minute, k.event_type.to_string()),
+            ),
+            Ok(Key::Delta(k)) => (
+                false,
+                k.partition,
+                (k.tenant.to_string(), k.minute, k.event_type.to_string()),
+            ),
+            _ => continue,
+        };
+        match m.payload() {
+            Some(v) => {
+                let count = codec::decode_agg(v).expect("aggregate").count;
+                last.insert(
+                    key.to_vec(),
+                    Live {
+                        whole,
+                        partition,
+                        bucket,
+                        count,
+                    },
+                );
+            }
+            None => {
+                last.remove(key);
+            }
         }
     }
+    last.into_values().collect()
+}
+
+/// Each bucket's total over its live keys (whole values and deltas).
+fn topic_totals(brokers: &str, tag: &str) -> Oracle {
     let mut out = Oracle::new();
-    for (k, n) in last {
-        *out.entry((k.tenant.to_string(), k.minute, k.event_type.to_string()))
-            .or_default() += n;
+    for r in topic_records(brokers, tag) {
+        *out.entry(r.bucket).or_default() += r.count;
     }
     out.retain(|_, n| *n > 0);
     out
@@ -355,4 +404,108 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
     for mut n in [a, b, c] {
         n.node.take().expect("running").shutdown();
     }
+}
+
+#[test]
+fn final_minutes_are_published_whole_in_place_of_their_deltas() {
+    // Open minutes are published as deltas, one per transaction; once a
+    // minute is final its whole value replaces them (tombstones), also
+    // for deltas an earlier owner of the partition published.
+    let broker = Broker::start();
+    let brokers = broker.brokers();
+    let tag = format!("f{}", std::process::id());
+    let malformed = Arc::new(Mutex::new(Vec::new()));
+    let now = Clock::system().now_ms();
+    let stream = StreamConfig {
+        allowed_lateness_ms: MINUTE_MS,
+        ..StreamConfig::default()
+    };
+    let old = align_down(now - 10 * MINUTE_MS, MINUTE_MS);
+    let mut oracle = Oracle::new();
+    let mut seq = 0;
+    let mut batch = |at: Millis, n: usize, oracle: &mut Oracle| -> Vec<OutEvent> {
+        (0..n)
+            .map(|i| {
+                seq += 1;
+                let tenant = ["acme", "globex", "initech"][i % 3];
+                let ty = ["page_view", "click"][(i / 3) % 2];
+                let ts = at + (i as Millis * 997) % 50_000;
+                let session = format!("s-{}", i % 60);
+                *oracle
+                    .entry((tenant.into(), align_down(ts, MINUTE_MS), ty.into()))
+                    .or_default() += 1;
+                OutEvent {
+                    key: event_key(tenant, Some(&session), &format!("f-{seq}")),
+                    value: format!(
+                        r#"{{"event_id":"f-{seq}","event_type":"{ty}","timestamp":"{}","tenant":"{tenant}","user_id":"u{}","session_id":"{session}"}}"#,
+                        format_rfc3339(ts),
+                        i % 17
+                    )
+                    .into_bytes(),
+                    backfill: false,
+                    correction: false,
+                }
+            })
+            .collect()
+    };
+    let a = start_with(&brokers, &tag, "a", &malformed, stream.clone());
+    // Several transactions of the old minute on A.
+    for _ in 0..3 {
+        send(a.kafka(), batch(old, 120, &mut oracle));
+        wait_exact(&[&a], &oracle, "old minute on A");
+    }
+    let open = topic_records(&brokers, &tag);
+    assert!(
+        open.iter().all(|r| !r.whole),
+        "an open minute published whole"
+    );
+    assert!(open.len() > 6, "{} deltas", open.len());
+    // A stops and starts again: it restores its partitions, and the deltas
+    // it published, from the topic; more of the old minute, then the
+    // clocks move on past it.
+    let mut a = a;
+    a.node.take().expect("running").shutdown();
+    let b = start_with(&brokers, &tag, "a", &malformed, stream);
+    send(b.kafka(), batch(old, 120, &mut oracle));
+    wait_exact(&[&b], &oracle, "old minute on B");
+    send(b.kafka(), batch(now - 30_000, 240, &mut oracle));
+    wait_exact(&[&b], &oracle, "after the clocks moved on");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let live = topic_records(&brokers, &tag);
+        let old_deltas = live
+            .iter()
+            .filter(|r| r.bucket.1 == old && !r.whole)
+            .count();
+        let old_wholes: HashMap<(u32, (String, Millis, String)), u64> = live
+            .iter()
+            .filter(|r| r.bucket.1 == old && r.whole)
+            .map(|r| ((r.partition, r.bucket.clone()), r.count))
+            .collect();
+        let mut totals = Oracle::new();
+        for r in &live {
+            *totals.entry(r.bucket.clone()).or_default() += r.count;
+        }
+        totals.retain(|_, n| *n > 0);
+        assert_eq!(totals, oracle, "the topic's totals, at every step");
+        if old_deltas == 0 && !old_wholes.is_empty() {
+            // Every (partition, bucket) of the old minute: one whole value.
+            let whole_sum: u64 = old_wholes.values().sum();
+            let want: u64 = oracle
+                .iter()
+                .filter(|(k, _)| k.1 == old)
+                .map(|(_, n)| n)
+                .sum();
+            assert_eq!(whole_sum, want);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old minute still has {old_deltas} deltas and {} whole values",
+            old_wholes.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut b = b;
+    b.node.take().expect("running").shutdown();
 }

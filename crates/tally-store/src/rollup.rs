@@ -13,7 +13,7 @@
 //! read both tiers; 1m and 5m queries read minutes only (an hour cannot be
 //! split). Hours before [`RollupStore::hours_from`] have been dropped.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use tally_types::bin::{Dec, DecodeError, Enc};
 use tally_types::time::{DAY_MS, HOUR_MS, MINUTE_MS, Millis, align_down};
@@ -817,9 +817,9 @@ pub struct RollupStore {
     version: u64,
     /// Tenants touched since the last commit.
     dirty: Vec<Box<str>>,
-    /// With [`RollupStore::track_touched`]: every (tenant, minute, event
-    /// type) changed since the last [`RollupStore::take_touched`].
-    touched: Option<Touched>,
+    /// With [`RollupStore::track_deltas`]: what the events added since
+    /// the last [`RollupStore::take_deltas`] added, per bucket.
+    deltas: Option<Deltas>,
     /// The declared dimensions events are split by.
     dims: Dimensions,
     /// Closed buckets changed since the last commit, with their value
@@ -840,12 +840,21 @@ pub struct RollupStore {
     key2: String,
 }
 
-/// Buckets changed since they were last taken, and the last one noted
-/// (events of a record mostly hit the same bucket: one compare, no hash).
+/// The aggregate of the events added since the deltas were last taken,
+/// per bucket: merged into the bucket's value before them, it gives the
+/// value after them (what a processor in Kafka mode publishes).
 #[derive(Clone, Debug, Default)]
-struct Touched {
-    set: HashSet<(Box<str>, Millis, Box<str>)>,
-    last: Option<(Box<str>, Millis, Box<str>)>,
+struct Deltas {
+    map: hashbrown::HashMap<BucketKey, Agg>,
+}
+
+impl Deltas {
+    #[inline]
+    fn agg(&mut self, tenant: &str, minute: Millis, event_type: &str) -> &mut Agg {
+        self.map
+            .entry_ref(&KeyRef(tenant, minute, event_type))
+            .or_default()
+    }
 }
 
 /// Two stores are equal when they hold the same buckets and horizons
@@ -871,7 +880,7 @@ impl Default for RollupStore {
             hours_from: Millis::MIN,
             version: 0,
             dirty: Vec::new(),
-            touched: None,
+            deltas: None,
             dims: Dimensions::default(),
             corrected: hashbrown::HashMap::new(),
             change_log: VecDeque::new(),
@@ -903,6 +912,12 @@ impl std::hash::Hash for KeyRef<'_> {
 impl hashbrown::Equivalent<BucketKey> for KeyRef<'_> {
     fn equivalent(&self, k: &BucketKey) -> bool {
         self.1 == k.1 && self.0 == &*k.0 && self.2 == &*k.2
+    }
+}
+
+impl From<&KeyRef<'_>> for BucketKey {
+    fn from(r: &KeyRef<'_>) -> BucketKey {
+        (r.0.into(), r.1, r.2.into())
     }
 }
 
@@ -1568,9 +1583,6 @@ impl RollupStore {
     /// needed; a minute already downsampled lands in its hour.
     #[inline]
     pub fn agg_mut(&mut self, tenant: &str, minute: Millis, event_type: &str) -> &mut Agg {
-        if let Some(t) = self.touched.as_mut() {
-            note_touched(t, tenant, minute, event_type);
-        }
         let downsampled_to = self.downsampled_to;
         self.tenant_mut(tenant, minute)
             .bucket_mut(minute, downsampled_to)
@@ -1624,8 +1636,19 @@ impl RollupStore {
             if ty != e.event_type {
                 self.dims.note_event_types_folded(1);
             }
-            let dropped = self.agg_mut(e.tenant, minute, ty).add(e);
+            let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
+            let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
+            let agg = tenant_entry(&mut self.tenants, &mut self.dirty, e.tenant, minute)
+                .bucket_mut(minute, self.downsampled_to)
+                .agg_entry(ty);
+            let dropped = agg.add_hashed(e, uh, sh);
             self.dims.note_properties_dropped(dropped);
+            if let Some(d) = self.deltas.as_mut() {
+                // The delta takes what the total took.
+                let within = (dropped > 0).then_some(agg.props.as_slice());
+                d.agg(e.tenant, minute, ty)
+                    .add_hashed_within(e, uh, sh, within);
+            }
             return;
         }
         // One pass over the properties: the dimension values, and the
@@ -1670,9 +1693,6 @@ impl RollupStore {
         if ty != e.event_type {
             self.dims.note_event_types_folded(1);
         }
-        if let Some(t) = self.touched.as_mut() {
-            note_touched(t, e.tenant, minute, ty);
-        }
         let uh = e.user_id.map(|u| stable_hash(&[u.as_bytes()]));
         let sh = e.session_id.map(|s| stable_hash(&[s.as_bytes()]));
         let add = |agg: &mut Agg, within: Option<&[(Box<str>, NumAgg)]>| {
@@ -1689,7 +1709,11 @@ impl RollupStore {
         // unless the total is full).
         let Agg { props, by, .. } = agg;
         if let Some(c) = by.get_mut(key.as_str()) {
-            add(c, (dropped > 0).then_some(props.as_slice()));
+            let within = (dropped > 0).then_some(props.as_slice());
+            add(c, within);
+            if let Some(d) = self.deltas.as_mut() {
+                add_delta(d, e.tenant, minute, ty, key, within, add);
+            }
             return;
         }
         let mut folded = bucket.combination(&vals, names, &self.dims, key);
@@ -1706,27 +1730,29 @@ impl RollupStore {
         }
         self.dims.note_folded(folded);
         let Agg { props, by, .. } = bucket.agg_entry(ty);
-        add(
-            by.entry_ref(key.as_str()).or_default(),
-            (dropped > 0).then_some(props.as_slice()),
-        );
+        let within = (dropped > 0).then_some(props.as_slice());
+        add(by.entry_ref(key.as_str()).or_default(), within);
+        if let Some(d) = self.deltas.as_mut() {
+            add_delta(d, e.tenant, minute, ty, key, within, add);
+        }
     }
 
-    /// Starts noting which buckets change (a processor that publishes its
-    /// changed aggregates, as in Kafka mode).
-    pub fn track_touched(&mut self) {
-        self.touched.get_or_insert_with(Touched::default);
+    /// Starts keeping what events add to each bucket (a processor that
+    /// publishes its changes as deltas, as in Kafka mode). Buckets set or
+    /// loaded whole ([`RollupStore::set_agg`]) are not deltas.
+    pub fn track_deltas(&mut self) {
+        self.deltas.get_or_insert_with(Deltas::default);
     }
 
-    /// The (tenant, minute, event type) buckets changed since the last
-    /// call, sorted.
-    pub fn take_touched(&mut self) -> Vec<(Box<str>, Millis, Box<str>)> {
-        let Some(t) = self.touched.as_mut() else {
+    /// What the events added since the last call, per (tenant, minute,
+    /// event type), sorted: merged into a bucket's value as it was at the
+    /// last call, each gives the bucket's value now.
+    pub fn take_deltas(&mut self) -> Vec<(BucketKey, Agg)> {
+        let Some(d) = self.deltas.as_mut() else {
             return Vec::new();
         };
-        t.last = None;
-        let mut out: Vec<_> = t.set.drain().collect();
-        out.sort_unstable();
+        let mut out: Vec<(BucketKey, Agg)> = d.map.drain().collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
@@ -2423,17 +2449,21 @@ fn tenant_entry<'a>(
     t
 }
 
+/// Adds an event to its delta: the total, then the combination `key`
+/// (both taking the properties `within` holds, as the value did).
 #[inline]
-fn note_touched(t: &mut Touched, tenant: &str, minute: Millis, event_type: &str) {
-    if t.last
-        .as_ref()
-        .is_some_and(|(a, m, b)| *m == minute && &**a == tenant && &**b == event_type)
-    {
-        return;
-    }
-    let key: (Box<str>, Millis, Box<str>) = (tenant.into(), minute, event_type.into());
-    t.set.insert(key.clone());
-    t.last = Some(key);
+fn add_delta(
+    d: &mut Deltas,
+    tenant: &str,
+    minute: Millis,
+    ty: &str,
+    key: &str,
+    within: Option<&[(Box<str>, NumAgg)]>,
+    add: impl Fn(&mut Agg, Option<&[(Box<str>, NumAgg)]>) -> u64,
+) {
+    let agg = d.agg(tenant, minute, ty);
+    add(agg, within);
+    add(agg.by.entry_ref(key).or_default(), within);
 }
 
 #[cfg(test)]

@@ -31,11 +31,11 @@ use crate::{Clock, DlqEntry, Error, LATE_MARK, Processor, RecordRef, live};
 impl Processor {
     /// Set up for one partition of an external log: no checkpoint
     /// journals, late entries collected for [`Processor::take_late`],
-    /// changed buckets noted in the store.
+    /// what events add to each bucket kept in the store as deltas.
     pub fn own_partition(&mut self) {
         self.set_journaling(false);
         self.collected_late = Some(Vec::new());
-        self.store.write().track_touched();
+        self.store.write().track_deltas();
     }
 
     /// Late entries produced since the last call (with
