@@ -511,7 +511,7 @@ impl Default for KafkaSection {
             topic_registry: String::new(),
             partitions: 4,
             node_id: String::new(),
-            commit_interval: "200ms".into(),
+            commit_interval: "100ms".into(),
             produce_timeout: "10s".into(),
             seal_interval: "5s".into(),
             client: Default::default(),
@@ -1154,7 +1154,7 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "kafka.commit-interval",
                 value: k.commit_interval.clone(),
-                fix: "use a positive duration, e.g. 200ms",
+                fix: "use a positive duration, e.g. 100ms",
             });
         }
         duration("kafka.produce-timeout", &k.produce_timeout)?;
