@@ -5,10 +5,11 @@
 //! string is a `u32` length and its UTF-8 bytes (`tally_types::bin`).
 //!
 //! **Aggregate** — the whole aggregate of one (tenant, minute, event type)
-//! as counted from one partition of the events topic, written once the
-//! minute is final for that partition (its watermark is past the minute
-//! and the allowed lateness), and again if a backfill or a replayed late
-//! event changes it later:
+//! as counted from one partition of the events topic. Written when the
+//! minute is final for that partition (its watermark past the minute and
+//! the allowed lateness), while the minute is small (a first commit, a
+//! quiet bucket), after 64 deltas, and again if a backfill or a replayed
+//! late event changes a final minute:
 //!
 //! ```text
 //! key:   01 'A' | u32 source partition | i64 minute (ms since epoch) | str tenant | str event type
@@ -21,11 +22,10 @@
 //! dimensions, one per combination of values that occurred, keyed
 //! `name=value` pairs joined by `\x1f` (`tally_store::dims`), sorted.
 //!
-//! While a minute is open, each transaction writes what its events added
-//! to the minute as a *delta* record (below), so a transaction's bytes
-//! follow its events, not the size the minute has grown to. The whole
-//! value that closes the minute replaces those deltas: the same
-//! transaction writes a tombstone (no value) for each of them. So a reader
+//! Otherwise a transaction writes what its events added to the minute as
+//! a *delta* record (below), so its bytes follow its events, not the size
+//! the minute has grown to. A whole value replaces the deltas before it:
+//! the same transaction writes a tombstone (no value) for each of them. So a reader
 //! that keeps the last value per key (a tombstone deleting its key) and
 //! merges the keys of a (tenant, minute, event type) over source
 //! partitions and deltas (counts and sums add, sketches merge) holds the

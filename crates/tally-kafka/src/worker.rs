@@ -301,6 +301,52 @@ struct Part {
 
 type BucketKey = (Box<str>, Millis, Box<str>);
 
+/// A bucket is published whole rather than as a delta while its whole
+/// value holds at most this many times the delta's events (in a backlog
+/// a minute spans few commits: a larger ratio rewrites more than it
+/// saves)...
+const WHOLE_OVER_DELTA: u64 = 2;
+
+/// ... or at most this many events: a small whole value costs no more
+/// than a delta and the tombstone it needs later.
+const SMALL_WHOLE: u64 = 32;
+
+/// A bucket is published whole once this many deltas wait for a whole
+/// value (the worker and every view remember them; its whole value
+/// tombstones them).
+const MAX_DELTAS: usize = 64;
+
+/// A bucket's whole value, and tombstones for the deltas `outstanding`
+/// holds for it (which it replaces).
+fn whole_record(
+    out: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    outstanding: &mut HashMap<BucketKey, Vec<(u64, u32)>>,
+    partition: u32,
+    k: &BucketKey,
+    agg: &Agg,
+) {
+    out.push((
+        codec::agg_key(&AggKey {
+            partition,
+            minute: k.1,
+            tenant: k.0.clone(),
+            event_type: k.2.clone(),
+        }),
+        Some(codec::agg_value(agg)),
+    ));
+    for (at, seq) in outstanding.remove(k).unwrap_or_default() {
+        let key = codec::delta_key(&codec::DeltaKey {
+            partition,
+            at,
+            seq,
+            minute: k.1,
+            tenant: k.0.clone(),
+            event_type: k.2.clone(),
+        });
+        out.push((key, None));
+    }
+}
+
 /// A seal of the raw rows of offsets `[from, to)` under way.
 struct Sealing {
     from: u64,
@@ -597,14 +643,24 @@ impl Part {
         true
     }
 
-    /// The aggregate records of a commit at `next_offset`: what each
-    /// bucket's events added since the last commit (`deltas`, unique keys),
-    /// then, for each bucket made final by this commit (`finals`: the last
-    /// entry of `evicted`) from `behind` on, its whole value and
-    /// tombstones for the deltas that value replaces. A reader keeping the
-    /// last value per key and merging a bucket's keys has the exact value
-    /// after every transaction, and compaction leaves one record per final
-    /// bucket. Values are `None` for tombstones.
+    /// The aggregate records of a commit at `next_offset`. Per bucket its
+    /// events changed, what they added since the last commit (a delta,
+    /// under a key unique to this commit) or, from `behind` on, its whole
+    /// value with tombstones for the deltas since its last whole value:
+    ///
+    /// - when the bucket is final (`finals`: the last entry of `evicted`);
+    /// - when the whole value is small ([`SMALL_WHOLE`] events) or small
+    ///   beside the delta ([`WHOLE_OVER_DELTA`] times its events: a
+    ///   bucket's first commits), where one record does what a delta and
+    ///   its tombstone would;
+    /// - when [`MAX_DELTAS`] deltas wait for one, which bounds what
+    ///   readers and the worker remember per bucket and what compaction
+    ///   keeps.
+    ///
+    /// A reader keeping the last value per key (tombstones delete) and
+    /// merging a bucket's keys has its exact value after every
+    /// transaction, and compaction leaves one record per final bucket.
+    /// Values are `None` for tombstones.
     fn publish(
         &mut self,
         deltas: Vec<(BucketKey, Agg)>,
@@ -620,61 +676,51 @@ impl Part {
         } else {
             None
         };
-        let whole = |k: &BucketKey| k.1 >= behind && finals.is_some_and(|f| f.contains_key(k));
+        let store = self.proc.store().read();
+        let outstanding = &mut self.outstanding;
+        let id = self.id;
         let mut out = Vec::with_capacity(deltas.len());
         let mut seq = 0;
-        let mut closing = Vec::new();
-        for (k, agg) in deltas {
-            if whole(&k) {
-                // Its whole value follows.
-                closing.push(k);
-                continue;
+        for (k, delta) in deltas {
+            if k.1 >= behind {
+                let last = finals.and_then(|f| f.get(&k));
+                if let Some(agg) = last.or_else(|| store.agg(&k.0, k.1, &k.2)) {
+                    let waiting = outstanding.get(&k).map_or(0, Vec::len);
+                    if last.is_some()
+                        || agg.count <= SMALL_WHOLE
+                        || agg.count <= WHOLE_OVER_DELTA * delta.count.max(1)
+                        || waiting + 1 >= MAX_DELTAS
+                    {
+                        whole_record(&mut out, outstanding, id, &k, agg);
+                        continue;
+                    }
+                }
             }
             seq += 1;
             out.push((
                 codec::delta_key(&codec::DeltaKey {
-                    partition: self.id,
+                    partition: id,
                     at,
                     seq,
                     minute: k.1,
                     tenant: k.0.clone(),
                     event_type: k.2.clone(),
                 }),
-                Some(codec::agg_value(&agg)),
+                Some(codec::agg_value(&delta)),
             ));
             if k.1 >= behind {
-                self.outstanding.entry(k).or_default().push((at, seq));
+                outstanding.entry(k).or_default().push((at, seq));
             }
         }
+        // Final buckets this commit did not change, with deltas waiting.
         if let Some(f) = finals {
-            let mut done: Vec<&BucketKey> = f
+            let mut rest: Vec<&BucketKey> = f
                 .keys()
-                .filter(|k| k.1 >= behind && self.outstanding.contains_key(*k))
-                .chain(closing.iter())
+                .filter(|k| k.1 >= behind && outstanding.contains_key(*k))
                 .collect();
-            done.sort_unstable();
-            done.dedup();
-            for k in done {
-                out.push((
-                    codec::agg_key(&AggKey {
-                        partition: self.id,
-                        minute: k.1,
-                        tenant: k.0.clone(),
-                        event_type: k.2.clone(),
-                    }),
-                    Some(codec::agg_value(&f[k])),
-                ));
-                for (a, s) in self.outstanding.remove(k).unwrap_or_default() {
-                    let key = codec::delta_key(&codec::DeltaKey {
-                        partition: self.id,
-                        at: a,
-                        seq: s,
-                        minute: k.1,
-                        tenant: k.0.clone(),
-                        event_type: k.2.clone(),
-                    });
-                    out.push((key, None));
-                }
+            rest.sort_unstable();
+            for k in rest {
+                whole_record(&mut out, outstanding, id, k, &f[k]);
             }
         }
         out

@@ -408,9 +408,9 @@ fn nodes_share_partitions_and_every_node_answers_exactly() {
 
 #[test]
 fn final_minutes_are_published_whole_in_place_of_their_deltas() {
-    // Open minutes are published as deltas, one per transaction; once a
-    // minute is final its whole value replaces them (tombstones), also
-    // for deltas an earlier owner of the partition published.
+    // A growing minute is published as deltas, one per transaction; once
+    // it is final its whole value replaces them (tombstones), also for
+    // deltas an earlier owner of the partition published.
     let broker = Broker::start();
     let brokers = broker.brokers();
     let tag = format!("f{}", std::process::id());
@@ -449,25 +449,28 @@ fn final_minutes_are_published_whole_in_place_of_their_deltas() {
             .collect()
     };
     let a = start_with(&brokers, &tag, "a", &malformed, stream.clone());
-    // Several transactions of the old minute on A.
-    for _ in 0..3 {
-        send(a.kafka(), batch(old, 120, &mut oracle));
+    // Several transactions of the old minute on A: its first ones whole
+    // (the minute is small beside what they add), later ones deltas.
+    for _ in 0..8 {
+        send(a.kafka(), batch(old, 240, &mut oracle));
         wait_exact(&[&a], &oracle, "old minute on A");
     }
     let open = topic_records(&brokers, &tag);
-    assert!(
-        open.iter().all(|r| !r.whole),
-        "an open minute published whole"
-    );
-    assert!(open.len() > 6, "{} deltas", open.len());
+    let deltas = open.iter().filter(|r| !r.whole).count();
+    assert!(deltas > 6, "{deltas} deltas of an open minute");
+    let mut totals = Oracle::new();
+    for r in &open {
+        *totals.entry(r.bucket.clone()).or_default() += r.count;
+    }
+    assert_eq!(totals, oracle, "the topic's totals, deltas open");
     // A stops and starts again: it restores its partitions, and the deltas
     // it published, from the topic; more of the old minute, then the
     // clocks move on past it.
     let mut a = a;
     a.node.take().expect("running").shutdown();
     let b = start_with(&brokers, &tag, "a", &malformed, stream);
-    send(b.kafka(), batch(old, 120, &mut oracle));
-    wait_exact(&[&b], &oracle, "old minute on B");
+    send(b.kafka(), batch(old, 240, &mut oracle));
+    wait_exact(&[&b], &oracle, "old minute after the restart");
     send(b.kafka(), batch(now - 30_000, 240, &mut oracle));
     wait_exact(&[&b], &oracle, "after the clocks moved on");
     let deadline = Instant::now() + Duration::from_secs(60);
