@@ -89,7 +89,10 @@
 //! **Replaced files** — archive files of one source partition that
 //! compaction merged into one (`added`), or that archive retention
 //! removed (no `added`); readers stop listing `removed` and list
-//! `added` (the merged file's name carries the offset range it covers):
+//! `added` (the merged file's name carries the offset range it covers).
+//! Keys are new for every record: an idle partition writes several
+//! rounds at one next offset, whose sequence numbers continue past the
+//! last committed record at that offset, so compaction keeps each:
 //!
 //! ```text
 //! key:   01 'K' | u32 source partition | u64 at (next offset of the state) | u32 seq

@@ -51,6 +51,8 @@ struct PartView {
     pending_sessions: Vec<codec::SessionChanges>,
     /// The partition's archive files as committed: `[from, to)` and file.
     files: Vec<(u64, u64, codec::SealedFile)>,
+    /// The (at, seq) of the last replaced-files record committed.
+    last_replace: Option<(u64, u32)>,
 }
 
 #[derive(Default)]
@@ -161,6 +163,19 @@ impl Materialized {
         let view = inner.parts.get(&partition)?;
         let agg = view.values.get(&k)?.clone();
         Some((agg, view.outstanding.get(&k).cloned().unwrap_or_default()))
+    }
+
+    /// The first sequence number free for replaced-files records of
+    /// `partition` at `at`: the key (partition, at, seq) must be new, or
+    /// compaction of the topic would drop an earlier record; and an idle
+    /// partition's `at` (its next offset) stays the same from one round
+    /// of archive retention to the next.
+    pub fn next_replace_seq(&self, partition: u32, at: u64) -> u32 {
+        let inner = self.inner.lock();
+        match inner.parts.get(&partition).and_then(|v| v.last_replace) {
+            Some((a, seq)) if a == at => seq + 1,
+            _ => 0,
+        }
     }
 
     /// The next offset of a source partition's last state applied.
@@ -401,6 +416,7 @@ impl Materialized {
                         if let Some(a) = &r.added {
                             view.files.push(a.clone());
                         }
+                        view.last_replace = view.last_replace.max(Some((r.at, r.seq)));
                     }
                     (
                         std::mem::take(&mut view.pending),
@@ -832,4 +848,69 @@ fn session(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(next_offset: u64) -> PartitionState {
+        PartitionState {
+            next_offset,
+            replay_from: 0,
+            node: "n1".into(),
+            committed_at: 0,
+            watermarks: Vec::new(),
+            counted: 0,
+            duplicates: 0,
+            late: 0,
+            clocks: Vec::new(),
+            raw_from: next_offset,
+            last_message_ms: None,
+            cut: Millis::MIN,
+        }
+    }
+
+    fn replaced(at: u64, seq: u32, path: &str) -> codec::Replaced {
+        codec::Replaced {
+            partition: 3,
+            at,
+            seq,
+            removed: vec![path.into()],
+            added: None,
+        }
+    }
+
+    /// Commits `records` of partition 3 as one transaction at `at`.
+    fn commit(view: &Materialized, at: u64, records: &[codec::Replaced]) {
+        for r in records {
+            view.apply(&codec::replace_key(r), Some(&codec::replace_value(r)))
+                .unwrap();
+        }
+        view.apply(&codec::state_key(3), Some(&codec::state_value(&state(at))))
+            .unwrap();
+    }
+
+    #[test]
+    fn replaced_files_keys_stay_new_while_the_partition_idles() {
+        // Archive retention of an idle partition runs again and again at
+        // the same next offset: each round's records need keys of their
+        // own, or compaction keeps only the last round.
+        let view = Materialized::new(Arc::new(RwLock::new(RollupStore::new())));
+        assert_eq!(view.next_replace_seq(3, 10), 0);
+        commit(&view, 10, &[replaced(10, 0, "a"), replaced(10, 1, "b")]);
+        assert_eq!(view.next_replace_seq(3, 10), 2);
+        assert_eq!(view.next_replace_seq(4, 10), 0, "another partition");
+        commit(&view, 10, &[replaced(10, 2, "c")]);
+        assert_eq!(view.next_replace_seq(3, 10), 3);
+        // Records read but not yet committed by a state do not count.
+        view.apply(
+            &codec::replace_key(&replaced(10, 3, "d")),
+            Some(&codec::replace_value(&replaced(10, 3, "d"))),
+        )
+        .unwrap();
+        assert_eq!(view.next_replace_seq(3, 10), 3);
+        // Events moved the partition on: a new offset starts at 0.
+        assert_eq!(view.next_replace_seq(3, 11), 0);
+    }
 }

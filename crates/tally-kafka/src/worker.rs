@@ -1701,8 +1701,11 @@ fn replacements(
     }
     let plan = crate::raw::plan(&view.files_of(id), sink, now);
     let mut out = Vec::new();
+    // The view holds this owner's last commit (checked above), so every
+    // committed record of this partition.
+    let first = view.next_replace_seq(id, part.next_offset);
     let mut record = |removed: Vec<String>, added| {
-        let seq = out.len() as u32;
+        let seq = first + out.len() as u32;
         out.push(codec::Replaced {
             partition: id,
             at: part.next_offset,
