@@ -281,8 +281,8 @@ struct Part {
     /// `codec::PartitionState::cut`).
     cut: Millis,
     /// Per bucket held from the cut on: the deltas (at, seq) published
-    /// since its last whole value, which the whole value published when
-    /// the bucket is final replaces (tombstones).
+    /// since its last whole value, which its next whole value replaces
+    /// (tombstones; see [`Part::publish`]).
     outstanding: HashMap<BucketKey, Vec<(u64, u32)>>,
     /// The next offset of this owner's last committed state.
     committed: Option<u64>,
@@ -574,7 +574,8 @@ impl Part {
                 continue;
             }
             let k: BucketKey = (e.tenant.into(), m, e.event_type.into());
-            // Evicted here: published whole, no delta since.
+            // Evicted here: no delta waits for a whole value (the eviction
+            // published it), or none ever will (behind the cut).
             let published = self
                 .evicted
                 .iter()
