@@ -34,13 +34,19 @@ enum Apply {
     Delta(u64, u32),
 }
 
+/// A source partition's committed value of one bucket.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub agg: Agg,
+    /// The deltas (at, seq) published since the bucket's last whole value:
+    /// what its next whole value replaces.
+    pub deltas: Vec<(u64, u32)>,
+}
+
 #[derive(Default)]
 struct PartView {
     state: Option<PartitionState>,
-    values: HashMap<BucketKey, Agg>,
-    /// Per bucket, the deltas (at, seq) applied since its last whole
-    /// value: what the whole value that closes it will replace.
-    outstanding: HashMap<BucketKey, Vec<(u64, u32)>>,
+    values: HashMap<BucketKey, Published>,
     /// Aggregates read since the last state of this partition.
     pending: Vec<(BucketKey, Agg, Apply)>,
     /// Sealed files read since the last state of this partition.
@@ -70,10 +76,7 @@ pub struct Restore {
     pub state: PartitionState,
     /// The partition's aggregates at that state whose minute is at or after
     /// the cutoff the caller gave for their tenant.
-    pub values: Vec<(BucketKey, Agg)>,
-    /// Of those buckets, the deltas (at, seq) published since their last
-    /// whole value.
-    pub outstanding: Vec<(BucketKey, Vec<(u64, u32)>)>,
+    pub values: Vec<(BucketKey, Published)>,
 }
 
 /// What [`Materialized::restore`] found for a partition.
@@ -149,20 +152,22 @@ impl Materialized {
         out
     }
 
-    /// A source partition's committed aggregate of one bucket, and the
-    /// deltas (at, seq) published since its last whole value.
+    /// A source partition's committed value of one bucket.
     pub fn value_of(
         &self,
         partition: u32,
         tenant: &str,
         minute: Millis,
         event_type: &str,
-    ) -> Option<(Agg, Vec<(u64, u32)>)> {
+    ) -> Option<Published> {
         let k: BucketKey = (tenant.into(), minute, event_type.into());
-        let inner = self.inner.lock();
-        let view = inner.parts.get(&partition)?;
-        let agg = view.values.get(&k)?.clone();
-        Some((agg, view.outstanding.get(&k).cloned().unwrap_or_default()))
+        self.inner
+            .lock()
+            .parts
+            .get(&partition)?
+            .values
+            .get(&k)
+            .cloned()
     }
 
     /// The first sequence number free for replaced-files records of
@@ -293,24 +298,13 @@ impl Materialized {
         cutoff: impl FnOnce(&PartitionState) -> HashMap<String, Millis>,
     ) -> Restore {
         let cut = cutoff(&state);
-        let held = |(t, m, _): &BucketKey| *m >= cut.get(&**t).copied().unwrap_or(Millis::MIN);
         let values = view
             .values
             .iter()
-            .filter(|(k, _)| held(k))
-            .map(|(k, a)| (k.clone(), a.clone()))
+            .filter(|((t, m, _), _)| *m >= cut.get(&**t).copied().unwrap_or(Millis::MIN))
+            .map(|(k, p)| (k.clone(), p.clone()))
             .collect();
-        let outstanding = view
-            .outstanding
-            .iter()
-            .filter(|(k, _)| held(k))
-            .map(|(k, d)| (k.clone(), d.clone()))
-            .collect();
-        Restore {
-            state,
-            values,
-            outstanding,
-        }
+        Restore { state, values }
     }
 
     /// Applies one record of the aggregates topic.
@@ -487,16 +481,22 @@ impl Materialized {
                             // The store's value is the merge over
                             // partitions: a delta adds to both.
                             store.agg_mut(&k.0, k.1, &k.2).merge(&agg);
-                            view.values.entry(k.clone()).or_default().merge(&agg);
-                            view.outstanding.entry(k).or_default().push((at, seq));
+                            let p = view.values.entry(k).or_default();
+                            p.agg.merge(&agg);
+                            p.deltas.push((at, seq));
                         }
                         Apply::Whole => {
-                            view.outstanding.remove(&k);
-                            view.values.insert(k.clone(), agg);
+                            view.values.insert(
+                                k.clone(),
+                                Published {
+                                    agg,
+                                    deltas: Vec::new(),
+                                },
+                            );
                             let mut merged = Agg::default();
                             for v in inner.parts.values() {
-                                if let Some(a) = v.values.get(&k) {
-                                    merged.merge(a);
+                                if let Some(p) = v.values.get(&k) {
+                                    merged.merge(&p.agg);
                                 }
                             }
                             store.set_agg(&k.0, k.1, &k.2, merged);
@@ -513,7 +513,6 @@ impl Materialized {
                     inner.folded_to = Some(horizon);
                     for v in inner.parts.values_mut() {
                         v.values.retain(|k, _| k.1 >= horizon);
-                        v.outstanding.retain(|k, _| k.1 >= horizon);
                     }
                 }
                 store.commit();

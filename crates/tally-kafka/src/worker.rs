@@ -36,7 +36,7 @@ use tally_types::bin::{Dec, Enc};
 use tally_types::time::{HOUR_MS, MINUTE_MS, Millis, align_down};
 
 use crate::codec::{self, AggKey, PartitionState};
-use crate::materialize::{Materialized, Restored};
+use crate::materialize::{Materialized, Published, Restored};
 use crate::raw::{RawBuf, RawSink};
 use crate::{BACKFILL_HEADER, Error, Settings};
 
@@ -335,22 +335,28 @@ fn whole_record(
         Some(codec::agg_value(agg)),
     ));
     for (at, seq) in outstanding.remove(k).unwrap_or_default() {
-        let key = codec::delta_key(&codec::DeltaKey {
-            partition,
-            at,
-            seq,
-            minute: k.1,
-            tenant: k.0.clone(),
-            event_type: k.2.clone(),
-        });
-        out.push((key, None));
+        out.push((delta_key(partition, at, seq, k), None));
     }
+}
+
+/// The key of delta `seq` of bucket `k` in the commit at `at`.
+fn delta_key(partition: u32, at: u64, seq: u32, k: &BucketKey) -> Vec<u8> {
+    codec::delta_key(&codec::DeltaKey {
+        partition,
+        at,
+        seq,
+        minute: k.1,
+        tenant: k.0.clone(),
+        event_type: k.2.clone(),
+    })
 }
 
 /// A seal of the raw rows of offsets `[from, to)` under way.
 struct Sealing {
     from: u64,
     to: u64,
+    /// The archive written to (for errors).
+    archive: String,
     thread: std::thread::JoinHandle<Result<Vec<codec::SealedFile>, Error>>,
 }
 
@@ -461,10 +467,12 @@ impl Part {
     fn load(&mut self, r: crate::materialize::Restore) {
         {
             let mut st = self.proc.store().write();
-            for ((t, m, ty), agg) in r.values {
-                st.set_agg(&t, m, &ty, agg);
+            for (k, p) in r.values {
+                st.set_agg(&k.0, k.1, &k.2, p.agg);
+                if !p.deltas.is_empty() {
+                    self.outstanding.insert(k, p.deltas);
+                }
             }
-            self.outstanding = r.outstanding.into_iter().collect();
             // Sessions are rebuilt from the events handled from here on:
             // the earlier ones (replayed for dedupe only) are not in them,
             // so no change is told for sessions before each clock.
@@ -506,6 +514,7 @@ impl Part {
         let (from, to) = (self.buf_from, self.next_offset);
         self.buf_from = to;
         let (sink, topic, id) = (sink.clone(), topic.to_string(), self.id);
+        let archive = sink.archive.describe.clone();
         let thread = std::thread::Builder::new()
             .name("tally-kafka-seal".into())
             .spawn(move || {
@@ -516,7 +525,12 @@ impl Part {
                 buf.seal(&sink, &rt, &topic, id, from, to)
             })
             .map_err(Error::Thread)?;
-        self.sealing = Some(Sealing { from, to, thread });
+        self.sealing = Some(Sealing {
+            from,
+            to,
+            archive,
+            thread,
+        });
         Ok(())
     }
 
@@ -534,7 +548,7 @@ impl Part {
             return Ok(None);
         };
         let files = s.thread.join().map_err(|_| Error::Archive {
-            archive: "the archive".into(),
+            archive: s.archive,
             what: "the thread sealing raw events panicked".into(),
         })??;
         self.raw_from = s.to;
@@ -580,12 +594,17 @@ impl Part {
                 .evicted
                 .iter()
                 .rev()
-                .find_map(|(_, b)| b.get(&k).cloned().map(|a| (a, Vec::new())))
+                .find_map(|(_, b)| {
+                    b.get(&k).map(|a| Published {
+                        agg: a.clone(),
+                        deltas: Vec::new(),
+                    })
+                })
                 .or_else(|| view.value_of(self.id, e.tenant, m, e.event_type));
-            if let Some((a, deltas)) = published {
-                st.set_agg(e.tenant, m, e.event_type, a);
-                if !deltas.is_empty() {
-                    self.outstanding.insert(k, deltas);
+            if let Some(p) = published {
+                st.set_agg(e.tenant, m, e.event_type, p.agg);
+                if !p.deltas.is_empty() {
+                    self.outstanding.insert(k, p.deltas);
                 }
             }
         }
@@ -618,21 +637,16 @@ impl Part {
         }
     }
 
-    /// Evicts the final minutes after a commit up to `next_offset` and
-    /// forgets those of commits the view has applied.
-    /// Answers whether it evicted any (then the last entry of
-    /// `evicted`, at `next_offset`).
-    fn evict(&mut self, view: &Materialized) -> bool {
+    /// Takes the minutes final at this commit out of the processor (from
+    /// the cut on; the caller keeps them in `evicted`), and forgets those
+    /// of commits the view has applied.
+    fn evict(&mut self, view: &Materialized) -> HashMap<BucketKey, Agg> {
         let seen = view.next_offset_of(self.id).unwrap_or(0);
         while self.evicted.front().is_some_and(|(at, _)| *at <= seen) {
             self.evicted.pop_front();
         }
-        let gone = self.proc.take_final();
-        if gone.is_empty() {
-            return false;
-        }
         let mut buckets = HashMap::new();
-        for (t, m, b) in gone {
+        for (t, m, b) in self.proc.take_final() {
             if m < self.cut {
                 continue;
             }
@@ -640,8 +654,7 @@ impl Part {
                 buckets.insert((t.clone(), m, ty), agg);
             }
         }
-        self.evicted.push_back((self.next_offset, buckets));
-        true
+        buckets
     }
 
     /// The aggregate records of a commit at `next_offset`. Per bucket its
@@ -649,7 +662,7 @@ impl Part {
     /// under a key unique to this commit) or, from `behind` on, its whole
     /// value with tombstones for the deltas since its last whole value:
     ///
-    /// - when the bucket is final (`finals`: the last entry of `evicted`);
+    /// - when the bucket is final (`finals`, taken by [`Part::evict`]);
     /// - when the whole value is small ([`SMALL_WHOLE`] events) or small
     ///   beside the delta ([`WHOLE_OVER_DELTA`] times its events: a
     ///   bucket's first commits), where one record does what a delta and
@@ -665,18 +678,10 @@ impl Part {
     fn publish(
         &mut self,
         deltas: Vec<(BucketKey, Agg)>,
-        finals: bool,
+        finals: &HashMap<BucketKey, Agg>,
         behind: Millis,
     ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let at = self.next_offset;
-        let finals = if finals {
-            self.evicted
-                .back()
-                .filter(|(a, _)| *a == at)
-                .map(|(_, b)| b)
-        } else {
-            None
-        };
         let store = self.proc.store().read();
         let outstanding = &mut self.outstanding;
         let id = self.id;
@@ -684,7 +689,7 @@ impl Part {
         let mut seq = 0;
         for (k, delta) in deltas {
             if k.1 >= behind {
-                let last = finals.and_then(|f| f.get(&k));
+                let last = finals.get(&k);
                 if let Some(agg) = last.or_else(|| store.agg(&k.0, k.1, &k.2)) {
                     let waiting = outstanding.get(&k).map_or(0, Vec::len);
                     if last.is_some()
@@ -698,31 +703,19 @@ impl Part {
                 }
             }
             seq += 1;
-            out.push((
-                codec::delta_key(&codec::DeltaKey {
-                    partition: id,
-                    at,
-                    seq,
-                    minute: k.1,
-                    tenant: k.0.clone(),
-                    event_type: k.2.clone(),
-                }),
-                Some(codec::agg_value(&delta)),
-            ));
+            out.push((delta_key(id, at, seq, &k), Some(codec::agg_value(&delta))));
             if k.1 >= behind {
                 outstanding.entry(k).or_default().push((at, seq));
             }
         }
         // Final buckets this commit did not change, with deltas waiting.
-        if let Some(f) = finals {
-            let mut rest: Vec<&BucketKey> = f
-                .keys()
-                .filter(|k| k.1 >= behind && outstanding.contains_key(*k))
-                .collect();
-            rest.sort_unstable();
-            for k in rest {
-                whole_record(&mut out, outstanding, id, k, &f[k]);
-            }
+        let mut rest: Vec<&BucketKey> = finals
+            .keys()
+            .filter(|k| k.1 >= behind && outstanding.contains_key(*k))
+            .collect();
+        rest.sort_unstable();
+        for k in rest {
+            whole_record(&mut out, outstanding, id, k, &finals[k]);
         }
         out
     }
@@ -1507,7 +1500,10 @@ impl Session<'_> {
                 part.cut
             };
             let finals = part.evict(self.view);
-            let out = part.publish(deltas, finals, behind);
+            let out = part.publish(deltas, &finals, behind);
+            if !finals.is_empty() {
+                part.evicted.push_back((part.next_offset, finals));
+            }
             part.advance_cut(cut);
             let mut clocks = Enc::new();
             part.proc.export_clocks(&mut clocks);
