@@ -202,8 +202,8 @@ impl ConsumerContext for Ctx {
                     _ => None,
                 });
             let part = Part::restore(p as u32, c_off, &self.hooks, &self.view, RESTORE_WAIT);
-            let start = match part.waiting {
-                Some((c, _)) => Offset::Offset(c as i64),
+            let start = match &part.waiting {
+                Some(w) => Offset::Offset(w.committed as i64),
                 None if part.start == 0 => Offset::Beginning,
                 None => Offset::Offset(part.start as i64),
             };
@@ -294,9 +294,65 @@ struct Part {
     /// The processor store's version up to which its session changes
     /// were published.
     sessions_told: u64,
-    /// The group's committed offset the view has not reached yet, and
-    /// since when: the partition is not processed until it has.
-    waiting: Option<(u64, Instant)>,
+    /// The group's committed offset the view has not reached yet: the
+    /// partition is not processed until it has.
+    waiting: Option<Waiting>,
+}
+
+/// A partition waiting for the view to read the state that committed the
+/// group's offset.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    committed: u64,
+    /// The partition's state in the view when last seen, and since when it
+    /// has not moved.
+    view_at: Option<u64>,
+    still_since: Instant,
+}
+
+/// What a waiting partition does next.
+#[derive(Debug, PartialEq, Eq)]
+enum WaitOutcome {
+    /// The view holds the committed state: restore from it.
+    Ready,
+    /// Wait on (the view is still reading towards it).
+    Wait,
+    /// The view's state of the partition stood still for [`WAIT_LIMIT`]
+    /// short of the committed offset: the state that committed it is not
+    /// coming (the aggregates topic lost it), restore from what there is.
+    GiveUp,
+}
+
+impl Waiting {
+    fn new(committed: u64, view_at: Option<u64>, now: Instant) -> Waiting {
+        Waiting {
+            committed,
+            view_at,
+            still_since: now,
+        }
+    }
+
+    /// Judges the wait given where the view's state of the partition is
+    /// now. A view that moves, however slowly (reading a long backlog of
+    /// the aggregates topic), restarts the clock: giving up on it would
+    /// publish the work between its state and the committed one twice,
+    /// once by the old owner's transactions the view has still to read
+    /// and once by this node processing it again.
+    fn judge(&mut self, view_at: Option<u64>, now: Instant) -> WaitOutcome {
+        if view_at.is_some_and(|a| a >= self.committed) {
+            return WaitOutcome::Ready;
+        }
+        if view_at != self.view_at {
+            self.view_at = view_at;
+            self.still_since = now;
+            return WaitOutcome::Wait;
+        }
+        if now.duration_since(self.still_since) >= WAIT_LIMIT {
+            WaitOutcome::GiveUp
+        } else {
+            WaitOutcome::Wait
+        }
+    }
 }
 
 type BucketKey = (Box<str>, Millis, Box<str>);
@@ -392,7 +448,7 @@ impl Part {
                     view_at = at,
                     "the aggregates topic has not caught up with the committed offset (an open transaction of a stopped node holds it back until the broker aborts it); the partition waits for it"
                 );
-                part.waiting = Some((c, Instant::now()));
+                part.waiting = Some(Waiting::new(c, at, Instant::now()));
             }
         }
         part
@@ -861,9 +917,11 @@ const IDLE_PAUSE: Duration = Duration::from_millis(20);
 /// the partition waits paused while the session goes on.
 const RESTORE_WAIT: Duration = Duration::from_secs(3);
 
-/// How long a partition waits for the view to read its committed state
-/// before it is restored from an older one (a broker aborts a dead
-/// producer's transaction after `transaction.timeout.ms`, 10 s here).
+/// How long a waiting partition's state in the view may stand still short
+/// of its committed offset before the partition is restored from that
+/// older state. A broker aborts a dead producer's transaction, which holds
+/// back read_committed readers, after `transaction.timeout.ms` (10 s
+/// here), so a state that has not moved for nine times that is not coming.
 const WAIT_LIMIT: Duration = Duration::from_secs(90);
 
 fn session(
@@ -1110,27 +1168,32 @@ impl Session<'_> {
     }
 
     /// Restores each waiting partition the view has caught up with (or
-    /// that waited [`WAIT_LIMIT`]), and starts it where its state says.
+    /// whose state in the view stood still for [`WAIT_LIMIT`]), and starts
+    /// it where its state says.
     fn resume_waiting(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), Error> {
-        let ready: Vec<(u32, bool)> = self
-            .parts
-            .values()
-            .filter_map(|p| {
-                let (c, since) = p.waiting?;
-                let caught_up = self.view.next_offset_of(p.id).is_some_and(|a| a >= c);
-                let gave_up = since.elapsed() >= WAIT_LIMIT;
-                (caught_up || gave_up).then_some((p.id, caught_up))
-            })
-            .collect();
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        for p in self.parts.values_mut() {
+            let Some(w) = &mut p.waiting else { continue };
+            match w.judge(self.view.next_offset_of(p.id), now) {
+                WaitOutcome::Wait => {}
+                WaitOutcome::Ready => ready.push((p.id, true)),
+                WaitOutcome::GiveUp => ready.push((p.id, false)),
+            }
+        }
         for (id, caught_up) in ready {
-            let committed = self.parts.get(&id).and_then(|p| p.waiting).map(|w| w.0);
+            let committed = self
+                .parts
+                .get(&id)
+                .and_then(|p| p.waiting)
+                .map(|w| w.committed);
             let mut part = Part::restore(id, committed, self.hooks, self.view, Duration::ZERO);
             if part.waiting.is_some() || !caught_up {
                 tracing::error!(
                     partition = id,
                     committed,
                     view_at = self.view.next_offset_of(id),
-                    "the aggregates topic did not reach the committed offset within {WAIT_LIMIT:?}; restoring from the last state read (work since it may be published twice)"
+                    "the aggregates topic holds no state of this partition at its committed offset, and the partition's state there has not moved for {WAIT_LIMIT:?} (was the topic deleted or truncated?); restoring from the last state it holds: the work since that state is processed again, and what the topic still brings of it later is counted twice"
                 );
                 part = Part::restore_stale(id, self.hooks, self.view);
             }
@@ -1752,5 +1815,44 @@ fn parse_message(
             Err(BodyError::NotJson(_)) => parser.parse(value, Format::Ndjson, Tenancy::Open),
             Err(e) => Err(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_partition_waits_while_the_view_moves_and_gives_up_when_it_stands_still() {
+        let t0 = Instant::now();
+        let mut w = Waiting::new(1_000, Some(100), t0);
+        assert_eq!(
+            w.judge(Some(100), t0 + Duration::from_secs(5)),
+            WaitOutcome::Wait
+        );
+        // A slow view: it moves every 80 s, so the limit never runs out.
+        let mut at = t0;
+        for step in 1..=5u64 {
+            at += Duration::from_secs(80);
+            assert_eq!(w.judge(Some(100 + step * 100), at), WaitOutcome::Wait);
+        }
+        assert_eq!(
+            w.judge(Some(600), at + WAIT_LIMIT - Duration::from_millis(1)),
+            WaitOutcome::Wait
+        );
+        // It stood still for the whole limit.
+        assert_eq!(w.judge(Some(600), at + WAIT_LIMIT), WaitOutcome::GiveUp);
+        // Reaching the committed offset is ready whatever the clock says.
+        let mut w = Waiting::new(1_000, None, t0);
+        assert_eq!(w.judge(None, t0 + WAIT_LIMIT), WaitOutcome::GiveUp);
+        assert_eq!(
+            w.judge(Some(1_000), t0 + WAIT_LIMIT * 3),
+            WaitOutcome::Ready
+        );
+        // A view that had no state of the partition and gets one started
+        // moving.
+        let mut w = Waiting::new(1_000, None, t0);
+        assert_eq!(w.judge(Some(10), t0 + WAIT_LIMIT), WaitOutcome::Wait);
+        assert_eq!(w.judge(Some(10), t0 + WAIT_LIMIT * 2), WaitOutcome::GiveUp);
     }
 }
