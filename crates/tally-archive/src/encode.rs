@@ -29,6 +29,9 @@
 //!   matches run across rows.
 //! - `ts`, `received_at`: `DELTA_BINARY_PACKED`, a byte or two per sorted
 //!   value.
+//! - `schema_version` (nullable INT32): `DELTA_BINARY_PACKED` over the
+//!   values present. Nearly always one value or none in a page, which packs
+//!   to nothing per row.
 //!
 //! DuckDB, chDB (ClickHouse) and DataFusion read all of these
 //! (`tally-cli/tests/sql.rs` reads the archive with DuckDB;
@@ -40,7 +43,7 @@
 //! the columns filters prune on; every column has an offset index.
 
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use arrow::datatypes::TimestampMillisecondType;
+use arrow::datatypes::{Int32Type, TimestampMillisecondType};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{BoundaryOrder, Compression, Encoding, EncodingMask, ZstdLevel};
@@ -79,9 +82,18 @@ enum Kind {
     Dict,
     /// Timestamps as `DELTA_BINARY_PACKED`.
     Int,
+    /// Nullable 32-bit integers as `DELTA_BINARY_PACKED` (values present
+    /// only, after the definition levels).
+    Int32,
 }
 
-const KINDS: [Kind; 8] = [
+impl Kind {
+    fn is_text(self) -> bool {
+        !matches!(self, Kind::Int | Kind::Int32)
+    }
+}
+
+const KINDS: [Kind; 9] = [
     Kind::PrefixDelta, // event_id
     Kind::Dict,        // tenant
     Kind::Dict,        // event_type
@@ -90,10 +102,11 @@ const KINDS: [Kind; 8] = [
     Kind::Int,         // ts
     Kind::LengthDelta, // properties
     Kind::Int,         // received_at
+    Kind::Int32,       // schema_version
 ];
 
 /// Columns with statistics (min/max, column index): what filters prune on.
-const STATS: [bool; 8] = [false, true, false, false, false, true, false, true];
+const STATS: [bool; 9] = [false, true, false, false, false, true, false, true, false];
 
 /// Rows `start..start + len` of one batch.
 #[derive(Clone)]
@@ -253,7 +266,7 @@ impl FileEncoder {
             Kind::Plain => Encoding::PLAIN,
             Kind::LengthDelta => Encoding::DELTA_LENGTH_BYTE_ARRAY,
             Kind::Dict => Encoding::RLE_DICTIONARY,
-            Kind::Int => Encoding::DELTA_BINARY_PACKED,
+            Kind::Int | Kind::Int32 => Encoding::DELTA_BINARY_PACKED,
         };
 
         let mut col_index = stats.then(|| ColumnIndexBuilder::new(descr.physical_type()));
@@ -287,6 +300,23 @@ impl FileEncoder {
                             .fold((i64::MAX, i64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                         bounds = Some((lo.to_le_bytes().to_vec(), hi.to_le_bytes().to_vec()));
                     }
+                }
+                Kind::Int32 => {
+                    s.ints.clear();
+                    for p in &page {
+                        let a = p.batch.column(c).as_primitive::<Int32Type>();
+                        let vals = &a.values()[p.start..p.start + p.len];
+                        match a.nulls().filter(|n| n.null_count() > 0) {
+                            None => s.ints.extend(vals.iter().map(|&v| i64::from(v))),
+                            Some(n) => s.ints.extend(
+                                vals.iter()
+                                    .enumerate()
+                                    .filter(|&(i, _)| n.is_valid(p.start + i))
+                                    .map(|(_, &v)| i64::from(v)),
+                            ),
+                        }
+                    }
+                    delta_pack(&mut s.page, &s.ints, true);
                 }
                 Kind::Dict => {
                     let idx = &s.idx[next_idx..next_idx + valid];
@@ -587,7 +617,7 @@ impl Cursor {
             let start = p.start + self.pos;
             let left = p.len - self.pos;
             let mut take = left.min(PAGE_ROWS - rows);
-            if kind != Kind::Int {
+            if kind.is_text() {
                 let a = p.batch.column(c).as_string::<i32>();
                 let o = &a.value_offsets()[start..=start + take];
                 let budget = (PAGE_BYTES - bytes) as i64;
@@ -921,6 +951,7 @@ mod tests {
         ts: i64,
         props: String,
         received_at: i64,
+        schema_version: Option<i32>,
     }
 
     fn to_batch(rows: &[Row]) -> RecordBatch {
@@ -944,6 +975,11 @@ mod tests {
                 ts(&|r| r.ts),
                 text(&|r| Some(&r.props)),
                 ts(&|r| r.received_at),
+                Arc::new(
+                    rows.iter()
+                        .map(|r| r.schema_version)
+                        .collect::<arrow::array::Int32Array>(),
+                ),
             ],
         )
         .unwrap()
@@ -1057,9 +1093,15 @@ mod tests {
                 text(),
                 0i64..3,
             ),
+            proptest::option::of(prop_oneof![1i32..4, any::<i32>()]),
         )
             .prop_map(
-                |((event_id, tenant, event_type), (user_id, session_id), (ts, props, r))| Row {
+                |(
+                    (event_id, tenant, event_type),
+                    (user_id, session_id),
+                    (ts, props, r),
+                    schema_version,
+                )| Row {
                     event_id,
                     tenant,
                     event_type,
@@ -1068,6 +1110,7 @@ mod tests {
                     received_at: ts.wrapping_add(r),
                     ts,
                     props,
+                    schema_version,
                 },
             )
     }
@@ -1157,6 +1200,7 @@ mod tests {
                 ts: 1_700_000_000_000 + i as i64 * 10,
                 props: format!("{{\"n\":{i}}}"),
                 received_at: 1_700_000_000_000,
+                schema_version: (i % 5 != 0).then_some(1 + (i / 4000) as i32),
             })
             .collect();
         // Three texts past a page's byte limit.
@@ -1250,6 +1294,7 @@ mod tests {
                     ts: t,
                     props: "p".repeat((t.unsigned_abs() % 40) as usize),
                     received_at: t,
+                    schema_version: Some(t as i32),
                 })
                 .collect();
             roundtrip(&[to_batch(&rows)], 1 << 20, 1 << 20);

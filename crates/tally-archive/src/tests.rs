@@ -951,3 +951,135 @@ fn the_committed_manifest_replays() {
 fn manifest_dir() -> String {
     std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }
+
+/// Rows of `events` files as (event_id, user_id, schema_version), in
+/// file order, each batch read into today's schema.
+fn ids_users_versions(file: &[u8]) -> Vec<(String, Option<String>, Option<i32>)> {
+    let r = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(file))
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in r {
+        let b = crate::to_events_schema(&b.unwrap()).unwrap();
+        let ids = b.column(0).as_string::<i32>();
+        let users = b.column(3).as_string::<i32>();
+        let v = b.column(8).as_primitive::<arrow::datatypes::Int32Type>();
+        for i in 0..b.num_rows() {
+            out.push((
+                ids.value(i).to_string(),
+                users.is_valid(i).then(|| users.value(i).to_string()),
+                v.is_valid(i).then(|| v.value(i)),
+            ));
+        }
+    }
+    out
+}
+
+/// The archive file formats as committed in `tests/fixtures`:
+/// `events-v1.parquet` (before `schema_version`) and `events-v2.parquet`.
+/// Today's code reads both (v1's versions as nulls) and compaction merges
+/// one of each into today's format. `TALLY_WRITE_ARCHIVE_FIXTURE=1` writes
+/// the current version again (only when the format changes, as a new
+/// file; never over an old one).
+#[test]
+fn the_committed_archive_files_read_back_and_merge() {
+    let dir = std::path::Path::new(&*manifest_dir()).join("tests/fixtures");
+    if std::env::var_os("TALLY_WRITE_ARCHIVE_FIXTURE").is_some() {
+        use arrow::array::{ArrayRef, Int32Array, StringArray, TimestampMillisecondArray};
+        let ts = |v: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
+        };
+        let text =
+            |v: Vec<Option<&str>>| -> ArrayRef { Arc::new(v.into_iter().collect::<StringArray>()) };
+        let batch = RecordBatch::try_new(
+            crate::events_schema(),
+            vec![
+                text(vec![Some("e4"), Some("e5"), Some("e6")]),
+                text(vec![Some("acme"); 3]),
+                text(vec![Some("purchase"), Some("page_view"), Some("purchase")]),
+                text(vec![Some("u3"), None, Some("u1")]),
+                text(vec![Some("s3"), None, Some("s1")]),
+                ts(vec![T0 + 3_000, T0 + 4_000, T0 + 5_000]),
+                text(vec![
+                    Some(r#"{"plan":"team","amount":40}"#),
+                    Some(r#"{"page":"/pricing"}"#),
+                    Some(r#"{"amount":7,"coupon":"X"}"#),
+                ]),
+                ts(vec![T0 + 3_005, T0 + 4_005, T0 + 5_005]),
+                Arc::new(Int32Array::from(vec![Some(2), None, Some(3)])),
+            ],
+        )
+        .unwrap();
+        let cfg = RawConfig::new(std::path::PathBuf::new(), 1);
+        let parts = crate::writer::sorted_parts(&[batch], &cfg).unwrap();
+        std::fs::write(dir.join("events-v2.parquet"), &parts[0].bytes).unwrap();
+        return;
+    }
+    let v1 = std::fs::read(dir.join("events-v1.parquet")).unwrap();
+    let v2 = std::fs::read(dir.join("events-v2.parquet")).unwrap();
+    let s = |v: &str| Some(v.to_string());
+    let old = vec![
+        ("e1".to_string(), s("u1"), None),
+        ("e2".to_string(), None, None),
+        ("e3".to_string(), s("u2"), None),
+    ];
+    let new = vec![
+        ("e4".to_string(), s("u3"), Some(2)),
+        ("e5".to_string(), None, None),
+        ("e6".to_string(), s("u1"), Some(3)),
+    ];
+    assert_eq!(ids_users_versions(&v1), old);
+    assert_eq!(ids_users_versions(&v2), new);
+    let (rows, merged) = crate::merge_parquet(&[v1.into(), v2.into()], 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(rows, 6);
+    let r = ParquetRecordBatchReaderBuilder::try_new(merged.clone()).unwrap();
+    assert_eq!(r.schema().fields(), crate::events_schema().fields());
+    assert_eq!(ids_users_versions(&merged), [old, new].concat());
+}
+
+#[test]
+fn schema_versions_go_from_the_log_record_to_the_sealed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, _shared) = open(dir.path());
+    let mut b = BatchWriter::new();
+    for (i, v) in [Some(1u32), None, Some(2), Some(u32::MAX)]
+        .into_iter()
+        .enumerate()
+    {
+        let at = b.begin_event("a", &format!("e{i}"), "buy", T0 + i as Millis, None, None);
+        if let Some(v) = v {
+            b.schema_version(at, v);
+        }
+        b.prop("n", PropValue::Int(i as i64));
+        b.finish_event(at, 1);
+    }
+    w.append(0, 1, 0, T0, &b.finish(), &[]).unwrap();
+    w.flush().unwrap();
+    w.seal_now().unwrap();
+    let mut got = Vec::new();
+    let mut stack = vec![dir.path().join("archive")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                got.extend(ids_users_versions(&std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let versions: Vec<(String, Option<i32>)> = got.into_iter().map(|(id, _, v)| (id, v)).collect();
+    assert_eq!(
+        versions,
+        [
+            ("e0".to_string(), Some(1)),
+            ("e1".to_string(), None),
+            ("e2".to_string(), Some(2)),
+            // Past INT32: held at its largest, never wrapped.
+            ("e3".to_string(), Some(i32::MAX)),
+        ]
+    );
+}

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use arrow::array::builder::NullBufferBuilder;
+use arrow::array::builder::{Int32Builder, NullBufferBuilder};
 use arrow::array::{Array, AsArray};
 use arrow::array::{ArrayRef, BinaryArray, StringArray, TimestampMillisecondArray};
 use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
@@ -99,6 +99,7 @@ struct Builders {
     /// The properties as JSON text, written straight from the batch bytes.
     props: TextBuilder,
     received_at: Vec<Millis>,
+    schema_version: Int32Builder,
     min_ts: Millis,
     max_ts: Millis,
     /// The tenant's name repeated (at least as many rows as the last
@@ -124,6 +125,7 @@ impl Builders {
             ts: Vec::with_capacity(rows),
             props: text(like.map(|l| &l.props)),
             received_at: Vec::with_capacity(rows),
+            schema_version: Int32Builder::with_capacity(rows),
             min_ts: Millis::MAX,
             max_ts: Millis::MIN,
             tenant_col: None,
@@ -155,7 +157,7 @@ impl Builders {
         let n = self.rows();
         let mut fresh = Builders::with_capacity(Some(self));
         fresh.tenant_col = self.tenant_col.take();
-        let b = std::mem::replace(self, fresh);
+        let mut b = std::mem::replace(self, fresh);
         let ts = |v: Vec<Millis>| TimestampMillisecondArray::from(v).with_timezone("UTC");
         let cols: Vec<ArrayRef> = vec![
             utf8(b.event_id.finish()?, "event_id"),
@@ -166,6 +168,7 @@ impl Builders {
             Arc::new(ts(b.ts)),
             utf8(b.props.finish()?, "properties"),
             Arc::new(ts(b.received_at)),
+            Arc::new(b.schema_version.finish()),
         ];
         Ok(HotBatch {
             seq: 0,
@@ -513,6 +516,8 @@ impl RawWriter {
                 b.ts.push(ev.ts);
                 b.props.push(ev.props_text().unwrap_or(&self.json), payload);
                 b.received_at.push(append_ms);
+                b.schema_version
+                    .append_option(ev.schema_version.map(version_i32));
                 b.min_ts = b.min_ts.min(ev.ts);
                 b.max_ts = b.max_ts.max(ev.ts);
                 self.building_rows += 1;
@@ -1063,6 +1068,8 @@ fn merge_files(
         .iter()
         .all(|(_, m)| m.file_metadata().schema_descr() == fm.schema_descr());
     if groups == 0 || rows / (groups as u64) < SPLICE_ROWS || !same_schema {
+        // Files of older formats (fewer columns) merge with newer ones:
+        // each batch is read into today's schema.
         let mut batches = Vec::new();
         for (bytes, _) in inputs {
             let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
@@ -1070,7 +1077,7 @@ fn merge_files(
             )?
             .build()?;
             for b in reader {
-                batches.push(b?);
+                batches.push(crate::schema::to_events_schema(&b?)?);
             }
         }
         // All in one hour: one part.
@@ -1454,4 +1461,10 @@ fn writer_props(cfg: &RawConfig) -> WriterProperties {
         .set_max_row_group_row_count(Some(cfg.row_group_rows))
         .set_created_by("tally".into())
         .build()
+}
+
+/// A schema version as the `schema_version` column holds it (INT32):
+/// versions count up from 1 per subject and never come near the limit.
+pub fn version_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
 }

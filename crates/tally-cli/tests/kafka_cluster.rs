@@ -1170,6 +1170,27 @@ async fn the_registry_is_one_for_the_cluster_and_any_node_answers() {
             .contains("properties.url: expected string"),
         "{v}"
     );
+    // A valid one keeps the version it was checked against, in the raw
+    // rows every node serves.
+    let ev = json!({"event_id": "e2", "event_type": "page_view", "timestamp": fmt_bucket(T0), "properties": {"url": "/a"}});
+    let (s, v) = answer(
+        c.post(format!("{b}/api/v1/events"))
+            .header("content-type", "application/json")
+            .body(ev.to_string()),
+    )
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (200, Some(1)), "{v}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let q = "SELECT schema_version FROM events WHERE event_id = 'e2'";
+        let r = common::rows(&c, &a, "default", q).await;
+        if !r.is_empty() {
+            assert_eq!(r, vec![vec![json!(1)]]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "e2 never reached the raw rows");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // A node back from kill -9 rebuilds the registry from the topic.
     nodes[0].kill();
     nodes[0].spawn();

@@ -302,6 +302,27 @@ async fn confluents_client_registers_evolves_and_sends_avro_that_sql_serves() {
         ]
     );
 
+    // Each row keeps the version its properties were checked against:
+    // the one named, else the latest (Avro frames are resolved to it);
+    // none for a type without a schema or an event sent before one.
+    let r = rows(
+        &c,
+        &base,
+        "default",
+        "SELECT event_id, schema_version FROM events WHERE event_id IN ('avro-1', 'json-0', 'json-1', 'json-3', 'json-5') ORDER BY event_id",
+    )
+    .await;
+    assert_eq!(
+        r,
+        vec![
+            vec![json!("avro-1"), json!(4)],
+            vec![json!("json-0"), Value::Null],
+            vec![json!("json-1"), json!(4)],
+            vec![json!("json-3"), json!(2)],
+            vec![json!("json-5"), Value::Null],
+        ]
+    );
+
     // The status lists subjects and versions.
     let st = common::get(&c, format!("{base}/api/v1/status")).await;
     assert_eq!(

@@ -476,9 +476,13 @@ impl Sink<'_> {
                 }
             }
         }
-        if let Some(c) = self.checker(ev)? {
-            c.check(props)?;
-        }
+        let version = match self.checker(ev)? {
+            Some(c) => {
+                c.check(props)?;
+                Some(c.version())
+            }
+            None => None,
+        };
         // A number no f64 holds would be counted as nothing: refuse it.
         // Only an exponent or hundreds of digits can overflow. Nested
         // values deeper than the limit are refused too.
@@ -564,6 +568,9 @@ impl Sink<'_> {
             ev.user_id.as_deref(),
             ev.session_id.as_deref(),
         );
+        if let Some(v) = version {
+            w.schema_version(at, v);
+        }
         // As JSON text when it reads back as these properties (the raw
         // store then copies it instead of rendering it): the client's own,
         // or a compact one rebuilt from the pairs; else one by one.

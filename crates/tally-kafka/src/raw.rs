@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    Array, ArrayRef, StringArray, StringBuilder, TimestampMillisecondArray, UInt32Array,
+    Array, ArrayRef, Int32Builder, StringArray, StringBuilder, TimestampMillisecondArray,
+    UInt32Array,
 };
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -189,6 +190,7 @@ struct Rows {
     ts: Vec<Millis>,
     props: StringBuilder,
     received_at: Vec<Millis>,
+    schema_version: Int32Builder,
 }
 
 /// The unsealed raw rows of one partition.
@@ -244,6 +246,8 @@ impl RawBuf {
             r.props
                 .append_value(text(ev.props_text().unwrap_or(&self.json)));
             r.received_at.push(received_at);
+            r.schema_version
+                .append_option(ev.schema_version.map(tally_archive::version_i32));
             self.rows += 1;
             self.since.get_or_insert_with(Instant::now);
         }
@@ -291,12 +295,13 @@ impl RawBuf {
                 continue;
             };
             let n = r.ts.len();
-            let all: [ArrayRef; 5] = [
+            let all: [ArrayRef; 6] = [
                 Arc::new(r.event_id.finish()),
                 Arc::new(r.event_type.finish()),
                 Arc::new(r.user_id.finish()),
                 Arc::new(r.session_id.finish()),
                 Arc::new(r.props.finish()),
+                Arc::new(r.schema_version.finish()),
             ];
             let ts: ArrayRef = Arc::new(
                 TimestampMillisecondArray::from(std::mem::take(&mut r.ts)).with_timezone("UTC"),
@@ -332,6 +337,7 @@ impl RawBuf {
                     take(&ts)?,
                     take(&all[4])?,
                     take(&received)?,
+                    take(&all[5])?,
                 ];
                 let batch = RecordBatch::try_new(tally_archive::events_schema(), columns)
                     .map_err(|e| err(e.to_string()))?;

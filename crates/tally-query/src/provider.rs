@@ -70,24 +70,8 @@ impl TableProvider for EventsTable {
         let schema = events_schema();
         let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         if !snap.files.is_empty() {
-            let source = Arc::new(ParquetSource::new(schema.clone()));
             let n = state.config().target_partitions().max(1);
-            let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n.min(snap.files.len())];
-            // Spread files over the groups by size, largest first.
-            let mut files = snap.files.clone();
-            files.sort_by_key(|f| std::cmp::Reverse(f.bytes));
-            let mut sizes = vec![0u64; groups.len()];
-            for f in files {
-                let i = (0..sizes.len()).min_by_key(|&i| sizes[i]).unwrap_or(0);
-                sizes[i] += f.bytes;
-                groups[i].push(PartitionedFile::new(f.path.clone(), f.bytes));
-            }
-            let conf = FileScanConfigBuilder::new(ObjectStoreUrl::parse(ARCHIVE_URL)?, source)
-                .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
-                .with_projection_indices(projection.cloned())?
-                .with_limit(limit)
-                .build();
-            plans.push(DataSourceExec::from_data_source(conf));
+            plans.push(archive_scan(&snap.files, n, projection, limit)?);
         }
         if !snap.batches.is_empty() {
             let n = state.config().target_partitions().max(1);
@@ -112,6 +96,35 @@ impl TableProvider for EventsTable {
             _ => UnionExec::try_new(plans)?,
         })
     }
+}
+
+/// A scan of archive files (under [`ARCHIVE_URL`]) as `events` rows, over
+/// at most `partitions` groups of files. Files of every archive format
+/// read in today's schema: columns a file predates (`schema_version` in
+/// format 1) read as nulls.
+pub(crate) fn archive_scan(
+    files: &[Arc<tally_archive::ArchiveFile>],
+    partitions: usize,
+    projection: Option<&Vec<usize>>,
+    limit: Option<usize>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let source = Arc::new(ParquetSource::new(events_schema()));
+    let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); partitions.min(files.len())];
+    // Spread files over the groups by size, largest first.
+    let mut files = files.to_vec();
+    files.sort_by_key(|f| std::cmp::Reverse(f.bytes));
+    let mut sizes = vec![0u64; groups.len()];
+    for f in files {
+        let i = (0..sizes.len()).min_by_key(|&i| sizes[i]).unwrap_or(0);
+        sizes[i] += f.bytes;
+        groups[i].push(PartitionedFile::new(f.path.clone(), f.bytes));
+    }
+    let conf = FileScanConfigBuilder::new(ObjectStoreUrl::parse(ARCHIVE_URL)?, source)
+        .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+        .with_projection_indices(projection.cloned())?
+        .with_limit(limit)
+        .build();
+    Ok(DataSourceExec::from_data_source(conf))
 }
 
 /// The `[from, to)` range of timestamp column `column` the filters allow

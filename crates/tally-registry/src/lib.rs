@@ -1601,6 +1601,10 @@ impl tally_types::schema::PropsChecker for EventChecker {
     fn check(&self, props: &[(Cow<'_, str>, &RawValue)]) -> Result<(), String> {
         self.check_props(props)
     }
+
+    fn version(&self) -> u32 {
+        self.version
+    }
 }
 
 /// Formats one break for a registration: `backward` — the new schema

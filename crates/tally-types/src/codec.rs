@@ -12,9 +12,16 @@
 //!                               batch (history, judged by its tenant's
 //!                               backfill clock), bits 0..30 = n_events
 //! event  := tenant:str16 event_id:str16 event_type:str8 ts:i64
-//!           user_id:opt16 session_id:opt16 n_props:u16 (prop* | text)
+//!           user_id:opt16 session_id:opt16 n_props:u16 [schema:u32]
+//!           (prop* | text)
 //!                               bit 15 of n_props: the properties are kept
-//!                               as `text`; bits 0..15 = how many there are
+//!                               as `text`; bit 14: `schema` follows, the
+//!                               version of the event type's registered
+//!                               schema the properties were checked
+//!                               against (absent: the type had none);
+//!                               bits 0..14 = how many properties there are
+//!                               (ingest allows 256; records written before
+//!                               bit 14 meant a version never set it)
 //! text   := str32               the properties object as JSON text, compact
 //!                               (nothing between tokens), keys and string
 //!                               values without escapes: the client's own
@@ -38,6 +45,8 @@ use crate::time::Millis;
 
 /// Bit of `n_props` that marks properties kept as JSON text.
 const TEXT_FORM: u16 = 1 << 15;
+/// Bit of `n_props` that marks an event carrying its schema version.
+const VERSIONED: u16 = 1 << 14;
 
 /// A property value as kept in the batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,6 +108,9 @@ pub struct EventView<'a> {
     pub ts: Millis,
     pub user_id: Option<&'a str>,
     pub session_id: Option<&'a str>,
+    /// The version of the event type's registered schema its properties
+    /// were checked against at ingest (None: the type had no schema).
+    pub schema_version: Option<u32>,
     /// The properties in binary form, or their JSON text ([`TEXT_FORM`]).
     props: &'a [u8],
     n_props: u16,
@@ -154,6 +166,10 @@ impl<'a> EventView<'a> {
             out.push_str(",\"session_id\":");
             push_json_str(&mut out, s);
         }
+        if let Some(v) = self.schema_version {
+            out.push_str(",\"schema_version\":");
+            out.push_str(itoa::Buffer::new().format(v));
+        }
         out.push_str(",\"properties\":");
         out.push_str(&self.props_json());
         out.push('}');
@@ -171,6 +187,8 @@ pub struct RawEventView<'a> {
     pub ts: Millis,
     pub user_id: Option<&'a [u8]>,
     pub session_id: Option<&'a [u8]>,
+    /// See [`EventView::schema_version`].
+    pub schema_version: Option<u32>,
     props: &'a [u8],
     n_props: u16,
 }
@@ -724,6 +742,12 @@ impl<'a> BatchReader<'a> {
         let user_id = c.opt16_raw()?;
         let session_id = c.opt16_raw()?;
         let n_props = c.u16()?;
+        let schema_version = if n_props & VERSIONED != 0 {
+            Some(c.u32()?)
+        } else {
+            None
+        };
+        let n_props = n_props & !VERSIONED;
         let props = if n_props & TEXT_FORM != 0 {
             let n = c.u32()? as usize;
             c.take(n)?
@@ -748,6 +772,7 @@ impl<'a> BatchReader<'a> {
             ts,
             user_id,
             session_id,
+            schema_version,
             props,
             n_props,
         })
@@ -764,6 +789,7 @@ impl<'a> BatchReader<'a> {
             ts: r.ts,
             user_id: r.user_id.map(utf8).transpose()?,
             session_id: r.session_id.map(utf8).transpose()?,
+            schema_version: r.schema_version,
             props: r.props,
             n_props: r.n_props,
             text: if r.n_props & TEXT_FORM != 0 {
@@ -813,6 +839,9 @@ impl<'a> Iterator for BatchReader<'a> {
 pub struct BatchWriter {
     buf: Vec<u8>,
     n: u32,
+    /// The event being written carries a schema version
+    /// ([`BatchWriter::schema_version`]).
+    versioned: bool,
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
@@ -832,13 +861,18 @@ impl BatchWriter {
         BatchWriter {
             buf: vec![0; 4],
             n: 0,
+            versioned: false,
         }
     }
 
     pub fn with_capacity(bytes: usize) -> Self {
         let mut buf = Vec::with_capacity(bytes.max(4));
         buf.extend_from_slice(&[0; 4]);
-        BatchWriter { buf, n: 0 }
+        BatchWriter {
+            buf,
+            n: 0,
+            versioned: false,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -892,7 +926,23 @@ impl BatchWriter {
         }
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0, 0]);
+        self.versioned = false;
         at
+    }
+
+    /// Records the version of the registered schema the event started at
+    /// `at` was checked against; call it right after
+    /// [`BatchWriter::begin_event`], before any property.
+    pub fn schema_version(&mut self, at: usize, version: u32) {
+        debug_assert_eq!(at + 2, self.buf.len(), "schema version after a property");
+        self.buf.extend_from_slice(&version.to_le_bytes());
+        self.versioned = true;
+    }
+
+    /// Bytes the current event holds past its `n_props` slot before its
+    /// properties (the schema version).
+    fn head_extra(&self) -> usize {
+        if self.versioned { 4 } else { 0 }
     }
 
     pub fn prop(&mut self, key: &str, v: PropValue<'_>) {
@@ -924,7 +974,16 @@ impl BatchWriter {
 
     /// Ends the event started at `at` (the value `begin_event` returned).
     pub fn finish_event(&mut self, at: usize, n_props: u16) {
-        self.buf[at..at + 2].copy_from_slice(&n_props.to_le_bytes());
+        debug_assert!(
+            n_props & !TEXT_FORM < VERSIONED,
+            "{n_props} properties do not fit the count"
+        );
+        let flag = if std::mem::take(&mut self.versioned) {
+            VERSIONED
+        } else {
+            0
+        };
+        self.buf[at..at + 2].copy_from_slice(&(n_props | flag).to_le_bytes());
         self.n += 1;
     }
 
@@ -938,7 +997,10 @@ impl BatchWriter {
     /// Returns false (nothing written) when `n_props` or `text` is too long
     /// for the form; write the properties one by one then.
     pub fn finish_event_json(&mut self, at: usize, n_props: u16, text: &str) -> bool {
-        if n_props >= TEXT_FORM || at + 2 != self.buf.len() || u32::try_from(text.len()).is_err() {
+        if n_props >= VERSIONED
+            || at + 2 + self.head_extra() != self.buf.len()
+            || u32::try_from(text.len()).is_err()
+        {
             return false;
         }
         self.buf
@@ -951,6 +1013,7 @@ impl BatchWriter {
     /// Drops everything written since `len` bytes (used to undo a half-written event).
     pub fn truncate_to(&mut self, len: usize) {
         self.buf.truncate(len);
+        self.versioned = false;
     }
 
     /// Copies one already-encoded event.
@@ -963,6 +1026,9 @@ impl BatchWriter {
             e.user_id,
             e.session_id,
         );
+        if let Some(v) = e.schema_version {
+            self.schema_version(at, v);
+        }
         if e.text.is_some() {
             // Read from a u32 length, so it fits one.
             self.buf
@@ -1005,6 +1071,65 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap()
+    }
+
+    #[test]
+    fn schema_versions_read_back_in_both_forms_and_survive_a_copy() {
+        let mut w = BatchWriter::new();
+        let at = w.begin_event("t", "e1", "buy", 1, None, None);
+        w.schema_version(at, 3);
+        w.prop("n", PropValue::Int(7));
+        w.finish_event(at, 1);
+        let at = w.begin_event("t", "e2", "buy", 2, None, None);
+        w.schema_version(at, 70_000);
+        assert!(w.finish_event_json(at, 2, r#"{"a":1,"b":"x"}"#));
+        // Unversioned after versioned: the flag does not carry over.
+        let at = w.begin_event("t", "e3", "view", 3, None, None);
+        assert!(w.finish_event_json(at, 0, "{}"));
+        // A half-written versioned event undone leaves nothing behind.
+        let len = w.byte_len();
+        let at = w.begin_event("t", "e4", "buy", 4, None, None);
+        w.schema_version(at, 9);
+        w.truncate_to(len);
+        let at = w.begin_event("t", "e5", "view", 5, None, None);
+        w.finish_event(at, 0);
+        let bytes = w.finish();
+        let evs = read_all(&bytes);
+        let got: Vec<_> = evs.iter().map(|e| (e.event_id, e.schema_version)).collect();
+        assert_eq!(
+            got,
+            [
+                ("e1", Some(3)),
+                ("e2", Some(70_000)),
+                ("e3", None),
+                ("e5", None)
+            ]
+        );
+        assert_eq!(
+            evs[0].props().collect::<Vec<_>>(),
+            [("n", PropValue::Int(7))]
+        );
+        assert_eq!(evs[1].props_json(), r#"{"a":1,"b":"x"}"#);
+        assert_eq!(evs[1].n_props(), 2);
+        assert!(evs[0].to_json().contains(r#""schema_version":3,"#));
+        assert!(!evs[2].to_json().contains("schema_version"));
+        let mut r = BatchReader::new(&bytes).unwrap();
+        let mut json = Vec::new();
+        let raw = r.next_raw_rendered(&mut json).unwrap().unwrap();
+        assert_eq!(
+            (raw.schema_version, &json[..]),
+            (Some(3), &br#"{"n":7}"#[..])
+        );
+        let raw = r.next_raw_rendered(&mut json).unwrap().unwrap();
+        assert_eq!(raw.schema_version, Some(70_000));
+        assert_eq!(raw.props_text(), Some(&br#"{"a":1,"b":"x"}"#[..]));
+        // A copy keeps the versions.
+        let mut c = BatchWriter::new();
+        for e in &evs {
+            c.push_view(e);
+        }
+        let copied = c.finish();
+        assert_eq!(copied, bytes);
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub trait PropsChecker: Send + Sync {
         &self,
         props: &[(std::borrow::Cow<'_, str>, &serde_json::value::RawValue)],
     ) -> Result<(), String>;
+
+    /// The version of the schema checked against, kept with each event
+    /// that passed (the `schema_version` column of `events`).
+    fn version(&self) -> u32;
 }
 
 impl PropType {
