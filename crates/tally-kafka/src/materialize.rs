@@ -77,6 +77,9 @@ pub struct Restore {
     /// The partition's aggregates at that state whose minute is at or after
     /// the cutoff the caller gave for their tenant.
     pub values: Vec<(BucketKey, Published)>,
+    /// The key (offset, sequence number) of the partition's last
+    /// replaced-files record.
+    pub last_replace: Option<(u64, u32)>,
 }
 
 /// What [`Materialized::restore`] found for a partition.
@@ -168,19 +171,6 @@ impl Materialized {
             .values
             .get(&k)
             .cloned()
-    }
-
-    /// The first sequence number free for replaced-files records of
-    /// `partition` at `at`: the key (partition, at, seq) must be new, or
-    /// compaction of the topic would drop an earlier record; and an idle
-    /// partition's `at` (its next offset) stays the same from one round
-    /// of archive retention to the next.
-    pub fn next_replace_seq(&self, partition: u32, at: u64) -> u32 {
-        let inner = self.inner.lock();
-        match inner.parts.get(&partition).and_then(|v| v.last_replace) {
-            Some((a, seq)) if a == at => seq + 1,
-            _ => 0,
-        }
     }
 
     /// The next offset of a source partition's last state applied.
@@ -304,7 +294,11 @@ impl Materialized {
             .filter(|((t, m, _), _)| *m >= cut.get(&**t).copied().unwrap_or(Millis::MIN))
             .map(|(k, p)| (k.clone(), p.clone()))
             .collect();
-        Restore { state, values }
+        Restore {
+            state,
+            values,
+            last_replace: view.last_replace,
+        }
     }
 
     /// Applies one record of the aggregates topic.
@@ -891,25 +885,26 @@ mod tests {
     }
 
     #[test]
-    fn replaced_files_keys_stay_new_while_the_partition_idles() {
-        // Archive retention of an idle partition runs again and again at
-        // the same next offset: each round's records need keys of their
-        // own, or compaction keeps only the last round.
+    fn restores_carry_the_last_replaced_files_key() {
+        // A new owner numbers its replaced-files records on from the last
+        // one committed (an idle partition's records share an offset).
         let view = Materialized::new(Arc::new(RwLock::new(RollupStore::new())));
-        assert_eq!(view.next_replace_seq(3, 10), 0);
+        let last = |p: u32| {
+            view.restore_stale(p, |_| HashMap::new())
+                .and_then(|r| r.last_replace)
+        };
+        assert_eq!(last(3), None);
         commit(&view, 10, &[replaced(10, 0, "a"), replaced(10, 1, "b")]);
-        assert_eq!(view.next_replace_seq(3, 10), 2);
-        assert_eq!(view.next_replace_seq(4, 10), 0, "another partition");
+        assert_eq!(last(3), Some((10, 1)));
+        assert_eq!(last(4), None, "another partition");
         commit(&view, 10, &[replaced(10, 2, "c")]);
-        assert_eq!(view.next_replace_seq(3, 10), 3);
+        assert_eq!(last(3), Some((10, 2)));
         // Records read but not yet committed by a state do not count.
         view.apply(
             &codec::replace_key(&replaced(10, 3, "d")),
             Some(&codec::replace_value(&replaced(10, 3, "d"))),
         )
         .unwrap();
-        assert_eq!(view.next_replace_seq(3, 10), 3);
-        // Events moved the partition on: a new offset starts at 0.
-        assert_eq!(view.next_replace_seq(3, 11), 0);
+        assert_eq!(last(3), Some((10, 2)));
     }
 }

@@ -265,6 +265,12 @@ struct Part {
     /// (the worker goes on meanwhile); the transaction after it ended
     /// lists the files and moves `raw_from` past them.
     sealing: Option<Sealing>,
+    /// A compaction round under way, off the worker thread.
+    compacting: Option<Compacting>,
+    /// The key (offset, sequence number) of the last replaced-files record
+    /// this partition's owners sent: the next one at the same offset (an
+    /// idle partition) takes the next number.
+    last_replace: Option<(u64, u32)>,
     /// Malformed-DLQ entries of messages since the last commit.
     malformed: Vec<DlqEntry>,
     /// Replayed late events since the last commit: late-topic key and
@@ -395,6 +401,17 @@ fn whole_record(
     }
 }
 
+/// The key of the next replaced-files record of a partition at offset `at`
+/// after the record keyed `last`: keys must be new, or compaction of the
+/// topic would drop an earlier record, and an idle partition's offset
+/// stays the same from one round of archive retention to the next.
+fn next_replace_key(last: Option<(u64, u32)>, at: u64) -> (u64, u32) {
+    match last {
+        Some((a, seq)) if a == at => (at, seq + 1),
+        _ => (at, 0),
+    }
+}
+
 /// The key of delta `seq` of bucket `k` in the commit at `at`.
 fn delta_key(partition: u32, at: u64, seq: u32, k: &BucketKey) -> Vec<u8> {
     codec::delta_key(&codec::DeltaKey {
@@ -406,6 +423,18 @@ fn delta_key(partition: u32, at: u64, seq: u32, k: &BucketKey) -> Vec<u8> {
         event_type: k.2.clone(),
     })
 }
+
+/// A compaction round of a partition's archive files under way: the
+/// files each merge replaced and the merged file, and the files past
+/// retention (nothing added).
+struct Compacting {
+    archive: String,
+    thread: std::thread::JoinHandle<Result<Vec<Replacement>, Error>>,
+}
+
+/// Files removed from a partition's listing, and the file added in their
+/// place (none: they expired).
+type Replacement = (Vec<String>, Option<crate::raw::Listed>);
 
 /// A seal of the raw rows of offsets `[from, to)` under way.
 struct Sealing {
@@ -490,6 +519,8 @@ impl Part {
             raw_from: 0,
             buf_from: 0,
             sealing: None,
+            compacting: None,
+            last_replace: None,
             raw_enabled: hooks.raw.is_some(),
             sessions_told: 0,
             malformed: Vec::new(),
@@ -551,6 +582,7 @@ impl Part {
         self.next_offset = self.start;
         self.counts = (r.state.counted, r.state.duplicates, r.state.late);
         self.cut = r.state.cut;
+        self.last_replace = r.last_replace;
         self.committed = Some(r.state.next_offset);
         tracing::info!(
             partition = self.id,
@@ -614,6 +646,96 @@ impl Part {
             to: s.to,
             files,
         }))
+    }
+
+    /// Starts a round of compaction and retention of the partition's
+    /// committed archive files on a thread of its own (merging takes
+    /// seconds at times, and the worker would hold its transaction open,
+    /// and every event behind it, meanwhile). Planned from the view's
+    /// listing once the view has this owner's last commit, so nothing in
+    /// flight is merged or removed twice; the next round starts only after
+    /// this one's records are committed and read back.
+    fn start_compaction(
+        &mut self,
+        sink: &RawSink,
+        view: &Materialized,
+        topic: &str,
+        now: Millis,
+    ) -> Result<(), Error> {
+        if self
+            .committed
+            .is_some_and(|c| view.next_offset_of(self.id) != Some(c))
+        {
+            return Ok(());
+        }
+        let plan = crate::raw::plan(&view.files_of(self.id), sink, now);
+        if plan.merges.is_empty() && plan.expired.is_empty() {
+            return Ok(());
+        }
+        let (sink, topic, id) = (sink.clone(), topic.to_string(), self.id);
+        let archive = sink.archive.describe.clone();
+        let thread = std::thread::Builder::new()
+            .name("tally-kafka-compact".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Thread)?;
+                let mut out = Vec::new();
+                for group in &plan.merges {
+                    match crate::raw::merge(&sink, &rt, &topic, id, group) {
+                        Ok(added) => out.push((
+                            group.iter().map(|e| e.2.path.clone()).collect(),
+                            Some(added),
+                        )),
+                        Err(e) => tracing::warn!(
+                            partition = id,
+                            error = %e,
+                            "compaction of archive files failed; retrying later"
+                        ),
+                    }
+                }
+                if !plan.expired.is_empty() {
+                    out.push((plan.expired, None));
+                }
+                Ok(out)
+            })
+            .map_err(Error::Thread)?;
+        self.compacting = Some(Compacting { archive, thread });
+        Ok(())
+    }
+
+    /// The compaction round under way once it ended (or, if `wait`, when
+    /// it ends): the replaced-files records for the next transaction, keyed
+    /// by its offset.
+    fn finish_compaction(&mut self, wait: bool) -> Result<Vec<codec::Replaced>, Error> {
+        if !self
+            .compacting
+            .as_ref()
+            .is_some_and(|c| wait || c.thread.is_finished())
+        {
+            return Ok(Vec::new());
+        }
+        let Some(c) = self.compacting.take() else {
+            return Ok(Vec::new());
+        };
+        let done = c.thread.join().map_err(|_| Error::Archive {
+            archive: c.archive,
+            what: "the thread compacting archive files panicked".into(),
+        })??;
+        let mut out = Vec::with_capacity(done.len());
+        for (removed, added) in done {
+            let (at, seq) = next_replace_key(self.last_replace, self.next_offset);
+            self.last_replace = Some((at, seq));
+            out.push(codec::Replaced {
+                partition: self.id,
+                at,
+                seq,
+                removed,
+                added,
+            });
+        }
+        Ok(out)
     }
 
     /// Rebuilding from a committed state (or waiting to): nothing of the
@@ -1492,13 +1614,30 @@ impl Session<'_> {
         let retention = self.hooks.minute_retention_ms;
         let cut_moves = |p: &Part| !p.restoring() && p.next_cut(now, retention) > p.cut;
         let compact_due = |p: &Part| {
-            sink.is_some() && !p.restoring() && p.last_compact.elapsed() >= COMPACT_EVERY
+            sink.is_some()
+                && !p.restoring()
+                && p.compacting.is_none()
+                && p.last_compact.elapsed() >= COMPACT_EVERY
         };
+        let compacted = |p: &Part| {
+            !p.restoring()
+                && p.compacting
+                    .as_ref()
+                    .is_some_and(|c| last || c.thread.is_finished())
+        };
+        if let Some(sink) = sink {
+            for p in self.parts.values_mut() {
+                if compact_due(p) {
+                    p.last_compact = Instant::now();
+                    p.start_compaction(sink, self.view, &self.settings.topic_events, now)?;
+                }
+            }
+        }
         self.bury();
         if !self
             .parts
             .values()
-            .any(|p| p.dirty || due(p) || cut_moves(p) || compact_due(p))
+            .any(|p| p.dirty || due(p) || cut_moves(p) || compacted(p))
         {
             return Ok(false);
         }
@@ -1515,23 +1654,12 @@ impl Session<'_> {
             };
             let seal = due(part);
             let cut = part.next_cut(now, retention);
+            if part.restoring() {
+                continue;
+            }
             // Compaction and retention of the partition's archive files.
-            let replaced = match (sink, self.rt.as_ref()) {
-                (Some(sink), Some(rt)) if compact_due(part) => {
-                    part.last_compact = Instant::now();
-                    replacements(
-                        sink,
-                        rt,
-                        self.view,
-                        &self.settings.topic_events,
-                        id,
-                        part,
-                        now,
-                    )
-                }
-                _ => Vec::new(),
-            };
-            if !(part.dirty || seal || cut > part.cut || !replaced.is_empty()) || part.restoring() {
+            let replaced = part.finish_compaction(last)?;
+            if !(part.dirty || seal || cut > part.cut || !replaced.is_empty()) {
                 continue;
             }
             let sealed = if seal { part.finish_seal(last)? } else { None };
@@ -1740,57 +1868,6 @@ impl Session<'_> {
     }
 }
 
-/// One partition's round of archive compaction and retention, from its
-/// committed listing once the view has this owner's last commit (so
-/// nothing in flight is merged or removed twice): the records that say
-/// what the merged files replace and what expired.
-fn replacements(
-    sink: &crate::raw::RawSink,
-    rt: &tokio::runtime::Runtime,
-    view: &Materialized,
-    topic: &str,
-    id: u32,
-    part: &Part,
-    now: Millis,
-) -> Vec<codec::Replaced> {
-    if part
-        .committed
-        .is_some_and(|c| view.next_offset_of(id) != Some(c))
-    {
-        return Vec::new();
-    }
-    let plan = crate::raw::plan(&view.files_of(id), sink, now);
-    let mut out = Vec::new();
-    // The view holds this owner's last commit (checked above), so every
-    // committed record of this partition.
-    let first = view.next_replace_seq(id, part.next_offset);
-    let mut record = |removed: Vec<String>, added| {
-        let seq = first + out.len() as u32;
-        out.push(codec::Replaced {
-            partition: id,
-            at: part.next_offset,
-            seq,
-            removed,
-            added,
-        });
-    };
-    for group in &plan.merges {
-        match crate::raw::merge(sink, rt, topic, id, group) {
-            Ok(added) => record(
-                group.iter().map(|e| e.2.path.clone()).collect(),
-                Some(added),
-            ),
-            Err(e) => {
-                tracing::warn!(partition = id, error = %e, "compaction of archive files failed; retrying later")
-            }
-        }
-    }
-    if !plan.expired.is_empty() {
-        record(plan.expired, None);
-    }
-    out
-}
-
 /// A message value: one event object, a JSON array of them, or NDJSON.
 fn parse_message(
     parser: &mut Parser,
@@ -1821,6 +1898,15 @@ fn parse_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replaced_files_keys_stay_new_while_the_partition_idles() {
+        assert_eq!(next_replace_key(None, 10), (10, 0));
+        assert_eq!(next_replace_key(Some((10, 0)), 10), (10, 1));
+        assert_eq!(next_replace_key(Some((10, 7)), 10), (10, 8));
+        // Events moved the partition on: a new offset starts at 0.
+        assert_eq!(next_replace_key(Some((10, 7)), 11), (11, 0));
+    }
 
     #[test]
     fn a_waiting_partition_waits_while_the_view_moves_and_gives_up_when_it_stands_still() {
