@@ -238,7 +238,7 @@ impl Clock {
         }
         self.swept_to = horizon;
         self.dedupe
-            .retain(|_, &mut v| (v & !LATE_MARK) + MINUTE_MS + lateness > w);
+            .retain(|_, v| (v & !LATE_MARK) + MINUTE_MS + lateness > w);
     }
 }
 
@@ -648,7 +648,7 @@ impl Processor {
             let key = dedupe_key(ev.tenant, ev.event_id);
             // An entry counts while the window of the original can still
             // change (by the clock that holds it).
-            let seen = |m: &DedupeMap, wm| m.get(&key).is_some_and(|&v| live(v, wm, lateness));
+            let seen = |m: &DedupeMap, wm| m.get(&key).is_some_and(|v| live(v, wm, lateness));
             if seen(&c.dedupe, wm)
                 || twin.is_some_and(|t| seen(&t.dedupe, t.watermark))
                 || self.corrected.contains(&key)
@@ -778,7 +778,7 @@ impl Processor {
             let wm = clock.and_then(|c| c.watermark);
             let counted_in = |m: &DedupeMap, wm| {
                 m.get(&key)
-                    .is_some_and(|&v| v & LATE_MARK == 0 && live(v, wm, lateness))
+                    .is_some_and(|v| v & LATE_MARK == 0 && live(v, wm, lateness))
             };
             let counted = clock.is_some_and(|c| counted_in(&c.dedupe, c.watermark))
                 || twin.is_some_and(|c| counted_in(&c.dedupe, c.watermark))

@@ -153,16 +153,16 @@ impl Processor {
             let seen = c
                 .dedupe
                 .get(&key)
-                .is_some_and(|&v| live(v, c.watermark, lateness))
+                .is_some_and(|v| live(v, c.watermark, lateness))
                 || twin.get(ev.tenant).is_some_and(|t| {
                     t.dedupe
                         .get(&key)
-                        .is_some_and(|&v| live(v, t.watermark, lateness))
+                        .is_some_and(|v| live(v, t.watermark, lateness))
                 });
             if seen {
                 super::push_drop(&mut self.last_drops, i as u32);
             }
-            c.dedupe.entry(key).or_insert(value);
+            c.dedupe.insert_if_absent(key, value);
             count += 1;
         }
         if let Some(p) = self.offsets.get_mut(rec.partition as usize) {

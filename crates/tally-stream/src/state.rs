@@ -1269,7 +1269,7 @@ impl StateStore {
             || (self.dedupe.len > self.compact_bytes
                 && (self.dedupe_written + journaled) > 4 * live.max(1))
         {
-            let entries = |c: &Clock| c.dedupe.iter().map(|(&k, &v)| (k, v)).collect();
+            let entries = |c: &Clock| c.dedupe.iter().collect();
             let mut all: TenantEntries = p
                 .clocks
                 .iter()
