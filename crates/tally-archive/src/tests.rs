@@ -57,9 +57,8 @@ fn lcg(seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
-/// Every row of the local archive, read with the parquet crate directly:
-/// (path, event_id, ts).
-fn read_archive(root: &std::path::Path) -> Vec<(String, String, Millis)> {
+/// The Parquet files under `root`, at any depth.
+fn parquet_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -68,19 +67,29 @@ fn read_archive(root: &std::path::Path) -> Vec<(String, String, Millis)> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "parquet") {
-                let rel = p.strip_prefix(root).unwrap().display().to_string();
-                let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
-                    .unwrap()
-                    .build()
-                    .unwrap();
-                for b in r {
-                    let b: RecordBatch = b.unwrap();
-                    let ids = b.column(0).as_string::<i32>();
-                    let ts = b.column(5).as_primitive::<TimestampMillisecondType>();
-                    for i in 0..b.num_rows() {
-                        out.push((rel.clone(), ids.value(i).to_string(), ts.value(i)));
-                    }
-                }
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Every row of the local archive, read with the parquet crate directly:
+/// (path, event_id, ts).
+fn read_archive(root: &std::path::Path) -> Vec<(String, String, Millis)> {
+    let mut out = Vec::new();
+    for p in parquet_files(root) {
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in r {
+            let b: RecordBatch = b.unwrap();
+            let ids = b.column(0).as_string::<i32>();
+            let ts = b.column(5).as_primitive::<TimestampMillisecondType>();
+            for i in 0..b.num_rows() {
+                out.push((rel.clone(), ids.value(i).to_string(), ts.value(i)));
             }
         }
     }
@@ -627,42 +636,34 @@ fn seal_and_check(in_order: bool) {
     }
     w.seal_now().unwrap();
     let mut got = Vec::new();
-    let mut stack = vec![dir.path().join("archive")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            let b = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap()).unwrap();
-            let rows = b.metadata().file_metadata().num_rows() as usize;
-            assert_eq!(b.metadata().num_row_groups(), rows.div_ceil(7), "{p:?}");
-            let mut last = Millis::MIN;
-            let mut hour = None;
-            for batch in b.build().unwrap() {
-                let batch = batch.unwrap();
-                let ids = batch.column(0).as_string::<i32>();
-                let users = batch.column(3).as_string::<i32>();
-                let ts = batch.column(5).as_primitive::<TimestampMillisecondType>();
-                let props = batch.column(6).as_string::<i32>();
-                for i in 0..batch.num_rows() {
-                    let t = ts.value(i);
-                    assert!(t >= last, "sorted by time in {p:?}");
-                    last = t;
-                    let h = t - t.rem_euclid(3_600_000);
-                    assert_eq!(*hour.get_or_insert(h), h, "one hour per file");
-                    let v: serde_json::Value = serde_json::from_str(props.value(i)).unwrap();
-                    assert!(v["n"].as_i64().is_some_and(|n| n <= 0));
-                    assert_eq!(v["f"], 0.25);
-                    assert_eq!(v["j"], serde_json::json!({"a": [1, 2]}));
-                    got.push((
-                        ids.value(i).to_string(),
-                        t,
-                        users.is_valid(i).then(|| users.value(i).to_string()),
-                        v["s"].to_string(),
-                    ));
-                }
+    for p in parquet_files(&dir.path().join("archive")) {
+        let b = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap()).unwrap();
+        let rows = b.metadata().file_metadata().num_rows() as usize;
+        assert_eq!(b.metadata().num_row_groups(), rows.div_ceil(7), "{p:?}");
+        let mut last = Millis::MIN;
+        let mut hour = None;
+        for batch in b.build().unwrap() {
+            let batch = batch.unwrap();
+            let ids = batch.column(0).as_string::<i32>();
+            let users = batch.column(3).as_string::<i32>();
+            let ts = batch.column(5).as_primitive::<TimestampMillisecondType>();
+            let props = batch.column(6).as_string::<i32>();
+            for i in 0..batch.num_rows() {
+                let t = ts.value(i);
+                assert!(t >= last, "sorted by time in {p:?}");
+                last = t;
+                let h = t - t.rem_euclid(3_600_000);
+                assert_eq!(*hour.get_or_insert(h), h, "one hour per file");
+                let v: serde_json::Value = serde_json::from_str(props.value(i)).unwrap();
+                assert!(v["n"].as_i64().is_some_and(|n| n <= 0));
+                assert_eq!(v["f"], 0.25);
+                assert_eq!(v["j"], serde_json::json!({"a": [1, 2]}));
+                got.push((
+                    ids.value(i).to_string(),
+                    t,
+                    users.is_valid(i).then(|| users.value(i).to_string()),
+                    v["s"].to_string(),
+                ));
             }
         }
     }
@@ -1060,16 +1061,8 @@ fn schema_versions_go_from_the_log_record_to_the_sealed_file() {
     w.flush().unwrap();
     w.seal_now().unwrap();
     let mut got = Vec::new();
-    let mut stack = vec![dir.path().join("archive")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                got.extend(ids_users_versions(&std::fs::read(&p).unwrap()));
-            }
-        }
+    for p in parquet_files(&dir.path().join("archive")) {
+        got.extend(ids_users_versions(&std::fs::read(&p).unwrap()));
     }
     let versions: Vec<(String, Option<i32>)> = got.into_iter().map(|(id, _, v)| (id, v)).collect();
     assert_eq!(

@@ -424,13 +424,59 @@ fn delta_key(partition: u32, at: u64, seq: u32, k: &BucketKey) -> Vec<u8> {
     })
 }
 
+/// Archive work of a partition on a thread of its own (with a tokio
+/// runtime for the object store), which the worker collects at a commit.
+struct ArchiveJob<T> {
+    /// The archive written to, and what the job does (for errors).
+    archive: String,
+    what: &'static str,
+    thread: std::thread::JoinHandle<Result<T, Error>>,
+}
+
+impl<T: Send + 'static> ArchiveJob<T> {
+    fn spawn(
+        name: &str,
+        what: &'static str,
+        sink: &RawSink,
+        work: impl FnOnce(&tokio::runtime::Runtime) -> Result<T, Error> + Send + 'static,
+    ) -> Result<ArchiveJob<T>, Error> {
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Thread)?;
+                work(&rt)
+            })
+            .map_err(Error::Thread)?;
+        Ok(ArchiveJob {
+            archive: sink.archive.describe.clone(),
+            what,
+            thread,
+        })
+    }
+
+    /// Whether the job is to be collected now: it ended, or the caller
+    /// waits for it.
+    fn ready(&self, wait: bool) -> bool {
+        wait || self.thread.is_finished()
+    }
+
+    /// Its outcome, once it ends.
+    fn join(self) -> Result<T, Error> {
+        let (archive, what) = (self.archive, self.what);
+        self.thread.join().map_err(|_| Error::Archive {
+            archive,
+            what: format!("the thread {what} panicked"),
+        })?
+    }
+}
+
 /// A compaction round of a partition's archive files under way: the
 /// files each merge replaced and the merged file, and the files past
 /// retention (nothing added).
-struct Compacting {
-    archive: String,
-    thread: std::thread::JoinHandle<Result<Vec<Replacement>, Error>>,
-}
+type Compacting = ArchiveJob<Vec<Replacement>>;
 
 /// Files removed from a partition's listing, and the file added in their
 /// place (none: they expired).
@@ -440,9 +486,7 @@ type Replacement = (Vec<String>, Option<crate::raw::Listed>);
 struct Sealing {
     from: u64,
     to: u64,
-    /// The archive written to (for errors).
-    archive: String,
-    thread: std::thread::JoinHandle<Result<Vec<codec::SealedFile>, Error>>,
+    job: ArchiveJob<Vec<codec::SealedFile>>,
 }
 
 impl Part {
@@ -601,44 +645,24 @@ impl Part {
         let mut buf = std::mem::take(&mut self.raw);
         let (from, to) = (self.buf_from, self.next_offset);
         self.buf_from = to;
-        let (sink, topic, id) = (sink.clone(), topic.to_string(), self.id);
-        let archive = sink.archive.describe.clone();
-        let thread = std::thread::Builder::new()
-            .name("tally-kafka-seal".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(Error::Thread)?;
-                buf.seal(&sink, &rt, &topic, id, from, to)
-            })
-            .map_err(Error::Thread)?;
-        self.sealing = Some(Sealing {
-            from,
-            to,
-            archive,
-            thread,
-        });
+        let (topic, id, owned) = (topic.to_string(), self.id, sink.clone());
+        let job = ArchiveJob::spawn("tally-kafka-seal", "sealing raw events", sink, move |rt| {
+            buf.seal(&owned, rt, &topic, id, from, to)
+        })?;
+        self.sealing = Some(Sealing { from, to, job });
         Ok(())
     }
 
     /// The seal under way once it ended (or, if `wait`, when it ends):
     /// the files to list in the next transaction.
     fn finish_seal(&mut self, wait: bool) -> Result<Option<codec::Sealed>, Error> {
-        if !self
-            .sealing
-            .as_ref()
-            .is_some_and(|s| wait || s.thread.is_finished())
-        {
+        if !self.sealing.as_ref().is_some_and(|s| s.job.ready(wait)) {
             return Ok(None);
         }
         let Some(s) = self.sealing.take() else {
             return Ok(None);
         };
-        let files = s.thread.join().map_err(|_| Error::Archive {
-            archive: s.archive,
-            what: "the thread sealing raw events panicked".into(),
-        })??;
+        let files = s.job.join()?;
         self.raw_from = s.to;
         Ok(Some(codec::Sealed {
             partition: self.id,
@@ -672,18 +696,15 @@ impl Part {
         if plan.merges.is_empty() && plan.expired.is_empty() {
             return Ok(());
         }
-        let (sink, topic, id) = (sink.clone(), topic.to_string(), self.id);
-        let archive = sink.archive.describe.clone();
-        let thread = std::thread::Builder::new()
-            .name("tally-kafka-compact".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(Error::Thread)?;
+        let (topic, id, owned) = (topic.to_string(), self.id, sink.clone());
+        let job = ArchiveJob::spawn(
+            "tally-kafka-compact",
+            "compacting archive files",
+            sink,
+            move |rt| {
                 let mut out = Vec::new();
                 for group in &plan.merges {
-                    match crate::raw::merge(&sink, &rt, &topic, id, group) {
+                    match crate::raw::merge(&owned, rt, &topic, id, group) {
                         Ok(added) => out.push((
                             group.iter().map(|e| e.2.path.clone()).collect(),
                             Some(added),
@@ -699,9 +720,9 @@ impl Part {
                     out.push((plan.expired, None));
                 }
                 Ok(out)
-            })
-            .map_err(Error::Thread)?;
-        self.compacting = Some(Compacting { archive, thread });
+            },
+        )?;
+        self.compacting = Some(job);
         Ok(())
     }
 
@@ -709,20 +730,13 @@ impl Part {
     /// it ends): the replaced-files records for the next transaction, keyed
     /// by its offset.
     fn finish_compaction(&mut self, wait: bool) -> Result<Vec<codec::Replaced>, Error> {
-        if !self
-            .compacting
-            .as_ref()
-            .is_some_and(|c| wait || c.thread.is_finished())
-        {
+        if !self.compacting.as_ref().is_some_and(|j| j.ready(wait)) {
             return Ok(Vec::new());
         }
-        let Some(c) = self.compacting.take() else {
+        let Some(job) = self.compacting.take() else {
             return Ok(Vec::new());
         };
-        let done = c.thread.join().map_err(|_| Error::Archive {
-            archive: c.archive,
-            what: "the thread compacting archive files panicked".into(),
-        })??;
+        let done = job.join()?;
         let mut out = Vec::with_capacity(done.len());
         for (removed, added) in done {
             let (at, seq) = next_replace_key(self.last_replace, self.next_offset);
@@ -1605,11 +1619,7 @@ impl Session<'_> {
                 }
             }
         }
-        let due = |p: &Part| {
-            p.sealing
-                .as_ref()
-                .is_some_and(|s| last || s.thread.is_finished())
-        };
+        let due = |p: &Part| p.sealing.as_ref().is_some_and(|s| s.job.ready(last));
         let now = (self.hooks.now_ms)();
         let retention = self.hooks.minute_retention_ms;
         let cut_moves = |p: &Part| !p.restoring() && p.next_cut(now, retention) > p.cut;
@@ -1619,12 +1629,8 @@ impl Session<'_> {
                 && p.compacting.is_none()
                 && p.last_compact.elapsed() >= COMPACT_EVERY
         };
-        let compacted = |p: &Part| {
-            !p.restoring()
-                && p.compacting
-                    .as_ref()
-                    .is_some_and(|c| last || c.thread.is_finished())
-        };
+        let compacted =
+            |p: &Part| !p.restoring() && p.compacting.as_ref().is_some_and(|j| j.ready(last));
         if let Some(sink) = sink {
             for p in self.parts.values_mut() {
                 if compact_due(p) {
