@@ -656,10 +656,7 @@ impl Part {
     /// The seal under way once it ended (or, if `wait`, when it ends):
     /// the files to list in the next transaction.
     fn finish_seal(&mut self, wait: bool) -> Result<Option<codec::Sealed>, Error> {
-        if !self.sealing.as_ref().is_some_and(|s| s.job.ready(wait)) {
-            return Ok(None);
-        }
-        let Some(s) = self.sealing.take() else {
+        let Some(s) = self.sealing.take_if(|s| s.job.ready(wait)) else {
             return Ok(None);
         };
         let files = s.job.join()?;
@@ -730,10 +727,7 @@ impl Part {
     /// it ends): the replaced-files records for the next transaction, keyed
     /// by its offset.
     fn finish_compaction(&mut self, wait: bool) -> Result<Vec<codec::Replaced>, Error> {
-        if !self.compacting.as_ref().is_some_and(|j| j.ready(wait)) {
-            return Ok(Vec::new());
-        }
-        let Some(job) = self.compacting.take() else {
+        let Some(job) = self.compacting.take_if(|j| j.ready(wait)) else {
             return Ok(Vec::new());
         };
         let done = job.join()?;
@@ -1313,26 +1307,26 @@ impl Session<'_> {
             let Some(w) = &mut p.waiting else { continue };
             match w.judge(self.view.next_offset_of(p.id), now) {
                 WaitOutcome::Wait => {}
-                WaitOutcome::Ready => ready.push((p.id, true)),
-                WaitOutcome::GiveUp => ready.push((p.id, false)),
+                WaitOutcome::Ready => ready.push((p.id, w.committed, true)),
+                WaitOutcome::GiveUp => ready.push((p.id, w.committed, false)),
             }
         }
-        for (id, caught_up) in ready {
-            let committed = self
-                .parts
-                .get(&id)
-                .and_then(|p| p.waiting)
-                .map(|w| w.committed);
-            let mut part = Part::restore(id, committed, self.hooks, self.view, Duration::ZERO);
-            if part.waiting.is_some() || !caught_up {
-                tracing::error!(
-                    partition = id,
-                    committed,
-                    view_at = self.view.next_offset_of(id),
-                    "the aggregates topic holds no state of this partition at its committed offset, and the partition's state there has not moved for {WAIT_LIMIT:?} (was the topic deleted or truncated?); restoring from the last state it holds: the work since that state is processed again, and what the topic still brings of it later is counted twice"
-                );
-                part = Part::restore_stale(id, self.hooks, self.view);
-            }
+        for (id, committed, caught_up) in ready {
+            let restored = caught_up
+                .then(|| Part::restore(id, Some(committed), self.hooks, self.view, Duration::ZERO))
+                .filter(|p| p.waiting.is_none());
+            let part = match restored {
+                Some(p) => p,
+                None => {
+                    tracing::error!(
+                        partition = id,
+                        committed,
+                        view_at = self.view.next_offset_of(id),
+                        "the aggregates topic holds no state of this partition at its committed offset, and the partition's state there has not moved for {WAIT_LIMIT:?} (was the topic deleted or truncated?); restoring from the last state it holds: the work since that state is processed again, and what the topic still brings of it later is counted twice"
+                    );
+                    Part::restore_stale(id, self.hooks, self.view)
+                }
+            };
             let start = if part.start == 0 {
                 Offset::Beginning
             } else {
@@ -1611,34 +1605,25 @@ impl Session<'_> {
     fn commit_with(&mut self, consumer: &BaseConsumer<Ctx>, last: bool) -> Result<bool, Error> {
         // One transaction at a time: the last one's commit ends first.
         self.settle(consumer, true)?;
-        let sink = self.hooks.raw.as_ref();
-        if let Some(sink) = sink {
-            for p in self.parts.values_mut() {
-                if !p.restoring() && p.sealing.is_none() && p.raw.due(sink) {
-                    p.start_seal(sink, &self.settings.topic_events)?;
+        let now = (self.hooks.now_ms)();
+        // Archive work starts on threads of its own; what ended is
+        // collected below.
+        if let Some(sink) = self.hooks.raw.as_ref() {
+            let topic = &self.settings.topic_events;
+            for p in self.parts.values_mut().filter(|p| !p.restoring()) {
+                if p.sealing.is_none() && p.raw.due(sink) {
+                    p.start_seal(sink, topic)?;
+                }
+                if p.compacting.is_none() && p.last_compact.elapsed() >= COMPACT_EVERY {
+                    p.last_compact = Instant::now();
+                    p.start_compaction(sink, self.view, topic, now)?;
                 }
             }
         }
         let due = |p: &Part| p.sealing.as_ref().is_some_and(|s| s.job.ready(last));
-        let now = (self.hooks.now_ms)();
+        let compacted = |p: &Part| p.compacting.as_ref().is_some_and(|j| j.ready(last));
         let retention = self.hooks.minute_retention_ms;
         let cut_moves = |p: &Part| !p.restoring() && p.next_cut(now, retention) > p.cut;
-        let compact_due = |p: &Part| {
-            sink.is_some()
-                && !p.restoring()
-                && p.compacting.is_none()
-                && p.last_compact.elapsed() >= COMPACT_EVERY
-        };
-        let compacted =
-            |p: &Part| !p.restoring() && p.compacting.as_ref().is_some_and(|j| j.ready(last));
-        if let Some(sink) = sink {
-            for p in self.parts.values_mut() {
-                if compact_due(p) {
-                    p.last_compact = Instant::now();
-                    p.start_compaction(sink, self.view, &self.settings.topic_events, now)?;
-                }
-            }
-        }
         self.bury();
         if !self
             .parts
@@ -1658,11 +1643,11 @@ impl Session<'_> {
             let Some(part) = self.parts.get_mut(&id) else {
                 continue;
             };
-            let seal = due(part);
-            let cut = part.next_cut(now, retention);
             if part.restoring() {
                 continue;
             }
+            let seal = due(part);
+            let cut = part.next_cut(now, retention);
             // Compaction and retention of the partition's archive files.
             let replaced = part.finish_compaction(last)?;
             if !(part.dirty || seal || cut > part.cut || !replaced.is_empty()) {
