@@ -305,16 +305,9 @@ impl FileEncoder {
                     s.ints.clear();
                     for p in &page {
                         let a = p.batch.column(c).as_primitive::<Int32Type>();
-                        let vals = &a.values()[p.start..p.start + p.len];
-                        match a.nulls().filter(|n| n.null_count() > 0) {
-                            None => s.ints.extend(vals.iter().map(|&v| i64::from(v))),
-                            Some(n) => s.ints.extend(
-                                vals.iter()
-                                    .enumerate()
-                                    .filter(|&(i, _)| n.is_valid(p.start + i))
-                                    .map(|(_, &v)| i64::from(v)),
-                            ),
-                        }
+                        // The values present (nulls are in the levels).
+                        let rows = a.slice(p.start, p.len);
+                        s.ints.extend(rows.iter().flatten().map(i64::from));
                     }
                     delta_pack(&mut s.page, &s.ints, true);
                 }

@@ -45,10 +45,10 @@ pub use archive::{Archive, ArchiveTarget, S3Config};
 pub use manifest::ArchiveFile;
 #[doc(hidden)]
 pub use manifest::fuzzing;
-pub use schema::{events_schema, hive_dir, to_events_schema};
+pub use schema::{events_schema, hive_dir, to_events_schema, version_i32};
 pub use writer::{
     CompactReport, PUBLISH_INTERVAL, RawConfig, RawWriter, SealReport, compaction_groups,
-    merge_parquet, version_i32,
+    merge_parquet,
 };
 
 #[derive(Debug, thiserror::Error)]

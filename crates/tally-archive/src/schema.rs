@@ -35,6 +35,12 @@ pub fn events_schema() -> SchemaRef {
         .clone()
 }
 
+/// A schema version as the `schema_version` column holds it (INT32):
+/// versions count up from 1 per subject and never come near the limit.
+pub fn version_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
 /// Column positions in [`events_schema`].
 pub(crate) mod col {
     pub(crate) const TENANT: usize = 1;

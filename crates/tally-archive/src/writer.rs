@@ -517,7 +517,7 @@ impl RawWriter {
                 b.props.push(ev.props_text().unwrap_or(&self.json), payload);
                 b.received_at.push(append_ms);
                 b.schema_version
-                    .append_option(ev.schema_version.map(version_i32));
+                    .append_option(ev.schema_version.map(crate::schema::version_i32));
                 b.min_ts = b.min_ts.min(ev.ts);
                 b.max_ts = b.max_ts.max(ev.ts);
                 self.building_rows += 1;
@@ -1461,10 +1461,4 @@ fn writer_props(cfg: &RawConfig) -> WriterProperties {
         .set_max_row_group_row_count(Some(cfg.row_group_rows))
         .set_created_by("tally".into())
         .build()
-}
-
-/// A schema version as the `schema_version` column holds it (INT32):
-/// versions count up from 1 per subject and never come near the limit.
-pub fn version_i32(v: u32) -> i32 {
-    i32::try_from(v).unwrap_or(i32::MAX)
 }

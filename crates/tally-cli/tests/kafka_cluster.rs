@@ -1155,13 +1155,15 @@ async fn the_registry_is_one_for_the_cluster_and_any_node_answers() {
         }
     }
     // Ingest on either node checks against the registry.
+    let post = |ev: serde_json::Value| {
+        answer(
+            c.post(format!("{b}/api/v1/events"))
+                .header("content-type", "application/json")
+                .body(ev.to_string()),
+        )
+    };
     let ev = json!({"event_id": "e1", "event_type": "page_view", "timestamp": fmt_bucket(T0), "properties": {"url": 7}});
-    let (s, v) = answer(
-        c.post(format!("{b}/api/v1/events"))
-            .header("content-type", "application/json")
-            .body(ev.to_string()),
-    )
-    .await;
+    let (s, v) = post(ev).await;
     assert_eq!((s, v["rejected"].as_u64()), (200, Some(1)), "{v}");
     assert!(
         v["errors"][0]["error"]
@@ -1173,12 +1175,7 @@ async fn the_registry_is_one_for_the_cluster_and_any_node_answers() {
     // A valid one keeps the version it was checked against, in the raw
     // rows every node serves.
     let ev = json!({"event_id": "e2", "event_type": "page_view", "timestamp": fmt_bucket(T0), "properties": {"url": "/a"}});
-    let (s, v) = answer(
-        c.post(format!("{b}/api/v1/events"))
-            .header("content-type", "application/json")
-            .body(ev.to_string()),
-    )
-    .await;
+    let (s, v) = post(ev).await;
     assert_eq!((s, v["accepted"].as_u64()), (200, Some(1)), "{v}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
