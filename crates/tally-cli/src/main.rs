@@ -1058,6 +1058,57 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
+/// Where freshness goes in Kafka mode, from the node's histograms: the
+/// bucket bounds the median and the 99th percentile fall under.
+async fn print_kafka_stages(c: &reqwest::Client, base: &str) {
+    let Ok(text) = async { c.get(format!("{base}/metrics")).send().await?.text().await }.await
+    else {
+        return;
+    };
+    let mut parts = Vec::new();
+    for (label, name) in [
+        ("to worker", "tally_kafka_consume_delay_seconds"),
+        ("transaction", "tally_kafka_commit_seconds"),
+        ("commit to view", "tally_kafka_view_delay_seconds"),
+    ] {
+        let q = |p| {
+            histogram_quantile(&text, name, p)
+                .map_or("-".to_string(), |s| format!("≤{}", s * 1000.0))
+        };
+        parts.push(format!("{label} p50 {} p99 {} ms", q(0.5), q(0.99)));
+    }
+    println!("kafka stages        {}", parts.join("  · "));
+}
+
+/// The upper bound of the bucket of a Prometheus histogram `name` in
+/// `text` that holds quantile `q` (`None`: no observations, or past the
+/// last bound).
+fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, n) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, n.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| *le)
+        .filter(|le| le.is_finite())
+}
+
 async fn bench(a: BenchArgs) -> Result<()> {
     let mut child = None;
     let _tmp;
@@ -1268,6 +1319,9 @@ async fn bench(a: BenchArgs) -> Result<()> {
         ms(&fresh, 0.99),
         fresh.len()
     );
+    if a.kafka.is_some() {
+        print_kafka_stages(&c, &base).await;
+    }
     println!(
         "metrics query       p50 {:.2} ms  p99 {:.2} ms  ({} queries under load)",
         ms(&queries, 0.5),
@@ -1392,4 +1446,34 @@ async fn alert_phase(
         _ => None,
     };
     Ok((h, mean))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::histogram_quantile;
+
+    #[test]
+    fn quantiles_come_from_the_bucket_that_holds_them() {
+        let h = tally_types::histogram::Histogram::latency();
+        for ms in [3, 3, 3, 3, 3, 3, 3, 3, 40, 700] {
+            h.observe_ms(ms);
+        }
+        let mut text = String::from("other_bucket{le=\"0.001\"} 99\n");
+        h.render(&mut text, "x_seconds", "help");
+        assert_eq!(histogram_quantile(&text, "x_seconds", 0.5), Some(0.005));
+        assert_eq!(histogram_quantile(&text, "x_seconds", 0.9), Some(0.05));
+        assert_eq!(histogram_quantile(&text, "x_seconds", 0.99), Some(1.0));
+        assert_eq!(histogram_quantile(&text, "missing", 0.5), None);
+        // Past the last bound: no finite answer.
+        h.observe_ms(60_000);
+        h.observe_ms(60_000);
+        h.observe_ms(60_000);
+        let mut text = String::new();
+        h.render(&mut text, "x_seconds", "help");
+        assert_eq!(histogram_quantile(&text, "x_seconds", 0.99), None);
+        // No observations.
+        let mut text = String::new();
+        tally_types::histogram::Histogram::latency().render(&mut text, "y", "h");
+        assert_eq!(histogram_quantile(&text, "y", 0.5), None);
+    }
 }

@@ -576,6 +576,28 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
     assert!(prom.contains("tally_kafka_transactions_total{result=\"commit\"}"));
     assert!(prom.contains("tally_freshness_seconds"), "{prom}");
+    // Where freshness goes: reaching a worker, its transaction, and the
+    // views' reads of what committed, observed on the nodes that did them.
+    let mut proms = Vec::new();
+    for n in &nodes {
+        proms.push(common::prom(&c, &n.base()).await);
+    }
+    for name in [
+        "tally_kafka_consume_delay_seconds",
+        "tally_kafka_commit_seconds",
+        "tally_kafka_view_delay_seconds",
+    ] {
+        let observed: u64 = proms
+            .iter()
+            .filter_map(|p| {
+                let line = p
+                    .lines()
+                    .find(|l| l.starts_with(&format!("{name}_count ")))?;
+                line.rsplit(' ').next()?.parse::<u64>().ok()
+            })
+            .sum();
+        assert!(observed > 0, "{name} observed nothing: {}", proms[0]);
+    }
     // Every node shows the lag of every partition, not only its own: all
     // at 0 once the others' commits (refreshed every second) are seen.
     let deadline = Instant::now() + Duration::from_secs(30);

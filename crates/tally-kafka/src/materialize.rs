@@ -109,6 +109,9 @@ pub struct Materialized {
     store: Arc<RwLock<RollupStore>>,
     on_files: Mutex<Option<FilesFn>>,
     on_replace: Mutex<Option<ReplaceFn>>,
+    /// Wall time from a partition state's commit (as its writer stamped
+    /// it) to its application here.
+    pub visible_delay: tally_types::histogram::Histogram,
 }
 
 impl Materialized {
@@ -119,6 +122,7 @@ impl Materialized {
             store,
             on_files: Mutex::new(None),
             on_replace: Mutex::new(None),
+            visible_delay: tally_types::histogram::Histogram::latency(),
         })
     }
 
@@ -374,6 +378,11 @@ impl Materialized {
                 let Some(v) = value else { return Ok(()) };
                 let state = codec::decode_state(v)?;
                 let committed_at = state.committed_at;
+                let delay = tally_types::Clock::system().now_ms() - committed_at;
+                // (A writer's clock far off, or an injected one: not a delay.)
+                if (0..HOUR_MS).contains(&delay) {
+                    self.visible_delay.observe_ms(delay as u64);
+                }
                 let (pending, files, replaced, sessions, closed) = {
                     let view = inner.parts.entry(partition).or_default();
                     tracing::debug!(

@@ -102,6 +102,11 @@ pub struct WorkerStats {
     /// Archive files merged away by compaction, and removed by retention.
     pub files_compacted: AtomicU64,
     pub files_expired: AtomicU64,
+    /// Wall time from a message's timestamp to its handling here.
+    pub consume_delay: tally_types::histogram::Histogram,
+    /// From the start of a transaction's records to the worker seeing it
+    /// committed.
+    pub commit_latency: tally_types::histogram::Histogram,
     /// The last session error, if the worker is between sessions.
     pub last_error: Mutex<Option<String>>,
 }
@@ -1017,6 +1022,11 @@ struct Session<'a> {
 /// it committed (and their next offsets), the archive files it replaced,
 /// and the malformed events it wrote.
 struct Pending {
+    /// When the commit began (its records sent from here on), how long
+    /// sending the records took, and then the offsets.
+    started: Instant,
+    sending: Duration,
+    offsets: Duration,
     done: Vec<(u32, u64)>,
     replacing: Vec<String>,
     bad: Vec<DlqEntry>,
@@ -1245,7 +1255,10 @@ impl Session<'_> {
         let took = result.map_err(client_err("commit transaction"))?;
         self.in_txn = false;
         self.stats.commits.fetch_add(1, Relaxed);
-        for (id, next) in p.done {
+        self.stats
+            .commit_latency
+            .observe_us(p.started.elapsed().as_micros() as u64);
+        for &(id, next) in &p.done {
             if let Some(part) = self.parts.get_mut(&id) {
                 part.committed = Some(next);
             }
@@ -1256,7 +1269,14 @@ impl Session<'_> {
         if !p.bad.is_empty() {
             (self.hooks.on_malformed)(p.bad);
         }
-        tracing::debug!(took_ms = took.as_millis() as u64, "transaction committed");
+        tracing::debug!(
+            partitions = p.done.len(),
+            sending_ms = p.sending.as_millis() as u64,
+            offsets_ms = p.offsets.as_millis() as u64,
+            commit_ms = took.as_millis() as u64,
+            total_ms = p.started.elapsed().as_millis() as u64,
+            "transaction committed"
+        );
         Ok(())
     }
 
@@ -1375,10 +1395,13 @@ impl Session<'_> {
         let Some(part) = self.parts.get_mut(&id) else {
             return Ok(());
         };
-        let ts = m
-            .timestamp()
-            .to_millis()
-            .unwrap_or_else(|| (self.hooks.now_ms)());
+        let now = (self.hooks.now_ms)();
+        let ts = m.timestamp().to_millis().unwrap_or(now);
+        if !restoring {
+            self.stats
+                .consume_delay
+                .observe_ms(now.saturating_sub(ts).max(0) as u64);
+        }
         let flag = |name: &str| {
             m.headers().is_some_and(|h| {
                 h.iter()
@@ -1632,6 +1655,7 @@ impl Session<'_> {
         {
             return Ok(false);
         }
+        let started = Instant::now();
         self.begin()?;
         let lateness = self.hooks.stream.allowed_lateness_ms;
         let mut offsets = TopicPartitionList::new();
@@ -1785,6 +1809,7 @@ impl Session<'_> {
                 )
                 .map_err(client_err("offsets"))?;
         }
+        let sending = started.elapsed();
         let meta = consumer
             .group_metadata()
             .ok_or_else(|| client_err("group metadata")(KafkaError::NoMessageReceived))?;
@@ -1793,11 +1818,13 @@ impl Session<'_> {
                 .send_offsets_to_transaction(&offsets, &meta, TXN_TIMEOUT)
                 .map_err(client_err("send offsets to transaction"))?;
         }
+        let offsets_took = started.elapsed() - sending;
         let producer = self.producer.clone();
         let thread = std::thread::Builder::new()
             .name("tally-kafka-commit".into())
             .spawn(move || {
                 let t = Instant::now();
+                deliver(&producer, TXN_TIMEOUT)?;
                 producer
                     .commit_transaction(TXN_TIMEOUT)
                     .map(|()| t.elapsed())
@@ -1805,6 +1832,9 @@ impl Session<'_> {
             .map_err(Error::Thread)?;
         consumer.context().committing.lock().thread = Some(thread);
         self.pending = Some(Pending {
+            started,
+            sending,
+            offsets: offsets_took,
             done,
             replacing: std::mem::take(&mut self.replacing),
             bad: committed_bad,
@@ -1856,6 +1886,27 @@ impl Session<'_> {
             );
         }
         most
+    }
+}
+
+/// Waits until every message `producer` holds is delivered (and its
+/// delivery report served), up to `timeout`.
+///
+/// `commit_transaction` flushes first, but rdkafka's flush serves delivery
+/// reports in slices of 100 ms that always run to their end: a commit with
+/// a single message in flight took 100 ms more than the broker did. Here
+/// the reports are served in 1 ms slices, so the flush inside the commit
+/// finds nothing left.
+fn deliver(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // A flush with no wait: done if nothing is in flight, and it wakes
+        // batches still lingering so they go now.
+        match producer.flush(Duration::ZERO) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => producer.poll(Duration::from_millis(1)),
+        }
     }
 }
 

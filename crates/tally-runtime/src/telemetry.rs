@@ -3,52 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
-/// A histogram with fixed upper bounds in seconds.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// Sum in microseconds.
-    sum_us: AtomicU64,
-}
-
-const LATENCY_BOUNDS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-impl Histogram {
-    fn latency() -> Self {
-        Histogram {
-            bounds: LATENCY_BOUNDS,
-            buckets: LATENCY_BOUNDS.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe_us(&self, us: u64) {
-        let s = us as f64 / 1e6;
-        if let Some(i) = self.bounds.iter().position(|&b| s <= b) {
-            self.buckets[i].fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cum = 0;
-        for (b, c) in self.bounds.iter().zip(&self.buckets) {
-            cum += c.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
-        }
-        let n = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {n}");
-    }
-}
+pub use tally_types::histogram::Histogram;
 
 /// Process-wide telemetry of one server.
 #[derive(Debug)]
@@ -884,4 +839,21 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
     ] {
         counter(out, name, help, v);
     }
+    // Where freshness goes: reaching the worker, its transaction, and the
+    // view's read of what committed.
+    w.consume_delay.render(
+        out,
+        "tally_kafka_consume_delay_seconds",
+        "From an events-topic message's timestamp to its handling by this node's worker.",
+    );
+    w.commit_latency.render(
+        out,
+        "tally_kafka_commit_seconds",
+        "From the start of a transaction (aggregates, late events, offsets) to its commit.",
+    );
+    k.view.visible_delay.render(
+        out,
+        "tally_kafka_view_delay_seconds",
+        "From a partition's transaction commit starting (its writer's clock) to this node's view applying it.",
+    );
 }

@@ -4,6 +4,7 @@
 
 pub mod bin;
 pub mod codec;
+pub mod histogram;
 pub mod json;
 pub mod schema;
 pub mod time;
