@@ -109,6 +109,14 @@ impl Node {
             if let Ok(r) = c.get(format!("{}/readyz", self.base())).send().await
                 && r.status().is_success()
             {
+                // Ready with the cluster's logs read: its schemas and alert
+                // rules are there before the first request.
+                let logs = self.logs();
+                assert!(
+                    !logs.contains("was not read to its end"),
+                    "{} started without its logs read:\n{logs}",
+                    self.name
+                );
                 return;
             }
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {

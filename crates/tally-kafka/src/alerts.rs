@@ -103,18 +103,20 @@ impl AlertLog {
 
     /// Waits (up to `timeout`) until everything in the log now is applied.
     /// Returns whether it was.
-    pub fn catch_up(&self, timeout: Duration) -> bool {
+    pub fn catch_up(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        let Ok(end) = self.end() else {
-            return false;
-        };
+        let end = crate::end_offset(self.producer.client(), &self.topic, 0, deadline)
+            .map_err(|e| format!("its end offset is unknown: {e}"))?;
         while self.applied.load(Relaxed) < end {
             if Instant::now() >= deadline {
-                return false;
+                return Err(format!(
+                    "{} of its {end} records applied",
+                    self.applied.load(Relaxed)
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        true
+        Ok(())
     }
 
     /// Whether this node holds the alert lease, given whether it owns

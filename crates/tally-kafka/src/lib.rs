@@ -161,6 +161,29 @@ pub(crate) fn partition_count<C: ClientContext>(
     Ok(n as u32)
 }
 
+/// The end offset of partition `partition` of `topic`, asked again until
+/// `deadline` while the broker cannot say yet (a topic created a moment
+/// ago has no leader for a while).
+pub(crate) fn end_offset<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    partition: i32,
+    deadline: std::time::Instant,
+) -> Result<i64, KafkaError> {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match client.fetch_watermarks(
+            topic,
+            partition,
+            left.clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        ) {
+            Ok((_, hi)) => return Ok(hi),
+            Err(e) if left.is_zero() => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// Creates the five topics when they do not exist (the aggregates topic
 /// and the alert log compacted: only the last value per key matters).
 /// An idempotent producer (`acks=all`) for one of the cluster's logs.

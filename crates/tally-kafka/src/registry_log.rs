@@ -63,15 +63,18 @@ impl RegistryLog {
 
     /// Waits (up to `timeout`) until every record in the log now is
     /// applied. Returns whether it was.
-    pub fn catch_up(&self, timeout: Duration) -> bool {
-        let Ok((_, end)) =
-            self.producer
-                .client()
-                .fetch_watermarks(&self.topic, 0, Duration::from_secs(5))
-        else {
-            return false;
-        };
-        self.wait_applied(end, timeout)
+    pub fn catch_up(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let end = crate::end_offset(self.producer.client(), &self.topic, 0, deadline)
+            .map_err(|e| format!("its end offset is unknown: {e}"))?;
+        if self.wait_applied(end, deadline.saturating_duration_since(Instant::now())) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} of its {end} records applied",
+                self.applied.load(Relaxed)
+            ))
+        }
     }
 
     /// Waits (up to `timeout`) until the records before `offset` are

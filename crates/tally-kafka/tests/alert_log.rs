@@ -48,7 +48,8 @@ fn the_lease_moves_only_to_a_node_that_has_read_the_log() {
     tally_kafka::ensure_topics(&sa).expect("topics");
     let (a, view_a) = start(&sa);
     let (b, view_b) = start(&sb);
-    assert!(a.catch_up(Duration::from_secs(10)));
+    a.catch_up(Duration::from_secs(10))
+        .expect("the alert log read to its end");
 
     until("a leads", || a.lease(true));
     assert!(!b.lease(false), "b does not own partition 0");
@@ -86,7 +87,8 @@ fn the_lease_moves_only_to_a_node_that_has_read_the_log() {
     // A restarted node rebuilds everything, its own past records included.
     a.shutdown();
     let (a2, view_a2) = start(&sa);
-    assert!(a2.catch_up(Duration::from_secs(10)));
+    a2.catch_up(Duration::from_secs(10))
+        .expect("the alert log read to its end");
     assert_eq!(view_a2.lock().len(), 202);
     assert_eq!(
         view_a2.lock().get("rule/r1"),

@@ -214,6 +214,9 @@ pub(super) fn start(
         cfg.registry.level()?,
         cfg.registry.limits(),
     ));
+    // The topics first: the registry log is read to its end before the
+    // node serves, and a first node of a cluster finds it missing.
+    tally_kafka::ensure_topics(&settings)?;
     let (registry_log, registry_writes) = start_registry_log(&settings, &registry)?;
     let checks: Arc<dyn tally_types::schema::PropsCheck> = registry.clone();
     let decoder = registry.clone();
@@ -295,10 +298,10 @@ pub(super) fn start(
             }),
         )?
     };
-    if !alert_log.catch_up(Duration::from_secs(10)) {
+    if let Err(why) = alert_log.catch_up(Duration::from_secs(10)) {
         tracing::warn!(
             topic = %settings.topic_alerts,
-            "the alert log was not read to its end within 10 s; alert rules appear as it is read"
+            "the alert log was not read to its end within 10 s ({why}); alert rules appear as it is read"
         );
     }
     let kafka = Arc::new(KafkaShared {
@@ -662,10 +665,10 @@ fn start_registry_log(
         })
     };
     let log = tally_kafka::registry_log::RegistryLog::start(settings, apply)?;
-    if !log.catch_up(Duration::from_secs(10)) {
+    if let Err(why) = log.catch_up(Duration::from_secs(10)) {
         tracing::warn!(
             topic = %settings.topic_registry,
-            "the registry log was not read to its end within 10 s; schemas appear as it is read"
+            "the registry log was not read to its end within 10 s ({why}); schemas appear as it is read"
         );
     }
     let seq = std::sync::atomic::AtomicU64::new(0);
