@@ -159,11 +159,38 @@ impl Archive {
 
     /// Every object under the root: (relative path, size).
     pub async fn list(&self) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_modified()
+            .await?
+            .into_iter()
+            .map(|(p, size, _)| (p, size))
+            .collect())
+    }
+
+    /// Every object under the root with its last change: (relative path,
+    /// size, last modified in ms since the epoch).
+    pub async fn list_modified(&self) -> Result<Vec<(String, u64, i64)>> {
         let items: Vec<_> = self.store.list(None).try_collect().await?;
         Ok(items
             .into_iter()
-            .map(|m| (m.location.to_string(), m.size))
+            .map(|m| {
+                (
+                    m.location.to_string(),
+                    m.size,
+                    m.last_modified.timestamp_millis(),
+                )
+            })
             .collect())
+    }
+
+    /// When an object last changed (ms since the epoch); `None`: it does
+    /// not exist.
+    pub async fn modified(&self, path: &str) -> Result<Option<i64>> {
+        match self.store.head(&ObjPath::from(path)).await {
+            Ok(m) => Ok(Some(m.last_modified.timestamp_millis())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

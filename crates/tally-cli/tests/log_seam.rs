@@ -499,7 +499,9 @@ async fn hours_past_retention_are_dropped(backend: Backend) {
 /// Raw events sealed many times into one hour are compacted into a file
 /// per (tenant, hour) (per source partition in Kafka mode), every row
 /// listed once throughout; the files replaced leave the archive once no
-/// query can be reading them.
+/// query can be reading them. In Kafka mode, files of the partition no
+/// transaction lists (a seal or merge a crash interrupted, left by an
+/// earlier owner) go once old enough; a recent one stays.
 async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
     let name = backend.name();
     let dir = tempfile::tempdir().unwrap();
@@ -509,7 +511,49 @@ async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
         c.query.timeout = "1s".into();
         // How often the embedded raw store compacts and buries.
         c.retention.interval = "1s".into();
+        if let Some(k) = c.kafka.as_mut() {
+            k.orphan_age = "2s".into();
+        }
     });
+    let archive_dir = cfg
+        .archive
+        .dir
+        .clone()
+        .unwrap_or_else(|| dir.path().join("archive"));
+    // (path, should be swept)
+    let mut planted: Vec<(std::path::PathBuf, bool)> = Vec::new();
+    if let Some(k) = &cfg.kafka {
+        let hour = archive_dir.join("tenant=tenant0/date=2026-01-01/hour=10");
+        std::fs::create_dir_all(&hour).unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        let named = |p: u32, from: u64, to: u64| {
+            format!("kafka-{}-p{p}-{from:020}-{to:020}.parquet", k.topic_events)
+        };
+        for (file, gone, age) in [
+            // Below raw-from once the partition sealed: swept.
+            (named(0, 0, 1), true, old),
+            (format!(".{}.tmp", named(0, 1, 2)), true, old),
+            // Changed lately (here: stamped an hour ahead): an owner may
+            // be writing it.
+            (
+                named(0, 2, 3),
+                false,
+                std::time::SystemTime::now() + Duration::from_secs(3600),
+            ),
+            // Past any raw-from the test reaches: a seal may write it.
+            (named(0, 1 << 40, (1 << 40) + 1), false, old),
+        ] {
+            let path = hour.join(file);
+            std::fs::write(&path, b"not a parquet file").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(age)
+                .unwrap();
+            planted.push((path, gone));
+        }
+    }
     let p = Pipeline::start(&cfg, Clock::system()).expect("pipeline");
     let raw = p.shared.raw.clone().expect("raw events kept");
     // Several seals of the same hour, then an event two hours on (the
@@ -532,11 +576,6 @@ async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
             .entry((t, align_down(common::ts_of(v), HOUR_MS)))
             .or_default() += 1;
     }
-    let archive_dir = cfg
-        .archive
-        .dir
-        .clone()
-        .unwrap_or_else(|| dir.path().join("archive"));
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut seen_many = false;
     loop {
@@ -559,18 +598,24 @@ async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
         let on_disk = common::files_under(&archive_dir)
             .into_iter()
             .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+            .filter(|f| !planted.iter().any(|(p, gone)| p == f && !gone))
             .count();
+        let swept = planted.iter().all(|(p, gone)| p.exists() != *gone);
         let t0_hour_compacted = count
             .iter()
             .filter(|((_, h), _)| *h == T0)
             .all(|(_, &n)| n <= 4);
-        if rows == kept && t0_hour_compacted && on_disk == files.len() {
+        if rows == kept && t0_hour_compacted && on_disk == files.len() && swept {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{name}: files per (tenant, hour) {count:?}, rows {rows:?}, want rows {kept:?}; {on_disk} files on disk, {} listed",
-            files.len()
+            "{name}: files per (tenant, hour) {count:?}, rows {rows:?}, want rows {kept:?}; {on_disk} files on disk, {} listed; planted (path, to sweep, exists): {:?}",
+            files.len(),
+            planted
+                .iter()
+                .map(|(p, g)| (p, g, p.exists()))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -188,6 +188,18 @@ impl Materialized {
             .map(|s| s.next_offset)
     }
 
+    /// The raw-from offset of a source partition's last state applied:
+    /// everything before it is sealed and listed.
+    pub fn raw_from_of(&self, partition: u32) -> Option<u64> {
+        self.inner
+            .lock()
+            .parts
+            .get(&partition)?
+            .state
+            .as_ref()
+            .map(|s| s.raw_from)
+    }
+
     /// Hour retention at wall time `now`: buckets older than `keep_ms`
     /// are dropped (0: kept). Answers how many buckets went.
     pub fn enforce_hour_retention(&self, now: Millis, keep_ms: Millis) -> usize {

@@ -51,6 +51,20 @@ pub struct RawSink {
     pub grace: Duration,
     /// Files whose newest event is older than this go (0: kept).
     pub retention_ms: Millis,
+    /// Files of a partition no transaction lists are deleted by its owner
+    /// once unchanged this long (see [`orphans`]).
+    pub orphan_age: Duration,
+}
+
+impl RawSink {
+    /// How often an owner sweeps a partition for orphans, and how long it
+    /// owns one before its first sweep: at least the grace, so that what
+    /// an earlier owner replaced is no longer read by any query.
+    pub(crate) fn sweep_every(&self) -> Duration {
+        self.orphan_age
+            .min(Duration::from_secs(600))
+            .max(self.grace)
+    }
 }
 
 /// A committed archive file of a partition: the offsets `[from, to)` it
@@ -116,6 +130,108 @@ fn file_topic(topic: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The partition and offset range `[from, to)` in the name of a sealed or
+/// merged file of `topic` (`…/kafka-<topic>-p<partition>-<from>-<to>.parquet`),
+/// or of what an interrupted local write of one left
+/// (`.kafka-….parquet.tmp`).
+pub(crate) fn parse_file_name(path: &str, topic: &str) -> Option<(u32, u64, u64)> {
+    let name = path.rsplit('/').next()?;
+    let name = match name.strip_prefix('.') {
+        Some(tmp) => tmp.strip_suffix(".tmp")?,
+        None => name,
+    };
+    let stem = name.strip_suffix(".parquet")?;
+    let mut parts = stem.rsplitn(3, '-');
+    let to = parts.next()?.parse().ok()?;
+    let from = parts.next()?.parse().ok()?;
+    let head = parts.next()?;
+    let partition = head
+        .strip_prefix("kafka-")?
+        .strip_prefix(file_topic(topic).as_str())?
+        .strip_prefix("-p")?
+        .parse()
+        .ok()?;
+    Some((partition, from, to))
+}
+
+/// What a sweep of a partition's archive files may delete.
+pub(crate) struct Sweep {
+    /// Every file the partition's committed records list.
+    pub listed: std::collections::HashSet<String>,
+    /// Files replaced by this owner, deleted by it after their grace.
+    pub keep: std::collections::HashSet<String>,
+    /// The partition's committed raw-from offset: no seal of it or of a
+    /// later owner writes a range ending at or below it again.
+    pub raw_from: u64,
+    /// Files changed at or after this (ms since the epoch) are left.
+    pub changed_before: Millis,
+}
+
+/// The files of `partition` in `objects` (path, size, last modified) that
+/// no committed record lists and none ever will: the range ends at or
+/// below the committed raw-from, the file is not one this owner replaced
+/// and is still to delete, and it has not changed since
+/// `sweep.changed_before`. Such files were left by a seal or a merge
+/// interrupted before its transaction committed, or by an owner that
+/// stopped before deleting what it had replaced.
+pub(crate) fn orphans(
+    objects: &[(String, u64, Millis)],
+    topic: &str,
+    partition: u32,
+    sweep: &Sweep,
+) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|(path, _, modified)| {
+            *modified < sweep.changed_before
+                && !sweep.listed.contains(path)
+                && !sweep.keep.contains(path)
+                && parse_file_name(path, topic)
+                    .is_some_and(|(p, _, to)| p == partition && to <= sweep.raw_from)
+        })
+        .map(|(path, _, _)| path.clone())
+        .collect()
+}
+
+/// Deletes the [`orphans`] of `partition`, each only if it has still not
+/// changed (an owner writing the same name again makes it new). Answers
+/// how many went.
+pub(crate) fn sweep(
+    sink: &RawSink,
+    rt: &tokio::runtime::Runtime,
+    topic: &str,
+    partition: u32,
+    sweep: &Sweep,
+) -> Result<u64, Error> {
+    let err = |what: String| Error::Archive {
+        archive: sink.archive.describe.clone(),
+        what,
+    };
+    let objects = rt
+        .block_on(sink.archive.list_modified())
+        .map_err(|e| err(e.to_string()))?;
+    let mut gone = 0;
+    for path in orphans(&objects, topic, partition, sweep) {
+        let still = rt
+            .block_on(sink.archive.modified(&path))
+            .map_err(|e| err(e.to_string()))?;
+        if still.is_some_and(|m| m < sweep.changed_before) {
+            rt.block_on(sink.archive.delete(&path))
+                .map_err(|e| err(e.to_string()))?;
+            gone += 1;
+        }
+    }
+    if gone > 0 {
+        tracing::info!(
+            partition,
+            files = gone,
+            archive = %sink.archive.describe,
+            "deleted archive files no transaction lists (left by an interrupted seal or merge, or by an owner that stopped)"
+        );
+    }
+    Ok(gone)
 }
 
 /// Merges one group of [`plan`] into one file named by the offset range
@@ -402,7 +518,67 @@ mod tests {
             compact_rows: 100,
             grace: Duration::ZERO,
             retention_ms,
+            orphan_age: Duration::from_secs(3600),
         }
+    }
+
+    #[test]
+    fn file_names_give_partition_and_range() {
+        let name = |p: u32, from: u64, to: u64| {
+            format!(
+                "tenant=a/date=2026-12-07/hour=10/kafka-user-events.v2-p{p}-{from:020}-{to:020}.parquet"
+            )
+        };
+        let t = "user-events.v2";
+        assert_eq!(parse_file_name(&name(3, 10, 20), t), Some((3, 10, 20)));
+        // An interrupted local write leaves a hidden temporary file.
+        let tmp = "tenant=a/date=2026-12-07/hour=10/.kafka-user-events.v2-p3-00000000000000000010-00000000000000000020.parquet.tmp";
+        assert_eq!(parse_file_name(tmp, t), Some((3, 10, 20)));
+        // Another topic (here a prefix of this one), embedded-mode files,
+        // other objects.
+        assert_eq!(parse_file_name(&name(3, 10, 20), "user"), None);
+        assert_eq!(parse_file_name(&name(3, 10, 20), "user-events.v"), None);
+        assert_eq!(
+            parse_file_name(
+                "tenant=a/date=2026-12-07/hour=10/p0-00000000000000000001-00000000000000000002.parquet",
+                t
+            ),
+            None
+        );
+        assert_eq!(parse_file_name("manifest.json", t), None);
+        // Topic characters that do not go into names are written as `_`.
+        assert_eq!(
+            parse_file_name(&name(0, 1, 2).replace("user-events.v2", "a_b"), "a/b"),
+            Some((0, 1, 2))
+        );
+    }
+
+    #[test]
+    fn orphans_are_unlisted_old_files_below_raw_from() {
+        let t = "ev";
+        let path = |p: u32, from: u64, to: u64| {
+            format!("tenant=a/date=2026-12-07/hour=10/kafka-ev-p{p}-{from:020}-{to:020}.parquet")
+        };
+        let sweep = Sweep {
+            listed: [path(1, 0, 10)].into_iter().collect(),
+            keep: [path(1, 10, 20)].into_iter().collect(),
+            raw_from: 40,
+            changed_before: 1_000,
+        };
+        let objects = vec![
+            (path(1, 0, 10), 5, 10),    // listed
+            (path(1, 10, 20), 5, 10),   // replaced by this owner: its grace runs
+            (path(1, 20, 30), 5, 10),   // orphan
+            (path(1, 30, 40), 5, 10),   // orphan, ends at raw-from
+            (path(1, 30, 50), 5, 10),   // past raw-from: a seal may write it again
+            (path(1, 0, 30), 5, 1_000), // changed too lately
+            (path(2, 20, 30), 5, 10),   // another partition
+            ("manifest.json".into(), 5, 10),
+        ];
+        assert_eq!(
+            orphans(&objects, t, 1, &sweep),
+            vec![path(1, 20, 30), path(1, 30, 40)]
+        );
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct WorkerStats {
     /// Archive files merged away by compaction, and removed by retention.
     pub files_compacted: AtomicU64,
     pub files_expired: AtomicU64,
+    /// Archive files no transaction listed, deleted by sweeps.
+    pub files_swept: AtomicU64,
     /// Wall time from a message's timestamp to its handling here.
     pub consume_delay: tally_types::histogram::Histogram,
     /// From the start of a transaction's records to the worker seeing it
@@ -300,6 +302,9 @@ struct Part {
     /// When the partition's archive files were last looked at for
     /// compaction and retention.
     last_compact: Instant,
+    /// The last sweep for orphaned files (or when the partition came to
+    /// this owner).
+    last_sweep: Instant,
     /// Raw events are kept (an archive is configured).
     raw_enabled: bool,
     /// The processor store's version up to which its session changes
@@ -481,7 +486,15 @@ impl<T: Send + 'static> ArchiveJob<T> {
 /// A compaction round of a partition's archive files under way: the
 /// files each merge replaced and the merged file, and the files past
 /// retention (nothing added).
-type Compacting = ArchiveJob<Vec<Replacement>>;
+type Compacting = ArchiveJob<Round>;
+
+/// What one compaction round did: files replaced (merged or expired), and
+/// orphans deleted.
+#[derive(Default)]
+struct Round {
+    replaced: Vec<Replacement>,
+    swept: u64,
+}
 
 /// Files removed from a partition's listing, and the file added in their
 /// place (none: they expired).
@@ -580,6 +593,7 @@ impl Part {
             outstanding: HashMap::new(),
             committed: None,
             last_compact: Instant::now(),
+            last_sweep: Instant::now(),
             waiting: None,
         }
     }
@@ -681,21 +695,42 @@ impl Part {
     /// listing once the view has this owner's last commit, so nothing in
     /// flight is merged or removed twice; the next round starts only after
     /// this one's records are committed and read back.
+    /// Starts a compaction round (merges, retention) of the partition's
+    /// committed files, with a sweep for orphans when one is due; `keep`:
+    /// the files this owner replaced and has still to delete.
     fn start_compaction(
         &mut self,
         sink: &RawSink,
         view: &Materialized,
         topic: &str,
         now: Millis,
+        keep: impl FnOnce() -> std::collections::HashSet<String>,
     ) -> Result<(), Error> {
+        // The view has read this owner's last commit: its listing is the
+        // partition's, whole.
         if self
             .committed
             .is_some_and(|c| view.next_offset_of(self.id) != Some(c))
         {
             return Ok(());
         }
-        let plan = crate::raw::plan(&view.files_of(self.id), sink, now);
-        if plan.merges.is_empty() && plan.expired.is_empty() {
+        let files = view.files_of(self.id);
+        let plan = crate::raw::plan(&files, sink, now);
+        let sweep = match view.raw_from_of(self.id) {
+            Some(raw_from) if self.last_sweep.elapsed() >= sink.sweep_every() => {
+                self.last_sweep = Instant::now();
+                Some(crate::raw::Sweep {
+                    listed: files.into_iter().map(|(_, _, f)| f.path).collect(),
+                    keep: keep(),
+                    raw_from,
+                    changed_before: tally_types::Clock::system()
+                        .now_ms()
+                        .saturating_sub(sink.orphan_age.as_millis() as Millis),
+                })
+            }
+            _ => None,
+        };
+        if plan.merges.is_empty() && plan.expired.is_empty() && sweep.is_none() {
             return Ok(());
         }
         let (topic, id, owned) = (topic.to_string(), self.id, sink.clone());
@@ -704,10 +739,10 @@ impl Part {
             "compacting archive files",
             sink,
             move |rt| {
-                let mut out = Vec::new();
+                let mut out = Round::default();
                 for group in &plan.merges {
                     match crate::raw::merge(&owned, rt, &topic, id, group) {
-                        Ok(added) => out.push((
+                        Ok(added) => out.replaced.push((
                             group.iter().map(|e| e.2.path.clone()).collect(),
                             Some(added),
                         )),
@@ -719,7 +754,17 @@ impl Part {
                     }
                 }
                 if !plan.expired.is_empty() {
-                    out.push((plan.expired, None));
+                    out.replaced.push((plan.expired, None));
+                }
+                if let Some(sweep) = &sweep {
+                    match crate::raw::sweep(&owned, rt, &topic, id, sweep) {
+                        Ok(n) => out.swept = n,
+                        Err(e) => tracing::warn!(
+                            partition = id,
+                            error = %e,
+                            "sweeping the archive for orphaned files failed; retrying later"
+                        ),
+                    }
                 }
                 Ok(out)
             },
@@ -731,13 +776,14 @@ impl Part {
     /// The compaction round under way once it ended (or, if `wait`, when
     /// it ends): the replaced-files records for the next transaction, keyed
     /// by its offset.
-    fn finish_compaction(&mut self, wait: bool) -> Result<Vec<codec::Replaced>, Error> {
+    /// Also answers how many orphans the round deleted.
+    fn finish_compaction(&mut self, wait: bool) -> Result<(Vec<codec::Replaced>, u64), Error> {
         let Some(job) = self.compacting.take_if(|j| j.ready(wait)) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         };
         let done = job.join()?;
-        let mut out = Vec::with_capacity(done.len());
-        for (removed, added) in done {
+        let mut out = Vec::with_capacity(done.replaced.len());
+        for (removed, added) in done.replaced {
             let (at, seq) = next_replace_key(self.last_replace, self.next_offset);
             self.last_replace = Some((at, seq));
             out.push(codec::Replaced {
@@ -748,7 +794,7 @@ impl Part {
                 added,
             });
         }
-        Ok(out)
+        Ok((out, done.swept))
     }
 
     /// Rebuilding from a committed state (or waiting to): nothing of the
@@ -1639,7 +1685,15 @@ impl Session<'_> {
                 }
                 if p.compacting.is_none() && p.last_compact.elapsed() >= COMPACT_EVERY {
                     p.last_compact = Instant::now();
-                    p.start_compaction(sink, self.view, topic, now)?;
+                    let (graves, replacing) = (&self.graves, &self.replacing);
+                    p.start_compaction(sink, self.view, topic, now, || {
+                        graves
+                            .iter()
+                            .flat_map(|(_, paths)| paths)
+                            .chain(replacing)
+                            .cloned()
+                            .collect()
+                    })?;
                 }
             }
         }
@@ -1673,7 +1727,8 @@ impl Session<'_> {
             let seal = due(part);
             let cut = part.next_cut(now, retention);
             // Compaction and retention of the partition's archive files.
-            let replaced = part.finish_compaction(last)?;
+            let (replaced, swept) = part.finish_compaction(last)?;
+            self.stats.files_swept.fetch_add(swept, Relaxed);
             if !(part.dirty || seal || cut > part.cut || !replaced.is_empty()) {
                 continue;
             }

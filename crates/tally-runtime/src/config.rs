@@ -474,6 +474,10 @@ pub struct KafkaSection {
     /// Raw events of each owned partition are sealed into the archive at
     /// least this often (what SQL over `events` sees on every node).
     pub seal_interval: String,
+    /// Archive files of a partition no transaction lists (left by a seal
+    /// or merge a crash interrupted) are deleted by the partition's owner
+    /// once unchanged this long.
+    pub orphan_age: String,
     pub client: std::collections::BTreeMap<String, ClientValue>,
 }
 
@@ -514,6 +518,7 @@ impl Default for KafkaSection {
             commit_interval: "100ms".into(),
             produce_timeout: "10s".into(),
             seal_interval: "5s".into(),
+            orphan_age: "1h".into(),
             client: Default::default(),
         }
     }
@@ -1163,6 +1168,13 @@ impl Config {
                 key: "kafka.seal-interval",
                 value: k.seal_interval.clone(),
                 fix: "use a positive duration, e.g. 5s",
+            });
+        }
+        if duration("kafka.orphan-age", &k.orphan_age)? <= 0 {
+            return Err(ConfigError::Invalid {
+                key: "kafka.orphan-age",
+                value: k.orphan_age.clone(),
+                fix: "use a positive duration, e.g. 1h",
             });
         }
         Ok(())

@@ -807,6 +807,11 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
             w.files_expired.load(Relaxed),
         ),
         (
+            "tally_kafka_files_swept_total",
+            "Archive files no transaction listed (left by an interrupted seal or merge) deleted by this node.",
+            w.files_swept.load(Relaxed),
+        ),
+        (
             "tally_kafka_restored_events_total",
             "Events re-read to rebuild dedupe entries of partitions taken over.",
             w.restored_events.load(Relaxed),

@@ -250,6 +250,11 @@ pub(super) fn start(
             // have finished with it by then.
             grace: Duration::from_millis((d.query_timeout_ms as u64).max(1000) * 2),
             retention_ms: d.archive_retention_ms,
+            orphan_age: Duration::from_millis(
+                tally_types::time::parse_duration_ms(&k.orphan_age)
+                    .unwrap_or(3_600_000)
+                    .max(1) as u64,
+            ),
         }),
         minute_retention_ms: d.minute_rollups_ms,
         // Confluent-framed Avro values: decoded with the schema of their
