@@ -58,12 +58,12 @@ pub struct RawSink {
 
 impl RawSink {
     /// How often an owner sweeps a partition for orphans, and how long it
-    /// owns one before its first sweep: at least the grace, so that what
-    /// an earlier owner replaced is no longer read by any query.
+    /// owns one before its first sweep: a sixth of the orphan age (a sweep
+    /// lists the whole archive: a longer age lists less often), and at
+    /// least the grace, so that what an earlier owner replaced is no
+    /// longer read by any query.
     pub(crate) fn sweep_every(&self) -> Duration {
-        self.orphan_age
-            .min(Duration::from_secs(600))
-            .max(self.grace)
+        (self.orphan_age / 6).max(self.grace)
     }
 }
 

@@ -476,7 +476,7 @@ pub struct KafkaSection {
     pub seal_interval: String,
     /// Archive files of a partition no transaction lists (left by a seal
     /// or merge a crash interrupted) are deleted by the partition's owner
-    /// once unchanged this long.
+    /// once unchanged this long; owners look every sixth of it.
     pub orphan_age: String,
     pub client: std::collections::BTreeMap<String, ClientValue>,
 }
