@@ -101,8 +101,8 @@ impl AlertLog {
         Ok(hi)
     }
 
-    /// Waits (up to `timeout`) until everything in the log now is applied.
-    /// Returns whether it was.
+    /// Waits (up to `timeout`) until everything in the log now is applied;
+    /// if not, says how far it got.
     pub fn catch_up(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let end = crate::end_offset(self.producer.client(), &self.topic, 0, deadline)

@@ -184,8 +184,6 @@ pub(crate) fn end_offset<C: ClientContext>(
     }
 }
 
-/// Creates the five topics when they do not exist (the aggregates topic
-/// and the alert log compacted: only the last value per key matters).
 /// An idempotent producer (`acks=all`) for one of the cluster's logs.
 pub(crate) fn log_producer(
     settings: &Settings,
@@ -256,6 +254,9 @@ pub(crate) fn spawn_reader(
         .map_err(Error::Thread)
 }
 
+/// Creates the cluster's topics when they do not exist (the aggregates
+/// topic and the alert log compacted: only the last value per key
+/// matters; the registry log kept forever).
 pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
     let cfg = s.client_config(&[]);
     let admin: AdminClient<DefaultClientContext> =

@@ -62,7 +62,7 @@ impl RegistryLog {
     }
 
     /// Waits (up to `timeout`) until every record in the log now is
-    /// applied. Returns whether it was.
+    /// applied; if not, says how far it got.
     pub fn catch_up(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let end = crate::end_offset(self.producer.client(), &self.topic, 0, deadline)

@@ -694,10 +694,9 @@ impl Part {
     /// and every event behind it, meanwhile). Planned from the view's
     /// listing once the view has this owner's last commit, so nothing in
     /// flight is merged or removed twice; the next round starts only after
-    /// this one's records are committed and read back.
-    /// Starts a compaction round (merges, retention) of the partition's
-    /// committed files, with a sweep for orphans when one is due; `keep`:
-    /// the files this owner replaced and has still to delete.
+    /// this one's records are committed and read back. A sweep for
+    /// orphaned files goes with the round when one is due; `keep`: the
+    /// files this owner replaced and has still to delete.
     fn start_compaction(
         &mut self,
         sink: &RawSink,
@@ -775,8 +774,7 @@ impl Part {
 
     /// The compaction round under way once it ended (or, if `wait`, when
     /// it ends): the replaced-files records for the next transaction, keyed
-    /// by its offset.
-    /// Also answers how many orphans the round deleted.
+    /// by its offset, and how many orphans the round deleted.
     fn finish_compaction(&mut self, wait: bool) -> Result<(Vec<codec::Replaced>, u64), Error> {
         let Some(job) = self.compacting.take_if(|j| j.ready(wait)) else {
             return Ok((Vec::new(), 0));
