@@ -43,6 +43,12 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 clk=$(getconf CLK_TCK)
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+wait_up() {  # $1 = URL answering 2xx once up, $2 = server pid, $3 = its log
+  until curl -sf "$1" >/dev/null; do
+    kill -0 "$2" 2>/dev/null || { cat "$3" >&2; exit 1; }
+    sleep 0.1
+  done
+}
 
 echo "generating $EVENTS events ..." >&2
 # Event time: the last ten minutes, in order, so nothing is late for Tally
@@ -105,10 +111,7 @@ EOF
 clickhouse-server --config-file="$WORK/chserver/config.xml" >"$WORK/chserver/log" 2>&1 &
 CH_PID=$!
 CH="http://127.0.0.1:$CH_HTTP/"
-until curl -sf "$CH?query=SELECT%201" >/dev/null; do
-  kill -0 "$CH_PID" 2>/dev/null || { cat "$WORK/chserver/log" >&2; exit 1; }
-  sleep 0.2
-done
+wait_up "$CH?query=SELECT%201" "$CH_PID" "$WORK/chserver/log"
 chq() { curl -sf "$CH" --data-binary "$1"; }
 
 post_all() {  # $1 = dir of bodies, $2 = URL
@@ -138,10 +141,7 @@ run_tally() {  # prints "events/s ns/event"
   RUST_LOG=warn "$TALLY" serve --listen "127.0.0.1:$port" --data-dir "$dir" >"$WORK/tally.log" 2>&1 &
   TALLY_PID=$!
   base="http://127.0.0.1:$port"
-  until curl -sf "$base/readyz" >/dev/null; do
-    kill -0 "$TALLY_PID" 2>/dev/null || { cat "$WORK/tally.log" >&2; exit 1; }
-    sleep 0.1
-  done
+  wait_up "$base/readyz" "$TALLY_PID" "$WORK/tally.log"
   q="$base/api/v1/metrics?metric=count&granularity=1d&start=$((START - 86400000))&end=$((START + 86400000))"
   c0=$(ticks "$TALLY_PID"); t0=$(date +%s.%N)
   post_all "$WORK/tally" "$base/api/v1/events"

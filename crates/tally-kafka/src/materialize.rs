@@ -177,27 +177,26 @@ impl Materialized {
             .cloned()
     }
 
-    /// The next offset of a source partition's last state applied.
-    pub fn next_offset_of(&self, partition: u32) -> Option<u64> {
+    /// `f` of a source partition's last state applied.
+    fn state_of<T>(&self, partition: u32, f: impl FnOnce(&PartitionState) -> T) -> Option<T> {
         self.inner
             .lock()
             .parts
             .get(&partition)?
             .state
             .as_ref()
-            .map(|s| s.next_offset)
+            .map(f)
+    }
+
+    /// The next offset of a source partition's last state applied.
+    pub fn next_offset_of(&self, partition: u32) -> Option<u64> {
+        self.state_of(partition, |s| s.next_offset)
     }
 
     /// The raw-from offset of a source partition's last state applied:
     /// everything before it is sealed and listed.
     pub fn raw_from_of(&self, partition: u32) -> Option<u64> {
-        self.inner
-            .lock()
-            .parts
-            .get(&partition)?
-            .state
-            .as_ref()
-            .map(|s| s.raw_from)
+        self.state_of(partition, |s| s.raw_from)
     }
 
     /// Hour retention at wall time `now`: buckets older than `keep_ms`
