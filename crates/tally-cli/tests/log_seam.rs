@@ -527,7 +527,10 @@ async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
         std::fs::create_dir_all(&hour).unwrap();
         let old = std::time::SystemTime::now() - Duration::from_secs(3600);
         let named = |p: u32, from: u64, to: u64| {
-            format!("kafka-{}-p{p}-{from:020}-{to:020}.parquet", k.topic_events)
+            format!(
+                "{}-p{p}-{from:020}-{to:020}.parquet",
+                tally_kafka::raw::files_as(&k.topic_events, &k.group_id)
+            )
         };
         for (file, gone, age) in [
             // Below raw-from once the partition sealed: swept.
@@ -542,6 +545,23 @@ async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
             ),
             // Past any raw-from the test reaches: a seal may write it.
             (named(0, 1 << 40, (1 << 40) + 1), false, old),
+            // Another cluster's on the same topic, and one named before
+            // groups were in names: not this cluster's to delete.
+            (
+                format!(
+                    "{}-p0-{:020}-{:020}.parquet",
+                    tally_kafka::raw::files_as(&k.topic_events, "another-group"),
+                    0,
+                    1
+                ),
+                false,
+                old,
+            ),
+            (
+                format!("kafka-{}-p0-{:020}-{:020}.parquet", k.topic_events, 0, 1),
+                false,
+                old,
+            ),
         ] {
             let path = hour.join(file);
             std::fs::write(&path, b"not a parquet file").unwrap();

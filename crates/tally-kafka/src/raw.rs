@@ -1,9 +1,11 @@
 //! Raw events in Kafka mode: every owned partition keeps the events it
 //! kept (everything but duplicates, late events included) since its last
 //! seal, and seals them into the shared archive as Parquet files, one per
-//! tenant and hour, named by the partition and the offset range they
-//! cover (`kafka-<topic>-p<partition>-<from>-<to>.parquet` in the usual
-//! `tenant=/date=/hour=` layout).
+//! tenant and hour, named by the cluster, the partition and the offset
+//! range they cover (`kafka-<topic>-g<group>-p<partition>-<from>-<to>.parquet`
+//! in the usual `tenant=/date=/hour=` layout; `<group>` is eight hex
+//! digits of the group id's hash, so clusters on one topic never write the
+//! same name).
 //!
 //! A seal happens at a commit: the files are written first, then the
 //! transaction that lists them (a `codec::Key::Files` record) and moves
@@ -118,6 +120,32 @@ pub(crate) fn plan(files: &[Listed], sink: &RawSink, now: Millis) -> Plan {
     out
 }
 
+/// How a cluster's files of `topic` begin: `kafka-<topic>-g<group>`,
+/// `<group>` the low 32 bits of the group id's stable hash as hex.
+pub fn files_as(topic: &str, group_id: &str) -> String {
+    format!(
+        "kafka-{}-g{:08x}",
+        file_topic(topic),
+        tally_types::stable_hash(&[group_id.as_bytes()]) as u32
+    )
+}
+
+/// The name of a file of `partition`'s offsets `[from, to)` in the
+/// directory of `tenant` and `min_ts`.
+fn file_path(
+    files_as: &str,
+    tenant: &str,
+    min_ts: Millis,
+    partition: u32,
+    from: u64,
+    to: u64,
+) -> String {
+    format!(
+        "{}/{files_as}-p{partition}-{from:020}-{to:020}.parquet",
+        tally_archive::hive_dir(tenant, min_ts)
+    )
+}
+
 /// A topic name as it goes into file names.
 fn file_topic(topic: &str) -> String {
     topic
@@ -133,10 +161,10 @@ fn file_topic(topic: &str) -> String {
 }
 
 /// The partition and offset range `[from, to)` in the name of a sealed or
-/// merged file of `topic` (`…/kafka-<topic>-p<partition>-<from>-<to>.parquet`),
-/// or of what an interrupted local write of one left
-/// (`.kafka-….parquet.tmp`).
-pub(crate) fn parse_file_name(path: &str, topic: &str) -> Option<(u32, u64, u64)> {
+/// merged file named as [`files_as`] says
+/// (`…/<files_as>-p<partition>-<from>-<to>.parquet`), or of what an
+/// interrupted local write of one left (`.<files_as>-….parquet.tmp`).
+pub(crate) fn parse_file_name(path: &str, files_as: &str) -> Option<(u32, u64, u64)> {
     let name = path.rsplit('/').next()?;
     let name = match name.strip_prefix('.') {
         Some(tmp) => tmp.strip_suffix(".tmp")?,
@@ -148,8 +176,7 @@ pub(crate) fn parse_file_name(path: &str, topic: &str) -> Option<(u32, u64, u64)
     let from = parts.next()?.parse().ok()?;
     let head = parts.next()?;
     let partition = head
-        .strip_prefix("kafka-")?
-        .strip_prefix(file_topic(topic).as_str())?
+        .strip_prefix(files_as)?
         .strip_prefix("-p")?
         .parse()
         .ok()?;
@@ -178,7 +205,7 @@ pub(crate) struct Sweep {
 /// stopped before deleting what it had replaced.
 pub(crate) fn orphans(
     objects: &[(String, u64, Millis)],
-    topic: &str,
+    files_as: &str,
     partition: u32,
     sweep: &Sweep,
 ) -> Vec<String> {
@@ -188,7 +215,7 @@ pub(crate) fn orphans(
             *modified < sweep.changed_before
                 && !sweep.listed.contains(path)
                 && !sweep.keep.contains(path)
-                && parse_file_name(path, topic)
+                && parse_file_name(path, files_as)
                     .is_some_and(|(p, _, to)| p == partition && to <= sweep.raw_from)
         })
         .map(|(path, _, _)| path.clone())
@@ -201,7 +228,7 @@ pub(crate) fn orphans(
 pub(crate) fn sweep(
     sink: &RawSink,
     rt: &tokio::runtime::Runtime,
-    topic: &str,
+    files_as: &str,
     partition: u32,
     sweep: &Sweep,
 ) -> Result<u64, Error> {
@@ -213,7 +240,7 @@ pub(crate) fn sweep(
         .block_on(sink.archive.list_modified())
         .map_err(|e| err(e.to_string()))?;
     let mut gone = 0;
-    for path in orphans(&objects, topic, partition, sweep) {
+    for path in orphans(&objects, files_as, partition, sweep) {
         let still = rt
             .block_on(sink.archive.modified(&path))
             .map_err(|e| err(e.to_string()))?;
@@ -240,7 +267,7 @@ pub(crate) fn sweep(
 pub(crate) fn merge(
     sink: &RawSink,
     rt: &tokio::runtime::Runtime,
-    topic: &str,
+    files_as: &str,
     partition: u32,
     group: &[Listed],
 ) -> Result<Listed, Error> {
@@ -273,11 +300,7 @@ pub(crate) fn merge(
         .map(|e| e.2.max_ts)
         .max()
         .unwrap_or(first.2.max_ts);
-    let path = format!(
-        "{}/kafka-{}-p{partition}-{from:020}-{to:020}.parquet",
-        tally_archive::hive_dir(&tenant, min_ts),
-        file_topic(topic)
-    );
+    let path = file_path(files_as, &tenant, min_ts, partition, from, to);
     let size = bytes.len() as u64;
     rt.block_on(sink.archive.put(&path, bytes))
         .map_err(|e| err(e.to_string()))?;
@@ -388,7 +411,7 @@ impl RawBuf {
         &mut self,
         sink: &RawSink,
         rt: &tokio::runtime::Runtime,
-        topic: &str,
+        files_as: &str,
         partition: u32,
         from: u64,
         to: u64,
@@ -397,7 +420,6 @@ impl RawBuf {
             archive: sink.archive.describe.clone(),
             what,
         };
-        let topic = file_topic(topic);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
                 ZstdLevel::try_new(sink.zstd_level).unwrap_or_default(),
@@ -464,10 +486,7 @@ impl RawBuf {
                 w.close().map_err(|e| err(e.to_string()))?;
                 let min_ts = times[hour[0] as usize];
                 let max_ts = times[hour[hour.len() - 1] as usize];
-                let path = format!(
-                    "{}/kafka-{topic}-p{partition}-{from:020}-{to:020}.parquet",
-                    tally_archive::hive_dir(&tenant, min_ts)
-                );
+                let path = file_path(files_as, &tenant, min_ts, partition, from, to);
                 let bytes = buf.len() as u64;
                 rt.block_on(sink.archive.put(&path, bytes::Bytes::from(buf)))
                     .map_err(|e| err(e.to_string()))?;
@@ -524,40 +543,55 @@ mod tests {
 
     #[test]
     fn file_names_give_partition_and_range() {
-        let name = |p: u32, from: u64, to: u64| {
-            format!(
-                "tenant=a/date=2026-12-07/hour=10/kafka-user-events.v2-p{p}-{from:020}-{to:020}.parquet"
-            )
+        let at = files_as("user-events.v2", "tally");
+        assert!(at.starts_with("kafka-user-events.v2-g"), "{at}");
+        assert_eq!(at.len(), "kafka-user-events.v2-g".len() + 8);
+        let name = |at: &str, p: u32, from: u64, to: u64| {
+            format!("tenant=a/date=2026-12-07/hour=10/{at}-p{p}-{from:020}-{to:020}.parquet")
         };
-        let t = "user-events.v2";
-        assert_eq!(parse_file_name(&name(3, 10, 20), t), Some((3, 10, 20)));
+        assert_eq!(
+            parse_file_name(&name(&at, 3, 10, 20), &at),
+            Some((3, 10, 20))
+        );
+        assert_eq!(
+            file_path(&at, "a", 10 * H, 3, 10, 20).rsplit('/').next(),
+            name(&at, 3, 10, 20).rsplit('/').next()
+        );
         // An interrupted local write leaves a hidden temporary file.
-        let tmp = "tenant=a/date=2026-12-07/hour=10/.kafka-user-events.v2-p3-00000000000000000010-00000000000000000020.parquet.tmp";
-        assert_eq!(parse_file_name(tmp, t), Some((3, 10, 20)));
-        // Another topic (here a prefix of this one), embedded-mode files,
-        // other objects.
-        assert_eq!(parse_file_name(&name(3, 10, 20), "user"), None);
-        assert_eq!(parse_file_name(&name(3, 10, 20), "user-events.v"), None);
+        let tmp = format!(
+            "tenant=a/date=2026-12-07/hour=10/.{at}-p3-00000000000000000010-00000000000000000020.parquet.tmp"
+        );
+        assert_eq!(parse_file_name(&tmp, &at), Some((3, 10, 20)));
+        // Another cluster on the same topic, another topic, names of
+        // before groups were in them, embedded-mode files, other objects.
+        let other = files_as("user-events.v2", "staging");
+        assert_ne!(other, at);
+        assert_eq!(parse_file_name(&name(&other, 3, 10, 20), &at), None);
+        assert_eq!(
+            parse_file_name(&name(&at, 3, 10, 20), &files_as("user", "tally")),
+            None
+        );
+        assert_eq!(
+            parse_file_name(&name("kafka-user-events.v2", 3, 10, 20), &at),
+            None
+        );
         assert_eq!(
             parse_file_name(
                 "tenant=a/date=2026-12-07/hour=10/p0-00000000000000000001-00000000000000000002.parquet",
-                t
+                &at
             ),
             None
         );
-        assert_eq!(parse_file_name("manifest.json", t), None);
+        assert_eq!(parse_file_name("manifest.json", &at), None);
         // Topic characters that do not go into names are written as `_`.
-        assert_eq!(
-            parse_file_name(&name(0, 1, 2).replace("user-events.v2", "a_b"), "a/b"),
-            Some((0, 1, 2))
-        );
+        assert!(files_as("a/b", "g").starts_with("kafka-a_b-g"));
     }
 
     #[test]
     fn orphans_are_unlisted_old_files_below_raw_from() {
-        let t = "ev";
+        let t = &files_as("ev", "g");
         let path = |p: u32, from: u64, to: u64| {
-            format!("tenant=a/date=2026-12-07/hour=10/kafka-ev-p{p}-{from:020}-{to:020}.parquet")
+            format!("tenant=a/date=2026-12-07/hour=10/{t}-p{p}-{from:020}-{to:020}.parquet")
         };
         let sweep = Sweep {
             listed: [path(1, 0, 10)].into_iter().collect(),

@@ -660,13 +660,13 @@ impl Part {
     /// Hands the raw rows to a thread that writes them as archive files
     /// (Parquet and zstd take a while: half a second for 5 s of 100k
     /// events/s, which held up every event behind them on the worker).
-    fn start_seal(&mut self, sink: &RawSink, topic: &str) -> Result<(), Error> {
+    fn start_seal(&mut self, sink: &RawSink, files_as: &str) -> Result<(), Error> {
         let mut buf = std::mem::take(&mut self.raw);
         let (from, to) = (self.buf_from, self.next_offset);
         self.buf_from = to;
-        let (topic, id, owned) = (topic.to_string(), self.id, sink.clone());
+        let (files_as, id, owned) = (files_as.to_string(), self.id, sink.clone());
         let job = ArchiveJob::spawn("tally-kafka-seal", "sealing raw events", sink, move |rt| {
-            buf.seal(&owned, rt, &topic, id, from, to)
+            buf.seal(&owned, rt, &files_as, id, from, to)
         })?;
         self.sealing = Some(Sealing { from, to, job });
         Ok(())
@@ -701,7 +701,7 @@ impl Part {
         &mut self,
         sink: &RawSink,
         view: &Materialized,
-        topic: &str,
+        files_as: &str,
         now: Millis,
         keep: impl FnOnce() -> std::collections::HashSet<String>,
     ) -> Result<(), Error> {
@@ -732,7 +732,7 @@ impl Part {
         if plan.merges.is_empty() && plan.expired.is_empty() && sweep.is_none() {
             return Ok(());
         }
-        let (topic, id, owned) = (topic.to_string(), self.id, sink.clone());
+        let (files_as, id, owned) = (files_as.to_string(), self.id, sink.clone());
         let job = ArchiveJob::spawn(
             "tally-kafka-compact",
             "compacting archive files",
@@ -740,7 +740,7 @@ impl Part {
             move |rt| {
                 let mut out = Round::default();
                 for group in &plan.merges {
-                    match crate::raw::merge(&owned, rt, &topic, id, group) {
+                    match crate::raw::merge(&owned, rt, &files_as, id, group) {
                         Ok(added) => out.replaced.push((
                             group.iter().map(|e| e.2.path.clone()).collect(),
                             Some(added),
@@ -756,7 +756,7 @@ impl Part {
                     out.replaced.push((plan.expired, None));
                 }
                 if let Some(sweep) = &sweep {
-                    match crate::raw::sweep(&owned, rt, &topic, id, sweep) {
+                    match crate::raw::sweep(&owned, rt, &files_as, id, sweep) {
                         Ok(n) => out.swept = n,
                         Err(e) => tracing::warn!(
                             partition = id,
@@ -1058,6 +1058,9 @@ struct Session<'a> {
     /// One parser for every message (its scratch space reused), moved to
     /// each message's timestamp.
     parser: Parser,
+    /// How this cluster's archive files of the events topic are named
+    /// ([`crate::raw::files_as`]).
+    files_as: String,
     /// How the worker rests when it has read everything.
     rest: crate::materialize::Rest,
 }
@@ -1199,6 +1202,7 @@ fn session(
         graves: VecDeque::new(),
         rest: crate::materialize::Rest::new(IDLE_PAUSE),
         parser: (hooks.make_parser)(0),
+        files_as: crate::raw::files_as(&settings.topic_events, &settings.group_id),
     };
     *stats.last_error.lock() = None;
     let result = s.run(&consumer, stop);
@@ -1676,15 +1680,15 @@ impl Session<'_> {
         // Archive work starts on threads of its own; what ended is
         // collected below.
         if let Some(sink) = self.hooks.raw.as_ref() {
-            let topic = &self.settings.topic_events;
+            let files_as = &self.files_as;
             for p in self.parts.values_mut().filter(|p| !p.restoring()) {
                 if p.sealing.is_none() && p.raw.due(sink) {
-                    p.start_seal(sink, topic)?;
+                    p.start_seal(sink, files_as)?;
                 }
                 if p.compacting.is_none() && p.last_compact.elapsed() >= COMPACT_EVERY {
                     p.last_compact = Instant::now();
                     let (graves, replacing) = (&self.graves, &self.replacing);
-                    p.start_compaction(sink, self.view, topic, now, || {
+                    p.start_compaction(sink, self.view, files_as, now, || {
                         graves
                             .iter()
                             .flat_map(|(_, paths)| paths)
