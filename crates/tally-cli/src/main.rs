@@ -201,6 +201,10 @@ struct BenchArgs {
     /// Config file for the started server.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Log filter of the started server (`RUST_LOG` syntax, e.g.
+    /// `info,tally_kafka=debug`); its log goes to this command's stderr.
+    #[arg(long, default_value = "warn")]
+    server_log: String,
     /// Alert notifications to time after the load (0 skips the alert phase).
     #[arg(long, default_value_t = 40)]
     alert_samples: u32,
@@ -1124,7 +1128,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--data-dir")
                 .arg(tmp.path())
-                .env("RUST_LOG", "warn");
+                .env("RUST_LOG", &a.server_log);
             if let Some(c) = &a.config {
                 cmd.arg("--config").arg(c);
             }
