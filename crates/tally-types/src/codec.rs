@@ -839,9 +839,6 @@ impl<'a> Iterator for BatchReader<'a> {
 pub struct BatchWriter {
     buf: Vec<u8>,
     n: u32,
-    /// The event being written carries a schema version
-    /// ([`BatchWriter::schema_version`]).
-    versioned: bool,
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
@@ -861,18 +858,13 @@ impl BatchWriter {
         BatchWriter {
             buf: vec![0; 4],
             n: 0,
-            versioned: false,
         }
     }
 
     pub fn with_capacity(bytes: usize) -> Self {
         let mut buf = Vec::with_capacity(bytes.max(4));
         buf.extend_from_slice(&[0; 4]);
-        BatchWriter {
-            buf,
-            n: 0,
-            versioned: false,
-        }
+        BatchWriter { buf, n: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -926,7 +918,6 @@ impl BatchWriter {
         }
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0, 0]);
-        self.versioned = false;
         at
     }
 
@@ -935,14 +926,14 @@ impl BatchWriter {
     /// [`BatchWriter::begin_event`], before any property.
     pub fn schema_version(&mut self, at: usize, version: u32) {
         debug_assert_eq!(at + 2, self.buf.len(), "schema version after a property");
+        // The flag waits in the count's slot; `finish_event` keeps it.
+        self.buf[at..at + 2].copy_from_slice(&VERSIONED.to_le_bytes());
         self.buf.extend_from_slice(&version.to_le_bytes());
-        self.versioned = true;
     }
 
-    /// Bytes the current event holds past its `n_props` slot before its
-    /// properties (the schema version).
-    fn head_extra(&self) -> usize {
-        if self.versioned { 4 } else { 0 }
+    /// The [`VERSIONED`] flag of the event started at `at`.
+    fn versioned(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.buf[at], self.buf[at + 1]]) & VERSIONED
     }
 
     pub fn prop(&mut self, key: &str, v: PropValue<'_>) {
@@ -978,11 +969,7 @@ impl BatchWriter {
             n_props & !TEXT_FORM < VERSIONED,
             "{n_props} properties do not fit the count"
         );
-        let flag = if std::mem::take(&mut self.versioned) {
-            VERSIONED
-        } else {
-            0
-        };
+        let flag = self.versioned(at);
         self.buf[at..at + 2].copy_from_slice(&(n_props | flag).to_le_bytes());
         self.n += 1;
     }
@@ -997,9 +984,9 @@ impl BatchWriter {
     /// Returns false (nothing written) when `n_props` or `text` is too long
     /// for the form; write the properties one by one then.
     pub fn finish_event_json(&mut self, at: usize, n_props: u16, text: &str) -> bool {
-        if n_props >= VERSIONED
-            || at + 2 + self.head_extra() != self.buf.len()
-            || u32::try_from(text.len()).is_err()
+        // Right after the count, or after the schema version behind it.
+        let props_at = at + if self.versioned(at) != 0 { 6 } else { 2 };
+        if n_props >= VERSIONED || props_at != self.buf.len() || u32::try_from(text.len()).is_err()
         {
             return false;
         }
@@ -1013,7 +1000,6 @@ impl BatchWriter {
     /// Drops everything written since `len` bytes (used to undo a half-written event).
     pub fn truncate_to(&mut self, len: usize) {
         self.buf.truncate(len);
-        self.versioned = false;
     }
 
     /// Copies one already-encoded event.
