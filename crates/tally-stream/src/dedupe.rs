@@ -135,12 +135,22 @@ impl DedupeMap {
     /// after.
     #[inline]
     pub(crate) fn insert_if_absent(&mut self, key: u128, value: Millis) -> Millis {
-        match self.get(&key) {
-            Some(v) => v,
-            None => {
-                self.insert(key, value);
-                value
+        if let Some(&v) = self.odd.get(&key) {
+            return v;
+        }
+        match as_minute(value) {
+            // One lookup of the table: an entry there, or the new one.
+            Some(m) => {
+                let m = *self.table_for(key).entry(Key::of(key)).or_insert(m);
+                Millis::from(m) * MINUTE_MS
             }
+            None => match self.get(&key) {
+                Some(v) => v,
+                None => {
+                    self.insert(key, value);
+                    value
+                }
+            },
         }
     }
 
