@@ -90,33 +90,19 @@ impl AlertLog {
 
     /// The end of the log now (the offset the next record will get).
     fn end(&self) -> Result<i64, Error> {
-        let (_, hi) = self
-            .producer
-            .client()
-            .fetch_watermarks(&self.topic, 0, Duration::from_secs(5))
-            .map_err(|source| Error::Client {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        crate::end_offset(self.producer.client(), &self.topic, 0, deadline).map_err(|source| {
+            Error::Client {
                 what: "alert log end offset",
                 source,
-            })?;
-        Ok(hi)
+            }
+        })
     }
 
     /// Waits (up to `timeout`) until everything in the log now is applied;
     /// if not, says how far it got.
     pub fn catch_up(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        let end = crate::end_offset(self.producer.client(), &self.topic, 0, deadline)
-            .map_err(|e| format!("its end offset is unknown: {e}"))?;
-        while self.applied.load(Relaxed) < end {
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "{} of its {end} records applied",
-                    self.applied.load(Relaxed)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        crate::catch_up(self.producer.client(), &self.topic, &self.applied, timeout)
     }
 
     /// Whether this node holds the alert lease, given whether it owns

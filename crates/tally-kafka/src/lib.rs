@@ -184,6 +184,44 @@ pub(crate) fn end_offset<C: ClientContext>(
     }
 }
 
+/// Waits until the reader of one of the cluster's one-partition logs has
+/// applied every record `topic` holds now (its next offset in `applied`),
+/// up to `timeout`; if not, says how far it got.
+pub(crate) fn catch_up<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    applied: &std::sync::atomic::AtomicI64,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let end = end_offset(client, topic, 0, deadline)
+        .map_err(|e| format!("its end offset is unknown: {e}"))?;
+    if wait_applied(applied, end, deadline) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of its {end} records applied",
+            applied.load(Relaxed)
+        ))
+    }
+}
+
+/// Waits until `applied` reaches `offset`, up to `deadline`; answers
+/// whether it did.
+pub(crate) fn wait_applied(
+    applied: &std::sync::atomic::AtomicI64,
+    offset: i64,
+    deadline: std::time::Instant,
+) -> bool {
+    while applied.load(Relaxed) < offset {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// An idempotent producer (`acks=all`) for one of the cluster's logs.
 pub(crate) fn log_producer(
     settings: &Settings,
@@ -349,14 +387,14 @@ pub struct KafkaNode {
 }
 
 impl KafkaNode {
-    /// Creates the topics if needed and starts the threads; `store` is the
-    /// node's rollup store, kept equal to the committed aggregates.
+    /// Starts the threads on topics that exist ([`ensure_topics`]);
+    /// `store` is the node's rollup store, kept equal to the committed
+    /// aggregates.
     pub fn start(
         settings: Settings,
         hooks: Hooks,
         store: Arc<RwLock<RollupStore>>,
     ) -> Result<KafkaNode, Error> {
-        ensure_topics(&settings)?;
         let producer = EventProducer::new(&settings, Arc::new(ProduceStats::default()))?;
         let view = Materialized::new(store);
         let stats = Arc::new(WorkerStats::default());

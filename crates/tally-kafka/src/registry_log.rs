@@ -64,30 +64,13 @@ impl RegistryLog {
     /// Waits (up to `timeout`) until every record in the log now is
     /// applied; if not, says how far it got.
     pub fn catch_up(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        let end = crate::end_offset(self.producer.client(), &self.topic, 0, deadline)
-            .map_err(|e| format!("its end offset is unknown: {e}"))?;
-        if self.wait_applied(end, deadline.saturating_duration_since(Instant::now())) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} of its {end} records applied",
-                self.applied.load(Relaxed)
-            ))
-        }
+        crate::catch_up(self.producer.client(), &self.topic, &self.applied, timeout)
     }
 
     /// Waits (up to `timeout`) until the records before `offset` are
     /// applied.
     pub fn wait_applied(&self, offset: i64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.applied.load(Relaxed) < offset {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
+        crate::wait_applied(&self.applied, offset, Instant::now() + timeout)
     }
 
     /// Appends a proposal and waits until this node has applied it (up to

@@ -61,6 +61,7 @@ fn start_with(
     stream: StreamConfig,
 ) -> Node {
     let store = Arc::new(RwLock::new(RollupStore::new()));
+    tally_kafka::ensure_topics(&settings(brokers, tag, name)).expect("topics");
     let node = KafkaNode::start(
         settings(brokers, tag, name),
         hooks(malformed.clone(), stream),

@@ -214,8 +214,8 @@ pub(super) fn start(
         cfg.registry.level()?,
         cfg.registry.limits(),
     ));
-    // The topics first: the registry log is read to its end before the
-    // node serves, and a first node of a cluster finds it missing.
+    // The topics first, once: the registry log is read to its end before
+    // the node serves, and a first node of a cluster finds it missing.
     tally_kafka::ensure_topics(&settings)?;
     let (registry_log, registry_writes) = start_registry_log(&settings, &registry)?;
     let checks: Arc<dyn tally_types::schema::PropsCheck> = registry.clone();
