@@ -1065,8 +1065,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 /// Where freshness goes in Kafka mode, from the node's histograms: the
 /// bucket bounds the median and the 99th percentile fall under.
 async fn print_kafka_stages(c: &reqwest::Client, base: &str) {
-    let Ok(text) = async { c.get(format!("{base}/metrics")).send().await?.text().await }.await
-    else {
+    let Ok(text) = scrape(c, base).await else {
         return;
     };
     let mut parts = Vec::new();

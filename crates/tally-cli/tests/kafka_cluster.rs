@@ -595,15 +595,8 @@ async fn three_nodes_survive_kill_9_with_every_bucket_exact_on_every_node() {
         "tally_kafka_commit_seconds",
         "tally_kafka_view_delay_seconds",
     ] {
-        let observed: u64 = proms
-            .iter()
-            .filter_map(|p| {
-                let line = p
-                    .lines()
-                    .find(|l| l.starts_with(&format!("{name}_count ")))?;
-                line.rsplit(' ').next()?.parse::<u64>().ok()
-            })
-            .sum();
+        let count = format!("{name}_count ");
+        let observed: u64 = proms.iter().map(|p| common::counter(p, &count)).sum();
         assert!(observed > 0, "{name} observed nothing: {}", proms[0]);
     }
     // Every node shows the lag of every partition, not only its own: all

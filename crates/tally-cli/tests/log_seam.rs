@@ -526,42 +526,29 @@ async fn sealed_files_compact_and_every_row_stays_once(backend: Backend) {
         let hour = archive_dir.join("tenant=tenant0/date=2026-01-01/hour=10");
         std::fs::create_dir_all(&hour).unwrap();
         let old = std::time::SystemTime::now() - Duration::from_secs(3600);
-        let named = |p: u32, from: u64, to: u64| {
-            format!(
-                "{}-p{p}-{from:020}-{to:020}.parquet",
-                tally_kafka::raw::files_as(&k.topic_events, &k.group_id)
-            )
+        let named = |files_as: &str, p: u32, from: u64, to: u64| {
+            format!("{files_as}-p{p}-{from:020}-{to:020}.parquet")
         };
+        let ours = tally_kafka::raw::files_as(&k.topic_events, &k.group_id);
+        let theirs = tally_kafka::raw::files_as(&k.topic_events, "another-group");
+        let before_groups = format!("kafka-{}", k.topic_events);
         for (file, gone, age) in [
             // Below raw-from once the partition sealed: swept.
-            (named(0, 0, 1), true, old),
-            (format!(".{}.tmp", named(0, 1, 2)), true, old),
+            (named(&ours, 0, 0, 1), true, old),
+            (format!(".{}.tmp", named(&ours, 0, 1, 2)), true, old),
             // Changed lately (here: stamped an hour ahead): an owner may
             // be writing it.
             (
-                named(0, 2, 3),
+                named(&ours, 0, 2, 3),
                 false,
                 std::time::SystemTime::now() + Duration::from_secs(3600),
             ),
             // Past any raw-from the test reaches: a seal may write it.
-            (named(0, 1 << 40, (1 << 40) + 1), false, old),
+            (named(&ours, 0, 1 << 40, (1 << 40) + 1), false, old),
             // Another cluster's on the same topic, and one named before
             // groups were in names: not this cluster's to delete.
-            (
-                format!(
-                    "{}-p0-{:020}-{:020}.parquet",
-                    tally_kafka::raw::files_as(&k.topic_events, "another-group"),
-                    0,
-                    1
-                ),
-                false,
-                old,
-            ),
-            (
-                format!("kafka-{}-p0-{:020}-{:020}.parquet", k.topic_events, 0, 1),
-                false,
-                old,
-            ),
+            (named(&theirs, 0, 0, 1), false, old),
+            (named(&before_groups, 0, 0, 1), false, old),
         ] {
             let path = hour.join(file);
             std::fs::write(&path, b"not a parquet file").unwrap();

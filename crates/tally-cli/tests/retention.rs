@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{T0, fmt_bucket, get, points, post_ndjson, prom};
+use common::{T0, counter, fmt_bucket, get, points, post_ndjson, prom};
 use serde_json::{Value, json};
 use tally_types::Clock;
 
@@ -86,12 +86,6 @@ async fn wait_counted(c: &reqwest::Client, base: &str, n: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the processor never counted {n} events");
-}
-
-fn counter(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,6 +141,13 @@ pub async fn prom(c: &reqwest::Client, base: &str) -> String {
         .unwrap()
 }
 
+/// The value of the unlabelled series `name` in Prometheus text `text`.
+pub fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
 /// All points of a grouped metric as (event_type, bucket) → value.
 pub async fn fetch(
     c: &reqwest::Client,
