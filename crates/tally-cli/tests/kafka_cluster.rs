@@ -1420,3 +1420,43 @@ async fn closed_session_changes_are_listed_in_kafka_mode() {
         "{v}"
     );
 }
+
+/// An event too large for one record of the events topic is refused on
+/// its own, naming its size and why (before, the producer refused it at
+/// every try and the client got a 503 to retry forever); the others of
+/// the body are taken and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_a_kafka_record_is_refused_alone() {
+    use serde_json::json;
+    let (_broker, _tmp, node, c) = solo_node("big", &[]).await;
+    let base = node.base();
+    let now = tally_types::Clock::system().now_ms();
+    let ev = |id: &str, blob: usize| {
+        json!({"event_id": id, "event_type": "click", "timestamp": now - 1000, "tenant": "acme",
+               "user_id": "u1", "properties": {"blob": "x".repeat(blob)}})
+    };
+    let body = common::ndjson(&[ev("small", 10), ev("big", 1_200_000), ev("fits", 200_000)]);
+    let (status, v) = answer(
+        c.post(format!("{base}/api/v1/events"))
+            .header("content-type", "application/x-ndjson")
+            .body(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["accepted"].as_u64(), v["rejected"].as_u64()),
+        (Some(2), Some(1)),
+        "{v}"
+    );
+    let e = &v["errors"][0];
+    assert_eq!(e["index"], 1, "{v}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(msg.contains("1200") && msg.contains("Kafka mode"), "{msg}");
+    let url = format!("{base}/api/v1/metrics?metric=count&granularity=1h&tenant=acme");
+    get_until(&c, &url, "both events counted", |v| {
+        v["series"][0]["points"]
+            .as_array()
+            .is_some_and(|p| p.iter().map(|x| x[1].as_u64().unwrap_or(0)).sum::<u64>() == 2)
+    })
+    .await;
+}

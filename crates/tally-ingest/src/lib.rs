@@ -154,6 +154,8 @@ pub struct Parser {
     admission: Option<Admission>,
     /// Deepest nesting of an event's JSON (the event object is level 1).
     max_depth: usize,
+    /// Largest event, in bytes of its fields' text (None: no limit).
+    max_event_bytes: Option<usize>,
     props: Vec<(Cow<'static, str>, &'static RawValue)>,
     schemas: Arc<Schemas>,
     privacy: Option<Arc<Privacy>>,
@@ -199,6 +201,7 @@ impl Parser {
             future: None,
             admission: None,
             max_depth: DEFAULT_MAX_DEPTH,
+            max_event_bytes: None,
             props: Vec::new(),
             schemas,
             privacy: None,
@@ -243,6 +246,14 @@ impl Parser {
         self
     }
 
+    /// Events whose fields take more than `bytes` (the text of their
+    /// properties and envelope strings) are rejected: in Kafka mode an
+    /// event must fit one record of the events topic.
+    pub fn with_max_event_bytes(mut self, bytes: Option<usize>) -> Self {
+        self.max_event_bytes = bytes;
+        self
+    }
+
     /// Valid events are offered to `admission` before they are taken.
     pub fn with_admission(mut self, admission: Option<Admission>) -> Self {
         self.admission = admission;
@@ -272,6 +283,7 @@ impl Parser {
             future: self.future,
             admission: self.admission.clone(),
             max_depth: self.max_depth,
+            max_event_bytes: self.max_event_bytes,
             index: 0,
             privacy: self.privacy.clone(),
             registry: self.registry.clone(),
@@ -405,6 +417,7 @@ struct Sink<'s> {
     future: Option<(Millis, Millis)>,
     admission: Option<Admission>,
     max_depth: usize,
+    max_event_bytes: Option<usize>,
     /// Index of the event being accepted (for refusals).
     index: usize,
     privacy: Option<Arc<Privacy>>,
@@ -459,6 +472,24 @@ impl Sink<'_> {
                 time::format_rfc3339(now),
                 time::human_ms(skew),
             ));
+        }
+        if let Some(max) = self.max_event_bytes {
+            let strings = [Some(&ev.tenant), Some(&ev.event_id), Some(&ev.event_type)]
+                .into_iter()
+                .chain([ev.user_id.as_ref(), ev.session_id.as_ref()])
+                .flatten()
+                .map(|s| s.len())
+                .sum::<usize>();
+            let n = strings
+                + props
+                    .iter()
+                    .map(|(k, v)| k.len() + v.get().len())
+                    .sum::<usize>();
+            if n > max {
+                return Err(format!(
+                    "the event takes {n} bytes, more than the {max} one event may take in Kafka mode (one record of the events topic, under the brokers' max.message.bytes); keep large values out of events"
+                ));
+            }
         }
         if let Some(schema) = self.schemas.get(&*ev.tenant) {
             for (k, v) in props {

@@ -515,6 +515,42 @@ fn deep_nesting_is_rejected_at_the_limit() {
     );
 }
 
+/// With a size limit (Kafka mode), an event larger than one record of the
+/// events topic is refused on its own, naming its size and the limit; the
+/// others of the body are taken.
+#[test]
+fn events_past_the_size_limit_are_refused_alone() {
+    let event = |id: &str, blob: usize| {
+        format!(
+            r#"{{"event_id":"{id}","event_type":"t","timestamp":1793534400000,"properties":{{"blob":"{}"}}}}"#,
+            "x".repeat(blob)
+        )
+    };
+    let body = format!(
+        "{}\n{}\n{}",
+        event("a", 10),
+        event("b", 5000),
+        event("c", 900)
+    );
+    let mut p = Parser::new(1).with_max_event_bytes(Some(1000));
+    let parsed = p
+        .parse(body.as_bytes(), Format::Ndjson, Tenancy::Open)
+        .unwrap();
+    assert_eq!(parsed.accepted, 2, "{:?}", parsed.rejected);
+    let e = &parsed.rejected[0].error;
+    assert!(
+        e.starts_with("the event takes 5")
+            && e.contains("more than the 1000")
+            && e.contains("Kafka mode"),
+        "{e}"
+    );
+    // No limit: all taken.
+    let parsed = Parser::new(1)
+        .parse(body.as_bytes(), Format::Ndjson, Tenancy::Open)
+        .unwrap();
+    assert_eq!(parsed.accepted, 3);
+}
+
 /// Redaction happens before encoding: the batch holds the hashed user,
 /// the masked address, no e-mail; rejected events of the tenant are kept
 /// redacted, in every body shape; other tenants are untouched.

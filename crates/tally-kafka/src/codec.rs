@@ -30,7 +30,16 @@
 //! merges the keys of a (tenant, minute, event type) over source
 //! partitions and deltas (counts and sums add, sketches merge) holds the
 //! exact total after every transaction, and compaction leaves one whole
-//! value per final minute and partition. (Topics written before deltas
+//! value per final minute and partition.
+//!
+//! No aggregate value passes 256 KiB (`worker::MAX_VALUE_BYTES`; a broker
+//! refuses records past its `max.message.bytes`, 1 MB by default): a
+//! larger one is split by combination ([`agg_values`]). A whole value's
+//! record then holds the totals and the first combinations, and deltas of
+//! the same transaction (new keys, tombstoned by the bucket's next whole
+//! value like any delta) hold the rest, each with a count of 0 and empty
+//! sketches besides its combinations; a large delta is likewise several
+//! deltas. The reading above gives the same totals. (Topics written before deltas
 //! were used for open minutes hold whole values in every transaction;
 //! the same reading gives the same totals.)
 //!
@@ -116,6 +125,9 @@
 //!        | u32 k | k × str event type
 //!          (`tally_store::Session::encode`, the sessions journal's layout)
 //! ```
+//!
+//! Many changes of one tenant (sessions closing together) take several
+//! records of at most 256 KiB ([`sessions_values`]), in order.
 //!
 //! **Late events** (the late topic, JSON, not versioned bytes): one
 //! message per event counted by no window, written in the same
@@ -345,30 +357,65 @@ pub fn sessions_key(partition: u32, at: u64, seq: u32) -> Vec<u8> {
 }
 
 pub fn sessions_value(c: &SessionChanges) -> Vec<u8> {
+    let mut body = Enc::new();
+    for ch in &c.changes {
+        put_change(&mut body, ch);
+    }
+    sessions_frame(c, c.changes.len(), &body.buf)
+}
+
+/// The values of a tenant's session changes written as records of at
+/// most about `limit` bytes each (several when many sessions closed at
+/// once), in order: each a [`sessions_value`] of some of the changes.
+pub fn sessions_values(c: &SessionChanges, limit: usize) -> Vec<Vec<u8>> {
+    let header = sessions_frame(c, 0, &[]).len();
+    let mut out = Vec::new();
+    let mut body = Enc::new();
+    let mut n = 0;
+    for ch in &c.changes {
+        let mark = body.buf.len();
+        put_change(&mut body, ch);
+        if n > 0 && header + body.buf.len() > limit {
+            let last = body.buf.split_off(mark);
+            out.push(sessions_frame(c, n, &body.buf));
+            body.buf = last;
+            n = 0;
+        }
+        n += 1;
+    }
+    if n > 0 || out.is_empty() {
+        out.push(sessions_frame(c, n, &body.buf));
+    }
+    out
+}
+
+fn sessions_frame(c: &SessionChanges, n: usize, changes: &[u8]) -> Vec<u8> {
     let mut e = Enc::new();
     e.u8(VERSION);
     e.str(&c.tenant);
     e.i64(c.at);
-    e.u32(c.changes.len() as u32);
-    for ch in &c.changes {
-        match ch {
-            SessionCorrection::Changed { old, new } => {
-                e.u8(0);
-                old.encode(&mut e);
-                new.encode(&mut e);
-            }
-            SessionCorrection::Appeared(s) => {
-                e.u8(1);
-                s.encode(&mut e);
-            }
-            SessionCorrection::MergedInto { old, into } => {
-                e.u8(2);
-                old.encode(&mut e);
-                e.str(into);
-            }
+    e.u32(n as u32);
+    e.buf.extend_from_slice(changes);
+    e.buf
+}
+
+fn put_change(e: &mut Enc, ch: &SessionCorrection) {
+    match ch {
+        SessionCorrection::Changed { old, new } => {
+            e.u8(0);
+            old.encode(e);
+            new.encode(e);
+        }
+        SessionCorrection::Appeared(s) => {
+            e.u8(1);
+            s.encode(e);
+        }
+        SessionCorrection::MergedInto { old, into } => {
+            e.u8(2);
+            old.encode(e);
+            e.str(into);
         }
     }
-    e.buf
 }
 
 pub fn decode_sessions(b: &[u8]) -> Result<SessionChanges, CodecError> {
@@ -467,6 +514,21 @@ pub fn agg_value(a: &Agg) -> Vec<u8> {
     e.u8(VERSION);
     a.encode(&mut e);
     e.buf
+}
+
+/// The values of an aggregate written as records of at most about `limit`
+/// bytes each: one value, or the parts of [`Agg::split`] (its sketches,
+/// properties and dimension combinations spread over them), which a
+/// reader merges like deltas.
+pub fn agg_values(a: &Agg, limit: usize) -> Vec<Vec<u8>> {
+    let v = agg_value(a);
+    if v.len() <= limit {
+        return vec![v];
+    }
+    a.split(limit.saturating_sub(1))
+        .iter()
+        .map(agg_value)
+        .collect()
 }
 
 pub fn decode_agg(b: &[u8]) -> Result<Agg, CodecError> {
@@ -725,6 +787,62 @@ mod tests {
         }
     }
 
+    #[test]
+    fn many_session_changes_take_several_records_in_order() {
+        let c = changes();
+        let whole = sessions_value(&c);
+        assert_eq!(sessions_values(&c, 1 << 20), vec![whole.clone()]);
+        // A limit of about two changes: several records, each within it
+        // (but for a single change larger than the limit), that give the
+        // changes back in their order.
+        let limit = whole.len() / 2;
+        let parts = sessions_values(&c, limit);
+        assert!(parts.len() >= 2, "{} parts", parts.len());
+        let mut back = Vec::new();
+        for p in &parts {
+            let d = decode_sessions(p).unwrap();
+            assert!(
+                p.len() <= limit || d.changes.len() == 1,
+                "{} bytes",
+                p.len()
+            );
+            assert_eq!((d.tenant.as_str(), d.at), (c.tenant.as_str(), c.at));
+            back.extend(d.changes);
+        }
+        assert_eq!(back, c.changes);
+        // No changes: one empty record, as before.
+        let none = SessionChanges {
+            changes: Vec::new(),
+            ..c
+        };
+        assert_eq!(sessions_values(&none, 10), vec![sessions_value(&none)]);
+    }
+
+    #[test]
+    fn a_wide_aggregate_takes_several_records_that_merge_back() {
+        let mut a = agg();
+        for i in 0..300u64 {
+            let mut c = Agg {
+                count: 1,
+                ..Agg::default()
+            };
+            c.users.insert(i);
+            a.by.insert(format!("country=c{i}").into(), c);
+        }
+        a.count = 300;
+        let whole = agg_value(&a);
+        assert_eq!(agg_values(&a, whole.len()), vec![whole.clone()]);
+        let limit = 1024;
+        let parts = agg_values(&a, limit);
+        assert!(parts.len() >= whole.len() / limit, "{} parts", parts.len());
+        let mut merged = Agg::default();
+        for p in &parts {
+            assert!(p.len() <= limit, "{} bytes", p.len());
+            merged.merge(&decode_agg(p).unwrap());
+        }
+        assert_eq!(merged, a);
+    }
+
     /// One valid record of every kind: keys, then values.
     fn samples() -> Vec<Vec<u8>> {
         let r = replaced(Some((10, 90, file(10, 90))));
@@ -803,6 +921,15 @@ pub fn dlq_key(e: &tally_stream::DlqEntry) -> String {
     format!("{}/{:032x}", e.tenant, e.key)
 }
 
+/// The largest DLQ record written with its event whole. Past it (an
+/// event of most of a megabyte, or raw text that JSON escaping inflates)
+/// the record would pass a broker's `max.message.bytes`, and a refused
+/// record aborts its transaction again at every retry: the event is cut
+/// to its first [`DLQ_CUT`] bytes, as raw text, and the reason says so.
+pub const DLQ_MAX_BYTES: usize = 512 * 1024;
+/// What is kept of an event too large for a DLQ record.
+pub const DLQ_CUT: usize = 16 * 1024;
+
 /// The value of a DLQ entry on the late or the malformed topic.
 pub fn dlq_value(e: &tally_stream::DlqEntry) -> String {
     use tally_stream::DlqBody;
@@ -811,13 +938,38 @@ pub fn dlq_value(e: &tally_stream::DlqEntry) -> String {
             .unwrap_or_else(|_| serde_json::Value::String(s.clone())),
         DlqBody::Raw(s) => serde_json::Value::String(s.clone()),
     };
+    let value = dlq_json(e, &e.reason, event);
+    if value.len() <= DLQ_MAX_BYTES {
+        return value;
+    }
+    let (DlqBody::Event(text) | DlqBody::Raw(text)) = &e.body;
+    let cut = prefix(text, DLQ_CUT);
+    let reason = format!(
+        "{} (the event's {} bytes were cut to their first {}: too large for one Kafka record)",
+        prefix(&e.reason, 4096),
+        text.len(),
+        cut.len()
+    );
+    dlq_json(e, &reason, serde_json::Value::String(cut.to_string()))
+}
+
+fn dlq_json(e: &tally_stream::DlqEntry, reason: &str, event: serde_json::Value) -> String {
     serde_json::json!({
         "tenant": e.tenant,
-        "reason": e.reason,
+        "reason": reason,
         "received_at": tally_types::time::format_rfc3339(e.received_at),
         "event": event,
     })
     .to_string()
+}
+
+/// The first `n` bytes of `s` or fewer, ending at a character boundary.
+fn prefix(s: &str, n: usize) -> &str {
+    let mut cut = n.min(s.len());
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
 }
 
 /// The late topic's record that a late event was replayed: applied to its
@@ -928,5 +1080,49 @@ mod late_tests {
             })
         );
         assert_eq!(super::decode_late(b"x", b"not json"), None);
+    }
+
+    #[test]
+    fn an_entry_too_large_for_a_record_keeps_its_start_and_says_so() {
+        // Control characters: JSON escapes each into six bytes.
+        let raw = "\u{1}".repeat(200_000) + "é";
+        let e = DlqEntry {
+            kind: DlqKind::Malformed,
+            tenant: "acme".into(),
+            reason: "kafka message user_events/0/7, event 3: not JSON".into(),
+            received_at: 1_793_534_400_123,
+            body: DlqBody::Raw(raw.clone()),
+            key: 0,
+            replayed: false,
+        };
+        let v = super::dlq_value(&e);
+        assert!(v.len() <= super::DLQ_MAX_BYTES, "{} bytes", v.len());
+        let back = super::decode_dlq(
+            super::dlq_key(&e).as_bytes(),
+            v.as_bytes(),
+            DlqKind::Malformed,
+        )
+        .unwrap();
+        let DlqBody::Raw(kept) = &back.body else {
+            panic!("{:?}", back.body)
+        };
+        assert_eq!(kept.as_str(), &raw[..super::DLQ_CUT]);
+        assert!(back.reason.starts_with(&e.reason), "{}", back.reason);
+        assert!(
+            back.reason
+                .contains("200002 bytes were cut to their first 16384"),
+            "{}",
+            back.reason
+        );
+        // An object event as large: cut the same way.
+        let big = format!(
+            r#"{{"event_id":"e1","event_type":"x","properties":{{"blob":"{}"}}}}"#,
+            "a".repeat(600_000)
+        );
+        let e = DlqEntry {
+            body: DlqBody::Event(big),
+            ..e
+        };
+        assert!(super::dlq_value(&e).len() <= super::DLQ_MAX_BYTES);
     }
 }

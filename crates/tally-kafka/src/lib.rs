@@ -41,7 +41,8 @@ use tally_store::RollupStore;
 
 pub use materialize::Materialized;
 pub use produce::{
-    EventProducer, GROUP_BYTES, OutEvent, Partitioner, ProduceStats, event_key, events_of_batch,
+    EventProducer, GROUP_BYTES, MAX_EVENT_BYTES, OutEvent, Partitioner, ProduceStats, event_key,
+    events_of_batch,
 };
 pub use worker::{Hooks, PartStatus, WorkerStats};
 
@@ -305,8 +306,12 @@ pub fn ensure_topics(s: &Settings) -> Result<(), Error> {
     let n = s.partitions.max(1) as i32;
     let topics = [
         NewTopic::new(&s.topic_events, n, TopicReplication::Fixed(-1)),
+        // Aggregates are split to stay under a broker's default 1 MB
+        // (`worker::MAX_VALUE_BYTES`), but one partition state holds every
+        // tenant's clocks of its partition: headroom for many tenants.
         NewTopic::new(&s.topic_aggregates, n, TopicReplication::Fixed(-1))
-            .set("cleanup.policy", "compact"),
+            .set("cleanup.policy", "compact")
+            .set("max.message.bytes", "16777216"),
         NewTopic::new(&s.topic_late, n, TopicReplication::Fixed(-1)),
         NewTopic::new(&s.topic_alerts, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact"),

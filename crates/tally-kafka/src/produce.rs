@@ -102,6 +102,13 @@ pub struct EventProducer {
 /// default `max.message.bytes` (1 MB).
 pub const GROUP_BYTES: usize = 256 * 1024;
 
+/// The largest event HTTP ingest takes in Kafka mode (its fields' text):
+/// it goes to the events topic as one record at most, which with its
+/// envelope stays under librdkafka's and the brokers' default
+/// `message.max.bytes` (1,000,000 and 1 MB). A larger one would be
+/// refused by the producer at every retry.
+pub const MAX_EVENT_BYTES: usize = 900 * 1024;
+
 /// How often the events topic's partition count is asked for again.
 const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
 

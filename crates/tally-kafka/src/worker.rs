@@ -296,7 +296,7 @@ struct Part {
     /// Per bucket held from the cut on: the deltas (at, seq) published
     /// since its last whole value, which its next whole value replaces
     /// (tombstones; see [`Part::publish`]).
-    outstanding: HashMap<BucketKey, Vec<(u64, u32)>>,
+    outstanding: HashMap<BucketKey, Outstanding>,
     /// The next offset of this owner's last committed state.
     committed: Option<u64>,
     /// When the partition's archive files were last looked at for
@@ -388,15 +388,60 @@ const SMALL_WHOLE: u64 = 32;
 /// tombstones them).
 const MAX_DELTAS: usize = 64;
 
+/// The largest value of one aggregate record, uncompressed. An aggregate
+/// past it (many dimension combinations, each with its users' hashes) is
+/// written as several records split by combination
+/// ([`codec::agg_values`]): brokers refuse a record batch past their
+/// `max.message.bytes` (1 MB by default, compressed), and a refused record
+/// aborts the transaction, every retry of it the same — the partition
+/// would stop for good.
+pub const MAX_VALUE_BYTES: usize = 256 * 1024;
+
+/// The deltas a bucket's next whole value replaces.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Outstanding {
+    /// Their keys (at, seq), in the order written.
+    keys: Vec<(u64, u32)>,
+    /// The commits that wrote them ([`MAX_DELTAS`] counts these: one
+    /// commit's delta split into parts is one delta).
+    commits: usize,
+}
+
+impl Outstanding {
+    /// Deltas as a view holds them (see [`Materialized::value_of`]).
+    fn restored(keys: Vec<(u64, u32)>) -> Outstanding {
+        let mut ats: Vec<u64> = keys.iter().map(|k| k.0).collect();
+        ats.sort_unstable();
+        ats.dedup();
+        Outstanding {
+            commits: ats.len(),
+            keys,
+        }
+    }
+
+    fn push(&mut self, at: u64, seq: u32) {
+        if self.keys.last().is_none_or(|k| k.0 != at) {
+            self.commits += 1;
+        }
+        self.keys.push((at, seq));
+    }
+}
+
 /// A bucket's whole value, and tombstones for the deltas `outstanding`
-/// holds for it (which it replaces).
+/// holds for it (which it replaces). A value too large for one record
+/// continues in deltas of this commit (`at`, after `seq`), which the
+/// bucket's next whole value replaces in turn.
+#[allow(clippy::too_many_arguments)]
 fn whole_record(
     out: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    outstanding: &mut HashMap<BucketKey, Vec<(u64, u32)>>,
+    outstanding: &mut HashMap<BucketKey, Outstanding>,
     partition: u32,
+    at: u64,
+    seq: &mut u32,
     k: &BucketKey,
     agg: &Agg,
 ) {
+    let mut values = codec::agg_values(agg, MAX_VALUE_BYTES).into_iter();
     out.push((
         codec::agg_key(&AggKey {
             partition,
@@ -404,10 +449,19 @@ fn whole_record(
             tenant: k.0.clone(),
             event_type: k.2.clone(),
         }),
-        Some(codec::agg_value(agg)),
+        values.next(),
     ));
-    for (at, seq) in outstanding.remove(k).unwrap_or_default() {
-        out.push((delta_key(partition, at, seq, k), None));
+    for (a, s) in outstanding.remove(k).map(|o| o.keys).unwrap_or_default() {
+        out.push((delta_key(partition, a, s, k), None));
+    }
+    let mut rest = Outstanding::default();
+    for v in values {
+        *seq += 1;
+        out.push((delta_key(partition, at, *seq, k), Some(v)));
+        rest.push(at, *seq);
+    }
+    if !rest.keys.is_empty() {
+        outstanding.insert(k.clone(), rest);
     }
 }
 
@@ -620,7 +674,7 @@ impl Part {
             for (k, p) in r.values {
                 st.set_agg(&k.0, k.1, &k.2, p.agg);
                 if !p.deltas.is_empty() {
-                    self.outstanding.insert(k, p.deltas);
+                    self.outstanding.insert(k, Outstanding::restored(p.deltas));
                 }
             }
             // Sessions are rebuilt from the events handled from here on:
@@ -839,7 +893,7 @@ impl Part {
             if let Some(p) = published {
                 st.set_agg(e.tenant, m, e.event_type, p.agg);
                 if !p.deltas.is_empty() {
-                    self.outstanding.insert(k, p.deltas);
+                    self.outstanding.insert(k, Outstanding::restored(p.deltas));
                 }
             }
         }
@@ -926,21 +980,27 @@ impl Part {
             if k.1 >= behind {
                 let last = finals.get(&k);
                 if let Some(agg) = last.or_else(|| store.agg(&k.0, k.1, &k.2)) {
-                    let waiting = outstanding.get(&k).map_or(0, Vec::len);
+                    let waiting = outstanding.get(&k).map_or(0, |o| o.commits);
                     if last.is_some()
                         || agg.count <= SMALL_WHOLE
                         || agg.count <= WHOLE_OVER_DELTA * delta.count.max(1)
                         || waiting + 1 >= MAX_DELTAS
                     {
-                        whole_record(&mut out, outstanding, id, &k, agg);
+                        whole_record(&mut out, outstanding, id, at, &mut seq, &k, agg);
                         continue;
                     }
                 }
             }
-            seq += 1;
-            out.push((delta_key(id, at, seq, &k), Some(codec::agg_value(&delta))));
+            let first = seq + 1;
+            for v in codec::agg_values(&delta, MAX_VALUE_BYTES) {
+                seq += 1;
+                out.push((delta_key(id, at, seq, &k), Some(v)));
+            }
             if k.1 >= behind {
-                outstanding.entry(k).or_default().push((at, seq));
+                let o = outstanding.entry(k).or_default();
+                for s in first..=seq {
+                    o.push(at, s);
+                }
             }
         }
         // Final buckets this commit did not change, with deltas waiting.
@@ -950,7 +1010,7 @@ impl Part {
             .collect();
         rest.sort_unstable();
         for k in rest {
-            whole_record(&mut out, outstanding, id, k, &finals[k]);
+            whole_record(&mut out, outstanding, id, at, &mut seq, k, &finals[k]);
         }
         out
     }
@@ -1842,12 +1902,15 @@ impl Session<'_> {
             for (k, v) in &replayed {
                 self.send(&self.settings.topic_late, None, k.as_bytes(), v.as_bytes())?;
             }
-            for (seq, c) in sessions.iter().enumerate() {
+            let values = sessions
+                .iter()
+                .flat_map(|c| codec::sessions_values(c, MAX_VALUE_BYTES));
+            for (seq, v) in values.enumerate() {
                 self.send(
                     &self.settings.topic_aggregates,
                     Some(ap),
                     &codec::sessions_key(id, next, seq as u32),
-                    &codec::sessions_value(c),
+                    &v,
                 )?;
             }
             self.send(

@@ -513,3 +513,107 @@ fn final_minutes_are_published_whole_in_place_of_their_deltas() {
     let mut b = b;
     b.node.take().expect("running").shutdown();
 }
+
+#[test]
+fn a_minute_too_large_for_one_record_is_split_and_stays_exact() {
+    // One minute of one event type with 80k distinct users and sessions
+    // over 500 pages (a declared dimension): its whole value carries about
+    // 1.3 MB of (incompressible) user and session hashes, past the
+    // broker's 1 MB limit on a record. Written as one record it would be
+    // refused and its transaction aborted at every retry; split by
+    // combination it commits, and the node and the topic stay exact.
+    let broker = Broker::start();
+    let brokers = broker.brokers();
+    let tag = format!("w{}", std::process::id());
+    let malformed = Arc::new(Mutex::new(Vec::new()));
+    let now = Clock::system().now_ms();
+    let stream = StreamConfig {
+        allowed_lateness_ms: MINUTE_MS,
+        dimensions: tally_store::Dimensions::new(&["page".to_string()], &[], 1000, 256)
+            .expect("dimensions"),
+        ..StreamConfig::default()
+    };
+    let old = align_down(now - 10 * MINUTE_MS, MINUTE_MS);
+    // The aggregates topic as a user would create it by hand: the broker's
+    // default limit of 1 MB per record (Tally's own allows 16 MiB).
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .expect("admin");
+        let name = format!("agg-{tag}");
+        let topic =
+            NewTopic::new(&name, 4, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+        let made = futures::executor::block_on(admin.create_topics(&[topic], &AdminOptions::new()))
+            .expect("create topics");
+        assert!(made.iter().all(Result::is_ok), "{made:?}");
+    }
+    let mut oracle = Oracle::new();
+    let event = |i: usize, ts: Millis, oracle: &mut Oracle| {
+        *oracle
+            .entry(("acme".into(), align_down(ts, MINUTE_MS), "page_view".into()))
+            .or_default() += 1;
+        OutEvent {
+            // One partition takes them all (the key places, not the session).
+            key: event_key("acme", Some("wide"), &format!("w-{i}")),
+            value: format!(
+                r#"{{"event_id":"w-{i}","event_type":"page_view","timestamp":"{}","tenant":"acme","user_id":"u{i}","session_id":"s{i}","properties":{{"page":"/p{}","duration_ms":{}}}}}"#,
+                format_rfc3339(ts),
+                i % 500,
+                i % 9000
+            )
+            .into_bytes(),
+            backfill: false,
+            correction: false,
+        }
+    };
+    let a = start_with(&brokers, &tag, "a", &malformed, stream);
+    const N: usize = 80_000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(20_000) {
+        let msgs = chunk
+            .iter()
+            .map(|&i| event(i, old + (i as Millis * 7) % 59_000, &mut oracle))
+            .collect();
+        send(a.kafka(), msgs);
+    }
+    wait_exact(&[&a], &oracle, "the wide minute");
+    // The clocks move on: the minute is final and published whole.
+    send(a.kafka(), vec![event(N, now - 30_000, &mut oracle)]);
+    wait_exact(&[&a], &oracle, "after the clocks moved on");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let live = topic_records(&brokers, &tag);
+        let old_live: Vec<&Live> = live.iter().filter(|r| r.bucket.1 == old).collect();
+        let total: u64 = old_live.iter().map(|r| r.count).sum();
+        assert_eq!(total, N as u64, "the topic's total of the wide minute");
+        // Whole values in place of the transactions' deltas (once final,
+        // or while small beside a delta), continued in parts: deltas of
+        // the same transaction with a count of 0.
+        let done = old_live.iter().all(|r| r.whole || r.count == 0);
+        if done {
+            assert!(
+                old_live.len() > old_live.iter().filter(|r| r.whole).count(),
+                "the whole value was not split: {} records",
+                old_live.len()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the wide minute's deltas stay");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every node's value: every combination, and the users of all of them.
+    let st = a.store.read();
+    let agg = st.agg("acme", old, "page_view").expect("the wide minute");
+    assert_eq!(agg.by.len(), 500);
+    assert_eq!(agg.by.values().map(|c| c.count).sum::<u64>(), N as u64);
+    let users = agg.users.estimate() as f64;
+    assert!(
+        (users - N as f64).abs() < 0.02 * N as f64,
+        "{users} distinct users"
+    );
+    drop(st);
+    let mut a = a;
+    a.node.take().expect("running").shutdown();
+}

@@ -46,6 +46,8 @@ pub struct AppState {
     pub low_priority: Arc<Vec<String>>,
     /// Deepest nesting of an event at ingest.
     pub max_json_depth: usize,
+    /// Largest event at ingest (Kafka mode: one record of the events topic).
+    pub max_event_bytes: Option<usize>,
     /// The data directory (`/readyz` probes it after a failed write).
     pub data_dir: std::path::PathBuf,
     /// Requests the log writer queue holds.
@@ -549,6 +551,7 @@ pub(crate) async fn ingest_body(
         )
         .with_admission(admission(s, overloaded, backfill))
         .with_max_depth(s.max_json_depth)
+        .with_max_event_bytes(s.max_event_bytes)
         .with_privacy(s.privacy.clone())
         .with_registry(Some(s.shared.registry.clone()));
     // A large body takes milliseconds of parsing: off the runtime's

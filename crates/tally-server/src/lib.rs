@@ -129,6 +129,10 @@ impl Server {
             max_inflight: cfg.ingest.max_inflight_bytes,
             low_priority: Arc::new(cfg.shedding.low_priority.clone()),
             max_json_depth: cfg.ingest.max_json_depth,
+            max_event_bytes: shared
+                .kafka
+                .is_some()
+                .then_some(tally_kafka::MAX_EVENT_BYTES),
             data_dir: cfg.data_dir.clone(),
             queue_depth: cfg.ingest.queue_depth,
             metrics_cache: Arc::new(parking_lot::Mutex::new(tally_store::MetricsCache::new(

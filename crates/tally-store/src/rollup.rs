@@ -597,6 +597,79 @@ impl Agg {
         Agg::decode_in(d, true)
     }
 
+    /// The aggregate in parts whose encodings take at most about `limit`
+    /// bytes each. The pieces — the users sketch, the sessions sketch,
+    /// each numeric property, each combination (in key order) — are
+    /// packed in that order; the first part also holds the count, every
+    /// other part a count of 0 and empty sketches besides its pieces.
+    /// Merging the parts ([`Agg::merge`]) gives the aggregate back. A
+    /// piece larger than `limit` (a combination holding wide sketches) is
+    /// a part of its own; an aggregate that fits is one part.
+    pub fn split(&self, limit: usize) -> Vec<Agg> {
+        let mut scratch = Enc::new();
+        self.encode(&mut scratch);
+        if scratch.buf.len() <= limit {
+            return vec![self.clone()];
+        }
+        enum Piece<'a> {
+            Users,
+            Sessions,
+            Prop(&'a str, &'a NumAgg),
+            Combo(&'a str, &'a Agg),
+        }
+        let mut combos: Vec<(&Box<str>, &Agg)> = self.by.iter().collect();
+        combos.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let pieces = [Piece::Users, Piece::Sessions]
+            .into_iter()
+            .chain(self.props.iter().map(|(k, n)| Piece::Prop(k, n)))
+            .chain(combos.into_iter().map(|(k, a)| Piece::Combo(k, a)));
+        let empty = Agg::default();
+        let mut len = |f: &dyn Fn(&mut Enc)| {
+            scratch.buf.clear();
+            f(&mut scratch);
+            scratch.buf.len()
+        };
+        let empty_hll = len(&|e| empty.users.encode(e));
+        // An empty part with combinations: its totals and their count.
+        let base = len(&|e| empty.encode(e)) + 4;
+        let mut parts = Vec::new();
+        let mut part = Agg {
+            count: self.count,
+            ..Agg::default()
+        };
+        let (mut size, mut held) = (base, false);
+        for piece in pieces {
+            let n = match &piece {
+                Piece::Users => len(&|e| self.users.encode(e)) - empty_hll,
+                Piece::Sessions => len(&|e| self.sessions.encode(e)) - empty_hll,
+                Piece::Prop(k, a) => len(&|e| {
+                    e.str(k);
+                    a.encode(e)
+                }),
+                Piece::Combo(k, a) => len(&|e| {
+                    e.str(k);
+                    a.encode(e)
+                }),
+            };
+            if held && size + n > limit {
+                parts.push(std::mem::take(&mut part));
+                size = base;
+            }
+            match piece {
+                Piece::Users => part.users = self.users.clone(),
+                Piece::Sessions => part.sessions = self.sessions.clone(),
+                Piece::Prop(k, a) => part.props.push((k.into(), a.clone())),
+                Piece::Combo(k, a) => {
+                    part.by.insert(k.into(), a.clone());
+                }
+            }
+            size += n;
+            held = true;
+        }
+        parts.push(part);
+        parts
+    }
+
     fn decode_in(d: &mut Dec<'_>, outer: bool) -> Result<Agg, DecodeError> {
         let count = d.u64()?;
         let users = Hll::decode(d)?;
@@ -2509,5 +2582,81 @@ mod metric_names {
                 .to_string()
                 .contains("count")
         );
+    }
+}
+
+#[cfg(test)]
+mod split {
+    use super::*;
+
+    /// An aggregate with `n` combinations, each with its own users and a
+    /// numeric property.
+    fn wide(n: u64) -> Agg {
+        let mut total = Agg::default();
+        for i in 0..n {
+            let mut c = Agg::default();
+            for u in 0..20 {
+                let (uh, sh) = (Some(i * 1000 + u), Some(i * 7777 + u));
+                let nums = [("duration_ms", (i + u) as f64)];
+                total.add_nums(uh, sh, &nums);
+                c.add_nums(uh, sh, &nums);
+            }
+            total
+                .by
+                .insert(format!("country=c{i}\x1fpage=/p{i}").into(), c);
+        }
+        total
+    }
+
+    fn encoded_len(a: &Agg) -> usize {
+        let mut e = Enc::new();
+        a.encode(&mut e);
+        e.buf.len()
+    }
+
+    #[test]
+    fn parts_fit_the_limit_and_merge_back_to_the_aggregate() {
+        let agg = wide(2000);
+        let whole = encoded_len(&agg);
+        let limit = 64 * 1024;
+        assert!(whole > 4 * limit, "the test aggregate is {whole} bytes");
+        let parts = agg.split(limit);
+        assert!(parts.len() >= whole / limit, "{} parts", parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            assert!(
+                encoded_len(p) <= limit,
+                "part {i}: {} bytes",
+                encoded_len(p)
+            );
+            if i > 0 {
+                assert_eq!(p.count, 0, "part {i} repeats the count");
+            }
+        }
+        // The totals' sketches (dense: 32 KB each) fill the first part.
+        assert!(parts[0].by.is_empty() && parts[0].props.is_empty());
+        // Each part decodes on its own, and the parts merge back.
+        let mut merged = Agg::default();
+        for p in &parts {
+            let mut e = Enc::new();
+            p.encode(&mut e);
+            merged.merge(&Agg::decode(&mut Dec::new(&e.buf)).unwrap());
+        }
+        assert_eq!(merged, agg);
+    }
+
+    #[test]
+    fn an_aggregate_that_fits_is_one_part() {
+        let agg = wide(3);
+        assert_eq!(agg.split(1 << 20), vec![agg.clone()]);
+        // Pieces past the limit cannot be split further: each its own part.
+        let one = wide(1);
+        let parts = one.split(16);
+        assert_eq!(parts.len(), 4, "users, sessions, a property, a combination");
+        assert_eq!(parts[3].by.len(), 1);
+        let mut merged = Agg::default();
+        for p in &parts {
+            merged.merge(p);
+        }
+        assert_eq!(merged, one);
     }
 }
