@@ -104,6 +104,9 @@ pub struct WorkerStats {
     pub files_expired: AtomicU64,
     /// Archive files no transaction listed, deleted by sweeps.
     pub files_swept: AtomicU64,
+    /// Aggregate records written as further parts of a value too large
+    /// for one record ([`MAX_VALUE_BYTES`]).
+    pub aggregate_parts: AtomicU64,
     /// Wall time from a message's timestamp to its handling here.
     pub consume_delay: tally_types::histogram::Histogram,
     /// From the start of a transaction's records to the worker seeing it
@@ -299,6 +302,8 @@ struct Part {
     outstanding: HashMap<BucketKey, Outstanding>,
     /// The next offset of this owner's last committed state.
     committed: Option<u64>,
+    /// Records past the first of values split since the last commit.
+    split_parts: u64,
     /// When the partition's archive files were last looked at for
     /// compaction and retention.
     last_compact: Instant,
@@ -430,7 +435,8 @@ impl Outstanding {
 /// A bucket's whole value, and tombstones for the deltas `outstanding`
 /// holds for it (which it replaces). A value too large for one record
 /// continues in deltas of this commit (`at`, after `seq`), which the
-/// bucket's next whole value replaces in turn.
+/// bucket's next whole value replaces in turn. Answers how many records
+/// past the first the value took.
 #[allow(clippy::too_many_arguments)]
 fn whole_record(
     out: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
@@ -440,7 +446,7 @@ fn whole_record(
     seq: &mut u32,
     k: &BucketKey,
     agg: &Agg,
-) {
+) -> u64 {
     let mut values = codec::agg_values(agg, MAX_VALUE_BYTES).into_iter();
     out.push((
         codec::agg_key(&AggKey {
@@ -460,9 +466,11 @@ fn whole_record(
         out.push((delta_key(partition, at, *seq, k), Some(v)));
         rest.push(at, *seq);
     }
-    if !rest.keys.is_empty() {
+    let extra = rest.keys.len() as u64;
+    if extra > 0 {
         outstanding.insert(k.clone(), rest);
     }
+    extra
 }
 
 /// The key of the next replaced-files record of a partition at offset `at`
@@ -645,6 +653,7 @@ impl Part {
             evicted: VecDeque::new(),
             cut: Millis::MIN,
             outstanding: HashMap::new(),
+            split_parts: 0,
             committed: None,
             last_compact: Instant::now(),
             last_sweep: Instant::now(),
@@ -986,7 +995,8 @@ impl Part {
                         || agg.count <= WHOLE_OVER_DELTA * delta.count.max(1)
                         || waiting + 1 >= MAX_DELTAS
                     {
-                        whole_record(&mut out, outstanding, id, at, &mut seq, &k, agg);
+                        self.split_parts +=
+                            whole_record(&mut out, outstanding, id, at, &mut seq, &k, agg);
                         continue;
                     }
                 }
@@ -996,6 +1006,7 @@ impl Part {
                 seq += 1;
                 out.push((delta_key(id, at, seq, &k), Some(v)));
             }
+            self.split_parts += u64::from(seq - first);
             if k.1 >= behind {
                 let o = outstanding.entry(k).or_default();
                 for s in first..=seq {
@@ -1010,7 +1021,8 @@ impl Part {
             .collect();
         rest.sort_unstable();
         for k in rest {
-            whole_record(&mut out, outstanding, id, at, &mut seq, k, &finals[k]);
+            self.split_parts +=
+                whole_record(&mut out, outstanding, id, at, &mut seq, k, &finals[k]);
         }
         out
     }
@@ -1851,6 +1863,7 @@ impl Session<'_> {
             part.dirty = false;
             let next = part.next_offset;
             let bad = std::mem::take(&mut part.malformed);
+            let split = std::mem::take(&mut part.split_parts);
             let replayed = std::mem::take(&mut part.replayed);
             let n_out = out.len() as u64;
             for (k, v) in &out {
@@ -1920,6 +1933,7 @@ impl Session<'_> {
                 &codec::state_value(&state),
             )?;
             self.stats.aggregates_produced.fetch_add(n_out, Relaxed);
+            self.stats.aggregate_parts.fetch_add(split, Relaxed);
             done.push((id, next));
             offsets
                 .add_partition_offset(

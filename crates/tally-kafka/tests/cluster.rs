@@ -603,6 +603,8 @@ fn a_minute_too_large_for_one_record_is_split_and_stays_exact() {
         assert!(Instant::now() < deadline, "the wide minute's deltas stay");
         std::thread::sleep(Duration::from_millis(500));
     }
+    let parts = a.kafka().stats().aggregate_parts.load(Relaxed);
+    assert!(parts > 0, "no split counted in /metrics");
     // Every node's value: every combination, and the users of all of them.
     let st = a.store.read();
     let agg = st.agg("acme", old, "page_view").expect("the wide minute");

@@ -812,6 +812,11 @@ pub fn render_kafka(out: &mut String, k: &crate::pipeline::KafkaShared) {
             w.files_swept.load(Relaxed),
         ),
         (
+            "tally_kafka_aggregate_parts_total",
+            "Aggregate records written as further parts of a value too large for one record (a minute with very many dimension combinations or users).",
+            w.aggregate_parts.load(Relaxed),
+        ),
+        (
             "tally_kafka_restored_events_total",
             "Events re-read to rebuild dedupe entries of partitions taken over.",
             w.restored_events.load(Relaxed),
