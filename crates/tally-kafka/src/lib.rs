@@ -122,6 +122,14 @@ pub enum Error {
         #[source]
         source: tally_stream::Error,
     },
+    #[error(
+        "kafka commit: the brokers refused a record as larger than their max.message.bytes ({source}); the partitions of this transaction cannot commit until they take it: raise max.message.bytes of the topic named there (Tally creates {aggregates:?} allowing 16 MiB; each partition's state there holds about 100 bytes per tenant)"
+    )]
+    RecordTooLarge {
+        aggregates: String,
+        #[source]
+        source: KafkaError,
+    },
     #[error("kafka thread: {0}")]
     Thread(std::io::Error),
     #[error("sealing raw events into the archive {archive}: {what}")]

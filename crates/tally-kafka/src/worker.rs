@@ -27,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, error::KafkaError};
 use tally_ingest::{BodyError, Format, Parsed, Parser, Tenancy};
 use tally_store::Agg;
@@ -1159,6 +1159,19 @@ fn client_err(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
     move |source| Error::Client { what, source }
 }
 
+/// A failed commit: one the brokers refused for a record's size says
+/// what to raise (every retry would be refused the same way).
+fn commit_err(source: KafkaError, aggregates: &str) -> Error {
+    if source.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+        Error::RecordTooLarge {
+            aggregates: aggregates.to_string(),
+            source,
+        }
+    } else {
+        client_err("commit transaction")(source)
+    }
+}
+
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Records behind a partition's end past which the worker works through a
@@ -1372,7 +1385,7 @@ impl Session<'_> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
-        let took = result.map_err(client_err("commit transaction"))?;
+        let took = result.map_err(|e| commit_err(e, &self.settings.topic_aggregates))?;
         self.in_txn = false;
         self.stats.commits.fetch_add(1, Relaxed);
         self.stats
@@ -1700,10 +1713,9 @@ impl Session<'_> {
         loop {
             match self.producer.send(rec) {
                 Ok(()) => return Ok(()),
-                Err((
-                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    back,
-                )) if Instant::now() < deadline => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < deadline =>
+                {
                     self.producer.poll(Duration::from_millis(10));
                     rec = back;
                 }
@@ -2074,6 +2086,24 @@ fn parse_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_refused_for_size_names_the_setting_to_raise() {
+        let e = commit_err(
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            "aggregates",
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("max.message.bytes") && msg.contains("\"aggregates\""),
+            "{msg}"
+        );
+        let other = commit_err(
+            KafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure),
+            "aggregates",
+        );
+        assert!(matches!(other, Error::Client { .. }), "{other}");
+    }
 
     #[test]
     fn replaced_files_keys_stay_new_while_the_partition_idles() {

@@ -534,22 +534,7 @@ fn a_minute_too_large_for_one_record_is_split_and_stays_exact() {
         ..StreamConfig::default()
     };
     let old = align_down(now - 10 * MINUTE_MS, MINUTE_MS);
-    // The aggregates topic as a user would create it by hand: the broker's
-    // default limit of 1 MB per record (Tally's own allows 16 MiB).
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-            rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .create()
-                .expect("admin");
-        let name = format!("agg-{tag}");
-        let topic =
-            NewTopic::new(&name, 4, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
-        let made = futures::executor::block_on(admin.create_topics(&[topic], &AdminOptions::new()))
-            .expect("create topics");
-        assert!(made.iter().all(Result::is_ok), "{made:?}");
-    }
+    hand_made_aggregates_topic(&brokers, &tag);
     let mut oracle = Oracle::new();
     let event = |i: usize, ts: Millis, oracle: &mut Oracle| {
         *oracle
@@ -616,6 +601,71 @@ fn a_minute_too_large_for_one_record_is_split_and_stays_exact() {
         "{users} distinct users"
     );
     drop(st);
+    let mut a = a;
+    a.node.take().expect("running").shutdown();
+}
+
+/// The aggregates topic as a user would create it by hand: the broker's
+/// default limit of 1 MB per record (Tally's own allows 16 MiB).
+fn hand_made_aggregates_topic(brokers: &str, tag: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin");
+    let name = format!("agg-{tag}");
+    let topic =
+        NewTopic::new(&name, 4, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let made = futures::executor::block_on(admin.create_topics(&[topic], &AdminOptions::new()))
+        .expect("create topics");
+    assert!(made.iter().all(Result::is_ok), "{made:?}");
+}
+
+#[test]
+fn a_state_too_large_for_the_topic_says_what_to_raise() {
+    // 60,000 tenants with names that do not compress, in one partition:
+    // its state (every tenant's clocks) passes the 1 MB a hand-made
+    // aggregates topic takes. The node cannot
+    // commit that partition, and its error (in /api/v1/status) says which
+    // setting to raise instead of a bare commit failure.
+    let broker = Broker::start();
+    let brokers = broker.brokers();
+    let tag = format!("s{}", std::process::id());
+    hand_made_aggregates_topic(&brokers, &tag);
+    let malformed = Arc::new(Mutex::new(Vec::new()));
+    let a = start(&brokers, &tag, "a", &malformed);
+    let now = Clock::system().now_ms();
+    let msgs = (0..60_000u64)
+        .map(|i| OutEvent {
+            key: b"one partition".to_vec(),
+            value: format!(
+                r#"{{"event_id":"s-{i}","event_type":"click","timestamp":"{}","tenant":"{:016x}"}}"#,
+                format_rfc3339(now - 5_000),
+                i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            )
+            .into_bytes(),
+            backfill: false,
+            correction: false,
+        })
+        .collect();
+    send(a.kafka(), msgs);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let err = a.kafka().stats().last_error.lock().clone();
+        if let Some(e) = err.filter(|e| e.contains("commit")) {
+            assert!(
+                e.contains("max.message.bytes") && e.contains(&format!("agg-{tag}")),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no commit refused in 60 s (last error: {:?})",
+            a.kafka().stats().last_error.lock()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let mut a = a;
     a.node.take().expect("running").shutdown();
 }
