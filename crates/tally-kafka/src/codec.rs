@@ -943,10 +943,10 @@ pub fn dlq_value(e: &tally_stream::DlqEntry) -> String {
         return value;
     }
     let (DlqBody::Event(text) | DlqBody::Raw(text)) = &e.body;
-    let cut = prefix(text, DLQ_CUT);
+    let cut = tally_types::codec::clip(text, DLQ_CUT);
     let reason = format!(
         "{} (the event's {} bytes were cut to their first {}: too large for one Kafka record)",
-        prefix(&e.reason, 4096),
+        tally_types::codec::clip(&e.reason, 4096),
         text.len(),
         cut.len()
     );
@@ -961,15 +961,6 @@ fn dlq_json(e: &tally_stream::DlqEntry, reason: &str, event: serde_json::Value) 
         "event": event,
     })
     .to_string()
-}
-
-/// The first `n` bytes of `s` or fewer, ending at a character boundary.
-fn prefix(s: &str, n: usize) -> &str {
-    let mut cut = n.min(s.len());
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    &s[..cut]
 }
 
 /// The late topic's record that a late event was replayed: applied to its

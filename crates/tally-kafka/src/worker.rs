@@ -302,8 +302,6 @@ struct Part {
     outstanding: HashMap<BucketKey, Outstanding>,
     /// The next offset of this owner's last committed state.
     committed: Option<u64>,
-    /// Records past the first of values split since the last commit.
-    split_parts: u64,
     /// When the partition's archive files were last looked at for
     /// compaction and retention.
     last_compact: Instant,
@@ -378,6 +376,9 @@ impl Waiting {
 
 type BucketKey = (Box<str>, Millis, Box<str>);
 
+/// Records for the aggregates topic: key, and value (`None`: a tombstone).
+type Records = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// A bucket is published whole rather than as a delta while its whole
 /// value holds at most this many times the delta's events (in a backlog
 /// a minute spans few commits: a larger ratio rewrites more than it
@@ -424,12 +425,34 @@ impl Outstanding {
         }
     }
 
-    fn push(&mut self, at: u64, seq: u32) {
+    /// Deltas `seqs` of the commit at `at`.
+    fn add(&mut self, at: u64, seqs: std::ops::Range<u32>) {
+        if seqs.is_empty() {
+            return;
+        }
         if self.keys.last().is_none_or(|k| k.0 != at) {
             self.commits += 1;
         }
-        self.keys.push((at, seq));
+        self.keys.extend(seqs.map(|s| (at, s)));
     }
+}
+
+/// Writes `values` as deltas of bucket `k` in the commit at `at`, keyed
+/// after `seq`; answers their sequence numbers.
+fn delta_records(
+    out: &mut Records,
+    partition: u32,
+    at: u64,
+    seq: &mut u32,
+    k: &BucketKey,
+    values: impl IntoIterator<Item = Vec<u8>>,
+) -> std::ops::Range<u32> {
+    let first = *seq + 1;
+    for v in values {
+        *seq += 1;
+        out.push((delta_key(partition, at, *seq, k), Some(v)));
+    }
+    first..*seq + 1
 }
 
 /// A bucket's whole value, and tombstones for the deltas `outstanding`
@@ -439,7 +462,7 @@ impl Outstanding {
 /// past the first the value took.
 #[allow(clippy::too_many_arguments)]
 fn whole_record(
-    out: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    out: &mut Records,
     outstanding: &mut HashMap<BucketKey, Outstanding>,
     partition: u32,
     at: u64,
@@ -460,15 +483,10 @@ fn whole_record(
     for (a, s) in outstanding.remove(k).map(|o| o.keys).unwrap_or_default() {
         out.push((delta_key(partition, a, s, k), None));
     }
-    let mut rest = Outstanding::default();
-    for v in values {
-        *seq += 1;
-        out.push((delta_key(partition, at, *seq, k), Some(v)));
-        rest.push(at, *seq);
-    }
-    let extra = rest.keys.len() as u64;
+    let rest = delta_records(out, partition, at, seq, k, values);
+    let extra = rest.len() as u64;
     if extra > 0 {
-        outstanding.insert(k.clone(), rest);
+        outstanding.entry(k.clone()).or_default().add(at, rest);
     }
     extra
 }
@@ -653,7 +671,6 @@ impl Part {
             evicted: VecDeque::new(),
             cut: Millis::MIN,
             outstanding: HashMap::new(),
-            split_parts: 0,
             committed: None,
             last_compact: Instant::now(),
             last_sweep: Instant::now(),
@@ -972,19 +989,20 @@ impl Part {
     /// A reader keeping the last value per key (tombstones delete) and
     /// merging a bucket's keys has its exact value after every
     /// transaction, and compaction leaves one record per final bucket.
-    /// Values are `None` for tombstones.
+    /// Values are `None` for tombstones. Also answers how many records
+    /// past the first the values too large for one took.
     fn publish(
         &mut self,
         deltas: Vec<(BucketKey, Agg)>,
         finals: &HashMap<BucketKey, Agg>,
         behind: Millis,
-    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    ) -> (Records, u64) {
         let at = self.next_offset;
         let store = self.proc.store().read();
         let outstanding = &mut self.outstanding;
         let id = self.id;
         let mut out = Vec::with_capacity(deltas.len());
-        let mut seq = 0;
+        let (mut seq, mut split) = (0, 0);
         for (k, delta) in deltas {
             if k.1 >= behind {
                 let last = finals.get(&k);
@@ -995,23 +1013,16 @@ impl Part {
                         || agg.count <= WHOLE_OVER_DELTA * delta.count.max(1)
                         || waiting + 1 >= MAX_DELTAS
                     {
-                        self.split_parts +=
-                            whole_record(&mut out, outstanding, id, at, &mut seq, &k, agg);
+                        split += whole_record(&mut out, outstanding, id, at, &mut seq, &k, agg);
                         continue;
                     }
                 }
             }
-            let first = seq + 1;
-            for v in codec::agg_values(&delta, MAX_VALUE_BYTES) {
-                seq += 1;
-                out.push((delta_key(id, at, seq, &k), Some(v)));
-            }
-            self.split_parts += u64::from(seq - first);
+            let values = codec::agg_values(&delta, MAX_VALUE_BYTES);
+            let seqs = delta_records(&mut out, id, at, &mut seq, &k, values);
+            split += seqs.len() as u64 - 1;
             if k.1 >= behind {
-                let o = outstanding.entry(k).or_default();
-                for s in first..=seq {
-                    o.push(at, s);
-                }
+                outstanding.entry(k).or_default().add(at, seqs);
             }
         }
         // Final buckets this commit did not change, with deltas waiting.
@@ -1021,10 +1032,9 @@ impl Part {
             .collect();
         rest.sort_unstable();
         for k in rest {
-            self.split_parts +=
-                whole_record(&mut out, outstanding, id, at, &mut seq, k, &finals[k]);
+            split += whole_record(&mut out, outstanding, id, at, &mut seq, k, &finals[k]);
         }
-        out
+        (out, split)
     }
 
     /// The session changes the processor logged since the last call, per
@@ -1847,7 +1857,7 @@ impl Session<'_> {
                 part.cut
             };
             let finals = part.evict(self.view);
-            let out = part.publish(deltas, &finals, behind);
+            let (out, split) = part.publish(deltas, &finals, behind);
             if !finals.is_empty() {
                 part.evicted.push_back((part.next_offset, finals));
             }
@@ -1875,7 +1885,6 @@ impl Session<'_> {
             part.dirty = false;
             let next = part.next_offset;
             let bad = std::mem::take(&mut part.malformed);
-            let split = std::mem::take(&mut part.split_parts);
             let replayed = std::mem::take(&mut part.replayed);
             let n_out = out.len() as u64;
             for (k, v) in &out {

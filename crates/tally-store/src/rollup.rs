@@ -604,13 +604,11 @@ impl Agg {
     /// other part a count of 0 and empty sketches besides its pieces.
     /// Merging the parts ([`Agg::merge`]) gives the aggregate back. A
     /// piece larger than `limit` (a combination holding wide sketches) is
-    /// a part of its own; an aggregate that fits is one part.
+    /// a part of its own; an aggregate that fits is one part (a caller
+    /// that has the encoding checks its size first: splitting measures
+    /// every piece).
     pub fn split(&self, limit: usize) -> Vec<Agg> {
         let mut scratch = Enc::new();
-        self.encode(&mut scratch);
-        if scratch.buf.len() <= limit {
-            return vec![self.clone()];
-        }
         enum Piece<'a> {
             Users,
             Sessions,
