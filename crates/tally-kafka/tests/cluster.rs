@@ -623,7 +623,7 @@ fn hand_made_aggregates_topic(brokers: &str, tag: &str) {
 
 #[test]
 fn a_state_too_large_for_the_topic_says_what_to_raise() {
-    // 60,000 tenants with names that do not compress, in one partition:
+    // 20,000 tenants with long names that do not compress, in one partition:
     // its state (every tenant's clocks) passes the 1 MB a hand-made
     // aggregates topic takes. The node cannot
     // commit that partition, and its error (in /api/v1/status) says which
@@ -635,13 +635,16 @@ fn a_state_too_large_for_the_topic_says_what_to_raise() {
     let malformed = Arc::new(Mutex::new(Vec::new()));
     let a = start(&brokers, &tag, "a", &malformed);
     let now = Clock::system().now_ms();
-    let msgs = (0..60_000u64)
+    let msgs = (0..20_000u64)
         .map(|i| OutEvent {
             key: b"one partition".to_vec(),
             value: format!(
-                r#"{{"event_id":"s-{i}","event_type":"click","timestamp":"{}","tenant":"{:016x}"}}"#,
+                r#"{{"event_id":"s-{i}","event_type":"click","timestamp":"{}","tenant":"{}"}}"#,
                 format_rfc3339(now - 5_000),
-                i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                // 64 characters, the longest a tenant may have.
+                (1..=4u64)
+                    .map(|j| format!("{:016x}", (i * 4 + j).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+                    .collect::<String>()
             )
             .into_bytes(),
             backfill: false,
